@@ -1,0 +1,206 @@
+"""Cache geometry: the pure-Python arithmetic of a sharded, combined-head paged KV cache.
+
+Nothing here touches a device or imports JAX, so a command-line planner can size a cache for a
+TPU slice it is not running on. :mod:`kvshard.cache` builds the arrays from these numbers.
+
+Vocabulary (the same as docs/layout.md):
+
+* ``tp``: size of the mesh axis that shards heads (tensor parallelism); ``dp``: size of the mesh
+  axis that shards pages (data-parallel attention, one page pool per group).
+* replication ``r``: how many copies of each KV head the cache holds, so that every one of the
+  ``tp`` devices holds whole heads (``r = 1`` when ``tp`` divides the number of KV heads).
+* combined heads: K and V interleaved per (replicated) head; combined head ``2h`` is K of head
+  ``h`` and ``2h + 1`` is V of head ``h``, so a device's contiguous block holds both K and V of
+  its own heads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+__all__ = ["SUPPORTED_DTYPES", "CacheSpec", "check_tensor_parallel", "round_up"]
+
+# Names as `numpy.dtype(x).name` spells them (ml_dtypes registers bfloat16 and float8 with NumPy).
+SUPPORTED_DTYPES = ("float32", "bfloat16", "float16", "int8", "float8_e4m3fn")
+
+# The Pallas kernel DMAs whole (8, 128) tiles: head_dim is padded to the lane width.
+LANES = 128
+
+
+def round_up(x: int, multiple: int) -> int:
+    """Returns the smallest multiple of ``multiple`` that is >= ``x`` (both positive ints)."""
+    return -(-x // multiple) * multiple
+
+
+def _canonical_dtype(dtype: Any) -> str:
+    """Returns the NumPy name of ``dtype`` (a str, NumPy or JAX dtype, or scalar type).
+
+    Raises:
+      ValueError: ``dtype`` is not one of :data:`SUPPORTED_DTYPES`.
+    """
+    try:
+        # Importing ml_dtypes registers bfloat16 / float8 names with NumPy; JAX depends on it.
+        import ml_dtypes  # noqa: F401
+
+        name = np.dtype(dtype).name
+    except TypeError as err:
+        raise ValueError(f"dtype={dtype!r} is not a dtype; use one of {SUPPORTED_DTYPES}") from err
+    if name not in SUPPORTED_DTYPES:
+        raise ValueError(f"dtype={name!r} is not supported; use one of {SUPPORTED_DTYPES}")
+    return name
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def check_tensor_parallel(num_kv_heads: int, tp: int) -> int:
+    """Returns how many copies of each KV head a ``tp``-way head-sharded cache must hold.
+
+    * ``tp`` divides ``num_kv_heads``: heads are split, each device holds
+      ``num_kv_heads // tp`` whole heads; returns 1.
+    * ``tp`` is a multiple of ``num_kv_heads``: each KV head is replicated
+      ``tp // num_kv_heads`` times so that each device holds one whole head; returns that.
+
+    Raises:
+      ValueError: a non-positive argument, or neither case holds; the message names both numbers
+        and lists the tensor-parallel sizes that would work.
+    """
+    for name, value in (("num_kv_heads", num_kv_heads), ("tp", tp)):
+        if not isinstance(value, int | np.integer) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name}={value!r} must be a positive int")
+    num_kv_heads, tp = int(num_kv_heads), int(tp)
+    if num_kv_heads % tp == 0:
+        return 1
+    if tp % num_kv_heads == 0:
+        return tp // num_kv_heads
+    multiples = ", ".join(str(num_kv_heads * k) for k in (2, 3, 4))
+    raise ValueError(
+        f"tensor-parallel size {tp} does not fit num_kv_heads={num_kv_heads}: the head axis size "
+        f"must divide {num_kv_heads} ({', '.join(map(str, _divisors(num_kv_heads)))}) or be a "
+        f"multiple of it ({multiples}, ...)"
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheSpec:
+    """Static description of a paged KV cache (hashable: usable as a jit static argument).
+
+    Attributes:
+      num_layers: transformer layers sharing the stacked cache (>= 1).
+      num_kv_heads: KV heads of the model, before any replication (>= 1).
+      head_dim: head dimension of K and V as the model produces them (>= 1); stored padded to
+        :attr:`padded_head_dim`.
+      page_size: token slots per page (>= 1).
+      num_pages: pages per page pool; with data-parallel attention each data-parallel group owns
+        a pool of this many pages (>= 1).
+      dtype: storage dtype; any spelling NumPy/JAX accepts, stored as its canonical NumPy name.
+        One of float32, bfloat16, float16, int8, float8_e4m3fn.
+
+    Raises:
+      ValueError: a non-positive size or an unsupported dtype.
+    """
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    page_size: int
+    num_pages: int
+    dtype: str = "bfloat16"
+
+    def __post_init__(self) -> None:
+        for field in ("num_layers", "num_kv_heads", "head_dim", "page_size", "num_pages"):
+            value = getattr(self, field)
+            if not isinstance(value, int | np.integer) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"CacheSpec.{field}={value!r} must be a positive int")
+            object.__setattr__(self, field, int(value))
+        object.__setattr__(self, "dtype", _canonical_dtype(self.dtype))
+
+    # -- dtype ------------------------------------------------------------------------------
+
+    @property
+    def np_dtype(self) -> np.dtype:
+        """The storage dtype as a NumPy dtype (JAX accepts it everywhere)."""
+        return np.dtype(self.dtype)
+
+    @property
+    def bits(self) -> int:
+        """Bits per stored element."""
+        return self.np_dtype.itemsize * 8
+
+    @property
+    def packing(self) -> int:
+        """Elements per 32-bit TPU sublane word: 1 (f32), 2 (16-bit), 4 (8-bit)."""
+        return 32 // self.bits
+
+    # -- shapes -----------------------------------------------------------------------------
+
+    @property
+    def padded_head_dim(self) -> int:
+        """``head_dim`` rounded up to a multiple of 128 (the kernel's lane width)."""
+        return round_up(self.head_dim, LANES)
+
+    @property
+    def slots_per_pool(self) -> int:
+        """Token slots of one page pool: ``num_pages * page_size``."""
+        return self.num_pages * self.page_size
+
+    def replication(self, tp: int) -> int:
+        """Copies of each KV head on a ``tp``-way head axis (see :func:`check_tensor_parallel`)."""
+        return check_tensor_parallel(self.num_kv_heads, tp)
+
+    def combined_heads(self, tp: int = 1) -> int:
+        """Global combined (K, V interleaved) heads after replication: ``2 * max(H, tp)``."""
+        return 2 * self.num_kv_heads * self.replication(tp)
+
+    def heads_per_device(self, tp: int = 1) -> int:
+        """Whole KV heads (each with its K and V) one device holds on a ``tp``-way head axis."""
+        return self.num_kv_heads * self.replication(tp) // tp
+
+    def combined_heads_per_device(self, tp: int = 1) -> int:
+        """Combined heads one device holds: ``2 * heads_per_device(tp)``."""
+        return 2 * self.heads_per_device(tp)
+
+    def global_shape(self, tp: int = 1, dp: int = 1) -> tuple[int, int, int, int]:
+        """Shape of the stacked cache array: [L, dp * num_pages * page_size, 2·H·r, D_pad]."""
+        return (
+            self.num_layers,
+            dp * self.slots_per_pool,
+            self.combined_heads(tp),
+            self.padded_head_dim,
+        )
+
+    def local_shape(self, tp: int = 1) -> tuple[int, int, int, int]:
+        """Shape of one device's shard: [L, num_pages * page_size, 2·H·r / tp, D_pad]."""
+        return (
+            self.num_layers,
+            self.slots_per_pool,
+            self.combined_heads_per_device(tp),
+            self.padded_head_dim,
+        )
+
+    # -- bytes ------------------------------------------------------------------------------
+
+    def page_bytes_per_device(self, tp: int = 1) -> int:
+        """Bytes of one page of one layer on one device, as laid out in TPU HBM.
+
+        ``page_size * roundup(combined_per_device, packing) * roundup(head_dim, 128) * bits / 8``:
+        sub-32-bit dtypes pack 2 or 4 rows into a sublane, so the combined-head axis is padded to
+        the packing factor (the formula vLLM and tpu-inference use to size kernel blocks).
+        """
+        heads = round_up(self.combined_heads_per_device(tp), self.packing)
+        return self.page_size * heads * self.padded_head_dim * self.bits // 8
+
+    def bytes_per_device(self, tp: int = 1, dp: int = 1) -> int:
+        """Bytes of the whole stacked cache (all layers, all pages of its pool) on one device.
+
+        ``num_pages`` counts the pages of one pool, and each device holds exactly one pool's
+        slots, so the result does not grow with ``dp``; ``dp`` is validated and accepted so that
+        planners can pass their mesh shape unchanged.
+        """
+        if not isinstance(dp, int | np.integer) or isinstance(dp, bool) or dp < 1:
+            raise ValueError(f"dp={dp!r} must be a positive int")
+        return self.num_layers * self.num_pages * self.page_bytes_per_device(tp)

@@ -1,0 +1,757 @@
+"""A paged, combined-head KV cache sharded over a JAX device mesh and updated in place.
+
+The cache of every layer lives in ONE stacked array (see docs/layout.md for pictures)::
+
+    kv: dtype[L, G·num_pages·page_size, 2·H·r, D_pad]
+        sharded NamedSharding(mesh, P(None, page_axis, head_axis, None))
+    per device: dtype[L, num_pages·page_size, 2·H·r / tp, D_pad]
+
+with ``H`` KV heads, replication ``r`` (:func:`kvshard._layout.check_tensor_parallel`),
+``tp``/``G`` the sizes of the head and page mesh axes (1 when the axis is None), ``D_pad`` the
+head dimension padded to a multiple of 128. Combined head ``2·j`` is K and ``2·j + 1`` is V of
+replicated head ``j``; replicated head ``j`` is a copy of KV head ``j // r``. Sharding the
+combined axis therefore hands each device the K and V of whole heads, and no update or read ever
+communicates between devices.
+
+Why one stacked array rather than a list of per-layer arrays: ``layer`` can be a traced integer
+(a ``lax.scan`` over layers, or a model that passes the layer index as data), one compiled
+executable serves every layer, and the cache is one pytree leaf to donate. The update stays in
+place: inside ``shard_map`` the local block [L, slots, C, D] is reshaped (a free bitcast) to
+[L·slots, C, D] and ``kv_cache_start`` is offset by ``layer · slots``, so the 3-D Pallas kernel
+writes the right layer of the aliased buffer; the XLA backend scatters at ``[layer, slot]``.
+
+Public functions: :func:`init_cache`, :func:`update`, :func:`gather`, :func:`copy_pages`.
+Every one validates its arguments on the host before anything is donated, so a bad call raises
+and leaves the cache intact and readable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Literal
+
+import einops
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from kvshard._layout import CacheSpec, check_tensor_parallel
+
+__all__ = [
+    "Backend",
+    "CacheSpec",
+    "KVCache",
+    "check_tensor_parallel",
+    "copy_pages",
+    "gather",
+    "init_cache",
+    "update",
+]
+
+Backend = Literal["auto", "pallas", "xla"]
+_BACKENDS = ("auto", "pallas", "xla")
+
+
+# --------------------------------------------------------------------------------------------
+# The pytree
+# --------------------------------------------------------------------------------------------
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["kv"],
+    meta_fields=["spec", "mesh", "head_axis", "page_axis"],
+)
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+    """The sharded cache of every layer: one array plus static layout metadata.
+
+    A pytree whose only leaf is ``kv``; ``spec``, ``mesh`` and the axis names are static aux data,
+    so a ``KVCache`` passes through ``jax.jit``, ``lax.scan`` carries and donation unchanged.
+    Build one with :func:`init_cache`; every function returns a new ``KVCache`` (the old one's
+    buffer has been donated).
+
+    Attributes:
+      kv: dtype[L, G·num_pages·page_size, 2·H·r, D_pad] globally, sharded
+        ``P(None, page_axis, head_axis, None)``; per device
+        dtype[L, num_pages·page_size, 2·H·r/tp, D_pad].
+      spec: the :class:`CacheSpec`.
+      mesh: the mesh the array is sharded over (kvshard never builds meshes).
+      head_axis: mesh axis sharding the combined-head axis, or None (tp = 1).
+      page_axis: mesh axis sharding the slot axis into per-group page pools (data-parallel
+        attention), or None (G = 1).
+    """
+
+    kv: jax.Array
+    spec: CacheSpec
+    mesh: Mesh
+    head_axis: str | None = "model"
+    page_axis: str | None = None
+
+    @property
+    def tp(self) -> int:
+        """Size of the head axis (1 when ``head_axis`` is None)."""
+        return _axis_size(self.mesh, self.head_axis)
+
+    @property
+    def dp(self) -> int:
+        """Number of page pools: size of the page axis (1 when ``page_axis`` is None)."""
+        return _axis_size(self.mesh, self.page_axis)
+
+    @property
+    def replication(self) -> int:
+        """Copies of each KV head held by the cache."""
+        return self.spec.replication(self.tp)
+
+    @property
+    def pspec(self) -> P:
+        """PartitionSpec of ``kv``."""
+        return P(None, self.page_axis, self.head_axis, None)
+
+    @property
+    def sharding(self) -> NamedSharding:
+        """NamedSharding of ``kv``."""
+        return NamedSharding(self.mesh, self.pspec)
+
+
+def _axis_size(mesh: Mesh, axis: str | None) -> int:
+    return 1 if axis is None else int(mesh.shape[axis])
+
+
+def _with_kv(cache: KVCache, kv: jax.Array) -> KVCache:
+    return dataclasses.replace(cache, kv=kv)
+
+
+# --------------------------------------------------------------------------------------------
+# Allocation
+# --------------------------------------------------------------------------------------------
+
+
+def _check_mesh_axes(mesh: Any, head_axis: str | None, page_axis: str | None) -> None:
+    """Raises TypeError/ValueError unless both axes name distinct axes of ``mesh`` (or None)."""
+    if not isinstance(mesh, Mesh):
+        raise TypeError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
+    for name, axis in (("head_axis", head_axis), ("page_axis", page_axis)):
+        if axis is not None and axis not in mesh.axis_names:
+            raise ValueError(f"{name}={axis!r} is not an axis of the mesh {mesh.axis_names}")
+    if head_axis is not None and head_axis == page_axis:
+        raise ValueError(f"head_axis and page_axis must differ, both are {head_axis!r}")
+    if len(set(mesh.axis_types)) > 1:
+        # Explicit axes need jax.reshard, Auto axes reject it: one rule per mesh keeps it simple.
+        raise ValueError(f"mesh mixes axis types {mesh.axis_types}; use all Explicit or all Auto")
+
+
+@functools.lru_cache(maxsize=64)
+def _zeros_fn(shape: tuple[int, ...], dtype: str, sharding: NamedSharding):
+    # out_shardings makes every device materialise only its own shard: the whole cache never
+    # exists on one device.
+    return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
+
+
+def init_cache(
+    spec: CacheSpec,
+    mesh: Mesh,
+    *,
+    head_axis: str | None = "model",
+    page_axis: str | None = None,
+) -> KVCache:
+    """Allocates a zeroed cache directly sharded over ``mesh``.
+
+    Args:
+      spec: cache geometry; ``spec.num_pages`` pages per page pool.
+      mesh: the device mesh (built by the caller).
+      head_axis: mesh axis that shards heads, or None to keep all heads on every device.
+      page_axis: mesh axis whose G groups each own a separate pool of ``num_pages`` pages
+        (data-parallel attention), or None for one pool.
+
+    Returns:
+      A :class:`KVCache` with ``kv``: spec.dtype[L, G·num_pages·page_size, 2·H·r, D_pad] zeros.
+
+    Raises:
+      TypeError: ``spec`` is not a CacheSpec or ``mesh`` not a Mesh.
+      ValueError: an axis is not in the mesh, both axes are the same, or the head-axis size
+        neither divides nor is a multiple of ``spec.num_kv_heads``.
+    """
+    if not isinstance(spec, CacheSpec):
+        raise TypeError(f"spec must be a CacheSpec, got {type(spec).__name__}")
+    _check_mesh_axes(mesh, head_axis, page_axis)
+    tp, dp = _axis_size(mesh, head_axis), _axis_size(mesh, page_axis)
+    check_tensor_parallel(spec.num_kv_heads, tp)
+    sharding = NamedSharding(mesh, P(None, page_axis, head_axis, None))
+    kv = _zeros_fn(spec.global_shape(tp, dp), spec.dtype, sharding)()
+    return KVCache(kv=kv, spec=spec, mesh=mesh, head_axis=head_axis, page_axis=page_axis)
+
+
+# --------------------------------------------------------------------------------------------
+# Host-side validation (runs before anything is donated)
+# --------------------------------------------------------------------------------------------
+
+
+def _concrete(x: Any) -> np.ndarray | None:
+    """Returns ``x`` as a host array, or None while it is being traced (values unknown)."""
+    if isinstance(x, jax.core.Tracer):
+        return None
+    return np.asarray(x)
+
+
+def _dtype(x: Any) -> np.dtype:
+    """The dtype of an array as given (jnp.result_type would map NumPy int64 to int32)."""
+    return np.dtype(x.dtype) if hasattr(x, "dtype") else jnp.result_type(x)
+
+
+def _check_cache(cache: Any) -> KVCache:
+    if not isinstance(cache, KVCache):
+        raise TypeError(f"cache must be a KVCache (from init_cache), got {type(cache).__name__}")
+    return cache
+
+
+def _check_backend(backend: Any) -> None:
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend={backend!r} must be one of {_BACKENDS}")
+
+
+def _check_layer(cache: KVCache, layer: Any) -> jax.Array | np.ndarray:
+    """Returns ``layer`` as an int32 scalar; range-checked when concrete.
+
+    Normalising to int32 keeps one jit signature for Python ints, NumPy ints and traced ints.
+    """
+    num_layers = cache.spec.num_layers
+    dtype = _dtype(layer)
+    if np.shape(layer) != () or not jnp.issubdtype(dtype, jnp.integer):
+        raise TypeError(f"layer must be an integer scalar, got {dtype}{list(np.shape(layer))}")
+    value = _concrete(layer)
+    if value is None:
+        return jnp.asarray(layer, jnp.int32)
+    if not 0 <= int(value) < num_layers:
+        raise ValueError(f"layer={int(value)} is out of range [0, {num_layers})")
+    return np.int32(value)
+
+
+def _shape_str(shape: tuple[int, ...]) -> str:
+    return "[" + ", ".join(map(str, shape)) + "]"
+
+
+def _check_array(name: str, x: Any, expected: tuple[int | None, ...], what: str) -> None:
+    """Raises ValueError unless ``x.shape`` matches ``expected`` (None matches any size)."""
+    shape = np.shape(x)
+    if len(shape) != len(expected) or any(
+        e is not None and e != s for e, s in zip(expected, shape, strict=False)
+    ):
+        want = _shape_str(tuple("*" if e is None else e for e in expected))  # type: ignore[misc]
+        raise ValueError(f"{name} must have shape {what} = {want}, got {_shape_str(shape)}")
+
+
+def _check_int32(name: str, x: Any) -> None:
+    dtype = _dtype(x)
+    if dtype != jnp.int32:
+        raise TypeError(f"{name} must be int32, got {dtype}")
+
+
+def _check_kv_dtype(name: str, x: Any, cache_dtype: np.dtype) -> None:
+    """k/v may be any floating dtype (cast to the cache dtype) or exactly the cache dtype."""
+    dtype = _dtype(x)
+    if dtype != cache_dtype and not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(
+            f"{name} has dtype {dtype}; expected a floating dtype or the cache dtype {cache_dtype}"
+        )
+
+
+def _check_kv(cache: KVCache, k: Any, v: Any, lead: tuple[int, ...]) -> None:
+    spec = cache.spec
+    what = "[dp, T, num_kv_heads, head_dim]" if lead else "[T, num_kv_heads, head_dim]"
+    expected = (*lead, None, spec.num_kv_heads, spec.head_dim)
+    _check_array("k", k, expected, what)
+    _check_array("v", v, expected, what)
+    if np.shape(k) != np.shape(v):
+        raise ValueError(f"k and v shapes differ: {np.shape(k)} vs {np.shape(v)}")
+    if _dtype(k) != _dtype(v):
+        raise TypeError(f"k and v dtypes differ: {_dtype(k)} vs {_dtype(v)}")
+    _check_kv_dtype("k", k, spec.np_dtype)
+    _check_kv_dtype("v", v, spec.np_dtype)
+
+
+def _intervals_overlap(starts: np.ndarray, lens: np.ndarray) -> tuple[int, int] | None:
+    """Returns indices (into the inputs) of two overlapping non-empty intervals, or None."""
+    keep = np.flatnonzero(lens > 0)
+    order = keep[np.argsort(starts[keep], kind="stable")]
+    ends = starts[order] + lens[order]
+    for a, b, end in zip(order[:-1], order[1:], ends[:-1], strict=True):
+        if starts[b] < end:
+            return int(a), int(b)
+    return None
+
+
+def _check_slice_values(
+    slices: np.ndarray, num: int, *, name: str, num_tokens: int, spec: CacheSpec, pooled: bool
+) -> None:
+    """Validates one pool's concrete slices [3, S] and live count ``num``.
+
+    The conditions are the kernel's preconditions (tpu-inference's dynamic checks, minus the
+    ban on empty slices, which both backends write as nothing, and minus the kernel's demand
+    that sources tile k/v without gaps, which neither backend needs).
+    """
+    num_slices = slices.shape[1]
+    if not 0 <= num <= num_slices:
+        raise ValueError(f"num_slices={num} for {name} is out of range [0, {num_slices}]")
+    dst, src, length = (slices[row, :num].astype(np.int64) for row in range(3))
+    pool = spec.slots_per_pool
+    for i in range(num):
+        where = (
+            f"{name}[:, {i}] = (kv_cache_start={dst[i]}, new_kv_start={src[i]}, "
+            f"slice_len={length[i]})"
+        )
+        if length[i] < 0 or length[i] > spec.page_size:
+            raise ValueError(f"{where}: slice_len must be in [0, page_size={spec.page_size}]")
+        if src[i] < 0 or src[i] + length[i] > num_tokens:
+            raise ValueError(
+                f"{where}: tokens [{src[i]}, {src[i] + length[i]}) overrun k/v of "
+                f"{num_tokens} tokens"
+            )
+        if dst[i] < 0 or dst[i] + length[i] > pool:
+            hint = (
+                "slices for another data-parallel pool? kv_cache_start addresses the group's own "
+                f"{pool} local slots"
+                if pooled
+                else f"the cache has {pool} token slots"
+            )
+            raise ValueError(
+                f"{where}: slots [{dst[i]}, {dst[i] + length[i]}) out of range; {hint}"
+            )
+        if length[i] and dst[i] % spec.page_size + length[i] > spec.page_size:
+            raise ValueError(f"{where}: crosses a page boundary (page_size={spec.page_size})")
+    for starts, what in ((dst, "cache slots"), (src, "k/v tokens")):
+        clash = _intervals_overlap(starts, length)
+        if clash is not None:
+            raise ValueError(
+                f"{name}[:, {clash[0]}] and {name}[:, {clash[1]}] overlap in {what}; each slot "
+                "and each token may be written by one live slice only"
+            )
+
+
+def _check_update_args(cache: KVCache, k: Any, v: Any, slices: Any, num_slices: Any) -> None:
+    pooled = cache.page_axis is not None
+    lead = (cache.dp,) if pooled else ()
+    _check_kv(cache, k, v, lead)
+    what = "[dp, 3, S]" if pooled else "[3, S]"
+    _check_array("slices", slices, (*lead, 3, None), what)
+    _check_array("num_slices", num_slices, (*lead, 1), "[dp, 1]" if pooled else "[1]")
+    _check_int32("slices", slices)
+    _check_int32("num_slices", num_slices)
+    slices_np, num_np = _concrete(slices), _concrete(num_slices)
+    if slices_np is None or num_np is None:
+        return  # traced: values are the caller's contract (see `update`)
+    num_tokens = np.shape(k)[-3]
+    groups = (
+        [(slices_np[g], num_np[g], f"slices[{g}]") for g in range(cache.dp)]
+        if pooled
+        else [(slices_np, num_np, "slices")]
+    )
+    for sl, num, name in groups:
+        _check_slice_values(
+            sl, int(num[0]), name=name, num_tokens=num_tokens, spec=cache.spec, pooled=pooled
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Layout transforms (per device, inside shard_map)
+# --------------------------------------------------------------------------------------------
+
+
+def _combine(spec: CacheSpec, k: jax.Array, v: jax.Array) -> jax.Array:
+    """k, v [T, h, D] -> [T, 2·h, D_pad] in cache dtype: combined head 2j = K_j, 2j+1 = V_j."""
+    pad = [(0, 0), (0, 0), (0, spec.padded_head_dim - spec.head_dim)]
+    k, v = (jnp.pad(x.astype(spec.np_dtype), pad) for x in (k, v))
+    return einops.rearrange(jnp.stack([k, v], axis=2), "t h two d -> t (h two) d")
+
+
+def _split(spec: CacheSpec, combined: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Inverse of :func:`_combine`: [N, 2·h, D_pad] -> k, v [N, h, D]."""
+    x = einops.rearrange(combined, "n (h two) d -> n h two d", two=2)
+    return x[:, :, 0, : spec.head_dim], x[:, :, 1, : spec.head_dim]
+
+
+def _local_heads(cache: KVCache, x: jax.Array) -> jax.Array:
+    """This device's KV heads of x [T, h_in, D] (inside shard_map).
+
+    Without replication the head axis arrives already split (in_spec ``head_axis``), so x holds
+    exactly this device's heads. With replication r > 1 every device holds one replicated head
+    and x arrives with all H heads: device i along the head axis takes head i // r — the same
+    head ``jnp.repeat(k, r, axis=1)`` would put there, without materialising the repeat.
+    """
+    r = cache.replication
+    if r == 1:
+        return x
+    head = jax.lax.axis_index(cache.head_axis) // r
+    return jax.lax.dynamic_slice_in_dim(x, head, 1, axis=1)
+
+
+def _kv_in_spec(cache: KVCache) -> P:
+    """in_spec of k/v [G, T, H, D]: split heads unless they are replicated (then all heads)."""
+    return P(cache.page_axis, None, cache.head_axis if cache.replication == 1 else None, None)
+
+
+def _is_explicit(mesh: Mesh) -> bool:
+    return any(t == AxisType.Explicit for t in mesh.axis_types)
+
+
+def _to_spec(mesh: Mesh, x: jax.Array, spec: P) -> jax.Array:
+    """Gives x the sharding shard_map's in_specs name.
+
+    With Explicit mesh axes shard_map insists that its inputs already carry exactly that
+    sharding; with Auto axes shard_map reshards by itself.
+    """
+    if _is_explicit(mesh):
+        return jax.reshard(x, NamedSharding(mesh, spec))
+    return x
+
+
+def _place(mesh: Mesh, x: Any, spec: P) -> Any:
+    """Eager calls: puts concrete inputs on the mesh (numpy arrays have no mesh sharding)."""
+    if isinstance(x, jax.core.Tracer):
+        return x
+    return jax.device_put(x, NamedSharding(mesh, spec))
+
+
+# --------------------------------------------------------------------------------------------
+# Per-device update bodies (run inside shard_map on one device's block)
+# --------------------------------------------------------------------------------------------
+
+
+def _valid_slices(
+    slices: jax.Array, num: jax.Array, *, num_tokens: int, num_slots: int, page_size: int
+) -> jax.Array:
+    """bool[S]: live slices the kernel would write (its drop rule, shared by both backends).
+
+    A slice is written iff ``i < num``, ``1 <= slice_len <= page_size``, it stays inside one
+    page, and both its token and slot ranges are in bounds; every other slice writes nothing.
+    Written without ``start + len`` sums that could overflow int32 for garbage padding.
+    """
+    dst, src, length = slices[0], slices[1], slices[2]
+    return (
+        (jnp.arange(slices.shape[1]) < num[0])
+        & (length >= 1)
+        & (length <= page_size)
+        & (src >= 0)
+        & (src <= num_tokens - length)
+        & (dst >= 0)
+        & (dst <= num_slots - length)
+        & (jnp.maximum(dst, 0) % page_size <= page_size - length)
+    )
+
+
+def _token_slots(slices: jax.Array, valid: jax.Array, num_tokens: int, num_slots: int) -> jax.Array:
+    """Destination slot of each token of new_kv: int32[T]; tokens no valid slice covers get
+    unique slots >= ``num_slots`` so a ``mode="drop"`` scatter writes them nowhere.
+
+    Vectorised without sorting: a difference array marks where each valid slice's token
+    interval starts (+1, +offset) and ends (-1, -offset), and a cumulative sum gives every
+    token its coverage count and ``kv_cache_start - new_kv_start`` offset. A token covered
+    twice (overlapping sources, outside the contract) is dropped rather than written twice.
+    """
+    dst, src, length = slices[0], slices[1], slices[2]
+    start = jnp.where(valid, src, num_tokens)
+    end = jnp.where(valid, src + length, num_tokens)
+    offset = jnp.where(valid, dst - src, 0)
+    zeros = jnp.zeros(num_tokens + 1, jnp.int32)
+    cover = jnp.cumsum(zeros.at[start].add(1).at[end].add(-1))[:num_tokens]
+    shift = jnp.cumsum(zeros.at[start].add(offset).at[end].add(-offset))[:num_tokens]
+    token = jnp.arange(num_tokens, dtype=jnp.int32)
+    return jnp.where(cover == 1, token + shift, num_slots + token)
+
+
+def _local_update_xla(cache, layer, new_kv, slices, num, *, page_size, interpret):
+    """One device: cache [L, slots, C, D], new_kv [T, C, D] -> cache, by an XLA scatter."""
+    del interpret
+    num_tokens, num_slots = new_kv.shape[0], cache.shape[1]
+    valid = _valid_slices(
+        slices, num, num_tokens=num_tokens, num_slots=num_slots, page_size=page_size
+    )
+    slots = _token_slots(slices, valid, num_tokens, num_slots)
+    # Unique, in-bounds-or-dropped indices let XLA scatter in place with no conflict handling.
+    return cache.at[layer, slots].set(new_kv, mode="drop", unique_indices=True)
+
+
+def _pallas_kernel():
+    try:
+        from kvshard.kernels import kv_cache_update
+    except ImportError as err:  # the kernel package is developed alongside this module
+        raise NotImplementedError(
+            "backend='pallas' needs kvshard.kernels.kv_cache_update, which is not available"
+        ) from err
+    return kv_cache_update
+
+
+def _local_update_pallas(cache, layer, new_kv, slices, num, *, page_size, interpret):
+    """One device: the kernel on the [L·slots, C, D] view of the stacked block.
+
+    The reshape is a bitcast, so the kernel's input/output alias still covers the donated
+    buffer; offsetting kv_cache_start by ``layer · slots`` selects the layer.
+    """
+    num_layers, num_slots, heads, dim = cache.shape
+    flat = cache.reshape(num_layers * num_slots, heads, dim)
+    valid = _valid_slices(
+        slices, num, num_tokens=new_kv.shape[0], num_slots=num_slots, page_size=page_size
+    )
+    # The kernel bounds-checks against all L layers; a slice past this layer's slots must be
+    # dropped here or it would land in the next layer.
+    slices = jnp.stack([slices[0] + layer * num_slots, slices[1], jnp.where(valid, slices[2], 0)])
+    out = _pallas_kernel()(new_kv, slices, flat, num, page_size=page_size, interpret=interpret)
+    return out.reshape(cache.shape)
+
+
+_LOCAL_UPDATES = {"xla": _local_update_xla, "pallas": _local_update_pallas}
+
+
+def _resolve_backend(cache: KVCache, backend: str) -> str:
+    if backend != "auto":
+        return backend
+    platform = cache.mesh.devices.flat[0].platform
+    return "pallas" if platform == "tpu" else "xla"
+
+
+# --------------------------------------------------------------------------------------------
+# update
+# --------------------------------------------------------------------------------------------
+
+
+def _update_specs(cache: KVCache) -> tuple[P, ...]:
+    """in_specs of (kv, layer, k, v, slices, num_slices), per-pool args with a group axis."""
+    pa, kv_spec = cache.page_axis, _kv_in_spec(cache)
+    return (cache.pspec, P(), kv_spec, kv_spec, P(pa, None, None), P(pa, None))
+
+
+@functools.partial(jax.jit, static_argnames=("backend", "interpret"), donate_argnums=(0,))
+def _update_jit(cache, layer, k, v, slices, num_slices, *, backend, interpret):
+    if cache.page_axis is None:  # one pool: give every per-pool argument a group axis of size 1
+        k, v, slices, num_slices = k[None], v[None], slices[None], num_slices[None]
+    specs = _update_specs(cache)
+    args = [
+        _to_spec(cache.mesh, x, s)
+        for x, s in zip((cache.kv, layer, k, v, slices, num_slices), specs, strict=True)
+    ]
+    local_update = functools.partial(
+        _LOCAL_UPDATES[backend], page_size=cache.spec.page_size, interpret=interpret
+    )
+
+    def body(kv, layer, k, v, slices, num):
+        new_kv = _combine(cache.spec, _local_heads(cache, k[0]), _local_heads(cache, v[0]))
+        return local_update(kv, layer, new_kv, slices[0], num[0])
+
+    kv = jax.shard_map(
+        body,
+        mesh=cache.mesh,
+        in_specs=specs,
+        out_specs=cache.pspec,
+        check_vma=False,  # pallas_call has no replication rule; the specs above are exact
+    )(*args)
+    return _with_kv(cache, kv)
+
+
+def update(
+    cache: KVCache,
+    layer: int | jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    slices: jax.Array | np.ndarray,
+    num_slices: jax.Array | np.ndarray,
+    *,
+    backend: Backend = "auto",
+    interpret: bool | None = None,
+) -> KVCache:
+    """Writes new K/V tokens of one layer into the cache, in place; returns the new cache.
+
+    Slice ``i < num_slices`` copies tokens ``[new_kv_start, new_kv_start + slice_len)`` of
+    ``k``/``v`` to slots ``[kv_cache_start, kv_cache_start + slice_len)`` of layer ``layer`` (on
+    every head, in its pool): :func:`kvshard.reference.kv_cache_update` on the combined layout.
+    Each device pads, interleaves and (when replicating) picks its own heads of k/v, then runs
+    the backend on its own block; no device communicates with another except to receive its
+    heads of k/v.
+
+    Args:
+      cache: DONATED when called eagerly: ``cache.kv`` is deleted afterwards; use the result.
+      layer: int or int scalar array in [0, L); may be traced (lax.scan over layers).
+      k, v: float[T, H, D] as an attention layer produces them (unpadded, unreplicated; any
+        sharding), or float[dp, T, H, D] with a page axis. Cast to the cache dtype.
+      slices: int32[3, S] rows (kv_cache_start, new_kv_start, slice_len), replicated to every
+        device, or int32[dp, 3, S] with a page axis, where group g's kv_cache_start indexes its
+        own pool of num_pages·page_size slots.
+      num_slices: int32[1] live slices (later ones are padding), or int32[dp, 1].
+      backend: "pallas" (the kernel; interpret mode off TPU), "xla" (scatter), or "auto":
+        pallas when the mesh is made of TPUs, xla otherwise. Both give identical results.
+      interpret: passed to the kernel; None = interpret mode unless on TPU. False forces a
+        TPU lowering (e.g. when exporting for TPU from a CPU host).
+
+    Preconditions on live slices (checked when ``slices``/``num_slices`` are concrete; traced
+    values are the caller's contract): 0 <= num_slices <= S; 0 <= slice_len <= page_size;
+    tokens in [0, T); slots in the pool; no two slices overlap in slots or in tokens. Out of
+    contract with traced values, the xla backend writes nothing out of bounds; the kernel's
+    behaviour is undefined.
+
+    Raises:
+      TypeError: wrong cache type or dtypes (slices/num_slices not int32; k/v not floating or
+        the cache dtype; k/v dtypes differ; layer not an integer scalar).
+      ValueError: wrong shapes, a concrete layer or slice out of range, overlapping slices,
+        unknown backend. Nothing is donated when an error is raised.
+    """
+    cache = _check_cache(cache)
+    _check_backend(backend)
+    layer = _check_layer(cache, layer)
+    _check_update_args(cache, k, v, slices, num_slices)
+    mesh, (_, _, kv_spec, _, slices_spec, num_spec) = cache.mesh, _update_specs(cache)
+    if cache.page_axis is None:  # the specs above carry the group axis that _update_jit adds
+        kv_spec, slices_spec, num_spec = (P(*s[1:]) for s in (kv_spec, slices_spec, num_spec))
+    return _update_jit(
+        cache,
+        _place(mesh, layer, P()),
+        _place(mesh, k, kv_spec),
+        _place(mesh, v, kv_spec),
+        _place(mesh, slices, slices_spec),
+        _place(mesh, num_slices, num_spec),
+        backend=_resolve_backend(cache, backend),
+        interpret=interpret,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# gather
+# --------------------------------------------------------------------------------------------
+
+
+@jax.jit
+def _gather_jit(cache, layer, slots):
+    pa, ha, r = cache.page_axis, cache.head_axis, cache.replication
+    if pa is None:
+        slots = slots[None]
+    specs = (cache.pspec, P(), P(pa, None))
+    args = [
+        _to_spec(cache.mesh, x, s) for x, s in zip((cache.kv, layer, slots), specs, strict=True)
+    ]
+
+    def body(kv, layer, slots):
+        slot = slots[0]
+        ok = (slot >= 0) & (slot < kv.shape[1])
+        rows = jnp.where(ok[:, None, None], kv[layer, jnp.where(ok, slot, 0)], 0)
+        k, v = _split(cache.spec, rows)
+        if r > 1:  # one replicated head per device: collect them all, keep replica 0 of each
+            k, v = (jax.lax.all_gather(x, ha, axis=1, tiled=True)[:, ::r] for x in (k, v))
+        return k[None], v[None]
+
+    out_spec = P(pa, None, ha if r == 1 else None, None)
+    k, v = jax.shard_map(
+        body, mesh=cache.mesh, in_specs=specs, out_specs=(out_spec, out_spec), check_vma=False
+    )(*args)
+    if pa is None:
+        k, v = k[0], v[0]
+    return k, v
+
+
+def gather(
+    cache: KVCache, layer: int | jax.Array, slots: jax.Array | np.ndarray
+) -> tuple[jax.Array, jax.Array]:
+    """Reads K and V of one layer at token slots (the read side of the oracle).
+
+    Args:
+      cache: not donated.
+      layer: int or int scalar array in [0, L); may be traced.
+      slots: int[N] slot ids in [0, num_pages·page_size), or int[dp, N] with a page axis
+        (group g reads its own pool).
+
+    Returns:
+      (k, v), each cache-dtype[N, H, D] (or [dp, N, H, D]): unpadded, replica 0 of every head,
+      sharded over heads like the cache when heads are not replicated. Traced out-of-range
+      slots read zeros.
+
+    Raises:
+      TypeError: ``slots`` not an integer array, ``layer`` not an integer scalar.
+      ValueError: wrong ``slots`` shape, concrete ``layer`` or ``slots`` out of range.
+    """
+    cache = _check_cache(cache)
+    layer = _check_layer(cache, layer)
+    pooled = cache.page_axis is not None
+    lead = (cache.dp,) if pooled else ()
+    _check_array("slots", slots, (*lead, None), "[dp, N]" if pooled else "[N]")
+    if not jnp.issubdtype(_dtype(slots), jnp.integer):
+        raise TypeError(f"slots must be an integer array, got {_dtype(slots)}")
+    pool = cache.spec.slots_per_pool
+    host = _concrete(slots)
+    if host is not None and host.size and (host.min() < 0 or host.max() >= pool):
+        bad = host[(host < 0) | (host >= pool)].flat[0]
+        raise ValueError(f"slots contains {bad}, out of range [0, {pool})")
+    slots = _place(cache.mesh, jnp.asarray(slots, jnp.int32), P(cache.page_axis) if pooled else P())
+    return _gather_jit(cache, _place(cache.mesh, layer, P()), slots)
+
+
+# --------------------------------------------------------------------------------------------
+# copy_pages
+# --------------------------------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, donate_argnums=(0,))
+def _copy_pages_jit(cache, pairs):
+    spec, pa = cache.spec, cache.page_axis
+    if pa is None:
+        pairs = pairs[None]
+
+    def body(kv, pairs):
+        src, dst = pairs[0, :, 0], pairs[0, :, 1]
+        # No-op rows (padding) write nowhere, so they never race with a real copy to their page.
+        dst = jnp.where(src == dst, spec.num_pages, dst)
+        pages = kv.reshape(kv.shape[0], spec.num_pages, spec.page_size, *kv.shape[2:])
+        # Gather every source before scattering: all copies read the pre-call contents.
+        pages = pages.at[:, dst].set(pages[:, src], mode="drop")
+        return pages.reshape(kv.shape)
+
+    specs = (cache.pspec, P(pa, None, None))
+    args = [_to_spec(cache.mesh, x, s) for x, s in zip((cache.kv, pairs), specs, strict=True)]
+    kv = jax.shard_map(
+        body, mesh=cache.mesh, in_specs=specs, out_specs=cache.pspec, check_vma=False
+    )(*args)
+    return _with_kv(cache, kv)
+
+
+def copy_pages(cache: KVCache, pairs: jax.Array | np.ndarray) -> KVCache:
+    """Copies whole pages (every layer, every head) — the allocator's copy-on-write.
+
+    Args:
+      cache: DONATED when called eagerly.
+      pairs: int[K, 2] rows (src_page, dst_page), or int[dp, K, 2] with a page axis (pages of
+        the group's own pool). Page ids in [0, num_pages). All copies read the contents from
+        before the call. Rows with src == dst are no-ops (usable as padding); the dst of the
+        other rows must be distinct.
+
+    Returns:
+      The cache with the copies applied.
+
+    Raises:
+      TypeError: ``pairs`` not an integer array.
+      ValueError: wrong shape; concrete page id out of range or duplicate destination.
+    """
+    cache = _check_cache(cache)
+    pooled = cache.page_axis is not None
+    lead = (cache.dp,) if pooled else ()
+    _check_array("pairs", pairs, (*lead, None, 2), "[dp, K, 2]" if pooled else "[K, 2]")
+    if not jnp.issubdtype(_dtype(pairs), jnp.integer):
+        raise TypeError(f"pairs must be an integer array, got {_dtype(pairs)}")
+    host = _concrete(pairs)
+    if host is not None:
+        _check_pairs(host.reshape(-1, *host.shape[-2:]), cache.spec.num_pages)
+    spec = P(cache.page_axis) if pooled else P()
+    return _copy_pages_jit(cache, _place(cache.mesh, jnp.asarray(pairs, jnp.int32), spec))
+
+
+def _check_pairs(groups: np.ndarray, num_pages: int) -> None:
+    for g, pairs in enumerate(groups):
+        bad = (pairs < 0) | (pairs >= num_pages)
+        if bad.any():
+            row, col = np.argwhere(bad)[0]
+            raise ValueError(
+                f"pairs row {row} (group {g}) has {('src', 'dst')[col]} page {pairs[row, col]}, "
+                f"out of range [0, {num_pages})"
+            )
+        moving = pairs[pairs[:, 0] != pairs[:, 1]]
+        dst, counts = np.unique(moving[:, 1], return_counts=True)
+        if (counts > 1).any():
+            raise ValueError(f"pairs (group {g}) copy to dst page {dst[counts > 1][0]} twice")

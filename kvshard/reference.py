@@ -1,0 +1,72 @@
+"""Plain numpy oracle for every write and read kvshard makes on a paged KV cache.
+
+Nothing here is fast or clever on purpose: each function is the obvious loop or fancy-index
+over host arrays, so the kernels and the sharded cache can be checked against it exactly.
+
+Shapes use the seed kernel's names:
+
+* ``new_kv``: [num_tokens, combined_heads, head_dim]
+* ``kv_cache``: [num_pages * page_size, combined_heads, head_dim] (a row is one token slot)
+* ``slices``: int32[3, S], rows (kv_cache_start, new_kv_start, slice_len)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def kv_cache_update(
+    new_kv: np.ndarray,
+    slices: np.ndarray,
+    kv_cache: np.ndarray,
+    num_kv_update_slices: np.ndarray | int,
+) -> np.ndarray:
+    """Returns a copy of ``kv_cache`` with every live slice of ``new_kv`` written into it.
+
+    Slice ``i < num_kv_update_slices`` copies ``new_kv[new_kv_start : new_kv_start + slice_len]``
+    to ``kv_cache[kv_cache_start : kv_cache_start + slice_len]``; later slices (padding) and
+    zero-length slices write nothing. The input arrays are not modified.
+    """
+    new_kv = np.asarray(new_kv)
+    slices = np.asarray(slices)
+    out = np.array(kv_cache, copy=True)
+    num = int(np.asarray(num_kv_update_slices).reshape(-1)[0])
+    for i in range(min(num, slices.shape[1])):
+        dst, src, length = (int(x) for x in slices[:, i])
+        if length > 0:
+            out[dst : dst + length] = new_kv[src : src + length]
+    return out
+
+
+def scatter_tokens(cache: np.ndarray, slots: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Returns a copy of ``cache`` with ``values[i]`` written to row ``slots[i]``.
+
+    ``cache``: [num_slots, ...]; ``slots``: int[N] (later duplicates win, as in a loop);
+    ``values``: [N, ...].
+    """
+    out = np.array(cache, copy=True)
+    for slot, value in zip(np.asarray(slots).tolist(), np.asarray(values), strict=True):
+        out[slot] = value
+    return out
+
+
+def gather_tokens(cache: np.ndarray, slots: np.ndarray) -> np.ndarray:
+    """Returns ``cache[slots]``: [N, ...] rows read at the given token slots."""
+    return np.asarray(cache)[np.asarray(slots)]
+
+
+def slices_to_slots(slices: np.ndarray, num_kv_update_slices: np.ndarray | int) -> np.ndarray:
+    """Expands live slices into one destination slot per token of ``new_kv``.
+
+    Returns int64[T] where ``T`` is the number of tokens the live slices cover, in ``new_kv``
+    order, so ``scatter_tokens(cache, slots, new_kv[:T])`` equals :func:`kv_cache_update` for
+    slices that pack ``new_kv`` contiguously from 0.
+    """
+    slices = np.asarray(slices)
+    num = int(np.asarray(num_kv_update_slices).reshape(-1)[0])
+    pairs = []
+    for i in range(min(num, slices.shape[1])):
+        dst, src, length = (int(x) for x in slices[:, i])
+        pairs.extend((src + j, dst + j) for j in range(length))
+    pairs.sort()
+    return np.array([dst for _, dst in pairs], dtype=np.int64)
