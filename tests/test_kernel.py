@@ -357,3 +357,10 @@ def test_lowers_for_tpu(dtype, page_size, combined_heads, head_dim, num_slices, 
     module = exported.mlir_module()
     assert "tpu_custom_call" in module
     assert exported.platforms == ("tpu",)
+
+
+def test_validate_inside_jit_asks_for_concrete_slices():
+    new_kv, slices, kv_cache, num = valid_arrays()
+    fn = jax.jit(lambda s: kv_cache_update(new_kv, s, kv_cache, num, page_size=P, validate=True))
+    with pytest.raises(ValueError, match="validate=True needs concrete slices"):
+        fn(jnp.asarray(slices))

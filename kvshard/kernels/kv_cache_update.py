@@ -360,14 +360,16 @@ def kv_cache_update(
     """
     _check_shapes(new_kv, slices, kv_cache, num_kv_update_slices, page_size)
     if validate:
-        if isinstance(slices, jax.core.Tracer) or isinstance(num_kv_update_slices, jax.core.Tracer):
+        try:
+            host_slices, host_num = np.asarray(slices), np.asarray(num_kv_update_slices)
+        except jax.errors.TracerArrayConversionError as err:
             raise ValueError(
                 "validate=True needs concrete slices and num_kv_update_slices; "
                 "validate on the host before entering jit"
-            )
+            ) from err
         validate_slices(
-            slices,
-            num_kv_update_slices,
+            host_slices,
+            host_num,
             num_tokens=new_kv.shape[0],
             num_rows=kv_cache.shape[0],
             page_size=page_size,
