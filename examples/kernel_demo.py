@@ -7,7 +7,7 @@ checked bit-for-bit against the numpy oracle.
     python examples/kernel_demo.py [--page-size 13] [--steps 3]
 
 Sizes stay small on purpose: with 8 simulated devices, JAX 0.10's TPU interpret mode deadlocks
-once a per-device buffer reaches about 128 KiB (see docs/notes; not a kvshard bug, and no
+once a per-device buffer reaches about 128 KiB (see docs/guides/fuzzing.md; not a kvshard bug; no
 issue on a real TPU, where the kernel is compiled rather than interpreted).
 """
 
@@ -25,7 +25,6 @@ os.environ["XLA_FLAGS"] = (
 import jax
 import jax.numpy as jnp
 import numpy as np
-from hypothesis import strategies as st
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -50,27 +49,38 @@ def main() -> None:
     shape = (args.num_pages * args.page_size, combined, 128)
 
     def local_update(new_kv, slices, cache, num):
-        return kv_cache_update(new_kv, slices, cache, num, page_size=args.page_size,
-                               num_slices_per_block=4)
+        return kv_cache_update(
+            new_kv, slices, cache, num, page_size=args.page_size, num_slices_per_block=4
+        )
 
     sharded_update = jax.jit(
-        jax.shard_map(local_update, mesh=mesh, in_specs=(spec, P(), spec, P()), out_specs=spec,
-                      check_vma=False),
+        jax.shard_map(
+            local_update,
+            mesh=mesh,
+            in_specs=(spec, P(), spec, P()),
+            out_specs=spec,
+            check_vma=False,
+        ),
         donate_argnums=2,
     )
 
     rng = np.random.default_rng(args.seed)
     host_cache = random_values(rng, shape, np.float32)
     cache = jax.device_put(host_cache, NamedSharding(mesh, spec))
-    draw = update_slices(page_size=args.page_size, num_pages=args.num_pages, max_slices=6,
-                         fixed_shapes=True)
+    draw = update_slices(
+        page_size=args.page_size, num_pages=args.num_pages, max_slices=6, fixed_shapes=True
+    )
     tokens = 0
     start = time.perf_counter()
     for step in range(args.steps):
         slices, num, num_tokens = draw.example() if step else _first_step(args.page_size)
         new_kv = random_values(rng, (num_tokens, combined, 128), np.float32)
-        cache = sharded_update(jax.device_put(new_kv, NamedSharding(mesh, spec)),
-                               jnp.asarray(slices), cache, jnp.asarray(num))
+        cache = sharded_update(
+            jax.device_put(new_kv, NamedSharding(mesh, spec)),
+            jnp.asarray(slices),
+            cache,
+            jnp.asarray(num),
+        )
         host_cache = reference.kv_cache_update(new_kv, slices, host_cache, num)
         tokens += int(slices[2, : num[0]].sum())
     elapsed = time.perf_counter() - start

@@ -1,8 +1,14 @@
 """The Pallas backend of kvshard.cache: interpret mode on 8 CPU devices, and a TPU lowering.
 
-Interpret mode compiles slowly (~10 s per executable) and runs ~1 s per call over 8 devices, so
-every test here uses one tiny fixed shape per executable and few examples. The dense oracle and
-helpers come from test_cache.py.
+Interpret mode compiles slowly (~10 s per executable) and runs ~1 s per call, so every test here
+uses one tiny fixed shape per executable and few examples. The dense oracle and helpers come
+from test_cache.py.
+
+Executed tests use meshes of at most 4 devices: Pallas TPU interpret mode starts every kernel
+with a global ``threading.Barrier`` across the mesh's devices
+(jax/_src/pallas/mosaic/interpret/interpret_pallas_call.py, ``_barrier``), and with 8 simulated
+CPU devices on a 2-core host not all 8 device threads reach it: the run deadlocks
+(intermittently, always with larger caches). The 8-device TPU export test only lowers.
 """
 
 from __future__ import annotations
@@ -22,8 +28,8 @@ from kvshard.testing import update_slices
 
 pytestmark = pytest.mark.slow
 
-# 2 KV heads on a 4-way head axis: replication 2, padded head_dim, 2 layers, 16 slots a pool.
-SPEC = small_spec(2, head_dim=64, num_layers=2, num_pages=4)
+# 1 KV head on a 2-way head axis: replication 2, padded head_dim, 2 layers, 16 slots a pool.
+SPEC = small_spec(1, head_dim=64, num_layers=2, num_pages=4)
 
 
 @settings(max_examples=4)
@@ -33,7 +39,7 @@ SPEC = small_spec(2, head_dim=64, num_layers=2, num_pages=4)
     st.integers(0, 2**32 - 1),
 )
 def test_pallas_matches_oracle_and_xla(data, layers, seed):
-    mesh = make_mesh((2, 4))
+    mesh = make_mesh((2, 2))
     pallas = init_cache(SPEC, mesh)
     xla = init_cache(SPEC, mesh)
     oracle = Oracle(SPEC, 1)
@@ -59,9 +65,9 @@ def test_pallas_matches_oracle_and_xla(data, layers, seed):
 def test_pallas_pooled_update_in_place():
     """Data-parallel pools, one compile: checks memory, donation and values together."""
     spec = CacheSpec(
-        num_layers=2, num_kv_heads=4, head_dim=128, page_size=4, num_pages=256, dtype="float32"
+        num_layers=2, num_kv_heads=4, head_dim=128, page_size=4, num_pages=64, dtype="float32"
     )
-    mesh = make_mesh((2, 4))
+    mesh = make_mesh((2, 2))
     cache = init_cache(spec, mesh, page_axis="data")
     rng = np.random.default_rng(0)
     k, v = random_kv(rng, spec, 8, 2)
@@ -70,7 +76,7 @@ def test_pallas_pooled_update_in_place():
     args = [jax.device_put(x, rep) for x in (np.int32(1), k, v, slices, num)]
     compiled = _update_jit.lower(cache, *args, backend="pallas", interpret=None).compile()
     stats = compiled.memory_analysis()
-    layer_bytes = spec.bytes_per_device(4) // spec.num_layers  # 1 MiB a layer a device
+    layer_bytes = spec.bytes_per_device(2) // spec.num_layers  # 512 KiB a layer a device
     assert stats.temp_size_in_bytes < layer_bytes // 4, stats
 
     before = cache.kv
@@ -82,8 +88,8 @@ def test_pallas_pooled_update_in_place():
 
 
 def test_pallas_scan_over_layers():
-    spec = small_spec(8, head_dim=128, num_layers=2, num_pages=4)
-    mesh = make_mesh((1, 8))
+    spec = small_spec(2, head_dim=128, num_layers=2, num_pages=4)
+    mesh = make_mesh((1, 4))
     cache = init_cache(spec, mesh)
     rng = np.random.default_rng(1)
     ks, vs = zip(*(random_kv(rng, spec, 8) for _ in range(2)), strict=True)
@@ -133,5 +139,9 @@ def test_sharded_update_lowers_for_tpu(page_axis):
     exported = jax.export.export(jax.jit(fn, donate_argnums=0), platforms=["tpu"])(*args)
     text = exported.mlir_module()
     assert "tpu_custom_call" in text
+    # In place on TPU: the kernel aliases its cache operand to its output, and the donated
+    # cache argument of the whole program is aliased to output 0.
+    assert "output_operand_aliases" in text
+    assert "tf.aliasing_output = 0" in text
     assert exported.nr_devices == 8
     assert exported.platforms == ("tpu",)

@@ -1,0 +1,562 @@
+"""Shared code of the serving examples: a small GQA transformer, a dense oracle, and an engine.
+
+* :func:`init_params`: random (seeded) weights of a decoder-only transformer with grouped-query
+  attention, RMSNorm, RoPE and a SiLU MLP.
+* :func:`dense_logits`: the same model in float64 numpy over a whole sequence with plain causal
+  attention and no cache: the oracle every paged step is checked against.
+* :func:`make_forward`: one ``jax.jit`` function per engine that runs a whole step (prefill
+  chunks and decodes mixed in one flat token batch) for every layer: write K/V with
+  :func:`kvshard.update`, read each request's K/V back through the page table with
+  :func:`kvshard.gather`, attend, and return the logits. Tensor parallel over heads: query heads
+  and MLP columns are sharded over the ``model`` mesh axis; kvshard shards the cache the same way.
+* :class:`Engine`: continuous batching on the host (admission, chunked prefill, greedy decode,
+  optional prefix caching) around :class:`kvshard.PageAllocator`.
+
+The scripts that import this module set ``XLA_FLAGS``/``JAX_PLATFORMS`` before importing it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import sys
+import time
+from collections.abc import Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import kvshard
+
+# float32 logits of the paged run may differ from the float64 oracle by at most this much.
+TOLERANCE = 1e-4
+
+
+# --------------------------------------------------------------------------------------------
+# Model
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Sizes of the toy transformer (hashable, so it can be closed over by jit)."""
+
+    vocab: int = 512
+    d_model: int = 256
+    num_layers: int = 4
+    num_heads: int = 8
+    num_kv_heads: int = 2
+    head_dim: int = 128
+    d_ff: int = 512
+    rope_theta: float = 10_000.0
+    eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads={self.num_heads} must be a multiple of num_kv_heads="
+                f"{self.num_kv_heads} (grouped-query attention)"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} must be even (RoPE rotates pairs)")
+
+    @property
+    def group(self) -> int:
+        """Query heads per KV head."""
+        return self.num_heads // self.num_kv_heads
+
+
+def init_params(cfg: ModelConfig, seed: int) -> dict[str, np.ndarray]:
+    """Returns float32 numpy weights; per-layer weights are stacked on a leading layer axis.
+
+    Scaled by 1/sqrt(fan_in) so activations and logits stay O(1) through the layers: then an
+    absolute tolerance on the logits means the same thing at every depth.
+    """
+    rng = np.random.default_rng(seed)
+    L, d, f = cfg.num_layers, cfg.d_model, cfg.d_ff
+    q_dim, kv_dim = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+
+    def dense(*shape: int) -> np.ndarray:
+        return (rng.standard_normal(shape) / np.sqrt(shape[-2])).astype(np.float32)
+
+    def gain(*shape: int) -> np.ndarray:
+        return (1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
+
+    return {
+        "embed": rng.standard_normal((cfg.vocab, d)).astype(np.float32),
+        "attn_norm": gain(L, d),
+        "wq": dense(L, d, q_dim),
+        "wk": dense(L, d, kv_dim),
+        "wv": dense(L, d, kv_dim),
+        "wo": dense(L, q_dim, d),
+        "mlp_norm": gain(L, d),
+        "w1": dense(L, d, f),
+        "w2": dense(L, f, d),
+        "final_norm": gain(d),
+        "unembed": dense(d, cfg.vocab),
+    }
+
+
+LAYER_WEIGHTS = ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w1", "w2")
+
+
+def param_specs(cfg: ModelConfig, tp: int) -> dict[str, P]:
+    """Megatron-style tensor parallelism over the ``model`` axis.
+
+    Query heads and MLP hidden units are split (column-parallel), ``wo``/``w2`` are split on
+    their input (row-parallel, one all-reduce each). K/V projections are split only when every
+    device gets whole KV heads; with fewer KV heads than devices they are replicated, which is
+    also how kvshard replicates those heads in the cache.
+    """
+    kv = "model" if cfg.num_kv_heads % tp == 0 else None
+    return {
+        "embed": P(),
+        "attn_norm": P(),
+        "wq": P(None, None, "model"),
+        "wk": P(None, None, kv),
+        "wv": P(None, None, kv),
+        "wo": P(None, "model", None),
+        "mlp_norm": P(),
+        "w1": P(None, None, "model"),
+        "w2": P(None, "model", None),
+        "final_norm": P(),
+        "unembed": P(),
+    }
+
+
+def shard_params(params: dict[str, np.ndarray], cfg: ModelConfig, mesh) -> dict[str, jax.Array]:
+    """Puts the weights on ``mesh`` with :func:`param_specs`."""
+    specs = param_specs(cfg, int(mesh.shape["model"]))
+    return {k: jax.device_put(v, NamedSharding(mesh, specs[k])) for k, v in params.items()}
+
+
+def _rope_angles(cfg: ModelConfig, positions, xp):
+    """cos, sin [T, 1, head_dim / 2] of the rotary embedding at ``positions`` (numpy or jnp)."""
+    half = cfg.head_dim // 2
+    inv_freq = cfg.rope_theta ** (-xp.arange(half, dtype=xp.float32) * 2 / cfg.head_dim)
+    angles = positions.astype(xp.float32)[:, None] * inv_freq[None, :]
+    return xp.cos(angles)[:, None, :], xp.sin(angles)[:, None, :]
+
+
+def _rope(x, cos, sin, xp):
+    """Rotates the two halves of the head dimension of x [T, H, D] (the GPT-NeoX layout)."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return xp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def _rms_norm(x, gain, eps, xp):
+    return x / xp.sqrt(xp.mean(x * x, axis=-1, keepdims=True) + eps) * gain
+
+
+def _silu(x, xp):
+    return x / (1 + xp.exp(-x))
+
+
+def dense_logits(params64: dict[str, np.ndarray], cfg: ModelConfig, tokens) -> np.ndarray:
+    """float64[n, vocab]: logits of every position of ``tokens`` with no cache (the oracle).
+
+    ``params64`` are the weights cast to float64. Full causal attention over the sequence,
+    K/V heads repeated for their query groups: nothing here shares code paths with paging.
+    """
+    p, xp = params64, np
+    tokens = np.asarray(tokens)
+    n, H, Hkv, D = len(tokens), cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    cos, sin = (a.astype(np.float64) for a in _rope_angles(cfg, np.arange(n), xp))
+    causal = np.tril(np.ones((n, n), bool))
+    x = p["embed"][tokens]
+    for layer in range(cfg.num_layers):
+        h = _rms_norm(x, p["attn_norm"][layer], cfg.eps, xp)
+        q = _rope((h @ p["wq"][layer]).reshape(n, H, D), cos, sin, xp)
+        k = _rope((h @ p["wk"][layer]).reshape(n, Hkv, D), cos, sin, xp)
+        v = (h @ p["wv"][layer]).reshape(n, Hkv, D)
+        k, v = np.repeat(k, cfg.group, axis=1), np.repeat(v, cfg.group, axis=1)
+        # Head-major batched matmuls (BLAS) rather than np.einsum, which would not use BLAS.
+        q, k, v = (a.transpose(1, 0, 2) for a in (q, k, v))  # [H, n, D]
+        scores = q @ k.transpose(0, 2, 1) / np.sqrt(D)  # [H, n, n]
+        scores = np.where(causal[None], scores, -np.inf)
+        weights = np.exp(scores - scores.max(-1, keepdims=True))
+        weights /= weights.sum(-1, keepdims=True)
+        attn = (weights @ v).transpose(1, 0, 2).reshape(n, H * D)
+        x = x + attn @ p["wo"][layer]
+        h = _rms_norm(x, p["mlp_norm"][layer], cfg.eps, xp)
+        x = x + _silu(h @ p["w1"][layer], xp) @ p["w2"][layer]
+    return _rms_norm(x, p["final_norm"], cfg.eps, xp) @ p["unembed"]
+
+
+@functools.lru_cache(maxsize=8)
+def make_forward(cfg: ModelConfig, spec: kvshard.CacheSpec, mesh, max_pages_per_request: int):
+    """Returns ``forward(params, cache, token_ids, positions, rows, page_table, slices,
+    num_slices) -> (cache, logits)``, jitted with the cache donated.
+
+    Args of the returned function (T: padded token count of the step's bucket):
+      token_ids, positions: int32[T], the step's tokens in batch order (requests contiguous,
+        padding at the end).
+      rows: int32[T], page-table row of each token's request; -1 for padding tokens.
+      page_table: int32[R, W] the allocator's whole table (R rows of W pages; fixed shape).
+      slices, num_slices: padded update metadata for this step (:func:`kvshard.pad_slices`).
+
+    Attention reads, for every row r and position j < W·P, slot
+    ``page_table[r, j // P] * P + j % P`` and lets token t see key (r, j) iff
+    ``r == rows[t]`` and ``j <= positions[t]``: the causal mask of each request, over keys that
+    this step has just written or earlier steps wrote. All shapes depend only on T, so the
+    function compiles once per token bucket. Cached: engines with the same geometry share one
+    jitted function and its compilations.
+    """
+    P_, W = spec.page_size, max_pages_per_request
+    H, Hkv, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    heads = NamedSharding(mesh, P(None, "model", None))  # [T or N, heads, D], split heads
+    flat = NamedSharding(mesh, P(None, "model"))  # [T, heads·D]
+    replicated = NamedSharding(mesh, P())
+
+    def layer_step(consts, carry, xs):
+        slots, visible, cos, sin, slices, num_slices = consts
+        x, cache = carry
+        layer, w = xs
+        T = x.shape[0]
+        h = _rms_norm(x, w["attn_norm"], cfg.eps, jnp)
+        q = jnp.reshape(h @ w["wq"], (T, H, D), out_sharding=heads)
+        q = _rope(q, cos, sin, jnp)
+        k = _rope((h @ w["wk"]).reshape(T, Hkv, D), cos, sin, jnp)
+        v = (h @ w["wv"]).reshape(T, Hkv, D)
+        # Write first: this step's tokens attend to themselves through the cache.
+        cache = kvshard.update(cache, layer, k, v, slices, num_slices)
+        k_ctx, v_ctx = kvshard.gather(cache, layer, slots)  # [R·W·P, Hkv, D]
+        # Each query head's KV head, split over devices like q, so the two attention einsums
+        # run per device (kvshard.gather has already all-gathered replicated heads).
+        k_ctx, v_ctx = (
+            jax.reshard(jnp.repeat(a, cfg.group, axis=1), heads) for a in (k_ctx, v_ctx)
+        )
+        scores = jnp.einsum("thd,nhd->htn", q, k_ctx) / np.sqrt(D).astype(np.float32)
+        # A finite fill keeps padding tokens (nothing visible) finite; real tokens always see
+        # at least themselves.
+        scores = jnp.where(visible[None], scores, jnp.finfo(jnp.float32).min)
+        attn = jnp.einsum("htn,nhd->thd", jax.nn.softmax(scores, axis=-1), v_ctx)
+        attn = jnp.reshape(attn, (T, H * D), out_sharding=flat)
+        x = x + jnp.matmul(attn, w["wo"], out_sharding=replicated)
+        h = _rms_norm(x, w["mlp_norm"], cfg.eps, jnp)
+        x = x + jnp.matmul(_silu(h @ w["w1"], jnp), w["w2"], out_sharding=replicated)
+        return (x, cache), None
+
+    def forward(params, cache, token_ids, positions, rows, page_table, slices, num_slices):
+        R = page_table.shape[0]
+        j = jnp.arange(W * P_, dtype=jnp.int32)
+        slots = (page_table[:, j // P_] * P_ + j % P_).reshape(-1)  # [R·W·P]
+        key_row = jnp.repeat(jnp.arange(R, dtype=jnp.int32), W * P_)
+        key_pos = jnp.tile(j, R)
+        visible = (rows[:, None] == key_row[None]) & (key_pos[None] <= positions[:, None])
+        cos, sin = _rope_angles(cfg, positions, jnp)
+        consts = (slots, visible, cos, sin, slices, num_slices)
+        x = params["embed"][token_ids]
+        layers = {k: params[k] for k in LAYER_WEIGHTS}  # stacked [L, ...]: scanned over
+        (x, cache), _ = jax.lax.scan(
+            lambda c, xs: layer_step(consts, c, xs),
+            (x, cache),
+            (jnp.arange(cfg.num_layers, dtype=jnp.int32), layers),
+        )
+        logits = _rms_norm(x, params["final_norm"], cfg.eps, jnp) @ params["unembed"]
+        return cache, logits
+
+    return jax.jit(forward, donate_argnums=(1,))
+
+
+# --------------------------------------------------------------------------------------------
+# Workload and engine
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Request:
+    """One generation request and its progress."""
+
+    rid: int
+    prompt: np.ndarray  # int[n]
+    max_new_tokens: int
+    arrival: int  # first step at which the scheduler may admit it
+    tokens: list[int] = dataclasses.field(default_factory=list)  # prompt + generated
+    computed: int = 0  # tokens whose K/V is in the cache
+    generated: list[int] = dataclasses.field(default_factory=list)
+    sampled_logits: list[np.ndarray] = dataclasses.field(default_factory=list)
+    prefix_hit: int = 0  # prompt tokens found in the prefix cache
+    shared_pages: np.ndarray | None = None  # page ids attached by lookup_prefix
+    finished: bool = False
+
+    def __post_init__(self) -> None:
+        self.tokens = [int(t) for t in self.prompt]
+
+
+def make_requests(
+    rng: np.random.Generator,
+    num: int,
+    vocab: int,
+    *,
+    system_prompt: np.ndarray,
+    suffix_len: tuple[int, int],
+    new_tokens: tuple[int, int],
+    arrivals: Iterable[int],
+) -> list[Request]:
+    """Requests = shared system prompt + random suffix, each with its own generation length."""
+    out = []
+    for rid, arrival in zip(range(num), arrivals, strict=False):
+        suffix = rng.integers(1, vocab, int(rng.integers(suffix_len[0], suffix_len[1] + 1)))
+        prompt = np.concatenate([system_prompt, suffix]).astype(np.int64)
+        new = int(rng.integers(new_tokens[0], new_tokens[1] + 1))
+        out.append(Request(rid=rid, prompt=prompt, max_new_tokens=new, arrival=int(arrival)))
+    return out
+
+
+class _Progress:
+    """tqdm when it is installed (the ``examples`` extra), else a plain line per few steps."""
+
+    def __init__(self, total: int, desc: str) -> None:
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            tqdm = None
+        self._bar = tqdm(total=total, desc=desc, unit="step") if tqdm else None
+        self._total, self._desc, self._n = total, desc, 0
+
+    def update(self, **info) -> None:
+        self._n += 1
+        if self._bar is not None:
+            self._bar.set_postfix(info, refresh=False)
+            self._bar.update()
+        elif self._n % 10 == 0 or self._n == self._total:
+            fields = " ".join(f"{k}={v}" for k, v in info.items())
+            print(f"{self._desc}: step {self._n}/{self._total} {fields}", file=sys.stderr)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.total = self._n  # the run may stop before max_steps: show it as complete
+            self._bar.refresh()
+            self._bar.close()
+
+
+@dataclasses.dataclass
+class RunStats:
+    steps: int = 0
+    tokens_generated: int = 0
+    tokens_computed: int = 0
+    peak_pages: int = 0
+    peak_usage: float = 0.0
+    max_abs_diff: float = 0.0
+    forward_compiles: int = 0
+    buckets_used: set = dataclasses.field(default_factory=set)
+    prefix_stats: dict = dataclasses.field(default_factory=dict)
+    wall_s: float = 0.0
+
+
+class Engine:
+    """Continuous batching over a paged, head-sharded kvshard cache.
+
+    Each step: admit arrived requests (while rows and pages allow), schedule decodes first and
+    then prefill chunks within a token budget, grow their pages with one
+    ``allocate_batch``, build and pad the update slices, run the jitted forward, sample greedily
+    from each request whose prompt is fully computed, and free finished requests. With
+    ``check=True`` every computed position's logits are compared with :func:`dense_logits`.
+    """
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        params: dict[str, np.ndarray],
+        mesh,
+        *,
+        page_size: int,
+        num_pages: int,
+        max_requests: int,
+        max_context: int,
+        max_tokens_per_step: int,
+        prefix_caching: bool,
+        check: bool = True,
+    ) -> None:
+        self.cfg, self.mesh, self.check = cfg, mesh, check
+        self.page_size, self.max_requests = page_size, max_requests
+        self.max_pages = -(-max_context // page_size)
+        self.spec = kvshard.CacheSpec(
+            num_layers=cfg.num_layers,
+            num_kv_heads=cfg.num_kv_heads,
+            head_dim=cfg.head_dim,
+            page_size=page_size,
+            num_pages=num_pages,
+            dtype="float32",  # float32 so the 1e-4 check against the float64 oracle is fair
+        )
+        self.cache = kvshard.init_cache(self.spec, mesh, head_axis="model")
+        self.allocator = kvshard.PageAllocator(
+            num_pages,
+            page_size,
+            max_requests=max_requests,
+            max_pages_per_request=self.max_pages,
+            enable_prefix_caching=prefix_caching,
+        )
+        self.prefix_caching = prefix_caching
+        self.params = shard_params(params, cfg, mesh)
+        self.params64 = {k: v.astype(np.float64) for k, v in params.items()}
+        self.buckets = kvshard.token_buckets(min(8, max_tokens_per_step), max_tokens_per_step)
+        self.budget = max_tokens_per_step
+        self.forward = make_forward(cfg, self.spec, mesh, self.max_pages)
+
+    # -- host-side scheduling ------------------------------------------------------------
+
+    def _pages_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.page_size)
+
+    def _reserved(self, running: list[Request]) -> int:
+        """Pages running requests may still need to finish (their worst case)."""
+        return sum(
+            self._pages_for(len(r.prompt) + r.max_new_tokens)
+            - self._pages_for(self.allocator.num_tokens(r.rid) if r.rid in self.allocator else 0)
+            for r in running
+        )
+
+    def _admit(self, waiting: list[Request], running: list[Request], step: int) -> None:
+        """FCFS admission; a request enters only if its worst case fits next to the others',
+        so a running request never meets OutOfPages (no preemption needed)."""
+        while waiting and waiting[0].arrival <= step and len(running) < self.max_requests:
+            req = waiting[0]
+            total = len(req.prompt) + req.max_new_tokens
+            if total > self.max_pages * self.page_size:
+                raise ValueError(f"request {req.rid} needs {total} tokens > max context")
+            if self._pages_for(total) + self._reserved(running) > self.allocator.num_free_pages:
+                return
+            waiting.pop(0)
+            if self.prefix_caching:
+                req.prefix_hit = self.allocator.lookup_prefix(req.rid, req.prompt)
+                req.computed = req.prefix_hit
+                req.shared_pages = self.allocator.pages(req.rid)
+            running.append(req)
+
+    def _schedule(self, running: list[Request]) -> list[tuple[Request, int]]:
+        """(request, tokens to compute this step): decodes first, then prefill chunks."""
+        budget, batch = self.budget, []
+        decodes = [r for r in running if len(r.tokens) - r.computed == 1]
+        prefills = [r for r in running if len(r.tokens) - r.computed > 1]
+        for req in decodes + prefills:
+            count = min(len(req.tokens) - req.computed, budget)
+            if count > 0:
+                batch.append((req, count))
+                budget -= count
+        return batch
+
+    # -- one step ------------------------------------------------------------------------
+
+    def _step(self, batch: list[tuple[Request, int]], stats: RunStats) -> None:
+        alloc = self.allocator
+        ids = [r.rid for r, _ in batch]
+        counts = np.array([c for _, c in batch], np.int64)
+        computed = np.array([r.computed for r, _ in batch], np.int64)
+        rows = alloc.allocate_batch(ids, counts)
+        pairs = alloc.take_pending_copies()  # copy-on-write of shared partial pages
+        if len(pairs):
+            self.cache = kvshard.copy_pages(self.cache, pairs)
+        slices = kvshard.build_update_slices(
+            computed, counts, alloc.page_table, self.page_size, rows=rows
+        )
+        num_tokens = int(counts.sum())
+        slices, num_slices, padded = kvshard.pad_slices(
+            slices,
+            num_tokens,
+            max_num_reqs=self.max_requests,
+            page_size=self.page_size,
+            buckets=self.buckets,
+        )
+        token_ids = np.zeros(padded, np.int32)
+        positions = np.zeros(padded, np.int32)
+        token_rows = np.full(padded, -1, np.int32)
+        offset = 0
+        for (req, count), row in zip(batch, rows, strict=True):
+            span = slice(offset, offset + count)
+            token_ids[span] = req.tokens[req.computed : req.computed + count]
+            positions[span] = np.arange(req.computed, req.computed + count)
+            token_rows[span] = row
+            offset += count
+        self.cache, logits = self.forward(
+            self.params,
+            self.cache,
+            token_ids,
+            positions,
+            token_rows,
+            alloc.page_table.copy(),
+            slices,
+            num_slices,
+        )
+        logits = np.asarray(logits)
+        stats.buckets_used.add(padded)
+        stats.tokens_computed += num_tokens
+        in_use = alloc.num_pages - 1 - alloc.num_free_pages
+        stats.peak_pages = max(stats.peak_pages, in_use)
+        stats.peak_usage = max(stats.peak_usage, alloc.usage)
+
+        offset = 0
+        for req, count in batch:
+            mine = logits[offset : offset + count]
+            if self.check:
+                ref = dense_logits(self.params64, self.cfg, req.tokens[: req.computed + count])
+                diff = float(np.max(np.abs(ref[req.computed :] - mine)))
+                stats.max_abs_diff = max(stats.max_abs_diff, diff)
+            req.computed += count
+            offset += count
+            if req.computed == len(req.tokens):  # prompt done or decode: sample the next token
+                token = int(np.argmax(mine[-1]))
+                req.generated.append(token)
+                req.sampled_logits.append(mine[-1].copy())
+                req.tokens.append(token)
+                stats.tokens_generated += 1
+                if len(req.generated) == req.max_new_tokens:
+                    req.finished = True
+            if self.prefix_caching and not req.finished:
+                # Only tokens whose K/V is in the cache; commit hashes just the new full pages.
+                alloc.commit_prefix(req.rid, req.tokens[: req.computed])
+
+    def run(self, requests: list[Request], max_steps: int, desc: str = "decode") -> RunStats:
+        """Serves ``requests`` for at most ``max_steps`` steps (stops early when all finish)."""
+        stats = RunStats()
+        waiting = sorted(requests, key=lambda r: (r.arrival, r.rid))
+        running: list[Request] = []
+        progress = _Progress(max_steps, desc)
+        start = time.perf_counter()
+        try:
+            for step in range(max_steps):
+                if not waiting and not running:
+                    break
+                self._admit(waiting, running, step)
+                batch = self._schedule(running)
+                if batch:
+                    self._step(batch, stats)
+                for req in [r for r in running if r.finished]:
+                    self.allocator.free(req.rid)
+                    running.remove(req)
+                stats.steps = step + 1
+                progress.update(
+                    running=len(running), waiting=len(waiting), diff=f"{stats.max_abs_diff:.1e}"
+                )
+        finally:
+            progress.close()
+        jax.block_until_ready(self.cache.kv)
+        stats.wall_s = time.perf_counter() - start
+        stats.forward_compiles = self.forward._cache_size()
+        stats.prefix_stats = self.allocator.prefix_stats
+        return stats
+
+
+class CompileCounter:
+    """Counts XLA backend compilations of the whole process (a jax.monitoring listener)."""
+
+    EVENT = "/jax/core/compile/backend_compile_duration"
+
+    def __init__(self) -> None:
+        self.count = 0
+        jax.monitoring.register_event_duration_secs_listener(self._on_event)
+
+    def _on_event(self, name: str, duration: float, **kwargs) -> None:
+        del duration, kwargs
+        if name == self.EVENT:
+            self.count += 1
+
+
+def make_mesh():
+    """The examples' mesh: 1 x 8 ("data", "model"); heads are sharded over "model"."""
+    return jax.make_mesh((1, 8), ("data", "model"))
