@@ -39,6 +39,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from kvshard._layout import CacheSpec, check_tensor_parallel
+from kvshard.kernels.kv_cache_update import validate_slices
 
 __all__ = [
     "Backend",
@@ -273,62 +274,34 @@ def _check_kv(cache: KVCache, k: Any, v: Any, lead: tuple[int, ...]) -> None:
     _check_kv_dtype("v", v, spec.np_dtype)
 
 
-def _intervals_overlap(starts: np.ndarray, lens: np.ndarray) -> tuple[int, int] | None:
-    """Returns indices (into the inputs) of two overlapping non-empty intervals, or None."""
-    keep = np.flatnonzero(lens > 0)
-    order = keep[np.argsort(starts[keep], kind="stable")]
-    ends = starts[order] + lens[order]
-    for a, b, end in zip(order[:-1], order[1:], ends[:-1], strict=True):
-        if starts[b] < end:
-            return int(a), int(b)
-    return None
-
-
 def _check_slice_values(
     slices: np.ndarray, num: int, *, name: str, num_tokens: int, spec: CacheSpec, pooled: bool
 ) -> None:
     """Validates one pool's concrete slices [3, S] and live count ``num``.
 
-    The conditions are the kernel's preconditions (tpu-inference's dynamic checks, minus the
-    ban on empty slices, which both backends write as nothing, and minus the kernel's demand
-    that sources tile k/v without gaps, which neither backend needs).
+    The kernel's own preconditions (:func:`kvshard.kernels.kv_cache_update.validate_slices`),
+    minus the ban on empty slices, which both backends write as nothing, and minus the demand
+    that sources tile k/v without gaps, which neither backend needs.
     """
-    num_slices = slices.shape[1]
-    if not 0 <= num <= num_slices:
-        raise ValueError(f"num_slices={num} for {name} is out of range [0, {num_slices}]")
-    dst, src, length = (slices[row, :num].astype(np.int64) for row in range(3))
     pool = spec.slots_per_pool
-    for i in range(num):
-        where = (
-            f"{name}[:, {i}] = (kv_cache_start={dst[i]}, new_kv_start={src[i]}, "
-            f"slice_len={length[i]})"
-        )
-        if length[i] < 0 or length[i] > spec.page_size:
-            raise ValueError(f"{where}: slice_len must be in [0, page_size={spec.page_size}]")
-        if src[i] < 0 or src[i] + length[i] > num_tokens:
-            raise ValueError(
-                f"{where}: tokens [{src[i]}, {src[i] + length[i]}) overrun k/v of "
-                f"{num_tokens} tokens"
-            )
-        if dst[i] < 0 or dst[i] + length[i] > pool:
-            hint = (
-                "slices for another data-parallel pool? kv_cache_start addresses the group's own "
-                f"{pool} local slots"
-                if pooled
-                else f"the cache has {pool} token slots"
-            )
-            raise ValueError(
-                f"{where}: slots [{dst[i]}, {dst[i] + length[i]}) out of range; {hint}"
-            )
-        if length[i] and dst[i] % spec.page_size + length[i] > spec.page_size:
-            raise ValueError(f"{where}: crosses a page boundary (page_size={spec.page_size})")
-    for starts, what in ((dst, "cache slots"), (src, "k/v tokens")):
-        clash = _intervals_overlap(starts, length)
-        if clash is not None:
-            raise ValueError(
-                f"{name}[:, {clash[0]}] and {name}[:, {clash[1]}] overlap in {what}; each slot "
-                "and each token may be written by one live slice only"
-            )
+    hint = (
+        f"; slices for another data-parallel pool? kv_cache_start addresses the group's own "
+        f"{pool} local slots"
+        if pooled
+        else ""
+    )
+    validate_slices(
+        slices,
+        np.array([num]),
+        num_tokens=num_tokens,
+        num_rows=pool,
+        page_size=spec.page_size,
+        name=name,
+        count_name="num_slices",
+        allow_empty=True,
+        contiguous_sources=False,
+        rows_hint=hint,
+    )
 
 
 def _check_update_args(cache: KVCache, k: Any, v: Any, slices: Any, num_slices: Any) -> None:

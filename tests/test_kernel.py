@@ -248,7 +248,7 @@ def test_validation_accepts_valid_slices_and_ignores_padding():
 
 def test_validation_rejects_num_slices_out_of_range():
     new_kv, slices, kv_cache, _ = valid_arrays()
-    with pytest.raises(ValueError, match=r"num_kv_update_slices must be in \[0, 3\].*got 4"):
+    with pytest.raises(ValueError, match=r"num_kv_update_slices=4 must be in \[0, 3\]"):
         kv_cache_update(
             new_kv, slices, kv_cache, np.array([4], np.int32), page_size=P, validate=True
         )

@@ -206,26 +206,40 @@ def _check_shapes(new_kv, slices, kv_cache, num_kv_update_slices, page_size):
 
 
 def validate_slices(
-    slices, num_kv_update_slices, *, num_tokens: int, num_rows: int, page_size: int
+    slices,
+    num_kv_update_slices,
+    *,
+    num_tokens: int,
+    num_rows: int,
+    page_size: int,
+    name: str = "slices",
+    count_name: str = "num_kv_update_slices",
+    allow_empty: bool = False,
+    contiguous_sources: bool = True,
+    rows_hint: str = "",
 ) -> None:
     """Host-side checks of concrete ``slices``; raises ``ValueError`` on the first violation.
 
     Checks every live slice ``i < num_kv_update_slices[0]``: non-negative starts; length in
-    ``[1, page_size]``; source inside ``new_kv`` (``num_tokens`` rows) and destination inside
-    the cache (``num_rows`` rows); no page crossing; no two destinations overlapping; and the
-    sources tiling one contiguous range of ``new_kv`` without gaps or overlaps.
+    ``[1, page_size]`` (``[0, page_size]`` with ``allow_empty``); source inside ``new_kv``
+    (``num_tokens`` rows) and destination inside the cache (``num_rows`` rows); no page
+    crossing; no two destinations or sources overlapping; and, with ``contiguous_sources``, the
+    sources tiling one range of ``new_kv`` without gaps. Vectorized: cheap for thousands of
+    slices. Messages read ``{name}[:, i]: <field> <value> must be <bound>``; ``rows_hint`` is
+    appended to the cache-overrun message (e.g. to point at another data-parallel pool).
     """
     slices = np.asarray(slices, dtype=np.int64)
     num = int(np.asarray(num_kv_update_slices).reshape(-1)[0])
     if not 0 <= num <= slices.shape[1]:
         raise ValueError(
-            f"num_kv_update_slices must be in [0, {slices.shape[1]}] (columns of slices), got {num}"
+            f"{count_name}={num} must be in [0, {slices.shape[1]}] (columns of {name})"
         )
     dst, src, length = slices[:, :num]
+    min_length = 0 if allow_empty else 1
     checks = [
         (dst < 0, "kv_cache_start", lambda i: f"{dst[i]} must be >= 0"),
         (src < 0, "new_kv_start", lambda i: f"{src[i]} must be >= 0"),
-        (length < 1, "slice_len", lambda i: f"{length[i]} must be >= 1"),
+        (length < min_length, "slice_len", lambda i: f"{length[i]} must be >= {min_length}"),
         (
             length > page_size,
             "slice_len",
@@ -239,10 +253,10 @@ def validate_slices(
         (
             dst + length > num_rows,
             "kv_cache_start + slice_len",
-            lambda i: f"{dst[i] + length[i]} must be <= cache rows {num_rows}",
+            lambda i: f"{dst[i] + length[i]} must be <= cache rows {num_rows}{rows_hint}",
         ),
         (
-            dst % page_size + length > page_size,
+            (length > 0) & (dst % page_size + length > page_size),
             "kv_cache_start",
             lambda i: (
                 f"{dst[i]} with slice_len {length[i]} crosses a page boundary "
@@ -253,30 +267,39 @@ def validate_slices(
     for bad, field, message in checks:
         if bad.any():
             i = int(np.argmax(bad))
-            raise ValueError(f"slices[:, {i}]: {field} {message(i)}")
-    _check_intervals(dst, length, "kv_cache_start", "overlaps the destination of slice")
-    _check_intervals(src, length, "new_kv_start", "overlaps the source of slice", tile=True)
+            raise ValueError(f"{name}[:, {i}]: {field} {message(i)}")
+    live = np.flatnonzero(length > 0)  # empty slices (allow_empty) occupy nothing
+    _check_intervals(dst, length, live, name, "kv_cache_start", "overlaps the destination of slice")
+    _check_intervals(
+        src,
+        length,
+        live,
+        name,
+        "new_kv_start",
+        "overlaps the source of slice",
+        tile=contiguous_sources,
+    )
 
 
-def _check_intervals(starts, lengths, field, overlap_text, *, tile=False):
-    """Raises if sorted intervals overlap (or, with ``tile``, leave a gap between them)."""
-    if starts.size < 2:
+def _check_intervals(starts, lengths, live, name, field, overlap_text, *, tile=False):
+    """Raises if the sorted live intervals overlap (or, with ``tile``, leave a gap)."""
+    if live.size < 2:
         return
-    order = np.argsort(starts, kind="stable")
+    order = live[np.argsort(starts[live], kind="stable")]
     ends = starts[order] + lengths[order]
     nxt = starts[order][1:]
     overlap = nxt < ends[:-1]
     if overlap.any():
         k = int(np.argmax(overlap))
         i, j = int(order[k + 1]), int(order[k])
-        raise ValueError(f"slices[:, {i}]: {field} {starts[i]} {overlap_text} {j}")
+        raise ValueError(f"{name}[:, {i}]: {field} {starts[i]} {overlap_text} {j}")
     if tile:
         gap = nxt > ends[:-1]
         if gap.any():
             k = int(np.argmax(gap))
             i, j = int(order[k + 1]), int(order[k])
             raise ValueError(
-                f"slices[:, {i}]: {field} {starts[i]} leaves a gap in new_kv after slice {j}, "
+                f"{name}[:, {i}]: {field} {starts[i]} leaves a gap in new_kv after slice {j}, "
                 f"which ends at {ends[k]}"
             )
 
