@@ -290,12 +290,12 @@ class PageAllocator:
         (or pass ``rows`` to :func:`kvshard.metadata.build_update_slices`). All or nothing for
         the whole batch.
         """
-        if isinstance(req_ids, np.ndarray):
-            req_ids = req_ids.tolist()  # numpy scalars would become (differently printed) keys
+        # numpy scalars would become (differently printed) keys
+        ids: Sequence[Hashable] = req_ids.tolist() if isinstance(req_ids, np.ndarray) else req_ids
         counts = np.asarray(num_new_tokens)
         if counts.size and not np.issubdtype(counts.dtype, np.integer):
             raise ValueError(f"allocate_batch: num_new_tokens must be integers, got {counts.dtype}")
-        rows, _ = self._grow(req_ids, counts.astype(np.int64, copy=False), "allocate_batch")
+        rows, _ = self._grow(ids, counts.astype(np.int64, copy=False), "allocate_batch")
         return rows
 
     def _known_rows(self, req_ids: Sequence[Hashable]) -> np.ndarray | None:

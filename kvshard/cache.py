@@ -214,7 +214,7 @@ def _check_backend(backend: Any) -> None:
         raise ValueError(f"backend={backend!r} must be one of {_BACKENDS}")
 
 
-def _check_layer(cache: KVCache, layer: Any) -> jax.Array | np.ndarray:
+def _check_layer(cache: KVCache, layer: Any) -> jax.Array | np.integer:
     """Returns ``layer`` as an int32 scalar; range-checked when concrete.
 
     Normalising to int32 keeps one jit signature for Python ints, NumPy ints and traced ints.
@@ -571,14 +571,14 @@ def update(
     """
     cache = _check_cache(cache)
     _check_backend(backend)
-    layer = _check_layer(cache, layer)
+    layer_index = _check_layer(cache, layer)
     _check_update_args(cache, k, v, slices, num_slices)
     mesh, (_, _, kv_spec, _, slices_spec, num_spec) = cache.mesh, _update_specs(cache)
     if cache.page_axis is None:  # the specs above carry the group axis that _update_jit adds
         kv_spec, slices_spec, num_spec = (P(*s[1:]) for s in (kv_spec, slices_spec, num_spec))
     return _update_jit(
         cache,
-        _place(mesh, layer, P()),
+        _place(mesh, layer_index, P()),
         _place(mesh, k, kv_spec),
         _place(mesh, v, kv_spec),
         _place(mesh, slices, slices_spec),
@@ -642,7 +642,7 @@ def gather(
       ValueError: wrong ``slots`` shape, concrete ``layer`` or ``slots`` out of range.
     """
     cache = _check_cache(cache)
-    layer = _check_layer(cache, layer)
+    layer_index = _check_layer(cache, layer)
     pooled = cache.page_axis is not None
     lead = (cache.dp,) if pooled else ()
     _check_array("slots", slots, (*lead, None), "[dp, N]" if pooled else "[N]")
@@ -654,7 +654,7 @@ def gather(
         bad = host[(host < 0) | (host >= pool)].flat[0]
         raise ValueError(f"slots contains {bad}, out of range [0, {pool})")
     slots = _place(cache.mesh, jnp.asarray(slots, jnp.int32), P(cache.page_axis) if pooled else P())
-    return _gather_jit(cache, _place(cache.mesh, layer, P()), slots)
+    return _gather_jit(cache, _place(cache.mesh, layer_index, P()), slots)
 
 
 # --------------------------------------------------------------------------------------------

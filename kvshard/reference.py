@@ -64,7 +64,7 @@ def slices_to_slots(slices: np.ndarray, num_kv_update_slices: np.ndarray | int) 
     """
     slices = np.asarray(slices)
     num = int(np.asarray(num_kv_update_slices).reshape(-1)[0])
-    pairs = []
+    pairs: list[tuple[int, int]] = []
     for i in range(min(num, slices.shape[1])):
         dst, src, length = (int(x) for x in slices[:, i])
         pairs.extend((src + j, dst + j) for j in range(length))

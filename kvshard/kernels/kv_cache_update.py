@@ -154,11 +154,11 @@ def _kernel(
     for_each_valid_slice(block, lambda copy: copy.start())
 
     @pl.when(block > 0)
-    def _():
+    def _wait_previous_block():
         for_each_valid_slice(block - 1, lambda copy: copy.wait())
 
     @pl.when(block == num_blocks - 1)
-    def _():
+    def _drain_own_block():
         for_each_valid_slice(block, lambda copy: copy.wait())
 
 
@@ -398,8 +398,9 @@ def kv_cache_update(
             page_size=page_size,
         )
     if num_slices_per_block is None:
+        _, combined_heads, head_dim = kv_cache.shape
         num_slices_per_block = default_num_slices_per_block(
-            page_size, *kv_cache.shape[1:], kv_cache.dtype
+            page_size, combined_heads, head_dim, kv_cache.dtype
         )
     elif num_slices_per_block < 1:
         raise ValueError(f"num_slices_per_block must be >= 1, got {num_slices_per_block}")
