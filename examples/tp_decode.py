@@ -16,7 +16,7 @@ cache, full causal attention over each request's whole sequence). Exits 1 when t
 difference exceeds 1e-4.
 
     python examples/tp_decode.py [--steps 96] [--num-requests 12] [--kv-heads 2]
-                                 [--layers 4] [--page-size 16] [--seed 0] [--prefix-caching]
+                                 [--layers 4] [--page-size 16] [--seed 0] [--no-prefix-caching]
 """
 
 from __future__ import annotations
@@ -48,8 +48,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--prefix-caching",
-        action="store_true",
-        help="reuse cached pages of the prompts' shared system prefix",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="reuse cached pages of the prompts' shared system prefix (default: on)",
     )
     parser.add_argument("--max-requests", type=int, default=8, help="concurrent requests")
     parser.add_argument("--max-tokens-per-step", type=int, default=64, help="step token budget")

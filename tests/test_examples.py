@@ -46,7 +46,9 @@ def max_abs_diff(stdout: str) -> float:
 TINY = ("--layers", "2", "--num-requests", "4", "--steps", "8")
 
 
-@pytest.mark.parametrize("extra", [(), ("--prefix-caching", "--kv-heads", "8")])
+@pytest.mark.parametrize(
+    "extra", [("--no-prefix-caching",), ("--prefix-caching", "--kv-heads", "8")]
+)
 def test_tp_decode(extra):
     out = summary(run_example("tp_decode.py", *TINY, *extra))
     for key in (
