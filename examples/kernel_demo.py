@@ -30,7 +30,7 @@ from jax.sharding import PartitionSpec as P
 
 from kvshard import reference
 from kvshard.kernels import kv_cache_update
-from kvshard.testing import random_values, update_slices
+from kvshard.testing import random_values
 
 
 def main() -> None:
@@ -67,13 +67,14 @@ def main() -> None:
     rng = np.random.default_rng(args.seed)
     host_cache = random_values(rng, shape, np.float32)
     cache = jax.device_put(host_cache, NamedSharding(mesh, spec))
-    draw = update_slices(
-        page_size=args.page_size, num_pages=args.num_pages, max_slices=6, fixed_shapes=True
-    )
     tokens = 0
     start = time.perf_counter()
     for step in range(args.steps):
-        slices, num, num_tokens = draw.example() if step else _first_step(args.page_size)
+        slices, num, num_tokens = (
+            _random_step(rng, args.page_size, args.num_pages)
+            if step
+            else _first_step(args.page_size)
+        )
         new_kv = random_values(rng, (num_tokens, combined, 128), np.float32)
         cache = sharded_update(
             jax.device_put(new_kv, NamedSharding(mesh, spec)),
@@ -94,14 +95,29 @@ def main() -> None:
     raise SystemExit(0 if ok else 1)
 
 
+MAX_SLICES = 6  # slice columns per step; the token count is fixed too, so one compilation
+
+
+def _random_step(rng, page_size, num_pages):
+    """Up to MAX_SLICES decodes and prefill chunks on distinct pages, in shuffled order."""
+    count = int(rng.integers(1, MAX_SLICES + 1))
+    pages = rng.permutation(num_pages)[:count]
+    offsets = rng.integers(0, page_size, size=count)
+    lengths = rng.integers(1, page_size - offsets + 1)  # never past the end of the page
+    src = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    slices = np.zeros((3, MAX_SLICES + 4), np.int32)  # 4 padding columns, as a runner pads
+    slices[:, :count] = [pages * page_size + offsets, src, lengths]
+    return slices, np.array([count], np.int32), MAX_SLICES * page_size + 3
+
+
 def _first_step(page_size):
     """A fixed first step: a prefill across three pages and two single-token decodes."""
     lengths = [page_size - 3, page_size, 5, 1, 1]
     starts = [3, page_size, 2 * page_size, 5 * page_size + 7, 6 * page_size]
     src = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-    slices = np.zeros((3, 10), np.int32)
+    slices = np.zeros((3, MAX_SLICES + 4), np.int32)
     slices[:, :5] = [starts, src, lengths]
-    return slices, np.array([5], np.int32), 6 * page_size + 3
+    return slices, np.array([5], np.int32), MAX_SLICES * page_size + 3
 
 
 if __name__ == "__main__":

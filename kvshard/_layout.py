@@ -21,18 +21,41 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["SUPPORTED_DTYPES", "CacheSpec", "check_tensor_parallel", "round_up"]
+__all__ = [
+    "LANES",
+    "SUPPORTED_DTYPES",
+    "CacheSpec",
+    "check_tensor_parallel",
+    "page_bytes",
+    "round_up",
+]
 
 # Names as `numpy.dtype(x).name` spells them (ml_dtypes registers bfloat16 and float8 with NumPy).
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16", "int8", "float8_e4m3fn")
 
 # The Pallas kernel DMAs whole (8, 128) tiles: head_dim is padded to the lane width.
 LANES = 128
+# Bits in a 32-bit TPU sublane word: sub-32-bit dtypes pack 32 // bits rows into one.
+SUBLANE_BITS = 32
 
 
 def round_up(x: int, multiple: int) -> int:
     """Returns the smallest multiple of ``multiple`` that is >= ``x`` (both positive ints)."""
     return -(-x // multiple) * multiple
+
+
+def page_bytes(page_size: int, combined_heads: int, head_dim: int, dtype: Any) -> int:
+    """Bytes of one page of ``combined_heads`` heads in TPU HBM, with the tile padding.
+
+    ``page_size * roundup(combined_heads, packing) * roundup(head_dim, 128) * bits / 8``:
+    sub-32-bit dtypes pack ``packing = 32 // bits`` rows into a sublane word, so the
+    combined-head axis is padded to the packing; head_dim is padded to 128 lanes (the formula
+    vLLM and tpu-inference use to size kernel blocks).
+    """
+    bits = np.dtype(dtype).itemsize * 8
+    packing = max(1, SUBLANE_BITS // bits)
+    heads = round_up(combined_heads, packing)
+    return page_size * heads * round_up(head_dim, LANES) * bits // 8
 
 
 def _canonical_dtype(dtype: Any) -> str:
@@ -134,7 +157,7 @@ class CacheSpec:
     @property
     def packing(self) -> int:
         """Elements per 32-bit TPU sublane word: 1 (f32), 2 (16-bit), 4 (8-bit)."""
-        return 32 // self.bits
+        return SUBLANE_BITS // self.bits
 
     # -- shapes -----------------------------------------------------------------------------
 
@@ -187,12 +210,12 @@ class CacheSpec:
     def page_bytes_per_device(self, tp: int = 1) -> int:
         """Bytes of one page of one layer on one device, as laid out in TPU HBM.
 
-        ``page_size * roundup(combined_per_device, packing) * roundup(head_dim, 128) * bits / 8``:
-        sub-32-bit dtypes pack 2 or 4 rows into a sublane, so the combined-head axis is padded to
-        the packing factor (the formula vLLM and tpu-inference use to size kernel blocks).
+        :func:`page_bytes` of the device's combined heads: the combined-head axis is padded to
+        the dtype's sublane packing and head_dim to 128 lanes.
         """
-        heads = round_up(self.combined_heads_per_device(tp), self.packing)
-        return self.page_size * heads * self.padded_head_dim * self.bits // 8
+        return page_bytes(
+            self.page_size, self.combined_heads_per_device(tp), self.head_dim, self.np_dtype
+        )
 
     def bytes_per_device(self, tp: int = 1, dp: int = 1) -> int:
         """Bytes of the whole stacked cache (all layers, all pages of its pool) on one device.

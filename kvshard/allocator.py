@@ -135,6 +135,17 @@ class PageAllocator:
 
     Not thread-safe. Request ids may be any hashable; use ints, strs or tuples of them where
     :meth:`checksum` must agree across hosts (it hashes ``repr(req_id)``).
+
+    Args:
+        num_pages: pages in the pool, null page included; int in ``[2, 2**31 - 1]``.
+        page_size: tokens per page; int >= 1.
+        max_requests: rows of :attr:`page_table` (live requests at once); int >= 1.
+        max_pages_per_request: columns of :attr:`page_table`; int >= 1.
+        enable_prefix_caching: allow :meth:`lookup_prefix` and :meth:`commit_prefix`.
+
+    Raises:
+        ValueError: an argument is not an int (bools rejected) or is below its minimum, or
+            ``num_pages`` does not fit int32.
     """
 
     def __init__(
@@ -254,16 +265,49 @@ class PageAllocator:
             ) from None
 
     def row(self, req_id: Hashable) -> int:
-        """Returns the request's row in :attr:`page_table` (stable while it lives)."""
+        """Returns the request's row in :attr:`page_table` (stable while it lives).
+
+        Args:
+            req_id: a live request id.
+
+        Returns:
+            The row index, an int in ``[0, max_requests)``.
+
+        Raises:
+            UnknownRequest: ``req_id`` is not live (never allocated, or freed).
+            TypeError: ``req_id`` is not hashable.
+        """
         return self._row_of(req_id, "row")
 
     def pages(self, req_id: Hashable) -> np.ndarray:
-        """Returns int32[num_pages_held]: a copy of the request's page ids, in token order."""
+        """Returns a copy of the request's page ids, in token order.
+
+        Args:
+            req_id: a live request id.
+
+        Returns:
+            int32[ceil(num_tokens / page_size)]: page ids in ``[1, num_pages)``.
+
+        Raises:
+            UnknownRequest: ``req_id`` is not live (never allocated, or freed).
+            TypeError: ``req_id`` is not hashable.
+        """
         row = self._row_of(req_id, "pages")
         return self._page_table[row, : self._row_pages[row]].copy()
 
     def num_tokens(self, req_id: Hashable) -> int:
-        """Returns the number of tokens the request holds."""
+        """Returns the number of tokens the request holds.
+
+        Args:
+            req_id: a live request id.
+
+        Returns:
+            The token count, an int >= 0.
+
+        Raises:
+            UnknownRequest: ``req_id`` is not live (never allocated, or freed).
+            TypeError: ``req_id`` is not hashable.
+        """
         return int(self._row_tokens[self._row_of(req_id, "num_tokens")])
 
     # ----------------------------------------------------------- allocation
@@ -271,9 +315,24 @@ class PageAllocator:
     def allocate(self, req_id: Hashable, num_new_tokens: int) -> np.ndarray:
         """Grows ``req_id`` (created on first use) by ``num_new_tokens`` tokens.
 
-        Returns int32[k]: the page ids newly written into the request's page-table row, in row
-        order (a copy-on-write replacement of the last page first, if one was needed). All or
-        nothing: raises :class:`OutOfPages` or ``ValueError`` and changes nothing.
+        All or nothing: a call that raises changes nothing.
+
+        Args:
+            req_id: any hashable; a new id takes a free page-table row.
+            num_new_tokens: int >= 0; the request then holds at most
+                ``max_pages_per_request * page_size`` tokens.
+
+        Returns:
+            int32[k]: the page ids newly written into the request's page-table row, in row
+            order (a copy-on-write replacement of the last page first, if one was needed; see
+            :meth:`take_pending_copies`).
+
+        Raises:
+            OutOfPages: the growth needs more pages than are free or evictable.
+            ValueError: ``num_new_tokens`` is not an int or is negative; the request would
+                exceed ``max_pages_per_request``; ``req_id`` is new and all ``max_requests``
+                rows are in use.
+            TypeError: ``req_id`` is not hashable.
         """
         if isinstance(num_new_tokens, bool) or not isinstance(num_new_tokens, int | np.integer):
             raise ValueError(f"allocate: num_new_tokens={num_new_tokens!r} must be an int")
@@ -285,10 +344,24 @@ class PageAllocator:
     ) -> np.ndarray:
         """Grows every request of one step; the same as ``allocate`` on each, in order.
 
-        ``req_ids``: B distinct ids (new ones are created); ``num_new_tokens``: int[B] >= 0.
-        Returns int32[B]: each request's row, so ``page_table[rows]`` is the step's page table
-        (or pass ``rows`` to :func:`kvshard.metadata.build_update_slices`). All or nothing for
-        the whole batch.
+        All or nothing for the whole batch: a call that raises changes nothing.
+
+        Args:
+            req_ids: B distinct hashable ids (a list, or a numpy array whose items become
+                Python scalars); new ones are created.
+            num_new_tokens: int[B] >= 0, tokens each request grows by.
+
+        Returns:
+            int32[B]: each request's row, so ``page_table[rows]`` is the step's page table (or
+            pass ``rows`` to :func:`kvshard.metadata.build_update_slices`).
+
+        Raises:
+            OutOfPages: the batch needs more pages in all than are free or evictable.
+            ValueError: ``num_new_tokens`` is not an integer array of shape [B] or holds a
+                negative count; B > ``max_requests``; ``req_ids`` holds duplicates; a request
+                would exceed ``max_pages_per_request``; the new ids need more rows than are
+                free.
+            TypeError: an id is not hashable.
         """
         # numpy scalars would become (differently printed) keys
         ids: Sequence[Hashable] = req_ids.tolist() if isinstance(req_ids, np.ndarray) else req_ids
@@ -493,7 +566,20 @@ class PageAllocator:
         Pages whose last owner this was return to the free stack, or, when cached, become
         evictable (the request's last page first in eviction order: later pages of a prefix
         are the least likely to be shared). Pending copies into the freed pages are dropped.
-        Raises :class:`UnknownRequest` for an unknown id (including a double free).
+
+        Freeing the last live request while no page is cached (always so with prefix caching
+        off) also restores the fresh allocator's order of the free page and row stacks and its
+        eviction clock (O(num_pages + max_requests), only then): the state is then exactly a
+        fresh allocator's except the cumulative :attr:`prefix_stats` counters, so page ids
+        handed out afterwards and :meth:`checksum` do not depend on past traffic.
+
+        Args:
+            req_id: a live request id.
+
+        Raises:
+            UnknownRequest: ``req_id`` is not live (never allocated, or already freed: a
+                double free). Nothing changes then.
+            TypeError: ``req_id`` is not hashable.
         """
         row = self._row_of(req_id, "free")
         held = int(self._row_pages[row])
@@ -519,6 +605,24 @@ class PageAllocator:
         self._free_rows[self._num_free_rows] = row
         self._num_free_rows += 1
         del self._rows[req_id]
+        if not self._rows and self._num_evictable == 0:
+            self._canonicalize_empty()
+
+    def _canonicalize_empty(self) -> None:
+        """Resets the stacks, clock and stamps of an empty allocator to a fresh one's.
+
+        Called only when no request is live and nothing is cached (every page is then on the
+        free stack, every row on the free-row stack, and no copy is pending), so it only
+        reorders: the result equals :meth:`_init_state` except the prefix counters. In place,
+        so :attr:`page_table` views stay valid.
+        """
+        self._free_pages[:] = np.arange(self.num_pages - 1, 0, -1, dtype=np.int32)
+        self._num_free = self.num_pages - 1
+        self._free_rows[:] = np.arange(self.max_requests - 1, -1, -1, dtype=np.int32)
+        self._num_free_rows = self.max_requests
+        self._lru[:] = 0
+        self._clock = 0
+        self._pending = []
 
     def _reset_row(self, row: int) -> None:
         self._page_table[row] = NULL_PAGE
@@ -546,7 +650,18 @@ class PageAllocator:
         """Creates ``dst_req`` sharing all of ``src_req``'s pages (reference counted).
 
         Both may keep appending: a write into the shared partial last page is copied on write
-        (see :meth:`take_pending_copies`); full pages stay shared.
+        (see :meth:`take_pending_copies`); full pages stay shared. ``dst_req`` also inherits
+        ``src_req``'s token count and prefix-cache progress (committed pages, namespace).
+
+        Args:
+            src_req: a live request id.
+            dst_req: a hashable id that is not live.
+
+        Raises:
+            UnknownRequest: ``src_req`` is not live.
+            TypeError: ``src_req`` is not hashable.
+            ValueError: ``dst_req`` is not hashable or already live, or all ``max_requests``
+                rows are in use.
         """
         src = self._row_of(src_req, "fork(src_req)")
         try:
@@ -572,11 +687,15 @@ class PageAllocator:
             array[dst] = array[src]
 
     def take_pending_copies(self) -> np.ndarray:
-        """Returns int32[K, 2] rows (src_page, dst_page) of copy-on-write copies; clears them.
+        """Returns the queued copy-on-write copies and clears the queue.
 
         Call once per step after all allocations and copy every ``src_page`` to its
         ``dst_page`` on the device (in order, or all reads before all writes) before that
         step's KV update. A pair is dropped if its destination is freed before it is taken.
+
+        Returns:
+            int32[K, 2]: rows (src_page, dst_page), page ids in ``[1, num_pages)``, in the order
+            the copies were queued; int32[0, 2] when none are pending. Never raises.
         """
         if not self._pending:
             return np.zeros((0, 2), np.int32)
@@ -607,10 +726,24 @@ class PageAllocator:
     ) -> int:
         """Attaches the cached pages of the longest cached prefix of ``token_ids`` to a request.
 
-        ``req_id`` must be new (it is created) or hold no tokens. Returns the number of tokens
-        whose KV is already in the attached pages: a multiple of ``page_size``, and at most
-        ``len(token_ids) - 1`` so the last prompt token is always computed (its logits are
-        needed). Only pages committed under the same ``namespace`` match.
+        Only pages committed under the same ``namespace`` match. Counts toward
+        :attr:`prefix_stats`. All or nothing: a call that raises changes nothing.
+
+        Args:
+            req_id: a new id (it is created) or a live request holding no tokens.
+            token_ids: int[T], the prompt (any integer dtype; compared as int64).
+            namespace: str, bytes or None; None, ``""`` and ``b""`` are distinct namespaces.
+
+        Returns:
+            The number of tokens whose KV is already in the attached pages: a multiple of
+            ``page_size``, and at most ``T - 1`` so the last prompt token is always computed
+            (its logits are needed).
+
+        Raises:
+            ValueError: prefix caching is disabled; ``token_ids`` is not a 1-D integer array;
+                ``req_id`` already holds tokens; ``req_id`` is new and all ``max_requests`` rows
+                are in use.
+            TypeError: ``namespace`` is not str, bytes or None, or ``req_id`` is not hashable.
         """
         where = "lookup_prefix"
         self._require_prefix_caching(where)
@@ -663,12 +796,26 @@ class PageAllocator:
     ) -> int:
         """Registers the request's full pages in the prefix cache; returns how many were new.
 
-        ``token_ids``: the request's tokens from its first one, at least up to the pages to
-        register; only pages whose KV is computed should be covered (pass only computed
-        tokens). Pages registered earlier for this request are not hashed again. A page whose
-        key is already cached on another page is left uncached (its twin serves lookups), and
-        a page cached already keeps its key.
-        The namespace must match earlier lookups/commits of this request.
+        Pages registered earlier for this request are not hashed again. A page whose key is
+        already cached on another page is left uncached (its twin serves lookups), and a page
+        cached already keeps its key. All or nothing: a call that raises changes nothing.
+
+        Args:
+            req_id: a live request id.
+            token_ids: int[T], the request's tokens from its first one, at least up to the
+                pages to register; only full pages within ``min(T, num_tokens(req_id))`` are
+                registered. Cover only tokens whose KV is computed.
+            namespace: str, bytes or None; must match earlier lookups/commits of this request.
+
+        Returns:
+            The number of pages newly registered (an int >= 0).
+
+        Raises:
+            ValueError: prefix caching is disabled; ``token_ids`` is not a 1-D integer array;
+                ``namespace`` differs from the one this request was looked up or committed
+                with.
+            UnknownRequest: ``req_id`` is not live.
+            TypeError: ``namespace`` is not str, bytes or None, or ``req_id`` is not hashable.
         """
         where = "commit_prefix"
         self._require_prefix_caching(where)
@@ -734,7 +881,15 @@ class PageAllocator:
     def state_dict(self) -> dict[str, Any]:
         """Returns a deep copy of the state: numpy arrays, ints and plain dicts/lists.
 
-        Only the live part of the stacks is kept, so equal states give equal dicts.
+        Only the live part of the stacks is kept, so equal states give equal dicts. Includes
+        the :attr:`prefix_stats` counters and the pending copy-on-write copies. Never raises.
+
+        Returns:
+            A dict for :meth:`load_state_dict`: ``"version"``, ``"config"``, ``"free_pages"``
+            (int32[num_free]), ``"free_rows"`` (int32[num_free_rows]), ``"rows"`` (request id
+            -> row), ``"clock"``, ``"prefix_stats"``, ``"pending_copies"`` (int32[K, 2]) and the
+            per-page and per-row arrays, e.g. ``"refcount"`` (int32[num_pages]) and
+            ``"page_table"`` (int32[max_requests, max_pages_per_request]).
         """
         state: dict[str, Any] = {
             "version": _STATE_VERSION,
@@ -755,7 +910,19 @@ class PageAllocator:
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restores a :meth:`state_dict` (same configuration); validated before anything moves."""
+        """Restores a :meth:`state_dict` (same configuration); validated before anything moves.
+
+        The arrays are copied in; :attr:`page_table` views taken before the call go stale.
+
+        Args:
+            state: a dict returned by :meth:`state_dict` of an allocator with the same
+                constructor arguments.
+
+        Raises:
+            ValueError: the version or config differs, an array has the wrong shape, or the
+                free-page/free-row/request counts are inconsistent. Nothing changes then.
+            KeyError: ``state`` lacks an entry.
+        """
         where = "load_state_dict"
         if state.get("version") != _STATE_VERSION:
             raise ValueError(f"{where}: unsupported version {state.get('version')!r}")
@@ -799,7 +966,15 @@ class PageAllocator:
     def checksum(self) -> str:
         """Returns a hex blake2b digest of the whole state; equal states give equal digests.
 
-        Deterministic across processes and hosts (request ids enter through ``repr``).
+        Deterministic across processes and hosts (request ids enter through ``repr``). The
+        digest covers everything :meth:`state_dict` returns, including the cumulative
+        :attr:`prefix_stats` counters, which :meth:`free` never resets. With prefix caching off
+        those counters stay 0, so freeing every request restores the digest of a fresh
+        allocator with the same arguments; with it on, the same holds once nothing is cached,
+        up to the counters.
+
+        Returns:
+            32 lowercase hex characters (a 128-bit digest). Never raises.
         """
         state = self.state_dict()
         h = hashlib.blake2b(digest_size=16)
@@ -815,7 +990,12 @@ class PageAllocator:
     # ------------------------------------------------------------- checking
 
     def check_invariants(self) -> None:
-        """Raises AssertionError naming the first broken invariant (O(num_pages); for tests)."""
+        """Checks every internal invariant (O(num_pages · max_pages_per_request); for tests).
+
+        Raises:
+            AssertionError: naming the first broken invariant (raised explicitly, so also
+                under ``python -O``).
+        """
         size, n = self.page_size, self.num_pages
         live_rows = np.array(sorted(self._rows.values()), np.int64)
         _check(len(set(self._rows.values())) == len(self._rows), "two requests share a row")

@@ -39,7 +39,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from kvshard._layout import CacheSpec, check_tensor_parallel
-from kvshard.kernels.kv_cache_update import validate_slices
+from kvshard.kernels.update import validate_slices
 
 __all__ = [
     "Backend",
@@ -169,7 +169,11 @@ def init_cache(
         (data-parallel attention), or None for one pool.
 
     Returns:
-      A :class:`KVCache` with ``kv``: spec.dtype[L, G·num_pages·page_size, 2·H·r, D_pad] zeros.
+      A :class:`KVCache` with ``kv``: spec.dtype[L, G·num_pages·page_size, 2·H·r, D_pad] zeros
+      globally, sharded ``P(None, page_axis, head_axis, None)``: per device
+      spec.dtype[L, num_pages·page_size, 2·H·r/tp, D_pad] (tp, G: sizes of the head and page
+      axes, 1 when None; r: :attr:`KVCache.replication`). Only the per-device blocks are ever
+      materialised.
 
     Raises:
       TypeError: ``spec`` is not a CacheSpec or ``mesh`` not a Mesh.
@@ -279,7 +283,7 @@ def _check_slice_values(
 ) -> None:
     """Validates one pool's concrete slices [3, S] and live count ``num``.
 
-    The kernel's own preconditions (:func:`kvshard.kernels.kv_cache_update.validate_slices`),
+    The kernel's own preconditions (:func:`kvshard.kernels.update.validate_slices`),
     minus the ban on empty slices, which both backends write as nothing, and minus the demand
     that sources tile k/v without gaps, which neither backend needs.
     """
@@ -546,8 +550,15 @@ def update(
     Args:
       cache: DONATED when called eagerly: ``cache.kv`` is deleted afterwards; use the result.
       layer: int or int scalar array in [0, L); may be traced (lax.scan over layers).
-      k, v: float[T, H, D] as an attention layer produces them (unpadded, unreplicated; any
-        sharding), or float[dp, T, H, D] with a page axis. Cast to the cache dtype.
+      k: float[T, H, D] globally, as an attention layer produces it (unpadded, unreplicated;
+        any sharding, usually replicated), or float[dp, T, H, D] with a page axis. Cast to the
+        cache dtype. Per device inside ``shard_map`` it arrives as float[T, H/tp, D] (heads
+        split over the head axis) when r = 1, or whole as float[T, H, D] when r > 1, and each
+        device then picks its own head ``i // r``; with a page axis each device sees only its
+        group's [1, T, ...] slice. Padded to D_pad and interleaved with ``v``, each device
+        writes a [T, 2·H·r/tp, D_pad] block into its local cache
+        dtype[L, num_pages·page_size, 2·H·r/tp, D_pad].
+      v: same shape, sharding and per-device handling as ``k``; its dtype must equal ``k``'s.
       slices: int32[3, S] rows (kv_cache_start, new_kv_start, slice_len), replicated to every
         device, or int32[dp, 3, S] with a page axis, where group g's kv_cache_start indexes its
         own pool of num_pages·page_size slots.
@@ -633,9 +644,12 @@ def gather(
         (group g reads its own pool).
 
     Returns:
-      (k, v), each cache-dtype[N, H, D] (or [dp, N, H, D]): unpadded, replica 0 of every head,
-      sharded over heads like the cache when heads are not replicated. Traced out-of-range
-      slots read zeros.
+      (k, v), each cache-dtype[N, H, D] globally (or [dp, N, H, D] with a page axis, sharded
+      over the page axis): unpadded (D, not D_pad), replica 0 of every head. Per device: when
+      heads are not replicated (r = 1) they stay sharded over heads like the cache, so each
+      device holds cache-dtype[N, H/tp, D] (or [1, N, H/tp, D]); when r > 1 the heads are
+      all-gathered and every device holds the whole replicated cache-dtype[N, H, D] (or
+      [1, N, H, D]). Traced out-of-range slots read zeros.
 
     Raises:
       TypeError: ``slots`` not an integer array, ``layer`` not an integer scalar.

@@ -7,6 +7,7 @@ Usage::
                  --mesh 2x4 --hbm-per-device 12GB --json
     kvshard demo [ARGS...]     # python examples/tp_decode.py ARGS...
     kvshard bench [ARGS...]    # python benchmarks/host_step.py ARGS...
+    kvshard bench-cache [ARGS...]  # python benchmarks/cache_update.py ARGS...
 
 ``python -m kvshard`` is the same command. Exit status: 0 on success; 2 for a bad argument
 (the message on stderr names the argument, the value and the bound); for ``demo`` and ``bench``
@@ -40,6 +41,7 @@ __all__ = ["SCRIPTS", "BudgetTooSmall", "main", "make_plan", "parse_bytes", "par
 SCRIPTS: dict[str, tuple[str, ...]] = {
     "demo": ("examples", "tp_decode.py"),
     "bench": ("benchmarks", "host_step.py"),
+    "bench-cache": ("benchmarks", "cache_update.py"),
 }
 
 _UNITS = {
@@ -236,6 +238,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     for name, help_text in (
         ("demo", "run examples/tp_decode.py (extra arguments are passed through)"),
         ("bench", "run benchmarks/host_step.py (extra arguments are passed through)"),
+        ("bench-cache", "run benchmarks/cache_update.py (extra arguments are passed through)"),
     ):
         script = sub.add_parser(name, help=help_text, description=help_text, add_help=False)
         script.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the script")

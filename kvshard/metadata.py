@@ -45,18 +45,30 @@ def build_update_slices(
     """Returns int32[3, S] update slices for one step; S = pages touched by scheduled tokens.
 
     Args:
-        num_computed_tokens: int[B], tokens of each request already in the cache.
-        num_scheduled_tokens: int[B], tokens each request writes this step (0: no slice).
+        num_computed_tokens: int[B] >= 0, tokens of each request already in the cache.
+        num_scheduled_tokens: int[B] >= 0, tokens each request writes this step (0: no slice).
         page_table: int[R, W], page ids; row ``i`` belongs to request ``i`` of the batch, or
             to ``rows[i]`` when ``rows`` is given.
-        page_size: tokens per page (P).
-        rows: optional int[B], page-table row of each request (e.g. what
+        page_size: tokens per page (P), an int >= 1.
+        rows: optional int[B] in ``[0, R)``, page-table row of each request (e.g. what
             :meth:`kvshard.allocator.PageAllocator.allocate_batch` returns), which saves
             gathering ``page_table[rows]``.
 
-    Columns, in batch order then page order: ``kv_cache_start = page * P + offset`` (first and
-    last page of a request may be partial), ``new_kv_start`` = exclusive cumsum of
-    ``slice_len``, so the new tokens are packed in batch order from 0.
+    Returns:
+        int32[3, S] with rows (kv_cache_start, new_kv_start, slice_len); columns in batch
+        order then page order: ``kv_cache_start = page * P + offset`` (first and last page of
+        a request may be partial), ``new_kv_start`` = exclusive cumsum of ``slice_len``, so
+        the new tokens are packed in batch order from 0. ``S = 0`` when nothing is scheduled.
+
+    Preconditions (not checked): the page-table entries a request writes hold its pages
+    (e.g. :class:`kvshard.allocator.PageAllocator` has grown it by ``num_scheduled_tokens``).
+
+    Raises:
+        ValueError: ``num_computed_tokens``, ``num_scheduled_tokens`` or ``rows`` is not a 1-D
+            integer array of non-negative values, or their shapes differ; ``page_size`` is not
+            an int >= 1; ``page_table`` is not a 2-D integer array, has fewer rows than the
+            batch (without ``rows``) or fewer than ``max(rows) + 1``; a request writes past
+            the page table's width; a slice offset overflows int32.
     """
     computed = _counts(num_computed_tokens, "num_computed_tokens")
     scheduled = _counts(num_scheduled_tokens, "num_scheduled_tokens")
@@ -142,6 +154,17 @@ def padded_num_slices(num_tokens: int, max_num_reqs: int, page_size: int) -> int
     and ``sum(R) <= num_tokens`` tokens has ``S <= 2 * max_num_reqs + num_tokens // P``; and
     every slice holds at least one token, so ``S <= num_tokens``. With ``num_tokens`` the
     padded (bucketed) count the result depends only on the bucket, as in vLLM.
+
+    Args:
+        num_tokens: tokens in the step (usually the padded count), an int >= 0.
+        max_num_reqs: the most requests a step may hold, an int >= 0.
+        page_size: tokens per page (P), an int >= 1.
+
+    Returns:
+        The padded slice count ``S_pad``, an int >= 0.
+
+    Raises:
+        ValueError: ``num_tokens`` or ``max_num_reqs`` is negative, or ``page_size < 1``.
     """
     for name, value in (("num_tokens", num_tokens), ("max_num_reqs", max_num_reqs)):
         if value < 0:
@@ -158,6 +181,18 @@ def token_buckets(min_tokens: int = 16, max_tokens: int = 8192, gap: int = 0) ->
     once it would pass ``gap`` and the counts then grow by ``gap``. The last bucket is
     ``>= max_tokens``. (vLLM's ``_get_token_paddings``.) E.g. (16, 1000, 256) ->
     [16, 32, 64, 128, 256, 512, 768, 1024].
+
+    Args:
+        min_tokens: the first bucket, a power of two >= 1.
+        max_tokens: the largest step to cover, an int >= 1.
+        gap: 0 for powers of two throughout, else the linear step once doubling passes it.
+
+    Returns:
+        Ascending ints, the first ``min_tokens`` and the last ``>= max_tokens``.
+
+    Raises:
+        ValueError: ``min_tokens`` is not a power of two >= 1, ``max_tokens < 1``, or
+            ``gap < 0``.
     """
     if min_tokens < 1 or min_tokens & (min_tokens - 1):
         raise ValueError(f"min_tokens={min_tokens} must be a power of two >= 1")
@@ -178,7 +213,19 @@ def token_buckets(min_tokens: int = 16, max_tokens: int = 8192, gap: int = 0) ->
 
 
 def padded_token_count(num_tokens: int, buckets: Sequence[int]) -> int:
-    """Returns the smallest bucket >= ``num_tokens``; ValueError if none is large enough."""
+    """Returns the smallest bucket >= ``num_tokens``.
+
+    Args:
+        num_tokens: tokens scheduled this step, an int >= 0.
+        buckets: ascending padded token counts (:func:`token_buckets`), non-empty.
+
+    Returns:
+        The padded token count, an int from ``buckets``.
+
+    Raises:
+        ValueError: ``num_tokens`` is negative or exceeds the largest bucket.
+        IndexError: ``buckets`` is empty.
+    """
     if num_tokens < 0:
         raise ValueError(f"num_tokens={num_tokens} must be >= 0")
     index = int(np.searchsorted(np.asarray(buckets), num_tokens))
@@ -199,14 +246,22 @@ def pad_slices(
 
     Args:
         slices: int32[3, S] from :func:`build_update_slices`.
-        num_tokens: tokens scheduled this step (the sum of slice lengths).
+        num_tokens: tokens scheduled this step (the sum of slice lengths), an int >= 0.
         max_num_reqs: the most requests a step may hold (fixes the slice bound).
         page_size: tokens per page.
         buckets: ascending padded token counts (:func:`token_buckets`).
 
-    Returns ``(padded, num_slices, padded_tokens)``: int32[3, S_pad] with zero columns after
-    the S live ones (length 0: the kernel writes nothing for them), int32[1] holding S, and
-    the padded token count, with ``S_pad = padded_num_slices(padded_tokens, max_num_reqs, P)``.
+    Returns:
+        ``(padded, num_slices, padded_tokens)``: int32[3, S_pad] with zero columns after the S
+        live ones (length 0: the kernel writes nothing for them), int32[1] holding S, and the
+        padded token count (an int), with
+        ``S_pad = padded_num_slices(padded_tokens, max_num_reqs, P)``.
+
+    Raises:
+        ValueError: ``slices`` is not of shape [3, S]; ``num_tokens`` is negative or exceeds
+            the largest bucket; ``max_num_reqs`` is negative or ``page_size < 1``; S exceeds
+            ``S_pad`` (more requests than ``max_num_reqs``).
+        IndexError: ``buckets`` is empty.
     """
     slices = np.asarray(slices)
     if slices.ndim != 2 or slices.shape[0] != 3:

@@ -26,6 +26,23 @@ def kv_cache_update(
     Slice ``i < num_kv_update_slices`` copies ``new_kv[new_kv_start : new_kv_start + slice_len]``
     to ``kv_cache[kv_cache_start : kv_cache_start + slice_len]``; later slices (padding) and
     zero-length slices write nothing. The input arrays are not modified.
+
+    Args:
+        new_kv: dtype[num_tokens, combined_heads, head_dim], the new tokens.
+        slices: int[3, S], rows (kv_cache_start, new_kv_start, slice_len). Precondition
+            (not checked): live slices lie inside ``new_kv`` and ``kv_cache``.
+        kv_cache: dtype[num_pages * page_size, combined_heads, head_dim].
+        num_kv_update_slices: int[1] array (or an int): the number of live slices; columns
+            from it on are padding and are not read, so they may hold any values.
+
+    Returns:
+        dtype[num_pages * page_size, combined_heads, head_dim]: the updated copy, in
+        ``kv_cache``'s dtype.
+
+    Raises:
+        ValueError: a live slice runs past the end of ``new_kv`` or ``kv_cache`` so that the
+            rows it reads cannot be broadcast to the rows it writes (other out-of-contract
+            slices are not detected).
     """
     new_kv = np.asarray(new_kv)
     slices = np.asarray(slices)
@@ -41,8 +58,17 @@ def kv_cache_update(
 def scatter_tokens(cache: np.ndarray, slots: np.ndarray, values: np.ndarray) -> np.ndarray:
     """Returns a copy of ``cache`` with ``values[i]`` written to row ``slots[i]``.
 
-    ``cache``: [num_slots, ...]; ``slots``: int[N] (later duplicates win, as in a loop);
-    ``values``: [N, ...].
+    Args:
+        cache: dtype[num_slots, ...].
+        slots: int[N] slot ids (later duplicates win, as in a loop).
+        values: dtype[N, ...], cast to ``cache``'s dtype.
+
+    Returns:
+        dtype[num_slots, ...]: the updated copy.
+
+    Raises:
+        ValueError: ``slots`` and ``values`` differ in length.
+        IndexError: a slot is out of range.
     """
     out = np.array(cache, copy=True)
     for slot, value in zip(np.asarray(slots).tolist(), np.asarray(values), strict=True):
@@ -51,7 +77,20 @@ def scatter_tokens(cache: np.ndarray, slots: np.ndarray, values: np.ndarray) -> 
 
 
 def gather_tokens(cache: np.ndarray, slots: np.ndarray) -> np.ndarray:
-    """Returns ``cache[slots]``: [N, ...] rows read at the given token slots."""
+    """Returns ``cache[slots]``: the rows read at the given token slots.
+
+    Args:
+        cache: dtype[num_slots, ...], e.g. dtype[num_pages * page_size, combined_heads,
+            head_dim].
+        slots: int[N] slot ids in ``[-num_slots, num_slots)`` (numpy indexing: negative ids
+            count from the end).
+
+    Returns:
+        dtype[N, ...]: a new array (fancy indexing copies).
+
+    Raises:
+        IndexError: a slot is out of range.
+    """
     return np.asarray(cache)[np.asarray(slots)]
 
 
@@ -61,6 +100,14 @@ def slices_to_slots(slices: np.ndarray, num_kv_update_slices: np.ndarray | int) 
     Returns int64[T] where ``T`` is the number of tokens the live slices cover, in ``new_kv``
     order, so ``scatter_tokens(cache, slots, new_kv[:T])`` equals :func:`kv_cache_update` for
     slices that pack ``new_kv`` contiguously from 0.
+
+    Args:
+        slices: int[3, S], rows (kv_cache_start, new_kv_start, slice_len).
+        num_kv_update_slices: int[1] array (or an int): the number of live slices.
+
+    Returns:
+        int64[T]: destination slot of each covered ``new_kv`` row, in row order. Never raises
+        for int[3, S] ``slices``.
     """
     slices = np.asarray(slices)
     num = int(np.asarray(num_kv_update_slices).reshape(-1)[0])

@@ -50,6 +50,11 @@ class UpdateBatch:
 
     @property
     def num_live_tokens(self) -> int:
+        """Tokens the live slices write: ``slices[2, :num_slices[0]].sum()``, an int >= 0.
+
+        The live slices read ``new_kv[:num_live_tokens]``; rows after it are padding tokens.
+        Never raises for a drawn batch.
+        """
         return int(self.slices[2, : int(self.num_slices[0])].sum())
 
 

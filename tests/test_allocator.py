@@ -370,6 +370,22 @@ class AllocatorMachine(RuleBasedStateMachine):
         assert not self.alloc.page_table.any()
         assert not self.alloc.take_pending_copies().size
         self.pending = []
+        # With nothing cached the state is a fresh allocator's (free stacks in their initial
+        # order), except the cumulative prefix counters; with caching off those stay 0.
+        fresh = PageAllocator(
+            self.alloc.num_pages,
+            self.alloc.page_size,
+            max_requests=self.alloc.max_requests,
+            max_pages_per_request=self.alloc.max_pages_per_request,
+            enable_prefix_caching=self.alloc.enable_prefix_caching,
+        )
+        if not self.alloc.enable_prefix_caching:
+            event("free everything: caching off")
+            assert self.alloc.checksum() == fresh.checksum()
+        elif not self.lru:
+            event("free everything: caching on, nothing cached")
+            fresh.load_state_dict({**fresh.state_dict(), "prefix_stats": self.alloc.prefix_stats})
+            assert self.alloc.checksum() == fresh.checksum()
 
     # ---------------------------------------------------------- invariants
 
@@ -680,6 +696,65 @@ def test_free_everything_restores_capacity():
     assert a.num_free_pages == 29 and a.usage == 0.0 and len(a) == 0
     assert not a.page_table.any()
     a.check_invariants()
+
+
+@pytest.mark.parametrize("order", [["x", "y"], ["y", "x"]])
+def test_free_everything_restores_fresh_checksum(order):
+    """Freeing every request gives a fresh allocator's state, stack order included."""
+    a = make(page_size=2)
+    a.allocate("x", 5)
+    a.allocate("y", 5)
+    for r in order:
+        a.free(r)
+    assert a.checksum() == make(page_size=2).checksum()
+    assert a.allocate("z", 5).tolist() == [1, 2, 3] and a.row("z") == 0
+    # With prefix caching on and nothing cached: the same, up to the prefix counters.
+    b = make(page_size=2, enable_prefix_caching=True)
+    assert b.lookup_prefix("x", [1, 2, 3]) == 0
+    b.allocate("x", 5)
+    b.fork("x", "y")
+    b.allocate("y", 1)
+    for r in order:
+        b.free(r)
+    fresh = make(page_size=2, enable_prefix_caching=True)
+    assert b.checksum() != fresh.checksum()  # the counters are state
+    fresh.load_state_dict({**fresh.state_dict(), "prefix_stats": b.prefix_stats})
+    assert b.checksum() == fresh.checksum()
+
+
+@given(
+    ops=st.lists(
+        st.tuples(
+            st.sampled_from(["allocate", "batch", "fork", "free"]),
+            st.integers(0, 5),
+            st.integers(0, 5),
+            st.integers(0, 5),
+        ),
+        max_size=25,
+    ),
+    page_size=st.sampled_from([1, 2, 3]),
+)
+@settings(max_examples=60, deadline=None)
+def test_free_everything_canonical_without_prefix_caching(ops, page_size):
+    """Caching off: any allocate/fork/free sequence, then freeing all, gives a fresh checksum."""
+    kw = {"max_requests": 5, "max_pages_per_request": 6}
+    a, fresh = PageAllocator(12, page_size, **kw), PageAllocator(12, page_size, **kw)
+    for op, i, j, n in ops:
+        try:
+            if op == "allocate":
+                a.allocate(i, n)
+            elif op == "batch":
+                a.allocate_batch([i, j] if i != j else [i], [n, 1] if i != j else [n])
+            elif op == "fork":
+                a.fork(i, j)
+            else:
+                a.free(i)
+        except (OutOfPages, UnknownRequest, ValueError):
+            pass
+    for r in list(a.state_dict()["rows"]):
+        a.free(r)
+    a.check_invariants()
+    assert a.checksum() == fresh.checksum()
 
 
 def test_allocate_batch_rows_and_numpy_ids():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from kvshard import reference
 from kvshard.kernels import kv_cache_update
-from kvshard.kernels.kv_cache_update import default_num_slices_per_block, page_bytes
+from kvshard.kernels.update import default_num_slices_per_block, page_bytes
 from kvshard.testing import random_values, update_batches
 
 DTYPES = [jnp.float32, jnp.bfloat16, jnp.float16, jnp.int8, jnp.float8_e4m3fn]
@@ -174,13 +175,39 @@ def test_no_races_detected(mode):
     assert interpreter.races is not None and not interpreter.races.races_found
 
 
+def test_race_detector_is_live():
+    """Control for the test above: the detector does flag a core read racing an in-flight DMA.
+
+    So a kernel change that touched a DMA's buffer before waiting on it would be reported.
+    """
+    from jax._src.pallas.mosaic.interpret import interpret_pallas_call as interpreter
+    from jax.experimental import pallas as pl
+
+    def racy(src_ref, out_ref, scratch_ref, sem):
+        copy = pltpu.make_async_copy(src_ref, scratch_ref, sem)
+        copy.start()
+        out_ref[...] = scratch_ref[...]  # reads the DMA's destination before waiting: a race
+        copy.wait()
+
+    call = pl.pallas_call(
+        racy,
+        in_specs=[pl.BlockSpec(memory_space=pl.ANY)],
+        out_specs=pl.BlockSpec(memory_space=pltpu.VMEM),
+        out_shape=jax.ShapeDtypeStruct((8, 128), jnp.float32),
+        scratch_shapes=[pltpu.VMEM((8, 128), jnp.float32), pltpu.SemaphoreType.DMA],
+        interpret=pltpu.InterpretParams(detect_races=True),
+    )
+    call(jnp.ones((8, 128), jnp.float32)).block_until_ready()
+    assert interpreter.races.races_found
+
+
 @pytest.mark.xfail(
     strict=True,
     reason="JAX 0.10.2's interpret-mode race detector does not flag two DMAs from one core "
     "writing the same rows; overlapping destinations are caught by validate=True instead",
 )
 def test_race_detector_catches_overlapping_destinations():
-    """Control for the test above: two live slices writing the same rows are a real race."""
+    """Two live slices writing the same rows are a real race, but not one this detector sees."""
     from jax._src.pallas.mosaic.interpret import interpret_pallas_call as interpreter
 
     rng = np.random.default_rng(5)
@@ -266,6 +293,8 @@ def test_validation_rejects_num_slices_out_of_range():
         (lambda a: {**a, "new_kv": a["new_kv"][0]}, "new_kv must be"),
         (lambda a: {**a, "slices": a["slices"][:2]}, r"slices must be int32\[3, num_slices"),
         (lambda a: {**a, "num": np.array([1, 2], np.int32)}, r"num_kv_update_slices must be"),
+        (lambda a: {**a, "num": 2}, r"num_kv_update_slices must be int32\[1\], got shape \(\)"),
+        (lambda a: {**a, "slices": [[0], [0]]}, r"slices must be int32\[3, num_slices >= 1\]"),
         (lambda a: {**a, "page_size": 7}, r"must be a multiple of page_size \(7\)"),
         (
             lambda a: {

@@ -39,7 +39,8 @@ Block size
 ----------
 ``num_slices_per_block=None`` uses the peers' rule: the largest power of two whose pages fit
 the in-flight byte budget, capped at :data:`MAX_SLICES_PER_BLOCK` (each block's loop is
-unrolled, and more than 64 scalar address computations per step regressed on v6e).
+unrolled into scalar code; vLLM reports a regression on v6e at 128 slices per block, which it
+attributes to scalar registers; not measured here, where no TPU is available).
 """
 
 from __future__ import annotations
@@ -52,37 +53,14 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from kvshard._layout import LANES, SUPPORTED_DTYPES, page_bytes
+
 # Bytes of K/V one block of slices may put in flight. vLLM sizes its VMEM bounce buffer with the
 # same number; this kernel needs no VMEM but keeps the bound so the DMA queue stays as deep as
 # the one tuned on hardware.
 INFLIGHT_BUDGET_BYTES = 16 * 1024 * 1024
 # Upper bound on slices per grid step: the per-block loop is unrolled into scalar code.
 MAX_SLICES_PER_BLOCK = 64
-# The last dimension of a TPU tile: head_dim must fill whole lanes.
-LANES = 128
-# Bits in a 32-bit sublane word: sub-32-bit dtypes pack 32 // bits rows per word.
-SUBLANE_BITS = 32
-
-SUPPORTED_DTYPES = (
-    jnp.dtype(jnp.float32),
-    jnp.dtype(jnp.bfloat16),
-    jnp.dtype(jnp.float16),
-    jnp.dtype(jnp.int8),
-    jnp.dtype(jnp.float8_e4m3fn),
-)
-
-
-def page_bytes(page_size: int, combined_heads: int, head_dim: int, dtype) -> int:
-    """Bytes of one page in HBM, with the TPU tile padding of the head and lane axes.
-
-    Sub-32-bit dtypes pack ``32 // bits`` heads per sublane word, so the combined-head axis is
-    rounded up to that packing; head_dim is rounded up to 128 lanes.
-    """
-    bits = jnp.dtype(dtype).itemsize * 8
-    packing = max(1, SUBLANE_BITS // bits)
-    heads = -(-combined_heads // packing) * packing
-    lanes = -(-head_dim // LANES) * LANES
-    return page_size * heads * lanes * bits // 8
 
 
 def default_num_slices_per_block(page_size: int, combined_heads: int, head_dim: int, dtype) -> int:
@@ -162,6 +140,16 @@ def _kernel(
         for_each_valid_slice(block, lambda copy: copy.wait())
 
 
+def _as_array(name, x):
+    """``x`` unchanged if it is an array (or tracer), else as a numpy array; names the argument."""
+    if isinstance(x, jax.Array | np.ndarray):
+        return x
+    try:
+        return np.asarray(x)
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"{name} must be an array, got {type(x).__name__}") from err
+
+
 def _check_shapes(new_kv, slices, kv_cache, num_kv_update_slices, page_size):
     if new_kv.ndim != 3:
         raise ValueError(
@@ -181,8 +169,8 @@ def _check_shapes(new_kv, slices, kv_cache, num_kv_update_slices, page_size):
         raise ValueError(
             f"new_kv dtype must equal kv_cache dtype {kv_cache.dtype}, got {new_kv.dtype}"
         )
-    if jnp.dtype(kv_cache.dtype) not in SUPPORTED_DTYPES:
-        names = ", ".join(str(d) for d in SUPPORTED_DTYPES)
+    if jnp.dtype(kv_cache.dtype).name not in SUPPORTED_DTYPES:
+        names = ", ".join(SUPPORTED_DTYPES)
         raise ValueError(f"kv_cache dtype must be one of {names}, got {kv_cache.dtype}")
     head_dim = kv_cache.shape[2]
     if head_dim % LANES:
@@ -381,6 +369,15 @@ def kv_cache_update(
       ValueError: on shapes, dtypes or head_dim the kernel cannot take, or (with ``validate``)
         on invalid live slices.
     """
+    new_kv, slices, kv_cache, num_kv_update_slices = (
+        _as_array(name, x)
+        for name, x in (
+            ("new_kv", new_kv),
+            ("slices", slices),
+            ("kv_cache", kv_cache),
+            ("num_kv_update_slices", num_kv_update_slices),
+        )
+    )
     _check_shapes(new_kv, slices, kv_cache, num_kv_update_slices, page_size)
     if validate:
         try:
