@@ -126,15 +126,20 @@ def plot(results: dict[int, dict[str, tuple]], args: argparse.Namespace) -> None
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     fig.savefig(args.out)
     plt.close(fig)
-    print(f"\nwrote {os.path.relpath(args.out)}")
+    shown = os.path.relpath(args.out)
+    print(f"\nwrote {os.path.abspath(args.out) if shown.startswith('..') else shown}")
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
-        "--batch-sizes", type=int, nargs="+", default=[64, 128, 256, 512, 1024, 2048, 4096, 8192]
+        "--batch-sizes",
+        type=int,
+        nargs="+",
+        default=[64, 128, 256, 512, 1024, 2048, 4096, 8192],
+        help="batch sizes B to sweep (the x axis)",
     )
-    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--repeats", type=int, default=30, help="timed runs per point (min shown)")
     parser.add_argument("--out", default=DEFAULT_OUT, help="PNG to write")
     parser.add_argument("--page-size", type=int, default=16)
     parser.add_argument("--context", type=int, default=1024, help="tokens held per request")
