@@ -177,39 +177,53 @@ class Scenario:
         return self.kv.row_num_tokens[: self.batch].copy(), ones, self.kv.page_table[: self.batch]
 
 
-def run(args: argparse.Namespace) -> None:
-    header = f"{'step':<28}{'kvshard us':>14}{'baseline us':>14}{'speedup':>10}"
+def measure_decode(args: argparse.Namespace, batch: int) -> dict[str, tuple]:
+    """Times one decode step of ``batch`` requests, kvshard and baseline side by side.
+
+    Returns ``{"metadata": (ours, theirs), "host step": (ours, theirs)}``, each time a
+    ``(min, median)`` pair in seconds. Checks first that both build the same slices.
+    """
+    sc = Scenario(args, batch, prefills=0)
+    computed, ones, table = sc.metadata_inputs()
+    got = build_update_slices(computed, ones, table, sc.P)
+    want = vllm_slot_mapping(computed, ones, table, sc.P).T
+    assert np.array_equal(got, want), "kvshard and the baseline disagree"
+    inputs = (computed, ones, table, sc.P)
+    metadata = (
+        timed(lambda: build_update_slices(*inputs), args.repeats),
+        timed(lambda: vllm_slot_mapping(*inputs), args.repeats),
+    )
+    for _ in range(3):  # warm-up
+        sc.kvshard_step()
+        sc.baseline_step()
+    step = (timed(sc.kvshard_step, args.repeats), timed(sc.baseline_step, args.repeats))
+    return {"metadata": metadata, "host step": step}
+
+
+TABLE_HEADER = f"{'step':<28}{'kvshard us':>14}{'baseline us':>14}{'speedup':>10}"
+
+
+def print_header(args: argparse.Namespace) -> None:
     print(f"page_size={args.page_size} context~{args.context} repeats={args.repeats}")
     print("times: min (median) over repeats; speedup = baseline min / kvshard min\n")
-    print(header)
-    print("-" * len(header))
+    print(TABLE_HEADER)
+    print("-" * len(TABLE_HEADER))
 
-    def row(name: str, ours: tuple[float, float], theirs: tuple[float, float]) -> None:
-        a = f"{ours[0] * 1e6:.0f} ({ours[1] * 1e6:.0f})"
-        b = f"{theirs[0] * 1e6:.0f} ({theirs[1] * 1e6:.0f})"
-        print(f"{name:<28}{a:>14}{b:>14}{theirs[0] / ours[0]:>9.1f}x")
 
+def print_row(name: str, ours: tuple[float, float], theirs: tuple[float, float]) -> None:
+    a = f"{ours[0] * 1e6:.0f} ({ours[1] * 1e6:.0f})"
+    b = f"{theirs[0] * 1e6:.0f} ({theirs[1] * 1e6:.0f})"
+    print(f"{name:<28}{a:>14}{b:>14}{theirs[0] / ours[0]:>9.1f}x")
+
+
+def run(args: argparse.Namespace) -> None:
+    print_header(args)
     for batch in args.batch_sizes:
-        sc = Scenario(args, batch, prefills=0)
-        computed, ones, table = sc.metadata_inputs()
-        got = build_update_slices(computed, ones, table, sc.P)
-        want = vllm_slot_mapping(computed, ones, table, sc.P).T
-        assert np.array_equal(got, want), "kvshard and the baseline disagree"
-        inputs = (computed, ones, table, sc.P)
-        ours = timed(lambda inputs=inputs: build_update_slices(*inputs), args.repeats)
-        theirs = timed(lambda inputs=inputs: vllm_slot_mapping(*inputs), args.repeats)
-        row(f"metadata decode B={batch}", ours, theirs)
-        for _ in range(3):  # warm-up
-            sc.kvshard_step()
-            sc.baseline_step()
-        row(
-            f"host step decode B={batch}",
-            timed(sc.kvshard_step, args.repeats),
-            timed(sc.baseline_step, args.repeats),
-        )
+        for name, (ours, theirs) in measure_decode(args, batch).items():
+            print_row(f"{name} decode B={batch}", ours, theirs)
     for batch in args.batch_sizes:
         sc = Scenario(args, batch, prefills=args.prefills)
-        row(
+        print_row(
             f"host step mixed B={batch}+{args.prefills}x{args.prefill_chunk}",
             timed(sc.kvshard_step, args.repeats, setup=sc.reset),
             timed(sc.baseline_step, args.repeats, setup=sc.reset),

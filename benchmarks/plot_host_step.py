@@ -26,7 +26,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))  # host_step.py sits next to this file
 
-from host_step import Scenario, build_update_slices, timed, vllm_slot_mapping
+from host_step import measure_decode, print_header, print_row
 
 ROWS = ("metadata", "host step")
 DEFAULT_OUT = os.path.join(os.path.dirname(__file__), "..", "docs", "img", "host_step.png")
@@ -36,41 +36,16 @@ def measure(args: argparse.Namespace) -> dict[int, dict[str, tuple]]:
     """Times per batch size: ``{B: {row: ((kvshard min, median), (baseline min, median))}}``.
 
     Rows are ``"metadata"`` (``build_update_slices`` vs ``_get_slot_mapping_metadata``) and
-    ``"host step"`` (allocate + metadata + pad), as in ``host_step.py``'s decode rows.
+    ``"host step"`` (allocate + metadata + pad): ``host_step.py``'s decode rows.
     """
-    results: dict[int, dict[str, tuple]] = {}
-    for batch in args.batch_sizes:
-        sc = Scenario(args, batch, prefills=0)
-        computed, ones, table = sc.metadata_inputs()
-        got = build_update_slices(computed, ones, table, sc.P)
-        want = vllm_slot_mapping(computed, ones, table, sc.P).T
-        assert np.array_equal(got, want), "kvshard and the baseline disagree"
-        inputs = (computed, ones, table, sc.P)
-        meta = (
-            timed(lambda inputs=inputs: build_update_slices(*inputs), args.repeats),
-            timed(lambda inputs=inputs: vllm_slot_mapping(*inputs), args.repeats),
-        )
-        for _ in range(3):  # warm-up
-            sc.kvshard_step()
-            sc.baseline_step()
-        step = (timed(sc.kvshard_step, args.repeats), timed(sc.baseline_step, args.repeats))
-        results[batch] = {"metadata": meta, "host step": step}
-    return results
+    return {batch: measure_decode(args, batch) for batch in args.batch_sizes}
 
 
 def print_table(results: dict[int, dict[str, tuple]], args: argparse.Namespace) -> None:
-    header = f"{'step':<28}{'kvshard us':>14}{'baseline us':>14}{'speedup':>10}"
-    print(f"page_size={args.page_size} context~{args.context} repeats={args.repeats}")
-    print("times: min (median) over repeats; speedup = baseline min / kvshard min\n")
-    print(header)
-    print("-" * len(header))
+    print_header(args)
     for name in ROWS:
         for batch, rows in results.items():
-            ours, theirs = rows[name]
-            a = f"{ours[0] * 1e6:.0f} ({ours[1] * 1e6:.0f})"
-            b = f"{theirs[0] * 1e6:.0f} ({theirs[1] * 1e6:.0f})"
-            label = f"{name} decode B={batch}"
-            print(f"{label:<28}{a:>14}{b:>14}{theirs[0] / ours[0]:>9.1f}x")
+            print_row(f"{name} decode B={batch}", *rows[name])
 
 
 def machine() -> str:
