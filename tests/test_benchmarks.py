@@ -6,26 +6,11 @@ each script finishes, checks kvshard against its baseline, and reports every row
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+from _scripts import ROOT, run_script, stdout_of_success
 
 
 def run(script: str, *flags: str) -> str:
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    proc = subprocess.run(
-        [sys.executable, str(BENCHMARKS / script), *flags],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=180,
-        check=False,
-    )
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
-    return proc.stdout
+    return stdout_of_success(run_script(ROOT / "benchmarks" / script, *flags))
 
 
 def test_host_step_prints_every_row():

@@ -7,36 +7,18 @@ sharing) run inside the examples, which exit non-zero on a mismatch.
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+from _scripts import ROOT, run_script, stdout_of_success
 
 
 def run_example(script: str, *flags: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
-    # The examples add the 8-device flag themselves; start from a clean slate so the
-    # test process's copy is not appended twice.
-    env.pop("XLA_FLAGS", None)
-    env["JAX_PLATFORMS"] = "cpu"
-    return subprocess.run(
-        [sys.executable, str(EXAMPLES / script), *flags],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=180,
-        check=False,
-    )
+    return run_script(ROOT / "examples" / script, *flags)
 
 
-def summary(proc: subprocess.CompletedProcess) -> str:
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
-    return proc.stdout
+summary = stdout_of_success
 
 
 def max_abs_diff(stdout: str) -> float:

@@ -1,0 +1,36 @@
+"""Runs the repository's example and benchmark scripts as subprocesses for the tests.
+
+Subprocesses because each script configures its own 8 simulated devices before importing JAX.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_script(path: Path, *flags: str) -> subprocess.CompletedProcess:
+    """Runs ``python path flags...`` on the CPU; returns the finished process (no check)."""
+    env = dict(os.environ)
+    # The scripts add the 8-device flag themselves; start from a clean slate so the test
+    # process's copy is not appended twice.
+    env.pop("XLA_FLAGS", None)
+    env["JAX_PLATFORMS"] = "cpu"
+    return subprocess.run(
+        [sys.executable, str(path), *flags],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=180,
+        check=False,
+    )
+
+
+def stdout_of_success(proc: subprocess.CompletedProcess) -> str:
+    """The process's stdout, after asserting it exited 0 (else shows both streams)."""
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout
