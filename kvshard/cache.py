@@ -39,7 +39,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from kvshard._layout import CacheSpec, check_tensor_parallel
-from kvshard.kernels.update import validate_slices
+from kvshard.kernels.update import kv_cache_update, slice_is_writable, validate_slices
 
 __all__ = [
     "Backend",
@@ -404,18 +404,15 @@ def _valid_slices(
 
     A slice is written iff ``i < num``, ``1 <= slice_len <= page_size``, it stays inside one
     page, and both its token and slot ranges are in bounds; every other slice writes nothing.
-    Written without ``start + len`` sums that could overflow int32 for garbage padding.
     """
-    dst, src, length = slices[0], slices[1], slices[2]
-    return (
-        (jnp.arange(slices.shape[1]) < num[0])
-        & (length >= 1)
-        & (length <= page_size)
-        & (src >= 0)
-        & (src <= num_tokens - length)
-        & (dst >= 0)
-        & (dst <= num_slots - length)
-        & (jnp.maximum(dst, 0) % page_size <= page_size - length)
+    live = jnp.arange(slices.shape[1]) < num[0]
+    return live & slice_is_writable(
+        slices[0],
+        slices[1],
+        slices[2],
+        num_tokens=num_tokens,
+        num_rows=num_slots,
+        page_size=page_size,
     )
 
 
@@ -451,16 +448,6 @@ def _local_update_xla(cache, layer, new_kv, slices, num, *, page_size, interpret
     return cache.at[layer, slots].set(new_kv, mode="drop", unique_indices=True)
 
 
-def _pallas_kernel():
-    try:
-        from kvshard.kernels import kv_cache_update
-    except ImportError as err:  # the kernel package is developed alongside this module
-        raise NotImplementedError(
-            "backend='pallas' needs kvshard.kernels.kv_cache_update, which is not available"
-        ) from err
-    return kv_cache_update
-
-
 def _local_update_pallas(cache, layer, new_kv, slices, num, *, page_size, interpret):
     """One device: the kernel on the [L·slots, C, D] view of the stacked block.
 
@@ -475,7 +462,7 @@ def _local_update_pallas(cache, layer, new_kv, slices, num, *, page_size, interp
     # The kernel bounds-checks against all L layers; a slice past this layer's slots must be
     # dropped here or it would land in the next layer.
     slices = jnp.stack([slices[0] + layer * num_slots, slices[1], jnp.where(valid, slices[2], 0)])
-    out = _pallas_kernel()(new_kv, slices, flat, num, page_size=page_size, interpret=interpret)
+    out = kv_cache_update(new_kv, slices, flat, num, page_size=page_size, interpret=interpret)
     return out.reshape(cache.shape)
 
 

@@ -69,13 +69,14 @@ def default_num_slices_per_block(page_size: int, combined_heads: int, head_dim: 
     return min(MAX_SLICES_PER_BLOCK, 1 << (fit.bit_length() - 1))
 
 
-def _slice_copy(slices_ref, new_kv_hbm_ref, kv_cache_hbm_ref, sem, index, *, page_size):
-    """Returns (is_live_and_valid, copy descriptor) for slice ``index`` of ``slices_ref``."""
-    num_tokens = new_kv_hbm_ref.shape[0]
-    num_rows = kv_cache_hbm_ref.shape[0]
-    dst = slices_ref[0, index]
-    src = slices_ref[1, index]
-    length = slices_ref[2, index]
+def slice_is_writable(dst, src, length, *, num_tokens: int, num_rows: int, page_size: int):
+    """The kernel's drop rule: bool (scalar or [S]) of whether a slice may be written.
+
+    True iff ``1 <= length <= page_size``, the source ``[src, src + length)`` lies in
+    ``num_tokens`` rows, the destination ``[dst, dst + length)`` in ``num_rows`` rows, and the
+    destination stays inside one page. Works on int32 scalars (inside the kernel) and int32[S]
+    arrays (the cache's XLA backend applies the same rule, so both backends agree).
+    """
     # Written without `dst + length` so a start near INT32_MAX cannot overflow past a bound.
     in_bounds = (
         (length >= 1)
@@ -85,14 +86,30 @@ def _slice_copy(slices_ref, new_kv_hbm_ref, kv_cache_hbm_ref, sem, index, *, pag
         & (dst >= 0)
         & (dst <= num_rows - length)
     )
-    # `dst` is non-negative whenever the remainder matters (in_bounds short-circuits the rest).
+    # `dst` is non-negative whenever the remainder matters (in_bounds is false otherwise).
     within_page = jax.lax.rem(jnp.maximum(dst, 0), page_size) <= page_size - length
+    return in_bounds & within_page
+
+
+def _slice_copy(slices_ref, new_kv_hbm_ref, kv_cache_hbm_ref, sem, index, *, page_size):
+    """Returns (is_valid, copy descriptor) for slice ``index`` of ``slices_ref``."""
+    dst = slices_ref[0, index]
+    src = slices_ref[1, index]
+    length = slices_ref[2, index]
+    valid = slice_is_writable(
+        dst,
+        src,
+        length,
+        num_tokens=new_kv_hbm_ref.shape[0],
+        num_rows=kv_cache_hbm_ref.shape[0],
+        page_size=page_size,
+    )
     copy = pltpu.make_async_copy(
         new_kv_hbm_ref.at[pl.ds(src, length)],
         kv_cache_hbm_ref.at[pl.ds(dst, length)],
         sem,
     )
-    return in_bounds & within_page, copy
+    return valid, copy
 
 
 def _kernel(
