@@ -4,58 +4,93 @@ The public API, re-exported from private modules:
 
 * cache layout and device ops: :class:`CacheSpec`, :class:`KVCache`, :func:`init_cache`,
   :func:`update`, :func:`gather`, :func:`copy_pages`, :func:`check_tensor_parallel`;
+* model configs: :func:`read_model_config`, :class:`ModelGeometry`, :class:`ConfigError`
+  (and :meth:`CacheSpec.from_config`);
 * host-side bookkeeping: :class:`PageAllocator`, :class:`OutOfPages`, :class:`UnknownRequest`,
   :data:`NULL_PAGE`;
 * step metadata: :func:`build_update_slices`, :func:`padded_num_slices`, :func:`pad_slices`,
   :func:`token_buckets`, :func:`padded_token_count`;
 * submodules :mod:`kvshard.kernels` (Pallas kernels), :mod:`kvshard.reference` (numpy oracle)
   and :mod:`kvshard.testing` (hypothesis strategies; needs the ``test`` extra, not imported here).
+
+Names are imported on first use (module ``__getattr__``), so ``import kvshard`` and the
+``kvshard plan`` command never import JAX; ``kvshard.update`` imports it when first touched.
 """
 
-from importlib.metadata import PackageNotFoundError, version
+from __future__ import annotations
 
-from kvshard import kernels as kernels
-from kvshard import reference as reference
-from kvshard._layout import CacheSpec as CacheSpec
-from kvshard._layout import check_tensor_parallel as check_tensor_parallel
-from kvshard.allocator import NULL_PAGE as NULL_PAGE
-from kvshard.allocator import OutOfPages as OutOfPages
-from kvshard.allocator import PageAllocator as PageAllocator
-from kvshard.allocator import UnknownRequest as UnknownRequest
-from kvshard.cache import KVCache as KVCache
-from kvshard.cache import copy_pages as copy_pages
-from kvshard.cache import gather as gather
-from kvshard.cache import init_cache as init_cache
-from kvshard.cache import update as update
-from kvshard.metadata import build_update_slices as build_update_slices
-from kvshard.metadata import pad_slices as pad_slices
-from kvshard.metadata import padded_num_slices as padded_num_slices
-from kvshard.metadata import padded_token_count as padded_token_count
-from kvshard.metadata import token_buckets as token_buckets
+import importlib
+from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # static typing and IDEs see ordinary imports
+    from kvshard import kernels as kernels
+    from kvshard import reference as reference
+    from kvshard._config import ConfigError as ConfigError
+    from kvshard._config import ModelGeometry as ModelGeometry
+    from kvshard._config import read_model_config as read_model_config
+    from kvshard._layout import CacheSpec as CacheSpec
+    from kvshard._layout import check_tensor_parallel as check_tensor_parallel
+    from kvshard.allocator import NULL_PAGE as NULL_PAGE
+    from kvshard.allocator import OutOfPages as OutOfPages
+    from kvshard.allocator import PageAllocator as PageAllocator
+    from kvshard.allocator import UnknownRequest as UnknownRequest
+    from kvshard.cache import KVCache as KVCache
+    from kvshard.cache import copy_pages as copy_pages
+    from kvshard.cache import gather as gather
+    from kvshard.cache import init_cache as init_cache
+    from kvshard.cache import update as update
+    from kvshard.metadata import build_update_slices as build_update_slices
+    from kvshard.metadata import pad_slices as pad_slices
+    from kvshard.metadata import padded_num_slices as padded_num_slices
+    from kvshard.metadata import padded_token_count as padded_token_count
+    from kvshard.metadata import token_buckets as token_buckets
+
+# Public name -> the module that defines it. A name that is itself a submodule maps to None.
+_EXPORTS: dict[str, str | None] = {
+    "kernels": None,
+    "reference": None,
+    "ConfigError": "kvshard._config",
+    "ModelGeometry": "kvshard._config",
+    "read_model_config": "kvshard._config",
+    "CacheSpec": "kvshard._layout",
+    "check_tensor_parallel": "kvshard._layout",
+    "NULL_PAGE": "kvshard.allocator",
+    "OutOfPages": "kvshard.allocator",
+    "PageAllocator": "kvshard.allocator",
+    "UnknownRequest": "kvshard.allocator",
+    "KVCache": "kvshard.cache",
+    "copy_pages": "kvshard.cache",
+    "gather": "kvshard.cache",
+    "init_cache": "kvshard.cache",
+    "update": "kvshard.cache",
+    "build_update_slices": "kvshard.metadata",
+    "pad_slices": "kvshard.metadata",
+    "padded_num_slices": "kvshard.metadata",
+    "padded_token_count": "kvshard.metadata",
+    "token_buckets": "kvshard.metadata",
+}
 
 try:
     __version__ = version("kvshard")
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0.0.0+unknown"
 
-__all__ = [
-    "NULL_PAGE",
-    "CacheSpec",
-    "KVCache",
-    "OutOfPages",
-    "PageAllocator",
-    "UnknownRequest",
-    "__version__",
-    "build_update_slices",
-    "check_tensor_parallel",
-    "copy_pages",
-    "gather",
-    "init_cache",
-    "kernels",
-    "pad_slices",
-    "padded_num_slices",
-    "padded_token_count",
-    "reference",
-    "token_buckets",
-    "update",
-]
+__all__ = ["__version__", *sorted(_EXPORTS)]
+
+
+def __getattr__(name: str) -> Any:
+    """Imports a public name on first access and caches it in the module's namespace."""
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'kvshard' has no attribute {name!r}")
+    module_name = _EXPORTS[name]
+    if module_name is None:
+        value: Any = importlib.import_module(f"kvshard.{name}")
+    else:
+        value = getattr(importlib.import_module(module_name), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
