@@ -467,9 +467,11 @@ def run_script(name: str, args: list[str], root: Path | None = None) -> int:
     elif path.is_file():
         # The file's directory first on sys.path, as `python path` would have it (the examples
         # import their sibling _model.py).
+        # Not runpy.run_path: it resets sys.argv[0] to the file's path.
         code = (
-            "import runpy, sys; sys.argv[0] = sys.argv.pop(1); path = sys.argv.pop(1); "
-            "sys.path.insert(0, path.rpartition('/')[0]); runpy.run_path(path, run_name='__main__')"
+            "import sys; sys.argv[0] = sys.argv.pop(1); __file__ = sys.argv.pop(1); "
+            "sys.path.insert(0, __file__.rpartition('/')[0]); "
+            "exec(compile(open(__file__, encoding='utf-8').read(), __file__, 'exec'))"
         )
         command = [sys.executable, "-c", code, prog, path.as_posix(), *args]
     else:
