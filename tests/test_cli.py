@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -292,6 +291,7 @@ def test_kv_dtype_shows_the_gain_over_bfloat16(capsys):
     assert plan["tokens_per_group"] == tokens == 16_352
     assert plan["capacity_vs_bfloat16"] == pytest.approx(tokens / bf16_tokens)
     code, out, _ = run(capsys, [*base, "--kv-dtype", "int8"])
+    assert code == 0
     row = next(line for line in out.splitlines() if "bytes per token" in line)
     assert "65,536" in row and f"x{tokens / bf16_tokens:.2f} the tokens of bfloat16" in row
     assert "131,072 bytes per token" in row
@@ -342,6 +342,7 @@ def test_sliding_window_capacity_gain(capsys):
     assert w["sequences_per_group"] == usable // 129 == 31
     assert w["capacity_gain"] == pytest.approx(31 / 15)
     code, out, _ = run(capsys, ["plan", "--model", "mistral-7b", "--hbm-per-device", "16GiB"])
+    assert code == 0
     assert "with sliding window 4,096" in out and "x2.07" in out
 
 
