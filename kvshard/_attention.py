@@ -154,7 +154,7 @@ def _local_xla(kv, layer, q, page_indices, kv_lens, cu_q_lens, num_seqs, *, stat
     within = jnp.arange(page_size, dtype=jnp.int32)
 
     def fold_page(i, carry):
-        m, l, acc = carry
+        m, denom, acc = carry
         page_pos = first + i  # int32[T]: which page of its request each token reads now
         page = jnp.take_along_axis(rows, jnp.clip(page_pos, 0, pages_per_seq - 1)[:, None], 1)
         slots = page * page_size + within  # int32[T, page_size]
@@ -172,17 +172,18 @@ def _local_xla(kv, layer, q, page_indices, kv_lens, cu_q_lens, num_seqs, *, stat
         base = jnp.where(jnp.isneginf(m_new), 0.0, m_new)  # rows that saw nothing yet
         p = jnp.exp(s - base[..., None])
         alpha = jnp.exp(m - base)
-        l = alpha * l + p.sum(axis=-1)
+        denom = alpha * denom + p.sum(axis=-1)
         acc = alpha[..., None] * acc + jnp.einsum("thgp,tphd->thgd", p, v)
-        return m_new, l, acc
+        return m_new, denom, acc
 
     init = (
         jnp.full((num_tokens, kv_heads, group), -jnp.inf, jnp.float32),
         jnp.zeros((num_tokens, kv_heads, group), jnp.float32),
         jnp.zeros((num_tokens, kv_heads, group, head_dim), jnp.float32),
     )
-    _, l, acc = jax.lax.fori_loop(0, num_steps, fold_page, init)
-    out = jnp.where((l > 0)[..., None], acc / jnp.where(l > 0, l, 1.0)[..., None], 0.0)
+    _, denom, acc = jax.lax.fori_loop(0, num_steps, fold_page, init)
+    seen = (denom > 0)[..., None]
+    out = jnp.where(seen, acc / jnp.where(seen, denom[..., None], 1.0), 0.0)
     return out.reshape(num_tokens, q_heads, head_dim).astype(q.dtype)
 
 
@@ -282,9 +283,9 @@ def _attention_jit(cache, layer, q, metadata, *, backend, statics, kernel):
     def body(kv, layer, q, *fields):
         return local(kv, layer, q[0], *(x[0] for x in fields))[None]
 
-    out = jax.shard_map(
-        body, mesh=cache.mesh, in_specs=specs, out_specs=q_spec, check_vma=False
-    )(*args)
+    out = jax.shard_map(body, mesh=cache.mesh, in_specs=specs, out_specs=q_spec, check_vma=False)(
+        *args
+    )
     return out if pa is not None else out[0]
 
 
@@ -330,15 +331,14 @@ def _check_metadata(cache: KVCache, metadata: Any, num_tokens: int) -> StepMetad
     hosts = [_concrete(out[n]) for n in _FIELDS]
     if all(h is not None for h in hosts):
         spec = cache.spec
-        groups = range(cache.dp) if pooled else [None]
-        for g in groups:
-            pick = (lambda a: a[g]) if g is not None else (lambda a: a)
+        per_group = zip(*hosts, strict=True) if pooled else [hosts]
+        for g, group in enumerate(per_group):
             _check_step_values(
-                *(pick(h) for h in hosts),  # type: ignore[index]
+                *group,  # type: ignore[arg-type]
                 num_tokens=num_tokens,
                 num_pages=spec.num_pages,
                 page_size=spec.page_size,
-                where="" if g is None else f" (group {g})",
+                where=f" (group {g})" if pooled else "",
             )
     return StepMetadata(
         slices=metadata.slices,

@@ -575,7 +575,8 @@ def update(
     if isinstance(slices, StepMetadata):
         if num_slices is not None:
             raise TypeError("num_slices must be omitted when slices is a StepMetadata")
-        slices, num_slices = slices.slices, slices.num_slices
+        step: StepMetadata = slices
+        slices, num_slices = step.slices, step.num_slices
     elif num_slices is None:
         raise TypeError("num_slices is required unless slices is a StepMetadata")
     layer_index = _check_layer(cache, layer)

@@ -97,7 +97,7 @@ def next_bucket(n: int, minimum: int) -> int:
 def _int_array(value: Any, name: str) -> np.ndarray:
     array = np.asarray(value)
     if array.ndim != 1 or (array.size and array.dtype.kind not in "iu"):
-        raise ValueError(f"{name} must be a 1-D integer array, got {array.dtype}{list(array.shape)}")
+        raise ValueError(f"{name} must be a 1-D integer array, got {array.dtype}{array.shape}")
     return array.astype(np.int64, copy=False)
 
 
