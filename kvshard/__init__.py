@@ -3,12 +3,14 @@
 The public API, re-exported from private modules:
 
 * cache layout and device ops: :class:`CacheSpec`, :class:`KVCache`, :func:`init_cache`,
-  :func:`update`, :func:`gather`, :func:`copy_pages`, :func:`check_tensor_parallel`;
+  :func:`update`, :func:`attention`, :func:`gather`, :func:`copy_pages`,
+  :func:`check_tensor_parallel`;
 * model configs: :func:`read_model_config`, :class:`ModelGeometry`, :class:`ConfigError`
   (and :meth:`CacheSpec.from_config`);
 * host-side bookkeeping: :class:`PageAllocator`, :class:`OutOfPages`, :class:`UnknownRequest`,
   :data:`NULL_PAGE`;
-* step metadata: :func:`build_update_slices`, :func:`padded_num_slices`, :func:`pad_slices`,
+* step metadata: :class:`StepMetadata`, :func:`build_step`, :func:`stack_steps`,
+  :func:`build_update_slices`, :func:`padded_num_slices`, :func:`pad_slices`,
   :func:`token_buckets`, :func:`padded_token_count`;
 * submodules :mod:`kvshard.kernels` (Pallas kernels), :mod:`kvshard.reference` (numpy oracle)
   and :mod:`kvshard.testing` (hypothesis strategies; needs the ``test`` extra, not imported here).
@@ -26,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # static typing and IDEs see ordinary imports
     from kvshard import kernels as kernels
     from kvshard import reference as reference
+    from kvshard._attention import attention as attention
     from kvshard._config import ConfigError as ConfigError
     from kvshard._config import ModelGeometry as ModelGeometry
     from kvshard._config import read_model_config as read_model_config
@@ -45,11 +48,15 @@ if TYPE_CHECKING:  # static typing and IDEs see ordinary imports
     from kvshard.metadata import padded_num_slices as padded_num_slices
     from kvshard.metadata import padded_token_count as padded_token_count
     from kvshard.metadata import token_buckets as token_buckets
+    from kvshard.step import StepMetadata as StepMetadata
+    from kvshard.step import build_step as build_step
+    from kvshard.step import stack_steps as stack_steps
 
 # Public name -> the module that defines it. A name that is itself a submodule maps to None.
 _EXPORTS: dict[str, str | None] = {
     "kernels": None,
     "reference": None,
+    "attention": "kvshard._attention",
     "ConfigError": "kvshard._config",
     "ModelGeometry": "kvshard._config",
     "read_model_config": "kvshard._config",
@@ -69,6 +76,9 @@ _EXPORTS: dict[str, str | None] = {
     "padded_num_slices": "kvshard.metadata",
     "padded_token_count": "kvshard.metadata",
     "token_buckets": "kvshard.metadata",
+    "StepMetadata": "kvshard.step",
+    "build_step": "kvshard.step",
+    "stack_steps": "kvshard.step",
 }
 
 try:
