@@ -25,3 +25,19 @@ def test_flax_llama_matches_dense(flags):
     assert int(requests) == 6 and int(tokens) > int(steps) > 6  # batched, prefill and decode
     assert window == ("6" if flags else "None")
     assert float(diff) <= 1e-4
+
+
+def test_flax_llama_check_catches_a_wrong_model(tmp_path):
+    # The paged run attends a window of 6; a dense model without the window must not match.
+    script = tmp_path / "wrong_dense.py"
+    script.write_text(
+        f"import sys\nsys.path.insert(0, {str(ROOT / 'examples')!r})\n"
+        "import flax_llama as m\n"
+        "full = m.dense_attention\n"
+        "m.dense_attention = lambda q, k, v, window: full(q, k, v, None)\n"
+        "sys.exit(m.main(['--sliding-window', '6', '--num-requests', '3']))\n"
+    )
+    proc = run_script(script)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    diff = float(re.search(r"logit = (\S+)", proc.stdout).group(1))
+    assert diff > 1e-2
