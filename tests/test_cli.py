@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -548,3 +549,19 @@ def test_bench_cache_help_names_the_command():
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("usage: kvshard bench-cache ")
     assert "cache_update.py" not in result.stdout
+
+
+def test_installed_module_runs_as_the_command(tmp_path, capfd, monkeypatch):
+    # An installed script module is preferred to the source tree, and sees `kvshard demo`.
+    (tmp_path / "fake_demo_module.py").write_text(
+        "import argparse, sys\nprint('args', sys.argv[1:], __name__)\n"
+        "argparse.ArgumentParser().parse_args()\n"
+    )
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    monkeypatch.syspath_prepend(str(tmp_path))  # find_spec in this process
+    monkeypatch.setitem(
+        cli.SCRIPTS, "demo", cli.Script("fake_demo_module", ("examples", "nope.py"), "")
+    )
+    assert cli.main(["demo", "--help"]) == 0
+    out = capfd.readouterr().out
+    assert "args ['--help'] __main__" in out and "usage: kvshard demo [-h]" in out
