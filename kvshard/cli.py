@@ -21,21 +21,18 @@ script's own status.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import difflib
-import importlib.util
 import json
 import os
 import re
-import subprocess
 import sys
 from decimal import Decimal, InvalidOperation
-from pathlib import Path
 from typing import NoReturn
 
 from kvshard._config import PRESETS, ConfigError, ModelGeometry, preset_config, read_model_config
-from kvshard._layout import _canonical_dtype, check_tensor_parallel
+from kvshard._layout import SUPPORTED_DTYPES, _canonical_dtype, check_tensor_parallel
 from kvshard._plan import BudgetTooSmall, ContextTooLong, format_plan, make_plan, window_pages
+from kvshard._run import SCRIPTS, Script, run_script
 
 __all__ = [
     "SCRIPTS",
@@ -47,38 +44,11 @@ __all__ = [
     "make_plan",
     "parse_bytes",
     "parse_mesh",
+    "run_script",
     "window_pages",
 ]
 
 
-@dataclasses.dataclass(frozen=True)
-class Script:
-    """A program behind ``kvshard NAME``: a module of the installed package, else a file of a
-    source checkout (relative to the repository root)."""
-
-    module: str
-    source: tuple[str, ...]
-    help: str
-
-
-SCRIPTS: dict[str, Script] = {
-    "demo": Script(
-        "kvshard._demo.tp_decode",
-        ("examples", "tp_decode.py"),
-        "serve a small transformer with continuous batching on 8 simulated CPU devices, "
-        "checked against a dense run",
-    ),
-    "bench": Script(
-        "kvshard.benchmarks.host_step",
-        ("benchmarks", "host_step.py"),
-        "host cost of one serving step (allocation + metadata) vs a vLLM-style baseline",
-    ),
-    "bench-cache": Script(
-        "kvshard.benchmarks.cache_update",
-        ("benchmarks", "cache_update.py"),
-        "in-place (donated) cache update vs a copied one, 8 simulated CPU devices",
-    ),
-}
 COMMANDS = ("plan", *SCRIPTS)
 
 _UNITS = {
@@ -185,8 +155,12 @@ def _positive_int(text: str) -> int:
 
 
 def _window(text: str) -> int:
-    value = _positive_int(text) if text.strip() != "0" else 0
-    return value
+    if text.strip() == "0":
+        return 0  # no window
+    try:
+        return _positive_int(text)
+    except ValueError as err:
+        raise ValueError(f"{err} (or 0 for no window)") from None
 
 
 def _dtype(text: str) -> str:
@@ -196,8 +170,7 @@ def _dtype(text: str) -> str:
     except ValueError:
         aliases = ", ".join(sorted(_DTYPE_ALIASES))
         raise ValueError(
-            f"unknown dtype {text!r}; use one of float32, bfloat16, float16, int8, "
-            f"float8_e4m3fn (or {aliases})"
+            f"unknown dtype {text!r}; use one of {', '.join(SUPPORTED_DTYPES)} (or {aliases})"
         ) from None
 
 
@@ -265,8 +238,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         "--dtype",
         dest="dtype",
         type=_arg_type(_dtype, "dtype"),
-        help="cache dtype: float32, bfloat16, float16, int8, float8_e4m3fn (default: the "
-        "config's torch_dtype, else bfloat16); shows the capacity gain over bfloat16",
+        help=f"cache dtype: {', '.join(SUPPORTED_DTYPES)} (default: the config's torch_dtype, "
+        "else bfloat16); shows the capacity gain over bfloat16",
     )
     plan.add_argument(
         "--sliding-window",
@@ -427,65 +400,6 @@ def _run_plan(args: argparse.Namespace, plan_parser: argparse.ArgumentParser) ->
             file=sys.stderr,
         )
     return 0
-
-
-# --------------------------------------------------------------------------------------------
-# demo / bench
-# --------------------------------------------------------------------------------------------
-
-
-def _source_root() -> Path:
-    """The repository root when kvshard runs from a source checkout (editable install)."""
-    return Path(__file__).resolve().parents[1]
-
-
-def _has_module(name: str) -> bool:
-    try:
-        return importlib.util.find_spec(name) is not None
-    except ModuleNotFoundError:  # a parent package is missing
-        return False
-
-
-def run_script(name: str, args: list[str], root: Path | None = None) -> int:
-    """Runs ``kvshard NAME`` in a fresh interpreter with ``args``; returns its exit status.
-
-    The installed module :attr:`Script.module` if the package has it, else the file
-    :attr:`Script.source` of a source checkout (``root``, default the tree this file is in).
-    ``sys.argv[0]`` is ``"kvshard NAME"`` so that the script's ``--help`` and errors name the
-    command the user typed. A subprocess rather than ``runpy`` here: the scripts set
-    ``XLA_FLAGS`` (simulated devices) before importing JAX, which must not be imported yet.
-    """
-    script = SCRIPTS[name]
-    prog = f"kvshard {name}"
-    path = (root if root is not None else _source_root()).joinpath(*script.source)
-    if root is None and _has_module(script.module):
-        code = (
-            "import runpy, sys; sys.argv[0] = sys.argv.pop(1); "
-            "runpy.run_module(sys.argv.pop(1), run_name='__main__')"
-        )
-        command = [sys.executable, "-c", code, prog, script.module, *args]
-    elif path.is_file():
-        # The file's directory first on sys.path, as `python path` would have it (the examples
-        # import their sibling _model.py).
-        # Not runpy.run_path: it resets sys.argv[0] to the file's path.
-        code = (
-            "import sys; sys.argv[0] = sys.argv.pop(1); __file__ = sys.argv.pop(1); "
-            "sys.path.insert(0, __file__.rpartition('/')[0]); "
-            "exec(compile(open(__file__, encoding='utf-8').read(), __file__, 'exec'))"
-        )
-        command = [sys.executable, "-c", code, prog, path.as_posix(), *args]
-    else:
-        print(
-            f"{prog}: error: not installed: no module {script.module} in this kvshard "
-            f"({Path(__file__).parent}) and no source checkout ({path} not found); reinstall "
-            "kvshard, or run it from a clone of the repository",
-            file=sys.stderr,
-        )
-        return 2
-    try:
-        return subprocess.call(command)
-    except KeyboardInterrupt:
-        return 130
 
 
 # --------------------------------------------------------------------------------------------

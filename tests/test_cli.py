@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+import kvshard._run
 from kvshard import cli
 from kvshard._config import PRESETS, preset_config, read_model_config
 
@@ -499,7 +500,7 @@ def test_missing_script_is_a_clear_error(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(
         cli.SCRIPTS, "bench", cli.Script("kvshard.no_such_module", ("benchmarks", "x.py"), "")
     )
-    monkeypatch.setattr(cli, "_source_root", lambda: tmp_path)
+    monkeypatch.setattr(kvshard._run, "_source_root", lambda: tmp_path)
     assert cli.main(["bench", "--help"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1
