@@ -32,6 +32,9 @@ NULL_PAGE = 0
 _KEY_BYTES = 16  # blake2b digest size of a prefix-cache key (128 bits: collisions are moot)
 _ROOT_KEY = bytes(_KEY_BYTES)  # the "previous key" of a request's first page
 _STATE_VERSION = 1
+# Bound on tokens per request (max_pages_per_request * page_size): sums of two such counts
+# stay far from int64 overflow.
+_MAX_TOKENS = 2**62
 
 
 class OutOfPages(RuntimeError):
@@ -167,6 +170,11 @@ class PageAllocator:
                 raise ValueError(f"PageAllocator: {name}={value!r} must be an int >= {low}")
         if num_pages > np.iinfo(np.int32).max:
             raise ValueError(f"PageAllocator: num_pages={num_pages} does not fit int32")
+        if int(max_pages_per_request) * int(page_size) > _MAX_TOKENS:
+            raise ValueError(
+                f"PageAllocator: max_pages_per_request*page_size="
+                f"{int(max_pages_per_request) * int(page_size)} must be <= 2**62"
+            )
         self.num_pages = int(num_pages)
         self.page_size = int(page_size)
         self.max_requests = int(max_requests)
@@ -336,6 +344,13 @@ class PageAllocator:
         """
         if isinstance(num_new_tokens, bool) or not isinstance(num_new_tokens, int | np.integer):
             raise ValueError(f"allocate: num_new_tokens={num_new_tokens!r} must be an int")
+        # Bounded as a Python int: np.array(2**70) would overflow and 2**63-1 wraps later.
+        limit = self.max_pages_per_request * self.page_size
+        if num_new_tokens > limit:
+            raise ValueError(
+                f"allocate: num_new_tokens={int(num_new_tokens)} for req_id={req_id!r} exceeds "
+                f"max_pages_per_request*page_size={limit}"
+            )
         _, pages = self._grow([req_id], np.array([num_new_tokens], np.int64), "allocate")
         return pages
 
@@ -368,6 +383,16 @@ class PageAllocator:
         counts = np.asarray(num_new_tokens)
         if counts.size and not np.issubdtype(counts.dtype, np.integer):
             raise ValueError(f"allocate_batch: num_new_tokens must be integers, got {counts.dtype}")
+        # Range checks in the caller's dtype: a uint64 above 2**63 would wrap in astype(int64).
+        limit = self.max_pages_per_request * self.page_size
+        if counts.ndim == 1 and counts.shape[0] == len(ids):
+            hit = np.flatnonzero((counts < 0) | (counts > limit))
+            if hit.size:
+                i = int(hit[0])
+                raise ValueError(
+                    f"allocate_batch: num_new_tokens={int(counts[i])} for req_id={ids[i]!r} "
+                    f"must be in [0, max_pages_per_request*page_size={limit}]"
+                )
         rows, _ = self._grow(ids, counts.astype(np.int64, copy=False), "allocate_batch")
         return rows
 

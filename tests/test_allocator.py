@@ -771,3 +771,51 @@ def test_allocate_batch_rows_and_numpy_ids():
     assert a.allocate_batch([], []).shape == (0,)
     with pytest.raises(ValueError, match="must be integers"):
         a.allocate_batch([10], [1.5])
+
+
+# ----------------------------------------------------- adversarial input (issue 10)
+
+
+@pytest.mark.parametrize(
+    "count", [2**63 - 1, int(np.iinfo(np.int64).max), np.int64(2**62), 2**70, 17]
+)
+def test_allocate_huge_count_is_refused_unchanged(count):
+    """Issue 10 finding 2: a count past max_pages_per_request*page_size never wraps."""
+    a = make(num_pages=9, page_size=4, enable_prefix_caching=True)
+    a.allocate("a", 3)
+    _unchanged(
+        a, ValueError, lambda: a.allocate("x", count), rf"num_new_tokens={int(count)} .*exceeds max_pages_per_request\*page_size=16"
+    )
+    _unchanged(a, ValueError, lambda: a.allocate("a", count), rf"num_new_tokens={int(count)}")
+    assert a.num_free_pages == 7
+    assert a.allocate("x", 4).tolist() == [2]  # the allocator still works
+    a.check_invariants()
+
+
+@pytest.mark.parametrize(
+    "counts",
+    [
+        np.array([1, 2**63 - 1], np.int64),
+        np.array([1, 2**64 - 1], np.uint64),
+        np.array([1, 2**63], np.uint64),
+        np.array([1, np.iinfo(np.int64).max]),
+        [1, 2**62],
+    ],
+)
+def test_allocate_batch_huge_count_is_refused_unchanged(counts):
+    a = make(num_pages=9, page_size=4)
+    a.allocate("a", 3)
+    big = int(np.asarray(counts)[1])
+    _unchanged(
+        a,
+        ValueError,
+        lambda: a.allocate_batch(["a", "x"], counts),
+        rf"num_new_tokens={big} for req_id='x' must be in \[0, .*=16\]",
+    )
+    assert a.num_free_pages == 7
+    a.check_invariants()
+
+
+def test_constructor_refuses_overflowing_request_size():
+    with pytest.raises(ValueError, match=r"max_pages_per_request\*page_size=1180591620717411303424 must be <= 2\*\*62"):
+        PageAllocator(8, 2**40, max_requests=1, max_pages_per_request=2**30)
