@@ -496,12 +496,26 @@ class PageAllocator:
                 dst = pages[start[cow_pos]]
                 np.subtract.at(self._refcount, cow_src, 1)  # a page may lose several writers
                 self._page_table[rows[cow_pos], old_pages[cow_pos] - 1] = dst
-                self._pending.append(np.stack([cow_src, dst], axis=1).astype(np.int32))
+                self._queue_copies(cow_src, dst)
                 start[cow_pos] += 1
             self._place(rows, old_pages, grow, start, pages)
         self._row_pages[rows] = need
         self._row_tokens[rows] = total
         return rows.astype(np.int32), pages
+
+    def _queue_copies(self, src: np.ndarray, dst: np.ndarray) -> None:
+        """Queues copies ``src[i] -> dst[i]``, each source resolved to its original page.
+
+        A source that is itself the destination of a copy queued this step (a request forked
+        after it grew) holds nothing yet on the device: ``copy_pages`` reads every source
+        before writing any destination, so the copy must read the page that one copies from.
+        Queued pairs are resolved already, so one lookup suffices.
+        """
+        if self._pending:
+            queued = np.concatenate(self._pending)
+            origin = dict(zip(queued[:, 1].tolist(), queued[:, 0].tolist(), strict=True))
+            src = np.array([origin.get(page, page) for page in src.tolist()], np.int32)
+        self._pending.append(np.stack([src, dst], axis=1).astype(np.int32))
 
     def _plan_copy_on_write(
         self, rows: np.ndarray, old_tokens: np.ndarray, old_pages: np.ndarray, counts: np.ndarray
@@ -714,9 +728,13 @@ class PageAllocator:
     def take_pending_copies(self) -> np.ndarray:
         """Returns the queued copy-on-write copies and clears the queue.
 
-        Call once per step after all allocations and copy every ``src_page`` to its
-        ``dst_page`` on the device (in order, or all reads before all writes) before that
-        step's KV update. A pair is dropped if its destination is freed before it is taken.
+        Call once per step after all allocations and before that step's KV update, and copy
+        every ``src_page`` to its ``dst_page`` on the device with all reads before all writes,
+        as ``kvshard.copy_pages`` does: sources are resolved to pages holding data before the
+        step (a request forked after it grew in the same step copies from the page its parent
+        copied from, not from the parent's new page), so the pairs are correct in that one
+        order (applying them one by one in order is not guaranteed to be). A pair is dropped
+        if its destination is freed before it is taken.
 
         Returns:
             int32[K, 2]: rows (src_page, dst_page), page ids in ``[1, num_pages)``, in the order

@@ -123,7 +123,9 @@ class AllocatorMachine(RuleBasedStateMachine):
         got_pages = list(got_pages)
         if cow:
             event("copy-on-write")
-            self.pending.append((req.pages[-1], got_pages[0]))
+            # Sources resolve to pages holding data before the step (issue 10 finding 6).
+            origin = {d: s for s, d in self.pending}
+            self.pending.append((origin.get(req.pages[-1], req.pages[-1]), got_pages[0]))
             req.pages[-1] = got_pages.pop(0)
         req.pages += got_pages
         req.tokens += tokens
@@ -135,6 +137,9 @@ class AllocatorMachine(RuleBasedStateMachine):
         req_id = self.pick(data)
         note(f"allocate({req_id!r}, {n})")
         a = self.alloc
+        if n > a.max_pages_per_request * self.P:  # refused before anything else is looked at
+            self.expect_failure(ValueError, lambda: a.allocate(req_id, n), "page_size=")
+            return
         if req_id not in self.reqs and len(self.reqs) == a.max_requests:
             self.expect_failure(ValueError, lambda: a.allocate(req_id, n), "max_requests")
             return
@@ -167,6 +172,9 @@ class AllocatorMachine(RuleBasedStateMachine):
         a = self.alloc
         call = lambda: a.allocate_batch(req_ids, np.array(counts, np.int64))
         new = [r for r in req_ids if r not in self.reqs]
+        if any(n > a.max_pages_per_request * self.P for n in counts):
+            self.expect_failure(ValueError, call, "page_size=")
+            return
         if len(self.reqs) + len(new) > a.max_requests:
             self.expect_failure(ValueError, call, "max_requests")
             return
@@ -819,3 +827,21 @@ def test_allocate_batch_huge_count_is_refused_unchanged(counts):
 def test_constructor_refuses_overflowing_request_size():
     with pytest.raises(ValueError, match=r"max_pages_per_request\*page_size=1180591620717411303424 must be <= 2\*\*62"):
         PageAllocator(8, 2**40, max_requests=1, max_pages_per_request=2**30)
+
+
+def test_copy_on_write_chain_resolves_to_original_source():
+    """Issue 10 finding 6: fork after growth in one step; correct under copy_pages' order."""
+    a = make(num_pages=9, page_size=4)
+    a.allocate("a", 2)  # page 1 holds tokens [10, 11]
+    device = np.zeros((9, 4), np.int64)
+    device[1, :2] = [10, 11]
+    a.fork("a", "b")
+    assert a.allocate("a", 1).tolist() == [2]  # copy 1 -> 2
+    a.fork("a", "c")  # shares page 2, not yet written on the device
+    assert a.allocate("c", 1).tolist() == [3]  # copy-on-write of page 2
+    pairs = a.take_pending_copies()
+    assert pairs.tolist() == [[1, 2], [1, 3]]  # was [[1, 2], [2, 3]]
+    device[pairs[:, 1]] = device[pairs[:, 0]]  # copy_pages: every read before any write
+    for req in ("a", "b", "c"):
+        assert device[a.pages(req)[-1], :2].tolist() == [10, 11], req
+    a.check_invariants()
