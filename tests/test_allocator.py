@@ -792,7 +792,10 @@ def test_allocate_huge_count_is_refused_unchanged(count):
     a = make(num_pages=9, page_size=4, enable_prefix_caching=True)
     a.allocate("a", 3)
     _unchanged(
-        a, ValueError, lambda: a.allocate("x", count), rf"num_new_tokens={int(count)} .*exceeds max_pages_per_request\*page_size=16"
+        a,
+        ValueError,
+        lambda: a.allocate("x", count),
+        rf"num_new_tokens={int(count)} .*exceeds max_pages_per_request\*page_size=16",
     )
     _unchanged(a, ValueError, lambda: a.allocate("a", count), rf"num_new_tokens={int(count)}")
     assert a.num_free_pages == 7
@@ -825,7 +828,10 @@ def test_allocate_batch_huge_count_is_refused_unchanged(counts):
 
 
 def test_constructor_refuses_overflowing_request_size():
-    with pytest.raises(ValueError, match=r"max_pages_per_request\*page_size=1180591620717411303424 must be <= 2\*\*62"):
+    with pytest.raises(
+        ValueError,
+        match=r"max_pages_per_request\*page_size=1180591620717411303424 must be <= 2\*\*62",
+    ):
         PageAllocator(8, 2**40, max_requests=1, max_pages_per_request=2**30)
 
 
