@@ -291,6 +291,8 @@ class AllocatorState(PrefixCache):
         check(not self._cached[NULL_PAGE], "cached: the null page is cached")
         check(self.enable_prefix_caching or not self._cached.any(), "cached: caching is disabled")
         check(not self._page_key[~self._cached].any(), "page_key: an uncached page has a key")
+        # An all-zero digest has probability 2**-128: it marks a cached page with no key.
+        check(self._page_key[self._cached].any(axis=1).all(), "page_key: a cached page has none")
         used = int((self._refcount > 0).sum())
         check(self._num_free + self._num_evictable + used == n - 1, "free_pages: pages leaked")
         check(len(self._key_to_page) == int(self._cached.sum()), "page_key: a key is doubled")
