@@ -98,7 +98,7 @@ def measure(num_pages: int, pages: int, calls: int) -> dict[str, dict[str, float
     scenarios["evicting"] = Scenario(num_pages, pages, True)
     times: dict[str, list[tuple[int, int]]] = {name: [] for name in scenarios}
     for _ in range(calls // 10):  # warm-up
-        for name, s in scenarios.items():
+        for s in scenarios.values():
             s.cycle()
     for _ in range(calls):
         for name, s in scenarios.items():
