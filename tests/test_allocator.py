@@ -31,17 +31,19 @@ def make(num_pages=9, page_size=4, **kw) -> PageAllocator:
 
 
 class Req:
-    """Model of one request: its tokens, pages, committed page count and namespace."""
+    """Model of one request: tokens, pages (0 once released by a window), committed page
+    count, namespace, and how many leading pages the sliding window released."""
 
-    def __init__(self, tokens=(), pages=(), committed=0, ns=None, has_ns=False):
+    def __init__(self, tokens=(), pages=(), committed=0, ns=None, has_ns=False, released=0):
         self.tokens = list(tokens)
         self.pages = list(pages)
         self.committed = committed
         self.ns = ns
         self.has_ns = has_ns
+        self.released = released
 
     def copy(self) -> Req:
-        return Req(self.tokens, self.pages, self.committed, self.ns, self.has_ns)
+        return Req(self.tokens, self.pages, self.committed, self.ns, self.has_ns, self.released)
 
 
 class AllocatorMachine(RuleBasedStateMachine):
@@ -53,17 +55,22 @@ class AllocatorMachine(RuleBasedStateMachine):
         max_requests=st.integers(2, 6),
         max_pages=st.integers(2, 8),
         prefix=st.sampled_from([True, True, True, False]),
+        window=st.sampled_from([None, None, None, 1, 2, 3, 5]),
     )
-    def setup(self, num_pages, page_size, max_requests, max_pages, prefix):
-        note(f"PageAllocator({num_pages}, {page_size}, {max_requests}, {max_pages}, {prefix})")
+    def setup(self, num_pages, page_size, max_requests, max_pages, prefix, window):
+        kw = {"max_requests": max_requests, "max_pages_per_request": max_pages}
+        if window is not None and prefix:
+            with pytest.raises(ValueError, match="cannot be combined with enable_prefix_caching"):
+                PageAllocator(
+                    num_pages, page_size, **kw, enable_prefix_caching=True, sliding_window=window
+                )
+            prefix = False
+        note(f"PageAllocator({num_pages}, {page_size}, {kw}, {prefix}, window={window})")
         self.alloc = PageAllocator(
-            num_pages,
-            page_size,
-            max_requests=max_requests,
-            max_pages_per_request=max_pages,
-            enable_prefix_caching=prefix,
+            num_pages, page_size, **kw, enable_prefix_caching=prefix, sliding_window=window
         )
         self.P = page_size
+        self.W = window
         self.reqs: dict = {}
         self.free_plain = set(range(1, num_pages))
         self.cache: dict = {}  # (ns, tuple(tokens up to the page's end)) -> page
@@ -99,9 +106,28 @@ class AllocatorMachine(RuleBasedStateMachine):
         req = reqs.get(req_id, Req())
         old, total = len(req.tokens), len(req.tokens) + n
         grow = -(-total // self.P) - len(req.pages)
-        shared = bool(req.pages) and sum(r.pages.count(req.pages[-1]) for r in reqs.values()) > 1
+        # A partial last page is copied when another request or the prefix cache holds it.
+        shared = bool(req.pages) and (
+            sum(r.pages.count(req.pages[-1]) for r in reqs.values()) > 1
+            or req.pages[-1] in self.page_key
+        )
         cow = n > 0 and old % self.P != 0 and shared
         return grow + int(cow), cow
+
+    def window_release(self, req_id, reqs):
+        """Releases, in model ``reqs``, the pages out of the window; returns them."""
+        req = reqs.get(req_id)
+        if self.W is None or req is None:
+            return []
+        stop = max(len(req.tokens) - self.W + 1, 0) // self.P
+        dropped = req.pages[req.released : stop]
+        req.pages[req.released : stop] = [NULL_PAGE] * len(dropped)
+        req.released = max(req.released, stop)
+        return dropped
+
+    def freed_by(self, dropped, reqs):
+        """Pages of ``dropped`` that nobody in ``reqs`` holds any more."""
+        return [p for p in dropped if not any(p in r.pages for r in reqs.values())]
 
     def take_new_pages(self, new_pages):
         """Checks pages an allocation got came from free/LRU pages; updates the free model."""
@@ -125,8 +151,12 @@ class AllocatorMachine(RuleBasedStateMachine):
             event("copy-on-write")
             # Sources resolve to pages holding data before the step (issue 10 finding 6).
             origin = {d: s for s, d in self.pending}
-            self.pending.append((origin.get(req.pages[-1], req.pages[-1]), got_pages[0]))
+            src = req.pages[-1]
+            self.pending.append((origin.get(src, src), got_pages[0]))
             req.pages[-1] = got_pages.pop(0)
+            if src in self.page_key and not self.refcount(src):
+                event("copy-on-write of a cached page (after truncate)")
+                self.lru.append(src)
         req.pages += got_pages
         req.tokens += tokens
 
@@ -147,8 +177,10 @@ class AllocatorMachine(RuleBasedStateMachine):
         if -(-total // self.P) > a.max_pages_per_request:
             self.expect_failure(ValueError, lambda: a.allocate(req_id, n), "max_pages_per_request")
             return
-        needed, cow = self.plan(req_id, n, self.reqs)
-        available = len(self.free_plain) + len(self.lru)
+        scratch = {k: v.copy() for k, v in self.reqs.items()}
+        freed = self.freed_by(self.window_release(req_id, scratch), scratch)
+        needed, cow = self.plan(req_id, n, scratch)
+        available = len(self.free_plain) + len(self.lru) + len(freed)
         if needed > available:
             err = self.expect_failure(OutOfPages, lambda: a.allocate(req_id, n))
             assert (err.needed, err.available) == (needed, available)
@@ -156,6 +188,7 @@ class AllocatorMachine(RuleBasedStateMachine):
         got = a.allocate(req_id, n)
         note(f"  -> {got.tolist()} (copy-on-write: {cow})")
         assert got.dtype == np.int32 and len(got) == needed
+        self.release_pages(self.window_release(req_id, self.reqs))
         self.take_new_pages(got)
         tokens = data.draw(st.lists(TOKENS, min_size=n, max_size=n))
         self.grow_model(req_id, n, got.tolist(), cow, tokens)
@@ -186,6 +219,8 @@ class AllocatorMachine(RuleBasedStateMachine):
             return
         # Sequential semantics on a scratch model decide copies and the page count.
         scratch = {k: v.copy() for k, v in self.reqs.items()}
+        dropped = [p for r in req_ids for p in self.window_release(r, scratch)]
+        freed = set(self.freed_by(dropped, scratch))
         plans = []
         for r, n in zip(req_ids, counts, strict=True):
             needed, cow = self.plan(r, n, scratch)
@@ -197,13 +232,15 @@ class AllocatorMachine(RuleBasedStateMachine):
             req.pages += fake
             req.tokens += [0] * n
         needed = sum(p for p, _ in plans)
-        available = len(self.free_plain) + len(self.lru)
+        available = len(self.free_plain) + len(self.lru) + len(freed)
         if needed > available:
             err = self.expect_failure(OutOfPages, call)
             assert (err.needed, err.available) == (needed, available)
             return
-        old_pages = {r: list(self.reqs.get(r, Req()).pages) for r in req_ids}
         rows = call()
+        for r in req_ids:  # the window releases first, for the whole batch
+            self.release_pages(self.window_release(r, self.reqs))
+        old_pages = {r: list(self.reqs.get(r, Req()).pages) for r in req_ids}
         assert rows.dtype == np.int32
         assert rows.tolist() == [a.row(r) for r in req_ids]
         all_new = []
@@ -238,12 +275,45 @@ class AllocatorMachine(RuleBasedStateMachine):
             self.expect_failure(UnknownRequest, lambda: self.alloc.free(req_id), "unknown request")
             return
         self.alloc.free(req_id)
-        req = self.reqs.pop(req_id)
-        dead = [p for p in req.pages if self.refcount(p) == 0]
+        self.release_pages(self.reqs.pop(req_id).pages)
+
+    def release_pages(self, pages):
+        """Model of dropping one owner of ``pages`` (already removed from their request)."""
+        dead = [p for p in pages if p != NULL_PAGE and self.refcount(p) == 0]
         # Cached pages become evictable, the request's last page first.
         self.lru += [p for p in reversed(dead) if p in self.page_key]
         self.free_plain |= {p for p in dead if p not in self.page_key}
         self.pending = [(s, d) for s, d in self.pending if d not in dead]
+
+    @rule(extra=st.integers(0, 2), data=st.data())
+    def truncate(self, extra, data):
+        """Rolls a request back (rejected draft tokens), sometimes past its end (refused)."""
+        req_id = self.pick(data)
+        a = self.alloc
+        if req_id not in self.reqs:
+            call = lambda: a.truncate(req_id, 0)
+            self.expect_failure(UnknownRequest, call, "truncate: unknown request")
+            return
+        req = self.reqs[req_id]
+        held = len(req.tokens)
+        keep_tokens = data.draw(st.integers(0, held)) if not extra else held + extra
+        note(f"truncate({req_id!r}, {keep_tokens})")
+        call = lambda: a.truncate(req_id, keep_tokens)
+        if keep_tokens > held:
+            self.expect_failure(ValueError, call, rf"num_tokens={keep_tokens} .*\[0, {held}\]")
+            return
+        if self.W is not None and req.released * self.P > max(keep_tokens - self.W + 1, 0):
+            self.expect_failure(ValueError, call, "were released")
+            return
+        call()
+        keep = -(-keep_tokens // self.P)
+        dropped = req.pages[keep:]
+        req.pages, req.tokens = req.pages[:keep], req.tokens[:keep_tokens]
+        if req.committed > keep_tokens // self.P:
+            req.committed = 0
+        if keep_tokens % self.P and req.pages and req.pages[-1] in self.page_key:
+            event("truncate into a cached page")
+        self.release_pages(dropped)
 
     @rule(dst=st.sampled_from(IDS), data=st.data())
     def fork(self, dst, data, src=None):
@@ -362,6 +432,7 @@ class AllocatorMachine(RuleBasedStateMachine):
             max_requests=self.alloc.max_requests,
             max_pages_per_request=self.alloc.max_pages_per_request,
             enable_prefix_caching=self.alloc.enable_prefix_caching,
+            sliding_window=self.alloc.sliding_window,
         )
         twin.load_state_dict(state)
         assert twin.checksum() == self.alloc.checksum()
@@ -386,6 +457,7 @@ class AllocatorMachine(RuleBasedStateMachine):
             max_requests=self.alloc.max_requests,
             max_pages_per_request=self.alloc.max_pages_per_request,
             enable_prefix_caching=self.alloc.enable_prefix_caching,
+            sliding_window=self.alloc.sliding_window,
         )
         if not self.alloc.enable_prefix_caching:
             event("free everything: caching off")
@@ -412,9 +484,10 @@ class AllocatorMachine(RuleBasedStateMachine):
             assert len(req.pages) == -(-len(req.tokens) // self.P)
             row = a.page_table[a.row(req_id)]
             assert row[: len(req.pages)].tolist() == req.pages and not row[len(req.pages) :].any()
-            for page in req.pages:
+            for page in req.pages[req.released :]:
                 refcount[page] += 1
-            owned |= set(req.pages)
+            assert not any(req.pages[: req.released]), "released entries are not null"
+            owned |= set(req.pages[req.released :])
         np.testing.assert_array_equal(state["refcount"], refcount)
         assert NULL_PAGE not in owned
         assert not owned & (self.free_plain | set(self.lru)), "a table points at a free page"
