@@ -14,7 +14,13 @@ from hypothesis.stateful import (
     rule,
 )
 
-from kvshard.allocator import NULL_PAGE, OutOfPages, PageAllocator, UnknownRequest
+from kvshard.allocator import (
+    NULL_PAGE,
+    OutOfPages,
+    PageAllocator,
+    UnknownRequest,
+    sliding_window_pages,
+)
 
 IDS = ["a", "b", "c", "d", "e", "f", 7, (1, 2)]  # any hashable is a request id
 NAMESPACES = [None, "tenant-1", "tenant-2"]
@@ -123,6 +129,8 @@ class AllocatorMachine(RuleBasedStateMachine):
         dropped = req.pages[req.released : stop]
         req.pages[req.released : stop] = [NULL_PAGE] * len(dropped)
         req.released = max(req.released, stop)
+        if dropped and reqs is self.reqs:
+            event("sliding window released pages")
         return dropped
 
     def freed_by(self, dropped, reqs):
@@ -297,6 +305,8 @@ class AllocatorMachine(RuleBasedStateMachine):
         req = self.reqs[req_id]
         held = len(req.tokens)
         keep_tokens = data.draw(st.integers(0, held)) if not extra else held + extra
+        if req.committed and not extra and data.draw(st.booleans()):  # into a cached page
+            keep_tokens = (req.committed - 1) * self.P + data.draw(st.integers(1, self.P - 1))
         note(f"truncate({req_id!r}, {keep_tokens})")
         call = lambda: a.truncate(req_id, keep_tokens)
         if keep_tokens > held:
@@ -1046,3 +1056,145 @@ def test_latency_benchmark_runs_and_evicts(tmp_path):
     assert {(r["pages"], r["scenario"]) for r in report["rows"]} == {
         (p, s) for p in (1, 4) for s in ("free stack", "evicting")
     }
+
+
+# ------------------------------------------------------ truncate, sliding window (issue 14)
+
+
+def test_truncate_frees_pages_past_the_new_end():
+    a = make(num_pages=9, page_size=4)
+    a.allocate("x", 10)  # pages 1, 2, 3
+    a.allocate("y", 1)  # page 4
+    for bad, match in [
+        (-1, r"num_tokens=-1 for req_id='x' must be in \[0, 10\]"),
+        (11, r"num_tokens=11 for req_id='x' must be in \[0, 10\]"),
+        (1.5, r"num_tokens=1.5 must be an int"),
+        (True, r"num_tokens=True must be an int"),
+    ]:
+        _unchanged(a, ValueError, lambda b=bad: a.truncate("x", b), match)
+    _unchanged(a, UnknownRequest, lambda: a.truncate("nope", 0), "truncate: unknown request")
+    a.truncate("x", 5)
+    assert a.pages("x").tolist() == [1, 2] and a.num_tokens("x") == 5
+    assert a.num_free_pages == 5
+    assert a.allocate("x", 3).tolist() == []  # page 2 is private: written in place
+    assert a.take_pending_copies().shape == (0, 2)
+    assert a.allocate("z", 4).tolist() == [3]  # the freed page is reused
+    a.truncate("x", 0)
+    assert a.pages("x").size == 0 and "x" in a and not a.page_table[a.row("x")].any()
+    a.check_invariants()
+
+
+def test_truncate_shared_partial_page_is_copied_on_next_write():
+    a = make(num_pages=9, page_size=4)
+    a.allocate("a", 10)  # pages 1, 2, 3
+    a.fork("a", "b")
+    a.truncate("b", 5)  # b keeps 1 and half of 2, which a holds in full
+    assert a.state_dict()["refcount"][[1, 2, 3]].tolist() == [2, 2, 1]
+    assert a.allocate("b", 1).tolist() == [4]  # copy-on-write of page 2
+    assert a.take_pending_copies().tolist() == [[2, 4]]
+    assert a.pages("a").tolist() == [1, 2, 3] and a.pages("b").tolist() == [1, 4]
+    a.check_invariants()
+
+
+def test_truncate_into_cached_page_keeps_the_cache_intact():
+    a = make(num_pages=9, page_size=4, enable_prefix_caching=True)
+    prompt = list(range(8))
+    a.allocate("x", 8)
+    assert a.commit_prefix("x", prompt) == 2  # pages 1, 2 cached
+    a.truncate("x", 6)  # rejected draft tokens 6, 7 in cached page 2
+    assert a.allocate("x", 1).tolist() == [3]  # a private copy, not a write into page 2
+    assert a.take_pending_copies().tolist() == [[1 + 1, 3]]
+    assert a.lookup_prefix("w", [*prompt, 99]) == 8  # page 2 still holds tokens 4..7
+    assert a.pages("w").tolist() == [1, 2]
+    a.free("w")
+    a.check_invariants()
+    # Once nobody holds the cached page, it is evictable, not free.
+    b = make(num_pages=9, page_size=4, enable_prefix_caching=True)
+    b.allocate("x", 8)
+    b.commit_prefix("x", prompt)
+    b.truncate("x", 6)
+    b.allocate("x", 1)
+    assert b.num_evictable_pages == 1 and b.num_free_pages == 8 - 2
+    b.check_invariants()
+
+
+def test_sliding_window_releases_pages_out_of_the_window():
+    a = PageAllocator(12, 2, max_requests=2, max_pages_per_request=10, sliding_window=4)
+    a.allocate("x", 10)  # pages 1..5, tokens 0..9
+    assert a.allocate("x", 1).tolist() == [1]  # token 10 attends 7..10: pages 0-2 released
+    assert a.pages("x").tolist() == [0, 0, 0, 4, 5, 1]  # released pages are reused at once
+    assert a.num_tokens("x") == 11 and a.num_free_pages == 12 - 1 - 3
+    a.check_invariants()
+    _unchanged(a, ValueError, lambda: a.truncate("x", 8), r"needs tokens from 5 on .*were released")
+    a.truncate("x", 10)  # token 10 again: needs tokens 7.. (pages 3, 4): allowed
+    a.fork("x", "y")
+    a.allocate_batch(["x", "y"], [2, 2])
+    a.check_invariants()
+    a.free("x")
+    a.free("y")
+    assert (
+        a.num_free_pages == 11
+        and a.checksum()
+        == PageAllocator(
+            12, 2, max_requests=2, max_pages_per_request=10, sliding_window=4
+        ).checksum()
+    )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"sliding_window": 0}, "sliding_window=0 must be an int >= 1"),
+        ({"sliding_window": 2.0}, "sliding_window=2.0"),
+        ({"sliding_window": 4, "enable_prefix_caching": True}, "cannot be combined"),
+    ],
+)
+def test_sliding_window_constructor_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        PageAllocator(8, 2, max_requests=2, max_pages_per_request=4, **kwargs)
+
+
+@given(
+    window=st.integers(1, 9),
+    page_size=st.integers(1, 4),
+    steps=st.lists(st.integers(1, 4), min_size=1, max_size=30),
+)
+@settings(max_examples=80, deadline=None)
+def test_sliding_window_keeps_every_page_the_window_reads(window, page_size, steps):
+    """Each step's queries attend (p - W, p]: those keys' pages are held, the rest are not."""
+    a = PageAllocator(
+        64, page_size, max_requests=1, max_pages_per_request=64, sliding_window=window
+    )
+    for n in steps:
+        old = a.num_tokens("x") if "x" in a else 0
+        a.allocate("x", n)
+        pages = a.pages("x")
+        first = max(old - window + 1, 0)  # the first key the step's first query reads
+        held = [j for j, page in enumerate(pages) if page != NULL_PAGE]
+        assert held == list(range(first // page_size, len(pages)))
+        assert len(held) <= sliding_window_pages(window, page_size, max(steps))
+    a.check_invariants()
+
+
+@pytest.mark.parametrize("page_size", [1, 2, 3, 16])
+@pytest.mark.parametrize("window", [1, 2, 5, 16, 17, 100])
+@pytest.mark.parametrize("new", [1, 3, 16])
+def test_sliding_window_pages_is_reached(page_size, window, new):
+    """The bound is exact: some alignment of a run of ``new``-token steps reaches it."""
+    bound = sliding_window_pages(window, page_size, new)
+    most = 0
+    for offset in range(page_size):
+        a = PageAllocator(
+            400, page_size, max_requests=1, max_pages_per_request=400, sliding_window=window
+        )
+        a.allocate("x", offset)
+        for _ in range((window + 2 * page_size) // new + 2):
+            a.allocate("x", new)
+            most = max(most, int(np.count_nonzero(a.pages("x"))))
+    assert most == bound
+
+
+def test_sliding_window_pages_errors():
+    for args in [(0, 16), (4, 0), (4, 16, 0), (4.0, 16)]:
+        with pytest.raises(ValueError, match="must be an int >= 1"):
+            sliding_window_pages(*args)
