@@ -120,7 +120,7 @@ class EvictionOrder(AllocatorBase):
         for i in range(out.size):
             page = self._lru_next.item(page)
             if page == NULL_PAGE:
-                raise AssertionError("eviction list is shorter than the evictable count")
+                raise AssertionError("lru: the eviction list is shorter than the evictable count")
             out[i] = page
         return out
 
