@@ -195,6 +195,11 @@ class PageAllocator(AllocatorState):
         (see :meth:`take_pending_copies`); full pages stay shared. ``dst_req`` also inherits
         ``src_req``'s token count and prefix-cache progress (committed pages, namespace).
 
+        Fork a request whose tokens are computed (after the step that wrote them): tokens
+        ``src_req`` was grown by in the current step are written by that step's update into
+        ``src_req``'s pages only, so if ``dst_req`` also writes in that step, its copy of the
+        shared partial page (taken before the update) lacks them.
+
         Args:
             src_req: a live request id.
             dst_req: a hashable id that is not live.
