@@ -8,23 +8,31 @@ from __future__ import annotations
 
 import re
 
-import pytest
 from _scripts import ROOT, run_script, stdout_of_success
 
 
-@pytest.mark.parametrize("flags", [(), ("--sliding-window", "6")])
-def test_flax_llama_matches_dense(flags):
+def run_flax_llama(*flags: str) -> tuple[int, int, int, str, int, float]:
+    """(requests, steps, tokens computed, window, most pages in use, max logit diff)."""
     out = stdout_of_success(run_script(ROOT / "examples" / "flax_llama.py", *flags))
     found = re.search(
-        r"(\d+) requests, (\d+) steps, (\d+) tokens computed, window (\S+): "
-        r"max \|paged - dense\| logit = (\S+)",
+        r"(\d+) requests, (\d+) steps, (\d+) tokens computed, window (\S+), at most (\d+) "
+        r"pages in use: max \|paged - dense\| logit = (\S+)",
         out,
     )
     assert found, out
-    requests, steps, tokens, window, diff = found.groups()
-    assert int(requests) == 6 and int(tokens) > int(steps) > 6  # batched, prefill and decode
-    assert window == ("6" if flags else "None")
-    assert float(diff) <= 1e-4
+    requests, steps, tokens, window, peak, diff = found.groups()
+    return int(requests), int(steps), int(tokens), window, int(peak), float(diff)
+
+
+def test_flax_llama_matches_dense_with_and_without_a_window():
+    full = run_flax_llama()
+    requests, steps, tokens, window, peak, diff = full
+    assert requests == 6 and tokens > steps > 6  # batched: prefill chunks and decodes
+    assert window == "None" and diff <= 1e-4
+    windowed = run_flax_llama("--sliding-window", "6")
+    assert windowed[:4] == (requests, steps, tokens, "6")  # the same schedule
+    assert windowed[5] <= 1e-4
+    assert windowed[4] < peak  # the allocator released out-of-window pages
 
 
 def test_flax_llama_check_catches_a_wrong_model(tmp_path):
