@@ -328,6 +328,32 @@ def test_window_pages_matches_a_simulation(window, page_size):
     assert cli.window_pages(window, page_size, long) == -(-(window - 1) // page_size) + 1
 
 
+@pytest.mark.parametrize("page_size", [1, 4, 16, 32])
+@pytest.mark.parametrize("window", [1, 2, 15, 16, 17, 4096])
+def test_window_pages_agrees_with_the_allocator_bound(window, page_size):
+    # The allocator's own bound for decode steps, reached once the context passes the window.
+    from kvshard.allocator import sliding_window_pages
+
+    long = window + 2 * page_size
+    assert cli.window_pages(window, page_size, long) == sliding_window_pages(window, page_size)
+
+
+@pytest.mark.parametrize(("window", "page_size"), [(1, 4), (6, 4), (8, 4), (9, 4), (17, 8)])
+def test_window_pages_is_what_the_allocator_keeps(window, page_size):
+    # Decode one request token by token with a windowed allocator: the most pages it held.
+    from kvshard.allocator import PageAllocator
+
+    for context in (3, window, window + 1, 3 * window + 2 * page_size):
+        alloc = PageAllocator(
+            64, page_size, max_requests=1, max_pages_per_request=64, sliding_window=window
+        )
+        most = 0
+        for _ in range(context):
+            alloc.allocate("r", 1)
+            most = max(most, alloc.num_pages - 1 - alloc.num_free_pages)
+        assert cli.window_pages(window, page_size, context) == most, (window, context)
+
+
 def test_window_pages_rejects_bad_input():
     with pytest.raises(ValueError, match="window=0"):
         cli.window_pages(0, 16, 10)
