@@ -4,12 +4,12 @@ Interpret mode compiles slowly (~10 s per executable) and runs ~1 s per call, so
 uses one tiny fixed shape per executable and few examples. The dense oracle and helpers come
 from test_cache.py.
 
-Executed tests use meshes of at most 4 devices, and one 1x8 case run in a subprocess with a
-timeout (see its test): Pallas TPU interpret mode starts every kernel
-with a global ``threading.Barrier`` across the mesh's devices
-(jax/_src/pallas/mosaic/interpret/interpret_pallas_call.py, ``_barrier``), and with 8 simulated
-CPU devices on a 2-core host not all 8 device threads reach it: the run deadlocks
-(intermittently, always with larger caches). The 8-device TPU export test only lowers.
+Executed tests here use meshes of at most 4 devices; every 8-device mesh shape runs in
+test_pallas_meshes.py. Pallas TPU interpret mode starts every kernel with a global
+``threading.Barrier`` across the mesh's devices
+(jax/_src/pallas/mosaic/interpret/interpret_pallas_call.py, ``_barrier``), which needs a CPU
+client thread per device: conftest.py sets ``NPROC=16`` for that (without it, 8 simulated
+devices on a 2-core host deadlocked). The 8-device TPU export test only lowers.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _scripts import run_script, stdout_of_success
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.sharding import NamedSharding
@@ -147,36 +146,3 @@ def test_sharded_update_lowers_for_tpu(page_axis):
     assert "tf.aliasing_output = 0" in text
     assert exported.nr_devices == 8
     assert exported.platforms == ("tpu",)
-
-
-_ONE_BY_EIGHT = """
-import os
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-import jax, numpy as np, kvshard
-mesh = jax.make_mesh((1, 8), ("data", "model"))
-spec = kvshard.CacheSpec(num_layers=2, num_kv_heads=8, head_dim=128, page_size=4, num_pages=8,
-                         dtype="float32")
-rng = np.random.default_rng(0)
-k, v = (rng.standard_normal((7, 8, 128)).astype(np.float32) for _ in range(2))
-slices = np.array([[5, 0, 3], [12, 3, 4], [0, 0, 0]], np.int32).T.copy()
-num = np.array([2], np.int32)
-caches = {b: kvshard.init_cache(spec, mesh) for b in ("pallas", "xla")}
-for backend in caches:
-    for layer in range(2):
-        caches[backend] = kvshard.update(caches[backend], layer, k, v, slices, num,
-                                         backend=backend)
-slots = np.array([5, 6, 7, 12, 13, 14, 15])
-k1, v1 = kvshard.gather(caches["pallas"], 1, slots)
-assert np.array_equal(np.asarray(caches["pallas"].kv), np.asarray(caches["xla"].kv))
-assert np.array_equal(np.asarray(k1), k) and np.array_equal(np.asarray(v1), v)
-print("1x8 pallas == xla == written")
-"""
-
-
-def test_pallas_backend_on_one_by_eight_mesh(tmp_path):
-    """The executed 8-device case: a 1x8 mesh with a 64 KiB local cache, which interpret mode
-    runs reliably (24 of 24 runs here, 16 of them two at a time); a subprocess with a timeout,
-    so that a hang of the interpreter (see the module docstring) fails instead of stalling."""
-    script = tmp_path / "one_by_eight.py"
-    script.write_text(_ONE_BY_EIGHT)
-    assert "1x8 pallas == xla == written" in stdout_of_success(run_script(script))
