@@ -3,17 +3,20 @@
 The public API, re-exported from private modules:
 
 * cache layout and device ops: :class:`CacheSpec`, :class:`KVCache`, :func:`init_cache`,
-  :func:`update`, :func:`gather`, :func:`copy_pages`, :func:`check_tensor_parallel`;
+  :func:`update`, :func:`gather`, :func:`copy_pages`, :func:`check_tensor_parallel`,
+  :func:`abstract_cache` (ahead-of-time compilation);
 * host-side bookkeeping: :class:`PageAllocator`, :class:`OutOfPages`, :class:`UnknownRequest`,
   :data:`NULL_PAGE`;
 * step metadata: :func:`build_update_slices`, :func:`padded_num_slices`, :func:`pad_slices`,
   :func:`token_buckets`, :func:`padded_token_count`;
-* submodules :mod:`kvshard.kernels` (Pallas kernels), :mod:`kvshard.reference` (numpy oracle)
+* submodules :mod:`kvshard.distributed` (multi-process meshes: host arrays, allocator
+  agreement), :mod:`kvshard.kernels` (Pallas kernels), :mod:`kvshard.reference` (numpy oracle)
   and :mod:`kvshard.testing` (hypothesis strategies; needs the ``test`` extra, not imported here).
 """
 
 from importlib.metadata import PackageNotFoundError, version
 
+from kvshard import distributed as distributed
 from kvshard import kernels as kernels
 from kvshard import reference as reference
 from kvshard._layout import CacheSpec as CacheSpec
@@ -23,6 +26,7 @@ from kvshard.allocator import OutOfPages as OutOfPages
 from kvshard.allocator import PageAllocator as PageAllocator
 from kvshard.allocator import UnknownRequest as UnknownRequest
 from kvshard.cache import KVCache as KVCache
+from kvshard.cache import abstract_cache as abstract_cache
 from kvshard.cache import copy_pages as copy_pages
 from kvshard.cache import gather as gather
 from kvshard.cache import init_cache as init_cache
@@ -46,9 +50,11 @@ __all__ = [
     "PageAllocator",
     "UnknownRequest",
     "__version__",
+    "abstract_cache",
     "build_update_slices",
     "check_tensor_parallel",
     "copy_pages",
+    "distributed",
     "gather",
     "init_cache",
     "kernels",

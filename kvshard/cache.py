@@ -20,7 +20,8 @@ place: inside ``shard_map`` the local block [L, slots, C, D] is reshaped (a free
 [L·slots, C, D] and ``kv_cache_start`` is offset by ``layer · slots``, so the 3-D Pallas kernel
 writes the right layer of the aliased buffer; the XLA backend scatters at ``[layer, slot]``.
 
-Public functions: :func:`init_cache`, :func:`update`, :func:`gather`, :func:`copy_pages`.
+Public functions: :func:`init_cache`, :func:`update`, :func:`gather`, :func:`copy_pages`, and
+:func:`abstract_cache` (shapes and shardings only, for ahead-of-time compilation).
 Every one validates its arguments on the host before anything is donated, so a bad call raises
 and leaves the cache intact and readable.
 """
@@ -39,12 +40,14 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from kvshard._layout import CacheSpec, check_tensor_parallel
+from kvshard.distributed import global_array
 from kvshard.kernels.update import kv_cache_update, slice_is_writable, validate_slices
 
 __all__ = [
     "Backend",
     "CacheSpec",
     "KVCache",
+    "abstract_cache",
     "check_tensor_parallel",
     "copy_pages",
     "gather",
@@ -188,6 +191,39 @@ def init_cache(
     sharding = NamedSharding(mesh, P(None, page_axis, head_axis, None))
     kv = _zeros_fn(spec.global_shape(tp, dp), spec.dtype, sharding)()
     return KVCache(kv=kv, spec=spec, mesh=mesh, head_axis=head_axis, page_axis=page_axis)
+
+
+def abstract_cache(
+    spec: CacheSpec,
+    mesh: Mesh,
+    *,
+    head_axis: str | None = "model",
+    page_axis: str | None = None,
+) -> KVCache:
+    """The cache :func:`init_cache` would return, as ``jax.ShapeDtypeStruct``s with shardings.
+
+    For ahead-of-time compilation: ``jax.jit(step, donate_argnums=0).lower(abstract_cache(...),
+    ...).compile()`` gives an executable whose cache input aliases its cache output. (A
+    ``jax.eval_shape(init_cache, ...)`` result has ``sharding=None``: the lowered step then
+    expects a replicated cache, returns a sharded one and cannot reuse the donated buffer.)
+    Nothing is allocated.
+
+    Args:
+      spec, mesh, head_axis, page_axis: as for :func:`init_cache` (same checks, same errors).
+
+    Returns:
+      A :class:`KVCache` whose ``kv`` is ``jax.ShapeDtypeStruct(shape, dtype, sharding=...)``:
+      spec.dtype[L, G·num_pages·page_size, 2·H·r, D_pad] globally, sharded
+      ``P(None, page_axis, head_axis, None)``; per device
+      spec.dtype[L, num_pages·page_size, 2·H·r/tp, D_pad].
+    """
+    shapes = jax.eval_shape(
+        functools.partial(init_cache, spec, mesh, head_axis=head_axis, page_axis=page_axis)
+    )
+    # Every leaf of the cache shares kv's sharding (slots over pages, combined heads over
+    # heads); tests/test_aot.py compares these with a real init_cache, leaf by leaf.
+    sharding = NamedSharding(mesh, P(None, page_axis, head_axis, None))
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), shapes)
 
 
 # --------------------------------------------------------------------------------------------
@@ -389,7 +425,10 @@ def _place(mesh: Mesh, x: Any, spec: P) -> Any:
     """Eager calls: puts concrete inputs on the mesh (numpy arrays have no mesh sharding)."""
     if isinstance(x, jax.core.Tracer):
         return x
-    return jax.device_put(x, NamedSharding(mesh, spec))
+    sharding = NamedSharding(mesh, spec)
+    if not sharding.is_fully_addressable:  # a mesh spanning processes: see kvshard.distributed
+        return global_array(x, sharding)
+    return jax.device_put(x, sharding)
 
 
 # --------------------------------------------------------------------------------------------

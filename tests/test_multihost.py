@@ -1,0 +1,27 @@
+"""Multi-process runs on one CPU machine: 2 and 4 JAX processes, one global 8-device mesh.
+
+Each test spawns tests/_multihost_worker.py as N processes that join one ``jax.distributed``
+job on 127.0.0.1 (a free port picked at run time, gloo collectives) with 8 / N CPU devices each,
+run random serving steps through kvshard on meshes spanning every process, and check their own
+shards against the numpy oracle; tests/_multiprocess.py bounds the time and kills every process
+on the way out. A worker exits 0 only after all of its checks passed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from _multiprocess import assert_all_succeeded, run_processes
+
+WORKER = Path(__file__).with_name("_multihost_worker.py")
+
+
+@pytest.mark.parametrize(
+    ("num_processes", "backends"), [(2, "xla,pallas"), (4, "xla")], ids=["2proc", "4proc"]
+)
+def test_serving_steps_on_a_mesh_spanning_processes(num_processes, backends):
+    results = run_processes(WORKER, num_processes, backends, timeout=150)
+    assert_all_succeeded(results)
+    for r in results:
+        assert f"process {r.process_id}: OK" in r.output, r.output
