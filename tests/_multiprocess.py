@@ -10,6 +10,7 @@ a collective), and kills every process it started on the way out, whatever happe
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -58,46 +59,50 @@ def run_processes(
     """
     port = free_port()
     env = process_env()
-    procs, logs = [], []
-    try:
-        for pid in range(num_processes):
-            log = tempfile.TemporaryFile(mode="w+")
-            logs.append(log)
-            cmd = [sys.executable, str(script), str(pid), str(num_processes), str(port), *args]
-            # A session of its own, so the kill below reaches anything the process started.
-            procs.append(
-                subprocess.Popen(
-                    cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+    procs: list[subprocess.Popen] = []
+    with contextlib.ExitStack() as files:
+        logs = [
+            files.enter_context(tempfile.TemporaryFile(mode="w+")) for _ in range(num_processes)
+        ]
+        try:
+            for pid, log in enumerate(logs):
+                cmd = [sys.executable, str(script), str(pid), str(num_processes), str(port), *args]
+                # A session of its own, so the kill below reaches anything the process started.
+                procs.append(
+                    subprocess.Popen(
+                        cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+                    )
                 )
-            )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            codes = [p.poll() for p in procs]
-            if all(c is not None for c in codes) or any(c not in (None, 0) for c in codes):
-                break
-            time.sleep(0.1)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-        for p in procs:
-            p.wait()
-    results = []
-    for pid, (p, log) in enumerate(zip(procs, logs, strict=True)):
-        log.seek(0)
-        killed = p.returncode == -signal.SIGKILL
-        results.append(Finished(pid, None if killed else p.returncode, log.read()))
-        log.close()
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                codes = [p.poll() for p in procs]
+                if all(c is not None for c in codes) or any(c not in (None, 0) for c in codes):
+                    break
+                time.sleep(0.1)
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    os.killpg(p.pid, signal.SIGKILL)
+            for p in procs:
+                p.wait()
+        results = []
+        for pid, (p, log) in enumerate(zip(procs, logs, strict=True)):
+            log.seek(0)
+            killed = p.returncode == -signal.SIGKILL
+            results.append(Finished(pid, None if killed else p.returncode, log.read()))
     return results
+
+
+def _status(r: Finished) -> str:
+    if r.returncode is None:
+        return "killed (timeout, or another process failed)"
+    return f"exit {r.returncode}"
 
 
 def assert_all_succeeded(results: list[Finished]) -> None:
     """Fails with every process's output unless all exited 0."""
     if any(r.returncode != 0 for r in results):
         report = "\n".join(
-            f"--- process {r.process_id}: "
-            f"{'killed (timeout, or another process failed)' if r.returncode is None else f'exit {r.returncode}'}"
-            f"\n{r.output[-4000:]}"
-            for r in results
+            f"--- process {r.process_id}: {_status(r)}\n{r.output[-4000:]}" for r in results
         )
         raise AssertionError(f"multi-process run failed:\n{report}")

@@ -4,7 +4,8 @@ Each test spawns tests/_multihost_worker.py as N processes that join one ``jax.d
 job on 127.0.0.1 (a free port picked at run time, gloo collectives) with 8 / N CPU devices each,
 run random serving steps through kvshard on meshes spanning every process, and check their own
 shards against the numpy oracle; tests/_multiprocess.py bounds the time and kills every process
-on the way out. A worker exits 0 only after all of its checks passed.
+on the way out. A worker exits 0 only after all of its checks passed. The 2-process run also
+takes the Pallas backend (interpret mode) through two of the meshes.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ WORKER = Path(__file__).with_name("_multihost_worker.py")
 
 
 @pytest.mark.parametrize(
-    ("num_processes", "backends"), [(2, "xla,pallas"), (4, "xla")], ids=["2proc", "4proc"]
+    ("num_processes", "backends"),
+    [pytest.param(2, "xla,pallas", marks=pytest.mark.slow), (4, "xla")],
+    ids=["2proc", "4proc"],
 )
 def test_serving_steps_on_a_mesh_spanning_processes(num_processes, backends):
     results = run_processes(WORKER, num_processes, backends, timeout=150)
