@@ -41,8 +41,9 @@ from kvshard.distributed import AllocatorDivergence, check_consistent  # noqa: E
 SPEC = kvshard.CacheSpec(
     num_layers=2, num_kv_heads=2, head_dim=64, page_size=4, num_pages=8, dtype="float32"
 )
-TOKENS = 12  # new tokens a step, padded: one jit signature for every step
-SLICES = 8  # update slices a step, padded
+TOKENS = 16  # new tokens a step, padded: one jit signature for every step
+Q_HEADS = 4  # 2 query heads per KV head
+SM_SCALE = SPEC.head_dim**-0.5
 STEPS = 4
 CASES = [((2, 4), None), ((2, 4), "data"), ((4, 2), "data"), ((8, 1), None)]
 # Interpret mode is slow: the Pallas backend runs two of them (replicated heads with one pool;
@@ -101,42 +102,56 @@ def per_host(mesh, x, axis):
     return jax.make_array_from_process_local_data(sharding, local, x.shape)
 
 
-def assert_shards(global_array, expected, what):
-    """Every shard this process holds equals the same region of the expected numpy array."""
-    assert not global_array.is_fully_addressable or NUM_PROCESSES == 1
+def assert_shards(global_array, expected, what, tolerance=0.0):
+    """Every shard this process holds equals (within ``tolerance``) the same region of the
+    expected numpy array; the other processes' shards are theirs to check."""
+    assert global_array.shape == expected.shape, (what, global_array.shape, expected.shape)
+    assert not global_array.is_fully_addressable
     for shard in global_array.addressable_shards:
-        np.testing.assert_array_equal(
-            np.asarray(shard.data), expected[shard.index], err_msg=f"{what} {shard.device}"
+        np.testing.assert_allclose(
+            np.asarray(shard.data),
+            expected[shard.index],
+            rtol=tolerance,
+            atol=tolerance,
+            err_msg=f"{what} on {shard.device}",
         )
 
 
 def schedule(rng, allocator, requests):
-    """One step of one pool: each of the 2 request rows idles or grows by 1-5 tokens; a request
-    that would pass 12 tokens (3 pages) is freed and a new one takes its row. Returns
-    (slices int32[3, SLICES] padded, num int32[1])."""
-    ids, counts, computed = [], [], []
+    """One step of one pool: each of the 2 request rows idles or grows by 1-5 tokens (row 0
+    when both would idle); a request that would pass 12 tokens (3 pages) is freed and a new
+    one takes its row. Returns (StepMetadata padded to TOKENS tokens, ids, counts)."""
+    ids, counts = [], []
     for row in range(2):
-        if rng.random() < 0.25:
+        if rng.random() < 0.25 and (row == 0 or ids):
             continue
         n = int(rng.integers(1, 6))
         req = requests[row]
         if req in allocator and allocator.num_tokens(req) + n > 12:
             allocator.free(req)
             requests[row] = req = req + 2
-        computed.append(allocator.num_tokens(req) if req in allocator else 0)
         ids.append(req)
         counts.append(n)
     rows = allocator.allocate_batch(ids, np.array(counts, np.int64))
-    slices = kvshard.build_update_slices(
-        np.array(computed, np.int64),
-        np.array(counts, np.int64),
-        allocator.page_table,
-        SPEC.page_size,
-        rows=rows,
-    )
-    padded = np.zeros((3, SLICES), np.int32)
-    padded[:, : slices.shape[1]] = slices
-    return padded, np.array([slices.shape[1]], np.int32)
+    step = kvshard.build_step(allocator, ids, counts, num_tokens_padded=TOKENS, rows=rows)
+    return step, ids, counts
+
+
+def expected_attention(oracle, allocator, layer, group, q, ids, counts):
+    """The float64 oracle's attention output [TOKENS, Q_HEADS, D] of one pool's step."""
+    keys, values = [], []
+    for req in ids:
+        pages = np.asarray(allocator.pages(req))
+        slots = (pages[:, None] * SPEC.page_size + np.arange(SPEC.page_size)).ravel()
+        slots = slots[: allocator.num_tokens(req)]
+        keys.append(oracle.k[layer, group, slots])
+        values.append(oracle.v[layer, group, slots])
+    return kvshard.reference.paged_attention(q, keys, values, counts, sm_scale=SM_SCALE)
+
+
+def random_tokens(rng, groups, heads):
+    shape = (groups, TOKENS, heads, SPEC.head_dim)
+    return rng.standard_normal(shape).astype(np.float32)
 
 
 def run_case(shape, page_axis, backend, seed):
@@ -157,30 +172,39 @@ def run_case(shape, page_axis, backend, seed):
     ]
     requests = [[0, 1] for _ in range(groups)]
     for _ in range(STEPS):
-        steps = [schedule(rng, a, r) for a, r in zip(allocators, requests, strict=True)]
-        slices = np.stack([s for s, _ in steps])
-        num = np.stack([n for _, n in steps])
+        scheduled = [schedule(rng, a, r) for a, r in zip(allocators, requests, strict=True)]
+        steps = [step for step, _, _ in scheduled]
         k, v = (
-            rng.standard_normal((groups, TOKENS, SPEC.num_kv_heads, SPEC.head_dim)).astype(
-                np.float32
-            )
-            for _ in range(2)
+            random_tokens(rng, groups, SPEC.num_kv_heads),
+            random_tokens(rng, groups, SPEC.num_kv_heads),
         )
+        q = random_tokens(rng, groups, Q_HEADS)
         layer = int(rng.integers(SPEC.num_layers))
-        oracle.update(layer, k, v, slices, num, pooled=True)
+        oracle.update(
+            layer,
+            k,
+            v,
+            np.stack([s.slices for s in steps]),
+            np.stack([s.num_slices for s in steps]),
+            pooled=True,
+        )
         if pooled:
-            cache = kvshard.update(
-                cache,
-                layer,
-                per_host(mesh, k, page_axis),
-                per_host(mesh, v, page_axis),
-                slices,
-                num,
-                backend=backend,
-            )
+            meta = kvshard.stack_steps(steps)
+            # Each host passes only its own groups' k, v and q.
+            k, v, q_in = (per_host(mesh, x, page_axis) for x in (k, v, q))
         else:
-            cache = kvshard.update(cache, layer, k[0], v[0], slices[0], num[0], backend=backend)
-        # Copy-on-write: page 1 -> a random other page in every pool (all layers, all heads).
+            meta, k, v, q_in = steps[0], k[0], v[0], q[0]
+        cache = kvshard.update(cache, layer, k, v, meta, backend=backend)
+        out = kvshard.attention(q_in, cache, layer, meta, sm_scale=SM_SCALE, backend="xla")
+        expected = np.stack(
+            [
+                expected_attention(oracle, allocators[g], layer, g, q[g], ids, counts)
+                for g, (_, ids, counts) in enumerate(scheduled)
+            ]
+        )
+        assert_shards(out, expected if pooled else expected[0], "attention", tolerance=2e-5)
+        # Copy page 1 to a random other page in every pool (all layers, all heads): the
+        # allocator's copy-on-write path, with the oracle following.
         dst = int(rng.integers(2, SPEC.num_pages))
         pairs = np.array([[1, dst], [0, 0]], np.int32)
         cache = kvshard.copy_pages(cache, np.stack([pairs] * groups) if pooled else pairs)
