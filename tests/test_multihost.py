@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from _multiprocess import assert_all_succeeded, run_processes
+from _scripts import ROOT, run_script, stdout_of_success
 
 WORKER = Path(__file__).with_name("_multihost_worker.py")
 
@@ -28,3 +29,10 @@ def test_serving_steps_on_a_mesh_spanning_processes(num_processes, backends):
     assert_all_succeeded(results)
     for r in results:
         assert f"process {r.process_id}: OK" in r.output, r.output
+
+
+def test_multihost_example_runs_as_two_local_processes():
+    """examples/multihost.py: one command, 2 processes, attention checked on every process."""
+    out = stdout_of_success(run_script(ROOT / "examples" / "multihost.py", "--steps", "4"))
+    assert "all 2 processes agree and match the oracle" in out
+    assert "mesh {'data': 2, 'model': 4}" in out
