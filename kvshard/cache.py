@@ -233,8 +233,12 @@ def abstract_cache(
 
 
 def _concrete(x: Any) -> np.ndarray | None:
-    """Returns ``x`` as a host array, or None while it is being traced (values unknown)."""
+    """Returns ``x`` as a host array, or None while its values are unknown on this host: while
+    traced, or for an array spanning processes (other hosts hold some of its shards), which
+    is then treated like a traced value (kvshard.distributed)."""
     if isinstance(x, jax.core.Tracer):
+        return None
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
         return None
     return np.asarray(x)
 

@@ -171,7 +171,7 @@ def run_case(shape, page_axis, backend, seed):
         for _ in range(groups)
     ]
     requests = [[0, 1] for _ in range(groups)]
-    for _ in range(STEPS):
+    for step in range(STEPS):
         scheduled = [schedule(rng, a, r) for a, r in zip(allocators, requests, strict=True)]
         steps = [step for step, _, _ in scheduled]
         k, v = (
@@ -189,8 +189,11 @@ def run_case(shape, page_axis, backend, seed):
             pooled=True,
         )
         if pooled:
+            # Each host passes only its own groups' k, v and q, and (so both paths run) the
+            # metadata as numpy on even steps and as per-host global arrays on odd ones.
             meta = kvshard.stack_steps(steps)
-            # Each host passes only its own groups' k, v and q.
+            if step % 2:
+                meta = jax.tree.map(lambda x: per_host(mesh, x, page_axis), meta)
             k, v, q_in = (per_host(mesh, x, page_axis) for x in (k, v, q))
         else:
             meta, k, v, q_in = steps[0], k[0], v[0], q[0]
