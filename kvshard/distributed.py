@@ -12,7 +12,8 @@ shapes (SPMD). Two things differ from one process:
   ``jax.device_put`` would check it with a collective on every argument of every call). An
   input that differs per host (each host's own page-axis groups of k/v) is built by the caller
   with ``jax.make_array_from_process_local_data`` and passed as a global array, which is used
-  as it is.
+  as it is; its values are not validated on the host (other hosts hold some of its shards),
+  as for a traced argument.
 * The page allocator runs on the host, so every host must hold the same allocator state:
   kvshard's choice is that every host runs its own :class:`kvshard.PageAllocator` on the same
   requests in the same order (an SPMD scheduler), rather than process 0 allocating and
