@@ -24,15 +24,26 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from test_cache import Oracle, assert_matches, fixed_slices, make_mesh, random_kv, small_spec
 
+import kvshard.kernels.update
 from kvshard.cache import CacheSpec, _update_jit, init_cache, update
 from kvshard.testing import update_slices
 
 pytestmark = pytest.mark.slow
 
+
+@pytest.fixture
+def small_kernel_blocks(monkeypatch):
+    """2 slices a kernel block instead of up to 64: interpret mode compiles every unrolled
+    DMA into host callbacks (about 18 vs 1 CPU-seconds an executable, see
+    test_pallas_meshes.py), and a step's slices then span several grid steps."""
+    monkeypatch.setattr(kvshard.kernels.update, "MAX_SLICES_PER_BLOCK", 2)
+
+
 # 1 KV head on a 2-way head axis: replication 2, padded head_dim, 2 layers, 16 slots a pool.
 SPEC = small_spec(1, head_dim=64, num_layers=2, num_pages=4)
 
 
+@pytest.mark.usefixtures("small_kernel_blocks")
 @settings(max_examples=4)
 @given(
     st.data(),
@@ -63,6 +74,7 @@ def test_pallas_matches_oracle_and_xla(data, layers, seed):
     np.testing.assert_array_equal(np.asarray(pallas.kv), np.asarray(xla.kv))
 
 
+@pytest.mark.usefixtures("small_kernel_blocks")
 def test_pallas_pooled_update_in_place():
     """Data-parallel pools, one compile: checks memory, donation and values together."""
     spec = CacheSpec(
@@ -88,6 +100,7 @@ def test_pallas_pooled_update_in_place():
     assert_matches(cache, oracle)
 
 
+@pytest.mark.usefixtures("small_kernel_blocks")
 def test_pallas_scan_over_layers():
     spec = small_spec(2, head_dim=128, num_layers=2, num_pages=4)
     mesh = make_mesh((1, 4))
