@@ -1,6 +1,8 @@
 """One process of the multi-process tests (test_multihost.py): a global 8-device CPU mesh.
 
-    python tests/_multihost_worker.py PROCESS_ID NUM_PROCESSES PORT BACKEND[,BACKEND...]
+    python tests/_multihost_worker.py PROCESS_ID NUM_PROCESSES PORT BACKENDS CASES
+
+BACKENDS: "xla", "pallas" or "xla,pallas"; CASES: indices into CASES below, e.g. "0,2".
 
 Joins a ``jax.distributed`` job on 127.0.0.1:PORT with ``8 / NUM_PROCESSES`` CPU devices of its
 own (gloo collectives), then, for each mesh case, runs random serving steps SPMD: every
@@ -20,6 +22,7 @@ import threading
 
 PROCESS_ID, NUM_PROCESSES, PORT = (int(a) for a in sys.argv[1:4])
 BACKENDS = sys.argv[4].split(",")
+CASE_INDICES = [int(i) for i in sys.argv[5].split(",")]  # into CASES
 
 import jax  # noqa: E402  (after reading argv: nothing else here needs it first)
 
@@ -232,7 +235,8 @@ def main():
         interpret_barriers_per_process()
         small_kernel_blocks()
     allocators = []
-    for i, (shape, page_axis) in enumerate(CASES):
+    for i in CASE_INDICES:
+        shape, page_axis = CASES[i]
         for backend in BACKENDS:
             if backend == "pallas" and (shape, page_axis) not in PALLAS_CASES:
                 continue

@@ -20,12 +20,18 @@ WORKER = Path(__file__).with_name("_multihost_worker.py")
 
 
 @pytest.mark.parametrize(
-    ("num_processes", "backends"),
-    [pytest.param(2, "xla,pallas", marks=pytest.mark.slow), (4, "xla")],
+    ("num_processes", "backends", "cases"),
+    [
+        # Every mesh case (see CASES in the worker), both update backends.
+        pytest.param(2, "xla,pallas", "0,1,2,3", marks=pytest.mark.slow),
+        # Each process compiles every program itself: two cases keep 4 processes on 2 cores
+        # short, one pool with replicated heads and per-process pools with split heads.
+        (4, "xla", "0,2"),
+    ],
     ids=["2proc", "4proc"],
 )
-def test_serving_steps_on_a_mesh_spanning_processes(num_processes, backends):
-    results = run_processes(WORKER, num_processes, backends, timeout=150)
+def test_serving_steps_on_a_mesh_spanning_processes(num_processes, backends, cases):
+    results = run_processes(WORKER, num_processes, backends, cases, timeout=150)
     assert_all_succeeded(results)
     for r in results:
         assert f"process {r.process_id}: OK" in r.output, r.output
