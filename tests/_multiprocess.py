@@ -31,6 +31,7 @@ class Finished:
     process_id: int
     returncode: int | None
     output: str
+    os_pid: int
 
 
 def free_port() -> int:
@@ -89,7 +90,7 @@ def run_processes(
         for pid, (p, log) in enumerate(zip(procs, logs, strict=True)):
             log.seek(0)
             killed = p.returncode == -signal.SIGKILL
-            results.append(Finished(pid, None if killed else p.returncode, log.read()))
+            results.append(Finished(pid, None if killed else p.returncode, log.read(), p.pid))
     return results
 
 

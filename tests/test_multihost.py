@@ -10,6 +10,8 @@ takes the Pallas backend (interpret mode) through two of the meshes.
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -42,3 +44,36 @@ def test_multihost_example_runs_as_two_local_processes():
     out = stdout_of_success(run_script(ROOT / "examples" / "multihost.py", "--steps", "4"))
     assert "all 2 processes agree and match the oracle" in out
     assert "mesh {'data': 2, 'model': 4}" in out
+
+
+_FAIL_OR_HANG = """
+import sys, time
+print("started", flush=True)
+if int(sys.argv[1]) == 0:
+    sys.exit(3)
+time.sleep(600)
+"""
+
+
+def _gone(os_pid):
+    try:
+        os.kill(os_pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+@pytest.mark.parametrize(("fail", "timeout"), [(True, 60.0), (False, 1.0)])
+def test_launcher_stops_every_process_on_failure_or_timeout(tmp_path, fail, timeout):
+    """One process fails (the others would wait forever) or time runs out: the launcher
+    returns at once and no process it started is left."""
+    script = tmp_path / "worker.py"
+    script.write_text(_FAIL_OR_HANG if fail else _FAIL_OR_HANG.replace("== 0", "== -1"))
+    start = time.monotonic()
+    results = run_processes(script, 3, timeout=timeout)
+    assert time.monotonic() - start < 30
+    expected = [3, None, None] if fail else [None, None, None]
+    assert [r.returncode for r in results] == expected
+    assert all(_gone(r.os_pid) for r in results)
+    with pytest.raises(AssertionError, match="process 1: killed"):
+        assert_all_succeeded(results)
