@@ -84,7 +84,10 @@ def _digest(allocators: Any) -> np.ndarray:
 
 
 def diverging_processes(digests: np.ndarray) -> list[int]:
-    """The processes whose digest differs from the most common one (ties: process 0's).
+    """The processes whose digest differs from the most common one.
+
+    Among equally common digests, the one of the lowest-numbered process holding one of them
+    is the reference (process 0's, when it is among them).
 
     Args:
       digests: uint8[num_processes, n], row p the digest of process p.
@@ -94,8 +97,8 @@ def diverging_processes(digests: np.ndarray) -> list[int]:
     """
     rows = [bytes(r) for r in np.asarray(digests, np.uint8)]
     counts = {r: rows.count(r) for r in rows}
-    # The majority state is taken as the right one; process 0 breaks ties (it is usually the
-    # one whose scheduler logs are read first).
+    # The majority state is taken as the right one; the lowest process breaks ties (process 0
+    # is usually the one whose scheduler logs are read first).
     best = max(counts.values())
     reference = next(r for r in rows if counts[r] == best)
     return [p for p, r in enumerate(rows) if r != reference]
@@ -119,8 +122,15 @@ def check_consistent(allocator: _HasChecksum | Sequence[_HasChecksum]) -> str:
     Raises:
       AllocatorDivergence: naming the processes whose state differs from the majority's, with
         their digests; raised on every process.
+      TypeError: ``allocator`` has no ``checksum()`` (raised before any communication).
     """
     group = allocator if isinstance(allocator, Sequence) else [allocator]
+    for a in group:
+        if not callable(getattr(a, "checksum", None)):
+            raise TypeError(
+                f"allocator must be a PageAllocator (with checksum()) or a sequence of them, "
+                f"got {type(a).__name__}"
+            )
     mine = "\n".join(str(a.checksum()) for a in group)
     digests = np.asarray(multihost_utils.process_allgather(_digest(group)), np.uint8)
     digests = digests.reshape(jax.process_count(), -1)

@@ -41,3 +41,9 @@ def test_check_consistent_in_one_process_returns_the_checksum():
     b.allocate("r", 5)
     assert check_consistent(a) == a.checksum()
     assert check_consistent([a, b]) == f"{a.checksum()}\n{b.checksum()}"
+
+
+@pytest.mark.parametrize("bad", [object(), [object()], "allocator"])
+def test_check_consistent_rejects_non_allocators(bad):
+    with pytest.raises(TypeError, match="allocator must be a PageAllocator"):
+        check_consistent(bad)
