@@ -29,8 +29,9 @@ import subprocess
 import sys
 import time
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ.setdefault("NPROC", "16")  # XLA CPU threads >= devices (interpret mode)
+if "--pod" not in sys.argv:  # CPU simulation; on a pod slice JAX finds the TPUs
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    os.environ.setdefault("NPROC", "16")  # XLA CPU threads >= devices (interpret mode)
 
 GLOBAL_CPU_DEVICES = 8
 
