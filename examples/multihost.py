@@ -46,7 +46,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--worker", nargs=3, type=int, metavar=("ID", "N", "PORT"), help=argparse.SUPPRESS
     )
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.processes < 1 or GLOBAL_CPU_DEVICES % args.processes:
+        p.error(f"--processes={args.processes} must divide {GLOBAL_CPU_DEVICES}")
+    return args
 
 
 # --------------------------------------------------------------------------------------------
