@@ -10,8 +10,9 @@ with ``H`` KV heads, replication ``r`` (:func:`kvshard._layout.check_tensor_para
 ``tp``/``G`` the sizes of the head and page mesh axes (1 when the axis is None), ``D_pad`` the
 head dimension padded to a multiple of 128. Combined head ``2·j`` is K and ``2·j + 1`` is V of
 replicated head ``j``; replicated head ``j`` is a copy of KV head ``j // r``. Sharding the
-combined axis therefore hands each device the K and V of whole heads, and no update or read ever
-communicates between devices.
+combined axis therefore hands each device the K and V of whole heads: no update, copy or
+:func:`kvshard.attention` read communicates between devices (:func:`gather`, the debugging
+read, all-gathers replicated heads into one global array).
 
 Why one stacked array rather than a list of per-layer arrays: ``layer`` can be a traced integer
 (a ``lax.scan`` over layers, or a model that passes the layer index as data), one compiled
