@@ -105,13 +105,13 @@ def test_traced_metadata_must_be_int32():
 @pytest.mark.parametrize("schedule", SCHEDULES)
 def test_enable_x64_int32_and_in_range_int64(schedule):
     """With jax_enable_x64 on, int32 and in-range int64 metadata both give the oracle's cache."""
-    arrays = peer_case(8, 2, 128, jnp.float32, np.random.default_rng(7))
+    arrays = peer_case(16, 2, 128, jnp.float32, np.random.default_rng(7))
     expected = reference.kv_cache_update(*arrays)
     new_kv, slices, kv_cache, num = arrays
     with jax.enable_x64():
         for dtype in (np.int32, np.int64):
             wide = (new_kv, slices.astype(dtype), kv_cache, num.astype(dtype))
-            out = run_kernel(wide, page_size=8, num_slices_per_block=3, schedule=schedule)
+            out = run_kernel(wide, page_size=16, num_slices_per_block=3, schedule=schedule)
             assert_bits_equal(out, expected)
 
 
@@ -194,7 +194,7 @@ def test_default_block_keeps_bytes_in_flight_at_16_mib(geometry, schedule, in_fl
 
 
 def test_explicit_block_over_the_in_flight_budget_raises():
-    new_kv, slices, kv_cache, num = small_arrays()
+    _, slices, _, num = small_arrays()
     # 1 MiB pages: 8 direct blocks of pages in flight twice is 16 MiB (fine), 9 is not.
     big = jnp.zeros((256 * 2, 8, 128), jnp.float32)
     big_kv = jnp.zeros((4, 8, 128), jnp.float32)
@@ -294,7 +294,9 @@ def mosaic_op_counts(fn, page_size=16, num_slices=128):
     finally:
         registration.lowering.lower_jaxpr_to_pipelined_module = lower
     text = "\n".join(captured)
-    ops = collections.Counter(re.findall(r"^\s*(?:%[\w:#]+(?:, %[\w:#]+)* = )?(\w+\.\w+)", text, re.M))
+    ops = collections.Counter(
+        re.findall(r"^\s*(?:%[\w:#]+(?:, %[\w:#]+)* = )?(\w+\.\w+)", text, re.M)
+    )
     ops["arith"] = sum(n for op, n in ops.items() if op.startswith("arith."))
     ops["dma"] = ops["tpu.enqueue_dma"]
     ops["wait"] = ops["tpu.wait_dma"] + ops["tpu.wait_dma2"]
@@ -395,9 +397,11 @@ def test_vmem_schedule_has_no_detected_race():
     """The same detector, live for this access pattern (test above), finds none in the kernel."""
     from jax._src.pallas.mosaic.interpret import interpret_pallas_call as interpreter
 
-    arrays = peer_case(8, 2, 128, jnp.float32, np.random.default_rng(4))
+    arrays = peer_case(16, 2, 128, jnp.float32, np.random.default_rng(4))
     params = pltpu.InterpretParams(detect_races=True, dma_execution_mode="eager")
-    out = run_kernel(arrays, page_size=8, num_slices_per_block=3, schedule="vmem", interpret=params)
+    out = run_kernel(
+        arrays, page_size=16, num_slices_per_block=3, schedule="vmem", interpret=params
+    )
     assert_bits_equal(out, reference.kv_cache_update(*arrays))
     assert not interpreter.races.races_found
 
@@ -500,7 +504,7 @@ TPU_INFERENCE_INVALID = {
 
 
 def test_tpu_inference_case_is_valid_as_given():
-    new_kv, slices, kv_cache, num = tpu_inference_case()
+    _, slices, _, num = tpu_inference_case()
     kernel_module.validate_slices(slices, num, num_tokens=128, num_rows=640, page_size=32)
 
 
