@@ -526,3 +526,15 @@ def test_tpu_inference_gap_alone_is_refused():
     slices[1, 1:] += 1  # every later source moves one token on; 128 tokens still hold them
     with pytest.raises(ValueError, match=r"slices\[:, 1\]: new_kv_start 8 leaves a gap in new_kv"):
         kv_cache_update(new_kv, slices, kv_cache, num, page_size=32, validate=True)
+
+
+@pytest.mark.slow
+def test_schedule_ab_benchmark_checks_both_and_prints_the_tpu_command():
+    from _scripts import ROOT, run_script, stdout_of_success
+
+    flags = ["--block", "2", "--repeats", "1", "--decode-tokens", "3", "--prefill-tokens", "10"]
+    out = stdout_of_success(run_script(ROOT / "benchmarks" / "update_schedules.py", *flags))
+    for row in ("decode   direct", "decode   vmem", "prefill  direct", "prefill  vmem"):
+        assert row in out
+    assert "both schedules match the oracle" in out
+    assert "python benchmarks/update_schedules.py --num-pages 4096" in out
