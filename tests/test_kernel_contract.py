@@ -538,3 +538,21 @@ def test_schedule_ab_benchmark_checks_both_and_prints_the_tpu_command():
         assert row in out
     assert "both schedules match the oracle" in out
     assert "python benchmarks/update_schedules.py --num-pages 4096" in out
+
+
+@pytest.mark.slow
+def test_update_runs_the_vmem_schedule_like_the_xla_backend():
+    """``kvshard.update(..., schedule="vmem")`` reaches the kernel (2 devices, interpret mode)
+    and writes the cache the XLA scatter writes. (The direct schedule: test_cache_pallas.py.)"""
+    from test_cache import fixed_slices, make_mesh, random_kv, small_spec
+
+    from kvshard.cache import init_cache, update
+
+    spec = small_spec(2, head_dim=64, num_layers=2, num_pages=4)
+    mesh = make_mesh((1, 2))
+    slices, num = fixed_slices()
+    k, v = random_kv(np.random.default_rng(10), spec, 8)
+    xla = update(init_cache(spec, mesh), 1, k, v, slices, num, backend="xla")
+    vmem = update(init_cache(spec, mesh), 1, k, v, slices, num, backend="pallas", schedule="vmem")
+    np.testing.assert_array_equal(np.asarray(vmem.kv), np.asarray(xla.kv))
+    assert np.abs(np.asarray(xla.kv)).sum() > 0  # the step wrote something
