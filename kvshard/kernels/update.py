@@ -189,13 +189,13 @@ def _vmem_kernel(
     first = pl.program_id(0) * num_slices_per_block
     # Three SMEM loads per slice, read once and used by both of its copies.
     indices = [first + i for i in range(num_slices_per_block)]
-    guarded = [(slices_ref[0, j], slices_ref[1, j], slices_ref[2, j]) for j in indices]
+    columns = [(slices_ref[0, j], slices_ref[1, j], slices_ref[2, j]) for j in indices]
     # The seed's bounce, copy for copy: all loads, all their waits, all stores, all their waits.
     loads = [
         pltpu.make_async_copy(
             new_kv_hbm_ref.at[pl.ds(src, length)], scratch.at[i, pl.ds(0, length)], sem
         )
-        for i, (_, src, length) in enumerate(guarded)
+        for i, (_, src, length) in enumerate(columns)
     ]
     for copy in loads:
         copy.start()
@@ -205,7 +205,7 @@ def _vmem_kernel(
         pltpu.make_async_copy(
             scratch.at[i, pl.ds(0, length)], kv_cache_hbm_ref.at[pl.ds(dst, length)], sem
         )
-        for i, (dst, _, length) in enumerate(guarded)
+        for i, (dst, _, length) in enumerate(columns)
     ]
     for copy in stores:
         copy.start()
@@ -215,14 +215,9 @@ def _vmem_kernel(
 
 def _call(schedule, slices, live, new_kv, kv_cache, *, page_size, block, interpret):
     """One pallas_call over int32[3, padded] ``slices`` (padded to a whole block)."""
-    kernel, scratch, semantics = {
-        # Blocks wait on their predecessor's DMAs: grid steps must run in order on one core.
-        "direct": (_direct_kernel, [pltpu.SMEM((1,), jnp.int32)], "arbitrary"),
-        "vmem": (
-            _vmem_kernel,
-            [pltpu.VMEM((block, page_size, *kv_cache.shape[1:]), kv_cache.dtype)],
-            "arbitrary",
-        ),
+    kernel, scratch = {
+        "direct": (_direct_kernel, pltpu.SMEM((1,), jnp.int32)),
+        "vmem": (_vmem_kernel, pltpu.VMEM((block, page_size, *kv_cache.shape[1:]), kv_cache.dtype)),
     }[schedule]
     # At least one grid step, so the direct schedule's drain always runs; `live // block`
     # rounded up, with python ints only (weakly typed, so int32 survives jax_enable_x64).
@@ -234,12 +229,14 @@ def _call(schedule, slices, live, new_kv, kv_cache, *, page_size, block, interpr
             in_specs=[pl.BlockSpec(memory_space=pl.ANY), pl.BlockSpec(memory_space=pl.ANY)],
             out_specs=pl.BlockSpec(memory_space=pl.ANY),
             grid=(num_blocks,),
-            scratch_shapes=[*scratch, pltpu.SemaphoreType.DMA],
+            scratch_shapes=[scratch, pltpu.SemaphoreType.DMA],
         ),
         out_shape=jax.ShapeDtypeStruct(kv_cache.shape, kv_cache.dtype),
         # Operand 2 (after the scalar-prefetch slices and new_kv) is the cache.
         input_output_aliases={2: 0},
-        compiler_params=pltpu.CompilerParams(dimension_semantics=(semantics,)),
+        # "direct" blocks wait on their predecessor's DMAs and carry its row count, so grid
+        # steps must run in order on one core; "vmem" keeps the seed's sequential grid.
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("arbitrary",)),
         interpret=interpret,
     )
     return call(slices, new_kv, kv_cache)
