@@ -463,3 +463,16 @@ def test_update_runs_the_vmem_schedule_like_the_xla_backend():
     vmem = update(init_cache(spec, mesh), 1, k, v, slices, num, backend="pallas", schedule="vmem")
     np.testing.assert_array_equal(np.asarray(vmem.kv), np.asarray(xla.kv))
     assert np.abs(np.asarray(xla.kv)).sum() > 0  # the step wrote something
+
+
+def test_direct_wait_splits_when_a_block_outgrows_a_tiny_cache():
+    """B·page_size rows (8·8) exceed the 32-row cache: each wait becomes 2 waits of <= 32 rows,
+    and the module still lowers for TPU. (Executed exactly in test_kernel.py's property test
+    bf16-p16-b8, whose 80-row cache is smaller than 8·16.)"""
+    new_kv, slices, kv_cache, num = small_arrays()
+    fn = functools.partial(kv_cache_update, page_size=P, num_slices_per_block=8, interpret=False)
+    args = (new_kv, jnp.asarray(slices), kv_cache, jnp.asarray(num))
+    jaxpr = str(jax.make_jaxpr(fn)(*args))
+    assert jaxpr.count("dma_wait") == 4  # (previous block, own block) x 2 parts
+    exported = jax.export.export(jax.jit(fn), platforms=["tpu"])(*args)
+    assert "tpu_custom_call" in exported.mlir_module()
