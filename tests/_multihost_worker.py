@@ -88,9 +88,10 @@ def interpret_barriers_per_process() -> None:
 def small_kernel_blocks() -> None:
     """2 slices a kernel block instead of 64: interpret mode compiles every unrolled DMA into
     host callbacks, ~18 CPU-seconds an executable at 64 (see test_pallas_meshes.py)."""
-    import kvshard.kernels.update
+    import kvshard.kernels.budgets as budgets
 
-    kvshard.kernels.update.MAX_SLICES_PER_BLOCK = 2
+    budgets.MAX_SLICES_PER_BLOCK = 2
+    assert budgets.default_num_slices_per_block(4, 2, 128, "float32") == 2
 
 
 def per_host(mesh, x, axis):

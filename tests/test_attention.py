@@ -149,9 +149,11 @@ def batches(draw, pools):
         n = draw(st.integers(1, 4))
         kind = draw(st.sampled_from(["decode", "prefill", "mixed"]))
         before, now = [], []
-        budget = 16
+        budget, hist_budget = 16, 16
         for r in range(n):
-            hist = draw(st.integers(0 if kind != "decode" else 1, 12))
+            low = 0 if kind != "decode" else 1
+            hist = draw(st.integers(low, max(low, min(12, hist_budget - (n - r - 1)))))
+            hist_budget -= hist
             q = 1 if kind == "decode" or (kind == "mixed" and r % 2) else draw(st.integers(1, 6))
             q = min(q, budget - (n - r - 1))
             budget -= q
@@ -162,10 +164,17 @@ def batches(draw, pools):
     return out
 
 
-@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda x: f"{x[0]}-H{x[1]}-Hq{x[2]}")
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+GRID = [(layout, "float32") for layout in LAYOUTS] + [
+    (LAYOUTS[1], "bfloat16"),
+    (LAYOUTS[3], "bfloat16"),
+]
+
+
+@pytest.mark.parametrize(
+    ("layout", "dtype"), GRID, ids=lambda x: f"{x[0]}-H{x[1]}-Hq{x[2]}" if len(x) == 4 else x
+)
 @given(data=st.data())
-@settings(max_examples=6)
+@settings(max_examples=5)
 def test_xla_matches_oracle(layout, dtype, data):
     mesh_shape, kv_heads, q_heads, page_axis = layout
     case = new_case(mesh_shape, kv_heads, dtype, page_axis=page_axis)
@@ -206,8 +215,11 @@ def pallas_via_reference(case: Case, q, step, layer, **kw):
             fields = [x[g] for x in fields]
         qg = q[g] if g is not None else q
         q_dev = jnp.asarray(qg[:, i * heads_per_dev : (i + 1) * heads_per_dev])
+        # The shard's bytes, on the default device: every device's operands then share one
+        # set of eager compilations.
+        block = jnp.asarray(np.asarray(shard.data))
         ops, kwargs, tok_ok = pallas_operands(
-            shard.data, jnp.int32(layer), q_dev, *map(jnp.asarray, fields), statics=statics
+            block, jnp.int32(layer), q_dev, *map(jnp.asarray, fields), statics=statics
         )
         assert ops[1].shape == (
             spec.num_layers * spec.num_pages,

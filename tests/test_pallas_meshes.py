@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from test_cache import MESH_SHAPES, Oracle, assert_matches, fixed_slices, make_mesh, random_kv
 
-import kvshard.kernels.update
+import kvshard.kernels.budgets
 from kvshard.cache import CacheSpec, init_cache, update
 
 pytestmark = pytest.mark.slow
@@ -32,7 +32,9 @@ SPEC = CacheSpec(
 
 @pytest.fixture(autouse=True)
 def _small_kernel_blocks(monkeypatch):
-    monkeypatch.setattr(kvshard.kernels.update, "MAX_SLICES_PER_BLOCK", 2)
+    monkeypatch.setattr(kvshard.kernels.budgets, "MAX_SLICES_PER_BLOCK", 2)
+    # Fails if the block rule stops reading the constant there (the fixture would do nothing).
+    assert kvshard.kernels.budgets.default_num_slices_per_block(4, 2, 128, "float32") == 2
 
 
 @pytest.mark.parametrize("page_axis", [None, "data"])
