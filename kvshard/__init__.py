@@ -4,7 +4,7 @@ The public API, re-exported from private modules:
 
 * cache layout and device ops: :class:`CacheSpec`, :class:`KVCache`, :func:`init_cache`,
   :func:`update`, :func:`attention`, :func:`gather`, :func:`copy_pages`,
-  :func:`check_tensor_parallel`;
+  :func:`check_tensor_parallel`, :func:`abstract_cache` (ahead-of-time compilation);
 * model configs: :func:`read_model_config`, :class:`ModelGeometry`, :class:`ConfigError`
   (and :meth:`CacheSpec.from_config`);
 * host-side bookkeeping: :class:`PageAllocator`, :class:`OutOfPages`, :class:`UnknownRequest`,
@@ -12,7 +12,8 @@ The public API, re-exported from private modules:
 * step metadata: :class:`StepMetadata`, :func:`build_step`, :func:`stack_steps`,
   :func:`build_update_slices`, :func:`padded_num_slices`, :func:`pad_slices`,
   :func:`token_buckets`, :func:`padded_token_count`;
-* submodules :mod:`kvshard.kernels` (Pallas kernels), :mod:`kvshard.reference` (numpy oracle)
+* submodules :mod:`kvshard.distributed` (multi-process meshes: host arrays, allocator
+  agreement), :mod:`kvshard.kernels` (Pallas kernels), :mod:`kvshard.reference` (numpy oracle)
   and :mod:`kvshard.testing` (hypothesis strategies; needs the ``test`` extra, not imported here).
 
 Names are imported on first use (module ``__getattr__``), so ``import kvshard`` and the
@@ -26,6 +27,7 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # static typing and IDEs see ordinary imports
+    from kvshard import distributed as distributed
     from kvshard import kernels as kernels
     from kvshard import reference as reference
     from kvshard._attention import attention as attention
@@ -39,6 +41,7 @@ if TYPE_CHECKING:  # static typing and IDEs see ordinary imports
     from kvshard.allocator import PageAllocator as PageAllocator
     from kvshard.allocator import UnknownRequest as UnknownRequest
     from kvshard.cache import KVCache as KVCache
+    from kvshard.cache import abstract_cache as abstract_cache
     from kvshard.cache import copy_pages as copy_pages
     from kvshard.cache import gather as gather
     from kvshard.cache import init_cache as init_cache
@@ -54,6 +57,7 @@ if TYPE_CHECKING:  # static typing and IDEs see ordinary imports
 
 # Public name -> the module that defines it. A name that is itself a submodule maps to None.
 _EXPORTS: dict[str, str | None] = {
+    "distributed": None,
     "kernels": None,
     "reference": None,
     "attention": "kvshard._attention",
@@ -67,6 +71,7 @@ _EXPORTS: dict[str, str | None] = {
     "PageAllocator": "kvshard.allocator",
     "UnknownRequest": "kvshard.allocator",
     "KVCache": "kvshard.cache",
+    "abstract_cache": "kvshard.cache",
     "copy_pages": "kvshard.cache",
     "gather": "kvshard.cache",
     "init_cache": "kvshard.cache",
