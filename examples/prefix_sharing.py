@@ -32,7 +32,8 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 
 import numpy as np
-from _model import (
+
+from kvshard._demo.model import (
     TOLERANCE,
     CompileCounter,
     Engine,
