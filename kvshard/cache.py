@@ -38,6 +38,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from kvshard import _guards
 from kvshard._layout import CacheSpec, check_tensor_parallel
 from kvshard.kernels.update import kv_cache_update, slice_is_writable, validate_slices
 
@@ -249,12 +250,6 @@ def _check_array(name: str, x: Any, expected: tuple[int | None, ...], what: str)
         raise ValueError(f"{name} must have shape {what} = {want}, got {_shape_str(shape)}")
 
 
-def _check_int32(name: str, x: Any) -> None:
-    dtype = _dtype(x)
-    if dtype != jnp.int32:
-        raise TypeError(f"{name} must be int32, got {dtype}")
-
-
 def _check_kv_dtype(name: str, x: Any, cache_dtype: np.dtype) -> None:
     """k/v may be any floating dtype (cast to the cache dtype) or exactly the cache dtype."""
     dtype = _dtype(x)
@@ -308,18 +303,21 @@ def _check_slice_values(
     )
 
 
-def _check_update_args(cache: KVCache, k: Any, v: Any, slices: Any, num_slices: Any) -> None:
+def _check_update_args(
+    cache: KVCache, k: Any, v: Any, slices: Any, num_slices: Any
+) -> tuple[Any, Any]:
+    """Validates update's arguments; returns (slices, num_slices) as int32 (see as_int32)."""
     pooled = cache.page_axis is not None
     lead = (cache.dp,) if pooled else ()
     _check_kv(cache, k, v, lead)
     what = "[dp, 3, S]" if pooled else "[3, S]"
     _check_array("slices", slices, (*lead, 3, None), what)
     _check_array("num_slices", num_slices, (*lead, 1), "[dp, 1]" if pooled else "[1]")
-    _check_int32("slices", slices)
-    _check_int32("num_slices", num_slices)
+    slices = _guards.as_int32("slices", slices)
+    num_slices = _guards.as_int32("num_slices", num_slices)
     slices_np, num_np = _concrete(slices), _concrete(num_slices)
     if slices_np is None or num_np is None:
-        return  # traced: values are the caller's contract (see `update`)
+        return slices, num_slices  # traced: bad rows are dropped (see `update`)
     num_tokens = np.shape(k)[-3]
     groups = (
         [(slices_np[g], num_np[g], f"slices[{g}]") for g in range(cache.dp)]
@@ -330,6 +328,7 @@ def _check_update_args(cache: KVCache, k: Any, v: Any, slices: Any, num_slices: 
         _check_slice_values(
             sl, int(num[0]), name=name, num_tokens=num_tokens, spec=cache.spec, pooled=pooled
         )
+    return slices, num_slices
 
 
 # --------------------------------------------------------------------------------------------
@@ -398,14 +397,24 @@ def _place(mesh: Mesh, x: Any, spec: P) -> Any:
 
 
 def _valid_slices(
-    slices: jax.Array, num: jax.Array, *, num_tokens: int, num_slots: int, page_size: int
+    slices: jax.Array,
+    num: jax.Array,
+    layer: jax.Array,
+    *,
+    num_layers: int,
+    num_tokens: int,
+    num_slots: int,
+    page_size: int,
 ) -> jax.Array:
     """bool[S]: live slices the kernel would write (its drop rule, shared by both backends).
 
-    A slice is written iff ``i < num``, ``1 <= slice_len <= page_size``, it stays inside one
-    page, and both its token and slot ranges are in bounds; every other slice writes nothing.
+    A slice is written iff ``0 <= layer < num_layers``, ``i < num``,
+    ``1 <= slice_len <= page_size``, it stays inside one page, and both its token and slot
+    ranges are in bounds; every other slice writes nothing. The layer test matters: indexing
+    would wrap layer -1 to the last layer, and the kernel's flat offset ``layer · slots`` can
+    overflow int32 back into range.
     """
-    live = jnp.arange(slices.shape[1]) < num[0]
+    live = (jnp.arange(slices.shape[1]) < num[0]) & _guards.layer_in_range(layer, num_layers)
     return live & slice_is_writable(
         slices[0],
         slices[1],
@@ -439,12 +448,21 @@ def _token_slots(slices: jax.Array, valid: jax.Array, num_tokens: int, num_slots
 def _local_update_xla(cache, layer, new_kv, slices, num, *, page_size, interpret):
     """One device: cache [L, slots, C, D], new_kv [T, C, D] -> cache, by an XLA scatter."""
     del interpret
-    num_tokens, num_slots = new_kv.shape[0], cache.shape[1]
+    num_layers, num_slots = cache.shape[:2]
+    num_tokens = new_kv.shape[0]
     valid = _valid_slices(
-        slices, num, num_tokens=num_tokens, num_slots=num_slots, page_size=page_size
+        slices,
+        num,
+        layer,
+        num_layers=num_layers,
+        num_tokens=num_tokens,
+        num_slots=num_slots,
+        page_size=page_size,
     )
     slots = _token_slots(slices, valid, num_tokens, num_slots)
-    # Unique, in-bounds-or-dropped indices let XLA scatter in place with no conflict handling.
+    # A bad layer leaves every slot >= num_slots (nothing valid); index layer 0 rather than
+    # let a negative layer wrap. Unique, in-bounds-or-dropped indices let XLA scatter in place.
+    layer = jnp.where(_guards.layer_in_range(layer, num_layers), layer, 0)
     return cache.at[layer, slots].set(new_kv, mode="drop", unique_indices=True)
 
 
@@ -457,10 +475,16 @@ def _local_update_pallas(cache, layer, new_kv, slices, num, *, page_size, interp
     num_layers, num_slots, heads, dim = cache.shape
     flat = cache.reshape(num_layers * num_slots, heads, dim)
     valid = _valid_slices(
-        slices, num, num_tokens=new_kv.shape[0], num_slots=num_slots, page_size=page_size
+        slices,
+        num,
+        layer,
+        num_layers=num_layers,
+        num_tokens=new_kv.shape[0],
+        num_slots=num_slots,
+        page_size=page_size,
     )
-    # The kernel bounds-checks against all L layers; a slice past this layer's slots must be
-    # dropped here or it would land in the next layer.
+    # The kernel bounds-checks against all L layers; a slice past this layer's slots (or of a
+    # layer out of range) must be dropped here or it would land in another layer.
     slices = jnp.stack([slices[0] + layer * num_slots, slices[1], jnp.where(valid, slices[2], 0)])
     out = kv_cache_update(new_kv, slices, flat, num, page_size=page_size, interpret=interpret)
     return out.reshape(cache.shape)
@@ -487,10 +511,23 @@ def _update_specs(cache: KVCache) -> tuple[P, ...]:
     return (cache.pspec, P(), kv_spec, kv_spec, P(pa, None, None), P(pa, None))
 
 
-@functools.partial(jax.jit, static_argnames=("backend", "interpret"), donate_argnums=(0,))
-def _update_jit(cache, layer, k, v, slices, num_slices, *, backend, interpret):
+@functools.partial(
+    jax.jit, static_argnames=("backend", "interpret", "checks"), donate_argnums=(0,)
+)
+def _update_jit(cache, layer, k, v, slices, num_slices, *, backend, interpret, checks=False):
     if cache.page_axis is None:  # one pool: give every per-pool argument a group axis of size 1
         k, v, slices, num_slices = k[None], v[None], slices[None], num_slices[None]
+    if checks:
+        spec = cache.spec
+        _guards.check_update(
+            layer,
+            slices,
+            num_slices,
+            num_layers=spec.num_layers,
+            num_tokens=k.shape[1],
+            num_rows=spec.slots_per_pool,
+            page_size=spec.page_size,
+        )
     specs = _update_specs(cache)
     args = [
         _to_spec(cache.mesh, x, s)
@@ -524,6 +561,7 @@ def update(
     *,
     backend: Backend = "auto",
     interpret: bool | None = None,
+    checks: bool = False,
 ) -> KVCache:
     """Writes new K/V tokens of one layer into the cache, in place; returns the new cache.
 
@@ -554,23 +592,35 @@ def update(
         pallas when the mesh is made of TPUs, xla otherwise. Both give identical results.
       interpret: passed to the kernel; None = interpret mode unless on TPU. False forces a
         TPU lowering (e.g. when exporting for TPU from a CPU host).
+      checks: with traced arguments, report what would be dropped (a layer out of range,
+        ``num_slices`` outside [0, S], a live slice the drop rule refuses, overlapping live
+        slices) as a :mod:`jax.experimental.checkify` error instead of dropping silently. The
+        caller must wrap its function in ``checkify.checkify`` (and call ``err.throw()``);
+        costs O(S²) per call, a debugging mode. No effect on concrete arguments, which are
+        always checked on the host.
 
-    Preconditions on live slices (checked when ``slices``/``num_slices`` are concrete; traced
-    values are the caller's contract): 0 <= num_slices <= S; 0 <= slice_len <= page_size;
-    tokens in [0, T); slots in the pool; no two slices overlap in slots or in tokens. Out of
-    contract with traced values, the xla backend writes nothing out of bounds; the kernel's
-    behaviour is undefined.
+    Preconditions on live slices (checked on the host when ``slices``/``num_slices`` are
+    concrete): 0 <= num_slices <= S; 0 <= slice_len <= page_size; tokens in [0, T); slots in
+    the pool; no two slices overlap in slots or in tokens. Traced: a layer outside [0, L)
+    writes nothing, and a live slice that is empty, longer than a page, crosses a page or
+    leaves the tokens or the pool writes nothing, identically on both backends (the kernel's
+    drop rule). Overlapping traced slices are outside the contract (not defined).
 
     Raises:
-      TypeError: wrong cache type or dtypes (slices/num_slices not int32; k/v not floating or
-        the cache dtype; k/v dtypes differ; layer not an integer scalar).
-      ValueError: wrong shapes, a concrete layer or slice out of range, overlapping slices,
+      TypeError: wrong cache type or dtypes (slices/num_slices not integer arrays, or traced
+        and not int32; k/v not floating or the cache dtype; k/v dtypes differ; layer not an
+        integer scalar).
+      ValueError: wrong shapes, a concrete layer or slice out of range, a concrete
+        slices/num_slices value outside int32 (before the cast to int32), overlapping slices,
         unknown backend. Nothing is donated when an error is raised.
     """
     cache = _check_cache(cache)
     _check_backend(backend)
     layer_index = _check_layer(cache, layer)
-    _check_update_args(cache, k, v, slices, num_slices)
+    slices, num_slices = _check_update_args(cache, k, v, slices, num_slices)
+    # In-jit checks only mean something for traced values (concrete ones passed the host
+    # checks above), and a checkify.check staged outside checkify.checkify is an error.
+    checks = bool(checks) and any(map(_guards.is_traced, (layer, slices, num_slices)))
     mesh, (_, _, kv_spec, _, slices_spec, num_spec) = cache.mesh, _update_specs(cache)
     if cache.page_axis is None:  # the specs above carry the group axis that _update_jit adds
         kv_spec, slices_spec, num_spec = (P(*s[1:]) for s in (kv_spec, slices_spec, num_spec))
@@ -583,6 +633,7 @@ def update(
         _place(mesh, num_slices, num_spec),
         backend=_resolve_backend(cache, backend),
         interpret=interpret,
+        checks=checks,
     )
 
 
@@ -591,11 +642,15 @@ def update(
 # --------------------------------------------------------------------------------------------
 
 
-@jax.jit
-def _gather_jit(cache, layer, slots):
+@functools.partial(jax.jit, static_argnames=("checks",))
+def _gather_jit(cache, layer, slots, *, checks=False):
     pa, ha, r = cache.page_axis, cache.head_axis, cache.replication
     if pa is None:
         slots = slots[None]
+    if checks:
+        _guards.check_gather(
+            layer, slots, num_layers=cache.spec.num_layers, num_slots=cache.spec.slots_per_pool
+        )
     specs = (cache.pspec, P(), P(pa, None))
     args = [
         _to_spec(cache.mesh, x, s) for x, s in zip((cache.kv, layer, slots), specs, strict=True)
@@ -603,8 +658,12 @@ def _gather_jit(cache, layer, slots):
 
     def body(kv, layer, slots):
         slot = slots[0]
-        ok = (slot >= 0) & (slot < kv.shape[1])
-        rows = jnp.where(ok[:, None, None], kv[layer, jnp.where(ok, slot, 0)], 0)
+        # A traced layer out of range reads zeros, like a slot out of range (indexing would
+        # wrap -1 to the last layer and clamp L to it).
+        layer_ok = _guards.layer_in_range(layer, kv.shape[0])
+        ok = (slot >= 0) & (slot < kv.shape[1]) & layer_ok
+        rows = kv[jnp.where(layer_ok, layer, 0), jnp.where(ok, slot, 0)]
+        rows = jnp.where(ok[:, None, None], rows, 0)
         k, v = _split(cache.spec, rows)
         if r > 1:  # one replicated head per device: collect them all, keep replica 0 of each
             k, v = (jax.lax.all_gather(x, ha, axis=1, tiled=True)[:, ::r] for x in (k, v))
@@ -620,7 +679,11 @@ def _gather_jit(cache, layer, slots):
 
 
 def gather(
-    cache: KVCache, layer: int | jax.Array, slots: jax.Array | np.ndarray
+    cache: KVCache,
+    layer: int | jax.Array,
+    slots: jax.Array | np.ndarray,
+    *,
+    checks: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     """Reads K and V of one layer at token slots (the read side of the oracle).
 
@@ -628,7 +691,11 @@ def gather(
       cache: not donated.
       layer: int or int scalar array in [0, L); may be traced.
       slots: int[N] slot ids in [0, num_pages·page_size), or int[dp, N] with a page axis
-        (group g reads its own pool).
+        (group g reads its own pool). Any integer dtype when concrete (cast to int32 after a
+        range check); int32 when traced.
+      checks: with traced arguments, report a layer or slot out of range as a
+        :mod:`jax.experimental.checkify` error instead of reading zeros (wrap the caller in
+        ``checkify.checkify``). No effect on concrete arguments.
 
     Returns:
       (k, v), each cache-dtype[N, H, D] globally (or [dp, N, H, D] with a page axis, sharded
@@ -636,10 +703,12 @@ def gather(
       heads are not replicated (r = 1) they stay sharded over heads like the cache, so each
       device holds cache-dtype[N, H/tp, D] (or [1, N, H/tp, D]); when r > 1 the heads are
       all-gathered and every device holds the whole replicated cache-dtype[N, H, D] (or
-      [1, N, H, D]). Traced out-of-range slots read zeros.
+      [1, N, H, D]). Traced out-of-range slots, and every slot of a traced out-of-range
+      layer, read zeros.
 
     Raises:
-      TypeError: ``slots`` not an integer array, ``layer`` not an integer scalar.
+      TypeError: ``slots`` not an integer array (or traced and not int32), ``layer`` not an
+        integer scalar.
       ValueError: wrong ``slots`` shape, concrete ``layer`` or ``slots`` out of range.
     """
     cache = _check_cache(cache)
@@ -647,15 +716,15 @@ def gather(
     pooled = cache.page_axis is not None
     lead = (cache.dp,) if pooled else ()
     _check_array("slots", slots, (*lead, None), "[dp, N]" if pooled else "[N]")
-    if not jnp.issubdtype(_dtype(slots), jnp.integer):
-        raise TypeError(f"slots must be an integer array, got {_dtype(slots)}")
+    slots = _guards.as_int32("slots", slots)
     pool = cache.spec.slots_per_pool
     host = _concrete(slots)
     if host is not None and host.size and (host.min() < 0 or host.max() >= pool):
         bad = host[(host < 0) | (host >= pool)].flat[0]
         raise ValueError(f"slots contains {bad}, out of range [0, {pool})")
-    slots = _place(cache.mesh, jnp.asarray(slots, jnp.int32), P(cache.page_axis) if pooled else P())
-    return _gather_jit(cache, _place(cache.mesh, layer_index, P()), slots)
+    checks = bool(checks) and any(map(_guards.is_traced, (layer, slots)))
+    slots = _place(cache.mesh, slots, P(cache.page_axis) if pooled else P())
+    return _gather_jit(cache, _place(cache.mesh, layer_index, P()), slots, checks=checks)
 
 
 # --------------------------------------------------------------------------------------------
@@ -663,16 +732,20 @@ def gather(
 # --------------------------------------------------------------------------------------------
 
 
-@functools.partial(jax.jit, donate_argnums=(0,))
-def _copy_pages_jit(cache, pairs):
+@functools.partial(jax.jit, donate_argnums=(0,), static_argnames=("checks",))
+def _copy_pages_jit(cache, pairs, *, checks=False):
     spec, pa = cache.spec, cache.page_axis
     if pa is None:
         pairs = pairs[None]
+    if checks:
+        _guards.check_copy_pairs(pairs[..., 0], pairs[..., 1], spec.num_pages)
 
     def body(kv, pairs):
         src, dst = pairs[0, :, 0], pairs[0, :, 1]
-        # No-op rows (padding) write nowhere, so they never race with a real copy to their page.
-        dst = jnp.where(src == dst, spec.num_pages, dst)
+        # Dropped rows (no-op padding, ids out of range, a destination written twice) write
+        # nowhere: an id out of range would otherwise wrap (negative) or clamp onto a real page.
+        keep = _guards.copy_pair_mask(src, dst, spec.num_pages)
+        src, dst = jnp.where(keep, src, 0), jnp.where(keep, dst, spec.num_pages)
         pages = kv.reshape(kv.shape[0], spec.num_pages, spec.page_size, *kv.shape[2:])
         # Gather every source before scattering: all copies read the pre-call contents.
         pages = pages.at[:, dst].set(pages[:, src], mode="drop")
@@ -686,7 +759,9 @@ def _copy_pages_jit(cache, pairs):
     return _with_kv(cache, kv)
 
 
-def copy_pages(cache: KVCache, pairs: jax.Array | np.ndarray) -> KVCache:
+def copy_pages(
+    cache: KVCache, pairs: jax.Array | np.ndarray, *, checks: bool = False
+) -> KVCache:
     """Copies whole pages (every layer, every head) — the allocator's copy-on-write.
 
     Args:
@@ -694,26 +769,32 @@ def copy_pages(cache: KVCache, pairs: jax.Array | np.ndarray) -> KVCache:
       pairs: int[K, 2] rows (src_page, dst_page), or int[dp, K, 2] with a page axis (pages of
         the group's own pool). Page ids in [0, num_pages). All copies read the contents from
         before the call. Rows with src == dst are no-ops (usable as padding); the dst of the
-        other rows must be distinct.
+        other rows must be distinct. Any integer dtype when concrete (cast to int32 after a
+        range check); int32 when traced. Traced rows with a page id out of range, and every
+        row of a destination written twice, are dropped (write nothing).
+      checks: with traced ``pairs``, report the rows that would be dropped as a
+        :mod:`jax.experimental.checkify` error instead (wrap the caller in
+        ``checkify.checkify``). No effect on concrete ``pairs``.
 
     Returns:
       The cache with the copies applied.
 
     Raises:
-      TypeError: ``pairs`` not an integer array.
-      ValueError: wrong shape; concrete page id out of range or duplicate destination.
+      TypeError: ``pairs`` not an integer array (or traced and not int32).
+      ValueError: wrong shape; concrete page id out of range or outside int32, or duplicate
+        destination.
     """
     cache = _check_cache(cache)
     pooled = cache.page_axis is not None
     lead = (cache.dp,) if pooled else ()
     _check_array("pairs", pairs, (*lead, None, 2), "[dp, K, 2]" if pooled else "[K, 2]")
-    if not jnp.issubdtype(_dtype(pairs), jnp.integer):
-        raise TypeError(f"pairs must be an integer array, got {_dtype(pairs)}")
+    pairs = _guards.as_int32("pairs", pairs)
     host = _concrete(pairs)
     if host is not None:
         _check_pairs(host.reshape(-1, *host.shape[-2:]), cache.spec.num_pages)
     spec = P(cache.page_axis) if pooled else P()
-    return _copy_pages_jit(cache, _place(cache.mesh, jnp.asarray(pairs, jnp.int32), spec))
+    checks = bool(checks) and _guards.is_traced(pairs)
+    return _copy_pages_jit(cache, _place(cache.mesh, pairs, spec), checks=checks)
 
 
 def _check_pairs(groups: np.ndarray, num_pages: int) -> None:

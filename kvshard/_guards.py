@@ -1,0 +1,233 @@
+"""Input guards shared by the cache's device operations (:mod:`kvshard.cache`).
+
+Two halves:
+
+* Host side, before anything is traced or donated: :func:`as_int32` accepts concrete metadata
+  of any integer dtype, range-checks it against int32 and casts it (so ``np.array([1])``, int64
+  on most hosts, works as well as int32), and insists that traced metadata is already int32.
+* Inside jit, where nothing can raise: the drop masks (:func:`layer_in_range`,
+  :func:`copy_pair_mask`) that make a bad row write nothing, and the opt-in ``checks=True``
+  reports (:func:`check_update`, :func:`check_copy_pairs`, :func:`check_gather`) built on
+  :mod:`jax.experimental.checkify`: the caller wraps its function in ``checkify.checkify`` and
+  gets an ``Error`` saying which row was bad instead of a silent drop.
+
+The in-jit checks run on the global (replicated or group-stacked) metadata before
+``shard_map``, so they are computed once, not per device, and need no collective.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import checkify
+
+from kvshard.kernels.update import slice_is_writable
+
+_INT32 = np.iinfo(np.int32)
+
+
+def is_traced(x: Any) -> bool:
+    """Whether ``x`` is a tracer (its values are unknown on the host)."""
+    return isinstance(x, jax.core.Tracer)
+
+
+def _dtype(x: Any) -> np.dtype:
+    """The dtype as given (jnp.result_type would map NumPy int64 to int32 without x64)."""
+    return np.dtype(x.dtype) if hasattr(x, "dtype") else jnp.result_type(x)
+
+
+def as_int32(name: str, x: Any) -> Any:
+    """Returns metadata ``x`` as int32: a host array when concrete, the tracer when traced.
+
+    Concrete ``x`` may have any integer dtype; its values are checked against int32 first, so
+    a cast can never wrap a huge id into a valid-looking one. Traced ``x`` must already be
+    int32: its values cannot be checked, and a cast inside jit would wrap silently.
+
+    Raises:
+      TypeError: ``x`` is not an integer array, or is traced with a dtype other than int32.
+      ValueError: a concrete value lies outside int32 (names ``name``, the value, the bound).
+    """
+    dtype = _dtype(x)
+    if is_traced(x):
+        if dtype != np.int32:
+            raise TypeError(
+                f"{name} is traced with dtype {dtype}; traced {name} must be int32 (its values "
+                "cannot be range-checked inside jit; cast on the host, before jit)"
+            )
+        return x
+    if not np.issubdtype(dtype, np.integer):
+        raise TypeError(f"{name} must be an integer array, got dtype {dtype}")
+    host = np.asarray(x)
+    if host.size and dtype.itemsize >= 4 and dtype != np.int32:
+        low, high = host.min(), host.max()
+        if low < _INT32.min or high > _INT32.max:
+            bad = low if low < _INT32.min else high
+            raise ValueError(
+                f"{name} contains {int(bad)}, outside int32 [{_INT32.min}, {_INT32.max}]"
+            )
+    return host.astype(np.int32, copy=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Drop masks (inside jit, always on)
+# --------------------------------------------------------------------------------------------
+
+
+def layer_in_range(layer: jax.Array, num_layers: int) -> jax.Array:
+    """bool scalar: ``0 <= layer < num_layers``; a traced layer outside it writes nothing and
+    reads zeros (indexing would otherwise wrap -1 to the last layer and clamp L to it)."""
+    return (layer >= 0) & (layer < num_layers)
+
+
+def copy_pair_mask(src: jax.Array, dst: jax.Array, num_pages: int) -> jax.Array:
+    """bool[K]: pairs ``copy_pages`` performs.
+
+    A pair is performed iff both page ids lie in ``[0, num_pages)``, ``src != dst`` (no-op
+    padding), and no other such pair writes the same ``dst``. Out-of-range ids would otherwise
+    wrap (negative) or clamp (too large) onto real pages; two pairs writing one page would
+    race, so both are dropped rather than letting the scatter pick a winner.
+    """
+    ok = (src >= 0) & (src < num_pages) & (dst >= 0) & (dst < num_pages) & (src != dst)
+    if src.shape[0] < 2:
+        return ok
+    # Duplicate destinations among the pairs still `ok`: sort, compare neighbours, scatter back.
+    key = jnp.where(ok, dst, -1 - jnp.arange(src.shape[0], dtype=dst.dtype))  # unique when not ok
+    order = jnp.argsort(key)
+    same = key[order][1:] == key[order][:-1]
+    dup_sorted = jnp.concatenate([same, jnp.zeros(1, bool)]) | jnp.concatenate(
+        [jnp.zeros(1, bool), same]
+    )
+    dup = jnp.zeros_like(ok).at[order].set(dup_sorted)
+    return ok & ~dup
+
+
+# --------------------------------------------------------------------------------------------
+# Opt-in reports (checks=True, under jax.experimental.checkify)
+# --------------------------------------------------------------------------------------------
+
+
+def _first(bad: jax.Array) -> jax.Array:
+    """Flat index of the first True of ``bad`` (0 when none)."""
+    return jnp.argmax(bad.reshape(-1)).astype(jnp.int32)
+
+
+def check_layer(where: str, layer: jax.Array, num_layers: int) -> None:
+    """checkify error unless ``0 <= layer < num_layers``."""
+    checkify.check(
+        layer_in_range(layer, num_layers),
+        f"{where}: layer={{layer}} is out of range [0, {num_layers})",
+        layer=layer,
+    )
+
+
+def check_update(
+    layer: jax.Array,
+    slices: jax.Array,
+    num: jax.Array,
+    *,
+    num_layers: int,
+    num_tokens: int,
+    num_rows: int,
+    page_size: int,
+) -> None:
+    """checkify errors for what ``update`` would drop: a bad layer, count or live slice.
+
+    ``slices`` int32[G, 3, S] and ``num`` int32[G, 1] carry a group axis (size 1 without a
+    page axis). A live slice (index < num) with ``slice_len == 0`` writes nothing and is fine,
+    as on the host; any other live slice the drop rule refuses is reported, and so are two
+    live slices whose destinations or sources overlap (pairwise, O(S²): a debugging mode).
+    """
+    check_layer("update", layer, num_layers)
+    size = slices.shape[-1]
+    if size == 0:
+        return
+    count = num[:, 0]
+    bad_count = (count < 0) | (count > size)
+    g = _first(bad_count)
+    checkify.check(
+        ~bad_count.any(),
+        f"update: num_slices[{{g}}]={{n}} must be in [0, {size}] (columns of slices)",
+        g=g,
+        n=count[g],
+    )
+    dst, src, length = slices[:, 0], slices[:, 1], slices[:, 2]  # [G, S]
+    live = jnp.arange(size)[None, :] < count[:, None]
+    writable = slice_is_writable(
+        dst, src, length, num_tokens=num_tokens, num_rows=num_rows, page_size=page_size
+    )
+    bad = live & (length != 0) & ~writable
+    i = _first(bad)
+    gi, si = i // size, i % size
+    checkify.check(
+        ~bad.any(),
+        "update: slices[{g}][:, {i}] = (kv_cache_start {dst}, new_kv_start {src}, slice_len "
+        f"{{length}}) is dropped: it must have 0 <= slice_len <= page_size {page_size}, stay "
+        f"in one page, read tokens in [0, {num_tokens}) and write slots in [0, {num_rows})",
+        g=gi,
+        i=si,
+        dst=dst[gi, si],
+        src=src[gi, si],
+        length=length[gi, si],
+    )
+    used = live & writable & (length > 0)
+    for field, start in (("destination", dst), ("source", src)):
+        end = start + length
+        both = used[:, :, None] & used[:, None, :] & ~jnp.eye(size, dtype=bool)[None]
+        overlap = both & (start[:, :, None] < end[:, None, :]) & (start[:, None, :] < end[:, :, None])
+        j = _first(overlap)
+        gj, a, b = j // (size * size), j // size % size, j % size
+        checkify.check(
+            ~overlap.any(),
+            f"update: slices[{{g}}]: the {field}s of slices {{a}} and {{b}} overlap",
+            g=gj,
+            a=a,
+            b=b,
+        )
+
+
+def check_copy_pairs(src: jax.Array, dst: jax.Array, num_pages: int) -> None:
+    """checkify errors for what ``copy_pages`` would drop. ``src``, ``dst``: int32[G, K]."""
+    size = src.shape[-1]
+    if size == 0:
+        return
+    for field, page in (("src", src), ("dst", dst)):
+        bad = (page < 0) | (page >= num_pages)
+        i = _first(bad)
+        checkify.check(
+            ~bad.any(),
+            f"copy_pages: pairs[{{g}}][{{row}}] has {field} page {{page}}, out of range "
+            f"[0, {num_pages})",
+            g=i // size,
+            row=i % size,
+            page=page.reshape(-1)[i],
+        )
+    kept = jax.vmap(lambda s, d: copy_pair_mask(s, d, num_pages))(src, dst)
+    in_range = (src >= 0) & (src < num_pages) & (dst >= 0) & (dst < num_pages)
+    dup = in_range & (src != dst) & ~kept
+    i = _first(dup)
+    checkify.check(
+        ~dup.any(),
+        "copy_pages: pairs[{g}][{row}] copies to dst page {page}, which another pair also writes",
+        g=i // size,
+        row=i % size,
+        page=dst.reshape(-1)[i],
+    )
+
+
+def check_gather(layer: jax.Array, slots: jax.Array, *, num_layers: int, num_slots: int) -> None:
+    """checkify errors for what ``gather`` reads as zeros. ``slots``: int32[G, N]."""
+    check_layer("gather", layer, num_layers)
+    if slots.size == 0:
+        return
+    bad = (slots < 0) | (slots >= num_slots)
+    i = _first(bad)
+    checkify.check(
+        ~bad.any(),
+        f"gather: slots[{{g}}][{{n}}]={{slot}} is out of range [0, {num_slots})",
+        g=i // slots.shape[-1],
+        n=i % slots.shape[-1],
+        slot=slots.reshape(-1)[i],
+    )
