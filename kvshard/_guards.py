@@ -7,22 +7,27 @@ Two halves:
   on most hosts, works as well as int32), and insists that traced metadata is already int32.
 * Inside jit, where nothing can raise: the drop masks (:func:`layer_in_range`,
   :func:`copy_pair_mask`) that make a bad row write nothing, and the opt-in ``checks=True``
-  reports (:func:`check_update`, :func:`check_copy_pairs`, :func:`check_gather`) built on
-  :mod:`jax.experimental.checkify`: the caller wraps its function in ``checkify.checkify`` and
-  gets an ``Error`` saying which row was bad instead of a silent drop.
+  reports (:func:`check_update`, :func:`check_copy_pairs`, :func:`check_gather`): a
+  ``jax.debug.callback`` that raises ``ValueError`` on the host naming the bad row, which the
+  runtime re-raises as a ``JaxRuntimeError`` carrying that message when the result is used.
+
+Why a host callback rather than :mod:`jax.experimental.checkify`: checkify threads its error
+through ``shard_map`` as a per-device array, and a later check with the same payload types
+(the next layer's ``update``) then fails to trace ("select cases must have the same shapes",
+JAX 0.10), so checkify errors would work for one kvshard call per function only.
 
 The in-jit checks run on the global (replicated or group-stacked) metadata before
-``shard_map``, so they are computed once, not per device, and need no collective.
+``shard_map``, so they need no collective.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import checkify
 
 from kvshard.kernels.update import slice_is_writable
 
@@ -105,8 +110,19 @@ def copy_pair_mask(src: jax.Array, dst: jax.Array, num_pages: int) -> jax.Array:
 
 
 # --------------------------------------------------------------------------------------------
-# Opt-in reports (checks=True, under jax.experimental.checkify)
+# Opt-in reports (checks=True): a host callback that raises
 # --------------------------------------------------------------------------------------------
+
+
+def _raise_unless(ok: Any, *, template: str, **payload: Any) -> None:
+    """Host side of a check: raises ValueError(template.format(payload)) unless ``ok``."""
+    if not bool(np.asarray(ok)):
+        raise ValueError(template.format(**{k: int(np.asarray(v)) for k, v in payload.items()}))
+
+
+def _check(ok: Any, template: str, **payload: Any) -> None:
+    """Reports ``template`` (formatted with ``payload``) from the host when ``ok`` is False."""
+    jax.debug.callback(functools.partial(_raise_unless, template=template), ok, **payload)
 
 
 def _first(bad: jax.Array) -> jax.Array:
@@ -115,8 +131,8 @@ def _first(bad: jax.Array) -> jax.Array:
 
 
 def check_layer(where: str, layer: jax.Array, num_layers: int) -> None:
-    """checkify error unless ``0 <= layer < num_layers``."""
-    checkify.check(
+    """Reports unless ``0 <= layer < num_layers``."""
+    _check(
         layer_in_range(layer, num_layers),
         f"{where}: layer={{layer}} is out of range [0, {num_layers})",
         layer=layer,
@@ -133,7 +149,7 @@ def check_update(
     num_rows: int,
     page_size: int,
 ) -> None:
-    """checkify errors for what ``update`` would drop: a bad layer, count or live slice.
+    """Reports what ``update`` would drop: a bad layer, count or live slice.
 
     ``slices`` int32[G, 3, S] and ``num`` int32[G, 1] carry a group axis (size 1 without a
     page axis). A live slice (index < num) with ``slice_len == 0`` writes nothing and is fine,
@@ -147,7 +163,7 @@ def check_update(
     count = num[:, 0]
     bad_count = (count < 0) | (count > size)
     g = _first(bad_count)
-    checkify.check(
+    _check(
         ~bad_count.any(),
         f"update: num_slices[{{g}}]={{n}} must be in [0, {size}] (columns of slices)",
         g=g,
@@ -161,7 +177,7 @@ def check_update(
     bad = live & (length != 0) & ~writable
     i = _first(bad)
     gi, si = i // size, i % size
-    checkify.check(
+    _check(
         ~bad.any(),
         "update: slices[{g}][:, {i}] = (kv_cache_start {dst}, new_kv_start {src}, slice_len "
         f"{{length}}) is dropped: it must have 0 <= slice_len <= page_size {page_size}, stay "
@@ -179,7 +195,7 @@ def check_update(
         overlap = both & (start[:, :, None] < end[:, None, :]) & (start[:, None, :] < end[:, :, None])
         j = _first(overlap)
         gj, a, b = j // (size * size), j // size % size, j % size
-        checkify.check(
+        _check(
             ~overlap.any(),
             f"update: slices[{{g}}]: the {field}s of slices {{a}} and {{b}} overlap",
             g=gj,
@@ -189,14 +205,14 @@ def check_update(
 
 
 def check_copy_pairs(src: jax.Array, dst: jax.Array, num_pages: int) -> None:
-    """checkify errors for what ``copy_pages`` would drop. ``src``, ``dst``: int32[G, K]."""
+    """Reports what ``copy_pages`` would drop. ``src``, ``dst``: int32[G, K]."""
     size = src.shape[-1]
     if size == 0:
         return
     for field, page in (("src", src), ("dst", dst)):
         bad = (page < 0) | (page >= num_pages)
         i = _first(bad)
-        checkify.check(
+        _check(
             ~bad.any(),
             f"copy_pages: pairs[{{g}}][{{row}}] has {field} page {{page}}, out of range "
             f"[0, {num_pages})",
@@ -208,7 +224,7 @@ def check_copy_pairs(src: jax.Array, dst: jax.Array, num_pages: int) -> None:
     in_range = (src >= 0) & (src < num_pages) & (dst >= 0) & (dst < num_pages)
     dup = in_range & (src != dst) & ~kept
     i = _first(dup)
-    checkify.check(
+    _check(
         ~dup.any(),
         "copy_pages: pairs[{g}][{row}] copies to dst page {page}, which another pair also writes",
         g=i // size,
@@ -218,13 +234,13 @@ def check_copy_pairs(src: jax.Array, dst: jax.Array, num_pages: int) -> None:
 
 
 def check_gather(layer: jax.Array, slots: jax.Array, *, num_layers: int, num_slots: int) -> None:
-    """checkify errors for what ``gather`` reads as zeros. ``slots``: int32[G, N]."""
+    """Reports what ``gather`` reads as zeros. ``slots``: int32[G, N]."""
     check_layer("gather", layer, num_layers)
     if slots.size == 0:
         return
     bad = (slots < 0) | (slots >= num_slots)
     i = _first(bad)
-    checkify.check(
+    _check(
         ~bad.any(),
         f"gather: slots[{{g}}][{{n}}]={{slot}} is out of range [0, {num_slots})",
         g=i // slots.shape[-1],

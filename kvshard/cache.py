@@ -594,10 +594,10 @@ def update(
         TPU lowering (e.g. when exporting for TPU from a CPU host).
       checks: with traced arguments, report what would be dropped (a layer out of range,
         ``num_slices`` outside [0, S], a live slice the drop rule refuses, overlapping live
-        slices) as a :mod:`jax.experimental.checkify` error instead of dropping silently. The
-        caller must wrap its function in ``checkify.checkify`` (and call ``err.throw()``);
-        costs O(S²) per call, a debugging mode. No effect on concrete arguments, which are
-        always checked on the host.
+        slices) as an error instead of dropping silently: a host callback raises ValueError
+        naming the slice, which surfaces as ``jax.errors.JaxRuntimeError`` carrying that
+        message when the result is used. Costs O(S²) per call and a host round trip: a
+        debugging mode. No effect on concrete arguments, which are always checked on the host.
 
     Preconditions on live slices (checked on the host when ``slices``/``num_slices`` are
     concrete): 0 <= num_slices <= S; 0 <= slice_len <= page_size; tokens in [0, T); slots in
@@ -619,7 +619,7 @@ def update(
     layer_index = _check_layer(cache, layer)
     slices, num_slices = _check_update_args(cache, k, v, slices, num_slices)
     # In-jit checks only mean something for traced values (concrete ones passed the host
-    # checks above), and a checkify.check staged outside checkify.checkify is an error.
+    # checks above); skipping them otherwise saves the host callback.
     checks = bool(checks) and any(map(_guards.is_traced, (layer, slices, num_slices)))
     mesh, (_, _, kv_spec, _, slices_spec, num_spec) = cache.mesh, _update_specs(cache)
     if cache.page_axis is None:  # the specs above carry the group axis that _update_jit adds
@@ -694,8 +694,8 @@ def gather(
         (group g reads its own pool). Any integer dtype when concrete (cast to int32 after a
         range check); int32 when traced.
       checks: with traced arguments, report a layer or slot out of range as a
-        :mod:`jax.experimental.checkify` error instead of reading zeros (wrap the caller in
-        ``checkify.checkify``). No effect on concrete arguments.
+        error instead of reading zeros (a host callback raises; see :func:`update`). No
+        effect on concrete arguments.
 
     Returns:
       (k, v), each cache-dtype[N, H, D] globally (or [dp, N, H, D] with a page axis, sharded
@@ -773,8 +773,8 @@ def copy_pages(
         range check); int32 when traced. Traced rows with a page id out of range, and every
         row of a destination written twice, are dropped (write nothing).
       checks: with traced ``pairs``, report the rows that would be dropped as a
-        :mod:`jax.experimental.checkify` error instead (wrap the caller in
-        ``checkify.checkify``). No effect on concrete ``pairs``.
+        error instead (a host callback raises; see :func:`update`). No effect on concrete
+        ``pairs``.
 
     Returns:
       The cache with the copies applied.
