@@ -7,9 +7,9 @@ Two halves:
   on most hosts, works as well as int32), and insists that traced metadata is already int32.
 * Inside jit, where nothing can raise: the drop masks (:func:`layer_in_range`,
   :func:`copy_pair_mask`) that make a bad row write nothing, and the opt-in ``checks=True``
-  reports (:func:`check_update`, :func:`check_copy_pairs`, :func:`check_gather`): a
-  ``jax.debug.callback`` that raises ``ValueError`` on the host naming the bad row, which the
-  runtime re-raises as a ``JaxRuntimeError`` carrying that message when the result is used.
+  reports (:func:`check_update`, :func:`check_copy_pairs`, :func:`check_gather`): a host
+  callback that raises ``ValueError`` naming the bad row, which the runtime re-raises as a
+  ``JaxRuntimeError`` carrying that message when the result is used.
 
 Why a host callback rather than :mod:`jax.experimental.checkify`: checkify threads its error
 through ``shard_map`` as a per-device array, and a later check with the same payload types
@@ -120,9 +120,18 @@ def _raise_unless(ok: Any, *, template: str, **payload: Any) -> None:
         raise ValueError(template.format(**{k: int(np.asarray(v)) for k, v in payload.items()}))
 
 
-def _check(ok: Any, template: str, **payload: Any) -> None:
-    """Reports ``template`` (formatted with ``payload``) from the host when ``ok`` is False."""
+def _check(ok: Any, template: str, **payload: Any) -> jax.Array:
+    """Reports ``template`` (formatted with ``payload``) from the host when ``ok`` is False.
+
+    ``jax.debug.callback``: an effect, so it is never dead-code eliminated, and it has no
+    result, so no device waits on it. (A ``jax.pure_callback`` returning a value would make
+    the other devices wait in a collective for a device whose callback raised: a deadlock on a
+    multi-device mesh.) JAX keeps the failed callback's runtime token, so a later
+    ``jax.effects_barrier()`` re-raises the error until another effectful computation runs on
+    those devices. Returns an int32 zero, for callers that fold the checks into an input.
+    """
     jax.debug.callback(functools.partial(_raise_unless, template=template), ok, **payload)
+    return jnp.zeros((), jnp.int32)
 
 
 def _first(bad: jax.Array) -> jax.Array:
@@ -130,9 +139,9 @@ def _first(bad: jax.Array) -> jax.Array:
     return jnp.argmax(bad.reshape(-1)).astype(jnp.int32)
 
 
-def check_layer(where: str, layer: jax.Array, num_layers: int) -> None:
-    """Reports unless ``0 <= layer < num_layers``."""
-    _check(
+def check_layer(where: str, layer: jax.Array, num_layers: int) -> jax.Array:
+    """Reports unless ``0 <= layer < num_layers``; returns an int32 zero (see :func:`_check`)."""
+    return _check(
         layer_in_range(layer, num_layers),
         f"{where}: layer={{layer}} is out of range [0, {num_layers})",
         layer=layer,
@@ -148,22 +157,23 @@ def check_update(
     num_tokens: int,
     num_rows: int,
     page_size: int,
-) -> None:
+) -> jax.Array:
     """Reports what ``update`` would drop: a bad layer, count or live slice.
 
     ``slices`` int32[G, 3, S] and ``num`` int32[G, 1] carry a group axis (size 1 without a
     page axis). A live slice (index < num) with ``slice_len == 0`` writes nothing and is fine,
     as on the host; any other live slice the drop rule refuses is reported, and so are two
     live slices whose destinations or sources overlap (pairwise, O(S²): a debugging mode).
+    Returns an int32 zero to add to an input of the update (see :func:`_check`).
     """
-    check_layer("update", layer, num_layers)
+    zero = check_layer("update", layer, num_layers)
     size = slices.shape[-1]
     if size == 0:
-        return
+        return zero
     count = num[:, 0]
     bad_count = (count < 0) | (count > size)
     g = _first(bad_count)
-    _check(
+    zero = zero + _check(
         ~bad_count.any(),
         f"update: num_slices[{{g}}]={{n}} must be in [0, {size}] (columns of slices)",
         g=g,
@@ -177,7 +187,7 @@ def check_update(
     bad = live & (length != 0) & ~writable
     i = _first(bad)
     gi, si = i // size, i % size
-    _check(
+    zero = zero + _check(
         ~bad.any(),
         "update: slices[{g}][:, {i}] = (kv_cache_start {dst}, new_kv_start {src}, slice_len "
         f"{{length}}) is dropped: it must have 0 <= slice_len <= page_size {page_size}, stay "
@@ -195,24 +205,29 @@ def check_update(
         overlap = both & (start[:, :, None] < end[:, None, :]) & (start[:, None, :] < end[:, :, None])
         j = _first(overlap)
         gj, a, b = j // (size * size), j // size % size, j % size
-        _check(
+        zero = zero + _check(
             ~overlap.any(),
             f"update: slices[{{g}}]: the {field}s of slices {{a}} and {{b}} overlap",
             g=gj,
             a=a,
             b=b,
         )
+    return zero
 
 
-def check_copy_pairs(src: jax.Array, dst: jax.Array, num_pages: int) -> None:
-    """Reports what ``copy_pages`` would drop. ``src``, ``dst``: int32[G, K]."""
+def check_copy_pairs(src: jax.Array, dst: jax.Array, num_pages: int) -> jax.Array:
+    """Reports what ``copy_pages`` would drop. ``src``, ``dst``: int32[G, K].
+
+    Returns an int32 zero to add to the pairs (see :func:`_check`).
+    """
+    zero = jnp.zeros((), jnp.int32)
     size = src.shape[-1]
     if size == 0:
-        return
+        return zero
     for field, page in (("src", src), ("dst", dst)):
         bad = (page < 0) | (page >= num_pages)
         i = _first(bad)
-        _check(
+        zero = zero + _check(
             ~bad.any(),
             f"copy_pages: pairs[{{g}}][{{row}}] has {field} page {{page}}, out of range "
             f"[0, {num_pages})",
@@ -224,26 +239,33 @@ def check_copy_pairs(src: jax.Array, dst: jax.Array, num_pages: int) -> None:
     in_range = (src >= 0) & (src < num_pages) & (dst >= 0) & (dst < num_pages)
     dup = in_range & (src != dst) & ~kept
     i = _first(dup)
-    _check(
+    zero = zero + _check(
         ~dup.any(),
         "copy_pages: pairs[{g}][{row}] copies to dst page {page}, which another pair also writes",
         g=i // size,
         row=i % size,
         page=dst.reshape(-1)[i],
     )
+    return zero
 
 
-def check_gather(layer: jax.Array, slots: jax.Array, *, num_layers: int, num_slots: int) -> None:
-    """Reports what ``gather`` reads as zeros. ``slots``: int32[G, N]."""
-    check_layer("gather", layer, num_layers)
+def check_gather(
+    layer: jax.Array, slots: jax.Array, *, num_layers: int, num_slots: int
+) -> jax.Array:
+    """Reports what ``gather`` reads as zeros. ``slots``: int32[G, N].
+
+    Returns an int32 zero to add to the layer (see :func:`_check`).
+    """
+    zero = check_layer("gather", layer, num_layers)
     if slots.size == 0:
-        return
+        return zero
     bad = (slots < 0) | (slots >= num_slots)
     i = _first(bad)
-    _check(
+    zero = zero + _check(
         ~bad.any(),
         f"gather: slots[{{g}}][{{n}}]={{slot}} is out of range [0, {num_slots})",
         g=i // slots.shape[-1],
         n=i % slots.shape[-1],
         slot=slots.reshape(-1)[i],
     )
+    return zero

@@ -519,7 +519,7 @@ def _update_jit(cache, layer, k, v, slices, num_slices, *, backend, interpret, c
         k, v, slices, num_slices = k[None], v[None], slices[None], num_slices[None]
     if checks:
         spec = cache.spec
-        _guards.check_update(
+        layer = layer + _guards.check_update(
             layer,
             slices,
             num_slices,
@@ -594,9 +594,9 @@ def update(
         TPU lowering (e.g. when exporting for TPU from a CPU host).
       checks: with traced arguments, report what would be dropped (a layer out of range,
         ``num_slices`` outside [0, S], a live slice the drop rule refuses, overlapping live
-        slices) as an error instead of dropping silently: a host callback raises ValueError
-        naming the slice, which surfaces as ``jax.errors.JaxRuntimeError`` carrying that
-        message when the result is used. Costs O(S²) per call and a host round trip: a
+        slices) as an error instead of dropping silently: a host callback
+        (``jax.debug.callback``) raises ValueError naming the slice, which surfaces as
+        ``jax.errors.JaxRuntimeError`` carrying that message when the result is used. Costs O(S²) per call and a host round trip: a
         debugging mode. No effect on concrete arguments, which are always checked on the host.
 
     Preconditions on live slices (checked on the host when ``slices``/``num_slices`` are
@@ -648,7 +648,7 @@ def _gather_jit(cache, layer, slots, *, checks=False):
     if pa is None:
         slots = slots[None]
     if checks:
-        _guards.check_gather(
+        layer = layer + _guards.check_gather(
             layer, slots, num_layers=cache.spec.num_layers, num_slots=cache.spec.slots_per_pool
         )
     specs = (cache.pspec, P(), P(pa, None))
@@ -738,7 +738,7 @@ def _copy_pages_jit(cache, pairs, *, checks=False):
     if pa is None:
         pairs = pairs[None]
     if checks:
-        _guards.check_copy_pairs(pairs[..., 0], pairs[..., 1], spec.num_pages)
+        pairs = pairs + _guards.check_copy_pairs(pairs[..., 0], pairs[..., 1], spec.num_pages)
 
     def body(kv, pairs):
         src, dst = pairs[0, :, 0], pairs[0, :, 1]

@@ -410,6 +410,9 @@ def _run_checked(fn, *args):
     try:
         out = jax.block_until_ready(jax.jit(fn)(*args))
     except jax.errors.JaxRuntimeError as err:
+        # JAX keeps the failed callback's runtime token and would re-raise it at the next
+        # effects barrier (or at exit): drop it, as a fresh process would not have it.
+        jax._src.dispatch.runtime_tokens.clear()
         return str(err), None
     return None, out
 
