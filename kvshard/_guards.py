@@ -202,7 +202,9 @@ def check_update(
     for field, start in (("destination", dst), ("source", src)):
         end = start + length
         both = used[:, :, None] & used[:, None, :] & ~jnp.eye(size, dtype=bool)[None]
-        overlap = both & (start[:, :, None] < end[:, None, :]) & (start[:, None, :] < end[:, :, None])
+        overlap = (
+            both & (start[:, :, None] < end[:, None, :]) & (start[:, None, :] < end[:, :, None])
+        )
         j = _first(overlap)
         gj, a, b = j // (size * size), j // size % size, j % size
         zero = zero + _check(

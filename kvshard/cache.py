@@ -511,9 +511,7 @@ def _update_specs(cache: KVCache) -> tuple[P, ...]:
     return (cache.pspec, P(), kv_spec, kv_spec, P(pa, None, None), P(pa, None))
 
 
-@functools.partial(
-    jax.jit, static_argnames=("backend", "interpret", "checks"), donate_argnums=(0,)
-)
+@functools.partial(jax.jit, static_argnames=("backend", "interpret", "checks"), donate_argnums=(0,))
 def _update_jit(cache, layer, k, v, slices, num_slices, *, backend, interpret, checks=False):
     if cache.page_axis is None:  # one pool: give every per-pool argument a group axis of size 1
         k, v, slices, num_slices = k[None], v[None], slices[None], num_slices[None]
@@ -596,8 +594,9 @@ def update(
         ``num_slices`` outside [0, S], a live slice the drop rule refuses, overlapping live
         slices) as an error instead of dropping silently: a host callback
         (``jax.debug.callback``) raises ValueError naming the slice, which surfaces as
-        ``jax.errors.JaxRuntimeError`` carrying that message when the result is used. Costs O(S²) per call and a host round trip: a
-        debugging mode. No effect on concrete arguments, which are always checked on the host.
+        ``jax.errors.JaxRuntimeError`` carrying that message when the result is used.
+        Costs O(S²) per call and a host round trip: a debugging mode. No effect on concrete
+        arguments, which are always checked on the host. See docs/guides/refused-inputs.md.
 
     Preconditions on live slices (checked on the host when ``slices``/``num_slices`` are
     concrete): 0 <= num_slices <= S; 0 <= slice_len <= page_size; tokens in [0, T); slots in
@@ -759,9 +758,7 @@ def _copy_pages_jit(cache, pairs, *, checks=False):
     return _with_kv(cache, kv)
 
 
-def copy_pages(
-    cache: KVCache, pairs: jax.Array | np.ndarray, *, checks: bool = False
-) -> KVCache:
+def copy_pages(cache: KVCache, pairs: jax.Array | np.ndarray, *, checks: bool = False) -> KVCache:
     """Copies whole pages (every layer, every head) — the allocator's copy-on-write.
 
     Args:

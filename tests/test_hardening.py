@@ -2,8 +2,9 @@
 
 Each reproduction from the issue is a test: host calls raise an error naming the argument, the
 value and the bound, and leave the cache as it was; traced calls write nothing for a bad row,
-identically on the xla and pallas backends; ``checks=True`` reports the row instead. The expected values are written out by hand (page contents are their page id), never
-computed by the code under test.
+identically on the xla and pallas backends; ``checks=True`` reports the row instead. The
+expected values are written out by hand (page contents are their page id), never computed by
+the code under test.
 """
 
 from __future__ import annotations
@@ -323,9 +324,7 @@ GOOD_SLICES = np.array([[0, 6], [0, 1], [1, 1]])
 @pytest.mark.parametrize("dtype", [np.int64, np.uint8, np.int16, np.uint32, np.uint64])
 def test_update_accepts_any_integer_dtype(mesh, dtype):
     k = np.full((2, 2, 8), 7.0, np.float32)
-    out = update(
-        page_marked_cache(mesh), 0, k, k, GOOD_SLICES.astype(dtype), np.array([2], dtype)
-    )
+    out = update(page_marked_cache(mesh), 0, k, k, GOOD_SLICES.astype(dtype), np.array([2], dtype))
     np.testing.assert_array_equal(page_values(out)[0], [7, 2, 3, 7, 5, 6, 7, 8])
     pairs = np.array([[1, 2], [0, 0]], dtype)
     out = copy_pages(out, pairs)
@@ -466,6 +465,7 @@ def test_update_checks_pass_good_calls_and_write(mesh):
                                jnp.array([3], jnp.int32))  # fmt: skip
     assert report is None
     np.testing.assert_array_equal(page_values(out)[0], [7, 2, 3, 7, 5, 6, 7, 8])
+
     # Two updates in one function (a layer loop): the second one's bad layer is reported.
     def two_layers(c, layer, s, n):
         c = update(c, 0, K4, K4, s, n, backend="xla", checks=True)

@@ -64,9 +64,7 @@ NUM_SLOTS = SPEC.slots_per_pool
 
 def chains_resolved() -> bool:
     """Whether take_pending_copies resolves copy chains (issue 10 finding 6 fixed)."""
-    alloc = PageAllocator(
-        num_pages=8, page_size=4, max_requests=4, max_pages_per_request=4
-    )
+    alloc = PageAllocator(num_pages=8, page_size=4, max_requests=4, max_pages_per_request=4)
     alloc.allocate("a", 2)
     alloc.fork("a", "a2")
     alloc.allocate("a", 1)  # copy-on-write of the shared page
@@ -178,9 +176,7 @@ class ServingLoop(RuleBasedStateMachine):
         reqs = data.draw(
             st.lists(st.sampled_from(sorted(self.ids)), min_size=1, max_size=4, unique=True)
         )
-        counts = [
-            data.draw(st.integers(0, min(MAX_STEP, MAX_TOKENS - self.held(r)))) for r in reqs
-        ]
+        counts = [data.draw(st.integers(0, min(MAX_STEP, MAX_TOKENS - self.held(r)))) for r in reqs]
         before = {r: self.held(r) for r in reqs}
         checksum = self.alloc.checksum()
         try:
