@@ -585,7 +585,9 @@ def update(
       slices: int32[3, S] rows (kv_cache_start, new_kv_start, slice_len), replicated to every
         device, or int32[dp, 3, S] with a page axis, where group g's kv_cache_start indexes its
         own pool of num_pages·page_size slots.
-      num_slices: int32[1] live slices (later ones are padding), or int32[dp, 1].
+      num_slices: int32[1] live slices (later ones are padding), or int32[dp, 1]. Concrete
+        ``slices``/``num_slices`` may have any integer dtype (range-checked against int32,
+        then cast); traced ones must be int32.
       backend: "pallas" (the kernel; interpret mode off TPU), "xla" (scatter), or "auto":
         pallas when the mesh is made of TPUs, xla otherwise. Both give identical results.
       interpret: passed to the kernel; None = interpret mode unless on TPU. False forces a
