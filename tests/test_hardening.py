@@ -299,7 +299,7 @@ def test_adversarial_traced_updates_agree_across_backends(case, seed):
     np.testing.assert_array_equal(got, expected)
 
 
-@settings(max_examples=60)
+@settings(max_examples=40)
 @given(adversarial_update(), st.integers(0, 2**32 - 1))
 def test_adversarial_traced_updates_match_drop_rule_xla(case, seed):
     layer, slices, num = case
