@@ -45,7 +45,7 @@ def _dtype(x: Any) -> np.dtype:
 
 
 def as_int32(name: str, x: Any) -> Any:
-    """Returns metadata ``x`` as int32: a host array when concrete, the tracer when traced.
+    """Returns metadata ``x`` as int32: as given when int32 (traced or not), else a host array.
 
     Concrete ``x`` may have any integer dtype; its values are checked against int32 first, so
     a cast can never wrap a huge id into a valid-looking one. Traced ``x`` must already be
@@ -65,6 +65,8 @@ def as_int32(name: str, x: Any) -> Any:
         return x
     if not np.issubdtype(dtype, np.integer):
         raise TypeError(f"{name} must be an integer array, got dtype {dtype}")
+    if dtype == np.int32 and hasattr(x, "dtype"):
+        return x  # nothing to check or cast; a device array stays where it is
     host = np.asarray(x)
     if host.size and dtype.itemsize >= 4 and dtype != np.int32:
         low, high = host.min(), host.max()
