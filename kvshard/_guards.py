@@ -16,8 +16,10 @@ through ``shard_map`` as a per-device array, and a later check with the same pay
 (the next layer's ``update``) then fails to trace ("select cases must have the same shapes",
 JAX 0.10), so checkify errors would work for one kvshard call per function only.
 
-The in-jit checks run on the global (replicated or group-stacked) metadata before
-``shard_map``, so they need no collective.
+The in-jit checks run inside ``shard_map`` on the whole (every group's) metadata, handed to
+every device replicated: every device then raises alike. A check on one device only would
+leave the others running into a collective or Pallas interpret mode's start barrier, waiting
+forever for the failed device.
 """
 
 from __future__ import annotations

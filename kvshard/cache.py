@@ -515,27 +515,32 @@ def _update_specs(cache: KVCache) -> tuple[P, ...]:
 def _update_jit(cache, layer, k, v, slices, num_slices, *, backend, interpret, checks=False):
     if cache.page_axis is None:  # one pool: give every per-pool argument a group axis of size 1
         k, v, slices, num_slices = k[None], v[None], slices[None], num_slices[None]
-    if checks:
-        spec = cache.spec
-        layer = layer + _guards.check_update(
-            layer,
-            slices,
-            num_slices,
-            num_layers=spec.num_layers,
-            num_tokens=k.shape[1],
-            num_rows=spec.slots_per_pool,
-            page_size=spec.page_size,
-        )
     specs = _update_specs(cache)
     args = [
         _to_spec(cache.mesh, x, s)
         for x, s in zip((cache.kv, layer, k, v, slices, num_slices), specs, strict=True)
     ]
+    if checks:
+        # Every device checks the whole (all groups') metadata and raises alike: a device left
+        # running would wait forever for the failed ones (Pallas interpret mode's barrier).
+        whole = (P(), P(None, None, None), P(None, None))
+        specs = (*specs, *whole)
+        checked = (layer, slices, num_slices)
+        args += [_to_spec(cache.mesh, x, s) for x, s in zip(checked, whole, strict=True)]
     local_update = functools.partial(
         _LOCAL_UPDATES[backend], page_size=cache.spec.page_size, interpret=interpret
     )
 
-    def body(kv, layer, k, v, slices, num):
+    def body(kv, layer, k, v, slices, num, *whole):
+        if whole:
+            spec = cache.spec
+            _guards.check_update(
+                *whole,
+                num_layers=spec.num_layers,
+                num_tokens=k.shape[1],
+                num_rows=spec.slots_per_pool,
+                page_size=spec.page_size,
+            )
         new_kv = _combine(cache.spec, _local_heads(cache, k[0]), _local_heads(cache, v[0]))
         return local_update(kv, layer, new_kv, slices[0], num[0])
 
@@ -648,16 +653,22 @@ def _gather_jit(cache, layer, slots, *, checks=False):
     pa, ha, r = cache.page_axis, cache.head_axis, cache.replication
     if pa is None:
         slots = slots[None]
-    if checks:
-        layer = layer + _guards.check_gather(
-            layer, slots, num_layers=cache.spec.num_layers, num_slots=cache.spec.slots_per_pool
-        )
     specs = (cache.pspec, P(), P(pa, None))
     args = [
         _to_spec(cache.mesh, x, s) for x, s in zip((cache.kv, layer, slots), specs, strict=True)
     ]
+    if checks:  # every device checks all slots (see _update_jit)
+        specs = (*specs, P(None, None))
+        args.append(_to_spec(cache.mesh, slots, P(None, None)))
 
-    def body(kv, layer, slots):
+    def body(kv, layer, slots, *whole):
+        if whole:
+            _guards.check_gather(
+                layer,
+                whole[0],
+                num_layers=cache.spec.num_layers,
+                num_slots=cache.spec.slots_per_pool,
+            )
         slot = slots[0]
         # A traced layer out of range reads zeros, like a slot out of range (indexing would
         # wrap -1 to the last layer and clamp L to it).
@@ -738,10 +749,10 @@ def _copy_pages_jit(cache, pairs, *, checks=False):
     spec, pa = cache.spec, cache.page_axis
     if pa is None:
         pairs = pairs[None]
-    if checks:
-        pairs = pairs + _guards.check_copy_pairs(pairs[..., 0], pairs[..., 1], spec.num_pages)
 
-    def body(kv, pairs):
+    def body(kv, pairs, *whole):
+        if whole:  # every device checks all pairs (see _update_jit)
+            _guards.check_copy_pairs(whole[0][..., 0], whole[0][..., 1], spec.num_pages)
         src, dst = pairs[0, :, 0], pairs[0, :, 1]
         # Dropped rows (no-op padding, ids out of range, a destination written twice) write
         # nowhere: an id out of range would otherwise wrap (negative) or clamp onto a real page.
@@ -754,6 +765,9 @@ def _copy_pages_jit(cache, pairs, *, checks=False):
 
     specs = (cache.pspec, P(pa, None, None))
     args = [_to_spec(cache.mesh, x, s) for x, s in zip((cache.kv, pairs), specs, strict=True)]
+    if checks:
+        specs = (*specs, P(None, None, None))
+        args.append(_to_spec(cache.mesh, pairs, P(None, None, None)))
     kv = jax.shard_map(
         body, mesh=cache.mesh, in_specs=specs, out_specs=cache.pspec, check_vma=False
     )(*args)
