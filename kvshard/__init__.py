@@ -3,7 +3,10 @@
 The public API, re-exported from private modules:
 
 * cache layout and device ops: :class:`CacheSpec`, :class:`KVCache`, :func:`init_cache`,
-  :func:`update`, :func:`gather`, :func:`copy_pages`, :func:`check_tensor_parallel`;
+  :func:`update`, :func:`update_with_stats`, :func:`gather`, :func:`copy_pages`,
+  :func:`check_tensor_parallel`;
+* quantized caches: :func:`calibrate_scales` (scales from sample activations),
+  :class:`SaturationCounts`, submodule :mod:`kvshard.quant` (quantize/dequantize);
 * host-side bookkeeping: :class:`PageAllocator`, :class:`OutOfPages`, :class:`UnknownRequest`,
   :data:`NULL_PAGE`;
 * step metadata: :func:`build_update_slices`, :func:`padded_num_slices`, :func:`pad_slices`,
@@ -15,6 +18,7 @@ The public API, re-exported from private modules:
 from importlib.metadata import PackageNotFoundError, version
 
 from kvshard import kernels as kernels
+from kvshard import quant as quant
 from kvshard import reference as reference
 from kvshard._layout import CacheSpec as CacheSpec
 from kvshard._layout import check_tensor_parallel as check_tensor_parallel
@@ -23,15 +27,18 @@ from kvshard.allocator import OutOfPages as OutOfPages
 from kvshard.allocator import PageAllocator as PageAllocator
 from kvshard.allocator import UnknownRequest as UnknownRequest
 from kvshard.cache import KVCache as KVCache
+from kvshard.cache import SaturationCounts as SaturationCounts
 from kvshard.cache import copy_pages as copy_pages
 from kvshard.cache import gather as gather
 from kvshard.cache import init_cache as init_cache
 from kvshard.cache import update as update
+from kvshard.cache import update_with_stats as update_with_stats
 from kvshard.metadata import build_update_slices as build_update_slices
 from kvshard.metadata import pad_slices as pad_slices
 from kvshard.metadata import padded_num_slices as padded_num_slices
 from kvshard.metadata import padded_token_count as padded_token_count
 from kvshard.metadata import token_buckets as token_buckets
+from kvshard.quant import calibrate_scales as calibrate_scales
 
 try:
     __version__ = version("kvshard")
@@ -44,9 +51,11 @@ __all__ = [
     "KVCache",
     "OutOfPages",
     "PageAllocator",
+    "SaturationCounts",
     "UnknownRequest",
     "__version__",
     "build_update_slices",
+    "calibrate_scales",
     "check_tensor_parallel",
     "copy_pages",
     "gather",
@@ -55,7 +64,9 @@ __all__ = [
     "pad_slices",
     "padded_num_slices",
     "padded_token_count",
+    "quant",
     "reference",
     "token_buckets",
     "update",
+    "update_with_stats",
 ]

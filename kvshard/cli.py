@@ -32,7 +32,7 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
-from kvshard._layout import CacheSpec, check_tensor_parallel, round_up
+from kvshard._layout import CacheSpec, check_tensor_parallel, needs_scales, round_up
 from kvshard._presets import PRESETS
 
 __all__ = ["SCRIPTS", "BudgetTooSmall", "main", "make_plan", "parse_bytes", "parse_mesh"]
@@ -152,10 +152,19 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _sizing_scales(dtype: Any) -> dict[str, float]:
+    """Placeholder scales for a quantized dtype: sizes do not depend on them, the spec needs them.
+
+    Raises:
+      ValueError: an unknown dtype.
+    """
+    return {"k_scale": 1.0, "v_scale": 1.0} if needs_scales(dtype) else {}
+
+
 def _dtype(text: str) -> str:
     name = _DTYPE_ALIASES.get(text.lower(), text)
     try:
-        return CacheSpec(1, 1, 1, 1, 1, dtype=name).dtype
+        return CacheSpec(1, 1, 1, 1, 1, dtype=name, **_sizing_scales(name)).dtype
     except ValueError:
         aliases = ", ".join(sorted(_DTYPE_ALIASES))
         raise ValueError(
@@ -272,7 +281,9 @@ def make_plan(
         :class:`kvshard.CacheSpec`).
     """
     replication = check_tensor_parallel(num_kv_heads, tp)
-    one = CacheSpec(num_layers, num_kv_heads, head_dim, page_size, 1, dtype)
+    one = CacheSpec(
+        num_layers, num_kv_heads, head_dim, page_size, 1, dtype, **_sizing_scales(dtype)
+    )
     page_bytes_layer = one.page_bytes_per_device(tp)
     page_bytes = one.bytes_per_device(tp, dp)  # one page id, every layer
     num_pages = hbm_per_device // page_bytes
