@@ -151,5 +151,10 @@ def calibrate_scales(
                 f"{name} sample has no finite non-zero magnitude at percentile={percentile} "
                 f"({mags.size} finite values); calibrate on real activations"
             )
-        scales.append(top / hi)
+        scale = top / hi
+        # quantize multiplies by float32(1 / scale) in float32: nudge the scale up until the
+        # calibrated magnitude itself lands on or inside the limit (a rounding, not a trade-off).
+        while np.float32(top) * _inverse(scale) > hi:
+            scale *= 1 + 2.0**-23
+        scales.append(scale)
     return scales[0], scales[1]

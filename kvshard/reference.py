@@ -36,7 +36,8 @@ _STORAGE = {
 
 def _scaled(x: np.ndarray, scale: float, name: str) -> np.ndarray:
     """float32 x * float32(1 / scale), rounded half to even for int8 (NaN kept)."""
-    y = np.asarray(x).astype(np.float32) * np.float32(1.0 / float(scale))
+    with np.errstate(over="ignore", invalid="ignore"):  # inf and NaN inputs are modelled
+        y = np.asarray(x).astype(np.float32) * np.float32(1.0 / float(scale))
     return np.rint(y) if name == "int8" else y
 
 
@@ -58,8 +59,7 @@ def quantize(x: np.ndarray, scale: float, dtype: str) -> np.ndarray:
     lo, hi = _RANGES[dtype]
     y = _scaled(x, scale, dtype)
     y = np.where(np.isnan(y), np.float32(0), y)
-    with np.errstate(invalid="ignore"):
-        return np.clip(y, lo, hi).astype(np.float32).astype(_STORAGE[dtype])
+    return np.clip(y, lo, hi).astype(np.float32).astype(_STORAGE[dtype])
 
 
 def saturated(x: np.ndarray, scale: float, dtype: str) -> np.ndarray:
