@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+from _scripts import ROOT, run_script, stdout_of_success
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -342,6 +343,19 @@ def test_calibrate_percentile_saturates_about_the_tail():
 def test_calibrate_refuses(args, kw, match):
     with pytest.raises(ValueError, match=match):
         kvshard.calibrate_scales(*args, **kw)
+
+
+def test_quant_scales_example_runs_and_checks_the_oracle():
+    """The script behind docs/guides/quantization.md, tiny: it exits 1 on an oracle mismatch."""
+    flags = ["--tokens", "32", "--kv-heads", "2", "--head-dim", "64", "--dtypes", "int8"]
+    out = stdout_of_success(
+        run_script(ROOT / "examples" / "quant_scales.py", *flags, "--percentiles", "99", "100")
+    )
+    rows = [line.split("|") for line in out.splitlines() if line.startswith("| int8 |")]
+    assert [float(r[2]) for r in rows] == [99.0, 100.0]
+    k_sat = [float(r[4].strip().rstrip("%")) for r in rows]
+    assert k_sat[0] > 0 and k_sat[0] > k_sat[1]  # the 99th percentile clips, absmax far less
+    assert out.rstrip().endswith("OK")
 
 
 # --------------------------------------------------------------------------------------------
