@@ -345,6 +345,39 @@ def test_calibrate_refuses(args, kw, match):
         kvshard.calibrate_scales(*args, **kw)
 
 
+@pytest.mark.parametrize("dtype", ["int8", "float8_e4m3fn"])
+def test_attention_reads_the_dequantized_values(dtype):
+    """kvshard.attention (xla backend) on a quantized cache == the float64 oracle attending the
+    oracle's dequantized K/V: it reads the stored values back with the spec's scales."""
+    spec = spec_of(dtype, k_scale=0.02, v_scale=0.03, heads=2, num_pages=12)
+    cache = kvshard.init_cache(spec, make_mesh((1, 2)))
+    alloc = kvshard.PageAllocator(12, 4, max_requests=4, max_pages_per_request=4)
+    rng = np.random.default_rng(0)
+    history: dict[int, tuple] = {}
+    for batch in ([(0, 7), (1, 5)], [(0, 1), (1, 3)]):  # prefill, then a mixed step
+        ids, counts = [r for r, _ in batch], [c for _, c in batch]
+        rows = alloc.allocate_batch(ids, np.array(counts))
+        step = kvshard.build_step(alloc, ids, counts, rows=rows, num_tokens_padded=16)
+        k, v = (rng.uniform(-2, 2, (16, 2, 64)).astype(np.float32) for _ in range(2))
+        cache = kvshard.update(cache, 1, k, v, step)
+        offset = 0
+        for r, c in batch:
+            real = [
+                reference.dequantize(reference.quantize(x[offset : offset + c], s, dtype), s, "f4")
+                for x, s in ((k, spec.k_scale), (v, spec.v_scale))
+            ]
+            old = history.get(r, (np.zeros((0, 2, 64)),) * 2)
+            history[r] = tuple(np.concatenate([o, n]) for o, n in zip(old, real, strict=True))
+            offset += c
+    q = rng.standard_normal((16, 4, 64)).astype(np.float32)
+    got = np.asarray(kvshard.attention(q, cache, 1, step, sm_scale=0.125, backend="xla"))
+    want = reference.paged_attention(
+        q, [history[r][0] for r in ids], [history[r][1] for r in ids], counts, sm_scale=0.125
+    )
+    live = sum(counts)
+    np.testing.assert_allclose(got[:live], want[:live], atol=2e-5, rtol=0)
+
+
 def test_quant_scales_example_runs_and_checks_the_oracle():
     """The script behind docs/guides/quantization.md, tiny: it exits 1 on an oracle mismatch."""
     flags = ["--tokens", "32", "--kv-heads", "2", "--head-dim", "64", "--dtypes", "int8"]
