@@ -4,7 +4,8 @@ The public API, re-exported from private modules:
 
 * cache layout and device ops: :class:`CacheSpec`, :class:`KVCache`, :func:`init_cache`,
   :func:`update`, :func:`update_with_stats`, :func:`attention`, :func:`gather`,
-  :func:`copy_pages`, :func:`check_tensor_parallel`;
+  :func:`copy_pages`, :func:`check_tensor_parallel`, :func:`abstract_cache` (ahead-of-time
+  compilation);
 * quantized caches: :func:`calibrate_scales` (scales from sample activations),
   :class:`SaturationCounts`, submodule :mod:`kvshard.quant` (quantize/dequantize);
 * host-side bookkeeping: :class:`PageAllocator`, :class:`OutOfPages`, :class:`UnknownRequest`,
@@ -12,12 +13,14 @@ The public API, re-exported from private modules:
 * step metadata: :class:`StepMetadata`, :func:`build_step`, :func:`stack_steps`,
   :func:`build_update_slices`, :func:`padded_num_slices`, :func:`pad_slices`,
   :func:`token_buckets`, :func:`padded_token_count`;
-* submodules :mod:`kvshard.kernels` (Pallas kernels), :mod:`kvshard.reference` (numpy oracle)
+* submodules :mod:`kvshard.distributed` (multi-process meshes: host arrays, allocator
+  agreement), :mod:`kvshard.kernels` (Pallas kernels), :mod:`kvshard.reference` (numpy oracle)
   and :mod:`kvshard.testing` (hypothesis strategies; needs the ``test`` extra, not imported here).
 """
 
 from importlib.metadata import PackageNotFoundError, version
 
+from kvshard import distributed as distributed
 from kvshard import kernels as kernels
 from kvshard import quant as quant
 from kvshard import reference as reference
@@ -30,6 +33,7 @@ from kvshard.allocator import PageAllocator as PageAllocator
 from kvshard.allocator import UnknownRequest as UnknownRequest
 from kvshard.cache import KVCache as KVCache
 from kvshard.cache import SaturationCounts as SaturationCounts
+from kvshard.cache import abstract_cache as abstract_cache
 from kvshard.cache import copy_pages as copy_pages
 from kvshard.cache import gather as gather
 from kvshard.cache import init_cache as init_cache
@@ -60,12 +64,14 @@ __all__ = [
     "StepMetadata",
     "UnknownRequest",
     "__version__",
+    "abstract_cache",
     "attention",
     "build_step",
     "build_update_slices",
     "calibrate_scales",
     "check_tensor_parallel",
     "copy_pages",
+    "distributed",
     "gather",
     "init_cache",
     "kernels",

@@ -21,7 +21,8 @@ place: inside ``shard_map`` the local block [L, slots, C, D] is reshaped (a free
 [L·slots, C, D] and ``kv_cache_start`` is offset by ``layer · slots``, so the 3-D Pallas kernel
 writes the right layer of the aliased buffer; the XLA backend scatters at ``[layer, slot]``.
 
-Public functions: :func:`init_cache`, :func:`update`, :func:`gather`, :func:`copy_pages`.
+Public functions: :func:`init_cache`, :func:`update`, :func:`gather`, :func:`copy_pages`, and
+:func:`abstract_cache` (shapes and shardings only, for ahead-of-time compilation).
 Every one validates its arguments on the host before anything is donated, so a bad call raises
 and leaves the cache intact and readable.
 """
@@ -41,6 +42,7 @@ from jax.sharding import PartitionSpec as P
 
 from kvshard import quant
 from kvshard._layout import CacheSpec, check_tensor_parallel
+from kvshard.distributed import global_array
 from kvshard.kernels.update import (
     SCHEDULES,
     Schedule,
@@ -55,6 +57,7 @@ __all__ = [
     "CacheSpec",
     "KVCache",
     "SaturationCounts",
+    "abstract_cache",
     "check_tensor_parallel",
     "copy_pages",
     "gather",
@@ -201,14 +204,51 @@ def init_cache(
     return KVCache(kv=kv, spec=spec, mesh=mesh, head_axis=head_axis, page_axis=page_axis)
 
 
+def abstract_cache(
+    spec: CacheSpec,
+    mesh: Mesh,
+    *,
+    head_axis: str | None = "model",
+    page_axis: str | None = None,
+) -> KVCache:
+    """The cache :func:`init_cache` would return, as ``jax.ShapeDtypeStruct``s with shardings.
+
+    For ahead-of-time compilation: ``jax.jit(step, donate_argnums=0).lower(abstract_cache(...),
+    ...).compile()`` gives an executable whose cache input aliases its cache output. (A
+    ``jax.eval_shape(init_cache, ...)`` result has ``sharding=None``: the lowered step then
+    expects a replicated cache, returns a sharded one and cannot reuse the donated buffer.)
+    Nothing is allocated.
+
+    Args:
+      spec, mesh, head_axis, page_axis: as for :func:`init_cache` (same checks, same errors).
+
+    Returns:
+      A :class:`KVCache` whose ``kv`` is ``jax.ShapeDtypeStruct(shape, dtype, sharding=...)``:
+      spec.dtype[L, G·num_pages·page_size, 2·H·r, D_pad] globally, sharded
+      ``P(None, page_axis, head_axis, None)``; per device
+      spec.dtype[L, num_pages·page_size, 2·H·r/tp, D_pad].
+    """
+    shapes = jax.eval_shape(
+        functools.partial(init_cache, spec, mesh, head_axis=head_axis, page_axis=page_axis)
+    )
+    # Every leaf of the cache shares kv's sharding (slots over pages, combined heads over
+    # heads); tests/test_aot.py compares these with a real init_cache, leaf by leaf.
+    sharding = NamedSharding(mesh, P(None, page_axis, head_axis, None))
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), shapes)
+
+
 # --------------------------------------------------------------------------------------------
 # Host-side validation (runs before anything is donated)
 # --------------------------------------------------------------------------------------------
 
 
 def _concrete(x: Any) -> np.ndarray | None:
-    """Returns ``x`` as a host array, or None while it is being traced (values unknown)."""
+    """Returns ``x`` as a host array, or None while its values are unknown on this host: while
+    traced, or for an array spanning processes (other hosts hold some of its shards), which
+    is then treated like a traced value (kvshard.distributed)."""
     if isinstance(x, jax.core.Tracer):
+        return None
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
         return None
     return np.asarray(x)
 
@@ -415,7 +455,10 @@ def _place(mesh: Mesh, x: Any, spec: P) -> Any:
     """Eager calls: puts concrete inputs on the mesh (numpy arrays have no mesh sharding)."""
     if isinstance(x, jax.core.Tracer):
         return x
-    return jax.device_put(x, NamedSharding(mesh, spec))
+    sharding = NamedSharding(mesh, spec)
+    if not sharding.is_fully_addressable:  # a mesh spanning processes: see kvshard.distributed
+        return global_array(x, sharding)
+    return jax.device_put(x, sharding)
 
 
 # --------------------------------------------------------------------------------------------
