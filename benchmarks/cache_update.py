@@ -30,6 +30,7 @@ import jax
 import numpy as np
 
 import kvshard
+from kvshard._layout import needs_scales
 
 
 def decode_slices(num_tokens: int, spec: kvshard.CacheSpec, rng: np.random.Generator):
@@ -76,12 +77,16 @@ def main(argv: list[str] | None = None) -> None:
         page_size=args.page_size,
         num_pages=args.num_pages,
         dtype=args.dtype,
+        # A quantized cache needs scales: these fit the unit-normal k/v below (±4 sigma).
+        **({"k_scale": 4 / 127, "v_scale": 4 / 127} if needs_scales(args.dtype) else {}),
     )
     rng = np.random.default_rng(0)
     slices, num = decode_slices(args.tokens, spec, rng)
     shape = (args.tokens, args.kv_heads, args.head_dim)
-    k = rng.standard_normal(shape, dtype=np.float32).astype(spec.np_dtype)
-    v = rng.standard_normal(shape, dtype=np.float32).astype(spec.np_dtype)
+    # Real values: a quantized cache takes float k/v and quantizes them inside the update.
+    kv_dtype = np.float32 if spec.quantized else spec.np_dtype
+    k = rng.standard_normal(shape, dtype=np.float32).astype(kv_dtype)
+    v = rng.standard_normal(shape, dtype=np.float32).astype(kv_dtype)
 
     # The same public call, traced in a jit that does not donate: every input is an argument
     # in both paths, so the only difference is the donation.

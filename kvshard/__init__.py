@@ -3,8 +3,11 @@
 The public API, re-exported from private modules:
 
 * cache layout and device ops: :class:`CacheSpec`, :class:`KVCache`, :func:`init_cache`,
-  :func:`update`, :func:`attention`, :func:`gather`, :func:`copy_pages`,
-  :func:`check_tensor_parallel`, :func:`abstract_cache` (ahead-of-time compilation);
+  :func:`update`, :func:`update_with_stats`, :func:`attention`, :func:`gather`,
+  :func:`copy_pages`, :func:`check_tensor_parallel`, :func:`abstract_cache` (ahead-of-time
+  compilation);
+* quantized caches: :func:`calibrate_scales` (scales from sample activations),
+  :class:`SaturationCounts`, submodule :mod:`kvshard.quant` (quantize/dequantize);
 * model configs: :func:`read_model_config`, :class:`ModelGeometry`, :class:`ConfigError`
   (and :meth:`CacheSpec.from_config`);
 * host-side bookkeeping: :class:`PageAllocator`, :class:`OutOfPages`, :class:`UnknownRequest`,
@@ -29,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # static typing and IDEs see ordinary imports
     from kvshard import distributed as distributed
     from kvshard import kernels as kernels
+    from kvshard import quant as quant
     from kvshard import reference as reference
     from kvshard._attention import attention as attention
     from kvshard._config import ConfigError as ConfigError
@@ -41,16 +45,19 @@ if TYPE_CHECKING:  # static typing and IDEs see ordinary imports
     from kvshard.allocator import PageAllocator as PageAllocator
     from kvshard.allocator import UnknownRequest as UnknownRequest
     from kvshard.cache import KVCache as KVCache
+    from kvshard.cache import SaturationCounts as SaturationCounts
     from kvshard.cache import abstract_cache as abstract_cache
     from kvshard.cache import copy_pages as copy_pages
     from kvshard.cache import gather as gather
     from kvshard.cache import init_cache as init_cache
     from kvshard.cache import update as update
+    from kvshard.cache import update_with_stats as update_with_stats
     from kvshard.metadata import build_update_slices as build_update_slices
     from kvshard.metadata import pad_slices as pad_slices
     from kvshard.metadata import padded_num_slices as padded_num_slices
     from kvshard.metadata import padded_token_count as padded_token_count
     from kvshard.metadata import token_buckets as token_buckets
+    from kvshard.quant import calibrate_scales as calibrate_scales
     from kvshard.step import StepMetadata as StepMetadata
     from kvshard.step import build_step as build_step
     from kvshard.step import stack_steps as stack_steps
@@ -59,6 +66,7 @@ if TYPE_CHECKING:  # static typing and IDEs see ordinary imports
 _EXPORTS: dict[str, str | None] = {
     "distributed": None,
     "kernels": None,
+    "quant": None,
     "reference": None,
     "attention": "kvshard._attention",
     "ConfigError": "kvshard._config",
@@ -71,11 +79,14 @@ _EXPORTS: dict[str, str | None] = {
     "PageAllocator": "kvshard.allocator",
     "UnknownRequest": "kvshard.allocator",
     "KVCache": "kvshard.cache",
+    "SaturationCounts": "kvshard.cache",
     "abstract_cache": "kvshard.cache",
     "copy_pages": "kvshard.cache",
     "gather": "kvshard.cache",
     "init_cache": "kvshard.cache",
     "update": "kvshard.cache",
+    "update_with_stats": "kvshard.cache",
+    "calibrate_scales": "kvshard.quant",
     "build_update_slices": "kvshard.metadata",
     "pad_slices": "kvshard.metadata",
     "padded_num_slices": "kvshard.metadata",

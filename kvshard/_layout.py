@@ -17,21 +17,27 @@ Vocabulary (the same as docs/layout.md):
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import numpy as np
 
 __all__ = [
     "LANES",
+    "QUANTIZED_DTYPES",
     "SUPPORTED_DTYPES",
     "CacheSpec",
     "check_tensor_parallel",
+    "needs_scales",
     "page_bytes",
     "round_up",
 ]
 
 # Names as `numpy.dtype(x).name` spells them (ml_dtypes registers bfloat16 and float8 with NumPy).
-SUPPORTED_DTYPES = ("float32", "bfloat16", "float16", "int8", "float8_e4m3fn")
+SUPPORTED_DTYPES = ("float32", "bfloat16", "float16", "int8", "float8_e4m3fn", "float8_e5m2")
+# Storage dtypes too narrow for raw activations: a cache of one of these stores real / scale
+# (per-tensor k_scale, v_scale), the convention of vLLM and JAX's ragged paged attention.
+QUANTIZED_DTYPES = ("int8", "float8_e4m3fn", "float8_e5m2")
 
 # The Pallas kernel DMAs whole (8, 128) tiles: head_dim is padded to the lane width.
 LANES = 128
@@ -74,6 +80,29 @@ def _canonical_dtype(dtype: Any) -> str:
     if name not in SUPPORTED_DTYPES:
         raise ValueError(f"dtype={name!r} is not supported; use one of {SUPPORTED_DTYPES}")
     return name
+
+
+def needs_scales(dtype: Any) -> bool:
+    """True when a cache of ``dtype`` stores quantized values and so needs k_scale/v_scale.
+
+    Raises:
+      ValueError: ``dtype`` is not one of :data:`SUPPORTED_DTYPES`.
+    """
+    return _canonical_dtype(dtype) in QUANTIZED_DTYPES
+
+
+def _check_scale(name: str, value: Any) -> float | None:
+    """Returns ``value`` as a float; None stays None.
+
+    Raises:
+      ValueError: not a real number, or not positive and finite.
+    """
+    if value is None:
+        return None
+    ok = isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool)
+    if not ok or not math.isfinite(float(value)) or float(value) <= 0:
+        raise ValueError(f"CacheSpec.{name}={value!r} must be a positive finite float")
+    return float(value)
 
 
 def _divisors(n: int) -> list[int]:
@@ -121,10 +150,17 @@ class CacheSpec:
       num_pages: pages per page pool; with data-parallel attention each data-parallel group owns
         a pool of this many pages (>= 1).
       dtype: storage dtype; any spelling NumPy/JAX accepts, stored as its canonical NumPy name.
-        One of float32, bfloat16, float16, int8, float8_e4m3fn.
+        One of float32, bfloat16, float16, int8, float8_e4m3fn, float8_e5m2.
+      k_scale, v_scale: per-tensor scales of K and V for a quantized dtype (int8, float8_e4m3fn,
+        float8_e5m2): the cache stores ``real / scale`` (rounded, saturated to the dtype's
+        finite range) and reads return ``stored * scale``; see :mod:`kvshard.quant` and
+        docs/guides/quantization.md. Required (both) for those dtypes; must be None for
+        float32, bfloat16 and float16, which store values unscaled (a scale there would be a
+        second, silent convention). :func:`kvshard.calibrate_scales` picks them from samples.
 
     Raises:
-      ValueError: a non-positive size or an unsupported dtype.
+      ValueError: a non-positive size, an unsupported dtype, a quantized dtype without both
+        scales, a scale on a float dtype, or a scale that is not a positive finite number.
     """
 
     num_layers: int
@@ -133,6 +169,8 @@ class CacheSpec:
     page_size: int
     num_pages: int
     dtype: str = "bfloat16"
+    k_scale: float | None = None
+    v_scale: float | None = None
 
     def __post_init__(self) -> None:
         for field in ("num_layers", "num_kv_heads", "head_dim", "page_size", "num_pages"):
@@ -141,6 +179,21 @@ class CacheSpec:
                 raise ValueError(f"CacheSpec.{field}={value!r} must be a positive int")
             object.__setattr__(self, field, int(value))
         object.__setattr__(self, "dtype", _canonical_dtype(self.dtype))
+        for field in ("k_scale", "v_scale"):
+            object.__setattr__(self, field, _check_scale(field, getattr(self, field)))
+        scales = (self.k_scale, self.v_scale)
+        if self.quantized and None in scales:
+            raise ValueError(
+                f"dtype={self.dtype!r} stores quantized values and needs both k_scale and "
+                f"v_scale (got k_scale={self.k_scale!r}, v_scale={self.v_scale!r}); the cache "
+                "stores real / scale: pick them with kvshard.calibrate_scales"
+            )
+        if not self.quantized and scales != (None, None):
+            raise ValueError(
+                f"dtype={self.dtype!r} stores values unscaled: k_scale and v_scale must be None "
+                f"(got k_scale={self.k_scale!r}, v_scale={self.v_scale!r}); scales apply to "
+                f"{', '.join(QUANTIZED_DTYPES)}"
+            )
 
     # -- dtype ------------------------------------------------------------------------------
 
@@ -148,6 +201,11 @@ class CacheSpec:
     def np_dtype(self) -> np.dtype:
         """The storage dtype as a NumPy dtype (JAX accepts it everywhere)."""
         return np.dtype(self.dtype)
+
+    @property
+    def quantized(self) -> bool:
+        """True for a dtype that stores ``real / scale`` (one of :data:`QUANTIZED_DTYPES`)."""
+        return self.dtype in QUANTIZED_DTYPES
 
     @property
     def bits(self) -> int:

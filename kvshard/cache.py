@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import einops
 import jax
@@ -40,7 +40,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from kvshard import _guards
+from kvshard import _guards, quant
 from kvshard._layout import CacheSpec, check_tensor_parallel
 from kvshard.distributed import global_array
 from kvshard.kernels.update import (
@@ -56,12 +56,14 @@ __all__ = [
     "Backend",
     "CacheSpec",
     "KVCache",
+    "SaturationCounts",
     "abstract_cache",
     "check_tensor_parallel",
     "copy_pages",
     "gather",
     "init_cache",
     "update",
+    "update_with_stats",
 ]
 
 Backend = Literal["auto", "pallas", "xla"]
@@ -384,10 +386,25 @@ def _check_update_args(
 # --------------------------------------------------------------------------------------------
 
 
+def _to_storage(spec: CacheSpec, x: jax.Array, scale: float | None) -> jax.Array:
+    """Real values -> stored values: the ONE place writes convert, shared by both backends.
+
+    Quantized dtypes: :func:`kvshard.quant.quantize` (scale, round, saturate, cast); float
+    dtypes: a plain cast. Doing it before the backend is what makes Pallas and XLA agree bit
+    for bit.
+    """
+    if scale is None:
+        return x.astype(spec.np_dtype)
+    return quant.quantize(x, scale, spec.np_dtype)
+
+
 def _combine(spec: CacheSpec, k: jax.Array, v: jax.Array) -> jax.Array:
     """k, v [T, h, D] -> [T, 2·h, D_pad] in cache dtype: combined head 2j = K_j, 2j+1 = V_j."""
     pad = [(0, 0), (0, 0), (0, spec.padded_head_dim - spec.head_dim)]
-    k, v = (jnp.pad(x.astype(spec.np_dtype), pad) for x in (k, v))
+    k, v = (
+        jnp.pad(_to_storage(spec, x, scale), pad)
+        for x, scale in ((k, spec.k_scale), (v, spec.v_scale))
+    )
     return einops.rearrange(jnp.stack([k, v], axis=2), "t h two d -> t (h two) d")
 
 
@@ -564,13 +581,70 @@ def _update_specs(cache: KVCache) -> tuple[P, ...]:
     return (cache.pspec, P(), kv_spec, kv_spec, P(pa, None, None), P(pa, None))
 
 
+class SaturationCounts(NamedTuple):
+    """How many written K and V elements a quantized cache could not store faithfully.
+
+    Counts the elements of the tokens that live, valid slices write (padding tokens and
+    dropped slices do not count) whose ``x / scale`` fell outside the dtype's finite range,
+    so were stored as its limits, or was NaN, so was stored as 0 (see
+    :func:`kvshard.quant.saturated`). Always 0 for float32/bfloat16/float16 caches, which
+    store unscaled values with a plain cast. A pytree of two arrays, so it leaves ``jit`` and
+    ``lax.scan`` like any result.
+
+    Attributes:
+      k: int32[] saturated elements of K, summed over every device's heads and page pools
+        (each KV head counted once, however many replicas the cache holds).
+      v: int32[] the same for V.
+    """
+
+    k: jax.Array
+    v: jax.Array
+
+
+def _count_saturated(cache, k, v, slices, num, num_slots):
+    """int32[2] (K, V) saturated elements of the tokens this step writes, over all devices.
+
+    Inside shard_map: k, v [T, h, D] are this device's heads; the psum adds the other heads and
+    page pools, and dividing by r undoes the r devices that each quantize a copy of one head.
+    """
+    spec = cache.spec
+    if not spec.quantized:
+        return jnp.zeros(2, jnp.int32)
+    num_tokens = k.shape[0]
+    valid = _valid_slices(
+        slices, num, num_tokens=num_tokens, num_slots=num_slots, page_size=spec.page_size
+    )
+    written = (_token_slots(slices, valid, num_tokens, num_slots) < num_slots)[:, None, None]
+    counts = jnp.stack(
+        [
+            jnp.sum(quant.saturated(x, scale, spec.np_dtype) & written, dtype=jnp.int32)
+            for x, scale in ((k, spec.k_scale), (v, spec.v_scale))
+        ]
+    )
+    axes = tuple(a for a in (cache.head_axis, cache.page_axis) if a is not None)
+    if axes:
+        counts = jax.lax.psum(counts, axes)
+    return counts // cache.replication
+
+
 @functools.partial(
     jax.jit,
-    static_argnames=("backend", "interpret", "schedule", "checks"),
+    static_argnames=("backend", "interpret", "schedule", "checks", "stats"),
     donate_argnums=(0,),
 )
 def _update_jit(
-    cache, layer, k, v, slices, num_slices, *, backend, interpret, schedule="direct", checks=False
+    cache,
+    layer,
+    k,
+    v,
+    slices,
+    num_slices,
+    *,
+    backend,
+    interpret,
+    schedule="direct",
+    checks=False,
+    stats=False,
 ):
     if cache.page_axis is None:  # one pool: give every per-pool argument a group axis of size 1
         k, v, slices, num_slices = k[None], v[None], slices[None], num_slices[None]
@@ -603,17 +677,23 @@ def _update_jit(
                 num_rows=spec.slots_per_pool,
                 page_size=spec.page_size,
             )
-        new_kv = _combine(cache.spec, _local_heads(cache, k[0]), _local_heads(cache, v[0]))
-        return local_update(kv, layer, new_kv, slices[0], num[0])
+        k, v = _local_heads(cache, k[0]), _local_heads(cache, v[0])
+        out = local_update(kv, layer, _combine(cache.spec, k, v), slices[0], num[0])
+        if not stats:
+            return out
+        return out, _count_saturated(cache, k, v, slices[0], num[0], kv.shape[1])
 
-    kv = jax.shard_map(
+    result = jax.shard_map(
         body,
         mesh=cache.mesh,
         in_specs=specs,
-        out_specs=cache.pspec,
+        out_specs=(cache.pspec, P()) if stats else cache.pspec,
         check_vma=False,  # pallas_call has no replication rule; the specs above are exact
     )(*args)
-    return _with_kv(cache, kv)
+    if not stats:
+        return _with_kv(cache, result)
+    kv, counts = result
+    return _with_kv(cache, kv), SaturationCounts(k=counts[0], v=counts[1])
 
 
 def update(
@@ -643,7 +723,10 @@ def update(
       layer: int or int scalar array in [0, L); may be traced (lax.scan over layers).
       k: float[T, H, D] globally, as an attention layer produces it (unpadded, unreplicated;
         any sharding, usually replicated), or float[dp, T, H, D] with a page axis. Cast to the
-        cache dtype. Per device inside ``shard_map`` it arrives as float[T, H/tp, D] (heads
+        cache dtype; for a quantized cache, quantized with ``spec.k_scale`` (``v``: v_scale):
+        divided by the scale, rounded, saturated to the dtype's finite range, NaN stored as 0
+        (:func:`kvshard.quant.quantize`; :func:`update_with_stats` counts what saturates).
+        Per device inside ``shard_map`` it arrives as float[T, H/tp, D] (heads
         split over the head axis) when r = 1, or whole as float[T, H, D] when r > 1, and each
         device then picks its own head ``i // r``; with a page axis each device sees only its
         group's [1, T, ...] slice. Padded to D_pad and interleaved with ``v``, each device
@@ -687,6 +770,25 @@ def update(
         slices/num_slices value outside int32 (before the cast to int32), overlapping slices,
         unknown backend or schedule. Nothing is donated when an error is raised.
     """
+    return _update_call(
+        cache,
+        layer,
+        k,
+        v,
+        slices,
+        num_slices,
+        backend=backend,
+        interpret=interpret,
+        schedule=schedule,
+        checks=checks,
+        stats=False,
+    )
+
+
+def _update_call(
+    cache, layer, k, v, slices, num_slices, *, backend, interpret, schedule, checks, stats
+):
+    """The host side of :func:`update` and :func:`update_with_stats`: check, place, call."""
     cache = _check_cache(cache)
     _check_backend(backend)
     if schedule not in SCHEDULES:
@@ -717,6 +819,49 @@ def update(
         interpret=interpret,
         schedule=schedule,
         checks=checks,
+        stats=stats,
+    )
+
+
+def update_with_stats(
+    cache: KVCache,
+    layer: int | jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    slices: jax.Array | np.ndarray | StepMetadata,
+    num_slices: jax.Array | np.ndarray | None = None,
+    *,
+    backend: Backend = "auto",
+    interpret: bool | None = None,
+    schedule: Schedule = "direct",
+    checks: bool = False,
+) -> tuple[KVCache, SaturationCounts]:
+    """:func:`update`, also returning how many written values saturated the quantized dtype.
+
+    The same write, bit for bit, as :func:`update` with the same arguments (``slices`` may be
+    a :class:`~kvshard.StepMetadata`; see :func:`update` for shapes, sharding, donation and
+    errors); the count costs one extra elementwise pass over
+    this step's k/v and a psum of two int32 across the head and page axes. Works eagerly and
+    under ``jit``/``lax.scan``: the counts are ordinary arrays, so a serving loop can
+    accumulate them on device and read them when it logs.
+
+    Returns:
+      (cache, counts): the updated cache and a :class:`SaturationCounts` of int32[] arrays,
+      replicated on every device. A non-zero count means the scale is too small for this
+      data: :func:`kvshard.calibrate_scales` on a representative sample picks a larger one.
+    """
+    return _update_call(
+        cache,
+        layer,
+        k,
+        v,
+        slices,
+        num_slices,
+        backend=backend,
+        interpret=interpret,
+        schedule=schedule,
+        checks=checks,
+        stats=True,
     )
 
 
@@ -773,6 +918,7 @@ def gather(
     slots: jax.Array | np.ndarray,
     *,
     checks: bool = False,
+    dtype: Any = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Reads K and V of one layer at token slots (the read side of the oracle).
 
@@ -782,25 +928,30 @@ def gather(
       slots: int[N] slot ids in [0, num_pages·page_size), or int[dp, N] with a page axis
         (group g reads its own pool). Any integer dtype when concrete (cast to int32 after a
         range check); int32 when traced.
-      checks: with traced arguments, report a layer or slot out of range as a
+      checks: with traced arguments, report a layer or slot out of range as an
         error instead of reading zeros (a host callback raises; see :func:`update`). No
         effect on concrete arguments.
+      dtype: the floating compute dtype of the result. Values are always real values: a
+        quantized cache's are dequantized, ``float32(stored) * float32(scale)`` cast to
+        ``dtype`` (:func:`kvshard.quant.dequantize`); a float cache's are cast. None: the
+        cache dtype for float caches, float32 for quantized ones.
 
     Returns:
-      (k, v), each cache-dtype[N, H, D] globally (or [dp, N, H, D] with a page axis, sharded
-      over the page axis): unpadded (D, not D_pad), replica 0 of every head. Per device: when
-      heads are not replicated (r = 1) they stay sharded over heads like the cache, so each
-      device holds cache-dtype[N, H/tp, D] (or [1, N, H/tp, D]); when r > 1 the heads are
-      all-gathered and every device holds the whole replicated cache-dtype[N, H, D] (or
-      [1, N, H, D]). Traced out-of-range slots, and every slot of a traced out-of-range
-      layer, read zeros.
+      (k, v), each out-dtype[N, H, D] globally (out-dtype: ``dtype`` as above), or
+      [dp, N, H, D] with a page axis, sharded over the page axis: unpadded (D, not D_pad),
+      replica 0 of every head. Per device: when heads are not replicated (r = 1) they stay
+      sharded over heads like the cache, so each device holds out-dtype[N, H/tp, D] (or
+      [1, N, H/tp, D]); when r > 1 the heads are all-gathered and every device holds the
+      whole replicated out-dtype[N, H, D] (or [1, N, H, D]). Traced out-of-range slots, and
+      every slot of a traced out-of-range layer, read zeros.
 
     Raises:
       TypeError: ``slots`` not an integer array (or traced and not int32), ``layer`` not an
-        integer scalar.
+        integer scalar, ``dtype`` not a floating dtype.
       ValueError: wrong ``slots`` shape, concrete ``layer`` or ``slots`` out of range.
     """
     cache = _check_cache(cache)
+    out_dtype = _read_dtype(cache.spec, dtype)
     layer_index = _check_layer(cache, layer)
     pooled = cache.page_axis is not None
     lead = (cache.dp,) if pooled else ()
@@ -813,7 +964,29 @@ def gather(
         raise ValueError(f"slots contains {bad}, out of range [0, {pool})")
     checks = bool(checks) and any(map(_guards.is_traced, (layer, slots)))
     slots = _place(cache.mesh, slots, P(cache.page_axis) if pooled else P())
-    return _gather_jit(cache, _place(cache.mesh, layer_index, P()), slots, checks=checks)
+    k, v = _gather_jit(cache, _place(cache.mesh, layer_index, P()), slots, checks=checks)
+    if not cache.spec.quantized and out_dtype == cache.spec.np_dtype:
+        return k, v  # stored values are the real values
+    return _to_real(cache.spec, k, v, out_dtype)
+
+
+def _read_dtype(spec: CacheSpec, dtype: Any) -> np.dtype:
+    """The dtype :func:`gather` returns: ``dtype``, or the default for the cache."""
+    if dtype is None:
+        return np.dtype(np.float32) if spec.quantized else spec.np_dtype
+    try:
+        out = np.dtype(jnp.dtype(dtype))
+    except TypeError as err:
+        raise TypeError(f"dtype={dtype!r} is not a dtype") from err
+    if not jnp.issubdtype(out, jnp.floating):
+        raise TypeError(f"dtype={out.name} must be a floating dtype (e.g. float32, bfloat16)")
+    return out
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "dtype"))
+def _to_real(spec: CacheSpec, k: jax.Array, v: jax.Array, dtype: np.dtype):
+    """Stored k, v -> real values in ``dtype`` (elementwise: keeps the input sharding)."""
+    return quant.dequantize(k, spec.k_scale, dtype), quant.dequantize(v, spec.v_scale, dtype)
 
 
 # --------------------------------------------------------------------------------------------

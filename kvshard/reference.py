@@ -8,11 +8,76 @@ Shapes use the seed kernel's names:
 * ``new_kv``: [num_tokens, combined_heads, head_dim]
 * ``kv_cache``: [num_pages * page_size, combined_heads, head_dim] (a row is one token slot)
 * ``slices``: int32[3, S], rows (kv_cache_start, new_kv_start, slice_len)
+
+Quantized caches (int8, float8_e4m3fn, float8_e5m2) store ``real / scale``:
+:func:`quantize`, :func:`dequantize` and :func:`saturated` model kvshard's arithmetic exactly
+(float32 multiply by the float32 reciprocal, NaN to 0, int8 rounds half to even, clip to the
+finite range, cast), so a test can compare stored bits with ``==``.
 """
 
 from __future__ import annotations
 
+import ml_dtypes
 import numpy as np
+
+# Finite range of each quantized storage dtype, spelled out here so the oracle shares no code
+# with the implementation it checks.
+_RANGES = {
+    "int8": (-128.0, 127.0),
+    "float8_e4m3fn": (-448.0, 448.0),
+    "float8_e5m2": (-57344.0, 57344.0),
+}
+_STORAGE = {
+    "int8": np.dtype(np.int8),
+    "float8_e4m3fn": np.dtype(ml_dtypes.float8_e4m3fn),
+    "float8_e5m2": np.dtype(ml_dtypes.float8_e5m2),
+}
+
+
+def _scaled(x: np.ndarray, scale: float, name: str) -> np.ndarray:
+    """float32 x * float32(1 / scale), rounded half to even for int8 (NaN kept)."""
+    with np.errstate(over="ignore", invalid="ignore"):  # inf and NaN inputs are modelled
+        y = np.asarray(x).astype(np.float32) * np.float32(1.0 / float(scale))
+    return np.rint(y) if name == "int8" else y
+
+
+def quantize(x: np.ndarray, scale: float, dtype: str) -> np.ndarray:
+    """Stored values of real values ``x`` in a quantized cache.
+
+    Args:
+        x: float[...] real values (cast to float32 first).
+        scale: positive per-tensor scale (stored = real / scale).
+        dtype: "int8", "float8_e4m3fn" or "float8_e5m2".
+
+    Returns:
+        dtype[...]: ``x * float32(1/scale)`` in float32, NaN -> 0, rounded half to even for
+        int8, clipped to the finite range, cast (float8: round to nearest even).
+
+    Raises:
+        KeyError: ``dtype`` is not a quantized dtype name.
+    """
+    lo, hi = _RANGES[dtype]
+    y = _scaled(x, scale, dtype)
+    y = np.where(np.isnan(y), np.float32(0), y)
+    return np.clip(y, lo, hi).astype(np.float32).astype(_STORAGE[dtype])
+
+
+def saturated(x: np.ndarray, scale: float, dtype: str) -> np.ndarray:
+    """bool[...]: where :func:`quantize` clips (±inf included) or replaces NaN by 0."""
+    lo, hi = _RANGES[dtype]
+    y = _scaled(x, scale, dtype)
+    return np.isnan(y) | (y < lo) | (y > hi)
+
+
+def dequantize(q: np.ndarray, scale: float | None, dtype) -> np.ndarray:
+    """Real values of stored ``q``: ``float32(q) * float32(scale)`` cast to ``dtype``.
+
+    ``scale=None`` (an unscaled float cache) only casts.
+    """
+    q = np.asarray(q)
+    if scale is None:
+        return q.astype(dtype)
+    return (q.astype(np.float32) * np.float32(scale)).astype(dtype)
 
 
 def kv_cache_update(

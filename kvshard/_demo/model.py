@@ -156,11 +156,15 @@ def _silu(x, xp):
     return x / (1 + xp.exp(-x))
 
 
-def dense_logits(params64: dict[str, np.ndarray], cfg: ModelConfig, tokens) -> np.ndarray:
+def dense_logits(
+    params64: dict[str, np.ndarray], cfg: ModelConfig, tokens, kv_out: list | None = None
+) -> np.ndarray:
     """float64[n, vocab]: logits of every position of ``tokens`` with no cache (the oracle).
 
     ``params64`` are the weights cast to float64. Full causal attention over the sequence,
     K/V heads repeated for their query groups: nothing here shares code paths with paging.
+    ``kv_out``, when given, receives each layer's (k, v) float64[n, num_kv_heads, head_dim]
+    (activations to calibrate a quantized cache's scales on).
     """
     p, xp = params64, np
     tokens = np.asarray(tokens)
@@ -173,6 +177,8 @@ def dense_logits(params64: dict[str, np.ndarray], cfg: ModelConfig, tokens) -> n
         q = _rope((h @ p["wq"][layer]).reshape(n, H, D), cos, sin, xp)
         k = _rope((h @ p["wk"][layer]).reshape(n, Hkv, D), cos, sin, xp)
         v = (h @ p["wv"][layer]).reshape(n, Hkv, D)
+        if kv_out is not None:
+            kv_out.append((k, v))
         k, v = np.repeat(k, cfg.group, axis=1), np.repeat(v, cfg.group, axis=1)
         # Head-major batched matmuls (BLAS) rather than np.einsum, which would not use BLAS.
         q, k, v = (a.transpose(1, 0, 2) for a in (q, k, v))  # [H, n, D]
@@ -326,6 +332,10 @@ class RunStats:
     peak_pages: int = 0
     peak_usage: float = 0.0
     max_abs_diff: float = 0.0
+    sum_abs_diff: float = 0.0  # over every logit of every computed position
+    num_logits: int = 0
+    top1_agree: int = 0  # computed positions whose argmax matches the dense model's
+    positions_checked: int = 0
     forward_compiles: int = 0
     buckets_used: set = dataclasses.field(default_factory=set)
     prefix_stats: dict = dataclasses.field(default_factory=dict)
@@ -355,6 +365,8 @@ class Engine:
         max_tokens_per_step: int,
         prefix_caching: bool,
         check: bool = True,
+        kv_dtype: str = "float32",
+        kv_scales: tuple[float, float] | None = None,
     ) -> None:
         self.cfg, self.mesh, self.check = cfg, mesh, check
         self.page_size, self.max_requests = page_size, max_requests
@@ -365,7 +377,11 @@ class Engine:
             head_dim=cfg.head_dim,
             page_size=page_size,
             num_pages=num_pages,
-            dtype="float32",  # float32 so the 1e-4 check against the float64 oracle is fair
+            # float32 by default so the 1e-4 check against the float64 oracle is fair; int8 /
+            # float8 (with their k, v scales) to measure what quantizing the cache costs.
+            dtype=kv_dtype,
+            k_scale=None if kv_scales is None else kv_scales[0],
+            v_scale=None if kv_scales is None else kv_scales[1],
         )
         self.cache = kvshard.init_cache(self.spec, mesh, head_axis="model")
         self.allocator = kvshard.PageAllocator(
@@ -462,8 +478,13 @@ class Engine:
             mine = logits[offset : offset + count]
             if self.check:
                 ref = dense_logits(self.params64, self.cfg, req.tokens[: req.computed + count])
-                diff = float(np.max(np.abs(ref[req.computed :] - mine)))
-                stats.max_abs_diff = max(stats.max_abs_diff, diff)
+                err = np.abs(ref[req.computed :] - mine)
+                stats.max_abs_diff = max(stats.max_abs_diff, float(np.max(err)))
+                stats.sum_abs_diff += float(err.sum())
+                stats.num_logits += err.size
+                agree = ref[req.computed :].argmax(-1) == mine.argmax(-1)
+                stats.top1_agree += int(agree.sum())
+                stats.positions_checked += count
             req.computed += count
             offset += count
             if req.computed == len(req.tokens):  # prompt done or decode: sample the next token

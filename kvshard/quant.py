@@ -1,0 +1,160 @@
+"""Per-tensor quantization of cache values: the one place a real K/V value becomes a stored one.
+
+A cache of a quantized dtype (int8, float8_e4m3fn, float8_e5m2; see
+:data:`kvshard._layout.QUANTIZED_DTYPES`) stores ``real / scale`` with one scale per tensor
+(``CacheSpec.k_scale`` for K, ``CacheSpec.v_scale`` for V), the convention of vLLM and JAX's
+ragged paged attention. The exact arithmetic, shared by both update backends and modelled bit
+for bit by :func:`kvshard.reference.quantize`:
+
+1. ``y = float32(x) * float32(1 / scale)``: a multiplication by the reciprocal, rounded once to
+   float32 from the float64 ``1 / scale``. Not a division: XLA rewrites division by a constant
+   into this multiplication anyway, so spelling it out keeps NumPy and every backend identical.
+2. NaN becomes 0 (no quantized dtype should hold a NaN: attention would spread it).
+3. int8: round half to even (``jnp.round``).
+4. Saturate: clip to the dtype's finite range, [-128, 127] for int8, ±448 for float8_e4m3fn,
+   ±57344 for float8_e5m2. Never wraps, never produces inf or NaN.
+5. Cast to the storage dtype (floats round to nearest even).
+
+Reading back is ``float32(q) * float32(scale)`` cast to the caller's compute dtype
+(:func:`dequantize`). A value inside the range reads back within half a step (``scale / 2``
+for int8; half a float8 spacing at its magnitude, times ``scale``, for float8).
+
+:func:`quantize`, :func:`dequantize` and :func:`saturated` are pure ``jax.numpy`` (usable
+inside ``jit`` and ``shard_map``; ``scale`` is a static Python float);
+:func:`calibrate_scales` runs on the host with NumPy, since its result goes into the static
+:class:`kvshard.CacheSpec`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kvshard._layout import QUANTIZED_DTYPES, _canonical_dtype
+
+__all__ = ["calibrate_scales", "dequantize", "finite_range", "quantize", "saturated"]
+
+
+def finite_range(dtype: Any) -> tuple[float, float]:
+    """(lowest, highest) finite value of a quantized storage dtype, as Python floats.
+
+    Raises:
+      ValueError: ``dtype`` is not one of int8, float8_e4m3fn, float8_e5m2.
+    """
+    name = _canonical_dtype(dtype)
+    if name not in QUANTIZED_DTYPES:
+        raise ValueError(f"dtype={name!r} is not quantized; use one of {QUANTIZED_DTYPES}")
+    info = jnp.iinfo(name) if name == "int8" else jnp.finfo(name)
+    return float(info.min), float(info.max)
+
+
+def _inverse(scale: float) -> np.float32:
+    """float32(1 / scale), computed in float64 and rounded once (the oracle does the same)."""
+    return np.float32(1.0 / float(scale))
+
+
+def _scaled(x: jax.Array, scale: float, name: str) -> jax.Array:
+    """float32 x / scale, NaN -> 0, rounded half to even for int8 (steps 1-3, unclipped)."""
+    y = x.astype(jnp.float32) * _inverse(scale)
+    y = jnp.where(jnp.isnan(y), jnp.float32(0), y)
+    return jnp.round(y) if name == "int8" else y
+
+
+def quantize(x: jax.Array, scale: float, storage_dtype: Any) -> jax.Array:
+    """Stored values of real values ``x``: round(x / scale), saturated, in ``storage_dtype``.
+
+    Args:
+      x: float[...] real values (any floating dtype; computed in float32).
+      scale: the per-tensor scale, a positive finite Python float (static).
+      storage_dtype: int8, float8_e4m3fn or float8_e5m2.
+
+    Returns:
+      storage_dtype[...], same shape as ``x``: NaN stored as 0, values beyond the finite range
+      (±inf included) stored as its limits.
+    """
+    name = _canonical_dtype(storage_dtype)
+    lo, hi = finite_range(name)
+    return jnp.clip(_scaled(x, scale, name), lo, hi).astype(name)
+
+
+def saturated(x: jax.Array, scale: float, storage_dtype: Any) -> jax.Array:
+    """bool[...]: the elements of ``x`` that :func:`quantize` cannot store faithfully.
+
+    True where ``x / scale`` (rounded, for int8) lies outside the finite range (clipped to its
+    limits; ±inf included) or is NaN (stored as 0). Same arguments as :func:`quantize`.
+    """
+    name = _canonical_dtype(storage_dtype)
+    lo, hi = finite_range(name)
+    y = x.astype(jnp.float32) * _inverse(scale)
+    if name == "int8":
+        y = jnp.round(y)
+    return jnp.isnan(y) | (y < lo) | (y > hi)
+
+
+def dequantize(q: jax.Array, scale: float | None, dtype: Any) -> jax.Array:
+    """Real values of stored values ``q``: ``float32(q) * float32(scale)`` cast to ``dtype``.
+
+    Args:
+      q: storage-dtype[...] as read from the cache.
+      scale: the per-tensor scale the values were stored with, or None for an unscaled (float)
+        cache, whose values are only cast.
+      dtype: the compute dtype of the result (e.g. float32 or bfloat16).
+
+    Returns:
+      dtype[...], same shape as ``q``.
+    """
+    if scale is None:
+        return q.astype(dtype)
+    return (q.astype(jnp.float32) * np.float32(scale)).astype(dtype)
+
+
+def calibrate_scales(
+    k: Any, v: Any, dtype: Any, *, percentile: float = 100.0
+) -> tuple[float, float]:
+    """Per-tensor (k_scale, v_scale) for a ``dtype`` cache from sample activations.
+
+    ``scale = percentile(|x|, percentile) / max_finite(dtype)``: the chosen percentile of the
+    magnitudes lands on the dtype's largest finite value (127 for int8, 448 for
+    float8_e4m3fn, 57344 for float8_e5m2). ``percentile=100`` (the default, absmax) makes
+    nothing in the sample saturate; a lower percentile trades saturation of the largest
+    ``100 - percentile`` percent of values for finer steps everywhere else (see
+    docs/guides/quantization.md for measured trade-offs). Non-finite samples are ignored.
+
+    Args:
+      k, v: float[...] sample K and V activations (any shape: e.g. [T, H, D] of one layer or
+        [L, T, H, D] of every layer; one scale covers the whole tensor), NumPy or JAX arrays.
+      dtype: the cache dtype: int8, float8_e4m3fn or float8_e5m2.
+      percentile: in (0, 100].
+
+    Returns:
+      (k_scale, v_scale) as Python floats, ready for ``CacheSpec(..., k_scale=, v_scale=)``.
+
+    Raises:
+      ValueError: ``dtype`` is not quantized, ``percentile`` is outside (0, 100], or a sample
+        has no finite non-zero value at that percentile (no scale can be derived from it).
+    """
+    _, hi = finite_range(dtype)
+    if not isinstance(percentile, int | float | np.integer | np.floating) or not (
+        0 < float(percentile) <= 100
+    ):
+        raise ValueError(f"percentile={percentile!r} must be in (0, 100]")
+    scales = []
+    for name, x in (("k", k), ("v", v)):
+        mags = np.abs(np.asarray(x, dtype=np.float64)).ravel()
+        mags = mags[np.isfinite(mags)]
+        top = float(np.percentile(mags, float(percentile))) if mags.size else 0.0
+        if not top > 0:
+            raise ValueError(
+                f"{name} sample has no finite non-zero magnitude at percentile={percentile} "
+                f"({mags.size} finite values); calibrate on real activations"
+            )
+        scale = top / hi
+        # quantize multiplies by float32(1 / scale) in float32: nudge the scale up until the
+        # calibrated magnitude itself lands on or inside the limit (a rounding, not a trade-off).
+        while np.float32(top) * _inverse(scale) > hi:
+            scale *= 1 + 2.0**-23
+        scales.append(scale)
+    return scales[0], scales[1]
