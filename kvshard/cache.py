@@ -601,7 +601,7 @@ class SaturationCounts(NamedTuple):
     v: jax.Array
 
 
-def _count_saturated(cache, k, v, slices, num, num_slots):
+def _count_saturated(cache, k, v, layer, slices, num, num_slots):
     """int32[2] (K, V) saturated elements of the tokens this step writes, over all devices.
 
     Inside shard_map: k, v [T, h, D] are this device's heads; the psum adds the other heads and
@@ -612,7 +612,13 @@ def _count_saturated(cache, k, v, slices, num, num_slots):
         return jnp.zeros(2, jnp.int32)
     num_tokens = k.shape[0]
     valid = _valid_slices(
-        slices, num, num_tokens=num_tokens, num_slots=num_slots, page_size=spec.page_size
+        slices,
+        num,
+        layer,
+        num_layers=spec.num_layers,
+        num_tokens=num_tokens,
+        num_slots=num_slots,
+        page_size=spec.page_size,
     )
     written = (_token_slots(slices, valid, num_tokens, num_slots) < num_slots)[:, None, None]
     counts = jnp.stack(
@@ -681,7 +687,7 @@ def _update_jit(
         out = local_update(kv, layer, _combine(cache.spec, k, v), slices[0], num[0])
         if not stats:
             return out
-        return out, _count_saturated(cache, k, v, slices[0], num[0], kv.shape[1])
+        return out, _count_saturated(cache, k, v, layer, slices[0], num[0], kv.shape[1])
 
     result = jax.shard_map(
         body,
