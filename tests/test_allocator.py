@@ -1162,8 +1162,10 @@ def test_sliding_window_constructor_errors(kwargs, match):
 @settings(max_examples=80, deadline=None)
 def test_sliding_window_keeps_every_page_the_window_reads(window, page_size, steps):
     """Each step's queries attend (p - W, p]: those keys' pages are held, the rest are not."""
+    # The table keeps its shape (released entries become the null page), so its width must
+    # cover every position: up to 30 steps of 4 tokens.
     a = PageAllocator(
-        64, page_size, max_requests=1, max_pages_per_request=64, sliding_window=window
+        64, page_size, max_requests=1, max_pages_per_request=120, sliding_window=window
     )
     for n in steps:
         old = a.num_tokens("x") if "x" in a else 0
