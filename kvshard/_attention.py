@@ -87,12 +87,15 @@ def _live_seqs(
     kv_lens: jax.Array,
     cu_q_lens: jax.Array,
     num_seqs: jax.Array,
+    layer: jax.Array,
     *,
+    num_layers: int,
     num_tokens: int,
     num_pages: int,
     page_size: int,
 ) -> jax.Array:
-    """Number of leading requests whose metadata is in contract: int32 scalar.
+    """Number of leading requests whose metadata is in contract: int32 scalar (0 for a
+    ``layer`` outside ``[0, num_layers)``: such a step reads nothing).
 
     Request ``s`` is in contract iff ``s < num_seqs <= max_num_seqs``, ``0 <= cu_q_lens[s] <=
     cu_q_lens[s + 1] <= T``, ``q_len <= kv_len <= pages_per_seq·page_size`` and the pages
@@ -113,7 +116,8 @@ def _live_seqs(
         & pages_ok
         & (jnp.arange(max_seqs) < jnp.clip(num_seqs[0], 0, max_seqs))
     )
-    return jnp.argmin(jnp.append(ok, False)).astype(jnp.int32)
+    live = jnp.argmin(jnp.append(ok, False)).astype(jnp.int32)
+    return jnp.where((layer >= 0) & (layer < num_layers), live, 0)
 
 
 def _token_rows(cu_q_lens: jax.Array, live: jax.Array, num_tokens: int):
@@ -146,19 +150,16 @@ def _local_xla(kv, layer, q, page_indices, kv_lens, cu_q_lens, num_seqs, *, stat
     group = q_heads // kv_heads
     pages_per_seq = page_indices.shape[1]
 
-    layer_ok = (layer >= 0) & (layer < num_layers)
-    live = jnp.where(
-        layer_ok,
-        _live_seqs(
-            page_indices,
-            kv_lens,
-            cu_q_lens,
-            num_seqs,
-            num_tokens=num_tokens,
-            num_pages=num_slots // page_size,
-            page_size=page_size,
-        ),
-        0,
+    live = _live_seqs(
+        page_indices,
+        kv_lens,
+        cu_q_lens,
+        num_seqs,
+        layer,
+        num_layers=num_layers,
+        num_tokens=num_tokens,
+        num_pages=num_slots // page_size,
+        page_size=page_size,
     )
     seq, tok_ok = _token_rows(cu_q_lens, live, num_tokens)
     q_len = cu_q_lens[seq + 1] - cu_q_lens[seq]
@@ -227,19 +228,16 @@ def pallas_operands(kv, layer, q, page_indices, kv_lens, cu_q_lens, num_seqs, *,
     num_tokens, _, head_dim = q.shape
     page_size = spec.page_size
     num_pages = num_slots // page_size
-    layer_ok = (layer >= 0) & (layer < num_layers)
-    live = jnp.where(
-        layer_ok,
-        _live_seqs(
-            page_indices,
-            kv_lens,
-            cu_q_lens,
-            num_seqs,
-            num_tokens=num_tokens,
-            num_pages=num_pages,
-            page_size=page_size,
-        ),
-        0,
+    live = _live_seqs(
+        page_indices,
+        kv_lens,
+        cu_q_lens,
+        num_seqs,
+        layer,
+        num_layers=num_layers,
+        num_tokens=num_tokens,
+        num_pages=num_pages,
+        page_size=page_size,
     )
     _, tok_ok = _token_rows(cu_q_lens, live, num_tokens)
     layer = jnp.clip(layer, 0, num_layers - 1)
