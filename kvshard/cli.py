@@ -6,8 +6,8 @@ Usage::
     kvshard plan --layers 32 --kv-heads 8 --head-dim 128 --dtype int8 \\
                  --mesh 2x4 --hbm-per-device 12GB --json
     kvshard demo [ARGS...]     # python examples/tp_decode.py ARGS...
-    kvshard bench [ARGS...]    # python benchmarks/host_step.py ARGS...
-    kvshard bench-cache [ARGS...]  # python benchmarks/cache_update.py ARGS...
+    kvshard bench [ARGS...]    # python -m kvshard.benchmarks ARGS... (the suite; --quick)
+    kvshard bench-cache [ARGS...]  # python -m kvshard.benchmarks.cache_update ARGS...
 
 ``python -m kvshard`` is the same command. Exit status: 0 on success; 2 for a bad argument
 (the message on stderr names the argument, the value and the bound); for ``demo`` and ``bench``
@@ -35,13 +35,16 @@ from typing import Any
 from kvshard._layout import CacheSpec, check_tensor_parallel, round_up
 from kvshard._presets import PRESETS
 
-__all__ = ["SCRIPTS", "BudgetTooSmall", "main", "make_plan", "parse_bytes", "parse_mesh"]
+__all__ = ["MODULES", "SCRIPTS", "BudgetTooSmall", "main", "make_plan", "parse_bytes", "parse_mesh"]
 
-# Scripts `kvshard demo` / `kvshard bench` run, relative to the source tree.
+# Scripts `kvshard demo` runs, relative to the source tree.
 SCRIPTS: dict[str, tuple[str, ...]] = {
     "demo": ("examples", "tp_decode.py"),
-    "bench": ("benchmarks", "host_step.py"),
-    "bench-cache": ("benchmarks", "cache_update.py"),
+}
+# Modules `kvshard bench` / `bench-cache` run: they ship in the package (work after pip install).
+MODULES: dict[str, str] = {
+    "bench": "kvshard.benchmarks",
+    "bench-cache": "kvshard.benchmarks.cache_update",
 }
 
 _UNITS = {
@@ -237,8 +240,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
 
     for name, help_text in (
         ("demo", "run examples/tp_decode.py (extra arguments are passed through)"),
-        ("bench", "run benchmarks/host_step.py (extra arguments are passed through)"),
-        ("bench-cache", "run benchmarks/cache_update.py (extra arguments are passed through)"),
+        ("bench", "run the benchmark suite (kvshard.benchmarks; try --quick, --help)"),
+        ("bench-cache", "run the cache-update benchmark (kvshard.benchmarks.cache_update)"),
     ):
         script = sub.add_parser(name, help=help_text, description=help_text, add_help=False)
         script.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the script")
@@ -536,6 +539,17 @@ def run_script(name: str, args: list[str], root: Path | None = None) -> int:
         return 130
 
 
+def run_module(name: str, args: list[str]) -> int:
+    """Runs ``python -m MODULES[name] args`` in a fresh interpreter; returns its exit status.
+
+    A subprocess for the same reason as :func:`run_script`: JAX reads its flags at import.
+    """
+    try:
+        return subprocess.call([sys.executable, "-m", MODULES[name], *args])
+    except KeyboardInterrupt:
+        return 130
+
+
 # --------------------------------------------------------------------------------------------
 # Entry point
 # --------------------------------------------------------------------------------------------
@@ -546,6 +560,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in SCRIPTS:  # pass everything through, --help included
         return run_script(argv[0], argv[1:])
+    if argv and argv[0] in MODULES:
+        return run_module(argv[0], argv[1:])
     parser, plan_parser = build_parser()
     args = parser.parse_args(argv)
     try:

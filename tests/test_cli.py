@@ -203,11 +203,23 @@ def test_missing_script_is_a_clear_error(tmp_path, capsys):
 
 
 def test_script_pass_through(tmp_path, capfd):
-    script = tmp_path / "benchmarks" / "host_step.py"
+    script = tmp_path / "examples" / "tp_decode.py"
     script.parent.mkdir()
     script.write_text("import sys\nprint('args', sys.argv[1:])\nsys.exit(3)\n")
-    assert cli.run_script("bench", ["--repeats", "1", "--help"], root=tmp_path) == 3
+    assert cli.run_script("demo", ["--repeats", "1", "--help"], root=tmp_path) == 3
     assert "args ['--repeats', '1', '--help']" in capfd.readouterr().out
+
+
+def test_bench_runs_the_packaged_suite(capfd):
+    # The benchmarks ship in the package, so `kvshard bench` works without a source tree.
+    assert cli.MODULES == {
+        "bench": "kvshard.benchmarks",
+        "bench-cache": "kvshard.benchmarks.cache_update",
+    }
+    assert cli.main(["bench", "--help"]) == 0
+    assert "--quick" in capfd.readouterr().out
+    assert cli.main(["bench-cache", "--help"]) == 0
+    assert "--dtype" in capfd.readouterr().out
 
 
 def test_demo_and_bench_point_into_the_source_tree():
