@@ -40,6 +40,7 @@ from jax.sharding import PartitionSpec as P
 
 from kvshard._layout import CacheSpec, check_tensor_parallel
 from kvshard.kernels.update import kv_cache_update, slice_is_writable, validate_slices
+from kvshard.step import StepMetadata
 
 __all__ = [
     "Backend",
@@ -586,8 +587,8 @@ def update(
     layer: int | jax.Array,
     k: jax.Array,
     v: jax.Array,
-    slices: jax.Array | np.ndarray,
-    num_slices: jax.Array | np.ndarray,
+    slices: jax.Array | np.ndarray | StepMetadata,
+    num_slices: jax.Array | np.ndarray | None = None,
     *,
     backend: Backend = "auto",
     interpret: bool | None = None,
@@ -615,8 +616,10 @@ def update(
       v: same shape, sharding and per-device handling as ``k``; its dtype must equal ``k``'s.
       slices: int32[3, S] rows (kv_cache_start, new_kv_start, slice_len), replicated to every
         device, or int32[dp, 3, S] with a page axis, where group g's kv_cache_start indexes its
-        own pool of num_pages·page_size slots.
-      num_slices: int32[1] live slices (later ones are padding), or int32[dp, 1].
+        own pool of num_pages·page_size slots. Or the step's :class:`~kvshard.StepMetadata`
+        (from :func:`kvshard.build_step`), whose ``slices`` and ``num_slices`` are used.
+      num_slices: int32[1] live slices (later ones are padding), or int32[dp, 1]; omitted
+        when ``slices`` is a StepMetadata.
       backend: "pallas" (the kernel; interpret mode off TPU), "xla" (scatter), or "auto":
         pallas when the mesh is made of TPUs, xla otherwise. Both give identical results.
       interpret: passed to the kernel; None = interpret mode unless on TPU. False forces a
@@ -636,6 +639,13 @@ def update(
     """
     cache = _check_cache(cache)
     _check_backend(backend)
+    if isinstance(slices, StepMetadata):
+        if num_slices is not None:
+            raise TypeError("num_slices must be omitted when slices is a StepMetadata")
+        step: StepMetadata = slices
+        slices, num_slices = step.slices, step.num_slices
+    elif num_slices is None:
+        raise TypeError("num_slices is required unless slices is a StepMetadata")
     layer_index = _check_layer(cache, layer)
     _check_update_args(cache, k, v, slices, num_slices)
     mesh, (_, _, kv_spec, _, slices_spec, num_spec) = cache.mesh, _update_specs(cache)

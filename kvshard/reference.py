@@ -117,3 +117,71 @@ def slices_to_slots(slices: np.ndarray, num_kv_update_slices: np.ndarray | int) 
         pairs.extend((src + j, dst + j) for j in range(length))
     pairs.sort()
     return np.array([dst for _, dst in pairs], dtype=np.int64)
+
+
+def paged_attention(
+    q: np.ndarray,
+    keys: list[np.ndarray],
+    values: list[np.ndarray],
+    q_lens: np.ndarray | list[int],
+    *,
+    sm_scale: float,
+    sliding_window: int | None = None,
+    soft_cap: float | None = None,
+) -> np.ndarray:
+    """Ragged causal attention in float64 from each request's dense K/V history.
+
+    The semantics of JAX's ``ref_ragged_paged_attention``, written from the dense history
+    rather than from pages: request ``i`` holds ``n_i = len(keys[i])`` tokens, of which the
+    last ``q_lens[i]`` are this step's queries, packed request by request in ``q``. Query
+    ``j`` of request ``i`` sits at position ``p = n_i - q_lens[i] + j`` and attends keys at
+    positions ``k`` with ``k <= p`` and, with a window ``W``, ``k > p - W``. Scores are
+    ``sm_scale · q·k``, soft-capped as ``soft_cap · tanh(s / soft_cap)``. Query head ``h``
+    attends KV head ``h // (Hq // H)``.
+
+    Args:
+        q: float[T, Hq, D]; rows past ``sum(q_lens)`` are padding.
+        keys: per request, float[n_i, H, D].
+        values: per request, float[n_i, H, D].
+        q_lens: int[B], with ``q_lens[i] <= n_i``.
+        sm_scale: softmax scale.
+        sliding_window: W >= 1, or None for full causal attention.
+        soft_cap: logit soft cap (non-zero), or None.
+
+    Returns:
+        float64[T, Hq, D]; padding rows are zero.
+
+    Raises:
+        ValueError: ``Hq`` is not a multiple of ``H``, a request has more queries than
+            tokens, or ``q`` has fewer rows than ``sum(q_lens)``.
+    """
+    q = np.asarray(q, np.float64)
+    out = np.zeros_like(q)
+    start = 0
+    for key, value, q_len in zip(keys, values, np.asarray(q_lens).tolist(), strict=True):
+        key, value = np.asarray(key, np.float64), np.asarray(value, np.float64)
+        n, heads = key.shape[0], key.shape[1]
+        if q.shape[1] % heads:
+            raise ValueError(f"{q.shape[1]} query heads are not a multiple of {heads} KV heads")
+        if q_len > n:
+            raise ValueError(f"a request has {q_len} queries but only {n} tokens")
+        if start + q_len > q.shape[0]:
+            raise ValueError(f"q has {q.shape[0]} rows, fewer than the queries' {start + q_len}")
+        group = q.shape[1] // heads
+        k = np.repeat(key, group, axis=1)  # [n, Hq, D]
+        v = np.repeat(value, group, axis=1)
+        scores = np.einsum("qhd,khd->hqk", q[start : start + q_len], k) * sm_scale
+        if soft_cap is not None:
+            scores = soft_cap * np.tanh(scores / soft_cap)
+        q_pos = n - q_len + np.arange(q_len)[:, None]
+        k_pos = np.arange(n)[None, :]
+        allowed = k_pos <= q_pos
+        if sliding_window is not None:
+            allowed &= k_pos > q_pos - sliding_window
+        scores = np.where(allowed[None], scores, -np.inf)
+        scores -= scores.max(axis=-1, keepdims=True)
+        weights = np.exp(scores)
+        weights /= weights.sum(axis=-1, keepdims=True)
+        out[start : start + q_len] = np.einsum("hqk,khd->qhd", weights, v)
+        start += q_len
+    return out
