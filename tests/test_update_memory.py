@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from kvshard._layout import SUPPORTED_DTYPES
-from kvshard.benchmarks.memory import update_memory
+from kvshard.benchmarks.memory import attention_memory, update_memory
 
 
 @pytest.mark.parametrize("dtype", SUPPORTED_DTYPES)
@@ -22,3 +22,13 @@ def test_update_temporaries_at_most_twice_the_new_tokens(dtype):
     # A full-cache copy needs temporaries of at least the cache: 64x the new tokens here.
     assert m["temp_bytes"] <= 2 * m["new_token_bytes"], m
     assert m["alias_bytes"] == m["cache_bytes"], m  # the output is the donated buffer
+
+
+@pytest.mark.parametrize("dtype", SUPPORTED_DTYPES)
+def test_attention_never_copies_or_upcasts_the_cache(dtype):
+    # 16 queries over one request's 256-token context: temporaries may hold that context's
+    # K/V in float32 (twice), never the 8 MiB cache (the bf16 gather once upcast it all).
+    m = attention_memory(dtype, 8 * 2**20, 16, context=256)
+    assert m["cache_bytes"] == 8 * 2**20
+    context_f32 = m["context_kv_bytes"] * 4 // np.dtype(dtype).itemsize
+    assert m["temp_bytes"] <= 2 * context_f32 + 2**20, m

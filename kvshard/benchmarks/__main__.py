@@ -97,7 +97,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small sizes: < 5 min on 2 cores")
     parser.add_argument("--out", default="bench-results", help="results folder (JSON + PNG)")
     parser.add_argument(
-        "--only", nargs="+", choices=list(BENCHMARKS), metavar="NAME",
+        "--only",
+        nargs="+",
+        choices=list(BENCHMARKS),
+        metavar="NAME",
         help=f"run only these: {', '.join(BENCHMARKS)}",
     )
     args = parser.parse_args(argv)

@@ -46,9 +46,7 @@ def _setup(dtype: str, tokens: int, cache_bytes: int, rng: Any):
     mesh = jax.make_mesh((1,), ("model",), devices=jax.devices()[:1])
     n = tokens // page
     pages = rng.choice(np.arange(1, spec.num_pages), size=n, replace=False)
-    slices = np.stack(
-        [pages * page, np.arange(n) * page, np.full(n, page)]
-    ).astype(np.int32)
+    slices = np.stack([pages * page, np.arange(n) * page, np.full(n, page)]).astype(np.int32)
     num = np.array([n], np.int32)
     shape = (tokens, heads, dim)
     if np.dtype(spec.np_dtype).kind in "iu":
@@ -157,9 +155,7 @@ def run(
     repeats: int,
 ) -> dict[str, Any]:
     machine = jax_machine()
-    rows = [
-        measure(dtype, t, cache_mib * 2**20, repeats) for dtype in dtypes for t in tokens
-    ]
+    rows = [measure(dtype, t, cache_mib * 2**20, repeats) for dtype in dtypes for t in tokens]
     print(f"## cache update: kvshard.update (xla, donated) vs undonated vs copy\n{machine}")
     print(
         f"cache >= {cache_mib} MiB on 1 device, 8 KV heads, head_dim 128, page_size 16; "

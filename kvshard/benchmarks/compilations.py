@@ -26,7 +26,7 @@ class _Counter:
     def __init__(self) -> None:
         self.count = 0
 
-    def __call__(self, event: str, duration: float, **kwargs: Any) -> None:
+    def __call__(self, event: str, duration_secs: float, **kwargs: str | int) -> None:
         if event == COMPILE_EVENT:
             self.count += 1
 
@@ -60,14 +60,14 @@ def run(outdir: str, *, steps: int, budget: int = 256, seed: int = 0) -> dict[st
         padded = kvshard.padded_token_count(total, buckets)
         # Host arrays, as a model's k/v would come from its own jit: a committed device array
         # would add a resharding program per bucket.
-        k = rng.standard_normal((padded, heads, dim), np.float32)
+        k: Any = rng.standard_normal((padded, heads, dim), np.float32)
         if use_step:
             meta = kvshard.build_step(
                 alloc, reqs, counts, num_tokens_padded=padded, max_num_seqs=max_reqs
             )
             cache = kvshard.update(cache, 0, k, k, meta)
             if use_attention:
-                q = rng.standard_normal((padded, heads, dim), np.float32)
+                q: Any = rng.standard_normal((padded, heads, dim), np.float32)
                 kvshard.attention(q, cache, 0, meta, sm_scale=dim**-0.5).block_until_ready()
         else:
             computed = alloc.row_num_tokens[rows] - np.asarray(counts)

@@ -19,7 +19,6 @@ Times are the minimum (and median) over ``--repeats`` runs of one step, in micro
 from __future__ import annotations
 
 import argparse
-import os
 from typing import Any
 
 import numpy as np
@@ -282,25 +281,31 @@ def plot(results: dict[str, dict[int, tuple]], args: argparse.Namespace, outdir:
     if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)
-    styles = {"metadata decode": ("o", ":"), "host step decode": ("s", "-"),
-              "host step mixed": ("^", "--")}
+    styles = {
+        "metadata decode": ("o", ":"),
+        "host step decode": ("s", "-"),
+        "host step mixed": ("^", "--"),
+    }
     for row, (marker, line) in styles.items():
         batches = list(results[row])
         for i, (impl, color) in enumerate(
             (("kvshard", "tab:blue"), ("baseline (per-request loop)", "tab:red"))
         ):
             us = [results[row][b][i][0] * 1e6 for b in batches]
-            ax.plot(batches, us, marker=marker, linestyle=line, color=color,
-                    label=f"{impl}: {row}")
+            ax.plot(batches, us, marker=marker, linestyle=line, color=color, label=f"{impl}: {row}")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     batches = args.batch_sizes
     ax.set_xticks(batches, [str(b) for b in batches])
-    ax.set_xlabel(f"batch size B (decoding requests; mixed adds {args.prefills}x"
-                  f"{args.prefill_chunk}-token prefills)")
+    ax.set_xlabel(
+        f"batch size B (decoding requests; mixed adds {args.prefills}x"
+        f"{args.prefill_chunk}-token prefills)"
+    )
     ax.set_ylabel(f"time per step, µs (min of {args.repeats} runs)")
-    ax.set_title(f"Host cost of a serving step (page_size={args.page_size}, "
-                 f"context~{args.context})\n{host}", fontsize=9)
+    ax.set_title(
+        f"Host cost of a serving step (page_size={args.page_size}, context~{args.context})\n{host}",
+        fontsize=9,
+    )
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     return save_figure(fig, outdir, NAME)

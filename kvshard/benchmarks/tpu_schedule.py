@@ -1,4 +1,4 @@
-"""The TPU update kernel on paper: DMAs, semaphore waits and bytes per step, from the schedules' rules.
+"""The TPU update kernel on paper: DMAs, semaphore waits and bytes per step, by the rules.
 
 No TPU is needed: the counts follow from the slices (built by :func:`kvshard.build_update_slices`
 for a decode and a prefill batch) and from each schedule's rules, stated here so that they can
@@ -43,7 +43,7 @@ def block_size(page: int, blocks_in_flight: int) -> int:
 
 def counts(slice_lens: np.ndarray, row_bytes: int, page: int) -> dict[str, dict[str, float]]:
     """Per-schedule totals for one call writing slices of ``slice_lens`` rows."""
-    live = int(len(slice_lens))
+    live = len(slice_lens)
     rows = int(slice_lens.sum())
     out = {}
     for name, in_flight in (("seed / vmem", 1), ("kvshard direct", 2)):
@@ -89,11 +89,13 @@ def run(outdir: str) -> dict[str, Any]:
     page = page_bytes(page_size, combined, head_dim, dtype)
     row = page // page_size
     rng = np.random.default_rng(0)
-    rows, data = [], {"machine": machine(), "page_bytes": page, "scenarios": {}}
+    rows: list[tuple] = []
+    scenarios: dict[str, Any] = {}
+    data = {"machine": machine(), "page_bytes": page, "scenarios": scenarios}
     for kind in ("decode 256 x 1 token", "prefill 4 x 2048 tokens"):
         lens = scenario(kind, rng, page_size)
         res = counts(lens, row, page)
-        data["scenarios"][kind] = {"slices": len(lens), "rows": int(lens.sum()), **res}
+        scenarios[kind] = {"slices": len(lens), "rows": int(lens.sum()), **res}
         for name, r in res.items():
             rows.append(
                 (
@@ -115,8 +117,18 @@ def run(outdir: str) -> dict[str, Any]:
     )
     print(
         table(
-            ("step: schedule", "slices", "B", "steps", "DMAs", "waits", "DMA/step",
-             "wait/step", "HBM MiB", "VMEM MiB"),
+            (
+                "step: schedule",
+                "slices",
+                "B",
+                "steps",
+                "DMAs",
+                "waits",
+                "DMA/step",
+                "wait/step",
+                "HBM MiB",
+                "VMEM MiB",
+            ),
             rows,
             first_width=42,
         )
