@@ -543,6 +543,10 @@ class _PlatformJit:
     def lower(self, cache: KVCache, *args: Any, **kwargs: Any) -> Any:
         return self.jitted(_platform(cache)).lower(cache, *args, **kwargs)
 
+    def _cache_size(self) -> int:
+        """Compiled entries over every platform's jit (as ``jax.jit``'s own, for tests)."""
+        return sum(f._cache_size() for f in self._jitted.values())
+
 
 # --------------------------------------------------------------------------------------------
 # update
