@@ -6,9 +6,9 @@
   attention and no cache: the oracle every paged step is checked against.
 * :func:`make_forward`: one ``jax.jit`` function per engine that runs a whole step (prefill
   chunks and decodes mixed in one flat token batch) for every layer: write K/V with
-  :func:`kvshard.update`, read each request's K/V back through the page table with
-  :func:`kvshard.gather`, attend, and return the logits. Tensor parallel over heads: query heads
-  and MLP columns are sharded over the ``model`` mesh axis; kvshard shards the cache the same way.
+  :func:`kvshard.update`, attend with :func:`kvshard.attention` (each device reads its own heads'
+  pages in place), and return the logits. Tensor parallel over heads: query heads and MLP
+  columns are sharded over the ``model`` mesh axis; kvshard shards the cache the same way.
 * :class:`Engine`: continuous batching on the host (admission, chunked prefill, greedy decode,
   optional prefix caching) around :class:`kvshard.PageAllocator`.
 
@@ -188,32 +188,31 @@ def dense_logits(params64: dict[str, np.ndarray], cfg: ModelConfig, tokens) -> n
 
 
 @functools.lru_cache(maxsize=8)
-def make_forward(cfg: ModelConfig, spec: kvshard.CacheSpec, mesh, max_pages_per_request: int):
-    """Returns ``forward(params, cache, token_ids, positions, rows, page_table, slices,
-    num_slices) -> (cache, logits)``, jitted with the cache donated.
+def make_forward(cfg: ModelConfig, spec: kvshard.CacheSpec, mesh):
+    """Returns ``forward(params, cache, token_ids, step) -> (cache, logits)``, jitted with the
+    cache donated.
 
     Args of the returned function (T: padded token count of the step's bucket):
-      token_ids, positions: int32[T], the step's tokens in batch order (requests contiguous,
-        padding at the end).
-      rows: int32[T], page-table row of each token's request; -1 for padding tokens.
-      page_table: int32[R, W] the allocator's whole table (R rows of W pages; fixed shape).
-      slices, num_slices: padded update metadata for this step (:func:`kvshard.pad_slices`).
+      token_ids: int32[T], the step's tokens in batch order (requests contiguous, padding at
+        the end).
+      step: the step's :class:`kvshard.StepMetadata` (:func:`kvshard.build_step`): update
+        slices, page table rows, kv lengths and token positions.
 
-    Attention reads, for every row r and position j < W·P, slot
-    ``page_table[r, j // P] * P + j % P`` and lets token t see key (r, j) iff
-    ``r == rows[t]`` and ``j <= positions[t]``: the causal mask of each request, over keys that
-    this step has just written or earlier steps wrote. All shapes depend only on T, so the
-    function compiles once per token bucket. Cached: engines with the same geometry share one
-    jitted function and its compilations.
+    Every layer writes this step's K/V with :func:`kvshard.update`, then attends with
+    :func:`kvshard.attention`: each device reads its own KV heads' pages in place and attends
+    its own query heads, so the only collectives are the two all-reduces of each layer's
+    row-parallel projections (``wo`` and ``w2``). All shapes depend only on the step's
+    buckets, so the function compiles once per bucket. Cached: engines with the same geometry
+    share one jitted function and its compilations.
     """
-    P_, W = spec.page_size, max_pages_per_request
     H, Hkv, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    heads = NamedSharding(mesh, P(None, "model", None))  # [T or N, heads, D], split heads
+    heads = NamedSharding(mesh, P(None, "model", None))  # [T, heads, D], split heads
     flat = NamedSharding(mesh, P(None, "model"))  # [T, heads·D]
     replicated = NamedSharding(mesh, P())
+    sm_scale = float(D) ** -0.5
 
     def layer_step(consts, carry, xs):
-        slots, visible, cos, sin, slices, num_slices = consts
+        cos, sin, step = consts
         x, cache = carry
         layer, w = xs
         T = x.shape[0]
@@ -223,33 +222,17 @@ def make_forward(cfg: ModelConfig, spec: kvshard.CacheSpec, mesh, max_pages_per_
         k = _rope((h @ w["wk"]).reshape(T, Hkv, D), cos, sin, jnp)
         v = (h @ w["wv"]).reshape(T, Hkv, D)
         # Write first: this step's tokens attend to themselves through the cache.
-        cache = kvshard.update(cache, layer, k, v, slices, num_slices)
-        k_ctx, v_ctx = kvshard.gather(cache, layer, slots)  # [R·W·P, Hkv, D]
-        # Each query head's KV head, split over devices like q, so the two attention einsums
-        # run per device (kvshard.gather has already all-gathered replicated heads).
-        k_ctx, v_ctx = (
-            jax.reshard(jnp.repeat(a, cfg.group, axis=1), heads) for a in (k_ctx, v_ctx)
-        )
-        scores = jnp.einsum("thd,nhd->htn", q, k_ctx) / np.sqrt(D).astype(np.float32)
-        # A finite fill keeps padding tokens (nothing visible) finite; real tokens always see
-        # at least themselves.
-        scores = jnp.where(visible[None], scores, jnp.finfo(jnp.float32).min)
-        attn = jnp.einsum("htn,nhd->thd", jax.nn.softmax(scores, axis=-1), v_ctx)
+        cache = kvshard.update(cache, layer, k, v, step)
+        attn = kvshard.attention(q, cache, layer, step, sm_scale=sm_scale)  # [T, H, D] split
         attn = jnp.reshape(attn, (T, H * D), out_sharding=flat)
         x = x + jnp.matmul(attn, w["wo"], out_sharding=replicated)
         h = _rms_norm(x, w["mlp_norm"], cfg.eps, jnp)
         x = x + jnp.matmul(_silu(h @ w["w1"], jnp), w["w2"], out_sharding=replicated)
         return (x, cache), None
 
-    def forward(params, cache, token_ids, positions, rows, page_table, slices, num_slices):
-        R = page_table.shape[0]
-        j = jnp.arange(W * P_, dtype=jnp.int32)
-        slots = (page_table[:, j // P_] * P_ + j % P_).reshape(-1)  # [R·W·P]
-        key_row = jnp.repeat(jnp.arange(R, dtype=jnp.int32), W * P_)
-        key_pos = jnp.tile(j, R)
-        visible = (rows[:, None] == key_row[None]) & (key_pos[None] <= positions[:, None])
-        cos, sin = _rope_angles(cfg, positions, jnp)
-        consts = (slots, visible, cos, sin, slices, num_slices)
+    def forward(params, cache, token_ids, step):
+        cos, sin = _rope_angles(cfg, step.positions, jnp)
+        consts = (cos, sin, step)
         x = params["embed"][token_ids]
         layers = {k: params[k] for k in LAYER_WEIGHTS}  # stacked [L, ...]: scanned over
         (x, cache), _ = jax.lax.scan(
@@ -397,7 +380,7 @@ class Engine:
         self.params64 = {k: v.astype(np.float64) for k, v in params.items()}
         self.buckets = kvshard.token_buckets(min(8, max_tokens_per_step), max_tokens_per_step)
         self.budget = max_tokens_per_step
-        self.forward = make_forward(cfg, self.spec, mesh, self.max_pages)
+        self.forward = make_forward(cfg, self.spec, mesh)
 
     # -- host-side scheduling ------------------------------------------------------------
 
@@ -447,42 +430,26 @@ class Engine:
         alloc = self.allocator
         ids = [r.rid for r, _ in batch]
         counts = np.array([c for _, c in batch], np.int64)
-        computed = np.array([r.computed for r, _ in batch], np.int64)
         rows = alloc.allocate_batch(ids, counts)
         pairs = alloc.take_pending_copies()  # copy-on-write of shared partial pages
         if len(pairs):
             self.cache = kvshard.copy_pages(self.cache, pairs)
-        slices = kvshard.build_update_slices(
-            computed, counts, alloc.page_table, self.page_size, rows=rows
-        )
         num_tokens = int(counts.sum())
-        slices, num_slices, padded = kvshard.pad_slices(
-            slices,
-            num_tokens,
-            max_num_reqs=self.max_requests,
-            page_size=self.page_size,
-            buckets=self.buckets,
+        padded = kvshard.padded_token_count(num_tokens, self.buckets)
+        step = kvshard.build_step(
+            alloc,
+            ids,
+            counts,
+            rows=rows,
+            num_tokens_padded=padded,
+            max_num_seqs=self.max_requests,
         )
         token_ids = np.zeros(padded, np.int32)
-        positions = np.zeros(padded, np.int32)
-        token_rows = np.full(padded, -1, np.int32)
         offset = 0
-        for (req, count), row in zip(batch, rows, strict=True):
-            span = slice(offset, offset + count)
-            token_ids[span] = req.tokens[req.computed : req.computed + count]
-            positions[span] = np.arange(req.computed, req.computed + count)
-            token_rows[span] = row
+        for req, count in batch:
+            token_ids[offset : offset + count] = req.tokens[req.computed : req.computed + count]
             offset += count
-        self.cache, logits = self.forward(
-            self.params,
-            self.cache,
-            token_ids,
-            positions,
-            token_rows,
-            alloc.page_table.copy(),
-            slices,
-            num_slices,
-        )
+        self.cache, logits = self.forward(self.params, self.cache, token_ids, step)
         logits = np.asarray(logits)
         stats.buckets_used.add(padded)
         stats.tokens_computed += num_tokens

@@ -7,9 +7,9 @@ heads when there are fewer than 8). Requests with different prompt lengths arriv
 steps and stop after different numbers of greedy tokens. Every step is one jitted forward over
 a flat batch that mixes prefill chunks and decodes:
 
-    allocate_batch -> build_update_slices -> pad_slices (token buckets bound the shapes)
-    -> per layer: q, k, v -> kvshard.update -> kvshard.gather through the page table
-       -> causal attention per request -> logits
+    allocate_batch -> build_step (token buckets bound the shapes)
+    -> per layer: q, k, v -> kvshard.update -> kvshard.attention (each device reads its own
+       heads' pages in place) -> logits
 
 and every step's logits are checked against the same model run densely (float64 numpy, no
 cache, full causal attention over each request's whole sequence). Exits 1 when the largest

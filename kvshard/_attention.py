@@ -56,6 +56,11 @@ from kvshard.step import StepMetadata
 
 __all__ = ["attention"]
 
+# Block sizes handed to JAX's kernel when lowering for TPU from a host that is not a TPU (its
+# tuned-size lookup needs a TPU); the common entries of its tuned table.
+CROSS_LOWERING_KV_PAGES_PER_BLOCK = 16
+CROSS_LOWERING_QUERIES_PER_BLOCK = 32
+
 # Field order of the attention metadata handed to the per-device body.
 _FIELDS = ("page_indices", "kv_lens", "cu_q_lens", "num_seqs")
 
@@ -183,8 +188,9 @@ def _local_xla(kv, layer, q, page_indices, kv_lens, cu_q_lens, num_seqs, *, stat
         jnp.zeros((num_tokens, kv_heads, group, head_dim), jnp.float32),
     )
     _, denom, acc = jax.lax.fori_loop(0, num_steps, fold_page, init)
-    seen = (denom > 0)[..., None]
-    out = jnp.where(seen, acc / jnp.where(seen, denom[..., None], 1.0), 0.0)
+    # Tokens that saw no key (padding, dropped requests) are zero; NaN in the cache stays NaN.
+    empty = (denom == 0)[..., None]
+    out = jnp.where(empty, 0.0, acc / jnp.where(empty, 1.0, denom[..., None]))
     return out.reshape(num_tokens, q_heads, head_dim).astype(q.dtype)
 
 
@@ -245,6 +251,14 @@ def _local_pallas(kv, layer, q, page_indices, kv_lens, cu_q_lens, num_seqs, *, s
     operands, kwargs, tok_ok = pallas_operands(
         kv, layer, q, page_indices, kv_lens, cu_q_lens, num_seqs, statics=statics
     )
+    if jax.devices()[0].platform != "tpu":
+        # The kernel looks its block sizes up by TPU generation, which fails on any other
+        # host; exporting for TPU from such a host needs them given (the tuned table's usual
+        # values). On a TPU host the kernel's own table is used.
+        kwargs |= {
+            "num_kv_pages_per_block": min(CROSS_LOWERING_KV_PAGES_PER_BLOCK, page_indices.shape[1]),
+            "num_queries_per_block": CROSS_LOWERING_QUERIES_PER_BLOCK,
+        }
     return pallas_output(kernel(*operands, **kwargs), tok_ok, q.shape[-1], q.dtype)
 
 

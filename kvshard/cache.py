@@ -10,8 +10,9 @@ with ``H`` KV heads, replication ``r`` (:func:`kvshard._layout.check_tensor_para
 ``tp``/``G`` the sizes of the head and page mesh axes (1 when the axis is None), ``D_pad`` the
 head dimension padded to a multiple of 128. Combined head ``2·j`` is K and ``2·j + 1`` is V of
 replicated head ``j``; replicated head ``j`` is a copy of KV head ``j // r``. Sharding the
-combined axis therefore hands each device the K and V of whole heads, and no update or read ever
-communicates between devices.
+combined axis therefore hands each device the K and V of whole heads: no update, copy or
+:func:`kvshard.attention` read communicates between devices (:func:`gather`, the debugging
+read, all-gathers replicated heads into one global array).
 
 Why one stacked array rather than a list of per-layer arrays: ``layer`` can be a traced integer
 (a ``lax.scan`` over layers, or a model that passes the layer index as data), one compiled
@@ -39,7 +40,13 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from kvshard._layout import CacheSpec, check_tensor_parallel
-from kvshard.kernels.update import kv_cache_update, slice_is_writable, validate_slices
+from kvshard.kernels.update import (
+    SCHEDULES,
+    Schedule,
+    kv_cache_update,
+    slice_is_writable,
+    validate_slices,
+)
 from kvshard.step import StepMetadata
 
 __all__ = [
@@ -437,9 +444,9 @@ def _token_slots(slices: jax.Array, valid: jax.Array, num_tokens: int, num_slots
     return jnp.where(cover == 1, token + shift, num_slots + token)
 
 
-def _local_update_xla(cache, layer, new_kv, slices, num, *, page_size, interpret):
+def _local_update_xla(cache, layer, new_kv, slices, num, *, page_size, interpret, schedule):
     """One device: cache [L, slots, C, D], new_kv [T, C, D] -> cache, by an XLA scatter."""
-    del interpret
+    del interpret, schedule
     num_tokens, num_slots = new_kv.shape[0], cache.shape[1]
     valid = _valid_slices(
         slices, num, num_tokens=num_tokens, num_slots=num_slots, page_size=page_size
@@ -449,7 +456,7 @@ def _local_update_xla(cache, layer, new_kv, slices, num, *, page_size, interpret
     return cache.at[layer, slots].set(new_kv, mode="drop", unique_indices=True)
 
 
-def _local_update_pallas(cache, layer, new_kv, slices, num, *, page_size, interpret):
+def _local_update_pallas(cache, layer, new_kv, slices, num, *, page_size, interpret, schedule):
     """One device: the kernel on the [L·slots, C, D] view of the stacked block.
 
     The reshape is a bitcast, so the kernel's input/output alias still covers the donated
@@ -463,7 +470,9 @@ def _local_update_pallas(cache, layer, new_kv, slices, num, *, page_size, interp
     # The kernel bounds-checks against all L layers; a slice past this layer's slots must be
     # dropped here or it would land in the next layer.
     slices = jnp.stack([slices[0] + layer * num_slots, slices[1], jnp.where(valid, slices[2], 0)])
-    out = kv_cache_update(new_kv, slices, flat, num, page_size=page_size, interpret=interpret)
+    out = kv_cache_update(
+        new_kv, slices, flat, num, page_size=page_size, interpret=interpret, schedule=schedule
+    )
     return out.reshape(cache.shape)
 
 
@@ -559,8 +568,10 @@ def _update_specs(cache: KVCache) -> tuple[P, ...]:
     return (cache.pspec, P(), kv_spec, kv_spec, P(pa, None, None), P(pa, None))
 
 
-@functools.partial(_PlatformJit, static_argnames=("backend", "interpret"), donate_argnums=(0,))
-def _update_jit(cache, layer, k, v, slices, num_slices, *, backend, interpret):
+@functools.partial(
+    _PlatformJit, static_argnames=("backend", "interpret", "schedule"), donate_argnums=(0,)
+)
+def _update_jit(cache, layer, k, v, slices, num_slices, *, backend, interpret, schedule="direct"):
     if cache.page_axis is None:  # one pool: give every per-pool argument a group axis of size 1
         k, v, slices, num_slices = k[None], v[None], slices[None], num_slices[None]
     specs = _update_specs(cache)
@@ -569,7 +580,10 @@ def _update_jit(cache, layer, k, v, slices, num_slices, *, backend, interpret):
         for x, s in zip((cache.kv, layer, k, v, slices, num_slices), specs, strict=True)
     ]
     local_update = functools.partial(
-        _LOCAL_UPDATES[backend], page_size=cache.spec.page_size, interpret=interpret
+        _LOCAL_UPDATES[backend],
+        page_size=cache.spec.page_size,
+        interpret=interpret,
+        schedule=schedule,
     )
 
     def body(kv, layer, k, v, slices, num):
@@ -596,6 +610,7 @@ def update(
     *,
     backend: Backend = "auto",
     interpret: bool | None = None,
+    schedule: Schedule = "direct",
 ) -> KVCache:
     """Writes new K/V tokens of one layer into the cache, in place; returns the new cache.
 
@@ -628,6 +643,9 @@ def update(
         pallas when the mesh is made of TPUs, xla otherwise. Both give identical results.
       interpret: passed to the kernel; None = interpret mode unless on TPU. False forces a
         TPU lowering (e.g. when exporting for TPU from a CPU host).
+      schedule: the kernel's DMA schedule (pallas backend only): "direct" (HBM->HBM,
+        pipelined) or "vmem" (the VMEM bounce vLLM runs on TPUs, the fallback); see
+        :func:`kvshard.kernels.kv_cache_update`. Both write the same cache.
 
     Preconditions on live slices (checked when ``slices``/``num_slices`` are concrete; traced
     values are the caller's contract): 0 <= num_slices <= S; 0 <= slice_len <= page_size;
@@ -639,10 +657,12 @@ def update(
       TypeError: wrong cache type or dtypes (slices/num_slices not int32; k/v not floating or
         the cache dtype; k/v dtypes differ; layer not an integer scalar).
       ValueError: wrong shapes, a concrete layer or slice out of range, overlapping slices,
-        unknown backend. Nothing is donated when an error is raised.
+        unknown backend or schedule. Nothing is donated when an error is raised.
     """
     cache = _check_cache(cache)
     _check_backend(backend)
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule={schedule!r} must be one of {SCHEDULES}")
     if isinstance(slices, StepMetadata):
         if num_slices is not None:
             raise TypeError("num_slices must be omitted when slices is a StepMetadata")
@@ -664,6 +684,7 @@ def update(
         _place(mesh, num_slices, num_spec),
         backend=_resolve_backend(cache, backend),
         interpret=interpret,
+        schedule=schedule,
     )
 
 

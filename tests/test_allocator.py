@@ -14,7 +14,13 @@ from hypothesis.stateful import (
     rule,
 )
 
-from kvshard.allocator import NULL_PAGE, OutOfPages, PageAllocator, UnknownRequest
+from kvshard.allocator import (
+    NULL_PAGE,
+    OutOfPages,
+    PageAllocator,
+    UnknownRequest,
+    sliding_window_pages,
+)
 
 IDS = ["a", "b", "c", "d", "e", "f", 7, (1, 2)]  # any hashable is a request id
 NAMESPACES = [None, "tenant-1", "tenant-2"]
@@ -31,17 +37,19 @@ def make(num_pages=9, page_size=4, **kw) -> PageAllocator:
 
 
 class Req:
-    """Model of one request: its tokens, pages, committed page count and namespace."""
+    """Model of one request: tokens, pages (0 once released by a window), committed page
+    count, namespace, and how many leading pages the sliding window released."""
 
-    def __init__(self, tokens=(), pages=(), committed=0, ns=None, has_ns=False):
+    def __init__(self, tokens=(), pages=(), committed=0, ns=None, has_ns=False, released=0):
         self.tokens = list(tokens)
         self.pages = list(pages)
         self.committed = committed
         self.ns = ns
         self.has_ns = has_ns
+        self.released = released
 
     def copy(self) -> Req:
-        return Req(self.tokens, self.pages, self.committed, self.ns, self.has_ns)
+        return Req(self.tokens, self.pages, self.committed, self.ns, self.has_ns, self.released)
 
 
 class AllocatorMachine(RuleBasedStateMachine):
@@ -53,17 +61,22 @@ class AllocatorMachine(RuleBasedStateMachine):
         max_requests=st.integers(2, 6),
         max_pages=st.integers(2, 8),
         prefix=st.sampled_from([True, True, True, False]),
+        window=st.sampled_from([None, None, None, 1, 2, 3, 5]),
     )
-    def setup(self, num_pages, page_size, max_requests, max_pages, prefix):
-        note(f"PageAllocator({num_pages}, {page_size}, {max_requests}, {max_pages}, {prefix})")
+    def setup(self, num_pages, page_size, max_requests, max_pages, prefix, window):
+        kw = {"max_requests": max_requests, "max_pages_per_request": max_pages}
+        if window is not None and prefix:
+            with pytest.raises(ValueError, match="cannot be combined with enable_prefix_caching"):
+                PageAllocator(
+                    num_pages, page_size, **kw, enable_prefix_caching=True, sliding_window=window
+                )
+            prefix = False
+        note(f"PageAllocator({num_pages}, {page_size}, {kw}, {prefix}, window={window})")
         self.alloc = PageAllocator(
-            num_pages,
-            page_size,
-            max_requests=max_requests,
-            max_pages_per_request=max_pages,
-            enable_prefix_caching=prefix,
+            num_pages, page_size, **kw, enable_prefix_caching=prefix, sliding_window=window
         )
         self.P = page_size
+        self.W = window
         self.reqs: dict = {}
         self.free_plain = set(range(1, num_pages))
         self.cache: dict = {}  # (ns, tuple(tokens up to the page's end)) -> page
@@ -99,9 +112,30 @@ class AllocatorMachine(RuleBasedStateMachine):
         req = reqs.get(req_id, Req())
         old, total = len(req.tokens), len(req.tokens) + n
         grow = -(-total // self.P) - len(req.pages)
-        shared = bool(req.pages) and sum(r.pages.count(req.pages[-1]) for r in reqs.values()) > 1
+        # A partial last page is copied when another request or the prefix cache holds it.
+        shared = bool(req.pages) and (
+            sum(r.pages.count(req.pages[-1]) for r in reqs.values()) > 1
+            or req.pages[-1] in self.page_key
+        )
         cow = n > 0 and old % self.P != 0 and shared
         return grow + int(cow), cow
+
+    def window_release(self, req_id, reqs):
+        """Releases, in model ``reqs``, the pages out of the window; returns them."""
+        req = reqs.get(req_id)
+        if self.W is None or req is None:
+            return []
+        stop = max(len(req.tokens) - self.W + 1, 0) // self.P
+        dropped = req.pages[req.released : stop]
+        req.pages[req.released : stop] = [NULL_PAGE] * len(dropped)
+        req.released = max(req.released, stop)
+        if dropped and reqs is self.reqs:
+            event("sliding window released pages")
+        return dropped
+
+    def freed_by(self, dropped, reqs):
+        """Pages of ``dropped`` that nobody in ``reqs`` holds any more."""
+        return [p for p in dropped if not any(p in r.pages for r in reqs.values())]
 
     def take_new_pages(self, new_pages):
         """Checks pages an allocation got came from free/LRU pages; updates the free model."""
@@ -123,8 +157,14 @@ class AllocatorMachine(RuleBasedStateMachine):
         got_pages = list(got_pages)
         if cow:
             event("copy-on-write")
-            self.pending.append((req.pages[-1], got_pages[0]))
+            # Sources resolve to pages holding data before the step (issue 10 finding 6).
+            origin = {d: s for s, d in self.pending}
+            src = req.pages[-1]
+            self.pending.append((origin.get(src, src), got_pages[0]))
             req.pages[-1] = got_pages.pop(0)
+            if src in self.page_key and not self.refcount(src):
+                event("copy-on-write of a cached page (after truncate)")
+                self.lru.append(src)
         req.pages += got_pages
         req.tokens += tokens
 
@@ -135,6 +175,9 @@ class AllocatorMachine(RuleBasedStateMachine):
         req_id = self.pick(data)
         note(f"allocate({req_id!r}, {n})")
         a = self.alloc
+        if n > a.max_pages_per_request * self.P:  # refused before anything else is looked at
+            self.expect_failure(ValueError, lambda: a.allocate(req_id, n), "page_size=")
+            return
         if req_id not in self.reqs and len(self.reqs) == a.max_requests:
             self.expect_failure(ValueError, lambda: a.allocate(req_id, n), "max_requests")
             return
@@ -142,8 +185,10 @@ class AllocatorMachine(RuleBasedStateMachine):
         if -(-total // self.P) > a.max_pages_per_request:
             self.expect_failure(ValueError, lambda: a.allocate(req_id, n), "max_pages_per_request")
             return
-        needed, cow = self.plan(req_id, n, self.reqs)
-        available = len(self.free_plain) + len(self.lru)
+        scratch = {k: v.copy() for k, v in self.reqs.items()}
+        freed = self.freed_by(self.window_release(req_id, scratch), scratch)
+        needed, cow = self.plan(req_id, n, scratch)
+        available = len(self.free_plain) + len(self.lru) + len(freed)
         if needed > available:
             err = self.expect_failure(OutOfPages, lambda: a.allocate(req_id, n))
             assert (err.needed, err.available) == (needed, available)
@@ -151,6 +196,7 @@ class AllocatorMachine(RuleBasedStateMachine):
         got = a.allocate(req_id, n)
         note(f"  -> {got.tolist()} (copy-on-write: {cow})")
         assert got.dtype == np.int32 and len(got) == needed
+        self.release_pages(self.window_release(req_id, self.reqs))
         self.take_new_pages(got)
         tokens = data.draw(st.lists(TOKENS, min_size=n, max_size=n))
         self.grow_model(req_id, n, got.tolist(), cow, tokens)
@@ -167,6 +213,9 @@ class AllocatorMachine(RuleBasedStateMachine):
         a = self.alloc
         call = lambda: a.allocate_batch(req_ids, np.array(counts, np.int64))
         new = [r for r in req_ids if r not in self.reqs]
+        if any(n > a.max_pages_per_request * self.P for n in counts):
+            self.expect_failure(ValueError, call, "page_size=")
+            return
         if len(self.reqs) + len(new) > a.max_requests:
             self.expect_failure(ValueError, call, "max_requests")
             return
@@ -178,6 +227,8 @@ class AllocatorMachine(RuleBasedStateMachine):
             return
         # Sequential semantics on a scratch model decide copies and the page count.
         scratch = {k: v.copy() for k, v in self.reqs.items()}
+        dropped = [p for r in req_ids for p in self.window_release(r, scratch)]
+        freed = set(self.freed_by(dropped, scratch))
         plans = []
         for r, n in zip(req_ids, counts, strict=True):
             needed, cow = self.plan(r, n, scratch)
@@ -189,13 +240,15 @@ class AllocatorMachine(RuleBasedStateMachine):
             req.pages += fake
             req.tokens += [0] * n
         needed = sum(p for p, _ in plans)
-        available = len(self.free_plain) + len(self.lru)
+        available = len(self.free_plain) + len(self.lru) + len(freed)
         if needed > available:
             err = self.expect_failure(OutOfPages, call)
             assert (err.needed, err.available) == (needed, available)
             return
-        old_pages = {r: list(self.reqs.get(r, Req()).pages) for r in req_ids}
         rows = call()
+        for r in req_ids:  # the window releases first, for the whole batch
+            self.release_pages(self.window_release(r, self.reqs))
+        old_pages = {r: list(self.reqs.get(r, Req()).pages) for r in req_ids}
         assert rows.dtype == np.int32
         assert rows.tolist() == [a.row(r) for r in req_ids]
         all_new = []
@@ -230,12 +283,47 @@ class AllocatorMachine(RuleBasedStateMachine):
             self.expect_failure(UnknownRequest, lambda: self.alloc.free(req_id), "unknown request")
             return
         self.alloc.free(req_id)
-        req = self.reqs.pop(req_id)
-        dead = [p for p in req.pages if self.refcount(p) == 0]
+        self.release_pages(self.reqs.pop(req_id).pages)
+
+    def release_pages(self, pages):
+        """Model of dropping one owner of ``pages`` (already removed from their request)."""
+        dead = [p for p in pages if p != NULL_PAGE and self.refcount(p) == 0]
         # Cached pages become evictable, the request's last page first.
         self.lru += [p for p in reversed(dead) if p in self.page_key]
         self.free_plain |= {p for p in dead if p not in self.page_key}
         self.pending = [(s, d) for s, d in self.pending if d not in dead]
+
+    @rule(extra=st.integers(0, 2), data=st.data())
+    def truncate(self, extra, data):
+        """Rolls a request back (rejected draft tokens), sometimes past its end (refused)."""
+        req_id = self.pick(data)
+        a = self.alloc
+        if req_id not in self.reqs:
+            call = lambda: a.truncate(req_id, 0)
+            self.expect_failure(UnknownRequest, call, "truncate: unknown request")
+            return
+        req = self.reqs[req_id]
+        held = len(req.tokens)
+        keep_tokens = data.draw(st.integers(0, held)) if not extra else held + extra
+        if req.committed and not extra and data.draw(st.booleans()):  # into a cached page
+            keep_tokens = (req.committed - 1) * self.P + data.draw(st.integers(1, self.P - 1))
+        note(f"truncate({req_id!r}, {keep_tokens})")
+        call = lambda: a.truncate(req_id, keep_tokens)
+        if keep_tokens > held:
+            self.expect_failure(ValueError, call, rf"num_tokens={keep_tokens} .*\[0, {held}\]")
+            return
+        if self.W is not None and req.released * self.P > max(keep_tokens - self.W + 1, 0):
+            self.expect_failure(ValueError, call, "were released")
+            return
+        call()
+        keep = -(-keep_tokens // self.P)
+        dropped = req.pages[keep:]
+        req.pages, req.tokens = req.pages[:keep], req.tokens[:keep_tokens]
+        if req.committed > keep_tokens // self.P:
+            req.committed = 0
+        if keep_tokens % self.P and req.pages and req.pages[-1] in self.page_key:
+            event("truncate into a cached page")
+        self.release_pages(dropped)
 
     @rule(dst=st.sampled_from(IDS), data=st.data())
     def fork(self, dst, data, src=None):
@@ -354,6 +442,7 @@ class AllocatorMachine(RuleBasedStateMachine):
             max_requests=self.alloc.max_requests,
             max_pages_per_request=self.alloc.max_pages_per_request,
             enable_prefix_caching=self.alloc.enable_prefix_caching,
+            sliding_window=self.alloc.sliding_window,
         )
         twin.load_state_dict(state)
         assert twin.checksum() == self.alloc.checksum()
@@ -378,6 +467,7 @@ class AllocatorMachine(RuleBasedStateMachine):
             max_requests=self.alloc.max_requests,
             max_pages_per_request=self.alloc.max_pages_per_request,
             enable_prefix_caching=self.alloc.enable_prefix_caching,
+            sliding_window=self.alloc.sliding_window,
         )
         if not self.alloc.enable_prefix_caching:
             event("free everything: caching off")
@@ -404,9 +494,10 @@ class AllocatorMachine(RuleBasedStateMachine):
             assert len(req.pages) == -(-len(req.tokens) // self.P)
             row = a.page_table[a.row(req_id)]
             assert row[: len(req.pages)].tolist() == req.pages and not row[len(req.pages) :].any()
-            for page in req.pages:
+            for page in req.pages[req.released :]:
                 refcount[page] += 1
-            owned |= set(req.pages)
+            assert not any(req.pages[: req.released]), "released entries are not null"
+            owned |= set(req.pages[req.released :])
         np.testing.assert_array_equal(state["refcount"], refcount)
         assert NULL_PAGE not in owned
         assert not owned & (self.free_plain | set(self.lru)), "a table points at a free page"
@@ -771,3 +862,339 @@ def test_allocate_batch_rows_and_numpy_ids():
     assert a.allocate_batch([], []).shape == (0,)
     with pytest.raises(ValueError, match="must be integers"):
         a.allocate_batch([10], [1.5])
+
+
+# ----------------------------------------------------- adversarial input (issue 10)
+
+
+@pytest.mark.parametrize(
+    "count", [2**63 - 1, int(np.iinfo(np.int64).max), np.int64(2**62), 2**70, 17]
+)
+def test_allocate_huge_count_is_refused_unchanged(count):
+    """Issue 10 finding 2: a count past max_pages_per_request*page_size never wraps."""
+    a = make(num_pages=9, page_size=4, enable_prefix_caching=True)
+    a.allocate("a", 3)
+    _unchanged(
+        a,
+        ValueError,
+        lambda: a.allocate("x", count),
+        rf"num_new_tokens={int(count)} .*exceeds max_pages_per_request\*page_size=16",
+    )
+    _unchanged(a, ValueError, lambda: a.allocate("a", count), rf"num_new_tokens={int(count)}")
+    assert a.num_free_pages == 7
+    assert a.allocate("x", 4).tolist() == [2]  # the allocator still works
+    a.check_invariants()
+
+
+@pytest.mark.parametrize(
+    "counts",
+    [
+        np.array([1, 2**63 - 1], np.int64),
+        np.array([1, 2**64 - 1], np.uint64),
+        np.array([1, 2**63], np.uint64),
+        np.array([1, np.iinfo(np.int64).max]),
+        [1, 2**62],
+    ],
+)
+def test_allocate_batch_huge_count_is_refused_unchanged(counts):
+    a = make(num_pages=9, page_size=4)
+    a.allocate("a", 3)
+    big = int(np.asarray(counts)[1])
+    _unchanged(
+        a,
+        ValueError,
+        lambda: a.allocate_batch(["a", "x"], counts),
+        rf"num_new_tokens={big} for req_id='x' must be in \[0, .*=16\]",
+    )
+    assert a.num_free_pages == 7
+    a.check_invariants()
+
+
+def test_constructor_refuses_overflowing_request_size():
+    with pytest.raises(
+        ValueError,
+        match=r"max_pages_per_request\*page_size=1180591620717411303424 must be <= 2\*\*62",
+    ):
+        PageAllocator(8, 2**40, max_requests=1, max_pages_per_request=2**30)
+
+
+def test_copy_on_write_chain_resolves_to_original_source():
+    """Issue 10 finding 6: fork after growth in one step; correct under copy_pages' order."""
+    a = make(num_pages=9, page_size=4)
+    a.allocate("a", 2)  # page 1 holds tokens [10, 11]
+    device = np.zeros((9, 4), np.int64)
+    device[1, :2] = [10, 11]
+    a.fork("a", "b")
+    assert a.allocate("a", 1).tolist() == [2]  # copy 1 -> 2
+    a.fork("a", "c")  # shares page 2, not yet written on the device
+    assert a.allocate("c", 1).tolist() == [3]  # copy-on-write of page 2
+    pairs = a.take_pending_copies()
+    assert pairs.tolist() == [[1, 2], [1, 3]]  # was [[1, 2], [2, 3]]
+    device[pairs[:, 1]] = device[pairs[:, 0]]  # copy_pages: every read before any write
+    for req in ("a", "b", "c"):
+        assert device[a.pages(req)[-1], :2].tolist() == [10, 11], req
+    a.check_invariants()
+
+
+def _snapshot_source():
+    """An allocator with live, shared, cached and evictable pages and a pending copy."""
+    a = make(num_pages=16, page_size=4, enable_prefix_caching=True)
+    a.allocate("a", 9)  # pages 1, 2, 3
+    a.commit_prefix("a", list(range(9)))  # 1, 2 cached
+    a.fork("a", "b")
+    a.allocate("b", 1)  # copy-on-write of page 3 -> 4
+    a.allocate("c", 8)  # pages 5, 6
+    a.commit_prefix("c", list(range(100, 108)))
+    a.free("c")  # 5, 6 evictable
+    a.check_invariants()
+    return a
+
+
+def _corrupt(state, name, change):
+    state = {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in state.items()}
+    state[name] = change(state[name])
+    return state
+
+
+def _set(array, index, value):
+    array = np.array(array)
+    array[index] = value
+    return array
+
+
+CORRUPTIONS = [
+    ("free_pages", lambda f: _set(f, 0, -3), "free_pages"),
+    ("free_pages", lambda f: _set(f, 0, 99), "free_pages"),
+    ("free_pages", lambda f: _set(f, 0, NULL_PAGE), "free_pages"),
+    ("free_pages", lambda f: _set(f, 0, 1), "free_pages: a free page is owned"),
+    ("free_pages", lambda f: _set(f, 1, f[0]), "free_pages: a page is free twice"),
+    ("free_pages", lambda f: f[1:], "pages leaked"),
+    ("free_rows", lambda f: _set(f, 0, 0), "free_rows: a row is lost or doubled"),
+    ("free_rows", lambda f: _set(f, 0, 7), "free_rows"),
+    ("refcount", lambda r: _set(r, 1, 1), "refcount: != number of owners"),
+    ("refcount", lambda r: _set(r, 7, 1), "refcount"),
+    ("page_table", lambda t: _set(t, (0, 0), -3), "page_table"),
+    ("page_table", lambda t: _set(t, (0, 0), 99), "page_table"),
+    ("page_table", lambda t: _set(t, (0, 0), NULL_PAGE), "page_table"),
+    ("page_table", lambda t: _set(t, (0, 3), 9), "page_table: unused entry"),
+    ("row_tokens", lambda t: _set(t, 0, 13), "row_pages"),
+    ("row_tokens", lambda t: _set(t, 0, -1), "row_tokens"),
+    ("rows", lambda r: {**r, "intruder": 0}, "rows: two requests share a row"),
+    ("rows", lambda r: {**r, "x": 9}, "rows maps 'x' to 9"),
+    ("cached", lambda c: _set(c, 3, True), "page_key|evictable|cached"),
+    ("evictable", lambda e: _set(e, 5, False), "evictable"),
+    ("page_key", lambda k: _set(k, 6, k[5]), "page_key: a key is doubled"),
+    ("lru", lambda s: _set(s, 5, s[6]), "lru"),
+    ("clock", lambda c: -1, "clock=-1"),
+    ("clock", lambda c: 0, "lru: stamps"),
+    ("pending_copies", lambda p: np.array([[3, 99]]), "pending_copies"),
+    ("pending_copies", lambda p: np.array([[3, 7]]), "pending_copies: a destination"),
+    ("pending_copies", lambda p: np.array([3, 4]), "pending_copies"),
+    ("prefix_stats", lambda s: {**s, "hits": -1}, "prefix_stats"),
+    ("prefix_stats", lambda s: {"hits": 0}, "prefix_stats"),
+    ("refcount", lambda r: r.astype(np.float64) + 0.5, "refcount must be integers"),
+    ("row_pages", lambda p: p[:2], "row_pages has shape"),
+    ("version", lambda v: 1, "unsupported version 1"),
+]
+
+
+@pytest.mark.parametrize(("name", "change", "match"), CORRUPTIONS)
+def test_load_state_dict_refuses_corruption_unchanged(name, change, match):
+    """Issue 10 finding 1: a corrupt snapshot is refused, naming the field; nothing changes."""
+    state = _snapshot_source().state_dict()
+    target = make(num_pages=16, page_size=4, enable_prefix_caching=True)
+    target.allocate("z", 5)
+    _unchanged(
+        target, ValueError, lambda: target.load_state_dict(_corrupt(state, name, change)), match
+    )
+    target.check_invariants()
+    target.load_state_dict(state)  # the intact snapshot loads
+    target.check_invariants()
+
+
+@pytest.mark.parametrize("name", ["clock", "prefix_stats", "pending_copies", "rows", "lru"])
+def test_load_state_dict_missing_entry_leaves_target(name):
+    state = _snapshot_source().state_dict()
+    del state[name]
+    target = make(num_pages=16, page_size=4, enable_prefix_caching=True)
+    target.allocate("z", 5)
+    _unchanged(target, ValueError, lambda: target.load_state_dict(state), f"lacks '{name}'")
+    assert target.pages("z").tolist() == [1, 2]
+
+
+@pytest.mark.parametrize("state", [[], None, "state", 3])
+def test_load_state_dict_refuses_non_dict(state):
+    target = make()
+    _unchanged(target, TypeError, lambda: target.load_state_dict(state), "must be a dict")
+
+
+def test_loaded_corrupt_state_cannot_hand_out_bad_pages():
+    """The reproductions of issue 10: none of these states gets in, so none misbehaves."""
+    state = _snapshot_source().state_dict()
+    for name, change, _ in CORRUPTIONS[:8]:
+        target = make(num_pages=16, page_size=4, enable_prefix_caching=True)
+        with pytest.raises(ValueError):
+            target.load_state_dict(_corrupt(state, name, change))
+        pages = target.allocate("intruder", 3)
+        assert pages.tolist() == [1] and target.num_tokens("intruder") == 3
+
+
+def test_latency_benchmark_runs_and_evicts(tmp_path):
+    """benchmarks/allocator_latency.py: both scenarios run (it asserts the evicting one evicts)."""
+    import json
+
+    from _scripts import ROOT, run_script, stdout_of_success
+
+    out = stdout_of_success(
+        run_script(
+            ROOT / "benchmarks" / "allocator_latency.py",
+            *("--num-pages", "2049", "--pages", "1", "4", "--calls", "30", "--out", str(tmp_path)),
+        )
+    )
+    assert out.count("ratio p99 allocate") == 2
+    report = json.loads((tmp_path / "allocator_latency.json").read_text())
+    assert {(r["pages"], r["scenario"]) for r in report["rows"]} == {
+        (p, s) for p in (1, 4) for s in ("free stack", "evicting")
+    }
+
+
+# ------------------------------------------------------ truncate, sliding window (issue 14)
+
+
+def test_truncate_frees_pages_past_the_new_end():
+    a = make(num_pages=9, page_size=4)
+    a.allocate("x", 10)  # pages 1, 2, 3
+    a.allocate("y", 1)  # page 4
+    for bad, match in [
+        (-1, r"num_tokens=-1 for req_id='x' must be in \[0, 10\]"),
+        (11, r"num_tokens=11 for req_id='x' must be in \[0, 10\]"),
+        (1.5, r"num_tokens=1.5 must be an int"),
+        (True, r"num_tokens=True must be an int"),
+    ]:
+        _unchanged(a, ValueError, lambda b=bad: a.truncate("x", b), match)
+    _unchanged(a, UnknownRequest, lambda: a.truncate("nope", 0), "truncate: unknown request")
+    a.truncate("x", 5)
+    assert a.pages("x").tolist() == [1, 2] and a.num_tokens("x") == 5
+    assert a.num_free_pages == 5
+    assert a.allocate("x", 3).tolist() == []  # page 2 is private: written in place
+    assert a.take_pending_copies().shape == (0, 2)
+    assert a.allocate("z", 4).tolist() == [3]  # the freed page is reused
+    a.truncate("x", 0)
+    assert a.pages("x").size == 0 and "x" in a and not a.page_table[a.row("x")].any()
+    a.check_invariants()
+
+
+def test_truncate_shared_partial_page_is_copied_on_next_write():
+    a = make(num_pages=9, page_size=4)
+    a.allocate("a", 10)  # pages 1, 2, 3
+    a.fork("a", "b")
+    a.truncate("b", 5)  # b keeps 1 and half of 2, which a holds in full
+    assert a.state_dict()["refcount"][[1, 2, 3]].tolist() == [2, 2, 1]
+    assert a.allocate("b", 1).tolist() == [4]  # copy-on-write of page 2
+    assert a.take_pending_copies().tolist() == [[2, 4]]
+    assert a.pages("a").tolist() == [1, 2, 3] and a.pages("b").tolist() == [1, 4]
+    a.check_invariants()
+
+
+def test_truncate_into_cached_page_keeps_the_cache_intact():
+    a = make(num_pages=9, page_size=4, enable_prefix_caching=True)
+    prompt = list(range(8))
+    a.allocate("x", 8)
+    assert a.commit_prefix("x", prompt) == 2  # pages 1, 2 cached
+    a.truncate("x", 6)  # rejected draft tokens 6, 7 in cached page 2
+    assert a.allocate("x", 1).tolist() == [3]  # a private copy, not a write into page 2
+    assert a.take_pending_copies().tolist() == [[1 + 1, 3]]
+    assert a.lookup_prefix("w", [*prompt, 99]) == 8  # page 2 still holds tokens 4..7
+    assert a.pages("w").tolist() == [1, 2]
+    a.free("w")
+    a.check_invariants()
+    # Once nobody holds the cached page, it is evictable, not free.
+    b = make(num_pages=9, page_size=4, enable_prefix_caching=True)
+    b.allocate("x", 8)
+    b.commit_prefix("x", prompt)
+    b.truncate("x", 6)
+    b.allocate("x", 1)
+    assert b.num_evictable_pages == 1 and b.num_free_pages == 8 - 2
+    b.check_invariants()
+
+
+def test_sliding_window_releases_pages_out_of_the_window():
+    a = PageAllocator(12, 2, max_requests=2, max_pages_per_request=10, sliding_window=4)
+    a.allocate("x", 10)  # pages 1..5, tokens 0..9
+    assert a.allocate("x", 1).tolist() == [1]  # token 10 attends 7..10: pages 0-2 released
+    assert a.pages("x").tolist() == [0, 0, 0, 4, 5, 1]  # released pages are reused at once
+    assert a.num_tokens("x") == 11 and a.num_free_pages == 12 - 1 - 3
+    a.check_invariants()
+    _unchanged(a, ValueError, lambda: a.truncate("x", 8), r"needs tokens from 5 on .*were released")
+    a.truncate("x", 10)  # token 10 again: needs tokens 7.. (pages 3, 4): allowed
+    a.fork("x", "y")
+    a.allocate_batch(["x", "y"], [2, 2])
+    a.check_invariants()
+    a.free("x")
+    a.free("y")
+    assert (
+        a.num_free_pages == 11
+        and a.checksum()
+        == PageAllocator(
+            12, 2, max_requests=2, max_pages_per_request=10, sliding_window=4
+        ).checksum()
+    )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"sliding_window": 0}, "sliding_window=0 must be an int >= 1"),
+        ({"sliding_window": 2.0}, "sliding_window=2.0"),
+        ({"sliding_window": 4, "enable_prefix_caching": True}, "cannot be combined"),
+    ],
+)
+def test_sliding_window_constructor_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        PageAllocator(8, 2, max_requests=2, max_pages_per_request=4, **kwargs)
+
+
+@given(
+    window=st.integers(1, 9),
+    page_size=st.integers(1, 4),
+    steps=st.lists(st.integers(1, 4), min_size=1, max_size=30),
+)
+@settings(max_examples=80, deadline=None)
+def test_sliding_window_keeps_every_page_the_window_reads(window, page_size, steps):
+    """Each step's queries attend (p - W, p]: those keys' pages are held, the rest are not."""
+    a = PageAllocator(
+        64, page_size, max_requests=1, max_pages_per_request=64, sliding_window=window
+    )
+    for n in steps:
+        old = a.num_tokens("x") if "x" in a else 0
+        a.allocate("x", n)
+        pages = a.pages("x")
+        first = max(old - window + 1, 0)  # the first key the step's first query reads
+        held = [j for j, page in enumerate(pages) if page != NULL_PAGE]
+        assert held == list(range(first // page_size, len(pages)))
+        assert len(held) <= sliding_window_pages(window, page_size, max(steps))
+    a.check_invariants()
+
+
+@pytest.mark.parametrize("page_size", [1, 2, 3, 16])
+@pytest.mark.parametrize("window", [1, 2, 5, 16, 17, 100])
+@pytest.mark.parametrize("new", [1, 3, 16])
+def test_sliding_window_pages_is_reached(page_size, window, new):
+    """The bound is exact: some alignment of a run of ``new``-token steps reaches it."""
+    bound = sliding_window_pages(window, page_size, new)
+    most = 0
+    for offset in range(page_size):
+        a = PageAllocator(
+            400, page_size, max_requests=1, max_pages_per_request=400, sliding_window=window
+        )
+        a.allocate("x", offset)
+        for _ in range((window + 2 * page_size) // new + 2):
+            a.allocate("x", new)
+            most = max(most, int(np.count_nonzero(a.pages("x"))))
+    assert most == bound
+
+
+def test_sliding_window_pages_errors():
+    for args in [(0, 16), (4, 0), (4, 16, 0), (4.0, 16)]:
+        with pytest.raises(ValueError, match="must be an int >= 1"):
+            sliding_window_pages(*args)

@@ -78,3 +78,43 @@ def test_kernel_demo_matches_oracle():
     out = summary(run_example("kernel_demo.py", "--steps", "2", "--seed", "1"))
     assert "oracle check:   bit-identical" in out
     assert "per device (91, 2, 128)" in out
+
+
+@pytest.mark.parametrize("kv_heads", [2, 8])
+def test_demo_forward_has_no_cache_collectives(kv_heads):
+    """The demo's compiled step: attention reads each device's own pages, so the only
+    collectives are the model's two row-parallel all-reduces per layer (wo and w2)."""
+    import sys
+
+    import jax
+    import numpy as np
+
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        import _model
+    finally:
+        sys.path.remove(str(ROOT / "examples"))
+    import kvshard
+
+    cfg = _model.ModelConfig(num_layers=2, num_kv_heads=kv_heads)
+    mesh = _model.make_mesh()
+    spec = kvshard.CacheSpec(
+        num_layers=2,
+        num_kv_heads=kv_heads,
+        head_dim=128,
+        page_size=16,
+        num_pages=32,
+        dtype="float32",
+    )
+    cache = kvshard.init_cache(spec, mesh)
+    params = _model.shard_params(_model.init_params(cfg, 0), cfg, mesh)
+    alloc = kvshard.PageAllocator(32, 16, max_requests=4, max_pages_per_request=8)
+    alloc.allocate_batch([0, 1], [20, 5])
+    step = kvshard.build_step(alloc, [0, 1], [20, 5], num_tokens_padded=32, max_num_seqs=4)
+    forward = _model.make_forward(cfg, spec, mesh)
+    hlo = forward.lower(params, cache, np.zeros(32, np.int32), step).compile().as_text()
+    for op in ("all-gather", "all-to-all", "collective-permute", "reduce-scatter"):
+        assert f" {op}(" not in hlo and f" {op}-start(" not in hlo, op
+    # The layer loop's body holds the two projections' all-reduces; nothing else reduces.
+    assert len(re.findall(r" all-reduce(?:-start)?\(", hlo)) == 2, hlo.count("all-reduce")
+    del jax

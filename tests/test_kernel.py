@@ -52,15 +52,22 @@ def peer_case(page_size, combined_heads, head_dim, dtype, rng):
     return new_kv, slices, kv_cache, np.array([7], np.int32)
 
 
+SCHEDULES = ["direct", "vmem"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("schedule", SCHEDULES)
 @pytest.mark.parametrize("page_size", [32, 33])
 @pytest.mark.parametrize("combined_heads", [2, 16])
 @pytest.mark.parametrize("head_dim", [128, 256])
-def test_peer_fixed_case(page_size, combined_heads, head_dim):
+def test_peer_fixed_case(page_size, combined_heads, head_dim, schedule):
+    """vLLM's and tpu-inference's test vector, both schedules, bit-exact against the oracle."""
     arrays = peer_case(page_size, combined_heads, head_dim, jnp.bfloat16, np.random.default_rng(0))
-    out = run_kernel(arrays, page_size=page_size, num_slices_per_block=4)
+    out = run_kernel(arrays, page_size=page_size, num_slices_per_block=4, schedule=schedule)
     assert_bits_equal(out, reference.kv_cache_update(*arrays))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
 @pytest.mark.parametrize("page_size", [16, 33])
 @pytest.mark.parametrize("combined_heads", [2, 16])
@@ -68,7 +75,8 @@ def test_peer_fixed_case(page_size, combined_heads, head_dim):
 @settings(max_examples=3)
 @given(data=st.data())
 def test_grid_matches_oracle(dtype, page_size, combined_heads, head_dim, data):
-    """Every dtype x page size (incl. non-power-of-two) x heads x head_dim; untouched rows kept."""
+    """Every dtype x page size (incl. non-power-of-two) x heads x head_dim, bit-exact (so rows
+    no slice names are untouched too), on both schedules in turn."""
     batch = data.draw(
         update_batches(
             page_size=page_size,
@@ -81,14 +89,12 @@ def test_grid_matches_oracle(dtype, page_size, combined_heads, head_dim, data):
         )
     )
     arrays = (batch.new_kv, batch.slices, batch.kv_cache, batch.num_slices)
-    out = run_kernel(arrays, page_size=page_size, num_slices_per_block=2)
-    expected = reference.kv_cache_update(*arrays)
-    assert_bits_equal(out, expected)
-    untouched = np.ones(out.shape[0], bool)
-    untouched[reference.slices_to_slots(batch.slices, batch.num_slices)] = False
-    assert_bits_equal(out[untouched], batch.kv_cache[untouched])
+    schedule = SCHEDULES[(page_size + combined_heads + head_dim) % 2]
+    out = run_kernel(arrays, page_size=page_size, num_slices_per_block=2, schedule=schedule)
+    assert_bits_equal(out, reference.kv_cache_update(*arrays))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("dtype", "page_size", "combined_heads", "block"),
     [(jnp.float32, 33, 4, 3), (jnp.bfloat16, 16, 2, 8), (jnp.int8, 8, 8, 1)],
@@ -117,18 +123,26 @@ def test_property_matches_oracle(dtype, page_size, combined_heads, block, data):
     assert_bits_equal(out, reference.kv_cache_update(*arrays))
 
 
-@pytest.mark.parametrize("block", [1, 3, 4, 7, None])
-def test_block_size_need_not_divide_num_slices(block):
-    """10 slice columns (7 live) with blocks 1, 3, 4, 7 and the default chooser."""
+@pytest.mark.slow
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("block", [1, 3, 7])
+def test_block_size_need_not_divide_num_slices(block, schedule):
+    """10 slice columns (7 live) with blocks 1, 3, 7 (the default chooser's 64 unrolls slowly
+    in interpret mode; it is tested on its own in test_kernel_contract.py)."""
     arrays = peer_case(16, 2, 128, jnp.float32, np.random.default_rng(1))
-    out = run_kernel(arrays, page_size=16, num_slices_per_block=block)
+    out = run_kernel(arrays, page_size=16, num_slices_per_block=block, schedule=schedule)
     assert_bits_equal(out, reference.kv_cache_update(*arrays))
 
 
-def test_zero_live_slices_change_nothing():
+@pytest.mark.slow
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_zero_live_slices_change_nothing(schedule):
     new_kv, slices, kv_cache, _ = peer_case(16, 2, 128, jnp.float32, np.random.default_rng(2))
     out = run_kernel(
-        (new_kv, slices, kv_cache, np.array([0], np.int32)), page_size=16, num_slices_per_block=4
+        (new_kv, slices, kv_cache, np.array([0], np.int32)),
+        page_size=16,
+        num_slices_per_block=4,
+        schedule=schedule,
     )
     assert_bits_equal(out, kv_cache)
 
@@ -149,6 +163,7 @@ HOSTILE = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(HOSTILE))
 def test_kernel_guard_drops_hostile_slices(name):
     """Without validation, an invalid slice writes nowhere, and the valid ones still land."""
@@ -158,56 +173,27 @@ def test_kernel_guard_drops_hostile_slices(name):
     good = (2 * P + 1, 0, 3)
     slices = np.array([good, HOSTILE[name], (3 * P, 3, 2)], np.int32).T
     num = np.array([3], np.int32)
-    out = run_kernel((new_kv, slices, kv_cache, num), page_size=P, num_slices_per_block=2)
+    schedule = SCHEDULES[sorted(HOSTILE).index(name) % 2]  # each schedule sees half the cases
+    out = run_kernel(
+        (new_kv, slices, kv_cache, num), page_size=P, num_slices_per_block=2, schedule=schedule
+    )
     without_hostile = slices[:, [0, 2]]
     expected = reference.kv_cache_update(new_kv, without_hostile, kv_cache, np.array([2]))
     assert_bits_equal(out, expected)
 
 
-@pytest.mark.parametrize("mode", ["on_wait", "eager"])
-def test_no_races_detected(mode):
-    from jax._src.pallas.mosaic.interpret import interpret_pallas_call as interpreter
-
-    arrays = peer_case(16, 2, 128, jnp.float32, np.random.default_rng(4))
-    params = pltpu.InterpretParams(detect_races=True, dma_execution_mode=mode)
-    out = run_kernel(arrays, page_size=16, num_slices_per_block=2, interpret=params)
-    assert_bits_equal(out, reference.kv_cache_update(*arrays))
-    assert interpreter.races is not None and not interpreter.races.races_found
-
-
-def test_race_detector_is_live():
-    """Control for the test above: the detector does flag a core read racing an in-flight DMA.
-
-    So a kernel change that touched a DMA's buffer before waiting on it would be reported.
-    """
-    from jax._src.pallas.mosaic.interpret import interpret_pallas_call as interpreter
-    from jax.experimental import pallas as pl
-
-    def racy(src_ref, out_ref, scratch_ref, sem):
-        copy = pltpu.make_async_copy(src_ref, scratch_ref, sem)
-        copy.start()
-        out_ref[...] = scratch_ref[...]  # reads the DMA's destination before waiting: a race
-        copy.wait()
-
-    call = pl.pallas_call(
-        racy,
-        in_specs=[pl.BlockSpec(memory_space=pl.ANY)],
-        out_specs=pl.BlockSpec(memory_space=pltpu.VMEM),
-        out_shape=jax.ShapeDtypeStruct((8, 128), jnp.float32),
-        scratch_shapes=[pltpu.VMEM((8, 128), jnp.float32), pltpu.SemaphoreType.DMA],
-        interpret=pltpu.InterpretParams(detect_races=True),
-    )
-    call(jnp.ones((8, 128), jnp.float32)).block_until_ready()
-    assert interpreter.races.races_found
-
-
 @pytest.mark.xfail(
     strict=True,
     reason="JAX 0.10.2's interpret-mode race detector does not flag two DMAs from one core "
-    "writing the same rows; overlapping destinations are caught by validate=True instead",
+    "writing the same HBM rows; overlapping destinations are refused by validate=True and by "
+    "kvshard.update instead (test_kernel_contract.py)",
 )
 def test_race_detector_catches_overlapping_destinations():
-    """Two live slices writing the same rows are a real race, but not one this detector sees."""
+    """Two live slices writing the same rows are a real race, but not one this detector sees.
+
+    So no test here claims the direct schedule (HBM->HBM DMAs only) race-free; the vmem
+    schedule's VMEM races are visible to the detector (test_kernel_contract.py).
+    """
     from jax._src.pallas.mosaic.interpret import interpret_pallas_call as interpreter
 
     rng = np.random.default_rng(5)
@@ -260,10 +246,10 @@ def test_validation_errors_name_slice_field_and_bound(name):
     slices[:, 0] = column
     with pytest.raises(ValueError, match=message):
         kv_cache_update(new_kv, slices, kv_cache, num, page_size=P, validate=True)
-    assert not kv_cache.is_deleted()
     assert_bits_equal(np.asarray(kv_cache), before)
 
 
+@pytest.mark.slow
 def test_validation_accepts_valid_slices_and_ignores_padding():
     new_kv, slices, kv_cache, num = valid_arrays()
     slices[:, 2] = (-5, 99, 1000)  # padding column: garbage is fine
@@ -325,9 +311,12 @@ def test_default_block_follows_page_bytes():
     # bf16 packs two heads per 32-bit sublane word: 3 combined heads occupy 4.
     assert page_bytes(16, 3, 128, jnp.bfloat16) == 16 * 4 * 128 * 2
     assert page_bytes(16, 3, 100, jnp.int8) == 16 * 4 * 128
-    # 1 MiB pages: 16 fit the 16 MiB budget; 3 MiB pages: 5 fit, rounded down to 4.
-    assert default_num_slices_per_block(256, 8, 128, jnp.float32) == 16
-    assert default_num_slices_per_block(768, 8, 128, jnp.float32) == 4
+    # 1 MiB pages: 16 fit the 16 MiB VMEM scratch ("vmem"), 8 per block when two blocks are in
+    # flight ("direct"); 3 MiB pages: 5 and 2 fit, rounded down to powers of two.
+    assert default_num_slices_per_block(256, 8, 128, jnp.float32, "vmem") == 16
+    assert default_num_slices_per_block(256, 8, 128, jnp.float32) == 8
+    assert default_num_slices_per_block(768, 8, 128, jnp.float32, "vmem") == 4
+    assert default_num_slices_per_block(768, 8, 128, jnp.float32, "direct") == 2
     assert default_num_slices_per_block(16, 2, 128, jnp.float32) == 64  # capped
     assert default_num_slices_per_block(2**16, 64, 512, jnp.float32) == 1  # never 0
 
@@ -348,33 +337,42 @@ def _eqns(jaxpr):
             yield from _eqns(sub)
 
 
-def test_one_dma_per_slice_and_no_vmem_scratch():
-    """The schedule the module doc promises: B starts per block (the seed issues 2B), no VMEM."""
+@pytest.mark.parametrize(
+    ("schedule", "starts", "waits", "vmem"), [("direct", 4, 2, False), ("vmem", 8, 8, True)]
+)
+def test_dmas_waits_and_scratch_per_block(schedule, starts, waits, vmem):
+    """The schedules the module doc promises, per block of B = 4: "direct" starts B DMAs and
+    waits twice (previous block, own block at the last step), with no VMEM scratch; "vmem"
+    starts and waits 2B (the seed's bounce) through a VMEM scratch."""
     new_kv, slices, kv_cache, num = valid_arrays()
-    block = 4
     jaxpr = jax.make_jaxpr(
-        lambda *a: kv_cache_update(*a, page_size=P, num_slices_per_block=block, interpret=False)
+        lambda *a: kv_cache_update(
+            *a, page_size=P, num_slices_per_block=4, schedule=schedule, interpret=False
+        )
     )(new_kv, jnp.asarray(slices), kv_cache, jnp.asarray(num))
     (call,) = [e for e in _eqns(jaxpr.jaxpr) if e.primitive.name == "pallas_call"]
     kernel = call.params["jaxpr"]
     names = [e.primitive.name for e in _eqns(kernel)]
-    assert names.count("dma_start") == block
-    # Waits: block b - 1 at every step after the first, block b at the last step.
-    assert names.count("dma_wait") == 2 * block
+    assert (names.count("dma_start"), names.count("dma_wait")) == (starts, waits)
     memory_spaces = {str(getattr(v.aval, "memory_space", "")) for v in kernel.invars}
-    assert not any("vmem" in m.lower() for m in memory_spaces), memory_spaces
+    assert any("vmem" in m.lower() for m in memory_spaces) == vmem, memory_spaces
 
 
+@pytest.mark.parametrize("schedule", SCHEDULES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
 @pytest.mark.parametrize(
     ("page_size", "combined_heads", "head_dim", "num_slices", "block"),
     [(16, 2, 128, 8, None), (33, 16, 256, 13, 4), (128, 4, 128, 130, None), (1, 8, 512, 3, 1)],
 )
-def test_lowers_for_tpu(dtype, page_size, combined_heads, head_dim, num_slices, block):
-    """Mosaic lowering on a CPU-only machine: CI catches a kernel a TPU could not compile."""
+def test_lowers_for_tpu(dtype, page_size, combined_heads, head_dim, num_slices, block, schedule):
+    """Pallas -> Mosaic lowering and serialization on a CPU-only machine, both schedules.
+
+    This is all ``jax.export`` checks: layouts, DMA legality and SMEM/VMEM sizing are checked
+    later, by libtpu on a chip (the host budgets in test_kernel_contract.py cover the sizes).
+    """
     fn = jax.jit(
         lambda *a: kv_cache_update(
-            *a, page_size=page_size, num_slices_per_block=block, interpret=False
+            *a, page_size=page_size, num_slices_per_block=block, schedule=schedule, interpret=False
         )
     )
     exported = jax.export.export(fn, platforms=["tpu"])(

@@ -5,7 +5,7 @@ installed) to the results folder; every comparison is measured side by side in o
 
 - :mod:`~kvshard.benchmarks.host_step`: allocator + metadata vs a per-request-loop baseline,
   decode and mixed batches, swept over B;
-- ``allocator_latency``: allocate/free percentiles (when the module is present);
+- :mod:`~kvshard.benchmarks.allocator_latency`: allocate/free percentiles, free stack vs evicting;
 - :mod:`~kvshard.benchmarks.cache_update`: ``kvshard.update`` donated vs undonated vs a copy of
   the same bytes, per dtype and token count;
 - :mod:`~kvshard.benchmarks.compilations`: XLA compilations over a random serving trace;

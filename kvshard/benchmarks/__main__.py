@@ -13,14 +13,11 @@ still run (the exit status is then 1).
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import os
 import sys
 import time
 import traceback
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 NAMES = (
@@ -42,18 +39,8 @@ def _host_step(out: str, quick: bool) -> Any:
 
 def _allocator_latency(out: str, quick: bool) -> Any:
     """The allocator's own benchmark (``main(argv)`` returning its report), plus a plot."""
-    try:
-        module: Any = importlib.import_module("kvshard.benchmarks.allocator_latency")
-    except ImportError:
-        # A source checkout where it still sits in benchmarks/ (not in the package).
-        path = Path(__file__).resolve().parents[2] / "benchmarks" / "allocator_latency.py"
-        if not path.is_file():
-            print("## allocator latency: not in this version of kvshard (skipped)")
-            return None
-        spec = importlib.util.spec_from_file_location("_kvshard_allocator_latency", path)
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+    from kvshard.benchmarks import allocator_latency as module
+
     print("## allocator latency: allocate/free percentiles, free stack vs evicting")
     report = module.main((["--quick"] if quick else []) + ["--out", out])
     rows = report.get("rows", []) if isinstance(report, dict) else []

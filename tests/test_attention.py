@@ -1,0 +1,474 @@
+"""kvshard.attention against the float64 oracle (kvshard.reference.paged_attention).
+
+Every case grows requests in a real PageAllocator, writes their K/V with kvshard.update through
+kvshard.build_step's metadata, then attends the last step's queries. The "xla" backend runs;
+the "pallas" backend's kernel (JAX's ragged_paged_attention) cannot run on CPU, so the exact
+operands it would receive are handed to JAX's ref_ragged_paged_attention instead, and the TPU
+lowering is proven by jax.export.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from jax.experimental.pallas.ops.tpu.ragged_paged_attention import ref_ragged_paged_attention
+from jax.sharding import PartitionSpec as P
+
+import kvshard
+from kvshard import reference
+from kvshard._attention import _attention_jit, pallas_operands, pallas_output
+
+PAGE, PAGES, WIDTH, DIM = 4, 24, 6, 64
+TOL = {"float32": 2e-5, "bfloat16": 3e-2}
+
+
+def make_mesh(shape):
+    return jax.make_mesh(shape, ("data", "model"), devices=jax.devices()[: shape[0] * shape[1]])
+
+
+@dataclasses.dataclass
+class Case:
+    """A cache, one allocator per pool, each request's dense K/V history, and a step."""
+
+    cache: kvshard.KVCache
+    allocs: list
+    history: list  # per pool: {req: (k [n, H, D], v [n, H, D])}
+    steps: list  # per pool: (req_ids, counts)
+    rng: np.random.Generator
+
+    @property
+    def pooled(self) -> bool:
+        return self.cache.page_axis is not None
+
+
+def new_case(mesh_shape, num_kv_heads, dtype="float32", *, page_axis=False, seed=0):
+    mesh = make_mesh(mesh_shape)
+    spec = kvshard.CacheSpec(
+        num_layers=2,
+        num_kv_heads=num_kv_heads,
+        head_dim=DIM,
+        page_size=PAGE,
+        num_pages=PAGES,
+        dtype=dtype,
+    )
+    cache = kvshard.init_cache(spec, mesh, page_axis="data" if page_axis else None)
+    allocs = [
+        kvshard.PageAllocator(PAGES, PAGE, max_requests=4, max_pages_per_request=WIDTH)
+        for _ in range(cache.dp)
+    ]
+    return Case(cache, allocs, [{} for _ in allocs], [], np.random.default_rng(seed))
+
+
+def run_step(case: Case, batches, *, layer=1, tokens=16, seqs=4):
+    """Grows each pool's requests by its batch [(req, count)], writes random K/V, returns
+    (StepMetadata, per-pool step metadata list)."""
+    spec = case.cache.spec
+    metas, ks, vs = [], [], []
+    for g, batch in enumerate(batches):
+        ids = [r for r, _ in batch]
+        counts = np.array([c for _, c in batch], np.int64)
+        rows = case.allocs[g].allocate_batch(ids, counts)
+        metas.append(
+            kvshard.build_step(
+                case.allocs[g], ids, counts, rows=rows, num_tokens_padded=tokens, max_num_seqs=seqs
+            )
+        )
+        k = case.rng.standard_normal((tokens, spec.num_kv_heads, DIM)).astype(np.float32)
+        v = case.rng.standard_normal((tokens, spec.num_kv_heads, DIM)).astype(np.float32)
+        # What the cache holds is the cast value: the oracle must see the same numbers.
+        k, v = (np.asarray(jnp.asarray(x, spec.dtype).astype(jnp.float32)) for x in (k, v))
+        offset = 0
+        for r, c in batch:
+            hk, hv = case.history[g].get(r, (np.zeros((0, *k.shape[1:])),) * 2)
+            seg = slice(offset, offset + c)
+            case.history[g][r] = (np.concatenate([hk, k[seg]]), np.concatenate([hv, v[seg]]))
+            offset += c
+        ks.append(k)
+        vs.append(v)
+    case.steps = [[(r, c) for r, c in b] for b in batches]
+    if case.pooled:
+        step = kvshard.stack_steps(metas)
+        k, v = np.stack(ks), np.stack(vs)
+    else:
+        step, k, v = metas[0], ks[0], vs[0]
+    case.cache = kvshard.update(case.cache, layer, k, v, step)
+    return step
+
+
+def oracle(case: Case, q, **kw):
+    """float64 expected output, [T, Hq, D] or [dp, T, Hq, D]."""
+    outs = []
+    for g, batch in enumerate(case.steps):
+        ids = [r for r, _ in batch]
+        hist = case.history[g]
+        qg = q[g] if case.pooled else q
+        outs.append(
+            reference.paged_attention(
+                qg,
+                [hist[r][0] for r in ids],
+                [hist[r][1] for r in ids],
+                [c for _, c in batch],
+                **kw,
+            )
+        )
+    return np.stack(outs) if case.pooled else outs[0]
+
+
+def queries(case: Case, q_heads, tokens=16, dtype=np.float32):
+    lead = (case.cache.dp,) if case.pooled else ()
+    return case.rng.standard_normal((*lead, tokens, q_heads, DIM)).astype(dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# xla backend == oracle, hypothesis over ragged batches
+# --------------------------------------------------------------------------------------------
+
+# (mesh, num_kv_heads, q_heads, page_axis): GQA ratios 1, 4, 8; replication (2 heads on a
+# head axis of 8 or 4); a data-parallel page axis.
+LAYOUTS = [
+    ((1, 8), 8, 8, False),  # ratio 1, one head per device
+    ((1, 8), 2, 8, False),  # ratio 4, each KV head replicated 4x
+    ((1, 4), 2, 16, False),  # ratio 8, replicated 2x
+    ((2, 4), 4, 16, True),  # ratio 4, two page pools
+    ((1, 2), 4, 16, False),  # ratio 4, two heads per device
+]
+
+
+@st.composite
+def batches(draw, pools):
+    """Per pool: a history step (prefills) then the attended step (decode/prefill/mixed)."""
+    out = []
+    for _ in range(pools):
+        n = draw(st.integers(1, 4))
+        kind = draw(st.sampled_from(["decode", "prefill", "mixed"]))
+        before, now = [], []
+        budget, hist_budget = 16, 16
+        for r in range(n):
+            low = 0 if kind != "decode" else 1
+            hist = draw(st.integers(low, max(low, min(12, hist_budget - (n - r - 1)))))
+            hist_budget -= hist
+            q = 1 if kind == "decode" or (kind == "mixed" and r % 2) else draw(st.integers(1, 6))
+            q = min(q, budget - (n - r - 1))
+            budget -= q
+            if hist:
+                before.append((r, hist))
+            now.append((r, q))
+        out.append((before, now))
+    return out
+
+
+GRID = [(layout, "float32") for layout in LAYOUTS] + [
+    (LAYOUTS[1], "bfloat16"),
+    (LAYOUTS[3], "bfloat16"),
+]
+
+
+@pytest.mark.parametrize(
+    ("layout", "dtype"), GRID, ids=lambda x: f"{x[0]}-H{x[1]}-Hq{x[2]}" if len(x) == 4 else x
+)
+@given(data=st.data())
+@settings(max_examples=5)
+def test_xla_matches_oracle(layout, dtype, data):
+    mesh_shape, kv_heads, q_heads, page_axis = layout
+    case = new_case(mesh_shape, kv_heads, dtype, page_axis=page_axis)
+    drawn = data.draw(batches(case.cache.dp))
+    window = data.draw(st.sampled_from([None, 3, 9]))
+    soft_cap = data.draw(st.sampled_from([None, 2.0]))
+    if any(before for before, _ in drawn):
+        run_step(case, [before or [] for before, _ in drawn])
+    step = run_step(case, [now for _, now in drawn])
+    q = queries(case, q_heads)
+    q = np.asarray(jnp.asarray(q, dtype).astype(jnp.float32))
+    kw = {"sm_scale": DIM**-0.5, "sliding_window": window, "soft_cap": soft_cap}
+    got = kvshard.attention(jnp.asarray(q, dtype), case.cache, 1, step, backend="xla", **kw)
+    assert got.dtype == jnp.dtype(dtype)
+    head_axis_at = 2 if page_axis else 1
+    assert got.sharding.spec[head_axis_at] == "model"
+    np.testing.assert_allclose(np.asarray(got, np.float64), oracle(case, q, **kw), atol=TOL[dtype])
+
+
+# --------------------------------------------------------------------------------------------
+# The pallas backend's operands, through JAX's reference kernel
+# --------------------------------------------------------------------------------------------
+
+
+def pallas_via_reference(case: Case, q, step, layer, **kw):
+    """Every device's kernel call, made eagerly with ref_ragged_paged_attention."""
+    cache, spec = case.cache, case.cache.spec
+    tp, r = cache.tp, cache.replication
+    q = np.asarray(q)
+    out = np.zeros(q.shape, np.float64)
+    statics = (spec, kw["sm_scale"], kw["sliding_window"], kw["soft_cap"])
+    heads_per_dev = q.shape[-2] // tp
+    for shard in cache.kv.addressable_shards:
+        g = shard.index[1].start // spec.slots_per_pool if case.pooled else None
+        i = (shard.index[2].start or 0) // (2 * spec.num_kv_heads * r // tp)
+        fields = [getattr(step, f) for f in ("page_indices", "kv_lens", "cu_q_lens", "num_seqs")]
+        if g is not None:
+            fields = [x[g] for x in fields]
+        qg = q[g] if g is not None else q
+        q_dev = jnp.asarray(qg[:, i * heads_per_dev : (i + 1) * heads_per_dev])
+        # The shard's bytes, on the default device: every device's operands then share one
+        # set of eager compilations.
+        block = jnp.asarray(np.asarray(shard.data))
+        ops, kwargs, tok_ok = pallas_operands(
+            block, jnp.int32(layer), q_dev, *map(jnp.asarray, fields), statics=statics
+        )
+        assert ops[1].shape == (
+            spec.num_layers * spec.num_pages,
+            PAGE,
+            *shard.data.shape[2:],
+        ), "the kernel must see the whole stacked block as pages"
+        if int(ops[5][0]) == 0:  # nothing live: the reference cannot concatenate no request
+            res = jnp.zeros((0, *ops[0].shape[1:]), ops[0].dtype)
+        else:
+            res = ref_ragged_paged_attention(*ops, **kwargs)
+        res = jnp.pad(res, [(0, q.shape[-3] - res.shape[0]), (0, 0), (0, 0)])
+        dev = np.asarray(pallas_output(res, tok_ok, DIM, jnp.float32), np.float64)
+        target = out[g] if g is not None else out
+        target[:, i * heads_per_dev : (i + 1) * heads_per_dev] = dev
+    return out
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda x: f"{x[0]}-H{x[1]}-Hq{x[2]}")
+@pytest.mark.parametrize(("window", "soft_cap"), [(None, None), (5, 3.0)])
+def test_pallas_operands_through_reference_kernel(layout, window, soft_cap):
+    mesh_shape, kv_heads, q_heads, page_axis = layout
+    case = new_case(mesh_shape, kv_heads, page_axis=page_axis, seed=1)
+    run_step(case, [[(0, 9), (1, 3)]] * case.cache.dp, layer=0)
+    step = run_step(case, [[(0, 1), (1, 6), (2, 5)]] * case.cache.dp, layer=0)
+    q = queries(case, q_heads)
+    kw = {"sm_scale": 0.3, "sliding_window": window, "soft_cap": soft_cap}
+    got = pallas_via_reference(case, q, step, 0, **kw)
+    np.testing.assert_allclose(got, oracle(case, q, **kw), atol=2e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# Sliding windows read no page before the window
+# --------------------------------------------------------------------------------------------
+
+
+def test_sliding_window_never_reads_pages_before_the_window():
+    case = new_case((1, 8), 2)
+    run_step(case, [[(0, 14)]])  # positions 0..13: pages 0..3 of the request
+    step = run_step(case, [[(0, 1)]])  # position 14 attends (14 - 6, 14] = pages 2, 3
+    # Poison the request's first two pages (slots hold NaN): reading them would give NaN.
+    pages = case.allocs[0].pages(0)[:2]
+    slots = (pages[:, None] * PAGE + np.arange(PAGE)).reshape(-1)
+    nan = np.full((16, 2, DIM), np.nan, np.float32)
+    poison = np.stack([slots, np.arange(len(slots)), np.ones_like(slots)]).astype(np.int32)
+    poison = np.pad(poison, [(0, 0), (0, 16 - poison.shape[1])])
+    case.cache = kvshard.update(case.cache, 1, nan, nan, poison, np.array([8], np.int32))
+    q = queries(case, 8)
+    kw = {"sm_scale": 0.125, "sliding_window": 6, "soft_cap": None}
+    got = np.asarray(kvshard.attention(q, case.cache, 1, step, backend="xla", **kw))
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, oracle(case, q, **kw), atol=2e-5)
+    # Control: without the window the poisoned pages are read.
+    kw["sliding_window"] = None
+    assert np.isnan(np.asarray(kvshard.attention(q, case.cache, 1, step, **kw))[0]).all()
+
+
+# --------------------------------------------------------------------------------------------
+# jit, scan, one executable, drops
+# --------------------------------------------------------------------------------------------
+
+
+def test_one_executable_for_every_layer_and_step_of_a_bucket():
+    case = new_case((1, 8), 2)
+    run_step(case, [[(0, 5)]])
+    step = run_step(case, [[(0, 2), (1, 3)]])
+    q = queries(case, 8)
+    before = _attention_jit._cache_size()
+    for layer in (0, 1, np.int32(1), jnp.int32(0)):
+        kvshard.attention(q, case.cache, layer, step, sm_scale=0.1)
+    step2 = run_step(case, [[(0, 1), (1, 1), (2, 4)]])
+    kvshard.attention(q, case.cache, 1, step2, sm_scale=0.1)
+    assert _attention_jit._cache_size() - before == 1
+
+
+def test_attention_under_jit_and_scan_with_traced_layer():
+    case = new_case((1, 8), 2)
+    run_step(case, [[(0, 5), (1, 2)]], layer=0)
+    run_step(case, [[(0, 5), (1, 2)]], layer=1)
+    step = run_step(case, [[(0, 1), (1, 1)]], layer=1)
+    q = queries(case, 8)
+
+    @jax.jit
+    def all_layers(cache, q, step):
+        def body(carry, layer):
+            return carry, kvshard.attention(q, cache, layer, step, sm_scale=0.1)
+
+        return jax.lax.scan(body, 0, jnp.arange(2))[1]
+
+    out = np.asarray(all_layers(case.cache, q, step))
+    for layer in (0, 1):
+        want = kvshard.attention(q, case.cache, layer, step, sm_scale=0.1)
+        np.testing.assert_allclose(out[layer], np.asarray(want), atol=1e-6)
+
+
+def test_traced_bad_metadata_is_dropped_identically_on_both_backends():
+    case = new_case((1, 8), 2)
+    run_step(case, [[(0, 6), (1, 5), (2, 3)]])
+    step = run_step(case, [[(0, 1), (1, 2), (2, 1)]])
+    q = queries(case, 8)
+    kw = {"sm_scale": 0.2, "sliding_window": None, "soft_cap": None}
+    good = oracle(case, q, **kw)
+    bad_page = np.array(step.page_indices)
+    bad_page[1, 1] = PAGES + 3  # request 1 reads page 1 of its row: out of the pool
+    broken = dataclasses.replace(step, page_indices=bad_page)
+    run = jax.jit(lambda q, c, layer, s: kvshard.attention(q, c, layer, s, backend="xla", **kw))
+    got = np.asarray(run(q, case.cache, jnp.int32(1), broken))
+    # Request 0 is served; request 1 (bad) and request 2 (after it) are dropped.
+    np.testing.assert_allclose(got[:1], good[:1], atol=2e-5)
+    assert not got[1:].any()
+    via_ref = pallas_via_reference(case, q, broken, 1, **kw)
+    np.testing.assert_array_equal(via_ref[1:], 0)
+    np.testing.assert_allclose(via_ref[:1], good[:1], atol=2e-5)
+    for layer in (-1, 2, 2**31 - 1):
+        out = run(q, case.cache, jnp.int32(layer), step)
+        assert not np.asarray(out).any(), f"layer {layer} must read nothing"
+        assert not pallas_via_reference(case, q, step, layer, **kw).any()
+
+
+# --------------------------------------------------------------------------------------------
+# Host-side errors
+# --------------------------------------------------------------------------------------------
+
+
+def test_bad_arguments_raise_naming_the_field():
+    case = new_case((1, 8), 2)
+    step = run_step(case, [[(0, 3)]])
+    q = queries(case, 8)
+    attend = lambda **kw: kvshard.attention(
+        kw.pop("q", q), case.cache, kw.pop("layer", 0), kw.pop("step", step), sm_scale=0.1, **kw
+    )
+    with pytest.raises(ValueError, match=r"q has 6 query heads"):
+        attend(q=q[:, :6])
+    with pytest.raises(ValueError, match=r"q must have shape"):
+        attend(q=q[..., :32])
+    with pytest.raises(ValueError, match=r"layer=2 is out of range \[0, 2\)"):
+        attend(layer=2)
+    with pytest.raises(ValueError, match=r"sliding_window=0"):
+        attend(sliding_window=0)
+    with pytest.raises(ValueError, match=r"soft_cap=0"):
+        attend(soft_cap=0.0)
+    with pytest.raises(TypeError, match=r"StepMetadata"):
+        attend(step=(step.page_indices,))
+    bad = np.array(step.page_indices)
+    bad[0, 0] = -3
+    with pytest.raises(ValueError, match=r"page_indices\[0, 0\]=-3 is out of range \[0, 24\)"):
+        attend(step=dataclasses.replace(step, page_indices=bad))
+    lens = np.array(step.kv_lens)
+    lens[0] = WIDTH * PAGE + 1
+    with pytest.raises(ValueError, match=r"kv_lens\[0\]=25 must lie in \[3, 24\]"):
+        attend(step=dataclasses.replace(step, kv_lens=lens))
+    with pytest.raises(ValueError, match=r"num_seqs=5 is out of range \[0, 4\]"):
+        attend(step=dataclasses.replace(step, num_seqs=np.array([5])))
+    cu = np.array(step.cu_q_lens)
+    cu[1] = 17
+    with pytest.raises(ValueError, match=r"cu_q_lens\[0:2\]=\[0, 17\]"):
+        attend(step=dataclasses.replace(step, cu_q_lens=cu))
+
+
+def test_build_step_layout_and_errors():
+    alloc = kvshard.PageAllocator(16, 4, max_requests=4, max_pages_per_request=4)
+    alloc.allocate("a", 6)
+    alloc.allocate_batch(["a", "b"], [2, 5])
+    step = kvshard.build_step(alloc, ["a", "b"], [2, 5])
+    assert step.num_tokens_padded == 16 and step.max_num_seqs == 8
+    np.testing.assert_array_equal(step.kv_lens[:3], [8, 5, 0])
+    np.testing.assert_array_equal(step.cu_q_lens, [0, 2, 7, 7, 7, 7, 7, 7, 7])
+    np.testing.assert_array_equal(step.positions[:8], [6, 7, 0, 1, 2, 3, 4, 0])
+    np.testing.assert_array_equal(step.page_indices[:2], alloc.page_table[[0, 1]])
+    assert step.num_slices[0] == 3  # a: page 1 (2 tokens); b: pages 2, 3
+    assert all(x.dtype == np.int32 for x in dataclasses.astuple(step))
+    with pytest.raises(ValueError, match=r"num_scheduled_tokens\[1\]=6 exceeds the 5 tokens"):
+        kvshard.build_step(alloc, ["a", "b"], [2, 6])
+    with pytest.raises(ValueError, match=r"num_tokens_padded=4 is below the 7 tokens"):
+        kvshard.build_step(alloc, ["a", "b"], [2, 5], num_tokens_padded=4)
+    with pytest.raises(ValueError, match=r"max_num_seqs=1 is below the 2 requests"):
+        kvshard.build_step(alloc, ["a", "b"], [2, 5], max_num_seqs=1)
+    with pytest.raises(KeyError):
+        kvshard.build_step(alloc, ["zzz"], [1])
+    with pytest.raises(ValueError, match=r"different shapes"):
+        kvshard.stack_steps([step, kvshard.build_step(alloc, ["a"], [1], max_num_seqs=16)])
+
+
+# --------------------------------------------------------------------------------------------
+# TPU lowering of a whole sharded step, and no copy of the cache
+# --------------------------------------------------------------------------------------------
+
+
+def test_sharded_step_exports_for_tpu_without_copying_the_cache(monkeypatch):
+    # JAX's kernel asks Mosaic for the TPU generation while lowering (lax.sign's rule), which
+    # reads the default device's kind: on this CPU host, say it is a v6e (private JAX API,
+    # test only; on a TPU host the real generation is used).
+    from jax._src.pallas.mosaic import tpu_info
+
+    monkeypatch.setitem(
+        tpu_info.registry,
+        "cpu",
+        lambda: tpu_info.get_tpu_info_for_chip(tpu_info.ChipVersion.TPU_V6E, 1),
+    )
+    mesh = make_mesh((1, 8))
+    spec = kvshard.CacheSpec(
+        num_layers=3, num_kv_heads=8, head_dim=128, page_size=16, num_pages=64, dtype="bfloat16"
+    )
+    cache = kvshard.init_cache(spec, mesh)
+    alloc = kvshard.PageAllocator(64, 16, max_requests=8, max_pages_per_request=8)
+    alloc.allocate_batch([0, 1], [20, 3])
+    step = kvshard.build_step(alloc, [0, 1], [20, 3], num_tokens_padded=32)
+    tokens = step.num_tokens_padded
+
+    def serve(cache, q, k, v, step):
+        def layer(cache, i):
+            cache = kvshard.update(cache, i, k, v, step, backend="pallas", interpret=False)
+            out = kvshard.attention(q, cache, i, step, sm_scale=0.1, backend="pallas")
+            return cache, out
+
+        return jax.lax.scan(layer, cache, jnp.arange(spec.num_layers))
+
+    q = jnp.zeros((tokens, 16, 128), jnp.bfloat16)
+    k = jnp.zeros((tokens, 8, 128), jnp.bfloat16)
+    step = jax.tree.map(jnp.asarray, step)
+    exported = jax.export.export(jax.jit(serve, donate_argnums=0), platforms=["tpu"])(
+        cache, q, k, k, step
+    )
+    text = exported.mlir_module()
+    assert "ragged_paged_attention" in text
+    assert text.count("tpu_custom_call") >= 2  # the update kernel and the attention kernel
+    # Per device the block is [3, 1024, 2, 128], its page view [192, 16, 2, 128], one layer
+    # [1024, 2, 128] (or [1, 1024, 2, 128]). Only bitcast-like ops, the kernels themselves
+    # (aliased in place), the scan's loop and the sharding markers may produce a value of one
+    # of these shapes: no copy, slice or gather of the cache or of a layer.
+    shapes = ("3x1024x2x128", "192x16x2x128", "1024x2x128", "1x1024x2x128", "3072x2x128")
+    watched = [f"tensor<{shape}xbf16>" for shape in shapes]
+    allowed = ("stablehlo.reshape", "stablehlo.custom_call", "stablehlo.while", "func.call")
+    ops = set()
+    for line in text.splitlines():
+        result = line.split("->")[-1] if "->" in line else ""
+        if any(w in result for w in watched):
+            match = re.search(r"=\s*\"?([\w.]+)", line)
+            if match:
+                ops.add(match.group(1))
+    assert ops, "the per-device cache shapes were not found in the module"
+    assert all(op.startswith(allowed) for op in ops), ops
+
+
+def test_gather_docstring_says_replicated_heads_are_all_gathered():
+    assert "all-gathered" in kvshard.gather.__doc__
+
+
+def test_q_sharding_spec_names_head_axis():
+    case = new_case((2, 4), 4, page_axis=True)
+    step = run_step(case, [[(0, 2)], [(0, 3)]])
+    out = kvshard.attention(queries(case, 8), case.cache, 1, step, sm_scale=0.1)
+    assert out.sharding.spec == P("data", None, "model", None)
