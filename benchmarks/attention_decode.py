@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import kvshard
-from kvshard._attention import _attention_jit
+from kvshard._attention import Statics, _attention_jit
 from kvshard.cache import _gather_jit
 
 
@@ -113,7 +113,7 @@ def main(argv=None) -> int:
     got, want = paged()[:B], dense(cache, q, slots)
     diff = float(jnp.max(jnp.abs(got - want)))
 
-    statics = (spec, float(scale), None, None)
+    statics = Statics(spec, float(scale), None, None)
     from jax.sharding import PartitionSpec as Ps
 
     from kvshard.cache import _place

@@ -30,7 +30,7 @@ produce zeros, as does every token of a step whose traced ``layer`` is out of ra
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -61,8 +61,21 @@ __all__ = ["attention"]
 CROSS_LOWERING_KV_PAGES_PER_BLOCK = 16
 CROSS_LOWERING_QUERIES_PER_BLOCK = 32
 
+# The xla backend folds about this many keys per loop step (a whole number of pages).
+XLA_KEYS_PER_STEP = 128
+
 # Field order of the attention metadata handed to the per-device body.
 _FIELDS = ("page_indices", "kv_lens", "cu_q_lens", "num_seqs")
+
+
+class Statics(NamedTuple):
+    """The static (hashable, compile-time) arguments of one attention call."""
+
+    spec: Any  # CacheSpec
+    sm_scale: float
+    sliding_window: int | None
+    soft_cap: float | None
+    keys_per_step: int = 0  # xla backend: keys folded per loop step (0: XLA_KEYS_PER_STEP)
 
 
 # --------------------------------------------------------------------------------------------
@@ -126,7 +139,7 @@ def _dequantize(x: jax.Array, scale: float | None) -> jax.Array:
 def _local_xla(kv, layer, q, page_indices, kv_lens, cu_q_lens, num_seqs, *, statics, kernel):
     """One device: kv [L, slots, C, D_pad], q [T, Hq_local, D] -> [T, Hq_local, D]."""
     del kernel
-    spec, sm_scale, window, soft_cap = statics
+    spec, sm_scale, window, soft_cap, keys_per_step = statics
     num_layers, num_slots, combined, _ = kv.shape
     num_tokens, q_heads, head_dim = q.shape
     page_size = spec.page_size
@@ -153,25 +166,31 @@ def _local_xla(kv, layer, q, page_indices, kv_lens, cu_q_lens, num_seqs, *, stat
     pos = kv_lens[seq] - q_len + (jnp.arange(num_tokens) - cu_q_lens[seq])  # int32[T]
     lo = jnp.zeros_like(pos) if window is None else jnp.maximum(pos - window + 1, 0)
     first, last = lo // page_size, pos // page_size
-    num_steps = jnp.max(jnp.where(tok_ok, last - first + 1, 0), initial=0)
+    # Pages per loop step: enough keys per step that the loop's per-step overhead is paid
+    # rarely, few enough that the per-step gather stays a small multiple of a page per token.
+    block = max(1, min(pages_per_seq, (keys_per_step or XLA_KEYS_PER_STEP) // page_size))
+    num_steps = -(-jnp.max(jnp.where(tok_ok, last - first + 1, 0), initial=0) // block)
     rows = page_indices[seq]  # int32[T, pages_per_seq]: each token's page-table row
     layer = jnp.clip(layer, 0, num_layers - 1)
     qf = q.astype(jnp.float32).reshape(num_tokens, kv_heads, group, head_dim)
     within = jnp.arange(page_size, dtype=jnp.int32)
+    offsets = jnp.arange(block, dtype=jnp.int32)
 
     def fold_page(i, carry):
         m, denom, acc = carry
-        page_pos = first + i  # int32[T]: which page of its request each token reads now
-        page = jnp.take_along_axis(rows, jnp.clip(page_pos, 0, pages_per_seq - 1)[:, None], 1)
-        slots = page * page_size + within  # int32[T, page_size]
-        block = kv[layer, jnp.clip(slots, 0, num_slots - 1)]  # [T, page_size, C, D_pad]
-        k = _dequantize(block[:, :, 0::2, :head_dim], spec_scale(spec, "k"))
-        v = _dequantize(block[:, :, 1::2, :head_dim], spec_scale(spec, "v"))
+        # int32[T, block]: which pages of its request each token reads in this step
+        page_pos = first[:, None] + i * block + offsets
+        page = jnp.take_along_axis(rows, jnp.clip(page_pos, 0, pages_per_seq - 1), 1)
+        slots = (page[..., None] * page_size + within).reshape(num_tokens, -1)  # [T, keys]
+        kv_block = kv[layer, jnp.clip(slots, 0, num_slots - 1)]  # [T, keys, C, D_pad]
+        k = _dequantize(kv_block[:, :, 0::2, :head_dim], spec_scale(spec, "k"))
+        v = _dequantize(kv_block[:, :, 1::2, :head_dim], spec_scale(spec, "v"))
         s = jnp.einsum("thgd,tphd->thgp", qf, k) * sm_scale
         if soft_cap is not None:
             s = soft_cap * jnp.tanh(s / soft_cap)
-        k_pos = page_pos[:, None] * page_size + within  # int32[T, page_size]
-        seen = (page_pos <= last)[:, None] & (k_pos <= pos[:, None]) & (k_pos >= lo[:, None])
+        k_pos = (page_pos[..., None] * page_size + within).reshape(num_tokens, -1)
+        in_row = jnp.repeat(page_pos <= last[:, None], page_size, axis=1)
+        seen = in_row & (k_pos <= pos[:, None]) & (k_pos >= lo[:, None])
         seen = seen & tok_ok[:, None]
         s = jnp.where(seen[:, None, None, :], s, -jnp.inf)
         m_new = jnp.maximum(m, s.max(axis=-1))
@@ -204,7 +223,7 @@ def pallas_operands(kv, layer, q, page_indices, kv_lens, cu_q_lens, num_seqs, *,
     Public within the package so tests can hand the same operands to
     ``ref_ragged_paged_attention``.
     """
-    spec, sm_scale, window, soft_cap = statics
+    spec, sm_scale, window, soft_cap, _ = statics
     num_layers, num_slots, combined, padded_dim = kv.shape
     num_tokens, _, head_dim = q.shape
     page_size = spec.page_size
@@ -437,10 +456,12 @@ def _attention(
     soft_cap: float | None,
     backend: Backend,
     kernel: Any,
+    keys_per_step: int = 0,
 ) -> jax.Array:
     cache = _check_cache(cache)
     _check_backend(backend)
-    statics = (cache.spec, *_check_static(sm_scale, sliding_window, soft_cap))
+    scale, window, cap = _check_static(sm_scale, sliding_window, soft_cap)
+    statics = Statics(cache.spec, scale, window, cap, int(keys_per_step))
     layer_index = _check_layer(cache, layer)
     spec, pooled = cache.spec, cache.page_axis is not None
     lead = (cache.dp,) if pooled else ()

@@ -23,7 +23,7 @@ from jax.sharding import PartitionSpec as P
 
 import kvshard
 from kvshard import reference
-from kvshard._attention import _attention_jit, pallas_operands, pallas_output
+from kvshard._attention import Statics, _attention, _attention_jit, pallas_operands, pallas_output
 
 PAGE, PAGES, WIDTH, DIM = 4, 24, 6, 64
 TOL = {"float32": 2e-5, "bfloat16": 3e-2}
@@ -187,7 +187,18 @@ def test_xla_matches_oracle(layout, dtype, data):
     q = queries(case, q_heads)
     q = np.asarray(jnp.asarray(q, dtype).astype(jnp.float32))
     kw = {"sm_scale": DIM**-0.5, "sliding_window": window, "soft_cap": soft_cap}
-    got = kvshard.attention(jnp.asarray(q, dtype), case.cache, 1, step, backend="xla", **kw)
+    # One page per loop step, two pages, or the default (here the whole row in one step).
+    keys = data.draw(st.sampled_from([PAGE, 2 * PAGE, 0]))
+    got = _attention(
+        jnp.asarray(q, dtype),
+        case.cache,
+        1,
+        step,
+        backend="xla",
+        kernel=None,
+        keys_per_step=keys,
+        **kw,
+    )
     assert got.dtype == jnp.dtype(dtype)
     head_axis_at = 2 if page_axis else 1
     assert got.sharding.spec[head_axis_at] == "model"
@@ -205,7 +216,7 @@ def pallas_via_reference(case: Case, q, step, layer, **kw):
     tp, r = cache.tp, cache.replication
     q = np.asarray(q)
     out = np.zeros(q.shape, np.float64)
-    statics = (spec, kw["sm_scale"], kw["sliding_window"], kw["soft_cap"])
+    statics = Statics(spec, kw["sm_scale"], kw["sliding_window"], kw["soft_cap"])
     heads_per_dev = q.shape[-2] // tp
     for shard in cache.kv.addressable_shards:
         g = shard.index[1].start // spec.slots_per_pool if case.pooled else None
@@ -268,7 +279,9 @@ def test_sliding_window_never_reads_pages_before_the_window():
     case.cache = kvshard.update(case.cache, 1, nan, nan, poison, np.array([8], np.int32))
     q = queries(case, 8)
     kw = {"sm_scale": 0.125, "sliding_window": 6, "soft_cap": None}
-    got = np.asarray(kvshard.attention(q, case.cache, 1, step, backend="xla", **kw))
+    got = np.asarray(
+        _attention(q, case.cache, 1, step, backend="xla", kernel=None, keys_per_step=PAGE, **kw)
+    )
     assert np.isfinite(got).all()
     np.testing.assert_allclose(got, oracle(case, q, **kw), atol=2e-5)
     # Control: without the window the poisoned pages are read.
