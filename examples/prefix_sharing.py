@@ -26,12 +26,14 @@ import time
 
 # Eight simulated CPU devices; must be set before JAX initialises its backends.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("NPROC", "16")  # XLA CPU threads >= devices (interpret mode)
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 
 import numpy as np
-from _model import (
+
+from kvshard._demo.model import (
     TOLERANCE,
     CompileCounter,
     Engine,

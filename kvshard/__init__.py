@@ -4,68 +4,108 @@ The public API, re-exported from private modules:
 
 * cache layout and device ops: :class:`CacheSpec`, :class:`KVCache`, :func:`init_cache`,
   :func:`update`, :func:`attention`, :func:`gather`, :func:`copy_pages`,
-  :func:`check_tensor_parallel`;
+  :func:`check_tensor_parallel`, :func:`abstract_cache` (ahead-of-time compilation);
+* model configs: :func:`read_model_config`, :class:`ModelGeometry`, :class:`ConfigError`
+  (and :meth:`CacheSpec.from_config`);
 * host-side bookkeeping: :class:`PageAllocator`, :class:`OutOfPages`, :class:`UnknownRequest`,
   :data:`NULL_PAGE`;
 * step metadata: :class:`StepMetadata`, :func:`build_step`, :func:`stack_steps`,
   :func:`build_update_slices`, :func:`padded_num_slices`, :func:`pad_slices`,
   :func:`token_buckets`, :func:`padded_token_count`;
-* submodules :mod:`kvshard.kernels` (Pallas kernels), :mod:`kvshard.reference` (numpy oracle)
+* submodules :mod:`kvshard.distributed` (multi-process meshes: host arrays, allocator
+  agreement), :mod:`kvshard.kernels` (Pallas kernels), :mod:`kvshard.reference` (numpy oracle)
   and :mod:`kvshard.testing` (hypothesis strategies; needs the ``test`` extra, not imported here).
+
+Names are imported on first use (module ``__getattr__``), so ``import kvshard`` and the
+``kvshard plan`` command never import JAX; ``kvshard.update`` imports it when first touched.
 """
 
-from importlib.metadata import PackageNotFoundError, version
+from __future__ import annotations
 
-from kvshard import kernels as kernels
-from kvshard import reference as reference
-from kvshard._attention import attention as attention
-from kvshard._layout import CacheSpec as CacheSpec
-from kvshard._layout import check_tensor_parallel as check_tensor_parallel
-from kvshard.allocator import NULL_PAGE as NULL_PAGE
-from kvshard.allocator import OutOfPages as OutOfPages
-from kvshard.allocator import PageAllocator as PageAllocator
-from kvshard.allocator import UnknownRequest as UnknownRequest
-from kvshard.cache import KVCache as KVCache
-from kvshard.cache import copy_pages as copy_pages
-from kvshard.cache import gather as gather
-from kvshard.cache import init_cache as init_cache
-from kvshard.cache import update as update
-from kvshard.metadata import build_update_slices as build_update_slices
-from kvshard.metadata import pad_slices as pad_slices
-from kvshard.metadata import padded_num_slices as padded_num_slices
-from kvshard.metadata import padded_token_count as padded_token_count
-from kvshard.metadata import token_buckets as token_buckets
-from kvshard.step import StepMetadata as StepMetadata
-from kvshard.step import build_step as build_step
-from kvshard.step import stack_steps as stack_steps
+import importlib
+from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # static typing and IDEs see ordinary imports
+    from kvshard import distributed as distributed
+    from kvshard import kernels as kernels
+    from kvshard import reference as reference
+    from kvshard._attention import attention as attention
+    from kvshard._config import ConfigError as ConfigError
+    from kvshard._config import ModelGeometry as ModelGeometry
+    from kvshard._config import read_model_config as read_model_config
+    from kvshard._layout import CacheSpec as CacheSpec
+    from kvshard._layout import check_tensor_parallel as check_tensor_parallel
+    from kvshard.allocator import NULL_PAGE as NULL_PAGE
+    from kvshard.allocator import OutOfPages as OutOfPages
+    from kvshard.allocator import PageAllocator as PageAllocator
+    from kvshard.allocator import UnknownRequest as UnknownRequest
+    from kvshard.cache import KVCache as KVCache
+    from kvshard.cache import abstract_cache as abstract_cache
+    from kvshard.cache import copy_pages as copy_pages
+    from kvshard.cache import gather as gather
+    from kvshard.cache import init_cache as init_cache
+    from kvshard.cache import update as update
+    from kvshard.metadata import build_update_slices as build_update_slices
+    from kvshard.metadata import pad_slices as pad_slices
+    from kvshard.metadata import padded_num_slices as padded_num_slices
+    from kvshard.metadata import padded_token_count as padded_token_count
+    from kvshard.metadata import token_buckets as token_buckets
+    from kvshard.step import StepMetadata as StepMetadata
+    from kvshard.step import build_step as build_step
+    from kvshard.step import stack_steps as stack_steps
+
+# Public name -> the module that defines it. A name that is itself a submodule maps to None.
+_EXPORTS: dict[str, str | None] = {
+    "distributed": None,
+    "kernels": None,
+    "reference": None,
+    "attention": "kvshard._attention",
+    "ConfigError": "kvshard._config",
+    "ModelGeometry": "kvshard._config",
+    "read_model_config": "kvshard._config",
+    "CacheSpec": "kvshard._layout",
+    "check_tensor_parallel": "kvshard._layout",
+    "NULL_PAGE": "kvshard.allocator",
+    "OutOfPages": "kvshard.allocator",
+    "PageAllocator": "kvshard.allocator",
+    "UnknownRequest": "kvshard.allocator",
+    "KVCache": "kvshard.cache",
+    "abstract_cache": "kvshard.cache",
+    "copy_pages": "kvshard.cache",
+    "gather": "kvshard.cache",
+    "init_cache": "kvshard.cache",
+    "update": "kvshard.cache",
+    "build_update_slices": "kvshard.metadata",
+    "pad_slices": "kvshard.metadata",
+    "padded_num_slices": "kvshard.metadata",
+    "padded_token_count": "kvshard.metadata",
+    "token_buckets": "kvshard.metadata",
+    "StepMetadata": "kvshard.step",
+    "build_step": "kvshard.step",
+    "stack_steps": "kvshard.step",
+}
 
 try:
     __version__ = version("kvshard")
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0.0.0+unknown"
 
-__all__ = [
-    "NULL_PAGE",
-    "CacheSpec",
-    "KVCache",
-    "OutOfPages",
-    "PageAllocator",
-    "StepMetadata",
-    "UnknownRequest",
-    "__version__",
-    "attention",
-    "build_step",
-    "build_update_slices",
-    "check_tensor_parallel",
-    "copy_pages",
-    "gather",
-    "init_cache",
-    "kernels",
-    "pad_slices",
-    "padded_num_slices",
-    "padded_token_count",
-    "reference",
-    "stack_steps",
-    "token_buckets",
-    "update",
-]
+__all__ = ["__version__", *sorted(_EXPORTS)]
+
+
+def __getattr__(name: str) -> Any:
+    """Imports a public name on first access and caches it in the module's namespace."""
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'kvshard' has no attribute {name!r}")
+    module_name = _EXPORTS[name]
+    if module_name is None:
+        value: Any = importlib.import_module(f"kvshard.{name}")
+    else:
+        value = getattr(importlib.import_module(module_name), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -227,3 +227,53 @@ class CacheSpec:
         if not isinstance(dp, int | np.integer) or isinstance(dp, bool) or dp < 1:
             raise ValueError(f"dp={dp!r} must be a positive int")
         return self.num_layers * self.num_pages * self.page_bytes_per_device(tp)
+
+    # -- model configs ----------------------------------------------------------------------
+
+    @classmethod
+    def from_config(
+        cls,
+        config: Any,
+        *,
+        page_size: int,
+        num_pages: int,
+        dtype: Any = None,
+        **spec_fields: Any,
+    ) -> CacheSpec:
+        """Returns the spec of a cache for the model of a Hugging Face ``config.json``.
+
+        Reads ``num_hidden_layers``, ``num_key_value_heads`` (else ``num_attention_heads``),
+        ``head_dim`` (else ``hidden_size / num_attention_heads``) and ``torch_dtype``; see
+        :func:`kvshard.read_model_config`, which also returns the model's ``sliding_window``.
+
+        Args:
+          config: a config.json path, a directory holding one, or the parsed dict.
+          page_size: token slots per page.
+          num_pages: pages per page pool (page 0 is the allocator's null page).
+          dtype: cache dtype; default the config's ``torch_dtype``.
+          **spec_fields: further :class:`CacheSpec` fields, passed through unchanged.
+
+        Raises:
+          kvshard.ConfigError: (a ``ValueError``) the config cannot be read, lacks a field, or
+            describes multi-head latent attention; also when ``dtype`` is None and the config
+            has no ``torch_dtype``. One line naming the field.
+          ValueError: a bad ``page_size``, ``num_pages`` or ``dtype`` (as :class:`CacheSpec`).
+        """
+        from kvshard._config import ConfigError, read_model_config
+
+        geometry = read_model_config(config)
+        if dtype is None:
+            if geometry.dtype is None:
+                raise ConfigError(
+                    f"{geometry.name}: torch_dtype is missing; pass dtype= to pick the cache dtype"
+                )
+            dtype = geometry.dtype
+        return cls(
+            geometry.num_layers,
+            geometry.num_kv_heads,
+            geometry.head_dim,
+            page_size,
+            num_pages,
+            dtype,
+            **spec_fields,
+        )

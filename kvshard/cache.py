@@ -21,7 +21,8 @@ place: inside ``shard_map`` the local block [L, slots, C, D] is reshaped (a free
 [L·slots, C, D] and ``kv_cache_start`` is offset by ``layer · slots``, so the 3-D Pallas kernel
 writes the right layer of the aliased buffer; the XLA backend scatters at ``[layer, slot]``.
 
-Public functions: :func:`init_cache`, :func:`update`, :func:`gather`, :func:`copy_pages`.
+Public functions: :func:`init_cache`, :func:`update`, :func:`gather`, :func:`copy_pages`, and
+:func:`abstract_cache` (shapes and shardings only, for ahead-of-time compilation).
 Every one validates its arguments on the host before anything is donated, so a bad call raises
 and leaves the cache intact and readable.
 """
@@ -39,7 +40,9 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from kvshard import _guards
 from kvshard._layout import CacheSpec, check_tensor_parallel
+from kvshard.distributed import global_array
 from kvshard.kernels.update import (
     SCHEDULES,
     Schedule,
@@ -53,6 +56,7 @@ __all__ = [
     "Backend",
     "CacheSpec",
     "KVCache",
+    "abstract_cache",
     "check_tensor_parallel",
     "copy_pages",
     "gather",
@@ -198,14 +202,51 @@ def init_cache(
     return KVCache(kv=kv, spec=spec, mesh=mesh, head_axis=head_axis, page_axis=page_axis)
 
 
+def abstract_cache(
+    spec: CacheSpec,
+    mesh: Mesh,
+    *,
+    head_axis: str | None = "model",
+    page_axis: str | None = None,
+) -> KVCache:
+    """The cache :func:`init_cache` would return, as ``jax.ShapeDtypeStruct``s with shardings.
+
+    For ahead-of-time compilation: ``jax.jit(step, donate_argnums=0).lower(abstract_cache(...),
+    ...).compile()`` gives an executable whose cache input aliases its cache output. (A
+    ``jax.eval_shape(init_cache, ...)`` result has ``sharding=None``: the lowered step then
+    expects a replicated cache, returns a sharded one and cannot reuse the donated buffer.)
+    Nothing is allocated.
+
+    Args:
+      spec, mesh, head_axis, page_axis: as for :func:`init_cache` (same checks, same errors).
+
+    Returns:
+      A :class:`KVCache` whose ``kv`` is ``jax.ShapeDtypeStruct(shape, dtype, sharding=...)``:
+      spec.dtype[L, G·num_pages·page_size, 2·H·r, D_pad] globally, sharded
+      ``P(None, page_axis, head_axis, None)``; per device
+      spec.dtype[L, num_pages·page_size, 2·H·r/tp, D_pad].
+    """
+    shapes = jax.eval_shape(
+        functools.partial(init_cache, spec, mesh, head_axis=head_axis, page_axis=page_axis)
+    )
+    # Every leaf of the cache shares kv's sharding (slots over pages, combined heads over
+    # heads); tests/test_aot.py compares these with a real init_cache, leaf by leaf.
+    sharding = NamedSharding(mesh, P(None, page_axis, head_axis, None))
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), shapes)
+
+
 # --------------------------------------------------------------------------------------------
 # Host-side validation (runs before anything is donated)
 # --------------------------------------------------------------------------------------------
 
 
 def _concrete(x: Any) -> np.ndarray | None:
-    """Returns ``x`` as a host array, or None while it is being traced (values unknown)."""
+    """Returns ``x`` as a host array, or None while its values are unknown on this host: while
+    traced, or for an array spanning processes (other hosts hold some of its shards), which
+    is then treated like a traced value (kvshard.distributed)."""
     if isinstance(x, jax.core.Tracer):
+        return None
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
         return None
     return np.asarray(x)
 
@@ -255,12 +296,6 @@ def _check_array(name: str, x: Any, expected: tuple[int | None, ...], what: str)
     ):
         want = _shape_str(tuple("*" if e is None else e for e in expected))  # type: ignore[misc]
         raise ValueError(f"{name} must have shape {what} = {want}, got {_shape_str(shape)}")
-
-
-def _check_int32(name: str, x: Any) -> None:
-    dtype = _dtype(x)
-    if dtype != jnp.int32:
-        raise TypeError(f"{name} must be int32, got {dtype}")
 
 
 def _check_kv_dtype(name: str, x: Any, cache_dtype: np.dtype) -> None:
@@ -316,18 +351,21 @@ def _check_slice_values(
     )
 
 
-def _check_update_args(cache: KVCache, k: Any, v: Any, slices: Any, num_slices: Any) -> None:
+def _check_update_args(
+    cache: KVCache, k: Any, v: Any, slices: Any, num_slices: Any
+) -> tuple[Any, Any]:
+    """Validates update's arguments; returns (slices, num_slices) as int32 (see as_int32)."""
     pooled = cache.page_axis is not None
     lead = (cache.dp,) if pooled else ()
     _check_kv(cache, k, v, lead)
     what = "[dp, 3, S]" if pooled else "[3, S]"
     _check_array("slices", slices, (*lead, 3, None), what)
     _check_array("num_slices", num_slices, (*lead, 1), "[dp, 1]" if pooled else "[1]")
-    _check_int32("slices", slices)
-    _check_int32("num_slices", num_slices)
+    slices = _guards.as_int32("slices", slices)
+    num_slices = _guards.as_int32("num_slices", num_slices)
     slices_np, num_np = _concrete(slices), _concrete(num_slices)
     if slices_np is None or num_np is None:
-        return  # traced: values are the caller's contract (see `update`)
+        return slices, num_slices  # traced: bad rows are dropped (see `update`)
     num_tokens = np.shape(k)[-3]
     groups = (
         [(slices_np[g], num_np[g], f"slices[{g}]") for g in range(cache.dp)]
@@ -338,6 +376,7 @@ def _check_update_args(cache: KVCache, k: Any, v: Any, slices: Any, num_slices: 
         _check_slice_values(
             sl, int(num[0]), name=name, num_tokens=num_tokens, spec=cache.spec, pooled=pooled
         )
+    return slices, num_slices
 
 
 # --------------------------------------------------------------------------------------------
@@ -397,7 +436,10 @@ def _place(mesh: Mesh, x: Any, spec: P) -> Any:
     """Eager calls: puts concrete inputs on the mesh (numpy arrays have no mesh sharding)."""
     if isinstance(x, jax.core.Tracer):
         return x
-    return jax.device_put(x, NamedSharding(mesh, spec))
+    sharding = NamedSharding(mesh, spec)
+    if not sharding.is_fully_addressable:  # a mesh spanning processes: see kvshard.distributed
+        return global_array(x, sharding)
+    return jax.device_put(x, sharding)
 
 
 # --------------------------------------------------------------------------------------------
@@ -406,14 +448,24 @@ def _place(mesh: Mesh, x: Any, spec: P) -> Any:
 
 
 def _valid_slices(
-    slices: jax.Array, num: jax.Array, *, num_tokens: int, num_slots: int, page_size: int
+    slices: jax.Array,
+    num: jax.Array,
+    layer: jax.Array,
+    *,
+    num_layers: int,
+    num_tokens: int,
+    num_slots: int,
+    page_size: int,
 ) -> jax.Array:
     """bool[S]: live slices the kernel would write (its drop rule, shared by both backends).
 
-    A slice is written iff ``i < num``, ``1 <= slice_len <= page_size``, it stays inside one
-    page, and both its token and slot ranges are in bounds; every other slice writes nothing.
+    A slice is written iff ``0 <= layer < num_layers``, ``i < num``,
+    ``1 <= slice_len <= page_size``, it stays inside one page, and both its token and slot
+    ranges are in bounds; every other slice writes nothing. The layer test matters: indexing
+    would wrap layer -1 to the last layer, and the kernel's flat offset ``layer · slots`` can
+    overflow int32 back into range.
     """
-    live = jnp.arange(slices.shape[1]) < num[0]
+    live = (jnp.arange(slices.shape[1]) < num[0]) & _guards.layer_in_range(layer, num_layers)
     return live & slice_is_writable(
         slices[0],
         slices[1],
@@ -447,12 +499,21 @@ def _token_slots(slices: jax.Array, valid: jax.Array, num_tokens: int, num_slots
 def _local_update_xla(cache, layer, new_kv, slices, num, *, page_size, interpret, schedule):
     """One device: cache [L, slots, C, D], new_kv [T, C, D] -> cache, by an XLA scatter."""
     del interpret, schedule
-    num_tokens, num_slots = new_kv.shape[0], cache.shape[1]
+    num_layers, num_slots = cache.shape[:2]
+    num_tokens = new_kv.shape[0]
     valid = _valid_slices(
-        slices, num, num_tokens=num_tokens, num_slots=num_slots, page_size=page_size
+        slices,
+        num,
+        layer,
+        num_layers=num_layers,
+        num_tokens=num_tokens,
+        num_slots=num_slots,
+        page_size=page_size,
     )
     slots = _token_slots(slices, valid, num_tokens, num_slots)
-    # Unique, in-bounds-or-dropped indices let XLA scatter in place with no conflict handling.
+    # A bad layer leaves every slot >= num_slots (nothing valid); index layer 0 rather than
+    # let a negative layer wrap. Unique, in-bounds-or-dropped indices let XLA scatter in place.
+    layer = jnp.where(_guards.layer_in_range(layer, num_layers), layer, 0)
     return cache.at[layer, slots].set(new_kv, mode="drop", unique_indices=True)
 
 
@@ -465,10 +526,16 @@ def _local_update_pallas(cache, layer, new_kv, slices, num, *, page_size, interp
     num_layers, num_slots, heads, dim = cache.shape
     flat = cache.reshape(num_layers * num_slots, heads, dim)
     valid = _valid_slices(
-        slices, num, num_tokens=new_kv.shape[0], num_slots=num_slots, page_size=page_size
+        slices,
+        num,
+        layer,
+        num_layers=num_layers,
+        num_tokens=new_kv.shape[0],
+        num_slots=num_slots,
+        page_size=page_size,
     )
-    # The kernel bounds-checks against all L layers; a slice past this layer's slots must be
-    # dropped here or it would land in the next layer.
+    # The kernel bounds-checks against all L layers; a slice past this layer's slots (or of a
+    # layer out of range) must be dropped here or it would land in another layer.
     slices = jnp.stack([slices[0] + layer * num_slots, slices[1], jnp.where(valid, slices[2], 0)])
     out = kv_cache_update(
         new_kv, slices, flat, num, page_size=page_size, interpret=interpret, schedule=schedule
@@ -569,9 +636,13 @@ def _update_specs(cache: KVCache) -> tuple[P, ...]:
 
 
 @functools.partial(
-    _PlatformJit, static_argnames=("backend", "interpret", "schedule"), donate_argnums=(0,)
+    _PlatformJit,
+    static_argnames=("backend", "interpret", "schedule", "checks"),
+    donate_argnums=(0,),
 )
-def _update_jit(cache, layer, k, v, slices, num_slices, *, backend, interpret, schedule="direct"):
+def _update_jit(
+    cache, layer, k, v, slices, num_slices, *, backend, interpret, schedule="direct", checks=False
+):
     if cache.page_axis is None:  # one pool: give every per-pool argument a group axis of size 1
         k, v, slices, num_slices = k[None], v[None], slices[None], num_slices[None]
     specs = _update_specs(cache)
@@ -579,6 +650,13 @@ def _update_jit(cache, layer, k, v, slices, num_slices, *, backend, interpret, s
         _to_spec(cache.mesh, x, s)
         for x, s in zip((cache.kv, layer, k, v, slices, num_slices), specs, strict=True)
     ]
+    if checks:
+        # Every device checks the whole (all groups') metadata and raises alike: a device left
+        # running would wait forever for the failed ones (Pallas interpret mode's barrier).
+        whole = (P(), P(None, None, None), P(None, None))
+        specs = (*specs, *whole)
+        checked = (layer, slices, num_slices)
+        args += [_to_spec(cache.mesh, x, s) for x, s in zip(checked, whole, strict=True)]
     local_update = functools.partial(
         _LOCAL_UPDATES[backend],
         page_size=cache.spec.page_size,
@@ -586,7 +664,16 @@ def _update_jit(cache, layer, k, v, slices, num_slices, *, backend, interpret, s
         schedule=schedule,
     )
 
-    def body(kv, layer, k, v, slices, num):
+    def body(kv, layer, k, v, slices, num, *whole):
+        if whole:
+            spec = cache.spec
+            _guards.check_update(
+                *whole,
+                num_layers=spec.num_layers,
+                num_tokens=k.shape[1],
+                num_rows=spec.slots_per_pool,
+                page_size=spec.page_size,
+            )
         new_kv = _combine(cache.spec, _local_heads(cache, k[0]), _local_heads(cache, v[0]))
         return local_update(kv, layer, new_kv, slices[0], num[0])
 
@@ -611,6 +698,7 @@ def update(
     backend: Backend = "auto",
     interpret: bool | None = None,
     schedule: Schedule = "direct",
+    checks: bool = False,
 ) -> KVCache:
     """Writes new K/V tokens of one layer into the cache, in place; returns the new cache.
 
@@ -638,7 +726,8 @@ def update(
         own pool of num_pages·page_size slots. Or the step's :class:`~kvshard.StepMetadata`
         (from :func:`kvshard.build_step`), whose ``slices`` and ``num_slices`` are used.
       num_slices: int32[1] live slices (later ones are padding), or int32[dp, 1]; omitted
-        when ``slices`` is a StepMetadata.
+        when ``slices`` is a StepMetadata. Concrete ``slices``/``num_slices`` may have any
+        integer dtype (range-checked against int32, then cast); traced ones must be int32.
       backend: "pallas" (the kernel; interpret mode off TPU), "xla" (scatter), or "auto":
         pallas when the mesh is made of TPUs, xla otherwise. Both give identical results.
       interpret: passed to the kernel; None = interpret mode unless on TPU. False forces a
@@ -646,17 +735,27 @@ def update(
       schedule: the kernel's DMA schedule (pallas backend only): "direct" (HBM->HBM,
         pipelined) or "vmem" (the VMEM bounce vLLM runs on TPUs, the fallback); see
         :func:`kvshard.kernels.kv_cache_update`. Both write the same cache.
+      checks: with traced arguments, report what would be dropped (a layer out of range,
+        ``num_slices`` outside [0, S], a live slice the drop rule refuses, overlapping live
+        slices) as an error instead of dropping silently: a host callback
+        (``jax.debug.callback``) raises ValueError naming the slice, which surfaces as
+        ``jax.errors.JaxRuntimeError`` carrying that message when the result is used.
+        Costs O(S²) per call and a host round trip: a debugging mode. No effect on concrete
+        arguments, which are always checked on the host. See docs/guides/refused-inputs.md.
 
-    Preconditions on live slices (checked when ``slices``/``num_slices`` are concrete; traced
-    values are the caller's contract): 0 <= num_slices <= S; 0 <= slice_len <= page_size;
-    tokens in [0, T); slots in the pool; no two slices overlap in slots or in tokens. Out of
-    contract with traced values, the xla backend writes nothing out of bounds; the kernel's
-    behaviour is undefined.
+    Preconditions on live slices (checked on the host when ``slices``/``num_slices`` are
+    concrete): 0 <= num_slices <= S; 0 <= slice_len <= page_size; tokens in [0, T); slots in
+    the pool; no two slices overlap in slots or in tokens. Traced: a layer outside [0, L)
+    writes nothing, and a live slice that is empty, longer than a page, crosses a page or
+    leaves the tokens or the pool writes nothing, identically on both backends (the kernel's
+    drop rule). Overlapping traced slices are outside the contract (not defined).
 
     Raises:
-      TypeError: wrong cache type or dtypes (slices/num_slices not int32; k/v not floating or
-        the cache dtype; k/v dtypes differ; layer not an integer scalar).
-      ValueError: wrong shapes, a concrete layer or slice out of range, overlapping slices,
+      TypeError: wrong cache type or dtypes (slices/num_slices not integer arrays, or traced
+        and not int32; k/v not floating or the cache dtype; k/v dtypes differ; layer not an
+        integer scalar).
+      ValueError: wrong shapes, a concrete layer or slice out of range, a concrete
+        slices/num_slices value outside int32 (before the cast to int32), overlapping slices,
         unknown backend or schedule. Nothing is donated when an error is raised.
     """
     cache = _check_cache(cache)
@@ -671,7 +770,10 @@ def update(
     elif num_slices is None:
         raise TypeError("num_slices is required unless slices is a StepMetadata")
     layer_index = _check_layer(cache, layer)
-    _check_update_args(cache, k, v, slices, num_slices)
+    slices, num_slices = _check_update_args(cache, k, v, slices, num_slices)
+    # In-jit checks only mean something for traced values (concrete ones passed the host
+    # checks above); skipping them otherwise saves the host callback.
+    checks = bool(checks) and any(map(_guards.is_traced, (layer, slices, num_slices)))
     mesh, (_, _, kv_spec, _, slices_spec, num_spec) = cache.mesh, _update_specs(cache)
     if cache.page_axis is None:  # the specs above carry the group axis that _update_jit adds
         kv_spec, slices_spec, num_spec = (P(*s[1:]) for s in (kv_spec, slices_spec, num_spec))
@@ -685,6 +787,7 @@ def update(
         backend=_resolve_backend(cache, backend),
         interpret=interpret,
         schedule=schedule,
+        checks=checks,
     )
 
 
@@ -693,8 +796,8 @@ def update(
 # --------------------------------------------------------------------------------------------
 
 
-@jax.jit
-def _gather_jit(cache, layer, slots):
+@functools.partial(jax.jit, static_argnames=("checks",))
+def _gather_jit(cache, layer, slots, *, checks=False):
     pa, ha, r = cache.page_axis, cache.head_axis, cache.replication
     if pa is None:
         slots = slots[None]
@@ -702,11 +805,25 @@ def _gather_jit(cache, layer, slots):
     args = [
         _to_spec(cache.mesh, x, s) for x, s in zip((cache.kv, layer, slots), specs, strict=True)
     ]
+    if checks:  # every device checks all slots (see _update_jit)
+        specs = (*specs, P(None, None))
+        args.append(_to_spec(cache.mesh, slots, P(None, None)))
 
-    def body(kv, layer, slots):
+    def body(kv, layer, slots, *whole):
+        if whole:
+            _guards.check_gather(
+                layer,
+                whole[0],
+                num_layers=cache.spec.num_layers,
+                num_slots=cache.spec.slots_per_pool,
+            )
         slot = slots[0]
-        ok = (slot >= 0) & (slot < kv.shape[1])
-        rows = jnp.where(ok[:, None, None], kv[layer, jnp.where(ok, slot, 0)], 0)
+        # A traced layer out of range reads zeros, like a slot out of range (indexing would
+        # wrap -1 to the last layer and clamp L to it).
+        layer_ok = _guards.layer_in_range(layer, kv.shape[0])
+        ok = (slot >= 0) & (slot < kv.shape[1]) & layer_ok
+        rows = kv[jnp.where(layer_ok, layer, 0), jnp.where(ok, slot, 0)]
+        rows = jnp.where(ok[:, None, None], rows, 0)
         k, v = _split(cache.spec, rows)
         if r > 1:  # one replicated head per device: collect them all, keep replica 0 of each
             k, v = (jax.lax.all_gather(x, ha, axis=1, tiled=True)[:, ::r] for x in (k, v))
@@ -722,7 +839,11 @@ def _gather_jit(cache, layer, slots):
 
 
 def gather(
-    cache: KVCache, layer: int | jax.Array, slots: jax.Array | np.ndarray
+    cache: KVCache,
+    layer: int | jax.Array,
+    slots: jax.Array | np.ndarray,
+    *,
+    checks: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     """Reads K and V of one layer at token slots (the read side of the oracle).
 
@@ -730,7 +851,11 @@ def gather(
       cache: not donated.
       layer: int or int scalar array in [0, L); may be traced.
       slots: int[N] slot ids in [0, num_pages·page_size), or int[dp, N] with a page axis
-        (group g reads its own pool).
+        (group g reads its own pool). Any integer dtype when concrete (cast to int32 after a
+        range check); int32 when traced.
+      checks: with traced arguments, report a layer or slot out of range as a
+        error instead of reading zeros (a host callback raises; see :func:`update`). No
+        effect on concrete arguments.
 
     Returns:
       (k, v), each cache-dtype[N, H, D] globally (or [dp, N, H, D] with a page axis, sharded
@@ -738,10 +863,12 @@ def gather(
       heads are not replicated (r = 1) they stay sharded over heads like the cache, so each
       device holds cache-dtype[N, H/tp, D] (or [1, N, H/tp, D]); when r > 1 the heads are
       all-gathered and every device holds the whole replicated cache-dtype[N, H, D] (or
-      [1, N, H, D]). Traced out-of-range slots read zeros.
+      [1, N, H, D]). Traced out-of-range slots, and every slot of a traced out-of-range
+      layer, read zeros.
 
     Raises:
-      TypeError: ``slots`` not an integer array, ``layer`` not an integer scalar.
+      TypeError: ``slots`` not an integer array (or traced and not int32), ``layer`` not an
+        integer scalar.
       ValueError: wrong ``slots`` shape, concrete ``layer`` or ``slots`` out of range.
     """
     cache = _check_cache(cache)
@@ -749,15 +876,15 @@ def gather(
     pooled = cache.page_axis is not None
     lead = (cache.dp,) if pooled else ()
     _check_array("slots", slots, (*lead, None), "[dp, N]" if pooled else "[N]")
-    if not jnp.issubdtype(_dtype(slots), jnp.integer):
-        raise TypeError(f"slots must be an integer array, got {_dtype(slots)}")
+    slots = _guards.as_int32("slots", slots)
     pool = cache.spec.slots_per_pool
     host = _concrete(slots)
     if host is not None and host.size and (host.min() < 0 or host.max() >= pool):
         bad = host[(host < 0) | (host >= pool)].flat[0]
         raise ValueError(f"slots contains {bad}, out of range [0, {pool})")
-    slots = _place(cache.mesh, jnp.asarray(slots, jnp.int32), P(cache.page_axis) if pooled else P())
-    return _gather_jit(cache, _place(cache.mesh, layer_index, P()), slots)
+    checks = bool(checks) and any(map(_guards.is_traced, (layer, slots)))
+    slots = _place(cache.mesh, slots, P(cache.page_axis) if pooled else P())
+    return _gather_jit(cache, _place(cache.mesh, layer_index, P()), slots, checks=checks)
 
 
 # --------------------------------------------------------------------------------------------
@@ -765,16 +892,20 @@ def gather(
 # --------------------------------------------------------------------------------------------
 
 
-@functools.partial(_PlatformJit, donate_argnums=(0,))
-def _copy_pages_jit(cache, pairs):
+@functools.partial(_PlatformJit, donate_argnums=(0,), static_argnames=("checks",))
+def _copy_pages_jit(cache, pairs, *, checks=False):
     spec, pa = cache.spec, cache.page_axis
     if pa is None:
         pairs = pairs[None]
 
-    def body(kv, pairs):
+    def body(kv, pairs, *whole):
+        if whole:  # every device checks all pairs (see _update_jit)
+            _guards.check_copy_pairs(whole[0][..., 0], whole[0][..., 1], spec.num_pages)
         src, dst = pairs[0, :, 0], pairs[0, :, 1]
-        # No-op rows (padding) write nowhere, so they never race with a real copy to their page.
-        dst = jnp.where(src == dst, spec.num_pages, dst)
+        # Dropped rows (no-op padding, ids out of range, a destination written twice) write
+        # nowhere: an id out of range would otherwise wrap (negative) or clamp onto a real page.
+        keep = _guards.copy_pair_mask(src, dst, spec.num_pages)
+        src, dst = jnp.where(keep, src, 0), jnp.where(keep, dst, spec.num_pages)
         pages = kv.reshape(kv.shape[0], spec.num_pages, spec.page_size, *kv.shape[2:])
         # Gather every source before scattering: all copies read the pre-call contents.
         pages = pages.at[:, dst].set(pages[:, src], mode="drop")
@@ -782,13 +913,16 @@ def _copy_pages_jit(cache, pairs):
 
     specs = (cache.pspec, P(pa, None, None))
     args = [_to_spec(cache.mesh, x, s) for x, s in zip((cache.kv, pairs), specs, strict=True)]
+    if checks:
+        specs = (*specs, P(None, None, None))
+        args.append(_to_spec(cache.mesh, pairs, P(None, None, None)))
     kv = jax.shard_map(
         body, mesh=cache.mesh, in_specs=specs, out_specs=cache.pspec, check_vma=False
     )(*args)
     return _with_kv(cache, kv)
 
 
-def copy_pages(cache: KVCache, pairs: jax.Array | np.ndarray) -> KVCache:
+def copy_pages(cache: KVCache, pairs: jax.Array | np.ndarray, *, checks: bool = False) -> KVCache:
     """Copies whole pages (every layer, every head) — the allocator's copy-on-write.
 
     Args:
@@ -796,26 +930,32 @@ def copy_pages(cache: KVCache, pairs: jax.Array | np.ndarray) -> KVCache:
       pairs: int[K, 2] rows (src_page, dst_page), or int[dp, K, 2] with a page axis (pages of
         the group's own pool). Page ids in [0, num_pages). All copies read the contents from
         before the call. Rows with src == dst are no-ops (usable as padding); the dst of the
-        other rows must be distinct.
+        other rows must be distinct. Any integer dtype when concrete (cast to int32 after a
+        range check); int32 when traced. Traced rows with a page id out of range, and every
+        row of a destination written twice, are dropped (write nothing).
+      checks: with traced ``pairs``, report the rows that would be dropped as a
+        error instead (a host callback raises; see :func:`update`). No effect on concrete
+        ``pairs``.
 
     Returns:
       The cache with the copies applied.
 
     Raises:
-      TypeError: ``pairs`` not an integer array.
-      ValueError: wrong shape; concrete page id out of range or duplicate destination.
+      TypeError: ``pairs`` not an integer array (or traced and not int32).
+      ValueError: wrong shape; concrete page id out of range or outside int32, or duplicate
+        destination.
     """
     cache = _check_cache(cache)
     pooled = cache.page_axis is not None
     lead = (cache.dp,) if pooled else ()
     _check_array("pairs", pairs, (*lead, None, 2), "[dp, K, 2]" if pooled else "[K, 2]")
-    if not jnp.issubdtype(_dtype(pairs), jnp.integer):
-        raise TypeError(f"pairs must be an integer array, got {_dtype(pairs)}")
+    pairs = _guards.as_int32("pairs", pairs)
     host = _concrete(pairs)
     if host is not None:
         _check_pairs(host.reshape(-1, *host.shape[-2:]), cache.spec.num_pages)
     spec = P(cache.page_axis) if pooled else P()
-    return _copy_pages_jit(cache, _place(cache.mesh, jnp.asarray(pairs, jnp.int32), spec))
+    checks = bool(checks) and _guards.is_traced(pairs)
+    return _copy_pages_jit(cache, _place(cache.mesh, pairs, spec), checks=checks)
 
 
 def _check_pairs(groups: np.ndarray, num_pages: int) -> None:

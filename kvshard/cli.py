@@ -1,51 +1,55 @@
-"""The ``kvshard`` command: size a KV cache for a mesh, run the demo and the host benchmark.
+"""The ``kvshard`` command: size a KV cache for a mesh, run the demo and the benchmarks.
 
 Usage::
 
     kvshard plan --model llama-3-70b --mesh 1x8 --hbm-per-device 16GiB
-    kvshard plan --layers 32 --kv-heads 8 --head-dim 128 --dtype int8 \\
-                 --mesh 2x4 --hbm-per-device 12GB --json
-    kvshard demo [ARGS...]     # python examples/tp_decode.py ARGS...
-    kvshard bench [ARGS...]    # python -m kvshard.benchmarks ARGS... (the suite; --quick)
-    kvshard bench-cache [ARGS...]  # python -m kvshard.benchmarks.cache_update ARGS...
+    kvshard plan --config path/to/config.json --mesh 2x4 --hbm-per-device 12GB --kv-dtype int8
+    kvshard plan --layers 32 --kv-heads 8 --head-dim 128 --hbm-per-device 12GB --json
+    kvshard demo [ARGS...]         # the continuous-batching demo (kvshard demo --help)
+    kvshard bench [ARGS...]        # the host-side step benchmark
+    kvshard bench-cache [ARGS...]  # in-place cache update vs a copied one
 
-``python -m kvshard`` is the same command. Exit status: 0 on success; 2 for a bad argument
-(the message on stderr names the argument, the value and the bound); for ``demo`` and ``bench``
-the script's own status.
+``python -m kvshard`` is the same command. Exit status: 0 on success; 2 for a bad argument, with
+one line on stderr naming the argument, the value and the bound; for ``demo`` and ``bench`` the
+script's own status.
 
-``plan`` takes its arithmetic from :class:`kvshard.CacheSpec`. A *page* is one page id: it
-names the same ``page_size`` token slots in every layer's cache, so "bytes per page" counts all
-layers (the per-layer figure is shown too). Each device of a data-parallel group holds the
-whole page pool for its own heads, so pages per device = pages per pool.
+``plan`` imports no JAX (``import kvshard`` is lazy) and takes its arithmetic from
+:mod:`kvshard._plan`; ``--model NAME`` reads a Hugging Face config.json shipped in
+``kvshard/configs/``, ``--config PATH`` reads yours (:func:`kvshard.read_model_config`).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import difflib
 import json
 import os
 import re
-import subprocess
 import sys
 from decimal import Decimal, InvalidOperation
-from pathlib import Path
-from typing import Any
+from typing import NoReturn
 
-from kvshard._layout import CacheSpec, check_tensor_parallel, round_up
-from kvshard._presets import PRESETS
+from kvshard._config import PRESETS, ConfigError, ModelGeometry, preset_config, read_model_config
+from kvshard._layout import SUPPORTED_DTYPES, _canonical_dtype, check_tensor_parallel
+from kvshard._plan import BudgetTooSmall, ContextTooLong, format_plan, make_plan, window_pages
+from kvshard._run import SCRIPTS, Script, run_script
 
-__all__ = ["MODULES", "SCRIPTS", "BudgetTooSmall", "main", "make_plan", "parse_bytes", "parse_mesh"]
+__all__ = [
+    "SCRIPTS",
+    "BudgetTooSmall",
+    "ContextTooLong",
+    "Script",
+    "format_plan",
+    "main",
+    "make_plan",
+    "parse_bytes",
+    "parse_mesh",
+    "run_script",
+    "window_pages",
+]
 
-# Scripts `kvshard demo` runs, relative to the source tree.
-SCRIPTS: dict[str, tuple[str, ...]] = {
-    "demo": ("examples", "tp_decode.py"),
-}
-# Modules `kvshard bench` / `bench-cache` run: they ship in the package (work after pip install).
-MODULES: dict[str, str] = {
-    "bench": "kvshard.benchmarks",
-    "bench-cache": "kvshard.benchmarks.cache_update",
-}
+
+COMMANDS = ("plan", *SCRIPTS)
 
 _UNITS = {
     "": 1,
@@ -74,13 +78,6 @@ _DTYPE_ALIASES = {
     "i8": "int8",
 }
 
-# Pages 0 .. num_pages-1 of one pool; page 0 is the allocator's null page.
-_MIN_PAGES = 2
-
-
-class BudgetTooSmall(ValueError):
-    """The HBM budget holds fewer than two pages (the null page and one usable page)."""
-
 
 # --------------------------------------------------------------------------------------------
 # Argument parsing
@@ -96,10 +93,10 @@ def parse_bytes(text: str) -> int:
     Raises:
       ValueError: malformed, unknown unit, or not positive.
     """
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", text)
+    match = re.fullmatch(r"\s*([-+]?)\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", text)
     if not match:
         raise ValueError(f"{text!r} is not a size; write e.g. 16GiB, 512MiB, 1.5GB or 1000000")
-    number, unit = match.groups()
+    sign, number, unit = match.groups()
     if unit.lower() not in _UNITS:
         raise ValueError(
             f"{text!r} has unknown unit {unit!r}; use B, KB, MB, GB, TB (powers of 1000) or "
@@ -109,6 +106,8 @@ def parse_bytes(text: str) -> int:
         value = int(Decimal(number) * _UNITS[unit.lower()])
     except InvalidOperation as err:  # pragma: no cover - the regex admits only decimals
         raise ValueError(f"{text!r} is not a size") from err
+    if sign == "-" and value:
+        raise ValueError(f"{text!r} is negative; a size must be at least 1 byte")
     if value < 1:
         raise ValueError(f"{text!r} is {value} bytes; must be at least 1 byte")
     return value
@@ -155,30 +154,53 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _window(text: str) -> int:
+    if text.strip() == "0":
+        return 0  # no window
+    try:
+        return _positive_int(text)
+    except ValueError as err:
+        raise ValueError(f"{err} (or 0 for no window)") from None
+
+
 def _dtype(text: str) -> str:
     name = _DTYPE_ALIASES.get(text.lower(), text)
     try:
-        return CacheSpec(1, 1, 1, 1, 1, dtype=name).dtype
+        return _canonical_dtype(name)
     except ValueError:
         aliases = ", ".join(sorted(_DTYPE_ALIASES))
         raise ValueError(
-            f"unknown dtype {text!r}; use one of float32, bfloat16, float16, int8, "
-            f"float8_e4m3fn (or {aliases})"
+            f"unknown dtype {text!r}; use one of {', '.join(SUPPORTED_DTYPES)} (or {aliases})"
         ) from None
 
 
 def _model(text: str) -> str:
     name = text.lower()
     if name not in PRESETS:
-        raise ValueError(f"unknown model {text!r}; known presets: {', '.join(PRESETS)}")
+        hint = difflib.get_close_matches(name, PRESETS, n=1)
+        did_you_mean = f"did you mean {hint[0]!r}? " if hint else ""
+        raise ValueError(
+            f"unknown model {text!r}; {did_you_mean}known presets: {', '.join(PRESETS)}"
+        )
     return name
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argparse parser whose errors are one line: ``prog: error: message (see prog --help)``.
+
+    argparse prints the whole usage first, which buries the message under five lines.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        message = " ".join(message.split())  # one line, whatever argparse composed
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     """Returns ``(parser, plan_parser)``."""
     from kvshard import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="kvshard",
         description="Paged KV cache sharded by KV head over a JAX mesh: planning and demos.",
     )
@@ -190,14 +212,21 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         help="size the KV cache for a model on a mesh with a per-device HBM budget",
         description=(
             "Size a combined-head paged KV cache, sharded by KV head, for a model on a mesh. "
-            "A page is one page id: page_size token slots in every layer. Explicit "
-            "--layers/--kv-heads/--head-dim override the values of --model."
+            "A page is one page id: page_size token slots in every layer. The model comes "
+            "from --model (a shipped config), --config (a Hugging Face config.json) or the "
+            "explicit --layers/--kv-heads/--head-dim, which also override the other two."
         ),
     )
-    plan.add_argument(
+    source = plan.add_mutually_exclusive_group()
+    source.add_argument(
         "--model",
         type=_arg_type(_model, "model"),
-        help=f"built-in preset: {', '.join(PRESETS)}",
+        help=f"a shipped model config: {', '.join(PRESETS)}",
+    )
+    source.add_argument(
+        "--config",
+        metavar="PATH",
+        help="a Hugging Face config.json (or a model directory holding one)",
     )
     plan.add_argument("--layers", type=_arg_type(_positive_int, "int"), help="transformer layers")
     plan.add_argument(
@@ -205,10 +234,19 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     )
     plan.add_argument("--head-dim", type=_arg_type(_positive_int, "int"), help="head dimension")
     plan.add_argument(
+        "--kv-dtype",
         "--dtype",
+        dest="dtype",
         type=_arg_type(_dtype, "dtype"),
-        default="bfloat16",
-        help="cache dtype: float32, bfloat16, float16, int8, float8_e4m3fn (default bfloat16)",
+        help=f"cache dtype: {', '.join(SUPPORTED_DTYPES)} (default: the config's torch_dtype, "
+        "else bfloat16); shows the capacity gain over bfloat16",
+    )
+    plan.add_argument(
+        "--sliding-window",
+        type=_arg_type(_window, "int"),
+        metavar="W",
+        help="attention window of every layer, in tokens (default: the config's "
+        "sliding_window; 0: none): pages before the window are released",
     )
     plan.add_argument(
         "--page-size",
@@ -238,226 +276,68 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     )
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
 
-    for name, help_text in (
-        ("demo", "run examples/tp_decode.py (extra arguments are passed through)"),
-        ("bench", "run the benchmark suite (kvshard.benchmarks; try --quick, --help)"),
-        ("bench-cache", "run the cache-update benchmark (kvshard.benchmarks.cache_update)"),
-    ):
-        script = sub.add_parser(name, help=help_text, description=help_text, add_help=False)
-        script.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the script")
+    for name, script in SCRIPTS.items():
+        text = f"{script.help} (arguments are passed through; kvshard {name} --help)"
+        runner = sub.add_parser(name, help=text, description=text, add_help=False)
+        runner.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the script")
     return parser, plan
 
 
-# --------------------------------------------------------------------------------------------
-# The plan
-# --------------------------------------------------------------------------------------------
+def _check_options(argv: list[str], parser: argparse.ArgumentParser) -> list[str]:
+    """Returns ``argv`` with dash-leading values glued to their option; rejects unknown options.
 
-
-def make_plan(
-    *,
-    num_layers: int,
-    num_kv_heads: int,
-    head_dim: int,
-    dtype: str,
-    page_size: int,
-    dp: int,
-    tp: int,
-    hbm_per_device: int,
-    context: int,
-    model: str | None = None,
-) -> dict[str, Any]:
-    """Returns the plan as a JSON-ready dict (all byte counts are per device).
-
-    Raises:
-      BudgetTooSmall: the budget holds fewer than 2 pages (page 0 is the null page).
-      ValueError: ``tp`` neither divides nor is a multiple of ``num_kv_heads`` (the message of
-        :func:`kvshard.check_tensor_parallel`), or a bad size/dtype (from
-        :class:`kvshard.CacheSpec`).
+    argparse takes ``--hbm-per-device -16GiB`` for two options and says "expected one
+    argument"; as ``--hbm-per-device=-16GiB`` the value reaches the size parser, whose message
+    says what is wrong. An unknown ``--option`` gets a did-you-mean from the known ones (argparse
+    would first complain about a required option the typo was meant to be).
     """
-    replication = check_tensor_parallel(num_kv_heads, tp)
-    one = CacheSpec(num_layers, num_kv_heads, head_dim, page_size, 1, dtype)
-    page_bytes_layer = one.page_bytes_per_device(tp)
-    page_bytes = one.bytes_per_device(tp, dp)  # one page id, every layer
-    num_pages = hbm_per_device // page_bytes
-    if num_pages < _MIN_PAGES:
-        need = _MIN_PAGES * page_bytes
-        raise BudgetTooSmall(
-            f"{hbm_per_device:,} bytes ({_human(hbm_per_device)}) holds {num_pages} page(s) of "
-            f"{page_bytes:,} bytes ({num_layers} layers x {page_bytes_layer:,}); need at least "
-            f"{_MIN_PAGES} pages (page 0 is the null page): >= {need:,} bytes ({_human(need)})"
-        )
-    spec = dataclasses.replace(one, num_pages=num_pages)
-    cache_bytes = spec.bytes_per_device(tp, dp)
-    usable = num_pages - 1
-
-    # Where the bytes of the usable pages go: stored = distinct K/V + replicas + head_dim
-    # padding + packing padding. Every term is exact except the distinct/replica split, which
-    # rounds down (a device may hold a fraction of a head's "distinct" share).
-    rows = num_layers * usable * page_size  # token-slot rows of the usable pages, all layers
-    item = spec.np_dtype.itemsize
-    combined = spec.combined_heads_per_device(tp)
-    stored = usable * page_bytes
-    unpacked = rows * combined * spec.padded_head_dim * item
-    unpadded = rows * combined * head_dim * item
-    distinct = unpadded // replication
-    waste = {
-        "head_dim_padding": unpacked - unpadded,
-        "dtype_packing": stored - unpacked,
-        "head_replication": unpadded - distinct,
-        "null_page": page_bytes,
-        "budget_remainder": hbm_per_device - cache_bytes,
-    }
-    pages_per_sequence = -(-context // page_size)
-    per_group = usable // pages_per_sequence
-    return {
-        "model": model,
-        "num_layers": num_layers,
-        "num_kv_heads": num_kv_heads,
-        "head_dim": head_dim,
-        "dtype": spec.dtype,
-        "page_size": page_size,
-        "mesh": {"data": dp, "model": tp},
-        "hbm_per_device": hbm_per_device,
-        "context": context,
-        "replication": replication,
-        "heads_per_device": spec.heads_per_device(tp),
-        "combined_heads_per_device": combined,
-        "packing": spec.packing,
-        "packed_rows_per_device": round_up(combined, spec.packing),
-        "padded_head_dim": spec.padded_head_dim,
-        "local_shape": list(spec.local_shape(tp)),
-        "global_shape": list(spec.global_shape(tp, dp)),
-        "page_bytes_per_layer": page_bytes_layer,
-        "page_bytes": page_bytes,
-        "pages_per_device": num_pages,
-        "usable_pages_per_device": usable,
-        "cache_bytes_per_device": cache_bytes,
-        "tokens_per_group": usable * page_size,
-        "tokens_total": dp * usable * page_size,
-        "pages_per_sequence": pages_per_sequence,
-        "sequences_per_group": per_group,
-        "sequences_total": dp * per_group,
-        "kv_bytes": distinct,
-        "waste_bytes": waste,
-        "waste_percent": {k: 100 * v / hbm_per_device for k, v in waste.items()},
-        "int32_ok": num_layers * spec.slots_per_pool <= 2**31 - 1,
-    }
+    actions = parser._option_string_actions  # argparse has no public accessor
+    known = sorted(actions)
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        name = token.split("=", 1)[0]
+        if token.startswith("--") and token != "--":
+            matches = [o for o in known if o.startswith(name)]
+            if name not in actions and len(matches) != 1:
+                hint = difflib.get_close_matches(name, known, n=1)
+                parser.error(
+                    f"unrecognized option {name}" + (f"; did you mean {hint[0]}?" if hint else "")
+                )
+        action = actions.get(name)
+        takes_value = action is not None and action.nargs is None and "=" not in token
+        if (
+            takes_value
+            and i + 1 < len(argv)
+            and argv[i + 1].startswith("-")
+            and argv[i + 1].split("=", 1)[0] not in actions
+        ):
+            out.append(f"{token}={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(token)
+        i += 1
+    return out
 
 
-def _human(n: int) -> str:
-    """1310720 -> '1.25 MiB'."""
-    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= size:
-            return f"{n / size:.4g} {unit}"
-    return f"{n} B"
-
-
-def _plural(n: int, noun: str) -> str:
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
-
-
-def _shape(shape: list[int]) -> str:
-    return "[" + ", ".join(map(str, shape)) + "]"
-
-
-def format_plan(plan: dict[str, Any]) -> str:
-    """Renders :func:`make_plan`'s dict as plain aligned text."""
-    p = plan
-    dp, tp = p["mesh"]["data"], p["mesh"]["model"]
-    L, P, budget = p["num_layers"], p["page_size"], p["hbm_per_device"]
-    name = p["model"] or "custom model"
-    r = p["replication"]
-    head_note = (
-        f"{p['heads_per_device']} of {p['num_kv_heads']} heads per device"
-        if r == 1
-        else f"each of {p['num_kv_heads']} heads on {r} devices, 1 per device"
-    )
-    sections: list[tuple[str, list[tuple[str, str, str]]]] = [
-        (
-            "layout (per device)",
-            [
-                ("KV head replication", f"x{r}", head_note),
-                (
-                    "combined K/V rows per slot",
-                    f"{p['combined_heads_per_device']}",
-                    f"stored as {p['packed_rows_per_device']} (packing {p['packing']} for "
-                    f"{p['dtype']})",
-                ),
-                ("head_dim", f"{p['head_dim']}", f"stored as {p['padded_head_dim']}"),
-                ("cache shape, one device", _shape(p["local_shape"]), ""),
-                ("cache shape, global", _shape(p["global_shape"]), ""),
-            ],
-        ),
-        (
-            "capacity",
-            [
-                (
-                    "bytes per page per device, 1 layer",
-                    f"{p['page_bytes_per_layer']:,}",
-                    _human(p["page_bytes_per_layer"]),
-                ),
-                (
-                    f"bytes per page per device, {L} layers",
-                    f"{p['page_bytes']:,}",
-                    f"{_human(p['page_bytes'])}; a page id spans every layer",
-                ),
-                (
-                    "pages per device (= per DP pool)",
-                    f"{p['pages_per_device']:,}",
-                    f"{p['usable_pages_per_device']:,} usable: page 0 is the null page",
-                ),
-                ("cache bytes per device", f"{p['cache_bytes_per_device']:,}", ""),
-                (
-                    "tokens per DP group",
-                    f"{p['tokens_per_group']:,}",
-                    f"{p['usable_pages_per_device']:,} pages x {P}",
-                ),
-                (f"tokens in total ({_plural(dp, 'DP group')})", f"{p['tokens_total']:,}", ""),
-                (
-                    f"concurrent sequences of {p['context']:,} tokens",
-                    f"{p['sequences_total']:,}",
-                    f"{p['sequences_per_group']:,} per DP group, "
-                    f"{p['pages_per_sequence']:,} pages each",
-                ),
-            ],
-        ),
-    ]
-    labels = {
-        "head_dim_padding": f"head_dim padding ({p['head_dim']} -> {p['padded_head_dim']})",
-        "dtype_packing": (
-            f"dtype packing ({p['combined_heads_per_device']} -> "
-            f"{p['packed_rows_per_device']} rows)"
-        ),
-        "head_replication": f"head replication (x{r})",
-        "null_page": "null page 0 (reserved)",
-        "budget_remainder": "remainder (< 1 page)",
-    }
-    budget_rows = [
-        ("K/V of distinct heads", f"{p['kv_bytes']:,}", f"{100 * p['kv_bytes'] / budget:.2f}%")
-    ]
-    for key, label in labels.items():
-        budget_rows.append((label, f"{p['waste_bytes'][key]:,}", f"{p['waste_percent'][key]:.2f}%"))
-    sections.append(("where the budget goes (bytes per device, % of budget)", budget_rows))
-
-    width = max(len(label) for _, rows in sections for label, _, _ in rows)
-    value_width = max(len(value) for _, rows in sections for _, value, _ in rows)
-    lines = [
-        f"kvshard plan: {name} ({L} layers, {p['num_kv_heads']} KV heads, head_dim "
-        f"{p['head_dim']}), {p['dtype']}, page_size {P}",
-        f"mesh {dp}x{tp}: {_plural(dp, 'data-parallel group')} x {tp}-way tensor parallelism "
-        "over KV heads",
-        f"budget: {budget:,} bytes ({_human(budget)}) of HBM per device for the KV cache",
-    ]
-    for title, rows in sections:
-        lines += ["", title]
-        for label, value, note in rows:
-            lines.append(f"  {label:<{width}}  {value:>{value_width}}  {note}".rstrip())
-    return "\n".join(lines)
+# --------------------------------------------------------------------------------------------
+# plan
+# --------------------------------------------------------------------------------------------
 
 
 def _run_plan(args: argparse.Namespace, plan_parser: argparse.ArgumentParser) -> int:
-    preset = PRESETS[args.model] if args.model else None
-    geometry = {}
+    geometry: ModelGeometry | None = None
+    label = args.model
+    try:
+        if args.model:
+            geometry = read_model_config(preset_config(args.model))
+        elif args.config:
+            geometry = read_model_config(args.config)
+            label = args.config
+    except ConfigError as err:
+        plan_parser.error(f"argument {'--model' if args.model else '--config'}: {err}")
+    shape: dict[str, int] = {}
     missing = []
     for flag, dest, field in (
         ("--layers", "layers", "num_layers"),
@@ -465,36 +345,50 @@ def _run_plan(args: argparse.Namespace, plan_parser: argparse.ArgumentParser) ->
         ("--head-dim", "head_dim", "head_dim"),
     ):
         value = getattr(args, dest)
-        if value is None and preset is not None:
-            value = getattr(preset, field)
+        if value is None and geometry is not None:
+            value = getattr(geometry, field)
         if value is None:
             missing.append(flag)
-        geometry[field] = value
+        shape[field] = value
     if missing:
         plan_parser.error(
-            f"the following arguments are required without --model: {', '.join(missing)} "
-            f"(or pick a preset with --model: {', '.join(PRESETS)})"
+            f"the following arguments are required without --model or --config: "
+            f"{', '.join(missing)} (shipped models: {', '.join(PRESETS)})"
         )
+    dtype = args.dtype or (geometry.dtype if geometry else None)
+    if dtype is None:
+        if args.config:
+            plan_parser.error(
+                f"argument --config: {args.config}: torch_dtype is missing; pass --kv-dtype"
+            )
+        dtype = "bfloat16"
+    window = geometry.sliding_window if geometry else None
+    if args.sliding_window is not None:
+        window = args.sliding_window or None
     dp, tp = args.mesh
     try:
-        check_tensor_parallel(geometry["num_kv_heads"], tp)
+        check_tensor_parallel(shape["num_kv_heads"], tp)
     except ValueError as err:
         plan_parser.error(f"argument --mesh: {dp}x{tp}: {err}")
     try:
         plan = make_plan(
-            **geometry,
-            dtype=args.dtype,
+            **shape,
+            dtype=dtype,
             page_size=args.page_size,
             dp=dp,
             tp=tp,
             hbm_per_device=args.hbm_per_device,
             context=args.context,
-            model=args.model,
+            model=label,
+            sliding_window=window,
         )
     except BudgetTooSmall as err:
         plan_parser.error(f"argument --hbm-per-device: {err}")
+    except ContextTooLong as err:
+        plan_parser.error(f"argument --context: {err}")
     except ValueError as err:
         plan_parser.error(str(err))
+    plan["notes"] = [geometry.window_note] if geometry and geometry.window_note else []
     if args.json:
         print(json.dumps(plan, indent=2))
     else:
@@ -509,48 +403,6 @@ def _run_plan(args: argparse.Namespace, plan_parser: argparse.ArgumentParser) ->
 
 
 # --------------------------------------------------------------------------------------------
-# demo / bench
-# --------------------------------------------------------------------------------------------
-
-
-def _source_root() -> Path:
-    """The repository root when kvshard runs from a source checkout (editable install)."""
-    return Path(__file__).resolve().parents[1]
-
-
-def run_script(name: str, args: list[str], root: Path | None = None) -> int:
-    """Runs ``SCRIPTS[name]`` in a fresh interpreter with ``args``; returns its exit status.
-
-    A subprocess rather than ``runpy``: the scripts set ``XLA_FLAGS`` (simulated devices) before
-    importing JAX, which this process has already imported.
-    """
-    path = (root if root is not None else _source_root()).joinpath(*SCRIPTS[name])
-    if not path.is_file():
-        print(
-            f"kvshard {name}: {'/'.join(SCRIPTS[name])} not found (looked for {path}); it ships "
-            "with the source repository, not the wheel: clone the repository and "
-            "`pip install -e .` it, or run the script from a checkout",
-            file=sys.stderr,
-        )
-        return 2
-    try:
-        return subprocess.call([sys.executable, str(path), *args])
-    except KeyboardInterrupt:
-        return 130
-
-
-def run_module(name: str, args: list[str]) -> int:
-    """Runs ``python -m MODULES[name] args`` in a fresh interpreter; returns its exit status.
-
-    A subprocess for the same reason as :func:`run_script`: JAX reads its flags at import.
-    """
-    try:
-        return subprocess.call([sys.executable, "-m", MODULES[name], *args])
-    except KeyboardInterrupt:
-        return 130
-
-
-# --------------------------------------------------------------------------------------------
 # Entry point
 # --------------------------------------------------------------------------------------------
 
@@ -560,9 +412,16 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in SCRIPTS:  # pass everything through, --help included
         return run_script(argv[0], argv[1:])
-    if argv and argv[0] in MODULES:
-        return run_module(argv[0], argv[1:])
     parser, plan_parser = build_parser()
+    if argv and not argv[0].startswith("-") and argv[0] not in COMMANDS:
+        hint = difflib.get_close_matches(argv[0], COMMANDS, n=1, cutoff=0.5)
+        parser.error(
+            f"unknown command {argv[0]!r}"
+            + (f"; did you mean {hint[0]!r}?" if hint else "")
+            + f" (commands: {', '.join(COMMANDS)})"
+        )
+    if argv and argv[0] == "plan":
+        argv = ["plan", *_check_options(argv[1:], plan_parser)]
     args = parser.parse_args(argv)
     try:
         return _run_plan(args, plan_parser)

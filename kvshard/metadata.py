@@ -68,7 +68,9 @@ def build_update_slices(
             integer array of non-negative values, or their shapes differ; ``page_size`` is not
             an int >= 1; ``page_table`` is not a 2-D integer array, has fewer rows than the
             batch (without ``rows``) or fewer than ``max(rows) + 1``; a request writes past
-            the page table's width; a slice offset overflows int32.
+            the page table's width; a page id read from ``page_table`` is negative, or a slice
+            offset (``page id × page_size + offset``, computed in int64 whatever the table's
+            dtype) overflows int32.
     """
     computed = _counts(num_computed_tokens, "num_computed_tokens")
     scheduled = _counts(num_scheduled_tokens, "num_scheduled_tokens")
@@ -121,7 +123,9 @@ def build_update_slices(
     out = np.empty((3, total), np.int64)
     if total == num_touched.size:
         # Every request stays inside one page (decode steps): one column per request.
-        np.multiply(flat_table[flat_row + first_page], page_size, out=out[0])
+        # int64 before the multiply: in a small or unsigned table's own dtype the product
+        # wraps (uint16 page 4097 × 16 -> 16) into another request's page, past any check.
+        np.multiply(flat_table[flat_row + first_page].astype(np.int64), page_size, out=out[0])
         out[0] += start % page_size if start_offset is None else start_offset
         out[2] = count
     else:
@@ -134,14 +138,30 @@ def build_update_slices(
         hi[cum - 1] = end - last_page * page_size
         # Column c of request r reads page-table entry first_page[r] + (c - first_col[r]).
         base = np.repeat(flat_row + first_page - first_col, num_touched)
-        page_ids = flat_table[base + np.arange(total)]
+        page_ids = flat_table[base + np.arange(total)].astype(np.int64)  # see above: no wrap
         np.multiply(page_ids, page_size, out=out[0])
         out[0] += lo
         np.subtract(hi, lo, out=out[2])
     np.cumsum(out[2], out=out[1])
     out[1] -= out[2]
-    if total and (out[0].max() > _INT32_MAX or out[1, -1] + out[2, -1] > _INT32_MAX):
-        raise ValueError("slice offsets overflow int32 (page_table ids × page_size too large)")
+    if total and out[0].min() < 0:
+        i = int(np.argmin(out[0]))
+        raise ValueError(
+            f"slice {i}: page id {int(out[0, i]) // page_size} from page_table is negative; "
+            "page ids must be >= 0"
+        )
+    if total and out[0].max() > _INT32_MAX:
+        i = int(np.argmax(out[0]))
+        raise ValueError(
+            f"slice {i}: kv_cache_start {int(out[0, i])} (page id × page_size {page_size} + "
+            f"offset) would overflow int32 (max {_INT32_MAX}); page ids must be < "
+            f"{(_INT32_MAX + 1) // page_size}"
+        )
+    if total and out[1, -1] + out[2, -1] > _INT32_MAX:
+        raise ValueError(
+            f"new_kv_start {int(out[1, -1] + out[2, -1])} (tokens scheduled) would overflow int32 "
+            f"(max {_INT32_MAX})"
+        )
     return out.astype(np.int32)
 
 

@@ -20,6 +20,7 @@ def run_script(path: Path, *flags: str) -> subprocess.CompletedProcess:
     # process's copy is not appended twice.
     env.pop("XLA_FLAGS", None)
     env["JAX_PLATFORMS"] = "cpu"
+    env["NPROC"] = "16"  # a thread per simulated device for interpret mode (conftest.py)
     return subprocess.run(
         [sys.executable, str(path), *flags],
         capture_output=True,

@@ -1,4 +1,4 @@
-"""Test set-up: 8 simulated CPU devices, set before JAX initialises its backends."""
+"""Test set-up: 8 simulated CPU devices and a 16-thread CPU client, set before JAX initialises."""
 
 import os
 
@@ -7,6 +7,10 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# XLA's CPU client sizes its thread pool from NPROC (else the core count); Pallas TPU interpret
+# mode needs every simulated device's thread at once, so 8 devices on 2 cores would deadlock
+# (docs/guides/fuzzing.md). Read once, when JAX creates its CPU client.
+os.environ.setdefault("NPROC", "16")
 
 import jax
 from hypothesis import HealthCheck, settings

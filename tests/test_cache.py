@@ -570,7 +570,18 @@ def _bad_update_calls():
         ("k/v T", dict(v=np.zeros((7, 2, 64), np.float32)), ValueError, "k and v shapes differ"),
         ("k int", dict(k=k.astype(np.int32), v=k.astype(np.int32)), TypeError, "k has dtype int32"),
         ("k/v dtype", dict(v=k.astype(np.float16)), TypeError, "k and v dtypes differ"),
-        ("slices dtype", dict(slices=s.astype(np.int64)), TypeError, "slices must be int32"),
+        (
+            "slices dtype",
+            dict(slices=s.astype(np.float32)),
+            TypeError,
+            "slices must be an integer array",
+        ),
+        (
+            "slices past int32",
+            dict(slices=np.where(s == 4, 2**31, s.astype(np.int64))),
+            ValueError,
+            r"slices contains 2147483648, outside int32 \[-2147483648, 2147483647\]",
+        ),
         (
             "slices shape",
             dict(slices=np.zeros((4, 3), np.int32)),
@@ -578,7 +589,12 @@ def _bad_update_calls():
             r"slices must have shape \[3, S\]",
         ),
         ("num shape", dict(num_slices=np.array([2, 0], np.int32)), ValueError, "num_slices must"),
-        ("num dtype", dict(num_slices=n.astype(np.float32)), TypeError, "num_slices must be int32"),
+        (
+            "num dtype",
+            dict(num_slices=n.astype(np.float32)),
+            TypeError,
+            "num_slices must be an integer array",
+        ),
         (
             "num range",
             dict(num_slices=np.array([4], np.int32)),

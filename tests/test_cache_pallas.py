@@ -4,12 +4,12 @@ Interpret mode compiles slowly (~10 s per executable) and runs ~1 s per call, so
 uses one tiny fixed shape per executable and few examples. The dense oracle and helpers come
 from test_cache.py.
 
-Executed tests use meshes of at most 4 devices, and one 1x8 case run in a subprocess with a
-timeout (see its test): Pallas TPU interpret mode starts every kernel
-with a global ``threading.Barrier`` across the mesh's devices
-(jax/_src/pallas/mosaic/interpret/interpret_pallas_call.py, ``_barrier``), and with 8 simulated
-CPU devices on a 2-core host not all 8 device threads reach it: the run deadlocks
-(intermittently, always with larger caches). The 8-device TPU export test only lowers.
+Executed tests here use meshes of at most 4 devices; every 8-device mesh shape runs in
+test_pallas_meshes.py. Pallas TPU interpret mode starts every kernel with a global
+``threading.Barrier`` across the mesh's devices
+(jax/_src/pallas/mosaic/interpret/interpret_pallas_call.py, ``_barrier``), which needs a CPU
+client thread per device: conftest.py sets ``NPROC=16`` for that (without it, 8 simulated
+devices on a 2-core host deadlocked). The 8-device TPU export test only lowers.
 """
 
 from __future__ import annotations
@@ -18,22 +18,34 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _scripts import run_script, stdout_of_success
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from test_cache import Oracle, assert_matches, fixed_slices, make_mesh, random_kv, small_spec
 
+import kvshard.kernels.budgets
 from kvshard.cache import CacheSpec, _update_jit, init_cache, update
 from kvshard.testing import update_slices
 
 pytestmark = pytest.mark.slow
 
+
+@pytest.fixture
+def small_kernel_blocks(monkeypatch):
+    """2 slices a kernel block instead of up to 64: interpret mode compiles every unrolled
+    DMA into host callbacks (about 18 vs 1 CPU-seconds an executable, see
+    test_pallas_meshes.py), and a step's slices then span several grid steps."""
+    monkeypatch.setattr(kvshard.kernels.budgets, "MAX_SLICES_PER_BLOCK", 2)
+    # Fails if the block rule stops reading the constant there (the fixture would do nothing).
+    assert kvshard.kernels.budgets.default_num_slices_per_block(4, 2, 128, "float32") == 2
+
+
 # 1 KV head on a 2-way head axis: replication 2, padded head_dim, 2 layers, 16 slots a pool.
 SPEC = small_spec(1, head_dim=64, num_layers=2, num_pages=4)
 
 
+@pytest.mark.usefixtures("small_kernel_blocks")
 @settings(max_examples=4)
 @given(
     st.data(),
@@ -64,6 +76,7 @@ def test_pallas_matches_oracle_and_xla(data, layers, seed):
     np.testing.assert_array_equal(np.asarray(pallas.kv), np.asarray(xla.kv))
 
 
+@pytest.mark.usefixtures("small_kernel_blocks")
 def test_pallas_pooled_update_in_place():
     """Data-parallel pools, one compile: checks memory, donation and values together."""
     spec = CacheSpec(
@@ -89,6 +102,7 @@ def test_pallas_pooled_update_in_place():
     assert_matches(cache, oracle)
 
 
+@pytest.mark.usefixtures("small_kernel_blocks")
 def test_pallas_scan_over_layers():
     spec = small_spec(2, head_dim=128, num_layers=2, num_pages=4)
     mesh = make_mesh((1, 4))
@@ -147,36 +161,3 @@ def test_sharded_update_lowers_for_tpu(page_axis):
     assert "tf.aliasing_output = 0" in text
     assert exported.nr_devices == 8
     assert exported.platforms == ("tpu",)
-
-
-_ONE_BY_EIGHT = """
-import os
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-import jax, numpy as np, kvshard
-mesh = jax.make_mesh((1, 8), ("data", "model"))
-spec = kvshard.CacheSpec(num_layers=2, num_kv_heads=8, head_dim=128, page_size=4, num_pages=8,
-                         dtype="float32")
-rng = np.random.default_rng(0)
-k, v = (rng.standard_normal((7, 8, 128)).astype(np.float32) for _ in range(2))
-slices = np.array([[5, 0, 3], [12, 3, 4], [0, 0, 0]], np.int32).T.copy()
-num = np.array([2], np.int32)
-caches = {b: kvshard.init_cache(spec, mesh) for b in ("pallas", "xla")}
-for backend in caches:
-    for layer in range(2):
-        caches[backend] = kvshard.update(caches[backend], layer, k, v, slices, num,
-                                         backend=backend)
-slots = np.array([5, 6, 7, 12, 13, 14, 15])
-k1, v1 = kvshard.gather(caches["pallas"], 1, slots)
-assert np.array_equal(np.asarray(caches["pallas"].kv), np.asarray(caches["xla"].kv))
-assert np.array_equal(np.asarray(k1), k) and np.array_equal(np.asarray(v1), v)
-print("1x8 pallas == xla == written")
-"""
-
-
-def test_pallas_backend_on_one_by_eight_mesh(tmp_path):
-    """The executed 8-device case: a 1x8 mesh with a 64 KiB local cache, which interpret mode
-    runs reliably (24 of 24 runs here, 16 of them two at a time); a subprocess with a timeout,
-    so that a hang of the interpreter (see the module docstring) fails instead of stalling."""
-    script = tmp_path / "one_by_eight.py"
-    script.write_text(_ONE_BY_EIGHT)
-    assert "1x8 pallas == xla == written" in stdout_of_success(run_script(script))

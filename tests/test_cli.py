@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
+import kvshard._run
 from kvshard import cli
-from kvshard._presets import PRESETS
+from kvshard._config import PRESETS, preset_config, read_model_config
 
 GiB = 2**30
 LLAMA_70B_1X8 = ["plan", "--model", "llama-3-70b", "--mesh", "1x8", "--hbm-per-device", "16GiB"]
@@ -110,12 +111,16 @@ def test_explicit_flags_override_the_preset(capsys):
 
 
 def test_presets():
-    assert {name: (p.num_layers, p.num_kv_heads, p.head_dim) for name, p in PRESETS.items()} == {
-        "llama-3-8b": (32, 8, 128),
-        "llama-3-70b": (80, 8, 128),
-        "mistral-7b": (32, 8, 128),
-        "qwen2.5-72b": (80, 8, 128),
-        "qwen2.5-7b": (28, 4, 128),
+    shapes = {}
+    for name in PRESETS:
+        g = read_model_config(preset_config(name))
+        shapes[name] = (g.num_layers, g.num_kv_heads, g.head_dim, g.dtype, g.sliding_window)
+    assert shapes == {
+        "llama-3-8b": (32, 8, 128, "bfloat16", None),
+        "llama-3-70b": (80, 8, 128, "bfloat16", None),
+        "mistral-7b": (32, 8, 128, "bfloat16", 4096),
+        "qwen2.5-72b": (80, 8, 128, "bfloat16", None),  # use_sliding_window: false
+        "qwen2.5-7b": (28, 4, 128, "bfloat16", None),
     }
 
 
@@ -175,11 +180,10 @@ def test_errors_exit_2_naming_the_argument(capsys, extra, fragments):
 
 
 def test_exactly_two_pages_is_enough(capsys):
-    plan = plan_json(
-        capsys, ["plan", "--model", "llama-3-70b", "--mesh", "1x8", "--hbm-per-device", "2621440"]
-    )
+    argv = ["plan", "--model", "llama-3-70b", "--mesh", "1x8", "--hbm-per-device", "2621440"]
+    plan = plan_json(capsys, [*argv, "--context", "32"])
     assert plan["pages_per_device"] == 2 and plan["tokens_per_group"] == 32
-    assert plan["sequences_total"] == 0
+    assert plan["sequences_total"] == 1
 
 
 # ------------------------------------------------------------------ entry points
@@ -196,40 +200,395 @@ def test_python_dash_m_json_round_trip(capsys):
     assert json.loads(result.stdout) == plan_json(capsys, LLAMA_70B_1X8)
 
 
-def test_missing_script_is_a_clear_error(tmp_path, capsys):
-    assert cli.run_script("demo", [], root=tmp_path) == 2
-    err = capsys.readouterr().err
-    assert "examples/tp_decode.py not found" in err and str(tmp_path) in err
-
-
-def test_script_pass_through(tmp_path, capfd):
-    script = tmp_path / "examples" / "tp_decode.py"
-    script.parent.mkdir()
-    script.write_text("import sys\nprint('args', sys.argv[1:])\nsys.exit(3)\n")
-    assert cli.run_script("demo", ["--repeats", "1", "--help"], root=tmp_path) == 3
-    assert "args ['--repeats', '1', '--help']" in capfd.readouterr().out
-
-
-def test_bench_runs_the_packaged_suite(capfd):
-    # The benchmarks ship in the package, so `kvshard bench` works without a source tree.
-    assert cli.MODULES == {
-        "bench": "kvshard.benchmarks",
-        "bench-cache": "kvshard.benchmarks.cache_update",
-    }
-    assert cli.main(["bench", "--help"]) == 0
-    assert "--quick" in capfd.readouterr().out
-    assert cli.main(["bench-cache", "--help"]) == 0
-    assert "--dtype" in capfd.readouterr().out
-
-
-def test_demo_and_bench_point_into_the_source_tree():
-    root = Path(cli.__file__).resolve().parents[1]
-    assert (root / "benchmarks" / "host_step.py").is_file()
-    assert cli.SCRIPTS["demo"] == ("examples", "tp_decode.py")
-
-
 def test_help_lists_the_subcommands(capsys):
     code, out, _ = run(capsys, ["--help"])
     assert code == 0
-    for command in ("plan", "demo", "bench"):
+    for command in ("plan", "demo", "bench", "bench-cache"):
         assert command in out
+
+
+# ------------------------------------------------------------------ errors: one line, helpful
+
+
+def one_line_error(capsys, argv: list[str]) -> str:
+    code, out, err = run(capsys, argv)
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1, err  # no usage block before the message
+    assert err.rstrip().endswith("--help)"), err
+    return err
+
+
+def test_negative_size_is_a_size_error(capsys):
+    err = one_line_error(capsys, ["plan", "--model", "llama-3-8b", "--hbm-per-device", "-16GiB"])
+    assert err.startswith("kvshard plan: error: argument --hbm-per-device: '-16GiB' is negative")
+    err = one_line_error(capsys, ["plan", "--model", "llama-3-8b", "--hbm-per-device", "-1"])
+    assert "argument --hbm-per-device: '-1' is negative" in err
+
+
+def test_negative_int_names_its_argument(capsys):
+    err = one_line_error(
+        capsys, ["plan", "--model", "llama-3-8b", "--hbm-per-device", "1GiB", "--context", "-5"]
+    )
+    assert "argument --context: -5 must be >= 1" in err
+
+
+def test_context_larger_than_the_cache_says_so(capsys):
+    argv = ["plan", "--model", "llama-3-70b", "--mesh", "1x8", "--hbm-per-device", "2621440"]
+    err = one_line_error(capsys, argv)  # default context 8192: 256 pages, 1 usable
+    # (256 + 1) pages of 1,310,720 bytes: the null page and one sequence.
+    assert "argument --context: 8,192 tokens need 256 pages per sequence" in err
+    assert "holds 1 usable page(s)" in err and f"{257 * 1_310_720:,} bytes" in err
+
+
+@pytest.mark.parametrize(
+    ("typo", "suggestion"), [("pln", "plan"), ("bench_cache", "bench-cache"), ("dmeo", "demo")]
+)
+def test_mistyped_command_suggests_the_right_one(capsys, typo, suggestion):
+    err = one_line_error(capsys, [typo, "--hbm-per-device", "1GiB"])
+    assert err.startswith(f"kvshard: error: unknown command {typo!r}; did you mean {suggestion!r}?")
+
+
+def test_unrelated_command_lists_the_commands(capsys):
+    err = one_line_error(capsys, ["serve"])
+    assert "did you mean" not in err and "plan, demo, bench, bench-cache" in err
+
+
+def test_mistyped_option_suggests_the_right_one(capsys):
+    err = one_line_error(capsys, ["plan", "--model", "llama-3-8b", "--hbm-per-devcie", "1GiB"])
+    assert "unrecognized option --hbm-per-devcie; did you mean --hbm-per-device?" in err
+
+
+def test_abbreviated_option_still_works(capsys):
+    plan = plan_json(
+        capsys, ["plan", "--model", "llama-3-8b", "--hbm-per", "1GiB", "--context", "64"]
+    )
+    assert plan["hbm_per_device"] == 2**30
+
+
+def test_mistyped_model_suggests_the_preset(capsys):
+    err = one_line_error(capsys, ["plan", "--model", "llama-3-8", "--hbm-per-device", "1GiB"])
+    assert "did you mean 'llama-3-8b'?" in err
+
+
+def test_model_and_config_are_exclusive(capsys, tmp_path):
+    err = one_line_error(
+        capsys,
+        ["plan", "--model", "llama-3-8b", "--config", str(tmp_path), "--hbm-per-device", "1GiB"],
+    )
+    assert "--config" in err and "--model" in err
+
+
+# ------------------------------------------------------------------ kv dtype, sliding windows
+
+
+def test_kv_dtype_shows_the_gain_over_bfloat16(capsys):
+    # 8 KV heads on one device: 16 combined rows, a multiple of every packing, so int8 halves
+    # the bytes of a token exactly: 32 layers x 16 rows x 128 x 1 byte = 65,536.
+    base = ["plan", "--model", "llama-3-8b", "--hbm-per-device", "1GiB"]
+    plan = plan_json(capsys, [*base, "--kv-dtype", "int8"])
+    assert plan["bytes_per_token"] == 32 * 16 * 128 == 65_536
+    assert plan["bfloat16_bytes_per_token"] == 2 * 65_536
+    tokens = (2**30 // (32 * 65_536) - 1) * 32  # pages of 32 tokens, minus the null page
+    bf16_tokens = (2**30 // (64 * 65_536) - 1) * 32
+    assert plan["tokens_per_group"] == tokens == 16_352
+    assert plan["capacity_vs_bfloat16"] == pytest.approx(tokens / bf16_tokens)
+    code, out, _ = run(capsys, [*base, "--kv-dtype", "int8"])
+    assert code == 0
+    row = next(line for line in out.splitlines() if "bytes per token" in line)
+    assert "65,536" in row and f"x{tokens / bf16_tokens:.2f} the tokens of bfloat16" in row
+    assert "131,072 bytes per token" in row
+
+
+def test_kv_dtype_gain_can_be_none_at_all(capsys):
+    # One KV head per device (1x8): 2 rows, padded to int8's packing of 4 -> no gain at all.
+    argv = ["plan", "--model", "llama-3-8b", "--mesh", "1x8", "--hbm-per-device", "1GiB"]
+    plan = plan_json(capsys, [*argv, "--kv-dtype", "fp8"])
+    assert plan["dtype"] == "float8_e4m3fn" and plan["capacity_vs_bfloat16"] == 1.0
+
+
+def window_pages_by_simulation(window: int, page_size: int, context: int) -> int:
+    """Most live pages over a decode, simulating the release rule on a set of pages."""
+    live: set[int] = set()
+    most = 0
+    for n in range(context):  # the step that computes the token at position n
+        first_needed = max(0, n - window + 1)  # the oldest key any query from n on reads
+        live = {page for page in live if (page + 1) * page_size > first_needed}  # release
+        live.add(n // page_size)  # grow: the page the new token is written to
+        most = max(most, len(live))
+    return most
+
+
+@pytest.mark.parametrize("page_size", [1, 4, 16])
+@pytest.mark.parametrize("window", [1, 2, 3, 15, 16, 17, 33, 64])
+def test_window_pages_matches_a_simulation(window, page_size):
+    for context in (1, 2, page_size, window, window + 1, 3 * window + 2 * page_size + 5):
+        expected = window_pages_by_simulation(window, page_size, context)
+        assert cli.window_pages(window, page_size, context) == expected, (window, context)
+    long = 4 * window + 4 * page_size
+    assert cli.window_pages(window, page_size, long) == -(-(window - 1) // page_size) + 1
+
+
+@pytest.mark.parametrize("page_size", [1, 4, 16, 32])
+@pytest.mark.parametrize("window", [1, 2, 15, 16, 17, 4096])
+def test_window_pages_agrees_with_the_allocator_bound(window, page_size):
+    # The allocator's own bound for decode steps, reached once the context passes the window.
+    from kvshard.allocator import sliding_window_pages
+
+    long = window + 2 * page_size
+    assert cli.window_pages(window, page_size, long) == sliding_window_pages(window, page_size)
+
+
+@pytest.mark.parametrize(("window", "page_size"), [(1, 4), (6, 4), (8, 4), (9, 4), (17, 8)])
+def test_window_pages_is_what_the_allocator_keeps(window, page_size):
+    # Decode one request token by token with a windowed allocator: the most pages it held.
+    from kvshard.allocator import PageAllocator
+
+    for context in (3, window, window + 1, 3 * window + 2 * page_size):
+        alloc = PageAllocator(
+            64, page_size, max_requests=1, max_pages_per_request=64, sliding_window=window
+        )
+        most = 0
+        for _ in range(context):
+            alloc.allocate("r", 1)
+            most = max(most, alloc.num_pages - 1 - alloc.num_free_pages)
+        assert cli.window_pages(window, page_size, context) == most, (window, context)
+
+
+def test_window_pages_rejects_bad_input():
+    with pytest.raises(ValueError, match="window=0"):
+        cli.window_pages(0, 16, 10)
+
+
+def test_sliding_window_capacity_gain(capsys):
+    # Mistral-7B-v0.1 ships sliding_window 4096: a decoding request holds at most
+    # ceil(4095 / 32) + 1 = 129 pages instead of 8192 / 32 = 256.
+    plan = plan_json(capsys, ["plan", "--model", "mistral-7b", "--hbm-per-device", "16GiB"])
+    usable = 16 * GiB // (32 * 32 * 16 * 128 * 2) - 1
+    w = plan["sliding_window"]
+    assert usable == 4095 and plan["sequences_per_group"] == usable // 256 == 15
+    assert w["window"] == 4096 and w["pages_per_sequence"] == 129
+    assert w["sequences_per_group"] == usable // 129 == 31
+    assert w["capacity_gain"] == pytest.approx(31 / 15)
+    code, out, _ = run(capsys, ["plan", "--model", "mistral-7b", "--hbm-per-device", "16GiB"])
+    assert code == 0
+    assert "with sliding window 4,096" in out and "x2.07" in out
+
+
+def test_sliding_window_flag_overrides_and_disables(capsys):
+    base = ["plan", "--model", "mistral-7b", "--hbm-per-device", "16GiB"]
+    assert plan_json(capsys, [*base, "--sliding-window", "0"])["sliding_window"] is None
+    plan = plan_json(capsys, [*base, "--sliding-window", "100", "--page-size", "16"])
+    assert plan["sliding_window"]["pages_per_sequence"] == 8  # ceil(99 / 16) + 1
+
+
+def test_sliding_window_lets_a_long_context_fit(capsys):
+    # 2 usable pages of 32: a 8192-token context fits only because the window keeps 2 pages.
+    argv = ["plan", "--layers", "1", "--kv-heads", "1", "--head-dim", "128", "--mesh", "1x1"]
+    argv += ["--hbm-per-device", str(3 * 32 * 2 * 128 * 2), "--sliding-window", "32"]
+    plan = plan_json(capsys, argv)
+    assert plan["sequences_per_group"] == 0
+    assert plan["sliding_window"]["sequences_per_group"] == 1
+    assert plan["sliding_window"]["capacity_gain"] is None
+
+
+# ------------------------------------------------------------------ --config
+
+
+LLAMA_3_8B_CONFIG = {  # meta-llama/Meta-Llama-3-8B config.json, as published
+    "architectures": ["LlamaForCausalLM"],
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "bos_token_id": 128000,
+    "eos_token_id": 128001,
+    "hidden_act": "silu",
+    "hidden_size": 4096,
+    "initializer_range": 0.02,
+    "intermediate_size": 14336,
+    "max_position_embeddings": 8192,
+    "model_type": "llama",
+    "num_attention_heads": 32,
+    "num_hidden_layers": 32,
+    "num_key_value_heads": 8,
+    "pretraining_tp": 1,
+    "rms_norm_eps": 1e-05,
+    "rope_scaling": None,
+    "rope_theta": 500000.0,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+    "transformers_version": "4.40.0.dev0",
+    "use_cache": True,
+    "vocab_size": 128256,
+}
+
+
+def test_config_gives_the_preset_capacity(capsys, tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(LLAMA_3_8B_CONFIG))
+    flags = ["--mesh", "2x4", "--hbm-per-device", "12GB", "--context", "4096"]
+    from_config = plan_json(capsys, ["plan", "--config", str(path), *flags])
+    from_preset = plan_json(capsys, ["plan", "--model", "llama-3-8b", *flags])
+    assert from_config["model"] == str(path) and from_preset["model"] == "llama-3-8b"
+    del from_config["model"], from_preset["model"]
+    assert from_config == from_preset
+    assert from_config["tokens_total"] == 2 * (12 * 10**9 // (32 * 32 * 4 * 128 * 2) - 1) * 32
+    # A model directory works as Hugging Face tools accept it.
+    assert (
+        plan_json(capsys, ["plan", "--config", str(tmp_path), *flags])["tokens_total"]
+        == (from_preset["tokens_total"])
+    )
+
+
+@pytest.mark.parametrize(
+    ("change", "fragment"),
+    [
+        ({"kv_lora_rank": 512}, "kv_lora_rank=512: multi-head latent attention"),
+        ({"num_hidden_layers": None}, "num_hidden_layers is missing"),
+        ({"num_hidden_layers": "32"}, "num_hidden_layers='32' must be a positive integer"),
+        ({"num_key_value_heads": 0}, "num_key_value_heads=0 must be a positive integer"),
+        ({"hidden_size": 4100}, "hidden_size=4100 is not a multiple of num_attention_heads=32"),
+        ({"torch_dtype": "int4"}, "torch_dtype='int4' is not one of"),
+        ({"torch_dtype": None}, "torch_dtype is missing; pass --kv-dtype"),
+        ({"sliding_window": -1}, "sliding_window=-1 must be a positive integer or null"),
+    ],
+)
+def test_bad_config_is_one_line_naming_the_field(capsys, tmp_path, change, fragment):
+    config = {**LLAMA_3_8B_CONFIG, **change}
+    config = {k: v for k, v in config.items() if v is not None}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    err = one_line_error(capsys, ["plan", "--config", str(path), "--hbm-per-device", "1GiB"])
+    assert err.startswith(f"kvshard plan: error: argument --config: {path}"), err
+    assert fragment in err, err
+
+
+@pytest.mark.parametrize(
+    ("content", "fragment"), [("{", "not JSON"), ("[1, 2]", "JSON object, got list")]
+)
+def test_unreadable_config(capsys, tmp_path, content, fragment):
+    path = tmp_path / "config.json"
+    path.write_text(content)
+    err = one_line_error(capsys, ["plan", "--config", str(path), "--hbm-per-device", "1GiB"])
+    assert fragment in err
+    err = one_line_error(
+        capsys, ["plan", "--config", str(tmp_path / "nope.json"), "--hbm-per-device", "1GiB"]
+    )
+    assert "nope.json: cannot read the config" in err
+
+
+def test_kv_dtype_fills_in_a_missing_torch_dtype(capsys, tmp_path):
+    config = {k: v for k, v in LLAMA_3_8B_CONFIG.items() if k != "torch_dtype"}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    argv = ["plan", "--config", str(path), "--hbm-per-device", "1GiB", "--kv-dtype", "fp8"]
+    assert plan_json(capsys, argv)["dtype"] == "float8_e4m3fn"
+
+
+def test_mixed_window_layers_are_noted_not_released(capsys, tmp_path):
+    config = {**LLAMA_3_8B_CONFIG, "sliding_window": 1024, "num_hidden_layers": 4}
+    config["layer_types"] = ["sliding_attention"] * 3 + ["full_attention"]
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    plan = plan_json(capsys, ["plan", "--config", str(path), "--hbm-per-device", "2GiB"])
+    assert plan["sliding_window"] is None
+    assert plan["notes"] == [
+        "sliding_window 1024 on 3 of 4 layers: the other layers read every page, so no page "
+        "can be released"
+    ]
+
+
+# ------------------------------------------------------------------ demo / bench dispatch
+
+
+def test_scripts_name_the_command_in_their_help(tmp_path, capfd):
+    script = tmp_path / "benchmarks" / "cache_update.py"
+    script.parent.mkdir()
+    (script.parent / "_sibling.py").write_text("VALUE = 7\n")
+    script.write_text(
+        "import argparse, sys\nfrom _sibling import VALUE\n"
+        "print('sibling', VALUE, 'args', sys.argv[1:])\n"
+        "argparse.ArgumentParser().parse_args()\n"
+    )
+    assert cli.run_script("bench-cache", ["--help"], root=tmp_path) == 0
+    out = capfd.readouterr().out
+    assert "sibling 7 args ['--help']" in out  # imports its siblings, gets the arguments
+    assert "usage: kvshard bench-cache [-h]" in out
+
+
+def test_script_pass_through(tmp_path, capfd):
+    script = tmp_path / "benchmarks" / "run_all.py"
+    script.parent.mkdir()
+    script.write_text("import sys\nprint('args', sys.argv[1:])\nsys.exit(3)\n")
+    assert cli.run_script("bench", ["--repeats", "1", "--help"], root=tmp_path) == 3
+    assert "args ['--repeats', '1', '--help']" in capfd.readouterr().out
+
+
+def test_missing_script_is_a_clear_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(
+        cli.SCRIPTS, "bench", cli.Script("kvshard.no_such_module", ("benchmarks", "x.py"), "")
+    )
+    monkeypatch.setattr(kvshard._run, "_source_root", lambda: tmp_path)
+    assert cli.main(["bench", "--help"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.startswith("kvshard bench: error: not installed: no module kvshard.no_such_module")
+    assert str(tmp_path / "benchmarks" / "x.py") in err
+
+
+# ------------------------------------------------------------------ no JAX for planning
+
+
+def test_plan_does_not_import_jax():
+    code = (
+        "import sys, kvshard, kvshard.cli\n"
+        "assert kvshard.cli.main(['plan', '--model', 'llama-3-8b', '--hbm-per-device', '1GiB',"
+        " '--kv-dtype', 'int8', '--json']) == 0\n"
+        "spec = kvshard.CacheSpec.from_config(kvshard.cli.preset_config('mistral-7b'),"
+        " page_size=16, num_pages=8)\n"
+        "assert spec.num_layers == 32 and spec.dtype == 'bfloat16', spec\n"
+        "assert 'kvshard.PageAllocator' in repr(kvshard.PageAllocator) or kvshard.PageAllocator\n"
+        "print('jax' in sys.modules, 'jax' in [m.split('.')[0] for m in sys.modules])\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "False False"
+
+
+def test_lazy_exports_resolve_and_are_listed():
+    import kvshard
+
+    for name in kvshard.__all__:
+        assert getattr(kvshard, name) is not None, name
+    assert set(kvshard.__all__) <= set(dir(kvshard))
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        kvshard.nope  # noqa: B018
+
+
+def test_bench_cache_help_names_the_command():
+    result = subprocess.run(
+        [sys.executable, "-m", "kvshard", "bench-cache", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: kvshard bench-cache ")
+    assert "cache_update.py" not in result.stdout
+
+
+def test_installed_module_runs_as_the_command(tmp_path, capfd, monkeypatch):
+    # An installed script module is preferred to the source tree, and sees `kvshard demo`.
+    (tmp_path / "fake_demo_module.py").write_text(
+        "import argparse, sys\nprint('args', sys.argv[1:], __name__)\n"
+        "argparse.ArgumentParser().parse_args()\n"
+    )
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    monkeypatch.syspath_prepend(str(tmp_path))  # find_spec in this process
+    monkeypatch.setitem(
+        cli.SCRIPTS, "demo", cli.Script("fake_demo_module", ("examples", "nope.py"), "")
+    )
+    assert cli.main(["demo", "--help"]) == 0
+    out = capfd.readouterr().out
+    assert "args ['--help'] __main__" in out and "usage: kvshard demo [-h]" in out

@@ -84,17 +84,12 @@ def test_kernel_demo_matches_oracle():
 def test_demo_forward_has_no_cache_collectives(kv_heads):
     """The demo's compiled step: attention reads each device's own pages, so the only
     collectives are the model's two row-parallel all-reduces per layer (wo and w2)."""
-    import sys
 
     import jax
     import numpy as np
 
-    sys.path.insert(0, str(ROOT / "examples"))
-    try:
-        import _model
-    finally:
-        sys.path.remove(str(ROOT / "examples"))
     import kvshard
+    from kvshard._demo import model as _model
 
     cfg = _model.ModelConfig(num_layers=2, num_kv_heads=kv_heads)
     mesh = _model.make_mesh()

@@ -1,4 +1,4 @@
-"""Shared code of the serving examples: a small GQA transformer, a dense oracle, and an engine.
+"""The demo's model: a small GQA transformer, a dense oracle, and a continuous-batching engine.
 
 * :func:`init_params`: random (seeded) weights of a decoder-only transformer with grouped-query
   attention, RMSNorm, RoPE and a SiLU MLP.
@@ -518,9 +518,9 @@ class CompileCounter:
         self.count = 0
         jax.monitoring.register_event_duration_secs_listener(self._on_event)
 
-    def _on_event(self, name: str, duration: float, **kwargs) -> None:
-        del duration, kwargs
-        if name == self.EVENT:
+    def _on_event(self, event: str, duration_secs: float, **kwargs: str | int) -> None:
+        del duration_secs, kwargs
+        if event == self.EVENT:
             self.count += 1
 
 

@@ -1,0 +1,348 @@
+"""The arithmetic of ``kvshard plan``: pages, tokens and sequences of a cache, and where bytes go.
+
+Pure Python on top of :class:`kvshard.CacheSpec` (no JAX). A *page* is one page id: it names the
+same ``page_size`` token slots in every layer's cache, so "bytes per page" counts all layers.
+Each device of a data-parallel group holds the whole page pool for its own heads, so pages per
+device = pages per pool.
+
+Sliding windows: for a model whose every layer attends a window of ``W`` tokens (a query at
+position ``p`` reads keys ``p - W + 1 .. p``), the allocator can release a request's pages that
+lie wholly before the window of its next token (vLLM's sliding-window rule), so a decoding
+request holds at most :func:`window_pages` pages however long it grows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from kvshard._layout import CacheSpec, _canonical_dtype, check_tensor_parallel, round_up
+
+__all__ = [
+    "BudgetTooSmall",
+    "ContextTooLong",
+    "format_plan",
+    "make_plan",
+    "window_pages",
+]
+
+# Pages 0 .. num_pages-1 of one pool; page 0 is the allocator's null page.
+_MIN_PAGES = 2
+# Dtypes whose cache stores values / scale: the spec may require scales (they do not change
+# any byte count, so the planner sizes such a cache with unit scales).
+_SCALED_DTYPES = ("int8", "float8_e4m3fn", "float8_e5m2")
+
+
+class BudgetTooSmall(ValueError):
+    """The HBM budget holds fewer than two pages (the null page and one usable page)."""
+
+
+class ContextTooLong(ValueError):
+    """One sequence of the requested context needs more pages than the cache holds."""
+
+
+def _spec(
+    num_layers: int, num_kv_heads: int, head_dim: int, page_size: int, num_pages: int, dtype: str
+) -> CacheSpec:
+    """A :class:`CacheSpec` for sizing: quantized dtypes get unit scales if the spec has them."""
+    extra: dict[str, Any] = {}
+    fields = {f.name for f in dataclasses.fields(CacheSpec)}
+    if _canonical_dtype(dtype) in _SCALED_DTYPES and "k_scale" in fields:
+        extra = {"k_scale": 1.0, "v_scale": 1.0}
+    return CacheSpec(num_layers, num_kv_heads, head_dim, page_size, num_pages, dtype, **extra)
+
+
+def window_pages(window: int, page_size: int, context: int) -> int:
+    """Most pages a request of up to ``context`` tokens holds when pages outside its window go.
+
+    The rule (vLLM's ``SlidingWindowManager``): before a step computes the token at position
+    ``n`` (``n`` tokens already in the cache), the pages holding only positions ``< n - W + 1``
+    are released, since no query from ``n`` on reads them. The request then holds the pages of
+    positions ``max(0, n - W + 1) .. n``:
+    ``n // P - max(0, n - W + 1) // P + 1`` pages. For ``n < W - 1`` nothing is released and
+    the count grows with ``n``; from ``n = W - 1`` on it is periodic in ``n`` with period ``P``,
+    so the maximum over ``n < context`` is taken over at most ``W - 1 + P`` positions (exactly,
+    no closed form to get wrong); it never exceeds ``ceil((W - 1) / P) + 1`` nor
+    ``ceil(context / P)``.
+
+    This counts decode steps (one new token per step); a prefill chunk of ``C`` tokens holds
+    the pages of ``C - 1`` more positions while it runs.
+
+    Raises:
+      ValueError: a non-positive argument.
+    """
+    for name, value in (("window", window), ("page_size", page_size), ("context", context)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name}={value!r} must be a positive int")
+    last = min(context - 1, window - 2 + page_size)
+    return max(n // page_size - max(0, n - window + 1) // page_size + 1 for n in range(last + 1))
+
+
+def _tokens_per_group(page_bytes: int, budget: int, page_size: int) -> int:
+    """Usable token slots per pool for pages of ``page_bytes`` within ``budget`` (0 if < 2)."""
+    pages = budget // page_bytes
+    return (pages - 1) * page_size if pages >= _MIN_PAGES else 0
+
+
+def make_plan(
+    *,
+    num_layers: int,
+    num_kv_heads: int,
+    head_dim: int,
+    dtype: str,
+    page_size: int,
+    dp: int,
+    tp: int,
+    hbm_per_device: int,
+    context: int,
+    model: str | None = None,
+    sliding_window: int | None = None,
+) -> dict[str, Any]:
+    """Returns the plan as a JSON-ready dict (all byte counts are per device).
+
+    Raises:
+      BudgetTooSmall: the budget holds fewer than 2 pages (page 0 is the null page).
+      ValueError: ``tp`` neither divides nor is a multiple of ``num_kv_heads`` (the message of
+        :func:`kvshard.check_tensor_parallel`), or a bad size/dtype (from
+        :class:`kvshard.CacheSpec`).
+    """
+    replication = check_tensor_parallel(num_kv_heads, tp)
+    one = _spec(num_layers, num_kv_heads, head_dim, page_size, 1, dtype)
+    page_bytes_layer = one.page_bytes_per_device(tp)
+    page_bytes = one.bytes_per_device(tp, dp)  # one page id, every layer
+    num_pages = hbm_per_device // page_bytes
+    if num_pages < _MIN_PAGES:
+        need = _MIN_PAGES * page_bytes
+        raise BudgetTooSmall(
+            f"{hbm_per_device:,} bytes ({human(hbm_per_device)}) holds {num_pages} page(s) of "
+            f"{page_bytes:,} bytes ({num_layers} layers x {page_bytes_layer:,}); need at least "
+            f"{_MIN_PAGES} pages (page 0 is the null page): >= {need:,} bytes ({human(need)})"
+        )
+    spec = dataclasses.replace(one, num_pages=num_pages)
+    cache_bytes = spec.bytes_per_device(tp, dp)
+    usable = num_pages - 1
+
+    # Where the bytes of the usable pages go: stored = distinct K/V + replicas + head_dim
+    # padding + packing padding. Every term is exact except the distinct/replica split, which
+    # rounds down (a device may hold a fraction of a head's "distinct" share).
+    rows = num_layers * usable * page_size  # token-slot rows of the usable pages, all layers
+    item = spec.np_dtype.itemsize
+    combined = spec.combined_heads_per_device(tp)
+    stored = usable * page_bytes
+    unpacked = rows * combined * spec.padded_head_dim * item
+    unpadded = rows * combined * head_dim * item
+    distinct = unpadded // replication
+    waste = {
+        "head_dim_padding": unpacked - unpadded,
+        "dtype_packing": stored - unpacked,
+        "head_replication": unpadded - distinct,
+        "null_page": page_bytes,
+        "budget_remainder": hbm_per_device - cache_bytes,
+    }
+    pages_per_sequence = -(-context // page_size)
+    per_group = usable // pages_per_sequence
+    held = pages_per_sequence  # pages one sequence holds at its longest
+    window: dict[str, Any] | None = None
+    if sliding_window is not None:
+        held = window_pages(sliding_window, page_size, context)
+        window_per_group = usable // held
+        window = {
+            "window": sliding_window,
+            "pages_per_sequence": held,
+            "sequences_per_group": window_per_group,
+            "sequences_total": dp * window_per_group,
+            "capacity_gain": window_per_group / per_group if per_group else None,
+        }
+    if held > usable:
+        need = (held + 1) * page_bytes
+        raise ContextTooLong(
+            f"{context:,} tokens need {held:,} pages per sequence ({page_size} tokens each) but "
+            f"the cache holds {usable:,} usable page(s) per DP group: no sequence fits; lower "
+            f"--context or raise --hbm-per-device to >= {need:,} bytes ({human(need)})"
+        )
+
+    # Per-token bytes and the capacity of the same budget in bfloat16, the usual model dtype.
+    bf16_page_bytes = _spec(
+        num_layers, num_kv_heads, head_dim, page_size, 1, "bfloat16"
+    ).bytes_per_device(tp, dp)
+    bf16_tokens = _tokens_per_group(bf16_page_bytes, hbm_per_device, page_size)
+    return {
+        "model": model,
+        "num_layers": num_layers,
+        "num_kv_heads": num_kv_heads,
+        "head_dim": head_dim,
+        "dtype": spec.dtype,
+        "page_size": page_size,
+        "mesh": {"data": dp, "model": tp},
+        "hbm_per_device": hbm_per_device,
+        "context": context,
+        "replication": replication,
+        "heads_per_device": spec.heads_per_device(tp),
+        "combined_heads_per_device": combined,
+        "packing": spec.packing,
+        "packed_rows_per_device": round_up(combined, spec.packing),
+        "padded_head_dim": spec.padded_head_dim,
+        "local_shape": list(spec.local_shape(tp)),
+        "global_shape": list(spec.global_shape(tp, dp)),
+        "page_bytes_per_layer": page_bytes_layer,
+        "page_bytes": page_bytes,
+        "pages_per_device": num_pages,
+        "usable_pages_per_device": usable,
+        "cache_bytes_per_device": cache_bytes,
+        "tokens_per_group": usable * page_size,
+        "tokens_total": dp * usable * page_size,
+        "pages_per_sequence": pages_per_sequence,
+        "sequences_per_group": per_group,
+        "sequences_total": dp * per_group,
+        "kv_bytes": distinct,
+        "waste_bytes": waste,
+        "waste_percent": {k: 100 * v / hbm_per_device for k, v in waste.items()},
+        "int32_ok": num_layers * spec.slots_per_pool <= 2**31 - 1,
+        "bytes_per_token": page_bytes // page_size,
+        "bfloat16_bytes_per_token": bf16_page_bytes // page_size,
+        "bfloat16_tokens_per_group": bf16_tokens,
+        "capacity_vs_bfloat16": usable * page_size / bf16_tokens if bf16_tokens else None,
+        "sliding_window": window,
+    }
+
+
+def human(n: int) -> str:
+    """1310720 -> '1.25 MiB'."""
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.4g} {unit}"
+    return f"{n} B"
+
+
+def _plural(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def _shape(shape: list[int]) -> str:
+    return "[" + ", ".join(map(str, shape)) + "]"
+
+
+def format_plan(plan: dict[str, Any]) -> str:
+    """Renders :func:`make_plan`'s dict as plain aligned text."""
+    p = plan
+    dp, tp = p["mesh"]["data"], p["mesh"]["model"]
+    L, P, budget = p["num_layers"], p["page_size"], p["hbm_per_device"]
+    name = p["model"] or "custom model"
+    r = p["replication"]
+    head_note = (
+        f"{p['heads_per_device']} of {p['num_kv_heads']} heads per device"
+        if r == 1
+        else f"each of {p['num_kv_heads']} heads on {r} devices, 1 per device"
+    )
+    sections: list[tuple[str, list[tuple[str, str, str]]]] = [
+        (
+            "layout (per device)",
+            [
+                ("KV head replication", f"x{r}", head_note),
+                (
+                    "combined K/V rows per slot",
+                    f"{p['combined_heads_per_device']}",
+                    f"stored as {p['packed_rows_per_device']} (packing {p['packing']} for "
+                    f"{p['dtype']})",
+                ),
+                ("head_dim", f"{p['head_dim']}", f"stored as {p['padded_head_dim']}"),
+                ("cache shape, one device", _shape(p["local_shape"]), ""),
+                ("cache shape, global", _shape(p["global_shape"]), ""),
+            ],
+        ),
+        (
+            "capacity",
+            [
+                (
+                    "bytes per page per device, 1 layer",
+                    f"{p['page_bytes_per_layer']:,}",
+                    human(p["page_bytes_per_layer"]),
+                ),
+                (
+                    f"bytes per page per device, {L} layers",
+                    f"{p['page_bytes']:,}",
+                    f"{human(p['page_bytes'])}; a page id spans every layer",
+                ),
+                (
+                    "pages per device (= per DP pool)",
+                    f"{p['pages_per_device']:,}",
+                    f"{p['usable_pages_per_device']:,} usable: page 0 is the null page",
+                ),
+                ("cache bytes per device", f"{p['cache_bytes_per_device']:,}", ""),
+                (
+                    "tokens per DP group",
+                    f"{p['tokens_per_group']:,}",
+                    f"{p['usable_pages_per_device']:,} pages x {P}",
+                ),
+                (f"tokens in total ({_plural(dp, 'DP group')})", f"{p['tokens_total']:,}", ""),
+                (
+                    f"bytes per token per device, {L} layers",
+                    f"{p['bytes_per_token']:,}",
+                    _dtype_note(p),
+                ),
+                (
+                    f"concurrent sequences of {p['context']:,} tokens",
+                    f"{p['sequences_total']:,}",
+                    f"{p['sequences_per_group']:,} per DP group, "
+                    f"{p['pages_per_sequence']:,} pages each"
+                    + ("; no page released" if p["sliding_window"] else ""),
+                ),
+            ],
+        ),
+    ]
+    w = p["sliding_window"]
+    if w:
+        gain = w["capacity_gain"]
+        sections[1][1].append(
+            (
+                f"  with sliding window {w['window']:,}",
+                f"{w['sequences_total']:,}",
+                f"{w['sequences_per_group']:,} per DP group, at most {w['pages_per_sequence']:,} "
+                "pages each (pages before the window released): "
+                + (f"x{gain:.2f}" if gain is not None else "none fit without release"),
+            )
+        )
+    labels = {
+        "head_dim_padding": f"head_dim padding ({p['head_dim']} -> {p['padded_head_dim']})",
+        "dtype_packing": (
+            f"dtype packing ({p['combined_heads_per_device']} -> "
+            f"{p['packed_rows_per_device']} rows)"
+        ),
+        "head_replication": f"head replication (x{r})",
+        "null_page": "null page 0 (reserved)",
+        "budget_remainder": "remainder (< 1 page)",
+    }
+    budget_rows = [
+        ("K/V of distinct heads", f"{p['kv_bytes']:,}", f"{100 * p['kv_bytes'] / budget:.2f}%")
+    ]
+    for key, label in labels.items():
+        budget_rows.append((label, f"{p['waste_bytes'][key]:,}", f"{p['waste_percent'][key]:.2f}%"))
+    sections.append(("where the budget goes (bytes per device, % of budget)", budget_rows))
+
+    width = max(len(label) for _, rows in sections for label, _, _ in rows)
+    value_width = max(len(value) for _, rows in sections for _, value, _ in rows)
+    lines = [
+        f"kvshard plan: {name} ({L} layers, {p['num_kv_heads']} KV heads, head_dim "
+        f"{p['head_dim']}), {p['dtype']}, page_size {P}",
+        f"mesh {dp}x{tp}: {_plural(dp, 'data-parallel group')} x {tp}-way tensor parallelism "
+        "over KV heads",
+        f"budget: {budget:,} bytes ({human(budget)}) of HBM per device for the KV cache",
+    ]
+    for title, rows in sections:
+        lines += ["", title]
+        for label, value, note in rows:
+            lines.append(f"  {label:<{width}}  {value:>{value_width}}  {note}".rstrip())
+    for note in p.get("notes", ()):
+        lines += ["", f"note: {note}"]
+    return "\n".join(lines)
+
+
+def _dtype_note(p: dict[str, Any]) -> str:
+    """'x2.00 the tokens of bfloat16 (1,024 bytes per token)', or '' for bfloat16 itself."""
+    if p["dtype"] == "bfloat16":
+        return ""
+    bf16 = f"{p['bfloat16_bytes_per_token']:,} bytes per token"
+    gain = p["capacity_vs_bfloat16"]
+    if gain is None:
+        return f"bfloat16: {bf16}, under 2 pages in this budget"
+    return f"x{gain:.2f} the tokens of bfloat16 ({bf16})"
