@@ -48,6 +48,7 @@ from kvshard.cache import (
     _concrete,
     _dtype,
     _place,
+    _PlatformJit,
     _resolve_backend,
     _to_spec,
 )
@@ -297,7 +298,9 @@ def _q_spec(cache: KVCache) -> P:
     return P(cache.page_axis, None, cache.head_axis, None)
 
 
-@functools.partial(jax.jit, static_argnames=("backend", "statics", "kernel"))
+# _PlatformJit: on CPU, XLA's float normalization would upcast the whole bf16/fp8 cache operand
+# of the page gather to f32 (temporaries of twice the cache); every op after the gather is f32.
+@functools.partial(_PlatformJit, static_argnames=("backend", "statics", "kernel"))
 def _attention_jit(cache, layer, q, metadata, *, backend, statics, kernel):
     pa = cache.page_axis
     fields = [getattr(metadata, f) for f in _FIELDS]

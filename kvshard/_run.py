@@ -34,14 +34,14 @@ SCRIPTS: dict[str, Script] = {
         "checked against a dense run",
     ),
     "bench": Script(
-        "kvshard.benchmarks.host_step",
-        ("benchmarks", "host_step.py"),
-        "host cost of one serving step (allocation + metadata) vs a vLLM-style baseline",
+        "kvshard.benchmarks",
+        ("benchmarks", "run_all.py"),
+        "the benchmark suite: every table, JSON + PNG per benchmark (--quick: small sizes)",
     ),
     "bench-cache": Script(
         "kvshard.benchmarks.cache_update",
         ("benchmarks", "cache_update.py"),
-        "in-place (donated) cache update vs a copied one, 8 simulated CPU devices",
+        "donated cache update vs undonated vs a plain copy of the same bytes, per dtype",
     ),
 }
 

@@ -515,7 +515,7 @@ def test_scripts_name_the_command_in_their_help(tmp_path, capfd):
 
 
 def test_script_pass_through(tmp_path, capfd):
-    script = tmp_path / "benchmarks" / "host_step.py"
+    script = tmp_path / "benchmarks" / "run_all.py"
     script.parent.mkdir()
     script.write_text("import sys\nprint('args', sys.argv[1:])\nsys.exit(3)\n")
     assert cli.run_script("bench", ["--repeats", "1", "--help"], root=tmp_path) == 3

@@ -1,0 +1,17 @@
+"""kvshard's benchmark suite, shipped with the package: ``kvshard bench`` runs it.
+
+Each benchmark prints a table and writes ``<name>.json`` and ``<name>.png`` (matplotlib, when
+installed) to the results folder; every comparison is measured side by side in one run.
+
+- :mod:`~kvshard.benchmarks.host_step`: allocator + metadata vs a per-request-loop baseline,
+  decode and mixed batches, swept over B;
+- :mod:`~kvshard.benchmarks.allocator_latency`: allocate/free percentiles, free stack vs evicting;
+- :mod:`~kvshard.benchmarks.cache_update`: ``kvshard.update`` donated vs undonated vs a copy of
+  the same bytes, per dtype and token count;
+- :mod:`~kvshard.benchmarks.compilations`: XLA compilations over a random serving trace;
+- :mod:`~kvshard.benchmarks.memory`: compiled temporaries of the update per dtype, the
+  allocator's host memory;
+- :mod:`~kvshard.benchmarks.tpu_schedule`: the TPU kernel's DMAs and waits on paper.
+
+Run ``python -m kvshard.benchmarks --help`` (or ``kvshard bench --help``).
+"""

@@ -1,0 +1,143 @@
+"""``python -m kvshard.benchmarks`` / ``kvshard bench``: runs the benchmark suite.
+
+Usage::
+
+    kvshard bench --quick                 # every table, small sizes (< 5 min on 2 CPU cores)
+    kvshard bench --out results/          # full sizes
+    kvshard bench --only cache_update memory
+
+Benchmarks run one after another in this process; one that fails is reported and the others
+still run (the exit status is then 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+NAMES = (
+    "host_step",
+    "allocator_latency",
+    "cache_update",
+    "compilations",
+    "memory",
+    "tpu_schedule",
+)
+
+
+def _host_step(out: str, quick: bool) -> Any:
+    from kvshard.benchmarks.host_step import sweep
+
+    sizes = [64, 512, 4096, 8192] if quick else [64, 128, 256, 512, 1024, 2048, 4096, 8192]
+    return sweep(out, batch_sizes=sizes, repeats=5 if quick else 30)
+
+
+def _allocator_latency(out: str, quick: bool) -> Any:
+    """The allocator's own benchmark (``main(argv)`` returning its report), plus a plot."""
+    from kvshard.benchmarks import allocator_latency as module
+
+    print("## allocator latency: allocate/free percentiles, free stack vs evicting")
+    report = module.main((["--quick"] if quick else []) + ["--out", out])
+    rows = report.get("rows", []) if isinstance(report, dict) else []
+    if rows:
+        from kvshard.benchmarks._common import bar_plot
+
+        labels = [f"{r['num_pages']} pages\n{r['pages']}/call\n{r['scenario']}" for r in rows]
+        png = bar_plot(
+            out,
+            "allocator_latency",
+            "PageAllocator latency: free stack vs evicting",
+            labels,
+            {
+                "allocate p50": [r["allocate_p50"] for r in rows],
+                "allocate p99": [r["allocate_p99"] for r in rows],
+                "free p99": [r["free_p99"] for r in rows],
+            },
+            "µs",
+        )
+        print(f"wrote {png}")
+    return report
+
+
+def _cache_update(out: str, quick: bool) -> Any:
+    from kvshard.benchmarks import cache_update
+
+    args = argparse.Namespace(dtypes=None, tokens=None, cache_mib=None, repeats=None)
+    return cache_update.run(out, **cache_update.settings(args, quick))
+
+
+def _compilations(out: str, quick: bool) -> Any:
+    from kvshard.benchmarks.compilations import run
+
+    return run(out, steps=200 if quick else 1000)
+
+
+def _memory(out: str, quick: bool) -> Any:
+    from kvshard.benchmarks.memory import run
+
+    return run(
+        out,
+        cache_mib=1024,
+        tokens=4096,
+        dtypes=["float32", "bfloat16", "float16", "int8", "float8_e4m3fn"],
+        pages=1_000_000,
+        requests=65_536,
+        pages_per_request=512,
+    )
+
+
+def _tpu_schedule(out: str, quick: bool) -> Any:
+    from kvshard.benchmarks.tpu_schedule import run
+
+    return run(out)
+
+
+BENCHMARKS: dict[str, Callable[[str, bool], Any]] = {
+    "host_step": _host_step,
+    "allocator_latency": _allocator_latency,
+    "cache_update": _cache_update,
+    "compilations": _compilations,
+    "memory": _memory,
+    "tpu_schedule": _tpu_schedule,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="kvshard bench", description="Runs kvshard's benchmark suite (tables, JSON, plots)."
+    )
+    parser.add_argument("--quick", action="store_true", help="small sizes: < 5 min on 2 cores")
+    parser.add_argument("--out", default="bench-results", help="results folder (JSON + PNG)")
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        choices=list(BENCHMARKS),
+        metavar="NAME",
+        help=f"run only these: {', '.join(BENCHMARKS)}",
+    )
+    args = parser.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    failed = []
+    start = time.perf_counter()
+    for name in args.only or list(BENCHMARKS):
+        t0 = time.perf_counter()
+        try:
+            BENCHMARKS[name](args.out, args.quick)
+        except Exception:  # report and go on: one broken benchmark must not hide the others
+            traceback.print_exc()
+            failed.append(name)
+        print(f"[{name}: {time.perf_counter() - t0:.1f} s]\n", flush=True)
+    print(f"suite finished in {time.perf_counter() - start:.0f} s; results in {args.out}")
+    if failed:
+        print(f"FAILED: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""Shared helpers of the benchmark suite: timing, the machine line, JSON + PNG results, tables.
+
+Host-only (no JAX import): the host benchmarks must not pay for it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def timed(fn: Callable[[], object], repeats: int, setup: Callable[[], object] | None = None):
+    """Returns (min, median) seconds of ``fn()`` over ``repeats`` runs (``setup`` untimed)."""
+    times = []
+    for _ in range(repeats):
+        if setup is not None:
+            setup()
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times), statistics.median(times)
+
+
+def machine(accelerator: str | None = None) -> str:
+    """E.g. ``2-core AMD EPYC 7B13, CPU only, Python 3.11.7, numpy 2.4.6, load 1.3``."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    try:
+        load = f", load {os.getloadavg()[0]:.1f}"
+    except OSError:
+        load = ""
+    return (
+        f"{os.cpu_count()}-core {cpu}, {accelerator or 'CPU only'}, "
+        f"Python {platform.python_version()}, numpy {np.__version__}{load}"
+    )
+
+
+def jax_machine() -> str:
+    """:func:`machine` plus JAX's version and devices (imports JAX)."""
+    import jax
+
+    devices = jax.devices()
+    kind = devices[0].device_kind if devices[0].platform != "cpu" else "cpu"
+    return machine(f"jax {jax.__version__}, {len(devices)}x {kind}")
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[Any]], first_width: int = 30) -> str:
+    """Fixed-width text table: first column left-aligned, the others right-aligned."""
+    widths = [first_width] + [max(12, len(h) + 2) for h in header[1:]]
+    for row in rows:
+        for i, cell in enumerate(row[1:], 1):
+            widths[i] = max(widths[i], len(str(cell)) + 2)
+    line = f"{header[0]:<{widths[0]}}" + "".join(
+        f"{h:>{w}}" for h, w in zip(header[1:], widths[1:], strict=True)
+    )
+    out = [line, "-" * len(line)]
+    for row in rows:
+        out.append(
+            f"{row[0]!s:<{widths[0]}}"
+            + "".join(f"{c!s:>{w}}" for c, w in zip(row[1:], widths[1:], strict=True))
+        )
+    return "\n".join(out)
+
+
+def write_json(outdir: str | os.PathLike, name: str, data: dict[str, Any]) -> Path:
+    path = Path(outdir) / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, default=_jsonable) + "\n")
+    return path
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    return str(x)
+
+
+def pyplot():
+    """matplotlib.pyplot with the file-only Agg backend, or None when matplotlib is missing."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig: Any, outdir: str | os.PathLike, name: str) -> Path:
+    path = Path(outdir) / f"{name}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
+
+
+def bar_plot(
+    outdir: str | os.PathLike,
+    name: str,
+    title: str,
+    labels: Sequence[str],
+    series: dict[str, Sequence[float]],
+    ylabel: str,
+    log: bool = True,
+) -> Path | None:
+    """Grouped bars: one group per label, one bar per series. None without matplotlib."""
+    plt = pyplot()
+    if plt is None:
+        return None
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(labels) + 3), 4.5), dpi=110)
+    width = 0.8 / max(len(series), 1)
+    x = np.arange(len(labels))
+    for i, (label, values) in enumerate(series.items()):
+        ax.bar(x + (i - (len(series) - 1) / 2) * width, values, width, label=label)
+    ax.set_xticks(x, list(labels), rotation=30, ha="right", fontsize=8)
+    if log:
+        ax.set_yscale("log")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, axis="y", which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    return save_figure(fig, outdir, name)

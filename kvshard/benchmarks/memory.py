@@ -1,0 +1,248 @@
+"""Memory: compiled temporaries of update and attention per dtype, and the allocator's host memory.
+
+- **Device**: XLA's memory analysis of the compiled update (xla backend, donated, the
+  executable ``kvshard.update`` runs) on a cache of ``--cache-mib`` per dtype, writing T tokens.
+  In place means the output aliases the donated cache and the temporaries stay within a small
+  multiple of the new tokens' bytes (target: at most 2x), whatever the cache size. Nothing is
+  allocated: the cache is an abstract array.
+- **Attention**: the same analysis for ``kvshard.attention`` (xla backend) reading one
+  request's 4,096-token context from that cache, ``T`` queries; temporaries should scale with
+  the pages read, not with the cache.
+- **Host**: bytes the :class:`kvshard.PageAllocator` holds (``tracemalloc``) for ``--pages``
+  pages and ``--requests`` request rows.
+"""
+
+from __future__ import annotations
+
+import tracemalloc
+from typing import Any
+
+from kvshard.benchmarks._common import bar_plot, jax_machine, table, write_json
+
+NAME = "memory"
+
+
+def update_memory(
+    dtype: str, cache_bytes: int, tokens: int, *, page_size: int = 16
+) -> dict[str, Any]:
+    """Compiled memory of one donated xla update: temp / output / alias / argument bytes.
+
+    8 KV heads, head_dim 128, one device; k/v in the cache dtype; ``tokens`` new tokens as
+    whole-page slices.
+    """
+    import jax
+    import numpy as np
+
+    from kvshard._layout import CacheSpec
+    from kvshard.cache import KVCache, _update_jit
+
+    heads, dim = 8, 128
+    probe = CacheSpec(1, heads, dim, page_size, 2, dtype=dtype)
+    page_bytes = probe.bytes_per_device(1) // 2
+    spec = CacheSpec(1, heads, dim, page_size, max(2, cache_bytes // page_bytes), dtype=dtype)
+    mesh = jax.make_mesh((1,), ("model",), devices=jax.devices()[:1])
+    cache = KVCache(kv=None, spec=spec, mesh=mesh)  # type: ignore[arg-type]
+    kv = jax.ShapeDtypeStruct(spec.global_shape(1, 1), spec.np_dtype, sharding=cache.sharding)
+    cache = KVCache(kv=kv, spec=spec, mesh=mesh)  # type: ignore[arg-type]
+    new = jax.ShapeDtypeStruct((tokens, heads, dim), spec.np_dtype)
+    n = max(1, tokens // page_size)
+    compiled = _update_jit.lower(
+        cache,
+        np.int32(0),
+        new,
+        new,
+        jax.ShapeDtypeStruct((3, n), np.int32),
+        jax.ShapeDtypeStruct((1,), np.int32),
+        backend="xla",
+        interpret=None,
+    ).compile()
+    mem = compiled.memory_analysis()
+    return {
+        "cache_bytes": spec.bytes_per_device(1),
+        "new_token_bytes": 2 * tokens * heads * dim * spec.np_dtype.itemsize,
+        "temp_bytes": int(mem.temp_size_in_bytes),
+        "output_bytes": int(mem.output_size_in_bytes),
+        "alias_bytes": int(mem.alias_size_in_bytes),
+        "argument_bytes": int(mem.argument_size_in_bytes),
+    }
+
+
+def attention_memory(
+    dtype: str, cache_bytes: int, tokens: int, *, context: int = 4096, page_size: int = 16
+) -> dict[str, Any]:
+    """Compiled memory of ``kvshard.attention`` (xla backend) reading a cache of ``cache_bytes``.
+
+    One request holding ``context`` tokens whose last ``tokens`` are this step's queries
+    (8 query heads = 8 KV heads, head_dim 128). Allocates the cache (zeros) for one call.
+    """
+    import jax
+    import numpy as np
+
+    import kvshard
+    from kvshard._layout import CacheSpec
+
+    heads, dim = 8, 128
+    probe = CacheSpec(1, heads, dim, page_size, 2, dtype=dtype)
+    page_bytes = probe.bytes_per_device(1) // 2
+    spec = CacheSpec(1, heads, dim, page_size, max(2, cache_bytes // page_bytes), dtype=dtype)
+    mesh = jax.make_mesh((1,), ("model",), devices=jax.devices()[:1])
+    pages_per_request = -(-context // page_size)
+    alloc = kvshard.PageAllocator(
+        spec.num_pages, page_size, max_requests=1, max_pages_per_request=pages_per_request
+    )
+    alloc.allocate_batch([0], [context])
+    meta = kvshard.build_step(alloc, [0], [tokens], num_tokens_padded=tokens, max_num_seqs=1)
+    # The executable an eager kvshard.attention call compiles: record its arguments on one
+    # call, then lower the same jitted function with them (its own compiler options apply).
+    from kvshard import _attention
+
+    jitted: Any = _attention._attention_jit
+    seen: list[tuple[Any, Any]] = []
+
+    def record(*args: Any, **kwargs: Any) -> Any:
+        seen.append((args, kwargs))
+        return jitted(*args, **kwargs)
+
+    cache = kvshard.init_cache(spec, mesh, head_axis=None)
+    q: Any = np.zeros((tokens, heads, dim), np.float32)
+    _attention._attention_jit = record  # type: ignore[assignment]
+    try:
+        kvshard.attention(q, cache, 0, meta, sm_scale=dim**-0.5, backend="xla")
+    finally:
+        _attention._attention_jit = jitted
+    args, kwargs = seen[0]
+    mem = jitted.lower(*args, **kwargs).compile().memory_analysis()
+    del cache, args
+    return {
+        "cache_bytes": spec.bytes_per_device(1),
+        "new_token_bytes": 2 * tokens * heads * dim * spec.np_dtype.itemsize,
+        "context_kv_bytes": 2 * context * heads * dim * spec.np_dtype.itemsize,
+        "temp_bytes": int(mem.temp_size_in_bytes),
+    }
+
+
+def allocator_memory(pages: int, requests: int, pages_per_request: int) -> dict[str, Any]:
+    """Host bytes held by a PageAllocator after construction and after filling every row."""
+    import numpy as np
+
+    from kvshard.allocator import PageAllocator
+
+    tracemalloc.start()
+    base = tracemalloc.get_traced_memory()[0]
+    alloc = PageAllocator(pages, 16, max_requests=requests, max_pages_per_request=pages_per_request)
+    built = tracemalloc.get_traced_memory()[0] - base
+    per = min(pages_per_request, (pages - 1) // requests)
+    alloc.allocate_batch(list(range(requests)), np.full(requests, per * 16))
+    filled, peak = (x - base for x in tracemalloc.get_traced_memory())
+    tracemalloc.stop()
+    del alloc
+    return {
+        "pages": pages,
+        "requests": requests,
+        "pages_per_request": pages_per_request,
+        "bytes_after_init": built,
+        "bytes_after_filling": filled,
+        "peak_bytes": peak,
+    }
+
+
+def run(
+    outdir: str,
+    *,
+    cache_mib: int,
+    tokens: int,
+    dtypes: list[str],
+    pages: int,
+    requests: int,
+    pages_per_request: int,
+) -> dict[str, Any]:
+    machine = jax_machine()
+    rows = []
+    for dtype in dtypes:
+        m = update_memory(dtype, cache_mib * 2**20, tokens)
+        m["dtype"] = dtype
+        rows.append(m)
+    print(f"## memory: compiled kvshard.update (xla, donated), T={tokens}\n{machine}\n")
+    mib = 2**20
+    print(
+        table(
+            ("dtype", "cache MiB", "new tokens MiB", "temp MiB", "temp / new", "aliased MiB"),
+            [
+                (
+                    r["dtype"],
+                    f"{r['cache_bytes'] / mib:.0f}",
+                    f"{r['new_token_bytes'] / mib:.2f}",
+                    f"{r['temp_bytes'] / mib:.2f}",
+                    f"{r['temp_bytes'] / r['new_token_bytes']:.2f}x",
+                    f"{r['alias_bytes'] / mib:.0f}",
+                )
+                for r in rows
+            ],
+            first_width=16,
+        )
+    )
+    attn = []
+    for dtype in dtypes:
+        try:
+            a = attention_memory(dtype, cache_mib * 2**20, tokens)
+        except Exception as err:  # a dtype the attention does not read yet: say so, go on
+            a = {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:80]}"}
+        a["dtype"] = dtype
+        attn.append(a)
+    print(f"\n## memory: compiled kvshard.attention (xla), {tokens} queries, 4096-token context\n")
+    print(
+        table(
+            ("dtype", "context K/V MiB", "temp MiB", "temp / new tokens", "temp / cache"),
+            [
+                (a["dtype"], a["error"], "", "", "")
+                if "error" in a
+                else (
+                    a["dtype"],
+                    f"{a['context_kv_bytes'] / mib:.1f}",
+                    f"{a['temp_bytes'] / mib:.1f}",
+                    f"{a['temp_bytes'] / a['new_token_bytes']:.2f}x",
+                    f"{a['temp_bytes'] / a['cache_bytes']:.3f}",
+                )
+                for a in attn
+            ],
+            first_width=16,
+        )
+    )
+    host = allocator_memory(pages, requests, pages_per_request)
+    print("\n## memory: PageAllocator host bytes (tracemalloc)\n")
+    print(
+        table(
+            ("allocator", "after init MiB", "filled MiB", "peak MiB"),
+            [
+                (
+                    f"{pages} pages, {requests} requests x {pages_per_request} pages",
+                    f"{host['bytes_after_init'] / mib:.1f}",
+                    f"{host['bytes_after_filling'] / mib:.1f}",
+                    f"{host['peak_bytes'] / mib:.1f}",
+                )
+            ],
+            first_width=44,
+        )
+    )
+    data = {
+        "machine": machine,
+        "tokens": tokens,
+        "update": rows,
+        "attention": attn,
+        "allocator": host,
+    }
+    write_json(outdir, NAME, data)
+    png = bar_plot(
+        outdir,
+        NAME,
+        f"Compiled update memory, {cache_mib} MiB cache, T={tokens}",
+        [r["dtype"] for r in rows],
+        {
+            "new tokens": [r["new_token_bytes"] / mib for r in rows],
+            "temporaries": [max(r["temp_bytes"], 1) / mib for r in rows],
+            "cache (aliased)": [r["cache_bytes"] / mib for r in rows],
+        },
+        "MiB",
+    )
+    print(f"\nwrote {outdir}/{NAME}.json" + (f" and {png}" if png else ""))
+    return data

@@ -1,0 +1,35 @@
+"""The donated update stays in place in every supported dtype: compiled temporaries are bounded
+by the new tokens, never by the cache (the bfloat16/float8 full-cache copy on CPU must not return).
+"""
+
+from __future__ import annotations
+
+import ml_dtypes  # noqa: F401  (registers bfloat16/float8 names with NumPy)
+import numpy as np
+import pytest
+
+from kvshard._layout import SUPPORTED_DTYPES
+from kvshard.benchmarks.memory import attention_memory, update_memory
+
+
+@pytest.mark.parametrize("dtype", SUPPORTED_DTYPES)
+def test_update_temporaries_at_most_twice_the_new_tokens(dtype):
+    tokens = 64
+    m = update_memory(dtype, 8 * 2**20, tokens)  # an 8 MiB cache, 64 new tokens (4 pages)
+    itemsize = np.dtype(dtype).itemsize
+    assert m["new_token_bytes"] == tokens * 2 * 8 * 128 * itemsize  # k and v, 8 heads, D=128
+    assert m["cache_bytes"] == 8 * 2**20
+    # A full-cache copy needs temporaries of at least the cache: 64x the new tokens here.
+    assert m["temp_bytes"] <= 2 * m["new_token_bytes"], m
+    assert m["alias_bytes"] == m["cache_bytes"], m  # the output is the donated buffer
+
+
+@pytest.mark.parametrize("dtype", SUPPORTED_DTYPES)
+def test_attention_never_copies_or_upcasts_the_cache(dtype):
+    # 16 queries over one request's 256-token context, on an 8 MiB and a 32 MiB cache: the
+    # temporaries (the pages each step gathers) must not grow with the cache, as they did when
+    # the bf16/fp8 gather upcast the whole cache to float32 on CPU.
+    small = attention_memory(dtype, 8 * 2**20, 16, context=256)
+    large = attention_memory(dtype, 32 * 2**20, 16, context=256)
+    assert (small["cache_bytes"], large["cache_bytes"]) == (8 * 2**20, 32 * 2**20)
+    assert large["temp_bytes"] == small["temp_bytes"], (small, large)
