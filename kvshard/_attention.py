@@ -61,8 +61,10 @@ __all__ = ["attention"]
 CROSS_LOWERING_KV_PAGES_PER_BLOCK = 16
 CROSS_LOWERING_QUERIES_PER_BLOCK = 32
 
-# The xla backend folds about this many keys per loop step (a whole number of pages).
+# The xla backend folds up to this many keys per loop step (a whole number of pages, at least
+# one), and gathers at most about XLA_TOKEN_KEYS_PER_STEP (token, key) pairs per step.
 XLA_KEYS_PER_STEP = 128
+XLA_TOKEN_KEYS_PER_STEP = 2**15
 
 # Field order of the attention metadata handed to the per-device body.
 _FIELDS = ("page_indices", "kv_lens", "cu_q_lens", "num_seqs")
@@ -168,8 +170,10 @@ def _local_xla(kv, layer, q, page_indices, kv_lens, cu_q_lens, num_seqs, *, stat
     lo = jnp.zeros_like(pos) if window is None else jnp.maximum(pos - window + 1, 0)
     first, last = lo // page_size, pos // page_size
     # Pages per loop step: enough keys per step that the loop's per-step overhead is paid
-    # rarely, few enough that the per-step gather stays a small multiple of a page per token.
-    block = max(1, min(pages_per_seq, (keys_per_step or XLA_KEYS_PER_STEP) // page_size))
+    # rarely (decode), few enough that the per-step gather of every token's keys stays small
+    # (a long prefill folds one page per step).
+    keys = keys_per_step or max(1, min(XLA_KEYS_PER_STEP, XLA_TOKEN_KEYS_PER_STEP // num_tokens))
+    block = max(1, min(pages_per_seq, keys // page_size))
     num_steps = -(-jnp.max(jnp.where(tok_ok, last - first + 1, 0), initial=0) // block)
     rows = page_indices[seq]  # int32[T, pages_per_seq]: each token's page-table row
     layer = jnp.clip(layer, 0, num_layers - 1)

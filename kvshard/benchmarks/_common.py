@@ -138,3 +138,11 @@ def bar_plot(
     ax.grid(True, axis="y", which="both", alpha=0.3)
     ax.legend(fontsize=8)
     return save_figure(fig, outdir, name)
+
+
+def unit_scales(dtype: Any) -> dict[str, float]:
+    """``k_scale``/``v_scale`` of 1 for a quantized cache dtype (a CacheSpec needs them; the
+    benchmarks' byte counts and timings do not depend on them), else nothing."""
+    from kvshard._layout import needs_scales
+
+    return {"k_scale": 1.0, "v_scale": 1.0} if needs_scales(dtype) else {}

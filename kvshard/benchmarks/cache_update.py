@@ -20,7 +20,14 @@ import argparse
 import os
 from typing import Any
 
-from kvshard.benchmarks._common import bar_plot, jax_machine, table, timed, write_json
+from kvshard.benchmarks._common import (
+    bar_plot,
+    jax_machine,
+    table,
+    timed,
+    unit_scales,
+    write_json,
+)
 
 NAME = "cache_update"
 
@@ -32,7 +39,9 @@ def _setup(dtype: str, tokens: int, cache_bytes: int, rng: Any):
     import kvshard
 
     heads, dim, page = 8, 128, 16
-    itemsize = np.dtype(kvshard.CacheSpec(1, 1, 128, 16, 2, dtype=dtype).np_dtype).itemsize
+    itemsize = np.dtype(
+        kvshard.CacheSpec(1, 1, 128, 16, 2, dtype=dtype, **unit_scales(dtype)).np_dtype
+    ).itemsize
     page_bytes = page * 2 * heads * dim * itemsize
     num_pages = max(cache_bytes // page_bytes, tokens // page + 2)
     spec = kvshard.CacheSpec(
@@ -42,6 +51,7 @@ def _setup(dtype: str, tokens: int, cache_bytes: int, rng: Any):
         page_size=page,
         num_pages=int(num_pages),
         dtype=dtype,
+        **unit_scales(dtype),
     )
     mesh = jax.make_mesh((1,), ("model",), devices=jax.devices()[:1])
     n = tokens // page

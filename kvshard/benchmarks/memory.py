@@ -17,7 +17,7 @@ from __future__ import annotations
 import tracemalloc
 from typing import Any
 
-from kvshard.benchmarks._common import bar_plot, jax_machine, table, write_json
+from kvshard.benchmarks._common import bar_plot, jax_machine, table, unit_scales, write_json
 
 NAME = "memory"
 
@@ -37,9 +37,17 @@ def update_memory(
     from kvshard.cache import KVCache, _update_jit
 
     heads, dim = 8, 128
-    probe = CacheSpec(1, heads, dim, page_size, 2, dtype=dtype)
+    probe = CacheSpec(1, heads, dim, page_size, 2, dtype=dtype, **unit_scales(dtype))
     page_bytes = probe.bytes_per_device(1) // 2
-    spec = CacheSpec(1, heads, dim, page_size, max(2, cache_bytes // page_bytes), dtype=dtype)
+    spec = CacheSpec(
+        1,
+        heads,
+        dim,
+        page_size,
+        max(2, cache_bytes // page_bytes),
+        dtype=dtype,
+        **unit_scales(dtype),
+    )
     mesh = jax.make_mesh((1,), ("model",), devices=jax.devices()[:1])
     cache = KVCache(kv=None, spec=spec, mesh=mesh)  # type: ignore[arg-type]
     kv = jax.ShapeDtypeStruct(spec.global_shape(1, 1), spec.np_dtype, sharding=cache.sharding)
@@ -82,9 +90,17 @@ def attention_memory(
     from kvshard._layout import CacheSpec
 
     heads, dim = 8, 128
-    probe = CacheSpec(1, heads, dim, page_size, 2, dtype=dtype)
+    probe = CacheSpec(1, heads, dim, page_size, 2, dtype=dtype, **unit_scales(dtype))
     page_bytes = probe.bytes_per_device(1) // 2
-    spec = CacheSpec(1, heads, dim, page_size, max(2, cache_bytes // page_bytes), dtype=dtype)
+    spec = CacheSpec(
+        1,
+        heads,
+        dim,
+        page_size,
+        max(2, cache_bytes // page_bytes),
+        dtype=dtype,
+        **unit_scales(dtype),
+    )
     mesh = jax.make_mesh((1,), ("model",), devices=jax.devices()[:1])
     pages_per_request = -(-context // page_size)
     alloc = kvshard.PageAllocator(
