@@ -108,3 +108,20 @@ def test_suite_runs_selected_benchmarks_and_reports_failures(tmp_path, capsys, m
     captured = capsys.readouterr()
     assert "FAILED: memory" in captured.err and "boom" in captured.err
     assert "TPU update kernel on paper" in captured.out  # the next benchmark still ran
+
+
+def test_bench_tells_tpu_users_the_schedule_ab_command():
+    """`kvshard bench` prints the A/B command of the update kernel's schedules, and that
+    command is the one benchmarks/update_schedules.py itself documents."""
+    from pathlib import Path
+
+    from kvshard.benchmarks.tpu_schedule import TPU_AB_COMMAND
+
+    script = (
+        Path(__file__).resolve().parents[1] / "benchmarks" / "update_schedules.py"
+    ).read_text()
+    assert f'TPU_COMMAND = "{TPU_AB_COMMAND}"' in script
+    source = (
+        Path(__file__).resolve().parents[1] / "kvshard/benchmarks/tpu_schedule.py"
+    ).read_text()
+    assert "{TPU_AB_COMMAND}" in source

@@ -35,6 +35,9 @@ NAME = "tpu_schedule"
 BUDGET = 16 * 2**20
 MAX_BLOCK = 64
 
+# What `kvshard bench` tells a TPU user to run (benchmarks/update_schedules.py's TPU_COMMAND).
+TPU_AB_COMMAND = "python benchmarks/update_schedules.py --num-pages 4096 --decode-tokens 512"
+
 
 def block_size(page: int, blocks_in_flight: int) -> int:
     fit = max(1, BUDGET // blocks_in_flight // page)
@@ -142,6 +145,10 @@ def run(outdir: str) -> dict[str, Any]:
         labels,
         {"DMAs": [r[4] for r in rows], "waits": [r[5] for r in rows]},
         "count",
+    )
+    print(
+        "\nOn a TPU VM, A/B-test the two schedules on the chip (both are checked against the "
+        f"oracle first) from a checkout:\n  {TPU_AB_COMMAND}"
     )
     print(f"\nwrote {outdir}/{NAME}.json" + (f" and {png}" if png else ""))
     return data
