@@ -273,15 +273,21 @@ MESH = make_mesh((1, 1))
 MIN_RULES = 10_000
 
 
-EXAMPLES = 160  # about 80 rules each
+EXAMPLES = 180  # about 70 rules each (11,107 rules at 160, derandomized)
 
 
 def test_serving_loop():
     RULES[0] = 0
     COVER.update(dict.fromkeys(COVER, 0))
     run_state_machine_as_test(
-        ServingLoop, settings=settings(max_examples=EXAMPLES, stateful_step_count=100)
+        ServingLoop,
+        # Derandomized (and no example database): the same rules run on every machine, so the
+        # rule count and coverage asserted below cannot depend on the seed or on earlier runs.
+        settings=settings(
+            max_examples=EXAMPLES, stateful_step_count=100, derandomize=True, database=None
+        ),
     )
+    print(f"{RULES[0]} rules ran")
     assert RULES[0] >= MIN_RULES, f"only {RULES[0]} rules ran; raise EXAMPLES"
     # The paths the machine exists for were taken (prefix hits, evictions, copy-on-write).
     assert all(COVER.values()), COVER
