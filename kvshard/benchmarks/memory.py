@@ -22,6 +22,16 @@ from kvshard.benchmarks._common import bar_plot, jax_machine, table, unit_scales
 NAME = "memory"
 
 
+def _sized_spec(dtype: str, cache_bytes: int, page_size: int, heads: int, dim: int):
+    """A one-layer CacheSpec of about ``cache_bytes`` per device (one device, no replication)."""
+    from kvshard._layout import CacheSpec
+
+    probe = CacheSpec(1, heads, dim, page_size, 2, dtype=dtype, **unit_scales(dtype))
+    page_bytes = probe.bytes_per_device(1) // 2
+    num_pages = max(2, cache_bytes // page_bytes)
+    return CacheSpec(1, heads, dim, page_size, num_pages, dtype=dtype, **unit_scales(dtype))
+
+
 def update_memory(
     dtype: str, cache_bytes: int, tokens: int, *, page_size: int = 16
 ) -> dict[str, Any]:
@@ -33,21 +43,10 @@ def update_memory(
     import jax
     import numpy as np
 
-    from kvshard._layout import CacheSpec
     from kvshard.cache import KVCache, _update_jit
 
     heads, dim = 8, 128
-    probe = CacheSpec(1, heads, dim, page_size, 2, dtype=dtype, **unit_scales(dtype))
-    page_bytes = probe.bytes_per_device(1) // 2
-    spec = CacheSpec(
-        1,
-        heads,
-        dim,
-        page_size,
-        max(2, cache_bytes // page_bytes),
-        dtype=dtype,
-        **unit_scales(dtype),
-    )
+    spec = _sized_spec(dtype, cache_bytes, page_size, heads, dim)
     mesh = jax.make_mesh((1,), ("model",), devices=jax.devices()[:1])
     cache = KVCache(kv=None, spec=spec, mesh=mesh)  # type: ignore[arg-type]
     kv = jax.ShapeDtypeStruct(spec.global_shape(1, 1), spec.np_dtype, sharding=cache.sharding)
@@ -87,20 +86,9 @@ def attention_memory(
     import numpy as np
 
     import kvshard
-    from kvshard._layout import CacheSpec
 
     heads, dim = 8, 128
-    probe = CacheSpec(1, heads, dim, page_size, 2, dtype=dtype, **unit_scales(dtype))
-    page_bytes = probe.bytes_per_device(1) // 2
-    spec = CacheSpec(
-        1,
-        heads,
-        dim,
-        page_size,
-        max(2, cache_bytes // page_bytes),
-        dtype=dtype,
-        **unit_scales(dtype),
-    )
+    spec = _sized_spec(dtype, cache_bytes, page_size, heads, dim)
     mesh = jax.make_mesh((1,), ("model",), devices=jax.devices()[:1])
     pages_per_request = -(-context // page_size)
     alloc = kvshard.PageAllocator(
