@@ -123,6 +123,24 @@ def _live_seqs(
     return jnp.where((layer >= 0) & (layer < num_layers), live, 0)
 
 
+def _live_tokens(kv, layer, page_indices, kv_lens, cu_q_lens, num_seqs, num_tokens, page_size):
+    """Both backends' drop rule on one device's block kv [L, slots, C, D]: (live request count,
+    int32[T] request of each token, bool[T] token belongs to a live request)."""
+    num_layers, num_slots = kv.shape[:2]
+    live = _live_seqs(
+        page_indices,
+        kv_lens,
+        cu_q_lens,
+        num_seqs,
+        layer,
+        num_layers=num_layers,
+        num_tokens=num_tokens,
+        num_pages=num_slots // page_size,
+        page_size=page_size,
+    )
+    return (live, *_token_rows(cu_q_lens, live, num_tokens))
+
+
 def _token_rows(cu_q_lens: jax.Array, live: jax.Array, num_tokens: int):
     """(int32[T] request of each token, bool[T] token belongs to a live request)."""
     t = jnp.arange(num_tokens, dtype=jnp.int32)
@@ -153,18 +171,9 @@ def _local_xla(kv, layer, q, page_indices, kv_lens, cu_q_lens, num_seqs, *, stat
     group = q_heads // kv_heads
     pages_per_seq = page_indices.shape[1]
 
-    live = _live_seqs(
-        page_indices,
-        kv_lens,
-        cu_q_lens,
-        num_seqs,
-        layer,
-        num_layers=num_layers,
-        num_tokens=num_tokens,
-        num_pages=num_slots // page_size,
-        page_size=page_size,
+    _, seq, tok_ok = _live_tokens(
+        kv, layer, page_indices, kv_lens, cu_q_lens, num_seqs, num_tokens, page_size
     )
-    seq, tok_ok = _token_rows(cu_q_lens, live, num_tokens)
     q_len = cu_q_lens[seq + 1] - cu_q_lens[seq]
     pos = kv_lens[seq] - q_len + (jnp.arange(num_tokens) - cu_q_lens[seq])  # int32[T]
     lo = jnp.zeros_like(pos) if window is None else jnp.maximum(pos - window + 1, 0)
@@ -233,18 +242,9 @@ def pallas_operands(kv, layer, q, page_indices, kv_lens, cu_q_lens, num_seqs, *,
     num_tokens, _, head_dim = q.shape
     page_size = spec.page_size
     num_pages = num_slots // page_size
-    live = _live_seqs(
-        page_indices,
-        kv_lens,
-        cu_q_lens,
-        num_seqs,
-        layer,
-        num_layers=num_layers,
-        num_tokens=num_tokens,
-        num_pages=num_pages,
-        page_size=page_size,
+    live, _, tok_ok = _live_tokens(
+        kv, layer, page_indices, kv_lens, cu_q_lens, num_seqs, num_tokens, page_size
     )
-    _, tok_ok = _token_rows(cu_q_lens, live, num_tokens)
     layer = jnp.clip(layer, 0, num_layers - 1)
     # Rows past `live` are never read by the kernel; clamp them anyway so no index can leave
     # this layer's pages.
