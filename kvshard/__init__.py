@@ -36,6 +36,7 @@ if TYPE_CHECKING:  # static typing and IDEs see ordinary imports
     from kvshard import reference as reference
     from kvshard._attention import attention as attention
     from kvshard._config import ConfigError as ConfigError
+    from kvshard._errors import KvshardError as KvshardError
     from kvshard._config import ModelGeometry as ModelGeometry
     from kvshard._config import read_model_config as read_model_config
     from kvshard._layout import CacheSpec as CacheSpec
@@ -70,6 +71,7 @@ _EXPORTS: dict[str, str | None] = {
     "reference": None,
     "attention": "kvshard._attention",
     "ConfigError": "kvshard._config",
+    "KvshardError": "kvshard._errors",
     "ModelGeometry": "kvshard._config",
     "read_model_config": "kvshard._config",
     "CacheSpec": "kvshard._layout",

@@ -29,6 +29,8 @@ from os import PathLike
 from pathlib import Path
 from typing import Any
 
+from kvshard._errors import KvshardError
+
 __all__ = ["PRESETS", "ConfigError", "ModelGeometry", "preset_config", "read_model_config"]
 
 # Shipped configs, by `kvshard plan --model` name (kvshard/configs/<name>.json).
@@ -48,7 +50,7 @@ _TORCH_DTYPES = {
 _MLA_FIELDS = ("kv_lora_rank", "qk_rope_head_dim", "v_head_dim")
 
 
-class ConfigError(ValueError):
+class ConfigError(KvshardError, ValueError):
     """A model config that kvshard cannot size a cache for; the message names the field."""
 
 

@@ -33,6 +33,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Sharding
 
+from kvshard._errors import KvshardError
+
 __all__ = ["AllocatorDivergence", "check_consistent", "diverging_processes", "global_array"]
 
 
@@ -40,7 +42,7 @@ class _HasChecksum(Protocol):
     def checksum(self) -> str: ...
 
 
-class AllocatorDivergence(RuntimeError):
+class AllocatorDivergence(KvshardError, RuntimeError):
     """The processes' allocators hold different states; ``processes`` lists the odd ones."""
 
     def __init__(self, message: str, processes: list[int]) -> None:

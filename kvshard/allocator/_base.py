@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from kvshard._errors import KvshardError
+
 NULL_PAGE = 0
 """Page id reserved for padding writes; no request ever owns it."""
 
@@ -23,7 +25,7 @@ STATE_VERSION = 2  # 2: sliding_window in the config, row_released
 MAX_TOKENS = 2**62
 
 
-class OutOfPages(RuntimeError):
+class OutOfPages(KvshardError, RuntimeError):
     """Raised when an allocation needs more pages than are free (or evictable).
 
     Attributes:
@@ -44,7 +46,7 @@ class OutOfPages(RuntimeError):
         return (type(self), (self.needed, self.available))
 
 
-class UnknownRequest(KeyError):
+class UnknownRequest(KvshardError, KeyError):
     """Raised for a request id the allocator does not hold (never allocated, or freed)."""
 
     def __str__(self) -> str:
