@@ -36,9 +36,9 @@ if TYPE_CHECKING:  # static typing and IDEs see ordinary imports
     from kvshard import reference as reference
     from kvshard._attention import attention as attention
     from kvshard._config import ConfigError as ConfigError
-    from kvshard._errors import KvshardError as KvshardError
     from kvshard._config import ModelGeometry as ModelGeometry
     from kvshard._config import read_model_config as read_model_config
+    from kvshard._errors import KvshardError as KvshardError
     from kvshard._layout import CacheSpec as CacheSpec
     from kvshard._layout import check_tensor_parallel as check_tensor_parallel
     from kvshard.allocator import NULL_PAGE as NULL_PAGE
