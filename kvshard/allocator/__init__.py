@@ -15,19 +15,34 @@ Pages are logical: one page id names the same rows on every device of a head-sha
 one page table serves all tensor-parallel shards; a data-parallel deployment keeps one
 allocator per pool.
 
-The package is layered, one concern a file, each using only the ones before it:
-``_base`` (constants, exceptions, state, queries), ``_lru`` (prefix keys, eviction order),
-``_pool`` (free stack, reference counts, rows), ``_grow`` (``allocate``, copy-on-write,
-sliding-window release), ``_prefix`` (``lookup_prefix``, ``commit_prefix``), ``_state``
-(``state_dict``, validated ``load_state_dict``, ``checksum``, ``check_invariants``) and
-``_allocator`` (:class:`PageAllocator`: ``free``, ``fork``, ``truncate``); ``_window`` holds
-the pure capacity arithmetic of sliding windows.
+The allocator is composed of parts, as vLLM composes its ``BlockPool`` into the KV-cache
+manager, each a class with a small interface and its own invariant checks:
+
+* ``_pool.PagePool``: reference counts, the free stack, the null page and the copy-on-write
+  queue; every page table draws from it;
+* ``_table.PageTable``: one KV-cache group's page table (vLLM's ``SingleTypeKVCacheManager``):
+  each request's pages and the rules of its attention type (sliding-window release,
+  copy-on-write planning);
+* ``_rows.RequestRows``: request id -> row, the free-row stack, tokens held and prefix-cache
+  progress (what is per request, not per group);
+* ``_prefix_index.PrefixIndex``: chained page keys, the key -> page index and the LRU order of
+  cached pages nobody owns;
+* ``_state.AllocatorParts``: the parts together: ``state_dict``, validated ``load``,
+  ``checksum`` and ``check_invariants`` (each part's, then those between parts).
+
+Transactions that span parts are functions of them: ``_grow.grow`` (``allocate``,
+``allocate_batch``) and ``_prefix`` (``lookup``, ``peek``, ``commit``). :class:`PageAllocator`
+(``_allocator``) is a facade: it validates arguments, documents the contract and delegates.
+Several KV-cache groups (full attention, sliding window, chunked local) would add one
+``PageTable`` per group over the same pool and rows, their page needs summed before any commit.
+``_config`` validates the constructor arguments and ``_window`` holds the pure capacity
+arithmetic of sliding windows.
 """
 
 from kvshard.allocator._allocator import PageAllocator as PageAllocator
-from kvshard.allocator._base import NULL_PAGE as NULL_PAGE
-from kvshard.allocator._base import OutOfPages as OutOfPages
-from kvshard.allocator._base import UnknownRequest as UnknownRequest
+from kvshard.allocator._common import NULL_PAGE as NULL_PAGE
+from kvshard.allocator._common import OutOfPages as OutOfPages
+from kvshard.allocator._common import UnknownRequest as UnknownRequest
 from kvshard.allocator._window import sliding_window_pages as sliding_window_pages
 
 __all__ = ["NULL_PAGE", "OutOfPages", "PageAllocator", "UnknownRequest", "sliding_window_pages"]

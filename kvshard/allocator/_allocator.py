@@ -1,19 +1,24 @@
-"""The public :class:`PageAllocator`: construction, free, fork, truncate, pending copies.
+"""The public :class:`PageAllocator`: a facade over the allocator's parts.
 
-Its other methods come from the layers below (see :mod:`kvshard.allocator._base`).
+Over 400 lines because it carries the documented contract of every public method (argument
+ranges, what is raised, what changes); the logic is in the parts it delegates to
+(see :mod:`kvshard.allocator`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Hashable, Sequence
+from typing import Any
 
 import numpy as np
 
-from kvshard.allocator._base import MAX_TOKENS
-from kvshard.allocator._state import AllocatorState
+from kvshard.allocator import _grow, _prefix
+from kvshard.allocator._common import is_int, readonly
+from kvshard.allocator._config import AllocatorConfig
+from kvshard.allocator._state import AllocatorParts
 
 
-class PageAllocator(AllocatorState):
+class PageAllocator:
     """Assigns KV-cache pages to requests; one page table row per live request.
 
     Page ``0`` is the **null page**: it is never free and never owned by a request. Unused
@@ -33,9 +38,15 @@ class PageAllocator(AllocatorState):
 
     Prefix caching (``enable_prefix_caching=True``): :meth:`commit_prefix` registers a request's
     full pages under a chained key of their tokens and a namespace; :meth:`lookup_prefix`
-    attaches cached pages to a new request. A cached page whose last owner is freed stays cached
-    (evictable) and is reused, least recently freed first, only once the plain free stack is
-    empty. :attr:`num_free_pages` counts free and evictable pages.
+    attaches cached pages to a new request (:meth:`peek_prefix` only counts them). A cached page
+    whose last owner is freed stays cached (evictable) and is reused, least recently freed
+    first, only once the plain free stack is empty. :attr:`num_free_pages` counts free and
+    evictable pages.
+
+    Reuse order: the most recently freed page is handed out first (a stack), and of pages freed
+    together (by one :meth:`free`, :meth:`truncate` or window release) the last in the row is
+    reused first, as in vLLM. vLLM's free queue instead reuses pages least recently freed first
+    across calls; only page ids differ.
 
     Sliding window (``sliding_window=W``, for a model whose every layer attends the last ``W``
     positions: token ``p`` attends ``(p - W, p]``): each :meth:`allocate` first releases the
@@ -54,14 +65,21 @@ class PageAllocator(AllocatorState):
         num_pages: pages in the pool, null page included; int in ``[2, 2**31 - 1]``.
         page_size: tokens per page; int >= 1.
         max_requests: rows of :attr:`page_table` (live requests at once); int >= 1.
-        max_pages_per_request: columns of :attr:`page_table`; int >= 1.
+        max_pages_per_request: columns of :attr:`page_table`; int >= 1, with
+            ``max_pages_per_request * page_size <= 2**31 - 1`` (a request's positions are
+            int32 on the device).
         enable_prefix_caching: allow :meth:`lookup_prefix` and :meth:`commit_prefix`.
-        sliding_window: None, or W >= 1 to release pages out of every request's window.
+        sliding_window: None, or W in ``[1, 2**31 - 1]`` to release pages out of every
+            request's window.
+
+    Attributes:
+        num_pages, page_size, max_requests, max_pages_per_request, enable_prefix_caching,
+        sliding_window: the constructor arguments (as Python ints and bools).
 
     Raises:
-        ValueError: an argument is not an int (bools rejected) or is below its minimum,
-            ``num_pages`` does not fit int32, ``max_pages_per_request * page_size`` exceeds
-            ``2**62``, or ``sliding_window`` is combined with ``enable_prefix_caching``.
+        ValueError: an argument is not an int (bools rejected), is below its minimum or past
+            its bound above, or ``sliding_window`` is combined with ``enable_prefix_caching``;
+            the message names the argument, its value and the bound.
     """
 
     def __init__(
@@ -74,41 +92,324 @@ class PageAllocator(AllocatorState):
         enable_prefix_caching: bool = False,
         sliding_window: int | None = None,
     ) -> None:
-        for name, value, low in (
-            ("num_pages", num_pages, 2),
-            ("page_size", page_size, 1),
-            ("max_requests", max_requests, 1),
-            ("max_pages_per_request", max_pages_per_request, 1),
-            ("sliding_window", 1 if sliding_window is None else sliding_window, 1),
-        ):
-            if not isinstance(value, int | np.integer) or isinstance(value, bool) or value < low:
-                raise ValueError(f"PageAllocator: {name}={value!r} must be an int >= {low}")
-        if num_pages > np.iinfo(np.int32).max:
-            raise ValueError(f"PageAllocator: num_pages={num_pages} does not fit int32")
-        if int(max_pages_per_request) * int(page_size) > MAX_TOKENS:
+        config = AllocatorConfig.validated(
+            num_pages,
+            page_size,
+            max_requests,
+            max_pages_per_request,
+            enable_prefix_caching,
+            sliding_window,
+        )
+        self.num_pages = config.num_pages
+        self.page_size = config.page_size
+        self.max_requests = config.max_requests
+        self.max_pages_per_request = config.max_pages_per_request
+        self.enable_prefix_caching = config.enable_prefix_caching
+        self.sliding_window = config.sliding_window
+        self._parts = AllocatorParts.fresh(config)
+
+    # ------------------------------------------------------------- queries
+
+    @property
+    def page_table(self) -> np.ndarray:
+        """int32[max_requests, max_pages_per_request], read-only view; row per live request."""
+        return readonly(self._parts.table.page_table)
+
+    @property
+    def row_num_tokens(self) -> np.ndarray:
+        """int64[max_requests], read-only view: tokens held by the request in each row."""
+        return readonly(self._parts.rows.row_tokens)
+
+    @property
+    def row_num_pages(self) -> np.ndarray:
+        """int32[max_requests], read-only view: page-table columns in use in each row.
+
+        ``ceil(tokens / page_size)``; with a sliding window the leading ones may hold
+        :data:`NULL_PAGE` (released).
+        """
+        return readonly(self._parts.table.row_pages)
+
+    @property
+    def num_free_pages(self) -> int:
+        """Pages an allocation can get now: the free stack plus evictable cached pages."""
+        return self._parts.pool.num_available
+
+    @property
+    def num_evictable_pages(self) -> int:
+        """Cached pages nobody owns (part of :attr:`num_free_pages`)."""
+        return self._parts.index.num_evictable
+
+    @property
+    def usage(self) -> float:
+        """Fraction of usable pages (the null page excluded) owned by at least one request."""
+        return 1.0 - self.num_free_pages / (self.num_pages - 1)
+
+    @property
+    def prefix_stats(self) -> dict[str, int]:
+        """Prefix-cache counters (a copy).
+
+        ``lookups``: :meth:`lookup_prefix` calls; ``queries``: tokens looked up; ``hits``:
+        tokens found cached (so ``hits / queries`` is the token hit rate, as in vLLM);
+        ``evictions``: cached pages dropped to satisfy an allocation. :meth:`peek_prefix`
+        counts nowhere.
+        """
+        return dict(self._parts.index.stats)
+
+    def __contains__(self, req_id: object) -> bool:
+        try:
+            return req_id in self._parts.rows.rows
+        except TypeError:  # unhashable: certainly not a request id
+            return False
+
+    def __len__(self) -> int:
+        return len(self._parts.rows.rows)
+
+    def row(self, req_id: Hashable) -> int:
+        """Returns the request's row in :attr:`page_table` (stable while it lives).
+
+        Args:
+            req_id: a live request id.
+
+        Returns:
+            The row index, an int in ``[0, max_requests)``.
+
+        Raises:
+            UnknownRequest: ``req_id`` is not live (never allocated, or freed).
+            TypeError: ``req_id`` is not hashable.
+        """
+        return self._parts.rows.row_of(req_id, "row")
+
+    def pages(self, req_id: Hashable) -> np.ndarray:
+        """Returns a copy of the request's page ids, in token order.
+
+        Args:
+            req_id: a live request id.
+
+        Returns:
+            int32[ceil(num_tokens / page_size)]: page ids in ``[1, num_pages)``, except that
+            pages released by a sliding window read :data:`NULL_PAGE` (they lead the row).
+
+        Raises:
+            UnknownRequest: ``req_id`` is not live (never allocated, or freed).
+            TypeError: ``req_id`` is not hashable.
+        """
+        return self._parts.table.pages(self._parts.rows.row_of(req_id, "pages"))
+
+    def num_tokens(self, req_id: Hashable) -> int:
+        """Returns the number of tokens the request holds (released ones included).
+
+        Args:
+            req_id: a live request id.
+
+        Returns:
+            The token count, an int >= 0.
+
+        Raises:
+            UnknownRequest: ``req_id`` is not live (never allocated, or freed).
+            TypeError: ``req_id`` is not hashable.
+        """
+        rows = self._parts.rows
+        return int(rows.row_tokens[rows.row_of(req_id, "num_tokens")])
+
+    # -------------------------------------------------------------- growth
+
+    def allocate(self, req_id: Hashable, num_new_tokens: int) -> np.ndarray:
+        """Grows ``req_id`` (created on first use) by ``num_new_tokens`` tokens.
+
+        All or nothing: a call that raises changes nothing. With ``sliding_window=W`` the
+        request's pages wholly before token ``num_tokens(req_id) - W + 1`` (counted before
+        this call: the first new token attends back to there) are released first, and the
+        capacity check counts them as free. A refused call keeps them (vLLM releases them even
+        when it then refuses the allocation): they are released by the request's next
+        successful ``allocate``, or by :meth:`free`.
+
+        Args:
+            req_id: any hashable; a new id takes a free page-table row.
+            num_new_tokens: int in ``[0, max_pages_per_request * page_size]``; the request then
+                holds at most ``max_pages_per_request * page_size`` tokens.
+
+        Returns:
+            int32[k]: the page ids newly written into the request's page-table row, in row
+            order (a copy-on-write replacement of the last page first, if one was needed; see
+            :meth:`take_pending_copies`).
+
+        Raises:
+            OutOfPages: the growth needs more pages than are free or evictable.
+            ValueError: ``num_new_tokens`` is not an int, is negative or exceeds
+                ``max_pages_per_request * page_size``; the request would exceed
+                ``max_pages_per_request``; ``req_id`` is new and all ``max_requests`` rows are
+                in use.
+            TypeError: ``req_id`` is not hashable.
+        """
+        if not is_int(num_new_tokens):
+            raise ValueError(f"allocate: num_new_tokens={num_new_tokens!r} must be an int")
+        # Bounded as a Python int: np.array(2**70) would overflow and 2**63-1 wraps later.
+        limit = self.max_pages_per_request * self.page_size
+        if num_new_tokens > limit:
             raise ValueError(
-                f"PageAllocator: max_pages_per_request*page_size="
-                f"{int(max_pages_per_request) * int(page_size)} must be <= 2**62"
+                f"allocate: num_new_tokens={int(num_new_tokens)} for req_id={req_id!r} exceeds "
+                f"max_pages_per_request*page_size={limit}"
             )
-        if sliding_window is not None and enable_prefix_caching:
-            raise ValueError(
-                f"PageAllocator: sliding_window={sliding_window} cannot be combined with "
-                "enable_prefix_caching=True (released pages would break cached prefixes)"
-            )
-        self.num_pages = int(num_pages)
-        self.page_size = int(page_size)
-        self.max_requests = int(max_requests)
-        self.max_pages_per_request = int(max_pages_per_request)
-        self.enable_prefix_caching = bool(enable_prefix_caching)
-        self.sliding_window = None if sliding_window is None else int(sliding_window)
-        self._init_state()
+        parts = self._parts
+        counts = np.array([num_new_tokens], np.int64)
+        _, pages = _grow.grow(parts.rows, parts.table, parts.pool, [req_id], counts, "allocate")
+        return pages
+
+    def allocate_batch(
+        self, req_ids: Sequence[Hashable] | np.ndarray, num_new_tokens: Sequence[int] | np.ndarray
+    ) -> np.ndarray:
+        """Grows every request of one step; the same as ``allocate`` on each, in order.
+
+        All or nothing for the whole batch: a call that raises changes nothing. With a sliding
+        window, every request's out-of-window pages are released before any grows.
+
+        Args:
+            req_ids: B distinct hashable ids (a list, or a numpy array whose items become
+                Python scalars); new ones are created.
+            num_new_tokens: int[B] in ``[0, max_pages_per_request * page_size]``, tokens each
+                request grows by.
+
+        Returns:
+            int32[B]: each request's row, so ``page_table[rows]`` is the step's page table (or
+            pass ``rows`` to :func:`kvshard.metadata.build_update_slices`).
+
+        Raises:
+            OutOfPages: the batch needs more pages in all than are free or evictable.
+            ValueError: ``num_new_tokens`` is not an integer array of shape [B] or holds a
+                count out of range; B > ``max_requests``; ``req_ids`` holds duplicates; a
+                request would exceed ``max_pages_per_request``; the new ids need more rows
+                than are free.
+            TypeError: an id is not hashable.
+        """
+        # numpy scalars would become (differently printed) keys
+        ids: Sequence[Hashable] = req_ids.tolist() if isinstance(req_ids, np.ndarray) else req_ids
+        counts = np.asarray(num_new_tokens)
+        if counts.size and not np.issubdtype(counts.dtype, np.integer):
+            raise ValueError(f"allocate_batch: num_new_tokens must be integers, got {counts.dtype}")
+        # Range checks in the caller's dtype: a uint64 above 2**63 would wrap in astype(int64).
+        limit = self.max_pages_per_request * self.page_size
+        if counts.ndim == 1 and counts.shape[0] == len(ids):
+            hit = np.flatnonzero((counts < 0) | (counts > limit))
+            if hit.size:
+                i = int(hit[0])
+                raise ValueError(
+                    f"allocate_batch: num_new_tokens={int(counts[i])} for req_id={ids[i]!r} "
+                    f"must be in [0, max_pages_per_request*page_size={limit}]"
+                )
+        parts = self._parts
+        counts = counts.astype(np.int64, copy=False)
+        rows, _ = _grow.grow(parts.rows, parts.table, parts.pool, ids, counts, "allocate_batch")
+        return rows
+
+    # -------------------------------------------------------- prefix cache
+
+    def _require_prefix_caching(self, where: str) -> None:
+        if not self.enable_prefix_caching:
+            raise ValueError(f"{where}: prefix caching is disabled (enable_prefix_caching=False)")
+
+    def peek_prefix(
+        self, token_ids: Sequence[int] | np.ndarray, namespace: str | bytes | None = None
+    ) -> int:
+        """Returns what :meth:`lookup_prefix` would return now, attaching and counting nothing.
+
+        The eviction order, :attr:`prefix_stats` and every request stay as they are, so a
+        scheduler can size a request before admitting it (vLLM's ``get_computed_blocks``).
+
+        Args:
+            token_ids: int[T], the prompt (any integer dtype; compared as int64).
+            namespace: str, bytes or None, as for :meth:`lookup_prefix`.
+
+        Returns:
+            The cached prefix in tokens: a multiple of ``page_size``, at most ``T - 1``.
+
+        Raises:
+            ValueError: prefix caching is disabled; ``token_ids`` is not a 1-D integer array.
+            TypeError: ``namespace`` is not str, bytes or None.
+        """
+        self._require_prefix_caching("peek_prefix")
+        tokens, _ = _prefix.peek(self._parts.table, self._parts.pool, token_ids, namespace)
+        return tokens
+
+    def lookup_prefix(
+        self,
+        req_id: Hashable,
+        token_ids: Sequence[int] | np.ndarray,
+        namespace: str | bytes | None = None,
+    ) -> int:
+        """Attaches the cached pages of the longest cached prefix of ``token_ids`` to a request.
+
+        Only pages committed under the same ``namespace`` match. Counts toward
+        :attr:`prefix_stats`. All or nothing: a call that raises changes nothing.
+
+        The hit pages are attached at once (one more owner each), so an evictable hit leaves
+        the eviction order here, not at the next :meth:`allocate`: nothing between the two
+        calls can evict it. vLLM touches hits only once the allocation succeeds; here a request
+        that is looked up, then refused (:class:`OutOfPages`) and freed returns its hits to the
+        eviction order as the most recently released. Use :meth:`peek_prefix` to size a
+        request without touching anything.
+
+        Args:
+            req_id: a new id (it is created) or a live request holding no tokens.
+            token_ids: int[T], the prompt (any integer dtype; compared as int64).
+            namespace: str, bytes or None; None, ``""`` and ``b""`` are distinct namespaces.
+
+        Returns:
+            The number of tokens whose KV is already in the attached pages: a multiple of
+            ``page_size``, and at most ``T - 1`` so the last prompt token is always computed
+            (its logits are needed).
+
+        Raises:
+            ValueError: prefix caching is disabled; ``token_ids`` is not a 1-D integer array;
+                ``req_id`` already holds tokens; ``req_id`` is new and all ``max_requests`` rows
+                are in use.
+            TypeError: ``namespace`` is not str, bytes or None, or ``req_id`` is not hashable.
+        """
+        self._require_prefix_caching("lookup_prefix")
+        parts = self._parts
+        return _prefix.lookup(parts.rows, parts.table, parts.pool, req_id, token_ids, namespace)
+
+    def commit_prefix(
+        self,
+        req_id: Hashable,
+        token_ids: Sequence[int] | np.ndarray,
+        namespace: str | bytes | None = None,
+    ) -> int:
+        """Registers the request's full pages in the prefix cache; returns how many were new.
+
+        Pages registered earlier for this request are not hashed again. A page whose key is
+        already cached on another page is left uncached (its twin serves lookups), and a page
+        cached already keeps its key. All or nothing: a call that raises changes nothing.
+
+        Args:
+            req_id: a live request id.
+            token_ids: int[T], the request's tokens from its first one, at least up to the
+                pages to register; only full pages within ``min(T, num_tokens(req_id))`` are
+                registered. Cover only tokens whose KV is computed.
+            namespace: str, bytes or None; must match earlier lookups/commits of this request.
+
+        Returns:
+            The number of pages newly registered (an int >= 0).
+
+        Raises:
+            ValueError: prefix caching is disabled; ``token_ids`` is not a 1-D integer array;
+                ``namespace`` differs from the one this request was looked up or committed
+                with.
+            UnknownRequest: ``req_id`` is not live.
+            TypeError: ``namespace`` is not str, bytes or None, or ``req_id`` is not hashable.
+        """
+        self._require_prefix_caching("commit_prefix")
+        parts = self._parts
+        return _prefix.commit(parts.rows, parts.table, parts.pool, req_id, token_ids, namespace)
+
+    # ----------------------------------------------------- whole requests
 
     def free(self, req_id: Hashable) -> None:
         """Releases the request's pages and its row; the row is reset to the null page.
 
-        Pages whose last owner this was return to the free stack, or, when cached, become
-        evictable (the request's last page first in eviction order: later pages of a prefix
-        are the least likely to be shared). Pending copies into the freed pages are dropped.
+        Pages whose last owner this was return to the free stack (the request's last page on
+        top: reused first), or, when cached, become evictable (the request's last page first
+        in eviction order: later pages of a prefix are the least likely to be shared). Pending
+        copies into the freed pages are dropped.
 
         Freeing the last live request while no page is cached (always so with prefix caching
         off) also restores the fresh allocator's order of the free page and row stacks and its
@@ -124,14 +425,11 @@ class PageAllocator(AllocatorState):
                 double free). Nothing changes then.
             TypeError: ``req_id`` is not hashable.
         """
-        row = self._row_of(req_id, "free")
-        self._release(self._page_table[row, : self._row_pages[row]].copy())
-        self._reset_row(row)
-        self._free_rows[self._num_free_rows] = row
-        self._num_free_rows += 1
-        del self._rows[req_id]
-        if not self._rows and self._num_evictable == 0:
-            self._canonicalize_empty()
+        parts = self._parts
+        row = parts.rows.row_of(req_id, "free")
+        parts.table.free(row)
+        parts.rows.remove(req_id, row)
+        parts.reset_order_if_empty()
 
     def truncate(self, req_id: Hashable, num_tokens: int) -> None:
         """Rolls ``req_id`` back to its first ``num_tokens`` tokens (rejected draft tokens of
@@ -158,9 +456,10 @@ class PageAllocator(AllocatorState):
                 was released.
         """
         where = "truncate"
-        row = self._row_of(req_id, where)
-        held = int(self._row_tokens[row])
-        if isinstance(num_tokens, bool) or not isinstance(num_tokens, int | np.integer):
+        parts = self._parts
+        row = parts.rows.row_of(req_id, where)
+        held = int(parts.rows.row_tokens[row])
+        if not is_int(num_tokens):
             raise ValueError(f"{where}: num_tokens={num_tokens!r} must be an int")
         if not 0 <= num_tokens <= held:
             raise ValueError(
@@ -168,25 +467,21 @@ class PageAllocator(AllocatorState):
                 f"[0, {held}] (the tokens it holds)"
             )
         tokens = int(num_tokens)
-        released = int(self._row_released[row]) * self.page_size
-        if self.sliding_window is not None and released > max(tokens - self.sliding_window + 1, 0):
+        released = int(parts.table.row_released[row]) * self.page_size
+        start = int(parts.table.window_start(np.int64(tokens)))
+        if released > start:
             raise ValueError(
                 f"{where}: num_tokens={tokens} for req_id={req_id!r} needs tokens from "
-                f"{max(tokens - self.sliding_window + 1, 0)} on (sliding_window="
-                f"{self.sliding_window}), but its pages before token {released} were released"
+                f"{start} on (sliding_window={self.sliding_window}), but its pages before "
+                f"token {released} were released"
             )
 
         # ---- commit
-        keep = -(-tokens // self.page_size)
-        stop = int(self._row_pages[row])
-        self._release(self._page_table[row, keep:stop].copy())
-        self._page_table[row, keep:stop] = 0
-        self._row_pages[row] = keep
-        self._row_tokens[row] = tokens
-        if self._row_committed[row] > tokens // self.page_size:
+        parts.table.truncate(row, tokens)
+        parts.rows.row_tokens[row] = tokens
+        if parts.rows.row_committed[row] > tokens // self.page_size:
             # The last kept committed page's key may not be stored (a twin page may hold it).
-            self._row_committed[row] = 0
-            self._row_last_key[row] = 0
+            parts.rows.forget_commits(row)
 
     def fork(self, src_req: Hashable, dst_req: Hashable) -> None:
         """Creates ``dst_req`` sharing all of ``src_req``'s pages (reference counted).
@@ -210,30 +505,20 @@ class PageAllocator(AllocatorState):
             ValueError: ``dst_req`` is not hashable or already live, or all ``max_requests``
                 rows are in use.
         """
-        src = self._row_of(src_req, "fork(src_req)")
+        parts = self._parts
+        src = parts.rows.row_of(src_req, "fork(src_req)")
         try:
-            live = dst_req in self._rows
+            live = dst_req in parts.rows.rows
         except TypeError:
             raise ValueError(f"fork: dst_req={dst_req!r} is not hashable") from None
         if live:
             raise ValueError(f"fork: dst_req={dst_req!r} is already a live request")
-        dst = self._take_row(dst_req, "fork")
-        held = int(self._row_pages[src])
-        self._commit_row(dst_req, dst)
-        pages = self._page_table[src, :held]
-        self._page_table[dst, :held] = pages
-        self._refcount[pages[pages != 0]] += 1
-        # Released columns hold NULL_PAGE, which nobody owns: no refcount to raise.
-        for array in (
-            self._row_pages,
-            self._row_tokens,
-            self._row_released,
-            self._row_committed,
-            self._row_last_key,
-            self._row_ns,
-            self._row_has_ns,
-        ):
-            array[dst] = array[src]
+        dst = parts.rows.reserve(dst_req, "fork")
+
+        # ---- commit
+        parts.rows.add([dst_req], [dst])
+        parts.rows.copy(src, dst)
+        parts.table.fork(src, dst)
 
     def take_pending_copies(self) -> np.ndarray:
         """Returns the queued copy-on-write copies and clears the queue.
@@ -250,8 +535,69 @@ class PageAllocator(AllocatorState):
             int32[K, 2]: rows (src_page, dst_page), page ids in ``[1, num_pages)``, in the order
             the copies were queued; int32[0, 2] when none are pending. Never raises.
         """
-        if not self._pending:
-            return np.zeros((0, 2), np.int32)
-        pairs = np.concatenate(self._pending).astype(np.int32)
-        self._pending = []
+        pairs = self._parts.pool.pending_copies()
+        self._parts.pool.pending = []
         return pairs
+
+    # ------------------------------------------------------ state and checks
+
+    def state_dict(self) -> dict[str, Any]:
+        """Returns a deep copy of the state: numpy arrays, ints and plain dicts/lists.
+
+        Only the live part of the stacks is kept, so equal states give equal dicts. Includes
+        the :attr:`prefix_stats` counters and the pending copy-on-write copies. Never raises.
+
+        Returns:
+            A dict for :meth:`load_state_dict`: ``"version"`` (2), ``"config"``,
+            ``"free_pages"`` (int32[num_free]), ``"free_rows"`` (int32[num_free_rows]),
+            ``"rows"`` (request id -> row), ``"clock"``, ``"prefix_stats"``,
+            ``"pending_copies"`` (int32[K, 2]) and the per-page and per-row arrays, e.g.
+            ``"refcount"`` (int32[num_pages]), ``"page_table"``
+            (int32[max_requests, max_pages_per_request]) and ``"row_released"``
+            (int32[max_requests], columns released by the sliding window).
+        """
+        return self._parts.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restores a :meth:`state_dict` (same configuration); validated before anything moves.
+
+        The whole state is checked first, everything :meth:`check_invariants` checks included
+        (page and row ids in range, no duplicates, each row owned once, reference counts equal
+        to owners, the prefix index consistent with the page keys, the eviction clock at most
+        ``2**62``), then swapped in, so every state it accepts serves every operation. The
+        arrays are copied in; :attr:`page_table` views taken before the call go stale.
+
+        Args:
+            state: a dict returned by :meth:`state_dict` of an allocator with the same
+                constructor arguments.
+
+        Raises:
+            TypeError: ``state`` is not a dict.
+            ValueError: an entry is missing, the version or config differs, or an entry is
+                malformed or inconsistent; the message names it. Nothing changes then.
+        """
+        self._parts = self._parts.load(state)
+
+    def checksum(self) -> str:
+        """Returns a hex blake2b digest of the whole state; equal states give equal digests.
+
+        Deterministic across processes and hosts (request ids enter through ``repr``). The
+        digest covers everything :meth:`state_dict` returns, including the cumulative
+        :attr:`prefix_stats` counters, which :meth:`free` never resets. With prefix caching off
+        those counters stay 0, so freeing every request restores the digest of a fresh
+        allocator with the same arguments; with it on, the same holds once nothing is cached,
+        up to the counters.
+
+        Returns:
+            32 lowercase hex characters (a 128-bit digest). Never raises.
+        """
+        return self._parts.checksum()
+
+    def check_invariants(self) -> None:
+        """Checks every internal invariant (O(num_pages · max_pages_per_request); for tests).
+
+        Raises:
+            AssertionError: naming the first broken invariant and its field (raised
+                explicitly, so also under ``python -O``).
+        """
+        self._parts.check_invariants()

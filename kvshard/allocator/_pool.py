@@ -1,61 +1,105 @@
-"""The page pool and reference counts: take pages, release them, rows, pending copies.
+"""The page pool: reference counts, the free stack, the null page and the copy-on-write queue.
 
-Pages come from the free stack first and, once it is empty, from the evictable cached pages
-(:mod:`kvshard.allocator._lru`). Releasing a page decrements its reference count; a page whose
-last owner let go returns to the free stack, or, when cached, becomes evictable.
+Every page table draws from one pool (as every vLLM KV-cache group draws from one
+``BlockPool``). Pages come from the free stack first and, once it is empty, from the prefix
+index's evictable pages, least recently released first. Releasing a page drops one reference;
+a page whose last owner let go returns to the free stack, or, when cached, becomes evictable.
+
+Reuse order: the free stack hands out the most recently freed page first, and pages released
+together are pushed in row order, so the *last* of them is reused first, as vLLM reuses a freed
+request's last block first. (vLLM's free queue is FIFO across calls and evicts a cached block
+as soon as it reaches the head; the stack keeps recently used pages hot and never evicts a
+cached page while a plain free page is left.)
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable
-
 import numpy as np
 
-from kvshard.allocator._base import NULL_PAGE
-from kvshard.allocator._lru import EvictionOrder
+from kvshard.allocator._common import NULL_PAGE, check
+from kvshard.allocator._prefix_index import PrefixIndex
 
 
-class PagePool(EvictionOrder):
-    """Free stack, reference counts, page-table rows and the copy-on-write queue."""
+class PagePool:
+    """Reference counts and the free stack of ``num_pages`` pages (page 0 never handed out)."""
 
-    def _take(self, count: int) -> np.ndarray:
-        """Pops int32[count] pages: the free stack first, then evicts cached pages (FIFO).
+    ARRAYS = ("refcount",)  # saved as-is by state_dict
 
-        The caller checked ``count <= num_free_pages``.
+    def __init__(self, num_pages: int, index: PrefixIndex) -> None:
+        self.num_pages = num_pages
+        self.index = index
+        self.refcount = np.zeros(num_pages, np.int32)  # int32[num_pages]: owners of each page
+        # Free stack, top at index num_free - 1; reversed so that pops hand out 1, 2, 3, ...
+        self.free = np.arange(num_pages - 1, 0, -1, dtype=np.int32)
+        self.num_free = num_pages - 1
+        self.pending: list[np.ndarray] = []  # int32[k, 2] blocks of (src_page, dst_page)
+
+    @property
+    def num_available(self) -> int:
+        """Pages a take can get now: the free stack plus evictable cached pages."""
+        return self.num_free + self.index.num_evictable
+
+    def take(self, count: int) -> np.ndarray:
+        """Pops int32[count] pages owned once each: the free stack first, then evicts (LRU).
+
+        The caller checked ``count <= num_available``.
         """
-        plain = min(count, self._num_free)
-        top = self._num_free
-        taken = self._free_pages[top - plain : top][::-1].copy()
-        self._num_free = top - plain
+        plain = min(count, self.num_free)
+        top = self.num_free
+        taken = self.free[top - plain : top][::-1].copy()
+        self.num_free = top - plain
         if count > plain:
-            taken = np.concatenate([taken, self._evict(count - plain)])
+            taken = np.concatenate([taken, self.index.evict(count - plain)])
+        self.refcount[taken] = 1
         return taken
 
-    def _release(self, pages: np.ndarray) -> None:
-        """Drops one reference to each of int32[k] distinct pages (NULL_PAGE entries skipped).
+    def share(self, pages: np.ndarray) -> None:
+        """Adds one owner to each of int32[k] distinct owned or evictable pages (null skipped).
 
-        Pages left unowned return to the free stack, or, when cached, become evictable with
-        ``pages[-1]`` the oldest (later pages of a prefix are the least likely to be shared).
-        Pending copies into them are dropped.
+        An evictable page (a prefix-cache hit) leaves the eviction order.
+        """
+        pages = pages[pages != NULL_PAGE]
+        self.refcount[pages] += 1
+        self.index.revive(pages)
+
+    def freed_by(self, pages: np.ndarray) -> int:
+        """Pages that :meth:`release` of int32[k] ``pages`` (repeats allowed) would make free
+        or evictable; changes nothing."""
+        pages = pages[pages != NULL_PAGE]
+        unique, times = np.unique(pages, return_counts=True)
+        return int((self.refcount[unique] == times).sum())
+
+    def release(self, pages: np.ndarray, drop_copies: bool = True) -> None:
+        """Drops one owner of each entry of int32[k] ``pages`` (repeats drop several; null
+        entries are skipped).
+
+        Pages left unowned return to the free stack (the last of them on top, so reused first),
+        or, when cached, become evictable with ``pages[-1]`` the oldest (later pages of a prefix
+        are the least likely to be shared). Pending copies into them are dropped, unless
+        ``drop_copies`` is False (a copy-on-write source: the copy into it still fills what
+        its key promises).
         """
         pages = pages[pages != NULL_PAGE]
         if not pages.size:
             return
-        self._refcount[pages] -= 1
-        dead = pages[self._refcount[pages] == 0]
+        np.subtract.at(self.refcount, pages, 1)
+        dead = pages[self.refcount[pages] == 0]
         if not dead.size:
             return
-        cached = self._cached[dead]
-        self._make_evictable(dead[cached][::-1])
+        if dead.size > 1:  # a repeated page dies once, at its first occurrence
+            _, first = np.unique(dead, return_index=True)
+            dead = dead[np.sort(first)]
+        cached = self.index.cached[dead]
+        self.index.make_evictable(dead[cached][::-1])
         plain = dead[~cached]
-        self._free_pages[self._num_free : self._num_free + plain.size] = plain[::-1]
-        self._num_free += int(plain.size)
-        if self._pending:
-            pairs = np.concatenate(self._pending)
+        self.free[self.num_free : self.num_free + plain.size] = plain
+        self.num_free += int(plain.size)
+        if drop_copies and self.pending:
+            pairs = np.concatenate(self.pending)
             kept = pairs[~np.isin(pairs[:, 1], dead)]
-            self._pending = [kept] if kept.size else []
+            self.pending = [kept] if kept.size else []
 
-    def _queue_copies(self, src: np.ndarray, dst: np.ndarray) -> None:
+    def queue_copies(self, src: np.ndarray, dst: np.ndarray) -> None:
         """Queues copies ``src[i] -> dst[i]``, each source resolved to its original page.
 
         A source that is itself the destination of a copy queued this step (a request forked
@@ -63,49 +107,43 @@ class PagePool(EvictionOrder):
         before writing any destination, so the copy must read the page that one copies from.
         Queued pairs are resolved already, so one lookup suffices.
         """
-        if self._pending:
-            queued = np.concatenate(self._pending)
+        if self.pending:
+            queued = np.concatenate(self.pending)
             origin = dict(zip(queued[:, 1].tolist(), queued[:, 0].tolist(), strict=True))
             src = np.array([origin.get(page, page) for page in src.tolist()], np.int32)
-        self._pending.append(np.stack([src, dst], axis=1).astype(np.int32))
+        self.pending.append(np.stack([src, dst], axis=1).astype(np.int32))
 
-    def _canonicalize_empty(self) -> None:
-        """Resets the stacks, clock and stamps of an empty allocator to a fresh one's.
+    def pending_copies(self) -> np.ndarray:
+        """Returns int32[K, 2]: the queued (src_page, dst_page) pairs (a copy)."""
+        if not self.pending:
+            return np.zeros((0, 2), np.int32)
+        return np.concatenate(self.pending).astype(np.int32)
 
-        Called only when no request is live and nothing is cached (every page is then on the
-        free stack, every row on the free-row stack, and no copy is pending), so it only
-        reorders: the result equals :meth:`_init_state` except the prefix counters. In place,
-        so :attr:`page_table` views stay valid.
-        """
-        self._free_pages[:] = np.arange(self.num_pages - 1, 0, -1, dtype=np.int32)
-        self._num_free = self.num_pages - 1
-        self._free_rows[:] = np.arange(self.max_requests - 1, -1, -1, dtype=np.int32)
-        self._num_free_rows = self.max_requests
-        self._lru[:] = 0
-        self._lru_next[:] = NULL_PAGE
-        self._lru_prev[:] = NULL_PAGE
-        self._clock = 0
-        self._pending = []
+    def reset_order(self) -> None:
+        """Restores a fresh pool's free stack (only when every page is free)."""
+        self.free[:] = np.arange(self.num_pages - 1, 0, -1, dtype=np.int32)
+        self.num_free = self.num_pages - 1
+        self.pending = []
 
-    def _reset_row(self, row: int) -> None:
-        self._page_table[row] = NULL_PAGE
-        self._row_pages[row] = 0
-        self._row_tokens[row] = 0
-        self._row_released[row] = 0
-        self._row_committed[row] = 0
-        self._row_last_key[row] = 0
-        self._row_ns[row] = 0
-        self._row_has_ns[row] = False
-
-    def _take_row(self, req_id: Hashable, where: str) -> int:
-        """Checks a new row is available (does not take it); returns its index."""
-        if self._num_free_rows == 0:
-            raise ValueError(
-                f"{where}: cannot add req_id={req_id!r}: all max_requests={self.max_requests} "
-                "rows are in use"
-            )
-        return int(self._free_rows[self._num_free_rows - 1])
-
-    def _commit_row(self, req_id: Hashable, row: int) -> None:
-        self._num_free_rows -= 1
-        self._rows[req_id] = row
+    def check(self) -> None:
+        """Checks the pool's own invariants (owners against page tables: see ``_state``)."""
+        n = self.num_pages
+        free = self.free[: self.num_free]
+        check(((free > 0) & (free < n)).all(), "free_pages: the null page or junk is free")
+        check(np.unique(free).size == free.size, "free_pages: a page is free twice")
+        check(not self.refcount[free].any(), "free_pages: a free page is owned")
+        check(not self.index.cached[free].any(), "free_pages: a free page is cached")
+        evictable = self.index.cached & (self.refcount == 0)
+        check(np.array_equal(self.index.evictable, evictable), "evictable: != cached and unowned")
+        used = int((self.refcount > 0).sum())
+        check(self.num_free + self.index.num_evictable + used == n - 1, "free_pages: pages leaked")
+        pending = self.pending_copies()
+        check(
+            ((pending > 0) & (pending < n)).all(),
+            "pending_copies: a copy touches the null page or junk",
+        )
+        dst = pending[:, 1]
+        check(
+            np.unique(dst).size == dst.size and (self.refcount[dst] > 0).all(),
+            "pending_copies: a destination is doubled or unowned",
+        )

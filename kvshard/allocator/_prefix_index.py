@@ -1,0 +1,226 @@
+"""The prefix index: which page holds which cached prefix, and the eviction order of those
+nobody owns.
+
+A full page's key chains the previous page's key, a namespace digest and the page's token bytes
+(:func:`chain_key`), so a key names a whole prefix. A cached page (one with a key) whose last
+owner lets go becomes *evictable*: it stays in the index and is handed out again only when the
+pool's free stack is empty, least recently released first (LRU). Pages become evictable in stamp
+order (a clock), so the evictable pages form a FIFO of stamps from which lookups may take pages
+back (revive). That FIFO is an intrusive doubly linked list in two numpy arrays indexed by page
+id (as vLLM's free block queue, without a Python object per page): append, unlink and evicting
+``k`` pages cost O(k). The null page, never evictable, is the list's sentinel (head and tail).
+
+The index knows nothing of reference counts: :class:`kvshard.allocator._pool.PagePool` tells
+it when a cached page loses its last owner (:meth:`PrefixIndex.make_evictable`) or gains one
+back (:meth:`PrefixIndex.revive`), and asks it for victims (:meth:`PrefixIndex.evict`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+
+from kvshard.allocator._common import NULL_PAGE, check
+
+KEY_BYTES = 16  # blake2b digest size of a prefix-cache key (128 bits: collisions are moot)
+ROOT_KEY = bytes(KEY_BYTES)  # the "previous key" of a request's first page
+STATS = ("lookups", "queries", "hits", "evictions")
+
+
+def namespace_digest(namespace: str | bytes | None) -> bytes:
+    """Returns bytes[16]: a digest of a prefix-cache namespace (None, str and bytes differ)."""
+    if namespace is None:
+        raw = b"\x00"
+    elif isinstance(namespace, str):
+        raw = b"\x01" + namespace.encode("utf-8")
+    elif isinstance(namespace, bytes):
+        raw = b"\x02" + namespace
+    else:
+        raise TypeError(f"namespace must be str, bytes or None, got {type(namespace).__name__}")
+    return hashlib.blake2b(raw, digest_size=KEY_BYTES).digest()
+
+
+def chain_key(prev: bytes, namespace: bytes, page_tokens: bytes) -> bytes:
+    """Returns the cache key of one full page: blake2b(previous key, namespace, token bytes).
+
+    Bytes in, bytes out, so every host computes the same key (unlike ``hash()`` of a ``str``).
+    """
+    h = hashlib.blake2b(prev, digest_size=KEY_BYTES)
+    h.update(namespace)
+    h.update(page_tokens)
+    return h.digest()
+
+
+def token_bytes(token_ids: Sequence[int] | np.ndarray, what: str) -> tuple[bytes, int]:
+    """Returns (little-endian int64 bytes of the tokens, number of tokens)."""
+    tokens = np.asarray(token_ids)
+    if tokens.ndim != 1:
+        raise ValueError(f"{what}: token_ids must be 1-D, got shape {tokens.shape}")
+    if tokens.size and not np.issubdtype(tokens.dtype, np.integer):
+        raise ValueError(f"{what}: token_ids must be integers, got dtype {tokens.dtype}")
+    return tokens.astype("<i8", copy=False).tobytes(), int(tokens.size)
+
+
+class PrefixIndex:
+    """Page keys, the key -> page index, the evictable pages' LRU order and the hit counters."""
+
+    ARRAYS = ("page_key", "cached", "evictable", "lru")  # saved as-is by state_dict
+
+    def __init__(self, num_pages: int, page_size: int) -> None:
+        self.page_size = page_size
+        n = num_pages
+        self.page_key = np.zeros((n, KEY_BYTES), np.uint8)  # uint8[num_pages, 16]
+        self.cached = np.zeros(n, bool)  # has a key
+        self.evictable = np.zeros(n, bool)  # cached and unowned: in the LRU list
+        self.num_evictable = 0
+        self.lru = np.zeros(n, np.int64)  # stamp given when the page became evictable
+        self.lru_next = np.zeros(n, np.int32)  # int32[num_pages]: next newer evictable page
+        self.lru_prev = np.zeros(n, np.int32)  # int32[num_pages]: next older evictable page
+        self.clock = 0
+        self.key_to_page: dict[bytes, int] = {}  # bytes keys are not tracked by the GC
+        self.stats = dict.fromkeys(STATS, 0)
+
+    # ------------------------------------------------------------------ keys
+
+    def page_keys(
+        self, data: bytes, prev: bytes, namespace: bytes, first: int, stop: int
+    ) -> Iterator[bytes]:
+        """Yields the chained keys of full pages ``first .. stop - 1`` of token bytes ``data``."""
+        step = self.page_size * 8
+        for page in range(first, stop):
+            prev = chain_key(prev, namespace, data[page * step : (page + 1) * step])
+            yield prev
+
+    def match(self, data: bytes, namespace: bytes, limit: int) -> tuple[list[int], bytes]:
+        """Returns (cached pages of the longest cached prefix of at most ``limit`` pages, the
+        key of the last of them or :data:`ROOT_KEY`). Reads only: nothing changes."""
+        hits: list[int] = []
+        last_key = ROOT_KEY
+        for key in self.page_keys(data, ROOT_KEY, namespace, 0, limit):
+            page = self.key_to_page.get(key)
+            if page is None:
+                break
+            hits.append(page)
+            last_key = key
+        return hits, last_key
+
+    def register(self, fresh: list[tuple[bytes, int]]) -> None:
+        """Caches each (key, page): neither key nor page may be cached already."""
+        for key, page in fresh:
+            self.key_to_page[key] = page
+            self.page_key[page] = np.frombuffer(key, np.uint8)
+            self.cached[page] = True
+
+    def _uncache(self, pages: np.ndarray) -> None:
+        for key in self.page_key[pages]:
+            del self.key_to_page[key.tobytes()]
+        self.page_key[pages] = 0
+        self.cached[pages] = False
+
+    # -------------------------------------------------------- eviction order
+
+    def make_evictable(self, pages: np.ndarray) -> None:
+        """Appends int32[k] cached, now unowned, distinct pages to the LRU, oldest first."""
+        if not pages.size:
+            return
+        self.lru[pages] = self.clock + np.arange(pages.size)
+        self.clock += int(pages.size)
+        self.evictable[pages] = True
+        self.num_evictable += int(pages.size)
+        # Splice tail -> pages[0] -> ... -> pages[-1] -> sentinel in two scatters.
+        chain = np.concatenate([[self.lru_prev[NULL_PAGE]], pages, [NULL_PAGE]])
+        self.lru_next[chain[:-1]] = chain[1:]
+        self.lru_prev[chain[1:]] = chain[:-1]
+
+    def revive(self, pages: np.ndarray) -> None:
+        """Takes those of int32[k] distinct pages that are evictable out of the LRU (O(k))."""
+        revived = pages[self.evictable[pages]]
+        if not revived.size:
+            return
+        nxt, prev = self.lru_next, self.lru_prev
+        for page in revived.tolist():  # sequential: neighbours may be unlinked together
+            after, before = int(nxt[page]), int(prev[page])
+            nxt[before] = after
+            prev[after] = before
+        self.evictable[revived] = False
+        self.num_evictable -= int(revived.size)
+
+    def evict(self, count: int) -> np.ndarray:
+        """Drops the ``count`` least recently released pages from the index; returns them.
+
+        O(count): they are the first ``count`` entries of the LRU. The caller checked that
+        ``count <= num_evictable``.
+        """
+        nxt = self.lru_next
+        victims = np.empty(count, np.int32)
+        page = NULL_PAGE
+        for i in range(count):
+            page = nxt.item(page)
+            victims[i] = page
+        head = nxt.item(page)
+        nxt[NULL_PAGE] = head
+        self.lru_prev[head] = NULL_PAGE
+        self._uncache(victims)
+        self.evictable[victims] = False
+        self.num_evictable -= count
+        self.stats["evictions"] += count
+        return victims
+
+    def order(self) -> np.ndarray:
+        """Returns int32[num_evictable]: the LRU walked from its head (for checks; O(k))."""
+        out = np.empty(self.num_evictable, np.int32)
+        page = NULL_PAGE
+        for i in range(out.size):
+            page = self.lru_next.item(page)
+            if page == NULL_PAGE:
+                raise AssertionError("lru: the eviction list is shorter than the evictable count")
+            out[i] = page
+        return out
+
+    def rebuild(self) -> None:
+        """Derives the key index, the count and the LRU links from the saved arrays."""
+        cached = np.flatnonzero(self.cached)
+        self.key_to_page = {self.page_key[page].tobytes(): int(page) for page in cached}
+        self.num_evictable = int(self.evictable.sum())
+        self.lru_next[:] = NULL_PAGE
+        self.lru_prev[:] = NULL_PAGE
+        pages = np.flatnonzero(self.evictable).astype(np.int32)
+        order = pages[np.argsort(self.lru[pages], kind="stable")]
+        chain = np.concatenate([[NULL_PAGE], order, [NULL_PAGE]]).astype(np.int32)
+        self.lru_next[chain[:-1]] = chain[1:]
+        self.lru_prev[chain[1:]] = chain[:-1]
+
+    def reset_order(self) -> None:
+        """Resets stamps and clock to a fresh index's (only when nothing is cached)."""
+        self.lru[:] = 0
+        self.lru_next[:] = NULL_PAGE
+        self.lru_prev[:] = NULL_PAGE
+        self.clock = 0
+
+    def check(self, enabled: bool) -> None:
+        """Checks the index's own invariants (with the pool's owners see ``_state``)."""
+        check(not self.cached[NULL_PAGE], "cached: the null page is cached")
+        check(enabled or not self.cached.any(), "cached: caching is disabled")
+        check(not (self.evictable & ~self.cached).any(), "evictable: an uncached page")
+        check(self.num_evictable == int(self.evictable.sum()), "evictable: count is stale")
+        check(not self.page_key[~self.cached].any(), "page_key: an uncached page has a key")
+        # An all-zero digest has probability 2**-128: it marks a cached page with no key.
+        check(self.page_key[self.cached].any(axis=1).all(), "page_key: a cached page has none")
+        check(len(self.key_to_page) == int(self.cached.sum()), "page_key: a key is doubled")
+        for key, page in self.key_to_page.items():
+            check(
+                self.cached[page] and self.page_key[page].tobytes() == key,
+                f"page_key: the index points at page {page} which holds another key",
+            )
+        stamps = self.lru[self.evictable]
+        check(
+            np.unique(stamps).size == stamps.size and (stamps < self.clock).all(),
+            "lru: stamps of evictable pages are not distinct and below the clock",
+        )
+        order = self.order()
+        check(
+            np.array_equal(self.lru[order], np.sort(stamps)) and self.evictable[order].all(),
+            "lru: the eviction list is out of stamp order",
+        )
