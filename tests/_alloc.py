@@ -1,0 +1,22 @@
+"""Helpers shared by the allocator tests (tests/test_allocator_*.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvshard.allocator import PageAllocator
+
+
+def make(num_pages=9, page_size=4, **kw) -> PageAllocator:
+    kw.setdefault("max_requests", 4)
+    kw.setdefault("max_pages_per_request", 4)
+    return PageAllocator(num_pages, page_size, **kw)
+
+
+def unchanged(a, exc, call, match):
+    """Runs ``call`` expecting ``exc`` matching ``match``; ``a``'s checksum must not move."""
+    before = a.checksum()
+    with pytest.raises(exc, match=match) as info:
+        call()
+    assert a.checksum() == before
+    return info.value
