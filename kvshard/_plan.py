@@ -17,6 +17,7 @@ import dataclasses
 from typing import Any
 
 from kvshard._layout import CacheSpec, _canonical_dtype, check_tensor_parallel, round_up
+from kvshard.allocator import sliding_window_pages
 
 __all__ = [
     "BudgetTooSmall",
@@ -57,12 +58,9 @@ def window_pages(window: int, page_size: int, context: int) -> int:
 
     The rule (vLLM's ``SlidingWindowManager``): before a step computes the token at position
     ``n`` (``n`` tokens already in the cache), the pages holding only positions ``< n - W + 1``
-    are released, since no query from ``n`` on reads them. The request then holds the pages of
-    positions ``max(0, n - W + 1) .. n``:
-    ``n // P - max(0, n - W + 1) // P + 1`` pages. For ``n < W - 1`` nothing is released and
-    the count grows with ``n``; from ``n = W - 1`` on it is periodic in ``n`` with period ``P``,
-    so the maximum over ``n < context`` is taken over at most ``W - 1 + P`` positions (exactly,
-    no closed form to get wrong); it never exceeds ``ceil((W - 1) / P) + 1`` nor
+    are released, since no query from ``n`` on reads them. For ``n < W - 1`` nothing is
+    released and the count grows with ``n``, so the most is the allocator's decode bound
+    (:func:`kvshard.allocator.sliding_window_pages`, where the rule lives) capped at
     ``ceil(context / P)``.
 
     This counts decode steps (one new token per step); a prefill chunk of ``C`` tokens holds
@@ -74,8 +72,7 @@ def window_pages(window: int, page_size: int, context: int) -> int:
     for name, value in (("window", window), ("page_size", page_size), ("context", context)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name}={value!r} must be a positive int")
-    last = min(context - 1, window - 2 + page_size)
-    return max(n // page_size - max(0, n - window + 1) // page_size + 1 for n in range(last + 1))
+    return min(sliding_window_pages(window, page_size), -(-context // page_size))
 
 
 def _tokens_per_group(page_bytes: int, budget: int, page_size: int) -> int:
