@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 from _alloc import make, unchanged
+from hypothesis import given, note, settings
+from hypothesis import strategies as st
 
-from kvshard.allocator import (
-    NULL_PAGE,
-)
+from kvshard.allocator import NULL_PAGE, OutOfPages, PageAllocator, UnknownRequest
 
 
 def test_state_dict_round_trip_and_deep_copy():
@@ -148,3 +150,143 @@ def test_loaded_corrupt_state_cannot_hand_out_bad_pages():
             target.load_state_dict(_corrupt(state, name, change))
         pages = target.allocate("intruder", 3)
         assert pages.tolist() == [1] and target.num_tokens("intruder") == 3
+
+
+@pytest.mark.parametrize("clock", [2**62 + 1, 2**63 - 1, 2**63, 2**64, np.int64(2**63 - 1)])
+def test_load_state_dict_refuses_an_exhausted_clock(clock):
+    """Issue 19 item 5: a clock at int64's end would overflow the next free's stamps."""
+    state = _snapshot_source().state_dict()
+    target = make(num_pages=16, page_size=4, enable_prefix_caching=True)
+    unchanged(
+        target,
+        ValueError,
+        lambda: target.load_state_dict({**state, "clock": clock}),
+        r"clock=.* must be an int in \[0, 2\*\*62\]",
+    )
+
+
+def test_load_state_dict_accepts_the_largest_clock_and_keeps_working():
+    state = _snapshot_source().state_dict()
+    stamps = state["lru"].copy()
+    stamps[state["evictable"]] += 2**62 - state["clock"]  # same order, clock at its bound
+    target = make(num_pages=16, page_size=4, enable_prefix_caching=True)
+    target.load_state_dict({**state, "clock": 2**62, "lru": stamps})
+    target.free("a")  # stamps past the loaded clock: no overflow
+    target.free("b")
+    assert target.state_dict()["clock"] > 2**62
+    target.check_invariants()
+
+
+def _windowed_source():
+    a = PageAllocator(10, 2, max_requests=3, max_pages_per_request=8, sliding_window=3)
+    a.allocate("a", 9)
+    a.fork("a", "b")
+    a.allocate_batch(["a", "b"], [2, 1])
+    return a
+
+
+SOURCES = {"prefix": _snapshot_source, "window": _windowed_source}
+EDGE_INTS = [-(2**63), -(2**31), -1, 0, 1, 2, 3, 5, 9, 15, 16, 17, 2**31 - 1, 2**62, 2**63 - 1]
+
+
+@st.composite
+def mutated_states(draw):
+    """A real state_dict with one entry changed: an element, a length, a key or its type."""
+    kind = draw(st.sampled_from(sorted(SOURCES)))
+    source = SOURCES[kind]()
+    state = source.state_dict()
+    name = draw(st.sampled_from(sorted(state)))
+    value = state[name]
+    how = draw(st.sampled_from(["element", "element", "element", "length", "junk"]))
+    if how == "junk":
+        state[name] = draw(st.sampled_from([None, "x", 1.5, [], {}, np.zeros(3), True]))
+    elif isinstance(value, np.ndarray):
+        value = value.copy()
+        if how == "length" or not value.size:
+            state[name] = (
+                value[:-1]
+                if value.size and draw(st.booleans())
+                else np.concatenate(
+                    [
+                        value,
+                        value[:1] if value.size else np.zeros((1, *value.shape[1:]), value.dtype),
+                    ]
+                )
+            )
+        else:
+            index = draw(st.integers(0, value.size - 1))
+            flat = value.astype(np.int64).reshape(-1) if value.dtype != bool else value.reshape(-1)
+            new = draw(st.sampled_from(EDGE_INTS)) if value.dtype != bool else draw(st.booleans())
+            flat = flat.copy()
+            flat[index] = new
+            state[name] = flat.reshape(value.shape)
+    elif isinstance(value, dict) and value:
+        key = draw(st.sampled_from(sorted(value, key=repr)))
+        value = dict(value)
+        if how == "length":
+            del value[key]
+        else:
+            value[key] = draw(st.sampled_from(EDGE_INTS))
+        state[name] = value
+    else:
+        state[name] = draw(st.sampled_from(EDGE_INTS))
+    note(f"{kind}: {name} <- {state[name]!r}")
+    return source, state
+
+
+def _exercise(a):
+    """Runs every operation on ``a``; only documented refusals may be raised."""
+    a.check_invariants()
+    ids = list(a.state_dict()["rows"])
+    for i, req in enumerate(ids):
+        for call in (
+            lambda r=req, n=1 + i: a.allocate(r, n),
+            lambda r=req: a.fork(r, ("fork", r)),
+            lambda r=req: a.truncate(r, a.num_tokens(r) // 2),
+            lambda r=req: a.commit_prefix(r, list(range(a.num_tokens(r)))),
+            lambda: a.allocate_batch(list(a.state_dict()["rows"]), [1] * len(a)),
+        ):
+            with contextlib.suppress(OutOfPages, UnknownRequest, ValueError):
+                call()
+            a.check_invariants()
+    if a.enable_prefix_caching:
+        a.peek_prefix(list(range(12)))
+        with contextlib.suppress(ValueError):  # every row in use
+            a.lookup_prefix("new", list(range(12)))
+    a.take_pending_copies()
+    while True:  # the pool empties without a wrong page
+        try:
+            a.allocate("filler", a.page_size)
+        except (OutOfPages, ValueError):
+            break
+        a.check_invariants()
+    for req in list(a.state_dict()["rows"]):
+        a.free(req)
+    a.check_invariants()
+    assert a.usage == 0.0 and not a.page_table.any()
+
+
+@given(mutated_states())
+@settings(max_examples=150, deadline=None)
+def test_mutated_state_is_refused_unchanged_or_fully_usable(case):
+    """Issue 19 item 5: every state load_state_dict accepts serves every operation, and
+    every state it refuses leaves the target exactly as it was."""
+    source, state = case
+    config = source.state_dict()["config"]
+    target = PageAllocator(
+        config["num_pages"],
+        config["page_size"],
+        max_requests=config["max_requests"],
+        max_pages_per_request=config["max_pages_per_request"],
+        enable_prefix_caching=config["enable_prefix_caching"],
+        sliding_window=config["sliding_window"],
+    )
+    target.allocate("z", 3)
+    before = target.checksum()
+    try:
+        target.load_state_dict(state)
+    except (ValueError, TypeError):
+        assert target.checksum() == before
+        _exercise(target)
+        return
+    _exercise(target)
