@@ -468,7 +468,7 @@ class PageAllocator:
             )
         tokens = int(num_tokens)
         released = int(parts.table.row_released[row]) * self.page_size
-        start = int(parts.table.window_start(np.int64(tokens)))
+        start = int(parts.table.window_start(np.array(tokens, np.int64)))
         if released > start:
             raise ValueError(
                 f"{where}: num_tokens={tokens} for req_id={req_id!r} needs tokens from "
