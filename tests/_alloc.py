@@ -13,6 +13,18 @@ def make(num_pages=9, page_size=4, **kw) -> PageAllocator:
     return PageAllocator(num_pages, page_size, **kw)
 
 
+def fresh_like(a: PageAllocator) -> PageAllocator:
+    """A fresh allocator with ``a``'s constructor arguments."""
+    return PageAllocator(
+        a.num_pages,
+        a.page_size,
+        max_requests=a.max_requests,
+        max_pages_per_request=a.max_pages_per_request,
+        enable_prefix_caching=a.enable_prefix_caching,
+        sliding_window=a.sliding_window,
+    )
+
+
 def unchanged(a, exc, call, match):
     """Runs ``call`` expecting ``exc`` matching ``match``; ``a``'s checksum must not move."""
     before = a.checksum()

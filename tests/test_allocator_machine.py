@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from _alloc import fresh_like
 from hypothesis import event, note, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -435,14 +436,7 @@ class AllocatorMachine(RuleBasedStateMachine):
     @rule()
     def state_round_trip(self):
         state = self.alloc.state_dict()
-        twin = PageAllocator(
-            self.alloc.num_pages,
-            self.alloc.page_size,
-            max_requests=self.alloc.max_requests,
-            max_pages_per_request=self.alloc.max_pages_per_request,
-            enable_prefix_caching=self.alloc.enable_prefix_caching,
-            sliding_window=self.alloc.sliding_window,
-        )
+        twin = fresh_like(self.alloc)
         twin.load_state_dict(state)
         assert twin.checksum() == self.alloc.checksum()
         twin.check_invariants()
@@ -460,14 +454,7 @@ class AllocatorMachine(RuleBasedStateMachine):
         self.pending = []
         # With nothing cached the state is a fresh allocator's (free stacks in their initial
         # order), except the cumulative prefix counters; with caching off those stay 0.
-        fresh = PageAllocator(
-            self.alloc.num_pages,
-            self.alloc.page_size,
-            max_requests=self.alloc.max_requests,
-            max_pages_per_request=self.alloc.max_pages_per_request,
-            enable_prefix_caching=self.alloc.enable_prefix_caching,
-            sliding_window=self.alloc.sliding_window,
-        )
+        fresh = fresh_like(self.alloc)
         if not self.alloc.enable_prefix_caching:
             event("free everything: caching off")
             assert self.alloc.checksum() == fresh.checksum()

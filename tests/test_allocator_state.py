@@ -6,7 +6,7 @@ import contextlib
 
 import numpy as np
 import pytest
-from _alloc import make, unchanged
+from _alloc import fresh_like, make, unchanged
 from hypothesis import given, note, settings
 from hypothesis import strategies as st
 
@@ -272,15 +272,7 @@ def test_mutated_state_is_refused_unchanged_or_fully_usable(case):
     """Issue 19 item 5: every state load_state_dict accepts serves every operation, and
     every state it refuses leaves the target exactly as it was."""
     source, state = case
-    config = source.state_dict()["config"]
-    target = PageAllocator(
-        config["num_pages"],
-        config["page_size"],
-        max_requests=config["max_requests"],
-        max_pages_per_request=config["max_pages_per_request"],
-        enable_prefix_caching=config["enable_prefix_caching"],
-        sliding_window=config["sliding_window"],
-    )
+    target = fresh_like(source)
     target.allocate("z", 3)
     before = target.checksum()
     try:

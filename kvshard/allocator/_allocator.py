@@ -250,9 +250,8 @@ class PageAllocator:
                 f"allocate: num_new_tokens={int(num_new_tokens)} for req_id={req_id!r} exceeds "
                 f"max_pages_per_request*page_size={limit}"
             )
-        parts = self._parts
         counts = np.array([num_new_tokens], np.int64)
-        _, pages = _grow.grow(parts.rows, parts.table, parts.pool, [req_id], counts, "allocate")
+        _, pages = _grow.grow(self._parts, [req_id], counts, "allocate")
         return pages
 
     def allocate_batch(
@@ -296,9 +295,8 @@ class PageAllocator:
                     f"allocate_batch: num_new_tokens={int(counts[i])} for req_id={ids[i]!r} "
                     f"must be in [0, max_pages_per_request*page_size={limit}]"
                 )
-        parts = self._parts
         counts = counts.astype(np.int64, copy=False)
-        rows, _ = _grow.grow(parts.rows, parts.table, parts.pool, ids, counts, "allocate_batch")
+        rows, _ = _grow.grow(self._parts, ids, counts, "allocate_batch")
         return rows
 
     # -------------------------------------------------------- prefix cache
@@ -327,8 +325,7 @@ class PageAllocator:
             TypeError: ``namespace`` is not str, bytes or None.
         """
         self._require_prefix_caching("peek_prefix")
-        tokens, _ = _prefix.peek(self._parts.table, self._parts.pool, token_ids, namespace)
-        return tokens
+        return _prefix.peek(self._parts, token_ids, namespace)
 
     def lookup_prefix(
         self,
@@ -365,8 +362,7 @@ class PageAllocator:
             TypeError: ``namespace`` is not str, bytes or None, or ``req_id`` is not hashable.
         """
         self._require_prefix_caching("lookup_prefix")
-        parts = self._parts
-        return _prefix.lookup(parts.rows, parts.table, parts.pool, req_id, token_ids, namespace)
+        return _prefix.lookup(self._parts, req_id, token_ids, namespace)
 
     def commit_prefix(
         self,
@@ -398,8 +394,7 @@ class PageAllocator:
             TypeError: ``namespace`` is not str, bytes or None, or ``req_id`` is not hashable.
         """
         self._require_prefix_caching("commit_prefix")
-        parts = self._parts
-        return _prefix.commit(parts.rows, parts.table, parts.pool, req_id, token_ids, namespace)
+        return _prefix.commit(self._parts, req_id, token_ids, namespace)
 
     # ----------------------------------------------------- whole requests
 

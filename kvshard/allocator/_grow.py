@@ -11,22 +11,19 @@ batch may take it (and earlier ones may not), exactly as in sequential calls.
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from kvshard.allocator._common import OutOfPages
 from kvshard.allocator._pool import PagePool
-from kvshard.allocator._rows import RequestRows
-from kvshard.allocator._table import PageTable
+
+if TYPE_CHECKING:
+    from kvshard.allocator._state import AllocatorParts
 
 
 def grow(
-    rows: RequestRows,
-    table: PageTable,
-    pool: PagePool,
-    req_ids: Sequence[Hashable],
-    counts: np.ndarray,
-    where: str,
+    parts: AllocatorParts, req_ids: Sequence[Hashable], counts: np.ndarray, where: str
 ) -> tuple[np.ndarray, np.ndarray]:
     """Grows each request by ``counts[i]`` tokens. Returns (int32[B] rows, int32[k] new pages).
 
@@ -38,6 +35,7 @@ def grow(
             rows or duplicates (see ``RequestRows.lookup``).
         OutOfPages: the pages do not suffice.
     """
+    rows, table, pool = parts.rows, parts.table, parts.pool
     if counts.ndim != 1 or counts.shape[0] != len(req_ids):
         raise ValueError(
             f"{where}: num_new_tokens must have shape ({len(req_ids)},), got {counts.shape}"

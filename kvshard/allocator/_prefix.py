@@ -8,13 +8,15 @@ evictable hit leaves the eviction order) and record how far the request's pages 
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from kvshard.allocator._pool import PagePool
 from kvshard.allocator._prefix_index import ROOT_KEY, namespace_digest, token_bytes
-from kvshard.allocator._rows import RequestRows
 from kvshard.allocator._table import PageTable
+
+if TYPE_CHECKING:
+    from kvshard.allocator._state import AllocatorParts
 
 
 def _hit_limit(length: int, table: PageTable) -> int:
@@ -23,28 +25,24 @@ def _hit_limit(length: int, table: PageTable) -> int:
 
 
 def peek(
-    table: PageTable,
-    pool: PagePool,
-    token_ids: Sequence[int] | np.ndarray,
-    namespace: str | bytes | None,
-) -> tuple[int, int]:
-    """Returns (tokens a lookup would find cached, how many of those pages are evictable)."""
+    parts: AllocatorParts, token_ids: Sequence[int] | np.ndarray, namespace: str | bytes | None
+) -> int:
+    """Returns the tokens a lookup would find cached now; reads only."""
     data, length = token_bytes(token_ids, "peek_prefix")
-    hits, _ = pool.index.match(data, namespace_digest(namespace), _hit_limit(length, table))
-    found = np.array(hits, np.int64)
-    return found.size * table.page_size, int(pool.index.evictable[found].sum())
+    limit = _hit_limit(length, parts.table)
+    hits, _ = parts.pool.index.match(data, namespace_digest(namespace), limit)
+    return len(hits) * parts.table.page_size
 
 
 def lookup(
-    rows: RequestRows,
-    table: PageTable,
-    pool: PagePool,
+    parts: AllocatorParts,
     req_id: Hashable,
     token_ids: Sequence[int] | np.ndarray,
     namespace: str | bytes | None,
 ) -> int:
     """Attaches the longest cached prefix of ``token_ids`` to ``req_id``; returns its tokens."""
     where = "lookup_prefix"
+    rows, table, pool = parts.rows, parts.table, parts.pool
     data, length = token_bytes(token_ids, where)
     ns = namespace_digest(namespace)
     row = rows.rows.get(req_id)  # TypeError for an unhashable id, before any change
@@ -78,15 +76,14 @@ def lookup(
 
 
 def commit(
-    rows: RequestRows,
-    table: PageTable,
-    pool: PagePool,
+    parts: AllocatorParts,
     req_id: Hashable,
     token_ids: Sequence[int] | np.ndarray,
     namespace: str | bytes | None,
 ) -> int:
     """Registers the request's full, not yet hashed pages; returns how many were new."""
     where = "commit_prefix"
+    rows, table, pool = parts.rows, parts.table, parts.pool
     row = rows.row_of(req_id, where)
     data, length = token_bytes(token_ids, where)
     ns = namespace_digest(namespace)
