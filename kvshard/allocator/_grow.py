@@ -62,19 +62,26 @@ def grow(
     cols = need - old_pages  # new page-table columns per request
     release, dropped = table.plan_release(row_idx, old_tokens)
     cow_pos, cow_src = table.plan_copy_on_write(row_idx, old_tokens, old_pages, counts, dropped)
-    per_req = cols.copy()
-    per_req[cow_pos] += 1
+    per_req = cols
+    if cow_pos.size:
+        per_req = cols.copy()
+        per_req[cow_pos] += 1
+    available = pool.num_available + pool.freed_by(dropped)
     # Cached sources left unowned by their last writer's copy: position of that writer.
     orphan_at = _orphan_positions(pool, cow_pos, cow_src)
-    segments = _check_capacity(per_req, orphan_at, pool.num_available + pool.freed_by(dropped))
-    if isinstance(segments, OutOfPages):
-        raise OutOfPages(segments.needed, segments.available, where)
+    if orphan_at.size:
+        ends = _segment_ends(per_req, orphan_at, available, where)
+    else:  # the common case: one segment
+        needed = int(per_req.sum())
+        if needed > available:
+            raise OutOfPages(needed, available, where)
+        ends = np.array([per_req.size - 1])
 
     # ---- commit: nothing below can fail.
     table.release(release)  # released pages are reused by this very call
     if new_ids:
         rows.add(new_ids, row_idx[new_pos].tolist())
-    pages = _take_in_segments(pool, per_req, segments, cow_pos, cow_src)
+    pages = _take_in_segments(pool, per_req, ends, cow_pos, cow_src)
     if pages.size:
         start = np.cumsum(per_req) - per_req  # each request's first page in `pages`
         if cow_pos.size:
@@ -93,6 +100,8 @@ def _orphan_positions(pool: PagePool, cow_pos: np.ndarray, cow_src: np.ndarray) 
     Every writer of a cached partial page copies (see ``PageTable.plan_copy_on_write``), so
     the page's owners all leave it; it is orphaned by the last of them in batch order.
     """
+    if not cow_src.size:
+        return cow_pos
     cached = pool.index.cached[cow_src]
     if not cached.any():
         return np.zeros(0, np.int64)
@@ -103,19 +112,21 @@ def _orphan_positions(pool: PagePool, cow_pos: np.ndarray, cow_src: np.ndarray) 
     return np.sort(last_writer[writers == owners[::-1][first_of]])
 
 
-def _check_capacity(
-    per_req: np.ndarray, orphan_at: np.ndarray, available: int
-) -> np.ndarray | OutOfPages:
-    """Returns int64[s] segment ends (inclusive batch positions) or the OutOfPages to raise.
+def _segment_ends(
+    per_req: np.ndarray, orphan_at: np.ndarray, available: int, where: str
+) -> np.ndarray:
+    """Returns int64[s] segment ends (inclusive batch positions): one after each orphan, and
+    the last position. Segment ``j`` may use ``available + j`` pages in all (the ``j`` orphans
+    before it).
 
-    Segment ``j`` may use ``available + j`` pages in all: the ``j`` orphans before it.
+    Raises:
+        OutOfPages: for the first segment whose requests need more.
     """
     cum = np.cumsum(per_req)
-    count = per_req.size
-    ends = np.r_[orphan_at, count - 1].astype(np.int64) if count else np.zeros(0, np.int64)
+    ends = np.append(orphan_at, per_req.size - 1).astype(np.int64)
     for j, end in enumerate(ends.tolist()):
         if int(cum[end]) > available + j:
-            return OutOfPages(int(cum[end]), available + j)
+            raise OutOfPages(int(cum[end]), available + j, where)
     return ends
 
 
@@ -127,19 +138,21 @@ def _take_in_segments(
     cow_src: np.ndarray,
 ) -> np.ndarray:
     """Takes the pages of each segment, then drops its writers' owners of their sources."""
+    if ends.size == 1:  # one segment (no orphan, or only the last writer's)
+        pages = pool.take(int(per_req.sum()))
+        if cow_pos.size:
+            pool.queue_copies(cow_src, pages[np.cumsum(per_req)[cow_pos] - per_req[cow_pos]])
+            pool.release_sources(cow_src)
+        return pages
     cum = np.cumsum(per_req)
     first_page = cum - per_req  # each request's first page among all taken
     taken: list[np.ndarray] = []
-    done = 0  # pages taken so far
     first = 0  # first batch position of the segment
     for end in ends.tolist():
-        taken.append(pool.take(int(cum[end]) - done))
-        done = int(cum[end])
-        mine = cow_pos[(cow_pos >= first) & (cow_pos <= end)]
-        if mine.size:
-            src = cow_src[(cow_pos >= first) & (cow_pos <= end)]
-            pool.queue_copies(src, np.concatenate(taken)[first_page[mine]])
-            # The pair stays queued even if the source is now unowned (cached, evictable).
-            pool.release(src, drop_copies=False)
+        taken.append(pool.take(int(cum[end]) - (int(cum[first - 1]) if first else 0)))
+        mine = (cow_pos >= first) & (cow_pos <= end)
+        if mine.any():
+            pool.queue_copies(cow_src[mine], np.concatenate(taken)[first_page[cow_pos[mine]]])
+            pool.release_sources(cow_src[mine])
         first = end + 1
-    return np.concatenate(taken) if taken else np.zeros(0, np.int32)
+    return np.concatenate(taken)

@@ -63,41 +63,54 @@ class PagePool:
         self.index.revive(pages)
 
     def freed_by(self, pages: np.ndarray) -> int:
-        """Pages that :meth:`release` of int32[k] ``pages`` (repeats allowed) would make free
-        or evictable; changes nothing."""
+        """Pages that releasing int32[k] ``pages`` (repeats drop several owners) would make
+        free or evictable; changes nothing."""
         pages = pages[pages != NULL_PAGE]
+        if not pages.size:
+            return 0
         unique, times = np.unique(pages, return_counts=True)
         return int((self.refcount[unique] == times).sum())
 
-    def release(self, pages: np.ndarray, drop_copies: bool = True) -> None:
-        """Drops one owner of each entry of int32[k] ``pages`` (repeats drop several; null
-        entries are skipped).
+    def release(self, pages: np.ndarray) -> None:
+        """Drops one owner of each of int32[k] distinct pages (null entries are skipped).
 
         Pages left unowned return to the free stack (the last of them on top, so reused first),
         or, when cached, become evictable with ``pages[-1]`` the oldest (later pages of a prefix
-        are the least likely to be shared). Pending copies into them are dropped, unless
-        ``drop_copies`` is False (a copy-on-write source: the copy into it still fills what
-        its key promises).
+        are the least likely to be shared). Pending copies into them are dropped.
         """
         pages = pages[pages != NULL_PAGE]
         if not pages.size:
             return
-        np.subtract.at(self.refcount, pages, 1)
+        self.refcount[pages] -= 1
         dead = pages[self.refcount[pages] == 0]
-        if not dead.size:
+        if dead.size:
+            self._bury(dead)
+            if self.pending:
+                pairs = np.concatenate(self.pending)
+                kept = pairs[~np.isin(pairs[:, 1], dead)]
+                self.pending = [kept] if kept.size else []
+
+    def release_sources(self, src: np.ndarray) -> None:
+        """Drops the owner each copy-on-write writer had of its source, int32[c] (a page
+        written by several writers repeats).
+
+        A source left unowned (only a cached one can be) becomes evictable; a pending copy into
+        it stays queued: it still fills the page with what its key promises.
+        """
+        if not src.size:
             return
-        if dead.size > 1:  # a repeated page dies once, at its first occurrence
-            _, first = np.unique(dead, return_index=True)
-            dead = dead[np.sort(first)]
+        np.subtract.at(self.refcount, src, 1)  # a page may lose several writers
+        dead = np.unique(src[self.refcount[src] == 0])
+        if dead.size:
+            self._bury(dead)
+
+    def _bury(self, dead: np.ndarray) -> None:
+        """Routes int32[k] distinct pages that lost their last owner: free stack or LRU."""
         cached = self.index.cached[dead]
         self.index.make_evictable(dead[cached][::-1])
         plain = dead[~cached]
         self.free[self.num_free : self.num_free + plain.size] = plain
         self.num_free += int(plain.size)
-        if drop_copies and self.pending:
-            pairs = np.concatenate(self.pending)
-            kept = pairs[~np.isin(pairs[:, 1], dead)]
-            self.pending = [kept] if kept.size else []
 
     def queue_copies(self, src: np.ndarray, dst: np.ndarray) -> None:
         """Queues copies ``src[i] -> dst[i]``, each source resolved to its original page.
