@@ -30,9 +30,13 @@ TOKENS = st.integers(0, 3)  # a small vocabulary, so prompts share prefixes
 
 class Req:
     """Model of one request: tokens, pages (0 once released by a window), committed page
-    count, namespace, and how many leading pages the sliding window released."""
+    count, namespace, how many leading pages the sliding window released, and whether it was
+    looked up and not served since (tentative: freeing it undoes the lookup)."""
 
-    def __init__(self, tokens=(), pages=(), committed=0, ns=None, has_ns=False, released=0):
+    def __init__(
+        self, tokens=(), pages=(), committed=0, ns=None, has_ns=False, released=0, tentative=False
+    ):
+        self.tentative = tentative
         self.tokens = list(tokens)
         self.pages = list(pages)
         self.committed = committed
@@ -77,6 +81,10 @@ class AllocatorMachine(RuleBasedStateMachine):
         self.pending: list = []  # (src, dst) copies not yet taken
         self.history: list = [(None, [])]  # token sequences seen, to build prompts that hit
         self.stats = {"lookups": 0, "queries": 0, "hits": 0, "evictions": 0}
+        # A cached page's stamp: when a served request last let go of it. The LRU is kept in
+        # stamp order; an undone lookup puts its pages back by their stamps.
+        self.stamp: dict = {}
+        self.clock = 0
 
     # ------------------------------------------------------------ helpers
 
@@ -140,6 +148,7 @@ class AllocatorMachine(RuleBasedStateMachine):
         assert set(new_pages) - self.free_plain == set(victims), "wrong eviction order"
         for page in victims:
             del self.cache[self.page_key.pop(page)]
+            del self.stamp[page]
         self.lru = self.lru[evicted:]
         self.free_plain -= set(new_pages)
         self.stats["evictions"] += evicted
@@ -154,11 +163,14 @@ class AllocatorMachine(RuleBasedStateMachine):
             src = req.pages[-1]
             self.pending.append((origin.get(src, src), got_pages[0]))
             req.pages[-1] = got_pages.pop(0)
+            if src in self.page_key:
+                self.touch([src])
             if src in self.page_key and not self.refcount(src):
                 event("copy-on-write of a cached page (after truncate)")
                 self.lru.append(src)
         req.pages += got_pages
         req.tokens += tokens
+        req.tentative = False
 
     # -------------------------------------------------------------- rules
 
@@ -283,13 +295,27 @@ class AllocatorMachine(RuleBasedStateMachine):
             self.expect_failure(UnknownRequest, lambda: self.alloc.free(req_id), "unknown request")
             return
         self.alloc.free(req_id)
-        self.release_pages(self.reqs.pop(req_id).pages)
+        req = self.reqs.pop(req_id)
+        if req.tentative and req.pages:
+            event("free undoes a lookup")
+        self.release_pages(req.pages, undo=req.tentative)
 
-    def release_pages(self, pages):
+    def touch(self, pages):
+        """Stamps cached ``pages`` now, in order."""
+        for page in pages:
+            self.stamp[page] = self.clock
+            self.clock += 1
+
+    def release_pages(self, pages, undo=False):
         """Model of dropping one owner of ``pages`` (already removed from their request)."""
-        dead = [p for p in pages if p != NULL_PAGE and self.refcount(p) == 0]
-        # Cached pages become evictable, the request's last page first.
-        self.lru += [p for p in reversed(dead) if p in self.page_key]
+        pages = [p for p in pages if p != NULL_PAGE]
+        dead = [p for p in pages if self.refcount(p) == 0]
+        if undo:  # back where the stamps put them
+            back = [p for p in dead if p in self.page_key]
+            self.lru = sorted(self.lru + back, key=self.stamp.__getitem__)
+        else:  # cached pages are stamped, and the dead ones evictable, last page first
+            self.touch([p for p in reversed(pages) if p in self.page_key])
+            self.lru += [p for p in reversed(dead) if p in self.page_key]
         self.free_plain |= {p for p in dead if p not in self.page_key}
         self.pending = [(s, d) for s, d in self.pending if d not in dead]
 
@@ -319,6 +345,7 @@ class AllocatorMachine(RuleBasedStateMachine):
         keep = -(-keep_tokens // self.P)
         dropped = req.pages[keep:]
         req.pages, req.tokens = req.pages[:keep], req.tokens[:keep_tokens]
+        req.tentative = False
         if req.committed > keep_tokens // self.P:
             req.committed = 0
         if keep_tokens % self.P and req.pages and req.pages[-1] in self.page_key:
@@ -340,6 +367,7 @@ class AllocatorMachine(RuleBasedStateMachine):
         else:
             a.fork(src, dst)
             self.reqs[dst] = self.reqs[src].copy()
+            self.reqs[src].tentative = self.reqs[dst].tentative = False
 
     @precondition(lambda self: len(self.reqs) > 0)
     @rule(width=st.integers(1, 3), data=st.data())
@@ -356,11 +384,12 @@ class AllocatorMachine(RuleBasedStateMachine):
         self.allocate_batch(order, data, counts=[1] * len(order))
 
     @rule(ns=st.sampled_from(NAMESPACES), data=st.data())
-    def lookup_prefix(self, ns, data):
-        req_id = self.pick(data)
+    def lookup_prefix(self, ns, data, req_id=None):
+        if req_id is None:
+            req_id = self.pick(data)
         a = self.alloc
         base_ns, base = data.draw(st.sampled_from(self.history))
-        cut = data.draw(st.integers(0, len(base)))
+        cut = data.draw(st.one_of(st.just(len(base)), st.integers(0, len(base))))  # hits
         suffix = data.draw(st.lists(TOKENS, max_size=6))
         prompt = base[:cut] + suffix
         ns = data.draw(st.sampled_from([base_ns, ns]))
@@ -384,13 +413,27 @@ class AllocatorMachine(RuleBasedStateMachine):
             hits.append(page)
         got = call()
         note(f"  -> {got} tokens, pages {hits}")
+        if got:
+            event("prefix hit")
         assert got == len(hits) * self.P
         assert a.pages(req_id).tolist() == hits
         self.lru = [p for p in self.lru if p not in hits]
-        self.reqs[req_id] = Req(prompt[:got], hits, len(hits), ns, True)
+        self.reqs[req_id] = Req(prompt[:got], hits, len(hits), ns, True, tentative=True)
         self.stats["lookups"] += 1
         self.stats["queries"] += len(prompt)
         self.stats["hits"] += got
+
+    @precondition(lambda self: self.alloc.enable_prefix_caching and len(self.history) > 1)
+    @rule(ns=st.sampled_from(NAMESPACES), data=st.data())
+    def refused_admission(self, ns, data):
+        """A scheduler looks a new request up, cannot admit it and frees it: the lookup is
+        undone (its hits go back to the eviction order where they were)."""
+        free_ids = [r for r in IDS if r not in self.reqs]
+        if not free_ids or len(self.reqs) == self.alloc.max_requests:
+            return
+        req_id = data.draw(st.sampled_from(free_ids))
+        self.lookup_prefix(ns, data, req_id=req_id)
+        self.release(req_id)
 
     @rule(other_ns=st.booleans(), data=st.data())
     def commit_prefix(self, other_ns, data):

@@ -39,12 +39,15 @@ def test_prefix_pages_survive_free_until_evicted_lru():
     assert a.allocate("z", 8).tolist() == [5, 6, 7, 8]  # free stack first: nothing evicted
     assert a.allocate("z", 2).tolist() == [2]  # oldest evictable page: x's last page
     assert a.prefix_stats["evictions"] == 1
+    # Eviction order now: 1, 4, 3.
     assert a.lookup_prefix("x2", [1, 2, 3, 4, 0]) == 2  # page 1 survived, page 2 was evicted
-    a.free("x2")  # page 1 evictable again, now the newest
-    assert a.allocate("z", 4).tolist() == [4, 3]
-    assert a.lookup_prefix("y2", [5, 6, 7, 8, 0]) == 0
-    assert a.lookup_prefix("x3", [1, 2, 3, 4, 0]) == 2
-    assert a.prefix_stats["evictions"] == 3
+    a.allocate("x2", 0)  # served (vLLM touches its hits now)
+    a.free("x2")  # page 1 evictable again, now the newest: 4, 3, 1
+    assert a.lookup_prefix("y2", [5, 6, 0]) == 2  # page 3
+    a.free("y2")  # never grown: the lookup is undone, 3 goes back to its place: 4, 3, 1
+    assert a.allocate("z", 6).tolist() == [4, 3, 1]
+    assert a.lookup_prefix("x3", [1, 2, 3, 4, 0]) == 0
+    assert a.prefix_stats["evictions"] == 4
     a.check_invariants()
 
 
@@ -117,10 +120,10 @@ def test_peek_prefix_touches_nothing():
     unchanged(b, ValueError, lambda: b.peek_prefix([1, 2, 3]), "peek_prefix: prefix caching")
 
 
-def test_refused_request_after_lookup_refreshes_its_hits_unless_peeked():
-    """Issue 19 item 3, the repro: lookup, OutOfPages, free moves the hits to the newest end
-    of the eviction order (documented on lookup_prefix); peeking first, as vLLM's scheduler
-    sizes a request before touching it, leaves the order alone."""
+def test_refused_request_after_lookup_leaves_the_eviction_order_as_vllm():
+    """Issue 19 item 3, the repro: a request looked up, refused (OutOfPages) and freed leaves
+    its hits where they were in the eviction order, as vLLM, which touches hits only once
+    their allocation succeeds; peek_prefix sizes it without attaching anything."""
 
     def setup():
         a = PageAllocator(5, 2, max_requests=3, max_pages_per_request=4, enable_prefix_caching=True)
@@ -133,12 +136,18 @@ def test_refused_request_after_lookup_refreshes_its_hits_unless_peeked():
         a.allocate("full", 4)  # pages 3, 4: only the two evictable pages are left
         return a
 
-    a = setup()
-    assert a.lookup_prefix("r", [7, 7, 1]) == 2  # attaches page 1
+    a, fresh = setup(), setup().checksum()
+    twin = setup()
+    assert a.lookup_prefix("r", [7, 7, 1]) == 2  # attaches page 1: nothing can evict it now
     unchanged(a, OutOfPages, lambda: a.allocate("r", 5), "needs 3 pages but only 1")
-    a.free("r")  # page 1 is now the newest evictable page
-    assert a.allocate("n", 2).tolist() == [2]  # so page 2 ("hot") is evicted first
+    a.free("r")  # the lookup is undone: page 1 is the oldest again
+    # The state is the untouched one but for the prefix counters (and the stack of rows).
+    twin.load_state_dict({**twin.state_dict(), "prefix_stats": a.prefix_stats})
+    assert twin.state_dict()["lru"].tolist() == a.state_dict()["lru"].tolist()
+    assert twin.state_dict()["clock"] == a.state_dict()["clock"]
+    assert a.allocate("n", 2).tolist() == [1]  # so page 1 ("old") is evicted first
     b = setup()
     hit = b.peek_prefix([7, 7, 1])
     assert hit == 2 and b.num_free_pages < -(-(hit + 5) // 2) - hit // 2  # refused
-    assert b.allocate("n", 2).tolist() == [1]  # untouched: the oldest page goes first
+    assert b.checksum() == fresh
+    assert b.allocate("n", 2).tolist() == [1]

@@ -39,9 +39,9 @@ class PageAllocator:
     Prefix caching (``enable_prefix_caching=True``): :meth:`commit_prefix` registers a request's
     full pages under a chained key of their tokens and a namespace; :meth:`lookup_prefix`
     attaches cached pages to a new request (:meth:`peek_prefix` only counts them). A cached page
-    whose last owner is freed stays cached (evictable) and is reused, least recently freed
-    first, only once the plain free stack is empty. :attr:`num_free_pages` counts free and
-    evictable pages.
+    whose last owner is freed stays cached (evictable) and is reused, least recently released
+    by a served request first (as vLLM orders its free queue), only once the plain free stack
+    is empty. :attr:`num_free_pages` counts free and evictable pages.
 
     Reuse order: the most recently freed page is handed out first (a stack), and of pages freed
     together (by one :meth:`free`, :meth:`truncate` or window release) the last in the row is
@@ -338,12 +338,12 @@ class PageAllocator:
         Only pages committed under the same ``namespace`` match. Counts toward
         :attr:`prefix_stats`. All or nothing: a call that raises changes nothing.
 
-        The hit pages are attached at once (one more owner each), so an evictable hit leaves
-        the eviction order here, not at the next :meth:`allocate`: nothing between the two
-        calls can evict it. vLLM touches hits only once the allocation succeeds; here a request
-        that is looked up, then refused (:class:`OutOfPages`) and freed returns its hits to the
-        eviction order as the most recently released. Use :meth:`peek_prefix` to size a
-        request without touching anything.
+        The hit pages are attached at once (one more owner each), so nothing between this
+        call and the request's :meth:`allocate` can evict them. The lookup is undone if the
+        request is freed before any :meth:`allocate` (or :meth:`fork`, :meth:`truncate`)
+        serves it, e.g. after :class:`OutOfPages`: its hits then return to the eviction order
+        where they were, as in vLLM, which touches hits only once their allocation succeeds
+        (O(num_pages) for that free). :meth:`peek_prefix` sizes a request without attaching.
 
         Args:
             req_id: a new id (it is created) or a live request holding no tokens.
@@ -422,7 +422,7 @@ class PageAllocator:
         """
         parts = self._parts
         row = parts.rows.row_of(req_id, "free")
-        parts.table.free(row)
+        parts.table.free(row, undo=bool(parts.rows.row_tentative[row]))
         parts.rows.remove(req_id, row)
         parts.reset_order_if_empty()
 
@@ -472,6 +472,7 @@ class PageAllocator:
             )
 
         # ---- commit
+        parts.rows.row_tentative[row] = False  # a truncated request counts as served
         parts.table.truncate(row, tokens)
         parts.rows.row_tokens[row] = tokens
         if parts.rows.row_committed[row] > tokens // self.page_size:
@@ -543,7 +544,7 @@ class PageAllocator:
         the :attr:`prefix_stats` counters and the pending copy-on-write copies. Never raises.
 
         Returns:
-            A dict for :meth:`load_state_dict`: ``"version"`` (2), ``"config"``,
+            A dict for :meth:`load_state_dict`: ``"version"`` (3), ``"config"``,
             ``"free_pages"`` (int32[num_free]), ``"free_rows"`` (int32[num_free_rows]),
             ``"rows"`` (request id -> row), ``"clock"``, ``"prefix_stats"``,
             ``"pending_copies"`` (int32[K, 2]) and the per-page and per-row arrays, e.g.

@@ -91,6 +91,7 @@ def grow(
         table.place(row_idx, old_pages, cols, start, pages)
     table.row_pages[row_idx] = need
     rows.row_tokens[row_idx] = total
+    rows.row_tentative[row_idx] = False  # served: its hits are touched, as vLLM does now
     return row_idx.astype(np.int32), pages
 
 

@@ -71,44 +71,55 @@ class PagePool:
         unique, times = np.unique(pages, return_counts=True)
         return int((self.refcount[unique] == times).sum())
 
-    def release(self, pages: np.ndarray) -> None:
+    def release(self, pages: np.ndarray, undo: bool = False) -> None:
         """Drops one owner of each of int32[k] distinct pages (null entries are skipped).
 
         Pages left unowned return to the free stack (the last of them on top, so reused first),
         or, when cached, become evictable with ``pages[-1]`` the oldest (later pages of a prefix
         are the least likely to be shared). Pending copies into them are dropped.
+
+        ``undo``: the owner is a request that was looked up and never grown (see
+        ``RequestRows.row_tentative``): as vLLM never touched its hits, cached pages keep their
+        stamps and return to the LRU where those place them. Otherwise every cached page
+        released is stamped now, even one that others still hold: that is when vLLM, for which
+        only requests it served own pages, would have let it go.
         """
         pages = pages[pages != NULL_PAGE]
         if not pages.size:
             return
         self.refcount[pages] -= 1
-        dead = pages[self.refcount[pages] == 0]
-        if dead.size:
-            self._bury(dead)
-            if self.pending:
-                pairs = np.concatenate(self.pending)
-                kept = pairs[~np.isin(pairs[:, 1], dead)]
-                self.pending = [kept] if kept.size else []
+        cached = self.index.cached[pages]
+        dead = self.refcount[pages] == 0
+        if undo:
+            self.index.restore(pages[dead & cached])
+        else:
+            self.index.stamp(pages[cached][::-1])
+            self.index.link(pages[dead & cached][::-1])
+        self._push(pages[dead & ~cached])
+        if dead.any() and self.pending:
+            pairs = np.concatenate(self.pending)
+            kept = pairs[~np.isin(pairs[:, 1], pages[dead])]
+            self.pending = [kept] if kept.size else []
 
     def release_sources(self, src: np.ndarray) -> None:
-        """Drops the owner each copy-on-write writer had of its source, int32[c] (a page
-        written by several writers repeats).
+        """Drops the owner each copy-on-write writer had of its source, int32[c] in batch order
+        (a page written by several writers repeats).
 
-        A source left unowned (only a cached one can be) becomes evictable; a pending copy into
-        it stays queued: it still fills the page with what its key promises.
+        Cached sources are stamped now (see :meth:`release`); one left unowned (only a cached
+        one can be) becomes evictable, and a pending copy into it stays queued: it still fills
+        the page with what its key promises.
         """
         if not src.size:
             return
         np.subtract.at(self.refcount, src, 1)  # a page may lose several writers
+        self.index.stamp(src[self.index.cached[src]])
         dead = np.unique(src[self.refcount[src] == 0])
-        if dead.size:
-            self._bury(dead)
-
-    def _bury(self, dead: np.ndarray) -> None:
-        """Routes int32[k] distinct pages that lost their last owner: free stack or LRU."""
         cached = self.index.cached[dead]
-        self.index.make_evictable(dead[cached][::-1])
-        plain = dead[~cached]
+        self.index.link(dead[cached][np.argsort(self.index.lru[dead[cached]])])
+        self._push(dead[~cached])
+
+    def _push(self, plain: np.ndarray) -> None:
+        """Pushes int32[k] distinct unowned, uncached pages onto the free stack, in order."""
         self.free[self.num_free : self.num_free + plain.size] = plain
         self.num_free += int(plain.size)
 

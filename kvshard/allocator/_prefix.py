@@ -68,6 +68,7 @@ def lookup(
     rows.row_last_key[row] = np.frombuffer(last_key, np.uint8)
     rows.row_ns[row] = np.frombuffer(ns, np.uint8)
     rows.row_has_ns[row] = True
+    rows.row_tentative[row] = True
     stats = pool.index.stats
     stats["lookups"] += 1
     stats["queries"] += length

@@ -11,7 +11,8 @@ id (as vLLM's free block queue, without a Python object per page): append, unlin
 ``k`` pages cost O(k). The null page, never evictable, is the list's sentinel (head and tail).
 
 The index knows nothing of reference counts: :class:`kvshard.allocator._pool.PagePool` tells
-it when a cached page loses its last owner (:meth:`PrefixIndex.make_evictable`) or gains one
+it when a cached page is released (:meth:`PrefixIndex.stamp`), loses its last owner
+(:meth:`PrefixIndex.link`, or :meth:`PrefixIndex.restore` for an undone lookup) or gains one
 back (:meth:`PrefixIndex.revive`), and asks it for victims (:meth:`PrefixIndex.evict`).
 """
 
@@ -121,18 +122,34 @@ class PrefixIndex:
 
     # -------------------------------------------------------- eviction order
 
-    def make_evictable(self, pages: np.ndarray) -> None:
-        """Appends int32[k] cached, now unowned, distinct pages to the LRU, oldest first."""
+    def stamp(self, pages: np.ndarray) -> None:
+        """Gives int32[k] cached pages fresh, increasing stamps (a repeated page keeps its
+        last): the time each was last released by a request that was served."""
         if not pages.size:
             return
         self.lru[pages] = self.clock + np.arange(pages.size)
         self.clock += int(pages.size)
+
+    def link(self, pages: np.ndarray) -> None:
+        """Appends int32[k] cached, unowned, distinct pages, stamped in increasing order after
+        every evictable page, to the LRU's tail."""
+        if not pages.size:
+            return
         self.evictable[pages] = True
         self.num_evictable += int(pages.size)
         # Splice tail -> pages[0] -> ... -> pages[-1] -> sentinel in two scatters.
         chain = np.concatenate([[self.lru_prev[NULL_PAGE]], pages, [NULL_PAGE]])
         self.lru_next[chain[:-1]] = chain[1:]
         self.lru_prev[chain[1:]] = chain[:-1]
+
+    def restore(self, pages: np.ndarray) -> None:
+        """Puts int32[k] cached, now unowned, distinct pages back into the LRU at the place of
+        their stamps (an undone lookup: vLLM never took them out). O(num_pages)."""
+        if not pages.size:
+            return
+        self.evictable[pages] = True
+        self.num_evictable += int(pages.size)
+        self._relink()
 
     def revive(self, pages: np.ndarray) -> None:
         """Takes those of int32[k] distinct pages that are evictable out of the LRU (O(k))."""
@@ -184,6 +201,10 @@ class PrefixIndex:
         cached = np.flatnonzero(self.cached)
         self.key_to_page = {self.page_key[page].tobytes(): int(page) for page in cached}
         self.num_evictable = int(self.evictable.sum())
+        self._relink()
+
+    def _relink(self) -> None:
+        """Links every evictable page in stamp order."""
         self.lru_next[:] = NULL_PAGE
         self.lru_prev[:] = NULL_PAGE
         pages = np.flatnonzero(self.evictable).astype(np.int32)

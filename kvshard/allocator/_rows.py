@@ -20,7 +20,14 @@ from kvshard.allocator._prefix_index import KEY_BYTES
 class RequestRows:
     """Live requests' rows and per-request state, in numpy arrays indexed by row."""
 
-    ARRAYS = ("row_tokens", "row_committed", "row_last_key", "row_ns", "row_has_ns")
+    ARRAYS = (
+        "row_tokens",
+        "row_committed",
+        "row_last_key",
+        "row_ns",
+        "row_has_ns",
+        "row_tentative",
+    )
 
     def __init__(self, max_requests: int) -> None:
         r = self.max_requests = max_requests
@@ -32,6 +39,9 @@ class RequestRows:
         self.row_last_key = np.zeros((r, KEY_BYTES), np.uint8)  # key of the last of them
         self.row_ns = np.zeros((r, KEY_BYTES), np.uint8)  # namespace digest, once set
         self.row_has_ns = np.zeros(r, bool)
+        # Looked up and not grown since: its hits return to the eviction order where they were
+        # when it is freed (vLLM touches hits only once their allocation succeeds).
+        self.row_tentative = np.zeros(r, bool)
         self._mark = np.zeros(r, np.int64)  # scratch for duplicate detection
 
     def row_of(self, req_id: Hashable, where: str) -> int:
@@ -115,15 +125,18 @@ class RequestRows:
         for array in (self.row_tokens, self.row_committed, self.row_last_key, self.row_ns):
             array[row] = 0
         self.row_has_ns[row] = False
+        self.row_tentative[row] = False
         self.free_rows[self.num_free_rows] = row
         self.num_free_rows += 1
         del self.rows[req_id]
 
     def copy(self, src: int, dst: int) -> None:
-        """Gives row ``dst`` the tokens and prefix progress of row ``src`` (fork)."""
+        """Gives row ``dst`` the tokens and prefix progress of row ``src`` (fork); a fork
+        serves ``src``, so neither is tentative afterwards."""
         for name in self.ARRAYS:
             array = getattr(self, name)
             array[dst] = array[src]
+        self.row_tentative[[src, dst]] = False
 
     def forget_commits(self, row: int) -> None:
         """Restarts the row's prefix progress from its first page (after a truncate into it)."""
@@ -152,7 +165,7 @@ class RequestRows:
         check(
             not (self.row_tokens[idle].any() or self.row_committed[idle].any())
             and not (self.row_has_ns[idle].any() or self.row_ns[idle].any())
-            and not self.row_last_key[idle].any(),
+            and not (self.row_last_key[idle].any() or self.row_tentative[idle].any()),
             "row_tokens: a free row is not reset",
         )
         tokens = self.row_tokens
@@ -164,4 +177,8 @@ class RequestRows:
         check(
             (committed >= 0).all() and (committed * page_size <= tokens).all(),
             "row_committed: more pages than full pages held",
+        )
+        check(
+            (committed * page_size == tokens)[self.row_tentative].all(),
+            "row_tentative: a looked-up request holds more than its hits",
         )

@@ -23,7 +23,7 @@ from kvshard.allocator._prefix_index import STATS, PrefixIndex
 from kvshard.allocator._rows import RequestRows
 from kvshard.allocator._table import PageTable
 
-STATE_VERSION = 2  # 2: sliding_window in the config, row_released
+STATE_VERSION = 3  # 2: sliding_window in the config, row_released; 3: row_tentative
 _ENTRIES = (
     "version",
     "config",
@@ -179,7 +179,18 @@ class AllocatorParts:
         counts = np.bincount(owned, minlength=config.num_pages)
         check(np.array_equal(counts, pool.refcount), "refcount: != number of owners")
         pool.check()
-        self.index.check(config.enable_prefix_caching)
+        index = self.index
+        index.check(config.enable_prefix_caching)
+        # Pages only looked-up requests hold go back to the LRU by their stamps on free.
+        tentative = np.flatnonzero(rows.row_tentative)
+        held = table.page_table[tentative].reshape(-1)
+        only = np.bincount(held, minlength=config.num_pages) == pool.refcount
+        only &= (pool.refcount > 0) & index.cached
+        stamps = index.lru[only | index.evictable]
+        check(
+            np.unique(stamps).size == stamps.size and (stamps < index.clock).all(),
+            "lru: a page only looked-up requests hold has a stamp in use or past the clock",
+        )
 
 
 # The order checksum() hashes the arrays in (kept from the single-class allocator, so digests
@@ -198,6 +209,7 @@ _HASHED = (
     "row_last_key",
     "row_ns",
     "row_has_ns",
+    "row_tentative",
 )
 
 

@@ -159,9 +159,10 @@ class PageTable:
         self.page_table[row, keep:stop] = NULL_PAGE
         self.row_pages[row] = keep
 
-    def free(self, row: int) -> None:
-        """Releases every page of the row and resets it to the null page."""
-        self.pool.release(self.page_table[row, : self.row_pages[row]].copy())
+    def free(self, row: int, undo: bool = False) -> None:
+        """Releases every page of the row and resets it to the null page (``undo``: see
+        ``PagePool.release``)."""
+        self.pool.release(self.page_table[row, : self.row_pages[row]].copy(), undo)
         self.page_table[row] = NULL_PAGE
         self.row_pages[row] = 0
         self.row_released[row] = 0
