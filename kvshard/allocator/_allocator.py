@@ -549,8 +549,9 @@ class PageAllocator:
             ``"rows"`` (request id -> row), ``"clock"``, ``"prefix_stats"``,
             ``"pending_copies"`` (int32[K, 2]) and the per-page and per-row arrays, e.g.
             ``"refcount"`` (int32[num_pages]), ``"page_table"``
-            (int32[max_requests, max_pages_per_request]) and ``"row_released"``
-            (int32[max_requests], columns released by the sliding window).
+            (int32[max_requests, max_pages_per_request]), ``"row_released"``
+            (int32[max_requests], columns released by the sliding window) and
+            ``"row_tentative"`` (bool[max_requests], looked up and not served since).
         """
         return self._parts.state_dict()
 

@@ -139,7 +139,7 @@ def _take_in_segments(
     cow_src: np.ndarray,
 ) -> np.ndarray:
     """Takes the pages of each segment, then drops its writers' owners of their sources."""
-    if ends.size == 1:  # one segment (no orphan, or only the last writer's)
+    if ends.size == 1:  # one segment: no cached source is orphaned
         pages = pool.take(int(per_req.sum()))
         if cow_pos.size:
             pool.queue_copies(cow_src, pages[np.cumsum(per_req)[cow_pos] - per_req[cow_pos]])
