@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from kvshard._layout import CacheSpec, _canonical_dtype, check_tensor_parallel, round_up
+from kvshard._layout import INT32_MAX, CacheSpec, _canonical_dtype, check_tensor_parallel, round_up
 
 __all__ = [
     "BudgetTooSmall",
@@ -197,7 +197,7 @@ def make_plan(
         "kv_bytes": distinct,
         "waste_bytes": waste,
         "waste_percent": {k: 100 * v / hbm_per_device for k, v in waste.items()},
-        "int32_ok": num_layers * spec.slots_per_pool <= 2**31 - 1,
+        "int32_ok": num_layers * spec.slots_per_pool <= INT32_MAX,
         "bytes_per_token": page_bytes // page_size,
         "bfloat16_bytes_per_token": bf16_page_bytes // page_size,
         "bfloat16_tokens_per_group": bf16_tokens,

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-_INT32_MAX = int(np.iinfo(np.int32).max)
+from kvshard._layout import INT32_MAX
 
 
 def _counts(value: Sequence[int] | np.ndarray, name: str) -> np.ndarray:
@@ -150,17 +150,17 @@ def build_update_slices(
             f"slice {i}: page id {int(out[0, i]) // page_size} from page_table is negative; "
             "page ids must be >= 0"
         )
-    if total and out[0].max() > _INT32_MAX:
+    if total and out[0].max() > INT32_MAX:
         i = int(np.argmax(out[0]))
         raise ValueError(
             f"slice {i}: kv_cache_start {int(out[0, i])} (page id × page_size {page_size} + "
-            f"offset) would overflow int32 (max {_INT32_MAX}); page ids must be < "
-            f"{(_INT32_MAX + 1) // page_size}"
+            f"offset) would overflow int32 (max {INT32_MAX}); page ids must be < "
+            f"{(INT32_MAX + 1) // page_size}"
         )
-    if total and out[1, -1] + out[2, -1] > _INT32_MAX:
+    if total and out[1, -1] + out[2, -1] > INT32_MAX:
         raise ValueError(
             f"new_kv_start {int(out[1, -1] + out[2, -1])} (tokens scheduled) would overflow int32 "
-            f"(max {_INT32_MAX})"
+            f"(max {INT32_MAX})"
         )
     return out.astype(np.int32)
 
