@@ -24,6 +24,7 @@ __all__ = [
     "copy_pair_mask",
     "layer_in_range",
     "live_requests",
+    "requests_on_block",
     "slice_is_writable",
     "token_requests",
     "token_slots",
@@ -194,6 +195,33 @@ def live_requests(
     )
     live = jnp.argmin(jnp.append(ok, False)).astype(jnp.int32)
     return jnp.where(layer_in_range(layer, num_layers), live, 0)
+
+
+def requests_on_block(
+    kv: jax.Array,
+    layer: jax.Array,
+    page_indices,
+    kv_lens,
+    cu_q_lens,
+    num_seqs,
+    num_tokens: int,
+    page_size: int,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Both attention backends' drop rule on one device's block kv [L, slots, C, D]:
+    (live request count, int32[T] request of each token, bool[T] token of a live request)."""
+    num_layers, num_slots = kv.shape[:2]
+    live = live_requests(
+        page_indices,
+        kv_lens,
+        cu_q_lens,
+        num_seqs,
+        layer,
+        num_layers=num_layers,
+        num_tokens=num_tokens,
+        num_pages=num_slots // page_size,
+        page_size=page_size,
+    )
+    return (live, *token_requests(cu_q_lens, live, num_tokens))
 
 
 def token_requests(

@@ -21,7 +21,6 @@ __all__ = [
     "INT32_MIN",
     "as_int32",
     "check_backend",
-    "check_cache",
     "check_layer",
     "check_options",
     "check_shape",
@@ -99,24 +98,6 @@ def check_shape(name: str, x: Any, expected: tuple[int | None, ...], what: str) 
     ):
         want = shape_str(tuple("*" if e is None else e for e in expected))
         raise ValueError(f"{name} must have shape {what} = {want}, got {shape_str(shape)}")
-
-
-def check_cache(cache: Any) -> Any:
-    """Returns ``cache`` if it is a live :class:`~kvshard.KVCache`.
-
-    A cache whose buffer was donated to an earlier call (or deleted) is refused here: handing
-    a deleted buffer to a multi-device computation crashes the process in the runtime.
-    """
-    from kvshard.cache import KVCache  # the pytree imports this module
-
-    if not isinstance(cache, KVCache):
-        raise TypeError(f"cache must be a KVCache (from init_cache), got {type(cache).__name__}")
-    if isinstance(cache.kv, jax.Array) and not is_traced(cache.kv) and cache.kv.is_deleted():
-        raise ValueError(
-            "cache has been donated to an earlier call (its buffer is deleted): pass the cache "
-            "that call returned"
-        )
-    return cache
 
 
 def check_backend(backend: Any) -> None:

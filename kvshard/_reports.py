@@ -57,6 +57,15 @@ def _first(bad: jax.Array) -> jax.Array:
     return jnp.argmax(bad.reshape(-1)).astype(jnp.int32)
 
 
+def _check_count(field: str, count: jax.Array, size: int, what: str) -> jax.Array:
+    """Reports a live count of each group (``count`` int32[G]) outside ``[0, size]``."""
+    bad = (count < 0) | (count > size)
+    g = _first(bad)
+    return _check(
+        ~bad.any(), f"{field}[{{g}}]={{n}} must be in [0, {size}] ({what})", g=g, n=count[g]
+    )
+
+
 def check_layer(where: str, layer: jax.Array, num_layers: int) -> jax.Array:
     """Reports unless ``0 <= layer < num_layers``; returns an int32 zero (see :func:`_check`)."""
     return _check(
@@ -89,14 +98,7 @@ def check_update(
     if size == 0:
         return zero
     count = num[:, 0]
-    bad_count = (count < 0) | (count > size)
-    g = _first(bad_count)
-    zero = zero + _check(
-        ~bad_count.any(),
-        f"update: num_slices[{{g}}]={{n}} must be in [0, {size}] (columns of slices)",
-        g=g,
-        n=count[g],
-    )
+    zero = zero + _check_count("update: num_slices", count, size, "columns of slices")
     dst, src, length = slices[:, 0], slices[:, 1], slices[:, 2]  # [G, S]
     live = jnp.arange(size)[None, :] < count[:, None]
     writable = slice_is_writable(
@@ -211,14 +213,7 @@ def check_attention(
     zero = check_layer("attention", layer, num_layers)
     max_seqs = page_indices.shape[-2]
     count = num_seqs[:, 0]
-    bad_count = (count < 0) | (count > max_seqs)
-    g = _first(bad_count)
-    zero = zero + _check(
-        ~bad_count.any(),
-        f"attention: step.num_seqs[{{g}}]={{n}} must be in [0, {max_seqs}] (max_num_seqs)",
-        g=g,
-        n=count[g],
-    )
+    zero = zero + _check_count("attention: step.num_seqs", count, max_seqs, "max_num_seqs")
     ok = jax.vmap(
         functools.partial(
             request_in_contract, num_tokens=num_tokens, num_pages=num_pages, page_size=page_size

@@ -10,7 +10,7 @@ through and the ragged paged-attention metadata that :func:`kvshard.attention` r
     step = kvshard.build_step(alloc, req_ids, num_scheduled_tokens, rows=rows)
     # the step's tokens: request by request in req_ids order, padded to step.num_tokens_padded
     cache = kvshard.update(cache, layer, k, v, step)
-    out = kvshard.attention(q, cache, layer, step, sm_scale=D**-0.5)
+    out = kvshard.attention(cache, layer, q, step, sm_scale=D**-0.5)
 
 Every array has a shape fixed by ``(num_tokens_padded, max_num_seqs)`` and the allocator's
 page-table width, both bucketed, so a serving loop compiles a bounded number of times.

@@ -26,26 +26,16 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
+from kvshard import _host_checks as host
 from kvshard import _reports
 from kvshard._attention.pallas import local_pallas
 from kvshard._attention.params import Statics
 from kvshard._attention.xla import local_xla
-from kvshard._host_checks import (
-    INT32_MAX,
-    as_int32,
-    check_backend,
-    check_cache,
-    check_layer,
-    check_options,
-    check_shape,
-    concrete,
-    dtype_of,
-    is_traced,
-)
+from kvshard._layout import INT32_MAX
 from kvshard._platform import PlatformJit, resolve_backend
 from kvshard._sharding import place, to_spec
 from kvshard._types import Backend, BackendOptions
-from kvshard.cache import KVCache
+from kvshard.cache import KVCache, check_cache
 from kvshard.step import StepMetadata, check_step
 
 __all__ = ["attention"]
@@ -106,7 +96,7 @@ def _check_fields(cache: KVCache, step: StepMetadata, num_tokens: int) -> list[A
     pooled = cache.page_axis is not None
     lead: tuple[int, ...] = (cache.dp,) if pooled else ()
     what = "[dp, " if pooled else "["
-    check_shape(
+    host.check_shape(
         "step.page_indices",
         step.page_indices,
         (*lead, None, None),
@@ -118,9 +108,9 @@ def _check_fields(cache: KVCache, step: StepMetadata, num_tokens: int) -> list[A
         ("cu_q_lens", (*lead, max_seqs + 1), "max_num_seqs + 1]"),
         ("num_seqs", (*lead, 1), "1]"),
     ):
-        check_shape(f"step.{name}", getattr(step, name), expected, what + text)
-    fields = [as_int32(f"step.{name}", getattr(step, name)) for name in _FIELDS]
-    hosts = [concrete(x) for x in fields]
+        host.check_shape(f"step.{name}", getattr(step, name), expected, what + text)
+    fields = [host.as_int32(f"step.{name}", getattr(step, name)) for name in _FIELDS]
+    hosts = [host.concrete(x) for x in fields]
     if all(h is not None for h in hosts):
         spec = cache.spec
         groups = zip(*hosts, strict=True) if pooled else [hosts]
@@ -181,8 +171,8 @@ def _finite_positive(name: str, value: Any, *, optional: bool) -> float | None:
         return None
     if isinstance(value, bool) or not isinstance(value, float | np.floating):
         raise TypeError(f"{name} must be a float, got {type(value).__name__} {value!r}")
-    if not (np.isfinite(value) and np.isfinite(np.float32(value)) and value > 0):
-        bound = float(np.finfo(np.float32).max)
+    bound = float(np.finfo(np.float32).max)
+    if not (np.isfinite(value) and 0 < value <= bound):
         raise ValueError(f"{name}={value!r} must be a finite float in (0, {bound:.4g}] (float32)")
     return float(value)
 
@@ -272,19 +262,19 @@ def attention(
         )
         step = metadata
     cache = check_cache(cache)
-    check_backend(backend)
-    options = check_options(options)
+    host.check_backend(backend)
+    options = host.check_options(options)
     scale = _finite_positive("sm_scale", sm_scale, optional=False)
     cap = _finite_positive("soft_cap", soft_cap, optional=True)
     window = _check_window(sliding_window)
     statics = Statics(cache.spec, scale, window, cap, options)  # type: ignore[arg-type]
-    layer_index = check_layer(cache.spec.num_layers, layer)
+    layer_index = host.check_layer(cache.spec.num_layers, layer)
     spec, pooled = cache.spec, cache.page_axis is not None
     lead = (cache.dp,) if pooled else ()
     what = "[dp, T, num_q_heads, head_dim]" if pooled else "[T, num_q_heads, head_dim]"
-    check_shape("q", q, (*lead, None, None, spec.head_dim), what)
-    if not jnp.issubdtype(dtype_of(q), jnp.floating):
-        raise TypeError(f"q must be a floating array, got {dtype_of(q)}")
+    host.check_shape("q", q, (*lead, None, None, spec.head_dim), what)
+    if not jnp.issubdtype(host.dtype_of(q), jnp.floating):
+        raise TypeError(f"q must be a floating array, got {host.dtype_of(q)}")
     q_heads = np.shape(q)[-2]
     if q_heads % spec.num_kv_heads or q_heads % cache.tp:
         raise ValueError(
@@ -302,7 +292,7 @@ def attention(
     )
     assert step is not None
     fields = _check_fields(cache, step, num_tokens)
-    checks = bool(checks) and any(map(is_traced, (layer, *fields)))
+    checks = bool(checks) and any(map(host.is_traced, (layer, *fields)))
     mesh = cache.mesh
     q_spec = _q_spec(cache) if pooled else P(*_q_spec(cache)[1:])
     fields_spec = P(cache.page_axis) if pooled else P()

@@ -17,7 +17,8 @@ import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu.ragged_paged_attention import ragged_paged_attention
 
 from kvshard._attention.params import Statics, spec_scale
-from kvshard._drop import live_requests, token_requests
+from kvshard._drop import requests_on_block
+from kvshard._types import BackendOptions
 
 __all__ = [
     "CROSS_LOWERING_KV_PAGES_PER_BLOCK",
@@ -42,23 +43,14 @@ def pallas_operands(kv, layer, q, page_indices, kv_lens, cu_q_lens, num_seqs, *,
     repeat their total) and the live request count. ``tok_ok`` (bool[T]) marks the tokens of
     live requests; the rest of the output is zeroed.
     """
-    spec, sm_scale, window, soft_cap, options = statics
+    spec, sm_scale, window, soft_cap, _ = statics
     num_layers, num_slots, combined, padded_dim = kv.shape
     num_tokens, _, head_dim = q.shape
     page_size = spec.page_size
     num_pages = num_slots // page_size
-    live = live_requests(
-        page_indices,
-        kv_lens,
-        cu_q_lens,
-        num_seqs,
-        layer,
-        num_layers=num_layers,
-        num_tokens=num_tokens,
-        num_pages=num_pages,
-        page_size=page_size,
+    live, _, tok_ok = requests_on_block(
+        kv, layer, page_indices, kv_lens, cu_q_lens, num_seqs, num_tokens, page_size
     )
-    _, tok_ok = token_requests(cu_q_lens, live, num_tokens)
     cu_q_lens = jnp.where(jnp.arange(cu_q_lens.shape[0]) <= live, cu_q_lens, cu_q_lens[live])
     layer = jnp.clip(layer, 0, num_layers - 1)
     # Rows past `live` are never read by the kernel; clamp them anyway so no index can leave
@@ -74,21 +66,6 @@ def pallas_operands(kv, layer, q, page_indices, kv_lens, cu_q_lens, num_seqs, *,
         "k_scale": spec_scale(spec, "k"),
         "v_scale": spec_scale(spec, "v"),
     }
-    blocks = {
-        "num_kv_pages_per_block": options.kv_pages_per_block,
-        "num_queries_per_block": options.queries_per_block,
-    }
-    if jax.devices()[0].platform != "tpu":
-        # The kernel looks its block sizes up by TPU generation, which fails on any other
-        # host; exporting for TPU from such a host needs them given (the tuned table's usual
-        # values). On a TPU host the kernel's own table is used.
-        blocks = {
-            "num_kv_pages_per_block": options.kv_pages_per_block
-            or min(CROSS_LOWERING_KV_PAGES_PER_BLOCK, page_indices.shape[1]),
-            "num_queries_per_block": options.queries_per_block or CROSS_LOWERING_QUERIES_PER_BLOCK,
-        }
-    if options.attention_kernel is None:  # a custom kernel picks its own blocks
-        kwargs |= {k: v for k, v in blocks.items() if v is not None}
     return operands, kwargs, tok_ok
 
 
@@ -102,5 +79,27 @@ def local_pallas(kv, layer, q, page_indices, kv_lens, cu_q_lens, num_seqs, *, st
     operands, kwargs, tok_ok = pallas_operands(
         kv, layer, q, page_indices, kv_lens, cu_q_lens, num_seqs, statics=statics
     )
-    kernel = statics.options.attention_kernel or ragged_paged_attention
-    return pallas_output(kernel(*operands, **kwargs), tok_ok, q.shape[-1], q.dtype)
+    options = statics.options
+    if options.attention_kernel is not None:  # a kernel of the same contract, its own blocks
+        out = options.attention_kernel(*operands, **kwargs)
+    else:
+        out = ragged_paged_attention(*operands, **kwargs, **_block_sizes(options, page_indices))
+    return pallas_output(out, tok_ok, q.shape[-1], q.dtype)
+
+
+def _block_sizes(options: BackendOptions, page_indices: jax.Array) -> dict[str, int]:
+    """The block-size arguments of JAX's kernel: the options', else the kernel's own choice
+    on a TPU host, else (lowering for TPU from another host) the tuned table's usual values."""
+    blocks = {
+        "num_kv_pages_per_block": options.kv_pages_per_block,
+        "num_queries_per_block": options.queries_per_block,
+    }
+    if jax.devices()[0].platform != "tpu":
+        # The kernel looks its block sizes up by TPU generation, which fails on any other host.
+        blocks["num_kv_pages_per_block"] = blocks["num_kv_pages_per_block"] or min(
+            CROSS_LOWERING_KV_PAGES_PER_BLOCK, page_indices.shape[1]
+        )
+        blocks["num_queries_per_block"] = (
+            blocks["num_queries_per_block"] or CROSS_LOWERING_QUERIES_PER_BLOCK
+        )
+    return {k: v for k, v in blocks.items() if v is not None}

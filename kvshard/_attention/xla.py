@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from kvshard._attention.params import Statics, spec_scale
-from kvshard._drop import live_requests, token_requests
+from kvshard._drop import requests_on_block
 from kvshard.quant import dequantize
 
 __all__ = ["XLA_KEYS_PER_STEP", "XLA_TOKEN_KEYS_PER_STEP", "local_xla"]
@@ -35,18 +35,9 @@ def local_xla(kv, layer, q, page_indices, kv_lens, cu_q_lens, num_seqs, *, stati
     group = q_heads // kv_heads
     pages_per_seq = page_indices.shape[1]
 
-    live = live_requests(
-        page_indices,
-        kv_lens,
-        cu_q_lens,
-        num_seqs,
-        layer,
-        num_layers=num_layers,
-        num_tokens=num_tokens,
-        num_pages=num_slots // page_size,
-        page_size=page_size,
+    _, seq, tok_ok = requests_on_block(
+        kv, layer, page_indices, kv_lens, cu_q_lens, num_seqs, num_tokens, page_size
     )
-    seq, tok_ok = token_requests(cu_q_lens, live, num_tokens)
     q_len = cu_q_lens[seq + 1] - cu_q_lens[seq]
     pos = kv_lens[seq] - q_len + (jnp.arange(num_tokens) - cu_q_lens[seq])  # int32[T]
     lo = jnp.zeros_like(pos) if window is None else jnp.maximum(pos - window + 1, 0)

@@ -229,7 +229,7 @@ def make_forward(cfg: ModelConfig, spec: kvshard.CacheSpec, mesh):
         v = (h @ w["wv"]).reshape(T, Hkv, D)
         # Write first: this step's tokens attend to themselves through the cache.
         cache = kvshard.update(cache, layer, k, v, step)
-        attn = kvshard.attention(q, cache, layer, step, sm_scale=sm_scale)  # [T, H, D] split
+        attn = kvshard.attention(cache, layer, q, step, sm_scale=sm_scale)  # [T, H, D] split
         attn = jnp.reshape(attn, (T, H * D), out_sharding=flat)
         x = x + jnp.matmul(attn, w["wo"], out_sharding=replicated)
         h = _rms_norm(x, w["mlp_norm"], cfg.eps, jnp)

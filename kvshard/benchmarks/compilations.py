@@ -68,7 +68,7 @@ def run(outdir: str, *, steps: int, budget: int = 256, seed: int = 0) -> dict[st
             cache = kvshard.update(cache, 0, k, k, meta)
             if use_attention:
                 q: Any = rng.standard_normal((padded, heads, dim), np.float32)
-                kvshard.attention(q, cache, 0, meta, sm_scale=dim**-0.5).block_until_ready()
+                kvshard.attention(cache, 0, q, meta, sm_scale=dim**-0.5).block_until_ready()
         else:
             computed = alloc.row_num_tokens[rows] - np.asarray(counts)
             slices = kvshard.build_update_slices(

@@ -43,7 +43,9 @@ def update_memory(
     import jax
     import numpy as np
 
-    from kvshard.cache import KVCache, _update_jit
+    import kvshard
+    from kvshard.cache import KVCache
+    from kvshard.cache._update import _write  # the executable eager update compiles
 
     heads, dim = 8, 128
     spec = _sized_spec(dtype, cache_bytes, page_size, heads, dim)
@@ -53,7 +55,7 @@ def update_memory(
     cache = KVCache(kv=kv, spec=spec, mesh=mesh)  # type: ignore[arg-type]
     new = jax.ShapeDtypeStruct((tokens, heads, dim), spec.np_dtype)
     n = max(1, tokens // page_size)
-    compiled = _update_jit.lower(
+    compiled = _write.lower(
         cache,
         np.int32(0),
         new,
@@ -61,7 +63,9 @@ def update_memory(
         jax.ShapeDtypeStruct((3, n), np.int32),
         jax.ShapeDtypeStruct((1,), np.int32),
         backend="xla",
-        interpret=None,
+        options=kvshard.BackendOptions(),
+        checks=False,
+        stats=False,
     ).compile()
     mem = compiled.memory_analysis()
     return {
@@ -98,9 +102,9 @@ def attention_memory(
     meta = kvshard.build_step(alloc, [0], [tokens], num_tokens_padded=tokens, max_num_seqs=1)
     # The executable an eager kvshard.attention call compiles: record its arguments on one
     # call, then lower the same jitted function with them (its own compiler options apply).
-    from kvshard import _attention
+    from kvshard._attention import api
 
-    jitted: Any = _attention._attention_jit
+    jitted: Any = api._read
     seen: list[tuple[Any, Any]] = []
 
     def record(*args: Any, **kwargs: Any) -> Any:
@@ -109,11 +113,11 @@ def attention_memory(
 
     cache = kvshard.init_cache(spec, mesh, head_axis=None)
     q: Any = np.zeros((tokens, heads, dim), np.float32)
-    _attention._attention_jit = record  # type: ignore[assignment]
+    api._read = record  # type: ignore[assignment]
     try:
-        kvshard.attention(q, cache, 0, meta, sm_scale=dim**-0.5, backend="xla")
+        kvshard.attention(cache, 0, q, meta, sm_scale=dim**-0.5, backend="xla")
     finally:
-        _attention._attention_jit = jitted
+        api._read = jitted
     args, kwargs = seen[0]
     mem = jitted.lower(*args, **kwargs).compile().memory_analysis()
     del cache, args

@@ -22,6 +22,7 @@ from kvshard.cache._copy import copy_pages as copy_pages
 from kvshard.cache._gather import gather as gather
 from kvshard.cache._pytree import KVCache as KVCache
 from kvshard.cache._pytree import abstract_cache as abstract_cache
+from kvshard.cache._pytree import check_cache as check_cache
 from kvshard.cache._pytree import init_cache as init_cache
 from kvshard.cache._update import SaturationCounts as SaturationCounts
 from kvshard.cache._update import update as update
@@ -33,6 +34,7 @@ __all__ = [
     "KVCache",
     "SaturationCounts",
     "abstract_cache",
+    "check_cache",
     "check_tensor_parallel",
     "compiler_options",
     "copy_pages",

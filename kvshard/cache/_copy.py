@@ -15,10 +15,10 @@ from jax.sharding import PartitionSpec as P
 
 from kvshard import _reports
 from kvshard._drop import copy_pair_mask
-from kvshard._host_checks import as_int32, check_cache, check_shape, concrete, is_traced
+from kvshard._host_checks import as_int32, check_shape, concrete, is_traced
 from kvshard._platform import PlatformJit
 from kvshard._sharding import place, to_spec
-from kvshard.cache._pytree import KVCache, with_kv
+from kvshard.cache._pytree import KVCache, check_cache, with_kv
 
 __all__ = ["copy_pages"]
 

@@ -18,7 +18,6 @@ from kvshard import _reports
 from kvshard._drop import layer_in_range
 from kvshard._host_checks import (
     as_int32,
-    check_cache,
     check_layer,
     check_shape,
     concrete,
@@ -26,7 +25,7 @@ from kvshard._host_checks import (
 )
 from kvshard._sharding import place, to_spec
 from kvshard.cache._codec import read_dtype, split, to_real
-from kvshard.cache._pytree import KVCache
+from kvshard.cache._pytree import KVCache, check_cache
 
 __all__ = ["gather"]
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +33,7 @@ from jax.sharding import PartitionSpec as P
 from kvshard._layout import CacheSpec, check_tensor_parallel
 from kvshard._sharding import axis_size, check_mesh_axes
 
-__all__ = ["KVCache", "abstract_cache", "init_cache", "with_kv"]
+__all__ = ["KVCache", "abstract_cache", "check_cache", "init_cache", "with_kv"]
 
 
 @functools.partial(
@@ -97,6 +98,23 @@ def with_kv(cache: KVCache, kv: jax.Array) -> KVCache:
     return dataclasses.replace(cache, kv=kv)
 
 
+def check_cache(cache: Any) -> KVCache:
+    """Returns ``cache`` if it is a live :class:`KVCache` (the first check of every operation).
+
+    A cache whose buffer was donated to an earlier call (or deleted) is refused here: handing
+    a deleted buffer to a multi-device computation crashes the process in the runtime.
+    """
+    if not isinstance(cache, KVCache):
+        raise TypeError(f"cache must be a KVCache (from init_cache), got {type(cache).__name__}")
+    kv = cache.kv
+    if isinstance(kv, jax.Array) and not isinstance(kv, jax.core.Tracer) and kv.is_deleted():
+        raise ValueError(
+            "cache has been donated to an earlier call (its buffer is deleted): pass the cache "
+            "that call returned"
+        )
+    return cache
+
+
 @functools.lru_cache(maxsize=64)
 def _zeros_fn(shape: tuple[int, ...], dtype: str, sharding: NamedSharding):
     # out_shardings makes every device materialise only its own shard: the whole cache never
@@ -142,13 +160,7 @@ def init_cache(
     return KVCache(kv=kv, spec=spec, mesh=mesh, head_axis=head_axis, page_axis=page_axis)
 
 
-def abstract_cache(
-    spec: CacheSpec,
-    mesh: Mesh,
-    *,
-    head_axis: str | None = "model",
-    page_axis: str | None = None,
-) -> KVCache:
+def abstract_cache(spec: CacheSpec, mesh: Mesh, **axes: str | None) -> KVCache:
     """The cache :func:`init_cache` would return, as ``jax.ShapeDtypeStruct``s with shardings.
 
     For ahead-of-time compilation: ``jax.jit(step, donate_argnums=0).lower(abstract_cache(...),
@@ -158,7 +170,8 @@ def abstract_cache(
     Nothing is allocated.
 
     Args:
-      spec, mesh, head_axis, page_axis: as for :func:`init_cache` (same checks, same errors).
+      spec, mesh: as for :func:`init_cache`; ``axes``: its keywords ``head_axis`` and
+        ``page_axis`` (same defaults, same checks, same errors).
 
     Returns:
       A :class:`KVCache` whose ``kv`` is ``jax.ShapeDtypeStruct(shape, dtype, sharding=...)``:
@@ -166,10 +179,11 @@ def abstract_cache(
       ``P(None, page_axis, head_axis, None)``; per device
       spec.dtype[L, num_pages·page_size, 2·H·r/tp, D_pad].
     """
-    shapes = jax.eval_shape(
-        functools.partial(init_cache, spec, mesh, head_axis=head_axis, page_axis=page_axis)
-    )
+    unknown = set(axes) - {"head_axis", "page_axis"}
+    if unknown:
+        raise TypeError(f"abstract_cache got unexpected keyword {sorted(unknown)[0]!r}")
+    shapes = jax.eval_shape(functools.partial(init_cache, spec, mesh, **axes))
     # Every leaf of the cache shares kv's sharding (slots over pages, combined heads over
     # heads); tests/test_aot.py compares these with a real init_cache, leaf by leaf.
-    sharding = NamedSharding(mesh, P(None, page_axis, head_axis, None))
+    sharding = shapes.sharding
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), shapes)

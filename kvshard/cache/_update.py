@@ -9,6 +9,7 @@ Both backends write exactly the slices :func:`kvshard._drop.writable_slices` kee
 from __future__ import annotations
 
 import functools
+import inspect
 import warnings
 from typing import Any, NamedTuple
 
@@ -22,7 +23,6 @@ from kvshard._drop import layer_in_range, token_slots, writable_slices
 from kvshard._host_checks import (
     as_int32,
     check_backend,
-    check_cache,
     check_layer,
     check_options,
     check_shape,
@@ -35,7 +35,7 @@ from kvshard._platform import PlatformJit, resolve_backend
 from kvshard._sharding import place, to_spec
 from kvshard._types import Backend, BackendOptions, Schedule
 from kvshard.cache._codec import combine, kv_in_spec, local_heads
-from kvshard.cache._pytree import KVCache, with_kv
+from kvshard.cache._pytree import KVCache, check_cache, with_kv
 from kvshard.kernels.checks import validate_slices
 from kvshard.kernels.update import kv_cache_update
 from kvshard.step import StepMetadata, check_step
@@ -120,7 +120,7 @@ def _legacy_options(options: Any, interpret: Any, schedule: Any) -> BackendOptio
             f"update({', '.join(f'{k}=' for k in legacy)}...) is deprecated: pass "
             "options=kvshard.BackendOptions(...)",
             DeprecationWarning,
-            stacklevel=4,
+            stacklevel=5,
         )
         options = BackendOptions(**{**options.__dict__, **legacy})
     return options
@@ -303,8 +303,30 @@ def _write(cache, layer, k, v, slices, num_slices, *, backend, options, checks, 
     return with_kv(cache, kv), SaturationCounts(k=counts[0], v=counts[1])
 
 
-def _update_call(cache, layer, k, v, step, num_slices, *, backend, options, checks, stats):
+def _update_call(
+    cache,
+    layer,
+    k,
+    v,
+    step,
+    num_slices,
+    *,
+    slices,
+    backend,
+    options,
+    checks,
+    interpret,
+    schedule,
+    stats,
+):
     """The host side of :func:`update` and :func:`update_with_stats`: check, place, call."""
+    if slices is not None:  # the keyword spelling of vLLM's form
+        if step is not None:
+            raise TypeError("pass step or slices=, not both")
+        step = slices
+    if step is None:
+        raise TypeError("update needs the step: a StepMetadata, or slices and num_slices")
+    options = _legacy_options(options, interpret, schedule)
     cache = check_cache(cache)
     check_backend(backend)
     pooled = cache.page_axis is not None
@@ -355,9 +377,10 @@ def update(
     layer: int | jax.Array,
     k: jax.Array,
     v: jax.Array,
-    step: StepMetadata | jax.Array | np.ndarray,
+    step: StepMetadata | jax.Array | np.ndarray | None = None,
     num_slices: jax.Array | np.ndarray | None = None,
     *,
+    slices: jax.Array | np.ndarray | None = None,
     backend: Backend = "auto",
     options: BackendOptions | None = None,
     checks: bool = False,
@@ -396,6 +419,7 @@ def update(
       num_slices: int32[1] live slices (later ones are padding), or int32[dp, 1]; only with
         slices given as an array. Concrete ``slices``/``num_slices`` may have any integer
         dtype (range-checked against int32, then cast); traced ones must be int32.
+      slices: keyword spelling of the array form of ``step`` (vLLM's name).
       backend: "pallas" (the kernel; interpret mode off TPU), "xla" (scatter), or "auto":
         pallas when the mesh is made of TPUs, xla otherwise. Both give identical results.
       options: :class:`~kvshard.BackendOptions` (the pallas backend reads ``interpret`` and
@@ -425,38 +449,14 @@ def update(
         slices/num_slices value outside int32, overlapping slices, unknown backend. Nothing
         is donated when an error is raised.
     """
-    return _update_call(
-        cache,
-        layer,
-        k,
-        v,
-        step,
-        num_slices,
-        backend=backend,
-        options=_legacy_options(options, interpret, schedule),
-        checks=checks,
-        stats=False,
-    )
+    return _update_call(**locals(), stats=False)
 
 
-def update_with_stats(
-    cache: KVCache,
-    layer: int | jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    step: StepMetadata | jax.Array | np.ndarray,
-    num_slices: jax.Array | np.ndarray | None = None,
-    *,
-    backend: Backend = "auto",
-    options: BackendOptions | None = None,
-    checks: bool = False,
-    interpret: bool | None = None,
-    schedule: Schedule | None = None,
-) -> tuple[KVCache, SaturationCounts]:
+def update_with_stats(*args: Any, **kwargs: Any) -> tuple[KVCache, SaturationCounts]:
     """:func:`update`, also returning how many written values saturated the quantized dtype.
 
-    The same write, bit for bit, as :func:`update` with the same arguments (see
-    :func:`update` for shapes, sharding, donation and errors); the count costs one extra
+    Takes exactly :func:`update`'s arguments (see :func:`update` for shapes, sharding,
+    donation and errors) and makes the same write, bit for bit; the count costs one extra
     elementwise pass over this step's k/v and a psum of two int32 across the head and page
     axes. Works eagerly and under ``jit``/``lax.scan``: the counts are ordinary arrays, so a
     serving loop can accumulate them on device and read them when it logs.
@@ -466,15 +466,12 @@ def update_with_stats(
       replicated on every device. A non-zero count means the scale is too small for this
       data: :func:`kvshard.calibrate_scales` on a representative sample picks a larger one.
     """
-    return _update_call(
-        cache,
-        layer,
-        k,
-        v,
-        step,
-        num_slices,
-        backend=backend,
-        options=_legacy_options(options, interpret, schedule),
-        checks=checks,
-        stats=True,
-    )
+    bound = inspect.signature(update).bind(*args, **kwargs)
+    bound.apply_defaults()
+    return _update_call(**bound.arguments, stats=True)
+
+
+# Documentation tools and IDEs show update's own parameters.
+update_with_stats.__signature__ = inspect.signature(update).replace(  # type: ignore[attr-defined]
+    return_annotation="tuple[KVCache, SaturationCounts]"
+)
