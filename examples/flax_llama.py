@@ -74,7 +74,8 @@ class Attention(nnx.Module):
             out = dense_attention(q, k, v, self.window)
         else:  # paged: write this step's K/V first, so new tokens also attend to themselves
             cache = kvshard.update(cache, self.layer, k, v, step)
-            out = kvshard.attention(cache, self.layer, q, step, sm_scale=D**-0.5, sliding_window=self.window
+            out = kvshard.attention(
+                cache, self.layer, q, step, sm_scale=D**-0.5, sliding_window=self.window
             )
         return self.o(out.reshape(T, -1)), cache
 

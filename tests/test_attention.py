@@ -455,7 +455,15 @@ def test_sharded_step_exports_for_tpu_without_copying_the_cache(monkeypatch):
 
     def serve(cache, q, k, v, step):
         def layer(cache, i):
-            cache = kvshard.update(cache, i, k, v, step, backend="pallas", interpret=False)
+            cache = kvshard.update(
+                cache,
+                i,
+                k,
+                v,
+                step,
+                backend="pallas",
+                options=kvshard.BackendOptions(interpret=False),
+            )
             out = kvshard.attention(cache, i, q, step, sm_scale=0.1, backend="pallas")
             return cache, out
 

@@ -25,6 +25,7 @@ from jax.sharding import PartitionSpec as P
 from test_cache import Oracle, assert_matches, fixed_slices, make_mesh, random_kv, small_spec
 
 import kvshard.kernels.budgets
+from kvshard import BackendOptions
 from kvshard.cache import CacheSpec, init_cache, update
 from kvshard.testing import update_slices
 
@@ -151,7 +152,16 @@ def test_sharded_update_lowers_for_tpu(page_axis):
     )
 
     def fn(cache, layer, k, v, slices, num):
-        return update(cache, layer, k, v, slices, num, backend="pallas", interpret=False)
+        return update(
+            cache,
+            layer,
+            k,
+            v,
+            slices,
+            num,
+            backend="pallas",
+            options=BackendOptions(interpret=False),
+        )
 
     exported = jax.export.export(jax.jit(fn, donate_argnums=0), platforms=["tpu"])(*args)
     text = exported.mlir_module()

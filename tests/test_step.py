@@ -278,3 +278,16 @@ def test_legacy_argument_order_still_works_and_warns():
     with pytest.warns(DeprecationWarning, match=r"attention\(cache, layer, q, step\)"):
         got = np.asarray(kvshard.attention(q, cache, 0, step, sm_scale=0.1))
     np.testing.assert_array_equal(got, want)
+
+
+def test_deprecated_update_keywords_fold_into_options():
+    cache = kvshard.init_cache(make_spec(), make_mesh())
+    _, step = one_step()
+    k, v = kv()
+    with pytest.warns(DeprecationWarning, match=r"options=kvshard.BackendOptions"):
+        cache = kvshard.update(cache, 0, k, v, step, backend="xla", schedule="vmem")
+    with pytest.raises(ValueError, match=r"schedule='fast' must be one of"):
+        kvshard.BackendOptions(schedule="fast")
+    first = int(step.slices[0, 0])  # request 0's 5 tokens fill one slice of one page
+    got = kvshard.gather(cache, 0, first + np.arange(5))[0]
+    np.testing.assert_array_equal(np.asarray(got), k[:5])
