@@ -5,13 +5,14 @@ Usage::
     kvshard plan --model llama-3-70b --mesh 1x8 --hbm-per-device 16GiB
     kvshard plan --config path/to/config.json --mesh 2x4 --hbm-per-device 12GB --kv-dtype int8
     kvshard plan --layers 32 --kv-heads 8 --head-dim 128 --hbm-per-device 12GB --json
-    kvshard demo [ARGS...]         # the continuous-batching demo (kvshard demo --help)
-    kvshard bench [ARGS...]        # the host-side step benchmark
-    kvshard bench-cache [ARGS...]  # in-place cache update vs a copied one
+    kvshard demo [ARGS...]             # the continuous-batching demo (kvshard demo --help)
+    kvshard bench [ARGS...]            # the benchmark suite (kvshard.benchmarks)
+    kvshard bench-cache [ARGS...]      # in-place cache update vs a copied one
+    kvshard bench-schedules [ARGS...]  # the update kernel's DMA schedules, A/B (on a TPU)
 
 ``python -m kvshard`` is the same command. Exit status: 0 on success; 2 for a bad argument, with
 one line on stderr naming the argument, the value and the bound; for ``demo`` and ``bench`` the
-script's own status.
+script's own status (``bench-cache`` and ``bench-schedules`` too).
 
 ``plan`` imports no JAX (``import kvshard`` is lazy) and takes its arithmetic from
 :mod:`kvshard._plan`; ``--model NAME`` reads a Hugging Face config.json shipped in

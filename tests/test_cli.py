@@ -500,7 +500,7 @@ def test_mixed_window_layers_are_noted_not_released(capsys, tmp_path):
 
 
 def test_scripts_name_the_command_in_their_help(tmp_path, capfd):
-    script = tmp_path / "benchmarks" / "cache_update.py"
+    script = tmp_path / "examples" / "tp_decode.py"
     script.parent.mkdir()
     (script.parent / "_sibling.py").write_text("VALUE = 7\n")
     script.write_text(
@@ -508,30 +508,50 @@ def test_scripts_name_the_command_in_their_help(tmp_path, capfd):
         "print('sibling', VALUE, 'args', sys.argv[1:])\n"
         "argparse.ArgumentParser().parse_args()\n"
     )
-    assert cli.run_script("bench-cache", ["--help"], root=tmp_path) == 0
+    assert cli.run_script("demo", ["--help"], root=tmp_path) == 0
     out = capfd.readouterr().out
     assert "sibling 7 args ['--help']" in out  # imports its siblings, gets the arguments
-    assert "usage: kvshard bench-cache [-h]" in out
+    assert "usage: kvshard demo [-h]" in out
 
 
 def test_script_pass_through(tmp_path, capfd):
-    script = tmp_path / "benchmarks" / "run_all.py"
+    script = tmp_path / "examples" / "tp_decode.py"
     script.parent.mkdir()
     script.write_text("import sys\nprint('args', sys.argv[1:])\nsys.exit(3)\n")
-    assert cli.run_script("bench", ["--repeats", "1", "--help"], root=tmp_path) == 3
+    assert cli.run_script("demo", ["--repeats", "1", "--help"], root=tmp_path) == 3
     assert "args ['--repeats', '1', '--help']" in capfd.readouterr().out
 
 
-def test_missing_script_is_a_clear_error(tmp_path, capsys, monkeypatch):
-    monkeypatch.setitem(
-        cli.SCRIPTS, "bench", cli.Script("kvshard.no_such_module", ("benchmarks", "x.py"), "")
-    )
+def test_benchmark_commands_run_the_package_modules(capfd):
+    """The benchmarks live only in the package (no source-tree script): every command's module
+    exists, and `kvshard bench --help` runs kvshard.benchmarks, naming the command."""
+    import importlib.util
+
+    assert all(cli.SCRIPTS[name].source is None for name in cli.SCRIPTS if name != "demo")
+    assert all(importlib.util.find_spec(s.module) for s in cli.SCRIPTS.values())
+    assert cli.main(["bench", "--help"]) == 0
+    out = capfd.readouterr().out
+    assert out.startswith("usage: kvshard bench")
+    assert "attention_decode" in out and "update_schedules" in out  # --only's choices
+
+
+@pytest.mark.parametrize(
+    ("source", "where"),
+    [
+        (("benchmarks", "x.py"), "and no source checkout"),
+        (None, "; reinstall kvshard"),
+    ],
+)
+def test_missing_script_is_a_clear_error(tmp_path, capsys, monkeypatch, source, where):
+    monkeypatch.setitem(cli.SCRIPTS, "bench", cli.Script("kvshard.no_such_module", source, ""))
     monkeypatch.setattr(kvshard._run, "_source_root", lambda: tmp_path)
     assert cli.main(["bench", "--help"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1
     assert err.startswith("kvshard bench: error: not installed: no module kvshard.no_such_module")
-    assert str(tmp_path / "benchmarks" / "x.py") in err
+    assert where in err
+    if source is not None:
+        assert str(tmp_path / "benchmarks" / "x.py") in err
 
 
 # ------------------------------------------------------------------ no JAX for planning
