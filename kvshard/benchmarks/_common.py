@@ -140,6 +140,14 @@ def bar_plot(
     return save_figure(fig, outdir, name)
 
 
+def compiled_memory(lowered: Any) -> Any:
+    """``lowered.compile().memory_analysis()``, refusing a backend that reports none."""
+    mem = lowered.compile().memory_analysis()
+    if mem is None:
+        raise RuntimeError("this JAX backend gives no memory analysis of compiled executables")
+    return mem
+
+
 def cache_compiler_options(mesh: Any) -> dict[str, str] | None:
     """Compiler options for a caller's jit around kvshard's cache ops on ``mesh``'s platform.
 

@@ -26,7 +26,7 @@ import os
 import sys
 from typing import Any
 
-from kvshard.benchmarks._common import jax_machine, table, timed, write_json
+from kvshard.benchmarks._common import compiled_memory, jax_machine, table, timed, write_json
 
 NAME = "attention_decode"
 KV_HEADS, Q_HEADS, HEAD_DIM = 8, 32, 128
@@ -89,8 +89,8 @@ def run(
         jax.random.normal(jax.random.key(1), (T, Hq, D), jnp.float32),
         NamedSharding(mesh, P(None, "model", None)),
     )
-    slots = np.asarray(step.page_indices)[:B, :, None] * page_size + np.arange(page_size)
-    slots = jnp.asarray(slots.reshape(-1), jnp.int32)
+    page_slots = np.asarray(step.page_indices)[:B, :, None] * page_size + np.arange(page_size)
+    slots = jnp.asarray(page_slots.reshape(-1), jnp.int32)
     scale = D**-0.5
 
     paged = jax.jit(lambda cache, q, step: kvshard.attention(q, cache, 0, step, sm_scale=scale))
@@ -105,8 +105,8 @@ def run(
 
     got, want = paged(cache, q, step)[:B], dense(cache, q, slots)
     diff = float(jnp.max(jnp.abs(got - want)))
-    mem_paged = paged.lower(cache, q, step).compile().memory_analysis()
-    mem_dense = dense.lower(cache, q, slots).compile().memory_analysis()
+    mem_paged = compiled_memory(paged.lower(cache, q, step))
+    mem_dense = compiled_memory(dense.lower(cache, q, slots))
     t_paged = timed(lambda: jax.block_until_ready(paged(cache, q, step)), repeats)
     t_dense = timed(lambda: jax.block_until_ready(dense(cache, q, slots)), repeats)
     # Per device: the K and V of its H/tp KV heads for every context token.

@@ -17,7 +17,14 @@ from __future__ import annotations
 import tracemalloc
 from typing import Any
 
-from kvshard.benchmarks._common import bar_plot, jax_machine, table, unit_scales, write_json
+from kvshard.benchmarks._common import (
+    bar_plot,
+    compiled_memory,
+    jax_machine,
+    table,
+    unit_scales,
+    write_json,
+)
 
 NAME = "memory"
 
@@ -75,7 +82,7 @@ def update_memory(
         donate_argnums=0,
         compiler_options=cache_compiler_options(mesh),
     )
-    mem = write.lower(cache, new, new, step).compile().memory_analysis()
+    mem = compiled_memory(write.lower(cache, new, new, step))
     return {
         "cache_bytes": spec.bytes_per_device(1),
         "new_token_bytes": 2 * tokens * heads * dim * spec.np_dtype.itemsize,
@@ -112,7 +119,7 @@ def attention_memory(
         lambda cache, q, step: kvshard.attention(q, cache, 0, step, sm_scale=dim**-0.5),
         compiler_options=cache_compiler_options(mesh),
     )
-    mem = read.lower(cache, q, step).compile().memory_analysis()
+    mem = compiled_memory(read.lower(cache, q, step))
     return {
         "cache_bytes": spec.bytes_per_device(1),
         "new_token_bytes": 2 * tokens * heads * dim * spec.np_dtype.itemsize,

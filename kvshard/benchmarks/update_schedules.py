@@ -116,7 +116,7 @@ def run(
                     kv_cache_update,
                     page_size=page_size,
                     num_slices_per_block=block,
-                    schedule=schedule,
+                    schedule=schedule,  # type: ignore[arg-type]  # one of SCHEDULES
                 ),
                 donate_argnums=(2,),
             )
