@@ -31,7 +31,12 @@ from decimal import Decimal, InvalidOperation
 from typing import NoReturn
 
 from kvshard._config import PRESETS, ConfigError, ModelGeometry, preset_config, read_model_config
-from kvshard._layout import SUPPORTED_DTYPES, _canonical_dtype, check_tensor_parallel
+from kvshard._layout import (
+    SUPPORTED_DTYPES,
+    _canonical_dtype,
+    check_query_heads,
+    check_tensor_parallel,
+)
 from kvshard._plan import BudgetTooSmall, ContextTooLong, format_plan, make_plan, window_pages
 from kvshard._run import SCRIPTS, Script, run_script
 
@@ -235,6 +240,12 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     )
     plan.add_argument("--head-dim", type=_arg_type(_positive_int, "int"), help="head dimension")
     plan.add_argument(
+        "--q-heads",
+        type=_arg_type(_positive_int, "int"),
+        help="query heads (default: the config's num_attention_heads): checked to split over "
+        "the head axis as kvshard.attention needs",
+    )
+    plan.add_argument(
         "--kv-dtype",
         "--dtype",
         dest="dtype",
@@ -371,6 +382,27 @@ def _run_plan(args: argparse.Namespace, plan_parser: argparse.ArgumentParser) ->
         check_tensor_parallel(shape["num_kv_heads"], tp)
     except ValueError as err:
         plan_parser.error(f"argument --mesh: {dp}x{tp}: {err}")
+    q_heads = args.q_heads if args.q_heads is not None else geometry and geometry.num_q_heads
+    if q_heads:
+        if q_heads % shape["num_kv_heads"]:  # the model's own head counts disagree
+            flag = next(
+                f
+                for f, given in (
+                    ("--q-heads", args.q_heads is not None),
+                    ("--kv-heads", args.kv_heads is not None),
+                    ("--model", bool(args.model)),
+                    ("--config", True),
+                )
+                if given
+            )
+            try:
+                check_query_heads(q_heads, shape["num_kv_heads"], 1)
+            except ValueError as err:
+                plan_parser.error(f"argument {flag}: {err}")
+        try:
+            check_query_heads(q_heads, shape["num_kv_heads"], tp)
+        except ValueError as err:  # the mesh does not fit them: the message says how to pad
+            plan_parser.error(f"argument --mesh: {dp}x{tp}: {err}")
     try:
         plan = make_plan(
             **shape,
@@ -382,6 +414,7 @@ def _run_plan(args: argparse.Namespace, plan_parser: argparse.ArgumentParser) ->
             context=args.context,
             model=label,
             sliding_window=window,
+            num_q_heads=q_heads or None,
         )
     except BudgetTooSmall as err:
         plan_parser.error(f"argument --hbm-per-device: {err}")
