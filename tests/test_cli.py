@@ -496,6 +496,50 @@ def test_mixed_window_layers_are_noted_not_released(capsys, tmp_path):
     ]
 
 
+# ------------------------------------------------------------------ query heads (issue 18)
+
+
+def test_config_whose_query_heads_do_not_split_is_refused_with_the_padding(capsys, tmp_path):
+    """14 query heads over 2 KV heads (groups of 7) on a 4-way head axis: each KV head sits on
+    2 devices, which would each take 3.5 query heads; padding each group to 8 (16 in all)
+    splits. kvshard.attention refuses the unpadded layout, so the planner must too."""
+    config = {**LLAMA_3_8B_CONFIG, "num_attention_heads": 14, "num_key_value_heads": 2}
+    config["head_dim"] = 128
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    argv = ["plan", "--config", str(path), "--mesh", "1x4", "--hbm-per-device", "1GiB"]
+    err = one_line_error(capsys, argv)
+    assert err.startswith("kvshard plan: error: argument --mesh: 1x4: num_q_heads=14"), err
+    assert "Pad each KV head's group from 7 to 8 query heads (16 in all" in err, err
+    assert "head axis size of 1, 2, 14" in err, err
+    # The sizes it names work; so do the padded heads on the refused mesh.
+    assert plan_json(capsys, [*argv[:4], "1x2", *argv[5:]])["q_heads_per_device"] == 7
+    padded = plan_json(capsys, [*argv, "--q-heads", "16"])
+    assert padded["num_q_heads"] == 16 and padded["q_heads_per_device"] == 4
+
+
+def test_shipped_qwen_on_eight_devices_is_refused(capsys):
+    """Qwen2.5-7B: 28 query heads, 4 KV heads. 1x8 was approved before though attention
+    refuses it; 1x4 (7 query heads per device) is fine."""
+    base = ["plan", "--model", "qwen2.5-7b", "--hbm-per-device", "16GiB"]
+    err = one_line_error(capsys, [*base, "--mesh", "1x8"])
+    assert "from 7 to 8 query heads (32 in all" in err, err
+    assert plan_json(capsys, [*base, "--mesh", "1x4"])["q_heads_per_device"] == 7
+
+
+@pytest.mark.parametrize(
+    ("flags", "blamed"),
+    [
+        (["--model", "qwen2.5-7b", "--kv-heads", "3"], "--kv-heads"),
+        (["--model", "qwen2.5-7b", "--q-heads", "30"], "--q-heads"),
+    ],
+)
+def test_query_heads_not_a_multiple_of_kv_heads_name_the_flag(capsys, flags, blamed):
+    err = one_line_error(capsys, ["plan", *flags, "--hbm-per-device", "1GiB"])
+    assert err.startswith(f"kvshard plan: error: argument {blamed}: num_q_heads="), err
+    assert "is not a multiple of num_kv_heads" in err
+
+
 # ------------------------------------------------------------------ demo / bench dispatch
 
 
