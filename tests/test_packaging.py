@@ -50,7 +50,13 @@ def test_wheel_runs_plan_and_demo_outside_the_source_tree(tmp_path):
     assert build.returncode == 0, build.stdout + build.stderr
     (wheel,) = tmp_path.glob("kvshard-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    for name in ("kvshard/configs/mistral-7b.json", "kvshard/py.typed", "kvshard/_demo/model.py"):
+    for name in (
+        "kvshard/configs/mistral-7b.json",
+        "kvshard/py.typed",
+        "kvshard/_demo/model.py",
+        "kvshard/benchmarks/attention_decode.py",
+        "kvshard/benchmarks/update_schedules.py",
+    ):
         assert name in names, name
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
