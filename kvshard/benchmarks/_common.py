@@ -140,9 +140,10 @@ def bar_plot(
     return save_figure(fig, outdir, name)
 
 
-def compiled_memory(lowered: Any) -> Any:
-    """``lowered.compile().memory_analysis()``, refusing a backend that reports none."""
-    mem = lowered.compile().memory_analysis()
+def compiled_memory(compiled: Any) -> Any:
+    """``compiled.memory_analysis()`` of a ``jax.jit(...).lower(...).compile()`` executable,
+    refusing a backend that reports none."""
+    mem = compiled.memory_analysis()
     if mem is None:
         raise RuntimeError("this JAX backend gives no memory analysis of compiled executables")
     return mem

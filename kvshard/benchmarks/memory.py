@@ -82,7 +82,7 @@ def update_memory(
         donate_argnums=0,
         compiler_options=cache_compiler_options(mesh),
     )
-    mem = compiled_memory(write.lower(cache, new, new, step))
+    mem = compiled_memory(write.lower(cache, new, new, step).compile())
     return {
         "cache_bytes": spec.bytes_per_device(1),
         "new_token_bytes": 2 * tokens * heads * dim * spec.np_dtype.itemsize,
@@ -119,7 +119,7 @@ def attention_memory(
         lambda cache, q, step: kvshard.attention(q, cache, 0, step, sm_scale=dim**-0.5),
         compiler_options=cache_compiler_options(mesh),
     )
-    mem = compiled_memory(read.lower(cache, q, step))
+    mem = compiled_memory(read.lower(cache, q, step).compile())
     return {
         "cache_bytes": spec.bytes_per_device(1),
         "new_token_bytes": 2 * tokens * heads * dim * spec.np_dtype.itemsize,
