@@ -162,7 +162,9 @@ def run(
     pages: int,
     requests: int,
     pages_per_request: int,
+    context: int = 4096,
 ) -> dict[str, Any]:
+    """The three tables; ``context``: tokens the attention's one request holds."""
     machine = jax_machine()
     rows = []
     for dtype in dtypes:
@@ -191,14 +193,14 @@ def run(
     attn = []
     for dtype in dtypes:
         try:
-            a = attention_memory(dtype, cache_mib * 2**20, tokens)
+            a = attention_memory(dtype, cache_mib * 2**20, tokens, context=context)
         except Exception as err:  # a dtype the attention does not read yet: say so, go on
             a = {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:80]}"}
         a["dtype"] = dtype
         attn.append(a)
     print(
         f"\n## memory: compiled kvshard.attention (in a jit), {tokens} queries, "
-        "4096-token context\n"
+        f"{context}-token context\n"
     )
     print(
         table(
@@ -237,6 +239,7 @@ def run(
     data = {
         "machine": machine,
         "tokens": tokens,
+        "context": context,
         "update": rows,
         "attention": attn,
         "allocator": host,
