@@ -338,6 +338,22 @@ def _check_options(argv: list[str], parser: argparse.ArgumentParser) -> list[str
 # --------------------------------------------------------------------------------------------
 
 
+def _query_heads_culprit(args: argparse.Namespace, q_heads: int, shape: dict[str, int]) -> str:
+    """The argument to name when query heads are refused: the mesh when they do not split over
+    its head axis, else (not whole KV groups) whichever flag gave the head counts."""
+    if q_heads % shape["num_kv_heads"] == 0:
+        dp, tp = args.mesh
+        return f"--mesh: {dp}x{tp}"
+    for flag, given in (
+        ("--q-heads", args.q_heads is not None),
+        ("--kv-heads", args.kv_heads is not None),
+        ("--model", bool(args.model)),
+    ):
+        if given:
+            return flag
+    return "--config"
+
+
 def _run_plan(args: argparse.Namespace, plan_parser: argparse.ArgumentParser) -> int:
     geometry: ModelGeometry | None = None
     label = args.model
@@ -384,25 +400,10 @@ def _run_plan(args: argparse.Namespace, plan_parser: argparse.ArgumentParser) ->
         plan_parser.error(f"argument --mesh: {dp}x{tp}: {err}")
     q_heads = args.q_heads if args.q_heads is not None else geometry and geometry.num_q_heads
     if q_heads:
-        if q_heads % shape["num_kv_heads"]:  # the model's own head counts disagree
-            flag = next(
-                f
-                for f, given in (
-                    ("--q-heads", args.q_heads is not None),
-                    ("--kv-heads", args.kv_heads is not None),
-                    ("--model", bool(args.model)),
-                    ("--config", True),
-                )
-                if given
-            )
-            try:
-                check_query_heads(q_heads, shape["num_kv_heads"], 1)
-            except ValueError as err:
-                plan_parser.error(f"argument {flag}: {err}")
         try:
             check_query_heads(q_heads, shape["num_kv_heads"], tp)
-        except ValueError as err:  # the mesh does not fit them: the message says how to pad
-            plan_parser.error(f"argument --mesh: {dp}x{tp}: {err}")
+        except ValueError as err:
+            plan_parser.error(f"argument {_query_heads_culprit(args, q_heads, shape)}: {err}")
     try:
         plan = make_plan(
             **shape,
