@@ -60,6 +60,8 @@ def page_bytes(page_size: int, combined_heads: int, head_dim: int, dtype: Any) -
     combined-head axis is padded to the packing; head_dim is padded to 128 lanes (the formula
     vLLM and tpu-inference use to size kernel blocks).
     """
+    import ml_dtypes  # noqa: F401  # registers "bfloat16"/"float8_*" with NumPy, as JAX does
+
     bits = np.dtype(dtype).itemsize * 8
     packing = max(1, SUBLANE_BITS // bits)
     heads = round_up(combined_heads, packing)
