@@ -27,8 +27,10 @@ __all__ = [
     "QUANTIZED_DTYPES",
     "SUPPORTED_DTYPES",
     "CacheSpec",
+    "check_query_heads",
     "check_tensor_parallel",
     "needs_scales",
+    "padded_query_heads",
     "page_bytes",
     "round_up",
 ]
@@ -62,6 +64,8 @@ def page_bytes(page_size: int, combined_heads: int, head_dim: int, dtype: Any) -
     combined-head axis is padded to the packing; head_dim is padded to 128 lanes (the formula
     vLLM and tpu-inference use to size kernel blocks).
     """
+    import ml_dtypes  # noqa: F401  # registers "bfloat16"/"float8_*" with NumPy, as JAX does
+
     bits = np.dtype(dtype).itemsize * 8
     packing = max(1, SUBLANE_BITS // bits)
     heads = round_up(combined_heads, packing)
@@ -138,6 +142,54 @@ def check_tensor_parallel(num_kv_heads: int, tp: int) -> int:
         f"tensor-parallel size {tp} does not fit num_kv_heads={num_kv_heads}: the head axis size "
         f"must divide {num_kv_heads} ({', '.join(map(str, _divisors(num_kv_heads)))}) or be a "
         f"multiple of it ({multiples}, ...)"
+    )
+
+
+def padded_query_heads(num_q_heads: int, num_kv_heads: int, tp: int) -> int:
+    """The fewest query heads >= ``num_q_heads``, the same count per KV head, that split
+    evenly over a head axis of size ``tp`` (``num_q_heads`` itself when it already does).
+
+    Query head ``i`` attends KV head ``i // g`` with ``g = num_q_heads / num_kv_heads`` heads
+    per KV group, and each of the ``tp`` devices takes ``num_q_heads / tp`` consecutive query
+    heads, so ``g' * num_kv_heads`` must be a multiple of ``tp``: ``g'`` a multiple of
+    ``tp / gcd(num_kv_heads, tp)``. Assumes ``num_q_heads`` is a multiple of ``num_kv_heads``.
+    """
+    per_group = num_q_heads // num_kv_heads
+    step = tp // math.gcd(num_kv_heads, tp)
+    return round_up(per_group, step) * num_kv_heads
+
+
+def check_query_heads(num_q_heads: int, num_kv_heads: int, tp: int) -> None:
+    """Refuses query heads that :func:`kvshard.attention` cannot split over the head axis.
+
+    Attention needs ``num_q_heads`` to be a multiple of ``num_kv_heads`` (whole KV groups) and
+    of ``tp`` (whole heads per device).
+
+    Raises:
+      ValueError: a non-positive argument, or either rule broken; when only the head axis is,
+        the message gives the per-group padding that works (:func:`padded_query_heads`).
+    """
+    for name, value in (("num_q_heads", num_q_heads), ("num_kv_heads", num_kv_heads), ("tp", tp)):
+        if not isinstance(value, int | np.integer) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name}={value!r} must be a positive int")
+    if num_q_heads % num_kv_heads:
+        raise ValueError(
+            f"num_q_heads={num_q_heads} is not a multiple of num_kv_heads={num_kv_heads}: "
+            "each KV head must serve the same number of query heads"
+        )
+    if num_q_heads % tp == 0:
+        return
+    per_group = num_q_heads // num_kv_heads
+    padded = padded_query_heads(num_q_heads, num_kv_heads, tp)
+    # Unpadded, a head axis fits when it divides num_kv_heads, or is num_kv_heads times a
+    # divisor of the group (check_tensor_parallel's replication, whole groups per copy).
+    sizes = sorted(set(_divisors(num_kv_heads)) | {num_kv_heads * d for d in _divisors(per_group)})
+    raise ValueError(
+        f"num_q_heads={num_q_heads} ({per_group} per KV head) does not split over the head axis "
+        f"of size {tp}: kvshard.attention needs a multiple of {tp}. Pad each KV head's group "
+        f"from {per_group} to {padded // num_kv_heads} query heads ({padded} in all; zero "
+        "weights for the extra heads, their outputs dropped), or use a head axis size of "
+        f"{', '.join(map(str, sizes))}"
     )
 
 

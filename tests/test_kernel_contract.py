@@ -447,18 +447,6 @@ def test_tpu_inference_gap_alone_is_refused():
 
 
 @pytest.mark.slow
-def test_schedule_ab_benchmark_checks_both_and_prints_the_tpu_command():
-    from _scripts import ROOT, run_script, stdout_of_success
-
-    flags = ["--block", "2", "--repeats", "1", "--decode-tokens", "3", "--prefill-tokens", "10"]
-    out = stdout_of_success(run_script(ROOT / "benchmarks" / "update_schedules.py", *flags))
-    for row in ("decode   direct", "decode   vmem", "prefill  direct", "prefill  vmem"):
-        assert row in out
-    assert "both schedules match the oracle" in out
-    assert "python benchmarks/update_schedules.py --num-pages 4096" in out
-
-
-@pytest.mark.slow
 def test_update_runs_the_vmem_schedule_like_the_xla_backend():
     """``kvshard.update(..., schedule="vmem")`` reaches the kernel (2 devices, interpret mode)
     and writes the cache the XLA scatter writes. (The direct schedule: test_cache_pallas.py.)"""

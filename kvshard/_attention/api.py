@@ -31,7 +31,7 @@ from kvshard import _reports
 from kvshard._attention.pallas import local_pallas
 from kvshard._attention.params import Statics
 from kvshard._attention.xla import local_xla
-from kvshard._layout import INT32_MAX
+from kvshard._layout import INT32_MAX, check_query_heads
 from kvshard._platform import PlatformJit, resolve_backend
 from kvshard._sharding import place, to_spec
 from kvshard._types import Backend, BackendOptions
@@ -275,12 +275,10 @@ def attention(
     host.check_shape("q", q, (*lead, None, None, spec.head_dim), what)
     if not jnp.issubdtype(host.dtype_of(q), jnp.floating):
         raise TypeError(f"q must be a floating array, got {host.dtype_of(q)}")
-    q_heads = np.shape(q)[-2]
-    if q_heads % spec.num_kv_heads or q_heads % cache.tp:
-        raise ValueError(
-            f"q has {q_heads} query heads; it must be a multiple of num_kv_heads="
-            f"{spec.num_kv_heads} and of the head axis size {cache.tp}"
-        )
+    try:
+        check_query_heads(np.shape(q)[-2], spec.num_kv_heads, cache.tp)
+    except ValueError as err:
+        raise ValueError(f"q has {np.shape(q)[-2]} query heads: {err}") from None
     num_tokens = np.shape(q)[-3]
     check_step(
         step,

@@ -11,8 +11,6 @@ Usage::
     python -m kvshard.benchmarks.host_step --batch-sizes 1024 --repeats 50
     python -m kvshard.benchmarks --only host_step        # the sweep over B, JSON + plot
 
-(``benchmarks/host_step.py`` in a source checkout runs the first.)
-
 Times are the minimum (and median) over ``--repeats`` runs of one step, in microseconds.
 """
 
