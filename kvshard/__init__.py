@@ -129,4 +129,5 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+    # The public API only: not this module's own imports (importlib, typing, annotations).
+    return sorted(__all__)

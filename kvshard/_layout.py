@@ -72,7 +72,7 @@ def page_bytes(page_size: int, combined_heads: int, head_dim: int, dtype: Any) -
     return page_size * heads * round_up(head_dim, LANES) * bits // 8
 
 
-def _canonical_dtype(dtype: Any) -> str:
+def canonical_dtype(dtype: Any) -> str:
     """Returns the NumPy name of ``dtype`` (a str, NumPy or JAX dtype, or scalar type).
 
     Raises:
@@ -96,7 +96,7 @@ def needs_scales(dtype: Any) -> bool:
     Raises:
       ValueError: ``dtype`` is not one of :data:`SUPPORTED_DTYPES`.
     """
-    return _canonical_dtype(dtype) in QUANTIZED_DTYPES
+    return canonical_dtype(dtype) in QUANTIZED_DTYPES
 
 
 def _check_scale(name: str, value: Any) -> float | None:
@@ -234,7 +234,7 @@ class CacheSpec:
             if not isinstance(value, int | np.integer) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"CacheSpec.{field}={value!r} must be a positive int")
             object.__setattr__(self, field, int(value))
-        object.__setattr__(self, "dtype", _canonical_dtype(self.dtype))
+        object.__setattr__(self, "dtype", canonical_dtype(self.dtype))
         for field in ("k_scale", "v_scale"):
             object.__setattr__(self, field, _check_scale(field, getattr(self, field)))
         scales = (self.k_scale, self.v_scale)

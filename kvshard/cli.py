@@ -1,5 +1,8 @@
 """The ``kvshard`` command: size a KV cache for a mesh, run the demo and the benchmarks.
 
+(Over 400 lines because it is one argparse front end: every subcommand's flags, help and
+error messages in one place, the arithmetic itself in :mod:`kvshard._plan`.)
+
 Usage::
 
     kvshard plan --model llama-3-70b --mesh 1x8 --hbm-per-device 16GiB
@@ -33,7 +36,7 @@ from typing import NoReturn
 from kvshard._config import PRESETS, ConfigError, ModelGeometry, preset_config, read_model_config
 from kvshard._layout import (
     SUPPORTED_DTYPES,
-    _canonical_dtype,
+    canonical_dtype,
     check_query_heads,
     check_tensor_parallel,
 )
@@ -172,7 +175,7 @@ def _window(text: str) -> int:
 def _dtype(text: str) -> str:
     name = _DTYPE_ALIASES.get(text.lower(), text)
     try:
-        return _canonical_dtype(name)
+        return canonical_dtype(name)
     except ValueError:
         aliases = ", ".join(sorted(_DTYPE_ALIASES))
         raise ValueError(

@@ -1,5 +1,8 @@
 """The demo's model: a small GQA transformer, a dense oracle, and a continuous-batching engine.
 
+(Over 400 lines on purpose: the demo is meant to be read top to bottom as one runnable story,
+model, oracle and engine side by side.)
+
 * :func:`init_params`: random (seeded) weights of a decoder-only transformer with grouped-query
   attention, RMSNorm, RoPE and a SiLU MLP.
 * :func:`dense_logits`: the same model in float64 numpy over a whole sequence with plain causal
