@@ -75,7 +75,7 @@ def run(outdir: str, *, steps: int, budget: int = 256, seed: int = 0) -> dict[st
                 computed, np.asarray(counts), alloc.page_table, page, rows=rows
             )
             slices, num, _ = kvshard.pad_slices(
-                slices, total, max_num_reqs=max_reqs, page_size=page, buckets=buckets
+                slices, total, max_num_seqs=max_reqs, page_size=page, buckets=buckets
             )
             cache = kvshard.update(cache, 0, k, k, slices, num)
         cache.kv.block_until_ready()
