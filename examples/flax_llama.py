@@ -75,7 +75,7 @@ class Attention(nnx.Module):
         else:  # paged: write this step's K/V first, so new tokens also attend to themselves
             cache = kvshard.update(cache, self.layer, k, v, step)
             out = kvshard.attention(
-                q, cache, self.layer, step, sm_scale=D**-0.5, sliding_window=self.window
+                cache, self.layer, q, step, sm_scale=D**-0.5, sliding_window=self.window
             )
         return self.o(out.reshape(T, -1)), cache
 

@@ -352,25 +352,6 @@ def test_copy_on_write_chain_resolves_to_original_source():
     a.check_invariants()
 
 
-def test_latency_benchmark_runs_and_evicts(tmp_path):
-    """benchmarks/allocator_latency.py: both scenarios run (it asserts the evicting one evicts)."""
-    import json
-
-    from _scripts import ROOT, run_script, stdout_of_success
-
-    out = stdout_of_success(
-        run_script(
-            ROOT / "benchmarks" / "allocator_latency.py",
-            *("--num-pages", "2049", "--pages", "1", "4", "--calls", "30", "--out", str(tmp_path)),
-        )
-    )
-    assert out.count("ratio p99 allocate") == 2
-    report = json.loads((tmp_path / "allocator_latency.json").read_text())
-    assert {(r["pages"], r["scenario"]) for r in report["rows"]} == {
-        (p, s) for p in (1, 4) for s in ("free stack", "evicting")
-    }
-
-
 def test_truncate_frees_pages_past_the_new_end():
     a = make(num_pages=9, page_size=4)
     a.allocate("x", 10)  # pages 1, 2, 3

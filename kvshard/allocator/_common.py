@@ -7,11 +7,11 @@ from typing import Any
 import numpy as np
 
 from kvshard._errors import KvshardError
+from kvshard._layout import INT32_MAX
 
 NULL_PAGE = 0
 """Page id reserved for padding writes; no request ever owns it."""
 
-INT32_MAX = 2**31 - 1
 # Tokens one request may hold (max_pages_per_request * page_size): build_step writes positions
 # and kv_lens as int32, so a larger count would wrap there (issue 19).
 MAX_TOKENS = INT32_MAX

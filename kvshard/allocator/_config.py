@@ -5,7 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from kvshard.allocator._common import INT32_MAX, MAX_TOKENS, is_int
+from kvshard._layout import INT32_MAX
+from kvshard.allocator._common import MAX_TOKENS, is_int
 
 
 @dataclasses.dataclass(frozen=True)
