@@ -32,6 +32,7 @@ from kvshard._layout import INT32_MAX
 from kvshard.metadata import build_update_slices, padded_num_slices
 
 if TYPE_CHECKING:
+    from kvshard._layout import CacheSpec
     from kvshard.allocator import PageAllocator
 
 __all__ = ["StepGeometry", "StepMetadata", "build_step", "check_step", "next_bucket", "stack_steps"]
@@ -133,27 +134,22 @@ class StepMetadata:
 
 
 def check_step(
-    step: Any,
-    *,
-    page_size: int,
-    num_pages: int,
-    num_tokens: int,
-    token_arg: str,
-    lead: tuple[int, ...] = (),
+    step: Any, spec: CacheSpec, *, num_tokens: int, token_arg: str, lead: tuple[int, ...] = ()
 ) -> StepMetadata:
     """The step contract: raises unless ``step`` fits a cache and the step's tokens.
 
     Checks that ``step`` is a :class:`StepMetadata`, that its geometry (when it has one) is the
-    cache's (``page_size``, ``num_pages``) and matches its own arrays, and that its token axis
-    is ``num_tokens``, the token axis of the caller's ``token_arg`` (q or k). ``lead`` is
-    ``(dp,)`` with a page axis. Shapes of the fields an operation reads are checked by the
-    operation. Static data only: runs eagerly and at trace time alike.
+    cache's (``spec.page_size``, ``spec.num_pages``) and matches its own arrays, and that its
+    token axis is ``num_tokens``, the token axis of the caller's ``token_arg`` (q or k).
+    ``lead`` is ``(dp,)`` with a page axis. Shapes of the fields an operation reads are
+    checked by the operation. Static data only: runs eagerly and at trace time alike.
 
     Raises:
       TypeError: ``step`` is not a StepMetadata.
       ValueError: a geometry field differs from the cache's or from the arrays, or the token
         axis differs; the message names the field, its value and what the cache expects.
     """
+    page_size, num_pages = spec.page_size, spec.num_pages
     if not isinstance(step, StepMetadata):
         raise TypeError(
             f"step must be a kvshard.StepMetadata (from build_step), got {type(step).__name__}"

@@ -280,14 +280,7 @@ def attention(
     except ValueError as err:
         raise ValueError(f"q has {np.shape(q)[-2]} query heads: {err}") from None
     num_tokens = np.shape(q)[-3]
-    check_step(
-        step,
-        page_size=spec.page_size,
-        num_pages=spec.num_pages,
-        num_tokens=num_tokens,
-        token_arg="q",
-        lead=lead,
-    )
+    check_step(step, spec, num_tokens=num_tokens, token_arg="q", lead=lead)
     assert step is not None
     fields = _check_fields(cache, step, num_tokens)
     checks = bool(checks) and any(map(host.is_traced, (layer, *fields)))

@@ -336,15 +336,7 @@ def _update_call(
     if isinstance(step, StepMetadata):
         if num_slices is not None:
             raise TypeError("num_slices must be omitted when step is a StepMetadata")
-        spec = cache.spec
-        check_step(
-            step,
-            page_size=spec.page_size,
-            num_pages=spec.num_pages,
-            num_tokens=num_tokens,
-            token_arg="k",
-            lead=lead,
-        )
+        check_step(step, cache.spec, num_tokens=num_tokens, token_arg="k", lead=lead)
         slices, num_slices = step.slices, step.num_slices
     elif num_slices is None:
         raise TypeError("num_slices is required unless step is a StepMetadata")
