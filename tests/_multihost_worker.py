@@ -9,7 +9,7 @@ own (gloo collectives), then, for each mesh case, runs random serving steps SPMD
 process drives its own PageAllocators with the same seeded requests, builds the same metadata
 and calls ``init_cache`` / ``update`` / ``copy_pages`` / ``gather``; with a page axis each
 process passes only its own groups' k/v (``jax.make_array_from_process_local_data``). Each
-process checks the shards it holds against the dense numpy oracle of test_cache.py (built on
+process checks the shards it holds against the dense numpy oracle of _cache_helpers.py (built on
 ``kvshard.reference``), then that ``kvshard.distributed.check_consistent`` passes, and that it
 names the last process once that process's allocator alone takes one more request. Prints
 ``OK`` and exits 0, or raises.
@@ -34,9 +34,9 @@ jax.distributed.initialize(
 )
 
 import numpy as np  # noqa: E402
+from _cache_helpers import Oracle  # noqa: E402
 from jax.sharding import AxisType, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
-from test_cache import Oracle  # noqa: E402
 
 import kvshard  # noqa: E402
 from kvshard.distributed import AllocatorDivergence, check_consistent  # noqa: E402

@@ -15,9 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _cache_helpers import Oracle, assert_matches, fixed_slices, make_mesh, random_kv, small_spec
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
-from test_cache import Oracle, assert_matches, fixed_slices, make_mesh, random_kv, small_spec
 
 import kvshard
 

@@ -2,7 +2,7 @@
 
 Interpret mode compiles slowly (~10 s per executable) and runs ~1 s per call, so every test here
 uses one tiny fixed shape per executable and few examples. The dense oracle and helpers come
-from test_cache.py.
+from _cache_helpers.py.
 
 Executed tests here use meshes of at most 4 devices; every 8-device mesh shape runs in
 test_pallas_meshes.py. Pallas TPU interpret mode starts every kernel with a global
@@ -18,11 +18,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _cache_helpers import Oracle, assert_matches, fixed_slices, make_mesh, random_kv, small_spec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
-from test_cache import Oracle, assert_matches, fixed_slices, make_mesh, random_kv, small_spec
 
 import kvshard.kernels.budgets
 from kvshard import BackendOptions

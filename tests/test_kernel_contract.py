@@ -331,7 +331,7 @@ def test_overlapping_destinations_refused_by_validate():
 
 
 def test_overlapping_destinations_refused_by_update():
-    from test_cache import make_mesh, small_spec
+    from _cache_helpers import make_mesh, small_spec
 
     from kvshard.cache import init_cache, update
 
@@ -356,7 +356,7 @@ def test_overlapping_destinations_refused_by_update():
 
 
 def test_update_rejects_unknown_schedule():
-    from test_cache import make_mesh, small_spec
+    from _cache_helpers import make_mesh, small_spec
 
     from kvshard.cache import init_cache, update
 
@@ -450,7 +450,7 @@ def test_tpu_inference_gap_alone_is_refused():
 def test_update_runs_the_vmem_schedule_like_the_xla_backend():
     """``kvshard.update(..., schedule="vmem")`` reaches the kernel (2 devices, interpret mode)
     and writes the cache the XLA scatter writes. (The direct schedule: test_cache_pallas.py.)"""
-    from test_cache import fixed_slices, make_mesh, random_kv, small_spec
+    from _cache_helpers import fixed_slices, make_mesh, random_kv, small_spec
 
     from kvshard.cache import init_cache, update
 

@@ -211,6 +211,69 @@ def test_pad_slices_rejects_too_many_slices():
         pad_slices(slices, 10, max_num_seqs=2, page_size=4, buckets=[16])
 
 
+# --------------------------------------------------------------------------------------------
+# build_update_slices: int64 arithmetic whatever the page table dtype, int32 bounds
+# --------------------------------------------------------------------------------------------
+
+INT32_MAX = 2**31 - 1
+
+
+@pytest.mark.parametrize(
+    ("dtype", "page", "page_size", "start"),
+    [
+        (np.uint16, 4097, 16, 65552),  # wrapped to slot 16 in uint16
+        (np.uint8, 200, 2, 400),  # wrapped to 144 in uint8
+        (np.int16, 2**14, 2, 32768),  # wrapped to -32768 in int16
+        (np.int8, 127, 4, 508),
+        (np.uint32, 2**26, 16, 2**30),
+        (np.int32, 2**27 - 1, 16, 2**31 - 16),  # the last page below 2**31 slots
+    ],
+)
+def test_build_update_slices_small_and_unsigned_tables(dtype, page, page_size, start):
+    table = np.array([[page]], dtype)
+    # Decode path (every request in one page): offset 1, one token.
+    np.testing.assert_array_equal(
+        build_update_slices([1], [1], table, page_size), [[start + 1], [0], [1]]
+    )
+    # Multi-page path: a full page then one token of the next page (same id again).
+    table2 = np.array([[page, page]], dtype)
+    np.testing.assert_array_equal(
+        build_update_slices([0], [page_size + 1], table2, page_size),
+        [[start, start], [0, page_size], [page_size, 1]],
+    )
+
+
+@pytest.mark.parametrize(
+    ("table", "page_size", "computed", "scheduled"),
+    [
+        (np.array([[2**27]], np.int32), 16, 0, 1),  # exactly 2**31: wrapped to slot 0 / negative
+        (np.array([[2**27 - 1]], np.int32), 16, 0, 17),  # [page 2**27-1, ?]: reads column 1
+        (np.array([[2**30, 2**30]], np.int64), 4, 0, 5),
+        (np.array([[2**40]], np.uint64), 16, 0, 1),
+        (np.array([[65535]], np.uint16), 2**16, 0, 1),
+    ],
+)
+def test_build_update_slices_refuses_int32_overflow(table, page_size, computed, scheduled):
+    if scheduled > page_size:  # the second column must exist: give it the next page id
+        table = np.concatenate([table, table + 1], axis=1)
+    with pytest.raises(ValueError, match=r"kv_cache_start \d+ .* would overflow int32"):
+        build_update_slices([computed], [scheduled], table, page_size)
+
+
+def test_build_update_slices_largest_slot_is_accepted():
+    table = np.array([[2**27 - 1]], np.int32)
+    out = build_update_slices([15], [1], table, 16)
+    np.testing.assert_array_equal(out, [[INT32_MAX], [0], [1]])
+    assert out.dtype == np.int32
+
+
+@pytest.mark.parametrize("dtype", [np.int8, np.int16, np.int32, np.int64])
+def test_build_update_slices_refuses_negative_page_ids(dtype):
+    table = np.array([[3, -2]], dtype)
+    with pytest.raises(ValueError, match=r"slice 1: page id -2 from page_table is negative"):
+        build_update_slices([1], [2], table, 2)
+
+
 def test_pad_slices_max_num_reqs_is_a_deprecated_spelling():
     slices = np.array([[0], [0], [3]], np.int32)
     want = pad_slices(slices, 3, max_num_seqs=2, page_size=4, buckets=[16])

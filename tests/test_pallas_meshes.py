@@ -4,7 +4,7 @@ Runs in the test process: conftest.py sets ``NPROC=16``, so XLA's CPU client has
 each of the 8 simulated devices and interpret mode's per-kernel barrier across devices is
 always reached (with the core-count default of 2 threads on the 2-core CI machines it
 deadlocked; see docs/guides/fuzzing.md). One tiny update per case, one executable per backend
-and mesh, checked against the dense numpy oracle of test_cache.py.
+and mesh, checked against the dense numpy oracle of _cache_helpers.py.
 
 The kernel unrolls its block of slices three times (start, wait, drain), and interpret mode
 turns every unrolled DMA into host callbacks: with the default block of 64 slices one
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_cache import MESH_SHAPES, Oracle, assert_matches, fixed_slices, make_mesh, random_kv
+from _cache_helpers import MESH_SHAPES, Oracle, assert_matches, fixed_slices, make_mesh, random_kv
 
 import kvshard.kernels.budgets
 from kvshard.cache import CacheSpec, init_cache, update

@@ -32,6 +32,7 @@ import functools
 import jax
 import numpy as np
 import pytest
+from _cache_helpers import make_mesh
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -41,7 +42,6 @@ from hypothesis.stateful import (
     rule,
     run_state_machine_as_test,
 )
-from test_cache import make_mesh
 
 import kvshard
 from kvshard import CacheSpec, OutOfPages, PageAllocator
