@@ -12,7 +12,10 @@ place that says which rows those are, one function per kind of row:
 * an attention request: :func:`live_requests` and :func:`token_requests`.
 
 Both backends and the opt-in ``checks=True`` reports (:mod:`kvshard._reports`) call these, so
-what a report names is exactly what a backend drops.
+what a report names is exactly what a backend drops, with one deliberate exception: a live
+count past its maximum (``num_slices > S``, ``num_seqs > max_num_seqs``) is clamped to the
+maximum by the backends (every row is then live and judged on its own), while ``checks=True``
+reports the count itself as out of contract.
 """
 
 from __future__ import annotations
@@ -145,7 +148,8 @@ def request_in_contract(
 ) -> jax.Array:
     """bool[max_num_seqs]: each request's attention metadata is in contract on its own.
 
-    Request ``s`` is in contract iff ``s < num_seqs <= max_num_seqs``, ``0 <= cu_q_lens[s] <=
+    Request ``s`` is in contract iff ``s < min(num_seqs, max_num_seqs)`` (a count past the
+    maximum is clamped, see the module docstring), ``0 <= cu_q_lens[s] <=
     cu_q_lens[s + 1] <= T``, ``q_len <= kv_len <= pages_per_seq·page_size`` and the pages
     holding its ``kv_len`` tokens are ids in ``[0, num_pages)``. Entries past ``num_seqs``
     are never read, so JAX's padding (zeros) and kvshard's (the total repeated) both hold.

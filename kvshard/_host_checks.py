@@ -63,6 +63,13 @@ def as_int32(name: str, x: Any) -> Any:
       TypeError: ``x`` is not an integer array, or is traced with a dtype other than int32.
       ValueError: a concrete value lies outside int32 (names ``name``, the value, the bound).
     """
+    if not is_traced(x) and not hasattr(x, "dtype"):
+        # A Python int or list: numpy gives it a dtype wide enough to hold it (jnp would say
+        # int32 for any Python int, and the cast below would wrap 2**40 to 0).
+        try:
+            x = np.asarray(x)
+        except (TypeError, ValueError) as err:
+            raise TypeError(f"{name} must be an integer array, got {type(x).__name__}") from err
     dtype = dtype_of(x)
     if is_traced(x):
         if dtype != np.int32:
@@ -73,7 +80,7 @@ def as_int32(name: str, x: Any) -> Any:
         return x
     if not np.issubdtype(dtype, np.integer):
         raise TypeError(f"{name} must be an integer array, got dtype {dtype}")
-    if dtype == np.int32 and hasattr(x, "dtype"):
+    if dtype == np.int32:
         return x  # nothing to check or cast; a device array stays where it is
     host = np.asarray(x)
     if host.size and dtype.itemsize >= 4 and dtype != np.int32:

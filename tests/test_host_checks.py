@@ -115,11 +115,6 @@ def test_as_int32_refuses_traced_dtypes_other_than_int32(dtype):
         jax.jit(lambda x: as_int32("num_slices", x))(jnp.array([1], dtype))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a Python int past int32 takes JAX's weak int32 dtype, skips the range check "
-    "and wraps (2**40 -> 0); no public operation accepts a bare Python int today",
-)
 def test_as_int32_refuses_a_python_int_past_int32():
     with pytest.raises(ValueError, match=rf"^x contains {2**40}, {BOUND}$"):
         as_int32("x", 2**40)
@@ -251,3 +246,9 @@ def test_check_backend():
     for bad in ("cuda", "XLA", None):
         with pytest.raises(ValueError, match=rf"^backend={re.escape(repr(bad))} must be one of"):
             check_backend(bad)
+
+
+def test_as_int32_names_the_argument_of_a_list():
+    np.testing.assert_array_equal(as_int32("slots", [0, 1]), [0, 1])
+    with pytest.raises(TypeError, match=r"slots must be an integer array, got dtype float64"):
+        as_int32("slots", [0.5])
