@@ -143,9 +143,9 @@ def test_init_host_cache_rejects():
 # --------------------------------------------------------------------------------------------
 
 
+# Every dtype and every layout, each at least once (the layouts cycle under the dtypes).
 @pytest.mark.parametrize(
-    ("layout", "dtype"),
-    [(LAYOUTS[0], d) for d in DTYPES] + [(lay, "bfloat16") for lay in LAYOUTS[1:]],
+    ("layout", "dtype"), [(LAYOUTS[i % len(LAYOUTS)], d) for i, d in enumerate(DTYPES)]
 )
 def test_swap_out_overwrite_swap_in_restores(layout, dtype):
     shape, heads, head_axis, page_axis = layout
