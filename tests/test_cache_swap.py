@@ -4,7 +4,8 @@ The oracle is numpy on the raw stacked arrays viewed as pages [L, G, pages, page
 (G page pools): a swap copies whole pages of every layer and head between the device cache and
 the host cache. The drop rule of traced pairs is written out again here, from the docstring
 ("performed iff both ids in range and no other pair writes the same destination"), not taken
-from kvshard._drop. Runs on the 8 simulated CPU devices of conftest.py.
+from kvshard._drop. Runs on the 8 simulated CPU devices of conftest.py. Over 400 lines: the
+host tier's whole contract (layout, round trips, ordering, in place, refusals) in one file.
 """
 
 from __future__ import annotations
