@@ -6,6 +6,8 @@ The public API, re-exported from private modules:
   :func:`update`, :func:`update_with_stats`, :func:`attention`, :func:`gather`,
   :func:`copy_pages`, :func:`check_tensor_parallel`, :func:`abstract_cache` (ahead-of-time
   compilation);
+* the host tier: :class:`HostCache`, :func:`init_host_cache`, :func:`swap_out`,
+  :func:`swap_in`;
 * quantized caches: :func:`calibrate_scales` (scales from sample activations),
   :class:`SaturationCounts`, submodule :mod:`kvshard.quant` (quantize/dequantize);
 * model configs: :func:`read_model_config`, :class:`ModelGeometry`, :class:`ConfigError`
@@ -48,12 +50,16 @@ if TYPE_CHECKING:  # static typing and IDEs see ordinary imports
     from kvshard.allocator import OutOfPages as OutOfPages
     from kvshard.allocator import PageAllocator as PageAllocator
     from kvshard.allocator import UnknownRequest as UnknownRequest
+    from kvshard.cache import HostCache as HostCache
     from kvshard.cache import KVCache as KVCache
     from kvshard.cache import SaturationCounts as SaturationCounts
     from kvshard.cache import abstract_cache as abstract_cache
     from kvshard.cache import copy_pages as copy_pages
     from kvshard.cache import gather as gather
     from kvshard.cache import init_cache as init_cache
+    from kvshard.cache import init_host_cache as init_host_cache
+    from kvshard.cache import swap_in as swap_in
+    from kvshard.cache import swap_out as swap_out
     from kvshard.cache import update as update
     from kvshard.cache import update_with_stats as update_with_stats
     from kvshard.metadata import build_update_slices as build_update_slices
@@ -84,12 +90,16 @@ _EXPORTS: dict[str, str | None] = {
     "OutOfPages": "kvshard.allocator",
     "PageAllocator": "kvshard.allocator",
     "UnknownRequest": "kvshard.allocator",
+    "HostCache": "kvshard.cache",
     "KVCache": "kvshard.cache",
     "SaturationCounts": "kvshard.cache",
     "abstract_cache": "kvshard.cache",
     "copy_pages": "kvshard.cache",
     "gather": "kvshard.cache",
     "init_cache": "kvshard.cache",
+    "init_host_cache": "kvshard.cache",
+    "swap_in": "kvshard.cache",
+    "swap_out": "kvshard.cache",
     "update": "kvshard.cache",
     "update_with_stats": "kvshard.cache",
     "calibrate_scales": "kvshard.quant",

@@ -9,6 +9,8 @@ place that says which rows those are, one function per kind of row:
   :func:`writable_slices` (plus the live count and the layer), :func:`token_slots` (where each
   token of a step lands, or nowhere);
 * a copy pair of ``copy_pages``: :func:`copy_pair_mask`;
+* a swap pair of ``swap_out``/``swap_in``: :func:`swap_pair_mask` (padding:
+  :func:`swap_pair_is_padding`);
 * an attention request: :func:`live_requests` and :func:`token_requests`.
 
 Both backends and the opt-in ``checks=True`` reports (:mod:`kvshard._reports`) call these, so
@@ -24,11 +26,14 @@ import jax
 import jax.numpy as jnp
 
 __all__ = [
+    "SWAP_PAD",
     "copy_pair_mask",
     "layer_in_range",
     "live_requests",
     "requests_on_block",
     "slice_is_writable",
+    "swap_pair_is_padding",
+    "swap_pair_mask",
     "token_requests",
     "token_slots",
     "writable_slices",
@@ -123,17 +128,47 @@ def copy_pair_mask(src: jax.Array, dst: jax.Array, num_pages: int) -> jax.Array:
     race, so both are dropped rather than letting the scatter pick a winner.
     """
     ok = (src >= 0) & (src < num_pages) & (dst >= 0) & (dst < num_pages) & (src != dst)
-    if src.shape[0] < 2:
-        return ok
-    # Duplicate destinations among the pairs still `ok`: sort, compare neighbours, scatter back.
-    key = jnp.where(ok, dst, -1 - jnp.arange(src.shape[0], dtype=dst.dtype))  # unique when not ok
+    return ok & ~_written_twice(dst, ok)
+
+
+def swap_pair_mask(
+    device: jax.Array, host: jax.Array, *, num_pages: int, num_host_pages: int, into_host: bool
+) -> jax.Array:
+    """bool[K]: the (device page, host page) pairs ``swap_out``/``swap_in`` perform.
+
+    A pair is performed iff its device page lies in ``[0, num_pages)``, its host page in
+    ``[0, num_host_pages)``, and no other such pair writes the same destination: the host page
+    for ``swap_out`` (``into_host``), the device page for ``swap_in``. Sources may repeat (one
+    page copied to two places). Padding rows ``(SWAP_PAD, SWAP_PAD)`` are out of range, hence
+    never performed; :func:`swap_pair_is_padding` tells them from bad rows, which only the
+    eager check and the ``checks=True`` report care about.
+    """
+    ok = (device >= 0) & (device < num_pages) & (host >= 0) & (host < num_host_pages)
+    return ok & ~_written_twice(host if into_host else device, ok)
+
+
+SWAP_PAD = -1
+"""Page id of both fields of a padding row of swap pairs (pads K to a fixed bucket)."""
+
+
+def swap_pair_is_padding(device: jax.Array, host: jax.Array) -> jax.Array:
+    """bool[K]: rows ``(SWAP_PAD, SWAP_PAD)``, which swaps accept and perform nowhere."""
+    return (device == SWAP_PAD) & (host == SWAP_PAD)
+
+
+def _written_twice(dst: jax.Array, ok: jax.Array) -> jax.Array:
+    """bool[K]: rows still ``ok`` whose ``dst`` another ``ok`` row also writes (all of them:
+    two rows writing one page race, so neither wins)."""
+    if dst.shape[0] < 2:
+        return jnp.zeros_like(ok)
+    # Sort, compare neighbours, scatter back; rows not ok get unique negative keys.
+    key = jnp.where(ok, dst, -1 - jnp.arange(dst.shape[0], dtype=dst.dtype))
     order = jnp.argsort(key)
     same = key[order][1:] == key[order][:-1]
     dup_sorted = jnp.concatenate([same, jnp.zeros(1, bool)]) | jnp.concatenate(
         [jnp.zeros(1, bool), same]
     )
-    dup = jnp.zeros_like(ok).at[order].set(dup_sorted)
-    return ok & ~dup
+    return jnp.zeros_like(ok).at[order].set(dup_sorted)
 
 
 def request_in_contract(

@@ -9,6 +9,11 @@ Sliding windows: for a model whose every layer attends a window of ``W`` tokens 
 position ``p`` reads keys ``p - W + 1 .. p``), the allocator can release a request's pages that
 lie wholly before the window of its next token (vLLM's sliding-window rule), so a decoding
 request holds at most :func:`window_pages` pages however long it grows.
+
+The host tier (:func:`kvshard.init_host_cache`): a host page has the device page's bytes (the
+host cache mirrors each device's block), so host memory per device // page bytes host pages
+per device, all usable (no null page on the host), each holding ``page_size`` tokens of one
+pool. Over 400 lines: the plan's arithmetic and its one renderer stay side by side.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from kvshard.allocator import sliding_window_pages
 __all__ = [
     "BudgetTooSmall",
     "ContextTooLong",
+    "HostMemoryTooSmall",
     "format_plan",
     "make_plan",
     "window_pages",
@@ -44,6 +50,58 @@ class BudgetTooSmall(ValueError):
 
 class ContextTooLong(ValueError):
     """One sequence of the requested context needs more pages than the cache holds."""
+
+
+class HostMemoryTooSmall(ValueError):
+    """The host memory of one device holds no page."""
+
+
+def host_tier(
+    *,
+    host_memory: int,
+    devices_per_host: int,
+    page_bytes: int,
+    page_size: int,
+    dp: int,
+    device_pages: int,
+    pages_per_sequence: int,
+) -> dict[str, Any]:
+    """The host tier's capacity: ``host_memory`` bytes per host shared by ``devices_per_host``
+    devices, pages of ``page_bytes`` (every layer, one device) as on the device.
+
+    Raises:
+      ValueError: a non-positive ``devices_per_host``.
+      HostMemoryTooSmall: one device's share holds no page.
+    """
+    if not isinstance(devices_per_host, int) or isinstance(devices_per_host, bool):
+        raise ValueError(f"devices_per_host={devices_per_host!r} must be a positive int")
+    if devices_per_host < 1:
+        raise ValueError(f"devices_per_host={devices_per_host!r} must be a positive int")
+    per_device = host_memory // devices_per_host
+    pages = per_device // page_bytes
+    if pages < 1:
+        raise HostMemoryTooSmall(
+            f"{host_memory:,} bytes ({human(host_memory)}) over {devices_per_host} device(s) "
+            f"is {per_device:,} bytes per device, under one page of {page_bytes:,} bytes; "
+            f"need >= {page_bytes * devices_per_host:,} bytes "
+            f"({human(page_bytes * devices_per_host)}) per host"
+        )
+    tokens = pages * page_size
+    return {
+        "host_memory": host_memory,
+        "devices_per_host": devices_per_host,
+        "bytes_per_device": per_device,
+        "pages_per_device": pages,
+        "used_bytes_per_device": pages * page_bytes,
+        "used_bytes_per_host": pages * page_bytes * devices_per_host,
+        "tokens_per_group": tokens,
+        "tokens_total": dp * tokens,
+        "sequences_per_group": pages // pages_per_sequence,
+        "sequences_total": dp * (pages // pages_per_sequence),
+        "device_and_host_tokens_per_group": (device_pages - 1 + pages) * page_size,
+        "capacity_vs_device": pages / (device_pages - 1),
+        "int32_ok": dp * tokens <= INT32_MAX,
+    }
 
 
 def _spec(
@@ -97,14 +155,20 @@ def make_plan(
     model: str | None = None,
     sliding_window: int | None = None,
     num_q_heads: int | None = None,
+    host_memory: int | None = None,
+    devices_per_host: int | None = None,
 ) -> dict[str, Any]:
     """Returns the plan as a JSON-ready dict (all byte counts are per device).
 
     ``num_q_heads`` (None: unknown, not checked) must split over the head axis as
     :func:`kvshard.attention` needs (:func:`~kvshard._layout.check_query_heads`).
+    ``host_memory`` (bytes per host for the host tier; None: no tier) is shared by
+    ``devices_per_host`` devices (default: the whole ``dp x tp`` mesh on one host); see
+    :func:`host_tier`.
 
     Raises:
       BudgetTooSmall: the budget holds fewer than 2 pages (page 0 is the null page).
+      HostMemoryTooSmall: ``host_memory`` gives a device less than one page.
       ValueError: ``tp`` neither divides nor is a multiple of ``num_kv_heads`` (the message of
         :func:`kvshard.check_tensor_parallel`), query heads that do not split over the head
         axis (the message says the per-group padding that does), or a bad size/dtype (from
@@ -172,6 +236,17 @@ def make_plan(
         num_layers, num_kv_heads, head_dim, page_size, 1, "bfloat16"
     ).bytes_per_device(tp, dp)
     bf16_tokens = _tokens_per_group(bf16_page_bytes, hbm_per_device, page_size)
+    host = None
+    if host_memory is not None:
+        host = host_tier(
+            host_memory=host_memory,
+            devices_per_host=dp * tp if devices_per_host is None else devices_per_host,
+            page_bytes=page_bytes,
+            page_size=page_size,
+            dp=dp,
+            device_pages=num_pages,
+            pages_per_sequence=pages_per_sequence,
+        )
     return {
         "model": model,
         "num_layers": num_layers,
@@ -211,6 +286,7 @@ def make_plan(
         "bfloat16_tokens_per_group": bf16_tokens,
         "capacity_vs_bfloat16": usable * page_size / bf16_tokens if bf16_tokens else None,
         "sliding_window": window,
+        "host_tier": host,
     }
 
 
@@ -338,6 +414,8 @@ def format_plan(plan: dict[str, Any]) -> str:
     for key, label in labels.items():
         budget_rows.append((label, f"{p['waste_bytes'][key]:,}", f"{p['waste_percent'][key]:.2f}%"))
     sections.append(("where the budget goes (bytes per device, % of budget)", budget_rows))
+    if p.get("host_tier"):
+        sections.append(_host_section(p))
 
     width = max(len(label) for _, rows in sections for label, _, _ in rows)
     value_width = max(len(value) for _, rows in sections for _, value, _ in rows)
@@ -366,3 +444,41 @@ def _dtype_note(p: dict[str, Any]) -> str:
     if gain is None:
         return f"bfloat16: {bf16}, under 2 pages in this budget"
     return f"x{gain:.2f} the tokens of bfloat16 ({bf16})"
+
+
+def _host_section(p: dict[str, Any]) -> tuple[str, list[tuple[str, str, str]]]:
+    h, P, dp = p["host_tier"], p["page_size"], p["mesh"]["data"]
+    n = h["devices_per_host"]
+    return (
+        f"host tier ({human(h['host_memory'])} of pinned host memory per host, {n} devices)",
+        [
+            ("host bytes per device", f"{h['bytes_per_device']:,}", human(h["bytes_per_device"])),
+            (
+                "host pages per device (= per DP pool)",
+                f"{h['pages_per_device']:,}",
+                f"{p['page_bytes']:,} bytes each, as on the device; no null page",
+            ),
+            (
+                "host bytes used per device",
+                f"{h['used_bytes_per_device']:,}",
+                f"{h['used_bytes_per_host']:,} per host ({human(h['used_bytes_per_host'])})",
+            ),
+            (
+                "host tokens per DP group",
+                f"{h['tokens_per_group']:,}",
+                f"{h['pages_per_device']:,} pages x {P}; x{h['capacity_vs_device']:.2f} the "
+                "device's usable pages",
+            ),
+            (f"host tokens in total ({_plural(dp, 'DP group')})", f"{h['tokens_total']:,}", ""),
+            (
+                "device + host tokens per DP group",
+                f"{h['device_and_host_tokens_per_group']:,}",
+                "",
+            ),
+            (
+                f"sequences of {p['context']:,} tokens parked in host",
+                f"{h['sequences_total']:,}",
+                f"{h['sequences_per_group']:,} per DP group",
+            ),
+        ],
+    )

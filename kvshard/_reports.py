@@ -2,7 +2,8 @@
 
 With traced metadata nothing can raise, so a bad row is dropped (:mod:`kvshard._drop`). A
 caller debugging a serving loop passes ``checks=True`` to :func:`kvshard.update`,
-:func:`kvshard.gather`, :func:`kvshard.copy_pages` or :func:`kvshard.attention`: a host
+:func:`kvshard.gather`, :func:`kvshard.copy_pages`, :func:`kvshard.swap_out`,
+:func:`kvshard.swap_in` or :func:`kvshard.attention`: a host
 callback then raises ``ValueError`` naming the bad row, which the runtime re-raises as a
 ``JaxRuntimeError`` carrying that message when the result is used. Each report tests exactly
 the rule in :mod:`kvshard._drop` that the backends apply.
@@ -27,9 +28,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvshard._drop import copy_pair_mask, layer_in_range, request_in_contract, slice_is_writable
+from kvshard._drop import (
+    copy_pair_mask,
+    layer_in_range,
+    request_in_contract,
+    slice_is_writable,
+    swap_pair_is_padding,
+    swap_pair_mask,
+)
 
-__all__ = ["check_attention", "check_copy_pairs", "check_gather", "check_layer", "check_update"]
+__all__ = [
+    "check_attention",
+    "check_copy_pairs",
+    "check_gather",
+    "check_layer",
+    "check_swap_pairs",
+    "check_update",
+]
 
 
 def _raise_unless(ok: Any, *, template: str, **payload: Any) -> None:
@@ -164,6 +179,54 @@ def check_copy_pairs(src: jax.Array, dst: jax.Array, num_pages: int) -> jax.Arra
     zero = zero + _check(
         ~dup.any(),
         "copy_pages: pairs[{g}][{row}] copies to dst page {page}, which another pair also writes",
+        g=i // size,
+        row=i % size,
+        page=dst.reshape(-1)[i],
+    )
+    return zero
+
+
+def check_swap_pairs(
+    op: str,
+    device: jax.Array,
+    host: jax.Array,
+    *,
+    num_pages: int,
+    num_host_pages: int,
+    into_host: bool,
+) -> jax.Array:
+    """Reports what ``swap_out``/``swap_in`` (``op``) would drop. ``device``, ``host``:
+    int32[G, K] page ids; padding rows are not reported.
+
+    Returns an int32 zero to add to the pairs (see :func:`_check`).
+    """
+    zero = jnp.zeros((), jnp.int32)
+    size = device.shape[-1]
+    if size == 0:
+        return zero
+    padding = swap_pair_is_padding(device, host)
+    for field, page, bound in (("device", device, num_pages), ("host", host, num_host_pages)):
+        bad = ~padding & ((page < 0) | (page >= bound))
+        i = _first(bad)
+        zero = zero + _check(
+            ~bad.any(),
+            f"{op}: pairs[{{g}}][{{row}}] has {field} page {{page}}, out of range [0, {bound})",
+            g=i // size,
+            row=i % size,
+            page=page.reshape(-1)[i],
+        )
+    kept = jax.vmap(
+        lambda d, h: swap_pair_mask(
+            d, h, num_pages=num_pages, num_host_pages=num_host_pages, into_host=into_host
+        )
+    )(device, host)
+    in_range = (device >= 0) & (device < num_pages) & (host >= 0) & (host < num_host_pages)
+    dup = in_range & ~kept
+    dst, field = (host, "host") if into_host else (device, "device")
+    i = _first(dup)
+    zero = zero + _check(
+        ~dup.any(),
+        f"{op}: pairs[{{g}}][{{row}}] writes {field} page {{page}}, which another pair also writes",
         g=i // size,
         row=i % size,
         page=dst.reshape(-1)[i],

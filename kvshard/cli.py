@@ -8,6 +8,7 @@ Usage::
     kvshard plan --model llama-3-70b --mesh 1x8 --hbm-per-device 16GiB
     kvshard plan --config path/to/config.json --mesh 2x4 --hbm-per-device 12GB --kv-dtype int8
     kvshard plan --layers 32 --kv-heads 8 --head-dim 128 --hbm-per-device 12GB --json
+    kvshard plan --model llama-3-70b --mesh 1x8 --hbm-per-device 16GiB --host-memory 256GiB
     kvshard demo [ARGS...]             # the continuous-batching demo (kvshard demo --help)
     kvshard bench [ARGS...]            # the benchmark suite (kvshard.benchmarks)
     kvshard bench-cache [ARGS...]      # in-place cache update vs a copied one
@@ -40,7 +41,14 @@ from kvshard._layout import (
     check_query_heads,
     check_tensor_parallel,
 )
-from kvshard._plan import BudgetTooSmall, ContextTooLong, format_plan, make_plan, window_pages
+from kvshard._plan import (
+    BudgetTooSmall,
+    ContextTooLong,
+    HostMemoryTooSmall,
+    format_plan,
+    make_plan,
+    window_pages,
+)
 from kvshard._run import SCRIPTS, Script, run_script
 
 __all__ = [
@@ -289,6 +297,18 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         default=8192,
         help="sequence length for the concurrency row (default 8192)",
     )
+    plan.add_argument(
+        "--host-memory",
+        type=_arg_type(parse_bytes, "size"),
+        metavar="SIZE",
+        help="pinned host memory per host for the host tier (kvshard.init_host_cache): adds "
+        "its pages and tokens, e.g. 256GiB",
+    )
+    plan.add_argument(
+        "--devices-per-host",
+        type=_arg_type(_positive_int, "int"),
+        help="devices sharing one host's --host-memory (default: the whole mesh on one host)",
+    )
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
 
     for name, script in SCRIPTS.items():
@@ -419,9 +439,13 @@ def _run_plan(args: argparse.Namespace, plan_parser: argparse.ArgumentParser) ->
             model=label,
             sliding_window=window,
             num_q_heads=q_heads or None,
+            host_memory=args.host_memory,
+            devices_per_host=args.devices_per_host,
         )
     except BudgetTooSmall as err:
         plan_parser.error(f"argument --hbm-per-device: {err}")
+    except HostMemoryTooSmall as err:
+        plan_parser.error(f"argument --host-memory: {err}")
     except ContextTooLong as err:
         plan_parser.error(f"argument --context: {err}")
     except ValueError as err:
@@ -431,6 +455,15 @@ def _run_plan(args: argparse.Namespace, plan_parser: argparse.ArgumentParser) ->
         print(json.dumps(plan, indent=2))
     else:
         print(format_plan(plan))
+    if args.devices_per_host is not None and args.host_memory is None:
+        print("warning: --devices-per-host has no effect without --host-memory", file=sys.stderr)
+    host = plan["host_tier"]
+    if host and not host["int32_ok"]:
+        print(
+            "warning: the host tier's slots (DP groups x host pages x page_size) exceed int32; "
+            "kvshard.init_host_cache refuses that many: use fewer host pages",
+            file=sys.stderr,
+        )
     if not plan["int32_ok"]:
         print(
             "warning: layers x pages x page_size exceeds int32; the Pallas backend offsets "

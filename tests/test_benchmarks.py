@@ -23,6 +23,7 @@ from kvshard.benchmarks import (
     compilations,
     host_step,
     memory,
+    swap_bandwidth,
     tpu_schedule,
     update_schedules,
 )
@@ -142,6 +143,22 @@ def test_attention_decode_agrees_with_gather_and_dense(tmp_path, capsys):
 def test_attention_decode_refuses_a_context_off_the_page_grid(tmp_path):
     with pytest.raises(ValueError, match="context=40 must be a multiple of page_size=16"):
         attention_decode.run(str(tmp_path), batch=2, context=40, page_size=16, repeats=1)
+
+
+def test_swap_bandwidth_checks_and_reports_every_op(tmp_path, capsys):
+    data = swap_bandwidth.main(
+        ["--pages", "2", "--layers", "1", "--rounds", "2", "--out", str(tmp_path)]
+    )
+    out = capsys.readouterr().out
+    for op in ("swap_out", "swap_in", "device_put to pinned_host", "device_put to device"):
+        assert op in out
+    assert "load average" in out
+    (row,) = data["rows"]
+    # 2 pages x 1 layer x (16 slots x 16 combined heads x 128 x 2 bytes of bfloat16).
+    assert row["bytes"] == 2 * 16 * 16 * 128 * 2
+    assert row["out_vs_device_put"] > 0 and row["swap_in"]["dispatch_median_s"] >= 0
+    saved = json.loads((tmp_path / "swap_bandwidth.json").read_text())
+    assert saved["rounds"] == 2 and saved["rows"][0]["pages"] == 2
 
 
 def test_tpu_schedule_counts_follow_the_rules(tmp_path, capsys):

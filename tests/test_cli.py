@@ -148,9 +148,40 @@ def test_parse_mesh(text, expected):
 # ------------------------------------------------------------------ errors
 
 
+def test_host_memory_adds_the_host_tier(capsys):
+    plan = plan_json(capsys, [*LLAMA_70B_1X8, "--host-memory", "256GiB"])
+    host = plan["host_tier"]
+    # By hand: 256 GiB over the 8 devices of the mesh = 32 GiB each; pages of 1,310,720 bytes
+    # (as on the device): 34,359,738,368 // 1,310,720 = 26,214 pages of 32 tokens.
+    assert host["devices_per_host"] == 8 and host["bytes_per_device"] == 32 * GiB
+    assert host["pages_per_device"] == 26_214
+    assert host["tokens_per_group"] == host["tokens_total"] == 26_214 * 32 == 838_848
+    assert host["sequences_per_group"] == 26_214 // 256 == 102  # 8,192-token sequences
+    assert host["device_and_host_tokens_per_group"] == (13_106 + 26_214) * 32
+    code, out, _ = run(capsys, [*LLAMA_70B_1X8, "--host-memory", "256GiB"])
+    assert code == 0
+    assert "host tier (256 GiB of pinned host memory per host, 8 devices)" in out
+    lines = {line.split("  ")[1].strip(): line for line in out.splitlines() if "  " in line}
+    assert "26,214" in lines["host pages per device (= per DP pool)"]
+    assert "838,848" in lines["host tokens per DP group"]
+    # Four devices per host: 64 GiB each, 68,719,476,736 // 1,310,720 = 52,428 pages.
+    argv = [*LLAMA_70B_1X8, "--host-memory", "256GiB", "--devices-per-host", "4"]
+    assert plan_json(capsys, argv)["host_tier"]["pages_per_device"] == 52_428
+    assert plan_json(capsys, LLAMA_70B_1X8)["host_tier"] is None
+
+
 @pytest.mark.parametrize(
     ("extra", "fragments"),
     [
+        (
+            ["--model", "llama-3-70b", "--mesh", "1x8", "--host-memory", "8MiB"],
+            ["--host-memory", "1,048,576 bytes per device", "1,310,720", "10,485,760"],
+        ),
+        (["--model", "llama-3-70b", "--host-memory", "lots"], ["--host-memory", "'lots'"]),
+        (
+            ["--model", "llama-3-70b", "--host-memory", "1GiB", "--devices-per-host", "0"],
+            ["--devices-per-host", ">= 1"],
+        ),
         (["--model", "llama-3-70b", "--mesh", "1x6"], ["--mesh", "1x6", "num_kv_heads=8", "16"]),
         (["--model", "llama-3-70b", "--mesh", "2by4"], ["--mesh", "'2by4'", "DATAxMODEL"]),
         (["--model", "llama-3-70b", "--mesh", "0x8"], ["--mesh", ">= 1"]),

@@ -12,7 +12,14 @@ from __future__ import annotations
 import pytest
 
 from kvshard._layout import check_query_heads, padded_query_heads
-from kvshard._plan import BudgetTooSmall, ContextTooLong, format_plan, make_plan, window_pages
+from kvshard._plan import (
+    BudgetTooSmall,
+    ContextTooLong,
+    HostMemoryTooSmall,
+    format_plan,
+    make_plan,
+    window_pages,
+)
 
 
 def plan(**overrides):
@@ -203,3 +210,37 @@ def test_the_planner_refuses_what_attention_refuses():
         plan(num_kv_heads=4, tp=8, num_q_heads=28)
     out = kvshard.attention(np.ones((T, 32, 128), np.float32), cache, 0, step, sm_scale=1.0)
     assert out.shape == (T, 32, 128)
+
+
+def test_host_tier_by_hand():
+    # Host pages have the device page's bytes: 65,536 (see test_float32_plan_by_hand).
+    # 1,000,000 bytes over 2 devices = 500,000 each -> 7 pages (458,752 bytes), all usable.
+    p = plan(host_memory=1_000_000, devices_per_host=2)
+    h = p["host_tier"]
+    assert h["bytes_per_device"] == 500_000 and h["pages_per_device"] == 7
+    assert h["used_bytes_per_device"] == 458_752 and h["used_bytes_per_host"] == 917_504
+    assert h["tokens_per_group"] == h["tokens_total"] == 7 * 16 == 112
+    # 7 pages per 100-token sequence: 1 parks in host; device 14 usable + host 7 = 21 pages.
+    assert h["sequences_per_group"] == 1
+    assert h["device_and_host_tokens_per_group"] == 21 * 16 == 336
+    assert h["capacity_vs_device"] == pytest.approx(7 / 14)
+    assert h["int32_ok"]
+    # The default: the whole mesh (1 x 2 devices) on one host, the same split.
+    assert plan(host_memory=1_000_000)["host_tier"] == h
+    # Data-parallel groups: each has its own host pool; totals multiply.
+    wide = plan(dp=3, host_memory=3_000_000)["host_tier"]  # 6 devices: 500,000 each
+    assert wide["pages_per_device"] == 7 and wide["tokens_total"] == 3 * 112
+    assert wide["sequences_total"] == 3
+    assert plan()["host_tier"] is None
+    text = format_plan(p)
+    assert "host tier (976.6 KiB of pinned host memory per host, 2 devices)" in text
+    assert "host tokens per DP group" in text and "112" in text
+
+
+def test_host_memory_below_one_page_per_device_is_refused():
+    with pytest.raises(HostMemoryTooSmall, match=r"50,000 bytes per device, under one page of "):
+        plan(host_memory=100_000, devices_per_host=2)
+    with pytest.raises(HostMemoryTooSmall, match=r"need >= 131,072 bytes"):
+        plan(host_memory=100_000, devices_per_host=2)
+    with pytest.raises(ValueError, match=r"devices_per_host=0 must be a positive int"):
+        plan(host_memory=100_000, devices_per_host=0)

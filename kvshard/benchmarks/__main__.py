@@ -6,6 +6,7 @@ Usage::
     kvshard bench --out results/          # full sizes
     kvshard bench --only cache_update memory
     kvshard bench --only attention_decode update_schedules
+    kvshard bench --only swap_bandwidth   # the host tier: swap_out/swap_in vs device_put
 
 Benchmarks run one after another in this process; one that fails is reported and the others
 still run (the exit status is then 1).
@@ -100,6 +101,12 @@ def _update_schedules(out: str, quick: bool) -> Any:
     return run(out, **settings(jax.default_backend() == "tpu"))
 
 
+def _swap_bandwidth(out: str, quick: bool) -> Any:
+    from kvshard.benchmarks.swap_bandwidth import run, settings
+
+    return run(out, **settings(quick))
+
+
 def _tpu_schedule(out: str, quick: bool) -> Any:
     from kvshard.benchmarks.tpu_schedule import run
 
@@ -113,6 +120,7 @@ BENCHMARKS: dict[str, Callable[[str, bool], Any]] = {
     "compilations": _compilations,
     "memory": _memory,
     "attention_decode": _attention_decode,
+    "swap_bandwidth": _swap_bandwidth,
     "tpu_schedule": _tpu_schedule,
     "update_schedules": _update_schedules,
 }

@@ -6,7 +6,9 @@ One module per operation, each readable on its own:
 * :mod:`kvshard.cache._codec`: how values are stored (dtype, combined heads, local heads);
 * :mod:`kvshard.cache._update`: :func:`update`, :func:`update_with_stats`;
 * :mod:`kvshard.cache._gather`: :func:`gather`;
-* :mod:`kvshard.cache._copy`: :func:`copy_pages`.
+* :mod:`kvshard.cache._copy`: :func:`copy_pages`;
+* :mod:`kvshard.cache._host`: :class:`HostCache`, :func:`init_host_cache` (the host tier);
+* :mod:`kvshard.cache._swap`: :func:`swap_out`, :func:`swap_in`.
 
 Every operation checks its arguments on the host before anything is donated
 (:mod:`kvshard._host_checks`), places them on the mesh (:mod:`kvshard._sharding`) and drops
@@ -20,10 +22,14 @@ from kvshard._platform import compiler_options as compiler_options
 from kvshard._types import Backend as Backend
 from kvshard.cache._copy import copy_pages as copy_pages
 from kvshard.cache._gather import gather as gather
+from kvshard.cache._host import HostCache as HostCache
+from kvshard.cache._host import init_host_cache as init_host_cache
 from kvshard.cache._pytree import KVCache as KVCache
 from kvshard.cache._pytree import abstract_cache as abstract_cache
 from kvshard.cache._pytree import check_cache as check_cache
 from kvshard.cache._pytree import init_cache as init_cache
+from kvshard.cache._swap import swap_in as swap_in
+from kvshard.cache._swap import swap_out as swap_out
 from kvshard.cache._update import SaturationCounts as SaturationCounts
 from kvshard.cache._update import update as update
 from kvshard.cache._update import update_with_stats as update_with_stats
@@ -31,6 +37,7 @@ from kvshard.cache._update import update_with_stats as update_with_stats
 __all__ = [
     "Backend",
     "CacheSpec",
+    "HostCache",
     "KVCache",
     "SaturationCounts",
     "abstract_cache",
@@ -40,6 +47,9 @@ __all__ = [
     "copy_pages",
     "gather",
     "init_cache",
+    "init_host_cache",
+    "swap_in",
+    "swap_out",
     "update",
     "update_with_stats",
 ]
