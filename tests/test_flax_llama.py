@@ -40,10 +40,14 @@ def test_flax_llama_check_catches_a_wrong_model(tmp_path):
     script = tmp_path / "wrong_dense.py"
     script.write_text(
         f"import sys\nsys.path.insert(0, {str(ROOT / 'examples')!r})\n"
-        "import flax_llama as m\n"
+        "import dataclasses\n"
+        "import flax_llama\n"
+        "from kvshard.models import model as m\n"
         "full = m.dense_attention\n"
-        "m.dense_attention = lambda q, k, v, window: full(q, k, v, None)\n"
-        "sys.exit(m.main(['--sliding-window', '6', '--num-requests', '3']))\n"
+        "def unwindowed(q, k, v, spec, arch, sinks=None):\n"
+        "    return full(q, k, v, dataclasses.replace(spec, window=None), arch, sinks)\n"
+        "m.dense_attention = unwindowed\n"
+        "sys.exit(flax_llama.main(['--sliding-window', '6', '--num-requests', '3']))\n"
     )
     proc = run_script(script)
     assert proc.returncode == 1, proc.stdout + proc.stderr
