@@ -99,12 +99,18 @@ def forward(cfg: dict, w: dict[str, np.ndarray], tokens) -> np.ndarray:
         if t in ("gemma2", "gemma3_text"):
             x = x + norm(attn, p + "post_attention_layernorm.weight")
             h = norm(x, p + "pre_feedforward_layernorm.weight")
-            mlp = linear(act(linear(h, p + "mlp.gate_proj")) * linear(h, p + "mlp.up_proj"), p + "mlp.down_proj")
+            mlp = linear(
+                act(linear(h, p + "mlp.gate_proj")) * linear(h, p + "mlp.up_proj"),
+                p + "mlp.down_proj",
+            )
             x = x + norm(mlp, p + "post_feedforward_layernorm.weight")
         else:
             x = x + attn
             h = norm(x, p + "post_attention_layernorm.weight")
-            x = x + linear(act(linear(h, p + "mlp.gate_proj")) * linear(h, p + "mlp.up_proj"), p + "mlp.down_proj")
+            x = x + linear(
+                act(linear(h, p + "mlp.gate_proj")) * linear(h, p + "mlp.up_proj"),
+                p + "mlp.down_proj",
+            )
     x = norm(x, "model.norm.weight")
     head = w.get("lm_head.weight", w["model.embed_tokens.weight"])
     logits = x @ head.T

@@ -13,9 +13,9 @@ import json
 import jax
 import numpy as np
 import pytest
-from flax import nnx
 from _hf_checkpoints import llama32_config, write_checkpoint
 from _hf_reference import forward as reference_forward
+from flax import nnx
 
 import kvshard
 from kvshard import models
@@ -50,7 +50,11 @@ def serve(directory, mesh, *, page_size=4, budget=16, max_seqs=2):
     arch = model.arch
     requests = [models.Request(i, list(p), NEW_TOKENS) for i, p in enumerate(PROMPTS)]
     spec = kvshard.CacheSpec(
-        arch.num_layers, arch.num_kv_heads, arch.head_dim, page_size=page_size, num_pages=48,
+        arch.num_layers,
+        arch.num_kv_heads,
+        arch.head_dim,
+        page_size=page_size,
+        num_pages=48,
         dtype=arch.dtype,
     )
     models.serve(model, spec, mesh, requests, max_seqs=max_seqs, budget=budget)
@@ -94,7 +98,10 @@ def test_llama32_shaped_bf16_checkpoint_on_a_1x4_mesh(tmp_path):
 
 def test_sharded_float32_llama_matches_the_float64_oracle_on_2x2(tmp_path):
     cfg = llama32_config(
-        **SMALL, head_dim=16, tie_word_embeddings=False, attention_bias=True,
+        **SMALL,
+        head_dim=16,
+        tie_word_embeddings=False,
+        attention_bias=True,
         rope_scaling={"rope_type": "linear", "factor": 4.0},
     )
     weights = write_checkpoint(tmp_path, cfg, dtype="float32", shards=3)
@@ -106,8 +113,13 @@ def test_sharded_float32_llama_matches_the_float64_oracle_on_2x2(tmp_path):
 def test_qwen2_bias_and_per_layer_windows(tmp_path):
     # max_window_layers=1: layer 0 attends in full, layer 1 through a window of 5.
     cfg = {
-        **SMALL, "model_type": "qwen2", "use_sliding_window": True, "sliding_window": 5,
-        "max_window_layers": 1, "tie_word_embeddings": False, "rope_theta": 1_000_000.0,
+        **SMALL,
+        "model_type": "qwen2",
+        "use_sliding_window": True,
+        "sliding_window": 5,
+        "max_window_layers": 1,
+        "tie_word_embeddings": False,
+        "rope_theta": 1_000_000.0,
     }
     weights = write_checkpoint(tmp_path, cfg, dtype="float32")
     assert "model.layers.0.self_attn.q_proj.bias" in weights
@@ -124,15 +136,20 @@ def test_qwen2_bias_and_per_layer_windows(tmp_path):
 @pytest.mark.parametrize("model_type", ["gemma2", "gemma3_text"])
 def test_gemma_soft_caps_norms_and_local_global_layers(tmp_path, model_type):
     cfg = {
-        **SMALL, "model_type": model_type, "head_dim": 16, "query_pre_attn_scalar": 24,
-        "sliding_window": 6, "layer_types": ["sliding_attention", "full_attention"],
+        **SMALL,
+        "model_type": model_type,
+        "head_dim": 16,
+        "query_pre_attn_scalar": 24,
+        "sliding_window": 6,
+        "layer_types": ["sliding_attention", "full_attention"],
         "hidden_activation": "gelu_pytorch_tanh",
     }
     if model_type == "gemma2":
         cfg |= {"attn_logit_softcapping": 2.0, "final_logit_softcapping": 1.5}
     else:  # Gemma 3: qk-norm, its own rope theta on local layers, linear scaling on global
         cfg |= {
-            "rope_theta": 1_000_000.0, "rope_local_base_freq": 10_000.0,
+            "rope_theta": 1_000_000.0,
+            "rope_local_base_freq": 10_000.0,
             "rope_scaling": {"rope_type": "linear", "factor": 8.0},
         }
     weights = write_checkpoint(tmp_path, cfg, dtype="float32")
@@ -147,7 +164,10 @@ def test_gemma_soft_caps_norms_and_local_global_layers(tmp_path, model_type):
 
 def test_bf16_gemma2_passes_the_dense_check(tmp_path):
     cfg = {
-        **SMALL, "model_type": "gemma2", "head_dim": 16, "query_pre_attn_scalar": 16,
+        **SMALL,
+        "model_type": "gemma2",
+        "head_dim": 16,
+        "query_pre_attn_scalar": 16,
         "sliding_window": 4,
     }
     write_checkpoint(tmp_path, cfg, dtype="bfloat16")
@@ -173,15 +193,26 @@ def test_a_checkpoint_that_does_not_fit_the_config_is_refused(tmp_path):
         )
         with pytest.raises(error) as info:
             models.load_checkpoint(directory, mesh)
-        assert "q_norm" in str(info.value) or "bias" in str(info.value) or "shape" in str(info.value)
+        assert (
+            "q_norm" in str(info.value) or "bias" in str(info.value) or "shape" in str(info.value)
+        )
     assert "model.layers.0.self_attn.q_norm.weight" in weights
 
 
 def test_gpt_oss_is_refused_naming_what_is_missing():
     arch = models.read_architecture(
-        {**SMALL, "model_type": "gpt_oss", "sliding_window": 128, "rope_scaling": {
-            "rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
-            "original_max_position_embeddings": 4096}}
+        {
+            **SMALL,
+            "model_type": "gpt_oss",
+            "sliding_window": 128,
+            "rope_scaling": {
+                "rope_type": "yarn",
+                "factor": 32.0,
+                "beta_fast": 32.0,
+                "beta_slow": 1.0,
+                "original_max_position_embeddings": 4096,
+            },
+        }
     )
     assert arch.sinks and arch.moe and arch.qkv_bias and arch.o_bias
     assert [layer.window for layer in arch.layers] == [128, None]

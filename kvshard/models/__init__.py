@@ -16,7 +16,13 @@ needs and how to add one.
 """
 
 from kvshard.models.checkpoint import load_checkpoint, shard_model
-from kvshard.models.config import ARCHITECTURES, Architecture, LayerSpec, RopeSpec, read_architecture
+from kvshard.models.config import (
+    ARCHITECTURES,
+    Architecture,
+    LayerSpec,
+    RopeSpec,
+    read_architecture,
+)
 from kvshard.models.model import CausalLM
 from kvshard.models.serve import Request, dense_logits, serve
 

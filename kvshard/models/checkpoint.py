@@ -43,7 +43,9 @@ def hf_name(path: tuple[Any, ...]) -> tuple[str, bool]:
     )
 
 
-def partition(path: tuple[Any, ...], shape: tuple[int, ...], arch: Architecture, tp: int, axis: str) -> P:
+def partition(
+    path: tuple[Any, ...], shape: tuple[int, ...], arch: Architecture, tp: int, axis: str
+) -> P:
     """The PartitionSpec of one parameter (see the module docstring)."""
     names = [str(p) for p in path]
     owner, leaf = names[-2], names[-1]

@@ -174,7 +174,7 @@ def _ropes(cfg: Mapping[str, Any], model_type: str, where: str) -> dict[str, Rop
 
 
 def _layer_types(cfg: Mapping[str, Any], model_type: str, n: int, where: str) -> list[str]:
-    """"sliding_attention" or "full_attention" per layer, as transformers derives them."""
+    """ "sliding_attention" or "full_attention" per layer, as transformers derives them."""
     types = cfg.get("layer_types")
     if isinstance(types, list):
         if len(types) != n:
@@ -223,13 +223,20 @@ def read_architecture(config: Mapping[str, Any] | str | Path) -> Architecture:
       kvshard.ConfigError: an unknown ``model_type``, a missing or malformed field, an unknown
         rope type, activation or dtype; one line naming the field and the value.
     """
-    if not isinstance(config, Mapping):
-        path = Path(config)
-        path = path / "config.json" if path.is_dir() else path
-        try:
-            config = json.loads(path.read_text("utf-8"))
-        except (OSError, json.JSONDecodeError) as err:
-            raise ConfigError(f"{path}: cannot read the config ({err})") from None
+    if isinstance(config, Mapping):
+        return _architecture(config)
+    path = Path(config)
+    path = path / "config.json" if path.is_dir() else path
+    try:
+        data = json.loads(path.read_text("utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise ConfigError(f"{path}: cannot read the config ({err})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config.json holds a JSON object, got {type(data).__name__}")
+    return _architecture(data)
+
+
+def _architecture(config: Mapping[str, Any]) -> Architecture:
     where = str(config.get("_name_or_path") or "config.json")
     model_type = config.get("model_type")
     if model_type == "gemma3" and isinstance(config.get("text_config"), Mapping):
@@ -257,20 +264,21 @@ def read_architecture(config: Mapping[str, Any] | str | Path) -> Architecture:
     if dtype is None:
         raise ConfigError(f"{where}: dtype={raw_dtype!r} is not one of {', '.join(_DTYPES)}")
     gemma = model_type in _GEMMA
-    act_name = config.get("hidden_activation") or config.get("hidden_act") or "silu"
+    default_act = "gelu_pytorch_tanh" if gemma else "silu"
+    act_name = config.get("hidden_activation") or config.get("hidden_act") or default_act
     if model_type == "gemma" and act_name == "gelu":
         act_name = "gelu_pytorch_tanh"  # transformers runs Gemma 1's "gelu" as the tanh form
     if act_name not in _ACTIVATIONS:
-        raise ConfigError(f"{where}: activation {act_name!r} is not one of {', '.join(_ACTIVATIONS)}")
+        raise ConfigError(
+            f"{where}: activation {act_name!r} is not one of {', '.join(_ACTIVATIONS)}"
+        )
     attention_bias = bool(config.get("attention_bias", model_type == "gpt_oss"))
     query_scalar = config.get("query_pre_attn_scalar", 256 if model_type != "gemma" else None)
     sm_scale = float(query_scalar) ** -0.5 if gemma and query_scalar else head_dim**-0.5
     ropes = _ropes(config, model_type, where)
     window = _window(config, model_type, where)
     types = _layer_types(config, model_type, n, where)
-    layers = tuple(
-        LayerSpec(window if t == "sliding_attention" else None, ropes[t]) for t in types
-    )
+    layers = tuple(LayerSpec(window if t == "sliding_attention" else None, ropes[t]) for t in types)
     return Architecture(
         model_type=model_type,
         vocab_size=_int(config, "vocab_size", where),

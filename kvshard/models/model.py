@@ -42,7 +42,9 @@ class RMSNorm(nnx.Module):
 
     def __init__(self, dim: int, eps: float, offset: float, dtype: str, rngs: nnx.Rngs):
         init = jnp.zeros if offset else jnp.ones
-        self.scale = nnx.Param(init((dim,), dtype) + 0.1 * jax.random.normal(rngs.params(), (dim,), dtype))
+        self.scale = nnx.Param(
+            init((dim,), dtype) + 0.1 * jax.random.normal(rngs.params(), (dim,), dtype)
+        )
         self.eps, self.offset = eps, offset
 
     def __call__(self, x):
@@ -76,7 +78,9 @@ def dense_attention(q, k, v, spec: LayerSpec, arch: Architecture, sinks=None):
     if sinks is None:
         probs = jax.nn.softmax(scores, axis=-1)
     else:  # a sink is one more logit per head in the denominator, with no value
-        sink = jnp.broadcast_to(sinks.astype(jnp.float32)[None, :, None, None], (*scores.shape[:3], 1))
+        sink = jnp.broadcast_to(
+            sinks.astype(jnp.float32)[None, :, None, None], (*scores.shape[:3], 1)
+        )
         probs = jax.nn.softmax(jnp.concatenate([scores, sink], axis=-1), axis=-1)[..., :-1]
     return jnp.einsum("ghts,gshd->gthd", probs.astype(v.dtype), v)
 

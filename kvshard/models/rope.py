@@ -51,11 +51,15 @@ def _yarn(head_dim: int, rope: RopeSpec) -> tuple[np.ndarray, float]:
     attention_factor = rope.get("attention_factor")
     if attention_factor is None:
         m, m_all = rope.get("mscale"), rope.get("mscale_all_dim")
-        attention_factor = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
+        attention_factor = (
+            mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
+        )
     beta_fast, beta_slow = rope.get("beta_fast") or 32, rope.get("beta_slow") or 1
 
     def correction_dim(rotations: float) -> float:
-        return head_dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(rope.theta))
+        return (
+            head_dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(rope.theta))
+        )
 
     low, high = correction_dim(beta_fast), correction_dim(beta_slow)
     if rope.get("truncate", True):

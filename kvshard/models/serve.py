@@ -117,7 +117,9 @@ def serve(
             peak = max(peak, alloc.num_pages - 1 - alloc.num_free_pages)
             # Every pool padded to one shape: one stacked step, one compilation.
             metas.append(
-                kvshard.build_step(alloc, ids, counts, num_tokens_padded=budget, max_num_seqs=max_seqs)
+                kvshard.build_step(
+                    alloc, ids, counts, num_tokens_padded=budget, max_num_seqs=max_seqs
+                )
             )
             offset = 0
             for r, n in batch:  # request by request, in the order given to build_step
