@@ -58,8 +58,10 @@ def partition(
     heads_ok = arch.num_heads % tp == 0
     kv_ok = arch.num_kv_heads % tp == 0
     ffn_ok = arch.intermediate_size % tp == 0
-    if owner == "q_proj" or (leaf == "sinks"):
-        return split_if(heads_ok, len(shape) - 1 if leaf != "sinks" else 0)
+    if leaf == "sinks":  # one per query head
+        return split_if(heads_ok, 0)
+    if owner == "q_proj":
+        return split_if(heads_ok, len(shape) - 1)
     if owner in ("k_proj", "v_proj"):
         return split_if(kv_ok and heads_ok, len(shape) - 1)
     if owner == "o_proj":
@@ -73,22 +75,19 @@ def partition(
     return P()
 
 
-def _place(model: CausalLM, values: dict, mesh: Mesh, axis: str) -> CausalLM:
-    graphdef, state = nnx.split(model)
-    tp = int(mesh.shape[axis])
-    flat = []
-    for path, var in nnx.to_flat_state(state):
-        value = values[path]
-        sharding = NamedSharding(mesh, partition(path, value.shape, model.arch, tp, axis))
-        flat.append((path, var.replace(jax.device_put(value, sharding))))
-    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+def _put(path: tuple[Any, ...], value: Any, arch: Architecture, mesh: Mesh, axis: str) -> jax.Array:
+    spec = partition(path, tuple(value.shape), arch, int(mesh.shape[axis]), axis)
+    return jax.device_put(value, NamedSharding(mesh, spec))
 
 
 def shard_model(model: CausalLM, mesh: Mesh, axis: str = "model") -> CausalLM:
     """The same model with every parameter placed by :func:`partition` over ``mesh``."""
-    _, state = nnx.split(model)
-    values = {path: var.get_value() for path, var in nnx.to_flat_state(state)}
-    return _place(model, values, mesh, axis)
+    graphdef, state = nnx.split(model)
+    flat = [
+        (path, var.replace(_put(path, var.get_value(), model.arch, mesh, axis)))
+        for path, var in nnx.to_flat_state(state)
+    ]
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
 def load_checkpoint(directory: str | Path, mesh: Mesh, axis: str = "model") -> CausalLM:
@@ -109,8 +108,8 @@ def load_checkpoint(directory: str | Path, mesh: Mesh, axis: str = "model") -> C
     arch = read_architecture(json.loads((directory / "config.json").read_text("utf-8")))
     abstract = nnx.eval_shape(lambda: CausalLM(arch, nnx.Rngs(0)))
     tensors = open_checkpoint(directory)
-    _, state = nnx.split(abstract)
-    values, used, missing = {}, set(), []
+    graphdef, state = nnx.split(abstract)
+    flat, used, missing = [], set(), []
     for path, var in nnx.to_flat_state(state):
         name, transposed = hf_name(path)
         if name not in tensors:
@@ -124,7 +123,10 @@ def load_checkpoint(directory: str | Path, mesh: Mesh, axis: str = "model") -> C
                 f"{name}: shape {list(tensors.shape(name))} in the checkpoint, expected "
                 f"{list(expected[::-1] if transposed else expected)}"
             )
-        values[path] = np.asarray(array, dtype=arch.dtype)
+        # One tensor at a time: host memory holds one converted tensor, never the model.
+        flat.append(
+            (path, var.replace(_put(path, np.asarray(array, arch.dtype), arch, mesh, axis)))
+        )
         used.add(name)
     if missing:
         raise KeyError(f"{directory}: the checkpoint lacks {', '.join(missing)}")
@@ -140,4 +142,4 @@ def load_checkpoint(directory: str | Path, mesh: Mesh, axis: str = "model") -> C
             f"{directory}: tensors no parameter of {arch.model_type} reads: {', '.join(unused[:8])}"
             + (f" (and {len(unused) - 8} more)" if len(unused) > 8 else "")
         )
-    return _place(abstract, values, mesh, axis)
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
