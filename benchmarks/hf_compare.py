@@ -98,6 +98,72 @@ CASES = {
     ),
 }
 PROMPTS = [list(range(1, 14)), [7, 8, 9], list(range(30, 60)), [200]]
+# gpt-oss runs densely only (serving needs kvshard.attention(..., sinks=)): its logits over
+# each prompt, from the project's interpreter.
+GPT_OSS = {
+    "head_dim": 32,
+    "sliding_window": 6,
+    "num_local_experts": 4,
+    "num_experts_per_tok": 2,
+    "rope_parameters": {
+        "rope_type": "yarn",
+        "factor": 8.0,
+        "beta_fast": 32.0,
+        "beta_slow": 1.0,
+        "truncate": False,
+        "original_max_position_embeddings": 16,
+        "rope_theta": 150000.0,
+    },
+}
+DENSE = """
+import sys, jax, numpy as np
+from kvshard import models
+mesh = jax.make_mesh((1, 2), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+model = models.load_checkpoint(sys.argv[1], mesh)
+prompts = [list(map(int, p.split(","))) for p in sys.argv[3:]]
+reqs = [models.Request(i, p + [0], 0) for i, p in enumerate(prompts)]
+np.savez(sys.argv[2], *models.dense_logits(model, reqs))
+"""
+
+
+def compare_gpt_oss(args, tmp: Path) -> None:
+    torch.manual_seed(0)
+    cfg = tf.GptOssConfig(**COMMON, **GPT_OSS, initializer_range=args.init)
+    model = tf.AutoModelForCausalLM.from_config(cfg)
+    with torch.no_grad():
+        for param_name, p in model.named_parameters():
+            if "norm" in param_name or "bias" in param_name or "sinks" in param_name:
+                p.add_(0.1 * torch.randn_like(p))
+    model = model.to(getattr(torch, args.dtype)).eval()
+    ckpt, out = tmp / "gpt_oss", tmp / "gpt_oss.npz"
+    model.save_pretrained(ckpt)
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+    }
+    proc = subprocess.run(
+        [args.python, "-c", DENSE, str(ckpt), str(out), *(",".join(map(str, p)) for p in PROMPTS)],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+    if proc.returncode:
+        print(f"gpt_oss: exit {proc.returncode}\n{proc.stderr[-3000:]}")
+        return
+    dense = np.load(out)
+    worst = scale = 0.0
+    for i, prompt in enumerate(PROMPTS):
+        with torch.no_grad():
+            ref = model(torch.tensor([prompt])).logits[0].float().numpy()
+        worst = max(worst, float(np.abs(ref - dense[f"arr_{i}"]).max()))
+        scale = max(scale, float(np.abs(ref).max()))
+    print(
+        f"{'gpt_oss (dense)':18s} {args.dtype}: max |dense - transformers| = {worst:.2e} "
+        f"(max |logit| {scale:.2f})"
+    )
 
 
 def main() -> None:
@@ -171,6 +237,8 @@ def main() -> None:
                 f"{worst:.2e} (max |logit| {scale:.2f}), greedy agree {agree}/{total}, "
                 f"{shards} safetensors file(s); example: {proc.stdout.strip().split(': ')[-1]}"
             )
+        if not args.only or "gpt_oss" in args.only.split(","):
+            compare_gpt_oss(args, tmp)
     print(json.dumps(results))
 
 

@@ -44,7 +44,7 @@ def tensor_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
     d, f, vocab = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
     H, Hkv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     D = cfg.get("head_dim") or d // H
-    bias = cfg.get("attention_bias", False)
+    bias = cfg.get("attention_bias", t == "gpt_oss")
     shapes = {"model.embed_tokens.weight": (vocab, d), "model.norm.weight": (d,)}
     if not cfg.get("tie_word_embeddings", True):
         shapes["lm_head.weight"] = (vocab, d)
@@ -65,6 +65,16 @@ def tensor_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
         if t in ("qwen3", "gemma3_text"):
             shapes[p + "self_attn.q_norm.weight"] = (D,)
             shapes[p + "self_attn.k_norm.weight"] = (D,)
+        if t == "gpt_oss":  # sinks and a mixture of experts (stored [E, in, out])
+            E = cfg["num_local_experts"]
+            shapes[p + "self_attn.sinks"] = (H,)
+            shapes[p + "mlp.router.weight"] = (E, d)
+            shapes[p + "mlp.router.bias"] = (E,)
+            shapes[p + "mlp.experts.gate_up_proj"] = (E, d, 2 * f)
+            shapes[p + "mlp.experts.gate_up_proj_bias"] = (E, 2 * f)
+            shapes[p + "mlp.experts.down_proj"] = (E, f, d)
+            shapes[p + "mlp.experts.down_proj_bias"] = (E, d)
+            continue
         shapes[p + "mlp.gate_proj.weight"] = (f, d)
         shapes[p + "mlp.up_proj.weight"] = (f, d)
         shapes[p + "mlp.down_proj.weight"] = (d, f)
@@ -88,8 +98,8 @@ def write_checkpoint(
             value = (0.0 if gemma else 1.0) + 0.1 * rng.standard_normal(shape)
         elif name.endswith("embed_tokens.weight"):
             value = rng.standard_normal(shape) * cfg["hidden_size"] ** -0.5
-        elif name.endswith(".bias"):
-            value = 0.1 * rng.standard_normal(shape)
+        elif name.endswith((".bias", "_bias", ".sinks")):
+            value = 0.1 * rng.standard_normal(shape) * (10 if name.endswith("sinks") else 1)
         else:
             value = rng.standard_normal(shape) / np.sqrt(shape[-1])
         tensors[name] = value.astype(np_dtype)

@@ -1,8 +1,8 @@
 """A float64 NumPy forward pass of a Hugging Face decoder checkpoint: the tests' oracle.
 
-Written from transformers' modeling code (Llama, Mistral, Qwen2/3, Gemma 2/3), sharing nothing
-with kvshard.models: its own config reading, rotary frequencies (default, linear, llama3),
-norms and attention masks over one whole sequence.
+Written from transformers' modeling code (Llama, Mistral, Qwen2/3, Gemma 2/3, gpt-oss), sharing
+nothing with kvshard.models: its own config reading, rotary frequencies (default, linear,
+llama3), norms, attention masks and sinks over one whole sequence, experts token by token.
 """
 
 from __future__ import annotations
@@ -57,6 +57,23 @@ def forward(cfg: dict, w: dict[str, np.ndarray], tokens) -> np.ndarray:
         g = w[name] + 1 if gemma else w[name]
         return x / np.sqrt(np.mean(x * x, -1, keepdims=True) + eps) * g
 
+    def experts(h, p):  # gpt-oss: top-k router, clamped SwiGLU experts, each token on its own
+        out = np.zeros_like(h)
+        for t_, x_ in enumerate(h):
+            logits = w[p + "mlp.router.weight"] @ x_ + w[p + "mlp.router.bias"]
+            top = np.argsort(-logits)[: cfg["num_experts_per_tok"]]
+            probs = np.exp(logits[top] - logits[top].max())
+            for e, prob in zip(top, probs / probs.sum(), strict=True):
+                gu = (
+                    x_ @ w[p + "mlp.experts.gate_up_proj"][e]
+                    + w[p + "mlp.experts.gate_up_proj_bias"][e]
+                )
+                gate, up = np.minimum(gu[0::2], 7.0), np.clip(gu[1::2], -7.0, 7.0)
+                glu = gate / (1 + np.exp(-1.702 * gate))
+                y = ((up + 1) * glu) @ w[p + "mlp.experts.down_proj"][e]
+                out[t_] += prob * (y + w[p + "mlp.experts.down_proj_bias"][e])
+        return out
+
     def act(x):
         if gemma:
             return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
@@ -93,8 +110,10 @@ def forward(cfg: dict, w: dict[str, np.ndarray], tokens) -> np.ndarray:
             s = cap * np.tanh(s / cap)
         visible = (j <= i) & ((i - j < window) if window else True)
         s = np.where(visible, s, -np.inf)
-        p_ = np.exp(s - s.max(-1, keepdims=True))
-        p_ /= p_.sum(-1, keepdims=True)
+        sink = w.get(p + "self_attn.sinks", np.full(H, -np.inf))[:, None, None]  # [H, 1, 1]
+        top = np.maximum(s.max(-1, keepdims=True), sink)
+        p_ = np.exp(s - top)
+        p_ /= p_.sum(-1, keepdims=True) + np.exp(sink - top)  # a sink: denominator only
         attn = linear(np.einsum("hts,shd->thd", p_, v).reshape(T, H * D), p + "self_attn.o_proj")
         if t in ("gemma2", "gemma3_text"):
             x = x + norm(attn, p + "post_attention_layernorm.weight")
@@ -104,6 +123,9 @@ def forward(cfg: dict, w: dict[str, np.ndarray], tokens) -> np.ndarray:
                 p + "mlp.down_proj",
             )
             x = x + norm(mlp, p + "post_feedforward_layernorm.weight")
+        elif t == "gpt_oss":
+            x = x + attn
+            x = x + experts(norm(x, p + "post_attention_layernorm.weight"), p)
         else:
             x = x + attn
             h = norm(x, p + "post_attention_layernorm.weight")

@@ -26,12 +26,14 @@ def windows(cfg: dict) -> list[int | None]:
     return [layer.window for layer in read_architecture(cfg).layers]
 
 
-def test_llama_absent_tie_means_tied_and_dtype_keys():
+def test_llama_defaults_and_dtype_keys():
     arch = read_architecture({**BASE, "model_type": "llama", "torch_dtype": "bfloat16"})
-    assert arch.tie_word_embeddings and arch.dtype == "bfloat16" and arch.head_dim == 16
+    # An absent tie_word_embeddings means what transformers' LlamaConfig defaults to: untied
+    # (load_checkpoint decides it from the checkpoint's tensors instead).
+    assert not arch.tie_word_embeddings and arch.dtype == "bfloat16" and arch.head_dim == 16
     assert not (arch.qkv_bias or arch.o_bias or arch.mlp_bias or arch.qk_norm)
-    untied = read_architecture({**BASE, "model_type": "llama", "tie_word_embeddings": False})
-    assert not untied.tie_word_embeddings and untied.dtype == "float32"  # no dtype: float32
+    tied = read_architecture({**BASE, "model_type": "llama", "tie_word_embeddings": True})
+    assert tied.tie_word_embeddings and tied.dtype == "float32"  # no dtype: float32
     assert read_architecture({**BASE, "model_type": "llama", "dtype": "float16"}).dtype == "float16"
     biased = read_architecture({**BASE, "model_type": "llama", "attention_bias": True})
     assert biased.qkv_bias and biased.o_bias and biased.sm_scale == 16**-0.5
@@ -144,3 +146,16 @@ def test_rope_frequency_variants():
     plain150, _ = inv_freq(RopeSpec(150_000.0), 64)
     assert yarn[0] == pytest.approx(plain150[0]) and yarn[-1] == pytest.approx(plain150[-1] / 32)
     assert scale == pytest.approx(0.1 * math.log(32) + 1)
+
+
+def test_gpt_oss_defaults_to_transformers_yarn():
+    arch = read_architecture({**BASE, "model_type": "gpt_oss", "num_local_experts": 4})
+    rope = arch.layers[0].rope
+    assert (rope.kind, rope.theta, rope.get("factor"), rope.get("truncate")) == (
+        "yarn",
+        150_000.0,
+        32.0,
+        False,
+    )
+    assert arch.moe and arch.experts_per_token == 4 and not arch.tie_word_embeddings
+    assert [layer.window for layer in arch.layers] == [None] * 6  # no sliding_window given

@@ -7,7 +7,6 @@ data x model mesh, and checks the served logits against (a) the same weights run
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import jax
@@ -15,7 +14,6 @@ import numpy as np
 import pytest
 from _hf_checkpoints import llama32_config, write_checkpoint
 from _hf_reference import forward as reference_forward
-from flax import nnx
 
 import kvshard
 from kvshard import models
@@ -199,26 +197,40 @@ def test_a_checkpoint_that_does_not_fit_the_config_is_refused(tmp_path):
     assert "model.layers.0.self_attn.q_norm.weight" in weights
 
 
-def test_gpt_oss_is_refused_naming_what_is_missing():
-    arch = models.read_architecture(
-        {
-            **SMALL,
-            "model_type": "gpt_oss",
-            "sliding_window": 128,
-            "rope_scaling": {
-                "rope_type": "yarn",
-                "factor": 32.0,
-                "beta_fast": 32.0,
-                "beta_slow": 1.0,
-                "original_max_position_embeddings": 4096,
-            },
-        }
-    )
+def test_gpt_oss_runs_densely_and_is_gated_on_attention_sinks(tmp_path):
+    """gpt-oss: sinks, biases, alternating windows, a mixture of experts. The dense path matches
+    the float64 oracle; serving from the cache needs kvshard.attention(..., sinks=)."""
+    cfg = {
+        **SMALL,
+        "model_type": "gpt_oss",
+        "head_dim": 16,
+        "sliding_window": 4,
+        "num_local_experts": 4,
+        "num_experts_per_tok": 2,
+        "tie_word_embeddings": False,
+        "layer_types": ["sliding_attention", "full_attention"],
+        "rope_theta": 10_000.0,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10_000.0},  # the oracle's rope
+    }
+    weights = write_checkpoint(tmp_path, cfg, dtype="float32")
+    model = models.load_checkpoint(tmp_path, make_mesh(1, 2))
+    arch = model.arch
     assert arch.sinks and arch.moe and arch.qkv_bias and arch.o_bias
-    assert [layer.window for layer in arch.layers] == [128, None]
-    with pytest.raises(NotImplementedError, match="mixture-of-experts"):
-        models.CausalLM(arch, nnx.Rngs(0))
-    no_moe = dataclasses.replace(arch, moe=False)
+    assert [layer.window for layer in arch.layers] == [4, None]
+    requests = [models.Request(i, [*p, 1, 2], 0) for i, p in enumerate(PROMPTS)]
+    for r, dense in zip(requests, models.dense_logits(model, requests), strict=True):
+        ref = reference_forward(cfg, weights, r.tokens)[:-1]
+        assert np.abs(dense - ref).max() <= 1e-4 * max(1.0, np.abs(ref).max())
+    # The sinks matter: without them the oracle differs.
+    no_sinks = {k: v for k, v in weights.items() if not k.endswith("sinks")}
+    assert (
+        np.abs(
+            reference_forward(cfg, no_sinks, PROMPTS[0])
+            - reference_forward(cfg, weights, PROMPTS[0])
+        ).max()
+        > 1e-2
+    )
     if not models.model.ATTENTION_TAKES_SINKS:
-        with pytest.raises(NotImplementedError, match="sinks="):
-            models.CausalLM(no_moe, nnx.Rngs(0))
+        spec = kvshard.CacheSpec(2, 2, 16, page_size=4, num_pages=16, dtype="float32")
+        with pytest.raises(NotImplementedError, match=r"kvshard.attention\(\.\.\., sinks=\)"):
+            models.serve(model, spec, make_mesh(1, 2), requests, max_seqs=2, budget=16)

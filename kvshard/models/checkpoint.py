@@ -70,6 +70,10 @@ def partition(
         return split_if(ffn_ok, len(shape) - 1)
     if owner == "down_proj":
         return split_if(ffn_ok and leaf == "kernel", 0)
+    if leaf in ("gate_up_proj", "gate_up_proj_bias"):  # experts' hidden units (pairs stay whole)
+        return split_if(ffn_ok, len(shape) - 1)
+    if leaf == "down_proj":
+        return split_if(ffn_ok, 1)
     if owner == "lm_head":
         return split_if(arch.vocab_size % tp == 0, len(shape) - 1)
     return P()
@@ -105,9 +109,14 @@ def load_checkpoint(directory: str | Path, mesh: Mesh, axis: str = "model") -> C
         would be silently ignored otherwise: e.g. biases of an unsupported variant).
     """
     directory = Path(directory)
-    arch = read_architecture(json.loads((directory / "config.json").read_text("utf-8")))
-    abstract = nnx.eval_shape(lambda: CausalLM(arch, nnx.Rngs(0)))
+    config = json.loads((directory / "config.json").read_text("utf-8"))
     tensors = open_checkpoint(directory)
+    if isinstance(config, dict) and "tie_word_embeddings" not in config:
+        # Absent key: tied iff there is no output projection to load (transformers would
+        # initialise a missing one randomly; one that is there is what it uses).
+        config = {**config, "tie_word_embeddings": "lm_head.weight" not in tensors}
+    arch = read_architecture(config)
+    abstract = nnx.eval_shape(lambda: CausalLM(arch, nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     flat, used, missing = [], set(), []
     for path, var in nnx.to_flat_state(state):

@@ -41,6 +41,14 @@ _ACTIVATIONS = {
     "gelu": "gelu",
 }
 _ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+GPT_OSS_ROPE = {
+    "rope_type": "yarn",
+    "factor": 32.0,
+    "beta_fast": 32.0,
+    "beta_slow": 1.0,
+    "truncate": False,
+    "original_max_position_embeddings": 4096,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,16 +87,23 @@ class Architecture:
       norm_offset: RMSNorm multiplies by ``offset + weight`` (Gemma: 1, weights stored as
         zeros-centred) and, for Gemma, scales in float32 before the cast back.
       embed_scale: multiplier of the embeddings (Gemma: sqrt(hidden_size)), else None.
-      tie_word_embeddings: the output projection is the embedding matrix (absent key: tied).
+      tie_word_embeddings: the output projection is the embedding matrix. An absent key
+        means what transformers' config class defaults to (tied for Gemma, else untied);
+        :func:`~kvshard.models.load_checkpoint` decides it from the checkpoint instead (tied
+        iff it has no ``lm_head.weight``).
       qkv_bias, o_bias, mlp_bias: bias terms of those projections.
       qk_norm: RMSNorm over head_dim of q and k before RoPE (Qwen3, Gemma 3).
       sandwich_norms: Gemma 2/3 layers: post-attention, pre- and post-feed-forward norms.
       sm_scale: attention scale (``query_pre_attn_scalar ** -0.5`` for Gemma, else
         ``head_dim ** -0.5``).
       attn_soft_cap, final_soft_cap: ``cap * tanh(x / cap)`` of attention scores / logits.
+      norm_in_float32: RMSNorm multiplies by its weight in float32, then casts (Gemma,
+        gpt-oss); else it casts first (Llama).
       sinks: one learned logit per query head in the softmax denominator (gpt-oss).
-      moe: the feed-forward is a mixture of experts (gpt-oss; not implemented: refused by the
-        model).
+      num_experts, experts_per_token: a mixture-of-experts feed-forward (gpt-oss: top-k
+        router with bias, softmax over the chosen logits, clamped SwiGLU experts with biases);
+        0 experts: a dense gated MLP.
+      swiglu_alpha, swiglu_limit: gpt-oss's expert activation.
       layers: one :class:`LayerSpec` per layer.
     """
 
@@ -114,9 +129,18 @@ class Architecture:
     sm_scale: float
     attn_soft_cap: float | None
     final_soft_cap: float | None
+    norm_in_float32: bool
     sinks: bool
-    moe: bool
+    num_experts: int
+    experts_per_token: int
+    swiglu_alpha: float
+    swiglu_limit: float
     layers: tuple[LayerSpec, ...]
+
+    @property
+    def moe(self) -> bool:
+        """The feed-forward is a mixture of experts."""
+        return self.num_experts > 0
 
     @property
     def uniform_window(self) -> int | None:
@@ -162,6 +186,8 @@ def _ropes(cfg: Mapping[str, Any], model_type: str, where: str) -> dict[str, Rop
         ropes = {k: _rope(v, theta, max_pos, f"{where} rope {k}") for k, v in parameters.items()}
     else:
         scaling = parameters if isinstance(parameters, Mapping) else cfg.get("rope_scaling")
+        if scaling is None and model_type == "gpt_oss":
+            scaling = GPT_OSS_ROPE  # what GptOssConfig sets when a config names no rope
         full = _rope(scaling, theta, max_pos, where)
         ropes = {"full_attention": full, "sliding_attention": full}
         if model_type == "gemma3_text" and not isinstance(parameters, Mapping):
@@ -263,7 +289,7 @@ def _architecture(config: Mapping[str, Any]) -> Architecture:
     dtype = _DTYPES.get(str(raw_dtype).removeprefix("torch."))
     if dtype is None:
         raise ConfigError(f"{where}: dtype={raw_dtype!r} is not one of {', '.join(_DTYPES)}")
-    gemma = model_type in _GEMMA
+    gemma, moe = model_type in _GEMMA, model_type == "gpt_oss"
     default_act = "gelu_pytorch_tanh" if gemma else "silu"
     act_name = config.get("hidden_activation") or config.get("hidden_act") or default_act
     if model_type == "gemma" and act_name == "gelu":
@@ -293,7 +319,7 @@ def _architecture(config: Mapping[str, Any]) -> Architecture:
         activation=_ACTIVATIONS[act_name],
         norm_offset=1.0 if gemma else 0.0,
         embed_scale=math.sqrt(hidden) if gemma else None,
-        tie_word_embeddings=bool(config.get("tie_word_embeddings", True)),
+        tie_word_embeddings=bool(config.get("tie_word_embeddings", gemma)),
         qkv_bias=attention_bias or model_type == "qwen2",
         o_bias=attention_bias and model_type != "qwen2",
         mlp_bias=bool(config.get("mlp_bias", False)),
@@ -306,7 +332,11 @@ def _architecture(config: Mapping[str, Any]) -> Architecture:
         final_soft_cap=_soft_cap(
             config, "final_logit_softcapping", 30.0 if model_type == "gemma2" else None
         ),
+        norm_in_float32=gemma or model_type == "gpt_oss",
         sinks=model_type == "gpt_oss",
-        moe=model_type == "gpt_oss",
+        num_experts=_int(config, "num_local_experts", where, 128) if moe else 0,
+        experts_per_token=_int(config, "num_experts_per_tok", where, 4) if moe else 0,
+        swiglu_alpha=float(config.get("swiglu_alpha", 1.702)),
+        swiglu_limit=float(config.get("swiglu_limit", 7.0)),
         layers=layers,
     )

@@ -29,30 +29,39 @@ import kvshard
 from kvshard.models.config import Architecture, LayerSpec
 from kvshard.models.rope import apply_rope
 
-__all__ = ["ATTENTION_TAKES_SINKS", "CausalLM", "dense_attention"]
+__all__ = ["ATTENTION_TAKES_SINKS", "CausalLM", "check_servable", "dense_attention"]
 
 # gpt-oss's attention sinks need kvshard.attention(..., sinks=) (issue 21 item 2). Until it
 # lands, a model with sinks is refused at construction rather than served without them.
 ATTENTION_TAKES_SINKS = "sinks" in inspect.signature(kvshard.attention).parameters
 
 
-class RMSNorm(nnx.Module):
-    """x / rms(x) * (offset + scale): Llama casts to the input dtype before the scale, Gemma
-    (offset 1) scales in float32, as transformers' two RMSNorms do."""
-
-    def __init__(self, dim: int, eps: float, offset: float, dtype: str, rngs: nnx.Rngs):
-        init = jnp.zeros if offset else jnp.ones
-        self.scale = nnx.Param(
-            init((dim,), dtype) + 0.1 * jax.random.normal(rngs.params(), (dim,), dtype)
+def check_servable(arch: Architecture) -> None:
+    """Raises NotImplementedError when serving ``arch`` from a cache needs what kvshard lacks."""
+    if arch.sinks and not ATTENTION_TAKES_SINKS:
+        raise NotImplementedError(
+            f"{arch.model_type}: attention sinks need kvshard.attention(..., sinks=), which this "
+            "kvshard does not have yet (issue 21 item 2); the dense path (no cache) runs"
         )
-        self.eps, self.offset = eps, offset
+
+
+class RMSNorm(nnx.Module):
+    """x / rms(x) * (offset + scale), normalised in float32: Llama casts to the input dtype
+    before the scale, Gemma (offset 1) and gpt-oss scale in float32, as transformers does."""
+
+    def __init__(self, dim: int, arch: Architecture, rngs: nnx.Rngs):
+        init = jnp.zeros if arch.norm_offset else jnp.ones
+        noise = 0.1 * jax.random.normal(rngs.params(), (dim,), arch.dtype)
+        self.scale = nnx.Param(init((dim,), arch.dtype) + noise)
+        self.eps, self.offset = arch.rms_norm_eps, arch.norm_offset
+        self.in_float32 = arch.norm_in_float32
 
     def __call__(self, x):
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        if self.offset:
+        if self.in_float32:
             return (normed * (self.offset + self.scale[...].astype(jnp.float32))).astype(x.dtype)
-        return self.scale[...] * normed.astype(x.dtype)
+        return (self.offset + self.scale[...]) * normed.astype(x.dtype)
 
 
 def _linear(fan_in: int, fan_out: int, bias: bool, arch: Architecture, rngs: nnx.Rngs):
@@ -94,8 +103,8 @@ class Attention(nnx.Module):
         self.v_proj = _linear(d, Hkv * D, arch.qkv_bias, arch, rngs)
         self.o_proj = _linear(H * D, d, arch.o_bias, arch, rngs)
         if arch.qk_norm:
-            self.q_norm = RMSNorm(D, arch.rms_norm_eps, arch.norm_offset, arch.dtype, rngs)
-            self.k_norm = RMSNorm(D, arch.rms_norm_eps, arch.norm_offset, arch.dtype, rngs)
+            self.q_norm = RMSNorm(D, arch, rngs)
+            self.k_norm = RMSNorm(D, arch, rngs)
         if arch.sinks:
             self.sinks = nnx.Param(jax.random.normal(rngs.params(), (H,), arch.dtype))
 
@@ -108,6 +117,8 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, positions, self.spec.rope), apply_rope(k, positions, self.spec.rope)
         sinks = self.sinks[...] if arch.sinks else None
+        if cache is not None:
+            check_servable(arch)
         if cache is None:
             out = dense_attention(q, k, v, self.spec, arch, sinks)
         else:  # write this step's K/V first, so new tokens also attend to themselves
@@ -145,11 +156,54 @@ class MLP(nnx.Module):
         return self.down_proj(_ACT[self.activation](self.gate_proj(x)) * self.up_proj(x))
 
 
+class Router(nnx.Module):
+    def __init__(self, arch: Architecture, rngs: nnx.Rngs):
+        E, d = arch.num_experts, arch.hidden_size
+        self.weight = nnx.Param(jax.random.normal(rngs.params(), (E, d), arch.dtype) * d**-0.5)
+        self.bias = nnx.Param(jnp.zeros((E,), arch.dtype))
+
+
+class Experts(nnx.Module):
+    """gpt-oss's experts, stored as transformers keeps them: gate_up_proj [E, d, 2f] with gate
+    and up interleaved (even / odd columns), down_proj [E, f, d], each with a bias."""
+
+    def __init__(self, arch: Architecture, rngs: nnx.Rngs):
+        E, d, f = arch.num_experts, arch.hidden_size, arch.intermediate_size
+        normal = lambda *shape: jax.random.normal(rngs.params(), shape, arch.dtype)
+        self.gate_up_proj = nnx.Param(normal(E, d, 2 * f) * d**-0.5)
+        self.gate_up_proj_bias = nnx.Param(jnp.zeros((E, 2 * f), arch.dtype))
+        self.down_proj = nnx.Param(normal(E, f, d) * f**-0.5)
+        self.down_proj_bias = nnx.Param(jnp.zeros((E, d), arch.dtype))
+
+
+class MoE(nnx.Module):
+    """Top-k mixture of experts (gpt-oss). Every expert runs on every token and the router's
+    weights (zero outside each token's top k) mix them: exact, and as simple as it gets; it
+    costs num_experts / experts_per_token times the routed compute."""
+
+    def __init__(self, arch: Architecture, rngs: nnx.Rngs):
+        self.router, self.experts = Router(arch, rngs), Experts(arch, rngs)
+        self.top_k, self.alpha = arch.experts_per_token, arch.swiglu_alpha
+        self.limit = arch.swiglu_limit
+
+    def __call__(self, x):
+        logits = x @ self.router.weight[...].T + self.router.bias[...]  # [G, T, E]
+        top, chosen = jax.lax.top_k(logits, self.top_k)
+        scores = jax.nn.softmax(top.astype(jnp.float32), axis=-1).astype(x.dtype)
+        onehot = jax.nn.one_hot(chosen, logits.shape[-1], dtype=x.dtype)  # [G, T, k, E]
+        weights = jnp.einsum("gtk,gtke->gte", scores, onehot)
+        e = self.experts
+        gate_up = jnp.einsum("gtd,edf->gtef", x, e.gate_up_proj[...]) + e.gate_up_proj_bias[...]
+        gate = jnp.minimum(gate_up[..., ::2], self.limit)
+        up = jnp.clip(gate_up[..., 1::2], -self.limit, self.limit)
+        hidden = (up + 1) * gate * jax.nn.sigmoid(gate * self.alpha)
+        out = jnp.einsum("gtef,efd->gted", hidden, e.down_proj[...]) + e.down_proj_bias[...]
+        return jnp.einsum("gted,gte->gtd", out, weights)
+
+
 class DecoderLayer(nnx.Module):
     def __init__(self, arch: Architecture, layer: int, rngs: nnx.Rngs):
-        norm = lambda: RMSNorm(
-            arch.hidden_size, arch.rms_norm_eps, arch.norm_offset, arch.dtype, rngs
-        )
+        norm = lambda: RMSNorm(arch.hidden_size, arch, rngs)
         self.input_layernorm = norm()
         self.self_attn = Attention(arch, layer, rngs)
         # Llama's post_attention_layernorm is the pre-MLP norm; Gemma 2/3's follows attention.
@@ -157,7 +211,7 @@ class DecoderLayer(nnx.Module):
         if arch.sandwich_norms:
             self.pre_feedforward_layernorm = norm()
             self.post_feedforward_layernorm = norm()
-        self.mlp = MLP(arch, rngs)
+        self.mlp = MoE(arch, rngs) if arch.moe else MLP(arch, rngs)
         self.sandwich = arch.sandwich_norms
 
     def __call__(self, x, positions, cache, step):
@@ -176,7 +230,7 @@ class Decoder(nnx.Module):
             arch.vocab_size, arch.hidden_size, dtype=arch.dtype, param_dtype=arch.dtype, rngs=rngs
         )
         self.layers = nnx.List([DecoderLayer(arch, i, rngs) for i in range(arch.num_layers)])
-        self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, arch.norm_offset, arch.dtype, rngs)
+        self.norm = RMSNorm(arch.hidden_size, arch, rngs)
         self.embed_scale = arch.embed_scale
 
     def __call__(self, tokens, positions, cache, step):
@@ -191,22 +245,12 @@ class Decoder(nnx.Module):
 class CausalLM(nnx.Module):
     """``model(tokens, positions, cache=None, step=None) -> (logits, cache)``.
 
-    tokens, positions: int32[G, T]; logits: arch.dtype[G, T, vocab]. Raises NotImplementedError
-    at construction for what is not implemented (a mixture-of-experts feed-forward; attention
-    sinks while :func:`kvshard.attention` has no ``sinks`` argument).
+    tokens, positions: int32[G, T]; logits: arch.dtype[G, T, vocab]. A model with attention
+    sinks (gpt-oss) runs densely; paged, it raises NotImplementedError until
+    :func:`kvshard.attention` takes ``sinks`` (:func:`check_servable`).
     """
 
     def __init__(self, arch: Architecture, rngs: nnx.Rngs):
-        if arch.moe:
-            raise NotImplementedError(
-                f"{arch.model_type}: the mixture-of-experts feed-forward is not implemented "
-                "(kvshard.models serves dense MLPs only)"
-            )
-        if arch.sinks and not ATTENTION_TAKES_SINKS:
-            raise NotImplementedError(
-                f"{arch.model_type}: attention sinks need kvshard.attention(..., sinks=), which "
-                "this kvshard does not have yet (issue 21 item 2)"
-            )
         self.arch = arch
         self.model = Decoder(arch, rngs)
         if not arch.tie_word_embeddings:

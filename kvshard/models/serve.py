@@ -23,6 +23,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import kvshard
+from kvshard.models.model import check_servable
 
 __all__ = ["Request", "dense_logits", "make_forward", "serve"]
 
@@ -84,6 +85,7 @@ def serve(
     ``window``: the allocator releases pages that fell out of it; only valid when every
     layer attends through that window (the cache holds every layer at full size).
     """
+    check_servable(model.arch)  # before anything is allocated
     pools = int(mesh.shape[data_axis])
     longest = max(len(r.tokens) + r.max_new for r in requests)
     allocators = [
