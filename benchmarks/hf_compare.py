@@ -159,6 +159,8 @@ def compare_gpt_oss(args, tmp: Path) -> None:
         with torch.no_grad():
             ref = model(torch.tensor([prompt])).logits[0].float().numpy()
         worst = max(worst, float(np.abs(ref - dense[f"arr_{i}"]).max()))
+        if args.verbose:
+            print(i, np.round(np.abs(ref - dense[f"arr_{i}"]).max(-1), 3).tolist())
         scale = max(scale, float(np.abs(ref).max()))
     print(
         f"{'gpt_oss (dense)':18s} {args.dtype}: max |dense - transformers| = {worst:.2e} "
@@ -174,6 +176,7 @@ def main() -> None:
     parser.add_argument("--init", type=float, default=0.02, help="initializer_range")
     parser.add_argument("--new-tokens", type=int, default=6)
     parser.add_argument("--only", help="comma-separated case names")
+    parser.add_argument("--verbose", action="store_true", help="per-position differences")
     args = parser.parse_args()
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
