@@ -141,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     dense = models.dense_logits(model, requests)
     worst = scale = 0.0
     for r, d in zip(requests, dense, strict=True):
-        worst = max(worst, float(np.max(np.abs(d - np.stack(r.logits)), initial=0.0)))
+        if r.logits:  # none for a one-token prompt with --max-new-tokens 0
+            worst = max(worst, float(np.max(np.abs(d - np.stack(r.logits)))))
         scale = max(scale, float(np.max(np.abs(d), initial=0.0)))
     tolerance = args.tolerance if args.tolerance is not None else TOLERANCE[arch.dtype]
     if args.logits_out:

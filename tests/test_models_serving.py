@@ -234,3 +234,17 @@ def test_gpt_oss_runs_densely_and_is_gated_on_attention_sinks(tmp_path):
         spec = kvshard.CacheSpec(2, 2, 16, page_size=4, num_pages=16, dtype="float32")
         with pytest.raises(NotImplementedError, match=r"kvshard.attention\(\.\.\., sinks=\)"):
             models.serve(model, spec, make_mesh(1, 2), requests, max_seqs=2, budget=16)
+
+
+def test_zero_new_tokens_returns_the_prompt_rows_only(tmp_path):
+    cfg = llama32_config(**SMALL, head_dim=16, tie_word_embeddings=True)
+    weights = write_checkpoint(tmp_path, cfg, dtype="float32")
+    mesh = make_mesh(1, 1)
+    model = models.load_checkpoint(tmp_path, mesh)
+    requests = [models.Request(0, [5], 0), models.Request(1, [5, 6, 7], 0)]
+    spec = kvshard.CacheSpec(2, 2, 16, page_size=4, num_pages=8, dtype="float32")
+    models.serve(model, spec, mesh, requests, max_seqs=2, budget=16)
+    assert [r.tokens for r in requests] == [[5], [5, 6, 7]]
+    assert [len(r.logits) for r in requests] == [0, 2]
+    ref = reference_forward(cfg, weights, [5, 6, 7])[:2]
+    assert np.abs(np.stack(requests[1].logits) - ref).max() <= 1e-4 * max(1, np.abs(ref).max())

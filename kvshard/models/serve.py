@@ -41,12 +41,6 @@ class Request:
     def __post_init__(self) -> None:
         self.prompt_len = self.prompt_len or len(self.tokens)
 
-    @property
-    def done(self) -> bool:
-        return len(self.tokens) - self.prompt_len == self.max_new and (
-            self.computed >= len(self.tokens) - 1
-        )
-
 
 def make_forward():
     """``forward(model, cache, tokens, step) -> (logits, cache)``: one jit per step shape, the
