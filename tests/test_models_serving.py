@@ -248,3 +248,15 @@ def test_zero_new_tokens_returns_the_prompt_rows_only(tmp_path):
     assert [len(r.logits) for r in requests] == [0, 2]
     ref = reference_forward(cfg, weights, [5, 6, 7])[:2]
     assert np.abs(np.stack(requests[1].logits) - ref).max() <= 1e-4 * max(1, np.abs(ref).max())
+    # The step users run: one jitted forward that consumes (donates) the cache it is given.
+    alloc = kvshard.PageAllocator(8, 4, max_requests=2, max_pages_per_request=2)
+    alloc.allocate_batch([0], [3])
+    step = kvshard.stack_steps([kvshard.build_step(alloc, [0], [3], num_tokens_padded=16)])
+    cache = kvshard.init_cache(spec, mesh, page_axis="data")
+    tokens = np.zeros((1, 16), np.int32)
+    tokens[0, :3] = [5, 6, 7]
+    logits, new_cache = models.serve_step(model, cache, tokens, step)
+    assert cache.kv.is_deleted() and not new_cache.kv.is_deleted()
+    np.testing.assert_allclose(
+        np.asarray(logits)[0, :2], ref, atol=1e-4 * max(1, np.abs(ref).max())
+    )

@@ -24,7 +24,7 @@ from kvshard.models.config import (
     read_architecture,
 )
 from kvshard.models.model import CausalLM
-from kvshard.models.serve import Request, dense_logits, serve
+from kvshard.models.serve import Request, dense_logits, serve, serve_step
 
 __all__ = [
     "ARCHITECTURES",
@@ -37,5 +37,6 @@ __all__ = [
     "load_checkpoint",
     "read_architecture",
     "serve",
+    "serve_step",
     "shard_model",
 ]

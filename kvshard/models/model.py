@@ -117,11 +117,10 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, positions, self.spec.rope), apply_rope(k, positions, self.spec.rope)
         sinks = self.sinks[...] if arch.sinks else None
-        if cache is not None:
-            check_servable(arch)
         if cache is None:
             out = dense_attention(q, k, v, self.spec, arch, sinks)
         else:  # write this step's K/V first, so new tokens also attend to themselves
+            check_servable(arch)
             cache = kvshard.update(cache, self.layer, k, v, step)
             extra = {} if sinks is None else {"sinks": sinks.astype(jnp.float32)}
             out = kvshard.attention(

@@ -5,7 +5,7 @@ of the mesh's data axis (``init_cache(..., page_axis=...)``), each pool with its
 :class:`kvshard.PageAllocator` and its own schedule (every running request gets its next
 prompt chunk or one decode token, within a token budget). Every step builds each pool's
 :func:`kvshard.build_step` at one padded shape, stacks them (:func:`kvshard.stack_steps`) and
-runs ONE jitted forward with the cache donated (:func:`make_forward`). Greedy sampling.
+runs ONE jitted forward with the cache donated (:func:`serve_step`). Greedy sampling.
 
 :func:`dense_logits` runs the same weights with no cache over each whole sequence: the check
 that every served logit is right.
@@ -25,7 +25,7 @@ from jax.sharding import PartitionSpec as P
 import kvshard
 from kvshard.models.model import check_servable
 
-__all__ = ["Request", "dense_logits", "make_forward", "serve"]
+__all__ = ["Request", "dense_logits", "serve", "serve_step"]
 
 
 @dataclass
@@ -42,15 +42,12 @@ class Request:
         self.prompt_len = self.prompt_len or len(self.tokens)
 
 
-def make_forward():
-    """``forward(model, cache, tokens, step) -> (logits, cache)``: one jit per step shape, the
-    cache donated (argument 1) so every layer's update writes in place."""
-
-    @nnx.jit(donate_argnums=1)
-    def forward(model, cache, tokens, step):
-        return model(tokens, step.positions, cache, step)
-
-    return forward
+@nnx.jit(donate_argnums=1)
+def serve_step(model, cache, tokens, step):
+    """``(logits, cache)`` of one step: tokens int32[G, T] packed as ``step`` (a stacked
+    :class:`kvshard.StepMetadata`) says. One jit per step shape; the cache is donated (its
+    buffers are consumed: rebind the returned one) so every layer's update writes in place."""
+    return model(tokens, step.positions, cache, step)
 
 
 def _schedule(running: list[Request], budget: int) -> list[tuple[Request, int]]:
@@ -96,7 +93,7 @@ def serve(
     waiting = [sorted(requests[g::pools], key=lambda r: r.arrival) for g in range(pools)]
     running: list[list[Request]] = [[] for _ in range(pools)]
     token_sharding = NamedSharding(mesh, P(data_axis, None))
-    forward, steps, peak = make_forward(), 0, 0
+    steps, peak = 0, 0
     while any(waiting) or any(running):
         batches = []
         for g in range(pools):
@@ -122,7 +119,7 @@ def serve(
                 tokens[g, offset : offset + n] = r.tokens[r.computed : r.computed + n]
                 offset += n
         step = kvshard.stack_steps(metas)
-        logits, cache = forward(model, cache, jax.device_put(tokens, token_sharding), step)
+        logits, cache = serve_step(model, cache, jax.device_put(tokens, token_sharding), step)
         logits = np.asarray(logits.astype(jnp.float32))
         for g, batch in enumerate(batches):
             offset = 0
