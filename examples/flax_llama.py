@@ -101,13 +101,19 @@ def main(argv: list[str] | None = None) -> int:
     mesh = jax.make_mesh(
         (args.dp, args.tp), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2
     )
+    arch = models.read_architecture(args.checkpoint or args.config)
+    try:  # before any weight is read: the heads must split over the tensor-parallel axis
+        kvshard.check_tensor_parallel(arch.num_kv_heads, args.tp)
+        if arch.num_heads % args.tp:
+            raise ValueError(f"num_attention_heads={arch.num_heads} is not a multiple of {args.tp}")
+    except ValueError as err:
+        raise SystemExit(f"--mesh {args.mesh}: {err}") from None
     if args.checkpoint:
         model = models.load_checkpoint(args.checkpoint, mesh)
         arch = model.arch
         prompts = read_prompts(args.prompts, arch.vocab_size)
         requests = [models.Request(i, list(p), args.max_new_tokens) for i, p in enumerate(prompts)]
     else:
-        arch = models.read_architecture(args.config)
         if args.sliding_window:
             arch = arch.with_window(args.sliding_window)
         model = models.shard_model(models.CausalLM(arch, nnx.Rngs(args.seed)), mesh)

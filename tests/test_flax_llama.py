@@ -104,5 +104,11 @@ def test_checkpoint_command_line_refuses_bad_input(tmp_path):
     proc = run_script(
         ROOT / "examples" / "flax_llama.py",
         *("--checkpoint", str(tmp_path / "ckpt"), "--prompts", str(tmp_path / "prompts.json")),
+        *("--mesh", "1x3"),
+    )
+    assert proc.returncode == 1 and "--mesh 1x3: tensor-parallel size 3" in proc.stderr
+    proc = run_script(
+        ROOT / "examples" / "flax_llama.py",
+        *("--checkpoint", str(tmp_path / "ckpt"), "--prompts", str(tmp_path / "prompts.json")),
     )
     assert proc.returncode == 1 and "prompt 1 has a token id outside [0, 256)" in proc.stderr
