@@ -91,6 +91,17 @@ def test_llama32_shaped_bf16_checkpoint_on_a_1x4_mesh(tmp_path):
     hf_q = weights["model.layers.0.self_attn.q_proj.weight"]
     np.testing.assert_array_equal(np.asarray(q), hf_q.T)
     assert q.sharding.spec == jax.sharding.PartitionSpec(None, "model")
+    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+
+    def split(param):  # mesh axis of each dimension (a spec may omit trailing Nones)
+        spec = tuple(param[...].sharding.spec)
+        return spec + (None,) * (param[...].ndim - len(spec))
+
+    assert split(attn.o_proj.kernel) == ("model", None)  # rows: one all-reduce
+    assert split(mlp.gate_proj.kernel) == (None, "model")
+    assert split(mlp.down_proj.kernel) == ("model", None)
+    # 2 KV heads on 4 devices: replicated, as kvshard replicates them in the cache.
+    assert attn.k_proj.kernel[...].sharding.is_fully_replicated
     check_served(model, requests)
 
 
