@@ -181,7 +181,7 @@ def serve(args: argparse.Namespace) -> None:
         )
         for layer in range(spec.num_layers):
             cache = kvshard.update(cache, layer, k, v, meta)
-            out = kvshard.attention(q, cache, layer, meta, sm_scale=spec.head_dim**-0.5)
+            out = kvshard.attention(cache, layer, q, meta, sm_scale=spec.head_dim**-0.5)
         for shard in out.addressable_shards:  # check what this process holds
             g = shard.index[0].start or 0
             ids, counts = batches[g]

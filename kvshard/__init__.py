@@ -41,6 +41,9 @@ if TYPE_CHECKING:  # static typing and IDEs see ordinary imports
     from kvshard._errors import KvshardError as KvshardError
     from kvshard._layout import CacheSpec as CacheSpec
     from kvshard._layout import check_tensor_parallel as check_tensor_parallel
+    from kvshard._types import Backend as Backend
+    from kvshard._types import BackendOptions as BackendOptions
+    from kvshard._types import Schedule as Schedule
     from kvshard.allocator import NULL_PAGE as NULL_PAGE
     from kvshard.allocator import OutOfPages as OutOfPages
     from kvshard.allocator import PageAllocator as PageAllocator
@@ -59,6 +62,7 @@ if TYPE_CHECKING:  # static typing and IDEs see ordinary imports
     from kvshard.metadata import padded_token_count as padded_token_count
     from kvshard.metadata import token_buckets as token_buckets
     from kvshard.quant import calibrate_scales as calibrate_scales
+    from kvshard.step import StepGeometry as StepGeometry
     from kvshard.step import StepMetadata as StepMetadata
     from kvshard.step import build_step as build_step
     from kvshard.step import stack_steps as stack_steps
@@ -94,6 +98,10 @@ _EXPORTS: dict[str, str | None] = {
     "padded_num_slices": "kvshard.metadata",
     "padded_token_count": "kvshard.metadata",
     "token_buckets": "kvshard.metadata",
+    "Backend": "kvshard._types",
+    "BackendOptions": "kvshard._types",
+    "Schedule": "kvshard._types",
+    "StepGeometry": "kvshard.step",
     "StepMetadata": "kvshard.step",
     "build_step": "kvshard.step",
     "stack_steps": "kvshard.step",
@@ -121,4 +129,5 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+    # The public API only: not this module's own imports (importlib, typing, annotations).
+    return sorted(__all__)

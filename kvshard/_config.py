@@ -1,6 +1,6 @@
 """Model configs: the KV-cache geometry of a Hugging Face ``config.json``, in pure Python.
 
-:func:`read_model_config` reads the five fields a paged KV cache depends on and nothing else, so
+:func:`read_model_config` reads the fields a paged KV cache depends on and nothing else, so
 that :meth:`kvshard.CacheSpec.from_config` and ``kvshard plan --config`` can size a cache for any
 decoder config without JAX, a checkpoint or the ``transformers`` package:
 
@@ -8,6 +8,7 @@ decoder config without JAX, a checkpoint or the ``transformers`` package:
 * ``num_key_value_heads`` (grouped-query attention; falls back to ``num_attention_heads`` for
   multi-head attention) -> KV heads;
 * ``head_dim``, or ``hidden_size / num_attention_heads`` when absent -> head dimension;
+* ``num_attention_heads`` -> query heads (when present), which must split over the head axis;
 * ``torch_dtype`` (``dtype`` in newer configs) -> the cache dtype unless the caller picks one;
 * ``sliding_window`` (with ``use_sliding_window``, ``layer_types``, ...) -> the attention window
   when every layer uses it.
@@ -68,6 +69,8 @@ class ModelGeometry:
       window_note: why a config's ``sliding_window`` does not apply to every layer (e.g.
         ``"sliding_window 4096 on 31 of 62 layers"``), else None.
       name: the config's ``_name_or_path`` or the file it came from, for messages.
+      num_q_heads: query heads (``num_attention_heads``), or None if the config has none; the
+        planner checks they split over the head axis as :func:`kvshard.attention` needs.
     """
 
     num_layers: int
@@ -77,6 +80,7 @@ class ModelGeometry:
     sliding_window: int | None = None
     window_note: str | None = None
     name: str | None = None
+    num_q_heads: int | None = None
 
 
 def preset_config(name: str) -> dict[str, Any]:
@@ -218,6 +222,9 @@ def read_model_config(config: Mapping[str, Any] | str | PathLike[str]) -> ModelG
             )
         dtype = _TORCH_DTYPES[name]
 
+    num_q_heads = None
+    if data.get("num_attention_heads") is not None:
+        num_q_heads = _positive_int(data, "num_attention_heads", where)
     window, note = _window(data, num_layers, where)
     return ModelGeometry(
         num_layers=num_layers,
@@ -227,4 +234,5 @@ def read_model_config(config: Mapping[str, Any] | str | PathLike[str]) -> ModelG
         sliding_window=window,
         window_note=note,
         name=str(data.get("_name_or_path") or where),
+        num_q_heads=num_q_heads,
     )

@@ -27,8 +27,10 @@ __all__ = [
     "QUANTIZED_DTYPES",
     "SUPPORTED_DTYPES",
     "CacheSpec",
+    "check_query_heads",
     "check_tensor_parallel",
     "needs_scales",
+    "padded_query_heads",
     "page_bytes",
     "round_up",
 ]
@@ -44,6 +46,10 @@ LANES = 128
 # Bits in a 32-bit TPU sublane word: sub-32-bit dtypes pack 32 // bits rows into one.
 SUBLANE_BITS = 32
 
+# Every index and count kvshard hands a device is int32 (the Pallas kernels read int32 scalars):
+# the one definition of its bounds.
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+
 
 def round_up(x: int, multiple: int) -> int:
     """Returns the smallest multiple of ``multiple`` that is >= ``x`` (both positive ints)."""
@@ -58,13 +64,15 @@ def page_bytes(page_size: int, combined_heads: int, head_dim: int, dtype: Any) -
     combined-head axis is padded to the packing; head_dim is padded to 128 lanes (the formula
     vLLM and tpu-inference use to size kernel blocks).
     """
+    import ml_dtypes  # noqa: F401  # registers "bfloat16"/"float8_*" with NumPy, as JAX does
+
     bits = np.dtype(dtype).itemsize * 8
     packing = max(1, SUBLANE_BITS // bits)
     heads = round_up(combined_heads, packing)
     return page_size * heads * round_up(head_dim, LANES) * bits // 8
 
 
-def _canonical_dtype(dtype: Any) -> str:
+def canonical_dtype(dtype: Any) -> str:
     """Returns the NumPy name of ``dtype`` (a str, NumPy or JAX dtype, or scalar type).
 
     Raises:
@@ -88,7 +96,7 @@ def needs_scales(dtype: Any) -> bool:
     Raises:
       ValueError: ``dtype`` is not one of :data:`SUPPORTED_DTYPES`.
     """
-    return _canonical_dtype(dtype) in QUANTIZED_DTYPES
+    return canonical_dtype(dtype) in QUANTIZED_DTYPES
 
 
 def _check_scale(name: str, value: Any) -> float | None:
@@ -137,6 +145,54 @@ def check_tensor_parallel(num_kv_heads: int, tp: int) -> int:
     )
 
 
+def padded_query_heads(num_q_heads: int, num_kv_heads: int, tp: int) -> int:
+    """The fewest query heads >= ``num_q_heads``, the same count per KV head, that split
+    evenly over a head axis of size ``tp`` (``num_q_heads`` itself when it already does).
+
+    Query head ``i`` attends KV head ``i // g`` with ``g = num_q_heads / num_kv_heads`` heads
+    per KV group, and each of the ``tp`` devices takes ``num_q_heads / tp`` consecutive query
+    heads, so ``g' * num_kv_heads`` must be a multiple of ``tp``: ``g'`` a multiple of
+    ``tp / gcd(num_kv_heads, tp)``. Assumes ``num_q_heads`` is a multiple of ``num_kv_heads``.
+    """
+    per_group = num_q_heads // num_kv_heads
+    step = tp // math.gcd(num_kv_heads, tp)
+    return round_up(per_group, step) * num_kv_heads
+
+
+def check_query_heads(num_q_heads: int, num_kv_heads: int, tp: int) -> None:
+    """Refuses query heads that :func:`kvshard.attention` cannot split over the head axis.
+
+    Attention needs ``num_q_heads`` to be a multiple of ``num_kv_heads`` (whole KV groups) and
+    of ``tp`` (whole heads per device).
+
+    Raises:
+      ValueError: a non-positive argument, or either rule broken; when only the head axis is,
+        the message gives the per-group padding that works (:func:`padded_query_heads`).
+    """
+    for name, value in (("num_q_heads", num_q_heads), ("num_kv_heads", num_kv_heads), ("tp", tp)):
+        if not isinstance(value, int | np.integer) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name}={value!r} must be a positive int")
+    if num_q_heads % num_kv_heads:
+        raise ValueError(
+            f"num_q_heads={num_q_heads} is not a multiple of num_kv_heads={num_kv_heads}: "
+            "each KV head must serve the same number of query heads"
+        )
+    if num_q_heads % tp == 0:
+        return
+    per_group = num_q_heads // num_kv_heads
+    padded = padded_query_heads(num_q_heads, num_kv_heads, tp)
+    # Unpadded, a head axis fits when it divides num_kv_heads, or is num_kv_heads times a
+    # divisor of the group (check_tensor_parallel's replication, whole groups per copy).
+    sizes = sorted(set(_divisors(num_kv_heads)) | {num_kv_heads * d for d in _divisors(per_group)})
+    raise ValueError(
+        f"num_q_heads={num_q_heads} ({per_group} per KV head) does not split over the head axis "
+        f"of size {tp}: kvshard.attention needs a multiple of {tp}. Pad each KV head's group "
+        f"from {per_group} to {padded // num_kv_heads} query heads ({padded} in all; zero "
+        "weights for the extra heads, their outputs dropped), or use a head axis size of "
+        f"{', '.join(map(str, sizes))}"
+    )
+
+
 @dataclasses.dataclass(frozen=True)
 class CacheSpec:
     """Static description of a paged KV cache (hashable: usable as a jit static argument).
@@ -178,7 +234,7 @@ class CacheSpec:
             if not isinstance(value, int | np.integer) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"CacheSpec.{field}={value!r} must be a positive int")
             object.__setattr__(self, field, int(value))
-        object.__setattr__(self, "dtype", _canonical_dtype(self.dtype))
+        object.__setattr__(self, "dtype", canonical_dtype(self.dtype))
         for field in ("k_scale", "v_scale"):
             object.__setattr__(self, field, _check_scale(field, getattr(self, field)))
         scales = (self.k_scale, self.v_scale)

@@ -16,7 +16,14 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from kvshard._layout import CacheSpec, _canonical_dtype, check_tensor_parallel, round_up
+from kvshard._layout import (
+    INT32_MAX,
+    CacheSpec,
+    check_query_heads,
+    check_tensor_parallel,
+    needs_scales,
+    round_up,
+)
 
 __all__ = [
     "BudgetTooSmall",
@@ -28,9 +35,6 @@ __all__ = [
 
 # Pages 0 .. num_pages-1 of one pool; page 0 is the allocator's null page.
 _MIN_PAGES = 2
-# Dtypes whose cache stores values / scale: the spec may require scales (they do not change
-# any byte count, so the planner sizes such a cache with unit scales).
-_SCALED_DTYPES = ("int8", "float8_e4m3fn", "float8_e5m2")
 
 
 class BudgetTooSmall(ValueError):
@@ -44,12 +48,10 @@ class ContextTooLong(ValueError):
 def _spec(
     num_layers: int, num_kv_heads: int, head_dim: int, page_size: int, num_pages: int, dtype: str
 ) -> CacheSpec:
-    """A :class:`CacheSpec` for sizing: quantized dtypes get unit scales if the spec has them."""
-    extra: dict[str, Any] = {}
-    fields = {f.name for f in dataclasses.fields(CacheSpec)}
-    if _canonical_dtype(dtype) in _SCALED_DTYPES and "k_scale" in fields:
-        extra = {"k_scale": 1.0, "v_scale": 1.0}
-    return CacheSpec(num_layers, num_kv_heads, head_dim, page_size, num_pages, dtype, **extra)
+    """A :class:`CacheSpec` for sizing: a quantized dtype gets unit scales (the spec requires
+    scales; they change no byte count)."""
+    scales = {"k_scale": 1.0, "v_scale": 1.0} if needs_scales(dtype) else {}
+    return CacheSpec(num_layers, num_kv_heads, head_dim, page_size, num_pages, dtype, **scales)
 
 
 def window_pages(window: int, page_size: int, context: int) -> int:
@@ -97,16 +99,23 @@ def make_plan(
     context: int,
     model: str | None = None,
     sliding_window: int | None = None,
+    num_q_heads: int | None = None,
 ) -> dict[str, Any]:
     """Returns the plan as a JSON-ready dict (all byte counts are per device).
+
+    ``num_q_heads`` (None: unknown, not checked) must split over the head axis as
+    :func:`kvshard.attention` needs (:func:`~kvshard._layout.check_query_heads`).
 
     Raises:
       BudgetTooSmall: the budget holds fewer than 2 pages (page 0 is the null page).
       ValueError: ``tp`` neither divides nor is a multiple of ``num_kv_heads`` (the message of
-        :func:`kvshard.check_tensor_parallel`), or a bad size/dtype (from
+        :func:`kvshard.check_tensor_parallel`), query heads that do not split over the head
+        axis (the message says the per-group padding that does), or a bad size/dtype (from
         :class:`kvshard.CacheSpec`).
     """
     replication = check_tensor_parallel(num_kv_heads, tp)
+    if num_q_heads is not None:
+        check_query_heads(num_q_heads, num_kv_heads, tp)
     one = _spec(num_layers, num_kv_heads, head_dim, page_size, 1, dtype)
     page_bytes_layer = one.page_bytes_per_device(tp)
     page_bytes = one.bytes_per_device(tp, dp)  # one page id, every layer
@@ -170,6 +179,8 @@ def make_plan(
         "model": model,
         "num_layers": num_layers,
         "num_kv_heads": num_kv_heads,
+        "num_q_heads": num_q_heads,
+        "q_heads_per_device": None if num_q_heads is None else num_q_heads // tp,
         "head_dim": head_dim,
         "dtype": spec.dtype,
         "page_size": page_size,
@@ -197,7 +208,7 @@ def make_plan(
         "kv_bytes": distinct,
         "waste_bytes": waste,
         "waste_percent": {k: 100 * v / hbm_per_device for k, v in waste.items()},
-        "int32_ok": num_layers * spec.slots_per_pool <= 2**31 - 1,
+        "int32_ok": num_layers * spec.slots_per_pool <= INT32_MAX,
         "bytes_per_token": page_bytes // page_size,
         "bfloat16_bytes_per_token": bf16_page_bytes // page_size,
         "bfloat16_tokens_per_group": bf16_tokens,
@@ -239,6 +250,18 @@ def format_plan(plan: dict[str, Any]) -> str:
             "layout (per device)",
             [
                 ("KV head replication", f"x{r}", head_note),
+                *(
+                    [
+                        (
+                            "query heads per device",
+                            f"{p['q_heads_per_device']}",
+                            f"of {p['num_q_heads']}: "
+                            f"{p['num_q_heads'] // p['num_kv_heads']} per KV head",
+                        )
+                    ]
+                    if p.get("num_q_heads") is not None
+                    else []
+                ),
                 (
                     "combined K/V rows per slot",
                     f"{p['combined_heads_per_device']}",

@@ -1,7 +1,8 @@
-"""What ``kvshard demo``, ``kvshard bench`` and ``kvshard bench-cache`` run, and how.
+"""What ``kvshard demo``, ``kvshard bench``, ``bench-cache`` and ``bench-schedules`` run, and how.
 
-Each command is a module of the installed package (so it works after a plain ``pip install``),
-else a script of a source checkout. It runs in a fresh interpreter whose ``sys.argv[0]`` is
+Each command is a module of the installed package (so it works after a plain ``pip install``);
+the demo also has a script in a source checkout (``examples/tp_decode.py``), run when the
+module is missing. It runs in a fresh interpreter whose ``sys.argv[0]`` is
 ``"kvshard NAME"``, so the script's ``--help`` and errors name the command the user typed.
 """
 
@@ -18,11 +19,11 @@ __all__ = ["SCRIPTS", "Script", "run_script"]
 
 @dataclasses.dataclass(frozen=True)
 class Script:
-    """A program behind ``kvshard NAME``: a module of the installed package, else a file of a
-    source checkout (relative to the repository root)."""
+    """A program behind ``kvshard NAME``: a module of the installed package, else (``source``
+    not None) a file of a source checkout, relative to the repository root."""
 
     module: str
-    source: tuple[str, ...]
+    source: tuple[str, ...] | None
     help: str
 
 
@@ -33,15 +34,22 @@ SCRIPTS: dict[str, Script] = {
         "serve a small transformer with continuous batching on 8 simulated CPU devices, "
         "checked against a dense run",
     ),
+    # The benchmarks live only in the package (kvshard/benchmarks/): no source-tree copy.
     "bench": Script(
         "kvshard.benchmarks",
-        ("benchmarks", "run_all.py"),
+        None,
         "the benchmark suite: every table, JSON + PNG per benchmark (--quick: small sizes)",
     ),
     "bench-cache": Script(
         "kvshard.benchmarks.cache_update",
-        ("benchmarks", "cache_update.py"),
+        None,
         "donated cache update vs undonated vs a plain copy of the same bytes, per dtype",
+    ),
+    "bench-schedules": Script(
+        "kvshard.benchmarks.update_schedules",
+        None,
+        "the update kernel's DMA schedules, direct vs vmem, checked against the oracle and "
+        "timed (on a TPU: the A/B test that picks one)",
     ),
 }
 
@@ -61,22 +69,24 @@ def _has_module(name: str) -> bool:
 def run_script(name: str, args: list[str], root: Path | None = None) -> int:
     """Runs ``kvshard NAME`` in a fresh interpreter with ``args``; returns its exit status.
 
-    The installed module :attr:`Script.module` if the package has it, else the file
-    :attr:`Script.source` of a source checkout (``root``, default the tree this file is in).
+    The installed module :attr:`Script.module` if the package has it (and no ``root`` is
+    given), else the file :attr:`Script.source` of a source checkout (``root``, default the
+    tree this file is in).
     ``sys.argv[0]`` is ``"kvshard NAME"`` so that the script's ``--help`` and errors name the
     command the user typed. A subprocess rather than ``runpy`` here: the scripts set
     ``XLA_FLAGS`` (simulated devices) before importing JAX, which must not be imported yet.
     """
     script = SCRIPTS[name]
     prog = f"kvshard {name}"
-    path = (root if root is not None else _source_root()).joinpath(*script.source)
-    if root is None and _has_module(script.module):
+    tree = root if root is not None else _source_root()
+    path = tree.joinpath(*script.source) if script.source is not None else None
+    if (root is None or path is None) and _has_module(script.module):
         code = (
             "import runpy, sys; sys.argv[0] = sys.argv.pop(1); "
             "runpy.run_module(sys.argv.pop(1), run_name='__main__')"
         )
         command = [sys.executable, "-c", code, prog, script.module, *args]
-    elif path.is_file():
+    elif path is not None and path.is_file():
         # The file's directory first on sys.path, as `python path` would have it (the examples
         # import their sibling _model.py).
         # Not runpy.run_path: it resets sys.argv[0] to the file's path.
@@ -87,10 +97,15 @@ def run_script(name: str, args: list[str], root: Path | None = None) -> int:
         )
         command = [sys.executable, "-c", code, prog, path.as_posix(), *args]
     else:
+        where = (
+            f" and no source checkout ({path} not found); reinstall kvshard, or run it from a "
+            "clone of the repository"
+            if path is not None
+            else "; reinstall kvshard"
+        )
         print(
             f"{prog}: error: not installed: no module {script.module} in this kvshard "
-            f"({Path(__file__).parent}) and no source checkout ({path} not found); reinstall "
-            "kvshard, or run it from a clone of the repository",
+            f"({Path(__file__).parent}){where}",
             file=sys.stderr,
         )
         return 2

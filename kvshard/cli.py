@@ -1,17 +1,21 @@
 """The ``kvshard`` command: size a KV cache for a mesh, run the demo and the benchmarks.
 
+(Over 400 lines because it is one argparse front end: every subcommand's flags, help and
+error messages in one place, the arithmetic itself in :mod:`kvshard._plan`.)
+
 Usage::
 
     kvshard plan --model llama-3-70b --mesh 1x8 --hbm-per-device 16GiB
     kvshard plan --config path/to/config.json --mesh 2x4 --hbm-per-device 12GB --kv-dtype int8
     kvshard plan --layers 32 --kv-heads 8 --head-dim 128 --hbm-per-device 12GB --json
-    kvshard demo [ARGS...]         # the continuous-batching demo (kvshard demo --help)
-    kvshard bench [ARGS...]        # the host-side step benchmark
-    kvshard bench-cache [ARGS...]  # in-place cache update vs a copied one
+    kvshard demo [ARGS...]             # the continuous-batching demo (kvshard demo --help)
+    kvshard bench [ARGS...]            # the benchmark suite (kvshard.benchmarks)
+    kvshard bench-cache [ARGS...]      # in-place cache update vs a copied one
+    kvshard bench-schedules [ARGS...]  # the update kernel's DMA schedules, A/B (on a TPU)
 
 ``python -m kvshard`` is the same command. Exit status: 0 on success; 2 for a bad argument, with
 one line on stderr naming the argument, the value and the bound; for ``demo`` and ``bench`` the
-script's own status.
+script's own status (``bench-cache`` and ``bench-schedules`` too).
 
 ``plan`` imports no JAX (``import kvshard`` is lazy) and takes its arithmetic from
 :mod:`kvshard._plan`; ``--model NAME`` reads a Hugging Face config.json shipped in
@@ -30,7 +34,12 @@ from decimal import Decimal, InvalidOperation
 from typing import NoReturn
 
 from kvshard._config import PRESETS, ConfigError, ModelGeometry, preset_config, read_model_config
-from kvshard._layout import SUPPORTED_DTYPES, _canonical_dtype, check_tensor_parallel
+from kvshard._layout import (
+    SUPPORTED_DTYPES,
+    canonical_dtype,
+    check_query_heads,
+    check_tensor_parallel,
+)
 from kvshard._plan import BudgetTooSmall, ContextTooLong, format_plan, make_plan, window_pages
 from kvshard._run import SCRIPTS, Script, run_script
 
@@ -166,7 +175,7 @@ def _window(text: str) -> int:
 def _dtype(text: str) -> str:
     name = _DTYPE_ALIASES.get(text.lower(), text)
     try:
-        return _canonical_dtype(name)
+        return canonical_dtype(name)
     except ValueError:
         aliases = ", ".join(sorted(_DTYPE_ALIASES))
         raise ValueError(
@@ -233,6 +242,12 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         "--kv-heads", type=_arg_type(_positive_int, "int"), help="KV heads (before replication)"
     )
     plan.add_argument("--head-dim", type=_arg_type(_positive_int, "int"), help="head dimension")
+    plan.add_argument(
+        "--q-heads",
+        type=_arg_type(_positive_int, "int"),
+        help="query heads (default: the config's num_attention_heads): checked to split over "
+        "the head axis as kvshard.attention needs",
+    )
     plan.add_argument(
         "--kv-dtype",
         "--dtype",
@@ -326,6 +341,22 @@ def _check_options(argv: list[str], parser: argparse.ArgumentParser) -> list[str
 # --------------------------------------------------------------------------------------------
 
 
+def _query_heads_culprit(args: argparse.Namespace, q_heads: int, shape: dict[str, int]) -> str:
+    """The argument to name when query heads are refused: the mesh when they do not split over
+    its head axis, else (not whole KV groups) whichever flag gave the head counts."""
+    if q_heads % shape["num_kv_heads"] == 0:
+        dp, tp = args.mesh
+        return f"--mesh: {dp}x{tp}"
+    for flag, given in (
+        ("--q-heads", args.q_heads is not None),
+        ("--kv-heads", args.kv_heads is not None),
+        ("--model", bool(args.model)),
+    ):
+        if given:
+            return flag
+    return "--config"
+
+
 def _run_plan(args: argparse.Namespace, plan_parser: argparse.ArgumentParser) -> int:
     geometry: ModelGeometry | None = None
     label = args.model
@@ -370,6 +401,12 @@ def _run_plan(args: argparse.Namespace, plan_parser: argparse.ArgumentParser) ->
         check_tensor_parallel(shape["num_kv_heads"], tp)
     except ValueError as err:
         plan_parser.error(f"argument --mesh: {dp}x{tp}: {err}")
+    q_heads = args.q_heads if args.q_heads is not None else geometry and geometry.num_q_heads
+    if q_heads:
+        try:
+            check_query_heads(q_heads, shape["num_kv_heads"], tp)
+        except ValueError as err:
+            plan_parser.error(f"argument {_query_heads_culprit(args, q_heads, shape)}: {err}")
     try:
         plan = make_plan(
             **shape,
@@ -381,6 +418,7 @@ def _run_plan(args: argparse.Namespace, plan_parser: argparse.ArgumentParser) ->
             context=args.context,
             model=label,
             sliding_window=window,
+            num_q_heads=q_heads or None,
         )
     except BudgetTooSmall as err:
         plan_parser.error(f"argument --hbm-per-device: {err}")

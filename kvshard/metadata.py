@@ -13,11 +13,12 @@ on that bucket (:func:`padded_num_slices`); :func:`pad_slices` does both.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
 
-_INT32_MAX = int(np.iinfo(np.int32).max)
+from kvshard._layout import INT32_MAX
 
 
 def _counts(value: Sequence[int] | np.ndarray, name: str) -> np.ndarray:
@@ -150,48 +151,48 @@ def build_update_slices(
             f"slice {i}: page id {int(out[0, i]) // page_size} from page_table is negative; "
             "page ids must be >= 0"
         )
-    if total and out[0].max() > _INT32_MAX:
+    if total and out[0].max() > INT32_MAX:
         i = int(np.argmax(out[0]))
         raise ValueError(
             f"slice {i}: kv_cache_start {int(out[0, i])} (page id × page_size {page_size} + "
-            f"offset) would overflow int32 (max {_INT32_MAX}); page ids must be < "
-            f"{(_INT32_MAX + 1) // page_size}"
+            f"offset) would overflow int32 (max {INT32_MAX}); page ids must be < "
+            f"{(INT32_MAX + 1) // page_size}"
         )
-    if total and out[1, -1] + out[2, -1] > _INT32_MAX:
+    if total and out[1, -1] + out[2, -1] > INT32_MAX:
         raise ValueError(
             f"new_kv_start {int(out[1, -1] + out[2, -1])} (tokens scheduled) would overflow int32 "
-            f"(max {_INT32_MAX})"
+            f"(max {INT32_MAX})"
         )
     return out.astype(np.int32)
 
 
-def padded_num_slices(num_tokens: int, max_num_reqs: int, page_size: int) -> int:
-    """Returns the slice count to pad to: ``min(2 * max_num_reqs + num_tokens // P, num_tokens)``.
+def padded_num_slices(num_tokens: int, max_num_seqs: int, page_size: int) -> int:
+    """Returns the slice count to pad to: ``min(2 * max_num_seqs + num_tokens // P, num_tokens)``.
 
     Why it bounds S: a request writing R tokens from offset o touches
     ``(o + R - 1) // P - o // P + 1 <= 2 + (R - 1) // P <= 2 + R // P`` pages (one partial page
-    at each end plus the full pages between), so a step of at most ``max_num_reqs`` requests
-    and ``sum(R) <= num_tokens`` tokens has ``S <= 2 * max_num_reqs + num_tokens // P``; and
+    at each end plus the full pages between), so a step of at most ``max_num_seqs`` requests
+    and ``sum(R) <= num_tokens`` tokens has ``S <= 2 * max_num_seqs + num_tokens // P``; and
     every slice holds at least one token, so ``S <= num_tokens``. With ``num_tokens`` the
     padded (bucketed) count the result depends only on the bucket, as in vLLM.
 
     Args:
         num_tokens: tokens in the step (usually the padded count), an int >= 0.
-        max_num_reqs: the most requests a step may hold, an int >= 0.
+        max_num_seqs: the most requests a step may hold, an int >= 0.
         page_size: tokens per page (P), an int >= 1.
 
     Returns:
         The padded slice count ``S_pad``, an int >= 0.
 
     Raises:
-        ValueError: ``num_tokens`` or ``max_num_reqs`` is negative, or ``page_size < 1``.
+        ValueError: ``num_tokens`` or ``max_num_seqs`` is negative, or ``page_size < 1``.
     """
-    for name, value in (("num_tokens", num_tokens), ("max_num_reqs", max_num_reqs)):
+    for name, value in (("num_tokens", num_tokens), ("max_num_seqs", max_num_seqs)):
         if value < 0:
             raise ValueError(f"{name}={value} must be >= 0")
     if page_size < 1:
         raise ValueError(f"page_size={page_size} must be >= 1")
-    return int(min(2 * max_num_reqs + num_tokens // page_size, num_tokens))
+    return int(min(2 * max_num_seqs + num_tokens // page_size, num_tokens))
 
 
 def token_buckets(min_tokens: int = 16, max_tokens: int = 8192, gap: int = 0) -> list[int]:
@@ -258,41 +259,53 @@ def pad_slices(
     slices: np.ndarray,
     num_tokens: int,
     *,
-    max_num_reqs: int,
+    max_num_seqs: int | None = None,
     page_size: int,
     buckets: Sequence[int],
+    max_num_reqs: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """Pads one step's slices to a shape that depends only on the token bucket.
 
     Args:
         slices: int32[3, S] from :func:`build_update_slices`.
         num_tokens: tokens scheduled this step (the sum of slice lengths), an int >= 0.
-        max_num_reqs: the most requests a step may hold (fixes the slice bound).
+        max_num_seqs: the most requests a step may hold (fixes the slice bound), as in
+            :func:`kvshard.build_step`.
         page_size: tokens per page.
         buckets: ascending padded token counts (:func:`token_buckets`).
+        max_num_reqs: deprecated spelling of ``max_num_seqs``.
 
     Returns:
         ``(padded, num_slices, padded_tokens)``: int32[3, S_pad] with zero columns after the S
         live ones (length 0: the kernel writes nothing for them), int32[1] holding S, and the
         padded token count (an int), with
-        ``S_pad = padded_num_slices(padded_tokens, max_num_reqs, P)``.
+        ``S_pad = padded_num_slices(padded_tokens, max_num_seqs, P)``.
 
     Raises:
         ValueError: ``slices`` is not of shape [3, S]; ``num_tokens`` is negative or exceeds
-            the largest bucket; ``max_num_reqs`` is negative or ``page_size < 1``; S exceeds
-            ``S_pad`` (more requests than ``max_num_reqs``).
+            the largest bucket; ``max_num_seqs`` is negative or ``page_size < 1``; S exceeds
+            ``S_pad`` (more requests than ``max_num_seqs``).
         IndexError: ``buckets`` is empty.
     """
+    if max_num_reqs is not None:
+        if max_num_seqs is not None:
+            raise TypeError("pass max_num_seqs only (max_num_reqs is its deprecated spelling)")
+        warnings.warn(
+            "pad_slices(max_num_reqs=) is deprecated: pass max_num_seqs", DeprecationWarning, 2
+        )
+        max_num_seqs = max_num_reqs
+    if max_num_seqs is None:
+        raise TypeError("pad_slices needs max_num_seqs")
     slices = np.asarray(slices)
     if slices.ndim != 2 or slices.shape[0] != 3:
         raise ValueError(f"slices must have shape (3, S), got {slices.shape}")
     padded_tokens = padded_token_count(num_tokens, buckets)
-    size = padded_num_slices(padded_tokens, max_num_reqs, page_size)
+    size = padded_num_slices(padded_tokens, max_num_seqs, page_size)
     live = slices.shape[1]
     if live > size:
         raise ValueError(
             f"slices has {live} columns, more than the bound {size} for "
-            f"max_num_reqs={max_num_reqs} (more requests than max_num_reqs?)"
+            f"max_num_seqs={max_num_seqs} (more requests than max_num_seqs?)"
         )
     padded = np.zeros((3, size), np.int32)
     padded[:, :live] = slices

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvshard._layout import QUANTIZED_DTYPES, _canonical_dtype
+from kvshard._layout import QUANTIZED_DTYPES, canonical_dtype
 
 __all__ = ["calibrate_scales", "dequantize", "finite_range", "quantize", "saturated"]
 
@@ -44,7 +44,7 @@ def finite_range(dtype: Any) -> tuple[float, float]:
     Raises:
       ValueError: ``dtype`` is not one of int8, float8_e4m3fn, float8_e5m2.
     """
-    name = _canonical_dtype(dtype)
+    name = canonical_dtype(dtype)
     if name not in QUANTIZED_DTYPES:
         raise ValueError(f"dtype={name!r} is not quantized; use one of {QUANTIZED_DTYPES}")
     info = jnp.iinfo(name) if name == "int8" else jnp.finfo(name)
@@ -75,7 +75,7 @@ def quantize(x: jax.Array, scale: float, storage_dtype: Any) -> jax.Array:
       storage_dtype[...], same shape as ``x``: NaN stored as 0, values beyond the finite range
       (±inf included) stored as its limits.
     """
-    name = _canonical_dtype(storage_dtype)
+    name = canonical_dtype(storage_dtype)
     lo, hi = finite_range(name)
     return jnp.clip(_scaled(x, scale, name), lo, hi).astype(name)
 
@@ -86,7 +86,7 @@ def saturated(x: jax.Array, scale: float, storage_dtype: Any) -> jax.Array:
     True where ``x / scale`` (rounded, for int8) lies outside the finite range (clipped to its
     limits; ±inf included) or is NaN (stored as 0). Same arguments as :func:`quantize`.
     """
-    name = _canonical_dtype(storage_dtype)
+    name = canonical_dtype(storage_dtype)
     lo, hi = finite_range(name)
     y = x.astype(jnp.float32) * _inverse(scale)
     if name == "int8":

@@ -10,7 +10,7 @@ through and the ragged paged-attention metadata that :func:`kvshard.attention` r
     step = kvshard.build_step(alloc, req_ids, num_scheduled_tokens, rows=rows)
     # the step's tokens: request by request in req_ids order, padded to step.num_tokens_padded
     cache = kvshard.update(cache, layer, k, v, step)
-    out = kvshard.attention(q, cache, layer, step, sm_scale=D**-0.5)
+    out = kvshard.attention(cache, layer, q, step, sm_scale=D**-0.5)
 
 Every array has a shape fixed by ``(num_tokens_padded, max_num_seqs)`` and the allocator's
 page-table width, both bucketed, so a serving loop compiles a bounded number of times.
@@ -21,36 +21,76 @@ The builder is numpy only; this module imports JAX solely to register the pytree
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Hashable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
 import numpy as np
 
+from kvshard._layout import INT32_MAX
 from kvshard.metadata import build_update_slices, padded_num_slices
 
 if TYPE_CHECKING:
     from kvshard.allocator import PageAllocator
 
-__all__ = ["StepMetadata", "build_step", "next_bucket", "stack_steps"]
+__all__ = ["StepGeometry", "StepMetadata", "build_step", "check_step", "next_bucket", "stack_steps"]
 
 # Smallest padded sizes: below these, padding costs nothing measurable and saves compilations.
 MIN_TOKENS_PADDED = 16
 MIN_SEQS_PADDED = 8
 
 
-@jax.tree_util.register_dataclass
+class StepGeometry(NamedTuple):
+    """The static shape of a step and the pool it addresses: what :func:`check_step` checks.
+
+    Attributes:
+      page_size: tokens per page of the pool the step was built for.
+      num_pages: pages per pool (null page included): the allocator's ``num_pages``.
+      pages_per_seq: columns of ``page_indices`` (the allocator's ``max_pages_per_request``).
+      num_tokens_padded: T, the token axis of k, v and q.
+      max_num_seqs: rows of ``page_indices``, ``kv_lens``; ``cu_q_lens`` has one more.
+    """
+
+    page_size: int
+    num_pages: int
+    pages_per_seq: int
+    num_tokens_padded: int
+    max_num_seqs: int
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=[
+        "slices",
+        "num_slices",
+        "page_indices",
+        "kv_lens",
+        "cu_q_lens",
+        "num_seqs",
+        "positions",
+    ],
+    meta_fields=["geometry"],
+)
 @dataclasses.dataclass(frozen=True)
 class StepMetadata:
     """Everything one step needs on device: update slices and paged-attention metadata.
 
     A pytree of int32 arrays (NumPy from :func:`build_step`; put it on device once, pass it
-    through ``jit``). With a data-parallel page axis every field gains a leading ``[dp]`` axis
-    (:func:`stack_steps`), one step per page pool.
+    through ``jit``) plus its :class:`StepGeometry` as static aux data, so a step built for
+    one pool cannot silently be used with a cache of another geometry: :func:`kvshard.update`
+    and :func:`kvshard.attention` check it eagerly and, under ``jit``, at trace time. With a
+    data-parallel page axis every array gains a leading ``[dp]`` axis (:func:`stack_steps`),
+    one step per page pool; the geometry is that of each pool.
 
     The step's ``T = num_tokens_padded`` tokens are packed request by request in batch order
     from token 0; tokens past ``cu_q_lens[num_seqs]`` are padding (written nowhere, attended
     to by nothing, their attention output is zero).
+
+    Padding rule: entries past ``num_seqs`` (rows of ``page_indices``/``kv_lens``, entries
+    of ``cu_q_lens`` past index ``num_seqs``) and columns past ``num_slices`` are never read.
+    :func:`build_step` zeroes them and repeats the token total in ``cu_q_lens``; JAX's own
+    convention (zeros past ``num_seqs``) is read the same way.
 
     Attributes:
       slices: int32[3, S] update slices, rows (kv_cache_start, new_kv_start, slice_len);
@@ -68,6 +108,8 @@ class StepMetadata:
       num_seqs: int32[1] live requests (rows of ``page_indices``/``kv_lens``).
       positions: int32[T] position of each token in its request's sequence (for RoPE);
         0 for padding tokens.
+      geometry: static :class:`StepGeometry`; None for metadata built by hand (then only the
+        array shapes are checked).
     """
 
     slices: Any
@@ -77,6 +119,7 @@ class StepMetadata:
     cu_q_lens: Any
     num_seqs: Any
     positions: Any
+    geometry: StepGeometry | None = None
 
     @property
     def num_tokens_padded(self) -> int:
@@ -87,6 +130,61 @@ class StepMetadata:
     def max_num_seqs(self) -> int:
         """Rows of ``page_indices``: the padded request count."""
         return int(np.shape(self.kv_lens)[-1])
+
+
+def check_step(
+    step: Any,
+    *,
+    page_size: int,
+    num_pages: int,
+    num_tokens: int,
+    token_arg: str,
+    lead: tuple[int, ...] = (),
+) -> StepMetadata:
+    """The step contract: raises unless ``step`` fits a cache and the step's tokens.
+
+    Checks that ``step`` is a :class:`StepMetadata`, that its geometry (when it has one) is the
+    cache's (``page_size``, ``num_pages``) and matches its own arrays, and that its token axis
+    is ``num_tokens``, the token axis of the caller's ``token_arg`` (q or k). ``lead`` is
+    ``(dp,)`` with a page axis. Shapes of the fields an operation reads are checked by the
+    operation. Static data only: runs eagerly and at trace time alike.
+
+    Raises:
+      TypeError: ``step`` is not a StepMetadata.
+      ValueError: a geometry field differs from the cache's or from the arrays, or the token
+        axis differs; the message names the field, its value and what the cache expects.
+    """
+    if not isinstance(step, StepMetadata):
+        raise TypeError(
+            f"step must be a kvshard.StepMetadata (from build_step), got {type(step).__name__}"
+        )
+    geometry = step.geometry
+    if geometry is not None:
+        for field, expected in (("page_size", page_size), ("num_pages", num_pages)):
+            value = getattr(geometry, field)
+            if value != expected:
+                raise ValueError(
+                    f"step.geometry.{field}={value} but the cache has {field}={expected}: "
+                    "build the step from the allocator of this cache's pool"
+                )
+        shapes = {
+            "num_tokens_padded": np.shape(step.positions)[len(lead) :][:1],
+            "max_num_seqs": np.shape(step.kv_lens)[len(lead) :][:1],
+            "pages_per_seq": np.shape(step.page_indices)[len(lead) :][1:2],
+        }
+        for field, shape in shapes.items():
+            if tuple(shape) != (getattr(geometry, field),):
+                raise ValueError(
+                    f"step.geometry.{field}={getattr(geometry, field)} does not match its "
+                    f"arrays (size {list(shape)}): a field was replaced by one of another shape"
+                )
+    steps_tokens = np.shape(step.positions)[-1] if np.ndim(step.positions) else None
+    if steps_tokens != num_tokens:
+        raise ValueError(
+            f"{token_arg} has {num_tokens} tokens but the step was built for "
+            f"num_tokens_padded={steps_tokens}: pad {token_arg} to the step's token axis"
+        )
+    return step
 
 
 def next_bucket(n: int, minimum: int) -> int:
@@ -148,14 +246,41 @@ def build_step(
     if batch and scheduled.min() < 0:
         i = int(np.argmin(scheduled))
         raise ValueError(f"num_scheduled_tokens[{i}]={int(scheduled[i])} must be >= 0")
-    if rows is None:
-        row_of = np.fromiter((allocator.row(r) for r in req_ids), np.int64, count=batch)
-    else:
-        row_of = _int_array(rows, "rows")
-        if row_of.shape != (batch,):
-            raise ValueError(f"rows has {row_of.shape[0]} entries for {batch} req_ids")
+    if len(set(req_ids)) != batch:
+        seen: set[Hashable] = set()
+        dup = next(r for r in req_ids if r in seen or seen.add(r))  # type: ignore[func-returns-value]
+        raise ValueError(f"req_ids holds {dup!r} twice: each request appears once per step")
+    for name, value in (("num_tokens_padded", num_tokens_padded), ("max_num_seqs", max_num_seqs)):
+        if value is not None and (isinstance(value, bool) or int(value) < 1):
+            raise ValueError(f"{name}={value!r} must be None or an int >= 1")
+    page_size = allocator.page_size
     table = allocator.page_table
+    if table.shape[1] * page_size > INT32_MAX:
+        raise ValueError(
+            f"the allocator's max_pages_per_request × page_size = {table.shape[1] * page_size} "
+            f"exceeds int32 ({INT32_MAX}): attention's token positions would wrap"
+        )
+    # The requests' own rows; given `rows` must be exactly these (a wrong row would write one
+    # request's tokens into another's pages).
+    row_of = np.fromiter((allocator.row(r) for r in req_ids), np.int64, count=batch)
+    if rows is not None:
+        given = _int_array(rows, "rows")
+        if given.shape != (batch,):
+            raise ValueError(f"rows has {given.shape[0]} entries for {batch} req_ids")
+        wrong = np.flatnonzero(given != row_of)
+        if wrong.size:
+            i = int(wrong[0])
+            raise ValueError(
+                f"rows[{i}]={int(given[i])} is not the row of request {req_ids[i]!r} "
+                f"(row {int(row_of[i])}): pass what allocate_batch returned, in req_ids order"
+            )
     kv_lens = np.asarray(allocator.row_num_tokens)[row_of].astype(np.int64)
+    if batch and kv_lens.max() > INT32_MAX:
+        i = int(np.argmax(kv_lens))
+        raise ValueError(
+            f"request {req_ids[i]!r} holds {int(kv_lens[i])} tokens, past int32 ({INT32_MAX}): "
+            "its kv_len and positions cannot be represented"
+        )
     computed = kv_lens - scheduled
     if batch and computed.min() < 0:
         i = int(np.argmin(computed))
@@ -174,14 +299,13 @@ def build_step(
     seqs = next_bucket(batch, MIN_SEQS_PADDED) if max_num_seqs is None else int(max_num_seqs)
     if seqs < batch:
         raise ValueError(f"max_num_seqs={seqs} is below the {batch} requests of this step")
-    page_size = allocator.page_size
 
     live = build_update_slices(computed, scheduled, table, page_size, rows=row_of)
     slices = np.zeros((3, padded_num_slices(tokens, seqs, page_size)), np.int32)
     slices[:, : live.shape[1]] = live
 
     page_indices = np.zeros((seqs, table.shape[1]), np.int32)
-    page_indices[:batch] = table[row_of]
+    np.take(table, row_of, axis=0, out=page_indices[:batch])  # no fancy-index temporary
     lens = np.zeros(seqs, np.int32)
     lens[:batch] = kv_lens
     cu_q_lens = np.full(seqs + 1, total, np.int32)
@@ -198,6 +322,13 @@ def build_step(
         cu_q_lens=cu_q_lens,
         num_seqs=np.array([batch], np.int32),
         positions=positions,
+        geometry=StepGeometry(
+            page_size=int(page_size),
+            num_pages=int(allocator.num_pages),
+            pages_per_seq=int(table.shape[1]),
+            num_tokens_padded=tokens,
+            max_num_seqs=seqs,
+        ),
     )
 
 
@@ -205,15 +336,38 @@ def stack_steps(steps: Sequence[StepMetadata]) -> StepMetadata:
     """Stacks one step per page pool into the ``[dp, ...]`` form a page axis takes.
 
     Raises:
-      ValueError: no steps, or their shapes differ (build them with the same
-        ``num_tokens_padded`` and ``max_num_seqs``, and allocators of the same width).
+      TypeError: an element is not a StepMetadata.
+      ValueError: no steps, or they differ in geometry or in a field's shape (the message
+        names the field and both values: build every pool's step with the same
+        ``num_tokens_padded`` and ``max_num_seqs``, from allocators of the same geometry).
     """
     if not steps:
         raise ValueError("stack_steps needs at least one StepMetadata")
-    shapes = {tuple(np.shape(x) for x in dataclasses.astuple(s)) for s in steps}
-    if len(shapes) > 1:
-        raise ValueError(
-            "steps have different shapes; build every pool's step with the same "
-            "num_tokens_padded and max_num_seqs"
-        )
+    for i, step in enumerate(steps):
+        if not isinstance(step, StepMetadata):
+            raise TypeError(f"steps[{i}] must be a StepMetadata, got {type(step).__name__}")
+    first = steps[0]
+    for i, step in enumerate(steps[1:], start=1):
+        if (step.geometry is None) != (first.geometry is None):
+            raise ValueError(f"steps[{i}] and steps[0] differ: one has a geometry, one not")
+        if first.geometry is not None and step.geometry != first.geometry:
+            field = next(
+                f
+                for f in StepGeometry._fields
+                if getattr(step.geometry, f) != getattr(first.geometry, f)
+            )
+            raise ValueError(
+                f"steps[{i}].geometry.{field}={getattr(step.geometry, field)} but "
+                f"steps[0].geometry.{field}={getattr(first.geometry, field)}: build every "
+                "pool's step with the same num_tokens_padded and max_num_seqs, from allocators "
+                "of the same page_size, num_pages and max_pages_per_request"
+            )
+        for field in (f.name for f in dataclasses.fields(StepMetadata) if f.name != "geometry"):
+            a, b = np.shape(getattr(first, field)), np.shape(getattr(step, field))
+            if a != b:
+                raise ValueError(
+                    f"steps[{i}].{field} has shape {list(b)} but steps[0].{field} has "
+                    f"{list(a)}: build every pool's step with the same num_tokens_padded and "
+                    "max_num_seqs, from allocators of the same max_pages_per_request"
+                )
     return jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *steps)

@@ -202,7 +202,7 @@ def run_case(shape, page_axis, backend, seed):
         else:
             meta, k, v, q_in = steps[0], k[0], v[0], q[0]
         cache = kvshard.update(cache, layer, k, v, meta, backend=backend)
-        out = kvshard.attention(q_in, cache, layer, meta, sm_scale=SM_SCALE, backend="xla")
+        out = kvshard.attention(cache, layer, q_in, meta, sm_scale=SM_SCALE, backend="xla")
         expected = np.stack(
             [
                 expected_attention(oracle, allocators[g], layer, g, q[g], ids, counts)

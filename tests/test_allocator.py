@@ -1039,25 +1039,6 @@ def test_loaded_corrupt_state_cannot_hand_out_bad_pages():
         assert pages.tolist() == [1] and target.num_tokens("intruder") == 3
 
 
-def test_latency_benchmark_runs_and_evicts(tmp_path):
-    """benchmarks/allocator_latency.py: both scenarios run (it asserts the evicting one evicts)."""
-    import json
-
-    from _scripts import ROOT, run_script, stdout_of_success
-
-    out = stdout_of_success(
-        run_script(
-            ROOT / "benchmarks" / "allocator_latency.py",
-            *("--num-pages", "2049", "--pages", "1", "4", "--calls", "30", "--out", str(tmp_path)),
-        )
-    )
-    assert out.count("ratio p99 allocate") == 2
-    report = json.loads((tmp_path / "allocator_latency.json").read_text())
-    assert {(r["pages"], r["scenario"]) for r in report["rows"]} == {
-        (p, s) for p in (1, 4) for s in ("free stack", "evicting")
-    }
-
-
 # ------------------------------------------------------ truncate, sliding window (issue 14)
 
 

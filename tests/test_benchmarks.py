@@ -1,38 +1,51 @@
-"""Smoke runs of the benchmark suite with tiny sizes: every benchmark runs and prints its table,
-checks kvshard against its baseline, and writes its JSON (and PNG when matplotlib is present).
+"""Smoke runs of every benchmark in kvshard.benchmarks with tiny sizes: each runs and prints its
+table, checks kvshard against its baseline, and writes its JSON (and PNG when matplotlib is
+present).
 
-Timings are not asserted (they belong to the benchmarks' own output).
+In process (the test session already has JAX and 8 simulated CPU devices), through each
+benchmark's ``main(argv)`` or ``run``; one test goes through ``kvshard bench`` itself. Timings
+are not asserted (they belong to the benchmarks' own output).
 """
 
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
-from _scripts import ROOT, run_script, stdout_of_success
 
+from kvshard import cli
 from kvshard.benchmarks import __main__ as suite
-from kvshard.benchmarks import compilations, memory, tpu_schedule
+from kvshard.benchmarks import (
+    allocator_latency,
+    attention_decode,
+    cache_update,
+    compilations,
+    host_step,
+    memory,
+    tpu_schedule,
+    update_schedules,
+)
 
 pytest.importorskip("matplotlib")
 
 
-def test_host_step_table_prints_every_row():
-    out = stdout_of_success(
-        run_script(
-            ROOT / "benchmarks" / "host_step.py",
+def test_host_step_table_prints_every_row(capsys):
+    host_step.main(
+        [
             *("--batch-sizes", "8", "32", "--repeats", "2", "--context", "40"),
             *("--prefills", "2", "--prefill-chunk", "20"),
-        )
+        ]
     )
+    out = capsys.readouterr().out
     for row in ("metadata decode B=8", "host step decode B=32", "host step mixed B=32+2x20"):
         assert row in out
 
 
 def test_host_step_sweep_writes_json_and_plot(tmp_path, capsys):
-    from kvshard.benchmarks.host_step import sweep
-
-    data = sweep(str(tmp_path), batch_sizes=[8, 16], repeats=2, context=40, prefill_chunk=20)
+    data = host_step.sweep(
+        str(tmp_path), batch_sizes=[8, 16], repeats=2, context=40, prefill_chunk=20
+    )
     out = capsys.readouterr().out
     assert "host step mixed B=16" in out and "metadata decode B=8" in out
     saved = json.loads((tmp_path / "host_step.json").read_text())
@@ -41,30 +54,46 @@ def test_host_step_sweep_writes_json_and_plot(tmp_path, capsys):
     assert (tmp_path / "host_step.png").stat().st_size > 1000
 
 
-def test_cache_update_agrees_and_reports_every_row(tmp_path):
-    out = stdout_of_success(
-        run_script(
-            ROOT / "benchmarks" / "cache_update.py",
+def test_allocator_latency_runs_and_evicts(tmp_path, capsys):
+    """Both scenarios run (the benchmark asserts the evicting one evicts)."""
+    allocator_latency.main(
+        ["--num-pages", "2049", "--pages", "1", "4", "--calls", "30", "--out", str(tmp_path)]
+    )
+    assert capsys.readouterr().out.count("ratio p99 allocate") == 2
+    report = json.loads((tmp_path / "allocator_latency.json").read_text())
+    assert {(r["pages"], r["scenario"]) for r in report["rows"]} == {
+        (p, s) for p in (1, 4) for s in ("free stack", "evicting")
+    }
+
+
+def test_cache_update_agrees_and_reports_every_row(tmp_path, capsys):
+    cache_update.main(
+        [
             *("--dtype", "float32", "--dtype", "bfloat16", "--tokens", "32"),
             *("--cache-mib", "2", "--repeats", "2", "--out", str(tmp_path)),
-        )
+        ]
     )
+    out = capsys.readouterr().out
     assert "float32 T=32" in out and "bfloat16 T=32" in out and "vs undonated" in out
     rows = json.loads((tmp_path / "cache_update.json").read_text())["rows"]
     assert [(r["dtype"], r["tokens"]) for r in rows] == [("float32", 32), ("bfloat16", 32)]
     assert (tmp_path / "cache_update.png").is_file()
 
 
-def test_cache_update_rejects_tokens_off_the_page_grid(tmp_path):
-    proc = run_script(ROOT / "benchmarks" / "cache_update.py", "--tokens", "20")
-    assert proc.returncode == 2 and "--tokens 20 must be a positive multiple" in proc.stderr
+def test_cache_update_rejects_tokens_off_the_page_grid(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cache_update.main(["--tokens", "20"])
+    assert exit_info.value.code == 2
+    assert "--tokens 20 must be a positive multiple" in capsys.readouterr().err
 
 
 def test_compilations_bounded_and_none_after_warmup(tmp_path, capsys):
-    data = compilations.run(str(tmp_path), steps=30, budget=64)
+    # Token budget 32: buckets 16 and 32. Warm-up compiles the cache's zeros and one update and
+    # one attention executable per bucket (docs/performance.md): at most 5.
+    data = compilations.run(str(tmp_path), steps=20, budget=32)
     assert "random trace after warm-up" in capsys.readouterr().out
     assert data["trace_compilations"] == 0
-    assert 1 <= data["warmup_compilations"] <= 12
+    assert 1 <= data["warmup_compilations"] <= 1 + 2 * 2
     assert (tmp_path / "compilations.json").is_file()
 
 
@@ -77,11 +106,42 @@ def test_memory_tables(tmp_path, capsys):
         pages=1000,
         requests=16,
         pages_per_request=8,
+        context=256,
     )
     out = capsys.readouterr().out
     assert "temp / new" in out and "PageAllocator host bytes" in out
+    assert "32 queries, 256-token context" in out
     assert [r["dtype"] for r in data["update"]] == ["float32", "int8"]
+    # The caller's donating jit updates in place: the cache is aliased, not copied, and the
+    # temporaries stay near the new tokens' bytes (2 x 32 tokens x 8 heads x 128, per dtype).
+    for row, itemsize in zip(data["update"], (4, 1), strict=True):
+        assert row["new_token_bytes"] == 2 * 32 * 8 * 128 * itemsize
+        assert row["alias_bytes"] == row["cache_bytes"]
+        assert row["temp_bytes"] <= 2 * row["new_token_bytes"]
+    # Attention ran for every dtype; the context's K/V: 2 x 256 tokens x 8 heads x 128.
+    assert [a["dtype"] for a in data["attention"]] == ["float32", "int8"]
+    assert all("error" not in a and a["temp_bytes"] > 0 for a in data["attention"])
+    assert [a["context_kv_bytes"] for a in data["attention"]] == [
+        2 * 256 * 8 * 128 * s for s in (4, 1)
+    ]
     assert data["allocator"]["bytes_after_init"] > 0
+
+
+def test_attention_decode_agrees_with_gather_and_dense(tmp_path, capsys):
+    row = attention_decode.run(str(tmp_path), batch=4, context=64, page_size=16, repeats=1)
+    out = capsys.readouterr().out
+    assert "kvshard.attention" in out and "gather + dense" in out
+    assert row["mesh"] == "1x8"  # the test session's 8 devices: one KV head each
+    assert row["max_abs_diff"] < attention_decode.TOLERANCE
+    # Per device: one KV head's K and V (float32, head_dim 128) of 4 x 64 context tokens.
+    assert row["pages_read_bytes_per_device"] == 4 * 64 * 2 * 128 * 4
+    saved = json.loads((tmp_path / "attention_decode.json").read_text())
+    assert saved["batch"] == 4 and saved["context"] == 64
+
+
+def test_attention_decode_refuses_a_context_off_the_page_grid(tmp_path):
+    with pytest.raises(ValueError, match="context=40 must be a multiple of page_size=16"):
+        attention_decode.run(str(tmp_path), batch=2, context=40, page_size=16, repeats=1)
 
 
 def test_tpu_schedule_counts_follow_the_rules(tmp_path, capsys):
@@ -93,7 +153,40 @@ def test_tpu_schedule_counts_follow_the_rules(tmp_path, capsys):
     assert (seed["grid_steps"], seed["dmas"], seed["waits"]) == (4, 512, 512)
     assert (direct["grid_steps"], direct["dmas"], direct["waits"]) == (4, 256, 4)
     assert seed["hbm_bytes"] == direct["hbm_bytes"] == 2 * 256 * 16 * 128 * 2
-    assert "kvshard direct" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "kvshard direct" in out
+    # It tells TPU users the A/B command, a real `kvshard` command.
+    assert update_schedules.TPU_COMMAND in out
+    assert update_schedules.TPU_COMMAND.split()[1] in cli.SCRIPTS
+
+
+@pytest.mark.slow
+def test_update_schedules_check_both_and_print_the_tpu_command(tmp_path, capsys):
+    flags = ["--block", "2", "--repeats", "1", "--decode-tokens", "3", "--prefill-tokens", "10"]
+    assert update_schedules.main([*flags, "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    for step in ("decode", "prefill"):
+        for schedule in ("direct", "vmem"):
+            assert re.search(rf"{step}\s+{schedule}\s", out), out
+    assert "both schedules match the oracle" in out
+    assert "kvshard bench-schedules --num-pages 4096" in out
+    rows = json.loads((tmp_path / "update_schedules.json").read_text())["rows"]
+    assert len(rows) == 4
+
+
+def test_update_schedules_report_a_schedule_that_differs(tmp_path, capsys, monkeypatch):
+    """A kernel that writes a wrong cache fails the check before anything is timed (a stand-in
+    kernel, so that no interpret-mode run is needed)."""
+    import kvshard.kernels
+
+    def wrong_kernel(new_kv, slices, kv_cache, num, **options):
+        return kv_cache + 1
+
+    monkeypatch.setattr(kvshard.kernels, "kv_cache_update", wrong_kernel)
+    flags = ["--repeats", "1", "--decode-tokens", "2", "--prefill-tokens", "8"]
+    assert update_schedules.main([*flags, "--out", str(tmp_path)]) == 1
+    assert "decode/direct: the cache differs from the oracle's" in capsys.readouterr().err
+    assert not (tmp_path / "update_schedules.json").exists()
 
 
 def test_suite_runs_selected_benchmarks_and_reports_failures(tmp_path, capsys, monkeypatch):
@@ -110,18 +203,29 @@ def test_suite_runs_selected_benchmarks_and_reports_failures(tmp_path, capsys, m
     assert "TPU update kernel on paper" in captured.out  # the next benchmark still ran
 
 
-def test_bench_tells_tpu_users_the_schedule_ab_command():
-    """`kvshard bench` prints the A/B command of the update kernel's schedules, and that
-    command is the one benchmarks/update_schedules.py itself documents."""
+def test_host_only_benchmark_sizes_bfloat16_pages_without_jax():
+    """`kvshard bench --only tpu_schedule` (no JAX) failed in a fresh process: NumPy knows
+    "bfloat16" only once ml_dtypes is imported, and page_bytes did not import it. A fresh
+    interpreter, as the suite runs: 16 slots x 16 combined heads x 128 x 2 bytes."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from kvshard._layout import page_bytes\n"
+        "print(page_bytes(16, 16, 128, 'bfloat16'), 'jax' in sys.modules)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == [str(16 * 16 * 128 * 2), "False"]
+
+
+def test_suite_holds_every_benchmark_module():
+    """One folder, every benchmark in it, each reachable from `kvshard bench --only`."""
     from pathlib import Path
 
-    from kvshard.benchmarks.tpu_schedule import TPU_AB_COMMAND
-
-    script = (
-        Path(__file__).resolve().parents[1] / "benchmarks" / "update_schedules.py"
-    ).read_text()
-    assert f'TPU_COMMAND = "{TPU_AB_COMMAND}"' in script
-    source = (
-        Path(__file__).resolve().parents[1] / "kvshard/benchmarks/tpu_schedule.py"
-    ).read_text()
-    assert "{TPU_AB_COMMAND}" in source
+    folder = Path(suite.__file__).parent
+    modules = {p.stem for p in folder.glob("*.py") if not p.stem.startswith("_")}
+    assert modules == set(suite.BENCHMARKS)
+    assert not (Path(__file__).resolve().parents[1] / "benchmarks").exists()

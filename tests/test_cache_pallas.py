@@ -25,7 +25,8 @@ from jax.sharding import PartitionSpec as P
 from test_cache import Oracle, assert_matches, fixed_slices, make_mesh, random_kv, small_spec
 
 import kvshard.kernels.budgets
-from kvshard.cache import CacheSpec, _update_jit, init_cache, update
+from kvshard import BackendOptions
+from kvshard.cache import CacheSpec, init_cache, update
 from kvshard.testing import update_slices
 
 pytestmark = pytest.mark.slow
@@ -89,7 +90,8 @@ def test_pallas_pooled_update_in_place():
     slices, num = fixed_slices(2)
     rep = NamedSharding(mesh, P())
     args = [jax.device_put(x, rep) for x in (np.int32(1), k, v, slices, num)]
-    compiled = _update_jit.lower(cache, *args, backend="pallas", interpret=None).compile()
+    write = lambda c, *a: update(c, *a, backend="pallas")  # the caller's own jit, cache donated
+    compiled = jax.jit(write, donate_argnums=0).lower(cache, *args).compile()
     stats = compiled.memory_analysis()
     layer_bytes = spec.bytes_per_device(2) // spec.num_layers  # 512 KiB a layer a device
     assert stats.temp_size_in_bytes < layer_bytes // 4, stats
@@ -150,7 +152,16 @@ def test_sharded_update_lowers_for_tpu(page_axis):
     )
 
     def fn(cache, layer, k, v, slices, num):
-        return update(cache, layer, k, v, slices, num, backend="pallas", interpret=False)
+        return update(
+            cache,
+            layer,
+            k,
+            v,
+            slices,
+            num,
+            backend="pallas",
+            options=BackendOptions(interpret=False),
+        )
 
     exported = jax.export.export(jax.jit(fn, donate_argnums=0), platforms=["tpu"])(*args)
     text = exported.mlir_module()

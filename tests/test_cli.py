@@ -496,11 +496,55 @@ def test_mixed_window_layers_are_noted_not_released(capsys, tmp_path):
     ]
 
 
+# ------------------------------------------------------------------ query heads (issue 18)
+
+
+def test_config_whose_query_heads_do_not_split_is_refused_with_the_padding(capsys, tmp_path):
+    """14 query heads over 2 KV heads (groups of 7) on a 4-way head axis: each KV head sits on
+    2 devices, which would each take 3.5 query heads; padding each group to 8 (16 in all)
+    splits. kvshard.attention refuses the unpadded layout, so the planner must too."""
+    config = {**LLAMA_3_8B_CONFIG, "num_attention_heads": 14, "num_key_value_heads": 2}
+    config["head_dim"] = 128
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    argv = ["plan", "--config", str(path), "--mesh", "1x4", "--hbm-per-device", "1GiB"]
+    err = one_line_error(capsys, argv)
+    assert err.startswith("kvshard plan: error: argument --mesh: 1x4: num_q_heads=14"), err
+    assert "Pad each KV head's group from 7 to 8 query heads (16 in all" in err, err
+    assert "head axis size of 1, 2, 14" in err, err
+    # The sizes it names work; so do the padded heads on the refused mesh.
+    assert plan_json(capsys, [*argv[:4], "1x2", *argv[5:]])["q_heads_per_device"] == 7
+    padded = plan_json(capsys, [*argv, "--q-heads", "16"])
+    assert padded["num_q_heads"] == 16 and padded["q_heads_per_device"] == 4
+
+
+def test_shipped_qwen_on_eight_devices_is_refused(capsys):
+    """Qwen2.5-7B: 28 query heads, 4 KV heads. 1x8 was approved before though attention
+    refuses it; 1x4 (7 query heads per device) is fine."""
+    base = ["plan", "--model", "qwen2.5-7b", "--hbm-per-device", "16GiB"]
+    err = one_line_error(capsys, [*base, "--mesh", "1x8"])
+    assert "from 7 to 8 query heads (32 in all" in err, err
+    assert plan_json(capsys, [*base, "--mesh", "1x4"])["q_heads_per_device"] == 7
+
+
+@pytest.mark.parametrize(
+    ("flags", "blamed"),
+    [
+        (["--model", "qwen2.5-7b", "--kv-heads", "3"], "--kv-heads"),
+        (["--model", "qwen2.5-7b", "--q-heads", "30"], "--q-heads"),
+    ],
+)
+def test_query_heads_not_a_multiple_of_kv_heads_name_the_flag(capsys, flags, blamed):
+    err = one_line_error(capsys, ["plan", *flags, "--hbm-per-device", "1GiB"])
+    assert err.startswith(f"kvshard plan: error: argument {blamed}: num_q_heads="), err
+    assert "is not a multiple of num_kv_heads" in err
+
+
 # ------------------------------------------------------------------ demo / bench dispatch
 
 
 def test_scripts_name_the_command_in_their_help(tmp_path, capfd):
-    script = tmp_path / "benchmarks" / "cache_update.py"
+    script = tmp_path / "examples" / "tp_decode.py"
     script.parent.mkdir()
     (script.parent / "_sibling.py").write_text("VALUE = 7\n")
     script.write_text(
@@ -508,30 +552,50 @@ def test_scripts_name_the_command_in_their_help(tmp_path, capfd):
         "print('sibling', VALUE, 'args', sys.argv[1:])\n"
         "argparse.ArgumentParser().parse_args()\n"
     )
-    assert cli.run_script("bench-cache", ["--help"], root=tmp_path) == 0
+    assert cli.run_script("demo", ["--help"], root=tmp_path) == 0
     out = capfd.readouterr().out
     assert "sibling 7 args ['--help']" in out  # imports its siblings, gets the arguments
-    assert "usage: kvshard bench-cache [-h]" in out
+    assert "usage: kvshard demo [-h]" in out
 
 
 def test_script_pass_through(tmp_path, capfd):
-    script = tmp_path / "benchmarks" / "run_all.py"
+    script = tmp_path / "examples" / "tp_decode.py"
     script.parent.mkdir()
     script.write_text("import sys\nprint('args', sys.argv[1:])\nsys.exit(3)\n")
-    assert cli.run_script("bench", ["--repeats", "1", "--help"], root=tmp_path) == 3
+    assert cli.run_script("demo", ["--repeats", "1", "--help"], root=tmp_path) == 3
     assert "args ['--repeats', '1', '--help']" in capfd.readouterr().out
 
 
-def test_missing_script_is_a_clear_error(tmp_path, capsys, monkeypatch):
-    monkeypatch.setitem(
-        cli.SCRIPTS, "bench", cli.Script("kvshard.no_such_module", ("benchmarks", "x.py"), "")
-    )
+def test_benchmark_commands_run_the_package_modules(capfd):
+    """The benchmarks live only in the package (no source-tree script): every command's module
+    exists, and `kvshard bench --help` runs kvshard.benchmarks, naming the command."""
+    import importlib.util
+
+    assert all(cli.SCRIPTS[name].source is None for name in cli.SCRIPTS if name != "demo")
+    assert all(importlib.util.find_spec(s.module) for s in cli.SCRIPTS.values())
+    assert cli.main(["bench", "--help"]) == 0
+    out = capfd.readouterr().out
+    assert out.startswith("usage: kvshard bench")
+    assert "attention_decode" in out and "update_schedules" in out  # --only's choices
+
+
+@pytest.mark.parametrize(
+    ("source", "where"),
+    [
+        (("benchmarks", "x.py"), "and no source checkout"),
+        (None, "; reinstall kvshard"),
+    ],
+)
+def test_missing_script_is_a_clear_error(tmp_path, capsys, monkeypatch, source, where):
+    monkeypatch.setitem(cli.SCRIPTS, "bench", cli.Script("kvshard.no_such_module", source, ""))
     monkeypatch.setattr(kvshard._run, "_source_root", lambda: tmp_path)
     assert cli.main(["bench", "--help"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1
     assert err.startswith("kvshard bench: error: not installed: no module kvshard.no_such_module")
-    assert str(tmp_path / "benchmarks" / "x.py") in err
+    assert where in err
+    if source is not None:
+        assert str(tmp_path / "benchmarks" / "x.py") in err
 
 
 # ------------------------------------------------------------------ no JAX for planning

@@ -63,6 +63,16 @@ def test_read_model_config_fields(change, expected):
     assert (g.num_layers, g.num_kv_heads, g.head_dim, g.dtype) == expected
 
 
+def test_query_heads_are_read_when_present():
+    assert kvshard.read_model_config(LLAMA).num_q_heads == 32
+    # Without num_attention_heads (head_dim and KV heads given) they are unknown, not guessed.
+    config = {k: v for k, v in LLAMA.items() if k != "num_attention_heads"}
+    config["head_dim"] = 128
+    assert kvshard.read_model_config(config).num_q_heads is None
+    with pytest.raises(kvshard.ConfigError, match="num_attention_heads=0 must be a positive"):
+        kvshard.read_model_config({**LLAMA, "num_attention_heads": 0, "head_dim": 128})
+
+
 def test_text_config_of_a_multimodal_model():
     g = kvshard.read_model_config({"model_type": "llava", "text_config": LLAMA})
     assert (g.num_layers, g.num_kv_heads, g.head_dim) == (32, 8, 128)

@@ -132,3 +132,11 @@ def test_demo_forward_has_no_cache_collectives(kv_heads):
     # The layer loop's body holds the two projections' all-reduces; nothing else reduces.
     assert len(re.findall(r" all-reduce(?:-start)?\(", hlo)) == 2, hlo.count("all-reduce")
     del jax
+
+
+def test_serving_loop_data_parallel_by_tensor_parallel():
+    """The serving-loop guide's 2x4 loop: stack_steps, an idle pool, padded copy pairs."""
+    out = summary(run_example("serving_loop.py"))
+    assert "step 1: pools [['a', 'b'], []], copy-on-write pairs 1" in out, out
+    diff = float(re.search(r"dense model: (\S+)", out).group(1))
+    assert diff <= 1e-4, out

@@ -112,7 +112,7 @@ def test_oracle_writes_exactly_the_scheduled_tokens(batch):
     np.testing.assert_array_equal(reference.slices_to_slots(slices, slices.shape[1]), slots)
     # Padding columns are no-ops for the oracle too.
     padded, num, _ = pad_slices(
-        slices, num_tokens, max_num_reqs=8, page_size=page_size, buckets=token_buckets(1, 1024)
+        slices, num_tokens, max_num_seqs=8, page_size=page_size, buckets=token_buckets(1, 1024)
     )
     np.testing.assert_array_equal(reference.kv_cache_update(new_kv, padded, cache, num), got)
     np.testing.assert_array_equal(reference.kv_cache_update(new_kv, padded, cache, 10**6), got)
@@ -127,7 +127,7 @@ def test_slice_count_within_padded_bound(batch, gap):
     assert slices.shape[1] <= padded_num_slices(num_tokens, 8, page_size)
     buckets = token_buckets(16, 4096, gap)
     padded, num, padded_tokens = pad_slices(
-        slices, num_tokens, max_num_reqs=8, page_size=page_size, buckets=buckets
+        slices, num_tokens, max_num_seqs=8, page_size=page_size, buckets=buckets
     )
     assert padded_tokens in buckets and padded_tokens >= num_tokens
     assert padded.shape == (3, padded_num_slices(padded_tokens, 8, page_size))
@@ -188,7 +188,7 @@ def test_padded_num_slices_formula():
     assert padded_num_slices(16, 8, 16) == 16  # capped by tokens
     assert padded_num_slices(1024, 8, 16) == 2 * 8 + 64
     assert padded_num_slices(0, 8, 16) == 0
-    with pytest.raises(ValueError, match="max_num_reqs=-1"):
+    with pytest.raises(ValueError, match="max_num_seqs=-1"):
         padded_num_slices(16, -1, 16)
 
 
@@ -208,4 +208,13 @@ def test_pad_slices_rejects_too_many_slices():
     table = np.arange(1, 11, dtype=np.int32).reshape(10, 1)
     slices = build_update_slices(np.zeros(10, int), np.ones(10, int), table, 4)
     with pytest.raises(ValueError, match="more than the bound"):
-        pad_slices(slices, 10, max_num_reqs=2, page_size=4, buckets=[16])
+        pad_slices(slices, 10, max_num_seqs=2, page_size=4, buckets=[16])
+
+
+def test_pad_slices_max_num_reqs_is_a_deprecated_spelling():
+    slices = np.array([[0], [0], [3]], np.int32)
+    want = pad_slices(slices, 3, max_num_seqs=2, page_size=4, buckets=[16])
+    with pytest.warns(DeprecationWarning, match="max_num_seqs"):
+        got = pad_slices(slices, 3, max_num_reqs=2, page_size=4, buckets=[16])
+    np.testing.assert_array_equal(got[0], want[0])
+    assert got[2] == want[2] == 16

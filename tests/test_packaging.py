@@ -50,7 +50,13 @@ def test_wheel_runs_plan_and_demo_outside_the_source_tree(tmp_path):
     assert build.returncode == 0, build.stdout + build.stderr
     (wheel,) = tmp_path.glob("kvshard-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    for name in ("kvshard/configs/mistral-7b.json", "kvshard/py.typed", "kvshard/_demo/model.py"):
+    for name in (
+        "kvshard/configs/mistral-7b.json",
+        "kvshard/py.typed",
+        "kvshard/_demo/model.py",
+        "kvshard/benchmarks/attention_decode.py",
+        "kvshard/benchmarks/update_schedules.py",
+    ):
         assert name in names, name
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
@@ -73,3 +79,7 @@ def test_wheel_runs_plan_and_demo_outside_the_source_tree(tmp_path):
     demo = run("-m", "kvshard", "demo", "--layers", "1", "--num-requests", "2", "--steps", "4")
     assert demo.returncode == 0, demo.stdout + demo.stderr
     assert "max abs diff" in demo.stdout
+    # The benchmarks ship too: the suite runs from the wheel (a host-only table, fast).
+    bench = run("-m", "kvshard", "bench", "--only", "tpu_schedule", "--out", str(tmp_path / "r"))
+    assert bench.returncode == 0, bench.stdout + bench.stderr
+    assert (tmp_path / "r" / "tpu_schedule.json").is_file()

@@ -370,7 +370,7 @@ def test_attention_reads_the_dequantized_values(dtype):
             history[r] = tuple(np.concatenate([o, n]) for o, n in zip(old, real, strict=True))
             offset += c
     q = rng.standard_normal((16, 4, 64)).astype(np.float32)
-    got = np.asarray(kvshard.attention(q, cache, 1, step, sm_scale=0.125, backend="xla"))
+    got = np.asarray(kvshard.attention(cache, 1, q, step, sm_scale=0.125, backend="xla"))
     want = reference.paged_attention(
         q, [history[r][0] for r in ids], [history[r][1] for r in ids], counts, sm_scale=0.125
     )

@@ -1,5 +1,8 @@
 """The demo's model: a small GQA transformer, a dense oracle, and a continuous-batching engine.
 
+(Over 400 lines on purpose: the demo is meant to be read top to bottom as one runnable story,
+model, oracle and engine side by side.)
+
 * :func:`init_params`: random (seeded) weights of a decoder-only transformer with grouped-query
   attention, RMSNorm, RoPE and a SiLU MLP.
 * :func:`dense_logits`: the same model in float64 numpy over a whole sequence with plain causal
@@ -229,7 +232,7 @@ def make_forward(cfg: ModelConfig, spec: kvshard.CacheSpec, mesh):
         v = (h @ w["wv"]).reshape(T, Hkv, D)
         # Write first: this step's tokens attend to themselves through the cache.
         cache = kvshard.update(cache, layer, k, v, step)
-        attn = kvshard.attention(q, cache, layer, step, sm_scale=sm_scale)  # [T, H, D] split
+        attn = kvshard.attention(cache, layer, q, step, sm_scale=sm_scale)  # [T, H, D] split
         attn = jnp.reshape(attn, (T, H * D), out_sharding=flat)
         x = x + jnp.matmul(attn, w["wo"], out_sharding=replicated)
         h = _rms_norm(x, w["mlp_norm"], cfg.eps, jnp)

@@ -11,7 +11,15 @@ installed) to the results folder; every comparison is measured side by side in o
 - :mod:`~kvshard.benchmarks.compilations`: XLA compilations over a random serving trace;
 - :mod:`~kvshard.benchmarks.memory`: compiled temporaries of the update per dtype, the
   allocator's host memory;
-- :mod:`~kvshard.benchmarks.tpu_schedule`: the TPU kernel's DMAs and waits on paper.
+- :mod:`~kvshard.benchmarks.attention_decode`: ``kvshard.attention`` vs ``kvshard.gather`` +
+  dense attention for a decode step, time and compiled temporaries;
+- :mod:`~kvshard.benchmarks.tpu_schedule`: the TPU kernel's DMAs and waits on paper;
+- :mod:`~kvshard.benchmarks.update_schedules`: the update kernel's two DMA schedules checked
+  against the oracle and timed (on a chip: ``kvshard bench-schedules``).
+
+Every benchmark calls kvshard through its public API, inside the caller's own ``jax.jit`` where
+a serving loop would jit (memory figures: ``jax.jit(...).lower(...).compile()
+.memory_analysis()``).
 
 Run ``python -m kvshard.benchmarks --help`` (or ``kvshard bench --help``).
 """

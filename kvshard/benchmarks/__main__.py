@@ -5,6 +5,7 @@ Usage::
     kvshard bench --quick                 # every table, small sizes (< 5 min on 2 CPU cores)
     kvshard bench --out results/          # full sizes
     kvshard bench --only cache_update memory
+    kvshard bench --only attention_decode update_schedules
 
 Benchmarks run one after another in this process; one that fails is reported and the others
 still run (the exit status is then 1).
@@ -19,15 +20,6 @@ import time
 import traceback
 from collections.abc import Callable
 from typing import Any
-
-NAMES = (
-    "host_step",
-    "allocator_latency",
-    "cache_update",
-    "compilations",
-    "memory",
-    "tpu_schedule",
-)
 
 
 def _host_step(out: str, quick: bool) -> Any:
@@ -91,6 +83,23 @@ def _memory(out: str, quick: bool) -> Any:
     )
 
 
+def _attention_decode(out: str, quick: bool) -> Any:
+    from kvshard.benchmarks.attention_decode import run
+
+    if quick:
+        return run(out, batch=16, context=512, repeats=3)
+    return run(out, batch=64, context=2048, repeats=5)
+
+
+def _update_schedules(out: str, quick: bool) -> Any:
+    """Interpret mode off a TPU (tiny sizes, checked against the oracle); chip sizes on one."""
+    import jax
+
+    from kvshard.benchmarks.update_schedules import run, settings
+
+    return run(out, **settings(jax.default_backend() == "tpu"))
+
+
 def _tpu_schedule(out: str, quick: bool) -> Any:
     from kvshard.benchmarks.tpu_schedule import run
 
@@ -103,7 +112,9 @@ BENCHMARKS: dict[str, Callable[[str, bool], Any]] = {
     "cache_update": _cache_update,
     "compilations": _compilations,
     "memory": _memory,
+    "attention_decode": _attention_decode,
     "tpu_schedule": _tpu_schedule,
+    "update_schedules": _update_schedules,
 }
 
 

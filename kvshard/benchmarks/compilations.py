@@ -68,14 +68,14 @@ def run(outdir: str, *, steps: int, budget: int = 256, seed: int = 0) -> dict[st
             cache = kvshard.update(cache, 0, k, k, meta)
             if use_attention:
                 q: Any = rng.standard_normal((padded, heads, dim), np.float32)
-                kvshard.attention(q, cache, 0, meta, sm_scale=dim**-0.5).block_until_ready()
+                kvshard.attention(cache, 0, q, meta, sm_scale=dim**-0.5).block_until_ready()
         else:
             computed = alloc.row_num_tokens[rows] - np.asarray(counts)
             slices = kvshard.build_update_slices(
                 computed, np.asarray(counts), alloc.page_table, page, rows=rows
             )
             slices, num, _ = kvshard.pad_slices(
-                slices, total, max_num_reqs=max_reqs, page_size=page, buckets=buckets
+                slices, total, max_num_seqs=max_reqs, page_size=page, buckets=buckets
             )
             cache = kvshard.update(cache, 0, k, k, slices, num)
         cache.kv.block_until_ready()

@@ -11,8 +11,6 @@ Usage::
     python -m kvshard.benchmarks.host_step --batch-sizes 1024 --repeats 50
     python -m kvshard.benchmarks --only host_step        # the sweep over B, JSON + plot
 
-(``benchmarks/host_step.py`` in a source checkout runs the first.)
-
 Times are the minimum (and median) over ``--repeats`` runs of one step, in microseconds.
 """
 
@@ -123,7 +121,7 @@ class Scenario:
         self.counts = np.array([1] * batch + [self.chunk] * prefills, np.int64)
         self.num_tokens = int(self.counts.sum())
         self.buckets = token_buckets(16, max(self.num_tokens, 16))
-        self.max_num_reqs = num_reqs
+        self.max_num_seqs = num_reqs
 
     def reset(self) -> None:
         """Drops the previous step's prefill requests, so every step admits new ones."""
@@ -141,7 +139,7 @@ class Scenario:
         padded, _, _ = pad_slices(
             slices,
             self.num_tokens,
-            max_num_reqs=self.max_num_reqs,
+            max_num_seqs=self.max_num_seqs,
             page_size=self.P,
             buckets=self.buckets,
         )
@@ -154,7 +152,7 @@ class Scenario:
             computed[i] = base.tokens.get(req, 0)
             base.allocate(req, n)
         meta = vllm_slot_mapping(computed, self.counts, base.table[: len(self.step_ids)], self.P)
-        size = min(2 * self.max_num_reqs + self.buckets[-1] // self.P, self.buckets[-1])
+        size = min(2 * self.max_num_seqs + self.buckets[-1] // self.P, self.buckets[-1])
         return np.pad(meta, [[0, size - len(meta)], [0, 0]]).T
 
     def metadata_inputs(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

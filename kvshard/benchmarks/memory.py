@@ -1,11 +1,11 @@
 """Memory: compiled temporaries of update and attention per dtype, and the allocator's host memory.
 
-- **Device**: XLA's memory analysis of the compiled update (xla backend, donated, the
-  executable ``kvshard.update`` runs) on a cache of ``--cache-mib`` per dtype, writing T tokens.
+- **Device**: XLA's memory analysis of the compiled update (``kvshard.update`` in the caller's
+  ``jax.jit(..., donate_argnums=0)``) on a cache of ``--cache-mib`` per dtype, writing T tokens.
   In place means the output aliases the donated cache and the temporaries stay within a small
   multiple of the new tokens' bytes (target: at most 2x), whatever the cache size. Nothing is
   allocated: the cache is an abstract array.
-- **Attention**: the same analysis for ``kvshard.attention`` (xla backend) reading one
+- **Attention**: the same analysis for ``kvshard.attention`` (in the caller's jit) reading one
   request's 4,096-token context from that cache, ``T`` queries; temporaries should scale with
   the pages read, not with the cache.
 - **Host**: bytes the :class:`kvshard.PageAllocator` holds (``tracemalloc``) for ``--pages``
@@ -17,53 +17,72 @@ from __future__ import annotations
 import tracemalloc
 from typing import Any
 
-from kvshard.benchmarks._common import bar_plot, jax_machine, table, unit_scales, write_json
+from kvshard.benchmarks._common import (
+    bar_plot,
+    compiled_memory,
+    jax_machine,
+    table,
+    unit_scales,
+    write_json,
+)
 
 NAME = "memory"
 
 
-def _sized_spec(dtype: str, cache_bytes: int, page_size: int, heads: int, dim: int):
-    """A one-layer CacheSpec of about ``cache_bytes`` per device (one device, no replication)."""
-    from kvshard._layout import CacheSpec
+def _sized_spec(
+    dtype: str, cache_bytes: int, page_size: int, heads: int, dim: int, min_pages: int = 2
+):
+    """A one-layer CacheSpec of about ``cache_bytes`` per device (one device, no replication),
+    and of at least ``min_pages`` pages."""
+    from kvshard import CacheSpec
 
     probe = CacheSpec(1, heads, dim, page_size, 2, dtype=dtype, **unit_scales(dtype))
     page_bytes = probe.bytes_per_device(1) // 2
-    num_pages = max(2, cache_bytes // page_bytes)
+    num_pages = max(min_pages, cache_bytes // page_bytes)
     return CacheSpec(1, heads, dim, page_size, num_pages, dtype=dtype, **unit_scales(dtype))
+
+
+def _prefill_step(spec: Any, tokens: int, context: int):
+    """One request holding ``context`` tokens whose last ``tokens`` this step writes/queries."""
+    import kvshard
+
+    alloc = kvshard.PageAllocator(
+        spec.num_pages,
+        spec.page_size,
+        max_requests=1,
+        max_pages_per_request=-(-context // spec.page_size),
+    )
+    alloc.allocate_batch([0], [context])
+    return kvshard.build_step(alloc, [0], [tokens], num_tokens_padded=tokens, max_num_seqs=1)
 
 
 def update_memory(
     dtype: str, cache_bytes: int, tokens: int, *, page_size: int = 16
 ) -> dict[str, Any]:
-    """Compiled memory of one donated xla update: temp / output / alias / argument bytes.
+    """Compiled memory of one donated update: temp / output / alias / argument bytes.
 
-    8 KV heads, head_dim 128, one device; k/v in the cache dtype; ``tokens`` new tokens as
-    whole-page slices.
+    8 KV heads, head_dim 128, one device; k/v in the cache dtype; one request prefilling
+    ``tokens`` tokens. The executable is the caller's ``jax.jit(kvshard.update,
+    donate_argnums=0)`` with :func:`~kvshard.benchmarks._common.cache_compiler_options`,
+    lowered on an abstract cache: nothing is allocated.
     """
     import jax
-    import numpy as np
 
-    from kvshard.cache import KVCache, _update_jit
+    import kvshard
+    from kvshard.benchmarks._common import cache_compiler_options
 
     heads, dim = 8, 128
     spec = _sized_spec(dtype, cache_bytes, page_size, heads, dim)
     mesh = jax.make_mesh((1,), ("model",), devices=jax.devices()[:1])
-    cache = KVCache(kv=None, spec=spec, mesh=mesh)  # type: ignore[arg-type]
-    kv = jax.ShapeDtypeStruct(spec.global_shape(1, 1), spec.np_dtype, sharding=cache.sharding)
-    cache = KVCache(kv=kv, spec=spec, mesh=mesh)  # type: ignore[arg-type]
+    cache = kvshard.abstract_cache(spec, mesh)
     new = jax.ShapeDtypeStruct((tokens, heads, dim), spec.np_dtype)
-    n = max(1, tokens // page_size)
-    compiled = _update_jit.lower(
-        cache,
-        np.int32(0),
-        new,
-        new,
-        jax.ShapeDtypeStruct((3, n), np.int32),
-        jax.ShapeDtypeStruct((1,), np.int32),
-        backend="xla",
-        interpret=None,
-    ).compile()
-    mem = compiled.memory_analysis()
+    step = _prefill_step(spec, tokens, tokens)
+    write = jax.jit(
+        lambda cache, k, v, step: kvshard.update(cache, 0, k, v, step),
+        donate_argnums=0,
+        compiler_options=cache_compiler_options(mesh),
+    )
+    mem = compiled_memory(write.lower(cache, new, new, step).compile())
     return {
         "cache_bytes": spec.bytes_per_device(1),
         "new_token_bytes": 2 * tokens * heads * dim * spec.np_dtype.itemsize,
@@ -77,46 +96,30 @@ def update_memory(
 def attention_memory(
     dtype: str, cache_bytes: int, tokens: int, *, context: int = 4096, page_size: int = 16
 ) -> dict[str, Any]:
-    """Compiled memory of ``kvshard.attention`` (xla backend) reading a cache of ``cache_bytes``.
+    """Compiled memory of ``kvshard.attention`` reading a cache of ``cache_bytes``.
 
     One request holding ``context`` tokens whose last ``tokens`` are this step's queries
-    (8 query heads = 8 KV heads, head_dim 128). Allocates the cache (zeros) for one call.
+    (8 query heads = 8 KV heads, head_dim 128), in the caller's ``jax.jit`` (with the same
+    compiler options as :func:`update_memory`), lowered on an abstract cache.
     """
     import jax
-    import numpy as np
 
     import kvshard
+    from kvshard.benchmarks._common import cache_compiler_options
 
     heads, dim = 8, 128
-    spec = _sized_spec(dtype, cache_bytes, page_size, heads, dim)
+    # The context's pages and the null page fit whatever the size asked for.
+    min_pages = -(-context // page_size) + 1
+    spec = _sized_spec(dtype, cache_bytes, page_size, heads, dim, min_pages)
     mesh = jax.make_mesh((1,), ("model",), devices=jax.devices()[:1])
-    pages_per_request = -(-context // page_size)
-    alloc = kvshard.PageAllocator(
-        spec.num_pages, page_size, max_requests=1, max_pages_per_request=pages_per_request
+    cache = kvshard.abstract_cache(spec, mesh)
+    step = _prefill_step(spec, tokens, context)
+    q = jax.ShapeDtypeStruct((tokens, heads, dim), jax.numpy.float32)
+    read = jax.jit(
+        lambda cache, q, step: kvshard.attention(cache, 0, q, step, sm_scale=dim**-0.5),
+        compiler_options=cache_compiler_options(mesh),
     )
-    alloc.allocate_batch([0], [context])
-    meta = kvshard.build_step(alloc, [0], [tokens], num_tokens_padded=tokens, max_num_seqs=1)
-    # The executable an eager kvshard.attention call compiles: record its arguments on one
-    # call, then lower the same jitted function with them (its own compiler options apply).
-    from kvshard import _attention
-
-    jitted: Any = _attention._attention_jit
-    seen: list[tuple[Any, Any]] = []
-
-    def record(*args: Any, **kwargs: Any) -> Any:
-        seen.append((args, kwargs))
-        return jitted(*args, **kwargs)
-
-    cache = kvshard.init_cache(spec, mesh, head_axis=None)
-    q: Any = np.zeros((tokens, heads, dim), np.float32)
-    _attention._attention_jit = record  # type: ignore[assignment]
-    try:
-        kvshard.attention(q, cache, 0, meta, sm_scale=dim**-0.5, backend="xla")
-    finally:
-        _attention._attention_jit = jitted
-    args, kwargs = seen[0]
-    mem = jitted.lower(*args, **kwargs).compile().memory_analysis()
-    del cache, args
+    mem = compiled_memory(read.lower(cache, q, step).compile())
     return {
         "cache_bytes": spec.bytes_per_device(1),
         "new_token_bytes": 2 * tokens * heads * dim * spec.np_dtype.itemsize,
@@ -159,14 +162,16 @@ def run(
     pages: int,
     requests: int,
     pages_per_request: int,
+    context: int = 4096,
 ) -> dict[str, Any]:
+    """The three tables; ``context``: tokens the attention's one request holds."""
     machine = jax_machine()
     rows = []
     for dtype in dtypes:
         m = update_memory(dtype, cache_mib * 2**20, tokens)
         m["dtype"] = dtype
         rows.append(m)
-    print(f"## memory: compiled kvshard.update (xla, donated), T={tokens}\n{machine}\n")
+    print(f"## memory: compiled kvshard.update (in a donating jit), T={tokens}\n{machine}\n")
     mib = 2**20
     print(
         table(
@@ -188,12 +193,15 @@ def run(
     attn = []
     for dtype in dtypes:
         try:
-            a = attention_memory(dtype, cache_mib * 2**20, tokens)
+            a = attention_memory(dtype, cache_mib * 2**20, tokens, context=context)
         except Exception as err:  # a dtype the attention does not read yet: say so, go on
             a = {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:80]}"}
         a["dtype"] = dtype
         attn.append(a)
-    print(f"\n## memory: compiled kvshard.attention (xla), {tokens} queries, 4096-token context\n")
+    print(
+        f"\n## memory: compiled kvshard.attention (in a jit), {tokens} queries, "
+        f"{context}-token context\n"
+    )
     print(
         table(
             ("dtype", "context K/V MiB", "temp MiB", "temp / new tokens", "temp / cache"),
@@ -231,6 +239,7 @@ def run(
     data = {
         "machine": machine,
         "tokens": tokens,
+        "context": context,
         "update": rows,
         "attention": attn,
         "allocator": host,

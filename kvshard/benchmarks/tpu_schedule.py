@@ -29,14 +29,12 @@ import numpy as np
 
 from kvshard._layout import page_bytes
 from kvshard.benchmarks._common import bar_plot, machine, table, write_json
+from kvshard.benchmarks.update_schedules import TPU_COMMAND
 from kvshard.metadata import build_update_slices
 
 NAME = "tpu_schedule"
 BUDGET = 16 * 2**20
 MAX_BLOCK = 64
-
-# What `kvshard bench` tells a TPU user to run (benchmarks/update_schedules.py's TPU_COMMAND).
-TPU_AB_COMMAND = "python benchmarks/update_schedules.py --num-pages 4096 --decode-tokens 512"
 
 
 def block_size(page: int, blocks_in_flight: int) -> int:
@@ -148,7 +146,7 @@ def run(outdir: str) -> dict[str, Any]:
     )
     print(
         "\nOn a TPU VM, A/B-test the two schedules on the chip (both are checked against the "
-        f"oracle first) from a checkout:\n  {TPU_AB_COMMAND}"
+        f"oracle first):\n  {TPU_COMMAND}"
     )
     print(f"\nwrote {outdir}/{NAME}.json" + (f" and {png}" if png else ""))
     return data

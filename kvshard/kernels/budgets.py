@@ -26,7 +26,8 @@ MAX_SLICES_PER_BLOCK = 64
 # targets. Source: JAX's public TPU hardware table, `jax.experimental.pallas.tpu.
 # get_tpu_info_for_chip(chip, cores).smem_capacity_bytes` (jax/_src/pallas/mosaic/tpu_info.py,
 # "TPU Hardware Reference" on docs.jax.dev); v2/v3 have 16 KiB but are not Pallas targets.
-# tests/test_kernel_budgets.py checks these numbers against that table.
+# tests/test_kernel_contract.py::test_smem_constants_match_jax_tpu_table checks these numbers
+# against that table.
 SMEM_BYTES_PER_CORE = {
     "v4": 1024 * 1024,
     "v5e": 1024 * 1024,

@@ -11,9 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvshard._layout import LANES, SUPPORTED_DTYPES
+from kvshard._layout import INT32_MAX, INT32_MIN, LANES, SUPPORTED_DTYPES
 
-INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 # Row names of ``slices`` in messages.
 SLICE_FIELDS = ("kv_cache_start", "new_kv_start", "slice_len")
 

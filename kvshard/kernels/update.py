@@ -67,6 +67,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from kvshard._drop import slice_is_writable
 from kvshard._layout import page_bytes
 from kvshard.kernels.budgets import (
     INFLIGHT_BUDGET_BYTES,
@@ -99,32 +100,6 @@ __all__ = [
     "slice_is_writable",
     "validate_slices",
 ]
-
-
-def slice_is_writable(dst, src, length, *, num_tokens: int, num_rows: int, page_size: int):
-    """The kernel's drop rule: bool (scalar or [S]) of whether a slice may be written.
-
-    True iff ``1 <= length <= page_size``, the source ``[src, src + length)`` lies in
-    ``num_tokens`` rows, the destination ``[dst, dst + length)`` in ``num_rows`` rows, and the
-    destination stays inside one page. ``num_rows`` must be a multiple of ``page_size``. Works
-    on int32 scalars (inside the kernel) and int32[S] arrays (the cache's XLA backend applies
-    the same rule, so both backends agree).
-    """
-    # Written without `src + length` or `dst + length`, so a start near INT32_MAX cannot
-    # overflow past a bound. The destination's end needs no test of its own: a start in
-    # [0, num_rows) whose slice stays inside its page ends by that page's end, which is at most
-    # num_rows because num_rows is a whole number of pages. Fewer tests, fewer scalar ops.
-    return (
-        (length >= 1)
-        & (length <= page_size)
-        & (src >= 0)
-        & (src <= num_tokens - length)
-        & (dst >= 0)
-        & (dst < num_rows)
-        # `rem` is negative for a negative `dst`, but then `dst >= 0` already failed.
-        # (lax.rem needs matching dtypes; a Python int would be int64 under jax_enable_x64.)
-        & (jax.lax.rem(dst, jnp.asarray(page_size, jnp.result_type(dst))) <= page_size - length)
-    )
 
 
 def _wait_rows(ref, sem, rows, max_rows: int) -> None:

@@ -124,9 +124,9 @@ class Attention(nnx.Module):
             cache = kvshard.update(cache, self.layer, k, v, step)
             extra = {} if sinks is None else {"sinks": sinks.astype(jnp.float32)}
             out = kvshard.attention(
-                q,
                 cache,
                 self.layer,
+                q,
                 step,
                 sm_scale=arch.sm_scale,
                 sliding_window=self.spec.window,

@@ -1,25 +1,21 @@
-"""Input guards shared by the cache's device operations (:mod:`kvshard.cache`).
+"""The opt-in ``checks=True`` reports: what a device operation drops, raised from inside jit.
 
-Two halves:
-
-* Host side, before anything is traced or donated: :func:`as_int32` accepts concrete metadata
-  of any integer dtype, range-checks it against int32 and casts it (so ``np.array([1])``, int64
-  on most hosts, works as well as int32), and insists that traced metadata is already int32.
-* Inside jit, where nothing can raise: the drop masks (:func:`layer_in_range`,
-  :func:`copy_pair_mask`) that make a bad row write nothing, and the opt-in ``checks=True``
-  reports (:func:`check_update`, :func:`check_copy_pairs`, :func:`check_gather`): a host
-  callback that raises ``ValueError`` naming the bad row, which the runtime re-raises as a
-  ``JaxRuntimeError`` carrying that message when the result is used.
+With traced metadata nothing can raise, so a bad row is dropped (:mod:`kvshard._drop`). A
+caller debugging a serving loop passes ``checks=True`` to :func:`kvshard.update`,
+:func:`kvshard.gather`, :func:`kvshard.copy_pages` or :func:`kvshard.attention`: a host
+callback then raises ``ValueError`` naming the bad row, which the runtime re-raises as a
+``JaxRuntimeError`` carrying that message when the result is used. Each report tests exactly
+the rule in :mod:`kvshard._drop` that the backends apply.
 
 Why a host callback rather than :mod:`jax.experimental.checkify`: checkify threads its error
 through ``shard_map`` as a per-device array, and a later check with the same payload types
 (the next layer's ``update``) then fails to trace ("select cases must have the same shapes",
 JAX 0.10), so checkify errors would work for one kvshard call per function only.
 
-The in-jit checks run inside ``shard_map`` on the whole (every group's) metadata, handed to
-every device replicated: every device then raises alike. A check on one device only would
-leave the others running into a collective or Pallas interpret mode's start barrier, waiting
-forever for the failed device.
+The reports run inside ``shard_map`` on the whole (every group's) metadata, handed to every
+device replicated: every device then raises alike. A check on one device only would leave the
+others running into a collective or Pallas interpret mode's start barrier, waiting forever for
+the failed device.
 """
 
 from __future__ import annotations
@@ -31,91 +27,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvshard.kernels.update import slice_is_writable
+from kvshard._drop import copy_pair_mask, layer_in_range, request_in_contract, slice_is_writable
 
-_INT32 = np.iinfo(np.int32)
-
-
-def is_traced(x: Any) -> bool:
-    """Whether ``x`` is a tracer (its values are unknown on the host)."""
-    return isinstance(x, jax.core.Tracer)
-
-
-def _dtype(x: Any) -> np.dtype:
-    """The dtype as given (jnp.result_type would map NumPy int64 to int32 without x64)."""
-    return np.dtype(x.dtype) if hasattr(x, "dtype") else jnp.result_type(x)
-
-
-def as_int32(name: str, x: Any) -> Any:
-    """Returns metadata ``x`` as int32: as given when int32 (traced or not), else a host array.
-
-    Concrete ``x`` may have any integer dtype; its values are checked against int32 first, so
-    a cast can never wrap a huge id into a valid-looking one. Traced ``x`` must already be
-    int32: its values cannot be checked, and a cast inside jit would wrap silently.
-
-    Raises:
-      TypeError: ``x`` is not an integer array, or is traced with a dtype other than int32.
-      ValueError: a concrete value lies outside int32 (names ``name``, the value, the bound).
-    """
-    dtype = _dtype(x)
-    if is_traced(x):
-        if dtype != np.int32:
-            raise TypeError(
-                f"{name} is traced with dtype {dtype}; traced {name} must be int32 (its values "
-                "cannot be range-checked inside jit; cast on the host, before jit)"
-            )
-        return x
-    if not np.issubdtype(dtype, np.integer):
-        raise TypeError(f"{name} must be an integer array, got dtype {dtype}")
-    if dtype == np.int32 and hasattr(x, "dtype"):
-        return x  # nothing to check or cast; a device array stays where it is
-    host = np.asarray(x)
-    if host.size and dtype.itemsize >= 4 and dtype != np.int32:
-        low, high = host.min(), host.max()
-        if low < _INT32.min or high > _INT32.max:
-            bad = low if low < _INT32.min else high
-            raise ValueError(
-                f"{name} contains {int(bad)}, outside int32 [{_INT32.min}, {_INT32.max}]"
-            )
-    return host.astype(np.int32, copy=False)
-
-
-# --------------------------------------------------------------------------------------------
-# Drop masks (inside jit, always on)
-# --------------------------------------------------------------------------------------------
-
-
-def layer_in_range(layer: jax.Array, num_layers: int) -> jax.Array:
-    """bool scalar: ``0 <= layer < num_layers``; a traced layer outside it writes nothing and
-    reads zeros (indexing would otherwise wrap -1 to the last layer and clamp L to it)."""
-    return (layer >= 0) & (layer < num_layers)
-
-
-def copy_pair_mask(src: jax.Array, dst: jax.Array, num_pages: int) -> jax.Array:
-    """bool[K]: pairs ``copy_pages`` performs.
-
-    A pair is performed iff both page ids lie in ``[0, num_pages)``, ``src != dst`` (no-op
-    padding), and no other such pair writes the same ``dst``. Out-of-range ids would otherwise
-    wrap (negative) or clamp (too large) onto real pages; two pairs writing one page would
-    race, so both are dropped rather than letting the scatter pick a winner.
-    """
-    ok = (src >= 0) & (src < num_pages) & (dst >= 0) & (dst < num_pages) & (src != dst)
-    if src.shape[0] < 2:
-        return ok
-    # Duplicate destinations among the pairs still `ok`: sort, compare neighbours, scatter back.
-    key = jnp.where(ok, dst, -1 - jnp.arange(src.shape[0], dtype=dst.dtype))  # unique when not ok
-    order = jnp.argsort(key)
-    same = key[order][1:] == key[order][:-1]
-    dup_sorted = jnp.concatenate([same, jnp.zeros(1, bool)]) | jnp.concatenate(
-        [jnp.zeros(1, bool), same]
-    )
-    dup = jnp.zeros_like(ok).at[order].set(dup_sorted)
-    return ok & ~dup
-
-
-# --------------------------------------------------------------------------------------------
-# Opt-in reports (checks=True): a host callback that raises
-# --------------------------------------------------------------------------------------------
+__all__ = ["check_attention", "check_copy_pairs", "check_gather", "check_layer", "check_update"]
 
 
 def _raise_unless(ok: Any, *, template: str, **payload: Any) -> None:
@@ -141,6 +55,15 @@ def _check(ok: Any, template: str, **payload: Any) -> jax.Array:
 def _first(bad: jax.Array) -> jax.Array:
     """Flat index of the first True of ``bad`` (0 when none)."""
     return jnp.argmax(bad.reshape(-1)).astype(jnp.int32)
+
+
+def _check_count(field: str, count: jax.Array, size: int, what: str) -> jax.Array:
+    """Reports a live count of each group (``count`` int32[G]) outside ``[0, size]``."""
+    bad = (count < 0) | (count > size)
+    g = _first(bad)
+    return _check(
+        ~bad.any(), f"{field}[{{g}}]={{n}} must be in [0, {size}] ({what})", g=g, n=count[g]
+    )
 
 
 def check_layer(where: str, layer: jax.Array, num_layers: int) -> jax.Array:
@@ -175,14 +98,7 @@ def check_update(
     if size == 0:
         return zero
     count = num[:, 0]
-    bad_count = (count < 0) | (count > size)
-    g = _first(bad_count)
-    zero = zero + _check(
-        ~bad_count.any(),
-        f"update: num_slices[{{g}}]={{n}} must be in [0, {size}] (columns of slices)",
-        g=g,
-        n=count[g],
-    )
+    zero = zero + _check_count("update: num_slices", count, size, "columns of slices")
     dst, src, length = slices[:, 0], slices[:, 1], slices[:, 2]  # [G, S]
     live = jnp.arange(size)[None, :] < count[:, None]
     writable = slice_is_writable(
@@ -273,5 +189,50 @@ def check_gather(
         g=i // slots.shape[-1],
         n=i % slots.shape[-1],
         slot=slots.reshape(-1)[i],
+    )
+    return zero
+
+
+def check_attention(
+    layer: jax.Array,
+    page_indices: jax.Array,
+    kv_lens: jax.Array,
+    cu_q_lens: jax.Array,
+    num_seqs: jax.Array,
+    *,
+    num_layers: int,
+    num_tokens: int,
+    num_pages: int,
+    page_size: int,
+) -> jax.Array:
+    """Reports what ``attention`` drops: a bad layer, or the first request out of contract.
+
+    Fields carry a group axis ``[G, ...]`` (size 1 without a page axis). Returns an int32 zero
+    (see :func:`_check`).
+    """
+    zero = check_layer("attention", layer, num_layers)
+    max_seqs = page_indices.shape[-2]
+    count = num_seqs[:, 0]
+    zero = zero + _check_count("attention: step.num_seqs", count, max_seqs, "max_num_seqs")
+    ok = jax.vmap(
+        functools.partial(
+            request_in_contract, num_tokens=num_tokens, num_pages=num_pages, page_size=page_size
+        )
+    )(page_indices, kv_lens, cu_q_lens, num_seqs)
+    live = jnp.arange(max_seqs)[None, :] < jnp.clip(count, 0, max_seqs)[:, None]
+    bad = live & ~ok
+    i = _first(bad)
+    gi, si = i // max_seqs, i % max_seqs
+    zero = zero + _check(
+        ~bad.any(),
+        "attention: request {s} (group {g}) is dropped with every later one: cu_q_lens "
+        "[{start}, {end}], kv_len {kv_len}; it needs 0 <= cu_q_lens[s] <= cu_q_lens[s + 1] <= "
+        f"{num_tokens}, q_len <= kv_len <= pages_per_seq × page_size and page ids in "
+        f"[0, {num_pages})",
+        g=gi,
+        s=si,
+        start=cu_q_lens[gi, si],
+        end=cu_q_lens[gi, si + 1],
+        kv_len=kv_lens[gi, si],
     )
     return zero

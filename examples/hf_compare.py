@@ -4,7 +4,7 @@ NOT part of the project's dependencies or tests: run it with a separate virtuale
 torch, transformers and numpy (the project never imports them)::
 
     python3 -m venv /tmp/hf && /tmp/hf/bin/pip install torch transformers numpy
-    /tmp/hf/bin/python benchmarks/hf_compare.py --python .venv/bin/python --dtype float32 \
+    /tmp/hf/bin/python examples/hf_compare.py --python .venv/bin/python --dtype float32 \
         --mesh 2x2 --init 0.15
 
 For each case it builds a tiny random model with transformers, perturbs its norms and biases

@@ -1,0 +1,305 @@
+"""``attention``: ragged paged attention of one layer, read where the cache lives.
+
+:func:`attention` runs inside ``jax.shard_map``. Each device attends the query heads whose KV
+heads it holds, reading K/V pages of its own block of the stacked cache through the page table,
+and returns its query heads' output: nothing is gathered across devices, nothing is copied out
+of the cache (see docs/attention.md for pictures). Backends: :mod:`kvshard._attention.pallas`
+(JAX's kernel, TPU) and :mod:`kvshard._attention.xla` (jnp, elsewhere).
+
+Both follow ``ref_ragged_paged_attention``'s semantics: request ``i``'s queries are its last
+``q_len`` tokens; token at position ``p`` attends positions ``k <= p`` (and ``k > p - W`` with
+a sliding window ``W``); scores ``sm_scale·q·k``, then ``soft_cap·tanh(s / soft_cap)``.
+Out-of-contract metadata inside ``jit`` is dropped identically on both backends
+(:func:`kvshard._drop.live_requests`): the first request out of contract and every request
+after it produce zeros, as does every token of a step whose traced ``layer`` is out of range;
+``checks=True`` reports it.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
+
+from kvshard import _host_checks as host
+from kvshard import _reports
+from kvshard._attention.pallas import local_pallas
+from kvshard._attention.params import Statics
+from kvshard._attention.xla import local_xla
+from kvshard._layout import INT32_MAX, check_query_heads
+from kvshard._platform import PlatformJit, resolve_backend
+from kvshard._sharding import place, to_spec
+from kvshard._types import Backend, BackendOptions
+from kvshard.cache import KVCache, check_cache
+from kvshard.step import StepMetadata, check_step
+
+__all__ = ["attention"]
+
+# Field order of the attention metadata handed to the per-device body.
+_FIELDS = ("page_indices", "kv_lens", "cu_q_lens", "num_seqs")
+_LOCAL = {"xla": local_xla, "pallas": local_pallas}
+
+
+def _q_spec(cache: KVCache) -> P:
+    """q / out [G, T, Hq, D]: query heads split over the head axis like the KV heads."""
+    return P(cache.page_axis, None, cache.head_axis, None)
+
+
+# PlatformJit: on CPU, XLA's float normalization would upcast the whole bf16/fp8 cache operand
+# of the page gather to f32 (temporaries of twice the cache); every op after the gather is f32.
+@functools.partial(PlatformJit, static_argnames=("backend", "statics", "checks"))
+def _read(cache, layer, q, fields, *, backend, statics, checks):
+    pa = cache.page_axis
+    if pa is None:  # one pool: give every per-pool argument a group axis of size 1
+        q, fields = q[None], [x[None] for x in fields]
+    q_spec = _q_spec(cache)
+    field_specs = [P(pa, *([None] * (np.ndim(x) - 1))) for x in fields]
+    specs = [cache.pspec, P(), q_spec, *field_specs]
+    inputs = (cache.kv, layer, q, *fields)
+    args = [to_spec(cache.mesh, x, s) for x, s in zip(inputs, specs, strict=True)]
+    if checks:  # every device checks every group's metadata and raises alike (see _reports)
+        whole = [P(*([None] * np.ndim(x))) for x in fields]
+        specs += whole
+        args += [to_spec(cache.mesh, x, s) for x, s in zip(fields, whole, strict=True)]
+    local = functools.partial(_LOCAL[backend], statics=statics)
+    spec = cache.spec
+
+    def body(kv, layer, q, *fields):
+        fields, whole = fields[: len(_FIELDS)], fields[len(_FIELDS) :]
+        if whole:
+            _reports.check_attention(
+                layer,
+                *whole,
+                num_layers=spec.num_layers,
+                num_tokens=q.shape[1],
+                num_pages=spec.num_pages,
+                page_size=spec.page_size,
+            )
+        return local(kv, layer, q[0], *(x[0] for x in fields))[None]
+
+    out = jax.shard_map(
+        body, mesh=cache.mesh, in_specs=tuple(specs), out_specs=q_spec, check_vma=False
+    )(*args)
+    return out if pa is not None else out[0]
+
+
+def _check_fields(cache: KVCache, step: StepMetadata, num_tokens: int) -> list[Any]:
+    """The attention fields of ``step``: shapes and dtypes always, values when concrete.
+
+    Returns them as int32, in :data:`_FIELDS` order.
+    """
+    pooled = cache.page_axis is not None
+    lead: tuple[int, ...] = (cache.dp,) if pooled else ()
+    what = "[dp, " if pooled else "["
+    host.check_shape(
+        "step.page_indices",
+        step.page_indices,
+        (*lead, None, None),
+        what + "max_num_seqs, pages_per_seq]",
+    )
+    max_seqs = np.shape(step.page_indices)[-2]
+    for name, expected, text in (
+        ("kv_lens", (*lead, max_seqs), "max_num_seqs]"),
+        ("cu_q_lens", (*lead, max_seqs + 1), "max_num_seqs + 1]"),
+        ("num_seqs", (*lead, 1), "1]"),
+    ):
+        host.check_shape(f"step.{name}", getattr(step, name), expected, what + text)
+    fields = [host.as_int32(f"step.{name}", getattr(step, name)) for name in _FIELDS]
+    hosts = [host.concrete(x) for x in fields]
+    if all(h is not None for h in hosts):
+        spec = cache.spec
+        groups = zip(*hosts, strict=True) if pooled else [hosts]
+        for g, group in enumerate(groups):
+            _check_values(
+                *group,
+                num_tokens=num_tokens,
+                num_pages=spec.num_pages,
+                page_size=spec.page_size,
+                where=f" (group {g})" if pooled else "",
+            )
+    return fields
+
+
+def _check_values(
+    page_indices, kv_lens, cu_q_lens, num_seqs, *, num_tokens, num_pages, page_size, where
+):
+    """The contract of :func:`kvshard._drop.request_in_contract`, vectorized, raised on the
+    host with the field and the bound."""
+    max_seqs, pages_per_seq = page_indices.shape
+    n = int(num_seqs[0])
+    if not 0 <= n <= max_seqs:
+        raise ValueError(f"step.num_seqs={n}{where} is out of range [0, {max_seqs}]")
+    if pages_per_seq * page_size > INT32_MAX:
+        raise ValueError(
+            f"step.page_indices has {pages_per_seq} pages per request × page_size {page_size}"
+            f" = {pages_per_seq * page_size} tokens, past int32 ({INT32_MAX})"
+        )
+    start, end = cu_q_lens[:n].astype(np.int64), cu_q_lens[1 : n + 1].astype(np.int64)
+    lens = kv_lens[:n].astype(np.int64)
+    bad = (start < 0) | (end < start) | (end > num_tokens)
+    if bad.any():
+        s = int(np.argmax(bad))
+        raise ValueError(
+            f"step.cu_q_lens[{s}:{s + 2}]=[{start[s]}, {end[s]}]{where} must be "
+            f"non-decreasing within [0, {num_tokens}] (the query tokens)"
+        )
+    bad = (lens < end - start) | (lens > pages_per_seq * page_size)
+    if bad.any():
+        s = int(np.argmax(bad))
+        raise ValueError(
+            f"step.kv_lens[{s}]={lens[s]}{where} must lie in [{end[s] - start[s]}, "
+            f"{pages_per_seq * page_size}] (its query count, pages_per_seq × page_size)"
+        )
+    used = np.arange(pages_per_seq)[None, :] * page_size < lens[:, None]
+    ids = page_indices[:n]
+    bad = used & ((ids < 0) | (ids >= num_pages))
+    if bad.any():
+        s, j = (int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(
+            f"step.page_indices[{s}, {j}]={int(ids[s, j])}{where} is out of range [0, {num_pages})"
+        )
+
+
+def _finite_positive(name: str, value: Any, *, optional: bool) -> float | None:
+    """A static float parameter: a Python or NumPy float, finite and > 0 in float32."""
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, float | np.floating):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__} {value!r}")
+    bound = float(np.finfo(np.float32).max)
+    if not (np.isfinite(value) and 0 < value <= bound):
+        raise ValueError(f"{name}={value!r} must be a finite float in (0, {bound:.4g}] (float32)")
+    return float(value)
+
+
+def _check_window(sliding_window: Any) -> int | None:
+    if sliding_window is None:
+        return None
+    if (
+        isinstance(sliding_window, bool)
+        or not isinstance(sliding_window, int | np.integer)
+        or not 1 <= sliding_window <= INT32_MAX
+    ):
+        raise ValueError(
+            f"sliding_window={sliding_window!r} must be None or an int in [1, {INT32_MAX}]"
+        )
+    return int(sliding_window)
+
+
+def attention(
+    cache: KVCache,
+    layer: int | jax.Array,
+    q: jax.Array,
+    step: StepMetadata | None = None,
+    *,
+    sm_scale: float,
+    sliding_window: int | None = None,
+    soft_cap: float | None = None,
+    backend: Backend = "auto",
+    options: BackendOptions | None = None,
+    checks: bool = False,
+    metadata: StepMetadata | None = None,
+) -> jax.Array:
+    """Ragged paged attention of one layer, per device on the heads it owns, in place.
+
+    Called like every device operation, cache and layer first: ``attention(cache, layer, q,
+    step, sm_scale=...)``. The earlier form ``attention(q, cache, layer, metadata, ...)`` still
+    works and warns (DeprecationWarning).
+
+    Args:
+      cache: not donated; read in place. A donated cache is refused (ValueError).
+      layer: int or int scalar array in [0, L); may be traced (``lax.scan`` over layers).
+      q: float[T, Hq, D] queries of the step's tokens (packed as ``step`` says; ``T`` its
+        ``num_tokens_padded``), or float[dp, T, Hq, D] with a page axis (group g's queries
+        attend its own pool). ``Hq`` a multiple of ``num_kv_heads`` and of the head-axis size
+        ``tp``; query head ``i`` attends KV head ``i // (Hq / num_kv_heads)``. Sharded (or
+        resharded) ``P(page_axis, None, head_axis, None)``: per device float[T, Hq/tp, D].
+      step: the step's :class:`~kvshard.StepMetadata` (``[dp, ...]`` fields with a page axis);
+        its geometry must be the cache's. Fields may be traced (int32).
+      sm_scale: softmax scale, a float (usually ``head_dim ** -0.5``), finite and > 0.
+      sliding_window: W >= 1: token at position p attends positions (p - W, p]; None: all.
+      soft_cap: logit soft cap, a finite float > 0, or None.
+      backend: "pallas" (JAX's ragged paged attention kernel; TPU only), "xla" (jnp), or
+        "auto": pallas when the mesh is made of TPUs, xla otherwise.
+      options: :class:`~kvshard.BackendOptions` (xla reads ``keys_per_step``; pallas
+        ``kv_pages_per_block``, ``queries_per_block``, ``attention_kernel``).
+      checks: with traced metadata or layer, report what the drop rule drops (a layer out of
+        range, ``num_seqs`` out of range, the first request out of contract) as an error
+        raised by a host callback, as :func:`kvshard.update` does. No effect when concrete.
+      metadata: deprecated keyword spelling of ``step``.
+
+    Returns:
+      q.dtype[T, Hq, D] (or [dp, T, Hq, D]) sharded like ``q``: per device [T, Hq/tp, D].
+      Padding tokens (past ``cu_q_lens[num_seqs]``) are zero. No collective runs: the caller's
+      output projection does the usual reduction over the head axis.
+
+    Raises:
+      TypeError: wrong cache or step type, q not floating, step fields not integer (int32
+        when traced), layer not an integer scalar, sm_scale or soft_cap not a float.
+      ValueError: wrong shapes (q's tokens other than the step's), a step built for another
+        geometry, head counts that do not divide, a donated cache, concrete layer or metadata
+        out of range (a request's queries past T, kv_len beyond its page-table row or below
+        its query count, a page id outside the pool), a bad window, scale or soft cap.
+    """
+    if not isinstance(cache, KVCache) and isinstance(layer, KVCache):
+        warnings.warn(
+            "attention(q, cache, layer, metadata) is deprecated: call attention(cache, layer, "
+            "q, step), cache and layer first like every kvshard operation",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        cache, layer, q = layer, q, cache  # type: ignore[assignment]
+    if metadata is not None:
+        if step is not None:
+            raise TypeError("pass the step once: step or metadata=, not both")
+        warnings.warn(
+            "attention(metadata=) is deprecated: pass step", DeprecationWarning, stacklevel=2
+        )
+        step = metadata
+    cache = check_cache(cache)
+    host.check_backend(backend)
+    options = host.check_options(options)
+    scale = _finite_positive("sm_scale", sm_scale, optional=False)
+    cap = _finite_positive("soft_cap", soft_cap, optional=True)
+    window = _check_window(sliding_window)
+    statics = Statics(cache.spec, scale, window, cap, options)  # type: ignore[arg-type]
+    layer_index = host.check_layer(cache.spec.num_layers, layer)
+    spec, pooled = cache.spec, cache.page_axis is not None
+    lead = (cache.dp,) if pooled else ()
+    what = "[dp, T, num_q_heads, head_dim]" if pooled else "[T, num_q_heads, head_dim]"
+    host.check_shape("q", q, (*lead, None, None, spec.head_dim), what)
+    if not jnp.issubdtype(host.dtype_of(q), jnp.floating):
+        raise TypeError(f"q must be a floating array, got {host.dtype_of(q)}")
+    try:
+        check_query_heads(np.shape(q)[-2], spec.num_kv_heads, cache.tp)
+    except ValueError as err:
+        raise ValueError(f"q has {np.shape(q)[-2]} query heads: {err}") from None
+    num_tokens = np.shape(q)[-3]
+    check_step(
+        step,
+        page_size=spec.page_size,
+        num_pages=spec.num_pages,
+        num_tokens=num_tokens,
+        token_arg="q",
+        lead=lead,
+    )
+    assert step is not None
+    fields = _check_fields(cache, step, num_tokens)
+    checks = bool(checks) and any(map(host.is_traced, (layer, *fields)))
+    mesh = cache.mesh
+    q_spec = _q_spec(cache) if pooled else P(*_q_spec(cache)[1:])
+    fields_spec = P(cache.page_axis) if pooled else P()
+    return _read(
+        cache,
+        place(mesh, layer_index, P()),
+        place(mesh, q, q_spec),
+        [place(mesh, x, fields_spec) for x in fields],
+        backend=resolve_backend(cache, backend),
+        statics=statics,
+        checks=checks,
+    )

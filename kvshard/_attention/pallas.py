@@ -1,0 +1,105 @@
+"""The pallas attention backend: JAX's ``ragged_paged_attention`` on the device's own block.
+
+Its ``kv_pages`` operand is ``[total_pages, page_size, C, D]`` with K at even and V at odd
+combined heads: exactly one device's stacked block ``[L, num_pages·page_size, C, D_pad]``
+reshaped (a free bitcast) to ``[L·num_pages, page_size, C, D_pad]``. Page ``p`` of layer ``l``
+is page ``l·num_pages + p`` of that view, so the page table is offset by ``layer·num_pages``
+and no layer is ever sliced out. JAX's kernel masks the KV slots a query may not see, so
+stale values there (NaN included) cannot reach the output.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.experimental.pallas.ops.tpu.ragged_paged_attention import ragged_paged_attention
+
+from kvshard._attention.params import Statics, spec_scale
+from kvshard._drop import requests_on_block
+from kvshard._types import BackendOptions
+
+__all__ = [
+    "CROSS_LOWERING_KV_PAGES_PER_BLOCK",
+    "CROSS_LOWERING_QUERIES_PER_BLOCK",
+    "local_pallas",
+    "pallas_operands",
+    "pallas_output",
+]
+
+# Block sizes handed to JAX's kernel when lowering for TPU from a host that is not a TPU (its
+# tuned-size lookup needs a TPU); the common entries of its tuned table.
+CROSS_LOWERING_KV_PAGES_PER_BLOCK = 16
+CROSS_LOWERING_QUERIES_PER_BLOCK = 32
+
+
+def pallas_operands(kv, layer, q, page_indices, kv_lens, cu_q_lens, num_seqs, *, statics: Statics):
+    """What the pallas backend hands the kernel on one device: (operands, kwargs, tok_ok).
+
+    ``operands`` are the kernel's positional arguments: q padded to D_pad, the device's whole
+    stacked block viewed as pages [L·num_pages, P, C, D_pad] (a bitcast, no copy), kv_lens,
+    page indices offset by ``layer·num_pages``, cu_q_lens (entries past the live requests
+    repeat their total) and the live request count. ``tok_ok`` (bool[T]) marks the tokens of
+    live requests; the rest of the output is zeroed.
+    """
+    spec, sm_scale, window, soft_cap, _ = statics
+    num_layers, num_slots, combined, padded_dim = kv.shape
+    num_tokens, _, head_dim = q.shape
+    page_size = spec.page_size
+    num_pages = num_slots // page_size
+    live, _, tok_ok = requests_on_block(
+        kv, layer, page_indices, kv_lens, cu_q_lens, num_seqs, num_tokens, page_size
+    )
+    cu_q_lens = jnp.where(jnp.arange(cu_q_lens.shape[0]) <= live, cu_q_lens, cu_q_lens[live])
+    layer = jnp.clip(layer, 0, num_layers - 1)
+    # Rows past `live` are never read by the kernel; clamp them anyway so no index can leave
+    # this layer's pages.
+    pages = jnp.clip(page_indices, 0, num_pages - 1) + layer * num_pages
+    kv_pages = kv.reshape(num_layers * num_pages, page_size, combined, padded_dim)  # bitcast
+    q_pad = jnp.pad(q, [(0, 0), (0, 0), (0, padded_dim - head_dim)])
+    operands = (q_pad, kv_pages, kv_lens, pages, cu_q_lens, live[None])
+    kwargs: dict[str, Any] = {
+        "sm_scale": sm_scale,
+        "sliding_window": window,
+        "soft_cap": soft_cap,
+        "k_scale": spec_scale(spec, "k"),
+        "v_scale": spec_scale(spec, "v"),
+    }
+    return operands, kwargs, tok_ok
+
+
+def pallas_output(out: jax.Array, tok_ok: jax.Array, head_dim: int, dtype: Any) -> jax.Array:
+    """The kernel's [T, Hq, D_pad] output -> [T, Hq, D], zero outside live requests."""
+    return jnp.where(tok_ok[:, None, None], out[..., :head_dim], 0).astype(dtype)
+
+
+def local_pallas(kv, layer, q, page_indices, kv_lens, cu_q_lens, num_seqs, *, statics: Statics):
+    """One device: the kernel on the [L·num_pages, P, C, D_pad] view."""
+    operands, kwargs, tok_ok = pallas_operands(
+        kv, layer, q, page_indices, kv_lens, cu_q_lens, num_seqs, statics=statics
+    )
+    options = statics.options
+    if options.attention_kernel is not None:  # a kernel of the same contract, its own blocks
+        out = options.attention_kernel(*operands, **kwargs)
+    else:
+        out = ragged_paged_attention(*operands, **kwargs, **_block_sizes(options, page_indices))
+    return pallas_output(out, tok_ok, q.shape[-1], q.dtype)
+
+
+def _block_sizes(options: BackendOptions, page_indices: jax.Array) -> dict[str, int]:
+    """The block-size arguments of JAX's kernel: the options', else the kernel's own choice
+    on a TPU host, else (lowering for TPU from another host) the tuned table's usual values."""
+    blocks = {
+        "num_kv_pages_per_block": options.kv_pages_per_block,
+        "num_queries_per_block": options.queries_per_block,
+    }
+    if jax.devices()[0].platform != "tpu":
+        # The kernel looks its block sizes up by TPU generation, which fails on any other host.
+        blocks["num_kv_pages_per_block"] = blocks["num_kv_pages_per_block"] or min(
+            CROSS_LOWERING_KV_PAGES_PER_BLOCK, page_indices.shape[1]
+        )
+        blocks["num_queries_per_block"] = (
+            blocks["num_queries_per_block"] or CROSS_LOWERING_QUERIES_PER_BLOCK
+        )
+    return {k: v for k, v in blocks.items() if v is not None}

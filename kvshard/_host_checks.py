@@ -1,0 +1,130 @@
+"""Host-side argument checks shared by every device operation (run before anything is donated).
+
+Every public operation checks its arguments here first, so a bad call raises an exception that
+names the argument, the value and the bound, and leaves the cache intact and readable. The
+int32 bounds of all metadata live here (:data:`INT32_MIN`, :data:`INT32_MAX`, :func:`as_int32`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kvshard._layout import INT32_MAX, INT32_MIN
+from kvshard._types import BACKENDS, BackendOptions
+
+__all__ = [
+    "INT32_MAX",
+    "INT32_MIN",
+    "as_int32",
+    "check_backend",
+    "check_layer",
+    "check_options",
+    "check_shape",
+    "concrete",
+    "dtype_of",
+    "is_traced",
+    "shape_str",
+]
+
+
+def is_traced(x: Any) -> bool:
+    """Whether ``x`` is a tracer (its values are unknown on the host)."""
+    return isinstance(x, jax.core.Tracer)
+
+
+def concrete(x: Any) -> np.ndarray | None:
+    """``x`` as a host array, or None while its values are unknown on this host: while traced,
+    or for an array spanning processes (other hosts hold some of its shards), which is then
+    treated like a traced value (kvshard.distributed)."""
+    if is_traced(x):
+        return None
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return None
+    return np.asarray(x)
+
+
+def dtype_of(x: Any) -> np.dtype:
+    """The dtype of an array as given (jnp.result_type would map NumPy int64 to int32)."""
+    return np.dtype(x.dtype) if hasattr(x, "dtype") else jnp.result_type(x)
+
+
+def as_int32(name: str, x: Any) -> Any:
+    """Returns metadata ``x`` as int32: as given when int32 (traced or not), else a host array.
+
+    Concrete ``x`` may have any integer dtype; its values are checked against int32 first, so
+    a cast can never wrap a huge id into a valid-looking one. Traced ``x`` must already be
+    int32: its values cannot be checked, and a cast inside jit would wrap silently.
+
+    Raises:
+      TypeError: ``x`` is not an integer array, or is traced with a dtype other than int32.
+      ValueError: a concrete value lies outside int32 (names ``name``, the value, the bound).
+    """
+    dtype = dtype_of(x)
+    if is_traced(x):
+        if dtype != np.int32:
+            raise TypeError(
+                f"{name} is traced with dtype {dtype}; traced {name} must be int32 (its values "
+                "cannot be range-checked inside jit; cast on the host, before jit)"
+            )
+        return x
+    if not np.issubdtype(dtype, np.integer):
+        raise TypeError(f"{name} must be an integer array, got dtype {dtype}")
+    if dtype == np.int32 and hasattr(x, "dtype"):
+        return x  # nothing to check or cast; a device array stays where it is
+    host = np.asarray(x)
+    if host.size and dtype.itemsize >= 4 and dtype != np.int32:
+        low, high = host.min(), host.max()
+        if low < INT32_MIN or high > INT32_MAX:
+            bad = low if low < INT32_MIN else high
+            raise ValueError(
+                f"{name} contains {int(bad)}, outside int32 [{INT32_MIN}, {INT32_MAX}]"
+            )
+    return host.astype(np.int32, copy=False)
+
+
+def shape_str(shape: tuple[Any, ...]) -> str:
+    return "[" + ", ".join(map(str, shape)) + "]"
+
+
+def check_shape(name: str, x: Any, expected: tuple[int | None, ...], what: str) -> None:
+    """Raises ValueError unless ``x.shape`` matches ``expected`` (None matches any size)."""
+    shape = np.shape(x)
+    if len(shape) != len(expected) or any(
+        e is not None and e != s for e, s in zip(expected, shape, strict=False)
+    ):
+        want = shape_str(tuple("*" if e is None else e for e in expected))
+        raise ValueError(f"{name} must have shape {what} = {want}, got {shape_str(shape)}")
+
+
+def check_backend(backend: Any) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} must be one of {BACKENDS}")
+
+
+def check_options(options: Any) -> BackendOptions:
+    """``options`` as a :class:`~kvshard.BackendOptions` (None: the defaults)."""
+    if options is None:
+        return BackendOptions()
+    if not isinstance(options, BackendOptions):
+        raise TypeError(f"options must be a kvshard.BackendOptions, got {type(options).__name__}")
+    return options
+
+
+def check_layer(num_layers: int, layer: Any) -> jax.Array | np.integer:
+    """Returns ``layer`` as an int32 scalar; range-checked against ``num_layers`` when concrete.
+
+    Normalising to int32 keeps one jit signature for Python ints, NumPy ints and traced ints.
+    """
+    dtype = dtype_of(layer)
+    if np.shape(layer) != () or not jnp.issubdtype(dtype, jnp.integer):
+        raise TypeError(f"layer must be an integer scalar, got {dtype}{list(np.shape(layer))}")
+    value = concrete(layer)
+    if value is None:
+        return jnp.asarray(layer, jnp.int32)
+    if not 0 <= int(value) < num_layers:
+        raise ValueError(f"layer={int(value)} is out of range [0, {num_layers})")
+    return np.int32(value)

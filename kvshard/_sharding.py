@@ -1,0 +1,62 @@
+"""Placement on the mesh, shared by every device operation.
+
+kvshard never builds meshes; it checks the axes it is given (:func:`check_mesh_axes`), puts
+eager inputs on the mesh with the sharding ``shard_map`` names (:func:`place`), and reshards
+traced inputs when the mesh's axes are Explicit (:func:`to_spec`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from kvshard.distributed import global_array
+
+__all__ = ["axis_size", "check_mesh_axes", "is_explicit", "place", "to_spec"]
+
+
+def axis_size(mesh: Mesh, axis: str | None) -> int:
+    """Size of mesh axis ``axis`` (1 when None)."""
+    return 1 if axis is None else int(mesh.shape[axis])
+
+
+def check_mesh_axes(mesh: Any, head_axis: str | None, page_axis: str | None) -> None:
+    """Raises TypeError/ValueError unless both axes name distinct axes of ``mesh`` (or None)."""
+    if not isinstance(mesh, Mesh):
+        raise TypeError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
+    for name, axis in (("head_axis", head_axis), ("page_axis", page_axis)):
+        if axis is not None and axis not in mesh.axis_names:
+            raise ValueError(f"{name}={axis!r} is not an axis of the mesh {mesh.axis_names}")
+    if head_axis is not None and head_axis == page_axis:
+        raise ValueError(f"head_axis and page_axis must differ, both are {head_axis!r}")
+    if len(set(mesh.axis_types)) > 1:
+        # Explicit axes need jax.reshard, Auto axes reject it: one rule per mesh keeps it simple.
+        raise ValueError(f"mesh mixes axis types {mesh.axis_types}; use all Explicit or all Auto")
+
+
+def is_explicit(mesh: Mesh) -> bool:
+    return any(t == AxisType.Explicit for t in mesh.axis_types)
+
+
+def to_spec(mesh: Mesh, x: jax.Array, spec: P) -> jax.Array:
+    """Gives traced ``x`` the sharding ``shard_map``'s in_specs name.
+
+    With Explicit mesh axes shard_map insists that its inputs already carry exactly that
+    sharding; with Auto axes shard_map reshards by itself.
+    """
+    if is_explicit(mesh):
+        return jax.reshard(x, NamedSharding(mesh, spec))
+    return x
+
+
+def place(mesh: Mesh, x: Any, spec: P) -> Any:
+    """Eager calls: puts concrete inputs on the mesh (numpy arrays have no mesh sharding)."""
+    if isinstance(x, jax.core.Tracer):
+        return x
+    sharding = NamedSharding(mesh, spec)
+    if not sharding.is_fully_addressable:  # a mesh spanning processes: see kvshard.distributed
+        return global_array(x, sharding)
+    return jax.device_put(x, sharding)

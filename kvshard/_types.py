@@ -1,0 +1,63 @@
+"""Types shared by every device operation: backend names and the backends' knobs.
+
+:class:`BackendOptions` groups what only a backend reads (as JAX's ``BlockSizes`` groups a
+kernel's knobs), so :func:`kvshard.update` and :func:`kvshard.attention` take the same
+``backend=`` and ``options=`` arguments and every other argument means the same in both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, Literal
+
+from kvshard.kernels.budgets import SCHEDULES, Schedule
+
+__all__ = ["BACKENDS", "Backend", "BackendOptions", "Schedule"]
+
+Backend = Literal["auto", "pallas", "xla"]
+BACKENDS: tuple[str, ...] = ("auto", "pallas", "xla")
+
+
+@dataclasses.dataclass(frozen=True)
+class BackendOptions:
+    """Knobs of the backends, accepted by :func:`kvshard.update` and :func:`kvshard.attention`.
+
+    Frozen and hashable: it is a static (compile-time) argument. Each field names the backend
+    that reads it; the others ignore it, so one object serves every call of a model.
+
+    Attributes:
+      interpret: pallas: run Pallas in interpret mode; None = interpret unless on TPU. False
+        forces a TPU lowering (exporting for TPU from a CPU host).
+      schedule: pallas update: the kernel's DMA schedule, "direct" (HBM->HBM, pipelined) or
+        "vmem" (vLLM's VMEM bounce); see :func:`kvshard.kernels.kv_cache_update`.
+      keys_per_step: xla attention: keys folded per loop step (rounded to whole pages, at least
+        one); None picks by the step's size.
+      kv_pages_per_block: pallas attention: JAX's ``num_kv_pages_per_block``; None = JAX's
+        tuned table on TPU (a fixed default when lowering for TPU from another host).
+      queries_per_block: pallas attention: JAX's ``num_queries_per_block``; None as above.
+      attention_kernel: pallas attention: the kernel called with JAX's
+        ``ragged_paged_attention`` signature; None = JAX's own. Lets a stack plug in another
+        kernel of the same contract (or ``ref_ragged_paged_attention``, to test the operands).
+    """
+
+    interpret: bool | None = None
+    schedule: Schedule = "direct"
+    keys_per_step: int | None = None
+    kv_pages_per_block: int | None = None
+    queries_per_block: int | None = None
+    attention_kernel: Callable[..., Any] | None = None
+
+    def __post_init__(self) -> None:
+        if self.interpret not in (None, True, False):
+            raise TypeError(f"interpret={self.interpret!r} must be None, True or False")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule={self.schedule!r} must be one of {SCHEDULES}")
+        for name in ("keys_per_step", "kv_pages_per_block", "queries_per_block"):
+            value = getattr(self, name)
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 1
+            ):
+                raise ValueError(f"{name}={value!r} must be None or an int >= 1")
+        if self.attention_kernel is not None and not callable(self.attention_kernel):
+            raise TypeError(f"attention_kernel={self.attention_kernel!r} is not callable")

@@ -1,0 +1,45 @@
+"""The sharded, combined-head KV cache and its device operations.
+
+One module per operation, each readable on its own:
+
+* :mod:`kvshard.cache._pytree`: :class:`KVCache`, :func:`init_cache`, :func:`abstract_cache`;
+* :mod:`kvshard.cache._codec`: how values are stored (dtype, combined heads, local heads);
+* :mod:`kvshard.cache._update`: :func:`update`, :func:`update_with_stats`;
+* :mod:`kvshard.cache._gather`: :func:`gather`;
+* :mod:`kvshard.cache._copy`: :func:`copy_pages`.
+
+Every operation checks its arguments on the host before anything is donated
+(:mod:`kvshard._host_checks`), places them on the mesh (:mod:`kvshard._sharding`) and drops
+out-of-contract traced rows by the one drop rule (:mod:`kvshard._drop`). Attention, the read
+of the serving loop, lives in :mod:`kvshard._attention`.
+"""
+
+from kvshard._layout import CacheSpec as CacheSpec
+from kvshard._layout import check_tensor_parallel as check_tensor_parallel
+from kvshard._platform import compiler_options as compiler_options
+from kvshard._types import Backend as Backend
+from kvshard.cache._copy import copy_pages as copy_pages
+from kvshard.cache._gather import gather as gather
+from kvshard.cache._pytree import KVCache as KVCache
+from kvshard.cache._pytree import abstract_cache as abstract_cache
+from kvshard.cache._pytree import check_cache as check_cache
+from kvshard.cache._pytree import init_cache as init_cache
+from kvshard.cache._update import SaturationCounts as SaturationCounts
+from kvshard.cache._update import update as update
+from kvshard.cache._update import update_with_stats as update_with_stats
+
+__all__ = [
+    "Backend",
+    "CacheSpec",
+    "KVCache",
+    "SaturationCounts",
+    "abstract_cache",
+    "check_cache",
+    "check_tensor_parallel",
+    "compiler_options",
+    "copy_pages",
+    "gather",
+    "init_cache",
+    "update",
+    "update_with_stats",
+]

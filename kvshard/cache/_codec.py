@@ -1,0 +1,99 @@
+"""How values are stored: the dtype conversions and the combined-head layout, in one place.
+
+Writes convert real values to stored values (:func:`to_storage`) and interleave K and V into
+combined heads (:func:`combine`); reads undo both (:func:`split`, :func:`to_real`). Each
+device picks its own heads of the step's k/v (:func:`local_heads`). Every backend calls
+these, which is what makes Pallas and XLA agree bit for bit.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import einops
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
+
+from kvshard import quant
+from kvshard._layout import CacheSpec
+from kvshard.cache._pytree import KVCache
+
+__all__ = [
+    "combine",
+    "kv_in_spec",
+    "local_heads",
+    "read_dtype",
+    "split",
+    "to_real",
+    "to_storage",
+]
+
+
+def to_storage(spec: CacheSpec, x: jax.Array, scale: float | None) -> jax.Array:
+    """Real values -> stored values: the ONE place writes convert.
+
+    Quantized dtypes: :func:`kvshard.quant.quantize` (scale, round, saturate, cast); float
+    dtypes: a plain cast.
+    """
+    if scale is None:
+        return x.astype(spec.np_dtype)
+    return quant.quantize(x, scale, spec.np_dtype)
+
+
+def combine(spec: CacheSpec, k: jax.Array, v: jax.Array) -> jax.Array:
+    """k, v [T, h, D] -> [T, 2·h, D_pad] in cache dtype: combined head 2j = K_j, 2j+1 = V_j."""
+    pad = [(0, 0), (0, 0), (0, spec.padded_head_dim - spec.head_dim)]
+    k, v = (
+        jnp.pad(to_storage(spec, x, scale), pad)
+        for x, scale in ((k, spec.k_scale), (v, spec.v_scale))
+    )
+    return einops.rearrange(jnp.stack([k, v], axis=2), "t h two d -> t (h two) d")
+
+
+def split(spec: CacheSpec, combined: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Inverse of :func:`combine`: [N, 2·h, D_pad] -> stored k, v [N, h, D]."""
+    x = einops.rearrange(combined, "n (h two) d -> n h two d", two=2)
+    return x[:, :, 0, : spec.head_dim], x[:, :, 1, : spec.head_dim]
+
+
+def local_heads(cache: KVCache, x: jax.Array) -> jax.Array:
+    """This device's KV heads of x [T, h_in, D] (inside shard_map).
+
+    Without replication the head axis arrives already split (in_spec ``head_axis``), so x holds
+    exactly this device's heads. With replication r > 1 every device holds one replicated head
+    and x arrives with all H heads: device i along the head axis takes head i // r — the same
+    head ``jnp.repeat(k, r, axis=1)`` would put there, without materialising the repeat.
+    """
+    r = cache.replication
+    if r == 1:
+        return x
+    head = jax.lax.axis_index(cache.head_axis) // r
+    return jax.lax.dynamic_slice_in_dim(x, head, 1, axis=1)
+
+
+def kv_in_spec(cache: KVCache) -> P:
+    """in_spec of k/v [G, T, H, D]: split heads unless they are replicated (then all heads)."""
+    return P(cache.page_axis, None, cache.head_axis if cache.replication == 1 else None, None)
+
+
+def read_dtype(spec: CacheSpec, dtype: Any) -> np.dtype:
+    """The dtype a read returns: ``dtype``, or the default (the cache dtype; float32 for a
+    quantized cache)."""
+    if dtype is None:
+        return np.dtype(np.float32) if spec.quantized else spec.np_dtype
+    try:
+        out = np.dtype(jnp.dtype(dtype))
+    except TypeError as err:
+        raise TypeError(f"dtype={dtype!r} is not a dtype") from err
+    if not jnp.issubdtype(out, jnp.floating):
+        raise TypeError(f"dtype={out.name} must be a floating dtype (e.g. float32, bfloat16)")
+    return out
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "dtype"))
+def to_real(spec: CacheSpec, k: jax.Array, v: jax.Array, dtype: np.dtype):
+    """Stored k, v -> real values in ``dtype`` (elementwise: keeps the input sharding)."""
+    return quant.dequantize(k, spec.k_scale, dtype), quant.dequantize(v, spec.v_scale, dtype)

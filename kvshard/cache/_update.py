@@ -1,0 +1,477 @@
+"""``update``: write a step's new K/V tokens of one layer into the cache, in place.
+
+Inside ``shard_map`` the local block [L, slots, C, D] is reshaped (a free bitcast) to
+[L·slots, C, D] and ``kv_cache_start`` is offset by ``layer · slots``, so the 3-D Pallas kernel
+writes the right layer of the aliased buffer; the XLA backend scatters at ``[layer, slot]``.
+Both backends write exactly the slices :func:`kvshard._drop.writable_slices` keeps.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import warnings
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
+
+from kvshard import _reports, quant
+from kvshard._drop import layer_in_range, token_slots, writable_slices
+from kvshard._host_checks import (
+    as_int32,
+    check_backend,
+    check_layer,
+    check_options,
+    check_shape,
+    concrete,
+    dtype_of,
+    is_traced,
+)
+from kvshard._layout import CacheSpec
+from kvshard._platform import PlatformJit, resolve_backend
+from kvshard._sharding import place, to_spec
+from kvshard._types import Backend, BackendOptions, Schedule
+from kvshard.cache._codec import combine, kv_in_spec, local_heads
+from kvshard.cache._pytree import KVCache, check_cache, with_kv
+from kvshard.kernels.checks import validate_slices
+from kvshard.kernels.update import kv_cache_update
+from kvshard.step import StepMetadata, check_step
+
+__all__ = ["SaturationCounts", "update", "update_with_stats"]
+
+
+# --------------------------------------------------------------------------------------------
+# Host checks (before anything is donated)
+# --------------------------------------------------------------------------------------------
+
+
+def _check_kv(cache: KVCache, k: Any, v: Any, lead: tuple[int, ...]) -> None:
+    """k/v shapes and dtypes: any floating dtype (cast to the cache dtype) or the cache dtype."""
+    spec = cache.spec
+    what = "[dp, T, num_kv_heads, head_dim]" if lead else "[T, num_kv_heads, head_dim]"
+    expected = (*lead, None, spec.num_kv_heads, spec.head_dim)
+    check_shape("k", k, expected, what)
+    check_shape("v", v, expected, what)
+    if np.shape(k) != np.shape(v):
+        raise ValueError(f"k and v shapes differ: {np.shape(k)} vs {np.shape(v)}")
+    if dtype_of(k) != dtype_of(v):
+        raise TypeError(f"k and v dtypes differ: {dtype_of(k)} vs {dtype_of(v)}")
+    for name, x in (("k", k), ("v", v)):
+        dtype = dtype_of(x)
+        if dtype != spec.np_dtype and not jnp.issubdtype(dtype, jnp.floating):
+            raise TypeError(
+                f"{name} has dtype {dtype}; expected a floating dtype or the cache dtype "
+                f"{spec.np_dtype}"
+            )
+
+
+def _check_slices(cache: KVCache, slices: Any, num_slices: Any, num_tokens: int) -> tuple[Any, Any]:
+    """Validates the slices; returns (slices, num_slices) as int32 (see as_int32).
+
+    Concrete slices must meet the kernel's own preconditions
+    (:func:`kvshard.kernels.checks.validate_slices`), minus the ban on empty slices, which both
+    backends write as nothing, and minus the demand that sources tile k/v without gaps.
+    """
+    pooled = cache.page_axis is not None
+    lead = (cache.dp,) if pooled else ()
+    check_shape("slices", slices, (*lead, 3, None), "[dp, 3, S]" if pooled else "[3, S]")
+    check_shape("num_slices", num_slices, (*lead, 1), "[dp, 1]" if pooled else "[1]")
+    slices, num_slices = as_int32("slices", slices), as_int32("num_slices", num_slices)
+    slices_np, num_np = concrete(slices), concrete(num_slices)
+    if slices_np is None or num_np is None:
+        return slices, num_slices  # traced: bad rows are dropped (kvshard._drop)
+    pool = cache.spec.slots_per_pool
+    hint = (
+        f"; slices for another data-parallel pool? kv_cache_start addresses the group's own "
+        f"{pool} local slots"
+        if pooled
+        else ""
+    )
+    groups = (
+        [(slices_np[g], num_np[g], f"slices[{g}]") for g in range(cache.dp)]
+        if pooled
+        else [(slices_np, num_np, "slices")]
+    )
+    for sl, num, name in groups:
+        validate_slices(
+            sl,
+            np.array([int(num[0])]),
+            num_tokens=num_tokens,
+            num_rows=pool,
+            page_size=cache.spec.page_size,
+            name=name,
+            count_name="num_slices",
+            allow_empty=True,
+            contiguous_sources=False,
+            rows_hint=hint,
+        )
+    return slices, num_slices
+
+
+def _legacy_options(options: Any, interpret: Any, schedule: Any) -> BackendOptions:
+    """``options``, with the deprecated ``interpret=``/``schedule=`` keywords folded in."""
+    options = check_options(options)
+    legacy = {k: v for k, v in (("interpret", interpret), ("schedule", schedule)) if v is not None}
+    if legacy:
+        warnings.warn(
+            f"update({', '.join(f'{k}=' for k in legacy)}...) is deprecated: pass "
+            "options=kvshard.BackendOptions(...)",
+            DeprecationWarning,
+            stacklevel=5,
+        )
+        options = BackendOptions(**{**options.__dict__, **legacy})
+    return options
+
+
+# --------------------------------------------------------------------------------------------
+# Per-device bodies (inside shard_map, on one device's block)
+# --------------------------------------------------------------------------------------------
+
+
+def _local_update_xla(cache, layer, new_kv, slices, num, *, page_size, options):
+    """One device: cache [L, slots, C, D], new_kv [T, C, D] -> cache, by an XLA scatter."""
+    del options
+    num_layers, num_slots = cache.shape[:2]
+    num_tokens = new_kv.shape[0]
+    valid = writable_slices(
+        slices,
+        num,
+        layer,
+        num_layers=num_layers,
+        num_tokens=num_tokens,
+        num_slots=num_slots,
+        page_size=page_size,
+    )
+    slots = token_slots(slices, valid, num_tokens, num_slots)
+    # A bad layer leaves every slot >= num_slots (nothing valid); index layer 0 rather than
+    # let a negative layer wrap. Unique, in-bounds-or-dropped indices let XLA scatter in place.
+    layer = jnp.where(layer_in_range(layer, num_layers), layer, 0)
+    return cache.at[layer, slots].set(new_kv, mode="drop", unique_indices=True)
+
+
+def _local_update_pallas(cache, layer, new_kv, slices, num, *, page_size, options):
+    """One device: the kernel on the [L·slots, C, D] view of the stacked block.
+
+    The reshape is a bitcast, so the kernel's input/output alias still covers the donated
+    buffer; offsetting kv_cache_start by ``layer · slots`` selects the layer.
+    """
+    num_layers, num_slots, heads, dim = cache.shape
+    flat = cache.reshape(num_layers * num_slots, heads, dim)
+    valid = writable_slices(
+        slices,
+        num,
+        layer,
+        num_layers=num_layers,
+        num_tokens=new_kv.shape[0],
+        num_slots=num_slots,
+        page_size=page_size,
+    )
+    # The kernel bounds-checks against all L layers; a slice past this layer's slots (or of a
+    # layer out of range) must be dropped here or it would land in another layer.
+    slices = jnp.stack([slices[0] + layer * num_slots, slices[1], jnp.where(valid, slices[2], 0)])
+    out = kv_cache_update(
+        new_kv,
+        slices,
+        flat,
+        num,
+        page_size=page_size,
+        interpret=options.interpret,
+        schedule=options.schedule,
+    )
+    return out.reshape(cache.shape)
+
+
+_LOCAL_UPDATES = {"xla": _local_update_xla, "pallas": _local_update_pallas}
+
+
+class SaturationCounts(NamedTuple):
+    """How many written K and V elements a quantized cache could not store faithfully.
+
+    Counts the elements of the tokens that live, valid slices write (padding tokens and
+    dropped slices do not count) whose ``x / scale`` fell outside the dtype's finite range,
+    so were stored as its limits, or was NaN, so was stored as 0 (see
+    :func:`kvshard.quant.saturated`). Always 0 for float32/bfloat16/float16 caches, which
+    store unscaled values with a plain cast. A pytree of two arrays, so it leaves ``jit`` and
+    ``lax.scan`` like any result.
+
+    Attributes:
+      k: int32[] saturated elements of K, summed over every device's heads and page pools
+        (each KV head counted once, however many replicas the cache holds).
+      v: int32[] the same for V.
+    """
+
+    k: jax.Array
+    v: jax.Array
+
+
+def _count_saturated(cache, k, v, layer, slices, num, num_slots):
+    """int32[2] (K, V) saturated elements of the tokens this step writes, over all devices.
+
+    Inside shard_map: k, v [T, h, D] are this device's heads; the psum adds the other heads and
+    page pools, and dividing by r undoes the r devices that each quantize a copy of one head.
+    """
+    spec: CacheSpec = cache.spec
+    if not spec.quantized:
+        return jnp.zeros(2, jnp.int32)
+    num_tokens = k.shape[0]
+    valid = writable_slices(
+        slices,
+        num,
+        layer,
+        num_layers=spec.num_layers,
+        num_tokens=num_tokens,
+        num_slots=num_slots,
+        page_size=spec.page_size,
+    )
+    written = (token_slots(slices, valid, num_tokens, num_slots) < num_slots)[:, None, None]
+    counts = jnp.stack(
+        [
+            jnp.sum(quant.saturated(x, scale, spec.np_dtype) & written, dtype=jnp.int32)
+            for x, scale in ((k, spec.k_scale), (v, spec.v_scale))
+        ]
+    )
+    axes = tuple(a for a in (cache.head_axis, cache.page_axis) if a is not None)
+    if axes:
+        counts = jax.lax.psum(counts, axes)
+    return counts // cache.replication
+
+
+# --------------------------------------------------------------------------------------------
+# The sharded call
+# --------------------------------------------------------------------------------------------
+
+
+def _update_specs(cache: KVCache) -> tuple[P, ...]:
+    """in_specs of (kv, layer, k, v, slices, num_slices), per-pool args with a group axis."""
+    pa, kv_spec = cache.page_axis, kv_in_spec(cache)
+    return (cache.pspec, P(), kv_spec, kv_spec, P(pa, None, None), P(pa, None))
+
+
+@functools.partial(
+    PlatformJit,
+    static_argnames=("backend", "options", "checks", "stats"),
+    donate_argnums=(0,),
+)
+def _write(cache, layer, k, v, slices, num_slices, *, backend, options, checks, stats):
+    if cache.page_axis is None:  # one pool: give every per-pool argument a group axis of size 1
+        k, v, slices, num_slices = k[None], v[None], slices[None], num_slices[None]
+    specs = _update_specs(cache)
+    args = [
+        to_spec(cache.mesh, x, s)
+        for x, s in zip((cache.kv, layer, k, v, slices, num_slices), specs, strict=True)
+    ]
+    if checks:
+        # Every device checks the whole (all groups') metadata and raises alike: a device left
+        # running would wait forever for the failed ones (Pallas interpret mode's barrier).
+        whole = (P(), P(None, None, None), P(None, None))
+        specs = (*specs, *whole)
+        checked = (layer, slices, num_slices)
+        args += [to_spec(cache.mesh, x, s) for x, s in zip(checked, whole, strict=True)]
+    spec = cache.spec
+    local_update = functools.partial(
+        _LOCAL_UPDATES[backend], page_size=spec.page_size, options=options
+    )
+
+    def body(kv, layer, k, v, slices, num, *whole):
+        if whole:
+            _reports.check_update(
+                *whole,
+                num_layers=spec.num_layers,
+                num_tokens=k.shape[1],
+                num_rows=spec.slots_per_pool,
+                page_size=spec.page_size,
+            )
+        k, v = local_heads(cache, k[0]), local_heads(cache, v[0])
+        out = local_update(kv, layer, combine(spec, k, v), slices[0], num[0])
+        if not stats:
+            return out
+        return out, _count_saturated(cache, k, v, layer, slices[0], num[0], kv.shape[1])
+
+    result = jax.shard_map(
+        body,
+        mesh=cache.mesh,
+        in_specs=specs,
+        out_specs=(cache.pspec, P()) if stats else cache.pspec,
+        check_vma=False,  # pallas_call has no replication rule; the specs above are exact
+    )(*args)
+    if not stats:
+        return with_kv(cache, result)
+    kv, counts = result
+    return with_kv(cache, kv), SaturationCounts(k=counts[0], v=counts[1])
+
+
+def _update_call(
+    cache,
+    layer,
+    k,
+    v,
+    step,
+    num_slices,
+    *,
+    slices,
+    backend,
+    options,
+    checks,
+    interpret,
+    schedule,
+    stats,
+):
+    """The host side of :func:`update` and :func:`update_with_stats`: check, place, call."""
+    if slices is not None:  # the keyword spelling of vLLM's form
+        if step is not None:
+            raise TypeError("pass step or slices=, not both")
+        step = slices
+    if step is None:
+        raise TypeError("update needs the step: a StepMetadata, or slices and num_slices")
+    options = _legacy_options(options, interpret, schedule)
+    cache = check_cache(cache)
+    check_backend(backend)
+    pooled = cache.page_axis is not None
+    lead = (cache.dp,) if pooled else ()
+    _check_kv(cache, k, v, lead)
+    num_tokens = np.shape(k)[-3]
+    if isinstance(step, StepMetadata):
+        if num_slices is not None:
+            raise TypeError("num_slices must be omitted when step is a StepMetadata")
+        spec = cache.spec
+        check_step(
+            step,
+            page_size=spec.page_size,
+            num_pages=spec.num_pages,
+            num_tokens=num_tokens,
+            token_arg="k",
+            lead=lead,
+        )
+        slices, num_slices = step.slices, step.num_slices
+    elif num_slices is None:
+        raise TypeError("num_slices is required unless step is a StepMetadata")
+    else:
+        slices = step
+    layer_index = check_layer(cache.spec.num_layers, layer)
+    slices, num_slices = _check_slices(cache, slices, num_slices, num_tokens)
+    # In-jit checks only mean something for traced values (concrete ones passed the host
+    # checks above); skipping them otherwise saves the host callback.
+    checks = bool(checks) and any(map(is_traced, (layer, slices, num_slices)))
+    mesh, (_, _, kv_spec, _, slices_spec, num_spec) = cache.mesh, _update_specs(cache)
+    if not pooled:  # the specs above carry the group axis that _write adds
+        kv_spec, slices_spec, num_spec = (P(*s[1:]) for s in (kv_spec, slices_spec, num_spec))
+    return _write(
+        cache,
+        place(mesh, layer_index, P()),
+        place(mesh, k, kv_spec),
+        place(mesh, v, kv_spec),
+        place(mesh, slices, slices_spec),
+        place(mesh, num_slices, num_spec),
+        backend=resolve_backend(cache, backend),
+        options=options,
+        checks=checks,
+        stats=stats,
+    )
+
+
+def update(
+    cache: KVCache,
+    layer: int | jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    step: StepMetadata | jax.Array | np.ndarray | None = None,
+    num_slices: jax.Array | np.ndarray | None = None,
+    *,
+    slices: jax.Array | np.ndarray | None = None,
+    backend: Backend = "auto",
+    options: BackendOptions | None = None,
+    checks: bool = False,
+    interpret: bool | None = None,
+    schedule: Schedule | None = None,
+) -> KVCache:
+    """Writes new K/V tokens of one layer into the cache, in place; returns the new cache.
+
+    Slice ``i < num_slices`` copies tokens ``[new_kv_start, new_kv_start + slice_len)`` of
+    ``k``/``v`` to slots ``[kv_cache_start, kv_cache_start + slice_len)`` of layer ``layer`` (on
+    every head, in its pool): :func:`kvshard.reference.kv_cache_update` on the combined layout.
+    Each device pads, interleaves and (when replicating) picks its own heads of k/v, then runs
+    the backend on its own block; no device communicates with another except to receive its
+    heads of k/v.
+
+    Args:
+      cache: DONATED when called eagerly: ``cache.kv`` is deleted afterwards; use the result.
+        A cache already donated is refused (ValueError) before anything runs.
+      layer: int or int scalar array in [0, L); may be traced (lax.scan over layers).
+      k: float[T, H, D] globally, as an attention layer produces it (unpadded, unreplicated;
+        any sharding, usually replicated), or float[dp, T, H, D] with a page axis. ``T`` is
+        the step's ``num_tokens_padded``. Cast to the cache dtype; for a quantized cache,
+        quantized with ``spec.k_scale`` (``v``: v_scale): divided by the scale, rounded,
+        saturated to the dtype's finite range, NaN stored as 0
+        (:func:`kvshard.quant.quantize`; :func:`update_with_stats` counts what saturates).
+        Per device inside ``shard_map`` it arrives as float[T, H/tp, D] (heads split over the
+        head axis) when r = 1, or whole as float[T, H, D] when r > 1, and each device then
+        picks its own head ``i // r``; with a page axis each device sees only its group's
+        [1, T, ...] slice.
+      v: same shape, sharding and per-device handling as ``k``; its dtype must equal ``k``'s.
+      step: the step's :class:`~kvshard.StepMetadata` (from :func:`kvshard.build_step`), whose
+        ``slices``/``num_slices`` are written and whose geometry must be the cache's. Or, in
+        vLLM's form, the slices themselves: int32[3, S] rows (kv_cache_start, new_kv_start,
+        slice_len), or int32[dp, 3, S] with a page axis, where group g's kv_cache_start indexes
+        its own pool of num_pages·page_size slots; ``num_slices`` then gives the live count.
+      num_slices: int32[1] live slices (later ones are padding), or int32[dp, 1]; only with
+        slices given as an array. Concrete ``slices``/``num_slices`` may have any integer
+        dtype (range-checked against int32, then cast); traced ones must be int32.
+      slices: keyword spelling of the array form of ``step`` (vLLM's name).
+      backend: "pallas" (the kernel; interpret mode off TPU), "xla" (scatter), or "auto":
+        pallas when the mesh is made of TPUs, xla otherwise. Both give identical results.
+      options: :class:`~kvshard.BackendOptions` (the pallas backend reads ``interpret`` and
+        ``schedule``); None for the defaults.
+      checks: with traced arguments, report what would be dropped (a layer out of range,
+        ``num_slices`` outside [0, S], a live slice the drop rule refuses, overlapping live
+        slices) as an error instead of dropping silently: a host callback
+        (``jax.debug.callback``) raises ValueError naming the slice, which surfaces as
+        ``jax.errors.JaxRuntimeError`` carrying that message when the result is used.
+        Costs O(S²) per call and a host round trip: a debugging mode. No effect on concrete
+        arguments, which are always checked on the host. See docs/guides/refused-inputs.md.
+      interpret, schedule: deprecated; use ``options``.
+
+    Preconditions on live slices (checked on the host when ``slices``/``num_slices`` are
+    concrete): 0 <= num_slices <= S; 0 <= slice_len <= page_size; tokens in [0, T); slots in
+    the pool; no two slices overlap in slots or in tokens. Traced: a layer outside [0, L)
+    writes nothing, and a live slice that is empty, longer than a page, crosses a page or
+    leaves the tokens or the pool writes nothing, identically on both backends (the drop
+    rule, :mod:`kvshard._drop`). Overlapping traced slices are outside the contract.
+
+    Raises:
+      TypeError: wrong cache or step type or dtypes (slices/num_slices not integer arrays, or
+        traced and not int32; k/v not floating or the cache dtype; k/v dtypes differ; layer not
+        an integer scalar); num_slices given with a StepMetadata or missing without one.
+      ValueError: wrong shapes (k/v tokens other than the step's), a step built for another
+        geometry, a donated cache, a concrete layer or slice out of range, a concrete
+        slices/num_slices value outside int32, overlapping slices, unknown backend. Nothing
+        is donated when an error is raised.
+    """
+    return _update_call(**locals(), stats=False)
+
+
+def update_with_stats(*args: Any, **kwargs: Any) -> tuple[KVCache, SaturationCounts]:
+    """:func:`update`, also returning how many written values saturated the quantized dtype.
+
+    Takes exactly :func:`update`'s arguments (see :func:`update` for shapes, sharding,
+    donation and errors) and makes the same write, bit for bit; the count costs one extra
+    elementwise pass over this step's k/v and a psum of two int32 across the head and page
+    axes. Works eagerly and under ``jit``/``lax.scan``: the counts are ordinary arrays, so a
+    serving loop can accumulate them on device and read them when it logs.
+
+    Returns:
+      (cache, counts): the updated cache and a :class:`SaturationCounts` of int32[] arrays,
+      replicated on every device. A non-zero count means the scale is too small for this
+      data: :func:`kvshard.calibrate_scales` on a representative sample picks a larger one.
+    """
+    bound = inspect.signature(update).bind(*args, **kwargs)
+    bound.apply_defaults()
+    return _update_call(**bound.arguments, stats=True)
+
+
+# Documentation tools and IDEs show update's own parameters.
+update_with_stats.__signature__ = inspect.signature(update).replace(  # type: ignore[attr-defined]
+    return_annotation="tuple[KVCache, SaturationCounts]"
+)
