@@ -1,0 +1,342 @@
+"""A Hugging Face ``config.json`` -> :class:`Architecture`: everything the model code branches on.
+
+One place reads every architecture's config keys (and the defaults Hugging Face's config
+classes apply when a key is absent), so the model code never looks at ``model_type``: it reads
+fields such as ``norm_offset`` or ``layers[i].window``. Both config generations are read:
+``rope_theta`` + ``rope_scaling`` (transformers 4) and ``rope_parameters`` (transformers 5,
+per layer type for Gemma 3); ``torch_dtype`` or ``dtype``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from kvshard._config import ConfigError
+
+__all__ = ["ARCHITECTURES", "Architecture", "LayerSpec", "RopeSpec", "read_architecture"]
+
+# model_type values read here (Gemma 3 checkpoints of the text model say "gemma3_text").
+ARCHITECTURES = (
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "gemma",
+    "gemma2",
+    "gemma3_text",
+    "gpt_oss",
+)
+_GEMMA = ("gemma", "gemma2", "gemma3_text")
+_DTYPES = {"bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}
+_ACTIVATIONS = {
+    "silu": "silu",
+    "swish": "silu",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "gelu_new": "gelu_tanh",
+    "gelu": "gelu",
+}
+_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+GPT_OSS_ROPE = {
+    "rope_type": "yarn",
+    "factor": 32.0,
+    "beta_fast": 32.0,
+    "beta_slow": 1.0,
+    "truncate": False,
+    "original_max_position_embeddings": 4096,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeSpec:
+    """One rotary embedding: ``kind`` in default/linear/llama3/yarn and its parameters.
+
+    ``params`` are the rope_scaling entries as sorted (key, value) pairs (hashable: the spec
+    is a static attribute of a layer). ``max_position_embeddings`` is the config's, which yarn
+    falls back on when ``original_max_position_embeddings`` is absent.
+    """
+
+    theta: float
+    kind: str = "default"
+    params: tuple[tuple[str, Any], ...] = ()
+    max_position_embeddings: int = 0
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return dict(self.params).get(key, default)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSpec:
+    """Per-layer attention: the sliding window (None: full attention) and the rotary embedding."""
+
+    window: int | None
+    rope: RopeSpec
+
+
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+    """A decoder's shapes and every behaviour switch the model code reads.
+
+    Attributes (beyond the shapes):
+      dtype: compute and weight dtype (the checkpoint's ``torch_dtype``; float32 if absent).
+      activation: MLP gate activation: "silu", "gelu_tanh" or "gelu".
+      norm_offset: RMSNorm multiplies by ``offset + weight`` (Gemma: 1, weights stored as
+        zeros-centred) and, for Gemma, scales in float32 before the cast back.
+      embed_scale: multiplier of the embeddings (Gemma: sqrt(hidden_size)), else None.
+      tie_word_embeddings: the output projection is the embedding matrix. An absent key
+        means what transformers' config class defaults to (tied for Gemma, else untied);
+        :func:`~kvshard.models.load_checkpoint` decides it from the checkpoint instead (tied
+        iff it has no ``lm_head.weight``).
+      qkv_bias, o_bias, mlp_bias: bias terms of those projections.
+      qk_norm: RMSNorm over head_dim of q and k before RoPE (Qwen3, Gemma 3).
+      sandwich_norms: Gemma 2/3 layers: post-attention, pre- and post-feed-forward norms.
+      sm_scale: attention scale (``query_pre_attn_scalar ** -0.5`` for Gemma, else
+        ``head_dim ** -0.5``).
+      attn_soft_cap, final_soft_cap: ``cap * tanh(x / cap)`` of attention scores / logits.
+      norm_in_float32: RMSNorm multiplies by its weight in float32, then casts (Gemma,
+        gpt-oss); else it casts first (Llama).
+      sinks: one learned logit per query head in the softmax denominator (gpt-oss).
+      num_experts, experts_per_token: a mixture-of-experts feed-forward (gpt-oss: top-k
+        router with bias, softmax over the chosen logits, clamped SwiGLU experts with biases);
+        0 experts: a dense gated MLP.
+      swiglu_alpha, swiglu_limit: gpt-oss's expert activation.
+      layers: one :class:`LayerSpec` per layer.
+    """
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    dtype: str
+    activation: str
+    norm_offset: float
+    embed_scale: float | None
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+    qk_norm: bool
+    sandwich_norms: bool
+    sm_scale: float
+    attn_soft_cap: float | None
+    final_soft_cap: float | None
+    norm_in_float32: bool
+    sinks: bool
+    num_experts: int
+    experts_per_token: int
+    swiglu_alpha: float
+    swiglu_limit: float
+    layers: tuple[LayerSpec, ...]
+
+    @property
+    def moe(self) -> bool:
+        """The feed-forward is a mixture of experts."""
+        return self.num_experts > 0
+
+    @property
+    def uniform_window(self) -> int | None:
+        """The window when every layer has the same one (a page allocator can then release
+        out-of-window pages), else None."""
+        windows = {layer.window for layer in self.layers}
+        return windows.pop() if len(windows) == 1 else None
+
+    def with_window(self, window: int | None) -> Architecture:
+        """The same model with ``window`` on every layer (the demo's ``--sliding-window``)."""
+        layers = tuple(dataclasses.replace(layer, window=window) for layer in self.layers)
+        return dataclasses.replace(self, layers=layers)
+
+
+def _int(cfg: Mapping[str, Any], key: str, where: str, default: int | None = None) -> int:
+    value = cfg.get(key, default)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"{where}: {key}={value!r} must be a positive integer")
+    return value
+
+
+def _rope(params: Mapping[str, Any] | None, theta: float, max_pos: int, where: str) -> RopeSpec:
+    """A RopeSpec from a rope_scaling / rope_parameters dict (None: plain RoPE at ``theta``)."""
+    params = dict(params or {})
+    theta = float(params.pop("rope_theta", theta))
+    kind = str(params.pop("rope_type", params.pop("type", "default")))
+    if kind not in _ROPE_TYPES:
+        raise ConfigError(f"{where}: rope type {kind!r} is not one of {', '.join(_ROPE_TYPES)}")
+    if kind != "default" and not isinstance(params.get("factor", 1.0), int | float):
+        raise ConfigError(f"{where}: rope factor={params.get('factor')!r} must be a number")
+    return RopeSpec(theta, kind, tuple(sorted(params.items())), max_pos)
+
+
+def _ropes(cfg: Mapping[str, Any], model_type: str, where: str) -> dict[str, RopeSpec]:
+    """Rotary embedding per layer type ("full_attention", "sliding_attention")."""
+    max_pos = int(cfg.get("max_position_embeddings") or 0)
+    default_theta = {"gemma3_text": 1_000_000.0, "gpt_oss": 150_000.0}.get(model_type, 10_000.0)
+    theta = float(cfg.get("rope_theta") or default_theta)
+    parameters = cfg.get("rope_parameters")
+    if isinstance(parameters, Mapping) and all(
+        isinstance(v, Mapping) for v in parameters.values()
+    ):  # transformers 5, one entry per layer type (Gemma 3)
+        ropes = {k: _rope(v, theta, max_pos, f"{where} rope {k}") for k, v in parameters.items()}
+    else:
+        scaling = parameters if isinstance(parameters, Mapping) else cfg.get("rope_scaling")
+        if scaling is None and model_type == "gpt_oss":
+            scaling = GPT_OSS_ROPE  # what GptOssConfig sets when a config names no rope
+        full = _rope(scaling, theta, max_pos, where)
+        ropes = {"full_attention": full, "sliding_attention": full}
+        if model_type == "gemma3_text" and not isinstance(parameters, Mapping):
+            # transformers 4's Gemma 3: local layers use plain RoPE at rope_local_base_freq.
+            local = float(cfg.get("rope_local_base_freq") or 10_000.0)
+            ropes["sliding_attention"] = RopeSpec(local, "default", (), max_pos)
+    ropes.setdefault("sliding_attention", ropes.get("full_attention", RopeSpec(theta)))
+    ropes.setdefault("full_attention", ropes["sliding_attention"])
+    return ropes
+
+
+def _layer_types(cfg: Mapping[str, Any], model_type: str, n: int, where: str) -> list[str]:
+    """ "sliding_attention" or "full_attention" per layer, as transformers derives them."""
+    types = cfg.get("layer_types")
+    if isinstance(types, list):
+        if len(types) != n:
+            raise ConfigError(f"{where}: layer_types has {len(types)} entries for {n} layers")
+        for t in types:
+            if t not in ("sliding_attention", "full_attention"):
+                raise ConfigError(
+                    f"{where}: layer type {t!r} is not supported (sliding_attention, "
+                    "full_attention)"
+                )
+        return list(types)
+    sliding, full = "sliding_attention", "full_attention"
+    if model_type == "mistral":
+        return [sliding] * n
+    if model_type in ("qwen2", "qwen3"):  # the first max_window_layers layers attend in full
+        first = cfg.get("max_window_layers", n)
+        return [sliding if i >= first else full for i in range(n)]
+    if model_type in ("gemma2", "gpt_oss"):  # even layers local, odd layers global
+        return [sliding if i % 2 == 0 else full for i in range(n)]
+    if model_type == "gemma3_text":
+        pattern = cfg.get("sliding_window_pattern") or cfg.get("_sliding_window_pattern") or 6
+        return [sliding if (i + 1) % pattern else full for i in range(n)]
+    return [full] * n
+
+
+def _window(cfg: Mapping[str, Any], model_type: str, where: str) -> int | None:
+    window = cfg.get("sliding_window")
+    if model_type in ("qwen2", "qwen3") and not cfg.get("use_sliding_window", False):
+        return None  # Qwen2 configs carry a sliding_window they do not use
+    if window is None:
+        return None
+    if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+        raise ConfigError(f"{where}: sliding_window={window!r} must be a positive integer or null")
+    return window
+
+
+def _soft_cap(cfg: Mapping[str, Any], key: str, default: float | None) -> float | None:
+    value = cfg.get(key, default)
+    return float(value) if value else None
+
+
+def read_architecture(config: Mapping[str, Any] | str | Path) -> Architecture:
+    """Reads a Hugging Face config (a dict, a config.json path or its directory).
+
+    Raises:
+      kvshard.ConfigError: an unknown ``model_type``, a missing or malformed field, an unknown
+        rope type, activation or dtype; one line naming the field and the value.
+    """
+    if isinstance(config, Mapping):
+        return _architecture(config)
+    path = Path(config)
+    path = path / "config.json" if path.is_dir() else path
+    try:
+        data = json.loads(path.read_text("utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise ConfigError(f"{path}: cannot read the config ({err})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config.json holds a JSON object, got {type(data).__name__}")
+    return _architecture(data)
+
+
+def _architecture(config: Mapping[str, Any]) -> Architecture:
+    where = str(config.get("_name_or_path") or "config.json")
+    model_type = config.get("model_type")
+    if model_type == "gemma3" and isinstance(config.get("text_config"), Mapping):
+        raise ConfigError(
+            f"{where}: model_type='gemma3' is the multimodal model; serve its language model "
+            "(a Gemma3ForCausalLM checkpoint, model_type 'gemma3_text')"
+        )
+    if model_type not in ARCHITECTURES:
+        raise ConfigError(
+            f"{where}: model_type={model_type!r} is not one of {', '.join(ARCHITECTURES)}"
+        )
+    n = _int(config, "num_hidden_layers", where)
+    hidden, heads = _int(config, "hidden_size", where), _int(config, "num_attention_heads", where)
+    kv_heads = _int(config, "num_key_value_heads", where, heads)
+    if heads % kv_heads:
+        raise ConfigError(
+            f"{where}: num_attention_heads={heads} is not a multiple of num_key_value_heads="
+            f"{kv_heads}"
+        )
+    if config.get("head_dim") is None and hidden % heads:
+        raise ConfigError(f"{where}: hidden_size={hidden} is not a multiple of {heads} heads")
+    head_dim = _int(config, "head_dim", where, hidden // heads)
+    raw_dtype = config.get("dtype", config.get("torch_dtype")) or "float32"
+    dtype = _DTYPES.get(str(raw_dtype).removeprefix("torch."))
+    if dtype is None:
+        raise ConfigError(f"{where}: dtype={raw_dtype!r} is not one of {', '.join(_DTYPES)}")
+    gemma, moe = model_type in _GEMMA, model_type == "gpt_oss"
+    default_act = "gelu_pytorch_tanh" if gemma else "silu"
+    act_name = config.get("hidden_activation") or config.get("hidden_act") or default_act
+    if model_type == "gemma" and act_name == "gelu":
+        act_name = "gelu_pytorch_tanh"  # transformers runs Gemma 1's "gelu" as the tanh form
+    if act_name not in _ACTIVATIONS:
+        raise ConfigError(
+            f"{where}: activation {act_name!r} is not one of {', '.join(_ACTIVATIONS)}"
+        )
+    attention_bias = bool(config.get("attention_bias", model_type == "gpt_oss"))
+    query_scalar = config.get("query_pre_attn_scalar", 256 if model_type != "gemma" else None)
+    sm_scale = float(query_scalar) ** -0.5 if gemma and query_scalar else head_dim**-0.5
+    ropes = _ropes(config, model_type, where)
+    window = _window(config, model_type, where)
+    types = _layer_types(config, model_type, n, where)
+    layers = tuple(LayerSpec(window if t == "sliding_attention" else None, ropes[t]) for t in types)
+    return Architecture(
+        model_type=model_type,
+        vocab_size=_int(config, "vocab_size", where),
+        hidden_size=hidden,
+        intermediate_size=_int(config, "intermediate_size", where),
+        num_layers=n,
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
+        dtype=dtype,
+        activation=_ACTIVATIONS[act_name],
+        norm_offset=1.0 if gemma else 0.0,
+        embed_scale=math.sqrt(hidden) if gemma else None,
+        tie_word_embeddings=bool(config.get("tie_word_embeddings", gemma)),
+        qkv_bias=attention_bias or model_type == "qwen2",
+        o_bias=attention_bias and model_type != "qwen2",
+        mlp_bias=bool(config.get("mlp_bias", False)),
+        qk_norm=model_type in ("qwen3", "gemma3_text"),
+        sandwich_norms=model_type in ("gemma2", "gemma3_text"),
+        sm_scale=sm_scale,
+        attn_soft_cap=_soft_cap(
+            config, "attn_logit_softcapping", 50.0 if model_type == "gemma2" else None
+        ),
+        final_soft_cap=_soft_cap(
+            config, "final_logit_softcapping", 30.0 if model_type == "gemma2" else None
+        ),
+        norm_in_float32=gemma or model_type == "gpt_oss",
+        sinks=model_type == "gpt_oss",
+        num_experts=_int(config, "num_local_experts", where, 128) if moe else 0,
+        experts_per_token=_int(config, "num_experts_per_tok", where, 4) if moe else 0,
+        swiglu_alpha=float(config.get("swiglu_alpha", 1.702)),
+        swiglu_limit=float(config.get("swiglu_limit", 7.0)),
+        layers=layers,
+    )

@@ -1,0 +1,153 @@
+"""Continuous batching of a :class:`~kvshard.models.CausalLM` over data-parallel page pools.
+
+The host loop a server runs, small: requests are spread round-robin over the ``G`` page pools
+of the mesh's data axis (``init_cache(..., page_axis=...)``), each pool with its own
+:class:`kvshard.PageAllocator` and its own schedule (every running request gets its next
+prompt chunk or one decode token, within a token budget). Every step builds each pool's
+:func:`kvshard.build_step` at one padded shape, stacks them (:func:`kvshard.stack_steps`) and
+runs ONE jitted forward with the cache donated (:func:`serve_step`). Greedy sampling.
+
+:func:`dense_logits` runs the same weights with no cache over each whole sequence: the check
+that every served logit is right.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import kvshard
+from kvshard.models.model import check_servable
+
+__all__ = ["Request", "dense_logits", "serve", "serve_step"]
+
+
+@dataclass
+class Request:
+    id: int
+    tokens: list[int]  # prompt, then generated tokens
+    max_new: int
+    arrival: int = 0  # first step it may run
+    prompt_len: int = 0
+    computed: int = 0  # tokens whose K/V is in the cache
+    logits: list[np.ndarray] = field(default_factory=list)  # one float32 row per computed token
+
+    def __post_init__(self) -> None:
+        self.prompt_len = self.prompt_len or len(self.tokens)
+
+
+@nnx.jit(donate_argnums=1)
+def serve_step(model, cache, tokens, step):
+    """``(logits, cache)`` of one step: tokens int32[G, T] packed as ``step`` (a stacked
+    :class:`kvshard.StepMetadata`) says. One jit per step shape; the cache is donated (its
+    buffers are consumed: rebind the returned one) so every layer's update writes in place."""
+    return model(tokens, step.positions, cache, step)
+
+
+def _schedule(running: list[Request], budget: int) -> list[tuple[Request, int]]:
+    batch, left = [], budget
+    for r in running:
+        if n := min(len(r.tokens) - r.computed, left):
+            batch.append((r, n))
+            left -= n
+    return batch
+
+
+def serve(
+    model,
+    spec: kvshard.CacheSpec,
+    mesh: Mesh,
+    requests: list[Request],
+    *,
+    max_seqs: int,
+    budget: int,
+    window: int | None = None,
+    data_axis: str = "data",
+    model_axis: str = "model",
+) -> tuple[int, int]:
+    """Runs every request to completion; returns (steps, most pages in use in one pool).
+
+    ``window``: the allocator releases pages that fell out of it; only valid when every
+    layer attends through that window (the cache holds every layer at full size).
+    """
+    check_servable(model.arch)  # before anything is allocated
+    pools = int(mesh.shape[data_axis])
+    longest = max(len(r.tokens) + r.max_new for r in requests)
+    allocators = [
+        kvshard.PageAllocator(
+            spec.num_pages,
+            spec.page_size,
+            max_requests=max_seqs,
+            max_pages_per_request=-(-longest // spec.page_size),
+            sliding_window=window,
+        )
+        for _ in range(pools)
+    ]
+    cache = kvshard.init_cache(spec, mesh, head_axis=model_axis, page_axis=data_axis)
+    waiting = [sorted(requests[g::pools], key=lambda r: r.arrival) for g in range(pools)]
+    running: list[list[Request]] = [[] for _ in range(pools)]
+    token_sharding = NamedSharding(mesh, P(data_axis, None))
+    steps, peak = 0, 0
+    while any(waiting) or any(running):
+        batches = []
+        for g in range(pools):
+            while waiting[g] and waiting[g][0].arrival <= steps and len(running[g]) < max_seqs:
+                running[g].append(waiting[g].pop(0))
+            batches.append(_schedule(running[g], budget))
+        steps += 1
+        if not any(batches):  # nothing has arrived yet
+            continue
+        metas, tokens = [], np.zeros((pools, budget), np.int32)
+        for g, (alloc, batch) in enumerate(zip(allocators, batches, strict=True)):
+            ids, counts = [r.id for r, _ in batch], [n for _, n in batch]
+            alloc.allocate_batch(ids, counts)  # grow (and release out-of-window pages)
+            peak = max(peak, alloc.num_pages - 1 - alloc.num_free_pages)
+            # Every pool padded to one shape: one stacked step, one compilation.
+            metas.append(
+                kvshard.build_step(
+                    alloc, ids, counts, num_tokens_padded=budget, max_num_seqs=max_seqs
+                )
+            )
+            offset = 0
+            for r, n in batch:  # request by request, in the order given to build_step
+                tokens[g, offset : offset + n] = r.tokens[r.computed : r.computed + n]
+                offset += n
+        step = kvshard.stack_steps(metas)
+        logits, cache = serve_step(model, cache, jax.device_put(tokens, token_sharding), step)
+        logits = np.asarray(logits.astype(jnp.float32))
+        for g, batch in enumerate(batches):
+            offset = 0
+            for r, n in batch:
+                r.logits.extend(logits[g, offset : offset + n])
+                r.computed, offset = r.computed + n, offset + n
+                if r.computed == len(r.tokens) and len(r.tokens) - r.prompt_len < r.max_new:
+                    r.tokens.append(int(np.argmax(r.logits[-1])))  # greedy
+                if len(r.tokens) - r.prompt_len == r.max_new and r.computed >= len(r.tokens) - 1:
+                    running[g].remove(r)
+                    allocators[g].free(r.id)
+    for r in requests:  # no logits after the last token (N = 0: the prompt's last is unused)
+        del r.logits[len(r.tokens) - 1 :]
+    return steps, peak
+
+
+def dense_logits(model, requests: list[Request]) -> list[np.ndarray]:
+    """float32[len(tokens) - 1, vocab] per request: the same model over each whole sequence at
+    once (no cache), all requests in one call, right-padded to one length."""
+    longest = max(len(r.tokens) for r in requests)
+    tokens = np.zeros((len(requests), longest), np.int32)
+    for i, r in enumerate(requests):
+        tokens[i, : len(r.tokens)] = r.tokens
+    positions = np.broadcast_to(np.arange(longest, dtype=np.int32), tokens.shape)
+    out = np.asarray(_dense(model, tokens, positions).astype(jnp.float32))
+    return [out[i, : len(r.tokens) - 1] for i, r in enumerate(requests)]
+
+
+@nnx.jit
+def _dense(model, tokens, positions):
+    return model(tokens, positions)[0]
