@@ -396,7 +396,7 @@ def _run_checked(fn, *args):
         out = jax.block_until_ready(fn(*args))
     except jax.errors.JaxRuntimeError as err:
         # JAX keeps the failed callback's runtime token and would re-raise it at the next
-        # effects barrier: drop it (private JAX state, as in tests/test_hardening.py).
+        # effects barrier: drop it (private JAX state, as in tests/_cache_helpers.py run_checked).
         jax._src.dispatch.runtime_tokens.clear()
         return str(err), None
     return None, out
