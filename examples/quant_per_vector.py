@@ -71,23 +71,25 @@ def draw_kv(rng, args, head_mag, layer_mag, channels):
 
 
 def read_back(x, scheme, dtype, calibration):
-    """float32 [L, T, H, D]: what a cache with ``scheme`` scales would read back."""
+    """(float32 [L, T, H, D] a cache with ``scheme`` scales reads back, fraction saturated)."""
     if scheme == "per-vector":
         _, hi = quant.finite_range(dtype)
-        s = np.maximum(np.abs(x).max(axis=-1, keepdims=True) / hi, SMALLEST_NORMAL)
-        s = s.astype(np.float32)
-        q = quant.quantize(jnp.asarray(x / s), 1.0, dtype)
-        return np.asarray(quant.dequantize(q, 1.0, jnp.float32)) * s
+        # Up by 2**-22 so that float32 rounding of x / s cannot push the absmax past the limit.
+        s = np.maximum(np.abs(x).max(axis=-1, keepdims=True) / hi * (1 + 2.0**-22), SMALLEST_NORMAL)
+        y = jnp.asarray(x / s.astype(np.float32))
+        read = np.asarray(quant.dequantize(quant.quantize(y, 1.0, dtype), 1.0, jnp.float32))
+        return read * s.astype(np.float32), float(np.mean(quant.saturated(y, 1.0, dtype)))
     if scheme == "per-tensor":
         groups = [(slice(None), calibration)]
     else:
         groups = [(layer, calibration[layer]) for layer in range(x.shape[0])]
-    out = np.empty_like(x)
+    out, saturated = np.empty_like(x), 0
     for index, sample in groups:
         scale, _ = kvshard.calibrate_scales(sample, sample, dtype)
         q = quant.quantize(jnp.asarray(x[index]), scale, dtype)
         out[index] = np.asarray(quant.dequantize(q, scale, jnp.float32))
-    return out
+        saturated += int(quant.saturated(jnp.asarray(x[index]), scale, dtype).sum())
+    return out, saturated / x.size
 
 
 def attend(q, k, v):
@@ -144,22 +146,23 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.head_dim} dims, {args.outlier_channels} outlier K channels per head, seed "
         f"{args.seed}; relative RMS error per (layer, head): mean / worst"
     )
-    print("| dtype | scales | K read | V read | attention output |")
-    print("|---|---|---|---|---|")
+    print("| dtype | scales | K read | V read | attention output | K, V saturated |")
+    print("|---|---|---|---|---|---|")
     runs = [(d, s) for d in args.dtypes for s in SCHEMES] + [("bfloat16", "none (a bf16 cache)")]
     for dtype, scheme in runs:
         if dtype == "bfloat16":
             k_read, v_read = (np.asarray(jnp.asarray(x, jnp.bfloat16), np.float32) for x in (k, v))
+            k_sat = v_sat = 0.0
         else:
-            k_read = read_back(k, scheme, dtype, calib[0])
-            v_read = read_back(v, scheme, dtype, calib[1])
+            k_read, k_sat = read_back(k, scheme, dtype, calib[0])
+            v_read, v_sat = read_back(v, scheme, dtype, calib[1])
         cells = [
             rel_rms(k_read, k, 2),
             rel_rms(v_read, v, 2),
             rel_rms(attend(q, k_read, v_read), want, 2),
         ]
         text = " | ".join(f"{mean:.2e} / {worst:.2e}" for mean, worst in cells)
-        print(f"| {dtype} | {scheme} | {text} |")
+        print(f"| {dtype} | {scheme} | {text} | {k_sat:.1e}, {v_sat:.1e} |")
     print()
     print(
         "| head_dim | int8 page bytes per token-head (K+V, kvshard layout) | unpadded K+V "
