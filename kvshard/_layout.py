@@ -12,6 +12,9 @@ Vocabulary (the same as docs/layout.md):
 * combined heads: K and V interleaved per (replicated) head; combined head ``2h`` is K of head
   ``h`` and ``2h + 1`` is V of head ``h``, so a device's contiguous block holds both K and V of
   its own heads.
+
+Over 400 lines because CacheSpec and every rule it validates (sizes, dtypes, scale bounds,
+head splits) live together: the planner and the cache read one definition of each.
 """
 
 from __future__ import annotations
