@@ -312,6 +312,7 @@ class CacheSpec:
                 f"dtype={self.dtype!r} stores quantized values and needs both k_scale and "
                 f"v_scale (got k_scale={self.k_scale!r}, v_scale={self.v_scale!r}); the cache "
                 "stores real / scale: pick them with kvshard.calibrate_scales"
+                + (" (or give neither: both 1.0)" if self.dtype in FLOAT8_DTYPES else "")
             )
         if not self.quantized and scales != (None, None):
             raise ValueError(

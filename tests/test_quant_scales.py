@@ -51,8 +51,9 @@ def make_mesh(shape):
 )
 def test_quantized_spec_without_scales_is_refused(dtype, scales):
     """int8 needs both scales; float8 may omit both (1.0) but not one of the two."""
-    with pytest.raises(ValueError, match=r"dtype='(int8|float8_e\w+)'.*k_scale and v_scale"):
+    with pytest.raises(ValueError, match=r"dtype='(int8|float8_e\w+)'.*k_scale and v_scale") as e:
         kvshard.CacheSpec(1, 1, 64, 4, 4, dtype=dtype, **scales)
+    assert ("give neither: both 1.0" in str(e.value)) == ("float8" in str(e.value))
 
 
 @pytest.mark.parametrize("dtype", [*FLOAT8, ml_dtypes.float8_e5m2])
