@@ -12,6 +12,9 @@ Vocabulary (the same as docs/layout.md):
 * combined heads: K and V interleaved per (replicated) head; combined head ``2h`` is K of head
   ``h`` and ``2h + 1`` is V of head ``h``, so a device's contiguous block holds both K and V of
   its own heads.
+
+Over 400 lines because CacheSpec and every rule it validates (sizes, dtypes, scale bounds,
+head splits) live together: the planner and the cache read one definition of each.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ __all__ = [
     "padded_query_heads",
     "page_bytes",
     "round_up",
+    "scale_bounds",
 ]
 
 # Names as `numpy.dtype(x).name` spells them (ml_dtypes registers bfloat16 and float8 with NumPy).
@@ -40,6 +44,9 @@ SUPPORTED_DTYPES = ("float32", "bfloat16", "float16", "int8", "float8_e4m3fn", "
 # Storage dtypes too narrow for raw activations: a cache of one of these stores real / scale
 # (per-tensor k_scale, v_scale), the convention of vLLM and JAX's ragged paged attention.
 QUANTIZED_DTYPES = ("int8", "float8_e4m3fn", "float8_e5m2")
+# Quantized dtypes whose missing scales default to 1.0 (see CacheSpec); int8 has no such
+# default: a step of 1.0 would read every activation below 0.5 back as 0.
+FLOAT8_DTYPES = ("float8_e4m3fn", "float8_e5m2")
 
 # The Pallas kernel DMAs whole (8, 128) tiles: head_dim is padded to the lane width.
 LANES = 128
@@ -99,17 +106,67 @@ def needs_scales(dtype: Any) -> bool:
     return canonical_dtype(dtype) in QUANTIZED_DTYPES
 
 
-def _check_scale(name: str, value: Any) -> float | None:
-    """Returns ``value`` as a float; None stays None.
+# The smallest normal float32 (2**-126). Every read and write of a quantized cache runs in
+# float32 (kvshard.quant), where TPUs and XLA's CPU backend flush subnormals to zero: a scale
+# below this reads every value back as 0.
+SMALLEST_NORMAL_FLOAT32 = float(np.finfo(np.float32).tiny)
+
+
+def _largest_stored_magnitude(dtype: str) -> float:
+    """|lowest| of a quantized dtype's finite range: 128 for int8, 448 / 57344 for float8."""
+    import ml_dtypes
+
+    return 128.0 if dtype == "int8" else float(ml_dtypes.finfo(dtype).max)
+
+
+def scale_bounds(dtype: Any) -> tuple[float, float]:
+    """(smallest, largest) scale a cache of quantized ``dtype`` accepts, as Python floats.
+
+    A scale must be a normal float32 (reads and writes run in float32, and subnormals flush to
+    zero) no larger than ``float32_max / largest_stored_magnitude``, so that reading back any
+    value the dtype can store (``stored * scale``, in float32) stays finite; the same bound
+    keeps ``1 / scale`` (the quantizer's multiplier) a normal float32. The one definition
+    shared by :class:`CacheSpec` and :func:`kvshard.calibrate_scales`.
 
     Raises:
-      ValueError: not a real number, or not positive and finite.
+      ValueError: ``dtype`` is not one of :data:`QUANTIZED_DTYPES`.
+    """
+    name = canonical_dtype(dtype)
+    if name not in QUANTIZED_DTYPES:
+        raise ValueError(f"dtype={name!r} is not quantized; use one of {QUANTIZED_DTYPES}")
+    f32 = np.finfo(np.float32)
+    # Largest float32 s with float32(magnitude) * s finite in float32 arithmetic.
+    largest = np.float32(float(f32.max) / _largest_stored_magnitude(name))
+    with np.errstate(over="ignore"):
+        while not np.isfinite(np.float32(_largest_stored_magnitude(name)) * largest):
+            largest = np.nextafter(largest, np.float32(0))
+    return SMALLEST_NORMAL_FLOAT32, float(largest)
+
+
+def check_scale(name: str, value: Any, dtype: Any) -> float | None:
+    """Returns scale ``value`` of a ``dtype`` cache as a float; None stays None.
+
+    For a float (unscaled) ``dtype`` only positivity is checked here (the caller refuses any
+    scale there); for a quantized one the value must lie in :func:`scale_bounds`.
+
+    Raises:
+      ValueError: not a real number, not positive and finite, or outside ``scale_bounds``
+        (naming ``name``, the value and the bounds).
     """
     if value is None:
         return None
     ok = isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool)
     if not ok or not math.isfinite(float(value)) or float(value) <= 0:
-        raise ValueError(f"CacheSpec.{name}={value!r} must be a positive finite float")
+        raise ValueError(f"{name}={value!r} must be a positive finite float")
+    if canonical_dtype(dtype) in QUANTIZED_DTYPES:
+        lo, hi = scale_bounds(dtype)
+        if not lo <= float(value) <= hi:
+            raise ValueError(
+                f"{name}={value!r} is outside [{lo:.8g}, {hi:.8g}], the scales a "
+                f"dtype={canonical_dtype(dtype)!r} cache can use: reads and writes run in "
+                "float32, so a scale must be a normal float32 (below, every read flushes to 0) "
+                "whose reads of the largest stored value stay finite (above, they are inf)"
+            )
     return float(value)
 
 
@@ -210,13 +267,17 @@ class CacheSpec:
       k_scale, v_scale: per-tensor scales of K and V for a quantized dtype (int8, float8_e4m3fn,
         float8_e5m2): the cache stores ``real / scale`` (rounded, saturated to the dtype's
         finite range) and reads return ``stored * scale``; see :mod:`kvshard.quant` and
-        docs/guides/quantization.md. Required (both) for those dtypes; must be None for
-        float32, bfloat16 and float16, which store values unscaled (a scale there would be a
-        second, silent convention). :func:`kvshard.calibrate_scales` picks them from samples.
+        docs/guides/quantization.md. Required (both) for int8; for float8 both may be left
+        out and default to 1.0 (values stored as they are, vLLM's convention for an fp8
+        cache without calibration), but not just one. Must be None for float32, bfloat16
+        and float16, which store values unscaled (a scale there would be a second, silent
+        convention). Each must lie in :func:`scale_bounds` (a normal float32 whose reads
+        stay finite). :func:`kvshard.calibrate_scales` picks them from samples.
 
     Raises:
-      ValueError: a non-positive size, an unsupported dtype, a quantized dtype without both
-        scales, a scale on a float dtype, or a scale that is not a positive finite number.
+      ValueError: a non-positive size, an unsupported dtype, int8 without both scales, a
+        float8 dtype with only one, a scale on a float dtype, or a scale that is not a
+        positive finite number inside :func:`scale_bounds`.
     """
 
     num_layers: int
@@ -236,13 +297,22 @@ class CacheSpec:
             object.__setattr__(self, field, int(value))
         object.__setattr__(self, "dtype", canonical_dtype(self.dtype))
         for field in ("k_scale", "v_scale"):
-            object.__setattr__(self, field, _check_scale(field, getattr(self, field)))
+            scale = check_scale(f"CacheSpec.{field}", getattr(self, field), self.dtype)
+            object.__setattr__(self, field, scale)
         scales = (self.k_scale, self.v_scale)
+        if self.dtype in FLOAT8_DTYPES and scales == (None, None):
+            # vLLM's fp8 KV cache convention when a checkpoint carries no scales: store the
+            # values as they are (float8 has the exponent range to hold raw activations).
+            # One scale without the other is refused below: it is a forgotten argument.
+            object.__setattr__(self, "k_scale", 1.0)
+            object.__setattr__(self, "v_scale", 1.0)
+            scales = (1.0, 1.0)
         if self.quantized and None in scales:
             raise ValueError(
                 f"dtype={self.dtype!r} stores quantized values and needs both k_scale and "
                 f"v_scale (got k_scale={self.k_scale!r}, v_scale={self.v_scale!r}); the cache "
                 "stores real / scale: pick them with kvshard.calibrate_scales"
+                + (" (or give neither: both 1.0)" if self.dtype in FLOAT8_DTYPES else "")
             )
         if not self.quantized and scales != (None, None):
             raise ValueError(

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvshard._layout import QUANTIZED_DTYPES, canonical_dtype
+from kvshard._layout import QUANTIZED_DTYPES, canonical_dtype, check_scale, scale_bounds
 
 __all__ = ["calibrate_scales", "dequantize", "finite_range", "quantize", "saturated"]
 
@@ -121,7 +121,8 @@ def calibrate_scales(
     float8_e4m3fn, 57344 for float8_e5m2). ``percentile=100`` (the default, absmax) makes
     nothing in the sample saturate; a lower percentile trades saturation of the largest
     ``100 - percentile`` percent of values for finer steps everywhere else (see
-    docs/guides/quantization.md for measured trade-offs). Non-finite samples are ignored.
+    docs/guides/quantization.md for measured trade-offs). Samples that are not finite in
+    float32 are ignored.
 
     Args:
       k, v: float[...] sample K and V activations (any shape: e.g. [T, H, D] of one layer or
@@ -133,17 +134,22 @@ def calibrate_scales(
       (k_scale, v_scale) as Python floats, ready for ``CacheSpec(..., k_scale=, v_scale=)``.
 
     Raises:
-      ValueError: ``dtype`` is not quantized, ``percentile`` is outside (0, 100], or a sample
-        has no finite non-zero value at that percentile (no scale can be derived from it).
+      ValueError: ``dtype`` is not quantized, ``percentile`` is outside (0, 100], a sample
+        has no finite non-zero value at that percentile (no scale can be derived from it), or
+        its magnitude needs a scale above :func:`kvshard.CacheSpec`'s bound (reads of it
+        would overflow float32). A magnitude whose scale would be below the smallest normal
+        float32 gets that smallest normal scale (``2**-126``), the smallest a spec accepts.
     """
     _, hi = finite_range(dtype)
     if not isinstance(percentile, int | float | np.integer | np.floating) or not (
         0 < float(percentile) <= 100
     ):
         raise ValueError(f"percentile={percentile!r} must be in (0, 100]")
+    smallest, _ = scale_bounds(dtype)
     scales = []
     for name, x in (("k", k), ("v", v)):
-        mags = np.abs(np.asarray(x, dtype=np.float64)).ravel()
+        # float32 first: what the cache's quantizer sees (beyond float32's range is inf).
+        mags = np.abs(np.asarray(x, dtype=np.float32)).astype(np.float64).ravel()
         mags = mags[np.isfinite(mags)]
         top = float(np.percentile(mags, float(percentile))) if mags.size else 0.0
         if not top > 0:
@@ -151,10 +157,17 @@ def calibrate_scales(
                 f"{name} sample has no finite non-zero magnitude at percentile={percentile} "
                 f"({mags.size} finite values); calibrate on real activations"
             )
-        scale = top / hi
+        # Below the smallest normal float32 a scale reads back as 0: clamp to it (values that
+        # small then use a few steps, or none, of the dtype's range; they are noise).
+        scale = max(top / hi, smallest)
         # quantize multiplies by float32(1 / scale) in float32: nudge the scale up until the
-        # calibrated magnitude itself lands on or inside the limit (a rounding, not a trade-off).
-        while np.float32(top) * _inverse(scale) > hi:
+        # calibrated magnitude itself lands on or inside the limit (a rounding, not a
+        # trade-off). The three float32 roundings (top, 1 / scale, the product) overshoot by
+        # at most 3 * 2**-24 relative, so two nudges of 2**-23 always suffice; four bound it.
+        for _ in range(4):
+            if np.float32(top) * _inverse(scale) <= hi:
+                break
             scale *= 1 + 2.0**-23
+        check_scale(f"{name} scale (from the {name} sample)", scale, dtype)  # the spec's rule
         scales.append(scale)
     return scales[0], scales[1]

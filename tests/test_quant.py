@@ -4,7 +4,9 @@ The oracle is :mod:`kvshard.reference` (NumPy, shares no code with :mod:`kvshard
 stored bits are compared with ``==`` against ``reference.quantize`` followed by
 ``reference.kv_cache_update``, reads against ``reference.dequantize``, saturation counts
 against ``reference.saturated`` over the tokens the live slices write. Both backends: the
-XLA one here, the Pallas one (interpret mode, marked slow) at the end of the file.
+XLA one here, the Pallas one (interpret mode, marked slow) at the end of the file. Scales
+themselves (the spec's rules, calibrate_scales, per-tensor vs per-vector) are in
+tests/test_quant_scales.py.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from kvshard import quant, reference
 from kvshard._layout import QUANTIZED_DTYPES
 
 QDTYPES = list(QUANTIZED_DTYPES)  # int8, float8_e4m3fn, float8_e5m2
+FLOAT8 = ["float8_e4m3fn", "float8_e5m2"]
+ONE_SCALE_ONLY = [{"k_scale": 0.1}, {"v_scale": 0.1}]
 LIMITS = {
     "int8": (-128.0, 127.0),
     "float8_e4m3fn": (-448.0, 448.0),
@@ -49,43 +53,6 @@ def bits(x):
     """Raw bytes of an array, so NaN/-0 compare exactly and dtypes must match."""
     x = np.asarray(x)
     return x.dtype, x.view(np.uint8).tobytes()
-
-
-# --------------------------------------------------------------------------------------------
-# The spec
-# --------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("dtype", [*QDTYPES, jnp.int8, ml_dtypes.float8_e4m3fn])
-@pytest.mark.parametrize("scales", [{}, {"k_scale": 0.1}, {"v_scale": 0.1}])
-def test_quantized_spec_without_scales_is_refused(dtype, scales):
-    with pytest.raises(ValueError, match=r"dtype='(int8|float8_e\w+)'.*k_scale and v_scale"):
-        kvshard.CacheSpec(1, 1, 64, 4, 4, dtype=dtype, **scales)
-
-
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
-def test_float_spec_refuses_a_scale(dtype):
-    kvshard.CacheSpec(1, 1, 64, 4, 4, dtype=dtype)  # no scale: fine, values stored unscaled
-    with pytest.raises(ValueError, match=rf"dtype='{dtype}' stores values unscaled.*k_scale=0.5"):
-        kvshard.CacheSpec(1, 1, 64, 4, 4, dtype=dtype, k_scale=0.5)
-
-
-@pytest.mark.parametrize("bad", [0, -1.0, float("inf"), float("nan"), "0.1", True, None])
-@pytest.mark.parametrize("field", ["k_scale", "v_scale"])
-def test_spec_rejects_bad_scales(field, bad):
-    kw = {"k_scale": 0.1, "v_scale": 0.1, field: bad}
-    match = rf"{field}={bad!r}" if bad is not None else "needs both k_scale and v_scale"
-    with pytest.raises(ValueError, match=match.replace("(", r"\(").replace(")", r"\)")):
-        kvshard.CacheSpec(1, 1, 64, 4, 4, dtype="int8", **kw)
-
-
-def test_spec_scales_are_floats_and_hashed():
-    a = kvshard.CacheSpec(1, 1, 64, 4, 4, dtype="int8", k_scale=1, v_scale=np.float32(0.5))
-    b = kvshard.CacheSpec(1, 1, 64, 4, 4, dtype="int8", k_scale=1.0, v_scale=0.5)
-    assert type(a.k_scale) is float and a == b and hash(a) == hash(b) and a.quantized
-    c = kvshard.CacheSpec(1, 1, 64, 4, 4, dtype="int8", k_scale=1.0, v_scale=0.25)
-    assert c != a  # scales are part of the (static) identity: a different scale recompiles
-    assert not kvshard.CacheSpec(1, 1, 64, 4, 4, dtype="bfloat16").quantized
 
 
 # --------------------------------------------------------------------------------------------
@@ -298,51 +265,6 @@ def test_gather_refuses_a_non_float_dtype(dtype):
     cache = kvshard.init_cache(spec_of("int8"), make_mesh((1, 2)))
     with pytest.raises(TypeError, match="dtype="):
         kvshard.gather(cache, 0, np.array([0]), dtype=dtype)
-
-
-# --------------------------------------------------------------------------------------------
-# calibrate_scales
-# --------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("dtype", QDTYPES)
-def test_calibrate_absmax_saturates_nothing_and_uses_the_range(dtype):
-    rng = np.random.default_rng(0)
-    k = rng.standard_normal((4, 64, 2, 32)) * 3
-    v = jnp.asarray(rng.standard_normal((64, 2, 32)) * 0.1, jnp.bfloat16)  # JAX arrays too
-    k_scale, v_scale = kvshard.calibrate_scales(k, v, dtype)
-    assert isinstance(k_scale, float) and isinstance(v_scale, float)
-    hi = LIMITS[dtype][1]
-    assert k_scale == pytest.approx(np.abs(k).max() / hi)
-    for x, s in ((k, k_scale), (np.asarray(v, np.float32), v_scale)):
-        assert not reference.saturated(x, s, dtype).any()
-        q = reference.quantize(x, s, dtype).astype(np.float32)
-        assert np.abs(q).max() == pytest.approx(hi, rel=0.07)  # the extreme lands on the limit
-
-
-def test_calibrate_percentile_saturates_about_the_tail():
-    rng = np.random.default_rng(1)
-    k = rng.standard_normal(200_000)
-    k_scale, _ = kvshard.calibrate_scales(k, k, "int8", percentile=99.0)
-    frac = reference.saturated(k, k_scale, "int8").mean()
-    assert 0.005 < frac < 0.015  # ~1% of magnitudes are beyond the 99th percentile
-    full, _ = kvshard.calibrate_scales(k, k, "int8")
-    assert k_scale < full  # the clipped tail buys a finer step
-
-
-@pytest.mark.parametrize(
-    ("args", "kw", "match"),
-    [
-        ((np.ones(4), np.ones(4), "float16"), {}, "not quantized"),
-        ((np.ones(4), np.ones(4), "int8"), {"percentile": 0}, "percentile=0"),
-        ((np.ones(4), np.ones(4), "int8"), {"percentile": 100.5}, "percentile=100.5"),
-        ((np.zeros(4), np.ones(4), "int8"), {}, "k sample"),
-        ((np.ones(4), np.full(4, np.nan), "int8"), {}, "v sample"),
-    ],
-)
-def test_calibrate_refuses(args, kw, match):
-    with pytest.raises(ValueError, match=match):
-        kvshard.calibrate_scales(*args, **kw)
 
 
 @pytest.mark.parametrize("dtype", ["int8", "float8_e4m3fn"])
