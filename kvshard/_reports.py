@@ -81,6 +81,14 @@ def _check_count(field: str, count: jax.Array, size: int, what: str) -> jax.Arra
     )
 
 
+def _report_row(bad: jax.Array, template: str, page: jax.Array) -> jax.Array:
+    """Reports the first True row of ``bad`` (bool[G, K]): ``template`` formatted with its group
+    ``g``, row ``row`` and ``page`` (that row's entry of ``page`` [G, K])."""
+    i = _first(bad)
+    size = bad.shape[-1]
+    return _check(~bad.any(), template, g=i // size, row=i % size, page=page.reshape(-1)[i])
+
+
 def check_layer(where: str, layer: jax.Array, num_layers: int) -> jax.Array:
     """Reports unless ``0 <= layer < num_layers``; returns an int32 zero (see :func:`_check`)."""
     return _check(
@@ -163,25 +171,19 @@ def check_copy_pairs(src: jax.Array, dst: jax.Array, num_pages: int) -> jax.Arra
         return zero
     for field, page in (("src", src), ("dst", dst)):
         bad = (page < 0) | (page >= num_pages)
-        i = _first(bad)
-        zero = zero + _check(
-            ~bad.any(),
+        zero = zero + _report_row(
+            bad,
             f"copy_pages: pairs[{{g}}][{{row}}] has {field} page {{page}}, out of range "
             f"[0, {num_pages})",
-            g=i // size,
-            row=i % size,
-            page=page.reshape(-1)[i],
+            page,
         )
     kept = jax.vmap(lambda s, d: copy_pair_mask(s, d, num_pages))(src, dst)
     in_range = (src >= 0) & (src < num_pages) & (dst >= 0) & (dst < num_pages)
     dup = in_range & (src != dst) & ~kept
-    i = _first(dup)
-    zero = zero + _check(
-        ~dup.any(),
+    zero = zero + _report_row(
+        dup,
         "copy_pages: pairs[{g}][{row}] copies to dst page {page}, which another pair also writes",
-        g=i // size,
-        row=i % size,
-        page=dst.reshape(-1)[i],
+        dst,
     )
     return zero
 
@@ -207,13 +209,10 @@ def check_swap_pairs(
     padding = swap_pair_is_padding(device, host)
     for field, page, bound in (("device", device, num_pages), ("host", host, num_host_pages)):
         bad = ~padding & ((page < 0) | (page >= bound))
-        i = _first(bad)
-        zero = zero + _check(
-            ~bad.any(),
+        zero = zero + _report_row(
+            bad,
             f"{op}: pairs[{{g}}][{{row}}] has {field} page {{page}}, out of range [0, {bound})",
-            g=i // size,
-            row=i % size,
-            page=page.reshape(-1)[i],
+            page,
         )
     kept = jax.vmap(
         lambda d, h: swap_pair_mask(
@@ -223,13 +222,10 @@ def check_swap_pairs(
     in_range = (device >= 0) & (device < num_pages) & (host >= 0) & (host < num_host_pages)
     dup = in_range & ~kept
     dst, field = (host, "host") if into_host else (device, "device")
-    i = _first(dup)
-    zero = zero + _check(
-        ~dup.any(),
+    zero = zero + _report_row(
+        dup,
         f"{op}: pairs[{{g}}][{{row}}] writes {field} page {{page}}, which another pair also writes",
-        g=i // size,
-        row=i % size,
-        page=dst.reshape(-1)[i],
+        dst,
     )
     return zero
 

@@ -21,6 +21,7 @@ Requires ``hypothesis`` (the ``test`` extra); importing ``kvshard`` itself does 
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import numpy as np
 from hypothesis import strategies as st
@@ -136,25 +137,18 @@ def update_slices(
 def update_batches(
     draw,
     *,
-    page_size: int,
-    num_pages: int,
     combined_heads: int = 2,
     head_dim: int = 128,
     dtype=np.float32,
-    max_slices: int = 8,
-    max_padding: int = 4,
-    fixed_shapes: bool = False,
+    **slice_options: Any,
 ):
-    """Draws an :class:`UpdateBatch`: :func:`update_slices` plus random cache and K/V values."""
-    slices, num_slices, num_tokens = draw(
-        update_slices(
-            page_size=page_size,
-            num_pages=num_pages,
-            max_slices=max_slices,
-            max_padding=max_padding,
-            fixed_shapes=fixed_shapes,
-        )
-    )
+    """Draws an :class:`UpdateBatch`: :func:`update_slices` plus random cache and K/V values.
+
+    ``slice_options`` are :func:`update_slices`' keywords (``page_size`` and ``num_pages``
+    required; ``max_slices``, ``max_padding``, ``fixed_shapes``, ...).
+    """
+    page_size, num_pages = slice_options["page_size"], slice_options["num_pages"]
+    slices, num_slices, num_tokens = draw(update_slices(**slice_options))
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     new_kv = random_values(rng, (num_tokens, combined_heads, head_dim), dtype)
     kv_cache = random_values(rng, (num_pages * page_size, combined_heads, head_dim), dtype)
