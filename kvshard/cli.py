@@ -262,7 +262,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         type=_arg_type(_window, "int"),
         metavar="W",
         help="attention window of every layer, in tokens (default: the config's "
-        "sliding_window; 0: none): pages before the window are released",
+        "sliding_window; 0: none): pages before the window are released; replaces a config's "
+        "per-layer attention types",
     )
     plan.add_argument(
         "--page-size",
