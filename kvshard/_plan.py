@@ -91,11 +91,11 @@ def make_plan(
 
     Raises:
       BudgetTooSmall: the budget holds fewer than 2 pages (page 0 is the null page).
-      ValueError: ``layer_types`` not one valid type per layer or given with ``sliding_window``;
-        ``tp`` neither divides nor is a multiple of ``num_kv_heads`` (the message of
+      ValueError: ``tp`` neither divides nor is a multiple of ``num_kv_heads`` (the message of
         :func:`kvshard.check_tensor_parallel`), query heads that do not split over the head
-        axis (the message says the per-group padding that does), or a bad size/dtype (from
-        :class:`kvshard.CacheSpec`).
+        axis (the message says the per-group padding that does), a bad size/dtype (from
+        :class:`kvshard.CacheSpec`), or ``layer_types`` not one valid type per layer or given
+        with ``sliding_window``.
     """
     replication = check_tensor_parallel(num_kv_heads, tp)
     if num_q_heads is not None:
