@@ -76,15 +76,19 @@ _HF_LAYER_KINDS = {
     "sliding_attention": "sliding",
     "chunked_attention": "chunked",
 }
-# Configs without `layer_types` whose transformers config class derives them from a pattern:
-# layer i slides unless (i + 1) % pattern == 0 (`sliding_window_pattern` overrides). Gemma 2
-# and gpt-oss alternate (even layers local); Gemma 3 has 5 local per global, Cohere 2 3 per.
+# The defaults below are those of the transformers config classes
+# (src/transformers/models/<model>/configuration_<model>.py), which derive `layer_types` when a
+# config.json has none.
+# Gemma2Config, GptOssConfig, Gemma3TextConfig, Cohere2Config: layer i slides unless
+# (i + 1) % pattern == 0 (`sliding_window_pattern` overrides the default): Gemma 2 and gpt-oss
+# alternate (even layers local), Gemma 3 has 5 local per global, Cohere 2 3 per global.
 _SLIDING_PATTERNS = {"gemma2": 2, "gpt_oss": 2, "gemma3_text": 6, "cohere2": 4}
-# Qwen configs window only layers i >= max_window_layers, and only with use_sliding_window
-# (default false); transformers' Qwen2Config/Qwen3Config default max_window_layers to 28.
+# Qwen2Config (and Qwen3's): sliding_window is voided unless use_sliding_window (default false),
+# and then layer i slides when i >= max_window_layers (default 28).
 _QWEN_MODEL_TYPES = ("qwen2", "qwen2_moe", "qwen3", "qwen3_moe")
 _QWEN_MAX_WINDOW_LAYERS = 28
-# Llama 4: without `no_rope_layers`, every 4th layer is a NoPE (global) layer.
+# Llama4TextConfig: no_rope_layers[i] = int((i + 1) % no_rope_layer_interval != 0) by default,
+# interval 4; RoPE layers attend chunked, NoPE layers in full.
 _NO_ROPE_LAYER_INTERVAL = 4
 
 # Hugging Face `torch_dtype` spellings -> NumPy names (CacheSpec's vocabulary).
@@ -232,8 +236,11 @@ def _hf_layer_names(config: Mapping[str, Any], num_layers: int, where: str) -> l
                 )
         return list(explicit)
     if config.get("attention_chunk_size") is not None:
+        interval = config.get("no_rope_layer_interval", _NO_ROPE_LAYER_INTERVAL)
+        if not is_positive_int(interval):
+            raise ConfigError(f"{where}: no_rope_layer_interval={interval!r} must be >= 1")
         rope = config.get("no_rope_layers") or [
-            int((i + 1) % _NO_ROPE_LAYER_INTERVAL != 0) for i in range(num_layers)
+            int((i + 1) % interval != 0) for i in range(num_layers)
         ]
         if not isinstance(rope, list) or len(rope) < num_layers or set(rope) - {0, 1}:
             raise ConfigError(

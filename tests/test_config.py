@@ -198,6 +198,8 @@ def test_llama4_chunked_layers_from_no_rope_layers():
     assert [i for i, t in enumerate(by_default) if t == FULL] == list(range(3, 32, 4))
     assert set(by_default) == {FULL, ("chunked", 8192)}
     assert types_of(attention_chunk_size=8192, no_rope_layers=[]) == by_default
+    every_2nd = types_of(attention_chunk_size=8192, no_rope_layer_interval=2)
+    assert [i for i, t in enumerate(every_2nd) if t == FULL] == list(range(1, 32, 2))
     explicit = types_of(attention_chunk_size=64, no_rope_layers=[1, 0] * 16)
     assert explicit[:2] == (("chunked", 64), FULL)
     names = ["chunked_attention", "full_attention"] * 16
@@ -222,6 +224,7 @@ def test_llama4_chunked_layers_from_no_rope_layers():
         ({"attention_chunk_size": 0}, "attention_chunk_size=0 must be a positive integer"),
         ({"attention_chunk_size": 8, "no_rope_layers": [2] * 32}, "no_rope_layers must list 0"),
         ({"sliding_window_pattern": 0, "sliding_window": 8}, "sliding_window_pattern=0 must be"),
+        ({"attention_chunk_size": 8, "no_rope_layer_interval": 0}, "no_rope_layer_interval=0"),
         ({"max_window_layers": "28", "sliding_window": 8}, "max_window_layers='28' must be an"),
     ],
 )
