@@ -10,8 +10,9 @@ decoder config without JAX, a checkpoint or the ``transformers`` package:
 * ``head_dim``, or ``hidden_size / num_attention_heads`` when absent -> head dimension;
 * ``num_attention_heads`` -> query heads (when present), which must split over the head axis;
 * ``torch_dtype`` (``dtype`` in newer configs) -> the cache dtype unless the caller picks one;
-* ``sliding_window`` (with ``use_sliding_window``, ``layer_types``, ...) -> the attention window
-  when every layer uses it.
+* each layer's attention type (:data:`LayerType`): full, sliding window W (``sliding_window``)
+  or chunked local C (``attention_chunk_size``), from whichever convention the config uses
+  (:func:`layer_types_of`); ``sliding_window`` of the geometry is W when every layer uses it.
 
 Multimodal configs that nest the language model under ``text_config`` are read there. A config
 that cannot be read (a missing or non-integer field, multi-head latent attention) raises
@@ -31,11 +32,64 @@ from pathlib import Path
 from typing import Any
 
 from kvshard._errors import KvshardError
+from kvshard._layer_types import (
+    FULL,
+    LayerType,
+    check_layer_types,
+    describe_groups,
+    group_layers,
+    is_positive_int,
+    mix_note,
+    uniform_window,
+)
 
-__all__ = ["PRESETS", "ConfigError", "ModelGeometry", "preset_config", "read_model_config"]
+__all__ = [
+    "FULL",
+    "PRESETS",
+    "ConfigError",
+    "LayerType",
+    "ModelGeometry",
+    "group_layers",
+    "layer_types_of",
+    "preset_config",
+    "read_model_config",
+]
 
 # Shipped configs, by `kvshard plan --model` name (kvshard/configs/<name>.json).
-PRESETS = ("llama-3-8b", "llama-3-70b", "mistral-7b", "qwen2.5-7b", "qwen2.5-72b")
+PRESETS = (
+    "llama-3-8b",
+    "llama-3-70b",
+    "mistral-7b",
+    "qwen2.5-0.5b",
+    "qwen2.5-7b",
+    "qwen2.5-72b",
+    "gemma-2-9b",
+    "gemma-3-27b",
+    "gpt-oss-20b",
+    "gpt-oss-120b",
+    "llama-4-scout",
+)
+
+# Hugging Face `layer_types` entries -> kinds of LayerType.
+_HF_LAYER_KINDS = {
+    "full_attention": "full",
+    "sliding_attention": "sliding",
+    "chunked_attention": "chunked",
+}
+# The defaults below are those of the transformers config classes
+# (src/transformers/models/<model>/configuration_<model>.py), which derive `layer_types` when a
+# config.json has none.
+# Gemma2Config, GptOssConfig, Gemma3TextConfig, Cohere2Config: layer i slides unless
+# (i + 1) % pattern == 0 (`sliding_window_pattern` overrides the default): Gemma 2 and gpt-oss
+# alternate (even layers local), Gemma 3 has 5 local per global, Cohere 2 3 per global.
+_SLIDING_PATTERNS = {"gemma2": 2, "gpt_oss": 2, "gemma3_text": 6, "cohere2": 4}
+# Qwen2Config (and Qwen3's): sliding_window is voided unless use_sliding_window (default false),
+# and then layer i slides when i >= max_window_layers (default 28).
+_QWEN_MODEL_TYPES = ("qwen2", "qwen2_moe", "qwen3", "qwen3_moe")
+_QWEN_MAX_WINDOW_LAYERS = 28
+# Llama4TextConfig: no_rope_layers[i] = int((i + 1) % no_rope_layer_interval != 0) by default,
+# interval 4; RoPE layers attend chunked, NoPE layers in full.
+_NO_ROPE_LAYER_INTERVAL = 4
 
 # Hugging Face `torch_dtype` spellings -> NumPy names (CacheSpec's vocabulary).
 _TORCH_DTYPES = {
@@ -65,12 +119,20 @@ class ModelGeometry:
       head_dim: head dimension (``head_dim``, else ``hidden_size // num_attention_heads``).
       dtype: the weights' dtype (``torch_dtype``) as a NumPy name, or None if the config has none.
       sliding_window: the attention window W when every layer uses one (a query at position
-        ``p`` attends keys ``p - W + 1 .. p``), else None.
-      window_note: why a config's ``sliding_window`` does not apply to every layer (e.g.
-        ``"sliding_window 4096 on 31 of 62 layers"``), else None.
+        ``p`` attends keys ``p - W + 1 .. p``), else None (also for a model whose layers mix
+        attention types: see ``layer_types``).
+      window_note: how the layers mix attention types when they do (e.g.
+        ``"sliding_window 1024 on 52 of 62 layers, full attention on 10: ..."``), else None.
       name: the config's ``_name_or_path`` or the file it came from, for messages.
       num_q_heads: query heads (``num_attention_heads``), or None if the config has none; the
         planner checks they split over the head axis as :func:`kvshard.attention` needs.
+      layer_types: each layer's attention type (:data:`LayerType`): ``("full",)``,
+        ``("sliding", W)`` or ``("chunked", C)``. Left empty, every layer gets
+        ``("sliding", sliding_window)`` or, without a window, ``("full",)``.
+
+    Raises:
+      ValueError: ``layer_types`` not one valid type per layer, or disagreeing with
+        ``sliding_window`` (which must be W exactly when every layer is ``("sliding", W)``).
     """
 
     num_layers: int
@@ -81,6 +143,28 @@ class ModelGeometry:
     window_note: str | None = None
     name: str | None = None
     num_q_heads: int | None = None
+    layer_types: tuple[LayerType, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.layer_types:
+            kind: LayerType = FULL
+            if self.sliding_window is not None:
+                kind = ("sliding", self.sliding_window)
+            object.__setattr__(self, "layer_types", (kind,) * self.num_layers)
+        types = check_layer_types(self.layer_types, self.num_layers)
+        object.__setattr__(self, "layer_types", types)
+        if self.sliding_window != uniform_window(types):
+            raise ValueError(
+                f"sliding_window={self.sliding_window!r} disagrees with layer_types "
+                f"({describe_groups(group_layers(types), self.num_layers)}): it is W exactly when "
+                "every layer is ('sliding', W)"
+            )
+
+    @property
+    def layer_groups(self) -> dict[LayerType, tuple[int, ...]]:
+        """Layer indices of each attention type (:func:`group_layers`): Gemma 3 27B gives
+        ``{("sliding", 1024): (0, 1, 2, 3, 4, 6, ...), ("full",): (5, 11, ..., 59)}``."""
+        return group_layers(self.layer_types)
 
 
 def preset_config(name: str) -> dict[str, Any]:
@@ -123,38 +207,110 @@ def _positive_int(config: Mapping[str, Any], field: str, where: str) -> int:
     return value
 
 
-def _window(
-    config: Mapping[str, Any], num_layers: int, where: str
-) -> tuple[int | None, str | None]:
-    """Returns (window of every layer or None, a note when only some layers use it)."""
-    window = config.get("sliding_window")
-    if window is None or config.get("use_sliding_window") is False:
-        return None, None  # Qwen2 configs carry a sliding_window they do not use
-    if not isinstance(window, int) or isinstance(window, bool) or window < 1:
-        raise ConfigError(f"{where}: sliding_window={window!r} must be a positive integer or null")
-    windowed = num_layers
-    layer_types = config.get("layer_types")
-    if isinstance(layer_types, list):
-        windowed = sum(1 for t in layer_types if t == "sliding_attention")
-    elif (
-        isinstance(config.get("sliding_window_pattern"), int)
-        and config["sliding_window_pattern"] > 1
-    ):  # Gemma 3: every pattern-th layer is global
-        windowed = num_layers - num_layers // config["sliding_window_pattern"]
-    elif config.get("use_sliding_window") is True and isinstance(
-        config.get("max_window_layers"), int
-    ):  # Qwen2: the first max_window_layers layers attend in full
-        windowed = max(0, num_layers - config["max_window_layers"])
-    elif config.get("model_type") in ("gemma2", "cohere2"):  # alternate local and global layers
-        windowed = num_layers // 2
-    if windowed == num_layers:
-        return window, None
-    if windowed == 0:
-        return None, None
-    return None, (
-        f"sliding_window {window} on {windowed} of {num_layers} layers: the other layers read "
-        "every page, so no page can be released"
-    )
+def _optional_size(config: Mapping[str, Any], field: str, where: str) -> int | None:
+    value = config.get(field)
+    if value is not None and not is_positive_int(value):
+        raise ConfigError(f"{where}: {field}={value!r} must be a positive integer or null")
+    return value
+
+
+def _hf_layer_names(config: Mapping[str, Any], num_layers: int, where: str) -> list[str]:
+    """Each layer's attention as a Hugging Face ``layer_types`` name, by the convention the
+    config uses; the rules are those of the transformers config classes (see the tables
+    above): an explicit ``layer_types``; Llama 4's ``no_rope_layers`` (1: RoPE and chunked
+    attention, 0: NoPE and global attention); a sliding pattern; Qwen's
+    ``max_window_layers``; else every layer slides (Mistral, Mixtral, Phi-3, ...)."""
+    model_type = config.get("model_type")
+    explicit = config.get("layer_types")
+    if explicit is not None:
+        if not isinstance(explicit, list) or len(explicit) != num_layers:
+            raise ConfigError(
+                f"{where}: layer_types must be a list of {num_layers} entries (one per layer), "
+                f"got {explicit!r:.80}"
+            )
+        for i, name in enumerate(explicit):
+            if name not in _HF_LAYER_KINDS:
+                raise ConfigError(
+                    f"{where}: layer_types[{i}]={name!r}: kvshard caches "
+                    f"{', '.join(_HF_LAYER_KINDS)} layers only"
+                )
+        return list(explicit)
+    if config.get("attention_chunk_size") is not None:
+        interval = config.get("no_rope_layer_interval", _NO_ROPE_LAYER_INTERVAL)
+        if not is_positive_int(interval):
+            raise ConfigError(f"{where}: no_rope_layer_interval={interval!r} must be >= 1")
+        rope = config.get("no_rope_layers") or [
+            int((i + 1) % interval != 0) for i in range(num_layers)
+        ]
+        if not isinstance(rope, list) or len(rope) < num_layers or set(rope) - {0, 1}:
+            raise ConfigError(
+                f"{where}: no_rope_layers must list 0 or 1 for each of the {num_layers} layers, "
+                f"got {rope!r:.80}"
+            )
+        return ["chunked_attention" if r else "full_attention" for r in rope[:num_layers]]
+    pattern = config.get("sliding_window_pattern", _SLIDING_PATTERNS.get(str(model_type)))
+    if pattern is not None:
+        if not is_positive_int(pattern):
+            raise ConfigError(f"{where}: sliding_window_pattern={pattern!r} must be >= 1")
+        return [
+            "sliding_attention" if (i + 1) % pattern else "full_attention"
+            for i in range(num_layers)
+        ]
+    qwen = model_type in _QWEN_MODEL_TYPES
+    first_windowed = config.get("max_window_layers", _QWEN_MAX_WINDOW_LAYERS if qwen else 0)
+    if not isinstance(first_windowed, int) or isinstance(first_windowed, bool):
+        raise ConfigError(f"{where}: max_window_layers={first_windowed!r} must be an integer")
+    return [
+        "sliding_attention" if i >= first_windowed else "full_attention" for i in range(num_layers)
+    ]
+
+
+def layer_types_of(
+    config: Mapping[str, Any], num_layers: int, *, where: str | None = None
+) -> tuple[LayerType, ...]:
+    """Each layer's attention type in a (text) config, from every convention in use:
+
+    * ``layer_types``: ``"full_attention"``, ``"sliding_attention"`` (window
+      ``sliding_window``), ``"chunked_attention"`` (chunk ``attention_chunk_size``); gpt-oss,
+      and configs that newer transformers versions save;
+    * Gemma 2 and gpt-oss without it: even layers slide, odd ones are global;
+    * ``sliding_window_pattern`` N (Gemma 3: default 6; Cohere 2: 4): layer i is global when
+      ``(i + 1) % N == 0``, so Gemma 3 has 5 local per global layer;
+    * Qwen2/Qwen3 (transformers' ``Qwen2Config``): only with ``use_sliding_window`` (default
+      false), layers ``i >= max_window_layers`` (default 28) slide and the first ones attend in
+      full;
+    * Llama 4: with ``attention_chunk_size`` C, layers whose ``no_rope_layers`` entry is 1
+      (RoPE; default all but every 4th) attend chunked, the NoPE layers in full;
+    * otherwise ``sliding_window`` applies to every layer (Mistral).
+
+    A ``sliding_attention`` layer without a window (Qwen2's ``use_sliding_window: false``
+    voids it) attends in full, as transformers does. ``where`` labels messages (default the
+    config's ``_name_or_path``).
+
+    Raises:
+      ConfigError: a malformed ``layer_types``, ``no_rope_layers``, ``sliding_window``,
+        ``attention_chunk_size`` or ``sliding_window_pattern``, an attention type kvshard does
+        not cache (``linear_attention``, ...), or chunked layers without a chunk size.
+    """
+    where = where or str(config.get("_name_or_path") or "config")
+    window = _optional_size(config, "sliding_window", where)
+    chunk = _optional_size(config, "attention_chunk_size", where)
+    if not config.get("use_sliding_window", config.get("model_type") not in _QWEN_MODEL_TYPES):
+        window = None  # Qwen configs carry a sliding_window they do not use
+    types: list[LayerType] = []
+    for i, name in enumerate(_hf_layer_names(config, num_layers, where)):
+        kind = _HF_LAYER_KINDS[name]
+        if kind == "chunked" and chunk is None:
+            raise ConfigError(
+                f"{where}: layer_types[{i}]='chunked_attention' needs attention_chunk_size"
+            )
+        if kind == "sliding" and window is not None:
+            types.append(("sliding", window))
+        elif kind == "chunked" and chunk is not None:
+            types.append(("chunked", chunk))
+        else:
+            types.append(FULL)
+    return tuple(types)
 
 
 def read_model_config(config: Mapping[str, Any] | str | PathLike[str]) -> ModelGeometry:
@@ -170,6 +326,8 @@ def read_model_config(config: Mapping[str, Any] | str | PathLike[str]) -> ModelG
         field.
     """
     data, where = _load(config)
+    outer = data
+    label = str(data.get("_name_or_path") or where)
     if "num_hidden_layers" not in data and isinstance(data.get("text_config"), Mapping):
         data = data["text_config"]  # multimodal wrappers (Llama 4, Gemma 3, Qwen2-VL, ...)
         where += " (text_config)"
@@ -211,8 +369,10 @@ def read_model_config(config: Mapping[str, Any] | str | PathLike[str]) -> ModelG
             )
         head_dim = hidden // heads
 
-    dtype_field = "torch_dtype" if "torch_dtype" in data else "dtype"
-    raw_dtype = data.get(dtype_field)
+    # A wrapper's text_config often leaves the dtype to the wrapper (Gemma 3, Llama 4).
+    dtype_source = data if ("torch_dtype" in data or "dtype" in data) else outer
+    dtype_field = "torch_dtype" if "torch_dtype" in dtype_source else "dtype"
+    raw_dtype = dtype_source.get(dtype_field)
     dtype = None
     if raw_dtype is not None and raw_dtype != "auto":
         name = str(raw_dtype).removeprefix("torch.")
@@ -225,14 +385,15 @@ def read_model_config(config: Mapping[str, Any] | str | PathLike[str]) -> ModelG
     num_q_heads = None
     if data.get("num_attention_heads") is not None:
         num_q_heads = _positive_int(data, "num_attention_heads", where)
-    window, note = _window(data, num_layers, where)
+    layer_types = layer_types_of(data, num_layers, where=where)
     return ModelGeometry(
         num_layers=num_layers,
         num_kv_heads=num_kv_heads,
         head_dim=head_dim,
         dtype=dtype,
-        sliding_window=window,
-        window_note=note,
-        name=str(data.get("_name_or_path") or where),
+        sliding_window=uniform_window(layer_types),
+        window_note=mix_note(layer_types),
+        name=str(data.get("_name_or_path") or label),
         num_q_heads=num_q_heads,
+        layer_types=layer_types,
     )

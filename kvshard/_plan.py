@@ -19,8 +19,10 @@ pool. Over 400 lines: the plan's arithmetic and its one renderer stay side by si
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Any
 
+from kvshard._layer_types import LayerType, check_layer_types, group_layers, uniform_window
 from kvshard._layout import (
     INT32_MAX,
     CacheSpec,
@@ -29,7 +31,7 @@ from kvshard._layout import (
     needs_scales,
     round_up,
 )
-from kvshard.allocator import sliding_window_pages
+from kvshard._plan_groups import format_groups, hybrid_capacity, window_pages
 
 __all__ = [
     "BudgetTooSmall",
@@ -113,28 +115,6 @@ def _spec(
     return CacheSpec(num_layers, num_kv_heads, head_dim, page_size, num_pages, dtype, **scales)
 
 
-def window_pages(window: int, page_size: int, context: int) -> int:
-    """Most pages a request of up to ``context`` tokens holds when pages outside its window go.
-
-    The rule (vLLM's ``SlidingWindowManager``): before a step computes the token at position
-    ``n`` (``n`` tokens already in the cache), the pages holding only positions ``< n - W + 1``
-    are released, since no query from ``n`` on reads them. For ``n < W - 1`` nothing is
-    released and the count grows with ``n``, so the most is the allocator's decode bound
-    (:func:`kvshard.allocator.sliding_window_pages`, where the rule lives) capped at
-    ``ceil(context / P)``.
-
-    This counts decode steps (one new token per step); a prefill chunk of ``C`` tokens holds
-    the pages of ``C - 1`` more positions while it runs.
-
-    Raises:
-      ValueError: a non-positive argument.
-    """
-    for name, value in (("window", window), ("page_size", page_size), ("context", context)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name}={value!r} must be a positive int")
-    return min(sliding_window_pages(window, page_size), -(-context // page_size))
-
-
 def _tokens_per_group(page_bytes: int, budget: int, page_size: int) -> int:
     """Usable token slots per pool for pages of ``page_bytes`` within ``budget`` (0 if < 2)."""
     pages = budget // page_bytes
@@ -153,6 +133,7 @@ def make_plan(
     hbm_per_device: int,
     context: int,
     model: str | None = None,
+    layer_types: Sequence[LayerType] | None = None,
     sliding_window: int | None = None,
     num_q_heads: int | None = None,
     host_memory: int | None = None,
@@ -160,6 +141,11 @@ def make_plan(
 ) -> dict[str, Any]:
     """Returns the plan as a JSON-ready dict (all byte counts are per device).
 
+    ``layer_types`` (None: every layer full, or ``sliding_window`` on every layer) gives each
+    layer's attention type (:data:`kvshard._layer_types.LayerType`); for a mix of types, or
+    chunked layers, the plan's ``layer_groups`` counts vLLM's hybrid layout against every
+    layer full (:func:`kvshard._plan_groups.hybrid_capacity`). A uniform sliding window in it
+    is the same as ``sliding_window``.
     ``num_q_heads`` (None: unknown, not checked) must split over the head axis as
     :func:`kvshard.attention` needs (:func:`~kvshard._layout.check_query_heads`).
     ``host_memory`` (bytes per host for the host tier; None: no tier) is shared by
@@ -171,12 +157,24 @@ def make_plan(
       HostMemoryTooSmall: ``host_memory`` gives a device less than one page.
       ValueError: ``tp`` neither divides nor is a multiple of ``num_kv_heads`` (the message of
         :func:`kvshard.check_tensor_parallel`), query heads that do not split over the head
-        axis (the message says the per-group padding that does), or a bad size/dtype (from
-        :class:`kvshard.CacheSpec`).
+        axis (the message says the per-group padding that does), a bad size/dtype (from
+        :class:`kvshard.CacheSpec`), or ``layer_types`` not one valid type per layer or given
+        with ``sliding_window``.
     """
     replication = check_tensor_parallel(num_kv_heads, tp)
     if num_q_heads is not None:
         check_query_heads(num_q_heads, num_kv_heads, tp)
+    types = None
+    if layer_types is not None:
+        if sliding_window is not None:
+            raise ValueError(
+                f"sliding_window={sliding_window!r} and layer_types both given: a window in "
+                "layer_types is ('sliding', W); pass one of them"
+            )
+        types = check_layer_types(layer_types, num_layers)
+        sliding_window = uniform_window(types)
+        if len(group_layers(types)) == 1 and types[0][0] != "chunked":
+            types = None  # uniform: the plan's own rows (and its sliding_window row) say it all
     one = _spec(num_layers, num_kv_heads, head_dim, page_size, 1, dtype)
     page_bytes_layer = one.page_bytes_per_device(tp)
     page_bytes = one.bytes_per_device(tp, dp)  # one page id, every layer
@@ -201,6 +199,7 @@ def make_plan(
     stored = usable * page_bytes
     unpacked = rows * combined * spec.padded_head_dim * item
     unpadded = rows * combined * head_dim * item
+    lane_padding = page_size * combined * (spec.padded_head_dim - head_dim) * item
     distinct = unpadded // replication
     waste = {
         "head_dim_padding": unpacked - unpadded,
@@ -223,12 +222,27 @@ def make_plan(
             "sequences_total": dp * window_per_group,
             "capacity_gain": window_per_group / per_group if per_group else None,
         }
-    if held > usable:
+    groups = None
+    if types is not None:
+        groups = hybrid_capacity(
+            layer_types=types,
+            page_bytes_per_layer=page_bytes_layer,
+            page_size=page_size,
+            hbm_per_device=hbm_per_device,
+            context=context,
+            dp=dp,
+            all_full_sequences_per_group=per_group,
+            all_full_page_bytes=page_bytes,
+        )
+    if held > usable and not (groups and groups["sequences_per_group"]):
         need = (held + 1) * page_bytes
+        if groups:  # the grouped layout needs fewer bytes
+            need = min(need, (groups["pages_per_request"] + 1) * groups["page_bytes"])
         raise ContextTooLong(
             f"{context:,} tokens need {held:,} pages per sequence ({page_size} tokens each) but "
-            f"the cache holds {usable:,} usable page(s) per DP group: no sequence fits; lower "
-            f"--context or raise --hbm-per-device to >= {need:,} bytes ({human(need)})"
+            f"the cache holds {usable:,} usable page(s) per DP group: no sequence fits"
+            + (" (nor in the layer groups)" if groups else "")
+            + f"; lower --context or raise --hbm-per-device to >= {need:,} bytes ({human(need)})"
         )
 
     # Per-token bytes and the capacity of the same budget in bfloat16, the usual model dtype.
@@ -265,6 +279,9 @@ def make_plan(
         "packing": spec.packing,
         "packed_rows_per_device": round_up(combined, spec.packing),
         "padded_head_dim": spec.padded_head_dim,
+        # Bytes of each page spent on the lanes past head_dim (head_dim 64 stored in 128).
+        "lane_padding_bytes_per_page_layer": lane_padding,
+        "lane_padding_bytes_per_page": num_layers * lane_padding,
         "local_shape": list(spec.local_shape(tp)),
         "global_shape": list(spec.global_shape(tp, dp)),
         "page_bytes_per_layer": page_bytes_layer,
@@ -277,6 +294,7 @@ def make_plan(
         "pages_per_sequence": pages_per_sequence,
         "sequences_per_group": per_group,
         "sequences_total": dp * per_group,
+        "layer_groups": groups,
         "kv_bytes": distinct,
         "waste_bytes": waste,
         "waste_percent": {k: 100 * v / hbm_per_device for k, v in waste.items()},
@@ -342,6 +360,19 @@ def format_plan(plan: dict[str, Any]) -> str:
                     f"{p['dtype']})",
                 ),
                 ("head_dim", f"{p['head_dim']}", f"stored as {p['padded_head_dim']}"),
+                *(
+                    [
+                        (
+                            "lane padding per page, 1 layer",
+                            f"{p['lane_padding_bytes_per_page_layer']:,}",
+                            f"{_percent(p, 'lane_padding_bytes_per_page_layer')} of each page "
+                            f"(lanes {p['head_dim']}..{p['padded_head_dim'] - 1}); "
+                            f"{p['lane_padding_bytes_per_page']:,} of a page id, {L} layers",
+                        )
+                    ]
+                    if p.get("lane_padding_bytes_per_page_layer")
+                    else []
+                ),
                 ("cache shape, one device", _shape(p["local_shape"]), ""),
                 ("cache shape, global", _shape(p["global_shape"]), ""),
             ],
@@ -398,6 +429,8 @@ def format_plan(plan: dict[str, Any]) -> str:
                 + (f"x{gain:.2f}" if gain is not None else "none fit without release"),
             )
         )
+    if p.get("layer_groups"):
+        sections.append(format_groups(p))
     labels = {
         "head_dim_padding": f"head_dim padding ({p['head_dim']} -> {p['padded_head_dim']})",
         "dtype_packing": (
@@ -433,6 +466,11 @@ def format_plan(plan: dict[str, Any]) -> str:
     for note in p.get("notes", ()):
         lines += ["", f"note: {note}"]
     return "\n".join(lines)
+
+
+def _percent(p: dict[str, Any], key: str) -> str:
+    """A per-page byte count as a share of the page: '50.00%'."""
+    return f"{100 * p[key] / p['page_bytes_per_layer']:.2f}%"
 
 
 def _dtype_note(p: dict[str, Any]) -> str:

@@ -35,6 +35,7 @@ from decimal import Decimal, InvalidOperation
 from typing import NoReturn
 
 from kvshard._config import PRESETS, ConfigError, ModelGeometry, preset_config, read_model_config
+from kvshard._layer_types import LayerType
 from kvshard._layout import (
     SUPPORTED_DTYPES,
     canonical_dtype,
@@ -269,7 +270,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         type=_arg_type(_window, "int"),
         metavar="W",
         help="attention window of every layer, in tokens (default: the config's "
-        "sliding_window; 0: none): pages before the window are released",
+        "sliding_window; 0: none): pages before the window are released; replaces a config's "
+        "per-layer attention types",
     )
     plan.add_argument(
         "--page-size",
@@ -377,6 +379,24 @@ def _query_heads_culprit(args: argparse.Namespace, q_heads: int, shape: dict[str
     return "--config"
 
 
+def _layer_types(
+    args: argparse.Namespace, geometry: ModelGeometry | None, num_layers: int
+) -> tuple[tuple[LayerType, ...] | None, list[str]]:
+    """The config's per-layer attention types for the planner, and the plan's notes: none
+    when ``--sliding-window`` sets every layer or ``--layers`` changes the layer count."""
+    if geometry is None:
+        return None, []
+    if args.sliding_window is not None:
+        reason = "--sliding-window sets every layer's window"
+    elif num_layers != geometry.num_layers:
+        reason = f"--layers {num_layers} is not the config's {geometry.num_layers} layers"
+    else:
+        return geometry.layer_types, []
+    if geometry.window_note is None:
+        return None, []
+    return None, [f"{geometry.window_note}; layer types not used: {reason}"]
+
+
 def _run_plan(args: argparse.Namespace, plan_parser: argparse.ArgumentParser) -> int:
     geometry: ModelGeometry | None = None
     label = args.model
@@ -416,6 +436,9 @@ def _run_plan(args: argparse.Namespace, plan_parser: argparse.ArgumentParser) ->
     window = geometry.sliding_window if geometry else None
     if args.sliding_window is not None:
         window = args.sliding_window or None
+    layer_types, notes = _layer_types(args, geometry, shape["num_layers"])
+    if layer_types is not None:
+        window = None  # the config's window is in its layer types
     dp, tp = args.mesh
     try:
         check_tensor_parallel(shape["num_kv_heads"], tp)
@@ -429,7 +452,9 @@ def _run_plan(args: argparse.Namespace, plan_parser: argparse.ArgumentParser) ->
             plan_parser.error(f"argument {_query_heads_culprit(args, q_heads, shape)}: {err}")
     try:
         plan = make_plan(
-            **shape,
+            num_layers=shape["num_layers"],
+            num_kv_heads=shape["num_kv_heads"],
+            head_dim=shape["head_dim"],
             dtype=dtype,
             page_size=args.page_size,
             dp=dp,
@@ -437,6 +462,7 @@ def _run_plan(args: argparse.Namespace, plan_parser: argparse.ArgumentParser) ->
             hbm_per_device=args.hbm_per_device,
             context=args.context,
             model=label,
+            layer_types=layer_types,
             sliding_window=window,
             num_q_heads=q_heads or None,
             host_memory=args.host_memory,
@@ -450,7 +476,7 @@ def _run_plan(args: argparse.Namespace, plan_parser: argparse.ArgumentParser) ->
         plan_parser.error(f"argument --context: {err}")
     except ValueError as err:
         plan_parser.error(str(err))
-    plan["notes"] = [geometry.window_note] if geometry and geometry.window_note else []
+    plan["notes"] = notes
     if args.json:
         print(json.dumps(plan, indent=2))
     else:

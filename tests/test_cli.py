@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -114,13 +115,21 @@ def test_presets():
     shapes = {}
     for name in PRESETS:
         g = read_model_config(preset_config(name))
-        shapes[name] = (g.num_layers, g.num_kv_heads, g.head_dim, g.dtype, g.sliding_window)
+        groups = {t: len(layers) for t, layers in g.layer_groups.items()}
+        shapes[name] = (g.num_layers, g.num_kv_heads, g.head_dim, g.dtype, g.sliding_window, groups)
+    full = ("full",)
     assert shapes == {
-        "llama-3-8b": (32, 8, 128, "bfloat16", None),
-        "llama-3-70b": (80, 8, 128, "bfloat16", None),
-        "mistral-7b": (32, 8, 128, "bfloat16", 4096),
-        "qwen2.5-72b": (80, 8, 128, "bfloat16", None),  # use_sliding_window: false
-        "qwen2.5-7b": (28, 4, 128, "bfloat16", None),
+        "llama-3-8b": (32, 8, 128, "bfloat16", None, {full: 32}),
+        "llama-3-70b": (80, 8, 128, "bfloat16", None, {full: 80}),
+        "mistral-7b": (32, 8, 128, "bfloat16", 4096, {("sliding", 4096): 32}),
+        "qwen2.5-0.5b": (24, 2, 64, "bfloat16", None, {full: 24}),  # 896 / 14 heads
+        "qwen2.5-72b": (80, 8, 128, "bfloat16", None, {full: 80}),  # use_sliding_window: false
+        "qwen2.5-7b": (28, 4, 128, "bfloat16", None, {full: 28}),
+        "gemma-2-9b": (42, 8, 256, "bfloat16", None, {("sliding", 4096): 21, full: 21}),
+        "gemma-3-27b": (62, 16, 128, "bfloat16", None, {("sliding", 1024): 52, full: 10}),
+        "gpt-oss-20b": (24, 8, 64, "bfloat16", None, {("sliding", 128): 12, full: 12}),
+        "gpt-oss-120b": (36, 8, 64, "bfloat16", None, {("sliding", 128): 18, full: 18}),
+        "llama-4-scout": (48, 8, 128, "bfloat16", None, {("chunked", 8192): 36, full: 12}),
     }
 
 
@@ -514,16 +523,17 @@ def test_kv_dtype_fills_in_a_missing_torch_dtype(capsys, tmp_path):
     assert plan_json(capsys, argv)["dtype"] == "float8_e4m3fn"
 
 
-def test_mixed_window_layers_are_noted_not_released(capsys, tmp_path):
+def test_mixed_window_layers_are_planned_as_groups(capsys, tmp_path):
     config = {**LLAMA_3_8B_CONFIG, "sliding_window": 1024, "num_hidden_layers": 4}
     config["layer_types"] = ["sliding_attention"] * 3 + ["full_attention"]
     path = tmp_path / "config.json"
     path.write_text(json.dumps(config))
     plan = plan_json(capsys, ["plan", "--config", str(path), "--hbm-per-device", "2GiB"])
-    assert plan["sliding_window"] is None
-    assert plan["notes"] == [
-        "sliding_window 1024 on 3 of 4 layers: the other layers read every page, so no page "
-        "can be released"
+    assert plan["sliding_window"] is None and plan["notes"] == []
+    rows = plan["layer_groups"]["groups"]
+    assert [(r["kind"], r["size"], r["layers"]) for r in rows] == [
+        ("sliding", 1024, [0, 1, 2]),
+        ("full", None, [3]),
     ]
 
 
@@ -687,3 +697,124 @@ def test_installed_module_runs_as_the_command(tmp_path, capfd, monkeypatch):
     assert cli.main(["demo", "--help"]) == 0
     out = capfd.readouterr().out
     assert "args ['--help'] __main__" in out and "usage: kvshard demo [-h]" in out
+
+
+# ------------------------------------------------------------------ layer groups (issue 21)
+
+GEMMA3 = ["plan", "--model", "gemma-3-27b", "--mesh", "1x8", "--hbm-per-device", "16GiB"]
+
+
+def group_rows(plan):
+    return {r["kind"]: r for r in plan["layer_groups"]["groups"]}
+
+
+@pytest.mark.parametrize(
+    ("context", "full_sequences", "grouped_pages", "grouped_sequences", "gain"),
+    [
+        # Gemma 3 27B: 62 layers (52 local, window 1024; 10 global), 16 KV heads, head_dim 128,
+        # bfloat16. On 1x8 a device holds 2 heads = 4 rows (packing 2: no pad): one layer's
+        # page is 32 x 4 x 128 x 2 B = 32,768 bytes.
+        # Every layer full: a page id is 62 x 32,768 = 2,031,616 bytes; 16 GiB
+        #   (17,179,869,184 B) // 2,031,616 = 8,456 pages, 8,455 usable.
+        # Grouped (vLLM): KV-cache groups of 10 layers (the 10 global ones; the 52 local ones
+        #   make ceil(52 / 10) = 6 groups): a page id is 10 x 32,768 = 327,680 bytes,
+        #   17,179,869,184 // 327,680 = 52,428 pages, 52,427 usable. A request holds
+        #   ceil(1023 / 32) + 1 = 33 pages in each local group (6 x 33 = 198) plus the global
+        #   group's context / 32.
+        # 32k: all full 8,455 // 1,024 = 8; grouped 1,024 + 198 = 1,222 pages,
+        #   52,427 // 1,222 = 42 (42 x 1,222 = 51,324; 43 x 1,222 = 52,546 > 52,427): x5.25.
+        (32_768, 8, 1_222, 42, 42 / 8),
+        # 128k: all full 8,455 // 4,096 = 2; grouped 4,096 + 198 = 4,294 pages,
+        #   52,427 // 4,294 = 12 (12 x 4,294 = 51,528): x6.00.
+        (131_072, 2, 4_294, 12, 12 / 2),
+    ],
+)
+def test_gemma3_groups_against_every_layer_full(
+    capsys, tmp_path, context, full_sequences, grouped_pages, grouped_sequences, gain
+):
+    argv = [*GEMMA3, "--context", str(context)]
+    plan = plan_json(capsys, argv)
+    g = plan["layer_groups"]
+    assert plan["page_bytes_per_layer"] == 32_768 and plan["page_bytes"] == 2_031_616
+    assert plan["usable_pages_per_device"] == 8_455
+    assert plan["sequences_per_group"] == g["all_full_sequences_per_group"] == full_sequences
+    assert (g["group_size"], g["padding_layer_slots"], g["page_bytes"]) == (10, 8, 327_680)
+    assert g["usable_pages_per_device"] == 52_427
+    rows = group_rows(plan)
+    assert (rows["sliding"]["num_layers"], rows["sliding"]["kv_cache_groups"]) == (52, 6)
+    assert rows["sliding"]["pages_per_request_each"] == 33
+    assert rows["full"]["pages_per_request"] == context // 32
+    assert g["pages_per_request"] == grouped_pages
+    assert g["sequences_per_group"] == grouped_sequences
+    assert g["tokens_total"] == grouped_sequences * context
+    assert g["all_full_tokens_total"] == full_sequences * context
+    assert g["capacity_gain"] == pytest.approx(gain)
+    code, out, _ = run(capsys, argv)
+    assert code == 0
+    assert re.search(rf"concurrent sequences of {context:,} tokens +{grouped_sequences} ", out)
+    assert re.search(rf"  every layer full +{full_sequences} ", out)
+    assert re.search(rf"capacity gain of the groups +x{gain:.2f}", out)
+    assert re.search(r"sliding window 1,024: 52 layers +198 +pages per request: 6 KV", out)
+    # --config on the same config.json gives the same plan.
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(preset_config("gemma-3-27b")))
+    from_config = plan_json(capsys, ["plan", "--config", str(path), *argv[3:]])
+    assert {**from_config, "model": None} == {**plan, "model": None}
+
+
+def test_gpt_oss_groups_and_lane_padding_at_32k(capsys):
+    # gpt-oss-20b: 24 layers (12 sliding, window 128; 12 full), 8 KV heads, head_dim 64
+    # stored in 128 lanes, bfloat16. On 1x8: 1 head = 2 rows per device; one layer's page is
+    # 32 x 2 x 128 x 2 B = 16,384 bytes, of which 32 x 2 x 64 x 2 = 8,192 are lane padding.
+    # Every layer full: 24 x 16,384 = 393,216 bytes a page id, 17,179,869,184 // 393,216 =
+    #   43,690 pages, 43,689 usable; 1,024 pages a request: 43,689 // 1,024 = 42 sequences.
+    # Grouped: 12 and 12 layers -> groups of 12, no padding: 196,608 bytes a page id, 87,381
+    #   pages, 87,380 usable; a request holds 1,024 + (ceil(127 / 32) + 1 = 5) = 1,029 pages:
+    #   87,380 // 1,029 = 84 sequences (84 x 1,029 = 86,436): x2.00.
+    argv = ["plan", "--model", "gpt-oss-20b", "--mesh", "1x8", "--hbm-per-device", "16GiB"]
+    argv += ["--context", "32768"]
+    plan = plan_json(capsys, argv)
+    g = plan["layer_groups"]
+    assert plan["page_bytes_per_layer"] == 16_384
+    assert plan["lane_padding_bytes_per_page_layer"] == 8_192
+    assert plan["lane_padding_bytes_per_page"] == 24 * 8_192
+    assert plan["usable_pages_per_device"] == 43_689 and plan["sequences_per_group"] == 42
+    assert (g["group_size"], g["padding_layer_slots"], g["page_bytes"]) == (12, 0, 196_608)
+    assert g["usable_pages_per_device"] == 87_380
+    assert group_rows(plan)["sliding"]["pages_per_request"] == 5
+    assert g["pages_per_request"] == 1_029 and g["sequences_per_group"] == 84
+    assert g["capacity_gain"] == pytest.approx(2.0)
+    code, out, _ = run(capsys, argv)
+    assert code == 0
+    assert re.search(r"lane padding per page, 1 layer +8,192 +50\.00% of each page", out)
+    assert re.search(r"capacity gain of the groups +x2\.00", out)
+    assert re.search(r"  every layer full +42 ", out)
+
+
+def test_overrides_drop_the_layer_types_with_a_note(capsys):
+    windowed = plan_json(capsys, [*GEMMA3, "--sliding-window", "512"])
+    assert windowed["layer_groups"] is None and windowed["sliding_window"]["window"] == 512
+    assert windowed["notes"] == [
+        "sliding_window 1024 on 52 of 62 layers, full attention on 10: no one window serves "
+        "every layer; layer_types has each layer's type; layer types not used: "
+        "--sliding-window sets every layer's window"
+    ]
+    fewer = plan_json(capsys, [*GEMMA3, "--layers", "12"])
+    assert fewer["layer_groups"] is None and fewer["sliding_window"] is None
+    assert fewer["notes"][0].endswith("--layers 12 is not the config's 62 layers")
+    same = plan_json(capsys, [*GEMMA3, "--layers", "62"])
+    assert same["layer_groups"] is not None and same["notes"] == []
+
+
+def test_chunked_llama4_groups(capsys):
+    # Llama 4 Scout: 48 layers, 36 chunked (8192) and 12 full; 8 KV heads, head_dim 128. On
+    # 1x8 one layer's page is 32 x 2 x 128 x 2 = 16,384 bytes. Groups of 12: 196,608 bytes a
+    # page id, 87,381 pages, 87,380 usable; at 128k a request holds 3 x 256 + 4,096 = 4,864
+    # pages: 87,380 // 4,864 = 17; every layer full 48 x 16,384 = 786,432 bytes a page id,
+    # 21,845 pages, 21,844 usable // 4,096 = 5.
+    argv = ["plan", "--model", "llama-4-scout", "--mesh", "1x8", "--hbm-per-device", "16GiB"]
+    plan = plan_json(capsys, [*argv, "--context", "131072"])
+    g = plan["layer_groups"]
+    assert group_rows(plan)["chunked"]["pages_per_request"] == 3 * 256
+    assert g["pages_per_request"] == 4_864 and g["sequences_per_group"] == 17
+    assert g["all_full_sequences_per_group"] == 5

@@ -87,14 +87,18 @@ def test_text_config_of_a_multimodal_model():
         (
             {"sliding_window": 4096, "use_sliding_window": True, "max_window_layers": 28},
             None,
-            "sliding_window 4096 on 4 of 32 layers",
+            "sliding_window 4096 on 4 of 32 layers, full attention on 28",
         ),
         (
             {"sliding_window": 4096, "use_sliding_window": True, "max_window_layers": 0},
             4096,
             None,
         ),
-        ({"sliding_window": 1024, "sliding_window_pattern": 4}, None, "on 24 of 32 layers"),
+        (
+            {"sliding_window": 1024, "sliding_window_pattern": 4},
+            None,
+            "sliding_window 1024 on 24 of 32 layers, full attention on 8",
+        ),
         ({"sliding_window": 4096, "model_type": "gemma2"}, None, "on 16 of 32 layers"),
         ({"sliding_window": 512, "layer_types": ["sliding_attention"] * 32}, 512, None),
         ({"sliding_window": 512, "layer_types": ["full_attention"] * 32}, None, None),
@@ -106,7 +110,145 @@ def test_sliding_window_applies_only_to_every_layer(window_fields, window, note)
     if note is None:
         assert g.window_note is None
     else:
-        assert note in g.window_note and "no page can be released" in g.window_note
+        assert note in g.window_note and "layer_types has each layer's type" in g.window_note
+
+
+# ------------------------------------------------------------------ per-layer attention types
+
+FULL = ("full",)
+
+
+def types_of(**fields):
+    return kvshard.read_model_config({**LLAMA, **fields}).layer_types
+
+
+def test_uniform_configs_give_one_type_per_layer():
+    assert types_of() == (FULL,) * 32
+    assert types_of(sliding_window=4096) == (("sliding", 4096),) * 32  # Mistral: every layer
+    g = kvshard.read_model_config(LLAMA)
+    assert g.layer_groups == {FULL: tuple(range(32))}
+
+
+def test_layer_types_field_is_read_layer_by_layer():
+    # gpt-oss: explicit, alternating sliding (window 128) and full, starting with sliding.
+    names = ["sliding_attention", "full_attention"] * 16
+    types = types_of(sliding_window=128, layer_types=names)
+    assert types[:3] == (("sliding", 128), FULL, ("sliding", 128))
+    g = kvshard.read_model_config({**LLAMA, "sliding_window": 128, "layer_types": names})
+    assert g.layer_groups == {
+        ("sliding", 128): tuple(range(0, 32, 2)),
+        FULL: tuple(range(1, 32, 2)),
+    }
+    assert g.sliding_window is None
+    # Without layer_types, transformers' GptOssConfig derives the same alternation.
+    assert types_of(sliding_window=128, model_type="gpt_oss") == types
+
+
+def test_gemma2_even_layers_are_local():
+    # transformers' Gemma2Config: "sliding_attention" if (i + 1) % 2 else "full_attention".
+    types = types_of(sliding_window=4096, model_type="gemma2")
+    assert [t[0] for t in types[:4]] == ["sliding", "full", "sliding", "full"]
+
+
+def test_gemma3_five_local_per_global_by_default_pattern_or_layer_types():
+    # Gemma 3 27B: 62 layers, layer i global when (i + 1) % 6 == 0: i = 5, 11, ..., 59 (10
+    # layers), the other 52 local with window 1024.
+    text = {**LLAMA, "num_hidden_layers": 62, "model_type": "gemma3_text", "sliding_window": 1024}
+    by_default = kvshard.read_model_config(text)
+    assert by_default.layer_groups[FULL] == (5, 11, 17, 23, 29, 35, 41, 47, 53, 59)
+    assert len(by_default.layer_groups[("sliding", 1024)]) == 52
+    by_pattern = kvshard.read_model_config({**text, "sliding_window_pattern": 6})
+    names = ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(62)]
+    by_names = kvshard.read_model_config({**text, "layer_types": names})
+    assert by_default.layer_types == by_pattern.layer_types == by_names.layer_types
+    # Cohere 2 defaults to a pattern of 4 (3 local per global).
+    cohere = types_of(sliding_window=4096, model_type="cohere2")
+    assert [t[0] for t in cohere[:4]] == ["sliding", "sliding", "sliding", "full"]
+
+
+def test_gemma3_wrapper_reads_text_config_and_the_wrapper_dtype():
+    config = preset_config("gemma-3-27b")
+    assert "torch_dtype" not in config["text_config"]  # the published layout
+    g = kvshard.read_model_config(config)
+    assert (g.num_layers, g.num_kv_heads, g.head_dim, g.dtype) == (62, 16, 128, "bfloat16")
+    assert g.name == "google/gemma-3-27b-it"
+    assert g.window_note.startswith("sliding_window 1024 on 52 of 62 layers, full attention on 10")
+
+
+@pytest.mark.parametrize(
+    ("fields", "windowed"),
+    [
+        # transformers' Qwen2Config: layer i slides when use_sliding_window and
+        # i >= max_window_layers; without use_sliding_window (default false) none does.
+        ({"max_window_layers": 20, "use_sliding_window": True}, range(20, 32)),
+        ({"max_window_layers": 20}, ()),
+        ({"max_window_layers": 20, "use_sliding_window": False}, ()),
+        ({"use_sliding_window": True}, range(28, 32)),  # max_window_layers defaults to 28
+    ],
+)
+def test_qwen2_max_window_layers(fields, windowed):
+    types = types_of(model_type="qwen2", sliding_window=4096, **fields)
+    assert [i for i, t in enumerate(types) if t != FULL] == list(windowed)
+
+
+def test_llama4_chunked_layers_from_no_rope_layers():
+    # Llama4TextConfig: no_rope_layers[i] = 1 (RoPE) -> chunked attention, 0 (NoPE) -> full;
+    # by default every 4th layer (i = 3, 7, ...) is NoPE.
+    by_default = types_of(attention_chunk_size=8192)
+    assert [i for i, t in enumerate(by_default) if t == FULL] == list(range(3, 32, 4))
+    assert set(by_default) == {FULL, ("chunked", 8192)}
+    assert types_of(attention_chunk_size=8192, no_rope_layers=[]) == by_default
+    every_2nd = types_of(attention_chunk_size=8192, no_rope_layer_interval=2)
+    assert [i for i, t in enumerate(every_2nd) if t == FULL] == list(range(1, 32, 2))
+    explicit = types_of(attention_chunk_size=64, no_rope_layers=[1, 0] * 16)
+    assert explicit[:2] == (("chunked", 64), FULL)
+    names = ["chunked_attention", "full_attention"] * 16
+    assert types_of(attention_chunk_size=64, layer_types=names) == explicit
+    scout = kvshard.read_model_config(preset_config("llama-4-scout"))
+    assert {t: len(ls) for t, ls in scout.layer_groups.items()} == {("chunked", 8192): 36, FULL: 12}
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"layer_types": ["full_attention"] * 31}, "layer_types must be a list of 32 entries"),
+        (
+            {"layer_types": ["linear_attention"] + ["full_attention"] * 31},
+            "layer_types[0]='linear_attention': kvshard caches full_attention, "
+            "sliding_attention, chunked_attention layers only",
+        ),
+        (
+            {"layer_types": ["chunked_attention"] * 32},
+            "layer_types[0]='chunked_attention' needs attention_chunk_size",
+        ),
+        ({"attention_chunk_size": 0}, "attention_chunk_size=0 must be a positive integer"),
+        ({"attention_chunk_size": 8, "no_rope_layers": [2] * 32}, "no_rope_layers must list 0"),
+        ({"sliding_window_pattern": 0, "sliding_window": 8}, "sliding_window_pattern=0 must be"),
+        ({"attention_chunk_size": 8, "no_rope_layer_interval": 0}, "no_rope_layer_interval=0"),
+        ({"max_window_layers": "28", "sliding_window": 8}, "max_window_layers='28' must be an"),
+    ],
+)
+def test_bad_layer_conventions_name_the_field(fields, message):
+    with pytest.raises(kvshard.ConfigError) as info:
+        kvshard.read_model_config({**LLAMA, "_name_or_path": "org/m", **fields})
+    assert str(info.value).startswith("org/m: "), info.value
+    assert message in str(info.value)
+
+
+def test_model_geometry_fills_and_checks_layer_types():
+    assert kvshard.ModelGeometry(2, 1, 64).layer_types == (FULL, FULL)
+    assert kvshard.ModelGeometry(2, 1, 64, sliding_window=8).layer_types == (("sliding", 8),) * 2
+    mixed = kvshard.ModelGeometry(2, 1, 64, layer_types=[["sliding", 8], ["full"]])
+    assert mixed.layer_types == (("sliding", 8), FULL)  # JSON lists become tuples
+    assert hash(mixed) == hash(kvshard.ModelGeometry(2, 1, 64, layer_types=mixed.layer_types))
+    with pytest.raises(ValueError, match="layer_types has 1 entries; need one per layer"):
+        kvshard.ModelGeometry(2, 1, 64, layer_types=[FULL])
+    with pytest.raises(ValueError, match=r"layer_types\[1\]=\('sliding', 0\) must be"):
+        kvshard.ModelGeometry(2, 1, 64, layer_types=[FULL, ("sliding", 0)])
+    with pytest.raises(ValueError, match="sliding_window=8 disagrees with layer_types"):
+        kvshard.ModelGeometry(2, 1, 64, sliding_window=8, layer_types=mixed.layer_types)
+    with pytest.raises(ValueError, match="sliding_window=None disagrees"):
+        kvshard.ModelGeometry(2, 1, 64, layer_types=[("sliding", 8)] * 2)
 
 
 @pytest.mark.parametrize(
@@ -140,3 +282,9 @@ def test_presets_are_shipped_configs():
         assert kvshard.read_model_config(config).name == config["_name_or_path"]
     with pytest.raises(kvshard.ConfigError, match="unknown model 'gpt'"):
         preset_config("gpt")
+
+
+def test_from_config_of_a_hybrid_wrapper_config():
+    # Gemma 3's text_config has no torch_dtype: the wrapper's bfloat16 is the cache dtype.
+    spec = kvshard.CacheSpec.from_config(preset_config("gemma-3-27b"), page_size=32, num_pages=8)
+    assert spec == kvshard.CacheSpec(62, 16, 128, page_size=32, num_pages=8, dtype="bfloat16")

@@ -205,10 +205,10 @@ def test_the_planner_refuses_what_attention_refuses():
     step = kvshard.build_step(alloc, ["r"], [3])
     T = step.num_tokens_padded
     with pytest.raises(ValueError, match="28 query heads"):
-        kvshard.attention(np.zeros((T, 28, 128), np.float32), cache, 0, step, sm_scale=1.0)
+        kvshard.attention(cache, 0, np.zeros((T, 28, 128), np.float32), step, sm_scale=1.0)
     with pytest.raises(ValueError, match="32 in all"):
         plan(num_kv_heads=4, tp=8, num_q_heads=28)
-    out = kvshard.attention(np.ones((T, 32, 128), np.float32), cache, 0, step, sm_scale=1.0)
+    out = kvshard.attention(cache, 0, np.ones((T, 32, 128), np.float32), step, sm_scale=1.0)
     assert out.shape == (T, 32, 128)
 
 

@@ -1,0 +1,116 @@
+"""Per-layer attention types of a model: full, sliding window W, chunked local C.
+
+Pure Python (no JAX, no config reading): :mod:`kvshard._config` derives the types from a
+Hugging Face config, the planner groups layers by them, and a cache that gives each group its
+own page table can key its groups by them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+__all__ = [
+    "FULL",
+    "LayerType",
+    "check_layer_types",
+    "describe_groups",
+    "group_layers",
+    "is_positive_int",
+    "layer_size",
+    "mix_note",
+    "uniform_window",
+]
+
+# One layer's attention type: ("full",); ("sliding", W): a query at position p reads keys
+# p - W + 1 .. p; ("chunked", C): a query at p reads keys C * (p // C) .. p (Llama 4's chunked
+# local attention). Tuples, so a geometry stays hashable and a type can key a dict.
+LayerType = tuple[str] | tuple[str, int]
+FULL: LayerType = ("full",)
+_SIZED_KINDS = ("sliding", "chunked")
+
+
+def is_positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def layer_size(layer_type: LayerType) -> int | None:
+    """W of ``("sliding", W)``, C of ``("chunked", C)``, None for ``("full",)``."""
+    return int(layer_type[1]) if len(layer_type) == 2 else None
+
+
+def check_layer_types(layer_types: Any, num_layers: int) -> tuple[LayerType, ...]:
+    """Returns ``layer_types`` as a tuple of :data:`LayerType` tuples (lists, as JSON gives
+    them, are accepted).
+
+    Raises:
+      ValueError: not one type per layer, or an entry that is not ``("full",)``,
+        ``("sliding", W)`` or ``("chunked", C)`` with W, C positive ints; the message names
+        the entry.
+    """
+    if isinstance(layer_types, str) or not hasattr(layer_types, "__len__"):
+        raise ValueError(f"layer_types={layer_types!r} must be a sequence of layer types")
+    if len(layer_types) != num_layers:
+        raise ValueError(
+            f"layer_types has {len(layer_types)} entries; need one per layer ({num_layers})"
+        )
+    out: list[LayerType] = []
+    for i, entry in enumerate(layer_types):
+        t = tuple(entry) if isinstance(entry, list | tuple) else (entry,)
+        if t == FULL:
+            out.append(FULL)
+        elif len(t) == 2 and t[0] in _SIZED_KINDS and is_positive_int(t[1]):
+            out.append((str(t[0]), int(t[1])))
+        else:
+            raise ValueError(
+                f"layer_types[{i}]={entry!r} must be ('full',), ('sliding', W) or "
+                "('chunked', C) with W, C positive ints"
+            )
+    return tuple(out)
+
+
+def group_layers(layer_types: tuple[LayerType, ...]) -> dict[LayerType, tuple[int, ...]]:
+    """Layer indices of each attention type, types in order of first appearance.
+
+    ``group_layers((FULL, ("sliding", 4), FULL))`` is
+    ``{("full",): (0, 2), ("sliding", 4): (1,)}``.
+    """
+    groups: dict[LayerType, list[int]] = {}
+    for i, t in enumerate(layer_types):
+        groups.setdefault(t, []).append(i)
+    return {t: tuple(layers) for t, layers in groups.items()}
+
+
+def uniform_window(layer_types: tuple[LayerType, ...]) -> int | None:
+    """W when every layer is ``("sliding", W)`` with one W, else None."""
+    kinds = set(layer_types)
+    if len(kinds) == 1:
+        (only,) = kinds
+        if only[0] == "sliding":
+            return layer_size(only)
+    return None
+
+
+def describe_groups(groups: Mapping[LayerType, tuple[int, ...]], num_layers: int) -> str:
+    """'sliding_window 1024 on 52 of 62 layers, full attention on 10' (windowed types first)."""
+    parts = []
+    for t, layers in sorted(groups.items(), key=lambda item: item[0] == FULL):
+        if t[0] == "sliding":
+            parts.append(f"sliding_window {layer_size(t)} on {len(layers)}")
+        elif t[0] == "chunked":
+            parts.append(f"attention_chunk_size {layer_size(t)} on {len(layers)}")
+        else:
+            parts.append(f"full attention on {len(layers)}")
+    parts[0] += f" of {num_layers} layers"
+    return ", ".join(parts)
+
+
+def mix_note(layer_types: tuple[LayerType, ...]) -> str | None:
+    """How the layers mix attention types, or None when they all share one."""
+    groups = group_layers(layer_types)
+    if len(groups) == 1:
+        return None
+    return (
+        f"{describe_groups(groups, len(layer_types))}: no one window serves every layer; "
+        "layer_types has each layer's type"
+    )
