@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu.ragged_paged_attention import ragged_paged_attention
 
 from kvshard._attention.params import Statics, spec_scale
-from kvshard._drop import requests_on_block
+from kvshard._drop import live_query_bounds, requests_on_block
 from kvshard._types import BackendOptions
 
 __all__ = [
@@ -51,7 +51,7 @@ def pallas_operands(kv, layer, q, page_indices, kv_lens, cu_q_lens, num_seqs, *,
     live, _, tok_ok = requests_on_block(
         kv, layer, page_indices, kv_lens, cu_q_lens, num_seqs, num_tokens, page_size
     )
-    cu_q_lens = jnp.where(jnp.arange(cu_q_lens.shape[0]) <= live, cu_q_lens, cu_q_lens[live])
+    cu_q_lens = live_query_bounds(cu_q_lens, live)
     layer = jnp.clip(layer, 0, num_layers - 1)
     # Rows past `live` are never read by the kernel; clamp them anyway so no index can leave
     # this layer's pages.
