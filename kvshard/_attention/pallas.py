@@ -4,8 +4,12 @@ Its ``kv_pages`` operand is ``[total_pages, page_size, C, D]`` with K at even an
 combined heads: exactly one device's stacked block ``[L, num_pages·page_size, C, D_pad]``
 reshaped (a free bitcast) to ``[L·num_pages, page_size, C, D_pad]``. Page ``p`` of layer ``l``
 is page ``l·num_pages + p`` of that view, so the page table is offset by ``layer·num_pages``
-and no layer is ever sliced out. JAX's kernel masks the KV slots a query may not see, so
-stale values there (NaN included) cannot reach the output.
+and no layer is ever sliced out. JAX's kernel zeroes K and V of every slot at or past a
+request's ``kv_len`` before its matmuls and reads only the pages of the request's row, so stale
+values there (NaN included) cannot reach the output; inside ``kv_len`` it masks the scores only,
+so with a sliding window a non-finite value before the window would (the xla backend masks it;
+docs/attention.md). Attention sinks are refused before this backend is reached: JAX's kernel
+has none.
 """
 
 from __future__ import annotations

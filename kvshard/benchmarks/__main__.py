@@ -5,7 +5,7 @@ Usage::
     kvshard bench --quick                 # every table, small sizes (< 5 min on 2 CPU cores)
     kvshard bench --out results/          # full sizes
     kvshard bench --only cache_update memory
-    kvshard bench --only attention_decode update_schedules
+    kvshard bench --only attention_decode attention_prefill update_schedules
 
 Benchmarks run one after another in this process; one that fails is reported and the others
 still run (the exit status is then 1).
@@ -91,6 +91,12 @@ def _attention_decode(out: str, quick: bool) -> Any:
     return run(out, batch=64, context=2048, repeats=5)
 
 
+def _attention_prefill(out: str, quick: bool) -> Any:
+    from kvshard.benchmarks.attention_prefill import run, settings
+
+    return run(out, **settings(quick))
+
+
 def _update_schedules(out: str, quick: bool) -> Any:
     """Interpret mode off a TPU (tiny sizes, checked against the oracle); chip sizes on one."""
     import jax
@@ -113,6 +119,7 @@ BENCHMARKS: dict[str, Callable[[str, bool], Any]] = {
     "compilations": _compilations,
     "memory": _memory,
     "attention_decode": _attention_decode,
+    "attention_prefill": _attention_prefill,
     "tpu_schedule": _tpu_schedule,
     "update_schedules": _update_schedules,
 }
