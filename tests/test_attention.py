@@ -192,7 +192,9 @@ GRID = [(layout, "float32") for layout in LAYOUTS] + [
 
 
 @pytest.mark.parametrize(
-    ("layout", "dtype"), GRID, ids=lambda x: f"{x[0]}-H{x[1]}-Hq{x[2]}" if len(x) == 4 else x
+    ("layout", "dtype"),
+    GRID,
+    ids=lambda x: f"{x[0]}-H{x[1]}-Hq{x[2]}" if isinstance(x, tuple) else x,
 )
 @given(data=st.data())
 @settings(max_examples=4)
