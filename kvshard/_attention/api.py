@@ -8,7 +8,8 @@ of the cache (see docs/attention.md for pictures). Backends: :mod:`kvshard._atte
 
 Both follow ``ref_ragged_paged_attention``'s semantics: request ``i``'s queries are its last
 ``q_len`` tokens; token at position ``p`` attends positions ``k <= p`` (and ``k > p - W`` with
-a sliding window ``W``); scores ``sm_scale·q·k``, then ``soft_cap·tanh(s / soft_cap)``.
+a sliding window ``W``); scores ``sm_scale·q·k``, then ``soft_cap·tanh(s / soft_cap)``;
+optional attention sinks (xla only) add ``exp(sink)`` per query head to the denominator.
 Out-of-contract metadata inside ``jit`` is dropped identically on both backends
 (:func:`kvshard._drop.live_requests`): the first request out of contract and every request
 after it produce zeros, as does every token of a step whose traced ``layer`` is out of range;
