@@ -6,6 +6,10 @@ kvshard.build_step's metadata, then attends the last step's queries. The "xla" b
 spans several); the "pallas" backend's kernel (JAX's ragged_paged_attention) cannot run on CPU,
 so the exact operands it would receive are handed to JAX's ref_ragged_paged_attention instead,
 and the TPU lowering is proven by jax.export.
+
+Longer than 400 lines on purpose: every attention property (oracle grid, unseen slots, sinks,
+drops, host errors, lowering) shares one case builder, the oracle and the pallas operand
+mapping, and they read best next to each other.
 """
 
 from __future__ import annotations
