@@ -11,7 +11,8 @@ place that says which rows those are, one function per kind of row:
 * a copy pair of ``copy_pages``: :func:`copy_pair_mask`;
 * a swap pair of ``swap_out``/``swap_in``: :func:`swap_pair_mask` (padding:
   :func:`swap_pair_is_padding`);
-* an attention request: :func:`live_requests` and :func:`token_requests`.
+* an attention request: :func:`live_requests`, :func:`live_query_bounds` and
+  :func:`token_requests`.
 
 Both backends and the opt-in ``checks=True`` reports (:mod:`kvshard._reports`) call these, so
 what a report names is exactly what a backend drops, with one deliberate exception: a live
@@ -29,6 +30,7 @@ __all__ = [
     "SWAP_PAD",
     "copy_pair_mask",
     "layer_in_range",
+    "live_query_bounds",
     "live_requests",
     "requests_on_block",
     "slice_is_writable",
@@ -263,16 +265,23 @@ def requests_on_block(
     return (live, *token_requests(cu_q_lens, live, num_tokens))
 
 
+def live_query_bounds(cu_q_lens: jax.Array, live: jax.Array) -> jax.Array:
+    """int32[max_num_seqs + 1]: ``cu_q_lens`` with every entry past ``live`` replaced by
+    ``cu_q_lens[live]``: sorted whatever padding convention the caller used, and every request
+    from ``live`` on owns no query token."""
+    return jnp.where(jnp.arange(cu_q_lens.shape[0]) <= live, cu_q_lens, cu_q_lens[live])
+
+
 def token_requests(
     cu_q_lens: jax.Array, live: jax.Array, num_tokens: int
 ) -> tuple[jax.Array, jax.Array]:
     """(int32[T] request of each token, bool[T] the token belongs to a live request).
 
-    Entries of ``cu_q_lens`` past ``live`` are replaced by ``cu_q_lens[live]`` first, so the
-    search sees a sorted array whatever padding convention the caller used.
+    The search runs over :func:`live_query_bounds`, sorted whatever padding convention the
+    caller used.
     """
     t = jnp.arange(num_tokens, dtype=jnp.int32)
-    bounds = jnp.where(jnp.arange(cu_q_lens.shape[0]) <= live, cu_q_lens, cu_q_lens[live])
+    bounds = live_query_bounds(cu_q_lens, live)
     seq = jnp.searchsorted(bounds, t, side="right").astype(jnp.int32) - 1
     seq = jnp.clip(seq, 0, cu_q_lens.shape[0] - 2)
     ok = (seq < live) & (t >= bounds[seq]) & (t < bounds[seq + 1])

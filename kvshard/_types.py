@@ -32,10 +32,12 @@ class BackendOptions:
       schedule: pallas update: the kernel's DMA schedule, "direct" (HBM->HBM, pipelined) or
         "vmem" (vLLM's VMEM bounce); see :func:`kvshard.kernels.kv_cache_update`.
       keys_per_step: xla attention: keys folded per loop step (rounded to whole pages, at least
-        one); None picks by the step's size.
+        one), by the decode loop and per prefill query block; None picks (decode: by the
+        step's size, at most 128; prefill: 512).
       kv_pages_per_block: pallas attention: JAX's ``num_kv_pages_per_block``; None = JAX's
         tuned table on TPU (a fixed default when lowering for TPU from another host).
       queries_per_block: pallas attention: JAX's ``num_queries_per_block``; None as above.
+        xla attention: query tokens per prefill block (None: 256).
       attention_kernel: pallas attention: the kernel called with JAX's
         ``ragged_paged_attention`` signature; None = JAX's own. Lets a stack plug in another
         kernel of the same contract (or ``ref_ragged_paged_attention``, to test the operands).

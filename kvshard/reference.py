@@ -193,6 +193,7 @@ def paged_attention(
     sm_scale: float,
     sliding_window: int | None = None,
     soft_cap: float | None = None,
+    sinks: np.ndarray | None = None,
 ) -> np.ndarray:
     """Ragged causal attention in float64 from each request's dense K/V history.
 
@@ -202,7 +203,9 @@ def paged_attention(
     ``j`` of request ``i`` sits at position ``p = n_i - q_lens[i] + j`` and attends keys at
     positions ``k`` with ``k <= p`` and, with a window ``W``, ``k > p - W``. Scores are
     ``sm_scale · q·k``, soft-capped as ``soft_cap · tanh(s / soft_cap)``. Query head ``h``
-    attends KV head ``h // (Hq // H)``.
+    attends KV head ``h // (Hq // H)``. With attention sinks (gpt-oss), query head ``h`` adds
+    ``exp(sinks[h])`` to its softmax denominator: weights ``exp(s_j) / (exp(sinks[h]) +
+    Σ_k exp(s_k))``, computed with every exponent shifted by ``max(max_k s_k, sinks[h])``.
 
     Args:
         q: float[T, Hq, D]; rows past ``sum(q_lens)`` are padding.
@@ -212,16 +215,21 @@ def paged_attention(
         sm_scale: softmax scale.
         sliding_window: W >= 1, or None for full causal attention.
         soft_cap: logit soft cap (non-zero), or None.
+        sinks: float[Hq] attention-sink logits (-inf: none for that head), or None.
 
     Returns:
         float64[T, Hq, D]; padding rows are zero.
 
     Raises:
         ValueError: ``Hq`` is not a multiple of ``H``, a request has more queries than
-            tokens, or ``q`` has fewer rows than ``sum(q_lens)``.
+            tokens, ``q`` has fewer rows than ``sum(q_lens)``, or ``sinks`` is not [Hq].
     """
     q = np.asarray(q, np.float64)
     out = np.zeros_like(q)
+    if sinks is not None:
+        sinks = np.asarray(sinks, np.float64)
+        if sinks.shape != (q.shape[1],):
+            raise ValueError(f"sinks has shape {sinks.shape}, not [{q.shape[1]}] (query heads)")
     start = 0
     for key, value, q_len in zip(keys, values, np.asarray(q_lens).tolist(), strict=True):
         key, value = np.asarray(key, np.float64), np.asarray(value, np.float64)
@@ -244,9 +252,14 @@ def paged_attention(
         if sliding_window is not None:
             allowed &= k_pos > q_pos - sliding_window
         scores = np.where(allowed[None], scores, -np.inf)
-        scores -= scores.max(axis=-1, keepdims=True)
-        weights = np.exp(scores)
-        weights /= weights.sum(axis=-1, keepdims=True)
+        top = scores.max(axis=-1, keepdims=True)  # [Hq, q, 1]
+        if sinks is not None:
+            top = np.maximum(top, sinks[:, None, None])
+        weights = np.exp(scores - top)
+        denom = weights.sum(axis=-1, keepdims=True)
+        if sinks is not None:
+            denom = denom + np.exp(sinks[:, None, None] - top)
+        weights /= denom
         out[start : start + q_len] = np.einsum("hqk,khd->qhd", weights, v)
         start += q_len
     return out

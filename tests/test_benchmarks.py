@@ -19,6 +19,7 @@ from kvshard.benchmarks import __main__ as suite
 from kvshard.benchmarks import (
     allocator_latency,
     attention_decode,
+    attention_prefill,
     cache_update,
     compilations,
     host_step,
@@ -159,6 +160,31 @@ def test_swap_bandwidth_checks_and_reports_every_op(tmp_path, capsys):
     assert row["out_vs_device_put"] > 0 and row["swap_in"]["dispatch_median_s"] >= 0
     saved = json.loads((tmp_path / "swap_bandwidth.json").read_text())
     assert saved["rounds"] == 2 and saved["rows"][0]["pages"] == 2
+
+
+def test_attention_prefill_agrees_and_reports_temporaries(tmp_path, capsys):
+    """Tiny prompts: 32 timed (the three sides checked equal first), 64 compiled only."""
+    flags = ["--batch", "2", "--prompts", "32", "64", "--time-up-to", "32", "--rounds", "2"]
+    attention_prefill.main([*flags, "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "xla/dense" in out and "load before" in out and "load after" in out
+    data = json.loads((tmp_path / "attention_prefill.json").read_text())
+    timed, compiled = data["rows"]
+    assert (timed["prompt"], compiled["prompt"], data["mesh"]) == (32, 64, "1x8")
+    assert len(timed["kvshard.attention ms"]) == 2 and timed["xla/dense"] > 0
+    assert max(timed["max_abs_diff vs dense"], timed["max_abs_diff vs gather + dense"]) < (
+        attention_prefill.TOLERANCE
+    )
+    assert "dense ms" not in compiled
+    for side in attention_prefill.SIDES:
+        assert compiled[f"{side} temp_bytes"] > 0
+
+
+def test_attention_prefill_refuses_a_prompt_off_the_page_grid(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        attention_prefill.main(["--prompts", "40"])
+    assert exit_info.value.code == 2
+    assert "--prompts 40 must be a positive multiple of 16" in capsys.readouterr().err
 
 
 def test_tpu_schedule_counts_follow_the_rules(tmp_path, capsys):

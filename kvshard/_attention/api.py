@@ -8,7 +8,8 @@ of the cache (see docs/attention.md for pictures). Backends: :mod:`kvshard._atte
 
 Both follow ``ref_ragged_paged_attention``'s semantics: request ``i``'s queries are its last
 ``q_len`` tokens; token at position ``p`` attends positions ``k <= p`` (and ``k > p - W`` with
-a sliding window ``W``); scores ``sm_scale·q·k``, then ``soft_cap·tanh(s / soft_cap)``.
+a sliding window ``W``); scores ``sm_scale·q·k``, then ``soft_cap·tanh(s / soft_cap)``;
+optional attention sinks (xla only) add ``exp(sink)`` per query head to the denominator.
 Out-of-contract metadata inside ``jit`` is dropped identically on both backends
 (:func:`kvshard._drop.live_requests`): the first request out of contract and every request
 after it produce zeros, as does every token of a step whose traced ``layer`` is out of range;
@@ -53,14 +54,16 @@ def _q_spec(cache: KVCache) -> P:
 # PlatformJit: on CPU, XLA's float normalization would upcast the whole bf16/fp8 cache operand
 # of the page gather to f32 (temporaries of twice the cache); every op after the gather is f32.
 @functools.partial(PlatformJit, static_argnames=("backend", "statics", "checks"))
-def _read(cache, layer, q, fields, *, backend, statics, checks):
+def _read(cache, layer, q, fields, sinks, *, backend, statics, checks):
     pa = cache.page_axis
     if pa is None:  # one pool: give every per-pool argument a group axis of size 1
         q, fields = q[None], [x[None] for x in fields]
     q_spec = _q_spec(cache)
     field_specs = [P(pa, *([None] * (np.ndim(x) - 1))) for x in fields]
-    specs = [cache.pspec, P(), q_spec, *field_specs]
-    inputs = (cache.kv, layer, q, *fields)
+    # Sinks: per query head, split over the head axis like q's heads; every pool the same.
+    sink_specs = [] if sinks is None else [P(cache.head_axis)]
+    specs = [cache.pspec, P(), q_spec, *sink_specs, *field_specs]
+    inputs = (cache.kv, layer, q, *([] if sinks is None else [sinks]), *fields)
     args = [to_spec(cache.mesh, x, s) for x, s in zip(inputs, specs, strict=True)]
     if checks:  # every device checks every group's metadata and raises alike (see _reports)
         whole = [P(*([None] * np.ndim(x))) for x in fields]
@@ -69,7 +72,9 @@ def _read(cache, layer, q, fields, *, backend, statics, checks):
     local = functools.partial(_LOCAL[backend], statics=statics)
     spec = cache.spec
 
-    def body(kv, layer, q, *fields):
+    def body(kv, layer, q, *rest):
+        sink = () if sinks is None else rest[:1]
+        fields = rest[len(sink) :]
         fields, whole = fields[: len(_FIELDS)], fields[len(_FIELDS) :]
         if whole:
             _reports.check_attention(
@@ -80,7 +85,7 @@ def _read(cache, layer, q, fields, *, backend, statics, checks):
                 num_pages=spec.num_pages,
                 page_size=spec.page_size,
             )
-        return local(kv, layer, q[0], *(x[0] for x in fields))[None]
+        return local(kv, layer, q[0], *(x[0] for x in fields), *sink)[None]
 
     out = jax.shard_map(
         body, mesh=cache.mesh, in_specs=tuple(specs), out_specs=q_spec, check_vma=False
@@ -191,6 +196,29 @@ def _check_window(sliding_window: Any) -> int | None:
     return int(sliding_window)
 
 
+def _check_sinks(sinks: Any, num_q_heads: int, backend: str) -> Any:
+    """``sinks`` as float32[Hq] (or None); refused on the pallas backend."""
+    if sinks is None:
+        return None
+    if backend == "pallas":
+        raise NotImplementedError(
+            "sinks= is not supported with backend='pallas': JAX's ragged_paged_attention has "
+            "no attention sinks; use backend='xla'"
+        )
+    host.check_shape("sinks", sinks, (num_q_heads,), "[num_q_heads] (one logit per query head)")
+    if not jnp.issubdtype(host.dtype_of(sinks), jnp.floating):
+        raise TypeError(f"sinks must be a floating array, got {host.dtype_of(sinks)}")
+    values = host.concrete(sinks)
+    if values is not None:
+        bad = np.isnan(values) | (values == np.inf)
+        if bad.any():
+            h = int(np.argmax(bad))
+            raise ValueError(
+                f"sinks[{h}]={values[h]} must be finite or -inf (-inf: no sink for that head)"
+            )
+    return sinks if host.dtype_of(sinks) == np.float32 else jnp.asarray(sinks, jnp.float32)
+
+
 def attention(
     cache: KVCache,
     layer: int | jax.Array,
@@ -200,6 +228,7 @@ def attention(
     sm_scale: float,
     sliding_window: int | None = None,
     soft_cap: float | None = None,
+    sinks: jax.Array | None = None,
     backend: Backend = "auto",
     options: BackendOptions | None = None,
     checks: bool = False,
@@ -224,10 +253,16 @@ def attention(
       sm_scale: softmax scale, a float (usually ``head_dim ** -0.5``), finite and > 0.
       sliding_window: W >= 1: token at position p attends positions (p - W, p]; None: all.
       soft_cap: logit soft cap, a finite float > 0, or None.
+      sinks: attention sinks (gpt-oss), float[Hq]: a logit per query head added to that head's
+        softmax denominator, ``out = Σ_j e^(s_j - m) v_j / (e^(sink - m) + Σ_j e^(s_j - m))``;
+        -inf is no sink. Traced or not (not a static argument), computed in float32, sharded
+        ``P(head_axis)`` like q's heads (with a page axis every pool uses the same sinks).
+        None: no sinks. xla backend only: the pallas backend refuses it.
       backend: "pallas" (JAX's ragged paged attention kernel; TPU only), "xla" (jnp), or
         "auto": pallas when the mesh is made of TPUs, xla otherwise.
-      options: :class:`~kvshard.BackendOptions` (xla reads ``keys_per_step``; pallas
-        ``kv_pages_per_block``, ``queries_per_block``, ``attention_kernel``).
+      options: :class:`~kvshard.BackendOptions` (xla reads ``keys_per_step`` and
+        ``queries_per_block``; pallas ``kv_pages_per_block``, ``queries_per_block``,
+        ``attention_kernel``).
       checks: with traced metadata or layer, report what the drop rule drops (a layer out of
         range, ``num_seqs`` out of range, the first request out of contract) as an error
         raised by a host callback, as :func:`kvshard.update` does. No effect when concrete.
@@ -239,12 +274,14 @@ def attention(
       output projection does the usual reduction over the head axis.
 
     Raises:
-      TypeError: wrong cache or step type, q not floating, step fields not integer (int32
-        when traced), layer not an integer scalar, sm_scale or soft_cap not a float.
+      TypeError: wrong cache or step type, q or sinks not floating, step fields not integer
+        (int32 when traced), layer not an integer scalar, sm_scale or soft_cap not a float.
+      NotImplementedError: sinks on the pallas backend (JAX's kernel has none).
       ValueError: wrong shapes (q's tokens other than the step's), a step built for another
         geometry, head counts that do not divide, a donated cache, concrete layer or metadata
         out of range (a request's queries past T, kv_len beyond its page-table row or below
-        its query count, a page id outside the pool), a bad window, scale or soft cap.
+        its query count, a page id outside the pool), a bad window, scale or soft cap, sinks
+        not of shape [Hq] or holding NaN or +inf.
     """
     if not isinstance(cache, KVCache) and isinstance(layer, KVCache):
         warnings.warn(
@@ -263,6 +300,7 @@ def attention(
         step = metadata
     cache = check_cache(cache)
     host.check_backend(backend)
+    resolved = resolve_backend(cache, backend)
     options = host.check_options(options)
     scale = _finite_positive("sm_scale", sm_scale, optional=False)
     cap = _finite_positive("soft_cap", soft_cap, optional=True)
@@ -279,6 +317,7 @@ def attention(
         check_query_heads(np.shape(q)[-2], spec.num_kv_heads, cache.tp)
     except ValueError as err:
         raise ValueError(f"q has {np.shape(q)[-2]} query heads: {err}") from None
+    sinks = _check_sinks(sinks, np.shape(q)[-2], resolved)
     num_tokens = np.shape(q)[-3]
     check_step(step, spec, num_tokens=num_tokens, token_arg="q", lead=lead)
     assert step is not None
@@ -292,7 +331,8 @@ def attention(
         place(mesh, layer_index, P()),
         place(mesh, q, q_spec),
         [place(mesh, x, fields_spec) for x in fields],
-        backend=resolve_backend(cache, backend),
+        None if sinks is None else place(mesh, sinks, P(cache.head_axis)),
+        backend=resolved,
         statics=statics,
         checks=checks,
     )

@@ -4,8 +4,12 @@ Its ``kv_pages`` operand is ``[total_pages, page_size, C, D]`` with K at even an
 combined heads: exactly one device's stacked block ``[L, num_pages·page_size, C, D_pad]``
 reshaped (a free bitcast) to ``[L·num_pages, page_size, C, D_pad]``. Page ``p`` of layer ``l``
 is page ``l·num_pages + p`` of that view, so the page table is offset by ``layer·num_pages``
-and no layer is ever sliced out. JAX's kernel masks the KV slots a query may not see, so
-stale values there (NaN included) cannot reach the output.
+and no layer is ever sliced out. JAX's kernel zeroes K and V of every slot at or past a
+request's ``kv_len`` before its matmuls and reads only the pages of the request's row, so stale
+values there (NaN included) cannot reach the output; inside ``kv_len`` it masks the scores only,
+so with a sliding window a non-finite value before the window would (the xla backend masks it;
+docs/attention.md). Attention sinks are refused before this backend is reached: JAX's kernel
+has none.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu.ragged_paged_attention import ragged_paged_attention
 
 from kvshard._attention.params import Statics, spec_scale
-from kvshard._drop import requests_on_block
+from kvshard._drop import live_query_bounds, requests_on_block
 from kvshard._types import BackendOptions
 
 __all__ = [
@@ -51,7 +55,7 @@ def pallas_operands(kv, layer, q, page_indices, kv_lens, cu_q_lens, num_seqs, *,
     live, _, tok_ok = requests_on_block(
         kv, layer, page_indices, kv_lens, cu_q_lens, num_seqs, num_tokens, page_size
     )
-    cu_q_lens = jnp.where(jnp.arange(cu_q_lens.shape[0]) <= live, cu_q_lens, cu_q_lens[live])
+    cu_q_lens = live_query_bounds(cu_q_lens, live)
     layer = jnp.clip(layer, 0, num_layers - 1)
     # Rows past `live` are never read by the kernel; clamp them anyway so no index can leave
     # this layer's pages.

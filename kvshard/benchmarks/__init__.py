@@ -13,6 +13,9 @@ installed) to the results folder; every comparison is measured side by side in o
   allocator's host memory;
 - :mod:`~kvshard.benchmarks.attention_decode`: ``kvshard.attention`` vs ``kvshard.gather`` +
   dense attention for a decode step, time and compiled temporaries;
+- :mod:`~kvshard.benchmarks.attention_prefill`: ``kvshard.attention`` (xla) vs dense attention
+  on contiguous K/V vs gather + dense for prompts of 128 to 8k tokens, interleaved rounds, and
+  compiled temporaries;
 - :mod:`~kvshard.benchmarks.tpu_schedule`: the TPU kernel's DMAs and waits on paper;
 - :mod:`~kvshard.benchmarks.update_schedules`: the update kernel's two DMA schedules checked
   against the oracle and timed (on a chip: ``kvshard bench-schedules``).

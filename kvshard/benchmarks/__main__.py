@@ -5,7 +5,7 @@ Usage::
     kvshard bench --quick                 # every table, small sizes (< 5 min on 2 CPU cores)
     kvshard bench --out results/          # full sizes
     kvshard bench --only cache_update memory
-    kvshard bench --only attention_decode update_schedules
+    kvshard bench --only attention_decode attention_prefill update_schedules
     kvshard bench --only swap_bandwidth   # the host tier: swap_out/swap_in vs device_put
 
 Benchmarks run one after another in this process; one that fails is reported and the others
@@ -92,6 +92,12 @@ def _attention_decode(out: str, quick: bool) -> Any:
     return run(out, batch=64, context=2048, repeats=5)
 
 
+def _attention_prefill(out: str, quick: bool) -> Any:
+    from kvshard.benchmarks.attention_prefill import run, settings
+
+    return run(out, **settings(quick))
+
+
 def _update_schedules(out: str, quick: bool) -> Any:
     """Interpret mode off a TPU (tiny sizes, checked against the oracle); chip sizes on one."""
     import jax
@@ -121,6 +127,7 @@ BENCHMARKS: dict[str, Callable[[str, bool], Any]] = {
     "memory": _memory,
     "attention_decode": _attention_decode,
     "swap_bandwidth": _swap_bandwidth,
+    "attention_prefill": _attention_prefill,
     "tpu_schedule": _tpu_schedule,
     "update_schedules": _update_schedules,
 }
