@@ -80,6 +80,17 @@ class HostTier:
     def enabled(self) -> bool:
         return self.num_host_pages > 0
 
+    @property
+    def idle(self) -> bool:
+        """Nothing cached, in limbo or pending: every host page is free."""
+        return self.num_free == max(self.num_host_pages - 1, 0) and not self.pending_out
+
+    def reset_order(self) -> None:
+        """Restores a fresh tier's free stack and clock (only when :attr:`idle`)."""
+        self.free[:] = np.arange(self.num_host_pages - 1, 0, -1, dtype=np.int32)
+        self.clock = 0
+        self.host_lru[:] = 0
+
     def swap_out_pairs(self) -> np.ndarray:
         return _pairs(self.pending_out)
 

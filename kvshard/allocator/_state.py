@@ -87,12 +87,14 @@ class AllocatorParts:
         }
 
     def reset_order_if_empty(self) -> None:
-        """With no request live and nothing cached, restores a fresh allocator's stacks,
-        stamps and clock (reordering only, in place, so page-table views stay valid)."""
-        if not self.rows.rows and self.index.num_evictable == 0:
+        """With no request live and nothing cached or pending in either tier, restores a fresh
+        allocator's stacks, stamps and clock (reordering only, in place, so page-table views
+        stay valid)."""
+        if not self.rows.rows and self.index.num_evictable == 0 and self.tier.idle:
             self.pool.reset_order()
             self.rows.reset_order()
             self.index.reset_order()
+            self.tier.reset_order()
 
     # ------------------------------------------------------------ snapshots
 

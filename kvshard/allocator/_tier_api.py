@@ -121,7 +121,9 @@ class TierMethods:
         Host pages freed this step (swapped in, hit, freed) are handed out again only after
         this call, so no two pending pairs write one host page. Never raises.
         """
-        return self._parts.tier.take_pending()
+        pairs = self._parts.tier.take_pending()
+        self._parts.reset_order_if_empty()  # host pages freed in a step return only now
+        return pairs
 
     # ------------------------------------------------------- prefix cache
 
