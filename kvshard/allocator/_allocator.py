@@ -59,6 +59,16 @@ class PageAllocator(TierMethods):
     Not combinable with prefix caching (a window's pages are not a prefix); :meth:`truncate`
     cannot roll back into released pages; :meth:`fork` shares the released layout.
 
+    Host tier (``num_host_pages=H``): :meth:`swap_out_request` preempts a request by moving
+    the pages it alone owns to host pages, :meth:`swap_in_request` brings them back into new
+    device pages; with ``host_prefix_pages > 0`` pages evicted from the prefix cache are kept
+    on the host and served back by :meth:`lookup_prefix`. Both queue (device page, host page)
+    pairs for :meth:`take_pending_swaps` (applied before the copy-on-write copies). Host page
+    0 is the host's null page.
+
+    Every constructor argument is kept as an attribute of the same name (a Python int, bool or
+    None).
+
     Not thread-safe. Request ids may be any hashable; use ints, strs or tuples of them where
     :meth:`checksum` must agree across hosts (it hashes ``repr(req_id)``).
 
@@ -80,14 +90,10 @@ class PageAllocator(TierMethods):
             with prefix caching.
         enable_kv_events: queue KV-cache events for :meth:`take_kv_events`.
 
-    Attributes:
-        num_pages, page_size, max_requests, max_pages_per_request, enable_prefix_caching,
-        sliding_window, num_host_pages, host_prefix_pages, enable_kv_events: the constructor
-        arguments (as Python ints and bools).
-
     Raises:
         ValueError: an argument is not an int (bools rejected), is below its minimum or past
-            its bound above, or ``sliding_window`` is combined with ``enable_prefix_caching``;
+            its bound above, ``sliding_window`` is combined with ``enable_prefix_caching``,
+            ``num_host_pages`` is 1, or ``host_prefix_pages`` is set without prefix caching;
             the message names the argument, its value and the bound.
     """
 
