@@ -279,3 +279,42 @@ def test_checksum_sees_host_state():
     assert a.checksum() == b.checksum()
     b.take_pending_swaps()
     assert a.checksum() != b.checksum()
+
+
+def test_no_host_hit_while_a_pending_copy_reads_an_unowned_page():
+    a = tiered(host_prefix_pages=2)
+    prompt = list(range(9))
+    a.lookup_prefix("c", prompt)
+    a.allocate("c", 9)
+    a.commit_prefix("c", prompt)
+    a.free("c")
+    a.allocate_batch(["d", "e"], [16, 16])  # both cached pages go to the host
+    a.free("d")
+    a.free("e")
+    a.take_pending_swaps()
+    a.allocate("t", 4)
+    a.commit_prefix("t", [7, 7, 7, 7])
+    a.truncate("t", 2)
+    a.allocate("t", 1)  # copies cached page -> new page; the cached one is unowned now
+    assert a.peek_prefix(prompt) == 0  # the host hits wait until the copy is applied
+    assert a.lookup_prefix("f", prompt) == 0
+    a.free("f")
+    a.take_pending_copies()
+    assert a.peek_prefix(prompt) == 8
+
+
+def test_host_hits_stop_where_the_device_pages_run_out():
+    a = tiered(num_pages=5, host_prefix_pages=3)
+    prompt = list(range(13))
+    a.lookup_prefix("c", prompt)
+    a.allocate("c", 13)  # pages 1..4
+    a.commit_prefix("c", prompt)  # 1, 2, 3 cached
+    a.free("c")
+    a.allocate("d", 16)  # page 4, then evicts 3, 2, 1 into the host
+    assert a.take_pending_swaps()[0][:, 0].tolist() == [3, 2, 1]
+    a.free("d")
+    a.allocate("x", 12)  # one device page left
+    assert a.peek_prefix(prompt) == 4
+    assert a.lookup_prefix("f", prompt) == 4
+    assert a.take_pending_swaps()[1].shape == (1, 2)
+    a.check_invariants()

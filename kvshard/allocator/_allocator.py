@@ -173,7 +173,8 @@ class PageAllocator(TierMethods):
         """Prefix-cache counters (a copy).
 
         ``lookups``: :meth:`lookup_prefix` calls; ``queries``: tokens looked up; ``hits``:
-        tokens found cached (so ``hits / queries`` is the token hit rate, as in vLLM);
+        tokens found cached, in either tier (so ``hits / queries`` is the token hit rate, as in
+        vLLM; :attr:`tier_stats` splits device and host hits);
         ``evictions``: cached pages dropped to satisfy an allocation. :meth:`peek_prefix`
         counts nowhere.
         """
@@ -259,7 +260,8 @@ class PageAllocator(TierMethods):
 
         Raises:
             OutOfPages: the growth needs more pages than are free or evictable.
-            ValueError: ``num_new_tokens`` is not an int, is negative or exceeds
+            ValueError: ``req_id`` is swapped out; ``num_new_tokens`` is not an int, is
+                negative or exceeds
                 ``max_pages_per_request * page_size``; the request would exceed
                 ``max_pages_per_request``; ``req_id`` is new and all ``max_requests`` rows are
                 in use.
@@ -452,7 +454,8 @@ class PageAllocator(TierMethods):
         Pages whose last owner this was return to the free stack (the request's last page on
         top: reused first), or, when cached, become evictable (the request's last page first
         in eviction order: later pages of a prefix are the least likely to be shared). Pending
-        copies into the freed pages are dropped.
+        copies and swap-ins into the freed pages are dropped. A swapped-out request's host
+        pages are released too (free again once the step's pairs are taken).
 
         Freeing the last live request while no page is cached (always so with prefix caching
         off) also restores the fresh allocator's order of the free page and row stacks and its
@@ -497,7 +500,7 @@ class PageAllocator(TierMethods):
             UnknownRequest: ``req_id`` is not live.
             TypeError: ``req_id`` is not hashable.
             ValueError: ``num_tokens`` is not an int or out of range, or the window it needs
-                was released.
+                was released, or the request is swapped out.
         """
         where = "truncate"
         parts = self._parts
@@ -550,7 +553,7 @@ class PageAllocator(TierMethods):
             UnknownRequest: ``src_req`` is not live.
             TypeError: ``src_req`` is not hashable.
             ValueError: ``dst_req`` is not hashable or already live, or all ``max_requests``
-                rows are in use.
+                rows are in use, or ``src_req`` is swapped out.
         """
         parts = self._parts
         src = parts.rows.row_of(src_req, "fork(src_req)")
