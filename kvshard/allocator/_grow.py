@@ -47,8 +47,8 @@ def grow(
             f"{where}: num_new_tokens={int(counts[i])} for req_id={req_ids[i]!r} must be >= 0"
         )
     row_idx, new_ids, new_pos = rows.lookup(req_ids, where)
-    out = np.flatnonzero(parts.tier.row_swapped[row_idx])
-    if out.size:
+    if parts.tier.enabled and parts.tier.row_swapped[row_idx].any():
+        out = np.flatnonzero(parts.tier.row_swapped[row_idx])
         raise ValueError(
             f"{where}: req_id={req_ids[int(out[0])]!r} is swapped out to the host tier; "
             "swap_in_request it before allocating"

@@ -111,7 +111,8 @@ class PagePool:
             self.index.stamp(pages[cached][::-1])
             self.index.link(pages[dead & cached][::-1])
         self._push(pages[dead & ~cached])
-        self.tier.drop_in(pages[dead & ~cached])
+        if self.tier.pending_in:
+            self.tier.drop_in(pages[dead & ~cached])
         if dead.any() and self.pending:
             pairs = np.concatenate(self.pending)
             kept = pairs[~np.isin(pairs[:, 1], pages[dead])]
@@ -133,7 +134,8 @@ class PagePool:
         cached = self.index.cached[dead]
         self.index.link(dead[cached][np.argsort(self.index.lru[dead[cached]])])
         self._push(dead[~cached])
-        self.tier.drop_in(dead[~cached])
+        if self.tier.pending_in:
+            self.tier.drop_in(dead[~cached])
 
     def _push(self, plain: np.ndarray) -> None:
         """Pushes int32[k] distinct unowned, uncached pages onto the free stack, in order."""
