@@ -44,7 +44,7 @@ def test_swap_out_then_in_moves_pages_and_rewrites_the_table():
 
 
 def test_a_swapped_out_request_is_not_schedulable():
-    a = tiered()
+    a = tiered(enable_prefix_caching=True)
     a.allocate("a", 5)
     a.fork("a", "kid")
     a.swap_out_request("a")
@@ -54,9 +54,18 @@ def test_a_swapped_out_request_is_not_schedulable():
         (lambda: a.fork("a", "x"), "src_req='a' is swapped out"),
         (lambda: a.truncate("a", 1), "req_id='a' is swapped out"),
         (lambda: a.swap_out_request("a"), "already swapped out"),
+        (lambda: a.commit_prefix("a", [1] * 5), "req_id='a' is swapped out"),
         (lambda: a.swap_in_request("kid"), "req_id='kid' is not swapped out"),
     ):
         unchanged(a, ValueError, call, match)
+
+
+def test_an_empty_swapped_out_request_is_not_looked_up():
+    a = tiered(enable_prefix_caching=True)
+    a.allocate("a", 0)
+    assert a.swap_out_request("a") == 0
+    unchanged(a, ValueError, lambda: a.lookup_prefix("a", [1, 2]), "is swapped out")
+    assert a.swap_in_request("a").tolist() == []
 
 
 def test_shared_and_cached_pages_stay_on_device():

@@ -212,7 +212,8 @@ class PageAllocator(TierMethods):
 
         Returns:
             int32[ceil(num_tokens / page_size)]: page ids in ``[1, num_pages)``, except that
-            pages released by a sliding window read :data:`NULL_PAGE` (they lead the row).
+            pages released by a sliding window read :data:`NULL_PAGE` (they lead the row), and
+            so do the pages of a swapped-out request that are on the host.
 
         Raises:
             UnknownRequest: ``req_id`` is not live (never allocated, or freed).
@@ -403,8 +404,8 @@ class PageAllocator(TierMethods):
 
         Raises:
             ValueError: prefix caching is disabled; ``token_ids`` is not a 1-D integer array;
-                ``req_id`` already holds tokens; ``req_id`` is new and all ``max_requests`` rows
-                are in use.
+                ``req_id`` already holds tokens or is swapped out; ``req_id`` is new and all
+                ``max_requests`` rows are in use.
             TypeError: ``namespace`` is not str, bytes or None, or ``req_id`` is not hashable.
         """
         self._require_prefix_caching("lookup_prefix")

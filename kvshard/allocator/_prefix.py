@@ -102,6 +102,8 @@ def lookup(
             f"{where}: req_id={req_id!r} already holds {int(rows.row_tokens[row])} tokens; "
             "look up a prefix before allocating"
         )
+    if row is not None and tier.row_swapped[row]:
+        raise ValueError(f"{where}: req_id={req_id!r} is swapped out; swap it in first")
     new_row = rows.reserve(req_id, where) if row is None else None
     limit = _hit_limit(length, table)
     device, host, last_key = _match(parts, data, ns, limit, extras)
