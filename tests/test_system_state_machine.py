@@ -1,5 +1,7 @@
 """The whole host/device loop under a hypothesis state machine (issue 10, "Also").
 
+Over 400 lines: one state machine, whose rules share the device, host and model bookkeeping.
+
 A :class:`~hypothesis.stateful.RuleBasedStateMachine` drives a :class:`kvshard.PageAllocator`
 (prefix lookups and commits, batched growth, forks, frees, and so evictions of cached pages;
 with a host tier: preemption by swap-out and swap-in, evicted prefix pages kept on the host and
