@@ -22,6 +22,9 @@ def fresh_like(a: PageAllocator) -> PageAllocator:
         max_pages_per_request=a.max_pages_per_request,
         enable_prefix_caching=a.enable_prefix_caching,
         sliding_window=a.sliding_window,
+        num_host_pages=a.num_host_pages,
+        host_prefix_pages=a.host_prefix_pages,
+        enable_kv_events=a.enable_kv_events,
     )
 
 

@@ -27,11 +27,15 @@ manager, each a class with a small interface and its own invariant checks:
   progress (what is per request, not per group);
 * ``_prefix_index.PrefixIndex``: chained page keys, the key -> page index and the LRU order of
   cached pages nobody owns;
+* ``_host.HostTier``: the host tier's pages (swapped-out requests' pages, the second-level
+  prefix cache with its own LRU and capacity) and the pending (device, host) swap pairs;
 * ``_state.AllocatorParts``: the parts together: ``state_dict``, validated ``load``,
   ``checksum`` and ``check_invariants`` (each part's, then those between parts).
 
 Transactions that span parts are functions of them: ``_grow.grow`` (``allocate``,
-``allocate_batch``) and ``_prefix`` (``lookup``, ``peek``, ``commit``). :class:`PageAllocator`
+``allocate_batch``), ``_prefix`` (``lookup``, ``peek``, ``commit``; host hits) and ``_swap``
+(``swap_out``, ``swap_in``). ``_events`` holds the KV-cache events; ``_tier_api`` the facade's
+host-tier, reset and event methods. :class:`PageAllocator`
 (``_allocator``) is a facade: it validates arguments, documents the contract and delegates.
 Several KV-cache groups (full attention, sliding window, chunked local) would add one
 ``PageTable`` per group over the same pool and rows, their page needs summed before any commit.
@@ -43,6 +47,18 @@ from kvshard.allocator._allocator import PageAllocator as PageAllocator
 from kvshard.allocator._common import NULL_PAGE as NULL_PAGE
 from kvshard.allocator._common import OutOfPages as OutOfPages
 from kvshard.allocator._common import UnknownRequest as UnknownRequest
+from kvshard.allocator._events import AllPagesCleared as AllPagesCleared
+from kvshard.allocator._events import PagesRemoved as PagesRemoved
+from kvshard.allocator._events import PagesStored as PagesStored
 from kvshard.allocator._window import sliding_window_pages as sliding_window_pages
 
-__all__ = ["NULL_PAGE", "OutOfPages", "PageAllocator", "UnknownRequest", "sliding_window_pages"]
+__all__ = [
+    "NULL_PAGE",
+    "AllPagesCleared",
+    "OutOfPages",
+    "PageAllocator",
+    "PagesRemoved",
+    "PagesStored",
+    "UnknownRequest",
+    "sliding_window_pages",
+]

@@ -12,13 +12,14 @@ from typing import Any
 
 import numpy as np
 
-from kvshard.allocator import _grow, _prefix
+from kvshard.allocator import _grow, _prefix, _swap
 from kvshard.allocator._common import is_int, readonly
 from kvshard.allocator._config import AllocatorConfig
 from kvshard.allocator._state import AllocatorParts
+from kvshard.allocator._tier_api import TierMethods
 
 
-class PageAllocator:
+class PageAllocator(TierMethods):
     """Assigns KV-cache pages to requests; one page table row per live request.
 
     Page ``0`` is the **null page**: it is never free and never owned by a request. Unused
@@ -58,6 +59,16 @@ class PageAllocator:
     Not combinable with prefix caching (a window's pages are not a prefix); :meth:`truncate`
     cannot roll back into released pages; :meth:`fork` shares the released layout.
 
+    Host tier (``num_host_pages=H``): :meth:`swap_out_request` preempts a request by moving
+    the pages it alone owns to host pages, :meth:`swap_in_request` brings them back into new
+    device pages; with ``host_prefix_pages > 0`` pages evicted from the prefix cache are kept
+    on the host and served back by :meth:`lookup_prefix`. Both queue (device page, host page)
+    pairs for :meth:`take_pending_swaps` (applied before the copy-on-write copies). Host page
+    0 is the host's null page.
+
+    Every constructor argument is kept as an attribute of the same name (a Python int, bool or
+    None).
+
     Not thread-safe. Request ids may be any hashable; use ints, strs or tuples of them where
     :meth:`checksum` must agree across hosts (it hashes ``repr(req_id)``).
 
@@ -71,14 +82,18 @@ class PageAllocator:
         enable_prefix_caching: allow :meth:`lookup_prefix` and :meth:`commit_prefix`.
         sliding_window: None, or W in ``[1, 2**31 - 1]`` to release pages out of every
             request's window.
-
-    Attributes:
-        num_pages, page_size, max_requests, max_pages_per_request, enable_prefix_caching,
-        sliding_window: the constructor arguments (as Python ints and bools).
+        num_host_pages: 0 (no host tier), or the host tier's pages, host null page included
+            (host page 0 is never handed out), an int in ``[2, 2**31 - 1]``: preemption by
+            swap (:meth:`swap_out_request`) and the host prefix cache draw from it.
+        host_prefix_pages: how many host pages may keep pages evicted from the device prefix
+            cache (a second-level prefix cache); int in ``[0, num_host_pages - 1]``, > 0 only
+            with prefix caching.
+        enable_kv_events: queue KV-cache events for :meth:`take_kv_events`.
 
     Raises:
         ValueError: an argument is not an int (bools rejected), is below its minimum or past
-            its bound above, or ``sliding_window`` is combined with ``enable_prefix_caching``;
+            its bound above, ``sliding_window`` is combined with ``enable_prefix_caching``,
+            ``num_host_pages`` is 1, or ``host_prefix_pages`` is set without prefix caching;
             the message names the argument, its value and the bound.
     """
 
@@ -91,6 +106,9 @@ class PageAllocator:
         max_pages_per_request: int,
         enable_prefix_caching: bool = False,
         sliding_window: int | None = None,
+        num_host_pages: int = 0,
+        host_prefix_pages: int = 0,
+        enable_kv_events: bool = False,
     ) -> None:
         config = AllocatorConfig.validated(
             num_pages,
@@ -99,6 +117,9 @@ class PageAllocator:
             max_pages_per_request,
             enable_prefix_caching,
             sliding_window,
+            num_host_pages,
+            host_prefix_pages,
+            enable_kv_events,
         )
         self.num_pages = config.num_pages
         self.page_size = config.page_size
@@ -106,6 +127,9 @@ class PageAllocator:
         self.max_pages_per_request = config.max_pages_per_request
         self.enable_prefix_caching = config.enable_prefix_caching
         self.sliding_window = config.sliding_window
+        self.num_host_pages = config.num_host_pages
+        self.host_prefix_pages = config.host_prefix_pages
+        self.enable_kv_events = config.enable_kv_events
         self._parts = AllocatorParts.fresh(config)
 
     # ------------------------------------------------------------- queries
@@ -149,7 +173,8 @@ class PageAllocator:
         """Prefix-cache counters (a copy).
 
         ``lookups``: :meth:`lookup_prefix` calls; ``queries``: tokens looked up; ``hits``:
-        tokens found cached (so ``hits / queries`` is the token hit rate, as in vLLM);
+        tokens found cached, in either tier (so ``hits / queries`` is the token hit rate, as in
+        vLLM; :attr:`tier_stats` splits device and host hits);
         ``evictions``: cached pages dropped to satisfy an allocation. :meth:`peek_prefix`
         counts nowhere.
         """
@@ -187,7 +212,8 @@ class PageAllocator:
 
         Returns:
             int32[ceil(num_tokens / page_size)]: page ids in ``[1, num_pages)``, except that
-            pages released by a sliding window read :data:`NULL_PAGE` (they lead the row).
+            pages released by a sliding window read :data:`NULL_PAGE` (they lead the row), and
+            so do the pages of a swapped-out request that are on the host.
 
         Raises:
             UnknownRequest: ``req_id`` is not live (never allocated, or freed).
@@ -235,7 +261,8 @@ class PageAllocator:
 
         Raises:
             OutOfPages: the growth needs more pages than are free or evictable.
-            ValueError: ``num_new_tokens`` is not an int, is negative or exceeds
+            ValueError: ``req_id`` is swapped out; ``num_new_tokens`` is not an int, is
+                negative or exceeds
                 ``max_pages_per_request * page_size``; the request would exceed
                 ``max_pages_per_request``; ``req_id`` is new and all ``max_requests`` rows are
                 in use.
@@ -306,7 +333,11 @@ class PageAllocator:
             raise ValueError(f"{where}: prefix caching is disabled (enable_prefix_caching=False)")
 
     def peek_prefix(
-        self, token_ids: Sequence[int] | np.ndarray, namespace: str | bytes | None = None
+        self,
+        token_ids: Sequence[int] | np.ndarray,
+        namespace: str | bytes | None = None,
+        *,
+        extra_keys: Sequence[Any] | None = None,
     ) -> int:
         """Returns what :meth:`lookup_prefix` would return now, attaching and counting nothing.
 
@@ -316,6 +347,7 @@ class PageAllocator:
         Args:
             token_ids: int[T], the prompt (any integer dtype; compared as int64).
             namespace: str, bytes or None, as for :meth:`lookup_prefix`.
+            extra_keys: per-page extra keys, as for :meth:`lookup_prefix`.
 
         Returns:
             The cached prefix in tokens: a multiple of ``page_size``, at most ``T - 1``.
@@ -325,13 +357,15 @@ class PageAllocator:
             TypeError: ``namespace`` is not str, bytes or None.
         """
         self._require_prefix_caching("peek_prefix")
-        return _prefix.peek(self._parts, token_ids, namespace)
+        return _prefix.peek(self._parts, token_ids, namespace, extra_keys)
 
     def lookup_prefix(
         self,
         req_id: Hashable,
         token_ids: Sequence[int] | np.ndarray,
         namespace: str | bytes | None = None,
+        *,
+        extra_keys: Sequence[Any] | None = None,
     ) -> int:
         """Attaches the cached pages of the longest cached prefix of ``token_ids`` to a request.
 
@@ -349,6 +383,19 @@ class PageAllocator:
             req_id: a new id (it is created) or a live request holding no tokens.
             token_ids: int[T], the prompt (any integer dtype; compared as int64).
             namespace: str, bytes or None; None, ``""`` and ``b""`` are distinct namespaces.
+            extra_keys: None, or a sequence whose item ``i`` is page ``i``'s extra key (pages
+                past its end have none): None, int, str, bytes or a tuple of them, e.g. the
+                hash of a multimodal input whose placeholders the page holds, or a LoRA id.
+                Folded into the page's key and so into every later page's: a page matches
+                only under the same extra keys as when it was committed.
+
+        With a host tier (``host_prefix_pages > 0``), a page found only in the host prefix
+        cache is attached too: it gets a new device page (taking it may evict), its
+        (device page, host page) pair is queued for :meth:`take_pending_swaps`, and its
+        tokens count as hits (:attr:`tier_stats` splits device and host hits). The match
+        stops at the first host hit for which no device page is free or evictable, and
+        takes no host hit while a pending copy reads a page nobody owns (a swap-in could
+        overwrite it first).
 
         Returns:
             The number of tokens whose KV is already in the attached pages: a multiple of
@@ -357,18 +404,20 @@ class PageAllocator:
 
         Raises:
             ValueError: prefix caching is disabled; ``token_ids`` is not a 1-D integer array;
-                ``req_id`` already holds tokens; ``req_id`` is new and all ``max_requests`` rows
-                are in use.
+                ``req_id`` already holds tokens or is swapped out; ``req_id`` is new and all
+                ``max_requests`` rows are in use.
             TypeError: ``namespace`` is not str, bytes or None, or ``req_id`` is not hashable.
         """
         self._require_prefix_caching("lookup_prefix")
-        return _prefix.lookup(self._parts, req_id, token_ids, namespace)
+        return _prefix.lookup(self._parts, req_id, token_ids, namespace, extra_keys)
 
     def commit_prefix(
         self,
         req_id: Hashable,
         token_ids: Sequence[int] | np.ndarray,
         namespace: str | bytes | None = None,
+        *,
+        extra_keys: Sequence[Any] | None = None,
     ) -> int:
         """Registers the request's full pages in the prefix cache; returns how many were new.
 
@@ -382,6 +431,8 @@ class PageAllocator:
                 pages to register; only full pages within ``min(T, num_tokens(req_id))`` are
                 registered. Cover only tokens whose KV is computed.
             namespace: str, bytes or None; must match earlier lookups/commits of this request.
+            extra_keys: per-page extra keys as for :meth:`lookup_prefix` (give the same ones
+                on every commit of the request: pages hashed earlier are not hashed again).
 
         Returns:
             The number of pages newly registered (an int >= 0).
@@ -389,12 +440,12 @@ class PageAllocator:
         Raises:
             ValueError: prefix caching is disabled; ``token_ids`` is not a 1-D integer array;
                 ``namespace`` differs from the one this request was looked up or committed
-                with.
+                with; the request is swapped out.
             UnknownRequest: ``req_id`` is not live.
             TypeError: ``namespace`` is not str, bytes or None, or ``req_id`` is not hashable.
         """
         self._require_prefix_caching("commit_prefix")
-        return _prefix.commit(self._parts, req_id, token_ids, namespace)
+        return _prefix.commit(self._parts, req_id, token_ids, namespace, extra_keys)
 
     # ----------------------------------------------------- whole requests
 
@@ -404,7 +455,8 @@ class PageAllocator:
         Pages whose last owner this was return to the free stack (the request's last page on
         top: reused first), or, when cached, become evictable (the request's last page first
         in eviction order: later pages of a prefix are the least likely to be shared). Pending
-        copies into the freed pages are dropped.
+        copies and swap-ins into the freed pages are dropped. A swapped-out request's host
+        pages are released too (free again once the step's pairs are taken).
 
         Freeing the last live request while no page is cached (always so with prefix caching
         off) also restores the fresh allocator's order of the free page and row stacks and its
@@ -423,6 +475,7 @@ class PageAllocator:
         parts = self._parts
         row = parts.rows.row_of(req_id, "free")
         parts.table.free(row, undo=bool(parts.rows.row_tentative[row]))
+        _swap.release_host(parts, row)
         parts.rows.remove(req_id, row)
         parts.reset_order_if_empty()
 
@@ -448,7 +501,7 @@ class PageAllocator:
             UnknownRequest: ``req_id`` is not live.
             TypeError: ``req_id`` is not hashable.
             ValueError: ``num_tokens`` is not an int or out of range, or the window it needs
-                was released.
+                was released, or the request is swapped out.
         """
         where = "truncate"
         parts = self._parts
@@ -462,6 +515,8 @@ class PageAllocator:
                 f"[0, {held}] (the tokens it holds)"
             )
         tokens = int(num_tokens)
+        if parts.tier.row_swapped[row]:
+            raise ValueError(f"{where}: req_id={req_id!r} is swapped out; swap it in first")
         released = int(parts.table.row_released[row]) * self.page_size
         start = int(parts.table.window_start(np.array(tokens, np.int64)))
         if released > start:
@@ -499,10 +554,12 @@ class PageAllocator:
             UnknownRequest: ``src_req`` is not live.
             TypeError: ``src_req`` is not hashable.
             ValueError: ``dst_req`` is not hashable or already live, or all ``max_requests``
-                rows are in use.
+                rows are in use, or ``src_req`` is swapped out.
         """
         parts = self._parts
         src = parts.rows.row_of(src_req, "fork(src_req)")
+        if parts.tier.row_swapped[src]:
+            raise ValueError(f"fork: src_req={src_req!r} is swapped out; swap it in first")
         try:
             live = dst_req in parts.rows.rows
         except TypeError:
@@ -544,14 +601,18 @@ class PageAllocator:
         the :attr:`prefix_stats` counters and the pending copy-on-write copies. Never raises.
 
         Returns:
-            A dict for :meth:`load_state_dict`: ``"version"`` (3), ``"config"``,
+            A dict for :meth:`load_state_dict`: ``"version"`` (4), ``"config"``,
             ``"free_pages"`` (int32[num_free]), ``"free_rows"`` (int32[num_free_rows]),
             ``"rows"`` (request id -> row), ``"clock"``, ``"prefix_stats"``,
             ``"pending_copies"`` (int32[K, 2]) and the per-page and per-row arrays, e.g.
             ``"refcount"`` (int32[num_pages]), ``"page_table"``
             (int32[max_requests, max_pages_per_request]), ``"row_released"``
             (int32[max_requests], columns released by the sliding window) and
-            ``"row_tentative"`` (bool[max_requests], looked up and not served since).
+            ``"row_tentative"`` (bool[max_requests], looked up and not served since), and the
+            host tier's: ``"host_free"``, ``"host_clock"``, ``"host_stats"``,
+            ``"pending_swap_out"`` / ``"pending_swap_in"`` (int32[K, 2]), ``"host_table"``
+            (int32[max_requests, max_pages_per_request]), ``"row_swapped"``,
+            ``"host_key"``, ``"host_cached"``, ``"host_lru"`` and ``"host_limbo"``.
         """
         return self._parts.state_dict()
 

@@ -19,6 +19,9 @@ class AllocatorConfig:
     max_pages_per_request: int
     enable_prefix_caching: bool = False
     sliding_window: int | None = None
+    num_host_pages: int = 0
+    host_prefix_pages: int = 0
+    enable_kv_events: bool = False
 
     @classmethod
     def validated(
@@ -29,6 +32,9 @@ class AllocatorConfig:
         max_pages_per_request: Any,
         enable_prefix_caching: Any,
         sliding_window: Any,
+        num_host_pages: Any = 0,
+        host_prefix_pages: Any = 0,
+        enable_kv_events: Any = False,
     ) -> AllocatorConfig:
         """Checks the arguments and returns them as Python ints.
 
@@ -61,6 +67,27 @@ class AllocatorConfig:
                 f"PageAllocator: sliding_window={sliding_window} cannot be combined with "
                 "enable_prefix_caching=True (released pages would break cached prefixes)"
             )
+        host = (("num_host_pages", num_host_pages), ("host_prefix_pages", host_prefix_pages))
+        for name, value in host:
+            if not is_int(value) or not 0 <= value <= INT32_MAX:
+                raise ValueError(
+                    f"PageAllocator: {name}={value!r} must be an int in [0, 2**31 - 1]"
+                )
+        if num_host_pages == 1:
+            raise ValueError(
+                "PageAllocator: num_host_pages=1 must be 0 (no host tier) or >= 2 (host page 0 "
+                "is the host's null page)"
+            )
+        if host_prefix_pages and not enable_prefix_caching:
+            raise ValueError(
+                f"PageAllocator: host_prefix_pages={int(host_prefix_pages)} needs "
+                "enable_prefix_caching=True"
+            )
+        if host_prefix_pages > max(int(num_host_pages) - 1, 0):
+            raise ValueError(
+                f"PageAllocator: host_prefix_pages={int(host_prefix_pages)} must be <= "
+                f"num_host_pages - 1 = {max(int(num_host_pages) - 1, 0)} (usable host pages)"
+            )
         return cls(
             int(num_pages),
             int(page_size),
@@ -68,6 +95,9 @@ class AllocatorConfig:
             int(max_pages_per_request),
             bool(enable_prefix_caching),
             None if sliding_window is None else int(sliding_window),
+            int(num_host_pages),
+            int(host_prefix_pages),
+            bool(enable_kv_events),
         )
 
     @property

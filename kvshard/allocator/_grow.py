@@ -47,6 +47,12 @@ def grow(
             f"{where}: num_new_tokens={int(counts[i])} for req_id={req_ids[i]!r} must be >= 0"
         )
     row_idx, new_ids, new_pos = rows.lookup(req_ids, where)
+    if parts.tier.enabled and parts.tier.row_swapped[row_idx].any():
+        out = np.flatnonzero(parts.tier.row_swapped[row_idx])
+        raise ValueError(
+            f"{where}: req_id={req_ids[int(out[0])]!r} is swapped out to the host tier; "
+            "swap_in_request it before allocating"
+        )
     size = table.page_size
     old_tokens = rows.row_tokens[row_idx]
     old_pages = table.row_pages[row_idx]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from kvshard.allocator._common import NULL_PAGE, check
+from kvshard.allocator._host import HostTier
 from kvshard.allocator._prefix_index import PrefixIndex
 
 
@@ -25,9 +26,10 @@ class PagePool:
 
     ARRAYS = ("refcount",)  # saved as-is by state_dict
 
-    def __init__(self, num_pages: int, index: PrefixIndex) -> None:
+    def __init__(self, num_pages: int, index: PrefixIndex, tier: HostTier) -> None:
         self.num_pages = num_pages
         self.index = index
+        self.tier = tier  # the host tier: evicted cached pages may be kept there
         self.refcount = np.zeros(num_pages, np.int32)  # int32[num_pages]: owners of each page
         # Free stack, top at index num_free - 1; reversed so that pops hand out 1, 2, 3, ...
         self.free = np.arange(num_pages - 1, 0, -1, dtype=np.int32)
@@ -49,9 +51,22 @@ class PagePool:
         taken = self.free[top - plain : top][::-1].copy()
         self.num_free = top - plain
         if count > plain:
-            taken = np.concatenate([taken, self.index.evict(count - plain)])
+            victims, keys = self.index.evict(count - plain)
+            if self.tier.enabled:
+                # Pages a pending copy or swap-in has yet to fill hold no data to keep.
+                unfilled = set(self.pending_copies()[:, 1].tolist())
+                unfilled.update(self.tier.swap_in_pairs()[:, 0].tolist())
+                self.tier.demote(victims, keys, unfilled)
+                self.tier.drop_in(victims)
+            taken = np.concatenate([taken, victims])
         self.refcount[taken] = 1
         return taken
+
+    def unowned_copy_sources(self) -> np.ndarray:
+        """int32[k]: sources of pending copies that no request owns (free or evictable): a
+        swap-in this step must not write them before ``copy_pages`` reads them."""
+        src = self.pending_copies()[:, 0]
+        return src[self.refcount[src] == 0]
 
     def share(self, pages: np.ndarray) -> None:
         """Adds one owner to each of int32[k] distinct owned or evictable pages (null skipped).
@@ -96,6 +111,8 @@ class PagePool:
             self.index.stamp(pages[cached][::-1])
             self.index.link(pages[dead & cached][::-1])
         self._push(pages[dead & ~cached])
+        if self.tier.pending_in:
+            self.tier.drop_in(pages[dead & ~cached])
         if dead.any() and self.pending:
             pairs = np.concatenate(self.pending)
             kept = pairs[~np.isin(pairs[:, 1], pages[dead])]
@@ -117,6 +134,8 @@ class PagePool:
         cached = self.index.cached[dead]
         self.index.link(dead[cached][np.argsort(self.index.lru[dead[cached]])])
         self._push(dead[~cached])
+        if self.tier.pending_in:
+            self.tier.drop_in(dead[~cached])
 
     def _push(self, plain: np.ndarray) -> None:
         """Pushes int32[k] distinct unowned, uncached pages onto the free stack, in order."""

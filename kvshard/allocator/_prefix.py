@@ -12,7 +12,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from kvshard.allocator._prefix_index import ROOT_KEY, namespace_digest, token_bytes
+from kvshard.allocator._prefix_index import (
+    ROOT_KEY,
+    extra_key_bytes,
+    namespace_digest,
+    token_bytes,
+)
 from kvshard.allocator._table import PageTable
 
 if TYPE_CHECKING:
@@ -24,14 +29,54 @@ def _hit_limit(length: int, table: PageTable) -> int:
     return min(max(length - 1, 0) // table.page_size, table.width)
 
 
+def _match(
+    parts: AllocatorParts, data: bytes, ns: bytes, limit: int, extras: list[bytes]
+) -> tuple[list[int], list[int], bytes]:
+    """Returns (per hit column: its device page or -1 for a host hit, per host hit: its host
+    page, the key of the last hit or ROOT_KEY) for the longest prefix cached in either tier.
+
+    A page found only in the host tier needs a new device page (and a swap-in): the match
+    stops at the first host hit the device pages cannot take now, and takes no host hit while
+    a swap-in could overwrite a pending copy's source (see ``_swap``). Reads only.
+    """
+    index, pool, tier = parts.pool.index, parts.pool, parts.tier
+    use_host = tier.capacity > 0 and not pool.unowned_copy_sources().size
+    budget = pool.num_available  # device pages host hits may take
+    device: list[int] = []
+    host: list[int] = []
+    last_key = ROOT_KEY
+    for key in index.page_keys(data, ROOT_KEY, ns, 0, limit, extras):
+        page = index.key_to_page.get(key)
+        left, wanted = budget, len(host)
+        if page is not None:
+            left -= int(index.evictable[page])  # attaching it takes it out of the LRU
+        else:
+            found = tier.key_to_page.get(key) if use_host else None
+            if found is None:
+                break
+            page, wanted = -1, wanted + 1
+        if wanted > left:
+            break
+        if page < 0:
+            host.append(found)  # type: ignore[arg-type]
+        budget = left
+        device.append(page)
+        last_key = key
+    return device, host, last_key
+
+
 def peek(
-    parts: AllocatorParts, token_ids: Sequence[int] | np.ndarray, namespace: str | bytes | None
+    parts: AllocatorParts,
+    token_ids: Sequence[int] | np.ndarray,
+    namespace: str | bytes | None,
+    extra_keys: object = None,
 ) -> int:
-    """Returns the tokens a lookup would find cached now; reads only."""
+    """Returns the tokens a lookup would find cached now (either tier); reads only."""
     data, length = token_bytes(token_ids, "peek_prefix")
+    extras = extra_key_bytes(extra_keys, "peek_prefix")
     limit = _hit_limit(length, parts.table)
-    hits, _ = parts.pool.index.match(data, namespace_digest(namespace), limit)
-    return len(hits) * parts.table.page_size
+    device, _, _ = _match(parts, data, namespace_digest(namespace), limit, extras)
+    return len(device) * parts.table.page_size
 
 
 def lookup(
@@ -39,11 +84,17 @@ def lookup(
     req_id: Hashable,
     token_ids: Sequence[int] | np.ndarray,
     namespace: str | bytes | None,
+    extra_keys: object = None,
 ) -> int:
-    """Attaches the longest cached prefix of ``token_ids`` to ``req_id``; returns its tokens."""
+    """Attaches the longest cached prefix of ``token_ids`` to ``req_id``; returns its tokens.
+
+    Host-tier hits get new device pages (after the device hits are attached, so taking them
+    cannot evict a hit) whose swap-ins are queued; their keys move to the device index.
+    """
     where = "lookup_prefix"
-    rows, table, pool = parts.rows, parts.table, parts.pool
+    rows, table, pool, tier = parts.rows, parts.table, parts.pool, parts.tier
     data, length = token_bytes(token_ids, where)
+    extras = extra_key_bytes(extra_keys, where)
     ns = namespace_digest(namespace)
     row = rows.rows.get(req_id)  # TypeError for an unhashable id, before any change
     if row is not None and rows.row_tokens[row] != 0:
@@ -51,17 +102,31 @@ def lookup(
             f"{where}: req_id={req_id!r} already holds {int(rows.row_tokens[row])} tokens; "
             "look up a prefix before allocating"
         )
+    if row is not None and tier.row_swapped[row]:
+        raise ValueError(f"{where}: req_id={req_id!r} is swapped out; swap it in first")
     new_row = rows.reserve(req_id, where) if row is None else None
-    hits, last_key = pool.index.match(data, ns, _hit_limit(length, table))
+    limit = _hit_limit(length, table)
+    device, host, last_key = _match(parts, data, ns, limit, extras)
 
     # ---- commit
     if new_row is not None:
         rows.add([req_id], [new_row])
         row = new_row
     assert row is not None
-    found = np.array(hits, np.int32)
+    found = np.array(device, np.int32)
+    on_device = found[found >= 0]
+    pool.share(on_device)
+    if host:
+        cols = np.flatnonzero(found < 0)
+        keys = list(pool.index.page_keys(data, ROOT_KEY, ns, 0, len(device), extras))
+        fresh = pool.take(len(host))
+        found[cols] = fresh
+        promoted = [keys[c] for c in cols.tolist()]
+        pool.index.register(list(zip(promoted, fresh.tolist(), strict=True)))
+        pool.index.stamp(fresh)  # an undone lookup puts them last in the LRU
+        tier.promote(np.array(host, np.int32), fresh)
+        parts.events.stored(promoted, None, None)
     table.page_table[row, : found.size] = found
-    pool.share(found)
     table.row_pages[row] = found.size
     rows.row_tokens[row] = found.size * table.page_size
     rows.row_committed[row] = found.size
@@ -73,6 +138,8 @@ def lookup(
     stats["lookups"] += 1
     stats["queries"] += length
     stats["hits"] += found.size * table.page_size
+    tier.stats["device_hits"] += on_device.size * table.page_size
+    tier.stats["host_hits"] += len(host) * table.page_size
     return int(found.size * table.page_size)
 
 
@@ -81,23 +148,29 @@ def commit(
     req_id: Hashable,
     token_ids: Sequence[int] | np.ndarray,
     namespace: str | bytes | None,
+    extra_keys: object = None,
 ) -> int:
     """Registers the request's full, not yet hashed pages; returns how many were new."""
     where = "commit_prefix"
     rows, table, pool = parts.rows, parts.table, parts.pool
     row = rows.row_of(req_id, where)
     data, length = token_bytes(token_ids, where)
+    extras = extra_key_bytes(extra_keys, where)
     ns = namespace_digest(namespace)
     if rows.row_has_ns[row] and rows.row_ns[row].tobytes() != ns:
         raise ValueError(
             f"{where}: namespace={namespace!r} differs from the namespace req_id={req_id!r} "
             "was looked up or committed with"
         )
+    if parts.tier.row_swapped[row]:
+        raise ValueError(
+            f"{where}: req_id={req_id!r} is swapped out; swap_in_request it before committing"
+        )
     index = pool.index
     full = min(length, int(rows.row_tokens[row])) // table.page_size
     done = int(rows.row_committed[row])
     prev = rows.row_last_key[row].tobytes() if done else ROOT_KEY
-    keys = list(index.page_keys(data, prev, ns, done, full)) if full > done else []
+    keys = list(index.page_keys(data, prev, ns, done, full, extras)) if full > done else []
     pages = table.page_table[row, done:full].tolist() if keys else []
     # A page cached already (shared through fork or a lookup) keeps its key: a page has
     # one key, and a forked request may commit under a different namespace.
@@ -109,9 +182,37 @@ def commit(
 
     # ---- commit
     index.register(fresh)
+    if parts.events.enabled and fresh:
+        _announce(parts, keys, prev, fresh, data, done)
     if keys:
         rows.row_committed[row] = full
         rows.row_last_key[row] = np.frombuffer(keys[-1], np.uint8)
     rows.row_ns[row] = np.frombuffer(ns, np.uint8)
     rows.row_has_ns[row] = True
     return len(fresh)
+
+
+def _announce(
+    parts: AllocatorParts,
+    keys: list[bytes],
+    prev: bytes,
+    fresh: list[tuple[bytes, int]],
+    data: bytes,
+    first: int,
+) -> None:
+    """Queues one PagesStored event per run of consecutive newly stored pages."""
+    stored = {key for key, _ in fresh}
+    size = parts.table.page_size
+    tokens = np.frombuffer(data, "<i8")
+    run: list[int] = []
+    for i, key in enumerate([*keys, None]):
+        if key is not None and key in stored:
+            run.append(i)
+            continue
+        if run:
+            parent = keys[run[0] - 1] if run[0] else (prev if first else None)
+            lo, hi = (first + run[0]) * size, (first + run[-1] + 1) * size
+            parts.events.stored(
+                [keys[j] for j in run], parent, tuple(int(t) for t in tokens[lo:hi])
+            )
+            run = []

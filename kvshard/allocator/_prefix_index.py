@@ -24,6 +24,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 
 from kvshard.allocator._common import NULL_PAGE, check
+from kvshard.allocator._events import EventQueue
 
 KEY_BYTES = 16  # blake2b digest size of a prefix-cache key (128 bits: collisions are moot)
 ROOT_KEY = bytes(KEY_BYTES)  # the "previous key" of a request's first page
@@ -43,15 +44,58 @@ def namespace_digest(namespace: str | bytes | None) -> bytes:
     return hashlib.blake2b(raw, digest_size=KEY_BYTES).digest()
 
 
-def chain_key(prev: bytes, namespace: bytes, page_tokens: bytes) -> bytes:
-    """Returns the cache key of one full page: blake2b(previous key, namespace, token bytes).
+def chain_key(prev: bytes, namespace: bytes, page_tokens: bytes, extra: bytes = b"") -> bytes:
+    """Returns the cache key of one full page: blake2b(previous key, namespace, token bytes,
+    extra key).
 
     Bytes in, bytes out, so every host computes the same key (unlike ``hash()`` of a ``str``).
+    A page without an extra key hashes exactly as before extra keys existed; an extra key is
+    length-prefixed after a marker, so no token bytes can imitate it (token bytes are a
+    multiple of 8 long, the marked suffix is not).
     """
     h = hashlib.blake2b(prev, digest_size=KEY_BYTES)
     h.update(namespace)
     h.update(page_tokens)
+    if extra:
+        h.update(b"\xff" + len(extra).to_bytes(8, "little") + extra)
     return h.digest()
+
+
+def extra_key_bytes(extra_keys: object, what: str) -> list[bytes]:
+    """Returns one byte string per page (b"": none) for ``extra_keys``.
+
+    ``extra_keys``: None, or a sequence whose item ``i`` applies to page ``i`` of the request
+    (pages past its end have none): None, int, str, bytes, or a tuple of those (e.g. a LoRA id
+    and a multimodal placeholder hash), each encoded with its type so ``1``, ``"1"`` and
+    ``b"1"`` differ.
+    """
+    if extra_keys is None:
+        return []
+    if isinstance(extra_keys, str | bytes) or not hasattr(extra_keys, "__len__"):
+        raise TypeError(
+            f"{what}: extra_keys must be None or a sequence of per-page keys, got "
+            f"{type(extra_keys).__name__}"
+        )
+    items: Sequence[object] = extra_keys  # type: ignore[assignment]
+    return [_encode_extra(item, what, i) for i, item in enumerate(items)]
+
+
+def _encode_extra(item: object, what: str, page: int) -> bytes:
+    if item is None:
+        return b""
+    if isinstance(item, tuple):
+        parts = [_encode_extra(part, what, page) for part in item]
+        body = b"".join(len(p).to_bytes(8, "little") + p for p in parts)
+        return b"t" + body
+    if isinstance(item, bool) or not isinstance(item, int | str | bytes):
+        raise TypeError(
+            f"{what}: extra_keys[{page}]={item!r} must be None, int, str, bytes or a tuple of them"
+        )
+    if isinstance(item, int):
+        return b"i" + str(item).encode()
+    if isinstance(item, str):
+        return b"s" + item.encode("utf-8")
+    return b"b" + item
 
 
 def token_bytes(token_ids: Sequence[int] | np.ndarray, what: str) -> tuple[bytes, int]:
@@ -69,8 +113,9 @@ class PrefixIndex:
 
     ARRAYS = ("page_key", "cached", "evictable", "lru")  # saved as-is by state_dict
 
-    def __init__(self, num_pages: int, page_size: int) -> None:
+    def __init__(self, num_pages: int, page_size: int, events: EventQueue) -> None:
         self.page_size = page_size
+        self.events = events
         n = num_pages
         self.page_key = np.zeros((n, KEY_BYTES), np.uint8)  # uint8[num_pages, 16]
         self.cached = np.zeros(n, bool)  # has a key
@@ -86,26 +131,21 @@ class PrefixIndex:
     # ------------------------------------------------------------------ keys
 
     def page_keys(
-        self, data: bytes, prev: bytes, namespace: bytes, first: int, stop: int
+        self,
+        data: bytes,
+        prev: bytes,
+        namespace: bytes,
+        first: int,
+        stop: int,
+        extras: Sequence[bytes] = (),
     ) -> Iterator[bytes]:
-        """Yields the chained keys of full pages ``first .. stop - 1`` of token bytes ``data``."""
+        """Yields the chained keys of full pages ``first .. stop - 1`` of token bytes ``data``
+        (``extras[i]``: page ``i``'s extra key, see :func:`extra_key_bytes`)."""
         step = self.page_size * 8
         for page in range(first, stop):
-            prev = chain_key(prev, namespace, data[page * step : (page + 1) * step])
+            extra = extras[page] if page < len(extras) else b""
+            prev = chain_key(prev, namespace, data[page * step : (page + 1) * step], extra)
             yield prev
-
-    def match(self, data: bytes, namespace: bytes, limit: int) -> tuple[list[int], bytes]:
-        """Returns (cached pages of the longest cached prefix of at most ``limit`` pages, the
-        key of the last of them or :data:`ROOT_KEY`). Reads only: nothing changes."""
-        hits: list[int] = []
-        last_key = ROOT_KEY
-        for key in self.page_keys(data, ROOT_KEY, namespace, 0, limit):
-            page = self.key_to_page.get(key)
-            if page is None:
-                break
-            hits.append(page)
-            last_key = key
-        return hits, last_key
 
     def register(self, fresh: list[tuple[bytes, int]]) -> None:
         """Caches each (key, page): neither key nor page may be cached already."""
@@ -164,8 +204,9 @@ class PrefixIndex:
         self.evictable[revived] = False
         self.num_evictable -= int(revived.size)
 
-    def evict(self, count: int) -> np.ndarray:
-        """Drops the ``count`` least recently released pages from the index; returns them.
+    def evict(self, count: int) -> tuple[np.ndarray, list[bytes]]:
+        """Drops the ``count`` least recently released pages from the index; returns them and
+        the keys they held (for the host tier).
 
         O(count): they are the first ``count`` entries of the LRU. The caller checked that
         ``count <= num_evictable``.
@@ -179,11 +220,13 @@ class PrefixIndex:
         head = nxt.item(page)
         nxt[NULL_PAGE] = head
         self.lru_prev[head] = NULL_PAGE
+        keys = [key.tobytes() for key in self.page_key[victims]]
         self._uncache(victims)
         self.evictable[victims] = False
         self.num_evictable -= count
         self.stats["evictions"] += count
-        return victims
+        self.events.removed(keys)
+        return victims, keys
 
     def order(self) -> np.ndarray:
         """Returns int32[num_evictable]: the LRU walked from its head (for checks; O(k))."""
@@ -212,6 +255,17 @@ class PrefixIndex:
         chain = np.concatenate([[NULL_PAGE], order, [NULL_PAGE]]).astype(np.int32)
         self.lru_next[chain[:-1]] = chain[1:]
         self.lru_prev[chain[1:]] = chain[:-1]
+
+    def clear_evictable(self) -> np.ndarray:
+        """Uncaches every evictable page (``reset_prefix_cache``); returns them, int32[k] in
+        eviction order, for the free stack."""
+        pages = self.order()
+        self._uncache(pages)
+        self.evictable[pages] = False
+        self.num_evictable = 0
+        self.lru_next[:] = NULL_PAGE
+        self.lru_prev[:] = NULL_PAGE
+        return pages
 
     def reset_order(self) -> None:
         """Resets stamps and clock to a fresh index's (only when nothing is cached)."""

@@ -18,12 +18,15 @@ import numpy as np
 
 from kvshard.allocator._common import MAX_CLOCK, check, is_int
 from kvshard.allocator._config import AllocatorConfig
+from kvshard.allocator._events import DEVICE, HOST, EventQueue
+from kvshard.allocator._host import HOST_STATS, HostTier
 from kvshard.allocator._pool import PagePool
 from kvshard.allocator._prefix_index import STATS, PrefixIndex
 from kvshard.allocator._rows import RequestRows
 from kvshard.allocator._table import PageTable
 
-STATE_VERSION = 3  # 2: sliding_window in the config, row_released; 3: row_tentative
+# 2: sliding_window in the config, row_released; 3: row_tentative; 4: the host tier
+STATE_VERSION = 4
 _ENTRIES = (
     "version",
     "config",
@@ -33,6 +36,11 @@ _ENTRIES = (
     "clock",
     "prefix_stats",
     "pending_copies",
+    "host_free",
+    "host_clock",
+    "host_stats",
+    "pending_swap_out",
+    "pending_swap_in",
 )
 
 
@@ -45,11 +53,21 @@ class AllocatorParts:
     pool: PagePool
     rows: RequestRows
     table: PageTable
+    tier: HostTier
+    events: EventQueue
 
     @classmethod
     def fresh(cls, config: AllocatorConfig) -> AllocatorParts:
-        index = PrefixIndex(config.num_pages, config.page_size)
-        pool = PagePool(config.num_pages, index)
+        events = EventQueue(config.enable_kv_events, config.page_size)
+        index = PrefixIndex(config.num_pages, config.page_size, events)
+        tier = HostTier(
+            config.num_host_pages,
+            config.host_prefix_pages,
+            config.max_requests,
+            config.max_pages_per_request,
+            events,
+        )
+        pool = PagePool(config.num_pages, index, tier)
         rows = RequestRows(config.max_requests)
         table = PageTable(
             pool,
@@ -58,23 +76,25 @@ class AllocatorParts:
             config.page_size,
             config.sliding_window,
         )
-        return cls(config, index, pool, rows, table)
+        return cls(config, index, pool, rows, table, tier, events)
 
     def _arrays(self) -> dict[str, tuple[Any, str]]:
         """State name -> (part, attribute) of every array saved as-is."""
         return {
             name: (part, name)
-            for part in (self.pool, self.table, self.rows, self.index)
+            for part in (self.pool, self.table, self.rows, self.index, self.tier)
             for name in part.ARRAYS
         }
 
     def reset_order_if_empty(self) -> None:
-        """With no request live and nothing cached, restores a fresh allocator's stacks,
-        stamps and clock (reordering only, in place, so page-table views stay valid)."""
-        if not self.rows.rows and self.index.num_evictable == 0:
+        """With no request live and nothing cached or pending in either tier, restores a fresh
+        allocator's stacks, stamps and clock (reordering only, in place, so page-table views
+        stay valid)."""
+        if not self.rows.rows and self.index.num_evictable == 0 and self.tier.idle:
             self.pool.reset_order()
             self.rows.reset_order()
             self.index.reset_order()
+            self.tier.reset_order()
 
     # ------------------------------------------------------------ snapshots
 
@@ -89,6 +109,11 @@ class AllocatorParts:
             "clock": self.index.clock,
             "prefix_stats": dict(self.index.stats),
             "pending_copies": self.pool.pending_copies(),
+            "host_free": self.tier.free[: self.tier.num_free].copy(),
+            "host_clock": self.tier.clock,
+            "host_stats": dict(self.tier.stats),
+            "pending_swap_out": self.tier.swap_out_pairs(),
+            "pending_swap_in": self.tier.swap_in_pairs(),
         }
         for name, (part, attr) in self._arrays().items():
             state[name] = getattr(part, attr).copy()
@@ -152,10 +177,17 @@ class AllocatorParts:
         new.index.clock = int(clock)
         new.index.stats = {k: int(stats[k]) for k in STATS}
         new.index.rebuild()
+        _load_tier(new.tier, state, n)
         try:
             new.check_invariants()
         except AssertionError as err:
             raise ValueError(f"{where}: inconsistent state: {err}") from None
+        new.events = self.events  # not state: the queue carries on, announcing the new cache
+        new.index.events = new.tier.events = self.events
+        self.events.cleared()
+        for part, medium in ((new.index.page_key, DEVICE), (new.tier.host_key, HOST)):
+            cached = [key.tobytes() for key in part if key.any()]
+            self.events.stored(cached, None, None, medium)
         return new
 
     def checksum(self) -> str:
@@ -165,7 +197,8 @@ class AllocatorParts:
         h.update(repr(sorted(state["config"].items())).encode())
         h.update(repr((state["clock"], sorted(state["prefix_stats"].items()))).encode())
         h.update(repr(sorted((repr(k), v) for k, v in state["rows"].items())).encode())
-        for name in ("free_pages", "free_rows", "pending_copies", *_HASHED):
+        h.update(repr((state["host_clock"], sorted(state["host_stats"].items()))).encode())
+        for name in ("free_pages", "free_rows", "pending_copies", *_HASHED, *_HOST_HASHED):
             array = np.ascontiguousarray(state[name])
             h.update(f"{name}:{array.dtype.str}:{array.shape}".encode())
             h.update(array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes())
@@ -175,7 +208,8 @@ class AllocatorParts:
         """Each part's own invariants, then those between parts (owners = table entries)."""
         config, rows, table, pool = self.config, self.rows, self.table, self.pool
         rows.check(config.max_tokens, config.page_size)
-        owned = table.check(rows.row_tokens, rows.live_rows())
+        live = rows.live_rows()
+        owned = table.check(rows.row_tokens, live, self.tier.host_table != 0)
         counts = np.bincount(owned, minlength=config.num_pages)
         check(np.array_equal(counts, pool.refcount), "refcount: != number of owners")
         pool.check()
@@ -191,6 +225,38 @@ class AllocatorParts:
             np.unique(stamps).size == stamps.size and (stamps < index.clock).all(),
             "lru: a page only looked-up requests hold has a stamp in use or past the clock",
         )
+        tier = self.tier
+        tier.check(live, table.row_pages, table.page_table)
+        check(not rows.row_tentative[tier.row_swapped].any(), "row_swapped: a tentative row")
+        check(
+            config.enable_prefix_caching or not tier.host_cached.any(),
+            "host_cached: caching is disabled",
+        )
+        n = config.num_pages
+        for name, device in (
+            ("pending_swap_out", tier.swap_out_pairs()[:, 0]),
+            ("pending_swap_in", tier.swap_in_pairs()[:, 0]),
+        ):
+            check((device < n).all(), f"{name}: a device page past num_pages")
+        into = tier.swap_in_pairs()[:, 0]
+        check(
+            ((pool.refcount[into] > 0) | index.cached[into]).all(),
+            "pending_swap_in: into a device page that is free",
+        )
+
+    def reset_prefix_cache(self) -> bool:
+        """See :meth:`kvshard.PageAllocator.reset_prefix_cache`."""
+        tier = self.tier
+        busy = tier.pending_out or tier.pending_in or tier.host_limbo.any()
+        if self.pool.refcount.any() or tier.row_swapped.any() or busy:
+            return False
+        pages = self.index.clear_evictable()
+        self.pool.free[self.pool.num_free : self.pool.num_free + pages.size] = pages
+        self.pool.num_free += int(pages.size)
+        tier.clear_cache()
+        self.events.cleared()
+        self.reset_order_if_empty()
+        return True
 
 
 # The order checksum() hashes the arrays in (kept from the single-class allocator, so digests
@@ -211,6 +277,42 @@ _HASHED = (
     "row_has_ns",
     "row_tentative",
 )
+
+
+_HOST_HASHED = ("host_free", "pending_swap_out", "pending_swap_in", *HostTier.ARRAYS)
+
+
+def _load_tier(tier: HostTier, state: dict[str, Any], num_pages: int) -> None:
+    """Loads the host tier's entries into ``tier`` (its arrays were set with the others)."""
+    where = "load_state_dict"
+    h = max(tier.num_host_pages, 1)
+    free = _int_array(state["host_free"], "host_free", 1, 1, h)
+    if free.size > max(tier.num_host_pages - 1, 0):
+        raise ValueError(f"{where}: host_free is too long")
+    pairs = []
+    for name in ("pending_swap_out", "pending_swap_in"):
+        value = _int_array(state[name], name, 2, 0, max(num_pages, h))
+        if value.shape[1:] != (2,):
+            raise ValueError(f"{where}: {name} has shape {value.shape}, want (K, 2)")
+        if value.size and ((value[:, 0] >= num_pages).any() or (value[:, 1] >= h).any()):
+            raise ValueError(f"{where}: {name} names a page past num_pages or num_host_pages")
+        pairs.append([value.astype(np.int32)] if value.size else [])
+    clock = state["host_clock"]
+    if not is_int(clock) or not 0 <= clock <= MAX_CLOCK:
+        raise ValueError(f"{where}: host_clock={clock!r} must be an int in [0, 2**62]")
+    stats = state["host_stats"]
+    if (
+        not isinstance(stats, dict)
+        or set(stats) != set(HOST_STATS)
+        or not all(is_int(v) and v >= 0 for v in stats.values())
+    ):
+        raise ValueError(f"{where}: host_stats={stats!r} must map {HOST_STATS} to ints >= 0")
+    tier.free[: free.size] = free
+    tier.num_free = int(free.size)
+    tier.pending_out, tier.pending_in = pairs
+    tier.clock = int(clock)
+    tier.stats = {k: int(stats[k]) for k in HOST_STATS}
+    tier.rebuild()
 
 
 def _int_array(value: Any, name: str, ndim: int, low: int, high: int) -> np.ndarray:

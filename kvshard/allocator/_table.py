@@ -167,8 +167,11 @@ class PageTable:
         self.row_pages[row] = 0
         self.row_released[row] = 0
 
-    def check(self, tokens: np.ndarray, live: np.ndarray) -> np.ndarray:
-        """Checks the table against the rows' tokens; returns int32[owners] the owned entries."""
+    def check(self, tokens: np.ndarray, live: np.ndarray, swapped: np.ndarray) -> np.ndarray:
+        """Checks the table against the rows' tokens; returns int32[owners] the owned entries.
+
+        ``swapped``: bool[max_requests, max_pages_per_request], columns whose page is on the
+        host (null here; see ``_host``)."""
         size, n = self.page_size, self.pool.num_pages
         check(
             np.array_equal(self.row_pages, (tokens + size - 1) // size),
@@ -187,10 +190,12 @@ class PageTable:
             )
         cols = np.arange(self.width)
         used = (cols[None, :] < self.row_pages[:, None]) & (cols[None, :] >= released[:, None])
+        used &= ~swapped
         check(not self.page_table[~used].any(), "page_table: unused entry is not null")
         owned = self.page_table[used]
         check(((owned > 0) & (owned < n)).all(), "page_table: a request owns the null page or junk")
         for row in live:
             held = self.page_table[row, released[row] : self.row_pages[row]]
+            held = held[held != NULL_PAGE]  # swapped-out columns
             check(np.unique(held).size == held.size, f"page_table: row {row} holds a page twice")
         return owned

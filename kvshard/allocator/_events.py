@@ -1,0 +1,85 @@
+"""KV-cache events: what entered and left the prefix cache, for KV-aware routers.
+
+The same three events as vLLM's ``kv_events`` (``BlockStored``, ``BlockRemoved``,
+``AllBlocksCleared``), with pages for blocks and the allocator's 16-byte chained page keys for
+block hashes. ``medium`` says which tier holds the page: ``"device"`` or ``"host"`` (vLLM's
+``medium``: ``"GPU"`` / ``"CPU"``). The queue is filled only with ``enable_kv_events=True``
+(a queue nobody drains would grow without bound) and drained by
+:meth:`kvshard.PageAllocator.take_kv_events`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+DEVICE = "device"
+HOST = "host"
+
+
+@dataclasses.dataclass(frozen=True)
+class PagesStored:
+    """Pages entered a tier's prefix cache (vLLM's ``BlockStored``).
+
+    Attributes:
+        page_hashes: the pages' keys, in prefix order (each chains the one before it).
+        parent_hash: the key of the page before the first one, or None for a prompt's first
+            page (or when unknown: a page moved between tiers, or after a load).
+        token_ids: the tokens of those pages, or None where the allocator no longer has them
+            (a page moved between tiers, or re-announced after ``load_state_dict``).
+        page_size: tokens per page.
+        medium: ``"device"`` or ``"host"``.
+    """
+
+    page_hashes: tuple[bytes, ...]
+    parent_hash: bytes | None
+    token_ids: tuple[int, ...] | None
+    page_size: int
+    medium: str = DEVICE
+
+
+@dataclasses.dataclass(frozen=True)
+class PagesRemoved:
+    """Pages left a tier's prefix cache (evicted, moved to the other tier, or reset;
+    vLLM's ``BlockRemoved``)."""
+
+    page_hashes: tuple[bytes, ...]
+    medium: str = DEVICE
+
+
+@dataclasses.dataclass(frozen=True)
+class AllPagesCleared:
+    """Every cached page of every tier was dropped (vLLM's ``AllBlocksCleared``)."""
+
+
+KVEvent = PagesStored | PagesRemoved | AllPagesCleared
+
+
+class EventQueue:
+    """A list of events, appended to only when enabled."""
+
+    def __init__(self, enabled: bool, page_size: int) -> None:
+        self.enabled = enabled
+        self.page_size = page_size
+        self.events: list[KVEvent] = []
+
+    def stored(
+        self,
+        keys: list[bytes],
+        parent: bytes | None,
+        tokens: tuple[int, ...] | None,
+        medium: str = DEVICE,
+    ) -> None:
+        if self.enabled and keys:
+            self.events.append(PagesStored(tuple(keys), parent, tokens, self.page_size, medium))
+
+    def removed(self, keys: list[bytes], medium: str = DEVICE) -> None:
+        if self.enabled and keys:
+            self.events.append(PagesRemoved(tuple(keys), medium))
+
+    def cleared(self) -> None:
+        if self.enabled:
+            self.events.append(AllPagesCleared())
+
+    def take(self) -> list[KVEvent]:
+        events, self.events = self.events, []
+        return events

@@ -1,0 +1,116 @@
+"""Preemption by swap: move a request's own pages to host pages and bring them back.
+
+What moves: the pages the request alone owns that are not in the prefix cache. A page shared
+with another request (fork, prefix hit) or cached stays on device and the request keeps its
+reference, so a swap never changes what any other request reads, and the prefix cache keeps
+its pages where lookups find them. The moved columns read :data:`NULL_PAGE` in the page table
+while the request is out; ``host_table`` holds their host pages.
+
+Ordering within a step (the caller applies the pairs as ``swap_out``, ``swap_in``,
+``copy_pages``, ``update``; see ``PageAllocator.take_pending_swaps``) makes every pair read
+data from before the step, except where these transactions refuse: a request is not swapped
+out while a pending copy or swap-in reads or fills one of its pages, and nothing is swapped in
+while a pending copy reads a page nobody owns (a swap-in could be handed that page and
+overwrite it before ``copy_pages`` reads it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from kvshard.allocator._common import NULL_PAGE, OutOfPages
+
+if TYPE_CHECKING:
+    from kvshard.allocator._state import AllocatorParts
+
+
+def _require_tier(parts: AllocatorParts, where: str) -> None:
+    if not parts.tier.enabled:
+        raise ValueError(f"{where}: there is no host tier (num_host_pages=0)")
+
+
+def swap_out(parts: AllocatorParts, req_id: Hashable) -> int:
+    """Moves ``req_id``'s own pages to host pages; returns how many moved."""
+    where = "swap_out_request"
+    _require_tier(parts, where)
+    rows, table, pool, tier = parts.rows, parts.table, parts.pool, parts.tier
+    row = rows.row_of(req_id, where)
+    if tier.row_swapped[row]:
+        raise ValueError(f"{where}: req_id={req_id!r} is already swapped out")
+    start, stop = int(table.row_released[row]), int(table.row_pages[row])
+    pages = table.page_table[row, start:stop]
+    busy = np.concatenate([pool.pending_copies().reshape(-1), tier.swap_in_pairs()[:, 0]])
+    clash = pages[np.isin(pages, busy)]
+    if clash.size:
+        raise ValueError(
+            f"{where}: req_id={req_id!r} holds page {int(clash[0])}, which a pending copy or "
+            "swap-in of this step reads or fills; apply the step first (take_pending_copies, "
+            "take_pending_swaps)"
+        )
+    own = (pool.refcount[pages] == 1) & ~pool.index.cached[pages]
+    cols = start + np.flatnonzero(own)
+    available = tier.num_takeable
+    if cols.size > available:
+        raise OutOfPages(cols.size, available, f"{where} (host pages)")
+
+    # ---- commit
+    device = table.page_table[row, cols].copy()
+    host = tier.take(int(cols.size))
+    tier.host_table[row, cols] = host
+    table.page_table[row, cols] = NULL_PAGE
+    pool.release(device)
+    tier.queue_out(device, host)
+    tier.row_swapped[row] = True
+    rows.row_tentative[row] = False  # swapping it out serves it: its hits stay touched
+    tier.stats["swapped_out_pages"] += int(cols.size)
+    return int(cols.size)
+
+
+def swap_in(parts: AllocatorParts, req_id: Hashable) -> np.ndarray:
+    """Brings ``req_id``'s host pages back into new device pages; returns them (row order)."""
+    where = "swap_in_request"
+    _require_tier(parts, where)
+    rows, table, pool, tier = parts.rows, parts.table, parts.pool, parts.tier
+    row = rows.row_of(req_id, where)
+    if not tier.row_swapped[row]:
+        raise ValueError(f"{where}: req_id={req_id!r} is not swapped out")
+    cols = np.flatnonzero(tier.host_table[row])
+    if cols.size:
+        check_swap_in_safe(parts, where)
+    available = pool.num_available
+    if cols.size > available:
+        raise OutOfPages(cols.size, available, where)
+
+    # ---- commit
+    host = tier.host_table[row, cols].copy()
+    device = pool.take(int(cols.size))
+    table.page_table[row, cols] = device
+    tier.host_table[row] = NULL_PAGE
+    tier.to_limbo(host)
+    tier.queue_in(device, host)
+    tier.row_swapped[row] = False
+    tier.stats["swapped_in_pages"] += int(cols.size)
+    return device
+
+
+def check_swap_in_safe(parts: AllocatorParts, where: str) -> None:
+    """Raises ValueError if a swap-in now could overwrite a page a pending copy reads."""
+    exposed = parts.pool.unowned_copy_sources()
+    if exposed.size:
+        raise ValueError(
+            f"{where}: a pending copy-on-write reads page {int(exposed[0])}, which no request "
+            "owns and a swap-in could overwrite first; apply the step's copies "
+            "(take_pending_copies) before swapping in"
+        )
+
+
+def release_host(parts: AllocatorParts, row: int) -> None:
+    """Releases a freed row's host pages (into limbo: a pending swap-out may fill them)."""
+    tier = parts.tier
+    if tier.row_swapped[row]:
+        tier.to_limbo(tier.host_table[row][tier.host_table[row] != NULL_PAGE])
+        tier.host_table[row] = NULL_PAGE
+        tier.row_swapped[row] = False
