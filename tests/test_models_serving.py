@@ -208,9 +208,9 @@ def test_a_checkpoint_that_does_not_fit_the_config_is_refused(tmp_path):
     assert "model.layers.0.self_attn.q_norm.weight" in weights
 
 
-def test_gpt_oss_runs_densely_and_is_gated_on_attention_sinks(tmp_path):
-    """gpt-oss: sinks, biases, alternating windows, a mixture of experts. The dense path matches
-    the float64 oracle; serving from the cache needs kvshard.attention(..., sinks=)."""
+def test_gpt_oss_sinks_windows_and_experts_served_from_the_cache(tmp_path):
+    """gpt-oss: sinks, biases, alternating windows, a mixture of experts. The dense path and the
+    paged path (kvshard.attention(..., sinks=)) both match the float64 oracle."""
     cfg = {
         **SMALL,
         "model_type": "gpt_oss",
@@ -241,10 +241,10 @@ def test_gpt_oss_runs_densely_and_is_gated_on_attention_sinks(tmp_path):
         ).max()
         > 1e-2
     )
-    if not models.model.ATTENTION_TAKES_SINKS:
-        spec = kvshard.CacheSpec(2, 2, 16, page_size=4, num_pages=16, dtype="float32")
-        with pytest.raises(NotImplementedError, match=r"kvshard.attention\(\.\.\., sinks=\)"):
-            models.serve(model, spec, make_mesh(1, 2), requests, max_seqs=2, budget=16)
+    # Served from the cache, sinks through kvshard.attention(..., sinks=): the float64 oracle.
+    assert models.model.ATTENTION_TAKES_SINKS
+    served_model, served = serve(tmp_path, make_mesh(1, 2))
+    check_served(served_model, served, {**cfg, "_weights": weights})
 
 
 def test_zero_new_tokens_returns_the_prompt_rows_only(tmp_path):

@@ -31,8 +31,8 @@ from kvshard.models.rope import apply_rope
 
 __all__ = ["ATTENTION_TAKES_SINKS", "CausalLM", "check_servable", "dense_attention"]
 
-# gpt-oss's attention sinks need kvshard.attention(..., sinks=) (issue 21 item 2). Until it
-# lands, a model with sinks is refused at construction rather than served without them.
+# gpt-oss's attention sinks need kvshard.attention(..., sinks=); a kvshard without it refuses
+# such a model rather than serving it without them.
 ATTENTION_TAKES_SINKS = "sinks" in inspect.signature(kvshard.attention).parameters
 
 
