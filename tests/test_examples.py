@@ -82,7 +82,17 @@ def test_tp_decode_fails_on_mismatch():
 
 def test_prefix_sharing():
     out = summary(
-        run_example("prefix_sharing.py", "--layers", "2", "--num-requests", "4", "--steps", "40")
+        run_example(
+            "prefix_sharing.py",
+            "--layers",
+            "2",
+            "--num-requests",
+            "4",
+            "--steps",
+            "24",
+            "--system-len",
+            "32",
+        )
     )
     assert "generated tokens identical: True" in out
     saved = re.search(r"memory saved:\s+(\d+) pages at peak .* = (\d+) bytes per device", out)
