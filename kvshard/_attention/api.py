@@ -32,7 +32,7 @@ from kvshard._attention.pallas import local_pallas
 from kvshard._attention.params import Statics
 from kvshard._attention.xla import local_xla
 from kvshard._layout import INT32_MAX, check_query_heads
-from kvshard._platform import PlatformJit, resolve_backend
+from kvshard._platform import resolve_backend
 from kvshard._sharding import place, to_spec
 from kvshard._types import Backend, BackendOptions
 from kvshard.cache import KVCache, check_cache
@@ -50,9 +50,7 @@ def _q_spec(cache: KVCache) -> P:
     return P(cache.page_axis, None, cache.head_axis, None)
 
 
-# PlatformJit: on CPU, XLA's float normalization would upcast the whole bf16/fp8 cache operand
-# of the page gather to f32 (temporaries of twice the cache); every op after the gather is f32.
-@functools.partial(PlatformJit, static_argnames=("backend", "statics", "checks"))
+@functools.partial(jax.jit, static_argnames=("backend", "statics", "checks"))
 def _read(cache, layer, q, fields, *, backend, statics, checks):
     pa = cache.page_axis
     if pa is None:  # one pool: give every per-pool argument a group axis of size 1

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from kvshard._attention.params import Statics, spec_scale
 from kvshard._drop import requests_on_block
+from kvshard._storage import from_bits
 from kvshard.quant import dequantize
 
 __all__ = ["XLA_KEYS_PER_STEP", "XLA_TOKEN_KEYS_PER_STEP", "local_xla"]
@@ -67,6 +68,7 @@ def local_xla(kv, layer, q, page_indices, kv_lens, cu_q_lens, num_seqs, *, stati
         k_pos = (page_pos[..., None] * page_size + within).reshape(num_tokens, -1)
         in_row = jnp.repeat(page_pos <= last[:, None], page_size, axis=1)
         seen = in_row & (k_pos <= pos[:, None]) & (k_pos >= lo[:, None]) & tok_ok[:, None]
+        kv_block = from_bits(kv_block, spec.np_dtype)  # only the gathered pages (_storage)
         k = dequantize(kv_block[:, :, 0::2, :head_dim], k_scale, jnp.float32)
         v = dequantize(kv_block[:, :, 1::2, :head_dim], v_scale, jnp.float32)
         v = jnp.where(seen[:, :, None, None], v, 0.0)  # unseen slots may hold NaN or inf

@@ -2,7 +2,9 @@
 
 Inside ``shard_map`` the local block [L, slots, C, D] is reshaped (a free bitcast) to
 [L·slots, C, D] and ``kv_cache_start`` is offset by ``layer · slots``, so the 3-D Pallas kernel
-writes the right layer of the aliased buffer; the XLA backend scatters at ``[layer, slot]``.
+writes the right layer of the aliased buffer; the XLA backend views the block as
+[L, slots, C/2, 2, D] (also free) and scatters K and V at ``[layer, slot, :, 0 or 1]``, with no
+combined [T, C, D] copy of the new tokens.
 Both backends write exactly the slices :func:`kvshard._drop.writable_slices` keeps.
 """
 
@@ -31,10 +33,10 @@ from kvshard._host_checks import (
     is_traced,
 )
 from kvshard._layout import CacheSpec
-from kvshard._platform import PlatformJit, resolve_backend
+from kvshard._platform import resolve_backend
 from kvshard._sharding import place, to_spec
 from kvshard._types import Backend, BackendOptions, Schedule
-from kvshard.cache._codec import combine, kv_in_spec, local_heads
+from kvshard.cache._codec import combine, encode, kv_in_spec, local_heads
 from kvshard.cache._pytree import KVCache, check_cache, with_kv
 from kvshard.kernels.checks import validate_slices
 from kvshard.kernels.update import kv_cache_update
@@ -131,11 +133,12 @@ def _legacy_options(options: Any, interpret: Any, schedule: Any) -> BackendOptio
 # --------------------------------------------------------------------------------------------
 
 
-def _local_update_xla(cache, layer, new_kv, slices, num, *, page_size, options):
-    """One device: cache [L, slots, C, D], new_kv [T, C, D] -> cache, by an XLA scatter."""
+def _local_update_xla(cache, layer, k, v, slices, num, *, page_size, options):
+    """One device: cache [L, slots, C, D], encoded k, v [T, C/2, D] -> cache, by two XLA
+    scatters into the [L, slots, C/2, 2, D] view."""
     del options
-    num_layers, num_slots = cache.shape[:2]
-    num_tokens = new_kv.shape[0]
+    num_layers, num_slots, combined, dim = cache.shape
+    num_tokens = k.shape[0]
     valid = writable_slices(
         slices,
         num,
@@ -149,10 +152,13 @@ def _local_update_xla(cache, layer, new_kv, slices, num, *, page_size, options):
     # A bad layer leaves every slot >= num_slots (nothing valid); index layer 0 rather than
     # let a negative layer wrap. Unique, in-bounds-or-dropped indices let XLA scatter in place.
     layer = jnp.where(layer_in_range(layer, num_layers), layer, 0)
-    return cache.at[layer, slots].set(new_kv, mode="drop", unique_indices=True)
+    heads = cache.reshape(num_layers, num_slots, combined // 2, 2, dim)  # a bitcast
+    for which, x in enumerate((k, v)):
+        heads = heads.at[layer, slots, :, which].set(x, mode="drop", unique_indices=True)
+    return heads.reshape(cache.shape)
 
 
-def _local_update_pallas(cache, layer, new_kv, slices, num, *, page_size, options):
+def _local_update_pallas(cache, layer, k, v, slices, num, *, page_size, options):
     """One device: the kernel on the [L·slots, C, D] view of the stacked block.
 
     The reshape is a bitcast, so the kernel's input/output alias still covers the donated
@@ -165,7 +171,7 @@ def _local_update_pallas(cache, layer, new_kv, slices, num, *, page_size, option
         num,
         layer,
         num_layers=num_layers,
-        num_tokens=new_kv.shape[0],
+        num_tokens=k.shape[0],
         num_slots=num_slots,
         page_size=page_size,
     )
@@ -173,7 +179,7 @@ def _local_update_pallas(cache, layer, new_kv, slices, num, *, page_size, option
     # layer out of range) must be dropped here or it would land in another layer.
     slices = jnp.stack([slices[0] + layer * num_slots, slices[1], jnp.where(valid, slices[2], 0)])
     out = kv_cache_update(
-        new_kv,
+        combine(k, v),  # the kernel takes the combined layout
         slices,
         flat,
         num,
@@ -251,7 +257,7 @@ def _update_specs(cache: KVCache) -> tuple[P, ...]:
 
 
 @functools.partial(
-    PlatformJit,
+    jax.jit,
     static_argnames=("backend", "options", "checks", "stats"),
     donate_argnums=(0,),
 )
@@ -285,7 +291,7 @@ def _write(cache, layer, k, v, slices, num_slices, *, backend, options, checks, 
                 page_size=spec.page_size,
             )
         k, v = local_heads(cache, k[0]), local_heads(cache, v[0])
-        out = local_update(kv, layer, combine(spec, k, v), slices[0], num[0])
+        out = local_update(kv, layer, *encode(spec, k, v, kv.dtype), slices[0], num[0])
         if not stats:
             return out
         return out, _count_saturated(cache, k, v, layer, slices[0], num[0], kv.shape[1])
