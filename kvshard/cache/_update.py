@@ -35,6 +35,7 @@ from kvshard._host_checks import (
 from kvshard._layout import CacheSpec
 from kvshard._platform import resolve_backend
 from kvshard._sharding import place, to_spec
+from kvshard._storage import from_bits, to_bits
 from kvshard._types import Backend, BackendOptions, Schedule
 from kvshard.cache._codec import combine, encode, kv_in_spec, local_heads
 from kvshard.cache._pytree import KVCache, check_cache, with_kv
@@ -133,10 +134,10 @@ def _legacy_options(options: Any, interpret: Any, schedule: Any) -> BackendOptio
 # --------------------------------------------------------------------------------------------
 
 
-def _local_update_xla(cache, layer, k, v, slices, num, *, page_size, options):
+def _local_update_xla(cache, layer, k, v, slices, num, *, page_size, options, dtype):
     """One device: cache [L, slots, C, D], encoded k, v [T, C/2, D] -> cache, by two XLA
     scatters into the [L, slots, C/2, 2, D] view."""
-    del options
+    del options, dtype  # the scatter moves the stored bits, whatever they are
     num_layers, num_slots, combined, dim = cache.shape
     num_tokens = k.shape[0]
     valid = writable_slices(
@@ -158,14 +159,17 @@ def _local_update_xla(cache, layer, k, v, slices, num, *, page_size, options):
     return heads.reshape(cache.shape)
 
 
-def _local_update_pallas(cache, layer, k, v, slices, num, *, page_size, options):
+def _local_update_pallas(cache, layer, k, v, slices, num, *, page_size, options, dtype):
     """One device: the kernel on the [L·slots, C, D] view of the stacked block.
 
     The reshape is a bitcast, so the kernel's input/output alias still covers the donated
-    buffer; offsetting kv_cache_start by ``layer · slots`` selects the layer.
+    buffer; offsetting kv_cache_start by ``layer · slots`` selects the layer. The kernel takes
+    the logical ``dtype``: a CPU cache storing bf16/fp8 bits (interpret mode) is bitcast to it
+    and back, which XLA's CPU backend materialises; on TPU storage is already ``dtype``.
     """
     num_layers, num_slots, heads, dim = cache.shape
-    flat = cache.reshape(num_layers * num_slots, heads, dim)
+    stored = cache.dtype
+    flat = from_bits(cache.reshape(num_layers * num_slots, heads, dim), dtype)
     valid = writable_slices(
         slices,
         num,
@@ -179,7 +183,7 @@ def _local_update_pallas(cache, layer, k, v, slices, num, *, page_size, options)
     # layer out of range) must be dropped here or it would land in another layer.
     slices = jnp.stack([slices[0] + layer * num_slots, slices[1], jnp.where(valid, slices[2], 0)])
     out = kv_cache_update(
-        combine(k, v),  # the kernel takes the combined layout
+        from_bits(combine(k, v), dtype),  # the kernel takes the combined layout
         slices,
         flat,
         num,
@@ -187,7 +191,7 @@ def _local_update_pallas(cache, layer, k, v, slices, num, *, page_size, options)
         interpret=options.interpret,
         schedule=options.schedule,
     )
-    return out.reshape(cache.shape)
+    return to_bits(out, stored).reshape(cache.shape)
 
 
 _LOCAL_UPDATES = {"xla": _local_update_xla, "pallas": _local_update_pallas}
@@ -278,7 +282,7 @@ def _write(cache, layer, k, v, slices, num_slices, *, backend, options, checks, 
         args += [to_spec(cache.mesh, x, s) for x, s in zip(checked, whole, strict=True)]
     spec = cache.spec
     local_update = functools.partial(
-        _LOCAL_UPDATES[backend], page_size=spec.page_size, options=options
+        _LOCAL_UPDATES[backend], page_size=spec.page_size, options=options, dtype=spec.np_dtype
     )
 
     def body(kv, layer, k, v, slices, num, *whole):
