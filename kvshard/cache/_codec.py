@@ -21,7 +21,7 @@ from jax.sharding import PartitionSpec as P
 
 from kvshard import quant
 from kvshard._layout import CacheSpec
-from kvshard._storage import from_bits, to_bits
+from kvshard._storage import from_bits
 from kvshard.cache._pytree import KVCache
 
 __all__ = [
@@ -47,12 +47,13 @@ def to_storage(spec: CacheSpec, x: jax.Array, scale: float | None) -> jax.Array:
     return quant.quantize(x, scale, spec.np_dtype)
 
 
-def encode(spec: CacheSpec, k: jax.Array, v: jax.Array, stored: Any) -> tuple[jax.Array, ...]:
-    """k, v [T, h, D] real values -> [T, h, D_pad] each, as the cache stores them (``stored``:
-    the cache array's dtype, see :mod:`kvshard._storage`)."""
+def encode(spec: CacheSpec, k: jax.Array, v: jax.Array) -> tuple[jax.Array, ...]:
+    """k, v [T, h, D] real values -> [T, h, D_pad] each, the stored values in the cache's
+    logical dtype; a backend bitcasts them to the array's storage dtype
+    (:func:`kvshard._storage.to_bits`) where it writes them."""
     pad = [(0, 0), (0, 0), (0, spec.padded_head_dim - spec.head_dim)]
     return tuple(
-        to_bits(jnp.pad(to_storage(spec, x, scale), pad), stored)
+        jnp.pad(to_storage(spec, x, scale), pad)
         for x, scale in ((k, spec.k_scale), (v, spec.v_scale))
     )
 

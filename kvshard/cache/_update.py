@@ -135,9 +135,16 @@ def _legacy_options(options: Any, interpret: Any, schedule: Any) -> BackendOptio
 
 
 def _local_update_xla(cache, layer, k, v, slices, num, *, page_size, options, dtype):
-    """One device: cache [L, slots, C, D], encoded k, v [T, C/2, D] -> cache, by two XLA
-    scatters into the [L, slots, C/2, 2, D] view."""
-    del options, dtype  # the scatter moves the stored bits, whatever they are
+    """One device: cache [L, slots, C, D], encoded k, v [T, C/2, D] (values in the cache's
+    logical dtype, bitcast to its storage here, as late as possible) -> cache, on the
+    [L, slots, C/2, 2, D] view (a bitcast), K and V written apart: no combined copy.
+
+    Whole-page slices (a prefill's) are copied page by page with ``dynamic_update_slice`` in a
+    loop: XLA's CPU scatter moves one row at a time, several times slower than these page
+    copies (docs/performance.md). The tokens of the other valid slices (a decode's) are
+    scattered, two scatters of [T, C/2, D] with out-of-bounds slots dropped.
+    """
+    del options, dtype  # both move the stored bits, whatever they are
     num_layers, num_slots, combined, dim = cache.shape
     num_tokens = k.shape[0]
     valid = writable_slices(
@@ -149,12 +156,29 @@ def _local_update_xla(cache, layer, k, v, slices, num, *, page_size, options, dt
         num_slots=num_slots,
         page_size=page_size,
     )
-    slots = token_slots(slices, valid, num_tokens, num_slots)
-    # A bad layer leaves every slot >= num_slots (nothing valid); index layer 0 rather than
-    # let a negative layer wrap. Unique, in-bounds-or-dropped indices let XLA scatter in place.
+    # A writable slice never crosses a page: a full one starts on a page boundary.
+    whole = valid & (slices[2] == page_size)
+    slots = token_slots(slices, valid & ~whole, num_tokens, num_slots)
+    # A bad layer leaves nothing valid; index layer 0 rather than let a negative layer wrap.
+    # Unique, in-bounds-or-dropped indices let XLA scatter in place.
     layer = jnp.where(layer_in_range(layer, num_layers), layer, 0)
-    heads = cache.reshape(num_layers, num_slots, combined // 2, 2, dim)  # a bitcast
+    heads = cache.reshape(num_layers, num_slots, combined // 2, 2, dim)
+
+    def copy_page(i, heads):
+        def write(heads):
+            for which, x in enumerate((k, v)):
+                rows = jax.lax.dynamic_slice_in_dim(x, slices[1, i], page_size, axis=0)
+                rows = to_bits(rows, cache.dtype)  # bitcast the page, not all of k/v
+                start = (layer, slices[0, i], 0, which, 0)
+                heads = jax.lax.dynamic_update_slice(heads, rows[None, :, :, None], start)
+            return heads
+
+        return jax.lax.cond(whole[i], write, lambda heads: heads, heads)
+
+    live = jnp.clip(num[0], 0, slices.shape[1])
+    heads = jax.lax.fori_loop(0, live, copy_page, heads)
     for which, x in enumerate((k, v)):
+        x = to_bits(x, cache.dtype)
         heads = heads.at[layer, slots, :, which].set(x, mode="drop", unique_indices=True)
     return heads.reshape(cache.shape)
 
@@ -183,7 +207,7 @@ def _local_update_pallas(cache, layer, k, v, slices, num, *, page_size, options,
     # layer out of range) must be dropped here or it would land in another layer.
     slices = jnp.stack([slices[0] + layer * num_slots, slices[1], jnp.where(valid, slices[2], 0)])
     out = kv_cache_update(
-        from_bits(combine(k, v), dtype),  # the kernel takes the combined layout
+        combine(k, v),  # the kernel takes the combined layout
         slices,
         flat,
         num,
@@ -295,7 +319,7 @@ def _write(cache, layer, k, v, slices, num_slices, *, backend, options, checks, 
                 page_size=spec.page_size,
             )
         k, v = local_heads(cache, k[0]), local_heads(cache, v[0])
-        out = local_update(kv, layer, *encode(spec, k, v, kv.dtype), slices[0], num[0])
+        out = local_update(kv, layer, *encode(spec, k, v), slices[0], num[0])
         if not stats:
             return out
         return out, _count_saturated(cache, k, v, layer, slices[0], num[0], kv.shape[1])
