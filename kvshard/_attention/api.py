@@ -33,7 +33,7 @@ from kvshard._attention.params import Statics
 from kvshard._attention.xla import local_xla
 from kvshard._layout import INT32_MAX, check_query_heads
 from kvshard._platform import resolve_backend
-from kvshard._sharding import place, to_spec
+from kvshard._sharding import place_all, to_spec
 from kvshard._types import Backend, BackendOptions
 from kvshard.cache import KVCache, check_cache
 from kvshard.step import StepMetadata, check_step
@@ -292,11 +292,14 @@ def attention(
     mesh = cache.mesh
     q_spec = _q_spec(cache) if pooled else P(*_q_spec(cache)[1:])
     fields_spec = P(cache.page_axis) if pooled else P()
+    layer_index, q, *fields = place_all(
+        mesh, [(layer_index, P()), (q, q_spec), *((x, fields_spec) for x in fields)]
+    )
     return _read(
         cache,
-        place(mesh, layer_index, P()),
-        place(mesh, q, q_spec),
-        [place(mesh, x, fields_spec) for x in fields],
+        layer_index,
+        q,
+        fields,
         backend=resolve_backend(cache, backend),
         statics=statics,
         checks=checks,

@@ -13,6 +13,7 @@ normalization stays on, as it must for a model computing in bf16), then calls
 Columns: compiled temporaries (``memory_analysis()``, against the cache's bytes: in place means
 well under 1x), and the step's time over interleaved rounds (every variant once per round, so
 a load spike hits all of them), median and spread (min to max), with the load printed.
+A second table gives the host share of the eager ``update``/``attention`` call at decode.
 """
 
 from __future__ import annotations
@@ -113,7 +114,7 @@ def run(
             ).kv.dtype == jax.numpy.dtype(dtype):
                 continue  # already native here: the same row twice
             spec = sized_spec(dtype, cache_mib, layers=4)
-            fn, args, abstract = decode_forward(spec, mesh, requests, 512, platform=platform)
+            fn, args, abstract = decode_forward(spec, mesh, requests, 256, platform=platform)
             compiled = fn.lower(abstract, *args).compile()
             mem = compiled.memory_analysis()
             state = {"cache": kvshard.init_cache(spec, mesh, platform=platform)}
@@ -141,10 +142,10 @@ def run(
         v.pop("call")
         v["times"] = v["times"][1:]
     machine = jax_machine()
-    print(f"## kvshard in the caller's jit: bf16 model, lax.scan over 4 layers, cache donated")
+    print("## kvshard in the caller's jit: bf16 model, lax.scan over 4 layers, cache donated")
     print(f"{machine}; load during the rounds {min(loads):.1f} to {max(loads):.1f}")
     print(
-        f"decode: {requests} requests x 1 token, 512-token contexts, 2 KV heads, head_dim 128, "
+        f"decode: {requests} requests x 1 token, 256-token contexts, 2 KV heads, head_dim 128, "
         f"cache {cache_mib} MiB; {rounds} interleaved rounds, ms median (min - max)\n"
     )
     mib = 2**20
@@ -165,9 +166,91 @@ def run(
             first_width=16,
         )
     )
-    data = {"machine": machine, "loads": loads, "requests": requests, "rows": variants}
+    eager = [row for dtype in dtypes for row in eager_share(dtype, 64, rounds)]
+    print(
+        "\n## eager dispatch at decode (T = 64 requests x 1 token, one device): eager call vs "
+        "the same call in a jit; host share = 1 - jit median / eager median\n"
+    )
+    print(
+        table(
+            ("op dtype", "eager ms", "in a jit ms", "host share"),
+            [
+                (
+                    f"{r['op']} {r['dtype']}",
+                    _spread(r["eager_s"]),
+                    _spread(r["jit_s"]),
+                    f"{100 * r['host']:.0f}%",
+                )
+                for r in eager
+            ],
+            first_width=20,
+        )
+    )
+    data = {
+        "machine": machine,
+        "loads": loads,
+        "requests": requests,
+        "rows": variants,
+        "eager": eager,
+    }
     write_json(outdir, NAME, data)
     return data
+
+
+def eager_share(dtype: str, requests: int, rounds: int) -> list[dict[str, Any]]:
+    """Host share of an eager decode call: ``kvshard.update`` and ``kvshard.attention`` called
+    eagerly (a numpy step from ``build_step``, device k/v/q) against the same call inside a
+    jit with device arguments (the device time plus one dispatch), interleaved rounds."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    import kvshard
+
+    spec = sized_spec(dtype, 128, layers=4)  # room for 64 requests of 200 tokens
+    mesh = jax.make_mesh((1,), ("model",), devices=jax.devices()[:1])
+    alloc = kvshard.PageAllocator(
+        spec.num_pages, PAGE, max_requests=requests, max_pages_per_request=32
+    )
+    ids = list(range(requests))
+    alloc.allocate_batch(ids, [200] * requests)
+    step = kvshard.build_step(alloc, ids, [1] * requests, num_tokens_padded=requests)
+    on_device = jax.tree.map(jnp.asarray, step)
+    rng = np.random.default_rng(0)
+    k = jnp.asarray(rng.standard_normal((requests, HEADS, DIM)), dtype)
+    q = jnp.asarray(rng.standard_normal((requests, HEADS, DIM)), jnp.float32)
+    state = {"cache": kvshard.init_cache(spec, mesh)}
+    write = jax.jit(lambda c, k, s: kvshard.update(c, 1, k, k, s), donate_argnums=0)
+    read = jax.jit(lambda c, q, s: kvshard.attention(c, 1, q, s, sm_scale=0.1))
+
+    def update_eager():
+        state["cache"] = kvshard.update(state["cache"], 1, k, k, step)
+        state["cache"].kv.block_until_ready()
+
+    def update_jit():
+        state["cache"] = write(state["cache"], k, on_device)
+        state["cache"].kv.block_until_ready()
+
+    def attention_eager():
+        kvshard.attention(state["cache"], 1, q, step, sm_scale=0.1).block_until_ready()
+
+    def attention_jit():
+        read(state["cache"], q, on_device).block_until_ready()
+
+    calls = [update_eager, update_jit, attention_eager, attention_jit]
+    times: dict[str, list[float]] = {f.__name__: [] for f in calls}
+    for r in range(rounds + 1):
+        for f in calls:
+            start = time.perf_counter()
+            f()
+            if r:  # round 0 compiles
+                times[f.__name__].append(time.perf_counter() - start)
+    rows = []
+    for op in ("update", "attention"):
+        eager, jitted = times[f"{op}_eager"], times[f"{op}_jit"]
+        share = 1 - statistics.median(jitted) / statistics.median(eager)
+        rows.append({"op": op, "dtype": dtype, "eager_s": eager, "jit_s": jitted, "host": share})
+    return rows
 
 
 def _spread(times: list[float]) -> str:

@@ -34,7 +34,7 @@ from kvshard._host_checks import (
 )
 from kvshard._layout import CacheSpec
 from kvshard._platform import resolve_backend
-from kvshard._sharding import place, to_spec
+from kvshard._sharding import place_all, to_spec
 from kvshard._storage import from_bits, to_bits
 from kvshard._types import Backend, BackendOptions, Schedule
 from kvshard.cache._codec import combine, encode, kv_in_spec, local_heads
@@ -392,13 +392,19 @@ def _update_call(
     mesh, (_, _, kv_spec, _, slices_spec, num_spec) = cache.mesh, _update_specs(cache)
     if not pooled:  # the specs above carry the group axis that _write adds
         kv_spec, slices_spec, num_spec = (P(*s[1:]) for s in (kv_spec, slices_spec, num_spec))
+    placed = place_all(
+        mesh,
+        [
+            (layer_index, P()),
+            (k, kv_spec),
+            (v, kv_spec),
+            (slices, slices_spec),
+            (num_slices, num_spec),
+        ],
+    )
     return _write(
         cache,
-        place(mesh, layer_index, P()),
-        place(mesh, k, kv_spec),
-        place(mesh, v, kv_spec),
-        place(mesh, slices, slices_spec),
-        place(mesh, num_slices, num_spec),
+        *placed,
         backend=resolve_backend(cache, backend),
         options=options,
         checks=checks,
