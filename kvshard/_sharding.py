@@ -11,7 +11,6 @@ import functools
 from typing import Any
 
 import jax
-import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -64,16 +63,11 @@ def _sharding(mesh: Mesh, spec: P) -> NamedSharding:
     return NamedSharding(mesh, spec)
 
 
-@functools.lru_cache(maxsize=1024)
-def _device_scalar(value: int, dtype: str, sharding: NamedSharding) -> jax.Array:
-    # A layer index is placed on every eager call: reuse its (immutable, never donated) array.
-    return jax.device_put(np.asarray(value, dtype), sharding)
-
-
 def place_all(mesh: Mesh, items: list[tuple[Any, P]]) -> list[Any]:
     """:func:`place` of every (x, spec), in one batched transfer (the host cost of an eager
     call at decode is mostly these): traced values and arrays that already carry the sharding
-    stay as they are, integer scalars are placed once and reused."""
+    stay as they are. (Reusing placed layer scalars across calls is not done: under a caller's
+    trace a cached concrete array would become a hoisted argument of the caller's program.)"""
     out: list[Any] = [None] * len(items)
     moving: list[int] = []
     for i, (x, spec) in enumerate(items):
@@ -84,8 +78,6 @@ def place_all(mesh: Mesh, items: list[tuple[Any, P]]) -> list[Any]:
             out[i] = x
         elif not sharding.is_fully_addressable:  # a mesh spanning processes: kvshard.distributed
             out[i] = global_array(x, sharding)
-        elif isinstance(x, np.integer | int) and not isinstance(x, bool):
-            out[i] = _device_scalar(int(x), np.asarray(x).dtype.name, sharding)
         else:
             moving.append(i)
     if moving:

@@ -21,8 +21,10 @@ def test_update_temporaries_at_most_twice_the_new_tokens(dtype):
     itemsize = np.dtype(dtype).itemsize
     assert m["new_token_bytes"] == tokens * 2 * 8 * 128 * itemsize  # k and v, 8 heads, D=128
     assert m["cache_bytes"] == 8 * 2**20
-    # A full-cache copy needs temporaries of at least the cache: 64x the new tokens here.
-    assert m["temp_bytes"] <= 2 * m["new_token_bytes"], m
+    # A full-cache copy needs temporaries of at least the cache: 64x the new tokens here. A
+    # quantized (or bit-stored) write holds its converted k/v twice (read by the page loop and
+    # by the scatter) plus the int32 slot indices (T x 3 per scatter): 4 KiB covers those.
+    assert m["temp_bytes"] <= 2 * m["new_token_bytes"] + 4096, m
     assert m["alias_bytes"] == m["cache_bytes"], m  # the output is the donated buffer
 
 

@@ -175,8 +175,9 @@ def _local_update_xla(cache, layer, k, v, slices, num, *, page_size, options, dt
 
         return jax.lax.cond(whole[i], write, lambda heads: heads, heads)
 
-    live = jnp.clip(num[0], 0, slices.shape[1])
-    heads = jax.lax.fori_loop(0, live, copy_page, heads)
+    if num_tokens >= page_size:  # else no slice can fill a page
+        live = jnp.clip(num[0], 0, slices.shape[1])
+        heads = jax.lax.fori_loop(0, live, copy_page, heads)
     for which, x in enumerate((k, v)):
         x = to_bits(x, cache.dtype)
         heads = heads.at[layer, slots, :, which].set(x, mode="drop", unique_indices=True)
