@@ -7,6 +7,7 @@ traced inputs when the mesh's axes are Explicit (:func:`to_spec`).
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -15,7 +16,7 @@ from jax.sharding import PartitionSpec as P
 
 from kvshard.distributed import global_array
 
-__all__ = ["axis_size", "check_mesh_axes", "is_explicit", "place", "to_spec"]
+__all__ = ["axis_size", "check_mesh_axes", "is_explicit", "place", "place_all", "to_spec"]
 
 
 def axis_size(mesh: Mesh, axis: str | None) -> int:
@@ -54,9 +55,35 @@ def to_spec(mesh: Mesh, x: jax.Array, spec: P) -> jax.Array:
 
 def place(mesh: Mesh, x: Any, spec: P) -> Any:
     """Eager calls: puts concrete inputs on the mesh (numpy arrays have no mesh sharding)."""
-    if isinstance(x, jax.core.Tracer):
-        return x
-    sharding = NamedSharding(mesh, spec)
-    if not sharding.is_fully_addressable:  # a mesh spanning processes: see kvshard.distributed
-        return global_array(x, sharding)
-    return jax.device_put(x, sharding)
+    return place_all(mesh, [(x, spec)])[0]
+
+
+@functools.lru_cache(maxsize=256)
+def _sharding(mesh: Mesh, spec: P) -> NamedSharding:
+    return NamedSharding(mesh, spec)
+
+
+def place_all(mesh: Mesh, items: list[tuple[Any, P]]) -> list[Any]:
+    """:func:`place` of every (x, spec), in one batched transfer (the host cost of an eager
+    call at decode is mostly these): traced values and arrays that already carry the sharding
+    stay as they are. (Reusing placed layer scalars across calls is not done: under a caller's
+    trace a cached concrete array would become a hoisted argument of the caller's program.)"""
+    out: list[Any] = [None] * len(items)
+    moving: list[int] = []
+    for i, (x, spec) in enumerate(items):
+        sharding = _sharding(mesh, spec)
+        if isinstance(x, jax.core.Tracer) or (
+            isinstance(x, jax.Array) and x.sharding.is_equivalent_to(sharding, x.ndim)
+        ):
+            out[i] = x
+        elif not sharding.is_fully_addressable:  # a mesh spanning processes: kvshard.distributed
+            out[i] = global_array(x, sharding)
+        else:
+            moving.append(i)
+    if moving:
+        placed = jax.device_put(
+            [items[i][0] for i in moving], [_sharding(mesh, items[i][1]) for i in moving]
+        )
+        for i, x in zip(moving, placed, strict=True):
+            out[i] = x
+    return out

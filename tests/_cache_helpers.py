@@ -86,7 +86,10 @@ def assert_matches(cache: KVCache, oracle: Oracle):
         k, v = read_all(cache, layer)
         np.testing.assert_array_equal(k, oracle.k[layer])
         np.testing.assert_array_equal(v, oracle.v[layer])
-    np.testing.assert_array_equal(np.asarray(cache.kv), oracle.raw(cache.replication))
+    # cache.kv holds the storage dtype (bf16/fp8 bits on CPU): viewed as the cache dtype, the
+    # raw stored values.
+    raw = np.asarray(cache.kv).view(cache.dtype)
+    np.testing.assert_array_equal(raw, oracle.raw(cache.replication))
 
 
 def random_kv(rng, spec, num_tokens, groups=None):

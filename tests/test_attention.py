@@ -670,7 +670,8 @@ def test_sharded_step_exports_for_tpu_without_copying_the_cache(monkeypatch):
     spec = kvshard.CacheSpec(
         num_layers=3, num_kv_heads=8, head_dim=128, page_size=16, num_pages=64, dtype="bfloat16"
     )
-    cache = kvshard.init_cache(spec, mesh)
+    # The cache a TPU holds: native bf16 (this CPU mesh's own would store bf16 bits).
+    cache = kvshard.abstract_cache(spec, mesh, platform="tpu")
     alloc = kvshard.PageAllocator(64, 16, max_requests=8, max_pages_per_request=8)
     alloc.allocate_batch([0, 1], [20, 3])
     step = kvshard.build_step(alloc, [0, 1], [20, 3], num_tokens_padded=32)

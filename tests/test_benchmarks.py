@@ -119,7 +119,7 @@ def test_memory_tables(tmp_path, capsys):
     for row, itemsize in zip(data["update"], (4, 1), strict=True):
         assert row["new_token_bytes"] == 2 * 32 * 8 * 128 * itemsize
         assert row["alias_bytes"] == row["cache_bytes"]
-        assert row["temp_bytes"] <= 2 * row["new_token_bytes"]
+        assert row["temp_bytes"] <= 2 * row["new_token_bytes"] + 4096  # + int32 slot indices
     # Attention ran for every dtype; the context's K/V: 2 x 256 tokens x 8 heads x 128.
     assert [a["dtype"] for a in data["attention"]] == ["float32", "int8"]
     assert all("error" not in a and a["temp_bytes"] > 0 for a in data["attention"])

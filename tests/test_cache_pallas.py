@@ -26,7 +26,7 @@ from jax.sharding import PartitionSpec as P
 
 import kvshard.kernels.budgets
 from kvshard import BackendOptions
-from kvshard.cache import CacheSpec, init_cache, update
+from kvshard.cache import CacheSpec, abstract_cache, init_cache, update
 from kvshard.testing import update_slices
 
 pytestmark = pytest.mark.slow
@@ -136,14 +136,16 @@ def test_sharded_update_lowers_for_tpu(page_axis):
         num_layers=4, num_kv_heads=8, head_dim=128, page_size=16, num_pages=32, dtype="bfloat16"
     )
     mesh = make_mesh((2, 4))
-    cache = init_cache(spec, mesh, page_axis=page_axis)
+    # The cache a TPU would hold (native bf16; this CPU mesh's own would store bf16 bits).
+    cache = abstract_cache(spec, mesh, page_axis=page_axis, platform="tpu")
+    assert cache.kv.dtype == jnp.bfloat16
     lead = (2,) if page_axis else ()
 
     def sds(shape, dtype):
         return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, P()))
 
     args = (
-        jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), cache),
+        cache,
         sds((), jnp.int32),
         sds((*lead, 64, 8, 128), jnp.bfloat16),
         sds((*lead, 64, 8, 128), jnp.bfloat16),

@@ -206,7 +206,7 @@ def check_against_oracle(cache, dense, pooled):
             want = reference.dequantize(stored[layer], scale, out or np.float32)
             assert bits(got) == bits(want)
     # The raw stored bits too (K of head j at combined head 2j·r, V at 2j·r + 1).
-    kv = np.asarray(cache.kv)
+    kv = np.asarray(cache.kv).view(cache.dtype)  # fp8 caches store their bits on CPU
     r = cache.replication
     raw = kv.reshape(spec.num_layers, -1, spec.slots_per_pool, *kv.shape[2:])
     for i in (0, 1):

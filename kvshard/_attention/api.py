@@ -33,8 +33,8 @@ from kvshard._attention.pallas import local_pallas
 from kvshard._attention.params import Statics
 from kvshard._attention.xla import local_xla
 from kvshard._layout import INT32_MAX, check_query_heads
-from kvshard._platform import PlatformJit, resolve_backend
-from kvshard._sharding import place, to_spec
+from kvshard._platform import resolve_backend
+from kvshard._sharding import place_all, to_spec
 from kvshard._types import Backend, BackendOptions
 from kvshard.cache import KVCache, check_cache
 from kvshard.step import StepMetadata, check_step
@@ -51,9 +51,7 @@ def _q_spec(cache: KVCache) -> P:
     return P(cache.page_axis, None, cache.head_axis, None)
 
 
-# PlatformJit: on CPU, XLA's float normalization would upcast the whole bf16/fp8 cache operand
-# of the page gather to f32 (temporaries of twice the cache); every op after the gather is f32.
-@functools.partial(PlatformJit, static_argnames=("backend", "statics", "checks"))
+@functools.partial(jax.jit, static_argnames=("backend", "statics", "checks"))
 def _read(cache, layer, q, fields, sinks, *, backend, statics, checks):
     pa = cache.page_axis
     if pa is None:  # one pool: give every per-pool argument a group axis of size 1
@@ -326,12 +324,18 @@ def attention(
     mesh = cache.mesh
     q_spec = _q_spec(cache) if pooled else P(*_q_spec(cache)[1:])
     fields_spec = P(cache.page_axis) if pooled else P()
+    sinks_items = [] if sinks is None else [(sinks, P(cache.head_axis))]
+    layer_index, q, *placed = place_all(
+        mesh,
+        [(layer_index, P()), (q, q_spec), *((x, fields_spec) for x in fields), *sinks_items],
+    )
+    fields = placed[: len(fields)]
     return _read(
         cache,
-        place(mesh, layer_index, P()),
-        place(mesh, q, q_spec),
-        [place(mesh, x, fields_spec) for x in fields],
-        None if sinks is None else place(mesh, sinks, P(cache.head_axis)),
+        layer_index,
+        q,
+        fields,
+        None if sinks is None else placed[-1],
         backend=resolved,
         statics=statics,
         checks=checks,

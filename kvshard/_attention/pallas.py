@@ -22,6 +22,7 @@ from jax.experimental.pallas.ops.tpu.ragged_paged_attention import ragged_paged_
 
 from kvshard._attention.params import Statics, spec_scale
 from kvshard._drop import live_query_bounds, requests_on_block
+from kvshard._storage import from_bits
 from kvshard._types import BackendOptions
 
 __all__ = [
@@ -61,6 +62,9 @@ def pallas_operands(kv, layer, q, page_indices, kv_lens, cu_q_lens, num_seqs, *,
     # this layer's pages.
     pages = jnp.clip(page_indices, 0, num_pages - 1) + layer * num_pages
     kv_pages = kv.reshape(num_layers * num_pages, page_size, combined, padded_dim)  # bitcast
+    # A CPU cache storing bf16/fp8 bits (interpret mode, tests): the kernel reads values. On
+    # TPU the storage is the logical dtype and this is the block itself (kvshard._storage).
+    kv_pages = from_bits(kv_pages, spec.np_dtype)
     q_pad = jnp.pad(q, [(0, 0), (0, 0), (0, padded_dim - head_dim)])
     operands = (q_pad, kv_pages, kv_lens, pages, cu_q_lens, live[None])
     kwargs: dict[str, Any] = {

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 
 from kvshard._attention.params import Statics, spec_scale
 from kvshard._drop import live_query_bounds, requests_on_block
+from kvshard._storage import from_bits
 from kvshard.quant import dequantize
 
 __all__ = [
@@ -54,6 +55,7 @@ def read_kv(kv, layer, slots, statics: Statics, head_dim: int):
     Slots are clamped into the block (callers mask what they may not see)."""
     block = kv[layer, jnp.clip(slots, 0, kv.shape[1] - 1)]  # [..., C, D_pad]
     spec = statics.spec
+    block = from_bits(block, spec.np_dtype)  # only the gathered pages (kvshard._storage)
     k = dequantize(block[..., 0::2, :head_dim], spec_scale(spec, "k"), jnp.float32)
     v = dequantize(block[..., 1::2, :head_dim], spec_scale(spec, "v"), jnp.float32)
     return k, v

@@ -84,6 +84,18 @@ def _memory(out: str, quick: bool) -> Any:
     )
 
 
+def _callers_jit(out: str, quick: bool) -> Any:
+    from kvshard.benchmarks.callers_jit import run
+
+    return run(
+        out,
+        dtypes=["float32", "bfloat16"],
+        cache_mib=64 if quick else 256,
+        requests=16,
+        rounds=5 if quick else 15,
+    )
+
+
 def _attention_decode(out: str, quick: bool) -> Any:
     from kvshard.benchmarks.attention_decode import run
 
@@ -125,6 +137,7 @@ BENCHMARKS: dict[str, Callable[[str, bool], Any]] = {
     "cache_update": _cache_update,
     "compilations": _compilations,
     "memory": _memory,
+    "callers_jit": _callers_jit,
     "attention_decode": _attention_decode,
     "swap_bandwidth": _swap_bandwidth,
     "attention_prefill": _attention_prefill,

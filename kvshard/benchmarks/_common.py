@@ -149,18 +149,6 @@ def compiled_memory(compiled: Any) -> Any:
     return mem
 
 
-def cache_compiler_options(mesh: Any) -> dict[str, str] | None:
-    """Compiler options for a caller's jit around kvshard's cache ops on ``mesh``'s platform.
-
-    What docs/performance.md tells a caller whose jitted step does no bf16/fp8 arithmetic to
-    pass on CPU (``kvshard.cache.compiler_options``), so that a bf16 cache stays in place; None
-    on GPU and TPU. The one place the benchmarks name it.
-    """
-    from kvshard.cache import compiler_options
-
-    return compiler_options(str(mesh.devices.flat[0].platform))
-
-
 def unit_scales(dtype: Any) -> dict[str, float]:
     """``k_scale``/``v_scale`` of 1 for a quantized cache dtype (a CacheSpec needs them; the
     benchmarks' byte counts and timings do not depend on them), else nothing."""

@@ -75,7 +75,6 @@ def measure(dtype: str, tokens: int, cache_bytes: int, repeats: int) -> dict[str
     import numpy as np
 
     import kvshard
-    from kvshard.benchmarks._common import cache_compiler_options
 
     rng = np.random.default_rng(0)
     spec, mesh, k, v, slices, num = _setup(dtype, tokens, cache_bytes, rng)
@@ -83,7 +82,6 @@ def measure(dtype: str, tokens: int, cache_bytes: int, repeats: int) -> dict[str
     slices_d, num_d = jax.device_put(slices), jax.device_put(num)
     undonated = jax.jit(
         lambda c, k, v, s, n: kvshard.update(c, 0, k, v, s, n, backend="xla"),
-        compiler_options=cache_compiler_options(mesh),
     )
     ours = kvshard.update(kvshard.init_cache(spec, mesh), 0, k, v, slices_d, num_d, backend="xla")
     base = undonated(kvshard.init_cache(spec, mesh), k, v, slices_d, num_d)

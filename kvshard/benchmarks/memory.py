@@ -63,13 +63,11 @@ def update_memory(
 
     8 KV heads, head_dim 128, one device; k/v in the cache dtype; one request prefilling
     ``tokens`` tokens. The executable is the caller's ``jax.jit(kvshard.update,
-    donate_argnums=0)`` with :func:`~kvshard.benchmarks._common.cache_compiler_options`,
-    lowered on an abstract cache: nothing is allocated.
+    donate_argnums=0)``, lowered on an abstract cache: nothing is allocated.
     """
     import jax
 
     import kvshard
-    from kvshard.benchmarks._common import cache_compiler_options
 
     heads, dim = 8, 128
     spec = _sized_spec(dtype, cache_bytes, page_size, heads, dim)
@@ -80,7 +78,6 @@ def update_memory(
     write = jax.jit(
         lambda cache, k, v, step: kvshard.update(cache, 0, k, v, step),
         donate_argnums=0,
-        compiler_options=cache_compiler_options(mesh),
     )
     mem = compiled_memory(write.lower(cache, new, new, step).compile())
     return {
@@ -105,7 +102,6 @@ def attention_memory(
     import jax
 
     import kvshard
-    from kvshard.benchmarks._common import cache_compiler_options
 
     heads, dim = 8, 128
     # The context's pages and the null page fit whatever the size asked for.
@@ -117,7 +113,6 @@ def attention_memory(
     q = jax.ShapeDtypeStruct((tokens, heads, dim), jax.numpy.float32)
     read = jax.jit(
         lambda cache, q, step: kvshard.attention(cache, 0, q, step, sm_scale=dim**-0.5),
-        compiler_options=cache_compiler_options(mesh),
     )
     mem = compiled_memory(read.lower(cache, q, step).compile())
     return {

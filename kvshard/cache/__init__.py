@@ -18,7 +18,6 @@ of the serving loop, lives in :mod:`kvshard._attention`.
 
 from kvshard._layout import CacheSpec as CacheSpec
 from kvshard._layout import check_tensor_parallel as check_tensor_parallel
-from kvshard._platform import compiler_options as compiler_options
 from kvshard._types import Backend as Backend
 from kvshard.cache._copy import copy_pages as copy_pages
 from kvshard.cache._gather import gather as gather
@@ -43,7 +42,6 @@ __all__ = [
     "abstract_cache",
     "check_cache",
     "check_tensor_parallel",
-    "compiler_options",
     "copy_pages",
     "gather",
     "init_cache",

@@ -1,9 +1,11 @@
 """How values are stored: the dtype conversions and the combined-head layout, in one place.
 
-Writes convert real values to stored values (:func:`to_storage`) and interleave K and V into
-combined heads (:func:`combine`); reads undo both (:func:`split`, :func:`to_real`). Each
-device picks its own heads of the step's k/v (:func:`local_heads`). Every backend calls
-these, which is what makes Pallas and XLA agree bit for bit.
+Writes convert real values to stored values and pad them to D_pad (:func:`encode`; the bits of
+the storage dtype, :mod:`kvshard._storage`), and the pallas backend interleaves K and V into
+combined heads (:func:`combine`; the xla backend writes K and V straight into their combined
+heads); reads undo both (:func:`split`, :func:`to_real`). Each device picks its own heads of
+the step's k/v (:func:`local_heads`). Every backend calls these, which is what makes Pallas and
+XLA agree bit for bit.
 """
 
 from __future__ import annotations
@@ -19,10 +21,12 @@ from jax.sharding import PartitionSpec as P
 
 from kvshard import quant
 from kvshard._layout import CacheSpec
+from kvshard._storage import from_bits
 from kvshard.cache._pytree import KVCache
 
 __all__ = [
     "combine",
+    "encode",
     "kv_in_spec",
     "local_heads",
     "read_dtype",
@@ -43,19 +47,26 @@ def to_storage(spec: CacheSpec, x: jax.Array, scale: float | None) -> jax.Array:
     return quant.quantize(x, scale, spec.np_dtype)
 
 
-def combine(spec: CacheSpec, k: jax.Array, v: jax.Array) -> jax.Array:
-    """k, v [T, h, D] -> [T, 2·h, D_pad] in cache dtype: combined head 2j = K_j, 2j+1 = V_j."""
+def encode(spec: CacheSpec, k: jax.Array, v: jax.Array) -> tuple[jax.Array, ...]:
+    """k, v [T, h, D] real values -> [T, h, D_pad] each, the stored values in the cache's
+    logical dtype; a backend bitcasts them to the array's storage dtype
+    (:func:`kvshard._storage.to_bits`) where it writes them."""
     pad = [(0, 0), (0, 0), (0, spec.padded_head_dim - spec.head_dim)]
-    k, v = (
+    return tuple(
         jnp.pad(to_storage(spec, x, scale), pad)
         for x, scale in ((k, spec.k_scale), (v, spec.v_scale))
     )
+
+
+def combine(k: jax.Array, v: jax.Array) -> jax.Array:
+    """Encoded k, v [T, h, D_pad] -> [T, 2·h, D_pad]: combined head 2j = K_j, 2j+1 = V_j."""
     return einops.rearrange(jnp.stack([k, v], axis=2), "t h two d -> t (h two) d")
 
 
 def split(spec: CacheSpec, combined: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Inverse of :func:`combine`: [N, 2·h, D_pad] -> stored k, v [N, h, D]."""
-    x = einops.rearrange(combined, "n (h two) d -> n h two d", two=2)
+    """Inverse of :func:`combine` and :func:`encode`'s storage: [N, 2·h, D_pad] stored rows ->
+    k, v [N, h, D] in the cache dtype (quantized values stay quantized)."""
+    x = einops.rearrange(from_bits(combined, spec.np_dtype), "n (h two) d -> n h two d", two=2)
     return x[:, :, 0, : spec.head_dim], x[:, :, 1, : spec.head_dim]
 
 

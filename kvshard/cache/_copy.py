@@ -16,14 +16,13 @@ from jax.sharding import PartitionSpec as P
 from kvshard import _reports
 from kvshard._drop import copy_pair_mask
 from kvshard._host_checks import as_int32, check_shape, concrete, is_traced
-from kvshard._platform import PlatformJit
 from kvshard._sharding import place, to_spec
 from kvshard.cache._pytree import KVCache, check_cache, with_kv
 
 __all__ = ["copy_pages"]
 
 
-@functools.partial(PlatformJit, donate_argnums=(0,), static_argnames=("checks",))
+@functools.partial(jax.jit, donate_argnums=(0,), static_argnames=("checks",))
 def _copy_pages_jit(cache, pairs, *, checks=False):
     spec, pa = cache.spec, cache.page_axis
     if pa is None:

@@ -32,6 +32,7 @@ from jax.sharding import PartitionSpec as P
 
 from kvshard._layout import INT32_MAX, CacheSpec, check_tensor_parallel
 from kvshard._sharding import axis_size, check_mesh_axes
+from kvshard._storage import storage_dtype
 from kvshard.cache._pytree import KVCache
 
 __all__ = ["HOST_MEMORY_KIND", "HostCache", "check_host", "init_host_cache", "with_host_kv"]
@@ -149,7 +150,7 @@ def init_host_cache(
         has its own host pool of this many pages.
 
     Returns:
-      A :class:`HostCache` whose ``kv`` is spec.dtype[L, G·num_host_pages·page_size, 2·H·r,
+      A :class:`HostCache` whose ``kv`` is storage[L, G·num_host_pages·page_size, 2·H·r,
       D_pad] zeros in memory kind ``"pinned_host"``, sharded like the device cache; only the
       per-device blocks are materialised, each in its device's host memory.
 
@@ -184,7 +185,10 @@ def init_host_cache(
         mesh, P(None, page_axis, head_axis, None), memory_kind=HOST_MEMORY_KIND
     )
     shape = (spec.num_layers, slots, spec.combined_heads(tp), spec.padded_head_dim)
-    kv = _zeros_fn(shape, spec.dtype, sharding)()
+    # The device cache's storage dtype (bf16/fp8 bits on CPU, kvshard._storage): a swap moves
+    # stored bytes, never converts.
+    stored = storage_dtype(spec.dtype, str(mesh.devices.flat[0].platform)).name
+    kv = _zeros_fn(shape, stored, sharding)()
     return HostCache(
         kv=kv,
         spec=spec,

@@ -3,13 +3,16 @@
 
 The cache of every layer lives in ONE stacked array (see docs/layout.md for pictures)::
 
-    kv: dtype[L, G·num_pages·page_size, 2·H·r, D_pad]
+    kv: storage[L, G·num_pages·page_size, 2·H·r, D_pad]
         sharded NamedSharding(mesh, P(None, page_axis, head_axis, None))
     per device: dtype[L, num_pages·page_size, 2·H·r / tp, D_pad]
 
 with ``H`` KV heads, replication ``r`` (:func:`kvshard.check_tensor_parallel`), ``tp``/``G``
 the sizes of the head and page mesh axes (1 when the axis is None), ``D_pad`` the head
-dimension padded to a multiple of 128. Combined head ``2·j`` is K and ``2·j + 1`` is V of
+dimension padded to a multiple of 128, and ``storage`` the dtype
+:func:`kvshard._storage.storage_dtype` picks for the mesh's platform: the cache dtype, except
+bfloat16/float8 on CPU, stored as their bits (uint16/uint8) so that XLA's CPU float
+normalization never copies the cache. Combined head ``2·j`` is K and ``2·j + 1`` is V of
 replicated head ``j``; replicated head ``j`` is a copy of KV head ``j // r``. Sharding the
 combined axis therefore hands each device the K and V of whole heads: no update, copy or
 :func:`kvshard.attention` read communicates between devices.
@@ -27,11 +30,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from kvshard._layout import CacheSpec, check_tensor_parallel
 from kvshard._sharding import axis_size, check_mesh_axes
+from kvshard._storage import PLATFORMS, storage_dtype
 
 __all__ = ["KVCache", "abstract_cache", "check_cache", "init_cache", "with_kv"]
 
@@ -51,9 +56,12 @@ class KVCache:
     buffer has been donated).
 
     Attributes:
-      kv: dtype[L, G·num_pages·page_size, 2·H·r, D_pad] globally, sharded
+      kv: storage[L, G·num_pages·page_size, 2·H·r, D_pad] globally, sharded
         ``P(None, page_axis, head_axis, None)``; per device
-        dtype[L, num_pages·page_size, 2·H·r/tp, D_pad].
+        storage[L, num_pages·page_size, 2·H·r/tp, D_pad]. ``storage`` is :attr:`dtype`, except
+        a bfloat16/float8 cache on CPU, which holds its values' bits as uint16/uint8
+        (``np.asarray(cache.kv).view(cache.dtype)`` reads them); every kvshard read returns
+        :attr:`dtype`.
       spec: the :class:`CacheSpec`.
       mesh: the mesh the array is sharded over (kvshard never builds meshes).
       head_axis: mesh axis sharding the combined-head axis, or None (tp = 1).
@@ -66,6 +74,11 @@ class KVCache:
     mesh: Mesh
     head_axis: str | None = "model"
     page_axis: str | None = None
+
+    @property
+    def dtype(self) -> np.dtype:
+        """The cache's logical dtype (``spec.dtype``): what it stores, whatever ``kv`` holds."""
+        return self.spec.np_dtype
 
     @property
     def tp(self) -> int:
@@ -128,6 +141,7 @@ def init_cache(
     *,
     head_axis: str | None = "model",
     page_axis: str | None = None,
+    platform: str | None = None,
 ) -> KVCache:
     """Allocates a zeroed cache directly sharded over ``mesh``.
 
@@ -137,12 +151,15 @@ def init_cache(
       head_axis: mesh axis that shards heads, or None to keep all heads on every device.
       page_axis: mesh axis whose G groups each own a separate pool of ``num_pages`` pages
         (data-parallel attention), or None for one pool.
+      platform: the platform whose storage dtype the cache takes ("cpu", "gpu", "tpu"); None
+        (the default): the mesh's. Only to lower for another platform than the mesh's.
 
     Returns:
-      A :class:`KVCache` with ``kv``: spec.dtype[L, G·num_pages·page_size, 2·H·r, D_pad] zeros
+      A :class:`KVCache` with ``kv``: storage[L, G·num_pages·page_size, 2·H·r, D_pad] zeros
       globally, sharded ``P(None, page_axis, head_axis, None)``: per device
       spec.dtype[L, num_pages·page_size, 2·H·r/tp, D_pad] (tp, G: sizes of the head and page
-      axes, 1 when None; r: :attr:`KVCache.replication`). Only the per-device blocks are ever
+      axes, 1 when None; r: :attr:`KVCache.replication`; storage: spec.dtype, or its bits on
+      CPU for bfloat16/float8, see :attr:`KVCache.kv`). Only the per-device blocks are ever
       materialised.
 
     Raises:
@@ -156,7 +173,12 @@ def init_cache(
     tp, dp = axis_size(mesh, head_axis), axis_size(mesh, page_axis)
     check_tensor_parallel(spec.num_kv_heads, tp)
     sharding = NamedSharding(mesh, P(None, page_axis, head_axis, None))
-    kv = _zeros_fn(spec.global_shape(tp, dp), spec.dtype, sharding)()
+    if platform is None:
+        platform = str(mesh.devices.flat[0].platform)
+    elif platform not in PLATFORMS:
+        raise ValueError(f"platform={platform!r} must be None or one of {PLATFORMS}")
+    stored = storage_dtype(spec.dtype, platform).name
+    kv = _zeros_fn(spec.global_shape(tp, dp), stored, sharding)()
     return KVCache(kv=kv, spec=spec, mesh=mesh, head_axis=head_axis, page_axis=page_axis)
 
 
@@ -170,16 +192,16 @@ def abstract_cache(spec: CacheSpec, mesh: Mesh, **axes: str | None) -> KVCache:
     Nothing is allocated.
 
     Args:
-      spec, mesh: as for :func:`init_cache`; ``axes``: its keywords ``head_axis`` and
-        ``page_axis`` (same defaults, same checks, same errors).
+      spec, mesh: as for :func:`init_cache`; ``axes``: its keywords ``head_axis``,
+        ``page_axis`` and ``platform`` (same defaults, same checks, same errors).
 
     Returns:
-      A :class:`KVCache` whose ``kv`` is ``jax.ShapeDtypeStruct(shape, dtype, sharding=...)``:
-      spec.dtype[L, G·num_pages·page_size, 2·H·r, D_pad] globally, sharded
+      A :class:`KVCache` whose ``kv`` is ``jax.ShapeDtypeStruct(shape, storage, sharding=...)``:
+      storage[L, G·num_pages·page_size, 2·H·r, D_pad] globally, sharded
       ``P(None, page_axis, head_axis, None)``; per device
-      spec.dtype[L, num_pages·page_size, 2·H·r/tp, D_pad].
+      storage[L, num_pages·page_size, 2·H·r/tp, D_pad] (storage as for :func:`init_cache`).
     """
-    unknown = set(axes) - {"head_axis", "page_axis"}
+    unknown = set(axes) - {"head_axis", "page_axis", "platform"}
     if unknown:
         raise TypeError(f"abstract_cache got unexpected keyword {sorted(unknown)[0]!r}")
     shapes = jax.eval_shape(functools.partial(init_cache, spec, mesh, **axes))

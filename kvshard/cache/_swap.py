@@ -34,7 +34,6 @@ from jax.sharding import PartitionSpec as P
 from kvshard import _reports
 from kvshard._drop import SWAP_PAD, swap_pair_mask
 from kvshard._host_checks import as_int32, check_shape, concrete, is_traced
-from kvshard._platform import PlatformJit
 from kvshard._sharding import place, to_spec
 from kvshard.cache._host import HostCache, check_host, with_host_kv
 from kvshard.cache._pytree import KVCache, check_cache, with_kv
@@ -57,7 +56,7 @@ def _write_pages(kv: jax.Array, pages: jax.Array, values: jax.Array, page_size: 
     return _as_pages(kv, page_size).at[:, pages].set(values, mode="drop").reshape(kv.shape)
 
 
-@functools.partial(PlatformJit, donate_argnums=(0, 1), static_argnames=("into_host", "checks"))
+@functools.partial(jax.jit, donate_argnums=(0, 1), static_argnames=("into_host", "checks"))
 def _swap_jit(cache, host, pairs, *, into_host, checks=False):
     spec, pa = cache.spec, cache.page_axis
     num_pages, num_host_pages, page_size = spec.num_pages, host.num_host_pages, spec.page_size

@@ -2,7 +2,9 @@
 
 Inside ``shard_map`` the local block [L, slots, C, D] is reshaped (a free bitcast) to
 [L·slots, C, D] and ``kv_cache_start`` is offset by ``layer · slots``, so the 3-D Pallas kernel
-writes the right layer of the aliased buffer; the XLA backend scatters at ``[layer, slot]``.
+writes the right layer of the aliased buffer; the XLA backend views the block as
+[L, slots, C/2, 2, D] (also free) and scatters K and V at ``[layer, slot, :, 0 or 1]``, with no
+combined [T, C, D] copy of the new tokens.
 Both backends write exactly the slices :func:`kvshard._drop.writable_slices` keeps.
 """
 
@@ -31,10 +33,11 @@ from kvshard._host_checks import (
     is_traced,
 )
 from kvshard._layout import CacheSpec
-from kvshard._platform import PlatformJit, resolve_backend
-from kvshard._sharding import place, to_spec
+from kvshard._platform import resolve_backend
+from kvshard._sharding import place_all, to_spec
+from kvshard._storage import from_bits, to_bits
 from kvshard._types import Backend, BackendOptions, Schedule
-from kvshard.cache._codec import combine, kv_in_spec, local_heads
+from kvshard.cache._codec import combine, encode, kv_in_spec, local_heads
 from kvshard.cache._pytree import KVCache, check_cache, with_kv
 from kvshard.kernels.checks import validate_slices
 from kvshard.kernels.update import kv_cache_update
@@ -131,11 +134,19 @@ def _legacy_options(options: Any, interpret: Any, schedule: Any) -> BackendOptio
 # --------------------------------------------------------------------------------------------
 
 
-def _local_update_xla(cache, layer, new_kv, slices, num, *, page_size, options):
-    """One device: cache [L, slots, C, D], new_kv [T, C, D] -> cache, by an XLA scatter."""
-    del options
-    num_layers, num_slots = cache.shape[:2]
-    num_tokens = new_kv.shape[0]
+def _local_update_xla(cache, layer, k, v, slices, num, *, page_size, options, dtype):
+    """One device: cache [L, slots, C, D], encoded k, v [T, C/2, D] (values in the cache's
+    logical dtype, bitcast to its storage here, as late as possible) -> cache, on the
+    [L, slots, C/2, 2, D] view (a bitcast), K and V written apart: no combined copy.
+
+    Whole-page slices (a prefill's) are copied page by page with ``dynamic_update_slice`` in a
+    loop: XLA's CPU scatter moves one row at a time, several times slower than these page
+    copies (docs/performance.md). The tokens of the other valid slices (a decode's) are
+    scattered, two scatters of [T, C/2, D] with out-of-bounds slots dropped.
+    """
+    del options, dtype  # both move the stored bits, whatever they are
+    num_layers, num_slots, combined, dim = cache.shape
+    num_tokens = k.shape[0]
     valid = writable_slices(
         slices,
         num,
@@ -145,27 +156,51 @@ def _local_update_xla(cache, layer, new_kv, slices, num, *, page_size, options):
         num_slots=num_slots,
         page_size=page_size,
     )
-    slots = token_slots(slices, valid, num_tokens, num_slots)
-    # A bad layer leaves every slot >= num_slots (nothing valid); index layer 0 rather than
-    # let a negative layer wrap. Unique, in-bounds-or-dropped indices let XLA scatter in place.
+    # A writable slice never crosses a page: a full one starts on a page boundary.
+    whole = valid & (slices[2] == page_size)
+    slots = token_slots(slices, valid & ~whole, num_tokens, num_slots)
+    # A bad layer leaves nothing valid; index layer 0 rather than let a negative layer wrap.
+    # Unique, in-bounds-or-dropped indices let XLA scatter in place.
     layer = jnp.where(layer_in_range(layer, num_layers), layer, 0)
-    return cache.at[layer, slots].set(new_kv, mode="drop", unique_indices=True)
+    heads = cache.reshape(num_layers, num_slots, combined // 2, 2, dim)
+
+    def copy_page(i, heads):
+        def write(heads):
+            for which, x in enumerate((k, v)):
+                rows = jax.lax.dynamic_slice_in_dim(x, slices[1, i], page_size, axis=0)
+                rows = to_bits(rows, cache.dtype)  # bitcast the page, not all of k/v
+                start = (layer, slices[0, i], 0, which, 0)
+                heads = jax.lax.dynamic_update_slice(heads, rows[None, :, :, None], start)
+            return heads
+
+        return jax.lax.cond(whole[i], write, lambda heads: heads, heads)
+
+    if num_tokens >= page_size:  # else no slice can fill a page
+        live = jnp.clip(num[0], 0, slices.shape[1])
+        heads = jax.lax.fori_loop(0, live, copy_page, heads)
+    for which, x in enumerate((k, v)):
+        x = to_bits(x, cache.dtype)
+        heads = heads.at[layer, slots, :, which].set(x, mode="drop", unique_indices=True)
+    return heads.reshape(cache.shape)
 
 
-def _local_update_pallas(cache, layer, new_kv, slices, num, *, page_size, options):
+def _local_update_pallas(cache, layer, k, v, slices, num, *, page_size, options, dtype):
     """One device: the kernel on the [L·slots, C, D] view of the stacked block.
 
     The reshape is a bitcast, so the kernel's input/output alias still covers the donated
-    buffer; offsetting kv_cache_start by ``layer · slots`` selects the layer.
+    buffer; offsetting kv_cache_start by ``layer · slots`` selects the layer. The kernel takes
+    the logical ``dtype``: a CPU cache storing bf16/fp8 bits (interpret mode) is bitcast to it
+    and back, which XLA's CPU backend materialises; on TPU storage is already ``dtype``.
     """
     num_layers, num_slots, heads, dim = cache.shape
-    flat = cache.reshape(num_layers * num_slots, heads, dim)
+    stored = cache.dtype
+    flat = from_bits(cache.reshape(num_layers * num_slots, heads, dim), dtype)
     valid = writable_slices(
         slices,
         num,
         layer,
         num_layers=num_layers,
-        num_tokens=new_kv.shape[0],
+        num_tokens=k.shape[0],
         num_slots=num_slots,
         page_size=page_size,
     )
@@ -173,7 +208,7 @@ def _local_update_pallas(cache, layer, new_kv, slices, num, *, page_size, option
     # layer out of range) must be dropped here or it would land in another layer.
     slices = jnp.stack([slices[0] + layer * num_slots, slices[1], jnp.where(valid, slices[2], 0)])
     out = kv_cache_update(
-        new_kv,
+        combine(k, v),  # the kernel takes the combined layout
         slices,
         flat,
         num,
@@ -181,7 +216,7 @@ def _local_update_pallas(cache, layer, new_kv, slices, num, *, page_size, option
         interpret=options.interpret,
         schedule=options.schedule,
     )
-    return out.reshape(cache.shape)
+    return to_bits(out, stored).reshape(cache.shape)
 
 
 _LOCAL_UPDATES = {"xla": _local_update_xla, "pallas": _local_update_pallas}
@@ -251,7 +286,7 @@ def _update_specs(cache: KVCache) -> tuple[P, ...]:
 
 
 @functools.partial(
-    PlatformJit,
+    jax.jit,
     static_argnames=("backend", "options", "checks", "stats"),
     donate_argnums=(0,),
 )
@@ -272,7 +307,7 @@ def _write(cache, layer, k, v, slices, num_slices, *, backend, options, checks, 
         args += [to_spec(cache.mesh, x, s) for x, s in zip(checked, whole, strict=True)]
     spec = cache.spec
     local_update = functools.partial(
-        _LOCAL_UPDATES[backend], page_size=spec.page_size, options=options
+        _LOCAL_UPDATES[backend], page_size=spec.page_size, options=options, dtype=spec.np_dtype
     )
 
     def body(kv, layer, k, v, slices, num, *whole):
@@ -285,7 +320,7 @@ def _write(cache, layer, k, v, slices, num_slices, *, backend, options, checks, 
                 page_size=spec.page_size,
             )
         k, v = local_heads(cache, k[0]), local_heads(cache, v[0])
-        out = local_update(kv, layer, combine(spec, k, v), slices[0], num[0])
+        out = local_update(kv, layer, *encode(spec, k, v), slices[0], num[0])
         if not stats:
             return out
         return out, _count_saturated(cache, k, v, layer, slices[0], num[0], kv.shape[1])
@@ -350,13 +385,19 @@ def _update_call(
     mesh, (_, _, kv_spec, _, slices_spec, num_spec) = cache.mesh, _update_specs(cache)
     if not pooled:  # the specs above carry the group axis that _write adds
         kv_spec, slices_spec, num_spec = (P(*s[1:]) for s in (kv_spec, slices_spec, num_spec))
+    placed = place_all(
+        mesh,
+        [
+            (layer_index, P()),
+            (k, kv_spec),
+            (v, kv_spec),
+            (slices, slices_spec),
+            (num_slices, num_spec),
+        ],
+    )
     return _write(
         cache,
-        place(mesh, layer_index, P()),
-        place(mesh, k, kv_spec),
-        place(mesh, v, kv_spec),
-        place(mesh, slices, slices_spec),
-        place(mesh, num_slices, num_spec),
+        *placed,
         backend=resolve_backend(cache, backend),
         options=options,
         checks=checks,
