@@ -52,7 +52,9 @@ def random_cache(rng, spec, mesh, **axes):
         raw = rng.integers(-128, 128, shape).astype(np.int8)
     else:
         raw = rng.standard_normal(shape).astype(spec.np_dtype)
-    return dataclasses.replace(cache, kv=jax.device_put(raw, cache.sharding)), raw
+    # cache.kv holds the storage dtype (bf16/fp8 bits on CPU): the same bytes, viewed as it.
+    kv = jax.device_put(raw.view(cache.kv.dtype), cache.sharding)
+    return dataclasses.replace(cache, kv=kv), raw
 
 
 def as_pages(raw, groups):

@@ -17,6 +17,7 @@ and after. Before timing, one swap out and back in is checked against the pages 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import time
@@ -71,7 +72,8 @@ def measure(pages: int, layers: int, dtype: str, rounds: int, seed: int = 0) -> 
         raw = rng.integers(-100, 100, cache.kv.shape).astype(spec.np_dtype)
     else:
         raw = rng.standard_normal(cache.kv.shape, dtype=np.float32).astype(spec.np_dtype)
-    cache = type(cache)(jax.device_put(raw, cache.sharding), spec, mesh, "model", None)
+    # cache.kv holds the storage dtype (bf16/fp8 bits on CPU): the same bytes, viewed as it.
+    cache = dataclasses.replace(cache, kv=jax.device_put(raw.view(cache.kv.dtype), cache.sharding))
     device_pages = rng.choice(np.arange(1, spec.num_pages), pages, replace=False)
     host_pages = rng.choice(np.arange(2 * pages), pages, replace=False)
     pairs = jax.device_put(
