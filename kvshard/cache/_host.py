@@ -33,7 +33,7 @@ from jax.sharding import PartitionSpec as P
 from kvshard._layout import INT32_MAX, CacheSpec, check_tensor_parallel
 from kvshard._sharding import axis_size, check_mesh_axes
 from kvshard._storage import storage_dtype
-from kvshard.cache._pytree import KVCache
+from kvshard.cache._pytree import KVCache, PagedLayout
 
 __all__ = ["HOST_MEMORY_KIND", "HostCache", "check_host", "init_host_cache", "with_host_kv"]
 
@@ -46,7 +46,7 @@ HOST_MEMORY_KIND = "pinned_host"
     meta_fields=["spec", "mesh", "head_axis", "page_axis", "num_host_pages"],
 )
 @dataclasses.dataclass(frozen=True)
-class HostCache:
+class HostCache(PagedLayout):
     """The host tier of a cache: pages of every layer in pinned host memory.
 
     A pytree whose only leaf is ``kv`` (static aux: the rest), like :class:`~kvshard.KVCache`:
@@ -70,21 +70,6 @@ class HostCache:
     head_axis: str | None
     page_axis: str | None
     num_host_pages: int
-
-    @property
-    def tp(self) -> int:
-        """Size of the head axis (1 when ``head_axis`` is None)."""
-        return axis_size(self.mesh, self.head_axis)
-
-    @property
-    def dp(self) -> int:
-        """Number of host page pools: size of the page axis (1 when ``page_axis`` is None)."""
-        return axis_size(self.mesh, self.page_axis)
-
-    @property
-    def pspec(self) -> P:
-        """PartitionSpec of ``kv`` (the device cache's)."""
-        return P(None, self.page_axis, self.head_axis, None)
 
     @property
     def sharding(self) -> NamedSharding:

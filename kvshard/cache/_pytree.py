@@ -38,7 +38,42 @@ from kvshard._layout import CacheSpec, check_tensor_parallel
 from kvshard._sharding import axis_size, check_mesh_axes
 from kvshard._storage import PLATFORMS, storage_dtype
 
-__all__ = ["KVCache", "abstract_cache", "check_cache", "init_cache", "with_kv"]
+__all__ = ["KVCache", "PagedLayout", "abstract_cache", "check_cache", "init_cache", "with_kv"]
+
+
+class PagedLayout:
+    """What a cache-shaped pytree (:class:`KVCache`, the host tier's ``HostCache``) derives from
+    its spec, mesh and axes: one definition for both."""
+
+    spec: CacheSpec
+    mesh: Mesh
+    head_axis: str | None
+    page_axis: str | None
+
+    @property
+    def dtype(self) -> np.dtype:
+        """The cache's logical dtype (``spec.dtype``): what it stores, whatever ``kv`` holds."""
+        return self.spec.np_dtype
+
+    @property
+    def tp(self) -> int:
+        """Size of the head axis (1 when ``head_axis`` is None)."""
+        return axis_size(self.mesh, self.head_axis)
+
+    @property
+    def dp(self) -> int:
+        """Number of page pools: size of the page axis (1 when ``page_axis`` is None)."""
+        return axis_size(self.mesh, self.page_axis)
+
+    @property
+    def replication(self) -> int:
+        """Copies of each KV head held by the cache."""
+        return self.spec.replication(self.tp)
+
+    @property
+    def pspec(self) -> P:
+        """PartitionSpec of ``kv``."""
+        return P(None, self.page_axis, self.head_axis, None)
 
 
 @functools.partial(
@@ -47,7 +82,7 @@ __all__ = ["KVCache", "abstract_cache", "check_cache", "init_cache", "with_kv"]
     meta_fields=["spec", "mesh", "head_axis", "page_axis"],
 )
 @dataclasses.dataclass(frozen=True)
-class KVCache:
+class KVCache(PagedLayout):
     """The sharded cache of every layer: one array plus static layout metadata.
 
     A pytree whose only leaf is ``kv``; ``spec``, ``mesh`` and the axis names are static aux data,
@@ -74,31 +109,6 @@ class KVCache:
     mesh: Mesh
     head_axis: str | None = "model"
     page_axis: str | None = None
-
-    @property
-    def dtype(self) -> np.dtype:
-        """The cache's logical dtype (``spec.dtype``): what it stores, whatever ``kv`` holds."""
-        return self.spec.np_dtype
-
-    @property
-    def tp(self) -> int:
-        """Size of the head axis (1 when ``head_axis`` is None)."""
-        return axis_size(self.mesh, self.head_axis)
-
-    @property
-    def dp(self) -> int:
-        """Number of page pools: size of the page axis (1 when ``page_axis`` is None)."""
-        return axis_size(self.mesh, self.page_axis)
-
-    @property
-    def replication(self) -> int:
-        """Copies of each KV head held by the cache."""
-        return self.spec.replication(self.tp)
-
-    @property
-    def pspec(self) -> P:
-        """PartitionSpec of ``kv``."""
-        return P(None, self.page_axis, self.head_axis, None)
 
     @property
     def sharding(self) -> NamedSharding:
