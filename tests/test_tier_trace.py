@@ -234,6 +234,11 @@ def test_unpadded_and_empty_pairs_are_accepted():
     served.cache, served.host = kvshard.swap_out(served.cache, served.host, out)
     served.alloc.swap_in_request("a")
     _, into = served.alloc.take_pending_swaps()
+    # (0, 0) is copy_pages' padding, not the swaps': two such rows write one page (refused,
+    # nothing donated); the swaps' padding is (-1, -1) (docs/tiers.md).
+    with pytest.raises(ValueError, match="both write device page 0"):
+        kvshard.swap_in(served.cache, served.host, pad(into, 0))
+    assert not served.cache.kv.is_deleted() and not served.host.kv.is_deleted()
     served.cache, served.host = kvshard.swap_in(served.cache, served.host, into)
     jax.block_until_ready(served.cache.kv)
     served.check_reads("a")
