@@ -25,6 +25,7 @@ from kvshard.benchmarks import (
     host_step,
     memory,
     swap_bandwidth,
+    tier_trace,
     tpu_schedule,
     update_schedules,
 )
@@ -160,6 +161,25 @@ def test_swap_bandwidth_checks_and_reports_every_op(tmp_path, capsys):
     assert row["out_vs_device_put"] > 0 and row["swap_in"]["dispatch_median_s"] >= 0
     saved = json.loads((tmp_path / "swap_bandwidth.json").read_text())
     assert saved["rounds"] == 2 and saved["rows"][0]["pages"] == 2
+
+
+def test_tier_trace_reports_both_parts(tmp_path, capsys):
+    """Tiny trace: 3 requests of 12 tokens (9 pages) on 7 device pages; 3 prompts of 2 pages
+    on 7 device pages, each visited twice."""
+    data = tier_trace.main(["--tiny", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "load average" in out and "recompute" in out and "prefix cache" in out
+    rows = data["rows"]
+    recompute, swap = rows["recompute"], rows["swap"]
+    assert recompute["context_pages"] > recompute["device_pages"] - 1
+    assert recompute["recomputed_tokens"] > 0 and recompute["swapped_pages"] == 0
+    assert swap["recomputed_tokens"] == 0 and swap["swapped_pages"] > 0
+    none, host = rows["no host tier"], rows["host prefix cache"]
+    # Round robin over more prompts than the device keeps: every return misses on the device.
+    assert none["hit_tokens"] == 0 and host["host_hit_tokens"] > 0
+    assert host["computed_tokens"] == none["computed_tokens"] - host["hit_tokens"]
+    saved = json.loads((tmp_path / "tier_trace.json").read_text())
+    assert saved["rounds"] == 1 and saved["rows"]["swap"]["median_s"] > 0
 
 
 def test_attention_prefill_agrees_and_reports_temporaries(tmp_path, capsys):

@@ -2,8 +2,10 @@
 (device page, host page) pairs a step must move.
 
 Host page ids are ``0 .. num_host_pages - 1``; host page 0 is the host's **null page**, never
-handed out, so a pair padded with ``(0, 0)`` rows moves only null pages (as ``copy_pages``
-pads with the device null page). Every usable host page is in exactly one state:
+handed out (``host_table`` reads 0 for "not on the host"). Pairs are padded with ``(-1, -1)``
+rows, the device side's padding (``kvshard.swap_out``): a ``(0, 0)`` row would move the null
+page, and two of them write one page, which the swaps refuse (docs/tiers.md). Every usable
+host page is in exactly one state:
 
 * free (on the host free stack);
 * owned by one swapped-out request (``host_table[row, col]``: the page that holds the

@@ -107,7 +107,9 @@ class TierMethods:
         Each is int32[K, 2] of (device page, host page) rows, device pages in
         ``[1, num_pages)``, host pages in ``[1, num_host_pages)``, in the order queued
         (int32[0, 2] when none): for ``kvshard.swap_out(cache, host, swap_out_pairs)`` and
-        ``kvshard.swap_in(cache, host, swap_in_pairs)``. Apply one step as: swap-out, then
+        ``kvshard.swap_in(cache, host, swap_in_pairs)``, as they come or padded to a fixed K
+        with ``(-1, -1)`` rows (not ``(0, 0)``: see docs/tiers.md). Apply one step as: swap-out,
+        then
         swap-in, then ``copy_pages(take_pending_copies())``, then the KV update:
 
         * swap-out first: it reads device pages that this step's swap-ins, copies and update

@@ -7,6 +7,7 @@ Usage::
     kvshard bench --only cache_update memory
     kvshard bench --only attention_decode attention_prefill update_schedules
     kvshard bench --only swap_bandwidth   # the host tier: swap_out/swap_in vs device_put
+    kvshard bench --only tier_trace       # serving trace: recompute vs swap, host prefix hits
 
 Benchmarks run one after another in this process; one that fails is reported and the others
 still run (the exit status is then 1).
@@ -125,6 +126,12 @@ def _swap_bandwidth(out: str, quick: bool) -> Any:
     return run(out, **settings(quick))
 
 
+def _tier_trace(out: str, quick: bool) -> Any:
+    from kvshard.benchmarks.tier_trace import run, settings
+
+    return run(out, **settings(quick))
+
+
 def _tpu_schedule(out: str, quick: bool) -> Any:
     from kvshard.benchmarks.tpu_schedule import run
 
@@ -140,6 +147,7 @@ BENCHMARKS: dict[str, Callable[[str, bool], Any]] = {
     "callers_jit": _callers_jit,
     "attention_decode": _attention_decode,
     "swap_bandwidth": _swap_bandwidth,
+    "tier_trace": _tier_trace,
     "attention_prefill": _attention_prefill,
     "tpu_schedule": _tpu_schedule,
     "update_schedules": _update_schedules,

@@ -191,7 +191,7 @@ def _swap(cache, host, pairs, *, into_host: bool, checks: bool):
     values = concrete(pairs)
     if values is not None:
         _check_pairs(
-            values.reshape(-1, *values.shape[-2:]),
+            values if pooled else values[None],  # (a reshape cannot infer -1 when K = 0)
             cache.spec.num_pages,
             host.num_host_pages,
             into_host=into_host,
