@@ -155,3 +155,35 @@ def unit_scales(dtype: Any) -> dict[str, float]:
     from kvshard._layout import needs_scales
 
     return {"k_scale": 1.0, "v_scale": 1.0} if needs_scales(dtype) else {}
+
+
+def one_layer_pool(
+    batch: int, tokens: int, page_size: int, kv_heads: int, head_dim: int
+) -> tuple[Any, Any]:
+    """A float32 one-layer CacheSpec sized for ``batch`` requests of ``tokens`` tokens each
+    (null page included), and its PageAllocator with every request grown to ``tokens``: the
+    pool both attention benchmarks read."""
+    import kvshard
+
+    pages_per_seq = -(-tokens // page_size)
+    spec = kvshard.CacheSpec(
+        num_layers=1,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        page_size=page_size,
+        num_pages=batch * pages_per_seq + 1,
+        dtype="float32",
+    )
+    alloc = kvshard.PageAllocator(
+        spec.num_pages, page_size, max_requests=batch, max_pages_per_request=pages_per_seq
+    )
+    alloc.allocate_batch(list(range(batch)), [tokens] * batch)
+    return spec, alloc
+
+
+def simulate_cpu_devices(count: int = 8) -> None:
+    """Run as a script: ``count`` simulated CPU devices (one KV head each in the attention
+    benchmarks). Must run before JAX is first imported."""
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={count}"
+    ).strip()

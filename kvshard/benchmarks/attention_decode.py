@@ -26,7 +26,15 @@ import os
 import sys
 from typing import Any
 
-from kvshard.benchmarks._common import compiled_memory, jax_machine, table, timed, write_json
+from kvshard.benchmarks._common import (
+    compiled_memory,
+    jax_machine,
+    one_layer_pool,
+    simulate_cpu_devices,
+    table,
+    timed,
+    write_json,
+)
 
 NAME = "attention_decode"
 KV_HEADS, Q_HEADS, HEAD_DIM = 8, 32, 128
@@ -57,19 +65,9 @@ def run(
     tp = _head_axis_size(len(jax.devices()))
     mesh = jax.make_mesh((1, tp), ("data", "model"), devices=jax.devices()[:tp])
     pages_per_seq = C // page_size
-    spec = kvshard.CacheSpec(
-        num_layers=1,
-        num_kv_heads=H,
-        head_dim=D,
-        page_size=page_size,
-        num_pages=B * pages_per_seq + 1,
-        dtype="float32",
-    )
-    alloc = kvshard.PageAllocator(
-        spec.num_pages, page_size, max_requests=B, max_pages_per_request=pages_per_seq
-    )
+    # The whole context in the cache; the step decodes the last token.
+    spec, alloc = one_layer_pool(B, C, page_size, H, D)
     ids = list(range(B))
-    alloc.allocate_batch(ids, [C] * B)  # the whole context; the step decodes the last token
     step = kvshard.build_step(alloc, ids, [1] * B, max_num_seqs=B)
     T = step.num_tokens_padded
 
@@ -169,8 +167,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # 8 simulated CPU devices, one KV head each; set before JAX is first imported.
-    os.environ["XLA_FLAGS"] = (
-        os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-    ).strip()
+    simulate_cpu_devices(8)
     sys.exit(main())

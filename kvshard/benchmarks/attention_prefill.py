@@ -31,7 +31,14 @@ import sys
 import time
 from typing import Any
 
-from kvshard.benchmarks._common import compiled_memory, jax_machine, table, write_json
+from kvshard.benchmarks._common import (
+    compiled_memory,
+    jax_machine,
+    one_layer_pool,
+    simulate_cpu_devices,
+    table,
+    write_json,
+)
 
 NAME = "attention_prefill"
 KV_HEADS, Q_HEADS, HEAD_DIM, PAGE_SIZE = 8, 32, 128, 16
@@ -56,20 +63,8 @@ def _setup(batch: int, prompt: int, tp: int):
 
     B, H, Hq, D = batch, KV_HEADS, Q_HEADS, HEAD_DIM
     mesh = jax.make_mesh((1, tp), ("data", "model"), devices=jax.devices()[:tp])
-    pages_per_seq = -(-prompt // PAGE_SIZE)
-    spec = kvshard.CacheSpec(
-        num_layers=1,
-        num_kv_heads=H,
-        head_dim=D,
-        page_size=PAGE_SIZE,
-        num_pages=B * pages_per_seq + 1,
-        dtype="float32",
-    )
-    alloc = kvshard.PageAllocator(
-        spec.num_pages, PAGE_SIZE, max_requests=B, max_pages_per_request=pages_per_seq
-    )
+    spec, alloc = one_layer_pool(B, prompt, PAGE_SIZE, H, D)
     ids = list(range(B))
-    alloc.allocate_batch(ids, [prompt] * B)
     step = kvshard.build_step(alloc, ids, [prompt] * B, num_tokens_padded=B * prompt)
     table_rows = alloc.page_table[:B]  # host copy: each request's pages, in order
     page_slots = (table_rows[:, :, None] * PAGE_SIZE + np.arange(PAGE_SIZE)).reshape(B, -1)
@@ -266,8 +261,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # 8 simulated CPU devices, one KV head each; set before JAX is first imported.
-    os.environ["XLA_FLAGS"] = (
-        os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-    ).strip()
+    simulate_cpu_devices(8)
     sys.exit(main())
