@@ -23,6 +23,7 @@ __all__ = [
     "check_backend",
     "check_layer",
     "check_options",
+    "check_page_pairs",
     "check_shape",
     "concrete",
     "dtype_of",
@@ -135,3 +136,15 @@ def check_layer(num_layers: int, layer: Any) -> jax.Array | np.integer:
     if not 0 <= int(value) < num_layers:
         raise ValueError(f"layer={int(value)} is out of range [0, {num_layers})")
     return np.int32(value)
+
+
+def check_page_pairs(pairs: Any, pooled: bool, dp: int) -> tuple[Any, np.ndarray | None]:
+    """Page-pair metadata (``copy_pages``, ``swap_out``/``swap_in``): int[K, 2], or int[dp, K,
+    2] with a page axis. Returns (pairs as int32, its concrete values as [G, K, 2] or None)."""
+    lead = (dp,) if pooled else ()
+    check_shape("pairs", pairs, (*lead, None, 2), "[dp, K, 2]" if pooled else "[K, 2]")
+    pairs = as_int32("pairs", pairs)
+    values = concrete(pairs)
+    if values is not None and not pooled:
+        values = values[None]  # one group (a reshape cannot infer -1 when K = 0)
+    return pairs, values

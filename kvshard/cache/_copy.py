@@ -15,7 +15,7 @@ from jax.sharding import PartitionSpec as P
 
 from kvshard import _reports
 from kvshard._drop import copy_pair_mask
-from kvshard._host_checks import as_int32, check_shape, concrete, is_traced
+from kvshard._host_checks import check_page_pairs, is_traced
 from kvshard._sharding import place, to_spec
 from kvshard.cache._pytree import KVCache, check_cache, with_kv
 
@@ -77,12 +77,9 @@ def copy_pages(cache: KVCache, pairs: jax.Array | np.ndarray, *, checks: bool = 
     """
     cache = check_cache(cache)
     pooled = cache.page_axis is not None
-    lead = (cache.dp,) if pooled else ()
-    check_shape("pairs", pairs, (*lead, None, 2), "[dp, K, 2]" if pooled else "[K, 2]")
-    pairs = as_int32("pairs", pairs)
-    host = concrete(pairs)
-    if host is not None:
-        _check_pairs(host.reshape(-1, *host.shape[-2:]), cache.spec.num_pages)
+    pairs, values = check_page_pairs(pairs, pooled, cache.dp)
+    if values is not None:
+        _check_pairs(values, cache.spec.num_pages)
     spec = P(cache.page_axis) if pooled else P()
     checks = bool(checks) and is_traced(pairs)
     return _copy_pages_jit(cache, place(cache.mesh, pairs, spec), checks=checks)

@@ -33,7 +33,7 @@ from jax.sharding import PartitionSpec as P
 
 from kvshard import _reports
 from kvshard._drop import SWAP_PAD, swap_pair_mask
-from kvshard._host_checks import as_int32, check_shape, concrete, is_traced
+from kvshard._host_checks import check_page_pairs, is_traced
 from kvshard._sharding import place, to_spec
 from kvshard.cache._host import HostCache, check_host, with_host_kv
 from kvshard.cache._pytree import KVCache, check_cache, with_kv
@@ -185,13 +185,10 @@ def _swap(cache, host, pairs, *, into_host: bool, checks: bool):
     cache = check_cache(cache)
     host = check_host(host, cache)
     pooled = cache.page_axis is not None
-    lead = (cache.dp,) if pooled else ()
-    check_shape("pairs", pairs, (*lead, None, 2), "[dp, K, 2]" if pooled else "[K, 2]")
-    pairs = as_int32("pairs", pairs)
-    values = concrete(pairs)
+    pairs, values = check_page_pairs(pairs, pooled, cache.dp)
     if values is not None:
         _check_pairs(
-            values if pooled else values[None],  # (a reshape cannot infer -1 when K = 0)
+            values,
             cache.spec.num_pages,
             host.num_host_pages,
             into_host=into_host,
