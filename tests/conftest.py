@@ -25,3 +25,24 @@ settings.register_profile(
     print_blob=True,
 )
 settings.load_profile("kvshard")
+
+# The longest tests (each tens of seconds on 2 cores: subprocesses, state machines) run first,
+# so that `pytest -n auto` does not end with one worker finishing a long test alone. Order
+# within each group is the collection order; nothing is skipped.
+_LONG_FIRST = (
+    "tests/test_system_state_machine.py",
+    "tests/test_multihost.py",
+    "tests/test_flax_llama.py",
+    "tests/test_packaging.py",
+    "tests/test_examples.py",
+    "tests/test_allocator_machine.py",
+    "tests/test_models_serving.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item):
+        path = item.nodeid.split("::", 1)[0]
+        return _LONG_FIRST.index(path) if path in _LONG_FIRST else len(_LONG_FIRST)
+
+    items.sort(key=rank)  # stable: the collection order within a group

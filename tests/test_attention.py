@@ -201,7 +201,7 @@ GRID = [(layout, "float32") for layout in LAYOUTS] + [
     ids=lambda x: f"{x[0]}-H{x[1]}-Hq{x[2]}" if isinstance(x, tuple) else x,
 )
 @given(data=st.data())
-@settings(max_examples=3)
+@settings(max_examples=2)  # per grid entry; each example poisons every unseen slot too
 def test_xla_matches_oracle_and_unseen_slots_cannot_reach_it(layout, dtype, data):
     """Then NaN/inf is written into every slot no query may see (issue 19): the xla output is
     bit for bit the clean run's, and (no window, no sinks) the pallas operands through JAX's
