@@ -357,7 +357,7 @@ class PageAllocator(TierMethods):
             TypeError: ``namespace`` is not str, bytes or None.
         """
         self._require_prefix_caching("peek_prefix")
-        return _prefix.peek(self._parts, token_ids, namespace, extra_keys)
+        return _prefix.peek(self._parts, _prefix.PrefixQuery(token_ids, namespace, extra_keys))
 
     def lookup_prefix(
         self,
@@ -409,7 +409,8 @@ class PageAllocator(TierMethods):
             TypeError: ``namespace`` is not str, bytes or None, or ``req_id`` is not hashable.
         """
         self._require_prefix_caching("lookup_prefix")
-        return _prefix.lookup(self._parts, req_id, token_ids, namespace, extra_keys)
+        query = _prefix.PrefixQuery(token_ids, namespace, extra_keys)
+        return _prefix.lookup(self._parts, req_id, query)
 
     def commit_prefix(
         self,
@@ -445,7 +446,8 @@ class PageAllocator(TierMethods):
             TypeError: ``namespace`` is not str, bytes or None, or ``req_id`` is not hashable.
         """
         self._require_prefix_caching("commit_prefix")
-        return _prefix.commit(self._parts, req_id, token_ids, namespace, extra_keys)
+        query = _prefix.PrefixQuery(token_ids, namespace, extra_keys)
+        return _prefix.commit(self._parts, req_id, query)
 
     # ----------------------------------------------------- whole requests
 

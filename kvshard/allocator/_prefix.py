@@ -8,7 +8,7 @@ evictable hit leaves the eviction order) and record how far the request's pages 
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -65,27 +65,30 @@ def _match(
     return device, host, last_key
 
 
-def peek(
-    parts: AllocatorParts,
-    token_ids: Sequence[int] | np.ndarray,
-    namespace: str | bytes | None,
-    extra_keys: object = None,
-) -> int:
+class PrefixQuery(NamedTuple):
+    """What a prefix operation hashes: the tokens, their namespace, per-page extra keys."""
+
+    token_ids: Sequence[int] | np.ndarray
+    namespace: str | bytes | None
+    extra_keys: object = None
+
+    def encode(self, where: str) -> tuple[bytes, int, Any, bytes]:
+        """(token bytes, token count, extra-key bytes, namespace digest); raises naming
+        ``where`` on a bad argument."""
+        data, length = token_bytes(self.token_ids, where)
+        extras = extra_key_bytes(self.extra_keys, where)
+        return data, length, extras, namespace_digest(self.namespace)
+
+
+def peek(parts: AllocatorParts, query: PrefixQuery) -> int:
     """Returns the tokens a lookup would find cached now (either tier); reads only."""
-    data, length = token_bytes(token_ids, "peek_prefix")
-    extras = extra_key_bytes(extra_keys, "peek_prefix")
+    data, length, extras, ns = query.encode("peek_prefix")
     limit = _hit_limit(length, parts.table)
-    device, _, _ = _match(parts, data, namespace_digest(namespace), limit, extras)
+    device, _, _ = _match(parts, data, ns, limit, extras)
     return len(device) * parts.table.page_size
 
 
-def lookup(
-    parts: AllocatorParts,
-    req_id: Hashable,
-    token_ids: Sequence[int] | np.ndarray,
-    namespace: str | bytes | None,
-    extra_keys: object = None,
-) -> int:
+def lookup(parts: AllocatorParts, req_id: Hashable, query: PrefixQuery) -> int:
     """Attaches the longest cached prefix of ``token_ids`` to ``req_id``; returns its tokens.
 
     Host-tier hits get new device pages (after the device hits are attached, so taking them
@@ -93,9 +96,7 @@ def lookup(
     """
     where = "lookup_prefix"
     rows, table, pool, tier = parts.rows, parts.table, parts.pool, parts.tier
-    data, length = token_bytes(token_ids, where)
-    extras = extra_key_bytes(extra_keys, where)
-    ns = namespace_digest(namespace)
+    data, length, extras, ns = query.encode(where)
     row = rows.rows.get(req_id)  # TypeError for an unhashable id, before any change
     if row is not None and rows.row_tokens[row] != 0:
         raise ValueError(
@@ -143,23 +144,15 @@ def lookup(
     return int(found.size * table.page_size)
 
 
-def commit(
-    parts: AllocatorParts,
-    req_id: Hashable,
-    token_ids: Sequence[int] | np.ndarray,
-    namespace: str | bytes | None,
-    extra_keys: object = None,
-) -> int:
+def commit(parts: AllocatorParts, req_id: Hashable, query: PrefixQuery) -> int:
     """Registers the request's full, not yet hashed pages; returns how many were new."""
     where = "commit_prefix"
     rows, table, pool = parts.rows, parts.table, parts.pool
     row = rows.row_of(req_id, where)
-    data, length = token_bytes(token_ids, where)
-    extras = extra_key_bytes(extra_keys, where)
-    ns = namespace_digest(namespace)
+    data, length, extras, ns = query.encode(where)
     if rows.row_has_ns[row] and rows.row_ns[row].tobytes() != ns:
         raise ValueError(
-            f"{where}: namespace={namespace!r} differs from the namespace req_id={req_id!r} "
+            f"{where}: namespace={query.namespace!r} differs from the namespace req_id={req_id!r} "
             "was looked up or committed with"
         )
     if parts.tier.row_swapped[row]:
