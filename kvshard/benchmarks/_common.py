@@ -187,3 +187,9 @@ def simulate_cpu_devices(count: int = 8) -> None:
     os.environ["XLA_FLAGS"] = (
         os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={count}"
     ).strip()
+
+
+def with_overrides(chosen: dict[str, Any], args: Any, keys: Sequence[str]) -> dict[str, Any]:
+    """``chosen`` settings with every flag of ``keys`` the command line gave replacing its
+    value (a flag left unset, None, keeps the setting)."""
+    return chosen | {k: getattr(args, k) for k in keys if getattr(args, k) is not None}

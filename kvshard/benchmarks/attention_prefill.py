@@ -37,6 +37,7 @@ from kvshard.benchmarks._common import (
     one_layer_pool,
     simulate_cpu_devices,
     table,
+    with_overrides,
     write_json,
 )
 
@@ -249,10 +250,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="B=1, prompts 128 256 8192")
     parser.add_argument("--out", default="bench-results", help="results folder")
     args = parser.parse_args(argv)
-    chosen = settings(args.quick)
-    for key in ("batch", "prompts", "time_up_to", "rounds"):
-        if getattr(args, key) is not None:
-            chosen[key] = getattr(args, key)
+    chosen = with_overrides(
+        settings(args.quick), args, ("batch", "prompts", "time_up_to", "rounds")
+    )
     bad = [p for p in chosen["prompts"] if p < 1 or p % PAGE_SIZE]
     if bad:
         parser.error(f"--prompts {bad[0]} must be a positive multiple of {PAGE_SIZE}")

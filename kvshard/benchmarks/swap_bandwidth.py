@@ -23,7 +23,14 @@ import statistics
 import time
 from typing import Any
 
-from kvshard.benchmarks._common import bar_plot, jax_machine, table, unit_scales, write_json
+from kvshard.benchmarks._common import (
+    bar_plot,
+    jax_machine,
+    table,
+    unit_scales,
+    with_overrides,
+    write_json,
+)
 
 NAME = "swap_bandwidth"
 HEADS, DIM, PAGE = 8, 128, 16
@@ -228,10 +235,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--quick", action="store_true", help="N in {16, 128}, 4 layers, 7 rounds")
     parser.add_argument("--out", default="bench-results", help="results folder")
     args = parser.parse_args(argv)
-    chosen = settings(args.quick)
-    for field in ("pages", "layers", "dtype", "rounds"):
-        if getattr(args, field) is not None:
-            chosen[field] = getattr(args, field)
+    chosen = with_overrides(settings(args.quick), args, ("pages", "layers", "dtype", "rounds"))
     for n in chosen["pages"]:
         if n < 1:
             parser.error(f"--pages {n} must be positive")
