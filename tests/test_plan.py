@@ -10,6 +10,7 @@ page 0 is the null page.
 from __future__ import annotations
 
 import pytest
+from _plans import plan
 
 from kvshard._layout import check_query_heads, padded_query_heads
 from kvshard._plan import (
@@ -17,24 +18,8 @@ from kvshard._plan import (
     ContextTooLong,
     HostMemoryTooSmall,
     format_plan,
-    make_plan,
     window_pages,
 )
-
-
-def plan(**overrides):
-    args = {
-        "num_layers": 2,
-        "num_kv_heads": 4,
-        "head_dim": 128,
-        "dtype": "float32",
-        "page_size": 16,
-        "dp": 1,
-        "tp": 2,
-        "hbm_per_device": 1_000_000,
-        "context": 100,
-    }
-    return make_plan(**{**args, **overrides})
 
 
 def test_float32_plan_by_hand():
