@@ -8,11 +8,13 @@ own page table can key its groups by them.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 __all__ = [
     "FULL",
+    "CacheGroups",
     "LayerType",
+    "cache_groups",
     "check_layer_types",
     "describe_groups",
     "group_layers",
@@ -79,6 +81,76 @@ def group_layers(layer_types: tuple[LayerType, ...]) -> dict[LayerType, tuple[in
     for i, t in enumerate(layer_types):
         groups.setdefault(t, []).append(i)
     return {t: tuple(layers) for t, layers in groups.items()}
+
+
+# vLLM's rule: use the largest type's layer count as the group size when no type has this
+# many times the layers of another (12 sliding + 13 full: groups of 13, not 12 and 24).
+_BALANCED_RATIO = 1.25
+
+
+class CacheGroups(NamedTuple):
+    """How the layers of a model share one page pool: vLLM's KV-cache groups of equal size.
+
+    The layers of each attention type are split into groups of at most ``group_size`` layers;
+    each group has its own page table, and every group draws from one pool of page ids. A page
+    id names token slots in each of ``group_size`` **cache layers** (the stacked cache's
+    leading axis), so a page costs ``group_size`` layers' bytes, not ``num_layers``: layer
+    ``l`` reads and writes cache layer ``layer_slot[l]`` through the page table of group
+    ``layer_group[l]``. A group with fewer layers than ``group_size`` leaves its last cache
+    layers unused (vLLM's padding).
+
+    Attributes:
+      group_size: cache layers (the stacked axis); ``num_layers`` when every layer has one type.
+      group_types: the attention type of each group, groups in order.
+      group_layers: the model layers of each group, in cache-layer order.
+      layer_group: for each model layer, its group.
+      layer_slot: for each model layer, its cache layer (position in its group).
+    """
+
+    group_size: int
+    group_types: tuple[LayerType, ...]
+    group_layers: tuple[tuple[int, ...], ...]
+    layer_group: tuple[int, ...]
+    layer_slot: tuple[int, ...]
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.group_types)
+
+
+def cache_groups(layer_types: tuple[LayerType, ...]) -> CacheGroups:
+    """THE grouping rule (vLLM's ``_get_kv_cache_groups_uniform_page_size``), shared by the
+    cache, the allocator and the planner.
+
+    ``group_size`` is the fewest layers of any type (the "1" of an n:1 pattern), or the most
+    when no type has 1.25 times the layers of another; a type with ``n`` layers makes
+    ``ceil(n / group_size)`` groups, group ``i`` of ``k`` taking ``layers[i::k]`` (so that
+    the groups of a type stay balanced). One type: one group of every layer, cache layer =
+    layer (kvshard's stacked cache).
+
+    ``cache_groups((FULL, FULL, S, S, S))`` with ``S = ("sliding", 8)`` has group_size 2 and
+    groups ``FULL: (0, 1)``, ``S: (2, 4)``, ``S: (3,)`` (the last one leaves a slot unused).
+    """
+    by_type = group_layers(layer_types)
+    counts = [len(layers) for layers in by_type.values()]
+    group_size = min(counts)
+    if max(counts) < min(counts) * _BALANCED_RATIO:
+        group_size = max(counts)
+    types: list[LayerType] = []
+    members: list[tuple[int, ...]] = []
+    for t, layers in by_type.items():
+        n = -(-len(layers) // group_size)
+        for i in range(n):
+            types.append(t)
+            members.append(layers[i::n])
+    layer_group = [0] * len(layer_types)
+    layer_slot = [0] * len(layer_types)
+    for g, layers in enumerate(members):
+        for slot, layer in enumerate(layers):
+            layer_group[layer], layer_slot[layer] = g, slot
+    return CacheGroups(
+        group_size, tuple(types), tuple(members), tuple(layer_group), tuple(layer_slot)
+    )
 
 
 def uniform_window(layer_types: tuple[LayerType, ...]) -> int | None:

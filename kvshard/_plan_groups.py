@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from kvshard._layer_types import FULL, LayerType, group_layers, layer_size
+from kvshard._layer_types import FULL, LayerType, cache_groups, group_layers, layer_size
 from kvshard.allocator import sliding_window_pages
 
 __all__ = [
@@ -40,10 +40,6 @@ __all__ = [
     "pages_per_request",
     "window_pages",
 ]
-
-# vLLM's rule: use the largest type's layer count as the group size when no type has this
-# many times the layers of another (12 sliding + 13 full: groups of 13, not 12 and 24).
-_BALANCED_RATIO = 1.25
 
 
 def _check_sizes(**values: Any) -> None:
@@ -107,22 +103,14 @@ def pages_per_request(layer_type: LayerType, page_size: int, context: int) -> in
 def kv_cache_groups(
     layer_types: tuple[LayerType, ...],
 ) -> tuple[int, list[tuple[LayerType, tuple[int, ...]]]]:
-    """Returns ``(group_size, [(type, layers), ...])``: vLLM's split of the layers into
-    KV-cache groups of at most ``group_size`` layers (see the module docstring).
+    """Returns ``(group_size, [(type, layers), ...])``: :func:`kvshard._layer_types.cache_groups`
+    (vLLM's split of the layers into KV-cache groups) as the planner prints it.
 
     ``kv_cache_groups((FULL, FULL, S, S, S))`` with ``S = ("sliding", 8)`` is
     ``(2, [(FULL, (0, 1)), (S, (2, 4)), (S, (3,))])``: the last group has one padding slot.
     """
-    by_type = group_layers(layer_types)
-    counts = [len(layers) for layers in by_type.values()]
-    group_size = min(counts)
-    if max(counts) < min(counts) * _BALANCED_RATIO:
-        group_size = max(counts)
-    groups: list[tuple[LayerType, tuple[int, ...]]] = []
-    for t, layers in by_type.items():
-        n = -(-len(layers) // group_size)
-        groups += [(t, layers[i::n]) for i in range(n)]
-    return group_size, groups
+    groups = cache_groups(layer_types)
+    return groups.group_size, list(zip(groups.group_types, groups.group_layers, strict=True))
 
 
 def _kind(t: LayerType) -> dict[str, Any]:

@@ -51,6 +51,10 @@ class StepGeometry(NamedTuple):
       pages_per_seq: columns of ``page_indices`` (the allocator's ``max_pages_per_request``).
       num_tokens_padded: T, the token axis of k, v and q.
       max_num_seqs: rows of ``page_indices``, ``kv_lens``; ``cu_q_lens`` has one more.
+      num_groups: KV-cache groups of the pool (:class:`kvshard._layer_types.CacheGroups`):
+        1 for a pool whose layers share one page table; above 1, ``page_indices`` and
+        ``slices`` gain a leading ``[num_groups]`` axis (after any ``[dp]`` axis), one page
+        table per group.
     """
 
     page_size: int
@@ -58,6 +62,7 @@ class StepGeometry(NamedTuple):
     pages_per_seq: int
     num_tokens_padded: int
     max_num_seqs: int
+    num_groups: int = 1
 
 
 @functools.partial(
