@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from kvshard._layer_types import FULL, CacheGroups, LayerType, cache_groups, check_layer_types
+from kvshard._layer_types import FULL, CacheGroups, cache_groups, check_layer_types
 
 __all__ = [
     "LANES",
@@ -298,7 +298,9 @@ class CacheSpec:
     dtype: str = "bfloat16"
     k_scale: float | None = None
     v_scale: float | None = None
-    layer_types: tuple[LayerType, ...] | None = None
+    # Any: the constructor takes lists too (and callers spread **scales dicts); stored as
+    # tuple[LayerType, ...] | None.
+    layer_types: Any = None
 
     def __post_init__(self) -> None:
         for field in ("num_layers", "num_kv_heads", "head_dim", "page_size", "num_pages"):

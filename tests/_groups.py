@@ -165,7 +165,7 @@ def dense_kernel(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, **kw):
     requests are garbage; the backend zeroes them."""
     del num_seqs  # tokens of requests past it are zeroed by the backend
     num_tokens, q_heads, dim = q.shape
-    _, page_size, combined, _ = kv_pages.shape
+    combined = kv_pages.shape[2]
     t = jnp.arange(num_tokens)
     seq = jnp.clip(jnp.searchsorted(cu_q_lens, t, side="right") - 1, 0, kv_lens.shape[0] - 1)
     q_len = cu_q_lens[seq + 1] - cu_q_lens[seq]

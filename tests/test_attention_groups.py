@@ -159,8 +159,13 @@ def test_a_window_other_than_the_layers_own_is_refused():
 
 def test_a_traced_layer_over_several_types_must_say_which_it_reads():
     cache, history, step, q = _one_step()
-    read = jax.jit(lambda c, layer, q, **kw: kvshard.attention(c, layer, q, step, sm_scale=SCALE, **kw))
-    with pytest.raises(ValueError, match=r"layer is traced .* pass a Python int layer, or lax\.scan one group's layers"):
+    read = jax.jit(
+        lambda c, layer, q, **kw: kvshard.attention(c, layer, q, step, sm_scale=SCALE, **kw)
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"layer is traced .* pass a Python int layer, or lax\.scan one group's layers",
+    ):
         read(cache, jnp.int32(0), q[0])
     with pytest.raises(ValueError, match=r"no layer of the cache has that type"):
         jax.jit(
@@ -168,18 +173,24 @@ def test_a_traced_layer_over_several_types_must_say_which_it_reads():
                 c, layer, q, step, sm_scale=SCALE, layer_type=("sliding", 9)
             )
         )(cache, jnp.int32(0), q[0])
+
     # A full read of a traced sliding layer reads nothing (dropped); checks=True reports it.
     def full_read(c, layer, q, checks=False):
         return kvshard.attention(c, layer, q, step, sm_scale=SCALE, layer_type=FULL, checks=checks)
 
+    def checked_read(c, layer, q):
+        return full_read(c, layer, q, checks=True)
+
     sliding, full = GEMMA3.index(SLIDING), GEMMA3.index(FULL)
     out = jax.jit(full_read)(cache, jnp.int32(sliding), q[sliding])
     assert not np.asarray(out).any()
+    for outside in (-1, len(GEMMA3)):  # a layer out of range reads nothing either
+        assert not np.asarray(jax.jit(full_read)(cache, jnp.int32(outside), q[0])).any()
     out = jax.jit(full_read)(cache, jnp.int32(full), q[full])
     np.testing.assert_allclose(np.asarray(out)[:17], history.oracle(full, q[full])[:17], atol=ATOL)
-    error, _ = run_checked(lambda c, l, q: full_read(c, l, q, True), cache, jnp.int32(sliding), q[sliding])
+    error, _ = run_checked(checked_read, cache, jnp.int32(sliding), q[sliding])
     assert error is not None and f"layer={sliding} is not a ('full',) layer" in error
-    error, _ = run_checked(lambda c, l, q: full_read(c, l, q, True), cache, jnp.int32(full), q[full])
+    error, _ = run_checked(checked_read, cache, jnp.int32(full), q[full])
     assert error is None
 
 

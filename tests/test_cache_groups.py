@@ -100,9 +100,7 @@ def _read_back(cache, history, layer):
         yield np.asarray(k), np.asarray(v), history.k[layer][r], history.v[layer][r]
 
 
-@pytest.mark.parametrize(
-    ("backend", "traced"), [("xla", False), ("pallas", False), ("xla", True)]
-)
+@pytest.mark.parametrize(("backend", "traced"), [("xla", False), ("pallas", False), ("xla", True)])
 def test_update_writes_each_layer_into_its_cache_layer_of_its_groups_pages(backend, traced):
     spec = grouped_spec(GPT_OSS)
     cache, history, _ = _written(spec, backend, traced=traced)
@@ -119,11 +117,10 @@ def test_update_writes_each_layer_into_its_cache_layer_of_its_groups_pages(backe
 
 def test_vllm_form_takes_slices_with_a_group_axis():
     spec = grouped_spec(GPT_OSS)
-    cache, history, step = _written(spec, "xla")
+    cache, _, step = _written(spec, "xla")
     again = kvshard.init_cache(spec, make_mesh((1, 2)))
-    rng = np.random.default_rng(1)  # History's stream: the same k, v as _written's step
-    history2 = History(spec, rng)
-    _, k, v, _ = history2.step(STEPS[0])
+    # History's stream of _written's seed: the same k, v as its step.
+    _, k, v, _ = History(spec, np.random.default_rng(1)).step(STEPS[0])
     for layer in range(spec.num_layers):
         again = kvshard.update(again, layer, k[layer], v[layer], step.slices, step.num_slices)
     np.testing.assert_array_equal(np.asarray(again.kv), np.asarray(cache.kv))
@@ -137,11 +134,15 @@ def test_a_step_of_another_group_count_is_refused_before_anything_is_donated():
     before = np.asarray(cache.kv)
     k = np.zeros((32, 2, 64), np.float32)
     other = step.__class__(**{**step.__dict__, "geometry": step.geometry._replace(num_groups=3)})
-    with pytest.raises(ValueError, match=r"step\.geometry\.num_groups=3 but the cache has num_groups=2"):
+    with pytest.raises(
+        ValueError, match=r"step\.geometry\.num_groups=3 but the cache has num_groups=2"
+    ):
         kvshard.update(cache, 0, k, k, other)
     one_group = dataclasses.replace(spec, layer_types=(SLIDING,) * 6)
     ungrouped = kvshard.init_cache(one_group, make_mesh((1, 2)))
-    with pytest.raises(ValueError, match=r"step\.geometry\.num_groups=2 but the cache has num_groups=1"):
+    with pytest.raises(
+        ValueError, match=r"step\.geometry\.num_groups=2 but the cache has num_groups=1"
+    ):
         kvshard.attention(ungrouped, 0, np.zeros((32, 4, 64), np.float32), step, sm_scale=0.1)
     short = step.__class__(**{**step.__dict__, "page_indices": step.page_indices[:1]})
     with pytest.raises(ValueError, match=r"step\.geometry\.num_groups=2 does not match its arrays"):
@@ -153,7 +154,7 @@ def test_a_step_of_another_group_count_is_refused_before_anything_is_donated():
 @pytest.mark.parametrize("backend", ["xla", "pallas"])
 def test_a_traced_layer_out_of_range_writes_nothing_and_checks_report_it(backend):
     spec = grouped_spec(GPT_OSS)
-    cache, history, step = _written(spec, "xla")
+    cache, _, step = _written(spec, "xla")
     before = np.asarray(cache.kv)
     k = np.full((32, 2, 64), 7.0, np.float32)
 
@@ -176,7 +177,9 @@ def test_caller_jit_updates_the_grouped_cache_in_place():
     slices[:, :, 0] = [[16 * (g + 1), 0, 16] for g in range(spec.num_groups)]
     k = np.ones((16, 8, 128), np.float32)
     num = np.array([1], np.int32)
-    write = jax.jit(lambda c, layer, k, s, n: kvshard.update(c, layer, k, k, s, n), donate_argnums=0)
+    write = jax.jit(
+        lambda c, layer, k, s, n: kvshard.update(c, layer, k, k, s, n), donate_argnums=0
+    )
     stats = write.lower(cache, np.int32(0), k, slices, num).compile().memory_analysis()
     assert stats.alias_size_in_bytes >= spec.bytes_per_device(4), stats
     assert stats.temp_size_in_bytes < spec.bytes_per_device(4) // spec.num_cache_layers // 4
@@ -200,7 +203,8 @@ def test_copy_pages_and_swaps_move_every_cache_layer_of_a_page():
     cache = kvshard.copy_pages(cache, np.stack([src, dst], axis=1))
     host = kvshard.init_host_cache(spec, cache.mesh, 4)
     cache, host = kvshard.swap_out(cache, host, np.array([[dst[0], 1]], np.int32))
-    cache, host = kvshard.swap_in(cache, host, np.array([[dst[1] - 2, 1]], np.int32))  # (device, host)
+    # Rows are (device page, host page) both ways.
+    cache, host = kvshard.swap_in(cache, host, np.array([[dst[1] - 2, 1]], np.int32))
     for layer in spec.groups.group_layers[0]:  # every cache layer of group 0
         slots = lambda pages: (pages[:, None] * PAGE + np.arange(PAGE)).ravel().astype(np.int32)
         want = np.asarray(kvshard.gather(cache, layer, slots(src))[0])
