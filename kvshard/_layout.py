@@ -20,6 +20,7 @@ head splits) live together: the planner and the cache read one definition of eac
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -364,7 +365,7 @@ class CacheSpec:
 
     # -- layer groups -----------------------------------------------------------------------
 
-    @property
+    @functools.cached_property  # once per spec: every eager operation asks for it
     def groups(self) -> CacheGroups:
         """The KV-cache groups of the layers (:func:`kvshard._layer_types.cache_groups` of
         :attr:`layer_types`; one group of every layer, cache layer = layer, when None)."""

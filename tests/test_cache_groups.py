@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from _cache_helpers import make_mesh, run_checked
+from _compiles import compile_log
 from _groups import FULL, GEMMA3, GPT_OSS, PAGE, SLIDING, STEPS, History, grouped_spec
 
 import kvshard
@@ -113,6 +114,19 @@ def test_update_writes_each_layer_into_its_cache_layer_of_its_groups_pages(backe
     used = {int(p) for g in range(spec.num_groups) for p in history.pages[g][:, :3].ravel()}
     unused = [p for p in range(spec.num_pages) if p not in used]
     assert not kv.reshape(spec.num_cache_layers, spec.num_pages, -1)[:, unused].any()
+
+
+def test_one_update_executable_serves_every_layer_of_every_group():
+    # Shapes no other test uses (5 tokens, 9 pages), so the first call
+    # below must compile: a positive control.
+    spec = kvshard.CacheSpec(6, 2, 64, PAGE, 9, "float32", layer_types=GPT_OSS)
+    cache = kvshard.init_cache(spec, make_mesh((1, 2)))
+    slices = np.array([[[4, 0, 2]], [[8, 0, 2]]], np.int32).transpose(0, 2, 1).copy()
+    k = np.ones((5, 2, 64), np.float32)
+    with compile_log() as log:
+        for layer in (0, 1, np.int32(2), 3, jnp.int32(4), 5):
+            cache = kvshard.update(cache, layer, k, k, slices, np.array([1], np.int32))
+    assert log.count("_write") == 1, log.messages
 
 
 def test_vllm_form_takes_slices_with_a_group_axis():
