@@ -175,8 +175,9 @@ def test_a_traced_layer_out_of_range_writes_nothing_and_checks_report_it(backend
     def write(c, layer, checks=False):
         return kvshard.update(c, layer, k, k, step, backend=backend, checks=checks)
 
+    write_traced = jax.jit(write)
     for layer in (-1, spec.num_layers, 2**31 - 1):
-        out = jax.jit(write)(cache, jnp.int32(layer))
+        out = write_traced(cache, jnp.int32(layer))
         np.testing.assert_array_equal(np.asarray(out.kv), before)
         cache = out
     error, _ = run_checked(lambda c, layer: write(c, layer, True), cache, jnp.int32(6))
