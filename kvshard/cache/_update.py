@@ -285,7 +285,14 @@ def _count_saturated(cache, k, v, layer, slices, num, num_slots):
 
 def _update_specs(cache: KVCache) -> tuple[P, ...]:
     """in_specs of (kv, layer, k, v, slices, num_slices), per-pool args with a group axis."""
-    pa, kv_spec = cache.page_axis, kv_in_spec(cache)
+    return _layout_specs(cache.spec, cache.mesh, cache.head_axis, cache.page_axis)
+
+
+@functools.lru_cache(maxsize=64)
+def _layout_specs(spec, mesh, head_axis, page_axis) -> tuple[P, ...]:
+    # Per cache layout, not per call: building them was a measurable part of an eager call.
+    cache = KVCache(None, spec, mesh, head_axis, page_axis)  # type: ignore[arg-type]
+    pa, kv_spec = page_axis, kv_in_spec(cache)
     return (cache.pspec, P(), kv_spec, kv_spec, P(pa, None, None), P(pa, None))
 
 
@@ -342,6 +349,11 @@ def _write(cache, layer, k, v, slices, num_slices, *, backend, options, checks, 
     return with_kv(cache, kv), SaturationCounts(k=counts[0], v=counts[1])
 
 
+@functools.lru_cache(maxsize=64)
+def _without_group_axis(*specs: P) -> tuple[P, ...]:
+    return tuple(P(*s[1:]) for s in specs)
+
+
 def _update_call(
     cache,
     layer,
@@ -388,7 +400,7 @@ def _update_call(
     checks = bool(checks) and any(map(is_traced, (layer, slices, num_slices)))
     mesh, (_, _, kv_spec, _, slices_spec, num_spec) = cache.mesh, _update_specs(cache)
     if not pooled:  # the specs above carry the group axis that _write adds
-        kv_spec, slices_spec, num_spec = (P(*s[1:]) for s in (kv_spec, slices_spec, num_spec))
+        kv_spec, slices_spec, num_spec = _without_group_axis(kv_spec, slices_spec, num_spec)
     placed = place_all(
         mesh,
         [
@@ -398,6 +410,7 @@ def _update_call(
             (slices, slices_spec),
             (num_slices, num_spec),
         ],
+        reuse=not any(map(is_traced, (cache.kv, k, v))),  # eager: a step placed once per step
     )
     return _write(
         cache,
