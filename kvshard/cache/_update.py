@@ -166,15 +166,22 @@ def _local_update_xla(cache, layer, k, v, slices, num, *, page_size, options, dt
     # A bad layer leaves nothing valid; index layer 0 rather than let a negative layer wrap.
     # Unique, in-bounds-or-dropped indices let XLA scatter in place.
     layer = jnp.where(layer_in_range(layer, num_layers), layer, 0)
-    heads = cache.reshape(num_layers, num_slots, combined // 2, 2, dim)
+    # One KV head per device (C = 2): the view's size-1 head axis made XLA's CPU layout
+    # assignment copy the whole block in and out (1x8, 8 KV heads: temporaries = the cache),
+    # so that block is written as it is, [L, slots, 2, D], K and V at 0 and 1 of axis 2.
+    paired = combined > 2
+    heads = cache.reshape(num_layers, num_slots, combined // 2, 2, dim) if paired else cache
 
     def copy_page(i, heads):
         def write(heads):
             for which, x in enumerate((k, v)):
                 rows = jax.lax.dynamic_slice_in_dim(x, slices[1, i], page_size, axis=0)
                 rows = to_bits(rows, cache.dtype)  # bitcast the page, not all of k/v
-                start = (layer, slices[0, i], 0, which, 0)
-                heads = jax.lax.dynamic_update_slice(heads, rows[None, :, :, None], start)
+                if paired:
+                    rows, start = rows[None, :, :, None], (layer, slices[0, i], 0, which, 0)
+                else:
+                    rows, start = rows[None], (layer, slices[0, i], which, 0)
+                heads = jax.lax.dynamic_update_slice(heads, rows, start)
             return heads
 
         return jax.lax.cond(whole[i], write, lambda heads: heads, heads)
@@ -184,7 +191,8 @@ def _local_update_xla(cache, layer, k, v, slices, num, *, page_size, options, dt
         heads = jax.lax.fori_loop(0, live, copy_page, heads)
     for which, x in enumerate((k, v)):
         x = to_bits(x, cache.dtype)
-        heads = heads.at[layer, slots, :, which].set(x, mode="drop", unique_indices=True)
+        at = heads.at[layer, slots, :, which] if paired else heads.at[layer, slots, which]
+        heads = at.set(x if paired else x[:, 0], mode="drop", unique_indices=True)
     return heads.reshape(cache.shape)
 
 
