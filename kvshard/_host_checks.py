@@ -105,8 +105,8 @@ def shape_str(shape: tuple[Any, ...]) -> str:
 def check_shape(name: str, x: Any, expected: tuple[int | None, ...], what: str) -> None:
     """Raises ValueError unless ``x.shape`` matches ``expected`` (None matches any size)."""
     shape = x.shape if isinstance(x, np.ndarray | jax.Array) else np.shape(x)
-    if len(shape) != len(expected) or any(
-        e is not None and e != s for e, s in zip(expected, shape, strict=False)
+    if len(shape) != len(expected) or not all(
+        e is None or e == s for e, s in zip(expected, shape, strict=False)
     ):
         want = shape_str(tuple("*" if e is None else e for e in expected))
         raise ValueError(f"{name} must have shape {what} = {want}, got {shape_str(shape)}")

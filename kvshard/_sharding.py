@@ -65,6 +65,13 @@ def _sharding(mesh: Mesh, spec: P) -> NamedSharding:
     return NamedSharding(mesh, spec)
 
 
+@functools.lru_cache(maxsize=256)
+def _equivalent(have: Any, want: NamedSharding, ndim: int) -> bool:
+    # Shardings are immutable and hashable; comparing them was a measurable part of an eager
+    # call (k and v arrive with their own sharding every call).
+    return have == want or have.is_equivalent_to(want, ndim)
+
+
 # Device copies of small host arrays (a step's slices, a layer index) placed by eager calls.
 _PLACED = ContentMemo(maxsize=64)
 
@@ -85,8 +92,7 @@ def place_all(mesh: Mesh, items: list[tuple[Any, P]], *, reuse: bool = False) ->
     for i, (x, spec) in enumerate(items):
         sharding = _sharding(mesh, spec)
         if isinstance(x, jax.core.Tracer) or (
-            isinstance(x, jax.Array)
-            and (x.sharding == sharding or x.sharding.is_equivalent_to(sharding, x.ndim))
+            isinstance(x, jax.Array) and _equivalent(x.sharding, sharding, x.ndim)
         ):
             out[i] = x
         elif not sharding.is_fully_addressable:  # a mesh spanning processes: kvshard.distributed
