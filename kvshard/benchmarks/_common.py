@@ -10,7 +10,7 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,12 @@ def timed(fn: Callable[[], object], repeats: int, setup: Callable[[], object] | 
     return min(times), statistics.median(times)
 
 
-def interleaved(steps: dict[str, Callable[[], object]], rounds: int, *, every=None):
+def interleaved(
+    steps: Mapping[str, Callable[[], object]],
+    rounds: int,
+    *,
+    every: Mapping[str, int] | None = None,
+) -> tuple[dict[str, list[float]], list[float]]:
     """Times every step once per round, round after round, so a load spike on the shared
     machine hits all of them alike. ``every`` maps a name to k: that step runs only in every
     k-th round (a slow reference). Returns ``({name: [seconds per run]}, [load per round])``.
