@@ -50,6 +50,8 @@ def concrete(x: Any) -> np.ndarray | None:
 
 def dtype_of(x: Any) -> np.dtype:
     """The dtype of an array as given (jnp.result_type would map NumPy int64 to int32)."""
+    if isinstance(x, np.ndarray | jax.Array):
+        return x.dtype  # already a np.dtype: the eager path asks this several times a call
     return np.dtype(x.dtype) if hasattr(x, "dtype") else jnp.result_type(x)
 
 
@@ -64,6 +66,8 @@ def as_int32(name: str, x: Any) -> Any:
       TypeError: ``x`` is not an integer array, or is traced with a dtype other than int32.
       ValueError: a concrete value lies outside int32 (names ``name``, the value, the bound).
     """
+    if type(x) is np.ndarray and x.dtype == np.int32:
+        return x  # the common case (a step from build_step), answered first
     if not is_traced(x) and not hasattr(x, "dtype"):
         # A Python int or list: numpy gives it a dtype wide enough to hold it (jnp would say
         # int32 for any Python int, and the cast below would wrap 2**40 to 0).
@@ -100,9 +104,9 @@ def shape_str(shape: tuple[Any, ...]) -> str:
 
 def check_shape(name: str, x: Any, expected: tuple[int | None, ...], what: str) -> None:
     """Raises ValueError unless ``x.shape`` matches ``expected`` (None matches any size)."""
-    shape = np.shape(x)
-    if len(shape) != len(expected) or any(
-        e is not None and e != s for e, s in zip(expected, shape, strict=False)
+    shape = x.shape if isinstance(x, np.ndarray | jax.Array) else np.shape(x)
+    if len(shape) != len(expected) or not all(
+        e is None or e == s for e, s in zip(expected, shape, strict=False)
     ):
         want = shape_str(tuple("*" if e is None else e for e in expected))
         raise ValueError(f"{name} must have shape {what} = {want}, got {shape_str(shape)}")
@@ -113,10 +117,13 @@ def check_backend(backend: Any) -> None:
         raise ValueError(f"backend={backend!r} must be one of {BACKENDS}")
 
 
+_DEFAULT_OPTIONS = BackendOptions()  # frozen: one instance serves every call
+
+
 def check_options(options: Any) -> BackendOptions:
     """``options`` as a :class:`~kvshard.BackendOptions` (None: the defaults)."""
     if options is None:
-        return BackendOptions()
+        return _DEFAULT_OPTIONS
     if not isinstance(options, BackendOptions):
         raise TypeError(f"options must be a kvshard.BackendOptions, got {type(options).__name__}")
     return options
@@ -127,6 +134,10 @@ def check_layer(num_layers: int, layer: Any) -> jax.Array | np.integer:
 
     Normalising to int32 keeps one jit signature for Python ints, NumPy ints and traced ints.
     """
+    if type(layer) is int:  # the common eager case, answered without NumPy's dtype machinery
+        if not 0 <= layer < num_layers:
+            raise ValueError(f"layer={layer} is out of range [0, {num_layers})")
+        return np.int32(layer)
     dtype = dtype_of(layer)
     if np.shape(layer) != () or not jnp.issubdtype(dtype, jnp.integer):
         raise TypeError(f"layer must be an integer scalar, got {dtype}{list(np.shape(layer))}")

@@ -11,9 +11,11 @@ import functools
 from typing import Any
 
 import jax
+import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from kvshard._memo import ContentMemo, content_key
 from kvshard.distributed import global_array
 
 __all__ = ["axis_size", "check_mesh_axes", "is_explicit", "place", "place_all", "to_spec"]
@@ -63,27 +65,53 @@ def _sharding(mesh: Mesh, spec: P) -> NamedSharding:
     return NamedSharding(mesh, spec)
 
 
-def place_all(mesh: Mesh, items: list[tuple[Any, P]]) -> list[Any]:
+@functools.lru_cache(maxsize=256)
+def _equivalent(have: Any, want: NamedSharding, ndim: int) -> bool:
+    # Shardings are immutable and hashable; comparing them was a measurable part of an eager
+    # call (k and v arrive with their own sharding every call).
+    return have == want or have.is_equivalent_to(want, ndim)
+
+
+# Device copies of small host arrays (a step's slices, a layer index) placed by eager calls.
+_PLACED = ContentMemo(maxsize=64)
+
+
+def place_all(mesh: Mesh, items: list[tuple[Any, P]], *, reuse: bool = False) -> list[Any]:
     """:func:`place` of every (x, spec), in one batched transfer (the host cost of an eager
     call at decode is mostly these): traced values and arrays that already carry the sharding
-    stay as they are. (Reusing placed layer scalars across calls is not done: under a caller's
-    trace a cached concrete array would become a hoisted argument of the caller's program.)"""
+    stay as they are.
+
+    ``reuse``: a small integer host array (metadata) equal in content to one placed before
+    with the same sharding gets that (immutable) device copy again (:mod:`kvshard._memo`), so
+    an eager loop copies a step to the devices once, not once per layer. Only for calls
+    outside any trace (the caller checks that its cache and k/v are concrete): under a
+    caller's trace a reused concrete array would become a hoisted argument of its program."""
     out: list[Any] = [None] * len(items)
     moving: list[int] = []
+    keys: dict[int, Any] = {}
     for i, (x, spec) in enumerate(items):
         sharding = _sharding(mesh, spec)
         if isinstance(x, jax.core.Tracer) or (
-            isinstance(x, jax.Array) and x.sharding.is_equivalent_to(sharding, x.ndim)
+            isinstance(x, jax.Array) and _equivalent(x.sharding, sharding, x.ndim)
         ):
             out[i] = x
         elif not sharding.is_fully_addressable:  # a mesh spanning processes: kvshard.distributed
             out[i] = global_array(x, sharding)
         else:
-            moving.append(i)
+            # Only integer metadata: k/v change every step, and keying them costs a copy.
+            metadata = isinstance(x, np.ndarray | np.generic) and x.dtype.kind in "iu"
+            content = content_key(x) if reuse and metadata else None
+            if content is not None:
+                keys[i] = (sharding, content)
+                out[i] = _PLACED.get(keys[i])
+            if out[i] is None:
+                moving.append(i)
     if moving:
         placed = jax.device_put(
             [items[i][0] for i in moving], [_sharding(mesh, items[i][1]) for i in moving]
         )
         for i, x in zip(moving, placed, strict=True):
             out[i] = x
+            if i in keys:
+                _PLACED.put(keys[i], x)
     return out

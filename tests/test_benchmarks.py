@@ -21,6 +21,7 @@ from kvshard.benchmarks import (
     attention_decode,
     attention_prefill,
     cache_update,
+    callers_jit,
     compilations,
     host_step,
     memory,
@@ -81,6 +82,13 @@ def test_cache_update_agrees_and_reports_every_row(tmp_path, capsys):
     rows = json.loads((tmp_path / "cache_update.json").read_text())["rows"]
     assert [(r["dtype"], r["tokens"]) for r in rows] == [("float32", 32), ("bfloat16", 32)]
     assert (tmp_path / "cache_update.png").is_file()
+
+
+def test_callers_jit_eager_table_alone(capsys):
+    callers_jit.main(["--eager-only", "--rounds", "2", "--dtype", "float32"])
+    out = capsys.readouterr().out
+    assert "update float32" in out and "attention float32" in out and "host share" in out
+    assert "load before" in out and "load after" in out
 
 
 def test_cache_update_rejects_tokens_off_the_page_grid(capsys):

@@ -28,6 +28,16 @@ def test_update_temporaries_at_most_twice_the_new_tokens(dtype):
     assert m["alias_bytes"] == m["cache_bytes"], m  # the output is the donated buffer
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_update_with_one_kv_head_per_device_stays_in_place(dtype):
+    # 8 KV heads over 8 devices: each device's block holds one K/V pair, whose view with a
+    # size-1 head axis once made XLA copy the whole block in and out (temporaries = the cache).
+    m = update_memory(dtype, 8 * 2**20, 64, devices=8)
+    assert m["cache_bytes"] == 2**20  # per device
+    assert m["temp_bytes"] <= 2 * m["new_token_bytes"] + 4096, m
+    assert m["alias_bytes"] == m["cache_bytes"], m
+
+
 @pytest.mark.parametrize("dtype", SUPPORTED_DTYPES)
 def test_attention_never_copies_or_upcasts_the_cache(dtype):
     # 16 queries over one request's 256-token context, on an 8 MiB and a 32 MiB cache: the

@@ -372,6 +372,7 @@ def attention(
     layer_index, q, *placed = place_all(
         mesh,
         [(layer_index, P()), (q, q_spec), *((x, fields_spec) for x in fields), *sinks_items],
+        reuse=not any(map(host.is_traced, (cache.kv, q))),  # eager: a step placed once per step
     )
     fields = placed[: len(fields)]
     return _read(

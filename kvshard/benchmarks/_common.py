@@ -10,7 +10,7 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,44 @@ def timed(fn: Callable[[], object], repeats: int, setup: Callable[[], object] | 
         fn()
         times.append(time.perf_counter() - start)
     return min(times), statistics.median(times)
+
+
+def interleaved(
+    steps: Mapping[str, Callable[[], object]],
+    rounds: int,
+    *,
+    every: Mapping[str, int] | None = None,
+) -> tuple[dict[str, list[float]], list[float]]:
+    """Times every step once per round, round after round, so a load spike on the shared
+    machine hits all of them alike. ``every`` maps a name to k: that step runs only in every
+    k-th round (a slow reference). Returns ``({name: [seconds per run]}, [load per round])``.
+    """
+    every = every or {}
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    loads = []
+    for r in range(rounds):
+        loads.append(load_average())
+        for name, step in steps.items():
+            if r % every.get(name, 1):
+                continue
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    return times, loads
+
+
+def spread(values: Sequence[float], scale: float = 1e3, digits: int = 2) -> str:
+    """``median (min - max)`` of ``values`` times ``scale`` (seconds to ms by default)."""
+    v = [x * scale for x in values]
+    return f"{statistics.median(v):.{digits}f} ({min(v):.{digits}f} - {max(v):.{digits}f})"
+
+
+def load_average() -> float:
+    """The 1-minute load average (0.0 where the OS gives none)."""
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return 0.0
 
 
 def machine(accelerator: str | None = None) -> str:

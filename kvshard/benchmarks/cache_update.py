@@ -2,7 +2,10 @@
 
 For every dtype and token count T, side by side in one process on one device:
 
-- **donated**: ``kvshard.update`` (xla backend), which donates the cache and writes in place;
+- **donated**: ``kvshard.update`` (xla backend) called eagerly with a NumPy step, which
+  donates the cache and writes in place;
+- **in a jit**: the same update inside a donating ``jax.jit`` with device arguments: the
+  device work plus one dispatch (the eager call's host work is the difference);
 - **undonated**: the same update jitted without donation (with the same compiler options), what a
   caller gets who forgets to donate: XLA copies the whole cache every call;
 - **copy**: a plain copy of the new tokens' bytes (``numpy.copyto`` on CPU, a jitted
@@ -11,20 +14,24 @@ For every dtype and token count T, side by side in one process on one device:
 The update writes T tokens as T/page_size whole-page slices on distinct random pages (a prefill
 batch), 8 KV heads, head_dim 128 (combined heads 16, no padding), k/v given in the cache dtype.
 Bytes moved = T · 16 · 128 · itemsize. Before timing, the donated and undonated results are
-checked equal. Times are min (median) over ``--repeats`` calls.
+checked equal. ``--repeats`` interleaved rounds (every variant once per round, the undonated
+one every third round), so a load spike on a shared machine hits all of them; the bandwidth
+fraction is taken per round and its median printed with its spread and the load.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 from typing import Any
 
 from kvshard.benchmarks._common import (
     bar_plot,
+    interleaved,
     jax_machine,
+    spread,
     table,
-    timed,
     unit_scales,
     write_json,
 )
@@ -68,8 +75,10 @@ def _setup(dtype: str, tokens: int, cache_bytes: int, rng: Any):
     return spec, mesh, jax.device_put(k), jax.device_put(v), slices, num
 
 
-def measure(dtype: str, tokens: int, cache_bytes: int, repeats: int) -> dict[str, Any]:
-    """One row: times in seconds (min, median) of donated, undonated and copy."""
+def measure(dtype: str, tokens: int, cache_bytes: int, rounds: int) -> dict[str, Any]:
+    """One row, from ``rounds`` interleaved rounds of: the eager donated update, the same update
+    inside a donating jit (device arguments: the device work plus one dispatch), the undonated
+    jit (every third round: it copies the whole cache) and the copy of the same bytes."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -83,15 +92,24 @@ def measure(dtype: str, tokens: int, cache_bytes: int, repeats: int) -> dict[str
     undonated = jax.jit(
         lambda c, k, v, s, n: kvshard.update(c, 0, k, v, s, n, backend="xla"),
     )
-    ours = kvshard.update(kvshard.init_cache(spec, mesh), 0, k, v, slices_d, num_d, backend="xla")
+    jitted = jax.jit(
+        lambda c, k, v, s, n: kvshard.update(c, 0, k, v, s, n, backend="xla"),
+        donate_argnums=0,
+    )
+    ours = kvshard.update(kvshard.init_cache(spec, mesh), 0, k, v, slices, num, backend="xla")
     base = undonated(kvshard.init_cache(spec, mesh), k, v, slices_d, num_d)
     if not bool(jnp.array_equal(ours.kv, base.kv)):
         raise SystemExit(f"{dtype} T={tokens}: donated and undonated updates disagree")
-    state = {"ours": ours, "base": base}
+    in_jit = jitted(kvshard.init_cache(spec, mesh), k, v, slices_d, num_d)
+    state = {"ours": ours, "base": base, "jit": in_jit}
 
-    def donated_step() -> None:
-        state["ours"] = kvshard.update(state["ours"], 0, k, v, slices_d, num_d, backend="xla")
+    def donated_step() -> None:  # what a caller runs eagerly: a NumPy step, device k/v
+        state["ours"] = kvshard.update(state["ours"], 0, k, v, slices, num, backend="xla")
         state["ours"].kv.block_until_ready()
+
+    def jitted_step() -> None:
+        state["jit"] = jitted(state["jit"], k, v, slices_d, num_d)
+        state["jit"].kv.block_until_ready()
 
     def undonated_step() -> None:
         state["base"] = undonated(state["base"], k, v, slices_d, num_d)
@@ -100,7 +118,7 @@ def measure(dtype: str, tokens: int, cache_bytes: int, repeats: int) -> dict[str
     moved = tokens * 2 * spec.num_kv_heads * spec.padded_head_dim * spec.np_dtype.itemsize
     if platform == "cpu":
         src = np.ones(moved, np.uint8)
-        dst = np.empty_like(src)
+        dst = np.ones_like(src)  # written once: no first touch inside the timed copies
 
         def copy_step() -> None:
             np.copyto(dst, src)
@@ -114,44 +132,64 @@ def measure(dtype: str, tokens: int, cache_bytes: int, repeats: int) -> dict[str
             copy(src_d).block_until_ready()
 
         copy_what = "device-to-device copy (jitted x + 0)"
-    for step in (donated_step, undonated_step, copy_step):
+    steps = {
+        "donated": donated_step,
+        "jitted": jitted_step,
+        "undonated": undonated_step,
+        "copy": copy_step,
+    }
+    for step in steps.values():
         step()  # warm-up / compile
-    t_ours = timed(donated_step, repeats)
-    t_base = timed(undonated_step, max(2, repeats // 3))
-    t_copy = timed(copy_step, repeats)
+    times, loads = interleaved(steps, rounds, every={"undonated": 3})
     state.clear()
-    return {
+    # Per round (the copy right after the update, under the same load), then the median.
+    fractions = [c / d for c, d in zip(times["copy"], times["donated"], strict=True)]
+    jit_fractions = [c / d for c, d in zip(times["copy"], times["jitted"], strict=True)]
+    row: dict[str, Any] = {
         "dtype": dtype,
         "tokens": tokens,
         "cache_bytes": spec.bytes_per_device(1),
         "moved_bytes": moved,
-        "donated_s": t_ours,
-        "undonated_s": t_base,
-        "copy_s": t_copy,
         "copy_what": copy_what,
-        "speedup_vs_undonated": t_base[0] / t_ours[0],
-        "fraction_of_copy_bandwidth": t_copy[0] / t_ours[0],
+        "loads": (min(loads), max(loads)),
+        "rounds": {name: t for name, t in times.items()},
+        "fraction_of_copy_bandwidth": statistics.median(fractions),
+        "fraction_spread": (min(fractions), max(fractions)),
+        "jitted_fraction_of_copy_bandwidth": statistics.median(jit_fractions),
+        "speedup_vs_undonated": statistics.median(times["undonated"])
+        / statistics.median(times["donated"]),
     }
-
-
-def _ms(t: tuple[float, float]) -> str:
-    return f"{t[0] * 1e3:.2f} ({t[1] * 1e3:.2f})"
+    for name, t in times.items():  # (min, median) seconds, as the other benchmarks give them
+        row[f"{name}_s"] = (min(t), statistics.median(t))
+    return row
 
 
 def format_rows(rows: list[dict[str, Any]]) -> str:
-    header = ("dtype T", "donated ms", "undonated ms", "copy ms", "vs undonated", "of copy BW")
+    header = (
+        "dtype T",
+        "donated ms",
+        "in a jit ms",
+        "copy ms",
+        "vs undonated",
+        "of copy BW",
+        "in a jit",
+        "load",
+    )
     body = [
         (
             f"{r['dtype']} T={r['tokens']}",
-            _ms(r["donated_s"]),
-            _ms(r["undonated_s"]),
-            _ms(r["copy_s"]),
-            f"{r['speedup_vs_undonated']:.1f}x",
-            f"{100 * r['fraction_of_copy_bandwidth']:.0f}%",
+            spread(r["rounds"]["donated"]),
+            spread(r["rounds"]["jitted"]),
+            spread(r["rounds"]["copy"]),
+            f"{r['speedup_vs_undonated']:.0f}x",
+            f"{100 * r['fraction_of_copy_bandwidth']:.0f}% "
+            f"({100 * r['fraction_spread'][0]:.0f}-{100 * r['fraction_spread'][1]:.0f})",
+            f"{100 * r['jitted_fraction_of_copy_bandwidth']:.0f}%",
+            f"{r['loads'][0]:.1f}-{r['loads'][1]:.1f}",
         )
         for r in rows
     ]
-    return table(header, body, first_width=20)
+    return table(header, body, first_width=18)
 
 
 def run(
@@ -167,7 +205,9 @@ def run(
     print(f"## cache update: kvshard.update (xla, donated) vs undonated vs copy\n{machine}")
     print(
         f"cache >= {cache_mib} MiB on 1 device, 8 KV heads, head_dim 128, page_size 16; "
-        f"times min (median) of {repeats} calls; 'of copy BW' = copy time / donated time\n"
+        f"{repeats} interleaved rounds (undonated every third), ms median (min - max); "
+        "'of copy BW' = copy time / donated time, per round, median (min-max) in %; "
+        "'in a jit' = the same for the update inside a donating jit; load during the rounds\n"
     )
     print(format_rows(rows))
     data = {"machine": machine, "cache_mib": cache_mib, "repeats": repeats, "rows": rows}
@@ -198,7 +238,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--tokens", type=int, nargs="+", help="T values (default 1024 4096 16384)")
     parser.add_argument("--cache-mib", type=int, help="cache size per dtype (default 256)")
-    parser.add_argument("--repeats", type=int, help="timed calls (default 10)")
+    parser.add_argument("--repeats", type=int, help="interleaved rounds (default 10)")
 
 
 def settings(args: argparse.Namespace, quick: bool) -> dict[str, Any]:
@@ -214,7 +254,7 @@ def main(argv: list[str] | None = None) -> None:
     """``kvshard bench-cache``: this benchmark alone."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_arguments(parser)
-    parser.add_argument("--quick", action="store_true", help="64 MiB, T in {1k, 4k}, 3 repeats")
+    parser.add_argument("--quick", action="store_true", help="64 MiB, T in {1k, 4k}, 3 rounds")
     parser.add_argument("--out", default="bench-results", help="results folder")
     args = parser.parse_args(argv)
     for t in args.tokens or []:

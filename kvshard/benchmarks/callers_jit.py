@@ -167,6 +167,19 @@ def run(
         )
     )
     eager = [row for dtype in dtypes for row in eager_share(dtype, 64, rounds)]
+    print_eager(eager)
+    data = {
+        "machine": machine,
+        "loads": loads,
+        "requests": requests,
+        "rows": variants,
+        "eager": eager,
+    }
+    write_json(outdir, NAME, data)
+    return data
+
+
+def print_eager(eager: list[dict[str, Any]]) -> None:
     print(
         "\n## eager dispatch at decode (T = 64 requests x 1 token, one device): eager call vs "
         "the same call in a jit; host share = 1 - jit median / eager median\n"
@@ -186,15 +199,25 @@ def run(
             first_width=20,
         )
     )
-    data = {
-        "machine": machine,
-        "loads": loads,
-        "requests": requests,
-        "rows": variants,
-        "eager": eager,
-    }
-    write_json(outdir, NAME, data)
-    return data
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m kvshard.benchmarks.callers_jit --eager-only``: the eager table alone."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--eager-only", action="store_true", help="only the eager table")
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--dtype", dest="dtypes", action="append")
+    parser.add_argument("--out", default="bench-results")
+    args = parser.parse_args(argv)
+    dtypes = args.dtypes or ["float32", "bfloat16"]
+    if not args.eager_only:
+        run(args.out, dtypes=dtypes, cache_mib=64, requests=8, rounds=args.rounds)
+        return
+    print(f"{jax_machine()}; load before {_load():.1f}")
+    print_eager([row for dtype in dtypes for row in eager_share(dtype, 64, args.rounds)])
+    print(f"load after {_load():.1f}")
 
 
 def eager_share(dtype: str, requests: int, rounds: int) -> list[dict[str, Any]]:
@@ -262,3 +285,7 @@ def _load() -> float:
     import os
 
     return os.getloadavg()[0]
+
+
+if __name__ == "__main__":
+    main()

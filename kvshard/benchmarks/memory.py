@@ -57,13 +57,14 @@ def _prefill_step(spec: Any, tokens: int, context: int):
 
 
 def update_memory(
-    dtype: str, cache_bytes: int, tokens: int, *, page_size: int = 16
+    dtype: str, cache_bytes: int, tokens: int, *, page_size: int = 16, devices: int = 1
 ) -> dict[str, Any]:
     """Compiled memory of one donated update: temp / output / alias / argument bytes.
 
-    8 KV heads, head_dim 128, one device; k/v in the cache dtype; one request prefilling
-    ``tokens`` tokens. The executable is the caller's ``jax.jit(kvshard.update,
-    donate_argnums=0)``, lowered on an abstract cache: nothing is allocated.
+    8 KV heads, head_dim 128, heads split over ``devices`` devices (byte counts per device);
+    k/v in the cache dtype; one request prefilling ``tokens`` tokens. The executable is the
+    caller's ``jax.jit(kvshard.update, donate_argnums=0)``, lowered on an abstract cache:
+    nothing is allocated.
     """
     import jax
 
@@ -71,7 +72,7 @@ def update_memory(
 
     heads, dim = 8, 128
     spec = _sized_spec(dtype, cache_bytes, page_size, heads, dim)
-    mesh = jax.make_mesh((1,), ("model",), devices=jax.devices()[:1])
+    mesh = jax.make_mesh((devices,), ("model",), devices=jax.devices()[:devices])
     cache = kvshard.abstract_cache(spec, mesh)
     new = jax.ShapeDtypeStruct((tokens, heads, dim), spec.np_dtype)
     step = _prefill_step(spec, tokens, tokens)
@@ -81,8 +82,8 @@ def update_memory(
     )
     mem = compiled_memory(write.lower(cache, new, new, step).compile())
     return {
-        "cache_bytes": spec.bytes_per_device(1),
-        "new_token_bytes": 2 * tokens * heads * dim * spec.np_dtype.itemsize,
+        "cache_bytes": spec.bytes_per_device(devices),
+        "new_token_bytes": 2 * tokens * heads * dim * spec.np_dtype.itemsize // devices,
         "temp_bytes": int(mem.temp_size_in_bytes),
         "output_bytes": int(mem.output_size_in_bytes),
         "alias_bytes": int(mem.alias_size_in_bytes),

@@ -175,15 +175,22 @@ def _local_update_xla(cache, layer, k, v, slices, num, *, page_size, options, dt
     # A bad layer leaves nothing valid; index layer 0 rather than let a negative layer wrap.
     # Unique, in-bounds-or-dropped indices let XLA scatter in place.
     layer = jnp.where(layer_in_range(layer, num_layers), layer, 0)
-    heads = cache.reshape(num_layers, num_slots, combined // 2, 2, dim)
+    # One KV head per device (C = 2): the view's size-1 head axis made XLA's CPU layout
+    # assignment copy the whole block in and out (1x8, 8 KV heads: temporaries = the cache),
+    # so that block is written as it is, [L, slots, 2, D], K and V at 0 and 1 of axis 2.
+    paired = combined > 2
+    heads = cache.reshape(num_layers, num_slots, combined // 2, 2, dim) if paired else cache
 
     def copy_page(i, heads):
         def write(heads):
             for which, x in enumerate((k, v)):
                 rows = jax.lax.dynamic_slice_in_dim(x, slices[1, i], page_size, axis=0)
                 rows = to_bits(rows, cache.dtype)  # bitcast the page, not all of k/v
-                start = (layer, slices[0, i], 0, which, 0)
-                heads = jax.lax.dynamic_update_slice(heads, rows[None, :, :, None], start)
+                if paired:
+                    rows, start = rows[None, :, :, None], (layer, slices[0, i], 0, which, 0)
+                else:
+                    rows, start = rows[None], (layer, slices[0, i], which, 0)
+                heads = jax.lax.dynamic_update_slice(heads, rows, start)
             return heads
 
         return jax.lax.cond(whole[i], write, lambda heads: heads, heads)
@@ -193,7 +200,8 @@ def _local_update_xla(cache, layer, k, v, slices, num, *, page_size, options, dt
         heads = jax.lax.fori_loop(0, live, copy_page, heads)
     for which, x in enumerate((k, v)):
         x = to_bits(x, cache.dtype)
-        heads = heads.at[layer, slots, :, which].set(x, mode="drop", unique_indices=True)
+        at = heads.at[layer, slots, :, which] if paired else heads.at[layer, slots, which]
+        heads = at.set(x if paired else x[:, 0], mode="drop", unique_indices=True)
     return heads.reshape(cache.shape)
 
 
@@ -294,7 +302,14 @@ def _count_saturated(cache, k, v, layer, slices, num, num_slots):
 
 def _update_specs(cache: KVCache) -> tuple[P, ...]:
     """in_specs of (kv, layer, k, v, slices, num_slices), per-pool args with a group axis."""
-    pa, kv_spec = cache.page_axis, kv_in_spec(cache)
+    return _layout_specs(cache.spec, cache.mesh, cache.head_axis, cache.page_axis)
+
+
+@functools.lru_cache(maxsize=64)
+def _layout_specs(spec, mesh, head_axis, page_axis) -> tuple[P, ...]:
+    # Per cache layout, not per call: building them was a measurable part of an eager call.
+    cache = KVCache(None, spec, mesh, head_axis, page_axis)  # type: ignore[arg-type]
+    pa, kv_spec = page_axis, kv_in_spec(cache)
     return (cache.pspec, P(), kv_spec, kv_spec, P(pa, None, None), P(pa, None))
 
 
@@ -356,6 +371,11 @@ def _write(cache, layer, k, v, slices, num_slices, *, backend, options, checks, 
     return with_kv(cache, kv), SaturationCounts(k=counts[0], v=counts[1])
 
 
+@functools.lru_cache(maxsize=64)
+def _without_group_axis(*specs: P) -> tuple[P, ...]:
+    return tuple(P(*s[1:]) for s in specs)
+
+
 def _update_call(
     cache,
     layer,
@@ -402,7 +422,7 @@ def _update_call(
     checks = bool(checks) and any(map(is_traced, (layer, slices, num_slices)))
     mesh, (_, _, kv_spec, _, slices_spec, num_spec) = cache.mesh, _update_specs(cache)
     if not pooled:  # the specs above carry the group axis that _write adds
-        kv_spec, slices_spec, num_spec = (P(*s[1:]) for s in (kv_spec, slices_spec, num_spec))
+        kv_spec, slices_spec, num_spec = _without_group_axis(kv_spec, slices_spec, num_spec)
     placed = place_all(
         mesh,
         [
@@ -412,6 +432,7 @@ def _update_call(
             (slices, slices_spec),
             (num_slices, num_spec),
         ],
+        reuse=not any(map(is_traced, (cache.kv, k, v))),  # eager: a step placed once per step
     )
     return _write(
         cache,

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kvshard._layout import INT32_MAX, INT32_MIN, LANES, SUPPORTED_DTYPES
+from kvshard._memo import ContentMemo, content_key
 
 # Row names of ``slices`` in messages.
 SLICE_FIELDS = ("kv_cache_start", "new_kv_start", "slice_len")
@@ -132,7 +133,50 @@ def validate_slices(
     sources tiling one range of ``new_kv`` without gaps. Vectorized: cheap for thousands of
     slices. Messages read ``{name}[:, i]: <field> <value> must be <bound>``; ``rows_hint`` is
     appended to the cache-overrun message (e.g. to point at another data-parallel pool).
+
+    Slices that passed once with the same bounds are not checked again: an eager loop hands
+    every layer the same step. The memo is keyed by their content (:mod:`kvshard._memo`), so
+    a step mutated in place, or another step, is checked as if new; a failure stores nothing.
     """
+    bounds = (num_tokens, num_rows, page_size, name, count_name, allow_empty, contiguous_sources)
+    content = content_key(slices, num_kv_update_slices)
+    key = None if content is None else (content, *bounds, rows_hint)
+    if key is not None and _PASSED.get(key):
+        return
+    _validate_slices(
+        slices,
+        num_kv_update_slices,
+        num_tokens=num_tokens,
+        num_rows=num_rows,
+        page_size=page_size,
+        name=name,
+        count_name=count_name,
+        allow_empty=allow_empty,
+        contiguous_sources=contiguous_sources,
+        rows_hint=rows_hint,
+    )
+    if key is not None:
+        _PASSED.put(key, True)
+
+
+# Content keys of slices validate_slices has passed (with their bounds).
+_PASSED = ContentMemo(maxsize=64)
+
+
+def _validate_slices(
+    slices,
+    num_kv_update_slices,
+    *,
+    num_tokens,
+    num_rows,
+    page_size,
+    name,
+    count_name,
+    allow_empty,
+    contiguous_sources,
+    rows_hint,
+):
+    """:func:`validate_slices` without the memo."""
     slices = np.asarray(slices, dtype=np.int64)
     num = int(np.asarray(num_kv_update_slices).reshape(-1)[0])
     if not 0 <= num <= slices.shape[1]:
