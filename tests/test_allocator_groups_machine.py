@@ -288,7 +288,5 @@ class GroupsMachine(RuleBasedStateMachine):
                     assert all(groups[g]), "a full-attention group released a page"
 
 
-GroupsMachine.TestCase.settings = settings(
-    max_examples=60, stateful_step_count=40, deadline=None
-)
+GroupsMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=40, deadline=None)
 TestGroupsMachine = GroupsMachine.TestCase

@@ -2,10 +2,11 @@
 
 One vectorized path serves one request or a whole step's batch: look up (or reserve) rows,
 check every bound, plan each KV-cache group's window release and copy-on-write, check that the
-pages of all groups together suffice, and only then commit. Semantics: the batch's window releases happen first (they only free
-pages), then each request grows as ``allocate`` would, in batch order. A cached page that a
-copy-on-write leaves unowned becomes evictable after that writer, so requests later in the
-batch may take it (and earlier ones may not), exactly as in sequential calls.
+pages of all groups together suffice, and only then commit. Semantics: the batch's window
+releases happen first (they only free pages), then each request grows as ``allocate`` would,
+in batch order. A cached page that a copy-on-write leaves unowned becomes evictable after that
+writer, so requests later in the batch may take it (and earlier ones may not), exactly as in
+sequential calls.
 """
 
 from __future__ import annotations

@@ -4,10 +4,10 @@
 page pool, request rows, one page table per KV-cache group, host tier). The groups' tables are
 views into stacked arrays (``int32[G, max_requests, max_pages_per_request]`` and so on), which
 the facade shows as its grouped ``page_table`` and a state dict saves (without the group axis
-when there is one group, as before groups existed). ``load`` builds the loaded state in fresh parts, runs
-every invariant check on them (plus the range and type checks that let those run on junk) and
-only then returns them, so a corrupt snapshot is refused with the field named while the caller
-keeps its parts.
+when there is one group, as before groups existed). ``load`` builds the loaded state in fresh
+parts, runs every invariant check on them (plus the range and type checks that let those run
+on junk) and only then returns them, so a corrupt snapshot is refused with the field named
+while the caller keeps its parts.
 """
 
 from __future__ import annotations
@@ -252,9 +252,7 @@ class AllocatorParts:
         pool.check()
         index = self.index
         index.check(config.enable_prefix_caching)
-        check(
-            (index.page_group < self.num_groups).all(), "page_group: past the number of groups"
-        )
+        check((index.page_group < self.num_groups).all(), "page_group: past the number of groups")
         for g, t in enumerate(self.tables):  # a group's pages are cached as that group's
             held = t.page_table[live].reshape(-1)
             held = held[held != 0]
