@@ -188,6 +188,29 @@ def test_version_4_state_loads():
     assert b.checksum() == a.checksum()
 
 
+def test_allocate_batch_is_sequential_allocate_in_every_group():
+    """One batch (window releases, copies in several groups, new requests) equals the same
+    calls one by one: the same state, the same pending copies."""
+
+    def prepare():
+        a = make(GPT_OSS, num_pages=40, max_requests=6, enable_prefix_caching=True)
+        a.allocate("p", 21)
+        a.commit_prefix("p", np.arange(21))
+        a.fork("p", "q")
+        a.allocate("s", 3)
+        return a
+
+    batch, one_by_one = prepare(), prepare()
+    ids, counts = ["p", "q", "s", "new"], [5, 2, 9, 6]
+    batch.allocate_batch(ids, counts)
+    for req, count in zip(ids, counts, strict=True):
+        one_by_one.allocate(req, count)
+    assert batch.checksum() == one_by_one.checksum()
+    # p and q share a partial page in each group: p copies it, q keeps it (the last owner).
+    assert batch.take_pending_copies().shape == (2, 2)
+    batch.check_invariants()
+
+
 # ------------------------------------------------------------------ prefix caching
 
 
