@@ -101,7 +101,6 @@ def test_uniform_layer_types_are_one_group_as_today():
         ({"layer_types": []}, "layer_types=.* must be None or a non-empty"),
         ({"layer_types": [S8, FULL], "sliding_window": 8}, "sliding_window=8 disagrees"),
         ({"layer_types": [S8, S8], "sliding_window": 4}, "sliding_window=4 disagrees"),
-        ({"layer_types": GPT_OSS, "num_host_pages": 8}, "num_host_pages=8 needs one"),
         (
             {
                 "layer_types": [S8],
@@ -209,6 +208,33 @@ def test_allocate_batch_is_sequential_allocate_in_every_group():
     # p and q share a partial page in each group: p copies it, q keeps it (the last owner).
     assert batch.take_pending_copies().shape == (2, 2)
     batch.check_invariants()
+
+
+def test_swap_moves_every_groups_own_pages_and_brings_them_back():
+    a = make(GPT_OSS, num_pages=20, num_host_pages=12)
+    a.allocate("r", 20)
+    a.allocate("r", 1)  # sliding group: pages 0-2 released, 3 left; full group: 6
+    before = a.pages("r")
+    assert a.swap_out_request("r") == 3 + 6
+    out, into = a.take_pending_swaps()
+    assert out[:, 0].tolist() == [*before[0, 3:], *before[1]]  # group by group, row order
+    assert not a.pages("r").any() and a.num_free_pages == 19
+    assert into.shape == (0, 2)
+    a.allocate("s", 36)  # 9 columns in 2 groups: 1 page left
+    unchanged(a, OutOfPages, lambda: a.swap_in_request("r"), "needs 9 pages but only 1")
+    a.free("s")
+    device = a.swap_in_request("r")
+    _, into = a.take_pending_swaps()
+    assert into[:, 0].tolist() == device.tolist() and into[:, 1].tolist() == out[:, 1].tolist()
+    after = a.pages("r")
+    assert (after[0, :3] == 0).all() and after[0, 3:].all() and after[1].all()
+    a.check_invariants()
+
+
+def test_swap_out_refuses_when_host_pages_are_short():
+    a = make(GPT_OSS, num_pages=20, num_host_pages=6)
+    a.allocate("r", 12)  # 3 + 3 pages, 5 usable host pages
+    unchanged(a, OutOfPages, lambda: a.swap_out_request("r"), "needs 6 pages but only 5")
 
 
 # ------------------------------------------------------------------ prefix caching

@@ -5,6 +5,7 @@ Layouts: Gemma 3 (5 sliding : 1 full over 12 layers), gpt-oss (alternating), Lla
 ids are the allocator's; which columns hold one, which are released, which are copied, what
 each group caches and what a lookup hits are the model's) and checks refcounts, free counts,
 cached pages and every row after each rule; every refused call must leave the checksum alone.
+With a host tier, swapped-out requests move every group's own pages (one step per swap).
 """
 
 from __future__ import annotations
@@ -44,12 +45,13 @@ class GroupsMachine(RuleBasedStateMachine):
         pages_per_group=st.integers(3, 14),
         page_size=st.sampled_from([1, 2, 2]),
         max_pages=st.integers(3, 8),
+        host=st.sampled_from([0, 0, 5, 30]),
     )
-    def setup(self, layout, pages_per_group, page_size, max_pages):
+    def setup(self, layout, pages_per_group, page_size, max_pages, host):
         num_pages = 1 + pages_per_group * len(PageAllocator(
             2, 1, max_requests=1, max_pages_per_request=1, layer_types=LAYOUTS[layout]
         ).group_types)  # fmt: skip
-        note(f"{layout}: PageAllocator({num_pages}, {page_size}, max_pages={max_pages})")
+        note(f"{layout}: PageAllocator({num_pages}, {page_size}, {max_pages=}, {host=})")
         self.a = PageAllocator(
             num_pages,
             page_size,
@@ -57,7 +59,10 @@ class GroupsMachine(RuleBasedStateMachine):
             max_pages_per_request=max_pages,
             enable_prefix_caching=True,
             layer_types=LAYOUTS[layout],
+            num_host_pages=host,
         )
+        self.H = host
+        self.on_host: dict = {}  # swapped-out req -> [(group, column)] of its pages on the host
         self.types = self.a.group_types
         self.G, self.P, self.M, self.N = len(self.types), page_size, max_pages, num_pages
         self.tokens: dict = {}  # req -> tokens held
@@ -105,6 +110,9 @@ class GroupsMachine(RuleBasedStateMachine):
     def allocate(self, req, count, template):
         note(f"allocate({req!r}, {count})")
         if req not in self.tokens and len(self.tokens) == 3:
+            assert self.refused(ValueError, lambda: self.a.allocate(req, count))
+            return
+        if req in self.on_host:
             assert self.refused(ValueError, lambda: self.a.allocate(req, count))
             return
         fresh = req not in self.tokens
@@ -159,8 +167,56 @@ class GroupsMachine(RuleBasedStateMachine):
         req = data.draw(st.sampled_from(sorted(self.tokens)))
         note(f"free({req!r})")
         self.a.free(req)
+        self.a.take_pending_swaps()  # its host pages are free again after the step
+        self.on_host.pop(req, None)
         for store in (self.tokens, self.tmpl, self.table, self.released, self.committed):
             del store[req]
+
+    @precondition(lambda self: self.tokens)
+    @rule(data=st.data())
+    def swap_out(self, data):
+        req = data.draw(st.sampled_from(sorted(self.tokens)))
+        note(f"swap_out_request({req!r})")
+        if not self.H or req in self.on_host:
+            assert self.refused(ValueError, lambda: self.a.swap_out_request(req))
+            return
+        refs = self.refs()
+        moving = [
+            (g, c)
+            for g, cols in enumerate(self.table[req])
+            for c, page in enumerate(cols)
+            if page and refs[page] == 1 and page not in self.cached
+        ]
+        host_free = self.H - 1 - sum(len(cols) for cols in self.on_host.values())
+        if len(moving) > host_free:
+            assert self.refused(OutOfPages, lambda: self.a.swap_out_request(req))
+            return
+        assert self.a.swap_out_request(req) == len(moving)
+        out, _ = self.a.take_pending_swaps()
+        assert sorted(out[:, 0].tolist()) == sorted(self.table[req][g][c] for g, c in moving)
+        for g, c in moving:
+            self.table[req][g][c] = 0  # on the host: the row reads the null page
+        self.on_host[req] = moving
+        event(f"swapped out {min(len(moving), 2)}+ pages")
+
+    @precondition(lambda self: self.on_host)
+    @rule(data=st.data())
+    def swap_in(self, data):
+        req = data.draw(st.sampled_from(sorted(self.on_host)))
+        note(f"swap_in_request({req!r})")
+        refs = self.refs()
+        moving = self.on_host[req]
+        if len(moving) > self.N - 1 - len(refs):
+            assert self.refused(OutOfPages, lambda: self.a.swap_in_request(req))
+            return
+        device = self.a.swap_in_request(req).tolist()
+        _, into = self.a.take_pending_swaps()
+        assert into[:, 0].tolist() == device and not set(device) & set(refs)
+        for (g, c), page in zip(moving, device, strict=True):  # group by group, row order
+            self.table[req][g][c] = page
+            if page in self.cached:  # evicted from the prefix cache
+                del self.cache[self.cached.pop(page)]
+        del self.on_host[req]
 
     @precondition(lambda self: self.tokens)
     @rule(data=st.data())
@@ -168,6 +224,9 @@ class GroupsMachine(RuleBasedStateMachine):
         req = data.draw(st.sampled_from(sorted(self.tokens)))
         keep = data.draw(st.integers(0, self.tokens[req]))
         note(f"truncate({req!r}, {keep})")
+        if req in self.on_host:
+            assert self.refused(ValueError, lambda: self.a.truncate(req, keep))
+            return
         late = [
             self.released[req][g] * self.P > window_start(t, keep) for g, t in enumerate(self.types)
         ]
@@ -186,7 +245,7 @@ class GroupsMachine(RuleBasedStateMachine):
     def fork(self, data, dst):
         src = data.draw(st.sampled_from(sorted(self.tokens)))
         note(f"fork({src!r}, {dst!r})")
-        if dst in self.tokens or len(self.tokens) == 3:
+        if dst in self.tokens or len(self.tokens) == 3 or src in self.on_host:
             assert self.refused(ValueError, lambda: self.a.fork(src, dst))
             return
         self.a.fork(src, dst)
@@ -213,6 +272,10 @@ class GroupsMachine(RuleBasedStateMachine):
 
     def commit_request(self, req):
         note(f"commit_prefix({req!r})")
+        tokens = TEMPLATES[self.tmpl[req]][: self.tokens[req]]
+        if req in self.on_host:
+            assert self.refused(ValueError, lambda: self.a.commit_prefix(req, tokens))
+            return
         full = self.tokens[req] // self.P
         new = 0
         for g, cols in enumerate(self.table[req]):
@@ -222,7 +285,6 @@ class GroupsMachine(RuleBasedStateMachine):
                     self.cache[key], self.cached[page] = page, key
                     new += 1
         self.committed[req] = max(self.committed[req], full)
-        tokens = TEMPLATES[self.tmpl[req]][: self.tokens[req]]
         assert self.a.commit_prefix(req, tokens) == new
 
     @rule(req=st.sampled_from(IDS), template=st.integers(0, 1), length=st.integers(1, 17))
@@ -233,7 +295,8 @@ class GroupsMachine(RuleBasedStateMachine):
         """lookup_prefix against the model; returns the hit in pages (None if refused)."""
         note(f"lookup_prefix({req!r}, template {template}, {length} tokens)")
         prompt = TEMPLATES[template][:length]
-        if self.tokens.get(req, 0) or (req not in self.tokens and len(self.tokens) == 3):
+        busy = self.tokens.get(req, 0) or req in self.on_host
+        if busy or (req not in self.tokens and len(self.tokens) == 3):
             assert self.refused(ValueError, lambda: self.a.lookup_prefix(req, prompt))
             return None
         limit = min((length - 1) // self.P, self.M)
@@ -284,7 +347,7 @@ class GroupsMachine(RuleBasedStateMachine):
         for req, groups in self.table.items():
             assert self.a.pages(req).reshape(self.G, -1).tolist() == groups
             for g, t in enumerate(self.types):
-                if t == FULL:  # a global group keeps every page
+                if t == FULL and req not in self.on_host:  # a global group keeps every page
                     assert all(groups[g]), "a full-attention group released a page"
 
 

@@ -113,9 +113,8 @@ class PageAllocator(TierMethods):
         ValueError: an argument is not an int (bools rejected), is below its minimum or past
             its bound above, ``num_host_pages`` is 1, ``host_prefix_pages`` is set without
             prefix caching or with a window on some layer, a ``layer_types`` entry is
-            malformed or contradicts ``sliding_window``, or ``num_host_pages > 0`` with more
-            than one KV-cache group (the host tier serves one group); the message names the
-            argument, its value and the bound.
+            malformed or contradicts ``sliding_window``; the message names the argument, its
+            value and the bound.
     """
 
     def __init__(
@@ -665,7 +664,8 @@ class PageAllocator(TierMethods):
             (int32[max_requests], columns released by the sliding window) and
             ``"row_tentative"`` (bool[max_requests], looked up and not served since),
             ``"page_group"`` (int32[num_pages], the group of each cached page); with
-            ``num_groups > 1`` the tables' arrays gain a leading group axis; and the
+            ``num_groups > 1`` the tables' arrays (``page_table``, ``row_pages``,
+            ``row_released``, ``host_table``) gain a leading group axis; and the
             host tier's: ``"host_free"``, ``"host_clock"``, ``"host_stats"``,
             ``"pending_swap_out"`` / ``"pending_swap_in"`` (int32[K, 2]), ``"host_table"``
             (int32[max_requests, max_pages_per_request]), ``"row_swapped"``,

@@ -75,13 +75,6 @@ class AllocatorConfig:
         types = _layer_types(layer_types, sliding_window)
         if types is not None and sliding_window is None:
             sliding_window = uniform_window(types)  # one ("sliding", W) group: as sliding_window
-        groups = cache_groups(types) if types is not None else None
-        if groups is not None and groups.num_groups > 1 and num_host_pages:
-            raise ValueError(
-                f"PageAllocator: num_host_pages={num_host_pages!r} needs one KV-cache group, "
-                f"but layer_types makes {groups.num_groups} (the host tier serves one page "
-                "table per request)"
-            )
         if host_prefix_pages and (
             sliding_window is not None or (types is not None and set(types) != {FULL})
         ):

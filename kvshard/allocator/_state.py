@@ -81,6 +81,7 @@ class AllocatorParts:
             config.max_requests,
             config.max_pages_per_request,
             events,
+            len(config.group_types),
         )
         pool = PagePool(config.num_pages, index, tier)
         rows = RequestRows(config.max_requests)
@@ -90,6 +91,7 @@ class AllocatorParts:
             "page_table": np.zeros((g, r, m), np.int32),
             "row_pages": np.zeros((g, r), np.int32),
             "row_released": np.zeros((g, r), np.int32),
+            "host_table": tier.host_tables,
         }
         tables = [
             PageTable(
@@ -245,8 +247,13 @@ class AllocatorParts:
         config, rows, table, pool = self.config, self.rows, self.table, self.pool
         rows.check(config.max_tokens, config.page_size)
         live = rows.live_rows()
-        swapped = self.tier.host_table != 0
-        owned = np.concatenate([t.check(rows.row_tokens, live, swapped) for t in self.tables])
+        swapped = self.tier.host_tables != 0
+        owned = np.concatenate(
+            [
+                t.check(rows.row_tokens, live, mine)
+                for t, mine in zip(self.tables, swapped, strict=True)
+            ]
+        )
         counts = np.bincount(owned, minlength=config.num_pages)
         check(np.array_equal(counts, pool.refcount), "refcount: != number of owners")
         pool.check()
@@ -271,7 +278,7 @@ class AllocatorParts:
             "lru: a page only looked-up requests hold has a stamp in use or past the clock",
         )
         tier = self.tier
-        tier.check(live, table.row_pages, table.page_table)
+        tier.check(live, table.row_pages, self.stacks["page_table"])
         check(not rows.row_tentative[tier.row_swapped].any(), "row_swapped: a tentative row")
         check(
             config.enable_prefix_caching or not tier.host_cached.any(),
@@ -324,7 +331,7 @@ _HASHED = (
 )
 
 
-_HOST_HASHED = ("host_free", "pending_swap_out", "pending_swap_in", *HostTier.ARRAYS)
+_HOST_HASHED = ("host_free", "pending_swap_out", "pending_swap_in", "host_table", *HostTier.ARRAYS)
 
 
 def _load_tier(tier: HostTier, state: dict[str, Any], num_pages: int) -> None:
