@@ -10,7 +10,7 @@ of ``h`` pages counts only where every group can serve it (vLLM's
 ``HybridKVCacheCoordinator``): a full-attention group needs pages ``[0, h)`` cached, a window
 group only the pages its next query (at token ``h * page_size``) reads. The pages a window
 group does not need are not attached (they read the null page, as released pages do). Such an
-allocator has no host tier (``_config``), so hits are device pages only.
+allocator has no host prefix cache (``_config``), so its hits are device pages only.
 """
 
 from __future__ import annotations
