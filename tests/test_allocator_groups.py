@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from _alloc import unchanged
 
+from kvshard._plan_groups import pages_per_request
 from kvshard.allocator import NULL_PAGE, OutOfPages, PageAllocator, PagesRemoved, PagesStored
 
 S8 = ("sliding", 8)
@@ -80,6 +81,22 @@ def test_llama4_grouping():
     a = make(LLAMA4)
     # 3 chunked and 1 full: group size 1, three chunked groups and one full group.
     assert a.groups.group_size == 1 and a.num_groups == 4
+
+
+@pytest.mark.parametrize("page_size", [1, 2, 3])
+def test_pages_held_peak_at_the_planners_bound_per_group(page_size):
+    """Decoding token by token, each group holds at most (and at some point exactly) the
+    pages the planner counts for its type."""
+    layer_types = [("sliding", 5), ("chunked", 4), FULL]
+    context = 30
+    a = PageAllocator(
+        200, page_size, max_requests=1, max_pages_per_request=30, layer_types=layer_types
+    )
+    most = np.zeros(3, np.int64)
+    for _ in range(context):
+        a.allocate("r", 1)
+        most = np.maximum(most, (a.pages("r") != NULL_PAGE).sum(axis=1))
+    assert list(most) == [pages_per_request(t, page_size, context) for t in a.group_types]
 
 
 def test_uniform_layer_types_are_one_group_as_today():
