@@ -313,3 +313,20 @@ def test_single_sliding_group_with_prefix_caching():
     assert a.commit_prefix("r", prompt) == 2  # pages 6, 7 (0-5 released)
     assert a.lookup_prefix("s", prompt) == 32
     assert list(a.pages("s")[:6]) == [0] * 6
+
+
+def test_reset_and_load_cover_every_groups_cache():
+    a = make(GPT_OSS, enable_prefix_caching=True, enable_kv_events=True)
+    a.allocate("r", 8)
+    a.commit_prefix("r", np.arange(8))
+    state = a.state_dict()
+    assert sorted(state["page_group"][state["cached"]].tolist()) == [0, 0, 1, 1]
+    b = make(GPT_OSS, enable_prefix_caching=True, enable_kv_events=True)
+    b.load_state_dict(state)
+    stored = [e for e in b.take_kv_events() if isinstance(e, PagesStored)]
+    assert [(e.group, len(e.page_hashes)) for e in stored] == [(0, 2), (1, 2)]
+    a.free("r")
+    assert a.reset_prefix_cache()
+    state = a.state_dict()
+    assert not state["cached"].any() and not state["page_group"].any()
+    assert a.num_free_pages == 79 and a.peek_prefix(np.arange(9)) == 0
