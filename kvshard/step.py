@@ -171,11 +171,10 @@ def check_step(
                     f"step.geometry.{field}={value} but the cache has {field}={expected}: "
                     "build the step from the allocator of this cache's pool"
                 )
-        grouped = len(lead) + (geometry.num_groups > 1)  # page_indices: [*lead, G, ...]
         shapes = {
             "num_tokens_padded": np.shape(step.positions)[len(lead) :][:1],
             "max_num_seqs": np.shape(step.kv_lens)[len(lead) :][:1],
-            "pages_per_seq": np.shape(step.page_indices)[grouped:][1:2],
+            "pages_per_seq": np.shape(step.page_indices)[len(lead) :][1:2],
         }
         for field, shape in shapes.items():
             if tuple(shape) != (getattr(geometry, field),):

@@ -353,17 +353,6 @@ def test_grouped_steps_stack_with_the_dp_axis_first():
     assert stacked.geometry.num_groups == 6
 
 
-def test_check_step_reads_page_indices_past_the_group_axis():
-    from kvshard.step import check_step
-
-    _, _, step = grouped_step()
-    spec = make_spec(page_size=4, num_pages=64)
-    assert check_step(step, spec, num_tokens=16, token_arg="q") is step
-    narrow = dataclasses.replace(step, page_indices=step.page_indices[:, :, :5])
-    with pytest.raises(ValueError, match="pages_per_seq=6 does not match"):
-        check_step(narrow, spec, num_tokens=16, token_arg="q")
-
-
 def test_one_group_step_keeps_todays_shapes():
     alloc = kvshard.PageAllocator(
         16, PAGE, max_requests=4, max_pages_per_request=4, layer_types=[("full",)] * 3
