@@ -4,7 +4,8 @@ Inside ``jit`` nothing can raise, so a row of metadata that is out of contract i
 it writes nothing and reads nothing, identically on every backend. This module is the one
 place that says which rows those are, one function per kind of row:
 
-* a layer: :func:`layer_in_range`;
+* a layer: :func:`layer_in_range`; of a cache with layer groups, :func:`route_layer` (its
+  group and cache layer, or none);
 * an update slice: :func:`slice_is_writable` (the Pallas kernel's own guard) and
   :func:`writable_slices` (plus the live count and the layer), :func:`token_slots` (where each
   token of a step lands, or nowhere);
@@ -33,6 +34,7 @@ __all__ = [
     "live_query_bounds",
     "live_requests",
     "requests_on_block",
+    "route_layer",
     "slice_is_writable",
     "swap_pair_is_padding",
     "swap_pair_mask",
@@ -47,6 +49,36 @@ def layer_in_range(layer: jax.Array, num_layers: int) -> jax.Array:
     reads zeros (indexing would otherwise wrap -1 to the last layer and clamp L to it, and the
     kernel's flat offset ``layer · slots`` can overflow int32 back into range)."""
     return (layer >= 0) & (layer < num_layers)
+
+
+def route_layer(
+    layer: jax.Array,
+    layer_group: tuple[int, ...],
+    layer_slot: tuple[int, ...],
+    readable: tuple[bool, ...] | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """(group, cache layer) of model ``layer``, int32 scalars, for a cache with layer groups.
+
+    Read from the static per-layer tables (``CacheGroups.layer_group`` / ``layer_slot``)
+    with a possibly traced ``layer``, so one executable serves every layer and ``lax.scan``
+    over layers works. A layer outside ``[0, len(layer_slot))``, or one that ``readable``
+    (a bool per layer: e.g. attention's layers of the type it reads) marks False, gets cache
+    layer -1, which every operation then drops as a layer out of range
+    (:func:`layer_in_range`); its group is still a valid index (the clamped layer's), so
+    selecting its page table cannot go out of bounds. Identity tables (one group, cache
+    layer = layer) return ``(0, layer)`` unchanged: no lookup in the common case.
+    """
+    num_layers = len(layer_slot)
+    identity = layer_slot == tuple(range(num_layers)) and set(layer_group) == {0}
+    if identity and readable is None:
+        return jnp.zeros((), jnp.int32), layer
+    ok = layer_in_range(layer, num_layers)
+    index = jnp.clip(layer, 0, num_layers - 1)
+    if readable is not None:
+        ok &= jnp.asarray(readable, bool)[index]
+    group = jnp.asarray(layer_group, jnp.int32)[index]
+    slot = jnp.asarray(layer_slot, jnp.int32)[index]
+    return group, jnp.where(ok, slot, -1).astype(jnp.int32)
 
 
 def slice_is_writable(dst, src, length, *, num_tokens: int, num_rows: int, page_size: int):

@@ -20,10 +20,13 @@ head splits) live together: the planner and the cache read one definition of eac
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
 import numpy as np
+
+from kvshard._layer_types import FULL, CacheGroups, cache_groups, check_layer_types
 
 __all__ = [
     "LANES",
@@ -273,11 +276,19 @@ class CacheSpec:
         and float16, which store values unscaled (a scale there would be a second, silent
         convention). Each must lie in :func:`scale_bounds` (a normal float32 whose reads
         stay finite). :func:`kvshard.calibrate_scales` picks them from samples.
+      layer_types: each layer's attention type, ``("full",)``, ``("sliding", W)`` or
+        ``("chunked", C)`` (lists, as JSON gives them, are accepted), stored as a tuple of
+        tuples; None (the default) when every layer is full attention, which an all-full
+        list is also stored as (one spelling, one spec). Layers of one type share a page
+        table per group (:attr:`groups`, vLLM's KV-cache groups), so the stacked cache holds
+        :attr:`num_cache_layers` cache layers, not ``num_layers``: layer ``l`` lives in cache
+        layer ``groups.layer_slot[l]`` of the pages of group ``groups.layer_group[l]``.
 
     Raises:
       ValueError: a non-positive size, an unsupported dtype, int8 without both scales, a
-        float8 dtype with only one, a scale on a float dtype, or a scale that is not a
-        positive finite number inside :func:`scale_bounds`.
+        float8 dtype with only one, a scale on a float dtype, a scale that is not a
+        positive finite number inside :func:`scale_bounds`, or ``layer_types`` not one valid
+        type per layer.
     """
 
     num_layers: int
@@ -288,6 +299,9 @@ class CacheSpec:
     dtype: str = "bfloat16"
     k_scale: float | None = None
     v_scale: float | None = None
+    # Any: the constructor takes lists too (and callers spread **scales dicts); stored as
+    # tuple[LayerType, ...] | None.
+    layer_types: Any = None
 
     def __post_init__(self) -> None:
         for field in ("num_layers", "num_kv_heads", "head_dim", "page_size", "num_pages"):
@@ -295,6 +309,12 @@ class CacheSpec:
             if not isinstance(value, int | np.integer) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"CacheSpec.{field}={value!r} must be a positive int")
             object.__setattr__(self, field, int(value))
+        if self.layer_types is not None:
+            try:
+                types = check_layer_types(self.layer_types, self.num_layers)
+            except ValueError as err:
+                raise ValueError(f"CacheSpec.{err}") from None
+            object.__setattr__(self, "layer_types", None if set(types) == {FULL} else types)
         object.__setattr__(self, "dtype", canonical_dtype(self.dtype))
         for field in ("k_scale", "v_scale"):
             scale = check_scale(f"CacheSpec.{field}", getattr(self, field), self.dtype)
@@ -343,6 +363,25 @@ class CacheSpec:
         """Elements per 32-bit TPU sublane word: 1 (f32), 2 (16-bit), 4 (8-bit)."""
         return SUBLANE_BITS // self.bits
 
+    # -- layer groups -----------------------------------------------------------------------
+
+    @functools.cached_property  # once per spec: every eager operation asks for it
+    def groups(self) -> CacheGroups:
+        """The KV-cache groups of the layers (:func:`kvshard._layer_types.cache_groups` of
+        :attr:`layer_types`; one group of every layer, cache layer = layer, when None)."""
+        return cache_groups(self.layer_types or (FULL,) * self.num_layers)
+
+    @property
+    def num_cache_layers(self) -> int:
+        """Cache layers of the stacked array (its leading axis): ``groups.group_size``;
+        ``num_layers`` when every layer has one attention type."""
+        return self.groups.group_size
+
+    @property
+    def num_groups(self) -> int:
+        """Page tables per request (one per group): 1 when every layer has one type."""
+        return self.groups.num_groups
+
     # -- shapes -----------------------------------------------------------------------------
 
     @property
@@ -372,18 +411,19 @@ class CacheSpec:
         return 2 * self.heads_per_device(tp)
 
     def global_shape(self, tp: int = 1, dp: int = 1) -> tuple[int, int, int, int]:
-        """Shape of the stacked cache array: [L, dp * num_pages * page_size, 2·H·r, D_pad]."""
+        """Shape of the stacked cache array: [L_cache, dp * num_pages * page_size, 2·H·r, D_pad]
+        (``L_cache``: :attr:`num_cache_layers`)."""
         return (
-            self.num_layers,
+            self.num_cache_layers,
             dp * self.slots_per_pool,
             self.combined_heads(tp),
             self.padded_head_dim,
         )
 
     def local_shape(self, tp: int = 1) -> tuple[int, int, int, int]:
-        """Shape of one device's shard: [L, num_pages * page_size, 2·H·r / tp, D_pad]."""
+        """Shape of one device's shard: [L_cache, num_pages * page_size, 2·H·r / tp, D_pad]."""
         return (
-            self.num_layers,
+            self.num_cache_layers,
             self.slots_per_pool,
             self.combined_heads_per_device(tp),
             self.padded_head_dim,
@@ -402,7 +442,8 @@ class CacheSpec:
         )
 
     def bytes_per_device(self, tp: int = 1, dp: int = 1) -> int:
-        """Bytes of the whole stacked cache (all layers, all pages of its pool) on one device.
+        """Bytes of the whole stacked cache (all cache layers, all pages of its pool) on one
+        device: :attr:`num_cache_layers` layers, so layer groups cost ``group_size`` layers.
 
         ``num_pages`` counts the pages of one pool, and each device holds exactly one pool's
         slots, so the result does not grow with ``dp``; ``dp`` is validated and accepted so that
@@ -410,7 +451,7 @@ class CacheSpec:
         """
         if not isinstance(dp, int | np.integer) or isinstance(dp, bool) or dp < 1:
             raise ValueError(f"dp={dp!r} must be a positive int")
-        return self.num_layers * self.num_pages * self.page_bytes_per_device(tp)
+        return self.num_cache_layers * self.num_pages * self.page_bytes_per_device(tp)
 
     # -- model configs ----------------------------------------------------------------------
 
@@ -427,15 +468,17 @@ class CacheSpec:
         """Returns the spec of a cache for the model of a Hugging Face ``config.json``.
 
         Reads ``num_hidden_layers``, ``num_key_value_heads`` (else ``num_attention_heads``),
-        ``head_dim`` (else ``hidden_size / num_attention_heads``) and ``torch_dtype``; see
-        :func:`kvshard.read_model_config`, which also returns the model's ``sliding_window``.
+        ``head_dim`` (else ``hidden_size / num_attention_heads``), ``torch_dtype`` and each
+        layer's attention type (``layer_types``, from whichever convention the config uses);
+        see :func:`kvshard.read_model_config`.
 
         Args:
           config: a config.json path, a directory holding one, or the parsed dict.
           page_size: token slots per page.
           num_pages: pages per page pool (page 0 is the allocator's null page).
           dtype: cache dtype; default the config's ``torch_dtype``.
-          **spec_fields: further :class:`CacheSpec` fields, passed through unchanged.
+          **spec_fields: further :class:`CacheSpec` fields, passed through unchanged
+            (``layer_types=`` overrides the config's).
 
         Raises:
           kvshard.ConfigError: (a ``ValueError``) the config cannot be read, lacks a field, or
@@ -452,6 +495,7 @@ class CacheSpec:
                     f"{geometry.name}: torch_dtype is missing; pass dtype= to pick the cache dtype"
                 )
             dtype = geometry.dtype
+        spec_fields.setdefault("layer_types", geometry.layer_types)
         return cls(
             geometry.num_layers,
             geometry.num_kv_heads,

@@ -42,6 +42,7 @@ __all__ = [
     "check_copy_pairs",
     "check_gather",
     "check_layer",
+    "check_layer_type",
     "check_swap_pairs",
     "check_update",
 ]
@@ -94,6 +95,20 @@ def check_layer(where: str, layer: jax.Array, num_layers: int) -> jax.Array:
     return _check(
         layer_in_range(layer, num_layers),
         f"{where}: layer={{layer}} is out of range [0, {num_layers})",
+        layer=layer,
+    )
+
+
+def check_layer_type(layer: jax.Array, readable: tuple[bool, ...], read: tuple) -> jax.Array:
+    """Reports a layer in range that ``readable`` marks False: attention of a traced layer
+    over layers of several types reads ``read`` layers only, and drops the others
+    (:func:`kvshard._drop.route_layer`). A layer out of range is :func:`check_layer`'s."""
+    index = jnp.clip(layer, 0, len(readable) - 1)
+    ok = ~layer_in_range(layer, len(readable)) | jnp.asarray(readable, bool)[index]
+    return _check(
+        ok,
+        f"attention: layer={{layer}} is not a {read!r} layer, the type this call reads "
+        "(CacheSpec.layer_types): it reads nothing; scan only that type's layers",
         layer=layer,
     )
 

@@ -194,6 +194,7 @@ def paged_attention(
     sliding_window: int | None = None,
     soft_cap: float | None = None,
     sinks: np.ndarray | None = None,
+    chunk_size: int | None = None,
 ) -> np.ndarray:
     """Ragged causal attention in float64 from each request's dense K/V history.
 
@@ -201,7 +202,8 @@ def paged_attention(
     rather than from pages: request ``i`` holds ``n_i = len(keys[i])`` tokens, of which the
     last ``q_lens[i]`` are this step's queries, packed request by request in ``q``. Query
     ``j`` of request ``i`` sits at position ``p = n_i - q_lens[i] + j`` and attends keys at
-    positions ``k`` with ``k <= p`` and, with a window ``W``, ``k > p - W``. Scores are
+    positions ``k`` with ``k <= p`` and, with a window ``W``, ``k > p - W``; with chunked
+    local attention of chunk ``C`` (Llama 4), ``k >= C * (p // C)``. Scores are
     ``sm_scale · q·k``, soft-capped as ``soft_cap · tanh(s / soft_cap)``. Query head ``h``
     attends KV head ``h // (Hq // H)``. With attention sinks (gpt-oss), query head ``h`` adds
     ``exp(sinks[h])`` to its softmax denominator: weights ``exp(s_j) / (exp(sinks[h]) +
@@ -216,6 +218,7 @@ def paged_attention(
         sliding_window: W >= 1, or None for full causal attention.
         soft_cap: logit soft cap (non-zero), or None.
         sinks: float[Hq] attention-sink logits (-inf: none for that head), or None.
+        chunk_size: C >= 1 for chunked local attention, or None.
 
     Returns:
         float64[T, Hq, D]; padding rows are zero.
@@ -251,6 +254,8 @@ def paged_attention(
         allowed = k_pos <= q_pos
         if sliding_window is not None:
             allowed &= k_pos > q_pos - sliding_window
+        if chunk_size is not None:
+            allowed &= k_pos >= q_pos // chunk_size * chunk_size
         scores = np.where(allowed[None], scores, -np.inf)
         top = scores.max(axis=-1, keepdims=True)  # [Hq, q, 1]
         if sinks is not None:

@@ -147,7 +147,8 @@ def check_step(
     """The step contract: raises unless ``step`` fits a cache and the step's tokens.
 
     Checks that ``step`` is a :class:`StepMetadata`, that its geometry (when it has one) is the
-    cache's (``spec.page_size``, ``spec.num_pages``) and matches its own arrays, and that its
+    cache's (``spec.page_size``, ``spec.num_pages``, ``spec.num_groups``) and matches its own
+    arrays, and that its
     token axis is ``num_tokens``, the token axis of the caller's ``token_arg`` (q or k).
     ``lead`` is ``(dp,)`` with a page axis. Shapes of the fields an operation reads are
     checked by the operation. Static data only: runs eagerly and at trace time alike.
@@ -171,11 +172,21 @@ def check_step(
                     f"step.geometry.{field}={value} but the cache has {field}={expected}: "
                     "build the step from the allocator of this cache's pool"
                 )
+        if geometry.num_groups != spec.num_groups:
+            raise ValueError(
+                f"step.geometry.num_groups={geometry.num_groups} but the cache has "
+                f"num_groups={spec.num_groups} (the layer groups of its layer_types): build "
+                "the step from an allocator with the cache's layer_types"
+            )
+        # Above one group, page_indices carries a [num_groups] axis after any [dp] axis.
+        tables = np.shape(step.page_indices)[len(lead) :]
         shapes = {
             "num_tokens_padded": np.shape(step.positions)[len(lead) :][:1],
             "max_num_seqs": np.shape(step.kv_lens)[len(lead) :][:1],
-            "pages_per_seq": np.shape(step.page_indices)[len(lead) :][1:2],
+            "pages_per_seq": tables[2:3] if spec.num_groups > 1 else tables[1:2],
         }
+        if spec.num_groups > 1:
+            shapes["num_groups"] = tables[:1]
         for field, shape in shapes.items():
             if tuple(shape) != (getattr(geometry, field),):
                 raise ValueError(

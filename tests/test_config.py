@@ -287,4 +287,7 @@ def test_presets_are_shipped_configs():
 def test_from_config_of_a_hybrid_wrapper_config():
     # Gemma 3's text_config has no torch_dtype: the wrapper's bfloat16 is the cache dtype.
     spec = kvshard.CacheSpec.from_config(preset_config("gemma-3-27b"), page_size=32, num_pages=8)
-    assert spec == kvshard.CacheSpec(62, 16, 128, page_size=32, num_pages=8, dtype="bfloat16")
+    types = kvshard.read_model_config(preset_config("gemma-3-27b")).layer_types
+    assert spec == kvshard.CacheSpec(
+        62, 16, 128, page_size=32, num_pages=8, dtype="bfloat16", layer_types=types
+    )

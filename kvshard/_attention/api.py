@@ -29,9 +29,12 @@ from jax.sharding import PartitionSpec as P
 
 from kvshard import _host_checks as host
 from kvshard import _reports
+from kvshard._attention.layer_type import ReadType, read_type
 from kvshard._attention.pallas import local_pallas
 from kvshard._attention.params import Statics
 from kvshard._attention.xla import local_xla
+from kvshard._drop import route_layer
+from kvshard._layer_types import LayerType
 from kvshard._layout import INT32_MAX, check_query_heads
 from kvshard._platform import resolve_backend
 from kvshard._sharding import place_all, to_spec
@@ -51,9 +54,20 @@ def _q_spec(cache: KVCache) -> P:
     return P(cache.page_axis, None, cache.head_axis, None)
 
 
-@functools.partial(jax.jit, static_argnames=("backend", "statics", "checks"))
-def _read(cache, layer, q, fields, sinks, *, backend, statics, checks):
-    pa = cache.page_axis
+@functools.partial(jax.jit, static_argnames=("backend", "statics", "checks", "read"))
+def _read(cache, layer, q, fields, sinks, *, backend, statics, checks, read: ReadType):
+    spec, pa = cache.spec, cache.page_axis
+    # The devices read cache layer `cache_layer` (-1: nothing) through the layer's group's
+    # page table: [(dp,) G, max_num_seqs, P] -> [(dp,) max_num_seqs, P]. The reports below
+    # judge the model layer.
+    groups = spec.groups
+    group, cache_layer = route_layer(layer, groups.layer_group, groups.layer_slot, read.readable)
+    if spec.num_groups > 1:
+        tables = fields[0]
+        fields = [
+            jax.lax.dynamic_index_in_dim(tables, group, tables.ndim - 3, keepdims=False),
+            *fields[1:],
+        ]
     if pa is None:  # one pool: give every per-pool argument a group axis of size 1
         q, fields = q[None], [x[None] for x in fields]
     q_spec = _q_spec(cache)
@@ -61,22 +75,23 @@ def _read(cache, layer, q, fields, sinks, *, backend, statics, checks):
     # Sinks: per query head, split over the head axis like q's heads; every pool the same.
     sink_specs = [] if sinks is None else [P(cache.head_axis)]
     specs = [cache.pspec, P(), q_spec, *sink_specs, *field_specs]
-    inputs = (cache.kv, layer, q, *([] if sinks is None else [sinks]), *fields)
+    inputs = (cache.kv, cache_layer, q, *([] if sinks is None else [sinks]), *fields)
     args = [to_spec(cache.mesh, x, s) for x, s in zip(inputs, specs, strict=True)]
     if checks:  # every device checks every group's metadata and raises alike (see _reports)
-        whole = [P(*([None] * np.ndim(x))) for x in fields]
+        whole = [P(), *(P(*([None] * np.ndim(x))) for x in fields)]
         specs += whole
-        args += [to_spec(cache.mesh, x, s) for x, s in zip(fields, whole, strict=True)]
+        checked = (layer, *fields)
+        args += [to_spec(cache.mesh, x, s) for x, s in zip(checked, whole, strict=True)]
     local = functools.partial(_LOCAL[backend], statics=statics)
-    spec = cache.spec
 
-    def body(kv, layer, q, *rest):
+    def body(kv, layer, q, *rest):  # layer: the cache layer (-1: none)
         sink = () if sinks is None else rest[:1]
         fields = rest[len(sink) :]
         fields, whole = fields[: len(_FIELDS)], fields[len(_FIELDS) :]
         if whole:
+            if read.readable is not None:
+                _reports.check_layer_type(whole[0], read.readable, read.layer_type)
             _reports.check_attention(
-                layer,
                 *whole,
                 num_layers=spec.num_layers,
                 num_tokens=q.shape[1],
@@ -99,11 +114,13 @@ def _check_fields(cache: KVCache, step: StepMetadata, num_tokens: int) -> list[A
     pooled = cache.page_axis is not None
     lead: tuple[int, ...] = (cache.dp,) if pooled else ()
     what = "[dp, " if pooled else "["
+    num_groups = cache.spec.num_groups
+    grouped = (num_groups,) if num_groups > 1 else ()  # a page table per layer group
     host.check_shape(
         "step.page_indices",
         step.page_indices,
-        (*lead, None, None),
-        what + "max_num_seqs, pages_per_seq]",
+        (*lead, *grouped, None, None),
+        what + ("num_groups, " if grouped else "") + "max_num_seqs, pages_per_seq]",
     )
     max_seqs = np.shape(step.page_indices)[-2]
     for name, expected, text in (
@@ -117,14 +134,17 @@ def _check_fields(cache: KVCache, step: StepMetadata, num_tokens: int) -> list[A
     if all(h is not None for h in hosts):
         spec = cache.spec
         groups = zip(*hosts, strict=True) if pooled else [hosts]
-        for g, group in enumerate(groups):
-            _check_values(
-                *group,
-                num_tokens=num_tokens,
-                num_pages=spec.num_pages,
-                page_size=spec.page_size,
-                where=f" (group {g})" if pooled else "",
-            )
+        for g, (tables, *group) in enumerate(groups):
+            for i, table in enumerate(tables if grouped else [tables]):
+                _check_values(
+                    table,
+                    *group,
+                    num_tokens=num_tokens,
+                    num_pages=spec.num_pages,
+                    page_size=spec.page_size,
+                    where=(f" (group {g})" if pooled else "")
+                    + (f" (layer group {i})" if grouped else ""),
+                )
     return fields
 
 
@@ -225,6 +245,7 @@ def attention(
     *,
     sm_scale: float,
     sliding_window: int | None = None,
+    layer_type: LayerType | None = None,
     soft_cap: float | None = None,
     sinks: jax.Array | None = None,
     backend: Backend = "auto",
@@ -241,6 +262,8 @@ def attention(
     Args:
       cache: not donated; read in place. A donated cache is refused (ValueError).
       layer: int or int scalar array in [0, L); may be traced (``lax.scan`` over layers).
+        With layer groups it reads cache layer ``spec.groups.layer_slot[layer]`` through the
+        page table ``step.page_indices[(pool,) spec.groups.layer_group[layer]]``.
       q: float[T, Hq, D] queries of the step's tokens (packed as ``step`` says; ``T`` its
         ``num_tokens_padded``), or float[dp, T, Hq, D] with a page axis (group g's queries
         attend its own pool). ``Hq`` a multiple of ``num_kv_heads`` and of the head-axis size
@@ -249,7 +272,17 @@ def attention(
       step: the step's :class:`~kvshard.StepMetadata` (``[dp, ...]`` fields with a page axis);
         its geometry must be the cache's. Fields may be traced (int32).
       sm_scale: softmax scale, a float (usually ``head_dim ** -0.5``), finite and > 0.
-      sliding_window: W >= 1: token at position p attends positions (p - W, p]; None: all.
+      sliding_window: W >= 1: token at position p attends positions (p - W, p]; None: all,
+        or, when the spec has ``layer_types``, the layer's own type. With ``layer_types`` a
+        window other than a concrete layer's own is refused (its group's page table holds
+        only the pages its own type can see), and a traced layer over layers of several types
+        needs the type stated: here (``("sliding", W)``) or with ``layer_type``; inside
+        ``jit`` a layer of another type then reads nothing (``checks=True`` reports it).
+      layer_type: the attention type read, as in ``CacheSpec.layer_types``: ``("full",)``,
+        ``("sliding", W)`` (the same as ``sliding_window=W``) or ``("chunked", C)`` (Llama 4's
+        chunked local attention: a query at p attends positions ``C·(p // C)`` .. p; xla
+        backend only). None: the layer's own type (full without ``layer_types``). The same
+        rules as ``sliding_window``.
       soft_cap: logit soft cap, a finite float > 0, or None.
       sinks: attention sinks (gpt-oss), float[Hq]: a logit per query head added to that head's
         softmax denominator, ``out = Σ_j e^(s_j - m) v_j / (e^(sink - m) + Σ_j e^(s_j - m))``;
@@ -274,12 +307,15 @@ def attention(
     Raises:
       TypeError: wrong cache or step type, q or sinks not floating, step fields not integer
         (int32 when traced), layer not an integer scalar, sm_scale or soft_cap not a float.
-      NotImplementedError: sinks on the pallas backend (JAX's kernel has none).
+      NotImplementedError: sinks or a chunked read on the pallas backend (JAX's kernel has
+        neither).
       ValueError: wrong shapes (q's tokens other than the step's), a step built for another
         geometry, head counts that do not divide, a donated cache, concrete layer or metadata
         out of range (a request's queries past T, kv_len beyond its page-table row or below
         its query count, a page id outside the pool), a bad window, scale or soft cap, sinks
-        not of shape [Hq] or holding NaN or +inf.
+        not of shape [Hq] or holding NaN or +inf; with ``layer_types``: a window or
+        ``layer_type`` other than a concrete layer's own, none for a traced layer over
+        layers of several types (see ``sliding_window``), or a ``layer_type`` no layer has.
     """
     if not isinstance(cache, KVCache) and isinstance(layer, KVCache):
         warnings.warn(
@@ -303,8 +339,16 @@ def attention(
     scale = _finite_positive("sm_scale", sm_scale, optional=False)
     cap = _finite_positive("soft_cap", soft_cap, optional=True)
     window = _check_window(sliding_window)
-    statics = Statics(cache.spec, scale, window, cap, options)  # type: ignore[arg-type]
     layer_index = host.check_layer(cache.spec.num_layers, layer)
+    read = read_type(cache.spec, layer_index, window, layer_type, resolved)
+    statics = Statics(
+        cache.spec,
+        scale,  # type: ignore[arg-type]
+        read.sliding_window,
+        cap,
+        options,
+        read.chunk_size,
+    )
     spec, pooled = cache.spec, cache.page_axis is not None
     lead = (cache.dp,) if pooled else ()
     what = "[dp, T, num_q_heads, head_dim]" if pooled else "[T, num_q_heads, head_dim]"
@@ -339,4 +383,5 @@ def attention(
         backend=resolved,
         statics=statics,
         checks=checks,
+        read=read,
     )

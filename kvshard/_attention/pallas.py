@@ -48,7 +48,7 @@ def pallas_operands(kv, layer, q, page_indices, kv_lens, cu_q_lens, num_seqs, *,
     repeat their total) and the live request count. ``tok_ok`` (bool[T]) marks the tokens of
     live requests; the rest of the output is zeroed.
     """
-    spec, sm_scale, window, soft_cap, _ = statics
+    spec, sm_scale, window, soft_cap = statics[:4]
     num_layers, num_slots, combined, padded_dim = kv.shape
     num_tokens, _, head_dim = q.shape
     page_size = spec.page_size

@@ -18,6 +18,8 @@ class Statics(NamedTuple):
     sliding_window: int | None
     soft_cap: float | None
     options: BackendOptions = BackendOptions()
+    # Chunked local attention (Llama 4): a query at p reads keys C·(p // C) .. p. xla only.
+    chunk_size: int | None = None
 
 
 def spec_scale(spec: Any, which: str) -> float | None:

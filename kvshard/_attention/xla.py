@@ -104,8 +104,12 @@ def _finish(carry, sinks):
     return jnp.where(empty, 0.0, acc / jnp.where(empty, 1.0, denom[..., None]))
 
 
-def _query_window(pos, window):
-    """First position each query at ``pos`` may see."""
+def _query_window(pos, statics: Statics):
+    """First position each query at ``pos`` may see: 0, ``pos - W + 1`` with a sliding window
+    W, ``C·(pos // C)`` with chunked local attention of chunk C (non-decreasing in ``pos``)."""
+    chunk, window = statics.chunk_size, statics.sliding_window
+    if chunk is not None:
+        return pos // chunk * chunk
     return jnp.zeros_like(pos) if window is None else jnp.maximum(pos - window + 1, 0)
 
 
@@ -117,9 +121,9 @@ def _decode(kv, layer, q_rows, rows_ok, rows_seq, pos, page_indices, sinks, stat
     """Flash decoding, one query per row: q_rows [N, H, G, D] at positions pos int32[N] of
     requests rows_seq; rows not rows_ok read nothing. -> float32 [N, H, G, D]."""
     num_rows, kv_heads, group, head_dim = q_rows.shape
-    page_size, window = statics.spec.page_size, statics.sliding_window
+    page_size = statics.spec.page_size
     pages_per_seq = page_indices.shape[1]
-    lo = _query_window(pos, window)
+    lo = _query_window(pos, statics)
     first, last = lo // page_size, pos // page_size
     # Enough keys per step that the loop's per-step overhead is paid rarely, few enough that
     # the per-step gather of every row's keys stays small.
@@ -153,7 +157,7 @@ def _prefill(kv, layer, q, out, bounds, is_prefill, kv_lens, page_indices, sinks
     """Blocked attention for the requests marked ``is_prefill``: writes their tokens' rows of
     ``out`` [T, H, G, D] (q.dtype) and returns it; other rows are left as they are."""
     num_tokens, kv_heads, group, head_dim = q.shape
-    page_size, window = statics.spec.page_size, statics.sliding_window
+    page_size = statics.spec.page_size
     pages_per_seq = page_indices.shape[1]
     qb = min(num_tokens, statics.options.queries_per_block or XLA_QUERIES_PER_BLOCK)
     block = _pages_per_step(
@@ -177,9 +181,9 @@ def _prefill(kv, layer, q, out, bounds, is_prefill, kv_lens, page_indices, sinks
         t = at + rows_at
         row_ok = (t >= start) & (t < start + count)
         pos = kv_lens[seq] - q_lens[seq] + (t - starts[seq])  # int32[qb]
-        lo = _query_window(pos, window)
+        lo = _query_window(pos, statics)
         first_pos = kv_lens[seq] - q_lens[seq] + (start - starts[seq])
-        first = _query_window(first_pos, window) // page_size
+        first = _query_window(first_pos, statics) // page_size
         last = (first_pos + count - 1) // page_size
         table = page_indices[seq]
         q_blk = jax.lax.dynamic_slice_in_dim(q, at, qb).astype(jnp.float32)

@@ -15,7 +15,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from kvshard import _reports
-from kvshard._drop import layer_in_range
+from kvshard._drop import layer_in_range, route_layer
 from kvshard._host_checks import (
     as_int32,
     check_layer,
@@ -35,17 +35,20 @@ def _gather_jit(cache, layer, slots, *, checks=False):
     pa, ha, r = cache.page_axis, cache.head_axis, cache.replication
     if pa is None:
         slots = slots[None]
+    groups = cache.spec.groups
+    _, cache_layer = route_layer(layer, groups.layer_group, groups.layer_slot)
     specs = (cache.pspec, P(), P(pa, None))
-    args = [to_spec(cache.mesh, x, s) for x, s in zip((cache.kv, layer, slots), specs, strict=True)]
-    if checks:  # every device checks all slots (see kvshard.cache._update)
-        specs = (*specs, P(None, None))
-        args.append(to_spec(cache.mesh, slots, P(None, None)))
+    inputs = (cache.kv, cache_layer, slots)
+    args = [to_spec(cache.mesh, x, s) for x, s in zip(inputs, specs, strict=True)]
+    if checks:  # every device checks the model layer and all slots (see kvshard.cache._update)
+        specs = (*specs, P(), P(None, None))
+        args += [to_spec(cache.mesh, layer, P()), to_spec(cache.mesh, slots, P(None, None))]
 
-    def body(kv, layer, slots, *whole):
+    def body(kv, layer, slots, *whole):  # layer: the cache layer (-1: none)
         if whole:
             _reports.check_gather(
-                layer,
                 whole[0],
+                whole[1],
                 num_layers=cache.spec.num_layers,
                 num_slots=cache.spec.slots_per_pool,
             )
@@ -82,7 +85,9 @@ def gather(
 
     Args:
       cache: not donated.
-      layer: int or int scalar array in [0, L); may be traced.
+      layer: int or int scalar array in [0, L); may be traced. With layer groups it reads
+        cache layer ``spec.groups.layer_slot[layer]`` (slots address the pool directly, so
+        the layer's group plays no part).
       slots: int[N] slot ids in [0, num_pages·page_size), or int[dp, N] with a page axis
         (group g reads its own pool). Any integer dtype when concrete (cast to int32 after a
         range check); int32 when traced.

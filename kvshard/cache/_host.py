@@ -6,7 +6,8 @@ A host cache mirrors the device cache's layout, in host memory::
         sharded NamedSharding(mesh, P(None, page_axis, head_axis, None), memory_kind=...)
     per device: dtype[L, num_host_pages·page_size, 2·H·r / tp, D_pad]
 
-Same sharding as :class:`~kvshard.KVCache`, so each device's host shard holds exactly the
+``L``: the device cache's cache layers (:attr:`CacheSpec.num_cache_layers`). Same sharding as
+:class:`~kvshard.KVCache`, so each device's host shard holds exactly the
 heads (and, with a page axis, the pool) of its device shard, in the host memory attached to
 that device: a swap (:mod:`kvshard.cache._swap`) moves each device's own block over its own
 link and never gathers heads through one host. Replicated heads (tp > num_kv_heads) are
@@ -169,7 +170,7 @@ def init_host_cache(
     sharding = NamedSharding(
         mesh, P(None, page_axis, head_axis, None), memory_kind=HOST_MEMORY_KIND
     )
-    shape = (spec.num_layers, slots, spec.combined_heads(tp), spec.padded_head_dim)
+    shape = (spec.num_cache_layers, slots, spec.combined_heads(tp), spec.padded_head_dim)
     # The device cache's storage dtype (bf16/fp8 bits on CPU, kvshard._storage): a swap moves
     # stored bytes, never converts.
     stored = storage_dtype(spec.dtype, str(mesh.devices.flat[0].platform)).name

@@ -7,7 +7,9 @@ The cache of every layer lives in ONE stacked array (see docs/layout.md for pict
         sharded NamedSharding(mesh, P(None, page_axis, head_axis, None))
     per device: dtype[L, num_pages·page_size, 2·H·r / tp, D_pad]
 
-with ``H`` KV heads, replication ``r`` (:func:`kvshard.check_tensor_parallel`), ``tp``/``G``
+with ``L`` cache layers (:attr:`CacheSpec.num_cache_layers`: the model's layers, or with
+layer groups the group size, layer ``l`` living in cache layer ``spec.groups.layer_slot[l]``),
+``H`` KV heads, replication ``r`` (:func:`kvshard.check_tensor_parallel`), ``tp``/``G``
 the sizes of the head and page mesh axes (1 when the axis is None), ``D_pad`` the head
 dimension padded to a multiple of 128, and ``storage`` the dtype
 :func:`kvshard._storage.storage_dtype` picks for the mesh's platform: the cache dtype, except

@@ -25,7 +25,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from kvshard import _reports, quant
-from kvshard._drop import layer_in_range, token_slots, writable_slices
+from kvshard._drop import layer_in_range, route_layer, token_slots, writable_slices
 from kvshard._host_checks import (
     as_int32,
     check_backend,
@@ -84,7 +84,10 @@ def _check_slices(cache: KVCache, slices: Any, num_slices: Any, num_tokens: int)
     """
     pooled = cache.page_axis is not None
     lead = (cache.dp,) if pooled else ()
-    check_shape("slices", slices, (*lead, 3, None), "[dp, 3, S]" if pooled else "[3, S]")
+    num_groups = cache.spec.num_groups
+    grouped = (num_groups,) if num_groups > 1 else ()  # a page table per layer group
+    what = ("[dp, " if pooled else "[") + ("num_groups, " if grouped else "") + "3, S]"
+    check_shape("slices", slices, (*lead, *grouped, 3, None), what)
     check_shape("num_slices", num_slices, (*lead, 1), "[dp, 1]" if pooled else "[1]")
     slices, num_slices = as_int32("slices", slices), as_int32("num_slices", num_slices)
     slices_np, num_np = concrete(slices), concrete(num_slices)
@@ -97,12 +100,18 @@ def _check_slices(cache: KVCache, slices: Any, num_slices: Any, num_tokens: int)
         if pooled
         else ""
     )
-    groups = (
+    pools = (
         [(slices_np[g], num_np[g], f"slices[{g}]") for g in range(cache.dp)]
         if pooled
         else [(slices_np, num_np, "slices")]
     )
-    for sl, num, name in groups:
+    if grouped:  # every layer group's slices, named slices[(pool,) group]
+        pools = [
+            (sl[i], num, f"{name[:-1]}, {i}]" if pooled else f"slices[{i}]")
+            for sl, num, name in pools
+            for i in range(num_groups)
+        ]
+    for sl, num, name in pools:
         validate_slices(
             sl,
             np.array([int(num[0])]),
@@ -260,7 +269,7 @@ def _count_saturated(cache, k, v, layer, slices, num, num_slots):
         slices,
         num,
         layer,
-        num_layers=spec.num_layers,
+        num_layers=spec.num_cache_layers,
         num_tokens=num_tokens,
         num_slots=num_slots,
         page_size=spec.page_size,
@@ -295,12 +304,18 @@ def _update_specs(cache: KVCache) -> tuple[P, ...]:
     donate_argnums=(0,),
 )
 def _write(cache, layer, k, v, slices, num_slices, *, backend, options, checks, stats):
+    spec = cache.spec
+    # The devices write cache layer `cache_layer` (-1: nothing) through the layer's group's
+    # slices: [(dp,) G, 3, S] -> [(dp,) 3, S]. The reports below judge the model layer.
+    group, cache_layer = route_layer(layer, spec.groups.layer_group, spec.groups.layer_slot)
+    if spec.num_groups > 1:
+        slices = jax.lax.dynamic_index_in_dim(slices, group, slices.ndim - 3, keepdims=False)
     if cache.page_axis is None:  # one pool: give every per-pool argument a group axis of size 1
         k, v, slices, num_slices = k[None], v[None], slices[None], num_slices[None]
     specs = _update_specs(cache)
     args = [
         to_spec(cache.mesh, x, s)
-        for x, s in zip((cache.kv, layer, k, v, slices, num_slices), specs, strict=True)
+        for x, s in zip((cache.kv, cache_layer, k, v, slices, num_slices), specs, strict=True)
     ]
     if checks:
         # Every device checks the whole (all groups') metadata and raises alike: a device left
@@ -309,7 +324,6 @@ def _write(cache, layer, k, v, slices, num_slices, *, backend, options, checks, 
         specs = (*specs, *whole)
         checked = (layer, slices, num_slices)
         args += [to_spec(cache.mesh, x, s) for x, s in zip(checked, whole, strict=True)]
-    spec = cache.spec
     local_update = functools.partial(
         _LOCAL_UPDATES[backend], page_size=spec.page_size, options=options, dtype=spec.np_dtype
     )
@@ -436,7 +450,10 @@ def update(
     Args:
       cache: DONATED when called eagerly: ``cache.kv`` is deleted afterwards; use the result.
         A cache already donated is refused (ValueError) before anything runs.
-      layer: int or int scalar array in [0, L); may be traced (lax.scan over layers).
+      layer: int or int scalar array in [0, L); may be traced (lax.scan over layers). With
+        layer groups (``spec.num_groups > 1``) it writes cache layer
+        ``spec.groups.layer_slot[layer]`` through the slices of group
+        ``spec.groups.layer_group[layer]`` (static tables indexed by the layer, traced or not).
       k: float[T, H, D] globally, as an attention layer produces it (unpadded, unreplicated;
         any sharding, usually replicated), or float[dp, T, H, D] with a page axis. ``T`` is
         the step's ``num_tokens_padded``. Cast to the cache dtype; for a quantized cache,
@@ -453,6 +470,9 @@ def update(
         vLLM's form, the slices themselves: int32[3, S] rows (kv_cache_start, new_kv_start,
         slice_len), or int32[dp, 3, S] with a page axis, where group g's kv_cache_start indexes
         its own pool of num_pages·page_size slots; ``num_slices`` then gives the live count.
+        With layer groups the slices gain a ``[num_groups]`` axis after any ``[dp]`` axis,
+        int32[(dp,) G, 3, S] (each group's kv_cache_start through its own page table), and
+        ``num_slices`` stays int32[(dp,) 1]; a step's geometry must have ``num_groups == G``.
       num_slices: int32[1] live slices (later ones are padding), or int32[dp, 1]; only with
         slices given as an array. Concrete ``slices``/``num_slices`` may have any integer
         dtype (range-checked against int32, then cast); traced ones must be int32.
