@@ -60,7 +60,8 @@ class AllocatorParts:
     tables: list[PageTable]
     tier: HostTier
     events: EventQueue
-    stacks: dict[str, np.ndarray]  # PageTable.ARRAYS name -> the groups' arrays, stacked
+    # state name -> every group's array stacked (the tables' arrays, the host tier's table)
+    stacks: dict[str, np.ndarray]
 
     @property
     def table(self) -> PageTable:
@@ -160,7 +161,9 @@ class AllocatorParts:
         where = "load_state_dict"
         if not isinstance(state, dict):
             raise TypeError(f"{where}: state must be a dict, got {type(state).__name__}")
-        version = state.get("version")
+        if "version" not in state:
+            raise ValueError(f"{where}: state lacks 'version'")
+        version = state["version"]
         if not is_int(version) or version not in _LOADABLE:
             raise ValueError(f"{where}: unsupported version {version!r}")
         if version == 4:  # before groups: one group, no page_group
