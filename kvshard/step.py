@@ -101,11 +101,14 @@ class StepMetadata:
     Attributes:
       slices: int32[3, S] update slices, rows (kv_cache_start, new_kv_start, slice_len);
         columns past ``num_slices`` are zero (padding). ``S = padded_num_slices(T,
-        max_num_seqs, page_size)``.
+        max_num_seqs, page_size)``. With ``geometry.num_groups = G > 1``: int32[G, 3, S],
+        one per KV-cache group, with the same slice boundaries in every group (only
+        ``kv_cache_start`` differs: each group's own pages).
       num_slices: int32[1] live columns of ``slices``.
       page_indices: int32[max_num_seqs, pages_per_seq] each request's page-table row (its
         pages in order; unused entries are the null page 0). ``pages_per_seq`` is the
-        allocator's ``max_pages_per_request``.
+        allocator's ``max_pages_per_request``. With ``G > 1`` groups: int32[G, max_num_seqs,
+        pages_per_seq], each group's page table (a window group's released pages read 0).
       kv_lens: int32[max_num_seqs] tokens in the cache per request after this step (the
         step's own tokens included); 0 for padding rows.
       cu_q_lens: int32[max_num_seqs + 1] exclusive cumulative sum of the step's tokens per
@@ -226,6 +229,10 @@ def build_step(
     (``allocate_batch(req_ids, num_scheduled_tokens)``), and after applying
     ``allocator.take_pending_copies()`` with :func:`kvshard.copy_pages`.
 
+    An allocator with ``num_groups = G > 1`` KV-cache groups (``layer_types``) gives
+    ``page_indices`` int32[G, max_num_seqs, pages_per_seq] and ``slices`` int32[G, 3, S]
+    (each group's pages; the same slice boundaries), and ``geometry.num_groups = G``.
+
     Args:
       allocator: the :class:`~kvshard.PageAllocator` of the page pool (one per pool with a
         data-parallel page axis).
@@ -266,7 +273,10 @@ def build_step(
         if value is not None and (isinstance(value, bool) or int(value) < 1):
             raise ValueError(f"{name}={value!r} must be None or an int >= 1")
     page_size = allocator.page_size
-    table = allocator.page_table
+    groups = int(allocator.num_groups)
+    stacked = allocator.page_table
+    tables = [stacked] if groups == 1 else list(stacked)  # int32[R, M] per group
+    table = tables[0]
     if table.shape[1] * page_size > INT32_MAX:
         raise ValueError(
             f"the allocator's max_pages_per_request × page_size = {table.shape[1] * page_size} "
@@ -312,12 +322,17 @@ def build_step(
     if seqs < batch:
         raise ValueError(f"max_num_seqs={seqs} is below the {batch} requests of this step")
 
-    live = build_update_slices(computed, scheduled, table, page_size, rows=row_of)
-    slices = np.zeros((3, padded_num_slices(tokens, seqs, page_size)), np.int32)
-    slices[:, : live.shape[1]] = live
-
-    page_indices = np.zeros((seqs, table.shape[1]), np.int32)
-    np.take(table, row_of, axis=0, out=page_indices[:batch])  # no fancy-index temporary
+    width = padded_num_slices(tokens, seqs, page_size)
+    slices = np.zeros((groups, 3, width), np.int32)
+    page_indices = np.zeros((groups, seqs, table.shape[1]), np.int32)
+    for g, group_table in enumerate(tables):
+        live = build_update_slices(computed, scheduled, group_table, page_size, rows=row_of)
+        slices[g, :, : live.shape[1]] = live
+        # Into the output rows directly: no fancy-index temporary (mode="clip" is unbuffered;
+        # the rows are in range, looked up above).
+        np.take(group_table, row_of, axis=0, out=page_indices[g, :batch], mode="clip")
+    if groups == 1:
+        slices, page_indices = slices[0], page_indices[0]
     lens = np.zeros(seqs, np.int32)
     lens[:batch] = kv_lens
     cu_q_lens = np.full(seqs + 1, total, np.int32)
@@ -340,6 +355,7 @@ def build_step(
             pages_per_seq=int(table.shape[1]),
             num_tokens_padded=tokens,
             max_num_seqs=seqs,
+            num_groups=groups,
         ),
     )
 

@@ -25,6 +25,7 @@ def fresh_like(a: PageAllocator) -> PageAllocator:
         num_host_pages=a.num_host_pages,
         host_prefix_pages=a.host_prefix_pages,
         enable_kv_events=a.enable_kv_events,
+        layer_types=a.layer_types,
     )
 
 

@@ -62,10 +62,8 @@ class AllocatorMachine(RuleBasedStateMachine):
     def setup(self, num_pages, page_size, max_requests, max_pages, prefix, window):
         kw = {"max_requests": max_requests, "max_pages_per_request": max_pages}
         if window is not None and prefix:
-            with pytest.raises(ValueError, match="cannot be combined with enable_prefix_caching"):
-                PageAllocator(
-                    num_pages, page_size, **kw, enable_prefix_caching=True, sliding_window=window
-                )
+            # This model's lookups match from the first page; windowed prefix caching is
+            # modelled in tests/test_allocator_groups.py.
             prefix = False
         note(f"PageAllocator({num_pages}, {page_size}, {kw}, {prefix}, window={window})")
         self.alloc = PageAllocator(

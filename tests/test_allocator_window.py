@@ -45,7 +45,6 @@ def test_sliding_window_releases_pages_out_of_the_window():
     [
         ({"sliding_window": 0}, "sliding_window=0 must be an int >= 1"),
         ({"sliding_window": 2.0}, "sliding_window=2.0"),
-        ({"sliding_window": 4, "enable_prefix_caching": True}, "cannot be combined"),
     ],
 )
 def test_sliding_window_constructor_errors(kwargs, match):

@@ -291,3 +291,75 @@ def test_deprecated_update_keywords_fold_into_options():
     first = int(step.slices[0, 0])  # request 0's 5 tokens fill one slice of one page
     got = kvshard.gather(cache, 0, first + np.arange(5))[0]
     np.testing.assert_array_equal(np.asarray(got), k[:5])
+
+
+# --------------------------------------------------------------------------------------------
+# Layer groups: a page table per KV-cache group
+# --------------------------------------------------------------------------------------------
+
+GEMMA3 = ([("sliding", 8)] * 5 + [("full",)]) * 2  # 12 layers: 5 sliding groups, 1 full
+
+
+def grouped_step(counts=(9, 3), grow=(1, 2), page_size=4):
+    alloc = kvshard.PageAllocator(
+        64, page_size, max_requests=4, max_pages_per_request=6, layer_types=GEMMA3
+    )
+    ids = list(range(len(counts)))
+    alloc.allocate_batch(ids, list(counts))
+    alloc.allocate_batch(ids, [8, 0])  # request 0 reaches 17 tokens
+    rows = alloc.allocate_batch(ids, list(grow))  # token 17 reads 10..: page 0, 1 released
+    step = kvshard.build_step(alloc, ids, list(grow), rows=rows, num_tokens_padded=16)
+    return alloc, ids, step
+
+
+def test_grouped_step_has_a_group_axis_of_page_indices_and_slices():
+    alloc, ids, step = grouped_step()
+    assert alloc.num_groups == 6
+    assert step.geometry.num_groups == 6
+    assert step.page_indices.shape == (6, 8, 6)
+    assert step.slices.shape[:2] == (6, 3)
+    assert step.kv_lens.shape == (8,) and step.positions.shape == (16,)
+    for g in range(6):
+        for i, req in enumerate(ids):
+            assert list(step.page_indices[g, i]) == list(alloc.page_table[g, alloc.row(req)])
+        assert not step.page_indices[g, len(ids) :].any()
+    assert list(step.page_indices[0, 0, :2]) == [0, 0]  # released by the window
+    assert step.page_indices[5, 0, :2].all()  # the full group keeps them
+
+
+def test_grouped_slices_write_each_token_into_its_groups_page():
+    alloc, ids, step = grouped_step()
+    live = int(step.num_slices[0])
+    # The same boundaries in every group; only kv_cache_start differs.
+    assert (step.slices[:, 1:, :live] == step.slices[0, 1:, :live]).all()
+    assert not step.slices[:, :, live:].any()
+    P = alloc.page_size
+    for g in range(6):
+        start, new_start, length = step.slices[g, :, :live]
+        for s, n, k in zip(start, new_start, length, strict=True):
+            for j in range(k):
+                t = n + j  # the step's token t: request i at position positions[t]
+                i = int(np.searchsorted(step.cu_q_lens, t, side="right")) - 1
+                pos = int(step.positions[t])
+                page = alloc.page_table[g, alloc.row(ids[i]), pos // P]
+                assert s + j == page * P + pos % P
+
+
+def test_grouped_steps_stack_with_the_dp_axis_first():
+    _, _, a = grouped_step()
+    stacked = kvshard.stack_steps([a, a])
+    assert stacked.page_indices.shape == (2, 6, 8, 6)
+    assert stacked.slices.shape[:3] == (2, 6, 3)
+    assert stacked.geometry.num_groups == 6
+
+
+def test_one_group_step_keeps_todays_shapes():
+    alloc = kvshard.PageAllocator(
+        16, PAGE, max_requests=4, max_pages_per_request=4, layer_types=[("full",)] * 3
+    )
+    rows = alloc.allocate_batch([0, 1], [5, 3])
+    step = kvshard.build_step(alloc, [0, 1], [5, 3], rows=rows, num_tokens_padded=16)
+    _, today = one_step()
+    assert step.geometry == today.geometry and step.geometry.num_groups == 1
+    for field in ("slices", "page_indices", "kv_lens", "cu_q_lens", "positions"):
+        assert np.array_equal(getattr(step, field), getattr(today, field)), field

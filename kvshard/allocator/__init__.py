@@ -21,7 +21,7 @@ manager, each a class with a small interface and its own invariant checks:
 * ``_pool.PagePool``: reference counts, the free stack, the null page and the copy-on-write
   queue; every page table draws from it;
 * ``_table.PageTable``: one KV-cache group's page table (vLLM's ``SingleTypeKVCacheManager``):
-  each request's pages and the rules of its attention type (sliding-window release,
+  each request's pages and the rules of its attention type (sliding-window and chunk release,
   copy-on-write planning);
 * ``_rows.RequestRows``: request id -> row, the free-row stack, tokens held and prefix-cache
   progress (what is per request, not per group);
@@ -37,8 +37,9 @@ Transactions that span parts are functions of them: ``_grow.grow`` (``allocate``
 (``swap_out``, ``swap_in``). ``_events`` holds the KV-cache events; ``_tier_api`` the facade's
 host-tier, reset and event methods. :class:`PageAllocator`
 (``_allocator``) is a facade: it validates arguments, documents the contract and delegates.
-Several KV-cache groups (full attention, sliding window, chunked local) would add one
-``PageTable`` per group over the same pool and rows, their page needs summed before any commit.
+With ``layer_types`` the layers form KV-cache groups (full attention, sliding window, chunked
+local; ``kvshard._layer_types.cache_groups``): one ``PageTable`` per group over the same pool
+and rows, their page needs summed before any commit, and prefix hits that every group serves.
 ``_config`` validates the constructor arguments and ``_window`` holds the pure capacity
 arithmetic of sliding windows.
 """

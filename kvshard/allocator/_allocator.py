@@ -56,8 +56,23 @@ class PageAllocator(TierMethods):
     :data:`NULL_PAGE`, so the table keeps its shape and column ``j`` still holds tokens
     ``[j * page_size, (j + 1) * page_size)``; attention with ``sliding_window=W`` never reads
     them. :func:`kvshard.allocator.sliding_window_pages` bounds the pages a request then holds.
-    Not combinable with prefix caching (a window's pages are not a prefix); :meth:`truncate`
-    cannot roll back into released pages; :meth:`fork` shares the released layout.
+    :meth:`truncate` cannot roll back into released pages; :meth:`fork` shares the released
+    layout.
+
+    Layer groups (``layer_types``: one attention type per model layer, ``("full",)``,
+    ``("sliding", W)`` or ``("chunked", C)``): the layers form KV-cache groups by
+    :func:`kvshard._layer_types.cache_groups` (vLLM's equal-size groups; :attr:`groups`), and
+    each request has one page-table row per group, every group drawing from this one pool of
+    page ids. A sliding group releases as ``sliding_window`` does; a chunked group of chunk
+    ``C`` releases the pages wholly before ``C * (num_tokens // C)``, the start of the chunk
+    of the next token (Llama 4's chunked local attention). Every growth sums all groups' page
+    needs before it commits anything, so a refused call changes nothing. With one group
+    (``layer_types`` None or of one type) shapes are as without groups; with
+    :attr:`num_groups` ``G > 1``, :attr:`page_table` is ``int32[G, max_requests,
+    max_pages_per_request]`` and :meth:`pages` ``int32[G, n]``. Prefix caching: each group
+    caches its own page of each block, and a hit counts only where every group can serve it
+    (a full group needs the hit's pages from the first, a window group only those its next
+    query reads; the others are not attached and read :data:`NULL_PAGE`).
 
     Host tier (``num_host_pages=H``): :meth:`swap_out_request` preempts a request by moving
     the pages it alone owns to host pages, :meth:`swap_in_request` brings them back into new
@@ -89,12 +104,17 @@ class PageAllocator(TierMethods):
             cache (a second-level prefix cache); int in ``[0, num_host_pages - 1]``, > 0 only
             with prefix caching.
         enable_kv_events: queue KV-cache events for :meth:`take_kv_events`.
+        layer_types: None, or one attention type per model layer: ``("full",)``,
+            ``("sliding", W)`` or ``("chunked", C)`` (tuples or lists). ``sliding_window``
+            may be given with it only if every layer is ``("sliding", sliding_window)``;
+            layer types of one ``("sliding", W)`` set :attr:`sliding_window` to ``W``.
 
     Raises:
         ValueError: an argument is not an int (bools rejected), is below its minimum or past
-            its bound above, ``sliding_window`` is combined with ``enable_prefix_caching``,
-            ``num_host_pages`` is 1, or ``host_prefix_pages`` is set without prefix caching;
-            the message names the argument, its value and the bound.
+            its bound above, ``num_host_pages`` is 1, ``host_prefix_pages`` is set without
+            prefix caching or with a window on some layer, a ``layer_types`` entry is
+            malformed or contradicts ``sliding_window``; the message names the argument, its
+            value and the bound.
     """
 
     def __init__(
@@ -109,6 +129,7 @@ class PageAllocator(TierMethods):
         num_host_pages: int = 0,
         host_prefix_pages: int = 0,
         enable_kv_events: bool = False,
+        layer_types: Sequence[Sequence[Any]] | None = None,
     ) -> None:
         config = AllocatorConfig.validated(
             num_pages,
@@ -120,6 +141,7 @@ class PageAllocator(TierMethods):
             num_host_pages,
             host_prefix_pages,
             enable_kv_events,
+            layer_types,
         )
         self.num_pages = config.num_pages
         self.page_size = config.page_size
@@ -130,14 +152,27 @@ class PageAllocator(TierMethods):
         self.num_host_pages = config.num_host_pages
         self.host_prefix_pages = config.host_prefix_pages
         self.enable_kv_events = config.enable_kv_events
+        self.layer_types = config.layer_types  # validated: a tuple of tuples, or None
+        self.groups = config.groups
+        """:class:`kvshard._layer_types.CacheGroups` of ``layer_types`` (None without)."""
+        self.group_types = config.group_types
+        """The attention type of each KV-cache group (one entry without ``layer_types``)."""
         self._parts = AllocatorParts.fresh(config)
 
     # ------------------------------------------------------------- queries
 
     @property
+    def num_groups(self) -> int:
+        """KV-cache groups, each with its own page table over the one pool (1 without
+        ``layer_types`` or with one type)."""
+        return len(self.group_types)
+
+    @property
     def page_table(self) -> np.ndarray:
-        """int32[max_requests, max_pages_per_request], read-only view; row per live request."""
-        return readonly(self._parts.table.page_table)
+        """Read-only view, a row per live request: int32[max_requests, max_pages_per_request]
+        with one group, int32[num_groups, max_requests, max_pages_per_request] with several."""
+        stacked = self._parts.stacks["page_table"]
+        return readonly(stacked[0] if self.num_groups == 1 else stacked)
 
     @property
     def row_num_tokens(self) -> np.ndarray:
@@ -148,10 +183,17 @@ class PageAllocator(TierMethods):
     def row_num_pages(self) -> np.ndarray:
         """int32[max_requests], read-only view: page-table columns in use in each row.
 
-        ``ceil(tokens / page_size)``; with a sliding window the leading ones may hold
-        :data:`NULL_PAGE` (released).
+        ``ceil(tokens / page_size)``, the same in every group; with a window the leading ones
+        may hold :data:`NULL_PAGE` (released; :attr:`row_num_released`).
         """
         return readonly(self._parts.table.row_pages)
+
+    @property
+    def row_num_released(self) -> np.ndarray:
+        """Read-only view: leading columns each row's window released (null now), int32
+        [max_requests] with one group, int32[num_groups, max_requests] with several."""
+        stacked = self._parts.stacks["row_released"]
+        return readonly(stacked[0] if self.num_groups == 1 else stacked)
 
     @property
     def num_free_pages(self) -> int:
@@ -211,15 +253,19 @@ class PageAllocator(TierMethods):
             req_id: a live request id.
 
         Returns:
-            int32[ceil(num_tokens / page_size)]: page ids in ``[1, num_pages)``, except that
-            pages released by a sliding window read :data:`NULL_PAGE` (they lead the row), and
-            so do the pages of a swapped-out request that are on the host.
+            int32[ceil(num_tokens / page_size)] (``int32[num_groups, n]`` with several
+            groups, a row per group): page ids in ``[1, num_pages)``, except that pages
+            released by a window read :data:`NULL_PAGE` (they lead the row), and so do the
+            pages of a swapped-out request that are on the host.
 
         Raises:
             UnknownRequest: ``req_id`` is not live (never allocated, or freed).
             TypeError: ``req_id`` is not hashable.
         """
-        return self._parts.table.pages(self._parts.rows.row_of(req_id, "pages"))
+        row = self._parts.rows.row_of(req_id, "pages")
+        if self.num_groups == 1:
+            return self._parts.table.pages(row)
+        return np.stack([table.pages(row) for table in self._parts.tables])
 
     def num_tokens(self, req_id: Hashable) -> int:
         """Returns the number of tokens the request holds (released ones included).
@@ -476,7 +522,8 @@ class PageAllocator(TierMethods):
         """
         parts = self._parts
         row = parts.rows.row_of(req_id, "free")
-        parts.table.free(row, undo=bool(parts.rows.row_tentative[row]))
+        for table in parts.tables:
+            table.free(row, undo=bool(parts.rows.row_tentative[row]))
         _swap.release_host(parts, row)
         parts.rows.remove(req_id, row)
         parts.reset_order_if_empty()
@@ -519,18 +566,21 @@ class PageAllocator(TierMethods):
         tokens = int(num_tokens)
         if parts.tier.row_swapped[row]:
             raise ValueError(f"{where}: req_id={req_id!r} is swapped out; swap it in first")
-        released = int(parts.table.row_released[row]) * self.page_size
-        start = int(parts.table.window_start(np.array(tokens, np.int64)))
-        if released > start:
-            raise ValueError(
-                f"{where}: num_tokens={tokens} for req_id={req_id!r} needs tokens from "
-                f"{start} on (sliding_window={self.sliding_window}), but its pages before "
-                f"token {released} were released"
-            )
+        for g, table in enumerate(parts.tables):
+            released = int(table.row_released[row]) * self.page_size
+            start = int(table.window_start(np.array(tokens, np.int64)))
+            if released > start:
+                group = f"group {g}, " if self.num_groups > 1 else ""
+                raise ValueError(
+                    f"{where}: num_tokens={tokens} for req_id={req_id!r} needs tokens from "
+                    f"{start} on ({group}{table.layer_type}), but its pages before token "
+                    f"{released} were released"
+                )
 
         # ---- commit
         parts.rows.row_tentative[row] = False  # a truncated request counts as served
-        parts.table.truncate(row, tokens)
+        for table in parts.tables:
+            table.truncate(row, tokens)
         parts.rows.row_tokens[row] = tokens
         if parts.rows.row_committed[row] > tokens // self.page_size:
             # The last kept committed page's key may not be stored (a twin page may hold it).
@@ -573,7 +623,8 @@ class PageAllocator(TierMethods):
         # ---- commit
         parts.rows.add([dst_req], [dst])
         parts.rows.copy(src, dst)
-        parts.table.fork(src, dst)
+        for table in parts.tables:
+            table.fork(src, dst)
 
     def take_pending_copies(self) -> np.ndarray:
         """Returns the queued copy-on-write copies and clears the queue.
@@ -603,14 +654,18 @@ class PageAllocator(TierMethods):
         the :attr:`prefix_stats` counters and the pending copy-on-write copies. Never raises.
 
         Returns:
-            A dict for :meth:`load_state_dict`: ``"version"`` (4), ``"config"``,
+            A dict for :meth:`load_state_dict`: ``"version"`` (5; version 4 states, from
+            before layer groups, still load), ``"config"``,
             ``"free_pages"`` (int32[num_free]), ``"free_rows"`` (int32[num_free_rows]),
             ``"rows"`` (request id -> row), ``"clock"``, ``"prefix_stats"``,
             ``"pending_copies"`` (int32[K, 2]) and the per-page and per-row arrays, e.g.
             ``"refcount"`` (int32[num_pages]), ``"page_table"``
             (int32[max_requests, max_pages_per_request]), ``"row_released"``
             (int32[max_requests], columns released by the sliding window) and
-            ``"row_tentative"`` (bool[max_requests], looked up and not served since), and the
+            ``"row_tentative"`` (bool[max_requests], looked up and not served since),
+            ``"page_group"`` (int32[num_pages], the group of each cached page); with
+            ``num_groups > 1`` the tables' arrays (``page_table``, ``row_pages``,
+            ``row_released``, ``host_table``) gain a leading group axis; and the
             host tier's: ``"host_free"``, ``"host_clock"``, ``"host_stats"``,
             ``"pending_swap_out"`` / ``"pending_swap_in"`` (int32[K, 2]), ``"host_table"``
             (int32[max_requests, max_pages_per_request]), ``"row_swapped"``,

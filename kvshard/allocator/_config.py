@@ -5,6 +5,14 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from kvshard._layer_types import (
+    FULL,
+    CacheGroups,
+    LayerType,
+    cache_groups,
+    check_layer_types,
+    uniform_window,
+)
 from kvshard._layout import INT32_MAX
 from kvshard.allocator._common import MAX_TOKENS, is_int
 
@@ -22,6 +30,7 @@ class AllocatorConfig:
     num_host_pages: int = 0
     host_prefix_pages: int = 0
     enable_kv_events: bool = False
+    layer_types: tuple[LayerType, ...] | None = None
 
     @classmethod
     def validated(
@@ -35,6 +44,7 @@ class AllocatorConfig:
         num_host_pages: Any = 0,
         host_prefix_pages: Any = 0,
         enable_kv_events: Any = False,
+        layer_types: Any = None,
     ) -> AllocatorConfig:
         """Checks the arguments and returns them as Python ints.
 
@@ -62,10 +72,15 @@ class AllocatorConfig:
                 f"PageAllocator: max_pages_per_request*page_size={tokens} must be <= 2**31 - 1 "
                 "(a request's positions and kv_lens are int32 in build_step)"
             )
-        if sliding_window is not None and enable_prefix_caching:
+        types = _layer_types(layer_types, sliding_window)
+        if types is not None and sliding_window is None:
+            sliding_window = uniform_window(types)  # one ("sliding", W) group: as sliding_window
+        if host_prefix_pages and (
+            sliding_window is not None or (types is not None and set(types) != {FULL})
+        ):
             raise ValueError(
-                f"PageAllocator: sliding_window={sliding_window} cannot be combined with "
-                "enable_prefix_caching=True (released pages would break cached prefixes)"
+                f"PageAllocator: host_prefix_pages={host_prefix_pages!r} needs full attention "
+                "on every layer (the host prefix cache serves whole prefixes)"
             )
         host = (("num_host_pages", num_host_pages), ("host_prefix_pages", host_prefix_pages))
         for name, value in host:
@@ -98,7 +113,21 @@ class AllocatorConfig:
             int(num_host_pages),
             int(host_prefix_pages),
             bool(enable_kv_events),
+            types,
         )
+
+    @property
+    def groups(self) -> CacheGroups | None:
+        """The KV-cache groups of ``layer_types`` (None without layer types)."""
+        return None if self.layer_types is None else cache_groups(self.layer_types)
+
+    @property
+    def group_types(self) -> tuple[LayerType, ...]:
+        """The attention type of each KV-cache group (one group without layer types)."""
+        groups = self.groups
+        if groups is not None:
+            return groups.group_types
+        return (FULL,) if self.sliding_window is None else (("sliding", self.sliding_window),)
 
     @property
     def max_tokens(self) -> int:
@@ -108,3 +137,29 @@ class AllocatorConfig:
     def as_dict(self) -> dict[str, Any]:
         """The ``"config"`` entry of a state dict."""
         return dataclasses.asdict(self)
+
+
+def _layer_types(layer_types: Any, sliding_window: Any) -> tuple[LayerType, ...] | None:
+    """Validated ``layer_types`` (None stays None); refuses a ``sliding_window`` it contradicts.
+
+    Raises:
+        ValueError: a malformed entry (named), or ``sliding_window`` given with layer types
+            that are not all ``("sliding", sliding_window)``.
+    """
+    if layer_types is None:
+        return None
+    if isinstance(layer_types, str) or not hasattr(layer_types, "__len__") or not layer_types:
+        raise ValueError(
+            f"PageAllocator: layer_types={layer_types!r} must be None or a non-empty sequence "
+            "of layer types"
+        )
+    try:
+        types = check_layer_types(layer_types, len(layer_types))
+    except ValueError as err:
+        raise ValueError(f"PageAllocator: {err}") from None
+    if sliding_window is not None and uniform_window(types) != sliding_window:
+        raise ValueError(
+            f"PageAllocator: sliding_window={sliding_window!r} disagrees with layer_types (not "
+            f"every layer is ('sliding', {sliding_window!r})); give the window in layer_types only"
+        )
+    return types

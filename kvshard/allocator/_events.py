@@ -6,6 +6,12 @@ block hashes. ``medium`` says which tier holds the page: ``"device"`` or ``"host
 ``medium``: ``"GPU"`` / ``"CPU"``). The queue is filled only with ``enable_kv_events=True``
 (a queue nobody drains would grow without bound) and drained by
 :meth:`kvshard.PageAllocator.take_kv_events`.
+
+With several KV-cache groups (``PageAllocator(layer_types=...)``) each group caches its own
+page of a block under the block's key: an event names the pages of one ``group`` (the index
+into ``PageAllocator.group_types``), and its ``page_hashes`` keep vLLM's meaning, the chained
+key of the block's prefix, which is the same in every group (vLLM likewise reports the block
+hash without the group id).
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ class PagesStored:
             (a page moved between tiers, or re-announced after ``load_state_dict``).
         page_size: tokens per page.
         medium: ``"device"`` or ``"host"``.
+        group: the KV-cache group whose pages these are (0 with one group).
     """
 
     page_hashes: tuple[bytes, ...]
@@ -35,15 +42,17 @@ class PagesStored:
     token_ids: tuple[int, ...] | None
     page_size: int
     medium: str = DEVICE
+    group: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
 class PagesRemoved:
     """Pages left a tier's prefix cache (evicted, moved to the other tier, or reset;
-    vLLM's ``BlockRemoved``)."""
+    vLLM's ``BlockRemoved``); ``group`` as in :class:`PagesStored`."""
 
     page_hashes: tuple[bytes, ...]
     medium: str = DEVICE
+    group: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,13 +77,16 @@ class EventQueue:
         parent: bytes | None,
         tokens: tuple[int, ...] | None,
         medium: str = DEVICE,
+        group: int = 0,
     ) -> None:
         if self.enabled and keys:
-            self.events.append(PagesStored(tuple(keys), parent, tokens, self.page_size, medium))
+            self.events.append(
+                PagesStored(tuple(keys), parent, tokens, self.page_size, medium, group)
+            )
 
-    def removed(self, keys: list[bytes], medium: str = DEVICE) -> None:
+    def removed(self, keys: list[bytes], medium: str = DEVICE, group: int = 0) -> None:
         if self.enabled and keys:
-            self.events.append(PagesRemoved(tuple(keys), medium))
+            self.events.append(PagesRemoved(tuple(keys), medium, group))
 
     def cleared(self) -> None:
         if self.enabled:

@@ -1,11 +1,12 @@
 """The growth transaction behind ``allocate`` and ``allocate_batch``: check all, then commit.
 
 One vectorized path serves one request or a whole step's batch: look up (or reserve) rows,
-check every bound, plan the sliding-window release and copy-on-write, check the pages suffice,
-and only then commit. Semantics: the batch's window releases happen first (they only free
-pages), then each request grows as ``allocate`` would, in batch order. A cached page that a
-copy-on-write leaves unowned becomes evictable after that writer, so requests later in the
-batch may take it (and earlier ones may not), exactly as in sequential calls.
+check every bound, plan each KV-cache group's window release and copy-on-write, check that the
+pages of all groups together suffice, and only then commit. Semantics: the batch's window
+releases happen first (they only free pages), then each request grows as ``allocate`` would,
+in batch order. A cached page that a copy-on-write leaves unowned becomes evictable after that
+writer, so requests later in the batch may take it (and earlier ones may not), exactly as in
+sequential calls.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def grow(
             rows or duplicates (see ``RequestRows.lookup``).
         OutOfPages: the pages do not suffice.
     """
-    rows, table, pool = parts.rows, parts.table, parts.pool
+    rows, table, tables, pool = parts.rows, parts.table, parts.tables, parts.pool
     if counts.ndim != 1 or counts.shape[0] != len(req_ids):
         raise ValueError(
             f"{where}: num_new_tokens must have shape ({len(req_ids)},), got {counts.shape}"
@@ -65,13 +66,24 @@ def grow(
             f"{where}: req_id={req_ids[i]!r} would hold {int(total[i])} tokens in "
             f"{int(need[i])} pages, more than max_pages_per_request={table.width}"
         )
-    cols = need - old_pages  # new page-table columns per request
-    release, dropped = table.plan_release(row_idx, old_tokens)
-    cow_pos, cow_src = table.plan_copy_on_write(row_idx, old_tokens, old_pages, counts, dropped)
-    per_req = cols
-    if cow_pos.size:
-        per_req = cols.copy()
-        per_req[cow_pos] += 1
+    cols = need - old_pages  # new page-table columns per request (the same in every group)
+    # Each group plans its own window release and copy-on-write; their pages are summed.
+    releases = [t.plan_release(row_idx, old_tokens) for t in tables]
+    cows = [
+        t.plan_copy_on_write(row_idx, old_tokens, old_pages, counts, dropped)
+        for t, (_, dropped) in zip(tables, releases, strict=True)
+    ]
+    dropped = np.concatenate([d for _, d in releases]) if len(tables) > 1 else releases[0][1]
+    # A request's pages are taken as one run: group 0's (its copy first), group 1's, ...
+    demand = [cols.copy() if pos.size else cols for pos, _ in cows]
+    for d, (pos, _) in zip(demand, cows, strict=True):
+        d[pos] += 1
+    per_req = demand[0] if len(tables) == 1 else np.sum(demand, axis=0)
+    first = np.cumsum(per_req) - per_req  # each request's first page among all taken
+    group_first = [first]
+    for d in demand[:-1]:
+        group_first.append(group_first[-1] + d)
+    cow_pos, cow_src, cow_dst = _writers(cows, group_first)
     available = pool.num_available + pool.freed_by(dropped)
     # Cached sources left unowned by their last writer's copy: position of that writer.
     orphan_at = _orphan_positions(pool, cow_pos, cow_src)
@@ -84,21 +96,35 @@ def grow(
         ends = np.array([per_req.size - 1])
 
     # ---- commit: nothing below can fail.
-    table.release(release)  # released pages are reused by this very call
+    for t, (release, _) in zip(tables, releases, strict=True):
+        t.release(release)  # released pages are reused by this very call
     if new_ids:
         rows.add(new_ids, row_idx[new_pos].tolist())
-    pages = _take_in_segments(pool, per_req, ends, cow_pos, cow_src)
-    if pages.size:
-        start = np.cumsum(per_req) - per_req  # each request's first page in `pages`
-        if cow_pos.size:
-            dst = pages[start[cow_pos]]
-            table.page_table[row_idx[cow_pos], old_pages[cow_pos] - 1] = dst
-            start[cow_pos] += 1
-        table.place(row_idx, old_pages, cols, start, pages)
-    table.row_pages[row_idx] = need
+    pages = _take_in_segments(pool, per_req, ends, cow_pos, cow_src, cow_dst)
+    for t, (pos, _), start, d in zip(tables, cows, group_first, demand, strict=True):
+        if pages.size:
+            if pos.size:
+                t.page_table[row_idx[pos], old_pages[pos] - 1] = pages[start[pos]]
+            t.place(row_idx, old_pages, cols, start + (d - cols), pages)
+        t.row_pages[row_idx] = need
     rows.row_tokens[row_idx] = total
     rows.row_tentative[row_idx] = False  # served: its hits are touched, as vLLM does now
     return row_idx.astype(np.int32), pages
+
+
+def _writers(
+    cows: list[tuple[np.ndarray, np.ndarray]], group_first: list[np.ndarray]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every group's copy-on-write writers in batch order: (int64[c] batch positions, int32[c]
+    source pages, int64[c] index of each copy's page among the pages taken)."""
+    if len(cows) == 1:
+        pos, src = cows[0]
+        return pos, src, group_first[0][pos]
+    pos = np.concatenate([p for p, _ in cows])
+    src = np.concatenate([s for _, s in cows])
+    dst = np.concatenate([first[p] for (p, _), first in zip(cows, group_first, strict=True)])
+    order = np.argsort(pos, kind="stable")  # groups' pages are distinct: any tie order works
+    return pos[order], src[order], dst[order]
 
 
 def _orphan_positions(pool: PagePool, cow_pos: np.ndarray, cow_src: np.ndarray) -> np.ndarray:
@@ -143,23 +169,24 @@ def _take_in_segments(
     ends: np.ndarray,
     cow_pos: np.ndarray,
     cow_src: np.ndarray,
+    cow_dst: np.ndarray,
 ) -> np.ndarray:
-    """Takes the pages of each segment, then drops its writers' owners of their sources."""
+    """Takes the pages of each segment, then drops its writers' owners of their sources
+    (``cow_dst``: each copy's page, as an index into all the pages taken)."""
     if ends.size == 1:  # one segment: no cached source is orphaned
         pages = pool.take(int(per_req.sum()))
         if cow_pos.size:
-            pool.queue_copies(cow_src, pages[np.cumsum(per_req)[cow_pos] - per_req[cow_pos]])
+            pool.queue_copies(cow_src, pages[cow_dst])
             pool.release_sources(cow_src)
         return pages
     cum = np.cumsum(per_req)
-    first_page = cum - per_req  # each request's first page among all taken
     taken: list[np.ndarray] = []
     first = 0  # first batch position of the segment
     for end in ends.tolist():
         taken.append(pool.take(int(cum[end]) - (int(cum[first - 1]) if first else 0)))
         mine = (cow_pos >= first) & (cow_pos <= end)
         if mine.any():
-            pool.queue_copies(cow_src[mine], np.concatenate(taken)[first_page[cow_pos[mine]]])
+            pool.queue_copies(cow_src[mine], np.concatenate(taken)[cow_dst[mine]])
             pool.release_sources(cow_src[mine])
         first = end + 1
     return np.concatenate(taken)

@@ -8,8 +8,8 @@ page, and two of them write one page, which the swaps refuse (docs/tiers.md). Ev
 host page is in exactly one state:
 
 * free (on the host free stack);
-* owned by one swapped-out request (``host_table[row, col]``: the page that holds the
-  request's column ``col`` while it is out);
+* owned by one swapped-out request (``host_tables[group, row, col]``: the page that holds
+  the request's column ``col`` of that KV-cache group while it is out);
 * cached: a page evicted from the device prefix cache and kept here under its key (at most
   ``capacity`` of them, in their own LRU by stamp);
 * in limbo: released this step (swapped in, promoted by a prefix hit, or freed) while a pending
@@ -49,7 +49,8 @@ def _pairs(blocks: list[np.ndarray]) -> np.ndarray:
 class HostTier:
     """Host free stack, per-row host pages, host prefix cache and the pending swap pairs."""
 
-    ARRAYS = ("host_table", "row_swapped", "host_key", "host_cached", "host_lru", "host_limbo")
+    # Saved as-is by state_dict; host_tables is saved as "host_table" with the page tables.
+    ARRAYS = ("row_swapped", "host_key", "host_cached", "host_lru", "host_limbo")
 
     def __init__(
         self,
@@ -58,11 +59,13 @@ class HostTier:
         max_requests: int,
         max_pages_per_request: int,
         events: EventQueue,
+        num_groups: int = 1,
     ) -> None:
         h = self.num_host_pages = num_host_pages
         self.capacity = capacity  # host pages that may hold cached prefixes
         self.events = events
-        self.host_table = np.zeros((max_requests, max_pages_per_request), np.int32)
+        # int32[G, max_requests, max_pages_per_request]: each group's host pages per row.
+        self.host_tables = np.zeros((num_groups, max_requests, max_pages_per_request), np.int32)
         self.row_swapped = np.zeros(max_requests, bool)
         self.host_key = np.zeros((h, KEY_BYTES), np.uint8)
         self.host_cached = np.zeros(h, bool)
@@ -247,22 +250,23 @@ class HostTier:
 
     # ---------------------------------------------------------------- checks
 
-    def check(self, live: np.ndarray, row_pages: np.ndarray, page_table: np.ndarray) -> None:
-        """Checks the host tier's invariants (against the rows' device pages)."""
+    def check(self, live: np.ndarray, row_pages: np.ndarray, page_tables: np.ndarray) -> None:
+        """Checks the host tier's invariants against the rows' device pages (``page_tables``:
+        int32[G, max_requests, max_pages_per_request], every group's)."""
         h = self.num_host_pages
         idle = np.ones(self.row_swapped.size, bool)
         idle[live] = False
         check(not self.row_swapped[idle].any(), "row_swapped: a free row is swapped out")
         check(
-            not self.host_table[~self.row_swapped].any(),
+            not self.host_tables[:, ~self.row_swapped].any(),
             "host_table: a row that is not swapped out holds host pages",
         )
-        cols = np.arange(self.host_table.shape[1])
-        beyond = cols[None, :] >= row_pages[:, None]
-        held = self.host_table != NULL_PAGE
+        cols = np.arange(self.host_tables.shape[2])
+        beyond = cols[None, None, :] >= row_pages[None, :, None]
+        held = self.host_tables != NULL_PAGE
         check(not (held & beyond).any(), "host_table: a host page past the row's pages")
-        check(not page_table[held].any(), "host_table: a swapped column still holds a page")
-        owned = self.host_table[held]
+        check(not page_tables[held].any(), "host_table: a swapped column still holds a page")
+        owned = self.host_tables[held]
         free = self.free[: self.num_free]
         for name, pages in (("host_table", owned), ("host_free", free)):
             check(((pages > 0) & (pages < h)).all(), f"{name}: the host null page or junk")

@@ -3,6 +3,14 @@
 The index (:class:`~kvshard.allocator._prefix_index.PrefixIndex`) maps keys to pages; these
 transactions attach hits to a request's row through the pool (one more owner each, so an
 evictable hit leaves the eviction order) and record how far the request's pages were hashed.
+
+With several KV-cache groups, or a group that releases pages (sliding window, chunks), each
+group caches its own page of a block under the block's key (``PrefixIndex.find``), and a hit
+of ``h`` pages counts only where every group can serve it (vLLM's
+``HybridKVCacheCoordinator``): a full-attention group needs pages ``[0, h)`` cached, a window
+group only the pages its next query (at token ``h * page_size``) reads. The pages a window
+group does not need are not attached (they read the null page, as released pages do). Such an
+allocator has no host prefix cache (``_config``), so its hits are device pages only.
 """
 
 from __future__ import annotations
@@ -12,6 +20,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
+from kvshard.allocator._common import NULL_PAGE
 from kvshard.allocator._prefix_index import (
     ROOT_KEY,
     extra_key_bytes,
@@ -80,10 +89,42 @@ class PrefixQuery(NamedTuple):
         return data, length, extras, namespace_digest(self.namespace)
 
 
+def _grouped(parts: AllocatorParts) -> bool:
+    """Whether hits are matched group by group (several groups, or a window group)."""
+    return parts.num_groups > 1 or parts.table.releases
+
+
+def _match_groups(
+    parts: AllocatorParts, data: bytes, ns: bytes, limit: int, extras: list[bytes]
+) -> tuple[int, list[bytes], np.ndarray, list[int]]:
+    """Returns (h: the most pages every group can serve, the keys of blocks ``[0, h)``,
+    int32[G, limit] each group's cached page of each block or NULL_PAGE, per group the first
+    block its next query reads). Reads only."""
+    index, tables = parts.index, parts.tables
+    keys = list(index.page_keys(data, ROOT_KEY, ns, 0, limit, extras))
+    found = np.zeros((len(tables), limit), np.int32)
+    for g in range(len(tables)):
+        found[g] = [index.find(key, g) or NULL_PAGE for key in keys]
+    counts = np.zeros((len(tables), limit + 1), np.int64)
+    np.cumsum(found != NULL_PAGE, axis=1, out=counts[:, 1:])
+    hits = np.arange(limit + 1)  # every candidate h
+    size = parts.table.page_size
+    valid = np.ones(limit + 1, bool)
+    firsts = []
+    for g, table in enumerate(tables):
+        first = table.window_start(hits * size) // size  # first block the next query reads
+        valid &= counts[g, hits] - counts[g, first] == hits - first
+        firsts.append(first)
+    h = int(np.flatnonzero(valid)[-1])  # h = 0 is always valid
+    return h, keys[:h], found, [int(first[h]) for first in firsts]
+
+
 def peek(parts: AllocatorParts, query: PrefixQuery) -> int:
     """Returns the tokens a lookup would find cached now (either tier); reads only."""
     data, length, extras, ns = query.encode("peek_prefix")
     limit = _hit_limit(length, parts.table)
+    if _grouped(parts):
+        return _match_groups(parts, data, ns, limit, extras)[0] * parts.table.page_size
     device, _, _ = _match(parts, data, ns, limit, extras)
     return len(device) * parts.table.page_size
 
@@ -107,6 +148,21 @@ def lookup(parts: AllocatorParts, req_id: Hashable, query: PrefixQuery) -> int:
         raise ValueError(f"{where}: req_id={req_id!r} is swapped out; swap it in first")
     new_row = rows.reserve(req_id, where) if row is None else None
     limit = _hit_limit(length, table)
+    if _grouped(parts):
+        h, keys, found_g, firsts = _match_groups(parts, data, ns, limit, extras)
+        # ---- commit
+        if new_row is not None:
+            rows.add([req_id], [new_row])
+            row = new_row
+        assert row is not None
+        for t, found, first in zip(parts.tables, found_g, firsts, strict=True):
+            pool.share(found[first:h])
+            t.page_table[row, first:h] = found[first:h]
+            t.row_pages[row] = h
+            t.row_released[row] = first
+        tier.stats["device_hits"] += h * table.page_size
+        _record_hits(parts, row, h, keys[-1] if keys else ROOT_KEY, ns, length)
+        return h * table.page_size
     device, host, last_key = _match(parts, data, ns, limit, extras)
 
     # ---- commit
@@ -129,19 +185,27 @@ def lookup(parts: AllocatorParts, req_id: Hashable, query: PrefixQuery) -> int:
         parts.events.stored(promoted, None, None)
     table.page_table[row, : found.size] = found
     table.row_pages[row] = found.size
-    rows.row_tokens[row] = found.size * table.page_size
-    rows.row_committed[row] = found.size
+    tier.stats["device_hits"] += on_device.size * table.page_size
+    tier.stats["host_hits"] += len(host) * table.page_size
+    _record_hits(parts, row, int(found.size), last_key, ns, length)
+    return int(found.size * table.page_size)
+
+
+def _record_hits(
+    parts: AllocatorParts, row: int, hits: int, last_key: bytes, ns: bytes, length: int
+) -> None:
+    """A lookup's commit on the row and the counters, once its pages are attached."""
+    rows, size = parts.rows, parts.table.page_size
+    rows.row_tokens[row] = hits * size
+    rows.row_committed[row] = hits
     rows.row_last_key[row] = np.frombuffer(last_key, np.uint8)
     rows.row_ns[row] = np.frombuffer(ns, np.uint8)
     rows.row_has_ns[row] = True
     rows.row_tentative[row] = True
-    stats = pool.index.stats
+    stats = parts.index.stats
     stats["lookups"] += 1
     stats["queries"] += length
-    stats["hits"] += found.size * table.page_size
-    tier.stats["device_hits"] += on_device.size * table.page_size
-    tier.stats["host_hits"] += len(host) * table.page_size
-    return int(found.size * table.page_size)
+    stats["hits"] += hits * size
 
 
 def commit(parts: AllocatorParts, req_id: Hashable, query: PrefixQuery) -> int:
@@ -164,25 +228,31 @@ def commit(parts: AllocatorParts, req_id: Hashable, query: PrefixQuery) -> int:
     done = int(rows.row_committed[row])
     prev = rows.row_last_key[row].tobytes() if done else ROOT_KEY
     keys = list(index.page_keys(data, prev, ns, done, full, extras)) if full > done else []
-    pages = table.page_table[row, done:full].tolist() if keys else []
-    # A page cached already (shared through fork or a lookup) keeps its key: a page has
-    # one key, and a forked request may commit under a different namespace.
-    fresh = [
-        (key, page)
-        for key, page in zip(keys, pages, strict=True)
-        if not index.cached[page] and key not in index.key_to_page
-    ]
+    # Each group caches its own pages. A page cached already (shared through fork or a lookup)
+    # keeps its key: a page has one key, and a forked request may commit under a different
+    # namespace. A window group's released pages (null) are not cached.
+    fresh_of = []
+    for g, t in enumerate(parts.tables):
+        pages = t.page_table[row, done:full].tolist() if keys else []
+        fresh_of.append(
+            [
+                (key, page)
+                for key, page in zip(keys, pages, strict=True)
+                if page != NULL_PAGE and not index.cached[page] and index.find(key, g) is None
+            ]
+        )
 
     # ---- commit
-    index.register(fresh)
-    if parts.events.enabled and fresh:
-        _announce(parts, keys, prev, fresh, data, done)
+    for g, fresh in enumerate(fresh_of):
+        index.register(fresh, g)
+        if parts.events.enabled and fresh:
+            _announce(parts, keys, prev, fresh, data, done, g)
     if keys:
         rows.row_committed[row] = full
         rows.row_last_key[row] = np.frombuffer(keys[-1], np.uint8)
     rows.row_ns[row] = np.frombuffer(ns, np.uint8)
     rows.row_has_ns[row] = True
-    return len(fresh)
+    return sum(len(fresh) for fresh in fresh_of)
 
 
 def _announce(
@@ -192,8 +262,9 @@ def _announce(
     fresh: list[tuple[bytes, int]],
     data: bytes,
     first: int,
+    group: int,
 ) -> None:
-    """Queues one PagesStored event per run of consecutive newly stored pages."""
+    """Queues one PagesStored event per run of consecutive newly stored pages of a group."""
     stored = {key for key, _ in fresh}
     size = parts.table.page_size
     tokens = np.frombuffer(data, "<i8")
@@ -206,6 +277,9 @@ def _announce(
             parent = keys[run[0] - 1] if run[0] else (prev if first else None)
             lo, hi = (first + run[0]) * size, (first + run[-1] + 1) * size
             parts.events.stored(
-                [keys[j] for j in run], parent, tuple(int(t) for t in tokens[lo:hi])
+                [keys[j] for j in run],
+                parent,
+                tuple(int(t) for t in tokens[lo:hi]),
+                group=group,
             )
             run = []

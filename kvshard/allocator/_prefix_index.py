@@ -10,6 +10,10 @@ back (revive). That FIFO is an intrusive doubly linked list in two numpy arrays 
 id (as vLLM's free block queue, without a Python object per page): append, unlink and evicting
 ``k`` pages cost O(k). The null page, never evictable, is the list's sentinel (head and tail).
 
+With several KV-cache groups each group caches its own page of a block: ``page_group`` says
+whose a cached page is, and the index maps :func:`index_key` (the block's key and the group)
+to the page, so one block has one page per group that cached it.
+
 The index knows nothing of reference counts: :class:`kvshard.allocator._pool.PagePool` tells
 it when a cached page is released (:meth:`PrefixIndex.stamp`), loses its last owner
 (:meth:`PrefixIndex.link`, or :meth:`PrefixIndex.restore` for an undone lookup) or gains one
@@ -29,6 +33,12 @@ from kvshard.allocator._events import EventQueue
 KEY_BYTES = 16  # blake2b digest size of a prefix-cache key (128 bits: collisions are moot)
 ROOT_KEY = bytes(KEY_BYTES)  # the "previous key" of a request's first page
 STATS = ("lookups", "queries", "hits", "evictions")
+
+
+def index_key(key: bytes, group: int) -> bytes:
+    """The key -> page index's key of group ``group``'s page of the block keyed ``key``
+    (``key`` itself for group 0, so one group indexes exactly as before groups existed)."""
+    return key if group == 0 else key + group.to_bytes(4, "little")
 
 
 def namespace_digest(namespace: str | bytes | None) -> bytes:
@@ -111,7 +121,7 @@ def token_bytes(token_ids: Sequence[int] | np.ndarray, what: str) -> tuple[bytes
 class PrefixIndex:
     """Page keys, the key -> page index, the evictable pages' LRU order and the hit counters."""
 
-    ARRAYS = ("page_key", "cached", "evictable", "lru")  # saved as-is by state_dict
+    ARRAYS = ("page_key", "cached", "evictable", "lru", "page_group")  # saved by state_dict
 
     def __init__(self, num_pages: int, page_size: int, events: EventQueue) -> None:
         self.page_size = page_size
@@ -122,6 +132,7 @@ class PrefixIndex:
         self.evictable = np.zeros(n, bool)  # cached and unowned: in the LRU list
         self.num_evictable = 0
         self.lru = np.zeros(n, np.int64)  # stamp given when the page became evictable
+        self.page_group = np.zeros(n, np.int32)  # int32[num_pages]: group of a cached page
         self.lru_next = np.zeros(n, np.int32)  # int32[num_pages]: next newer evictable page
         self.lru_prev = np.zeros(n, np.int32)  # int32[num_pages]: next older evictable page
         self.clock = 0
@@ -147,18 +158,25 @@ class PrefixIndex:
             prev = chain_key(prev, namespace, data[page * step : (page + 1) * step], extra)
             yield prev
 
-    def register(self, fresh: list[tuple[bytes, int]]) -> None:
-        """Caches each (key, page): neither key nor page may be cached already."""
+    def register(self, fresh: list[tuple[bytes, int]], group: int = 0) -> None:
+        """Caches each (key, page) as group ``group``'s page of the block keyed ``key``:
+        neither it nor the page may be cached already."""
         for key, page in fresh:
-            self.key_to_page[key] = page
+            self.key_to_page[index_key(key, group)] = page
             self.page_key[page] = np.frombuffer(key, np.uint8)
             self.cached[page] = True
+            self.page_group[page] = group
+
+    def find(self, key: bytes, group: int = 0) -> int | None:
+        """Group ``group``'s cached page of the block keyed ``key``, or None."""
+        return self.key_to_page.get(index_key(key, group))
 
     def _uncache(self, pages: np.ndarray) -> None:
-        for key in self.page_key[pages]:
-            del self.key_to_page[key.tobytes()]
+        for key, group in zip(self.page_key[pages], self.page_group[pages].tolist(), strict=True):
+            del self.key_to_page[index_key(key.tobytes(), group)]
         self.page_key[pages] = 0
         self.cached[pages] = False
+        self.page_group[pages] = 0
 
     # -------------------------------------------------------- eviction order
 
@@ -221,11 +239,14 @@ class PrefixIndex:
         nxt[NULL_PAGE] = head
         self.lru_prev[head] = NULL_PAGE
         keys = [key.tobytes() for key in self.page_key[victims]]
+        groups = self.page_group[victims].tolist()
         self._uncache(victims)
         self.evictable[victims] = False
         self.num_evictable -= count
         self.stats["evictions"] += count
-        self.events.removed(keys)
+        for group in sorted(set(groups)):  # one event per group, victims in eviction order
+            mine = [key for key, g in zip(keys, groups, strict=True) if g == group]
+            self.events.removed(mine, group=group)
         return victims, keys
 
     def order(self) -> np.ndarray:
@@ -242,7 +263,10 @@ class PrefixIndex:
     def rebuild(self) -> None:
         """Derives the key index, the count and the LRU links from the saved arrays."""
         cached = np.flatnonzero(self.cached)
-        self.key_to_page = {self.page_key[page].tobytes(): int(page) for page in cached}
+        self.key_to_page = {
+            index_key(self.page_key[page].tobytes(), int(self.page_group[page])): int(page)
+            for page in cached
+        }
         self.num_evictable = int(self.evictable.sum())
         self._relink()
 
@@ -281,12 +305,15 @@ class PrefixIndex:
         check(not (self.evictable & ~self.cached).any(), "evictable: an uncached page")
         check(self.num_evictable == int(self.evictable.sum()), "evictable: count is stale")
         check(not self.page_key[~self.cached].any(), "page_key: an uncached page has a key")
+        check(not self.page_group[~self.cached].any(), "page_group: an uncached page has one")
+        check((self.page_group >= 0).all(), "page_group: a negative group")
         # An all-zero digest has probability 2**-128: it marks a cached page with no key.
         check(self.page_key[self.cached].any(axis=1).all(), "page_key: a cached page has none")
         check(len(self.key_to_page) == int(self.cached.sum()), "page_key: a key is doubled")
         for key, page in self.key_to_page.items():
+            group = int(self.page_group[page])
             check(
-                self.cached[page] and self.page_key[page].tobytes() == key,
+                self.cached[page] and index_key(self.page_key[page].tobytes(), group) == key,
                 f"page_key: the index points at page {page} which holds another key",
             )
         stamps = self.lru[self.evictable]

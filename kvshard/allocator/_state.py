@@ -1,10 +1,13 @@
 """The allocator's parts as one value: build, snapshot, validate and restore, digest, check.
 
-:class:`AllocatorParts` holds the four parts of a :class:`kvshard.PageAllocator` (prefix index,
-page pool, request rows, page table). ``load`` builds the loaded state in fresh parts, runs
-every invariant check on them (plus the range and type checks that let those run on junk) and
-only then returns them, so a corrupt snapshot is refused with the field named while the caller
-keeps its parts.
+:class:`AllocatorParts` holds the parts of a :class:`kvshard.PageAllocator` (prefix index,
+page pool, request rows, one page table per KV-cache group, host tier). The groups' tables are
+views into stacked arrays (``int32[G, max_requests, max_pages_per_request]`` and so on), which
+the facade shows as its grouped ``page_table`` and a state dict saves (without the group axis
+when there is one group, as before groups existed). ``load`` builds the loaded state in fresh
+parts, runs every invariant check on them (plus the range and type checks that let those run
+on junk) and only then returns them, so a corrupt snapshot is refused with the field named
+while the caller keeps its parts.
 """
 
 from __future__ import annotations
@@ -25,8 +28,10 @@ from kvshard.allocator._prefix_index import STATS, PrefixIndex
 from kvshard.allocator._rows import RequestRows
 from kvshard.allocator._table import PageTable
 
-# 2: sliding_window in the config, row_released; 3: row_tentative; 4: the host tier
-STATE_VERSION = 4
+# 2: sliding_window in the config, row_released; 3: row_tentative; 4: the host tier;
+# 5: layer_types in the config, page_group, a group axis on the tables' arrays with G > 1.
+STATE_VERSION = 5
+_LOADABLE = (4, 5)  # a version 4 state is one group's: layer_types None, no cached group
 _ENTRIES = (
     "version",
     "config",
@@ -52,9 +57,20 @@ class AllocatorParts:
     index: PrefixIndex
     pool: PagePool
     rows: RequestRows
-    table: PageTable
+    tables: list[PageTable]
     tier: HostTier
     events: EventQueue
+    # state name -> every group's array stacked (the tables' arrays, the host tier's table)
+    stacks: dict[str, np.ndarray]
+
+    @property
+    def table(self) -> PageTable:
+        """The first group's table (the only one without layer types)."""
+        return self.tables[0]
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.tables)
 
     @classmethod
     def fresh(cls, config: AllocatorConfig) -> AllocatorParts:
@@ -66,25 +82,44 @@ class AllocatorParts:
             config.max_requests,
             config.max_pages_per_request,
             events,
+            len(config.group_types),
         )
         pool = PagePool(config.num_pages, index, tier)
         rows = RequestRows(config.max_requests)
-        table = PageTable(
-            pool,
-            config.max_requests,
-            config.max_pages_per_request,
-            config.page_size,
-            config.sliding_window,
-        )
-        return cls(config, index, pool, rows, table, tier, events)
+        types = config.group_types
+        g, r, m = len(types), config.max_requests, config.max_pages_per_request
+        stacks = {
+            "page_table": np.zeros((g, r, m), np.int32),
+            "row_pages": np.zeros((g, r), np.int32),
+            "row_released": np.zeros((g, r), np.int32),
+            "host_table": tier.host_tables,
+        }
+        tables = [
+            PageTable(
+                pool,
+                r,
+                m,
+                config.page_size,
+                layer_type,
+                (stacks["page_table"][i], stacks["row_pages"][i], stacks["row_released"][i]),
+            )
+            for i, layer_type in enumerate(types)
+        ]
+        return cls(config, index, pool, rows, tables, tier, events, stacks)
 
     def _arrays(self) -> dict[str, tuple[Any, str]]:
-        """State name -> (part, attribute) of every array saved as-is."""
+        """State name -> (part, attribute) of every array saved as-is (tables: see
+        :meth:`_table_arrays`)."""
         return {
             name: (part, name)
-            for part in (self.pool, self.table, self.rows, self.index, self.tier)
+            for part in (self.pool, self.rows, self.index, self.tier)
             for name in part.ARRAYS
         }
+
+    def _table_arrays(self) -> dict[str, np.ndarray]:
+        """State name -> the groups' stacked array, without the group axis for one group."""
+        one = self.num_groups == 1
+        return {name: stack[0] if one else stack for name, stack in self.stacks.items()}
 
     def reset_order_if_empty(self) -> None:
         """With no request live and nothing cached or pending in either tier, restores a fresh
@@ -117,6 +152,8 @@ class AllocatorParts:
         }
         for name, (part, attr) in self._arrays().items():
             state[name] = getattr(part, attr).copy()
+        for name, array in self._table_arrays().items():
+            state[name] = array.copy()
         return state
 
     def load(self, state: Any) -> AllocatorParts:
@@ -124,26 +161,27 @@ class AllocatorParts:
         where = "load_state_dict"
         if not isinstance(state, dict):
             raise TypeError(f"{where}: state must be a dict, got {type(state).__name__}")
-        missing = [name for name in (*_ENTRIES, *self._arrays()) if name not in state]
+        if "version" not in state:
+            raise ValueError(f"{where}: state lacks 'version'")
+        version = state["version"]
+        if not is_int(version) or version not in _LOADABLE:
+            raise ValueError(f"{where}: unsupported version {version!r}")
+        if version == 4:  # before groups: one group, no page_group
+            state = {**state, "page_group": np.zeros(self.config.num_pages, np.int32)}
+            if isinstance(state.get("config"), dict):
+                state["config"] = {**state["config"], "layer_types": None}
+        expected = (*_ENTRIES, *self._arrays(), *self._table_arrays())
+        missing = [name for name in expected if name not in state]
         if missing:
             raise ValueError(f"{where}: state lacks {', '.join(map(repr, missing))}")
-        version, config = state["version"], state["config"]
-        if not is_int(version) or version != STATE_VERSION:
-            raise ValueError(f"{where}: unsupported version {version!r}")
+        config = state["config"]
         if not isinstance(config, dict) or config != self.config.as_dict():
             raise ValueError(f"{where}: config {config!r} does not match {self.config.as_dict()!r}")
         new = AllocatorParts.fresh(self.config)
         for name, (part, attr) in new._arrays().items():
-            mine = getattr(part, attr)
-            value = np.asarray(state[name])
-            if value.shape != mine.shape:
-                raise ValueError(f"{where}: {name} has shape {value.shape}, want {mine.shape}")
-            if mine.dtype != bool and value.size and not np.issubdtype(value.dtype, np.integer):
-                raise ValueError(f"{where}: {name} must be integers, got dtype {value.dtype}")
-            cast = value.astype(mine.dtype)
-            if not np.array_equal(cast, value):
-                raise ValueError(f"{where}: {name} does not fit {mine.dtype}")
-            setattr(part, attr, cast)
+            setattr(part, attr, _same_shape(state[name], getattr(part, attr), name))
+        for name, mine in new._table_arrays().items():
+            mine[...] = _same_shape(state[name], mine, name)  # in place: the tables' views
         n, r = self.config.num_pages, self.config.max_requests
         free_pages = _int_array(state["free_pages"], "free_pages", 1, 1, n)
         free_rows = _int_array(state["free_rows"], "free_rows", 1, 0, r)
@@ -185,9 +223,11 @@ class AllocatorParts:
         new.events = self.events  # not state: the queue carries on, announcing the new cache
         new.index.events = new.tier.events = self.events
         self.events.cleared()
-        for part, medium in ((new.index.page_key, DEVICE), (new.tier.host_key, HOST)):
-            cached = [key.tobytes() for key in part if key.any()]
-            self.events.stored(cached, None, None, medium)
+        for g in range(new.num_groups):
+            mine = new.index.page_key[new.index.cached & (new.index.page_group == g)]
+            self.events.stored([key.tobytes() for key in mine], None, None, DEVICE, g)
+        cached = [key.tobytes() for key in new.tier.host_key if key.any()]
+        self.events.stored(cached, None, None, HOST)
         return new
 
     def checksum(self) -> str:
@@ -198,7 +238,8 @@ class AllocatorParts:
         h.update(repr((state["clock"], sorted(state["prefix_stats"].items()))).encode())
         h.update(repr(sorted((repr(k), v) for k, v in state["rows"].items())).encode())
         h.update(repr((state["host_clock"], sorted(state["host_stats"].items()))).encode())
-        for name in ("free_pages", "free_rows", "pending_copies", *_HASHED, *_HOST_HASHED):
+        hashed = (*_HASHED, "page_group") if self.num_groups > 1 else _HASHED
+        for name in ("free_pages", "free_rows", "pending_copies", *hashed, *_HOST_HASHED):
             array = np.ascontiguousarray(state[name])
             h.update(f"{name}:{array.dtype.str}:{array.shape}".encode())
             h.update(array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes())
@@ -209,15 +250,29 @@ class AllocatorParts:
         config, rows, table, pool = self.config, self.rows, self.table, self.pool
         rows.check(config.max_tokens, config.page_size)
         live = rows.live_rows()
-        owned = table.check(rows.row_tokens, live, self.tier.host_table != 0)
+        swapped = self.tier.host_tables != 0
+        owned = np.concatenate(
+            [
+                t.check(rows.row_tokens, live, mine)
+                for t, mine in zip(self.tables, swapped, strict=True)
+            ]
+        )
         counts = np.bincount(owned, minlength=config.num_pages)
         check(np.array_equal(counts, pool.refcount), "refcount: != number of owners")
         pool.check()
         index = self.index
         index.check(config.enable_prefix_caching)
+        check((index.page_group < self.num_groups).all(), "page_group: past the number of groups")
+        for g, t in enumerate(self.tables):  # a group's pages are cached as that group's
+            held = t.page_table[live].reshape(-1)
+            held = held[held != 0]
+            check(
+                (index.page_group[held][index.cached[held]] == g).all(),
+                f"page_group: group {g} holds a page cached for another group",
+            )
         # Pages only looked-up requests hold go back to the LRU by their stamps on free.
         tentative = np.flatnonzero(rows.row_tentative)
-        held = table.page_table[tentative].reshape(-1)
+        held = self.stacks["page_table"][:, tentative].reshape(-1)
         only = np.bincount(held, minlength=config.num_pages) == pool.refcount
         only &= (pool.refcount > 0) & index.cached
         stamps = index.lru[only | index.evictable]
@@ -226,7 +281,7 @@ class AllocatorParts:
             "lru: a page only looked-up requests hold has a stamp in use or past the clock",
         )
         tier = self.tier
-        tier.check(live, table.row_pages, table.page_table)
+        tier.check(live, table.row_pages, self.stacks["page_table"])
         check(not rows.row_tentative[tier.row_swapped].any(), "row_swapped: a tentative row")
         check(
             config.enable_prefix_caching or not tier.host_cached.any(),
@@ -279,7 +334,7 @@ _HASHED = (
 )
 
 
-_HOST_HASHED = ("host_free", "pending_swap_out", "pending_swap_in", *HostTier.ARRAYS)
+_HOST_HASHED = ("host_free", "pending_swap_out", "pending_swap_in", "host_table", *HostTier.ARRAYS)
 
 
 def _load_tier(tier: HostTier, state: dict[str, Any], num_pages: int) -> None:
@@ -313,6 +368,20 @@ def _load_tier(tier: HostTier, state: dict[str, Any], num_pages: int) -> None:
     tier.clock = int(clock)
     tier.stats = {k: int(stats[k]) for k in HOST_STATS}
     tier.rebuild()
+
+
+def _same_shape(value: Any, mine: np.ndarray, name: str) -> np.ndarray:
+    """``value`` as an array of ``mine``'s shape and dtype; raises ValueError naming ``name``."""
+    where = "load_state_dict"
+    value = np.asarray(value)
+    if value.shape != mine.shape:
+        raise ValueError(f"{where}: {name} has shape {value.shape}, want {mine.shape}")
+    if mine.dtype != bool and value.size and not np.issubdtype(value.dtype, np.integer):
+        raise ValueError(f"{where}: {name} must be integers, got dtype {value.dtype}")
+    cast = value.astype(mine.dtype)
+    if not np.array_equal(cast, value):
+        raise ValueError(f"{where}: {name} does not fit {mine.dtype}")
+    return cast
 
 
 def _int_array(value: Any, name: str, ndim: int, low: int, high: int) -> np.ndarray:

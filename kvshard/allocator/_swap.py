@@ -4,7 +4,8 @@ What moves: the pages the request alone owns that are not in the prefix cache. A
 with another request (fork, prefix hit) or cached stays on device and the request keeps its
 reference, so a swap never changes what any other request reads, and the prefix cache keeps
 its pages where lookups find them. The moved columns read :data:`NULL_PAGE` in the page table
-while the request is out; ``host_table`` holds their host pages.
+while the request is out; ``host_tables`` holds their host pages. With several KV-cache groups
+every group's pages move (and come back) together, group by group in the pairs.
 
 Ordering within a step (the caller applies the pairs as ``swap_out``, ``swap_in``,
 ``copy_pages``, ``update``; see ``PageAllocator.take_pending_swaps``) makes every pair read
@@ -36,63 +37,75 @@ def swap_out(parts: AllocatorParts, req_id: Hashable) -> int:
     """Moves ``req_id``'s own pages to host pages; returns how many moved."""
     where = "swap_out_request"
     _require_tier(parts, where)
-    rows, table, pool, tier = parts.rows, parts.table, parts.pool, parts.tier
+    rows, pool, tier = parts.rows, parts.pool, parts.tier
     row = rows.row_of(req_id, where)
     if tier.row_swapped[row]:
         raise ValueError(f"{where}: req_id={req_id!r} is already swapped out")
-    start, stop = int(table.row_released[row]), int(table.row_pages[row])
-    pages = table.page_table[row, start:stop]
     busy = np.concatenate([pool.pending_copies().reshape(-1), tier.swap_in_pairs()[:, 0]])
-    clash = pages[np.isin(pages, busy)]
-    if clash.size:
-        raise ValueError(
-            f"{where}: req_id={req_id!r} holds page {int(clash[0])}, which a pending copy or "
-            "swap-in of this step reads or fills; apply the step first (take_pending_copies, "
-            "take_pending_swaps)"
-        )
-    own = (pool.refcount[pages] == 1) & ~pool.index.cached[pages]
-    cols = start + np.flatnonzero(own)
+    moving = []  # per group: the columns whose pages move
+    for table in parts.tables:
+        start, stop = int(table.row_released[row]), int(table.row_pages[row])
+        pages = table.page_table[row, start:stop]
+        clash = pages[np.isin(pages, busy)]
+        if clash.size:
+            raise ValueError(
+                f"{where}: req_id={req_id!r} holds page {int(clash[0])}, which a pending copy "
+                "or swap-in of this step reads or fills; apply the step first "
+                "(take_pending_copies, take_pending_swaps)"
+            )
+        own = (pool.refcount[pages] == 1) & ~pool.index.cached[pages]
+        moving.append(start + np.flatnonzero(own))
+    count = sum(int(cols.size) for cols in moving)
     available = tier.num_takeable
-    if cols.size > available:
-        raise OutOfPages(cols.size, available, f"{where} (host pages)")
+    if count > available:
+        raise OutOfPages(count, available, f"{where} (host pages)")
 
     # ---- commit
-    device = table.page_table[row, cols].copy()
-    host = tier.take(int(cols.size))
-    tier.host_table[row, cols] = host
-    table.page_table[row, cols] = NULL_PAGE
-    pool.release(device)
-    tier.queue_out(device, host)
+    host = tier.take(count)
+    first = 0
+    for g, (table, cols) in enumerate(zip(parts.tables, moving, strict=True)):
+        device = table.page_table[row, cols].copy()
+        mine = host[first : first + cols.size]
+        first += int(cols.size)
+        tier.host_tables[g, row, cols] = mine
+        table.page_table[row, cols] = NULL_PAGE
+        pool.release(device)
+        tier.queue_out(device, mine)
     tier.row_swapped[row] = True
     rows.row_tentative[row] = False  # swapping it out serves it: its hits stay touched
-    tier.stats["swapped_out_pages"] += int(cols.size)
-    return int(cols.size)
+    tier.stats["swapped_out_pages"] += count
+    return count
 
 
 def swap_in(parts: AllocatorParts, req_id: Hashable) -> np.ndarray:
     """Brings ``req_id``'s host pages back into new device pages; returns them (row order)."""
     where = "swap_in_request"
     _require_tier(parts, where)
-    rows, table, pool, tier = parts.rows, parts.table, parts.pool, parts.tier
+    rows, pool, tier = parts.rows, parts.pool, parts.tier
     row = rows.row_of(req_id, where)
     if not tier.row_swapped[row]:
         raise ValueError(f"{where}: req_id={req_id!r} is not swapped out")
-    cols = np.flatnonzero(tier.host_table[row])
-    if cols.size:
+    held = tier.host_tables[:, row] != NULL_PAGE  # bool[G, max_pages]
+    count = int(held.sum())
+    if count:
         check_swap_in_safe(parts, where)
     available = pool.num_available
-    if cols.size > available:
-        raise OutOfPages(cols.size, available, where)
+    if count > available:
+        raise OutOfPages(count, available, where)
 
     # ---- commit
-    host = tier.host_table[row, cols].copy()
-    device = pool.take(int(cols.size))
-    table.page_table[row, cols] = device
-    tier.host_table[row] = NULL_PAGE
+    host = tier.host_tables[:, row][held]  # group by group, row order
+    device = pool.take(count)
+    first = 0
+    for table, cols in zip(parts.tables, held, strict=True):
+        n = int(cols.sum())
+        table.page_table[row, cols] = device[first : first + n]
+        first += n
+    tier.host_tables[:, row] = NULL_PAGE
     tier.to_limbo(host)
     tier.queue_in(device, host)
     tier.row_swapped[row] = False
-    tier.stats["swapped_in_pages"] += int(cols.size)
+    tier.stats["swapped_in_pages"] += count
     return device
 
 
@@ -111,6 +124,7 @@ def release_host(parts: AllocatorParts, row: int) -> None:
     """Releases a freed row's host pages (into limbo: a pending swap-out may fill them)."""
     tier = parts.tier
     if tier.row_swapped[row]:
-        tier.to_limbo(tier.host_table[row][tier.host_table[row] != NULL_PAGE])
-        tier.host_table[row] = NULL_PAGE
+        held = tier.host_tables[:, row]
+        tier.to_limbo(held[held != NULL_PAGE])
+        tier.host_tables[:, row] = NULL_PAGE
         tier.row_swapped[row] = False

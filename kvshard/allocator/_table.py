@@ -1,17 +1,19 @@
 """One KV-cache group's page table: each request's pages, drawn from the shared pool.
 
 The counterpart of vLLM's ``SingleTypeKVCacheManager``: the rules that depend on the group's
-attention type live here (which pages a sliding window of ``W`` no longer reads, which writes
-need a private copy), the reference counts in :class:`~kvshard.allocator._pool.PagePool`.
-Today a :class:`kvshard.PageAllocator` holds one table (every layer attends alike); several
-groups (full attention, a sliding window, chunked local attention) would each hold one, indexed
-by the same rows, with the allocator summing their page needs before it commits any.
+attention type live here (which pages a sliding window of ``W`` or a chunk of ``C`` no longer
+reads, which writes need a private copy), the reference counts in
+:class:`~kvshard.allocator._pool.PagePool`. A :class:`kvshard.PageAllocator` holds one table
+per KV-cache group (full attention, a sliding window, chunked local attention), all indexed by
+the same rows and holding the same number of columns per row (``ceil(tokens / page_size)``);
+the allocator sums their page needs before it commits any (``_grow``).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from kvshard._layer_types import FULL, LayerType, layer_size
 from kvshard.allocator._common import NULL_PAGE, check
 from kvshard.allocator._pool import PagePool
 
@@ -27,27 +29,43 @@ class PageTable:
         max_requests: int,
         max_pages_per_request: int,
         page_size: int,
-        sliding_window: int | None,
+        layer_type: LayerType = FULL,
+        arrays: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
     ) -> None:
+        """``arrays``: views (page_table, row_pages, row_released) into the allocator's
+        stacked arrays of every group (see ``_state``); fresh zeros when None."""
         self.pool = pool
         self.page_size = page_size
         self.width = max_pages_per_request
-        self.sliding_window = sliding_window
+        self.layer_type = layer_type
+        self.kind = layer_type[0]
+        self.size = layer_size(layer_type)  # W of a sliding window, C of a chunk, else None
         r, m = max_requests, max_pages_per_request
-        self.page_table = np.zeros((r, m), np.int32)  # int32[max_requests, max_pages]
-        self.row_pages = np.zeros(r, np.int32)  # int32[max_requests]: columns in use
-        # int32[max_requests]: leading columns released by the sliding window (now NULL_PAGE).
-        self.row_released = np.zeros(r, np.int32)
+        if arrays is None:
+            arrays = (np.zeros((r, m), np.int32), np.zeros(r, np.int32), np.zeros(r, np.int32))
+        self.page_table = arrays[0]  # int32[max_requests, max_pages]
+        self.row_pages = arrays[1]  # int32[max_requests]: columns in use
+        # int32[max_requests]: leading columns released by the window (now NULL_PAGE).
+        self.row_released = arrays[2]
 
     def pages(self, row: int) -> np.ndarray:
         """Returns a copy of the row's used columns (released ones read NULL_PAGE)."""
         return self.page_table[row, : self.row_pages[row]].copy()
 
+    @property
+    def releases(self) -> bool:
+        """Whether the group releases pages no query reads again (sliding or chunked)."""
+        return self.size is not None
+
     def window_start(self, tokens: np.ndarray) -> np.ndarray:
-        """First token the next query of a request holding ``tokens`` reads (0: no window)."""
-        if self.sliding_window is None:
+        """First token the next query (at position ``tokens``) of a request holding ``tokens``
+        reads: ``tokens - W + 1`` (at least 0) for a sliding window ``W``, the start of its
+        chunk ``C * (tokens // C)`` for chunks of ``C``, 0 for full attention."""
+        if self.size is None:
             return np.zeros_like(tokens)
-        return np.maximum(tokens - self.sliding_window + 1, 0)
+        if self.kind == "chunked":
+            return self.size * (tokens // self.size)
+        return np.maximum(tokens - self.size + 1, 0)
 
     # ---------------------------------------------------------------- growth
 
@@ -56,12 +74,13 @@ class PageTable:
     ) -> tuple[list[tuple[int, int]], np.ndarray]:
         """Returns ([(row, new released column count)], int32[k] the pages those releases drop).
 
-        With ``sliding_window=W``, a request about to write token ``t = old_tokens`` (the first
-        new one, which attends positions ``(t - W, t]``) never reads the pages wholly before
-        token ``t - W + 1`` again. A page forked into two rows of the batch appears twice.
+        A request about to write token ``t = old_tokens`` (the first new one) never reads the
+        pages wholly before :meth:`window_start` of ``t`` again (``t - W + 1`` for a sliding
+        window ``W``, the chunk start ``C * (t // C)`` for chunks of ``C``). A page forked
+        into two rows of the batch appears twice.
         """
         empty = np.zeros(0, np.int32)
-        if self.sliding_window is None:
+        if self.size is None:
             return [], empty
         stop = self.window_start(old_tokens) // self.page_size
         which = np.flatnonzero(stop > self.row_released[rows])
@@ -181,8 +200,8 @@ class PageTable:
         idle = np.ones(released.size, bool)
         idle[live] = False
         check(not released[idle].any(), "row_tokens: a free row is not reset")
-        if self.sliding_window is None:
-            check(not released.any(), "row_released: pages released without a sliding window")
+        if self.size is None:
+            check(not released.any(), "row_released: pages released without a window")
         else:
             check(
                 (released >= 0).all() and (released * size <= self.window_start(tokens)).all(),

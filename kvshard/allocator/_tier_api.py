@@ -65,7 +65,8 @@ class TierMethods:
         truncated or committed (ValueError); :meth:`free` releases it. Swap out a request that
         the current step does not schedule: the pairs move the pages as they were before the
         step's update. Host pages come from the free host stack first, then from the host
-        prefix cache (least recently kept first). All or nothing.
+        prefix cache (least recently kept first). With several KV-cache groups every group's
+        own pages move, their pairs group by group. All or nothing.
 
         Args:
             req_id: a live request that is not swapped out.
@@ -91,7 +92,8 @@ class TierMethods:
         ones (and keep them in the host prefix cache). All or nothing.
 
         Returns:
-            int32[k]: the new device pages, in row order.
+            int32[k]: the new device pages, in row order (group by group with several
+            KV-cache groups).
 
         Raises:
             ValueError: there is no host tier; the request is not swapped out; a pending
