@@ -57,6 +57,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--token-budget", type=int, default=32, help="tokens per step per pool")
     parser.add_argument("--tolerance", type=float, help="default: per dtype (TOLERANCE)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--all-full-cache",
+        action="store_true",
+        help="store every layer as full attention (no layer groups): the memory baseline",
+    )
     args = parser.parse_args(argv)
     found = re.fullmatch(r"(\d+)x(\d+)", args.mesh)
     if not found or min(int(found[1]), int(found[2])) < 1:
@@ -128,18 +133,20 @@ def main(argv: list[str] | None = None) -> int:
             models.Request(i, rng.integers(1, arch.vocab_size, int(n)).tolist(), int(m), int(a))
             for i, (n, m, a) in enumerate(shape)
         ]
-    window = arch.uniform_window
     longest = max(len(r.tokens) + r.max_new for r in requests)
     per_pool = -(-len(requests) // args.dp)
-    num_pages = 1 + min(args.max_seqs, per_pool) * -(-longest // args.page_size)
-    spec = kvshard.CacheSpec(
-        arch.num_layers,
-        arch.num_kv_heads,
-        arch.head_dim,
+    # The cache carries the layers' own attention types (one KV-cache group per type in one
+    # pool), so a mixed model's local layers hold only their window's pages.
+    spec = models.cache_spec(
+        arch,
         page_size=args.page_size,
-        num_pages=max(num_pages, 64 if not args.checkpoint else 0),
-        dtype=arch.dtype,
+        longest=longest,
+        max_seqs=min(args.max_seqs, per_pool),
+        budget=args.token_budget,
+        grouped=not args.all_full_cache,
+        min_pages=0 if args.checkpoint else 64,
     )
+    window = arch.uniform_window if args.all_full_cache else None
     steps, peak = models.serve(
         model, spec, mesh, requests, max_seqs=args.max_seqs, budget=args.token_budget, window=window
     )
@@ -163,7 +170,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{len(requests)} requests, {steps} steps, {sum(r.computed for r in requests)} tokens "
         f"computed, window {'/'.join(windows)}, at most {peak} pages in use: max |paged - dense| "
         f"logit = {worst:.2e} (tolerance {tolerance:.0e} x {max(1.0, scale):.3g}, {arch.dtype}, "
-        f"{arch.model_type}, mesh {args.dp}x{args.tp})"
+        f"{arch.model_type}, mesh {args.dp}x{args.tp}); {spec.num_groups} KV-cache group(s) "
+        f"of {spec.num_cache_layers} cache layer(s): {peak * spec.num_cache_layers} layer-pages "
+        "at the peak"
     )
     return 0 if worst <= tolerance * max(1.0, scale) else 1
 

@@ -8,8 +8,8 @@
   tensor-parallel mesh axis like the cache;
 * :mod:`~kvshard.models.model`: :class:`CausalLM`, paged (kvshard.update + kvshard.attention
   per layer) or dense;
-* :mod:`~kvshard.models.serve`: continuous batching over data-parallel page pools, and the
-  dense check.
+* :mod:`~kvshard.models.serve`: the cache of a model (its layer groups, the pool sized per
+  group), continuous batching over data-parallel page pools, and the dense check.
 
 ``examples/flax_llama.py`` is the command line; docs/models.md lists what each architecture
 needs and how to add one.
@@ -24,7 +24,14 @@ from kvshard.models.config import (
     read_architecture,
 )
 from kvshard.models.model import CausalLM
-from kvshard.models.serve import Request, dense_logits, serve, serve_step
+from kvshard.models.serve import (
+    Request,
+    cache_spec,
+    dense_logits,
+    pages_per_request,
+    serve,
+    serve_step,
+)
 
 __all__ = [
     "ARCHITECTURES",
@@ -33,8 +40,10 @@ __all__ = [
     "LayerSpec",
     "Request",
     "RopeSpec",
+    "cache_spec",
     "dense_logits",
     "load_checkpoint",
+    "pages_per_request",
     "read_architecture",
     "serve",
     "serve_step",

@@ -76,6 +76,12 @@ class LayerSpec:
     window: int | None
     rope: RopeSpec
 
+    @property
+    def layer_type(self) -> tuple[str] | tuple[str, int]:
+        """The layer's attention type as :class:`kvshard.CacheSpec` ``layer_types`` and
+        :class:`kvshard.PageAllocator` take it: ``("full",)`` or ``("sliding", window)``."""
+        return ("full",) if self.window is None else ("sliding", self.window)
+
 
 @dataclasses.dataclass(frozen=True)
 class Architecture:
@@ -141,6 +147,12 @@ class Architecture:
     def moe(self) -> bool:
         """The feed-forward is a mixture of experts."""
         return self.num_experts > 0
+
+    @property
+    def layer_types(self) -> tuple[tuple[str] | tuple[str, int], ...]:
+        """One attention type per layer (:attr:`LayerSpec.layer_type`): what the cache's
+        layer groups are built from, so a mixed model's local layers hold only their window."""
+        return tuple(layer.layer_type for layer in self.layers)
 
     @property
     def uniform_window(self) -> int | None:

@@ -7,12 +7,20 @@ prompt chunk or one decode token, within a token budget). Every step builds each
 :func:`kvshard.build_step` at one padded shape, stacks them (:func:`kvshard.stack_steps`) and
 runs ONE jitted forward with the cache donated (:func:`serve_step`). Greedy sampling.
 
+:func:`cache_spec` gives the cache the model's per-layer attention types
+(``CacheSpec(layer_types=arch.layer_types)``): a mixed model (Gemma 2/3, gpt-oss, Qwen2 with
+``max_window_layers``) is served from KV-cache groups in one pool, each group with its own
+page table, so its local layers hold only their window's pages and a page id costs
+``spec.num_cache_layers`` layers, not ``num_layers``. The pool is sized per group
+(:func:`pages_per_request`).
+
 :func:`dense_logits` runs the same weights with no cache over each whole sequence: the check
 that every served logit is right.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import jax
@@ -23,9 +31,17 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import kvshard
+from kvshard.allocator import sliding_window_pages
 from kvshard.models.model import check_servable
 
-__all__ = ["Request", "dense_logits", "serve", "serve_step"]
+__all__ = [
+    "Request",
+    "cache_spec",
+    "dense_logits",
+    "pages_per_request",
+    "serve",
+    "serve_step",
+]
 
 
 @dataclass
@@ -48,6 +64,60 @@ def serve_step(model, cache, tokens, step):
     :class:`kvshard.StepMetadata`) says. One jit per step shape; the cache is donated (its
     buffers are consumed: rebind the returned one) so every layer's update writes in place."""
     return model(tokens, step.positions, cache, step)
+
+
+def pages_per_request(spec: kvshard.CacheSpec, longest: int, max_new_tokens: int) -> int:
+    """Most pages of the pool one request of up to ``longest`` tokens holds at once, summed
+    over the spec's KV-cache groups (``spec.groups``), when each allocation adds at most
+    ``max_new_tokens`` tokens (the step's token budget: a prefill chunk).
+
+    A full group holds every page of the request, ``ceil(longest / page_size)``; a sliding
+    group of window W at most :func:`kvshard.allocator.sliding_window_pages` ``(W, page_size,
+    max_new_tokens)`` (the allocator releases the rest), capped at the former. A chunked group
+    is counted as full (an upper bound; no architecture here has one).
+    """
+    full = -(-longest // spec.page_size)
+    total = 0
+    for kind in spec.groups.group_types:
+        if kind[0] == "sliding":
+            window = int(kind[1])
+            bound = sliding_window_pages(window, spec.page_size, max_new_tokens)
+            total += min(bound, full)
+        else:
+            total += full
+    return total
+
+
+def cache_spec(
+    arch,
+    *,
+    page_size: int,
+    longest: int,
+    max_seqs: int,
+    budget: int,
+    grouped: bool = True,
+    min_pages: int = 0,
+) -> kvshard.CacheSpec:
+    """The cache :func:`serve` needs for ``max_seqs`` running requests of up to ``longest``
+    tokens each in one pool, ``budget`` tokens per step.
+
+    ``grouped``: the layers' own attention types (``arch.layer_types``), one KV-cache group per
+    type (or several of equal size, vLLM's split); False: every layer stored as full
+    attention (one group of all layers, each layer still attending through its own window):
+    the baseline the groups save memory against. ``num_pages`` is the null page plus
+    ``max_seqs`` times :func:`pages_per_request`, at least ``min_pages``.
+    """
+    spec = kvshard.CacheSpec(
+        arch.num_layers,
+        arch.num_kv_heads,
+        arch.head_dim,
+        page_size=page_size,
+        num_pages=2,  # replaced below, once the groups are known
+        dtype=arch.dtype,
+        layer_types=arch.layer_types if grouped else None,
+    )
+    pages = 1 + max_seqs * pages_per_request(spec, longest, budget)
+    return dataclasses.replace(spec, num_pages=max(pages, min_pages))
 
 
 def _schedule(running: list[Request], budget: int) -> list[tuple[Request, int]]:
@@ -73,10 +143,25 @@ def serve(
 ) -> tuple[int, int]:
     """Runs every request to completion; returns (steps, most pages in use in one pool).
 
-    ``window``: the allocator releases pages that fell out of it; only valid when every
-    layer attends through that window (the cache holds every layer at full size).
+    The allocators take ``spec.layer_types`` (:func:`cache_spec`): with layer groups each
+    group has its own page table and the sliding ones release the pages that fell out of
+    their window. A page id holds ``spec.num_cache_layers`` layers, so the memory held at the
+    peak is ``pages * spec.num_cache_layers`` layer-pages.
+
+    ``window``: for a spec without ``layer_types`` (every layer stored as full), the allocator
+    releases pages that fell out of it; only valid when every layer attends through that
+    window.
+
+    Raises:
+      ValueError: ``spec.layer_types`` other than the model's own (before anything is
+        allocated).
     """
     check_servable(model.arch)  # before anything is allocated
+    if spec.layer_types is not None and tuple(spec.layer_types) != model.arch.layer_types:
+        raise ValueError(
+            f"spec.layer_types={spec.layer_types!r} differ from the model's layer types "
+            f"{model.arch.layer_types!r}"
+        )
     pools = int(mesh.shape[data_axis])
     longest = max(len(r.tokens) + r.max_new for r in requests)
     allocators = [
@@ -86,6 +171,7 @@ def serve(
             max_requests=max_seqs,
             max_pages_per_request=-(-longest // spec.page_size),
             sliding_window=window,
+            layer_types=spec.layer_types,
         )
         for _ in range(pools)
     ]
