@@ -43,35 +43,41 @@ def make_mesh(dp: int, tp: int):
     )
 
 
-def serve(directory, mesh, *, page_size=4, budget=16, max_seqs=2):
-    model = models.load_checkpoint(directory, mesh)
-    arch = model.arch
-    requests = [models.Request(i, list(p), NEW_TOKENS) for i, p in enumerate(PROMPTS)]
-    spec = kvshard.CacheSpec(
-        arch.num_layers,
-        arch.num_kv_heads,
-        arch.head_dim,
+def serve(
+    directory, mesh, *, page_size=4, budget=16, max_seqs=2, grouped=True, prompts=None, model=None
+):
+    """Loads (unless ``model`` is given) and serves ``prompts`` (PROMPTS) from the cache
+    :func:`models.cache_spec` sizes: the model's layer groups, or every layer stored full
+    (``grouped=False``). Returns (model, requests, spec, peak pages in one pool)."""
+    model = model or models.load_checkpoint(directory, mesh)
+    requests = [models.Request(i, list(p), NEW_TOKENS) for i, p in enumerate(prompts or PROMPTS)]
+    longest = max(len(r.tokens) + r.max_new for r in requests)
+    spec = models.cache_spec(
+        model.arch,
         page_size=page_size,
-        num_pages=48,
-        dtype=arch.dtype,
+        longest=longest,
+        max_seqs=max_seqs,
+        budget=budget,
+        grouped=grouped,
     )
-    models.serve(model, spec, mesh, requests, max_seqs=max_seqs, budget=budget)
-    return model, requests
+    _, peak = models.serve(model, spec, mesh, requests, max_seqs=max_seqs, budget=budget)
+    return model, requests, spec, peak
 
 
-def check_served(model, requests, cfg=None, oracle_tol=1e-4):
+def check_served(model, requests, cfg=None, oracle_tol=1e-4, prompts=None):
     """Served rows: one per token but the last, prompts kept; paged == dense within the dtype's
     tolerance; and == the float64 oracle when ``cfg`` (float32 checkpoints) is given."""
+    prompts = prompts or PROMPTS
     dense = models.dense_logits(model, requests)
     for r, d in zip(requests, dense, strict=True):
         served = np.stack(r.logits)
-        assert r.tokens[: len(PROMPTS[r.id])] == PROMPTS[r.id]
-        assert len(r.tokens) == len(PROMPTS[r.id]) + NEW_TOKENS
+        assert r.tokens[: len(prompts[r.id])] == prompts[r.id]
+        assert len(r.tokens) == len(prompts[r.id]) + NEW_TOKENS
         assert served.shape == (len(r.tokens) - 1, model.arch.vocab_size)
         scale = max(1.0, float(np.abs(d).max()))
         assert np.abs(served - d).max() <= TOLERANCE[model.arch.dtype] * scale
         # Greedy: each generated token is the argmax of the served row before it.
-        assert r.tokens[len(PROMPTS[r.id]) :] == list(served.argmax(-1)[len(PROMPTS[r.id]) - 1 :])
+        assert r.tokens[len(prompts[r.id]) :] == list(served.argmax(-1)[len(prompts[r.id]) - 1 :])
         if cfg is not None:
             ref = reference_forward(cfg, cfg["_weights"], r.tokens)[:-1]
             assert np.abs(served - ref).max() <= oracle_tol * max(1.0, np.abs(ref).max())
@@ -82,7 +88,7 @@ def test_llama32_shaped_bf16_checkpoint_on_a_1x4_mesh(tmp_path):
     cfg = llama32_config()
     assert "tie_word_embeddings" not in cfg
     weights = write_checkpoint(tmp_path, cfg, dtype="bfloat16")
-    model, requests = serve(tmp_path, make_mesh(1, 4))
+    model, requests, *_ = serve(tmp_path, make_mesh(1, 4))
     assert model.arch.tie_word_embeddings and not hasattr(model, "lm_head")
     assert model.arch.layers[0].rope.kind == "llama3" and model.arch.dtype == "bfloat16"
     q = model.model.layers[0].self_attn.q_proj.kernel[...]
@@ -115,7 +121,7 @@ def test_sharded_float32_llama_matches_the_float64_oracle_on_2x2(tmp_path):
     )
     weights = write_checkpoint(tmp_path, cfg, dtype="float32", shards=3)
     assert len(list(tmp_path.glob("*.safetensors"))) == 3
-    model, requests = serve(tmp_path, make_mesh(2, 2))
+    model, requests, *_ = serve(tmp_path, make_mesh(2, 2))
     check_served(model, requests, {**cfg, "_weights": weights})
 
 
@@ -132,7 +138,7 @@ def test_qwen2_bias_and_per_layer_windows(tmp_path):
     }
     weights = write_checkpoint(tmp_path, cfg, dtype="float32")
     assert "model.layers.0.self_attn.q_proj.bias" in weights
-    model, requests = serve(tmp_path, make_mesh(1, 2))
+    model, requests, *_ = serve(tmp_path, make_mesh(1, 2))
     assert [layer.window for layer in model.arch.layers] == [None, 5]
     oracle = {**cfg, "layer_types": ["full_attention", "sliding_attention"], "_weights": weights}
     check_served(model, requests, oracle)
@@ -162,7 +168,7 @@ def test_gemma_soft_caps_norms_and_local_global_layers(tmp_path, model_type):
             "rope_scaling": {"rope_type": "linear", "factor": 8.0},
         }
     weights = write_checkpoint(tmp_path, cfg, dtype="float32")
-    model, requests = serve(tmp_path, make_mesh(1, 2))
+    model, requests, *_ = serve(tmp_path, make_mesh(1, 2))
     arch = model.arch
     assert arch.tie_word_embeddings and arch.norm_offset == 1.0 and arch.sandwich_norms
     assert [layer.window for layer in arch.layers] == [6, None]
@@ -180,7 +186,7 @@ def test_bf16_gemma2_passes_the_dense_check(tmp_path):
         "sliding_window": 4,
     }
     write_checkpoint(tmp_path, cfg, dtype="bfloat16")
-    model, requests = serve(tmp_path, make_mesh(2, 2))
+    model, requests, *_ = serve(tmp_path, make_mesh(2, 2))
     assert (model.arch.attn_soft_cap, model.arch.final_soft_cap) == (50.0, 30.0)  # defaults
     check_served(model, requests)
 
@@ -243,7 +249,7 @@ def test_gpt_oss_sinks_windows_and_experts_served_from_the_cache(tmp_path):
     )
     # Served from the cache, sinks through kvshard.attention(..., sinks=): the float64 oracle.
     assert models.model.ATTENTION_TAKES_SINKS
-    served_model, served = serve(tmp_path, make_mesh(1, 2))
+    served_model, served, *_ = serve(tmp_path, make_mesh(1, 2))
     check_served(served_model, served, {**cfg, "_weights": weights})
 
 
@@ -271,3 +277,96 @@ def test_zero_new_tokens_returns_the_prompt_rows_only(tmp_path):
     np.testing.assert_allclose(
         np.asarray(logits)[0, :2], ref, atol=1e-4 * max(1, np.abs(ref).max())
     )
+
+
+# -- layer groups: a mixed model served from one pool of KV-cache groups ---------------------
+
+# Long enough that a window of 4 (one page of 4) leaves most of each prompt behind.
+LONG_PROMPTS = [list(range(1, 41)), list(range(50, 75)), [7, 9, 11]]
+GEMMA3 = {  # five local layers per global one (sliding_window_pattern 6, the config default)
+    **SMALL,
+    "model_type": "gemma3_text",
+    "num_hidden_layers": 6,
+    "head_dim": 16,
+    "query_pre_attn_scalar": 16,
+    "sliding_window": 4,
+    "rope_local_base_freq": 10_000.0,
+}
+GPT_OSS = {  # sliding and full layers alternate; sinks and experts as the real model
+    **SMALL,
+    "model_type": "gpt_oss",
+    "num_hidden_layers": 4,
+    "head_dim": 16,
+    "sliding_window": 4,
+    "num_local_experts": 4,
+    "num_experts_per_tok": 2,
+    "tie_word_embeddings": False,
+}
+
+
+def served_grouped_and_all_full(directory, mesh):
+    """The same checkpoint served from its layer groups and from an all-full cache (page size
+    4, 8 tokens a step, 2 requests at once): the grouped run passes the dense check, the
+    all-full one serves the same tokens and logits."""
+    runs, model = [], None
+    for grouped in (True, False):
+        model, requests, spec, peak = serve(
+            directory, mesh, budget=8, grouped=grouped, prompts=LONG_PROMPTS, model=model
+        )
+        runs.append((requests, spec, peak))
+    (grouped_requests, grouped, grouped_peak), (full_requests, full, full_peak) = runs
+    check_served(model, grouped_requests, prompts=LONG_PROMPTS)
+    for a, b in zip(grouped_requests, full_requests, strict=True):
+        assert a.tokens == b.tokens
+        np.testing.assert_allclose(np.stack(a.logits), np.stack(b.logits), atol=1e-4)
+    assert full.num_cache_layers == full.num_layers and full.num_groups == 1
+    # The full-attention group holds what the all-full pool holds; a sliding group holds at
+    # most the pages of 4 + 8 - 1 = 11 consecutive positions, 4 pages of 4, per request.
+    sliding_groups = sum(t[0] == "sliding" for t in grouped.groups.group_types)
+    full_groups = grouped.num_groups - sliding_groups
+    assert grouped_peak <= full_groups * full_peak + sliding_groups * 2 * 4
+    return grouped, grouped_peak, full, full_peak
+
+
+def test_gemma3_shaped_checkpoint_is_served_from_layer_groups(tmp_path):
+    """5 local : 1 global layers: six groups of one cache layer; the local groups release
+    out-of-window pages, so the peak holds far fewer layer-pages than every layer full."""
+    write_checkpoint(tmp_path, GEMMA3, dtype="float32")
+    grouped, grouped_peak, full, full_peak = served_grouped_and_all_full(tmp_path, make_mesh(1, 2))
+    assert grouped.layer_types == (("sliding", 4),) * 5 + (("full",),)
+    assert (grouped.num_cache_layers, grouped.num_groups) == (1, 6)
+    # Layer-pages (page ids x cache layers each) at the peak: under half of all-full's.
+    assert grouped_peak * grouped.num_cache_layers * 2 < full_peak * full.num_cache_layers
+
+
+def test_gpt_oss_shaped_checkpoint_is_served_from_layer_groups(tmp_path):
+    """Alternating sliding/full layers with sinks: two groups of two cache layers."""
+    write_checkpoint(tmp_path, GPT_OSS, dtype="float32")
+    grouped, grouped_peak, full, full_peak = served_grouped_and_all_full(tmp_path, make_mesh(1, 2))
+    assert grouped.layer_types == (("sliding", 4), ("full",)) * 2
+    assert (grouped.num_cache_layers, grouped.num_groups) == (2, 2)
+    assert grouped_peak * grouped.num_cache_layers < full_peak * full.num_cache_layers
+
+
+def test_pool_sized_per_group():
+    """Per request: 11 pages of 4 for 44 tokens in the full group; a window of 4 with chunks
+    of 8 spans at most 11 positions, 4 pages, in each of the five sliding groups."""
+    arch = models.read_architecture({**GEMMA3, "torch_dtype": "float32"})
+    spec = models.cache_spec(arch, page_size=4, longest=44, max_seqs=2, budget=8)
+    assert models.pages_per_request(spec, 44, 8) == 11 + 5 * 4
+    assert spec.num_pages == 1 + 2 * (11 + 5 * 4)
+    full = models.cache_spec(arch, page_size=4, longest=44, max_seqs=2, budget=8, grouped=False)
+    assert (full.layer_types, full.num_pages) == (None, 1 + 2 * 11)
+    # A window longer than the request: the sliding groups hold the whole request.
+    assert models.pages_per_request(spec, 6, 8) == 2 * 6
+
+
+def test_serve_refuses_a_spec_whose_layer_types_are_not_the_models(tmp_path):
+    write_checkpoint(tmp_path, GEMMA3, dtype="float32")
+    mesh = make_mesh(1, 1)
+    model = models.load_checkpoint(tmp_path, mesh)
+    spec = models.cache_spec(model.arch.with_window(5), page_size=4, longest=8, max_seqs=1, budget=8)
+    requests = [models.Request(0, [1, 2, 3], 2)]
+    with pytest.raises(ValueError, match=r"spec.layer_types=.*'sliding', 5.*differ"):
+        models.serve(model, spec, mesh, requests, max_seqs=1, budget=8)
+    assert (requests[0].tokens, requests[0].computed, requests[0].logits) == ([1, 2, 3], 0, [])
