@@ -282,7 +282,7 @@ def test_zero_new_tokens_returns_the_prompt_rows_only(tmp_path):
 # -- layer groups: a mixed model served from one pool of KV-cache groups ---------------------
 
 # Long enough that a window of 4 (one page of 4) leaves most of each prompt behind.
-LONG_PROMPTS = [list(range(1, 41)), list(range(50, 75)), [7, 9, 11]]
+LONG_PROMPTS = [list(range(1, 33)), list(range(50, 70)), [7, 9, 11]]
 GEMMA3 = {  # five local layers per global one (sliding_window_pattern 6, the config default)
     **SMALL,
     "model_type": "gemma3_text",
