@@ -365,7 +365,9 @@ def test_serve_refuses_a_spec_whose_layer_types_are_not_the_models(tmp_path):
     write_checkpoint(tmp_path, GEMMA3, dtype="float32")
     mesh = make_mesh(1, 1)
     model = models.load_checkpoint(tmp_path, mesh)
-    spec = models.cache_spec(model.arch.with_window(5), page_size=4, longest=8, max_seqs=1, budget=8)
+    spec = models.cache_spec(
+        model.arch.with_window(5), page_size=4, longest=8, max_seqs=1, budget=8
+    )
     requests = [models.Request(0, [1, 2, 3], 2)]
     with pytest.raises(ValueError, match=r"spec.layer_types=.*'sliding', 5.*differ"):
         models.serve(model, spec, mesh, requests, max_seqs=1, budget=8)

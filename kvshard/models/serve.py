@@ -79,9 +79,8 @@ def pages_per_request(spec: kvshard.CacheSpec, longest: int, max_new_tokens: int
     full = -(-longest // spec.page_size)
     total = 0
     for kind in spec.groups.group_types:
-        if kind[0] == "sliding":
-            window = int(kind[1])
-            bound = sliding_window_pages(window, spec.page_size, max_new_tokens)
+        if len(kind) == 2 and kind[0] == "sliding":
+            bound = sliding_window_pages(kind[1], spec.page_size, max_new_tokens)
             total += min(bound, full)
         else:
             total += full
