@@ -584,7 +584,7 @@ def test_traced_sinks_match_the_oracle_and_minus_inf_is_no_sink():
 
 
 def test_sinks_are_refused_on_pallas_and_checked_before_anything_runs():
-    case = new_case((1, 8), 2)
+    case = new_case((1, 8), 2, kv_layout="interleaved")  # the layout pallas reads
     step = run_step(case, [[(0, 3)]])
     q = queries(case, 8)
     attend = lambda sinks, **kw: kvshard.attention(
