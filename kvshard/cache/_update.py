@@ -430,9 +430,9 @@ def update(
     Slice ``i < num_slices`` copies tokens ``[new_kv_start, new_kv_start + slice_len)`` of
     ``k``/``v`` to slots ``[kv_cache_start, kv_cache_start + slice_len)`` of layer ``layer`` (on
     every head, in its pool): :func:`kvshard.reference.kv_cache_update` on the combined layout.
-    Each device pads, interleaves and (when replicating) picks its own heads of k/v, then runs
-    the backend on its own block; no device communicates with another except to receive its
-    heads of k/v.
+    Each device builds the rows of ``spec.kv_layout`` (pads, and interleaves or packs K and V)
+    and (when replicating) picks its own heads of k/v, then runs the backend on its own block;
+    no device communicates with another except to receive its heads of k/v.
 
     Args:
       cache: DONATED when called eagerly: ``cache.kv`` is deleted afterwards; use the result.
