@@ -9,9 +9,11 @@ Vocabulary (the same as docs/layout.md):
   axis that shards pages (data-parallel attention, one page pool per group).
 * replication ``r``: how many copies of each KV head the cache holds, so that every one of the
   ``tp`` devices holds whole heads (``r = 1`` when ``tp`` divides the number of KV heads).
-* combined heads: K and V interleaved per (replicated) head; combined head ``2h`` is K of head
-  ``h`` and ``2h + 1`` is V of head ``h``, so a device's contiguous block holds both K and V of
-  its own heads.
+* layout (``CacheSpec.kv_layout``): how a head's K and V sit on the last two axes.
+  "interleaved": combined head ``2h`` is K of head ``h`` and ``2h + 1`` is V, each row
+  ``head_dim`` padded to 128 lanes. "packed": one row per head, K in lanes ``[0, head_dim)``
+  and V in ``[head_dim, 2·head_dim)``, the row padded to 128 lanes (head_dim 64: no padding).
+  Either way a device's contiguous block of the head axis holds both K and V of its own heads.
 
 Over 400 lines because CacheSpec and every rule it validates (sizes, dtypes, scale bounds,
 head splits) live together: the planner and the cache read one definition of each.
@@ -29,6 +31,7 @@ import numpy as np
 from kvshard._layer_types import FULL, CacheGroups, cache_groups, check_layer_types
 
 __all__ = [
+    "KV_LAYOUTS",
     "LANES",
     "QUANTIZED_DTYPES",
     "SUPPORTED_DTYPES",
@@ -53,6 +56,9 @@ FLOAT8_DTYPES = ("float8_e4m3fn", "float8_e5m2")
 
 # The Pallas kernel DMAs whole (8, 128) tiles: head_dim is padded to the lane width.
 LANES = 128
+# How a head's K and V sit on the cache's last two axes (see CacheSpec.kv_layout).
+KV_LAYOUTS = ("interleaved", "packed")
+
 # Bits in a 32-bit TPU sublane word: sub-32-bit dtypes pack 32 // bits rows into one.
 SUBLANE_BITS = 32
 
@@ -283,12 +289,21 @@ class CacheSpec:
         table per group (:attr:`groups`, vLLM's KV-cache groups), so the stacked cache holds
         :attr:`num_cache_layers` cache layers, not ``num_layers``: layer ``l`` lives in cache
         layer ``groups.layer_slot[l]`` of the pages of group ``groups.layer_group[l]``.
+      kv_layout: how a head's K and V sit on the cache's last two axes (docs/layout.md):
+        "interleaved": two rows per head (K, then V), each ``head_dim`` padded to 128 lanes;
+        the layout JAX's ragged paged attention kernel reads (``backend="pallas"``).
+        "packed": one row per head, K in lanes ``[0, head_dim)`` and V in
+        ``[head_dim, 2·head_dim)``, the row padded to a multiple of 128 lanes (tpu-inference's
+        layout for head_dim 64): half the bytes of "interleaved" at head_dim 64; attention
+        reads it with the xla backend only. None (the default): "packed" when
+        ``2 * head_dim <= 128`` (so head_dim 64 spends no lane on padding), else
+        "interleaved".
 
     Raises:
       ValueError: a non-positive size, an unsupported dtype, int8 without both scales, a
         float8 dtype with only one, a scale on a float dtype, a scale that is not a
-        positive finite number inside :func:`scale_bounds`, or ``layer_types`` not one valid
-        type per layer.
+        positive finite number inside :func:`scale_bounds`, ``layer_types`` not one valid
+        type per layer, or an unknown ``kv_layout``.
     """
 
     num_layers: int
@@ -302,6 +317,7 @@ class CacheSpec:
     # Any: the constructor takes lists too (and callers spread **scales dicts); stored as
     # tuple[LayerType, ...] | None.
     layer_types: Any = None
+    kv_layout: str | None = None
 
     def __post_init__(self) -> None:
         for field in ("num_layers", "num_kv_heads", "head_dim", "page_size", "num_pages"):
@@ -316,6 +332,13 @@ class CacheSpec:
                 raise ValueError(f"CacheSpec.{err}") from None
             object.__setattr__(self, "layer_types", None if set(types) == {FULL} else types)
         object.__setattr__(self, "dtype", canonical_dtype(self.dtype))
+        if self.kv_layout is None:
+            packed = 2 * self.head_dim <= LANES
+            object.__setattr__(self, "kv_layout", "packed" if packed else "interleaved")
+        elif self.kv_layout not in KV_LAYOUTS:
+            raise ValueError(
+                f"CacheSpec.kv_layout={self.kv_layout!r} must be None or one of {KV_LAYOUTS}"
+            )
         for field in ("k_scale", "v_scale"):
             scale = check_scale(f"CacheSpec.{field}", getattr(self, field), self.dtype)
             object.__setattr__(self, field, scale)
@@ -385,9 +408,27 @@ class CacheSpec:
     # -- shapes -----------------------------------------------------------------------------
 
     @property
+    def packed(self) -> bool:
+        """True for the "packed" layout: K and V of a head share one row."""
+        return self.kv_layout == "packed"
+
+    @property
+    def rows_per_head(self) -> int:
+        """Rows of the head axis one head takes: 2 (interleaved: K, V) or 1 (packed)."""
+        return 1 if self.packed else 2
+
+    @property
+    def row_dim(self) -> int:
+        """Lanes of a row that hold values: ``head_dim`` (interleaved), ``2 * head_dim``
+        (packed: K then V)."""
+        return self.head_dim * (2 if self.packed else 1)
+
+    @property
     def padded_head_dim(self) -> int:
-        """``head_dim`` rounded up to a multiple of 128 (the kernel's lane width)."""
-        return round_up(self.head_dim, LANES)
+        """The last axis of the cache: :attr:`row_dim` rounded up to a multiple of 128 (the
+        kernels' lane width): ``round_up(head_dim, 128)`` interleaved,
+        ``round_up(2 * head_dim, 128)`` packed."""
+        return round_up(self.row_dim, LANES)
 
     @property
     def slots_per_pool(self) -> int:
@@ -399,20 +440,22 @@ class CacheSpec:
         return check_tensor_parallel(self.num_kv_heads, tp)
 
     def combined_heads(self, tp: int = 1) -> int:
-        """Global combined (K, V interleaved) heads after replication: ``2 * max(H, tp)``."""
-        return 2 * self.num_kv_heads * self.replication(tp)
+        """Rows of the head axis after replication: ``rows_per_head * H * r`` (interleaved:
+        K and V rows of every replicated head; packed: one K|V row each)."""
+        return self.rows_per_head * self.num_kv_heads * self.replication(tp)
 
     def heads_per_device(self, tp: int = 1) -> int:
         """Whole KV heads (each with its K and V) one device holds on a ``tp``-way head axis."""
         return self.num_kv_heads * self.replication(tp) // tp
 
     def combined_heads_per_device(self, tp: int = 1) -> int:
-        """Combined heads one device holds: ``2 * heads_per_device(tp)``."""
-        return 2 * self.heads_per_device(tp)
+        """Rows of the head axis one device holds: ``rows_per_head * heads_per_device(tp)``."""
+        return self.rows_per_head * self.heads_per_device(tp)
 
     def global_shape(self, tp: int = 1, dp: int = 1) -> tuple[int, int, int, int]:
-        """Shape of the stacked cache array: [L_cache, dp * num_pages * page_size, 2·H·r, D_pad]
-        (``L_cache``: :attr:`num_cache_layers`)."""
+        """Shape of the stacked cache array: [L_cache, dp * num_pages * page_size, C, D_pad]
+        with L_cache = :attr:`num_cache_layers`, C = :meth:`combined_heads` and D_pad =
+        :attr:`padded_head_dim`."""
         return (
             self.num_cache_layers,
             dp * self.slots_per_pool,
@@ -421,7 +464,7 @@ class CacheSpec:
         )
 
     def local_shape(self, tp: int = 1) -> tuple[int, int, int, int]:
-        """Shape of one device's shard: [L_cache, num_pages * page_size, 2·H·r / tp, D_pad]."""
+        """Shape of one device's shard: [L_cache, num_pages * page_size, C / tp, D_pad]."""
         return (
             self.num_cache_layers,
             self.slots_per_pool,
@@ -434,12 +477,31 @@ class CacheSpec:
     def page_bytes_per_device(self, tp: int = 1) -> int:
         """Bytes of one page of one layer on one device, as laid out in TPU HBM.
 
-        :func:`page_bytes` of the device's combined heads: the combined-head axis is padded to
-        the dtype's sublane packing and head_dim to 128 lanes.
+        :func:`page_bytes` of the device's rows: the head axis is padded to the dtype's
+        sublane packing and each row to 128 lanes. The sum of :meth:`kv_bytes_per_page`,
+        :meth:`lane_padding_bytes_per_page` and :meth:`packing_padding_bytes_per_page`.
         """
         return page_bytes(
-            self.page_size, self.combined_heads_per_device(tp), self.head_dim, self.np_dtype
+            self.page_size, self.combined_heads_per_device(tp), self.row_dim, self.np_dtype
         )
+
+    def kv_bytes_per_page(self, tp: int = 1) -> int:
+        """Bytes of K and V values (every head the device holds, replicas included) in one
+        page of one layer on one device: what is stored, without padding."""
+        return self.page_size * self.heads_per_device(tp) * 2 * self.head_dim * self.bits // 8
+
+    def lane_padding_bytes_per_page(self, tp: int = 1) -> int:
+        """Bytes of one page (one layer, one device) in the lanes past :attr:`row_dim`
+        (head_dim 64 interleaved: half the page; packed: none)."""
+        rows = self.page_size * self.combined_heads_per_device(tp)
+        return rows * (self.padded_head_dim - self.row_dim) * self.bits // 8
+
+    def packing_padding_bytes_per_page(self, tp: int = 1) -> int:
+        """Bytes of one page (one layer, one device) in the rows that pad the head axis to the
+        dtype's sublane packing (e.g. one packed bfloat16 head per device: half the page)."""
+        rows = self.page_size * self.combined_heads_per_device(tp)
+        unpacked = rows * self.padded_head_dim * self.bits // 8
+        return self.page_bytes_per_device(tp) - unpacked
 
     def bytes_per_device(self, tp: int = 1, dp: int = 1) -> int:
         """Bytes of the whole stacked cache (all cache layers, all pages of its pool) on one

@@ -107,12 +107,21 @@ def host_tier(
 
 
 def _spec(
-    num_layers: int, num_kv_heads: int, head_dim: int, page_size: int, num_pages: int, dtype: str
+    num_layers: int,
+    num_kv_heads: int,
+    head_dim: int,
+    page_size: int,
+    num_pages: int,
+    dtype: str,
+    kv_layout: str | None = None,
 ) -> CacheSpec:
     """A :class:`CacheSpec` for sizing: a quantized dtype gets unit scales (the spec requires
     scales; they change no byte count)."""
     scales = {"k_scale": 1.0, "v_scale": 1.0} if needs_scales(dtype) else {}
-    return CacheSpec(num_layers, num_kv_heads, head_dim, page_size, num_pages, dtype, **scales)
+    return CacheSpec(
+        num_layers, num_kv_heads, head_dim, page_size, num_pages, dtype, **scales,
+        kv_layout=kv_layout,
+    )  # fmt: skip
 
 
 def _tokens_per_group(page_bytes: int, budget: int, page_size: int) -> int:
@@ -138,8 +147,13 @@ def make_plan(
     num_q_heads: int | None = None,
     host_memory: int | None = None,
     devices_per_host: int | None = None,
+    kv_layout: str | None = None,
 ) -> dict[str, Any]:
     """Returns the plan as a JSON-ready dict (all byte counts are per device).
+
+    ``kv_layout`` (None: :class:`CacheSpec`'s automatic choice, "packed" for head_dim <= 64)
+    is the cache's row layout; the plan's ``interleaved`` entry compares a packed plan's
+    pages with the "interleaved" layout's (each head_dim padded to 128 lanes).
 
     ``layer_types`` (None: every layer full, or ``sliding_window`` on every layer) gives each
     layer's attention type (:data:`kvshard._layer_types.LayerType`); for a mix of types, or
@@ -175,7 +189,7 @@ def make_plan(
         sliding_window = uniform_window(types)
         if len(group_layers(types)) == 1 and types[0][0] != "chunked":
             types = None  # uniform: the plan's own rows (and its sliding_window row) say it all
-    one = _spec(num_layers, num_kv_heads, head_dim, page_size, 1, dtype)
+    one = _spec(num_layers, num_kv_heads, head_dim, page_size, 1, dtype, kv_layout)
     page_bytes_layer = one.page_bytes_per_device(tp)
     page_bytes = one.bytes_per_device(tp, dp)  # one page id, every layer
     num_pages = hbm_per_device // page_bytes
@@ -190,20 +204,18 @@ def make_plan(
     cache_bytes = spec.bytes_per_device(tp, dp)
     usable = num_pages - 1
 
-    # Where the bytes of the usable pages go: stored = distinct K/V + replicas + head_dim
-    # padding + packing padding. Every term is exact except the distinct/replica split, which
-    # rounds down (a device may hold a fraction of a head's "distinct" share).
-    rows = num_layers * usable * page_size  # token-slot rows of the usable pages, all layers
-    item = spec.np_dtype.itemsize
+    # Where the bytes of the usable pages go: stored = distinct K/V + replicas + lane
+    # padding + packing padding, each from the spec's own per-page counts. Every term is exact
+    # except the distinct/replica split, which rounds down (a device may hold a fraction of a
+    # head's "distinct" share).
+    layer_pages = num_layers * usable  # (layer, page) blocks of the usable pages
     combined = spec.combined_heads_per_device(tp)
-    stored = usable * page_bytes
-    unpacked = rows * combined * spec.padded_head_dim * item
-    unpadded = rows * combined * head_dim * item
-    lane_padding = page_size * combined * (spec.padded_head_dim - head_dim) * item
+    lane_padding = spec.lane_padding_bytes_per_page(tp)
+    unpadded = layer_pages * spec.kv_bytes_per_page(tp)
     distinct = unpadded // replication
     waste = {
-        "head_dim_padding": unpacked - unpadded,
-        "dtype_packing": stored - unpacked,
+        "head_dim_padding": layer_pages * lane_padding,
+        "dtype_packing": layer_pages * spec.packing_padding_bytes_per_page(tp),
         "head_replication": unpadded - distinct,
         "null_page": page_bytes,
         "budget_remainder": hbm_per_device - cache_bytes,
@@ -250,6 +262,18 @@ def make_plan(
         num_layers, num_kv_heads, head_dim, page_size, 1, "bfloat16"
     ).bytes_per_device(tp, dp)
     bf16_tokens = _tokens_per_group(bf16_page_bytes, hbm_per_device, page_size)
+    interleaved = None
+    if spec.packed:  # what the same budget holds with each head_dim padded to 128 lanes
+        wide = dataclasses.replace(one, kv_layout="interleaved")
+        wide_tokens = _tokens_per_group(wide.bytes_per_device(tp, dp), hbm_per_device, page_size)
+        interleaved = {
+            "page_bytes_per_layer": wide.page_bytes_per_device(tp),
+            "page_bytes": wide.bytes_per_device(tp, dp),
+            "lane_padding_bytes_per_page_layer": wide.lane_padding_bytes_per_page(tp),
+            "saved_bytes_per_page": wide.bytes_per_device(tp, dp) - page_bytes,
+            "tokens_per_group": wide_tokens,
+            "capacity_vs_interleaved": usable * page_size / wide_tokens if wide_tokens else None,
+        }
     host = None
     if host_memory is not None:
         host = host_tier(
@@ -278,10 +302,14 @@ def make_plan(
         "combined_heads_per_device": combined,
         "packing": spec.packing,
         "packed_rows_per_device": round_up(combined, spec.packing),
+        "kv_layout": spec.kv_layout,
+        "row_dim": spec.row_dim,
         "padded_head_dim": spec.padded_head_dim,
         # Bytes of each page spent on the lanes past head_dim (head_dim 64 stored in 128).
         "lane_padding_bytes_per_page_layer": lane_padding,
         "lane_padding_bytes_per_page": num_layers * lane_padding,
+        "padding_bytes_per_page_layer": lane_padding + spec.packing_padding_bytes_per_page(tp),
+        "interleaved": interleaved,
         "local_shape": list(spec.local_shape(tp)),
         "global_shape": list(spec.global_shape(tp, dp)),
         "page_bytes_per_layer": page_bytes_layer,
@@ -354,19 +382,21 @@ def format_plan(plan: dict[str, Any]) -> str:
                     else []
                 ),
                 (
-                    "combined K/V rows per slot",
+                    f"{p.get('kv_layout', 'interleaved')} K/V rows per slot",
                     f"{p['combined_heads_per_device']}",
                     f"stored as {p['packed_rows_per_device']} (packing {p['packing']} for "
                     f"{p['dtype']})",
                 ),
-                ("head_dim", f"{p['head_dim']}", f"stored as {p['padded_head_dim']}"),
+                _row_lanes(p),
+                *_packed_rows(p),
                 *(
                     [
                         (
                             "lane padding per page, 1 layer",
                             f"{p['lane_padding_bytes_per_page_layer']:,}",
                             f"{_percent(p, 'lane_padding_bytes_per_page_layer')} of each page "
-                            f"(lanes {p['head_dim']}..{p['padded_head_dim'] - 1}); "
+                            f"(lanes {p.get('row_dim', p['head_dim'])}.."
+                            f"{p['padded_head_dim'] - 1}); "
                             f"{p['lane_padding_bytes_per_page']:,} of a page id, {L} layers",
                         )
                     ]
@@ -431,8 +461,13 @@ def format_plan(plan: dict[str, Any]) -> str:
         )
     if p.get("layer_groups"):
         sections.append(format_groups(p))
+    padding = (
+        f"row padding (K|V {p['row_dim']} -> {p['padded_head_dim']} lanes)"
+        if p.get("kv_layout") == "packed"
+        else f"head_dim padding ({p['head_dim']} -> {p['padded_head_dim']})"
+    )
     labels = {
-        "head_dim_padding": f"head_dim padding ({p['head_dim']} -> {p['padded_head_dim']})",
+        "head_dim_padding": padding,
         "dtype_packing": (
             f"dtype packing ({p['combined_heads_per_device']} -> "
             f"{p['packed_rows_per_device']} rows)"
@@ -466,6 +501,41 @@ def format_plan(plan: dict[str, Any]) -> str:
     for note in p.get("notes", ()):
         lines += ["", f"note: {note}"]
     return "\n".join(lines)
+
+
+def _row_lanes(p: dict[str, Any]) -> tuple[str, str, str]:
+    """The head_dim row: how a head's K and V sit in the lanes."""
+    if p.get("kv_layout") == "packed":
+        d = p["head_dim"]
+        return (
+            "head_dim",
+            f"{d}",
+            f"K|V of a head in one row: K lanes 0..{d - 1}, V lanes {d}..{2 * d - 1}, "
+            f"stored as {p['padded_head_dim']}",
+        )
+    return ("head_dim", f"{p['head_dim']}", f"stored as {p['padded_head_dim']}")
+
+
+def _packed_rows(p: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """The packed layout's saving against padding each head_dim to 128 lanes (interleaved)."""
+    w = p.get("interleaved")
+    if not w:
+        return []
+    gain = w["capacity_vs_interleaved"]
+    return [
+        (
+            "padding bytes per page, 1 layer",
+            f"{p['padding_bytes_per_page_layer']:,}",
+            f"interleaved (each head_dim padded to 128 lanes): "
+            f"{w['lane_padding_bytes_per_page_layer']:,} of {w['page_bytes_per_layer']:,}",
+        ),
+        (
+            f"saved per page, {p['num_layers']} layers",
+            f"{w['saved_bytes_per_page']:,}",
+            f"{w['page_bytes']:,} -> {p['page_bytes']:,} bytes; "
+            + (f"x{gain:.2f} the tokens of interleaved" if gain else "interleaved: < 2 pages"),
+        ),
+    ]
 
 
 def _percent(p: dict[str, Any], key: str) -> str:

@@ -37,6 +37,7 @@ from typing import NoReturn
 from kvshard._config import PRESETS, ConfigError, ModelGeometry, preset_config, read_model_config
 from kvshard._layer_types import LayerType
 from kvshard._layout import (
+    KV_LAYOUTS,
     SUPPORTED_DTYPES,
     canonical_dtype,
     check_query_heads,
@@ -274,6 +275,13 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         "per-layer attention types",
     )
     plan.add_argument(
+        "--kv-layout",
+        choices=KV_LAYOUTS,
+        help="how a head's K and V sit in the cache's rows (default: packed when 2 x head_dim "
+        "<= 128, else interleaved): packed keeps head_dim 64 without lane padding; "
+        "interleaved is what the pallas attention backend reads",
+    )
+    plan.add_argument(
         "--page-size",
         type=_arg_type(_positive_int, "int"),
         default=32,
@@ -467,6 +475,7 @@ def _run_plan(args: argparse.Namespace, plan_parser: argparse.ArgumentParser) ->
             num_q_heads=q_heads or None,
             host_memory=args.host_memory,
             devices_per_host=args.devices_per_host,
+            kv_layout=args.kv_layout,
         )
     except BudgetTooSmall as err:
         plan_parser.error(f"argument --hbm-per-device: {err}")

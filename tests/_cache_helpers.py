@@ -14,6 +14,8 @@ Everything runs on the 8 simulated CPU devices of conftest.py.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import numpy as np
 from jax.sharding import AxisType
@@ -61,14 +63,19 @@ class Oracle:
                 )
 
     def raw(self, replication):
-        """The expected stacked combined array [L, G·slots, 2·H·r, D_pad]."""
+        """The expected stacked array [L, G·slots, C, D_pad], written out from the layout's
+        definition (docs/layout.md): interleaved rows K_j, V_j each padded to 128 lanes, or
+        packed rows K_j|V_j padded to 128 lanes."""
         spec = self.spec
         k, v = (np.repeat(x, replication, axis=-2) for x in (self.k, self.v))
-        both = np.stack([k, v], axis=-2)  # [L, G, S, H·r, 2, D]
-        shape = (spec.num_layers, -1, 2 * spec.num_kv_heads * replication, spec.head_dim)
-        combined = both.reshape(shape)
-        pad = spec.padded_head_dim - spec.head_dim
-        return np.pad(combined, [(0, 0), (0, 0), (0, 0), (0, pad)])
+        if spec.kv_layout == "packed":
+            rows = np.concatenate([k, v], axis=-1)  # [L, G, S, H·r, 2·D]: K lanes, then V
+        else:
+            both = np.stack([k, v], axis=-2)  # [L, G, S, H·r, 2, D]
+            rows = both.reshape(*both.shape[:-3], -1, spec.head_dim)  # K_j, V_j alternate
+        rows = rows.reshape(spec.num_layers, -1, *rows.shape[-2:])
+        pad = -rows.shape[-1] % 128
+        return np.pad(rows, [(0, 0), (0, 0), (0, 0), (0, pad)])
 
 
 def read_all(cache: KVCache, layer):
@@ -128,8 +135,12 @@ MARKED_BAD_LAYERS = [
 ]
 
 
-def page_marked_cache(mesh, *, page_axis=None, groups=1):
-    cache = init_cache(MARKED_SPEC, mesh, head_axis="model", page_axis=page_axis)
+def page_marked_cache(mesh, *, page_axis=None, groups=1, kv_layout=None):
+    """MARKED_SPEC's cache (its default layout, packed at head_dim 8, or ``kv_layout``)."""
+    spec = (
+        MARKED_SPEC if kv_layout is None else dataclasses.replace(MARKED_SPEC, kv_layout=kv_layout)
+    )
+    cache = init_cache(spec, mesh, head_axis="model", page_axis=page_axis)
     slots = np.arange(MARKED_SLOTS)
     slices = np.stack([slots, slots, np.ones_like(slots)]).astype(np.int32)
     for layer in range(MARKED_SPEC.num_layers):

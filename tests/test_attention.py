@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import re
+import types
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +36,7 @@ from kvshard import reference
 # The documented test hook of the pallas backend: the operands it hands JAX's kernel.
 from kvshard._attention.pallas import pallas_operands, pallas_output
 from kvshard._attention.params import Statics
+from kvshard._platform import resolve_attention_backend
 
 PAGE, PAGES, WIDTH, DIM = 4, 24, 6, 64
 TOL = {"float32": 2e-5, "bfloat16": 3e-2, "int8": 2e-5}
@@ -61,16 +63,29 @@ class Case:
         return self.cache.page_axis is not None
 
 
-def new_case(mesh_shape, num_kv_heads, dtype="float32", *, page_axis=False, seed=0, max_requests=4):
+def new_case(
+    mesh_shape,
+    num_kv_heads,
+    dtype="float32",
+    *,
+    page_axis=False,
+    seed=0,
+    max_requests=4,
+    kv_layout=None,
+    head_dim=DIM,
+):
+    """kv_layout None: the spec's default, "packed" at DIM = 64 (the pallas backend's cases
+    pass "interleaved", the layout JAX's kernel reads)."""
     mesh = make_mesh(mesh_shape)
     scales = {"k_scale": INT8_SCALE, "v_scale": INT8_SCALE} if dtype == "int8" else {}
     spec = kvshard.CacheSpec(
         num_layers=2,
         num_kv_heads=num_kv_heads,
-        head_dim=DIM,
+        head_dim=head_dim,
         page_size=PAGE,
         num_pages=PAGES,
         dtype=dtype,
+        kv_layout=kv_layout,
         **scales,
     )
     cache = kvshard.init_cache(spec, mesh, page_axis="data" if page_axis else None)
@@ -95,8 +110,9 @@ def run_step(case: Case, batches, *, layer=1, tokens=16, seqs=4):
                 case.allocs[g], ids, counts, rows=rows, num_tokens_padded=tokens, max_num_seqs=seqs
             )
         )
-        k = case.rng.standard_normal((tokens, spec.num_kv_heads, DIM)).astype(np.float32)
-        v = case.rng.standard_normal((tokens, spec.num_kv_heads, DIM)).astype(np.float32)
+        shape = (tokens, spec.num_kv_heads, spec.head_dim)
+        k = case.rng.standard_normal(shape).astype(np.float32)
+        v = case.rng.standard_normal(shape).astype(np.float32)
         # What the cache holds is the cast value: the oracle must see the same numbers.
         k, v = (stored(x, spec) for x in (k, v))
         offset = 0
@@ -147,7 +163,8 @@ def oracle(case: Case, q, **kw):
 
 def queries(case: Case, q_heads, tokens=16, dtype=np.float32):
     lead = (case.cache.dp,) if case.pooled else ()
-    return case.rng.standard_normal((*lead, tokens, q_heads, DIM)).astype(dtype)
+    shape = (*lead, tokens, q_heads, case.cache.spec.head_dim)
+    return case.rng.standard_normal(shape).astype(dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -207,7 +224,10 @@ def test_xla_matches_oracle_and_unseen_slots_cannot_reach_it(layout, dtype, data
     bit for bit the clean run's, and (no window, no sinks) the pallas operands through JAX's
     reference give the oracle's."""
     mesh_shape, kv_heads, q_heads, page_axis = layout
-    case = new_case(mesh_shape, kv_heads, dtype, page_axis=page_axis, max_requests=5)
+    kv_layout = data.draw(st.sampled_from(["interleaved", "packed"]))
+    case = new_case(
+        mesh_shape, kv_heads, dtype, page_axis=page_axis, max_requests=5, kv_layout=kv_layout
+    )
     drawn = data.draw(batches(case.cache.dp))
     # A request holding pages but not in the step: another request's pages, to be poisoned.
     run_step(case, [[(9, data.draw(st.integers(1, 8)))]] * case.cache.dp)
@@ -249,7 +269,8 @@ def test_xla_matches_oracle_and_unseen_slots_cannot_reach_it(layout, dtype, data
     dirty = np.asarray(attend().astype(jnp.float32))
     clean = np.asarray(got.astype(jnp.float32))
     np.testing.assert_array_equal(dirty.view(np.uint32), clean.view(np.uint32))
-    if window is None and not with_sinks:  # JAX's kernel: no sinks; windows: the xfail below
+    # JAX's kernel: no sinks, interleaved rows only; windows: the xfail below.
+    if window is None and not with_sinks and kv_layout == "interleaved":
         got = pallas_via_reference(case, q, step, 1, **kw)
         np.testing.assert_allclose(got, want, atol=TOL[dtype])
 
@@ -308,7 +329,7 @@ def pallas_via_reference(case: Case, q, step, layer, **kw):
 @pytest.mark.parametrize(("window", "soft_cap"), [(None, None), (5, 3.0)])
 def test_pallas_operands_through_reference_kernel(layout, window, soft_cap):
     mesh_shape, kv_heads, q_heads, page_axis = layout
-    case = new_case(mesh_shape, kv_heads, page_axis=page_axis, seed=1)
+    case = new_case(mesh_shape, kv_heads, page_axis=page_axis, seed=1, kv_layout="interleaved")
     run_step(case, [[(0, 9), (1, 3)]] * case.cache.dp, layer=0)
     step = run_step(case, [[(0, 1), (1, 6), (2, 5)]] * case.cache.dp, layer=0)
     # NaN/inf in every slot outside the requests' [0, kv_len): past kv_len in last pages,
@@ -440,7 +461,7 @@ def poison_unseen(case: Case, visible: list[set[int]], layer=1) -> None:
     "past kv_len: a NaN before a sliding window, inside kv_len, reaches its softmax",
 )
 def test_pallas_operands_with_nan_before_the_window_through_reference():
-    case = new_case((1, 8), 2)
+    case = new_case((1, 8), 2, kv_layout="interleaved")
     run_step(case, [[(0, 14)]])
     step = run_step(case, [[(0, 1)]])  # position 14 sees (8, 14]: positions 0..8 hold NaN
     poison_unseen(case, visible_slots(case, 6))
@@ -509,8 +530,9 @@ def test_attention_under_jit_and_scan_with_traced_layer():
         np.testing.assert_allclose(out[layer], np.asarray(want), atol=1e-6)
 
 
-def test_traced_bad_metadata_is_dropped_identically_on_both_backends():
-    case = new_case((1, 8), 2)
+@pytest.mark.parametrize("kv_layout", ["interleaved", "packed"])
+def test_traced_bad_metadata_is_dropped_identically_on_both_backends(kv_layout):
+    case = new_case((1, 8), 2, kv_layout=kv_layout)
     run_step(case, [[(0, 6), (1, 5), (2, 3)]])
     step = run_step(case, [[(0, 3), (1, 2), (2, 1)]])
     q = queries(case, 8)
@@ -525,13 +547,15 @@ def test_traced_bad_metadata_is_dropped_identically_on_both_backends():
     # after it) are dropped.
     np.testing.assert_allclose(got[:3], good[:3], atol=2e-5)
     assert not got[3:].any()
-    via_ref = pallas_via_reference(case, q, broken, 1, **kw)
-    np.testing.assert_array_equal(via_ref[3:], 0)
-    np.testing.assert_allclose(via_ref[:3], good[:3], atol=2e-5)
+    pallas = kv_layout == "interleaved"  # JAX's kernel reads interleaved rows only
+    if pallas:
+        via_ref = pallas_via_reference(case, q, broken, 1, **kw)
+        np.testing.assert_array_equal(via_ref[3:], 0)
+        np.testing.assert_allclose(via_ref[:3], good[:3], atol=2e-5)
     for layer in (-1, 2, 2**31 - 1):
         out = run(q, case.cache, jnp.int32(layer), step)
         assert not np.asarray(out).any(), f"layer {layer} must read nothing"
-        assert not pallas_via_reference(case, q, step, layer, **kw).any()
+        assert not pallas or not pallas_via_reference(case, q, step, layer, **kw).any()
 
 
 # --------------------------------------------------------------------------------------------
@@ -560,7 +584,7 @@ def test_traced_sinks_match_the_oracle_and_minus_inf_is_no_sink():
 
 
 def test_sinks_are_refused_on_pallas_and_checked_before_anything_runs():
-    case = new_case((1, 8), 2)
+    case = new_case((1, 8), 2, kv_layout="interleaved")  # the layout pallas reads
     step = run_step(case, [[(0, 3)]])
     q = queries(case, 8)
     attend = lambda sinks, **kw: kvshard.attention(
@@ -584,6 +608,104 @@ def test_sinks_are_refused_on_pallas_and_checked_before_anything_runs():
             with pytest.raises(ValueError, match=rf"sinks\[3\]={bad} must be finite or -inf"):
                 attend(sinks)
     assert log.count("_read") == 0, log.messages
+
+
+# --------------------------------------------------------------------------------------------
+# The packed layout (issue 21): K|V of a head in one row; the xla backend reads it
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kv_layout", ["interleaved", "packed"])
+@pytest.mark.parametrize("head_dim", [32, 64])
+def test_small_head_dims_match_the_oracle_in_both_layouts(head_dim, kv_layout):
+    """head_dim 32 packs K and V into 64 of a row's 128 lanes, 64 into all of them."""
+    case = new_case((2, 4), 4, page_axis=True, kv_layout=kv_layout, head_dim=head_dim)
+    assert case.cache.kv.shape[-2:] == ((4, 128) if kv_layout == "packed" else (8, 128))
+    run_step(case, [[(0, 7), (1, 2)], [(0, 5)]])
+    step = run_step(case, [[(0, 4), (1, 1)], [(0, 1), (1, 3)]])
+    q = queries(case, 16)
+    kw = {"sm_scale": head_dim**-0.5, "sliding_window": 6, "soft_cap": 3.0}
+    got = kvshard.attention(case.cache, 1, q, step, **kw)
+    np.testing.assert_allclose(np.asarray(got, np.float64), oracle(case, q, **kw), atol=2e-5)
+
+
+def test_pallas_refuses_a_packed_cache_naming_the_fallback_and_auto_picks_xla():
+    case = new_case((1, 8), 2)
+    assert case.cache.spec.kv_layout == "packed"  # the default at head_dim 64
+    step = run_step(case, [[(0, 3)]])
+    q = queries(case, 8)
+    message = r"backend='pallas' cannot read a kv_layout='packed' cache.*kv_layout='interleaved'"
+    with compile_log() as log, pytest.raises(NotImplementedError, match=message):
+        kvshard.attention(case.cache, 0, q, step, sm_scale=0.1, backend="pallas")
+    assert log.count("_read") == 0, log.messages
+    fields = [jnp.asarray(getattr(step, f)) for f in ("page_indices", "kv_lens", "cu_q_lens")]
+    with pytest.raises(NotImplementedError, match=message):  # the kernel's operands too
+        pallas_operands(
+            case.cache.kv.addressable_shards[0].data,
+            jnp.int32(0),
+            jnp.asarray(q[:, :1]),
+            *fields,
+            jnp.asarray(step.num_seqs),
+            statics=Statics(case.cache.spec, 0.1, None, None),
+        )
+
+    # "auto" on a TPU mesh: pallas for an interleaved cache, xla for a packed one.
+    class Tpu:
+        platform = "tpu"
+
+    def on_tpu(spec):
+        return types.SimpleNamespace(spec=spec, mesh=types.SimpleNamespace(devices=np.array([Tpu])))
+
+    packed = case.cache.spec
+    interleaved = dataclasses.replace(packed, kv_layout="interleaved")
+    assert resolve_attention_backend(on_tpu(packed), "auto") == "xla"
+    assert resolve_attention_backend(on_tpu(interleaved), "auto") == "pallas"
+    with pytest.raises(NotImplementedError, match=message):
+        resolve_attention_backend(on_tpu(packed), "pallas")
+
+
+def test_packed_xla_attention_exports_for_tpu():
+    """The packed layout's xla read lowers for TPU too: a gather of the pages' [H, 128] rows
+    and lane slices, nothing copying the cache (the update beside it: the Pallas kernel)."""
+    mesh = make_mesh((1, 8))
+    spec = kvshard.CacheSpec(
+        num_layers=3, num_kv_heads=8, head_dim=64, page_size=16, num_pages=64, dtype="bfloat16"
+    )
+    assert spec.kv_layout == "packed"
+    cache = kvshard.abstract_cache(spec, mesh, platform="tpu")
+    alloc = kvshard.PageAllocator(64, 16, max_requests=8, max_pages_per_request=8)
+    alloc.allocate_batch([0, 1], [20, 3])
+    step = jax.tree.map(jnp.asarray, kvshard.build_step(alloc, [0, 1], [20, 3]))
+    tokens = step.num_tokens_padded
+
+    def serve(cache, q, k, step):
+        def layer(cache, i):
+            options = kvshard.BackendOptions(interpret=False)
+            cache = kvshard.update(cache, i, k, k, step, backend="pallas", options=options)
+            return cache, kvshard.attention(cache, i, q, step, sm_scale=0.1)
+
+        return jax.lax.scan(layer, cache, jnp.arange(spec.num_layers))
+
+    q = jnp.zeros((tokens, 16, 64), jnp.bfloat16)
+    k = jnp.zeros((tokens, 8, 64), jnp.bfloat16)
+    exported = jax.export.export(jax.jit(serve, donate_argnums=0), platforms=["tpu"])(
+        cache, q, k, step
+    )
+    text = exported.mlir_module()
+    assert "ragged_paged_attention" not in text and "tpu_custom_call" in text  # the update
+    assert "tf.aliasing_output = 0" in text
+    # Per device the block is [3, 1024, 1, 128]: K|V of one head in one 128-lane row.
+    block = "tensor<3x1024x1x128xbf16>"
+    assert block in text
+    ops = set()
+    for line in text.splitlines():
+        result = line.split("->")[-1] if "->" in line else ""
+        if block in result:
+            match = re.search(r"=\s*\"?([\w.]+)", line)
+            if match:
+                ops.add(match.group(1))
+    allowed = ("stablehlo.reshape", "stablehlo.custom_call", "stablehlo.while", "func.call")
+    assert ops and all(op.startswith(allowed) for op in ops), ops
 
 
 # --------------------------------------------------------------------------------------------

@@ -40,7 +40,10 @@ PALLAS = kvshard.BackendOptions(attention_kernel=dense_kernel)
 def serve(layer_types, mesh_shape=(1, 2), *, pools=None, backend="xla", null_page=None):
     """Runs STEPS over every layer (update, then attention, layer by layer in a Python loop)
     on a NaN-filled cache; asserts each output equals the oracle, padding rows zero."""
-    spec = grouped_spec(layer_types)
+    # JAX's kernel (the pallas backend) reads the interleaved layout only.
+    spec = grouped_spec(
+        layer_types, **({"kv_layout": "interleaved"} if backend == "pallas" else {})
+    )
     mesh = make_mesh(mesh_shape)
     page_axis = None if pools is None else "data"
     cache = filled(kvshard.init_cache(spec, mesh, page_axis=page_axis), np.nan, null_page)
@@ -122,8 +125,8 @@ def test_lax_scan_over_one_groups_layers_with_a_traced_layer():
 # --------------------------------------------------------------------------------------------
 
 
-def _one_step(layer_types=GEMMA3):
-    spec = grouped_spec(layer_types)
+def _one_step(layer_types=GEMMA3, **spec_fields):
+    spec = grouped_spec(layer_types, **spec_fields)
     cache = kvshard.init_cache(spec, make_mesh((1, 2)))
     history = History(spec, np.random.default_rng(4))
     step, k, v, q = history.step(STEPS[0])
@@ -204,6 +207,6 @@ def test_one_type_per_cache_needs_no_type_for_a_traced_layer():
 
 
 def test_pallas_refuses_chunked_layers_by_name():
-    cache, _, step, q = _one_step(LLAMA4)
+    cache, _, step, q = _one_step(LLAMA4, kv_layout="interleaved")
     with pytest.raises(NotImplementedError, match=r"chunked local attention .*backend='pallas'"):
         kvshard.attention(cache, 0, q[0], step, sm_scale=SCALE, backend="pallas", options=PALLAS)

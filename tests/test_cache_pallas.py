@@ -14,6 +14,8 @@ devices on a 2-core host deadlocked). The 8-device TPU export test only lowers.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -47,17 +49,21 @@ SPEC = small_spec(1, head_dim=64, num_layers=2, num_pages=4)
 
 
 @pytest.mark.usefixtures("small_kernel_blocks")
+@pytest.mark.parametrize("kv_layout", ["interleaved", "packed"])
 @settings(max_examples=4)
 @given(
     st.data(),
     st.lists(st.integers(0, SPEC.num_layers - 1), min_size=1, max_size=2),
     st.integers(0, 2**32 - 1),
 )
-def test_pallas_matches_oracle_and_xla(data, layers, seed):
+def test_pallas_matches_oracle_and_xla(kv_layout, data, layers, seed):
+    """The kernel DMAs slot rows whatever they hold: [2, 128] interleaved rows or one packed
+    [1, 128] K|V row per head."""
+    spec = dataclasses.replace(SPEC, kv_layout=kv_layout)
     mesh = make_mesh((2, 2))
-    pallas = init_cache(SPEC, mesh)
-    xla = init_cache(SPEC, mesh)
-    oracle = Oracle(SPEC, 1)
+    pallas = init_cache(spec, mesh)
+    xla = init_cache(spec, mesh)
+    oracle = Oracle(spec, 1)
     rng = np.random.default_rng(seed)
     for layer in layers:
         slices, num, num_tokens = data.draw(
@@ -69,7 +75,7 @@ def test_pallas_matches_oracle_and_xla(data, layers, seed):
                 fixed_shapes=True,
             )
         )
-        k, v = random_kv(rng, SPEC, num_tokens)
+        k, v = random_kv(rng, spec, num_tokens)
         pallas = update(pallas, layer, k, v, slices, num, backend="pallas")
         xla = update(xla, layer, k, v, slices, num, backend="xla")
         oracle.update(layer, k, v, slices, num, pooled=False)
@@ -129,12 +135,15 @@ def test_pallas_scan_over_layers():
     assert_matches(cache, oracle)
 
 
+@pytest.mark.parametrize("head_dim", [128, 64])  # interleaved; packed (one [8, 128] K|V row)
 @pytest.mark.parametrize("page_axis", [None, "data"])
-def test_sharded_update_lowers_for_tpu(page_axis):
+def test_sharded_update_lowers_for_tpu(page_axis, head_dim):
     """Export for TPU from this CPU host: the per-device body is a Mosaic custom call."""
     spec = CacheSpec(
-        num_layers=4, num_kv_heads=8, head_dim=128, page_size=16, num_pages=32, dtype="bfloat16"
-    )
+        num_layers=4, num_kv_heads=8, head_dim=head_dim, page_size=16, num_pages=32,
+        dtype="bfloat16",
+    )  # fmt: skip
+    assert spec.kv_layout == ("packed" if head_dim == 64 else "interleaved")
     mesh = make_mesh((2, 4))
     # The cache a TPU would hold (native bf16; this CPU mesh's own would store bf16 bits).
     cache = abstract_cache(spec, mesh, page_axis=page_axis, platform="tpu")
@@ -147,8 +156,8 @@ def test_sharded_update_lowers_for_tpu(page_axis):
     args = (
         cache,
         sds((), jnp.int32),
-        sds((*lead, 64, 8, 128), jnp.bfloat16),
-        sds((*lead, 64, 8, 128), jnp.bfloat16),
+        sds((*lead, 64, 8, head_dim), jnp.bfloat16),
+        sds((*lead, 64, 8, head_dim), jnp.bfloat16),
         sds((*lead, 3, 16), jnp.int32),
         sds((*lead, 1), jnp.int32),
     )

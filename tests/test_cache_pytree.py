@@ -36,13 +36,14 @@ from kvshard.cache import KVCache, abstract_cache, check_cache, init_cache, upda
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("kv_layout", ["interleaved", "packed"])
 @pytest.mark.parametrize("page_axis", [None, "data"])
 @pytest.mark.parametrize("shape", MESH_SHAPES)
-def test_init_cache_is_sharded(shape, page_axis):
+def test_init_cache_is_sharded(shape, page_axis, kv_layout):
     mesh = make_mesh(shape)
     dp, tp = (shape[0] if page_axis else 1), shape[1]
     for heads in HEADS:
-        spec = small_spec(heads)
+        spec = small_spec(heads, kv_layout=kv_layout)
         cache = init_cache(spec, mesh, page_axis=page_axis)
         assert cache.tp == tp and cache.dp == dp
         assert cache.kv.shape == spec.global_shape(tp, dp)
@@ -127,13 +128,23 @@ def test_kvcache_properties():
 # --------------------------------------------------------------------------------------------
 
 
-def test_abstract_cache_is_the_shape_of_init_cache():
-    spec, mesh = small_spec(2), make_mesh((2, 4))
+@pytest.mark.parametrize(
+    ("kv_layout", "rows"),
+    [
+        ("interleaved", 8),  # [L, G·pages·page_size, 2·H·r, 128], r = 2
+        ("packed", 4),  # [L, G·pages·page_size, H·r, 128]: K|V of a head (64 + 64) in one row
+        (None, 4),  # head_dim 64: packed by default
+    ],
+)
+def test_abstract_cache_is_the_shape_of_init_cache(kv_layout, rows):
+    spec, mesh = small_spec(2, kv_layout=kv_layout), make_mesh((2, 4))
     abstract = abstract_cache(spec, mesh, page_axis="data")
     assert isinstance(abstract, KVCache) and isinstance(abstract.kv, jax.ShapeDtypeStruct)
-    assert abstract.kv.shape == (3, 64, 8, 128)  # [L, G·pages·page_size, 2·H·r, D_pad], r = 2
+    assert abstract.kv.shape == (3, 64, rows, 128)
     assert abstract.kv.sharding.spec == P(None, "data", "model", None)
     assert (abstract.spec, abstract.mesh, abstract.page_axis) == (spec, mesh, "data")
+    real = init_cache(spec, mesh, page_axis="data")
+    assert real.kv.shape == abstract.kv.shape and real.kv.nbytes == 3 * 64 * rows * 128 * 4
 
 
 def test_abstract_cache_refuses_what_init_cache_refuses():

@@ -98,9 +98,10 @@ LAYOUTS = [
 ]
 
 
+@pytest.mark.parametrize("kv_layout", ["interleaved", "packed"])
 @pytest.mark.parametrize(("shape", "heads", "head_axis", "page_axis"), LAYOUTS)
-def test_host_cache_mirrors_device_sharding(shape, heads, head_axis, page_axis):
-    spec = make_spec(heads)
+def test_host_cache_mirrors_device_sharding(shape, heads, head_axis, page_axis, kv_layout):
+    spec = make_spec(heads, kv_layout=kv_layout)
     mesh = make_mesh(shape)
     cache = kvshard.init_cache(spec, mesh, head_axis=head_axis, page_axis=page_axis)
     host = kvshard.init_host_cache(spec, mesh, HOST_PAGES, head_axis=head_axis, page_axis=page_axis)
@@ -146,14 +147,19 @@ def test_init_host_cache_rejects():
 # --------------------------------------------------------------------------------------------
 
 
-# Every dtype and every layout, each at least once (the layouts cycle under the dtypes).
+# Every dtype, every mesh layout and both kv_layouts, each at least once (the mesh layouts
+# and kv_layouts cycle under the dtypes).
 @pytest.mark.parametrize(
-    ("layout", "dtype"), [(LAYOUTS[i % len(LAYOUTS)], d) for i, d in enumerate(DTYPES)]
+    ("layout", "dtype", "kv_layout"),
+    [
+        (LAYOUTS[i % len(LAYOUTS)], d, ("interleaved", "packed")[i % 2])
+        for i, d in enumerate(DTYPES)
+    ],
 )
-def test_swap_out_overwrite_swap_in_restores(layout, dtype):
+def test_swap_out_overwrite_swap_in_restores(layout, dtype, kv_layout):
     shape, heads, head_axis, page_axis = layout
     axes = {"head_axis": head_axis, "page_axis": page_axis}
-    spec, mesh = make_spec(heads, dtype), make_mesh(shape)
+    spec, mesh = make_spec(heads, dtype, kv_layout=kv_layout), make_mesh(shape)
     groups = shape[0] if page_axis else 1
     cache, raw = random_cache(np.random.default_rng(1), spec, mesh, **axes)
     host = kvshard.init_host_cache(spec, mesh, HOST_PAGES, **axes)

@@ -49,8 +49,9 @@ def test_update_gather_all_meshes_and_heads(shape, page_axis, auto):
     mesh = make_mesh(shape, auto=auto)
     rng = np.random.default_rng(1)
     groups = shape[0] if page_axis else None
-    for heads in HEADS if not auto else [1, 16]:
-        spec = small_spec(heads, num_layers=2)
+    for i, heads in enumerate(HEADS if not auto else [1, 16]):
+        # Both layouts on every mesh, at no extra cost: the head counts alternate them.
+        spec = small_spec(heads, num_layers=2, kv_layout=("packed", "interleaved")[i % 2])
         cache = init_cache(spec, mesh, page_axis=page_axis)
         oracle = Oracle(spec, groups or 1)
         slices, num = fixed_slices(groups)
@@ -75,12 +76,15 @@ def _draw_pool_slices(draw, spec, max_slices):
 
 @st.composite
 def update_sequences(draw):
-    """(mesh shape, heads, page_axis, dtype, [(layer, slices, num, num_tokens)...])."""
+    """(mesh shape, spec, page_axis, [(layer, slices, num, num_tokens)...])."""
     shape = draw(st.sampled_from(MESH_SHAPES))
     heads = draw(st.sampled_from(HEADS))
     page_axis = draw(st.sampled_from([None, "data"]))
     dtype = draw(st.sampled_from(["float32", "bfloat16"]))
-    spec = small_spec(heads, dtype=dtype)
+    # head_dim 32 and 64 in both layouts (packed rows: 64 or 128 lanes of values in 128).
+    head_dim = draw(st.sampled_from([32, 64]))
+    kv_layout = draw(st.sampled_from(["interleaved", "packed"]))
+    spec = small_spec(heads, dtype=dtype, head_dim=head_dim, kv_layout=kv_layout)
     groups = shape[0] if page_axis else 1
     steps = []
     for _ in range(draw(st.integers(1, 3))):

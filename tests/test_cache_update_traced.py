@@ -46,9 +46,10 @@ def mesh():
     return make_mesh((1, 2))
 
 
-def test_padding_and_out_of_contract_slices_write_nothing_when_traced():
+@pytest.mark.parametrize("kv_layout", ["interleaved", "packed"])
+def test_padding_and_out_of_contract_slices_write_nothing_when_traced(kv_layout):
     """Inside jit the values are unchecked; the xla backend still writes only valid slices."""
-    spec = small_spec(2)
+    spec = small_spec(2, kv_layout=kv_layout)
     cache = init_cache(spec, make_mesh((2, 4)))
     rng = np.random.default_rng(4)
     k, v = random_kv(rng, spec, 8)
@@ -79,9 +80,10 @@ def _traced_update(backend):
     return f
 
 
+@pytest.mark.parametrize("kv_layout", ["interleaved", "packed"])
 @pytest.mark.parametrize("layer", MARKED_BAD_LAYERS)
-def test_traced_bad_layer_update_writes_nothing_xla(mesh, layer):
-    cache = page_marked_cache(mesh)
+def test_traced_bad_layer_update_writes_nothing_xla(mesh, layer, kv_layout):
+    cache = page_marked_cache(mesh, kv_layout=kv_layout)
     before = np.asarray(cache.kv)
     out = _traced_update("xla")(cache, jnp.int32(layer))
     np.testing.assert_array_equal(np.asarray(out.kv), before)
@@ -193,13 +195,17 @@ def test_adversarial_traced_updates_agree_across_backends(case, seed):
 
 
 @settings(max_examples=40)
-@given(adversarial_update(), st.integers(0, 2**32 - 1))
-def test_adversarial_traced_updates_match_drop_rule_xla(case, seed):
+@given(
+    adversarial_update(),
+    st.integers(0, 2**32 - 1),
+    st.sampled_from(["interleaved", "packed"]),
+)
+def test_adversarial_traced_updates_match_drop_rule_xla(case, seed, kv_layout):
     layer, slices, num = case
     mesh = make_mesh((1, 2))
     rng = np.random.default_rng(seed)
     k = rng.standard_normal((6, 2, 8)).astype(np.float32)
-    base = page_marked_cache(mesh)
+    base = page_marked_cache(mesh, kv_layout=kv_layout)
     dense_k = np.stack([np.asarray(gather(base, lay, np.arange(NUM_SLOTS))[0]) for lay in (0, 1)])
     out = _XLA_ANY(base, jnp.int32(layer), k, -k, jnp.asarray(slices), jnp.asarray(num))
     got = np.stack([np.asarray(gather(out, lay, np.arange(NUM_SLOTS))[0]) for lay in (0, 1)])

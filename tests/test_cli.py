@@ -772,7 +772,7 @@ def test_gpt_oss_groups_and_lane_padding_at_32k(capsys):
     #   pages, 87,380 usable; a request holds 1,024 + (ceil(127 / 32) + 1 = 5) = 1,029 pages:
     #   87,380 // 1,029 = 84 sequences (84 x 1,029 = 86,436): x2.00.
     argv = ["plan", "--model", "gpt-oss-20b", "--mesh", "1x8", "--hbm-per-device", "16GiB"]
-    argv += ["--context", "32768"]
+    argv += ["--context", "32768", "--kv-layout", "interleaved"]
     plan = plan_json(capsys, argv)
     g = plan["layer_groups"]
     assert plan["page_bytes_per_layer"] == 16_384
@@ -789,6 +789,39 @@ def test_gpt_oss_groups_and_lane_padding_at_32k(capsys):
     assert re.search(r"lane padding per page, 1 layer +8,192 +50\.00% of each page", out)
     assert re.search(r"capacity gain of the groups +x2\.00", out)
     assert re.search(r"  every layer full +42 ", out)
+    # Packed (the default at head_dim 64): one K|V row of 128 lanes, no lane padding; but one
+    # bfloat16 row a device pads to the sublane packing of 2 rows: the same 16,384 bytes.
+    packed = plan_json(capsys, argv[:-2])
+    assert packed["kv_layout"] == "packed" and packed["lane_padding_bytes_per_page_layer"] == 0
+    assert packed["padding_bytes_per_page_layer"] == 8_192
+    assert packed["page_bytes_per_layer"] == 16_384
+    assert packed["interleaved"]["saved_bytes_per_page"] == 0
+
+
+def test_head_dim_64_config_plans_no_padding_bytes(capsys, tmp_path):
+    # Qwen2.5-0.5B: 24 layers, 2 KV heads, head_dim 64, bfloat16; on 1x1 both heads a device,
+    # packed: a layer's page is 32 x 2 rows x 128 lanes x 2 B = 16,384 bytes, all K and V;
+    # interleaved: 32 x 4 x 128 x 2 = 32,768, half of it lanes 64..127. 4 GiB //
+    # (24 x 16,384) = 10,922 page ids (10,921 usable) against 5,461 (5,460).
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(preset_config("qwen2.5-0.5b")))
+    argv = ["plan", "--config", str(path), "--hbm-per-device", "4GiB"]
+    plan = plan_json(capsys, argv)
+    assert plan["kv_layout"] == "packed" and plan["page_bytes_per_layer"] == 16_384
+    assert plan["padding_bytes_per_page_layer"] == 0
+    assert plan["waste_bytes"]["head_dim_padding"] == plan["waste_bytes"]["dtype_packing"] == 0
+    assert plan["usable_pages_per_device"] == 10_921
+    w = plan["interleaved"]
+    assert w["page_bytes"] == 24 * 32_768 and w["saved_bytes_per_page"] == 24 * 16_384
+    assert w["tokens_per_group"] == 5_460 * 32
+    code, out, _ = run(capsys, argv)
+    assert code == 0
+    assert re.search(r"padding bytes per page, 1 layer +0 +interleaved .*16,384 of 32,768", out)
+    assert re.search(r"saved per page, 24 layers +393,216 +786,432 -> 393,216 bytes; x2\.00", out)
+    assert re.search(r"row padding \(K\|V 128 -> 128 lanes\) +0 ", out)
+    assert "lane padding per page" not in out
+    wide = plan_json(capsys, [*argv, "--kv-layout", "interleaved"])
+    assert wide["lane_padding_bytes_per_page_layer"] == 16_384 and wide["interleaved"] is None
 
 
 def test_overrides_drop_the_layer_types_with_a_note(capsys):

@@ -150,3 +150,16 @@ def test_serving_loop_data_parallel_by_tensor_parallel():
     assert "step 1: pools [['a', 'b'], []], copy-on-write pairs 1" in out, out
     diff = float(re.search(r"dense model: (\S+)", out).group(1))
     assert diff <= 1e-4, out
+
+
+def test_packed_layout_measures_half_the_bytes_of_interleaved():
+    """The script behind docs/layout.md's measurement, tiny: it exits 1 when the arrays' bytes
+    disagree with the spec's or the two layouts' attention outputs differ."""
+    out = summary(run_example("packed_layout.py", "--pages", "8", "--tp", "1", "2"))
+    # 24 layers x 8 pages x 16 slots x rows x 128 lanes x 2 B (bfloat16), by hand.
+    assert "| 1 | interleaved | [24, 128, 4, 128] | 3,145,728 | 3,145,728 |" in out
+    assert "| 1 | packed | [24, 128, 2, 128] | 1,572,864 | 1,572,864 | 0 of 8,192 |" in out
+    # One packed head a device: half the array, but TPU tiles pad the row to 2 (the spec).
+    assert "| 2 | packed | [24, 128, 1, 128] | 1,572,864 | 786,432 | 4,096 of 8,192 |" in out
+    assert "tp=1: interleaved / packed array bytes = 2.00" in out
+    assert out.rstrip().endswith("OK")

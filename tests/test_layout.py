@@ -87,3 +87,56 @@ def test_spec_derived_sizes(dtype, bits):
     assert spec.local_shape(8) == (3, 160, 2, 128)
     with pytest.raises(ValueError, match="dp=0"):
         spec.bytes_per_device(1, dp=0)
+
+
+# --------------------------------------------------------------------------------------------
+# kv_layout: interleaved K, V rows or packed K|V rows (issue 21)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("head_dim", "layout"),
+    [(1, "packed"), (32, "packed"), (64, "packed"), (65, "interleaved"), (128, "interleaved")],
+)
+def test_default_kv_layout_packs_when_k_and_v_fit_one_row(head_dim, layout):
+    spec = CacheSpec(1, 2, head_dim, 16, 4)
+    assert spec.kv_layout == layout and spec.packed == (layout == "packed")
+    assert spec == CacheSpec(1, 2, head_dim, 16, 4, kv_layout=layout)  # the same, hashable
+    assert hash(spec) == hash(CacheSpec(1, 2, head_dim, 16, 4, kv_layout=layout))
+
+
+def test_unknown_kv_layout_is_refused_naming_the_value():
+    with pytest.raises(ValueError, match=r"kv_layout='combined' must be None or one of"):
+        CacheSpec(1, 2, 64, 16, 4, kv_layout="combined")
+
+
+@pytest.mark.parametrize(
+    # (head_dim, kv_layout, dtype, tp, rows a device, lanes, lane pad, packing pad) per page
+    # of 16 slots, 4 KV heads, by hand from docs/layout.md.
+    ("head_dim", "layout", "dtype", "tp", "rows", "lanes", "lane_pad", "pack_pad"),
+    [
+        # 64 packed, f32: 4 heads x 1 row of 128 lanes, every lane a value.
+        (64, "packed", "float32", 1, 4, 128, 0, 0),
+        # 64 interleaved: 8 rows of 128 lanes, lanes 64..127 zeros: 16 x 8 x 64 x 4 B.
+        (64, "interleaved", "float32", 1, 8, 128, 16 * 8 * 64 * 4, 0),
+        # 32 packed: K|V in 64 of 128 lanes: 16 x 4 x 64 x 4 B of lane padding.
+        (32, "packed", "float32", 1, 4, 128, 16 * 4 * 64 * 4, 0),
+        # 64 packed bf16 on tp 4: one row a device, stored as 2 (packing): 16 x 1 x 128 x 2 B.
+        (64, "packed", "bfloat16", 4, 1, 128, 0, 16 * 1 * 128 * 2),
+        # 96 packed (asked for): K|V in 192 of 256 lanes.
+        (96, "packed", "float32", 2, 2, 256, 16 * 2 * 64 * 4, 0),
+    ],
+)
+def test_layout_rows_lanes_and_padding_by_hand(
+    head_dim, layout, dtype, tp, rows, lanes, lane_pad, pack_pad
+):
+    spec = CacheSpec(2, 4, head_dim, 16, 10, dtype, kv_layout=layout)
+    assert spec.combined_heads_per_device(tp) == rows and spec.padded_head_dim == lanes
+    assert spec.local_shape(tp) == (2, 160, rows, lanes)
+    assert spec.global_shape(tp, 3) == (2, 480, rows * tp, lanes)
+    assert spec.lane_padding_bytes_per_page(tp) == lane_pad
+    assert spec.packing_padding_bytes_per_page(tp) == pack_pad
+    item = 4 if dtype == "float32" else 2
+    kv = 16 * (4 // tp) * 2 * head_dim * item  # K and V of every head a device holds
+    assert spec.kv_bytes_per_page(tp) == kv
+    assert spec.page_bytes_per_device(tp) == kv + lane_pad + pack_pad

@@ -131,9 +131,10 @@ def test_layer_types_are_checked_and_uniform_ones_need_no_groups():
 
 
 def test_lane_padding_per_page_by_hand():
-    # head_dim 64 in 128 lanes: 16 slots x 4 rows x 64 lanes x 4 B = 16,384 bytes of each
-    # 32,768-byte layer page are padding; a page id of 2 layers wastes 32,768.
-    p = plan(head_dim=64)
+    # head_dim 64 interleaved in 128 lanes: 16 slots x 4 rows x 64 lanes x 4 B = 16,384 bytes
+    # of each 32,768-byte layer page are padding; a page id of 2 layers wastes 32,768.
+    p = plan(head_dim=64, kv_layout="interleaved")
+    assert p["kv_layout"] == "interleaved" and p["interleaved"] is None
     assert p["page_bytes_per_layer"] == 32_768
     assert p["lane_padding_bytes_per_page_layer"] == 16_384
     assert p["lane_padding_bytes_per_page"] == 32_768
@@ -144,3 +145,27 @@ def test_lane_padding_per_page_by_hand():
     ) and "50.00% of each page" in format_plan(p)
     assert plan()["lane_padding_bytes_per_page"] == 0
     assert "lane padding" not in format_plan(plan())
+
+
+def test_packed_head_dim_64_has_no_padding_by_hand():
+    # head_dim 64 packed (the default): 2 heads a device, one K|V row each: a layer's page is
+    # 16 slots x 2 rows x 128 lanes x 4 B = 16,384 bytes, every byte a value. 1,000,000 bytes
+    # hold 1,000,000 // 32,768 = 30 page ids (29 usable, 464 tokens); interleaved pages of
+    # 65,536 bytes: 15 (14 usable, 224 tokens): x464/224.
+    p = plan(head_dim=64)
+    assert p["kv_layout"] == "packed" and p["row_dim"] == 128 and p["padded_head_dim"] == 128
+    assert p["combined_heads_per_device"] == 2 and p["local_shape"] == [2, 30 * 16, 2, 128]
+    assert p["page_bytes_per_layer"] == 16_384 and p["page_bytes"] == 32_768
+    assert p["lane_padding_bytes_per_page_layer"] == 0
+    assert p["padding_bytes_per_page_layer"] == 0
+    assert p["waste_bytes"]["head_dim_padding"] == 0 and p["waste_bytes"]["dtype_packing"] == 0
+    assert p["kv_bytes"] == 29 * 32_768  # every byte of the usable pages is K or V
+    w = p["interleaved"]
+    assert w["page_bytes_per_layer"] == 32_768 and w["lane_padding_bytes_per_page_layer"] == 16_384
+    assert w["saved_bytes_per_page"] == 32_768
+    assert p["tokens_per_group"] == 464 and w["tokens_per_group"] == 224
+    assert w["capacity_vs_interleaved"] == pytest.approx(464 / 224)
+    text = format_plan(p)
+    assert "K|V of a head in one row: K lanes 0..63, V lanes 64..127" in text
+    assert "x2.07 the tokens of interleaved" in text
+    assert "lane padding per page" not in text

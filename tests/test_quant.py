@@ -164,10 +164,10 @@ def draw_values(rng, shape, scale, dtype):
     return x.astype(np.float32)
 
 
-def run_case(backend, dtype, mesh_shape, pooled, heads, scales, seed, steps=2):
+def run_case(backend, dtype, mesh_shape, pooled, heads, scales, seed, steps=2, kv_layout=None):
     """Random steps through update_with_stats; returns (cache, list of counts, oracle dense)."""
     rng = np.random.default_rng(seed)
-    spec = spec_of(dtype, *scales, heads=heads)
+    spec = spec_of(dtype, *scales, heads=heads, kv_layout=kv_layout)
     mesh = make_mesh(mesh_shape)
     groups = mesh_shape[0] if pooled else 1
     cache = kvshard.init_cache(spec, mesh, page_axis="data" if pooled else None)
@@ -205,12 +205,16 @@ def check_against_oracle(cache, dense, pooled):
             got = np.asarray(got) if pooled else np.asarray(got)[None]
             want = reference.dequantize(stored[layer], scale, out or np.float32)
             assert bits(got) == bits(want)
-    # The raw stored bits too (K of head j at combined head 2j·r, V at 2j·r + 1).
+    # The raw stored bits too: interleaved, K of head j at row 2j·r and V at 2j·r + 1;
+    # packed, K of head j in lanes [0, D) of row j·r and V in [D, 2·D).
     kv = np.asarray(cache.kv).view(cache.dtype)  # fp8 caches store their bits on CPU
-    r = cache.replication
+    r, d = cache.replication, spec.head_dim
     raw = kv.reshape(spec.num_layers, -1, spec.slots_per_pool, *kv.shape[2:])
     for i in (0, 1):
-        got = raw[:, :, :, i :: 2 * r, : spec.head_dim]
+        if spec.kv_layout == "packed":
+            got = raw[:, :, :, ::r, i * d : (i + 1) * d]
+        else:
+            got = raw[:, :, :, i :: 2 * r, :d]
         assert bits(got) == bits(dense[i])
 
 
@@ -220,10 +224,13 @@ def check_against_oracle(cache, dense, pooled):
     layout=st.sampled_from([((1, 2), False, 2), ((2, 4), True, 2), ((1, 8), False, 2)]),
     scales=st.tuples(st.sampled_from(SCALES), st.sampled_from(SCALES)),
     seed=st.integers(0, 2**16),
+    kv_layout=st.sampled_from(["interleaved", "packed"]),
 )
-def test_cache_matches_oracle_xla(dtype, layout, scales, seed):
+def test_cache_matches_oracle_xla(dtype, layout, scales, seed, kv_layout):
     mesh_shape, pooled, heads = layout
-    cache, dense = run_case("xla", dtype, mesh_shape, pooled, heads, scales, seed)
+    cache, dense = run_case(
+        "xla", dtype, mesh_shape, pooled, heads, scales, seed, kv_layout=kv_layout
+    )
     check_against_oracle(cache, dense, pooled)
 
 
@@ -267,11 +274,12 @@ def test_gather_refuses_a_non_float_dtype(dtype):
         kvshard.gather(cache, 0, np.array([0]), dtype=dtype)
 
 
+@pytest.mark.parametrize("kv_layout", ["interleaved", "packed"])
 @pytest.mark.parametrize("dtype", ["int8", "float8_e4m3fn"])
-def test_attention_reads_the_dequantized_values(dtype):
+def test_attention_reads_the_dequantized_values(dtype, kv_layout):
     """kvshard.attention (xla backend) on a quantized cache == the float64 oracle attending the
     oracle's dequantized K/V: it reads the stored values back with the spec's scales."""
-    spec = spec_of(dtype, k_scale=0.02, v_scale=0.03, heads=2, num_pages=12)
+    spec = spec_of(dtype, k_scale=0.02, v_scale=0.03, heads=2, num_pages=12, kv_layout=kv_layout)
     cache = kvshard.init_cache(spec, make_mesh((1, 2)))
     alloc = kvshard.PageAllocator(12, 4, max_requests=4, max_pages_per_request=4)
     rng = np.random.default_rng(0)

@@ -36,7 +36,7 @@ from kvshard._attention.xla import local_xla
 from kvshard._drop import route_layer
 from kvshard._layer_types import LayerType
 from kvshard._layout import INT32_MAX, check_query_heads
-from kvshard._platform import resolve_backend
+from kvshard._platform import resolve_attention_backend
 from kvshard._sharding import place_all, to_spec
 from kvshard._types import Backend, BackendOptions
 from kvshard.cache import KVCache, check_cache
@@ -289,8 +289,10 @@ def attention(
         -inf is no sink. Traced or not (not a static argument), computed in float32, sharded
         ``P(head_axis)`` like q's heads (with a page axis every pool uses the same sinks).
         None: no sinks. xla backend only: the pallas backend refuses it.
-      backend: "pallas" (JAX's ragged paged attention kernel; TPU only), "xla" (jnp), or
-        "auto": pallas when the mesh is made of TPUs, xla otherwise.
+      backend: "pallas" (JAX's ragged paged attention kernel; TPU only; an "interleaved"
+        cache only), "xla" (jnp, either ``kv_layout``), or "auto": pallas when the mesh is
+        made of TPUs and the cache is interleaved, xla otherwise (a "packed" cache, the
+        default for head_dim <= 64: JAX's kernel cannot read it).
       options: :class:`~kvshard.BackendOptions` (xla reads ``keys_per_step`` and
         ``queries_per_block``; pallas ``kv_pages_per_block``, ``queries_per_block``,
         ``attention_kernel``).
@@ -308,7 +310,8 @@ def attention(
       TypeError: wrong cache or step type, q or sinks not floating, step fields not integer
         (int32 when traced), layer not an integer scalar, sm_scale or soft_cap not a float.
       NotImplementedError: sinks or a chunked read on the pallas backend (JAX's kernel has
-        neither).
+        neither); the pallas backend on a ``kv_layout="packed"`` cache (JAX's kernel reads
+        interleaved rows only).
       ValueError: wrong shapes (q's tokens other than the step's), a step built for another
         geometry, head counts that do not divide, a donated cache, concrete layer or metadata
         out of range (a request's queries past T, kv_len beyond its page-table row or below
@@ -334,7 +337,7 @@ def attention(
         step = metadata
     cache = check_cache(cache)
     host.check_backend(backend)
-    resolved = resolve_backend(cache, backend)
+    resolved = resolve_attention_backend(cache, backend)
     options = host.check_options(options)
     scale = _finite_positive("sm_scale", sm_scale, optional=False)
     cap = _finite_positive("soft_cap", soft_cap, optional=True)

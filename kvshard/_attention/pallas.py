@@ -8,8 +8,9 @@ and no layer is ever sliced out. JAX's kernel zeroes K and V of every slot at or
 request's ``kv_len`` before its matmuls and reads only the pages of the request's row, so stale
 values there (NaN included) cannot reach the output; inside ``kv_len`` it masks the scores only,
 so with a sliding window a non-finite value before the window would (the xla backend masks it;
-docs/attention.md). Attention sinks are refused before this backend is reached: JAX's kernel
-has none.
+docs/attention.md). Attention sinks and a "packed" cache (K and V of a head in one row) are
+refused before this backend is reached: JAX's kernel has no sinks and reads interleaved rows
+only.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from jax.experimental.pallas.ops.tpu.ragged_paged_attention import ragged_paged_
 
 from kvshard._attention.params import Statics, spec_scale
 from kvshard._drop import live_query_bounds, requests_on_block
+from kvshard._platform import check_pallas_attention
 from kvshard._storage import from_bits
 from kvshard._types import BackendOptions
 
@@ -49,6 +51,7 @@ def pallas_operands(kv, layer, q, page_indices, kv_lens, cu_q_lens, num_seqs, *,
     live requests; the rest of the output is zeroed.
     """
     spec, sm_scale, window, soft_cap = statics[:4]
+    check_pallas_attention(spec)
     num_layers, num_slots, combined, padded_dim = kv.shape
     num_tokens, _, head_dim = q.shape
     page_size = spec.page_size

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 
 from kvshard._attention.params import Statics, spec_scale
 from kvshard._drop import live_query_bounds, requests_on_block
+from kvshard._kv_rows import from_rows
 from kvshard._storage import from_bits
 from kvshard.quant import dequantize
 
@@ -49,15 +50,17 @@ XLA_QUERIES_PER_BLOCK = 256
 XLA_PREFILL_KEYS_PER_STEP = 512
 
 
-def read_kv(kv, layer, slots, statics: Statics, head_dim: int):
+def read_kv(kv, layer, slots, statics: Statics):
     """The one read of the cache: slots int32[...] of ``layer`` -> float32 K, V [..., H, D].
 
-    Slots are clamped into the block (callers mask what they may not see)."""
+    Slots are clamped into the block (callers mask what they may not see). Either layout:
+    K and V are split from interleaved rows or from the lanes of packed ones."""
     block = kv[layer, jnp.clip(slots, 0, kv.shape[1] - 1)]  # [..., C, D_pad]
     spec = statics.spec
     block = from_bits(block, spec.np_dtype)  # only the gathered pages (kvshard._storage)
-    k = dequantize(block[..., 0::2, :head_dim], spec_scale(spec, "k"), jnp.float32)
-    v = dequantize(block[..., 1::2, :head_dim], spec_scale(spec, "v"), jnp.float32)
+    k, v = from_rows(spec, block)
+    k = dequantize(k, spec_scale(spec, "k"), jnp.float32)
+    v = dequantize(v, spec_scale(spec, "v"), jnp.float32)
     return k, v
 
 
@@ -143,7 +146,7 @@ def _decode(kv, layer, q_rows, rows_ok, rows_seq, pos, page_indices, sinks, stat
         k_pos = (page_pos[..., None] * page_size + within).reshape(num_rows, -1)
         in_row = jnp.repeat(page_pos <= last[:, None], page_size, axis=1)
         seen = in_row & (k_pos <= pos[:, None]) & (k_pos >= lo[:, None]) & rows_ok[:, None]
-        k, v = read_kv(kv, layer, slots, statics, head_dim)  # [N, keys, H, D]
+        k, v = read_kv(kv, layer, slots, statics)  # [N, keys, H, D]
         v = jnp.where(seen[:, :, None, None], v, 0.0)  # unseen slots may hold NaN or inf
         s = _scores(q_rows, k, "nhgd,nkhd->nhgk", statics)
         s = jnp.where(seen[:, None, None, :], s, -jnp.inf)
@@ -200,7 +203,7 @@ def _prefill(kv, layer, q, out, bounds, is_prefill, kv_lens, page_indices, sinks
                 & (k_pos[None, :] <= pos[:, None])
                 & (k_pos[None, :] >= lo[:, None])
             )  # [qb, keys]
-            k, v = read_kv(kv, layer, slots, statics, head_dim)  # [keys, H, D]
+            k, v = read_kv(kv, layer, slots, statics)  # [keys, H, D]
             v = jnp.where(seen.any(axis=0)[:, None, None], v, 0.0)  # no query sees it
             s = _scores(q_blk, k, "qhgd,khd->qhgk", statics)
             s = jnp.where(seen[:, None, None, :], s, -jnp.inf)
@@ -219,11 +222,11 @@ def _prefill(kv, layer, q, out, bounds, is_prefill, kv_lens, page_indices, sinks
 def local_xla(
     kv, layer, q, page_indices, kv_lens, cu_q_lens, num_seqs, sinks=None, *, statics: Statics
 ):
-    """One device: kv [L, slots, C, D_pad], q [T, Hq_local, D], sinks float32[Hq_local] or
-    None -> [T, Hq_local, D]."""
+    """One device: kv [L, slots, C, D_pad] (either kv_layout), q [T, Hq_local, D], sinks
+    float32[Hq_local] or None -> [T, Hq_local, D]."""
     num_layers, _, combined, _ = kv.shape
     num_tokens, q_heads, head_dim = q.shape
-    kv_heads = combined // 2
+    kv_heads = combined // statics.spec.rows_per_head
     group = q_heads // kv_heads
     live, _, _ = requests_on_block(
         kv, layer, page_indices, kv_lens, cu_q_lens, num_seqs, num_tokens, statics.spec.page_size

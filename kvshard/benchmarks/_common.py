@@ -187,7 +187,7 @@ def compiled_memory(compiled: Any) -> Any:
     return mem
 
 
-def unit_scales(dtype: Any) -> dict[str, float]:
+def unit_scales(dtype: Any) -> dict[str, Any]:
     """``k_scale``/``v_scale`` of 1 for a quantized cache dtype (a CacheSpec needs them; the
     benchmarks' byte counts and timings do not depend on them), else nothing."""
     from kvshard._layout import needs_scales

@@ -1,9 +1,10 @@
-"""How values are stored: the dtype conversions and the combined-head layout, in one place.
+"""How values are stored: the dtype conversions and the head rows, in one place.
 
-Writes convert real values to stored values and pad them to D_pad (:func:`encode`; the bits of
-the storage dtype, :mod:`kvshard._storage`), and the pallas backend interleaves K and V into
-combined heads (:func:`combine`; the xla backend writes K and V straight into their combined
-heads); reads undo both (:func:`split`, :func:`to_real`). Each device picks its own heads of
+Writes convert real values to stored values and lay them out as the rows of the cache's
+``kv_layout`` (:func:`encode`; the rows themselves are :mod:`kvshard._kv_rows`'s, the bits of
+the storage dtype :mod:`kvshard._storage`'s), and the pallas backend joins a head's rows into
+the head axis (:func:`combine`; the xla backend writes each row straight into its place);
+reads undo both (:func:`split`, :func:`to_real`). Each device picks its own heads of
 the step's k/v (:func:`local_heads`). Every backend calls these, which is what makes Pallas and
 XLA agree bit for bit.
 """
@@ -13,13 +14,13 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-import einops
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from kvshard import quant
+from kvshard._kv_rows import from_rows, join_rows, to_rows
 from kvshard._layout import CacheSpec
 from kvshard._storage import from_bits
 from kvshard.cache._pytree import KVCache
@@ -48,26 +49,23 @@ def to_storage(spec: CacheSpec, x: jax.Array, scale: float | None) -> jax.Array:
 
 
 def encode(spec: CacheSpec, k: jax.Array, v: jax.Array) -> tuple[jax.Array, ...]:
-    """k, v [T, h, D] real values -> [T, h, D_pad] each, the stored values in the cache's
-    logical dtype; a backend bitcasts them to the array's storage dtype
+    """k, v [T, h, D] real values -> the rows of each head, each [T, h, D_pad]: (K, V)
+    interleaved, (K|V,) packed (:func:`kvshard._kv_rows.to_rows`), stored values in the
+    cache's logical dtype; a backend bitcasts them to the array's storage dtype
     (:func:`kvshard._storage.to_bits`) where it writes them."""
-    pad = [(0, 0), (0, 0), (0, spec.padded_head_dim - spec.head_dim)]
-    return tuple(
-        jnp.pad(to_storage(spec, x, scale), pad)
-        for x, scale in ((k, spec.k_scale), (v, spec.v_scale))
-    )
+    return to_rows(spec, to_storage(spec, k, spec.k_scale), to_storage(spec, v, spec.v_scale))
 
 
-def combine(k: jax.Array, v: jax.Array) -> jax.Array:
-    """Encoded k, v [T, h, D_pad] -> [T, 2·h, D_pad]: combined head 2j = K_j, 2j+1 = V_j."""
-    return einops.rearrange(jnp.stack([k, v], axis=2), "t h two d -> t (h two) d")
+def combine(rows: tuple[jax.Array, ...]) -> jax.Array:
+    """Encoded rows (:func:`encode`), each [T, h, D_pad] -> the head axis [T, C_local, D_pad]
+    as the cache stores it: interleaved 2j = K_j, 2j+1 = V_j; packed row j = K_j|V_j."""
+    return join_rows(rows)
 
 
 def split(spec: CacheSpec, combined: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Inverse of :func:`combine` and :func:`encode`'s storage: [N, 2·h, D_pad] stored rows ->
+    """Inverse of :func:`combine` and :func:`encode`'s storage: [N, C, D_pad] stored rows ->
     k, v [N, h, D] in the cache dtype (quantized values stay quantized)."""
-    x = einops.rearrange(from_bits(combined, spec.np_dtype), "n (h two) d -> n h two d", two=2)
-    return x[:, :, 0, : spec.head_dim], x[:, :, 1, : spec.head_dim]
+    return from_rows(spec, from_bits(combined, spec.np_dtype))
 
 
 def local_heads(cache: KVCache, x: jax.Array) -> jax.Array:

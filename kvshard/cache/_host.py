@@ -1,10 +1,11 @@
 """The host tier's page store: :class:`HostCache` and :func:`init_host_cache`.
 
-A host cache mirrors the device cache's layout, in host memory::
+A host cache mirrors the device cache's layout (its ``kv_layout`` too: C rows of D_pad lanes a
+slot), in host memory::
 
-    kv: dtype[L, G·num_host_pages·page_size, 2·H·r, D_pad]   memory kind "pinned_host"
+    kv: dtype[L, G·num_host_pages·page_size, C, D_pad]   memory kind "pinned_host"
         sharded NamedSharding(mesh, P(None, page_axis, head_axis, None), memory_kind=...)
-    per device: dtype[L, num_host_pages·page_size, 2·H·r / tp, D_pad]
+    per device: dtype[L, num_host_pages·page_size, C / tp, D_pad]
 
 ``L``: the device cache's cache layers (:attr:`CacheSpec.num_cache_layers`). Same sharding as
 :class:`~kvshard.KVCache`, so each device's host shard holds exactly the
@@ -56,9 +57,9 @@ class HostCache(PagedLayout):
     new one (the old one's buffer has been donated).
 
     Attributes:
-      kv: dtype[L, G·num_host_pages·page_size, 2·H·r, D_pad] globally, memory kind
+      kv: dtype[L, G·num_host_pages·page_size, C, D_pad] globally, memory kind
         ``"pinned_host"``, sharded ``P(None, page_axis, head_axis, None)``; per device
-        dtype[L, num_host_pages·page_size, 2·H·r/tp, D_pad].
+        dtype[L, num_host_pages·page_size, C/tp, D_pad].
       spec: the device cache's :class:`~kvshard.CacheSpec` (``spec.num_pages`` counts device
         pages; the host pool has ``num_host_pages``).
       mesh, head_axis, page_axis: as for the device cache.
@@ -136,7 +137,7 @@ def init_host_cache(
         has its own host pool of this many pages.
 
     Returns:
-      A :class:`HostCache` whose ``kv`` is storage[L, G·num_host_pages·page_size, 2·H·r,
+      A :class:`HostCache` whose ``kv`` is storage[L, G·num_host_pages·page_size, C,
       D_pad] zeros in memory kind ``"pinned_host"``, sharded like the device cache; only the
       per-device blocks are materialised, each in its device's host memory.
 

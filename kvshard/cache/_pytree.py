@@ -3,20 +3,23 @@
 
 The cache of every layer lives in ONE stacked array (see docs/layout.md for pictures)::
 
-    kv: storage[L, G·num_pages·page_size, 2·H·r, D_pad]
+    kv: storage[L, G·num_pages·page_size, C, D_pad]
         sharded NamedSharding(mesh, P(None, page_axis, head_axis, None))
-    per device: dtype[L, num_pages·page_size, 2·H·r / tp, D_pad]
+    per device: dtype[L, num_pages·page_size, C / tp, D_pad]
 
 with ``L`` cache layers (:attr:`CacheSpec.num_cache_layers`: the model's layers, or with
 layer groups the group size, layer ``l`` living in cache layer ``spec.groups.layer_slot[l]``),
 ``H`` KV heads, replication ``r`` (:func:`kvshard.check_tensor_parallel`), ``tp``/``G``
-the sizes of the head and page mesh axes (1 when the axis is None), ``D_pad`` the head
-dimension padded to a multiple of 128, and ``storage`` the dtype
+the sizes of the head and page mesh axes (1 when the axis is None), ``C`` and ``D_pad`` the
+rows and lanes of ``spec.kv_layout`` (interleaved: ``C = 2·H·r``, ``D_pad`` the head dimension
+padded to a multiple of 128; packed: ``C = H·r``, K and V of a head side by side in one row of
+``round_up(2·head_dim, 128)`` lanes; docs/layout.md), and ``storage`` the dtype
 :func:`kvshard._storage.storage_dtype` picks for the mesh's platform: the cache dtype, except
 bfloat16/float8 on CPU, stored as their bits (uint16/uint8) so that XLA's CPU float
-normalization never copies the cache. Combined head ``2·j`` is K and ``2·j + 1`` is V of
-replicated head ``j``; replicated head ``j`` is a copy of KV head ``j // r``. Sharding the
-combined axis therefore hands each device the K and V of whole heads: no update, copy or
+normalization never copies the cache. Interleaved, combined head ``2·j`` is K and ``2·j + 1``
+is V of replicated head ``j`` (packed: row ``j`` holds both); replicated head ``j`` is a copy of
+KV head ``j // r``. Sharding the combined axis therefore hands each device the K and V of whole
+heads: no update, copy or
 :func:`kvshard.attention` read communicates between devices.
 
 Why one stacked array rather than a list of per-layer arrays: ``layer`` can be a traced integer
@@ -93,9 +96,9 @@ class KVCache(PagedLayout):
     buffer has been donated).
 
     Attributes:
-      kv: storage[L, G·num_pages·page_size, 2·H·r, D_pad] globally, sharded
+      kv: storage[L, G·num_pages·page_size, C, D_pad] globally, sharded
         ``P(None, page_axis, head_axis, None)``; per device
-        storage[L, num_pages·page_size, 2·H·r/tp, D_pad]. ``storage`` is :attr:`dtype`, except
+        storage[L, num_pages·page_size, C/tp, D_pad]. ``storage`` is :attr:`dtype`, except
         a bfloat16/float8 cache on CPU, which holds its values' bits as uint16/uint8
         (``np.asarray(cache.kv).view(cache.dtype)`` reads them); every kvshard read returns
         :attr:`dtype`.
@@ -167,9 +170,9 @@ def init_cache(
         (the default): the mesh's. Only to lower for another platform than the mesh's.
 
     Returns:
-      A :class:`KVCache` with ``kv``: storage[L, G·num_pages·page_size, 2·H·r, D_pad] zeros
+      A :class:`KVCache` with ``kv``: storage[L, G·num_pages·page_size, C, D_pad] zeros
       globally, sharded ``P(None, page_axis, head_axis, None)``: per device
-      spec.dtype[L, num_pages·page_size, 2·H·r/tp, D_pad] (tp, G: sizes of the head and page
+      spec.dtype[L, num_pages·page_size, C/tp, D_pad] (tp, G: sizes of the head and page
       axes, 1 when None; r: :attr:`KVCache.replication`; storage: spec.dtype, or its bits on
       CPU for bfloat16/float8, see :attr:`KVCache.kv`). Only the per-device blocks are ever
       materialised.
@@ -209,9 +212,9 @@ def abstract_cache(spec: CacheSpec, mesh: Mesh, **axes: str | None) -> KVCache:
 
     Returns:
       A :class:`KVCache` whose ``kv`` is ``jax.ShapeDtypeStruct(shape, storage, sharding=...)``:
-      storage[L, G·num_pages·page_size, 2·H·r, D_pad] globally, sharded
+      storage[L, G·num_pages·page_size, C, D_pad] globally, sharded
       ``P(None, page_axis, head_axis, None)``; per device
-      storage[L, num_pages·page_size, 2·H·r/tp, D_pad] (storage as for :func:`init_cache`).
+      storage[L, num_pages·page_size, C/tp, D_pad] (storage as for :func:`init_cache`).
     """
     unknown = set(axes) - {"head_axis", "page_axis", "platform"}
     if unknown:

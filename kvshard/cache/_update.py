@@ -3,8 +3,8 @@
 Inside ``shard_map`` the local block [L, slots, C, D] is reshaped (a free bitcast) to
 [L·slots, C, D] and ``kv_cache_start`` is offset by ``layer · slots``, so the 3-D Pallas kernel
 writes the right layer of the aliased buffer; the XLA backend views the block as
-[L, slots, C/2, 2, D] (also free) and scatters K and V at ``[layer, slot, :, 0 or 1]``, with no
-combined [T, C, D] copy of the new tokens.
+[L, slots, C/n, n, D] (also free; n rows per head: 2 interleaved, 1 packed) and scatters each
+row at ``[layer, slot, :, i]``, with no combined [T, C, D] copy of the new tokens.
 Both backends write exactly the slices :func:`kvshard._drop.writable_slices` keeps.
 
 (Over 400 lines because the operation is read in one file: host checks, both per-device
@@ -147,19 +147,20 @@ def _legacy_options(options: Any, interpret: Any, schedule: Any) -> BackendOptio
 # --------------------------------------------------------------------------------------------
 
 
-def _local_update_xla(cache, layer, k, v, slices, num, *, page_size, options, dtype):
-    """One device: cache [L, slots, C, D], encoded k, v [T, C/2, D] (values in the cache's
-    logical dtype, bitcast to its storage here, as late as possible) -> cache, on the
-    [L, slots, C/2, 2, D] view (a bitcast), K and V written apart: no combined copy.
+def _local_update_xla(cache, layer, rows, slices, num, *, page_size, options, dtype):
+    """One device: cache [L, slots, C, D], encoded rows (each [T, C/n, D], n of them: K and V
+    interleaved, K|V packed; values in the cache's logical dtype, bitcast to its storage
+    here, as late as possible) -> cache, on the [L, slots, C/n, n, D] view (a bitcast), each
+    row written apart: no combined copy.
 
     Whole-page slices (a prefill's) are copied page by page with ``dynamic_update_slice`` in a
     loop: XLA's CPU scatter moves one row at a time, several times slower than these page
     copies (docs/performance.md). The tokens of the other valid slices (a decode's) are
-    scattered, two scatters of [T, C/2, D] with out-of-bounds slots dropped.
+    scattered, one scatter of [T, C/n, D] per row with out-of-bounds slots dropped.
     """
     del options, dtype  # both move the stored bits, whatever they are
     num_layers, num_slots, combined, dim = cache.shape
-    num_tokens = k.shape[0]
+    num_tokens, n = rows[0].shape[0], len(rows)
     valid = writable_slices(
         slices,
         num,
@@ -175,22 +176,23 @@ def _local_update_xla(cache, layer, k, v, slices, num, *, page_size, options, dt
     # A bad layer leaves nothing valid; index layer 0 rather than let a negative layer wrap.
     # Unique, in-bounds-or-dropped indices let XLA scatter in place.
     layer = jnp.where(layer_in_range(layer, num_layers), layer, 0)
-    # One KV head per device (C = 2): the view's size-1 head axis made XLA's CPU layout
-    # assignment copy the whole block in and out (1x8, 8 KV heads: temporaries = the cache),
-    # so that block is written as it is, [L, slots, 2, D], K and V at 0 and 1 of axis 2.
-    paired = combined > 2
-    heads = cache.reshape(num_layers, num_slots, combined // 2, 2, dim) if paired else cache
+    # The [L, slots, C/n, n, D] view writes each row apart, but a size-1 axis in it made XLA's
+    # CPU layout assignment copy the whole block in and out (1x8, 8 KV heads: temporaries =
+    # the cache), so a block of one interleaved head (C = n) or of packed rows (n = 1) is
+    # written as it is, [L, slots, C, D].
+    split = n > 1 and combined > n
+    heads = cache.reshape(num_layers, num_slots, combined // n, n, dim) if split else cache
 
     def copy_page(i, heads):
         def write(heads):
-            for which, x in enumerate((k, v)):
-                rows = jax.lax.dynamic_slice_in_dim(x, slices[1, i], page_size, axis=0)
-                rows = to_bits(rows, cache.dtype)  # bitcast the page, not all of k/v
-                if paired:
-                    rows, start = rows[None, :, :, None], (layer, slices[0, i], 0, which, 0)
+            for which, x in enumerate(rows):
+                page = jax.lax.dynamic_slice_in_dim(x, slices[1, i], page_size, axis=0)
+                page = to_bits(page, cache.dtype)  # bitcast the page, not all of k/v
+                if split:
+                    page, start = page[None, :, :, None], (layer, slices[0, i], 0, which, 0)
                 else:
-                    rows, start = rows[None], (layer, slices[0, i], which, 0)
-                heads = jax.lax.dynamic_update_slice(heads, rows, start)
+                    page, start = page[None], (layer, slices[0, i], which, 0)
+                heads = jax.lax.dynamic_update_slice(heads, page, start)
             return heads
 
         return jax.lax.cond(whole[i], write, lambda heads: heads, heads)
@@ -198,14 +200,19 @@ def _local_update_xla(cache, layer, k, v, slices, num, *, page_size, options, dt
     if num_tokens >= page_size:  # else no slice can fill a page
         live = jnp.clip(num[0], 0, slices.shape[1])
         heads = jax.lax.fori_loop(0, live, copy_page, heads)
-    for which, x in enumerate((k, v)):
+    for which, x in enumerate(rows):
         x = to_bits(x, cache.dtype)
-        at = heads.at[layer, slots, :, which] if paired else heads.at[layer, slots, which]
-        heads = at.set(x if paired else x[:, 0], mode="drop", unique_indices=True)
+        if split:
+            at = heads.at[layer, slots, :, which]
+        elif n == 1:  # packed rows: x is [T, C, D]
+            at = heads.at[layer, slots]
+        else:  # one interleaved head: x is [T, 1, D]
+            at, x = heads.at[layer, slots, which], x[:, 0]
+        heads = at.set(x, mode="drop", unique_indices=True)
     return heads.reshape(cache.shape)
 
 
-def _local_update_pallas(cache, layer, k, v, slices, num, *, page_size, options, dtype):
+def _local_update_pallas(cache, layer, rows, slices, num, *, page_size, options, dtype):
     """One device: the kernel on the [L·slots, C, D] view of the stacked block.
 
     The reshape is a bitcast, so the kernel's input/output alias still covers the donated
@@ -221,7 +228,7 @@ def _local_update_pallas(cache, layer, k, v, slices, num, *, page_size, options,
         num,
         layer,
         num_layers=num_layers,
-        num_tokens=k.shape[0],
+        num_tokens=rows[0].shape[0],
         num_slots=num_slots,
         page_size=page_size,
     )
@@ -229,7 +236,7 @@ def _local_update_pallas(cache, layer, k, v, slices, num, *, page_size, options,
     # layer out of range) must be dropped here or it would land in another layer.
     slices = jnp.stack([slices[0] + layer * num_slots, slices[1], jnp.where(valid, slices[2], 0)])
     out = kv_cache_update(
-        combine(k, v),  # the kernel takes the combined layout
+        combine(rows),  # the kernel takes the head axis as the cache stores it
         slices,
         flat,
         num,
@@ -353,7 +360,7 @@ def _write(cache, layer, k, v, slices, num_slices, *, backend, options, checks, 
                 page_size=spec.page_size,
             )
         k, v = local_heads(cache, k[0]), local_heads(cache, v[0])
-        out = local_update(kv, layer, *encode(spec, k, v), slices[0], num[0])
+        out = local_update(kv, layer, encode(spec, k, v), slices[0], num[0])
         if not stats:
             return out
         return out, _count_saturated(cache, k, v, layer, slices[0], num[0], kv.shape[1])
@@ -464,9 +471,9 @@ def update(
     Slice ``i < num_slices`` copies tokens ``[new_kv_start, new_kv_start + slice_len)`` of
     ``k``/``v`` to slots ``[kv_cache_start, kv_cache_start + slice_len)`` of layer ``layer`` (on
     every head, in its pool): :func:`kvshard.reference.kv_cache_update` on the combined layout.
-    Each device pads, interleaves and (when replicating) picks its own heads of k/v, then runs
-    the backend on its own block; no device communicates with another except to receive its
-    heads of k/v.
+    Each device builds the rows of ``spec.kv_layout`` (pads, and interleaves or packs K and V)
+    and (when replicating) picks its own heads of k/v, then runs the backend on its own block;
+    no device communicates with another except to receive its heads of k/v.
 
     Args:
       cache: DONATED when called eagerly: ``cache.kv`` is deleted afterwards; use the result.
