@@ -23,7 +23,7 @@ an option of another type) has no key and takes the full path.
 from __future__ import annotations
 
 import functools
-from collections.abc import Hashable
+from collections.abc import Hashable, Sequence
 from typing import Any
 
 import jax
@@ -33,14 +33,17 @@ from jax.sharding import PartitionSpec as P
 
 from kvshard._memo import ContentMemo, content_key
 from kvshard._sharding import placed_copy, reuse_key
+from kvshard._types import BackendOptions
 
 __all__ = [
     "EAGER_CALLS",
     "array_signature",
     "eager_key",
+    "is_concrete",
     "metadata_plan",
     "placed_index",
     "placed_metadata",
+    "plain_statics",
 ]
 
 # Keys of calls that passed, with what they derived. A decode loop needs one entry per step
@@ -52,10 +55,9 @@ EAGER_CALLS = ContentMemo(maxsize=256)
 _CONCRETE_TYPES: dict[type, bool] = {}
 
 
-def array_signature(x: Any) -> tuple[Hashable, ...] | None:
-    """``(type, shape, dtype)`` of a NumPy array, ``(type, shape, dtype, sharding)`` of a
-    concrete ``jax.Array``; None for anything else (a tracer, a list, a scalar, a subclass of
-    ``np.ndarray``): such a call has no key."""
+def is_concrete(x: Any) -> bool:
+    """Whether ``x`` is a NumPy array or a concrete ``jax.Array`` (not a tracer, a list, a
+    scalar or a subclass of ``np.ndarray``)."""
     kind = type(x)
     concrete = _CONCRETE_TYPES.get(kind)
     if concrete is None:
@@ -63,11 +65,29 @@ def array_signature(x: Any) -> tuple[Hashable, ...] | None:
             issubclass(kind, jax.Array) and not issubclass(kind, jax.core.Tracer)
         )
         _CONCRETE_TYPES[kind] = concrete
-    if not concrete:
+    return concrete
+
+
+def array_signature(x: Any) -> tuple[Any, ...] | None:
+    """``(type, shape, dtype)`` of a NumPy array, ``(type, shape, dtype, sharding)`` of a
+    concrete ``jax.Array``; None for anything else (:func:`is_concrete`): such a call has no
+    key."""
+    if not is_concrete(x):
         return None
-    if kind is np.ndarray:
-        return (kind, x.shape, x.dtype)
-    return (kind, x.shape, x.dtype, x.sharding)
+    if type(x) is np.ndarray:
+        return (np.ndarray, x.shape, x.dtype)
+    return (type(x), x.shape, x.dtype, x.sharding)
+
+
+def plain_statics(backend: Any, options: Any, checks: Any) -> bool:
+    """Whether the static arguments every operation takes are of the types its checks accept
+    and a key can hold: a str backend, None or a BackendOptions, a bool ``checks`` (anything
+    else, even if accepted, takes the full path)."""
+    return (
+        type(backend) is str
+        and type(checks) is bool
+        and (options is None or type(options) is BackendOptions)
+    )
 
 
 def eager_key(
@@ -76,23 +96,27 @@ def eager_key(
     """The key of an eager call: ``static`` (the operation's static arguments, which the
     caller has checked are of hashable types), the signatures of ``arrays`` and ``metadata``
     and the content of ``metadata``; None when one of them has none."""
-    signatures = tuple(map(array_signature, arrays + metadata))
-    if None in signatures:
-        return None
+    key: list[Hashable] = [static]
+    for x in arrays + metadata:
+        signature = array_signature(x)
+        if signature is None:
+            return None
+        key.append(signature)
     content = content_key(*metadata)
     if content is None:
         return None
-    return (static, signatures, content)
+    key.append(content)
+    return tuple(key)
 
 
 def metadata_plan(
-    mesh: Any, given: tuple[Any, ...], checked: tuple[Any, ...], placed: list[Any], specs: list[P]
+    mesh: Any, given: Sequence[Any], checked: Sequence[Any], placed: Sequence[Any], specs: list[P]
 ) -> tuple[Any, ...] | None:
     """How an equal later call finds each metadata array the full path placed: None for one
     passed on as given (already on the mesh), else the key of its device copy in the
     placement memo (``checked``: the array as ``place_all`` received it). None when a copy is
     not in that memo (too large to key): then the call is not stored."""
-    plan = []
+    plan: list[Any] = []
     for x, y, z, spec in zip(given, checked, placed, specs, strict=True):
         if z is x:
             plan.append(None)

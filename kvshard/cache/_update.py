@@ -29,9 +29,11 @@ from kvshard._drop import layer_in_range, route_layer, token_slots, writable_sli
 from kvshard._eager import (
     EAGER_CALLS,
     eager_key,
+    is_concrete,
     metadata_plan,
     placed_index,
     placed_metadata,
+    plain_statics,
 )
 from kvshard._host_checks import (
     as_int32,
@@ -485,9 +487,8 @@ def _eager_update_key(
         type(cache) is not KVCache
         or type(layer) is not int
         or slices is not None
-        or type(backend) is not str
-        or type(checks) is not bool
-        or not (options is None or type(options) is BackendOptions)
+        or not is_concrete(cache.kv)  # a traced cache: inside the caller's trace
+        or not plain_statics(backend, options, checks)
     ):
         return None
     if type(step) is StepMetadata:
@@ -504,7 +505,7 @@ def _eager_update_key(
         metadata, geometry = (step, num_slices), None
     layout = (cache.spec, cache.mesh, cache.head_axis, cache.page_axis)
     static = ("update", layout, geometry, backend, options, checks, stats)
-    key = eager_key(static, (cache.kv, k, v), metadata)
+    key = eager_key(static, (k, v), metadata)
     return None if key is None else (key, metadata)
 
 
