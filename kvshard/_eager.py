@@ -10,11 +10,12 @@ in two kinds:
 - the **content** of its small integer metadata (slices, page tables), as
   :func:`kvshard._memo.content_key` reads it (dtype, shape and bytes, never identity).
 
-Once every check of a call has passed, the operation stores what they derived (the metadata
-placed on the mesh and the static arguments of its jitted body) under a key holding both
-(:func:`eager_key`). A later call with an equal key skips the checks and the derivation: it
-re-checks only what the key does not hold (that the cache was not donated, and for
-``update`` the layer's value) and calls the same jitted function with the same arguments, so
+Once every check of a call has passed, the operation stores what they derived (where the
+metadata's device copies are, :func:`metadata_plan`, and the static arguments of its jitted
+body) under a key holding both (:func:`eager_key`). A later call with an equal key skips the
+checks and the derivation: it re-checks only what the key does not hold (that the cache was
+not donated, the layer's range and, for attention, the layer's type) and calls the same
+jitted function with the same arguments, so
 it compiles nothing new and writes or reads exactly what the full path would. A call that
 raises stores nothing, and a call the key cannot describe (a traced argument, a Python list,
 an option of another type) has no key and takes the full path.
@@ -47,8 +48,9 @@ __all__ = [
 ]
 
 # Keys of calls that passed, with what they derived. A decode loop needs one entry per step
-# (update) or per step and layer (attention); a larger memo only holds older steps.
-EAGER_CALLS = ContentMemo(maxsize=256)
+# and operation (the layer is not in the key), so a larger memo would only hold older steps;
+# a key holds at most a few arrays of MAX_KEY_BYTES (kvshard._memo).
+EAGER_CALLS = ContentMemo(maxsize=64)
 
 # type -> whether its instances are concrete arrays (asked once per type: isinstance against
 # the jax.Array ABC was a measurable part of the key).
