@@ -18,7 +18,16 @@ from jax.sharding import PartitionSpec as P
 from kvshard._memo import ContentMemo, content_key
 from kvshard.distributed import global_array
 
-__all__ = ["axis_size", "check_mesh_axes", "is_explicit", "place", "place_all", "to_spec"]
+__all__ = [
+    "axis_size",
+    "check_mesh_axes",
+    "is_explicit",
+    "place",
+    "place_all",
+    "placed_copy",
+    "reuse_key",
+    "to_spec",
+]
 
 
 def axis_size(mesh: Mesh, axis: str | None) -> int:
@@ -100,10 +109,10 @@ def place_all(mesh: Mesh, items: list[tuple[Any, P]], *, reuse: bool = False) ->
         else:
             # Only integer metadata: k/v change every step, and keying them costs a copy.
             metadata = isinstance(x, np.ndarray | np.generic) and x.dtype.kind in "iu"
-            content = content_key(x) if reuse and metadata else None
-            if content is not None:
-                keys[i] = (sharding, content)
-                out[i] = _PLACED.get(keys[i])
+            key = reuse_key(mesh, x, spec) if reuse and metadata else None
+            if key is not None:
+                keys[i] = key
+                out[i] = _PLACED.get(key)
             if out[i] is None:
                 moving.append(i)
     if moving:
@@ -115,3 +124,17 @@ def place_all(mesh: Mesh, items: list[tuple[Any, P]], *, reuse: bool = False) ->
             if i in keys:
                 _PLACED.put(keys[i], x)
     return out
+
+
+def reuse_key(mesh: Mesh, x: Any, spec: P) -> tuple[Any, ...] | None:
+    """The key ``place_all(..., reuse=True)`` files the device copy of ``x`` under (None: not
+    memoizable, see :func:`kvshard._memo.content_key`)."""
+    content = content_key(x)
+    return None if content is None else (_sharding(mesh, spec), content)
+
+
+def placed_copy(key: tuple[Any, ...]) -> Any:
+    """The device copy filed under ``key`` (:func:`reuse_key`), or None when there is none
+    (never placed, or evicted): the eager fast path (:mod:`kvshard._eager`) reads the step's
+    device copies here rather than keeping copies of its own."""
+    return _PLACED.get(key)

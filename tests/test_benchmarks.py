@@ -91,6 +91,19 @@ def test_callers_jit_eager_table_alone(capsys):
     assert "load before" in out and "load after" in out
 
 
+def test_interleaved_runs_each_predecessor_untimed_just_before_its_step():
+    import time
+
+    from kvshard.benchmarks._common import interleaved
+
+    order = []
+    steps = {"a": lambda: order.append("a"), "b": lambda: order.append("b")}
+    slow = lambda: (order.append("p"), time.sleep(0.05))
+    times, loads = interleaved(steps, 2, before={"b": slow})
+    assert order == ["a", "p", "b", "a", "p", "b"]
+    assert len(loads) == 2 and max(times["b"]) < 0.05  # the 50 ms predecessor is not timed
+
+
 def test_cache_update_rejects_tokens_off_the_page_grid(capsys):
     with pytest.raises(SystemExit) as exit_info:
         cache_update.main(["--tokens", "20"])

@@ -34,12 +34,17 @@ def interleaved(
     rounds: int,
     *,
     every: Mapping[str, int] | None = None,
+    before: Mapping[str, Callable[[], object]] | None = None,
 ) -> tuple[dict[str, list[float]], list[float]]:
     """Times every step once per round, round after round, so a load spike on the shared
     machine hits all of them alike. ``every`` maps a name to k: that step runs only in every
-    k-th round (a slow reference). Returns ``({name: [seconds per run]}, [load per round])``.
+    k-th round (a slow reference). ``before`` maps a name to a call run untimed just before
+    that step: steps compared with each other get the same predecessor, so none of them
+    finds the CPU's worker threads and caches warmer than another (on a CPU the first call
+    after a long one pays their wake-up). Returns ``({name: [seconds per run]}, [load per
+    round])``.
     """
-    every = every or {}
+    every, before = every or {}, before or {}
     times: dict[str, list[float]] = {name: [] for name in steps}
     loads = []
     for r in range(rounds):
@@ -47,6 +52,8 @@ def interleaved(
         for name, step in steps.items():
             if r % every.get(name, 1):
                 continue
+            if name in before:
+                before[name]()
             start = time.perf_counter()
             step()
             times[name].append(time.perf_counter() - start)

@@ -26,6 +26,15 @@ from jax.sharding import PartitionSpec as P
 
 from kvshard import _reports, quant
 from kvshard._drop import layer_in_range, route_layer, token_slots, writable_slices
+from kvshard._eager import (
+    EAGER_CALLS,
+    eager_key,
+    is_concrete,
+    metadata_plan,
+    placed_index,
+    placed_metadata,
+    plain_statics,
+)
 from kvshard._host_checks import (
     as_int32,
     check_backend,
@@ -400,6 +409,23 @@ def _update_call(
     stats,
 ):
     """The host side of :func:`update` and :func:`update_with_stats`: check, place, call."""
+    eager = (
+        _eager_update_key(
+            cache, layer, k, v, step, num_slices, slices, backend, options, checks, stats
+        )
+        if interpret is None and schedule is None  # else a deprecation warning: the full path
+        else None
+    )
+    known = None if eager is None else EAGER_CALLS.get(eager[0])
+    metadata = None if known is None else placed_metadata(known[0], eager[1])
+    if metadata is not None:  # this call passed every check before (kvshard._eager)
+        cache = check_cache(cache)
+        layer_index = check_layer(cache.spec.num_layers, layer)
+        _, kv_spec, static = known
+        if kv_spec is not None:  # k/v not already on the mesh as shard_map takes them
+            k, v = place_all(cache.mesh, [(k, kv_spec), (v, kv_spec)])
+        placed_layer = placed_index(cache.mesh, int(layer_index))
+        return _write(cache, placed_layer, k, v, *metadata, **static)
     if slices is not None:  # the keyword spelling of vLLM's form
         if step is not None:
             raise TypeError("pass step or slices=, not both")
@@ -441,14 +467,53 @@ def _update_call(
         ],
         reuse=not any(map(is_traced, (cache.kv, k, v))),  # eager: a step placed once per step
     )
-    return _write(
-        cache,
-        *placed,
-        backend=resolve_backend(cache, backend),
-        options=options,
-        checks=checks,
-        stats=stats,
-    )
+    static = {
+        "backend": resolve_backend(cache, backend),
+        "options": options,
+        "checks": checks,
+        "stats": stats,
+    }
+    result = _write(cache, *placed, **static)
+    plan = None
+    if eager is not None:  # every check passed: the next equal call is a lookup
+        specs = [slices_spec, num_spec]
+        plan = metadata_plan(mesh, eager[1], (slices, num_slices), placed[3:], specs)
+    if plan is not None:
+        moved = placed[1] is not k or placed[2] is not v  # a function of the key's shardings
+        EAGER_CALLS.put(eager[0], (plan, kv_spec if moved else None, static))
+    return result
+
+
+def _eager_update_key(
+    cache, layer, k, v, step, num_slices, slices, backend, options, checks, stats
+):
+    """(key, metadata) of an update call for the eager fast path (:mod:`kvshard._eager`):
+    the key holds all that its checks read but the cache's liveness and the layer's value;
+    None when a traced or unhashable argument leaves the call to the full path."""
+    if (
+        type(cache) is not KVCache
+        or type(layer) is not int
+        or slices is not None
+        or not is_concrete(cache.kv)  # a traced cache: inside the caller's trace
+        or not plain_statics(backend, options, checks)
+    ):
+        return None
+    if type(step) is StepMetadata:
+        if num_slices is not None:
+            return None
+        metadata = (step.slices, step.num_slices)
+        geometry = (
+            step.geometry,
+            np.shape(step.positions),
+            np.shape(step.kv_lens),
+            np.shape(step.page_indices),
+        )
+    else:
+        metadata, geometry = (step, num_slices), None
+    layout = (cache.spec, cache.mesh, cache.head_axis, cache.page_axis)
+    static = ("update", layout, geometry, backend, options, checks, stats)
+    key = eager_key(static, (k, v), metadata)
+    return None if key is None else (key, metadata)
 
 
 def update(
