@@ -14,6 +14,9 @@ Out-of-contract metadata inside ``jit`` is dropped identically on both backends
 (:func:`kvshard._drop.live_requests`): the first request out of contract and every request
 after it produce zeros, as does every token of a step whose traced ``layer`` is out of range;
 ``checks=True`` reports it.
+
+(Just over 400 lines because the public operation is read in one file: its host checks, the
+sharded call and its documented contract; the eager fast path is in ``eager.py``.)
 """
 
 from __future__ import annotations
