@@ -21,6 +21,9 @@ def run_script(path: Path, *flags: str) -> subprocess.CompletedProcess:
     env.pop("XLA_FLAGS", None)
     env["JAX_PLATFORMS"] = "cpu"
     env["NPROC"] = "16"  # a thread per simulated device for interpret mode (conftest.py)
+    # The checkout under test, not whichever kvshard the interpreter has installed (an
+    # editable install of another checkout would otherwise be what the script imports).
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     return subprocess.run(
         [sys.executable, str(path), *flags],
         capture_output=True,
