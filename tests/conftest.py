@@ -3,8 +3,20 @@
 import os
 
 # Must run before `import jax` anywhere in the test process (pytest imports conftest first).
+# LLVM at -O0: the suite compiles hundreds of small executables and runs each a few times, so
+# code generation time dominates (measured: 92 s -> 80 s on the attention grid, the grouped
+# cache and the memory tests). Buffer assignment, aliasing and donation are HLO passes, which
+# this flag leaves alone, so the in-place and temporaries tests test the same executables'
+# memory; no test asserts a timing. `kvshard bench` and the example scripts (tests/_scripts.py
+# starts them with a clean XLA_FLAGS) run at the default level.
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    os.environ.get("XLA_FLAGS", "")
+    + (
+        ""
+        if "optimization_level" in os.environ.get("XLA_FLAGS", "")
+        else " --xla_backend_optimization_level=0"
+    )
+    + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # XLA's CPU client sizes its thread pool from NPROC (else the core count); Pallas TPU interpret

@@ -206,8 +206,7 @@ def batches(draw, pools):
 
 
 GRID = [(layout, "float32") for layout in LAYOUTS] + [
-    (LAYOUTS[1], "bfloat16"),
-    (LAYOUTS[3], "bfloat16"),
+    (LAYOUTS[3], "bfloat16"),  # two page pools
     (LAYOUTS[0], "int8"),
 ]
 

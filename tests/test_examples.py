@@ -59,7 +59,9 @@ def test_tp_decode(extra):
 KV_BOUNDS = {"int8": (0.98, 0.008), "float8_e4m3fn": (0.95, 0.018)}
 
 
-@pytest.mark.parametrize("dtype", sorted(KV_BOUNDS))
+# The demo end to end from an int8 cache; float8's rounding (and the truncating quantizer's
+# error) is tested where it is implemented, tests/test_quant.py, without a demo run.
+@pytest.mark.parametrize("dtype", ["int8"])
 def test_tp_decode_quantized_cache_accuracy(dtype):
     out = summary(run_example("tp_decode.py", *TINY, "--kv-dtype", dtype))
     assert f"({dtype})" in out and out.rstrip().endswith("OK")

@@ -292,16 +292,6 @@ GEMMA3 = {  # five local layers per global one (sliding_window_pattern 6, the co
     "sliding_window": 4,
     "rope_local_base_freq": 10_000.0,
 }
-GPT_OSS = {  # sliding and full layers alternate; sinks and experts as the real model
-    **SMALL,
-    "model_type": "gpt_oss",
-    "num_hidden_layers": 4,
-    "head_dim": 16,
-    "sliding_window": 4,
-    "num_local_experts": 4,
-    "num_experts_per_tok": 2,
-    "tie_word_embeddings": False,
-}
 
 
 def served_grouped_and_all_full(directory, mesh):
@@ -337,15 +327,6 @@ def test_gemma3_shaped_checkpoint_is_served_from_layer_groups(tmp_path):
     assert (grouped.num_cache_layers, grouped.num_groups) == (1, 6)
     # Layer-pages (page ids x cache layers each) at the peak: under half of all-full's.
     assert grouped_peak * grouped.num_cache_layers * 2 < full_peak * full.num_cache_layers
-
-
-def test_gpt_oss_shaped_checkpoint_is_served_from_layer_groups(tmp_path):
-    """Alternating sliding/full layers with sinks: two groups of two cache layers."""
-    write_checkpoint(tmp_path, GPT_OSS, dtype="float32")
-    grouped, grouped_peak, full, full_peak = served_grouped_and_all_full(tmp_path, make_mesh(1, 2))
-    assert grouped.layer_types == (("sliding", 4), ("full",)) * 2
-    assert (grouped.num_cache_layers, grouped.num_groups) == (2, 2)
-    assert grouped_peak * grouped.num_cache_layers < full_peak * full.num_cache_layers
 
 
 def test_pool_sized_per_group():
