@@ -25,7 +25,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("NPROC", "16")
 
 import jax
+import pytest
 from hypothesis import HealthCheck, settings
+from jax.experimental.pallas import tpu as pltpu
 
 jax.config.update("jax_num_cpu_devices", 8)
 
@@ -58,3 +60,13 @@ def pytest_collection_modifyitems(config, items):
         return _LONG_FIRST.index(path) if path in _LONG_FIRST else len(_LONG_FIRST)
 
     items.sort(key=rank)  # stable: the collection order within a group
+
+
+@pytest.fixture(autouse=True)
+def _fresh_tpu_interpret_state():
+    """Pallas TPU interpret mode keeps its simulated memory in process-global state and leaves
+    it behind when a kernel raises (for debugging); the next kernel on another number of
+    devices then fails an internal assert. Each test starts from a clean simulator, whatever
+    ran before it on this worker."""
+    yield
+    pltpu.reset_tpu_interpret_mode_state()
