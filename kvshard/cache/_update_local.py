@@ -1,0 +1,185 @@
+"""The per-device bodies of :func:`kvshard.update` (inside ``shard_map``, on one device's block)
+and the saturation count of a quantized write.
+
+xla: the block viewed as [L, slots, C/n, n, D] (a free bitcast; n rows per head: 2
+interleaved, 1 packed), whole pages copied in a loop and the other tokens scattered, each row
+apart: no combined [T, C, D] copy. pallas: the kernel on the [L·slots, C, D] view, with
+``kv_cache_start`` offset by ``layer · slots``. Both write exactly the slices
+:func:`kvshard._drop.writable_slices` keeps.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from kvshard import quant
+from kvshard._drop import layer_in_range, token_slots, writable_slices
+from kvshard._layout import CacheSpec
+from kvshard._storage import from_bits, to_bits
+from kvshard.cache._codec import combine
+from kvshard.kernels.update import kv_cache_update
+
+__all__ = ["LOCAL_UPDATES", "SaturationCounts", "count_saturated"]
+
+
+# --------------------------------------------------------------------------------------------
+# Per-device bodies (inside shard_map, on one device's block)
+# --------------------------------------------------------------------------------------------
+
+
+def _local_update_xla(cache, layer, rows, slices, num, *, page_size, options, dtype):
+    """One device: cache [L, slots, C, D], encoded rows (each [T, C/n, D], n of them: K and V
+    interleaved, K|V packed; values in the cache's logical dtype, bitcast to its storage
+    here, as late as possible) -> cache, on the [L, slots, C/n, n, D] view (a bitcast), each
+    row written apart: no combined copy.
+
+    Whole-page slices (a prefill's) are copied page by page with ``dynamic_update_slice`` in a
+    loop: XLA's CPU scatter moves one row at a time, several times slower than these page
+    copies (docs/performance.md). The tokens of the other valid slices (a decode's) are
+    scattered, one scatter of [T, C/n, D] per row with out-of-bounds slots dropped.
+    """
+    del options, dtype  # both move the stored bits, whatever they are
+    num_layers, num_slots, combined, dim = cache.shape
+    num_tokens, n = rows[0].shape[0], len(rows)
+    valid = writable_slices(
+        slices,
+        num,
+        layer,
+        num_layers=num_layers,
+        num_tokens=num_tokens,
+        num_slots=num_slots,
+        page_size=page_size,
+    )
+    # A writable slice never crosses a page: a full one starts on a page boundary.
+    whole = valid & (slices[2] == page_size)
+    slots = token_slots(slices, valid & ~whole, num_tokens, num_slots)
+    # A bad layer leaves nothing valid; index layer 0 rather than let a negative layer wrap.
+    # Unique, in-bounds-or-dropped indices let XLA scatter in place.
+    layer = jnp.where(layer_in_range(layer, num_layers), layer, 0)
+    # The [L, slots, C/n, n, D] view writes each row apart, but a size-1 axis in it made XLA's
+    # CPU layout assignment copy the whole block in and out (1x8, 8 KV heads: temporaries =
+    # the cache), so a block of one interleaved head (C = n) or of packed rows (n = 1) is
+    # written as it is, [L, slots, C, D].
+    split = n > 1 and combined > n
+    heads = cache.reshape(num_layers, num_slots, combined // n, n, dim) if split else cache
+
+    def copy_page(i, heads):
+        def write(heads):
+            for which, x in enumerate(rows):
+                page = jax.lax.dynamic_slice_in_dim(x, slices[1, i], page_size, axis=0)
+                page = to_bits(page, cache.dtype)  # bitcast the page, not all of k/v
+                if split:
+                    page, start = page[None, :, :, None], (layer, slices[0, i], 0, which, 0)
+                else:
+                    page, start = page[None], (layer, slices[0, i], which, 0)
+                heads = jax.lax.dynamic_update_slice(heads, page, start)
+            return heads
+
+        return jax.lax.cond(whole[i], write, lambda heads: heads, heads)
+
+    if num_tokens >= page_size:  # else no slice can fill a page
+        live = jnp.clip(num[0], 0, slices.shape[1])
+        heads = jax.lax.fori_loop(0, live, copy_page, heads)
+    for which, x in enumerate(rows):
+        x = to_bits(x, cache.dtype)
+        if split:
+            at = heads.at[layer, slots, :, which]
+        elif n == 1:  # packed rows: x is [T, C, D]
+            at = heads.at[layer, slots]
+        else:  # one interleaved head: x is [T, 1, D]
+            at, x = heads.at[layer, slots, which], x[:, 0]
+        heads = at.set(x, mode="drop", unique_indices=True)
+    return heads.reshape(cache.shape)
+
+
+def _local_update_pallas(cache, layer, rows, slices, num, *, page_size, options, dtype):
+    """One device: the kernel on the [L·slots, C, D] view of the stacked block.
+
+    The reshape is a bitcast, so the kernel's input/output alias still covers the donated
+    buffer; offsetting kv_cache_start by ``layer · slots`` selects the layer. The kernel takes
+    the logical ``dtype``: a CPU cache storing bf16/fp8 bits (interpret mode) is bitcast to it
+    and back, which XLA's CPU backend materialises; on TPU storage is already ``dtype``.
+    """
+    num_layers, num_slots, heads, dim = cache.shape
+    stored = cache.dtype
+    flat = from_bits(cache.reshape(num_layers * num_slots, heads, dim), dtype)
+    valid = writable_slices(
+        slices,
+        num,
+        layer,
+        num_layers=num_layers,
+        num_tokens=rows[0].shape[0],
+        num_slots=num_slots,
+        page_size=page_size,
+    )
+    # The kernel bounds-checks against all L layers; a slice past this layer's slots (or of a
+    # layer out of range) must be dropped here or it would land in another layer.
+    slices = jnp.stack([slices[0] + layer * num_slots, slices[1], jnp.where(valid, slices[2], 0)])
+    out = kv_cache_update(
+        combine(rows),  # the kernel takes the head axis as the cache stores it
+        slices,
+        flat,
+        num,
+        page_size=page_size,
+        interpret=options.interpret,
+        schedule=options.schedule,
+    )
+    return to_bits(out, stored).reshape(cache.shape)
+
+
+LOCAL_UPDATES = {"xla": _local_update_xla, "pallas": _local_update_pallas}
+
+
+class SaturationCounts(NamedTuple):
+    """How many written K and V elements a quantized cache could not store faithfully.
+
+    Counts the elements of the tokens that live, valid slices write (padding tokens and
+    dropped slices do not count) whose ``x / scale`` fell outside the dtype's finite range,
+    so were stored as its limits, or was NaN, so was stored as 0 (see
+    :func:`kvshard.quant.saturated`). Always 0 for float32/bfloat16/float16 caches, which
+    store unscaled values with a plain cast. A pytree of two arrays, so it leaves ``jit`` and
+    ``lax.scan`` like any result.
+
+    Attributes:
+      k: int32[] saturated elements of K, summed over every device's heads and page pools
+        (each KV head counted once, however many replicas the cache holds).
+      v: int32[] the same for V.
+    """
+
+    k: jax.Array
+    v: jax.Array
+
+
+def count_saturated(cache, k, v, layer, slices, num, num_slots):
+    """int32[2] (K, V) saturated elements of the tokens this step writes, over all devices.
+
+    Inside shard_map: k, v [T, h, D] are this device's heads; the psum adds the other heads and
+    page pools, and dividing by r undoes the r devices that each quantize a copy of one head.
+    """
+    spec: CacheSpec = cache.spec
+    if not spec.quantized:
+        return jnp.zeros(2, jnp.int32)
+    num_tokens = k.shape[0]
+    valid = writable_slices(
+        slices,
+        num,
+        layer,
+        num_layers=spec.num_cache_layers,
+        num_tokens=num_tokens,
+        num_slots=num_slots,
+        page_size=spec.page_size,
+    )
+    written = (token_slots(slices, valid, num_tokens, num_slots) < num_slots)[:, None, None]
+    counts = jnp.stack(
+        [
+            jnp.sum(quant.saturated(x, scale, spec.np_dtype) & written, dtype=jnp.int32)
+            for x, scale in ((k, spec.k_scale), (v, spec.v_scale))
+        ]
+    )
+    axes = tuple(a for a in (cache.head_axis, cache.page_axis) if a is not None)
+    if axes:
+        counts = jax.lax.psum(counts, axes)
+    return counts // cache.replication
