@@ -83,15 +83,23 @@ def _local_update_xla(cache, layer, rows, slices, num, *, page_size, options, dt
     if num_tokens >= page_size:  # else no slice can fill a page
         live = jnp.clip(num[0], 0, slices.shape[1])
         heads = jax.lax.fori_loop(0, live, copy_page, heads)
-    for which, x in enumerate(rows):
-        x = to_bits(x, cache.dtype)
-        if split:
-            at = heads.at[layer, slots, :, which]
-        elif n == 1:  # packed rows: x is [T, C, D]
-            at = heads.at[layer, slots]
-        else:  # one interleaved head: x is [T, 1, D]
-            at, x = heads.at[layer, slots, which], x[:, 0]
-        heads = at.set(x, mode="drop", unique_indices=True)
+
+    def scatter_tokens(heads):
+        for which, x in enumerate(rows):
+            x = to_bits(x, cache.dtype)
+            if split:
+                at = heads.at[layer, slots, :, which]
+            elif n == 1:  # packed rows: x is [T, C, D]
+                at = heads.at[layer, slots]
+            else:  # one interleaved head: x is [T, 1, D]
+                at, x = heads.at[layer, slots, which], x[:, 0]
+            heads = at.set(x, mode="drop", unique_indices=True)
+        return heads
+
+    # Skipped when every token went with a whole page (a prefill): on CPU the scatter's source
+    # is a bitcast of all of k and v that XLA materialises first (T·C·D elements written and
+    # read again), which took as long as the page copies themselves in bfloat16.
+    heads = jax.lax.cond(jnp.any(slots < num_slots), scatter_tokens, lambda h: h, heads)
     return heads.reshape(cache.shape)
 
 
