@@ -66,7 +66,9 @@ def _local_update_xla(cache, layer, rows, slices, num, *, page_size, options, dt
     split = n > 1 and combined > n
     heads = cache.reshape(num_layers, num_slots, combined // n, n, dim) if split else cache
 
-    def copy_page(i, heads):
+    def copy_page(j, heads):
+        i = whole_order[j]
+
         def write(heads):
             for which, x in enumerate(rows):
                 page = jax.lax.dynamic_slice_in_dim(x, slices[1, i], page_size, axis=0)
@@ -78,11 +80,20 @@ def _local_update_xla(cache, layer, rows, slices, num, *, page_size, options, dt
                 heads = jax.lax.dynamic_update_slice(heads, page, start)
             return heads
 
+        # Always true; the `cond` keeps the page slices inside a branch, where XLA's CPU
+        # pipeline leaves them. In the loop body itself it hoists a bf16 slice's float32
+        # normalization out of the loop: all of k and v converted (4x their bytes) first.
         return jax.lax.cond(whole[i], write, lambda heads: heads, heads)
 
     if num_tokens >= page_size:  # else no slice can fill a page
-        live = jnp.clip(num[0], 0, slices.shape[1])
-        heads = jax.lax.fori_loop(0, live, copy_page, heads)
+        # The loop visits the whole slices only, in order (their indices packed to the front):
+        # a decode step, which has none, runs it zero times; a per-slice `cond` had cost
+        # every live slice an iteration.
+        index = jnp.arange(whole.shape[0], dtype=jnp.int32)
+        rank = jnp.where(whole, jnp.cumsum(whole, dtype=jnp.int32) - 1, whole.shape[0] + index)
+        whole_order = jnp.zeros_like(index).at[rank].set(index, mode="drop", unique_indices=True)
+        num_whole = jnp.sum(whole, dtype=jnp.int32)
+        heads = jax.lax.fori_loop(0, num_whole, copy_page, heads)
 
     def scatter_tokens(heads):
         for which, x in enumerate(rows):
