@@ -10,13 +10,14 @@ in two kinds:
 - the **content** of its small integer metadata (slices, page tables), as
   :func:`kvshard._memo.content_key` reads it (dtype, shape and bytes, never identity).
 
-Once every check of a call has passed, the operation stores what they derived (where the
-metadata's device copies are, :func:`metadata_plan`, and the static arguments of its jitted
-body) under a key holding both (:func:`eager_key`). A later call with an equal key skips the
-checks and the derivation: it re-checks only what the key does not hold (that the cache was
-not donated, the layer's range and, for attention, the layer's type) and calls the same
-jitted function with the same arguments, so
-it compiles nothing new and writes or reads exactly what the full path would. A call that
+Once every check of a call has passed, the operation stores what they derived (the
+metadata's device copies, :func:`placed_metadata`, and the static arguments of its jitted
+body) under a key holding both (:func:`eager_key`). The copies are immutable and never
+donated, and equal content means equal copies, so a later call may use them as they are. A
+later call with an equal key skips the checks and the derivation: it re-checks only what the
+key does not hold (that the cache was not donated, the layer's range and, for attention, the
+layer's type) and calls the same jitted function with the same arguments, so it compiles
+nothing new and writes or reads exactly what the full path would. A call that
 raises stores nothing, and a call the key cannot describe (a traced argument, a Python list,
 an option of another type) has no key and takes the full path.
 """
@@ -33,7 +34,6 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from kvshard._memo import ContentMemo, content_key
-from kvshard._sharding import placed_copy, reuse_key
 from kvshard._types import BackendOptions
 
 __all__ = [
@@ -41,10 +41,10 @@ __all__ = [
     "array_signature",
     "eager_key",
     "is_concrete",
-    "metadata_plan",
     "placed_index",
     "placed_metadata",
     "plain_statics",
+    "stored_metadata",
 ]
 
 # Keys of calls that passed, with what they derived. A decode loop needs one entry per step
@@ -111,35 +111,16 @@ def eager_key(
     return tuple(key)
 
 
-def metadata_plan(
-    mesh: Any, given: Sequence[Any], checked: Sequence[Any], placed: Sequence[Any], specs: list[P]
-) -> tuple[Any, ...] | None:
-    """How an equal later call finds each metadata array the full path placed: None for one
-    passed on as given (already on the mesh), else the key of its device copy in the
-    placement memo (``checked``: the array as ``place_all`` received it). None when a copy is
-    not in that memo (too large to key): then the call is not stored."""
-    plan: list[Any] = []
-    for x, y, z, spec in zip(given, checked, placed, specs, strict=True):
-        if z is x:
-            plan.append(None)
-            continue
-        key = reuse_key(mesh, y, spec)
-        if key is None or placed_copy(key) is not z:
-            return None
-        plan.append(key)
-    return tuple(plan)
+def placed_metadata(given: Sequence[Any], placed: Sequence[Any]) -> tuple[Any, ...]:
+    """What an equal later call hands its jitted body for each metadata array: the array the
+    full path placed on the mesh (``placed``), or None where it passed on the one ``given``
+    (already there, so the later call's own array is the one to pass)."""
+    return tuple(None if z is x else z for x, z in zip(given, placed, strict=True))
 
 
-def placed_metadata(plan: tuple[Any, ...], given: tuple[Any, ...]) -> list[Any] | None:
-    """The arrays :func:`metadata_plan` describes, or None when a device copy has left the
-    placement memo since (the call then takes the full path, which places it again)."""
-    out = []
-    for entry, x in zip(plan, given, strict=True):
-        placed = x if entry is None else placed_copy(entry)
-        if placed is None:
-            return None
-        out.append(placed)
-    return out
+def stored_metadata(stored: tuple[Any, ...], given: tuple[Any, ...]) -> list[Any]:
+    """The arrays :func:`placed_metadata` describes, for a call with metadata ``given``."""
+    return [x if z is None else z for z, x in zip(stored, given, strict=True)]
 
 
 @functools.lru_cache(maxsize=1024)

@@ -58,25 +58,37 @@ class ContentMemo:
         self._maxsize = maxsize
         self._entries: OrderedDict[Hashable, Any] = OrderedDict()
         self._lock = threading.Lock()
+        # The last (key, value) found or stored. An eager decode loop asks for one key per
+        # layer call, the same one each time: comparing it with this pair (no hash of the
+        # key, no lock) answers most calls. One tuple, so a reader sees one whole pair.
+        self._last: tuple[Hashable, Any] | None = None
 
     def get(self, key: Hashable) -> Any:
         """The value stored under ``key``, or None."""
+        last = self._last
+        if last is not None and last[0] == key:
+            return last[1]
         with self._lock:
             value = self._entries.get(key)
             if value is not None:
                 self._entries.move_to_end(key)
+                self._last = (key, value)
             return value
 
     def put(self, key: Hashable, value: Any) -> None:
         with self._lock:
             self._entries[key] = value
             self._entries.move_to_end(key)
+            self._last = (key, value)
             while len(self._entries) > self._maxsize:
-                self._entries.popitem(last=False)
+                evicted, _ = self._entries.popitem(last=False)
+                if self._last is not None and self._last[0] == evicted:
+                    self._last = None
 
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
+            self._last = None
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -24,7 +24,6 @@ __all__ = [
     "is_explicit",
     "place",
     "place_all",
-    "placed_copy",
     "reuse_key",
     "to_spec",
 ]
@@ -131,10 +130,3 @@ def reuse_key(mesh: Mesh, x: Any, spec: P) -> tuple[Any, ...] | None:
     memoizable, see :func:`kvshard._memo.content_key`)."""
     content = content_key(x)
     return None if content is None else (_sharding(mesh, spec), content)
-
-
-def placed_copy(key: tuple[Any, ...]) -> Any:
-    """The device copy filed under ``key`` (:func:`reuse_key`), or None when there is none
-    (never placed, or evicted): the eager fast path (:mod:`kvshard._eager`) reads the step's
-    device copies here rather than keeping copies of its own."""
-    return _PLACED.get(key)

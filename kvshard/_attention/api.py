@@ -38,7 +38,7 @@ from kvshard._attention.pallas import local_pallas
 from kvshard._attention.params import Statics
 from kvshard._attention.xla import local_xla
 from kvshard._drop import route_layer
-from kvshard._eager import EAGER_CALLS, metadata_plan
+from kvshard._eager import EAGER_CALLS, placed_metadata
 from kvshard._layer_types import LayerType
 from kvshard._layout import INT32_MAX, check_query_heads
 from kvshard._platform import resolve_attention_backend
@@ -400,13 +400,11 @@ def attention(
         [(layer_index, P()), (q, q_spec), *((x, fields_spec) for x in fields), *sinks_items],
         reuse=not any(map(host.is_traced, (cache.kv, q))),  # eager: a step placed once per step
     )
-    given, fields = fields, placed[: len(fields)]
-    plan = (
-        None if eager is None else metadata_plan(mesh, eager[1], given, fields, [fields_spec] * 4)
-    )
-    if plan is not None:  # every check passed: the next equal call is a lookup
+    fields = placed[: len(fields)]
+    if eager is not None:  # every check passed: the next equal call is a lookup
         static = (window, layer_type, resolved, scale, cap, options)
-        EAGER_CALLS.put(eager[0], (plan, None if q is eager[2] else q_spec, resolved, static))
+        stored = placed_metadata(eager[1], fields)
+        EAGER_CALLS.put(eager[0], (stored, None if q is eager[2] else q_spec, resolved, static))
     return _read(
         cache,
         layer_index,

@@ -16,8 +16,8 @@ from kvshard._eager import (
     eager_key,
     is_concrete,
     placed_index,
-    placed_metadata,
     plain_statics,
+    stored_metadata,
 )
 from kvshard._sharding import place_all
 from kvshard.cache import KVCache, check_cache
@@ -83,9 +83,9 @@ def known_call(read_fn, eager, cache, layer, q):
     every check before (only the cache's liveness and the layer are checked again), else
     None. ``read_fn``: the jitted body the full path calls."""
     known = EAGER_CALLS.get(eager[0])
-    fields = None if known is None else placed_metadata(known[0], eager[1])
-    if fields is None:
+    if known is None:
         return None
+    fields = stored_metadata(known[0], eager[1])
     cache = check_cache(cache)
     _, q_spec, resolved, static = known
     host.check_layer(cache.spec.num_layers, layer)

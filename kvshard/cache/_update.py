@@ -31,10 +31,10 @@ from kvshard._eager import (
     EAGER_CALLS,
     eager_key,
     is_concrete,
-    metadata_plan,
     placed_index,
     placed_metadata,
     plain_statics,
+    stored_metadata,
 )
 from kvshard._host_checks import (
     as_int32,
@@ -256,8 +256,8 @@ def _update_call(
         else None
     )
     known = None if eager is None else EAGER_CALLS.get(eager[0])
-    metadata = None if known is None else placed_metadata(known[0], eager[1])
-    if metadata is not None:  # this call passed every check before (kvshard._eager)
+    if known is not None:  # this call passed every check before (kvshard._eager)
+        metadata = stored_metadata(known[0], eager[1])
         cache = check_cache(cache)
         layer_index = check_layer(cache.spec.num_layers, layer)
         _, kv_spec, static = known
@@ -313,13 +313,10 @@ def _update_call(
         "stats": stats,
     }
     result = _write(cache, *placed, **static)
-    plan = None
     if eager is not None:  # every check passed: the next equal call is a lookup
-        specs = [slices_spec, num_spec]
-        plan = metadata_plan(mesh, eager[1], (slices, num_slices), placed[3:], specs)
-    if plan is not None:
         moved = placed[1] is not k or placed[2] is not v  # a function of the key's shardings
-        EAGER_CALLS.put(eager[0], (plan, kv_spec if moved else None, static))
+        stored = placed_metadata(eager[1], placed[3:])
+        EAGER_CALLS.put(eager[0], (stored, kv_spec if moved else None, static))
     return result
 
 
