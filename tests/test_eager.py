@@ -220,3 +220,17 @@ def test_a_known_attention_reads_each_layer_with_its_own_type():
         messages.append(str(err.value))
         EAGER_CALLS.clear()
     assert messages[0] == messages[1]
+
+
+def test_the_key_tells_numpy_from_device_metadata_and_content_from_identity():
+    from kvshard._eager import eager_key
+
+    slices = np.array([[0, 1], [0, 1], [1, 1]], np.int32)
+    key = eager_key(("update",), (), (slices,))
+    assert eager_key(("update",), (), (slices.copy(),)) == key  # content, not identity
+    assert eager_key(("update",), (), (jax.numpy.asarray(slices),)) != key  # a device array
+    assert eager_key(("update",), (), (slices.astype(np.int64),)) != key  # another dtype
+    assert eager_key(("update",), (), (slices.reshape(2, 3),)) != key  # another shape
+    slices[2, 1] = 2
+    assert eager_key(("update",), (), (slices,)) != key  # mutated in place
+    assert eager_key(("update",), (), ([[0, 1]],)) is None  # a list has no key

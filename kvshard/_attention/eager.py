@@ -6,8 +6,6 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-import numpy as np
-
 from kvshard import _host_checks as host
 from kvshard._attention.layer_type import read_type
 from kvshard._attention.params import Statics
@@ -17,6 +15,7 @@ from kvshard._eager import (
     is_concrete,
     placed_index,
     plain_statics,
+    shape_of,
     stored_metadata,
 )
 from kvshard._sharding import place_all
@@ -68,7 +67,7 @@ def eager_attention_key(
         return None
     fields = tuple(getattr(step, name) for name in field_names)
     layout = (cache.spec, cache.mesh, cache.head_axis, cache.page_axis)
-    geometry = (step.geometry, np.shape(step.positions))
+    geometry = (step.geometry, shape_of(step.positions))
     static = ("attention", layout, geometry, sm_scale, window, layer_type, soft_cap)
     key = eager_key((*static, backend, options, checks), (q,), fields)
     return None if key is None else (key, fields, q)

@@ -34,6 +34,7 @@ from kvshard._eager import (
     placed_index,
     placed_metadata,
     plain_statics,
+    shape_of,
     stored_metadata,
 )
 from kvshard._host_checks import (
@@ -340,9 +341,9 @@ def _eager_update_key(
         metadata = (step.slices, step.num_slices)
         geometry = (
             step.geometry,
-            np.shape(step.positions),
-            np.shape(step.kv_lens),
-            np.shape(step.page_indices),
+            shape_of(step.positions),
+            shape_of(step.kv_lens),
+            shape_of(step.page_indices),
         )
     else:
         metadata, geometry = (step, num_slices), None
@@ -435,7 +436,21 @@ def update(
         slices/num_slices value outside int32, overlapping slices, unknown backend. Nothing
         is donated when an error is raised.
     """
-    return _update_call(**locals(), stats=False)
+    return _update_call(
+        cache,
+        layer,
+        k,
+        v,
+        step,
+        num_slices,
+        slices=slices,
+        backend=backend,
+        options=options,
+        checks=checks,
+        interpret=interpret,
+        schedule=schedule,
+        stats=False,
+    )
 
 
 def update_with_stats(*args: Any, **kwargs: Any) -> tuple[KVCache, SaturationCounts]:
