@@ -8,9 +8,9 @@ row at ``[layer, slot, :, i]``, with no combined [T, C, D] copy of the new token
 Both backends write exactly the slices :func:`kvshard._drop.writable_slices` keeps.
 
 The per-device bodies of both backends and the saturation count are in
-:mod:`kvshard.cache._update_local`; this module holds the host checks, the eager fast path's
-key and the sharded call. (Over 400 lines because the public operation's checks and its
-documented contract are read in one file.)
+:mod:`kvshard.cache._update_local`, the eager fast path in :mod:`kvshard.cache._update_eager`;
+this module holds the host checks and the sharded call. (Over 400 lines because the public
+operation's checks and its documented contract are read in one file.)
 """
 
 from __future__ import annotations
@@ -27,16 +27,7 @@ from jax.sharding import PartitionSpec as P
 
 from kvshard import _reports
 from kvshard._drop import route_layer
-from kvshard._eager import (
-    EAGER_CALLS,
-    eager_key,
-    is_concrete,
-    placed_index,
-    placed_metadata,
-    plain_statics,
-    shape_of,
-    stored_metadata,
-)
+from kvshard._eager import EAGER_CALLS, placed_metadata
 from kvshard._host_checks import (
     as_int32,
     check_backend,
@@ -52,6 +43,7 @@ from kvshard._sharding import place_all, to_spec
 from kvshard._types import Backend, BackendOptions, Schedule
 from kvshard.cache._codec import encode, kv_in_spec, local_heads
 from kvshard.cache._pytree import KVCache, check_cache, with_kv
+from kvshard.cache._update_eager import eager_update_key, known_update
 from kvshard.cache._update_local import LOCAL_UPDATES, SaturationCounts, count_saturated
 from kvshard.kernels.checks import validate_slices
 from kvshard.step import StepMetadata, check_step
@@ -250,22 +242,16 @@ def _update_call(
 ):
     """The host side of :func:`update` and :func:`update_with_stats`: check, place, call."""
     eager = (
-        _eager_update_key(
+        eager_update_key(
             cache, layer, k, v, step, num_slices, slices, backend, options, checks, stats
         )
         if interpret is None and schedule is None  # else a deprecation warning: the full path
         else None
     )
-    known = None if eager is None else EAGER_CALLS.get(eager[0])
-    if known is not None:  # this call passed every check before (kvshard._eager)
-        metadata = stored_metadata(known[0], eager[1])
-        cache = check_cache(cache)
-        layer_index = check_layer(cache.spec.num_layers, layer)
-        _, kv_spec, static = known
-        if kv_spec is not None:  # k/v not already on the mesh as shard_map takes them
-            k, v = place_all(cache.mesh, [(k, kv_spec), (v, kv_spec)])
-        placed_layer = placed_index(cache.mesh, int(layer_index))
-        return _write(cache, placed_layer, k, v, *metadata, **static)
+    if eager is not None:
+        known = known_update(_write, eager, cache, layer, k, v)
+        if known is not None:  # this call passed every check before (kvshard._eager)
+            return known
     if slices is not None:  # the keyword spelling of vLLM's form
         if step is not None:
             raise TypeError("pass step or slices=, not both")
@@ -319,38 +305,6 @@ def _update_call(
         stored = placed_metadata(eager[1], placed[3:])
         EAGER_CALLS.put(eager[0], (stored, kv_spec if moved else None, static))
     return result
-
-
-def _eager_update_key(
-    cache, layer, k, v, step, num_slices, slices, backend, options, checks, stats
-):
-    """(key, metadata) of an update call for the eager fast path (:mod:`kvshard._eager`):
-    the key holds all that its checks read but the cache's liveness and the layer's value;
-    None when a traced or unhashable argument leaves the call to the full path."""
-    if (
-        type(cache) is not KVCache
-        or type(layer) is not int
-        or slices is not None
-        or not is_concrete(cache.kv)  # a traced cache: inside the caller's trace
-        or not plain_statics(backend, options, checks)
-    ):
-        return None
-    if type(step) is StepMetadata:
-        if num_slices is not None:
-            return None
-        metadata = (step.slices, step.num_slices)
-        geometry = (
-            step.geometry,
-            shape_of(step.positions),
-            shape_of(step.kv_lens),
-            shape_of(step.page_indices),
-        )
-    else:
-        metadata, geometry = (step, num_slices), None
-    layout = (cache.spec, cache.mesh, cache.head_axis, cache.page_axis)
-    static = ("update", layout, geometry, backend, options, checks, stats)
-    key = eager_key(static, (k, v), metadata)
-    return None if key is None else (key, metadata)
 
 
 def update(
