@@ -7,8 +7,8 @@ import os
 # code generation time dominates (measured: 92 s -> 80 s on the attention grid, the grouped
 # cache and the memory tests). Buffer assignment, aliasing and donation are HLO passes, which
 # this flag leaves alone, so the in-place and temporaries tests test the same executables'
-# memory; no test asserts a timing. `kvshard bench` and the example scripts (tests/_scripts.py
-# starts them with a clean XLA_FLAGS) run at the default level.
+# memory; no test asserts a timing. The example scripts the tests start (tests/_scripts.py)
+# get -O0 too; `kvshard bench` and the examples run by hand keep the default level.
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "")
     + (
