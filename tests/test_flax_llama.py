@@ -14,49 +14,51 @@ import numpy as np
 from _hf_checkpoints import llama32_config, write_checkpoint
 from _scripts import ROOT, run_script, stdout_of_success
 
+_RESULT = re.compile(
+    r"(\d+) requests, (\d+) steps, (\d+) tokens computed, window (\S+), at most (\d+) "
+    r"pages in use: max \|paged - dense\| logit = (\S+)"
+)
 
-def run_flax_llama(*flags: str) -> tuple[int, int, int, str, int, float]:
-    """(requests, steps, tokens computed, window, most pages in use, max logit diff)."""
-    out = stdout_of_success(run_script(ROOT / "examples" / "flax_llama.py", *flags))
-    found = re.search(
-        r"(\d+) requests, (\d+) steps, (\d+) tokens computed, window (\S+), at most (\d+) "
-        r"pages in use: max \|paged - dense\| logit = (\S+)",
-        out,
-    )
-    assert found, out
-    requests, steps, tokens, window, peak, diff = found.groups()
-    return int(requests), int(steps), int(tokens), window, int(peak), float(diff)
+# Three runs of the example in ONE process (a process start, the imports and the weights'
+# initialisers cost more than a run): without a window, with a window of 6, then with a dense
+# model that ignores the window. The paged run attends a window of 6, so that wrong dense model
+# must not match. Its 3 requests give the dense check new shapes, so it is traced afresh with
+# the replaced dense attention (had an earlier trace been reused, it would exit 0 and fail here).
+_THREE_RUNS = """
+import sys
+sys.path.insert(0, {examples!r})
+import dataclasses
+import flax_llama
+from kvshard.models import model as m
+codes = [flax_llama.main([]), flax_llama.main(["--sliding-window", "6"])]
+full = m.dense_attention
+def unwindowed(q, k, v, spec, arch, sinks=None):
+    return full(q, k, v, dataclasses.replace(spec, window=None), arch, sinks)
+m.dense_attention = unwindowed
+codes.append(flax_llama.main(["--sliding-window", "6", "--num-requests", "3"]))
+print("exit codes:", *codes)
+"""
 
 
-def test_flax_llama_matches_dense_with_and_without_a_window():
-    full = run_flax_llama()
+def test_flax_llama_matches_dense_with_and_without_a_window_and_catches_a_wrong_model(tmp_path):
+    script = tmp_path / "three_runs.py"
+    script.write_text(_THREE_RUNS.format(examples=str(ROOT / "examples")))
+    proc = run_script(script)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "exit codes: 0 0 1" in proc.stdout, proc.stdout + proc.stderr
+    runs = [
+        (int(r), int(s), int(t), w, int(peak), float(d))
+        for r, s, t, w, peak, d in _RESULT.findall(proc.stdout)
+    ]
+    assert len(runs) == 3, proc.stdout
+    full, windowed, wrong = runs
     requests, steps, tokens, window, peak, diff = full
     assert requests == 6 and tokens > steps > 6  # batched: prefill chunks and decodes
     assert window == "None" and diff <= 1e-4
-    windowed = run_flax_llama("--sliding-window", "6")
     assert windowed[:4] == (requests, steps, tokens, "6")  # the same schedule
     assert windowed[5] <= 1e-4
     assert windowed[4] < peak  # the allocator released out-of-window pages
-
-
-def test_flax_llama_check_catches_a_wrong_model(tmp_path):
-    # The paged run attends a window of 6; a dense model without the window must not match.
-    script = tmp_path / "wrong_dense.py"
-    script.write_text(
-        f"import sys\nsys.path.insert(0, {str(ROOT / 'examples')!r})\n"
-        "import dataclasses\n"
-        "import flax_llama\n"
-        "from kvshard.models import model as m\n"
-        "full = m.dense_attention\n"
-        "def unwindowed(q, k, v, spec, arch, sinks=None):\n"
-        "    return full(q, k, v, dataclasses.replace(spec, window=None), arch, sinks)\n"
-        "m.dense_attention = unwindowed\n"
-        "sys.exit(flax_llama.main(['--sliding-window', '6', '--num-requests', '3']))\n"
-    )
-    proc = run_script(script)
-    assert proc.returncode == 1, proc.stdout + proc.stderr
-    diff = float(re.search(r"logit = (\S+)", proc.stdout).group(1))
-    assert diff > 1e-2
+    assert wrong[0] == 3 and wrong[3] == "6" and wrong[5] > 1e-2
 
 
 def test_checkpoint_command_line_writes_tokens_and_logits(tmp_path):
