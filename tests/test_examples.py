@@ -27,29 +27,29 @@ def max_abs_diff(stdout: str) -> float:
 
 TINY = ("--layers", "2", "--num-requests", "4", "--steps", "8")
 
+# The demo's runs below, in ONE process: each is a call of examples/tp_decode.py's main (the
+# program of `kvshard demo`) with its own flags, so each builds its own model, cache and
+# allocator; the process start and the imports (a third of a run) are paid once.
+_TP_DECODE_RUNS = """
+import sys
+sys.path.insert(0, {examples!r})
+import tp_decode  # sets the simulated devices before JAX
+for argv in {runs!r}:
+    print("=== run", flush=True)
+    print("=== exit", tp_decode.main(list(argv)), flush=True)
+"""
 
-@pytest.mark.parametrize(
-    "extra", [("--no-prefix-caching",), ("--prefix-caching", "--kv-heads", "8")]
-)
-def test_tp_decode(extra):
-    out = summary(run_example("tp_decode.py", *TINY, *extra))
-    for key in (
-        "steps:",
-        "tokens generated:",
-        "pages used:",
-        "peak usage:",
-        "prefix-cache hits:",
-        "compilations:",
-        "max abs diff:",
-        "wall time:",
-    ):
-        assert key in out, f"missing {key!r} in\n{out}"
-    assert out.rstrip().endswith("OK")
-    assert max_abs_diff(out) <= 1e-4
-    assert int(re.search(r"tokens generated:\s+(\d+)", out).group(1)) > 0
-    # One compilation per token bucket at most: the buckets bound the shapes.
-    used = re.search(r"forward (\d+) \(buckets used \[([^\]]*)\]", out)
-    assert int(used.group(1)) <= len(used.group(2).split(","))
+
+def run_tp_decode(tmp_path, runs: dict[str, tuple[str, ...]]) -> dict[str, tuple[int, str]]:
+    """{name: (exit code, stdout)} of examples/tp_decode.py's main run once per flags."""
+    script = tmp_path / "tp_decode_runs.py"
+    script.write_text(
+        _TP_DECODE_RUNS.format(examples=str(ROOT / "examples"), runs=list(runs.values()))
+    )
+    out = summary(run_script(script))
+    parts = re.findall(r"=== run\n(.*?)=== exit (\d+)\n", out, flags=re.S)
+    assert len(parts) == len(runs), out
+    return {name: (int(code), text) for name, (text, code) in zip(runs, parts, strict=True)}
 
 
 # Documented bounds of examples/tp_decode.py --kv-dtype (its BOUNDS; figures in
@@ -59,12 +59,53 @@ def test_tp_decode(extra):
 KV_BOUNDS = {"int8": (0.98, 0.008), "float8_e4m3fn": (0.95, 0.018)}
 
 
-# The demo end to end from an int8 cache; float8's rounding (and the truncating quantizer's
-# error) is tested where it is implemented, tests/test_quant.py, without a demo run.
-@pytest.mark.parametrize("dtype", ["int8"])
-def test_tp_decode_quantized_cache_accuracy(dtype):
-    out = summary(run_example("tp_decode.py", *TINY, "--kv-dtype", dtype))
-    assert f"({dtype})" in out and out.rstrip().endswith("OK")
+def test_tp_decode(tmp_path):
+    """Float32 without and with prefix caching (and 8 KV heads: no replication), an int8
+    cache within its documented bounds (float8's rounding, and the truncating quantizer's
+    error, are tested where they are implemented, tests/test_quant.py, without a demo run),
+    and a zero tolerance, which float32 vs the float64 oracle cannot meet: the failure path."""
+    runs = run_tp_decode(
+        tmp_path,
+        {
+            "no prefix caching": (*TINY, "--no-prefix-caching"),
+            "prefix caching, 8 KV heads": (*TINY, "--prefix-caching", "--kv-heads", "8"),
+            "int8": (*TINY, "--kv-dtype", "int8"),
+            "tolerance 0": (
+                "--layers",
+                "1",
+                "--num-requests",
+                "2",
+                "--steps",
+                "2",
+                "--tolerance",
+                "0",
+            ),
+        },
+    )
+    for name in ("no prefix caching", "prefix caching, 8 KV heads"):
+        code, out = runs[name]
+        assert code == 0, f"{name}:\n{out}"
+        for key in (
+            "steps:",
+            "tokens generated:",
+            "pages used:",
+            "peak usage:",
+            "prefix-cache hits:",
+            "compilations:",
+            "max abs diff:",
+            "wall time:",
+        ):
+            assert key in out, f"{name}: missing {key!r} in\n{out}"
+        assert out.rstrip().endswith("OK")
+        assert max_abs_diff(out) <= 1e-4
+        assert int(re.search(r"tokens generated:\s+(\d+)", out).group(1)) > 0
+        # One compilation per token bucket at most: the buckets bound the shapes.
+        used = re.search(r"forward (\d+) \(buckets used \[([^\]]*)\]", out)
+        assert int(used.group(1)) <= len(used.group(2).split(","))
+
+    dtype = "int8"
+    code, out = runs[dtype]
+    assert code == 0 and f"({dtype})" in out and out.rstrip().endswith("OK"), out
     min_top1, max_mean = KV_BOUNDS[dtype]
     top1 = float(re.search(r"top-1 agreement:\s+(\S+)%", out).group(1)) / 100
     mean = float(re.search(r"mean abs diff:\s+(\S+)", out).group(1))
@@ -72,14 +113,9 @@ def test_tp_decode_quantized_cache_accuracy(dtype):
     # Quantized, so not float-exact: the difference is real but bounded.
     assert 1e-4 < max_abs_diff(out) < 0.5
 
-
-def test_tp_decode_fails_on_mismatch():
-    # A zero tolerance cannot be met by float32 vs the float64 oracle: the failure path runs.
-    proc = run_example(
-        "tp_decode.py", "--layers", "1", "--num-requests", "2", "--steps", "2", "--tolerance", "0"
-    )
-    assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert "FAILED" in proc.stdout
+    code, out = runs["tolerance 0"]
+    assert code == 1, out
+    assert "FAILED" in out
 
 
 def test_prefix_sharing():
