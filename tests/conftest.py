@@ -23,6 +23,12 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # mode needs every simulated device's thread at once, so 8 devices on 2 cores would deadlock
 # (docs/guides/fuzzing.md). Read once, when JAX creates its CPU client.
 os.environ.setdefault("NPROC", "16")
+# One OpenBLAS thread for numpy (the float64 oracles), here and in every script the tests start
+# (they inherit the environment): with both cores busy (`-n 2`), its default thread a core
+# waits on the other worker's core. Measured with one core kept busy: the demo's dense model
+# 31-43 ms -> 12-21 ms a call; examples/prefix_sharing.py (the test's flags) 23.5 s -> 12.7 s.
+# Read when numpy loads its BLAS, which no plugin imports before this file.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import jax
 import pytest
