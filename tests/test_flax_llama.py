@@ -93,24 +93,45 @@ def test_checkpoint_command_line_writes_tokens_and_logits(tmp_path):
         assert tokens[len(prompt) :].tolist() == logits[len(prompt) - 1 :].argmax(-1).tolist()
 
 
+# Each command line below as its own "process" in ONE interpreter (the imports are most of a
+# refused run): main's SystemExit becomes the exit status and stderr text Python itself would
+# give it (None -> 0, an int as is, anything else printed to stderr -> 1).
+_COMMAND_LINES = """
+import sys
+sys.path.insert(0, {examples!r})
+import flax_llama
+for argv in {runs!r}:
+    try:
+        code = flax_llama.main(list(argv))
+    except SystemExit as exit:
+        code = exit.code
+        if code is not None and not isinstance(code, int):
+            print(code, file=sys.stderr)
+            code = 1
+    print("=== exit", code or 0, flush=True)
+    print("=== end", file=sys.stderr, flush=True)
+"""
+
+
+def run_command_lines(tmp_path, runs: list[tuple[str, ...]]) -> list[tuple[int, str]]:
+    """[(exit status, stderr)] of examples/flax_llama.py's main for each argv, in turn."""
+    script = tmp_path / "command_lines.py"
+    script.write_text(_COMMAND_LINES.format(examples=str(ROOT / "examples"), runs=runs))
+    proc = run_script(script)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    codes = [int(c) for c in re.findall(r"=== exit (-?\d+)", proc.stdout)]
+    errors = proc.stderr.split("=== end\n")[: len(codes)]
+    assert len(codes) == len(errors) == len(runs), proc.stdout + proc.stderr
+    return list(zip(codes, errors, strict=True))
+
+
 def test_checkpoint_command_line_refuses_bad_input(tmp_path):
     write_checkpoint(tmp_path / "ckpt", llama32_config(), dtype="float32")
     (tmp_path / "prompts.json").write_text(json.dumps([[1, 2], [999]]))
-    proc = run_script(
-        ROOT / "examples" / "flax_llama.py",
-        *("--checkpoint", str(tmp_path / "ckpt"), "--prompts", str(tmp_path / "prompts.json")),
-        "--mesh",
-        "1x3x1",
+    inputs = ("--checkpoint", str(tmp_path / "ckpt"), "--prompts", str(tmp_path / "prompts.json"))
+    bad_mesh, untiled_heads, bad_token = run_command_lines(
+        tmp_path, [(*inputs, "--mesh", "1x3x1"), (*inputs, "--mesh", "1x3"), inputs]
     )
-    assert proc.returncode == 2 and "--mesh '1x3x1'" in proc.stderr
-    proc = run_script(
-        ROOT / "examples" / "flax_llama.py",
-        *("--checkpoint", str(tmp_path / "ckpt"), "--prompts", str(tmp_path / "prompts.json")),
-        *("--mesh", "1x3"),
-    )
-    assert proc.returncode == 1 and "--mesh 1x3: tensor-parallel size 3" in proc.stderr
-    proc = run_script(
-        ROOT / "examples" / "flax_llama.py",
-        *("--checkpoint", str(tmp_path / "ckpt"), "--prompts", str(tmp_path / "prompts.json")),
-    )
-    assert proc.returncode == 1 and "prompt 1 has a token id outside [0, 256)" in proc.stderr
+    assert bad_mesh[0] == 2 and "--mesh '1x3x1'" in bad_mesh[1]
+    assert untiled_heads[0] == 1 and "--mesh 1x3: tensor-parallel size 3" in untiled_heads[1]
+    assert bad_token[0] == 1 and "prompt 1 has a token id outside [0, 256)" in bad_token[1]
