@@ -68,6 +68,21 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=rank)  # stable: the collection order within a group
 
 
+@pytest.fixture
+def small_kernel_blocks(monkeypatch):
+    """2 slices a kernel block instead of up to 64, for tests of the Pallas update path whose
+    subject is not the block size: interpret mode compiles every unrolled DMA into host
+    callbacks and runs all 64 of a block, used or not (about 18 vs 1 CPU-seconds an executable,
+    see test_pallas_meshes.py; test_attention_groups' pallas test: 14.5 s -> 3.3 s), and a
+    step's slices then span several grid steps. The default block stays under test where the
+    update kernel is the subject (test_kernel*.py), in test_attention.py and test_quant.py."""
+    from kvshard.kernels import budgets
+
+    monkeypatch.setattr(budgets, "MAX_SLICES_PER_BLOCK", 2)
+    # Fails if the block rule stops reading the constant there (the fixture would do nothing).
+    assert budgets.default_num_slices_per_block(4, 2, 128, "float32") == 2
+
+
 @pytest.fixture(autouse=True)
 def _fresh_tpu_interpret_state():
     """Pallas TPU interpret mode keeps its simulated memory in process-global state and leaves
