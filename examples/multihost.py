@@ -61,7 +61,11 @@ def launch(args: argparse.Namespace) -> int:
     with socket.socket() as s:  # a free port, picked now
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    # Each process asks for its share of the devices itself (join); other XLA flags pass on.
+    env = dict(os.environ)
+    xla_flags = [f for f in env.pop("XLA_FLAGS", "").split() if "device_count" not in f]
+    if xla_flags:
+        env["XLA_FLAGS"] = " ".join(xla_flags)
     flags = ["--steps", str(args.steps), "--data", str(args.data)]
     procs = [
         subprocess.Popen(

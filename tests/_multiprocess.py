@@ -43,7 +43,8 @@ def free_port() -> int:
 
 def process_env() -> dict[str, str]:
     env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)
+    # LLVM at -O0, as in the test process (conftest.py): compiling dominates these runs.
+    env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"
     env["JAX_PLATFORMS"] = "cpu"
     env["NPROC"] = "16"
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)

@@ -81,6 +81,7 @@ def test_every_layer_reads_its_own_group_through_its_own_window(layer_types, mes
     serve(layer_types, mesh_shape, pools=pools)
 
 
+@pytest.mark.usefixtures("small_kernel_blocks")
 def test_pallas_backend_serves_every_layer_of_its_group():
     # The update kernel in interpret mode; attention through the pallas backend's operands
     # with a kernel of JAX's contract (JAX's own runs only on TPU). Like JAX's kernel it

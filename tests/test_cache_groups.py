@@ -101,6 +101,7 @@ def _read_back(cache, history, layer):
         yield np.asarray(k), np.asarray(v), history.k[layer][r], history.v[layer][r]
 
 
+@pytest.mark.usefixtures("small_kernel_blocks")  # the pallas backend's (conftest.py)
 @pytest.mark.parametrize(("backend", "traced"), [("xla", False), ("pallas", False), ("xla", True)])
 def test_update_writes_each_layer_into_its_cache_layer_of_its_groups_pages(backend, traced):
     spec = grouped_spec(GPT_OSS)
@@ -165,6 +166,7 @@ def test_a_step_of_another_group_count_is_refused_before_anything_is_donated():
     np.testing.assert_array_equal(np.asarray(cache.kv), before)
 
 
+@pytest.mark.usefixtures("small_kernel_blocks")  # the pallas backend's (conftest.py)
 @pytest.mark.parametrize("backend", ["xla", "pallas"])
 def test_a_traced_layer_out_of_range_writes_nothing_and_checks_report_it(backend):
     spec = grouped_spec(GPT_OSS)

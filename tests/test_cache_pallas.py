@@ -26,22 +26,11 @@ from hypothesis import strategies as st
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-import kvshard.kernels.budgets
 from kvshard import BackendOptions
 from kvshard.cache import CacheSpec, abstract_cache, init_cache, update
 from kvshard.testing import update_slices
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def small_kernel_blocks(monkeypatch):
-    """2 slices a kernel block instead of up to 64: interpret mode compiles every unrolled
-    DMA into host callbacks (about 18 vs 1 CPU-seconds an executable, see
-    test_pallas_meshes.py), and a step's slices then span several grid steps."""
-    monkeypatch.setattr(kvshard.kernels.budgets, "MAX_SLICES_PER_BLOCK", 2)
-    # Fails if the block rule stops reading the constant there (the fixture would do nothing).
-    assert kvshard.kernels.budgets.default_num_slices_per_block(4, 2, 128, "float32") == 2
 
 
 # 1 KV head on a 2-way head axis: replication 2, padded head_dim, 2 layers, 16 slots a pool.

@@ -173,6 +173,7 @@ _PALLAS_ANY = _traced_update_any("pallas")
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("small_kernel_blocks")  # adversarial slices span several blocks
 @settings(max_examples=12)
 @given(adversarial_update(), st.integers(0, 2**32 - 1))
 def test_adversarial_traced_updates_agree_across_backends(case, seed):

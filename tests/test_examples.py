@@ -1,4 +1,4 @@
-"""Runs the serving examples end to end as subprocesses, with tiny flags.
+"""Runs the serving examples end to end in subprocesses (several runs to one), with tiny flags.
 
 Subprocesses because each example configures its own 8 simulated devices and jax before
 importing it; the checks that matter (paged logits vs the dense model, prefix sharing vs no
@@ -8,15 +8,9 @@ sharing) run inside the examples, which exit non-zero on a mismatch.
 from __future__ import annotations
 
 import re
-import subprocess
 
 import pytest
 from _scripts import ROOT, run_script, stdout_of_success
-
-
-def run_example(script: str, *flags: str) -> subprocess.CompletedProcess:
-    return run_script(ROOT / "examples" / script, *flags)
-
 
 summary = stdout_of_success
 
@@ -27,29 +21,34 @@ def max_abs_diff(stdout: str) -> float:
 
 TINY = ("--layers", "2", "--num-requests", "4", "--steps", "8")
 
+# Several example runs in ONE process: each is a call of an example's main with its own
+# command line (sys.argv), so each builds its own model, cache and allocator; the process
+# start, the imports and the compilations of the eager ops they share are paid once. The
+# examples set the simulated devices when first imported, before JAX. main's SystemExit becomes
+# the exit status Python itself would give it (None -> 0, an int as is, anything else -> 1).
+_EXAMPLE_RUNS = """
+import importlib, sys
+sys.path.insert(0, {examples!r})
+for script, argv in {runs!r}:
+    sys.argv = [script, *argv]
+    print("=== run", flush=True)
+    try:
+        code = importlib.import_module(script.removesuffix(".py")).main()
+    except SystemExit as exit:
+        code = exit.code if exit.code is None or isinstance(exit.code, int) else 1
+    print("=== exit", code or 0, flush=True)
+"""
 
-@pytest.mark.parametrize(
-    "extra", [("--no-prefix-caching",), ("--prefix-caching", "--kv-heads", "8")]
-)
-def test_tp_decode(extra):
-    out = summary(run_example("tp_decode.py", *TINY, *extra))
-    for key in (
-        "steps:",
-        "tokens generated:",
-        "pages used:",
-        "peak usage:",
-        "prefix-cache hits:",
-        "compilations:",
-        "max abs diff:",
-        "wall time:",
-    ):
-        assert key in out, f"missing {key!r} in\n{out}"
-    assert out.rstrip().endswith("OK")
-    assert max_abs_diff(out) <= 1e-4
-    assert int(re.search(r"tokens generated:\s+(\d+)", out).group(1)) > 0
-    # One compilation per token bucket at most: the buckets bound the shapes.
-    used = re.search(r"forward (\d+) \(buckets used \[([^\]]*)\]", out)
-    assert int(used.group(1)) <= len(used.group(2).split(","))
+
+def run_examples(tmp_path, runs: dict[str, tuple[str, ...]]) -> dict[str, tuple[int, str]]:
+    """{name: (exit status, stdout)} of each run (script, *flags), in turn, in one process."""
+    script = tmp_path / "example_runs.py"
+    runs_list = [(run[0], list(run[1:])) for run in runs.values()]
+    script.write_text(_EXAMPLE_RUNS.format(examples=str(ROOT / "examples"), runs=runs_list))
+    out = summary(run_script(script))
+    parts = re.findall(r"=== run\n(.*?)=== exit (-?\d+)\n", out, flags=re.S)
+    assert len(parts) == len(runs), out
+    return {name: (int(code), text) for name, (text, code) in zip(runs, parts, strict=True)}
 
 
 # Documented bounds of examples/tp_decode.py --kv-dtype (its BOUNDS; figures in
@@ -59,12 +58,60 @@ def test_tp_decode(extra):
 KV_BOUNDS = {"int8": (0.98, 0.008), "float8_e4m3fn": (0.95, 0.018)}
 
 
-# The demo end to end from an int8 cache; float8's rounding (and the truncating quantizer's
-# error) is tested where it is implemented, tests/test_quant.py, without a demo run.
-@pytest.mark.parametrize("dtype", ["int8"])
-def test_tp_decode_quantized_cache_accuracy(dtype):
-    out = summary(run_example("tp_decode.py", *TINY, "--kv-dtype", dtype))
-    assert f"({dtype})" in out and out.rstrip().endswith("OK")
+def test_tp_decode(tmp_path):
+    """Float32 without and with prefix caching (and 8 KV heads: no replication), an int8
+    cache within its documented bounds (float8's rounding, and the truncating quantizer's
+    error, are tested where they are implemented, tests/test_quant.py, without a demo run),
+    and a zero tolerance, which float32 vs the float64 oracle cannot meet: the failure path."""
+    runs = run_examples(
+        tmp_path,
+        {
+            "no prefix caching": ("tp_decode.py", *TINY, "--no-prefix-caching"),
+            "prefix caching, 8 KV heads": (
+                "tp_decode.py",
+                *TINY,
+                "--prefix-caching",
+                "--kv-heads",
+                "8",
+            ),
+            "int8": ("tp_decode.py", *TINY, "--kv-dtype", "int8"),
+            "tolerance 0": (
+                "tp_decode.py",
+                "--layers",
+                "1",
+                "--num-requests",
+                "2",
+                "--steps",
+                "2",
+                "--tolerance",
+                "0",
+            ),
+        },
+    )
+    for name in ("no prefix caching", "prefix caching, 8 KV heads"):
+        code, out = runs[name]
+        assert code == 0, f"{name}:\n{out}"
+        for key in (
+            "steps:",
+            "tokens generated:",
+            "pages used:",
+            "peak usage:",
+            "prefix-cache hits:",
+            "compilations:",
+            "max abs diff:",
+            "wall time:",
+        ):
+            assert key in out, f"{name}: missing {key!r} in\n{out}"
+        assert out.rstrip().endswith("OK")
+        assert max_abs_diff(out) <= 1e-4
+        assert int(re.search(r"tokens generated:\s+(\d+)", out).group(1)) > 0
+        # One compilation per token bucket at most: the buckets bound the shapes.
+        used = re.search(r"forward (\d+) \(buckets used \[([^\]]*)\]", out)
+        assert int(used.group(1)) <= len(used.group(2).split(","))
+
+    dtype = "int8"
+    code, out = runs[dtype]
+    assert code == 0 and f"({dtype})" in out and out.rstrip().endswith("OK"), out
     min_top1, max_mean = KV_BOUNDS[dtype]
     top1 = float(re.search(r"top-1 agreement:\s+(\S+)%", out).group(1)) / 100
     mean = float(re.search(r"mean abs diff:\s+(\S+)", out).group(1))
@@ -72,30 +119,35 @@ def test_tp_decode_quantized_cache_accuracy(dtype):
     # Quantized, so not float-exact: the difference is real but bounded.
     assert 1e-4 < max_abs_diff(out) < 0.5
 
+    code, out = runs["tolerance 0"]
+    assert code == 1, out
+    assert "FAILED" in out
 
-def test_tp_decode_fails_on_mismatch():
-    # A zero tolerance cannot be met by float32 vs the float64 oracle: the failure path runs.
-    proc = run_example(
-        "tp_decode.py", "--layers", "1", "--num-requests", "2", "--steps", "2", "--tolerance", "0"
+
+def test_prefix_sharing_kernel_demo_serving_loop_and_packed_layout(tmp_path):
+    """Four examples, tiny, in one process (each exits non-zero on a mismatch):
+    prefix_sharing (cached prefix pages vs no sharing), kernel_demo (the Pallas kernel under
+    shard_map on 8 devices, in interpret mode, vs the numpy oracle), serving_loop (the
+    serving-loop guide's 2x4 loop: stack_steps, an idle pool, padded copy pairs) and
+    packed_layout (the script behind docs/layout.md's measurement: it exits 1 when the arrays'
+    bytes disagree with the spec's or the two layouts' attention outputs differ)."""
+    runs = run_examples(
+        tmp_path,
+        {
+            "prefix_sharing": (
+                "prefix_sharing.py",
+                *("--layers", "2", "--num-requests", "4", "--steps", "24"),
+                *("--system-len", "32"),
+            ),
+            "kernel_demo": ("kernel_demo.py", "--steps", "2", "--seed", "1"),
+            "serving_loop": ("serving_loop.py",),
+            "packed_layout": ("packed_layout.py", "--pages", "8", "--tp", "1", "2"),
+        },
     )
-    assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert "FAILED" in proc.stdout
+    for name, (code, out) in runs.items():
+        assert code == 0, f"{name}: exit {code}\n{out}"
 
-
-def test_prefix_sharing():
-    out = summary(
-        run_example(
-            "prefix_sharing.py",
-            "--layers",
-            "2",
-            "--num-requests",
-            "4",
-            "--steps",
-            "24",
-            "--system-len",
-            "32",
-        )
-    )
+    out = runs["prefix_sharing"][1]
     assert "generated tokens identical: True" in out
     saved = re.search(r"memory saved:\s+(\d+) pages at peak .* = (\d+) bytes per device", out)
     assert saved and int(saved.group(1)) > 0 and int(saved.group(2)) > 0, out
@@ -103,12 +155,23 @@ def test_prefix_sharing():
     assert hits and int(hits.group(1)) > 0, out
     assert out.rstrip().endswith("OK")
 
-
-def test_kernel_demo_matches_oracle():
-    """The Pallas kernel under shard_map on 8 devices, in interpret mode, vs the numpy oracle."""
-    out = summary(run_example("kernel_demo.py", "--steps", "2", "--seed", "1"))
+    out = runs["kernel_demo"][1]
     assert "oracle check:   bit-identical" in out
     assert "per device (91, 2, 128)" in out
+
+    out = runs["serving_loop"][1]
+    assert "step 1: pools [['a', 'b'], []], copy-on-write pairs 1" in out, out
+    diff = float(re.search(r"dense model: (\S+)", out).group(1))
+    assert diff <= 1e-4, out
+
+    out = runs["packed_layout"][1]
+    # 24 layers x 8 pages x 16 slots x rows x 128 lanes x 2 B (bfloat16), by hand.
+    assert "| 1 | interleaved | [24, 128, 4, 128] | 3,145,728 | 3,145,728 |" in out
+    assert "| 1 | packed | [24, 128, 2, 128] | 1,572,864 | 1,572,864 | 0 of 8,192 |" in out
+    # One packed head a device: half the array, but TPU tiles pad the row to 2 (the spec).
+    assert "| 2 | packed | [24, 128, 1, 128] | 1,572,864 | 786,432 | 4,096 of 8,192 |" in out
+    assert "tp=1: interleaved / packed array bytes = 2.00" in out
+    assert out.rstrip().endswith("OK")
 
 
 @pytest.mark.parametrize("kv_heads", [2, 8])
@@ -144,24 +207,3 @@ def test_demo_forward_has_no_cache_collectives(kv_heads):
     # The layer loop's body holds the two projections' all-reduces; nothing else reduces.
     assert len(re.findall(r" all-reduce(?:-start)?\(", hlo)) == 2, hlo.count("all-reduce")
     del jax
-
-
-def test_serving_loop_data_parallel_by_tensor_parallel():
-    """The serving-loop guide's 2x4 loop: stack_steps, an idle pool, padded copy pairs."""
-    out = summary(run_example("serving_loop.py"))
-    assert "step 1: pools [['a', 'b'], []], copy-on-write pairs 1" in out, out
-    diff = float(re.search(r"dense model: (\S+)", out).group(1))
-    assert diff <= 1e-4, out
-
-
-def test_packed_layout_measures_half_the_bytes_of_interleaved():
-    """The script behind docs/layout.md's measurement, tiny: it exits 1 when the arrays' bytes
-    disagree with the spec's or the two layouts' attention outputs differ."""
-    out = summary(run_example("packed_layout.py", "--pages", "8", "--tp", "1", "2"))
-    # 24 layers x 8 pages x 16 slots x rows x 128 lanes x 2 B (bfloat16), by hand.
-    assert "| 1 | interleaved | [24, 128, 4, 128] | 3,145,728 | 3,145,728 |" in out
-    assert "| 1 | packed | [24, 128, 2, 128] | 1,572,864 | 1,572,864 | 0 of 8,192 |" in out
-    # One packed head a device: half the array, but TPU tiles pad the row to 2 (the spec).
-    assert "| 2 | packed | [24, 128, 1, 128] | 1,572,864 | 786,432 | 4,096 of 8,192 |" in out
-    assert "tp=1: interleaved / packed array bytes = 2.00" in out
-    assert out.rstrip().endswith("OK")

@@ -19,22 +19,14 @@ import numpy as np
 import pytest
 from _cache_helpers import MESH_SHAPES, Oracle, assert_matches, fixed_slices, make_mesh, random_kv
 
-import kvshard.kernels.budgets
 from kvshard.cache import CacheSpec, init_cache, update
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("small_kernel_blocks")]
 
 # 2 KV heads: split over a 2-way head axis, replicated 2x/4x on 4/8-way ones. 32 slots a pool.
 SPEC = CacheSpec(
     num_layers=2, num_kv_heads=2, head_dim=64, page_size=4, num_pages=8, dtype="float32"
 )
-
-
-@pytest.fixture(autouse=True)
-def _small_kernel_blocks(monkeypatch):
-    monkeypatch.setattr(kvshard.kernels.budgets, "MAX_SLICES_PER_BLOCK", 2)
-    # Fails if the block rule stops reading the constant there (the fixture would do nothing).
-    assert kvshard.kernels.budgets.default_num_slices_per_block(4, 2, 128, "float32") == 2
 
 
 @pytest.mark.parametrize("page_axis", [None, "data"])
