@@ -55,7 +55,7 @@ def _local_update_xla(cache, layer, rows, slices, num, *, page_size, options, dt
     )
     # A writable slice never crosses a page: a full one starts on a page boundary.
     whole = valid & (slices[2] == page_size)
-    slots = token_slots(slices, valid & ~whole, num_tokens, num_slots)
+    partial = valid & ~whole
     # A bad layer leaves nothing valid; index layer 0 rather than let a negative layer wrap.
     # Unique, in-bounds-or-dropped indices let XLA scatter in place.
     layer = jnp.where(layer_in_range(layer, num_layers), layer, 0)
@@ -96,6 +96,7 @@ def _local_update_xla(cache, layer, rows, slices, num, *, page_size, options, dt
         heads = jax.lax.fori_loop(0, num_whole, copy_page, heads)
 
     def scatter_tokens(heads):
+        slots = token_slots(slices, partial, num_tokens, num_slots)
         for which, x in enumerate(rows):
             x = to_bits(x, cache.dtype)
             if split:
@@ -109,8 +110,9 @@ def _local_update_xla(cache, layer, rows, slices, num, *, page_size, options, dt
 
     # Skipped when every token went with a whole page (a prefill): on CPU the scatter's source
     # is a bitcast of all of k and v that XLA materialises first (T·C·D elements written and
-    # read again), which took as long as the page copies themselves in bfloat16.
-    heads = jax.lax.cond(jnp.any(slots < num_slots), scatter_tokens, lambda h: h, heads)
+    # read again), which took as long as the page copies themselves in bfloat16; and the
+    # tokens' slots (a T-long cumulative sum) are only needed here.
+    heads = jax.lax.cond(jnp.any(partial), scatter_tokens, lambda h: h, heads)
     return heads.reshape(cache.shape)
 
 
