@@ -62,6 +62,8 @@ class ContentMemo:
         # layer call, the same one each time: comparing it with this pair (no hash of the
         # key, no lock) answers most calls. One tuple, so a reader sees one whole pair.
         self._last: tuple[Hashable, Any] | None = None
+        # Counts clear()s: a value kept outside the memo is valid while this is unchanged.
+        self.generation = 0
 
     def get(self, key: Hashable) -> Any:
         """The value stored under ``key``, or None."""
@@ -89,6 +91,7 @@ class ContentMemo:
         with self._lock:
             self._entries.clear()
             self._last = None
+            self.generation += 1
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -234,3 +234,25 @@ def test_the_key_tells_numpy_from_device_metadata_and_content_from_identity():
     slices[2, 1] = 2
     assert eager_key(("update",), (), (slices,)) != key  # mutated in place
     assert eager_key(("update",), (), ([[0, 1]],)) is None  # a list has no key
+
+
+def test_the_same_step_object_mutated_in_place_is_checked_again(mesh):
+    """The last call's slot answers a call with the same StepMetadata object by identity, but
+    reads its arrays again: a step changed in place writes where it now says, or is refused
+    as the full path refuses it, and nothing changes."""
+    step, k = decode_step(SPEC), tokens(SPEC, 5)
+    cache = kvshard.update(kvshard.init_cache(SPEC, mesh), 0, k, k, step)
+    cache = kvshard.update(cache, 1, k, k, step)  # known: the next equal call is the slot's
+    free = int(SPEC.num_pages * SPEC.page_size - 1)  # the last slot: no request's page
+    step.slices[0, 0] = free  # request 0's token now goes to the free slot
+    with spied(update_module) as spy:
+        cache = kvshard.update(cache, 1, 2 * k, 2 * k, step)
+    assert spy.call_count == 1  # checked again: new content
+    got = np.asarray(kvshard.gather(cache, 1, np.array([free], np.int32)))
+    np.testing.assert_array_equal(got[0][0], 2 * k[0])  # K of token 0, at its new slot
+    before = np.asarray(cache.kv)
+    step.slices[0, 1] = step.slices[0, 0]  # two tokens to one slot: overlapping
+    with pytest.raises(ValueError, match="overlap"):
+        kvshard.update(cache, 1, k, k, step)
+    assert not cache.kv.is_deleted()
+    np.testing.assert_array_equal(np.asarray(cache.kv), before)

@@ -43,7 +43,12 @@ from kvshard._sharding import place_all, to_spec
 from kvshard._types import Backend, BackendOptions, Schedule
 from kvshard.cache._codec import encode, kv_in_spec, local_heads
 from kvshard.cache._pytree import KVCache, check_cache, with_kv
-from kvshard.cache._update_eager import eager_update_key, known_update
+from kvshard.cache._update_eager import (
+    eager_update_key,
+    known_update,
+    remember,
+    same_step_update,
+)
 from kvshard.cache._update_local import LOCAL_UPDATES, SaturationCounts, count_saturated
 from kvshard.kernels.checks import validate_slices
 from kvshard.step import StepMetadata, check_step
@@ -241,15 +246,21 @@ def _update_call(
     stats,
 ):
     """The host side of :func:`update` and :func:`update_with_stats`: check, place, call."""
+    plain = interpret is None and schedule is None  # else a deprecation warning: the full path
+    statics = (backend, options, checks, stats)
+    if plain and slices is None and num_slices is None:
+        known = same_step_update(_write, cache, layer, k, v, step, statics)
+        if known is not None:  # the last call's step, passed before (kvshard.cache._update_eager)
+            return known
     eager = (
         eager_update_key(
             cache, layer, k, v, step, num_slices, slices, backend, options, checks, stats
         )
-        if interpret is None and schedule is None  # else a deprecation warning: the full path
+        if plain
         else None
     )
     if eager is not None:
-        known = known_update(_write, eager, cache, layer, k, v)
+        known = known_update(_write, eager, cache, layer, k, v, step, statics)
         if known is not None:  # this call passed every check before (kvshard._eager)
             return known
     if slices is not None:  # the keyword spelling of vLLM's form
@@ -303,7 +314,9 @@ def _update_call(
     if eager is not None:  # every check passed: the next equal call is a lookup
         moved = placed[1] is not k or placed[2] is not v  # a function of the key's shardings
         stored = placed_metadata(eager[1], placed[3:])
-        EAGER_CALLS.put(eager[0], (stored, kv_spec if moved else None, static))
+        known = (stored, kv_spec if moved else None, static)
+        EAGER_CALLS.put(eager[0], known)
+        remember(cache, k, v, step, statics, known)
     return result
 
 

@@ -3,10 +3,13 @@ and what a known call re-derives for its layer."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
+
+import numpy as np
 
 from kvshard._eager import (
     EAGER_CALLS,
+    array_signature,
     eager_key,
     is_concrete,
     placed_index,
@@ -15,11 +18,12 @@ from kvshard._eager import (
     stored_metadata,
 )
 from kvshard._host_checks import check_layer
+from kvshard._memo import MAX_KEY_BYTES
 from kvshard._sharding import place_all
 from kvshard.cache._pytree import KVCache, check_cache
 from kvshard.step import StepMetadata
 
-__all__ = ["eager_update_key", "known_update"]
+__all__ = ["eager_update_key", "known_update", "remember", "same_step_update"]
 
 
 def eager_update_key(cache, layer, k, v, step, num_slices, slices, backend, options, checks, stats):
@@ -52,14 +56,20 @@ def eager_update_key(cache, layer, k, v, step, num_slices, slices, backend, opti
     return None if key is None else (key, metadata)
 
 
-def known_update(write_fn, eager, cache, layer, k, v) -> Any:
+def known_update(write_fn, eager, cache, layer, k, v, step, statics) -> Any:
     """The eager fast path (:mod:`kvshard._eager`): the call's result when an equal call passed
     every check before (only the cache's liveness and the layer are checked again), else
-    None. ``write_fn``: the jitted body the full path calls."""
+    None. ``write_fn``: the jitted body the full path calls; ``statics``: (backend, options,
+    checks, stats) as the call gave them."""
     known = EAGER_CALLS.get(eager[0])
     if known is None:
         return None
-    metadata = stored_metadata(known[0], eager[1])
+    remember(cache, k, v, step, statics, known)
+    return _call_known(write_fn, known, eager[1], cache, layer, k, v)
+
+
+def _call_known(write_fn, known, given, cache, layer, k, v) -> Any:
+    metadata = stored_metadata(known[0], given)
     cache = check_cache(cache)
     layer_index = check_layer(cache.spec.num_layers, layer)
     _, kv_spec, static = known
@@ -67,3 +77,110 @@ def known_update(write_fn, eager, cache, layer, k, v) -> Any:
         k, v = place_all(cache.mesh, [(k, kv_spec), (v, kv_spec)])
     placed_layer = placed_index(cache.mesh, int(layer_index))
     return write_fn(cache, placed_layer, k, v, *metadata, **static)
+
+
+# --------------------------------------------------------------------------------------------
+# The same step as the last call: the key's reads, with identity for what cannot change
+# --------------------------------------------------------------------------------------------
+#
+# An eager decode loop calls update once per layer with the same StepMetadata object, the same
+# cache layout and new k/v of one signature. Building and comparing the whole key touches a
+# few hundred Python objects; right after a long device call every one of them misses the
+# CPU's caches (measured on a 2-core VM: the whole fast path 8-10 us back to back, ~190 us
+# after a 30 ms attention; docs/performance.md). This slot answers such a call from what the
+# key would read of it, comparing the frozen objects (spec, mesh, the step itself, whose
+# fields cannot be rebound) by identity and reading again only what can change under them:
+# the step's NumPy arrays' dtype, shape and bytes (mutable in place) and k/v's signatures.
+
+
+class _LastUpdate(NamedTuple):
+    layout: tuple[Any, ...]  # (spec, mesh, head_axis, page_axis), compared by identity
+    step: StepMetadata  # the same object (frozen: its fields cannot be rebound)
+    statics: tuple[Any, ...]  # (backend, options, checks, stats), compared by identity
+    reads: tuple[Any, ...]  # _step_reads(step) then: what may change inside the same step
+    signatures: tuple[Any, ...]  # array_signature of k and v
+    metadata: list[Any]  # the step's slices and num_slices as the jitted body takes them
+    kv_spec: Any  # where k/v must be placed first (None: passed as given)
+    static: dict[str, Any]  # the jitted body's static arguments
+    layers: dict[int, Any]  # layer -> its placed int32 index (placed_index), filled as met
+    generation: int  # EAGER_CALLS.generation then: clearing the memo forgets this call too
+
+
+_LAST: list[_LastUpdate | None] = [None]
+
+
+def _step_reads(step: StepMetadata) -> tuple[Any, ...] | None:
+    """What the eager key reads of a step's arrays that an in-place change could alter: the
+    shapes of positions/kv_lens/page_indices and the dtype, shape and bytes of slices and
+    num_slices (NumPy only: None otherwise, and the call is left to the key)."""
+    s, n = step.slices, step.num_slices
+    if type(s) is not np.ndarray or type(n) is not np.ndarray or s.nbytes > MAX_KEY_BYTES:
+        return None
+    return (
+        shape_of(step.positions),
+        shape_of(step.kv_lens),
+        shape_of(step.page_indices),
+        s.dtype.str,
+        s.shape,
+        s.tobytes(),
+        n.dtype.str,
+        n.shape,
+        n.tobytes(),
+    )
+
+
+def remember(cache, k, v, step, statics, known) -> None:
+    """Files a call that passed (by the key or the full path) as the last one."""
+    reads = _step_reads(step) if type(step) is StepMetadata else None
+    signatures = (array_signature(k), array_signature(v))
+    if reads is None or None in signatures:
+        return
+    layout = (cache.spec, cache.mesh, cache.head_axis, cache.page_axis)
+    last = _LAST[0]
+    layers = last.layers if last is not None and last.layout[1] is cache.mesh else {}
+    metadata = stored_metadata(known[0], (step.slices, step.num_slices))
+    _LAST[0] = _LastUpdate(
+        layout,
+        step,
+        statics,
+        reads,
+        signatures,
+        metadata,
+        known[1],
+        known[2],
+        layers,
+        EAGER_CALLS.generation,
+    )
+
+
+def same_step_update(write_fn, cache, layer, k, v, step, statics) -> Any:
+    """The result of a call the last one answers (see above), else None."""
+    last = _LAST[0]
+    if (
+        last is None
+        or step is not last.step
+        or last.generation != EAGER_CALLS.generation
+        or type(cache) is not KVCache
+        or type(layer) is not int
+        or cache.spec is not last.layout[0]
+        or cache.mesh is not last.layout[1]
+        or cache.head_axis != last.layout[2]
+        or cache.page_axis != last.layout[3]
+        or statics[0] is not last.statics[0]
+        or statics[1] is not last.statics[1]
+        or statics[2] is not last.statics[2]
+        or statics[3] is not last.statics[3]
+        or not is_concrete(cache.kv)
+        or _step_reads(step) != last.reads
+        or (array_signature(k), array_signature(v)) != last.signatures
+    ):
+        return None
+    if not 0 <= layer < cache.spec.num_layers:
+        check_layer(cache.spec.num_layers, layer)  # raises, with the full path's message
+    check_cache(cache)  # a donated buffer is refused before dispatch
+    placed_layer = last.layers.get(layer)
+    if placed_layer is None:
+        placed_layer = last.layers[layer] = placed_index(cache.mesh, layer)
+    if last.kv_spec is not None:  # k/v not already on the mesh as shard_map takes them
+        k, v = place_all(cache.mesh, [(k, last.kv_spec), (v, last.kv_spec)])
+    return write_fn(cache, placed_layer, k, v, *last.metadata, **last.static)
