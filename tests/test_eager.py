@@ -256,3 +256,26 @@ def test_the_same_step_object_mutated_in_place_is_checked_again(mesh):
         kvshard.update(cache, 1, k, k, step)
     assert not cache.kv.is_deleted()
     np.testing.assert_array_equal(np.asarray(cache.kv), before)
+
+
+def test_the_same_slices_arrays_mutated_in_place_are_checked_again(mesh):
+    """vLLM's form, update(cache, layer, k, v, slices, num_slices), with the same two arrays:
+    answered by the last call's slot, but a change made to them in place is read again."""
+    step, k = decode_step(SPEC), tokens(SPEC, 6)
+    slices, num = step.slices.copy(), step.num_slices.copy()
+    cache = kvshard.update(kvshard.init_cache(SPEC, mesh), 0, k, k, slices, num)
+    cache = kvshard.update(cache, 1, k, k, slices, num)
+    free = int(SPEC.num_pages * SPEC.page_size - 1)
+    slices[0, 0] = free
+    cache = kvshard.update(cache, 1, 2 * k, 2 * k, slices, num)
+    got = np.asarray(kvshard.gather(cache, 1, np.array([free], np.int32)))
+    np.testing.assert_array_equal(got[0][0], 2 * k[0])
+    num[0] = 0  # no slice is live now: nothing is written
+    before = np.asarray(cache.kv)
+    cache = kvshard.update(cache, 1, 3 * k, 3 * k, slices, num)
+    np.testing.assert_array_equal(np.asarray(cache.kv), before)
+    num[0] = slices.shape[1] + 1  # more live slices than there are: refused, nothing changes
+    with pytest.raises(ValueError, match="num_slices"):
+        kvshard.update(cache, 1, k, k, slices, num)
+    assert not cache.kv.is_deleted()
+    np.testing.assert_array_equal(np.asarray(cache.kv), before)

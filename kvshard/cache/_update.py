@@ -248,8 +248,9 @@ def _update_call(
     """The host side of :func:`update` and :func:`update_with_stats`: check, place, call."""
     plain = interpret is None and schedule is None  # else a deprecation warning: the full path
     statics = (backend, options, checks, stats)
-    if plain and slices is None and num_slices is None:
-        known = same_step_update(_write, cache, layer, k, v, step, statics)
+    given_step, given_num_slices = step, num_slices  # as the call gave them (both rebound below)
+    if plain and slices is None:
+        known = same_step_update(_write, cache, layer, k, v, step, num_slices, statics)
         if known is not None:  # the last call's step, passed before (kvshard.cache._update_eager)
             return known
     eager = (
@@ -260,7 +261,7 @@ def _update_call(
         else None
     )
     if eager is not None:
-        known = known_update(_write, eager, cache, layer, k, v, step, statics)
+        known = known_update(_write, eager, cache, layer, k, v, step, num_slices, statics)
         if known is not None:  # this call passed every check before (kvshard._eager)
             return known
     if slices is not None:  # the keyword spelling of vLLM's form
@@ -316,7 +317,7 @@ def _update_call(
         stored = placed_metadata(eager[1], placed[3:])
         known = (stored, kv_spec if moved else None, static)
         EAGER_CALLS.put(eager[0], known)
-        remember(cache, k, v, step, statics, known)
+        remember(cache, k, v, given_step, given_num_slices, statics, known)
     return result
 
 

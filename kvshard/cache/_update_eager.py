@@ -56,7 +56,7 @@ def eager_update_key(cache, layer, k, v, step, num_slices, slices, backend, opti
     return None if key is None else (key, metadata)
 
 
-def known_update(write_fn, eager, cache, layer, k, v, step, statics) -> Any:
+def known_update(write_fn, eager, cache, layer, k, v, step, num_slices, statics) -> Any:
     """The eager fast path (:mod:`kvshard._eager`): the call's result when an equal call passed
     every check before (only the cache's liveness and the layer are checked again), else
     None. ``write_fn``: the jitted body the full path calls; ``statics``: (backend, options,
@@ -64,7 +64,7 @@ def known_update(write_fn, eager, cache, layer, k, v, step, statics) -> Any:
     known = EAGER_CALLS.get(eager[0])
     if known is None:
         return None
-    remember(cache, k, v, step, statics, known)
+    remember(cache, k, v, step, num_slices, statics, known)
     return _call_known(write_fn, known, eager[1], cache, layer, k, v)
 
 
@@ -83,23 +83,25 @@ def _call_known(write_fn, known, given, cache, layer, k, v) -> Any:
 # The same step as the last call: the key's reads, with identity for what cannot change
 # --------------------------------------------------------------------------------------------
 #
-# An eager decode loop calls update once per layer with the same StepMetadata object, the same
-# cache layout and new k/v of one signature. Building and comparing the whole key touches a
+# An eager decode loop calls update once per layer with the same step (a StepMetadata object,
+# or the vLLM form's slices and num_slices arrays), the same cache layout and new k/v of one
+# signature. Building and comparing the whole key touches a
 # few hundred Python objects; right after a long device call every one of them misses the
 # CPU's caches (measured on a 2-core VM: the whole fast path 8-10 us back to back, ~190 us
 # after a 30 ms attention; docs/performance.md). This slot answers such a call from what the
 # key would read of it, comparing the frozen objects (spec, mesh, the step itself, whose
-# fields cannot be rebound) by identity and reading again only what can change under them:
-# the step's NumPy arrays' dtype, shape and bytes (mutable in place) and k/v's signatures.
+# fields cannot be rebound; the arrays themselves) by identity and reading again only what can
+# change under them: the step's NumPy arrays' dtype, shape and bytes (mutable in place) and
+# k/v's signatures.
 
 
 class _LastUpdate(NamedTuple):
     layout: tuple[Any, ...]  # (spec, mesh, head_axis, page_axis), compared by identity
-    step: StepMetadata  # the same object (frozen: its fields cannot be rebound)
+    step: tuple[Any, ...]  # (the StepMetadata,) or (slices, num_slices): the same objects
     statics: tuple[Any, ...]  # (backend, options, checks, stats), compared by identity
-    reads: tuple[Any, ...]  # _step_reads(step) then: what may change inside the same step
+    reads: tuple[Any, ...]  # _step_reads then: what may change inside the same objects
     signatures: tuple[Any, ...]  # array_signature of k and v
-    metadata: list[Any]  # the step's slices and num_slices as the jitted body takes them
+    metadata: list[Any]  # slices and num_slices as the jitted body takes them
     kv_spec: Any  # where k/v must be placed first (None: passed as given)
     static: dict[str, Any]  # the jitted body's static arguments
     layers: dict[int, Any]  # layer -> its placed int32 index (placed_index), filled as met
@@ -109,43 +111,49 @@ class _LastUpdate(NamedTuple):
 _LAST: list[_LastUpdate | None] = [None]
 
 
-def _step_reads(step: StepMetadata) -> tuple[Any, ...] | None:
-    """What the eager key reads of a step's arrays that an in-place change could alter: the
-    shapes of positions/kv_lens/page_indices and the dtype, shape and bytes of slices and
-    num_slices (NumPy only: None otherwise, and the call is left to the key)."""
-    s, n = step.slices, step.num_slices
+def _given(step, num_slices) -> tuple[tuple[Any, ...], tuple[Any, Any]] | None:
+    """(the objects compared by identity, the metadata arrays as given) of a call's step:
+    a StepMetadata (frozen: its fields cannot be rebound) or the vLLM form's two arrays."""
+    if type(step) is StepMetadata:
+        return None if num_slices is not None else ((step,), (step.slices, step.num_slices))
+    return None if num_slices is None else ((step, num_slices), (step, num_slices))
+
+
+def _step_reads(step, given) -> tuple[Any, ...] | None:
+    """What the eager key reads of the step that an in-place change could alter: the dtype,
+    shape and bytes of slices and num_slices (NumPy only: None otherwise, and the call is
+    left to the key), and a StepMetadata's positions/kv_lens/page_indices shapes."""
+    s, n = given
     if type(s) is not np.ndarray or type(n) is not np.ndarray or s.nbytes > MAX_KEY_BYTES:
         return None
-    return (
-        shape_of(step.positions),
-        shape_of(step.kv_lens),
-        shape_of(step.page_indices),
-        s.dtype.str,
-        s.shape,
-        s.tobytes(),
-        n.dtype.str,
-        n.shape,
-        n.tobytes(),
-    )
+    reads = (s.dtype.str, s.shape, s.tobytes(), n.dtype.str, n.shape, n.tobytes())
+    if type(step) is StepMetadata:
+        shapes = (shape_of(step.positions), shape_of(step.kv_lens), shape_of(step.page_indices))
+        return reads + shapes
+    return reads
 
 
-def remember(cache, k, v, step, statics, known) -> None:
-    """Files a call that passed (by the key or the full path) as the last one."""
-    reads = _step_reads(step) if type(step) is StepMetadata else None
+def remember(cache, k, v, step, num_slices, statics, known) -> None:
+    """Files a call that passed (by the key or the full path) as the last one: ``step`` and
+    ``num_slices`` as the call gave them."""
+    ident_given = _given(step, num_slices)
+    if ident_given is None:
+        return
+    ident, given = ident_given
+    reads = _step_reads(step, given)
     signatures = (array_signature(k), array_signature(v))
     if reads is None or None in signatures:
         return
     layout = (cache.spec, cache.mesh, cache.head_axis, cache.page_axis)
     last = _LAST[0]
     layers = last.layers if last is not None and last.layout[1] is cache.mesh else {}
-    metadata = stored_metadata(known[0], (step.slices, step.num_slices))
     _LAST[0] = _LastUpdate(
         layout,
-        step,
+        ident,
         statics,
         reads,
         signatures,
-        metadata,
+        stored_metadata(known[0], given),
         known[1],
         known[2],
         layers,
@@ -153,12 +161,14 @@ def remember(cache, k, v, step, statics, known) -> None:
     )
 
 
-def same_step_update(write_fn, cache, layer, k, v, step, statics) -> Any:
+def same_step_update(write_fn, cache, layer, k, v, step, num_slices, statics) -> Any:
     """The result of a call the last one answers (see above), else None."""
     last = _LAST[0]
     if (
         last is None
-        or step is not last.step
+        or step is not last.step[0]
+        or (num_slices is not None and (len(last.step) == 1 or num_slices is not last.step[1]))
+        or (num_slices is None and len(last.step) == 2)
         or last.generation != EAGER_CALLS.generation
         or type(cache) is not KVCache
         or type(layer) is not int
@@ -171,7 +181,11 @@ def same_step_update(write_fn, cache, layer, k, v, step, statics) -> Any:
         or statics[2] is not last.statics[2]
         or statics[3] is not last.statics[3]
         or not is_concrete(cache.kv)
-        or _step_reads(step) != last.reads
+    ):
+        return None
+    given = (step.slices, step.num_slices) if num_slices is None else (step, num_slices)
+    if (
+        _step_reads(step, given) != last.reads
         or (array_signature(k), array_signature(v)) != last.signatures
     ):
         return None
