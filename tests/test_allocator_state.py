@@ -108,6 +108,9 @@ CORRUPTIONS = [
     ("refcount", lambda r: r.astype(np.float64) + 0.5, "refcount must be integers"),
     ("row_pages", lambda p: p[:2], "row_pages has shape"),
     ("version", lambda v: 1, "unsupported version 1"),
+    # A cached page's group below 0 (found by the hypothesis test below: it raised
+    # OverflowError while the key index was rebuilt, before the checks could name it).
+    ("page_group", lambda g: _set(g, 1, np.iinfo(np.int32).min), "page_group: a negative group"),
 ]
 
 

@@ -38,7 +38,10 @@ STATS = ("lookups", "queries", "hits", "evictions")
 def index_key(key: bytes, group: int) -> bytes:
     """The key -> page index's key of group ``group``'s page of the block keyed ``key``
     (``key`` itself for group 0, so one group indexes exactly as before groups existed)."""
-    return key if group == 0 else key + group.to_bytes(4, "little")
+    # Signed: the same bytes as unsigned for every real group (0 <= group < 2**31), and a
+    # negative one read from a mutated state dict encodes instead of raising OverflowError,
+    # so load_state_dict's invariant check refuses it by name.
+    return key if group == 0 else key + group.to_bytes(4, "little", signed=True)
 
 
 def namespace_digest(namespace: str | bytes | None) -> bytes:
