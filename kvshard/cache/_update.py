@@ -248,7 +248,7 @@ def _update_call(
     """The host side of :func:`update` and :func:`update_with_stats`: check, place, call."""
     plain = interpret is None and schedule is None  # else a deprecation warning: the full path
     statics = (backend, options, checks, stats)
-    given_step, given_num_slices = step, num_slices  # as the call gave them (both rebound below)
+    given_num_slices = num_slices  # as the call gave it (rebound below)
     if plain and slices is None:
         known = same_step_update(_write, cache, layer, k, v, step, num_slices, statics)
         if known is not None:  # the last call's step, passed before (kvshard.cache._update_eager)
@@ -317,7 +317,7 @@ def _update_call(
         stored = placed_metadata(eager[1], placed[3:])
         known = (stored, kv_spec if moved else None, static)
         EAGER_CALLS.put(eager[0], known)
-        remember(cache, k, v, given_step, given_num_slices, statics, known)
+        remember(cache, k, v, step, given_num_slices, statics, known)
     return result
 
 

@@ -65,17 +65,24 @@ def known_update(write_fn, eager, cache, layer, k, v, step, num_slices, statics)
     if known is None:
         return None
     remember(cache, k, v, step, num_slices, statics, known)
-    return _call_known(write_fn, known, eager[1], cache, layer, k, v)
+    metadata = stored_metadata(known[0], eager[1])
+    return _dispatch(write_fn, cache, layer, k, v, metadata, known[1], known[2])
 
 
-def _call_known(write_fn, known, given, cache, layer, k, v) -> Any:
-    metadata = stored_metadata(known[0], given)
-    cache = check_cache(cache)
-    layer_index = check_layer(cache.spec.num_layers, layer)
-    _, kv_spec, static = known
+def _dispatch(write_fn, cache, layer, k, v, metadata, kv_spec, static, layers=None) -> Any:
+    """A known call's own checks (the cache's liveness, the int layer's range) and the jitted
+    body, with the metadata's device copies, where k/v go (``kv_spec``, None: as given) and
+    the body's static arguments. ``layers``: layer -> placed index, filled as met."""
+    cache = check_cache(cache)  # a donated buffer is refused before dispatch
+    if not 0 <= layer < cache.spec.num_layers:
+        check_layer(cache.spec.num_layers, layer)  # raises, with the full path's message
+    placed_layer = None if layers is None else layers.get(layer)
+    if placed_layer is None:
+        placed_layer = placed_index(cache.mesh, layer)
+        if layers is not None:
+            layers[layer] = placed_layer
     if kv_spec is not None:  # k/v not already on the mesh as shard_map takes them
         k, v = place_all(cache.mesh, [(k, kv_spec), (v, kv_spec)])
-    placed_layer = placed_index(cache.mesh, int(layer_index))
     return write_fn(cache, placed_layer, k, v, *metadata, **static)
 
 
@@ -85,11 +92,11 @@ def _call_known(write_fn, known, given, cache, layer, k, v) -> Any:
 #
 # An eager decode loop calls update once per layer with the same step (a StepMetadata object,
 # or the vLLM form's slices and num_slices arrays), the same cache layout and new k/v of one
-# signature. Building and comparing the whole key touches a
-# few hundred Python objects; right after a long device call every one of them misses the
-# CPU's caches (measured on a 2-core VM: the whole fast path 8-10 us back to back, ~190 us
-# after a 30 ms attention; docs/performance.md). This slot answers such a call from what the
-# key would read of it, comparing the frozen objects (spec, mesh, the step itself, whose
+# signature. Building and comparing the whole key touches a few hundred Python objects; right
+# after a long device call every one of them misses the CPU's caches (measured on a 2-core
+# VM: the whole fast path 8-10 us back to back, ~190 us after a 30 ms attention;
+# docs/performance.md). This slot answers such a call from what the key would read of it,
+# comparing the frozen objects (spec, mesh, the step itself, whose
 # fields cannot be rebound; the arrays themselves) by identity and reading again only what can
 # change under them: the step's NumPy arrays' dtype, shape and bytes (mutable in place) and
 # k/v's signatures.
@@ -183,18 +190,13 @@ def same_step_update(write_fn, cache, layer, k, v, step, num_slices, statics) ->
         or not is_concrete(cache.kv)
     ):
         return None
-    given = (step.slices, step.num_slices) if num_slices is None else (step, num_slices)
+    ident_given = _given(step, num_slices)
     if (
-        _step_reads(step, given) != last.reads
+        ident_given is None
+        or _step_reads(step, ident_given[1]) != last.reads
         or (array_signature(k), array_signature(v)) != last.signatures
     ):
         return None
-    if not 0 <= layer < cache.spec.num_layers:
-        check_layer(cache.spec.num_layers, layer)  # raises, with the full path's message
-    check_cache(cache)  # a donated buffer is refused before dispatch
-    placed_layer = last.layers.get(layer)
-    if placed_layer is None:
-        placed_layer = last.layers[layer] = placed_index(cache.mesh, layer)
-    if last.kv_spec is not None:  # k/v not already on the mesh as shard_map takes them
-        k, v = place_all(cache.mesh, [(k, last.kv_spec), (v, last.kv_spec)])
-    return write_fn(cache, placed_layer, k, v, *last.metadata, **last.static)
+    return _dispatch(
+        write_fn, cache, layer, k, v, last.metadata, last.kv_spec, last.static, last.layers
+    )
