@@ -1,11 +1,11 @@
 """The per-device bodies of :func:`kvshard.update` (inside ``shard_map``, on one device's block)
 and the saturation count of a quantized write.
 
-xla: the block viewed as [L, slots, C/n, n, D] (a free bitcast; n rows per head: 2
-interleaved, 1 packed), whole pages copied in a loop and the other tokens scattered, each row
-apart: no combined [T, C, D] copy. pallas: the kernel on the [L·slots, C, D] view, with
-``kv_cache_start`` offset by ``layer · slots``. Both write exactly the slices
-:func:`kvshard._drop.writable_slices` keeps.
+xla: whole pages copied in a loop, one contiguous page at a time (its rows interleaved on the
+way), and the other tokens scattered into the block viewed as [L, slots, C/n, n, D] (a free
+bitcast; n rows per head: 2 interleaved, 1 packed), each row apart: no combined [T, C, D]
+copy. pallas: the kernel on the [L·slots, C, D] view, with ``kv_cache_start`` offset by
+``layer · slots``. Both write exactly the slices :func:`kvshard._drop.writable_slices` keeps.
 """
 
 from __future__ import annotations
@@ -33,13 +33,15 @@ __all__ = ["LOCAL_UPDATES", "SaturationCounts", "count_saturated"]
 def _local_update_xla(cache, layer, rows, slices, num, *, page_size, options, dtype):
     """One device: cache [L, slots, C, D], encoded rows (each [T, C/n, D], n of them: K and V
     interleaved, K|V packed; values in the cache's logical dtype, bitcast to its storage
-    here, as late as possible) -> cache, on the [L, slots, C/n, n, D] view (a bitcast), each
-    row written apart: no combined copy.
+    here, as late as possible) -> cache, with no combined [T, C, D] copy.
 
     Whole-page slices (a prefill's) are copied page by page with ``dynamic_update_slice`` in a
     loop: XLA's CPU scatter moves one row at a time, several times slower than these page
-    copies (docs/performance.md). The tokens of the other valid slices (a decode's) are
-    scattered, one scatter of [T, C/n, D] per row with out-of-bounds slots dropped.
+    copies. Each page is one contiguous write of [P, C, D], its rows interleaved by a select
+    fused into the copy: writing each row apart (every other 512 B of the page, in two passes)
+    took 1.1-1.3x as long (docs/performance.md). The tokens of the other valid slices (a decode's)
+    are scattered on the [L, slots, C/n, n, D] view (a bitcast), one scatter of [T, C/n, D]
+    per row with out-of-bounds slots dropped.
     """
     del options, dtype  # both move the stored bits, whatever they are
     num_layers, num_slots, combined, dim = cache.shape
@@ -66,19 +68,31 @@ def _local_update_xla(cache, layer, rows, slices, num, *, page_size, options, dt
     split = n > 1 and combined > n
     heads = cache.reshape(num_layers, num_slots, combined // n, n, dim) if split else cache
 
+    def page_bits(i):
+        """The stored bits of slice i's whole page as ``heads`` holds it ([P, C/n, n, D] split,
+        else [P, C, D]): the rows interleaved by a select on the row index, all fused into the
+        page's copy. Bitcast before the slice: a bf16 slice was float-normalized into a
+        separate f32 round trip per page (half the speed); the bitcast inside the fusion
+        reads only the page's elements, not all of k/v."""
+        parts = [
+            jax.lax.dynamic_slice_in_dim(to_bits(x, cache.dtype), slices[1, i], page_size, axis=0)
+            for x in rows
+        ]
+        if n == 1:
+            return parts[0]
+        shape = (page_size, combined // n, n, dim)
+        which = jax.lax.broadcasted_iota(jnp.int32, shape, 2)
+        page = jnp.broadcast_to(parts[-1][:, :, None], shape)
+        for row in reversed(range(n - 1)):
+            page = jnp.where(which == row, parts[row][:, :, None], page)
+        return page if split else page.reshape(page_size, combined, dim)
+
     def copy_page(j, heads):
         i = whole_order[j]
 
         def write(heads):
-            for which, x in enumerate(rows):
-                page = jax.lax.dynamic_slice_in_dim(x, slices[1, i], page_size, axis=0)
-                page = to_bits(page, cache.dtype)  # bitcast the page, not all of k/v
-                if split:
-                    page, start = page[None, :, :, None], (layer, slices[0, i], 0, which, 0)
-                else:
-                    page, start = page[None], (layer, slices[0, i], which, 0)
-                heads = jax.lax.dynamic_update_slice(heads, page, start)
-            return heads
+            start = (layer, slices[0, i]) + (0,) * (heads.ndim - 2)
+            return jax.lax.dynamic_update_slice(heads, page_bits(i)[None], start)
 
         # Always true; the `cond` keeps the page slices inside a branch, where XLA's CPU
         # pipeline leaves them. In the loop body itself it hoists a bf16 slice's float32
