@@ -848,5 +848,5 @@ def test_gather_docstring_says_replicated_heads_are_all_gathered():
 def test_q_sharding_spec_names_head_axis():
     case = new_case((2, 4), 4, page_axis=True)
     step = run_step(case, [[(0, 2)], [(0, 3)]])
-    out = kvshard.attention(queries(case, 8), case.cache, 1, step, sm_scale=0.1)
+    out = kvshard.attention(case.cache, 1, queries(case, 8), step, sm_scale=0.1)
     assert out.sharding.spec == P("data", None, "model", None)
