@@ -41,7 +41,7 @@ from kvshard._host_checks import (
 from kvshard._platform import resolve_backend
 from kvshard._sharding import place_all, to_spec
 from kvshard._types import Backend, BackendOptions, Schedule
-from kvshard.cache._codec import encode, kv_in_spec, local_heads
+from kvshard.cache._codec import kv_in_spec, local_heads
 from kvshard.cache._pytree import KVCache, check_cache, with_kv
 from kvshard.cache._update_eager import (
     eager_update_key,
@@ -192,9 +192,7 @@ def _write(cache, layer, k, v, slices, num_slices, *, backend, options, checks, 
         specs = (*specs, *whole)
         checked = (layer, slices, num_slices)
         args += [to_spec(cache.mesh, x, s) for x, s in zip(checked, whole, strict=True)]
-    local_update = functools.partial(
-        LOCAL_UPDATES[backend], page_size=spec.page_size, options=options, dtype=spec.np_dtype
-    )
+    local_update = functools.partial(LOCAL_UPDATES[backend], spec=spec, options=options)
 
     def body(kv, layer, k, v, slices, num, *whole):
         if whole:
@@ -206,7 +204,7 @@ def _write(cache, layer, k, v, slices, num_slices, *, backend, options, checks, 
                 page_size=spec.page_size,
             )
         k, v = local_heads(cache, k[0]), local_heads(cache, v[0])
-        out = local_update(kv, layer, encode(spec, k, v), slices[0], num[0])
+        out = local_update(kv, layer, k, v, slices[0], num[0])  # each encodes where it writes
         if not stats:
             return out
         return out, count_saturated(cache, k, v, layer, slices[0], num[0], kv.shape[1])

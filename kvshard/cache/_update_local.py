@@ -17,9 +17,10 @@ import jax.numpy as jnp
 
 from kvshard import quant
 from kvshard._drop import layer_in_range, token_slots, writable_slices
+from kvshard._kv_rows import to_rows
 from kvshard._layout import CacheSpec
 from kvshard._storage import from_bits, to_bits
-from kvshard.cache._codec import combine
+from kvshard.cache._codec import combine, encode
 from kvshard.kernels.update import kv_cache_update
 
 __all__ = ["LOCAL_UPDATES", "SaturationCounts", "count_saturated"]
@@ -30,10 +31,11 @@ __all__ = ["LOCAL_UPDATES", "SaturationCounts", "count_saturated"]
 # --------------------------------------------------------------------------------------------
 
 
-def _local_update_xla(cache, layer, rows, slices, num, *, page_size, options, dtype):
-    """One device: cache [L, slots, C, D], encoded rows (each [T, C/n, D], n of them: K and V
-    interleaved, K|V packed; values in the cache's logical dtype, bitcast to its storage
-    here, as late as possible) -> cache, with no combined [T, C, D] copy.
+def _local_update_xla(cache, layer, k, v, slices, num, *, spec, options):
+    """One device: cache [L, slots, C, D], k/v [T, h, D] (this device's heads, real values)
+    -> cache, with no combined [T, C, D] copy and no encoded copy of k/v: each page's rows
+    (:func:`_encoded_bits`: n of them, K and V interleaved, K|V packed) are encoded where the
+    page is written, inside its copy's fusion.
 
     Whole-page slices (a prefill's) are copied page by page with ``dynamic_update_slice`` in a
     loop: XLA's CPU scatter moves one row at a time, several times slower than these page
@@ -42,10 +44,17 @@ def _local_update_xla(cache, layer, rows, slices, num, *, page_size, options, dt
     took 1.1-1.3x as long (docs/performance.md). The tokens of the other valid slices (a decode's)
     are scattered on the [L, slots, C/n, n, D] view (a bitcast), one scatter of [T, C/n, D]
     per row with out-of-bounds slots dropped.
+
+    Encoding k/v whole first (a quantized cache's rounding, a cast, a packed layout's
+    padding) wrote them to a temporary buffer every call: above glibc's mmap threshold
+    (32 MiB) a fresh mapping, first-touched page by page (int8, T = 16k: 21.8 ms, 11.8 ms with
+    the threshold raised; docs/performance.md).
     """
-    del options, dtype  # both move the stored bits, whatever they are
+    del options  # the xla body moves the stored bits, whatever they are
+    page_size = spec.page_size
     num_layers, num_slots, combined, dim = cache.shape
-    num_tokens, n = rows[0].shape[0], len(rows)
+    num_tokens = k.shape[0]
+    n = 1 if spec.packed else 2  # rows per head
     valid = writable_slices(
         slices,
         num,
@@ -71,13 +80,14 @@ def _local_update_xla(cache, layer, rows, slices, num, *, page_size, options, dt
     def page_bits(i):
         """The stored bits of slice i's whole page as ``heads`` holds it ([P, C/n, n, D] split,
         else [P, C, D]): the rows interleaved by a select on the row index, all fused into the
-        page's copy. Bitcast before the slice: a bf16 slice was float-normalized into a
-        separate f32 round trip per page (half the speed); the bitcast inside the fusion
-        reads only the page's elements, not all of k/v."""
-        parts = [
-            jax.lax.dynamic_slice_in_dim(to_bits(x, cache.dtype), slices[1, i], page_size, axis=0)
-            for x in rows
-        ]
+        page's copy."""
+        parts = _encoded_bits(
+            spec,
+            cache.dtype,
+            k,
+            v,
+            lambda x: jax.lax.dynamic_slice_in_dim(x, slices[1, i], page_size, axis=0),
+        )
         if n == 1:
             return parts[0]
         shape = (page_size, combined // n, n, dim)
@@ -111,8 +121,7 @@ def _local_update_xla(cache, layer, rows, slices, num, *, page_size, options, dt
 
     def scatter_tokens(heads):
         slots = token_slots(slices, partial, num_tokens, num_slots)
-        for which, x in enumerate(rows):
-            x = to_bits(x, cache.dtype)
+        for which, x in enumerate(_encoded_bits(spec, cache.dtype, k, v, lambda x: x)):
             if split:
                 at = heads.at[layer, slots, :, which]
             elif n == 1:  # packed rows: x is [T, C, D]
@@ -130,7 +139,20 @@ def _local_update_xla(cache, layer, rows, slices, num, *, page_size, options, dt
     return heads.reshape(cache.shape)
 
 
-def _local_update_pallas(cache, layer, rows, slices, num, *, page_size, options, dtype):
+def _encoded_bits(spec, stored, k, v, tokens):
+    """The stored bits of the rows of ``tokens(k)``, ``tokens(v)`` (a slice of the tokens):
+    :func:`kvshard.cache._codec.encode`, then the bitcast to the storage dtype ``stored``.
+
+    Values that need no conversion (the cache's own float dtype) are bitcast before the slice
+    and laid out as bits: a bf16 slice was float-normalized on CPU into its own float32 round
+    trip per page (half the speed), and padding or packing bits is exact (zero bits are 0).
+    """
+    if not spec.quantized and k.dtype == spec.np_dtype and v.dtype == spec.np_dtype:
+        return to_rows(spec, tokens(to_bits(k, stored)), tokens(to_bits(v, stored)))
+    return tuple(to_bits(row, stored) for row in encode(spec, tokens(k), tokens(v)))
+
+
+def _local_update_pallas(cache, layer, k, v, slices, num, *, spec, options):
     """One device: the kernel on the [L·slots, C, D] view of the stacked block.
 
     The reshape is a bitcast, so the kernel's input/output alias still covers the donated
@@ -138,6 +160,7 @@ def _local_update_pallas(cache, layer, rows, slices, num, *, page_size, options,
     the logical ``dtype``: a CPU cache storing bf16/fp8 bits (interpret mode) is bitcast to it
     and back, which XLA's CPU backend materialises; on TPU storage is already ``dtype``.
     """
+    page_size, dtype, rows = spec.page_size, spec.np_dtype, encode(spec, k, v)
     num_layers, num_slots, heads, dim = cache.shape
     stored = cache.dtype
     flat = from_bits(cache.reshape(num_layers * num_slots, heads, dim), dtype)
