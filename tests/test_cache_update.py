@@ -29,12 +29,14 @@ from _cache_helpers import (
     small_spec,
 )
 from _compiles import compile_log
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+import kvshard
 from kvshard.cache import CacheSpec, gather, init_cache, update
+from kvshard.cache._update_local import LOCAL_UPDATES, _write_rows
 from kvshard.testing import update_slices
 
 # --------------------------------------------------------------------------------------------
@@ -112,6 +114,40 @@ def test_random_updates_match_dense_oracle(case, rand):
         cache = update(cache, layer, k, v, slices, num, backend="xla")
         oracle.update(layer, k, v, slices, num, pooled)
     assert_matches(cache, oracle)
+
+
+@pytest.fixture
+def gpu_lowering(monkeypatch):
+    """kvshard.update's xla backend lowered as on a GPU (every valid token scattered, no page
+    loop: kvshard.cache._update_local), run on this CPU. The traces are cleared on both sides:
+    the jitted body keeps its traces by static arguments, not by the function it calls."""
+
+    def scatter_all(cache, layer, k, v, slices, num, *, spec, options):
+        return _write_rows(cache, layer, k, v, slices, num, spec=spec, page_copies=False)
+
+    jax.clear_caches()
+    monkeypatch.setitem(LOCAL_UPDATES, "xla", scatter_all)
+    yield
+    monkeypatch.undo()
+    jax.clear_caches()
+
+
+@settings(max_examples=8, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(update_sequences(), st.randoms(use_true_random=False))
+def test_gpu_lowering_matches_dense_oracle(gpu_lowering, case, rand):
+    test_random_updates_match_dense_oracle.hypothesis.inner_test(case, rand)
+
+
+def test_xla_backend_lowers_a_page_loop_on_cpu_and_a_scatter_on_gpus():
+    spec = small_spec(2, dtype="bfloat16")
+    mesh = make_mesh((1, 1))
+    k, v = random_kv(np.random.default_rng(0), spec, 32)
+    slices, num = np.array([[0, 16], [0, 16], [16, 16]], np.int32), np.array([2], np.int32)
+    write = jax.jit(lambda c, k, v, s, n: update(c, 0, k, v, s, n, backend="xla"))
+    for platform, loops in (("cpu", True), ("cuda", False)):
+        cache = kvshard.abstract_cache(spec, mesh, platform="gpu" if platform == "cuda" else "cpu")
+        text = jax.export.export(write, platforms=[platform])(cache, k, v, slices, num)
+        assert ("stablehlo.while" in text.mlir_module()) == loops, platform
 
 
 def test_auto_backend_matches_xla_on_cpu():

@@ -2,14 +2,16 @@
 and the saturation count of a quantized write.
 
 xla: whole pages copied in a loop, one contiguous page at a time (its rows interleaved on the
-way), and the other tokens scattered into the block viewed as [L, slots, C/n, n, D] (a free
-bitcast; n rows per head: 2 interleaved, 1 packed), each row apart: no combined [T, C, D]
-copy. pallas: the kernel on the [L·slots, C, D] view, with ``kv_cache_start`` offset by
-``layer · slots``. Both write exactly the slices :func:`kvshard._drop.writable_slices` keeps.
+way; on GPUs no loop), and the other tokens scattered into the block viewed as
+[L, slots, C/n, n, D] (a free bitcast; n rows per head: 2 interleaved, 1 packed), each row
+apart: no combined [T, C, D] copy. pallas: the kernel on the [L·slots, C, D] view, with
+``kv_cache_start`` offset by ``layer · slots``. Both write exactly the slices
+:func:`kvshard._drop.writable_slices` keeps.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -33,24 +35,38 @@ __all__ = ["LOCAL_UPDATES", "SaturationCounts", "count_saturated"]
 
 def _local_update_xla(cache, layer, k, v, slices, num, *, spec, options):
     """One device: cache [L, slots, C, D], k/v [T, h, D] (this device's heads, real values)
-    -> cache, with no combined [T, C, D] copy and no encoded copy of k/v: each page's rows
-    (:func:`_encoded_bits`: n of them, K and V interleaved, K|V packed) are encoded where the
-    page is written, inside its copy's fusion.
+    -> cache, lowered per platform (:func:`jax.lax.platform_dependent`, so an export for
+    several platforms carries each one's): on GPUs every valid token is scattered (XLA's GPU
+    scatter ran at the speed of a copy of the same bytes on an H100, and a loop there costs a
+    host round trip per iteration); elsewhere whole pages are copied in a loop
+    (:func:`_write_rows`)."""
+    del options  # the xla body moves the stored bits, whatever they are
+    scatter_all = functools.partial(_write_rows, spec=spec, page_copies=False)
+    page_copies = functools.partial(_write_rows, spec=spec, page_copies=True)
+    return jax.lax.platform_dependent(
+        cache, layer, k, v, slices, num, cuda=scatter_all, rocm=scatter_all, default=page_copies
+    )
 
-    Whole-page slices (a prefill's) are copied page by page with ``dynamic_update_slice`` in a
-    loop: XLA's CPU scatter moves one row at a time, several times slower than these page
-    copies. Each page is one contiguous write of [P, C, D], its rows interleaved by a select
-    fused into the copy: writing each row apart (every other 512 B of the page, in two passes)
-    took 1.1-1.3x as long (docs/performance.md). The tokens of the other valid slices (a decode's)
-    are scattered on the [L, slots, C/n, n, D] view (a bitcast), one scatter of [T, C/n, D]
-    per row with out-of-bounds slots dropped.
+
+def _write_rows(cache, layer, k, v, slices, num, *, spec, page_copies):
+    """:func:`_local_update_xla`'s body: no combined [T, C, D] copy and no encoded copy of
+    k/v: the rows (:func:`_encoded_bits`: n of them, K and V interleaved, K|V packed) are
+    encoded where they are written, inside the write's fusion.
+
+    ``page_copies``: whole-page slices (a prefill's) are copied page by page with
+    ``dynamic_update_slice`` in a loop: XLA's CPU scatter moves one row at a time, several
+    times slower than these page copies. Each page is one contiguous write of [P, C, D], its
+    rows interleaved by a select fused into the copy: writing each row apart (every other
+    512 B of the page, in two passes) took 1.1-1.3x as long (docs/performance.md). The tokens
+    of the other valid slices (a decode's; all of them without ``page_copies``) are scattered
+    on the [L, slots, C/n, n, D] view (a bitcast), one scatter of [T, C/n, D] per row with
+    out-of-bounds slots dropped.
 
     Encoding k/v whole first (a quantized cache's rounding, a cast, a packed layout's
     padding) wrote them to a temporary buffer every call: above glibc's mmap threshold
     (32 MiB) a fresh mapping, first-touched page by page (int8, T = 16k: 21.8 ms, 11.8 ms with
     the threshold raised; docs/performance.md).
     """
-    del options  # the xla body moves the stored bits, whatever they are
     page_size = spec.page_size
     num_layers, num_slots, combined, dim = cache.shape
     num_tokens = k.shape[0]
@@ -65,7 +81,7 @@ def _local_update_xla(cache, layer, k, v, slices, num, *, spec, options):
         page_size=page_size,
     )
     # A writable slice never crosses a page: a full one starts on a page boundary.
-    whole = valid & (slices[2] == page_size)
+    whole = valid & (slices[2] == page_size) & page_copies
     partial = valid & ~whole
     # A bad layer leaves nothing valid; index layer 0 rather than let a negative layer wrap.
     # Unique, in-bounds-or-dropped indices let XLA scatter in place.
@@ -109,7 +125,7 @@ def _local_update_xla(cache, layer, k, v, slices, num, *, spec, options):
         # normalization out of the loop: all of k and v converted (4x their bytes) first.
         return jax.lax.cond(whole[i], write, lambda heads: heads, heads)
 
-    if num_tokens >= page_size:  # else no slice can fill a page
+    if page_copies and num_tokens >= page_size:  # else no slice can fill a page
         # The loop visits the whole slices only, in order (their indices packed to the front):
         # a decode step, which has none, runs it zero times; a per-slice `cond` had cost
         # every live slice an iteration.
