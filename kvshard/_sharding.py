@@ -115,14 +115,23 @@ def place_all(mesh: Mesh, items: list[tuple[Any, P]], *, reuse: bool = False) ->
             if out[i] is None:
                 moving.append(i)
     if moving:
+        # NumPy arrays are copied first: on CPU, device_put of a 64-byte-aligned one shares
+        # its memory (may_alias=False did not stop it, jax 0.10.2), so a caller refilling
+        # that array in place (a persistent step buffer, as serving loops keep) would change
+        # a call still queued and every memoized device copy of it.
         placed = jax.device_put(
-            [items[i][0] for i in moving], [_sharding(mesh, items[i][1]) for i in moving]
+            [_private(items[i][0]) for i in moving], [_sharding(mesh, items[i][1]) for i in moving]
         )
         for i, x in zip(moving, placed, strict=True):
             out[i] = x
             if i in keys:
                 _PLACED.put(keys[i], x)
     return out
+
+
+def _private(x: Any) -> Any:
+    """x, or a copy of it nothing else can write to when it is a NumPy array."""
+    return np.array(x) if isinstance(x, np.ndarray) else x
 
 
 def reuse_key(mesh: Mesh, x: Any, spec: P) -> tuple[Any, ...] | None:

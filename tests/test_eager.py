@@ -279,3 +279,32 @@ def test_the_same_slices_arrays_mutated_in_place_are_checked_again(mesh):
         kvshard.update(cache, 1, k, k, slices, num)
     assert not cache.kv.is_deleted()
     np.testing.assert_array_equal(np.asarray(cache.kv), before)
+
+
+def _aligned_copy(x, alignment=64):
+    """A copy of x in memory aligned to ``alignment`` bytes: on CPU, jax.device_put shares the
+    memory of such a NumPy array instead of copying it."""
+    buffer = np.empty(x.nbytes + alignment, np.uint8)
+    start = -buffer.ctypes.data % alignment
+    out = buffer[start : start + x.nbytes].view(x.dtype).reshape(x.shape)
+    out[...] = x
+    return out
+
+
+def test_a_step_buffer_refilled_in_place_changes_no_earlier_call(mesh):
+    """A serving loop refills one persistent slices buffer every step. The device copy an
+    earlier call made (and memoized by content) must not follow the buffer: the same content
+    in a later call is written where that content says, not where the buffer now points."""
+    step, k = decode_step(SPEC), tokens(SPEC, 7)
+    first = step.slices.copy()
+    buffer, num = _aligned_copy(first), step.num_slices.copy()
+    cache = kvshard.update(kvshard.init_cache(SPEC, mesh), 0, k, k, buffer, num)
+    moved = first.copy()
+    moved[0, 0] = int(SPEC.num_pages * SPEC.page_size - 1)  # a free slot, another page
+    buffer[...] = moved  # the next step, in the same buffer
+    cache = kvshard.update(cache, 0, 2 * k, 2 * k, buffer, num)
+    cache = kvshard.update(cache, 0, 3 * k, 3 * k, first.copy(), num)  # the first step again
+    slots = np.array([first[0, 0], moved[0, 0]], np.int32)
+    got = np.asarray(kvshard.gather(cache, 0, slots)[0])
+    np.testing.assert_array_equal(got[0], 3 * k[0])
+    np.testing.assert_array_equal(got[1], 2 * k[0])
