@@ -29,6 +29,16 @@ def fresh_like(a: PageAllocator) -> PageAllocator:
     )
 
 
+def fresh_with_counters(a: PageAllocator) -> PageAllocator:
+    """A fresh allocator like ``a`` holding ``a``'s cumulative counters, ``prefix_stats`` and
+    ``tier_stats`` (saved as ``host_stats``; its ``device_hits`` count even without a host
+    tier): the state freeing every request must restore once nothing is cached."""
+    fresh = fresh_like(a)
+    counters = {"prefix_stats": a.prefix_stats, "host_stats": a.tier_stats}
+    fresh.load_state_dict({**fresh.state_dict(), **counters})
+    return fresh
+
+
 def unchanged(a, exc, call, match):
     """Runs ``call`` expecting ``exc`` matching ``match``; ``a``'s checksum must not move."""
     before = a.checksum()

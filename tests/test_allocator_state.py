@@ -6,7 +6,7 @@ import contextlib
 
 import numpy as np
 import pytest
-from _alloc import fresh_like, make, unchanged
+from _alloc import fresh_like, fresh_with_counters, make, unchanged
 from hypothesis import given, note, settings
 from hypothesis import strategies as st
 
@@ -178,6 +178,52 @@ def test_load_state_dict_accepts_the_largest_clock_and_keeps_working():
     target.free("b")
     assert target.state_dict()["clock"] > 2**62
     target.check_invariants()
+
+
+def _differing_entries(a: PageAllocator, b: PageAllocator) -> set[str]:
+    """Names of the state_dict entries in which ``a`` and ``b`` differ."""
+    sa, sb = a.state_dict(), b.state_dict()
+    assert set(sa) == set(sb)
+    return {
+        name
+        for name in sa
+        if not (
+            np.array_equal(sa[name], sb[name])
+            if isinstance(sa[name], np.ndarray)
+            else sa[name] == sb[name]
+        )
+    }
+
+
+def test_freed_allocator_is_fresh_but_for_both_counters():
+    """The machine's shrunk CI failure: an undone lookup's hit is counted in prefix_stats and
+    in tier_stats' device_hits (even without a host tier); once the hit page is evicted and
+    every request freed, the state is a fresh allocator's up to those two counters."""
+    a = PageAllocator(5, 2, max_requests=3, max_pages_per_request=2, enable_prefix_caching=True)
+    assert a.allocate("a", 2).tolist() == [1]
+    assert a.commit_prefix("a", [0, 0]) == 1
+    a.fork("a", "b")
+    a.fork("a", "c")
+    a.allocate_batch(["a", "b", "c"], [1, 1, 1])  # pages 2, 3, 4: every page is in use
+    a.allocate_batch(["a"], [1])
+    for req_id in "abc":
+        a.free(req_id)  # page 1 stays cached (evictable)
+    twin = fresh_like(a)
+    twin.load_state_dict(a.state_dict())
+    assert twin.checksum() == a.checksum()
+    assert a.lookup_prefix("a", [0, 0, 0]) == 2 and a.pages("a").tolist() == [1]
+    a.free("a")  # refused admission: the lookup is undone, its counters are not
+    assert a.prefix_stats["hits"] == 2 and a.tier_stats["device_hits"] == 2
+    a.allocate_batch(["b", "c"], [3, 3])  # all 4 pages: evicts page 1, nothing stays cached
+    assert a.num_evictable_pages == 0 and a.prefix_stats["evictions"] == 1
+    a.fork("b", "a")
+    for req_id in "bca":
+        a.free(req_id)
+    twin = fresh_like(a)
+    twin.load_state_dict(a.state_dict())
+    assert twin.checksum() == a.checksum()
+    assert _differing_entries(a, fresh_like(a)) == {"prefix_stats", "host_stats"}
+    assert a.checksum() == fresh_with_counters(a).checksum()
 
 
 def _windowed_source():

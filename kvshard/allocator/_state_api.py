@@ -70,10 +70,11 @@ class StateMethods:
 
         Deterministic across processes and hosts (request ids enter through ``repr``). The
         digest covers everything :meth:`state_dict` returns, including the cumulative
-        :attr:`prefix_stats` counters, which :meth:`free` never resets. With prefix caching off
-        those counters stay 0, so freeing every request restores the digest of a fresh
-        allocator with the same arguments; with it on, the same holds once nothing is cached,
-        up to the counters.
+        counters :attr:`prefix_stats` and :attr:`tier_stats` (saved as ``"host_stats"``; its
+        ``device_hits`` count lookup hits with or without a host tier), which :meth:`free`
+        never resets. With prefix caching off those counters stay 0, so freeing every request
+        restores the digest of a fresh allocator with the same arguments; with it on, the same
+        holds once nothing is cached, up to both counters.
 
         Returns:
             32 lowercase hex characters (a 128-bit digest). Never raises.
