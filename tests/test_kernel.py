@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from jax.experimental.pallas import tpu as pltpu
 
 from kvshard import reference
+from kvshard._jax_compat import interpret_params
 from kvshard.kernels import kv_cache_update
 from kvshard.kernels.update import default_num_slices_per_block, page_bytes
 from kvshard.testing import random_values, update_batches
@@ -184,7 +184,7 @@ def test_kernel_guard_drops_hostile_slices(name):
 
 @pytest.mark.xfail(
     strict=True,
-    reason="JAX 0.10.2's interpret-mode race detector does not flag two DMAs from one core "
+    reason="JAX's interpret-mode (0.10.2 to 0.12.1) race detector does not flag two DMAs from one core "
     "writing the same HBM rows; overlapping destinations are refused by validate=True and by "
     "kvshard.update instead (test_kernel_contract.py)",
 )
@@ -200,7 +200,7 @@ def test_race_detector_catches_overlapping_destinations():
     kv_cache = random_values(rng, (4 * P, 2, 128), np.float32)
     new_kv = random_values(rng, (8, 2, 128), np.float32)
     slices = np.array([[P, 0, 4], [P + 2, 4, 4]], np.int32).T
-    params = pltpu.InterpretParams(detect_races=True, dma_execution_mode="eager")
+    params = interpret_params(detect_races=True, dma_execution_mode="eager")
     run_kernel(
         (new_kv, slices, kv_cache, np.array([2], np.int32)),
         page_size=P,

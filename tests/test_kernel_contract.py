@@ -8,6 +8,7 @@ lowers or raises before the kernel runs.
 from __future__ import annotations
 
 import functools
+import inspect
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +20,7 @@ from jax.experimental.pallas import tpu as pltpu
 from test_kernel import assert_bits_equal, peer_case, run_kernel
 
 from kvshard import BackendOptions, reference
+from kvshard._jax_compat import interpret_params
 from kvshard.kernels import budgets
 from kvshard.kernels import update as kernel_module
 from kvshard.kernels.budgets import (
@@ -261,8 +263,9 @@ def test_mosaic_dmas_waits_and_branches_per_block(op_counts):
 # --------------------------------------------------------------------------------------------
 
 
-def _bounce(wait_before_store):
-    """One slice through VMEM, as the vmem schedule copies it; optionally racing."""
+def _bounce(wait_before_store, **params):
+    """One slice through VMEM, as the vmem schedule copies it; optionally racing. ``params``:
+    more InterpretParams (the race detector is on, recording races)."""
 
     def kernel(src_ref, _, dst_ref, scratch, sem):
         load = pltpu.make_async_copy(src_ref.at[pl.ds(0, 4)], scratch.at[0, pl.ds(0, 4)], sem)
@@ -282,7 +285,7 @@ def _bounce(wait_before_store):
         out_shape=jax.ShapeDtypeStruct((4 * P, 2, 128), jnp.float32),
         scratch_shapes=[pltpu.VMEM((1, P, 2, 128), jnp.float32), pltpu.SemaphoreType.DMA],
         input_output_aliases={1: 0},
-        interpret=pltpu.InterpretParams(detect_races=True, dma_execution_mode="eager"),
+        interpret=interpret_params(detect_races=True, dma_execution_mode="eager", **params),
     )
 
 
@@ -300,12 +303,25 @@ def test_race_detector_sees_the_vmem_schedules_kind_of_race():
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(
+    "on_race" not in inspect.signature(pltpu.InterpretParams).parameters,
+    reason="JAX < 0.12: the race detector has no on_race option (it only records races)",
+)
+def test_race_detector_raises_when_asked_on_jax_versions_that_can():
+    """JAX 0.12+: on_race="raise" (JAX's default there) raises at the race, which is why
+    kvshard's interpret_params asks it to record instead."""
+    src, cache = jnp.ones((8, 2, 128)), jnp.zeros((4 * P, 2, 128))
+    with pytest.raises(RuntimeError, match="RACE DETECTED"):
+        _bounce(wait_before_store=False, on_race="raise")(src, cache).block_until_ready()
+
+
+@pytest.mark.slow
 def test_vmem_schedule_has_no_detected_race():
     """The same detector, live for this access pattern (test above), finds none in the kernel."""
     from jax._src.pallas.mosaic.interpret import interpret_pallas_call as interpreter
 
     arrays = peer_case(16, 2, 128, jnp.float32, np.random.default_rng(4))
-    params = pltpu.InterpretParams(detect_races=True, dma_execution_mode="eager")
+    params = interpret_params(detect_races=True, dma_execution_mode="eager")
     out = run_kernel(
         arrays, page_size=16, num_slices_per_block=3, schedule="vmem", interpret=params
     )

@@ -28,10 +28,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental.compute_on import compute_on
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from kvshard._jax_compat import on_host
 from kvshard._layout import INT32_MAX, CacheSpec, check_tensor_parallel
 from kvshard._sharding import axis_size, check_mesh_axes
 from kvshard._storage import storage_dtype
@@ -111,13 +111,9 @@ def check_host(host: Any, cache: KVCache) -> HostCache:
 
 @functools.lru_cache(maxsize=16)
 def _zeros_fn(shape: tuple[int, ...], dtype: str, sharding: NamedSharding):
-    # Computed on the host (compute_on) and returned in host memory: each device's host shard
-    # is materialised where it lives, never in device memory (a host pool may exceed HBM).
-    def zeros():
-        with compute_on("device_host"):
-            return jax.jit(lambda: jnp.zeros(shape, dtype))()
-
-    return jax.jit(zeros, out_shardings=sharding)
+    # Computed on the host and returned in host memory: each device's host shard is
+    # materialised where it lives, never in device memory (a host pool may exceed HBM).
+    return jax.jit(on_host(lambda: jnp.zeros(shape, dtype)), out_shardings=sharding)
 
 
 def init_host_cache(

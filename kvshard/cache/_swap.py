@@ -8,7 +8,7 @@ memory; nothing crosses devices. Each op is three steps inside one executable, p
 2. one transfer of that buffer to the other memory (``jax.device_put`` to a memory space
    inside jit: XLA emits the copy of exactly K pages, nothing else crosses the link);
 3. scatter it into the destination pages, on the side that holds them (the host-side gather
-   and scatter run on the host, under ``compute_on("device_host")``).
+   and scatter run on the host, :func:`kvshard._jax_compat.on_host`).
 
 Both caches are donated, so XLA writes both in place (tests/test_cache_swap.py checks the
 compiled module's input/output aliasing and the buffer addresses). The call returns once
@@ -28,12 +28,12 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental.compute_on import compute_on
 from jax.sharding import PartitionSpec as P
 
 from kvshard import _reports
 from kvshard._drop import SWAP_PAD, swap_pair_mask
 from kvshard._host_checks import check_page_pairs, is_traced
+from kvshard._jax_compat import on_host
 from kvshard._sharding import place, to_spec
 from kvshard.cache._host import HostCache, check_host, with_host_kv
 from kvshard.cache._pytree import KVCache, check_cache, with_kv
@@ -86,14 +86,12 @@ def _swap_jit(cache, host, pairs, *, into_host, checks=False):
             values, dst = jax.device_put(
                 (values, jnp.where(keep, hostp, num_host_pages)), jax.memory.Space.Host
             )
-            with compute_on("device_host"):
-                host_kv = jax.jit(functools.partial(_write_pages, page_size=page_size))(
-                    host_kv, dst, values
-                )
+            host_kv = on_host(functools.partial(_write_pages, page_size=page_size))(
+                host_kv, dst, values
+            )
         else:
             src = jax.device_put(jnp.where(keep, hostp, 0), jax.memory.Space.Host)
-            with compute_on("device_host"):
-                values = jax.jit(functools.partial(_read_pages, page_size=page_size))(host_kv, src)
+            values = on_host(functools.partial(_read_pages, page_size=page_size))(host_kv, src)
             values = jax.device_put(values, jax.memory.Space.Device)
             kv = _write_pages(kv, jnp.where(keep, device, num_pages), values, page_size)
         return kv, host_kv

@@ -68,6 +68,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from kvshard._drop import slice_is_writable
+from kvshard._jax_compat import interpret_params
 from kvshard._layout import page_bytes
 from kvshard.kernels.budgets import (
     INFLIGHT_BUDGET_BYTES,
@@ -259,7 +260,7 @@ def _kv_cache_update(
 
 def _default_interpret():
     """Interpret mode unless JAX's default backend is a TPU."""
-    return None if jax.default_backend() == "tpu" else pltpu.InterpretParams()
+    return None if jax.default_backend() == "tpu" else interpret_params()
 
 
 def kv_cache_update(
@@ -352,7 +353,7 @@ def kv_cache_update(
     if interpret is None:
         interpret = _default_interpret()
     elif interpret is True:
-        interpret = pltpu.InterpretParams()
+        interpret = interpret_params()
     elif interpret is False:
         interpret = None
     return _kv_cache_update(

@@ -1,0 +1,55 @@
+"""What differs between the JAX versions kvshard supports (0.10.2 to 0.12.x), in one place.
+
+Every other module calls these names and never tests JAX's version itself:
+
+- :func:`on_host`: run a function on the host of the device tracing it (host-memory compute,
+  the host tier's gathers and scatters). JAX 0.10 spells it ``compute_on2(f, ...)`` beside
+  the older context manager ``compute_on("device_host")``; from 0.11 ``compute_on`` itself is
+  the function transform and the context manager is gone.
+- :func:`interpret_params`: Pallas TPU interpret mode's parameters. From 0.12 its race
+  detector raises on a race by default (``on_race="raise"``); kvshard's tests read the
+  detector's findings instead, so :func:`interpret_params` asks for the 0.11 behaviour
+  (record, do not raise) where the option exists.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import jax
+from jax.experimental import compute_on as _compute_on_module
+from jax.experimental.pallas import tpu as pltpu
+
+__all__ = ["JAX_VERSION", "interpret_params", "on_host"]
+
+JAX_VERSION: tuple[int, ...] = tuple(int(p) for p in jax.__version__.split(".")[:3] if p.isdigit())
+
+# The function-transform form of compute_on: ``compute_on2`` where both forms exist (0.10),
+# ``compute_on`` once it is the only one (0.11+).
+_compute_on_transform = getattr(_compute_on_module, "compute_on2", _compute_on_module.compute_on)
+
+
+def on_host(f: Callable[..., Any]) -> Callable[..., Any]:
+    """``f`` run on the host of the device that traces it, its outputs left in host memory.
+
+    Operands must already be in host memory (``jax.device_put(x, jax.memory.Space.Host)``).
+    """
+    return _compute_on_transform(
+        jax.jit(f), compute_type="device_host", out_memory_spaces=jax.memory.Space.Host
+    )
+
+
+@functools.cache
+def _interpret_takes_on_race() -> bool:
+    return "on_race" in inspect.signature(pltpu.InterpretParams).parameters
+
+
+def interpret_params(**kwargs: Any) -> pltpu.InterpretParams:
+    """``pltpu.InterpretParams(**kwargs)``, with races recorded (and warned of) rather than
+    raised on JAX versions whose detector raises by default (0.12+; ``on_race`` given wins)."""
+    if _interpret_takes_on_race():
+        kwargs.setdefault("on_race", "warn")
+    return pltpu.InterpretParams(**kwargs)
