@@ -184,9 +184,9 @@ def test_kernel_guard_drops_hostile_slices(name):
 
 @pytest.mark.xfail(
     strict=True,
-    reason="JAX's interpret-mode (0.10.2 to 0.12.1) race detector does not flag two DMAs from one core "
-    "writing the same HBM rows; overlapping destinations are refused by validate=True and by "
-    "kvshard.update instead (test_kernel_contract.py)",
+    reason="the interpret-mode race detector of JAX 0.10.2 to 0.12.1 does not flag two DMAs "
+    "from one core writing the same HBM rows; overlapping destinations are refused by "
+    "validate=True and by kvshard.update instead (test_kernel_contract.py)",
 )
 def test_race_detector_catches_overlapping_destinations():
     """Two live slices writing the same rows are a real race, but not one this detector sees.
