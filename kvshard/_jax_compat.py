@@ -6,6 +6,10 @@ Every other module calls these names and never tests JAX's version itself:
   the host tier's gathers and scatters). JAX 0.10 spells it ``compute_on2(f, ...)`` beside
   the older context manager ``compute_on("device_host")``; from 0.11 ``compute_on`` itself is
   the function transform and the context manager is gone.
+- :data:`CPU_REWRITES_BFLOAT16`: whether XLA's CPU compiler rewrites ops on a bfloat16 array
+  in float32 inside a caller's jit (so a donated bfloat16 cache is copied whole:
+  :mod:`kvshard._storage` stores its bits instead). True on JAX 0.10; from 0.11 a natively
+  stored bfloat16 cache stays in place (float8 is rewritten on every version; docs/layout.md).
 - :func:`interpret_params`: Pallas TPU interpret mode's parameters. From 0.12 its race
   detector raises on a race by default (``on_race="raise"``); kvshard's tests read the
   detector's findings instead, so :func:`interpret_params` asks for the 0.11 behaviour
@@ -14,22 +18,26 @@ Every other module calls these names and never tests JAX's version itself:
 
 from __future__ import annotations
 
-import functools
 import inspect
 from collections.abc import Callable
 from typing import Any
 
 import jax
 from jax.experimental import compute_on as _compute_on_module
-from jax.experimental.pallas import tpu as pltpu
 
-__all__ = ["JAX_VERSION", "interpret_params", "on_host"]
+__all__ = ["CPU_REWRITES_BFLOAT16", "JAX_VERSION", "interpret_params", "on_host"]
 
 JAX_VERSION: tuple[int, ...] = tuple(int(p) for p in jax.__version__.split(".")[:3] if p.isdigit())
 
+# Measured (kvshard.benchmarks.callers_jit.temporaries, a natively stored 64 MiB cache in a bf16
+# model's jit): temporaries 4.0x the cache on 0.10.2, 0.05x on 0.11.2 and 0.12.1.
+CPU_REWRITES_BFLOAT16: bool = JAX_VERSION < (0, 11)
+
 # The function-transform form of compute_on: ``compute_on2`` where both forms exist (0.10),
 # ``compute_on`` once it is the only one (0.11+).
-_compute_on_transform = getattr(_compute_on_module, "compute_on2", _compute_on_module.compute_on)
+_compute_on_transform: Callable[..., Any] = getattr(
+    _compute_on_module, "compute_on2", _compute_on_module.compute_on
+)
 
 
 def on_host(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -42,14 +50,11 @@ def on_host(f: Callable[..., Any]) -> Callable[..., Any]:
     )
 
 
-@functools.cache
-def _interpret_takes_on_race() -> bool:
-    return "on_race" in inspect.signature(pltpu.InterpretParams).parameters
-
-
-def interpret_params(**kwargs: Any) -> pltpu.InterpretParams:
+def interpret_params(**kwargs: Any) -> Any:
     """``pltpu.InterpretParams(**kwargs)``, with races recorded (and warned of) rather than
     raised on JAX versions whose detector raises by default (0.12+; ``on_race`` given wins)."""
-    if _interpret_takes_on_race():
+    from jax.experimental.pallas import tpu as pltpu
+
+    if "on_race" in inspect.signature(pltpu.InterpretParams).parameters:
         kwargs.setdefault("on_race", "warn")
     return pltpu.InterpretParams(**kwargs)

@@ -1,19 +1,21 @@
 """The dtype the cache array stores per platform, and the two bitcasts between it and the
 cache's logical dtype: the one place that rule lives.
 
-XLA's CPU compiler cannot compute in bfloat16 or float8. Its float-normalization passes rewrite
-every op of those types in float32, a scatter into the donated cache or a gather of its pages
-included: ``convert(whole cache) -> f32 op -> convert back``, two passes over the buffer and a
-temporary twice its size, on every write and every read. A per-executable compiler option can
-turn the passes off, but it cannot reach a caller's own ``jax.jit`` (where a serving loop traces
-kvshard), and a caller whose model has bf16 dots cannot set it (the dot emitter needs them).
+XLA's CPU compiler cannot compute in float8, and in JAX 0.10 not in bfloat16 either. Its
+float-normalization passes rewrite every op of those types in float32, a scatter into the
+donated cache or a gather of its pages included: ``convert(whole cache) -> f32 op -> convert
+back``, two passes over the buffer and a temporary four times its size, on every write and
+every read. A per-executable compiler option can turn the passes off, but it cannot reach a
+caller's own ``jax.jit`` (where a serving loop traces kvshard), and a caller whose model has
+bf16 dots cannot set it (the dot emitter needs them).
 
-So on CPU a bfloat16/float8 cache stores its values' bits as the unsigned integer of the same
-width (integer scatters and gathers are never normalized) and only the small arrays that cross
-the boundary are bitcast: the new tokens on the way in, the gathered pages on the way out.
-float16 is not normalized on CPU and float32/int8 are not either: they are stored natively, as
-is everything on GPU and TPU (they compute in bf16/fp8, and the Pallas kernels read the logical
-dtype). Every public read returns the logical dtype; ``cache.kv`` holds the storage dtype.
+So on CPU a float8 cache (and, on JAX 0.10, a bfloat16 one:
+:data:`kvshard._jax_compat.CPU_REWRITES_BFLOAT16`) stores its values' bits as the unsigned
+integer of the same width (integer scatters and gathers are never normalized), and only the
+small arrays that cross the boundary are bitcast: the new tokens on the way in, the gathered
+pages on the way out. Every other dtype is stored natively, as is everything on GPU and TPU
+(they compute in bf16/fp8, and the Pallas kernels read the logical dtype). Every public read
+returns the logical dtype; ``cache.kv`` holds the storage dtype (docs/layout.md).
 """
 
 from __future__ import annotations
@@ -23,12 +25,19 @@ from typing import Any
 import jax
 import numpy as np
 
+from kvshard._jax_compat import CPU_REWRITES_BFLOAT16
+
 __all__ = ["PLATFORMS", "from_bits", "storage_dtype", "to_bits"]
 
 PLATFORMS = ("cpu", "gpu", "tpu")  # jax.Device.platform of each kind kvshard runs on
 
-# Logical dtypes whose ops XLA's CPU compiler rewrites in float32 (docs/performance.md).
-_CPU_BITS = {"bfloat16": np.uint16, "float8_e4m3fn": np.uint8, "float8_e5m2": np.uint8}
+# Logical dtypes whose ops XLA's CPU compiler rewrites in float32 (docs/layout.md).
+_CPU_BITS: dict[str, type[np.unsignedinteger]] = {
+    "float8_e4m3fn": np.uint8,
+    "float8_e5m2": np.uint8,
+}
+if CPU_REWRITES_BFLOAT16:
+    _CPU_BITS["bfloat16"] = np.uint16
 
 
 def storage_dtype(dtype: Any, platform: str) -> np.dtype:
