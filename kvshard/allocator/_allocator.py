@@ -771,7 +771,8 @@ class PageAllocator:
             req_id: a live request that is not swapped out.
 
         Returns:
-            The number of pages moved (0 if it owns none alone; it is swapped out even then).
+            The number of pages moved, each a device page freed (0 if it owns none alone; it
+            is swapped out even then): :meth:`swap_out_frees` tells it beforehand.
 
         Raises:
             ValueError: there is no host tier; the request is already swapped out; one of its
@@ -781,6 +782,29 @@ class PageAllocator:
             UnknownRequest: ``req_id`` is not live. TypeError: it is not hashable.
         """
         return _swap.swap_out(self._parts, req_id)
+
+    def swap_out_frees(self, req_id: Hashable) -> int:
+        """Returns how many device pages :meth:`swap_out_request` would free now; changes
+        nothing (a scheduler picks whom to preempt with it).
+
+        The pages the request alone owns that are not prefix-cached, in every KV-cache group:
+        what ``swap_out_request(req_id)`` returns and adds to :attr:`num_free_pages` if it is
+        called next. 0 when every page is shared (fork, prefix hit) or cached. That call may
+        still refuse: when this count exceeds :attr:`num_free_host_pages` (``OutOfPages``), or
+        while a pending copy or swap-in of this step touches one of the request's pages.
+
+        Args:
+            req_id: a live request that is not swapped out.
+
+        Returns:
+            An int in ``[0, num_groups * max_pages_per_request]``.
+
+        Raises:
+            ValueError: there is no host tier; the request is swapped out.
+            UnknownRequest: ``req_id`` is not live. TypeError: it is not hashable.
+        """
+        moving = _swap.moving_columns(self._parts, req_id, "swap_out_frees")
+        return sum(int(cols.size) for cols in moving)
 
     def swap_in_request(self, req_id: Hashable) -> np.ndarray:
         """Brings a swapped-out request back into NEW device pages; it is schedulable again.
