@@ -216,13 +216,19 @@ class PageAllocator:
 
     @property
     def prefix_stats(self) -> dict[str, int]:
-        """Prefix-cache counters (a copy).
+        """Prefix-cache counters (a copy), cumulative: :meth:`free`,
+        :meth:`reset_prefix_cache` and an undone lookup never lower them.
 
-        ``lookups``: :meth:`lookup_prefix` calls; ``queries``: tokens looked up; ``hits``:
-        tokens found cached, in either tier (so ``hits / queries`` is the token hit rate, as in
-        vLLM; :attr:`tier_stats` splits device and host hits);
-        ``evictions``: cached pages dropped to satisfy an allocation. :meth:`peek_prefix`
-        counts nowhere.
+        ``lookups``: :meth:`lookup_prefix` calls that returned (a refused call counts nowhere);
+        ``queries``: the tokens those calls were given (``len(token_ids)`` each, the last token
+        included though it is never a hit); ``hits``: the tokens they returned, found in either
+        tier (:attr:`tier_stats` splits device and host hits), counted when the lookup attaches
+        them: a lookup undone by :meth:`free` before any :meth:`allocate` served the request
+        (e.g. after :class:`OutOfPages`) keeps its count, so a request looked up again after
+        that counts its hits twice. ``hits / queries`` is the token hit rate of lookups, as in
+        vLLM, not the share of tokens served from the cache. ``evictions``: cached device pages
+        dropped from the prefix index to satisfy an allocation (kept in the host prefix cache
+        or not); :meth:`reset_prefix_cache` counts none. :meth:`peek_prefix` counts nowhere.
         """
         return dict(self._parts.index.stats)
 
