@@ -101,15 +101,19 @@ def test_a_mistral_checkpoint_saved_by_transformers_4_serves(tmp_path):
     assert cfg["head_dim"] is None
     write_checkpoint(tmp_path / "ckpt", cfg, dtype="bfloat16")
     (tmp_path / "prompts.json").write_text(json.dumps([[5, 6, 7, 8, 9, 10, 11], [42]]))
-    out = stdout_of_success(
-        run_script(
-            ROOT / "examples" / "flax_llama.py",
-            *("--checkpoint", str(tmp_path / "ckpt"), "--prompts", str(tmp_path / "prompts.json")),
-            *("--max-new-tokens", "3", "--mesh", "1x2"),
-        )
+    proc = run_script(
+        ROOT / "examples" / "flax_llama.py",
+        *("--checkpoint", str(tmp_path / "ckpt"), "--prompts", str(tmp_path / "prompts.json")),
+        *("--max-new-tokens", "3", "--mesh", "1x2"),
     )
+    out = stdout_of_success(proc)
     assert "bfloat16, mistral, mesh 1x2" in out, out
     assert "2 requests" in out and "window None" in out, out
+    # Progress on stderr, from the imports to the dense check: it never sits silent.
+    stages = ("importing JAX", "loading ", "serving 2 requests", "2/2 requests finished", "dense")
+    positions = [proc.stderr.find(f"flax_llama: {stage}") for stage in stages[:3]]
+    positions += [proc.stderr.find(stage) for stage in stages[3:]]
+    assert -1 not in positions and positions == sorted(positions), proc.stderr
 
 
 # Each command line below as its own "process" in ONE interpreter (the imports are most of a
