@@ -4,9 +4,9 @@ It owns its parts (one :class:`~kvshard.allocator._state.AllocatorParts`: page p
 table per KV-cache group, request rows, prefix index, host tier, event queue), as vLLM's
 ``KVCacheManager`` owns its ``BlockPool`` and ``KVCacheCoordinator``, and every public method
 validates its arguments, then delegates to the parts or to a transaction over them
-(``_grow``, ``_prefix``, ``_swap``). The file is long because it carries the documented
-contract of every public method (argument ranges, what is raised, what changes); the logic is
-in the parts (see :mod:`kvshard.allocator`).
+(``_grow``, ``_prefix``, ``_swap``). It holds the allocator's whole public contract in one
+place (each method's argument ranges, what it raises, what it changes); the logic is in the
+parts (see :mod:`kvshard.allocator`).
 """
 
 from __future__ import annotations
