@@ -34,6 +34,7 @@ import json
 import os
 import re
 import sys
+import time
 from pathlib import Path
 
 # Max |paged - dense| logit per compute dtype, relative to max(1, max |dense logit|): float32
@@ -86,8 +87,28 @@ def read_prompts(path: Path, vocab: int) -> list[list[int]]:
     return prompts
 
 
+def note(message: str) -> None:
+    """Progress on stderr (stdout carries the result line)."""
+    print(f"flax_llama: {message}", file=sys.stderr, flush=True)
+
+
+class StepProgress:
+    """``models.serve``'s progress callback: a line at most every ``every`` seconds."""
+
+    def __init__(self, num_requests: int, every: float = 5.0) -> None:
+        self.num_requests, self.every = num_requests, every
+        self.last = time.monotonic()
+
+    def __call__(self, steps: int, finished: int) -> None:
+        now = time.monotonic()
+        if now - self.last >= self.every or finished == self.num_requests:
+            self.last = now
+            note(f"step {steps}: {finished}/{self.num_requests} requests finished")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    note("importing JAX and flax")
     # Simulated CPU devices for the mesh, set before JAX initialises.
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     os.environ["XLA_FLAGS"] = (
@@ -114,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         raise SystemExit(f"--mesh {args.mesh}: {err}") from None
     if args.checkpoint:
+        note(f"loading {args.checkpoint} onto mesh {args.dp}x{args.tp}")
         model = models.load_checkpoint(args.checkpoint, mesh)
         arch = model.arch
         prompts = read_prompts(args.prompts, arch.vocab_size)
@@ -121,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         if args.sliding_window:
             arch = arch.with_window(args.sliding_window)
+        note(f"initialising random weights of {args.config.name} on mesh {args.dp}x{args.tp}")
         model = models.shard_model(models.CausalLM(arch, nnx.Rngs(args.seed)), mesh)
         rng = np.random.default_rng(args.seed)
         shape = zip(
@@ -147,10 +170,19 @@ def main(argv: list[str] | None = None) -> int:
         min_pages=0 if args.checkpoint else 64,
     )
     window = arch.uniform_window if args.all_full_cache else None
+    note(f"serving {len(requests)} requests (the first steps compile the model)")
     steps, peak = models.serve(
-        model, spec, mesh, requests, max_seqs=args.max_seqs, budget=args.token_budget, window=window
+        model,
+        spec,
+        mesh,
+        requests,
+        max_seqs=args.max_seqs,
+        budget=args.token_budget,
+        window=window,
+        progress=StepProgress(len(requests)),
     )
 
+    note("checking every served logit against the dense model (one more compilation)")
     dense = models.dense_logits(model, requests)
     worst = scale = 0.0
     for r, d in zip(requests, dense, strict=True):

@@ -18,6 +18,20 @@ Multimodal configs that nest the language model under ``text_config`` are read t
 that cannot be read (a missing or non-integer field, multi-head latent attention) raises
 :class:`ConfigError` with one line naming the field.
 
+This is kvshard's one reader of config.json: the planner, :meth:`kvshard.CacheSpec.from_config`
+and the flax template (:func:`kvshard.models.read_architecture`, which adds the fields only the
+model code needs) all take the geometry from :func:`read_model_config`, so they cannot disagree.
+A field written as JSON ``null`` means what transformers' config class makes of ``None``, as
+``save_pretrained`` writes every attribute, unset ones as ``null`` (:func:`config_value`):
+
+* a derived size or a switch falls back to its default: ``"head_dim": null`` (every
+  MistralConfig) is ``hidden_size / num_attention_heads``, ``"num_key_value_heads": null`` is
+  ``num_attention_heads``, a null ``max_window_layers``, ``sliding_window_pattern``,
+  ``rms_norm_eps``, ``tie_word_embeddings``, ... their defaults;
+* an optional feature is off: ``"sliding_window": null`` (Mistral v0.3, Qwen2 without
+  ``use_sliding_window``) is full attention, a null ``rope_scaling`` plain RoPE, a null soft
+  cap no cap.
+
 The presets of ``kvshard plan --model NAME`` are such configs, shipped in ``kvshard/configs/``.
 """
 
@@ -49,8 +63,13 @@ __all__ = [
     "ConfigError",
     "LayerType",
     "ModelGeometry",
+    "config_value",
+    "geometry_of",
     "group_layers",
+    "hf_layer_names",
     "layer_types_of",
+    "load_config",
+    "positive_int",
     "preset_config",
     "read_model_config",
 ]
@@ -180,8 +199,15 @@ def preset_config(name: str) -> dict[str, Any]:
     return config
 
 
-def _load(config: Mapping[str, Any] | str | PathLike[str]) -> tuple[Mapping[str, Any], str]:
-    """Returns (the config's mapping, a label for messages)."""
+def load_config(
+    config: Mapping[str, Any] | str | PathLike[str],
+) -> tuple[Mapping[str, Any], str]:
+    """Returns (the config's mapping, a label for messages) of a config.json path, a model
+    directory holding one, or the parsed dict.
+
+    Raises:
+      ConfigError: the file cannot be read, is not JSON, or holds no JSON object.
+    """
     if isinstance(config, Mapping):
         return config, str(config.get("_name_or_path") or "config")
     path = Path(config)
@@ -200,8 +226,20 @@ def _load(config: Mapping[str, Any] | str | PathLike[str]) -> tuple[Mapping[str,
     return data, str(path)
 
 
-def _positive_int(config: Mapping[str, Any], field: str, where: str) -> int:
-    value = config[field]
+def config_value(config: Mapping[str, Any], field: str, default: Any = None) -> Any:
+    """``config[field]``, or ``default`` when the field is absent or JSON ``null``: what
+    transformers' config classes do with a ``None`` argument that has a default."""
+    value = config.get(field)
+    return default if value is None else value
+
+
+def positive_int(config: Mapping[str, Any], field: str, where: str, default: Any = None) -> int:
+    """``config_value(config, field, default)``, checked to be an integer >= 1.
+
+    Raises:
+      ConfigError: it is not (also when absent or null without a default), naming the field.
+    """
+    value = config_value(config, field, default)
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ConfigError(f"{where}: {field}={value!r} must be a positive integer")
     return value
@@ -214,7 +252,7 @@ def _optional_size(config: Mapping[str, Any], field: str, where: str) -> int | N
     return value
 
 
-def _hf_layer_names(config: Mapping[str, Any], num_layers: int, where: str) -> list[str]:
+def hf_layer_names(config: Mapping[str, Any], num_layers: int, where: str) -> list[str]:
     """Each layer's attention as a Hugging Face ``layer_types`` name, by the convention the
     config uses; the rules are those of the transformers config classes (see the tables
     above): an explicit ``layer_types``; Llama 4's ``no_rope_layers`` (1: RoPE and chunked
@@ -236,7 +274,7 @@ def _hf_layer_names(config: Mapping[str, Any], num_layers: int, where: str) -> l
                 )
         return list(explicit)
     if config.get("attention_chunk_size") is not None:
-        interval = config.get("no_rope_layer_interval", _NO_ROPE_LAYER_INTERVAL)
+        interval = config_value(config, "no_rope_layer_interval", _NO_ROPE_LAYER_INTERVAL)
         if not is_positive_int(interval):
             raise ConfigError(f"{where}: no_rope_layer_interval={interval!r} must be >= 1")
         rope = config.get("no_rope_layers") or [
@@ -248,7 +286,12 @@ def _hf_layer_names(config: Mapping[str, Any], num_layers: int, where: str) -> l
                 f"got {rope!r:.80}"
             )
         return ["chunked_attention" if r else "full_attention" for r in rope[:num_layers]]
-    pattern = config.get("sliding_window_pattern", _SLIDING_PATTERNS.get(str(model_type)))
+    pattern = config_value(
+        config,
+        "sliding_window_pattern",
+        # transformers 4.5x's Gemma3TextConfig saves the pattern as _sliding_window_pattern.
+        config_value(config, "_sliding_window_pattern", _SLIDING_PATTERNS.get(str(model_type))),
+    )
     if pattern is not None:
         if not is_positive_int(pattern):
             raise ConfigError(f"{where}: sliding_window_pattern={pattern!r} must be >= 1")
@@ -257,7 +300,9 @@ def _hf_layer_names(config: Mapping[str, Any], num_layers: int, where: str) -> l
             for i in range(num_layers)
         ]
     qwen = model_type in _QWEN_MODEL_TYPES
-    first_windowed = config.get("max_window_layers", _QWEN_MAX_WINDOW_LAYERS if qwen else 0)
+    first_windowed = config_value(
+        config, "max_window_layers", _QWEN_MAX_WINDOW_LAYERS if qwen else 0
+    )
     if not isinstance(first_windowed, int) or isinstance(first_windowed, bool):
         raise ConfigError(f"{where}: max_window_layers={first_windowed!r} must be an integer")
     return [
@@ -295,10 +340,12 @@ def layer_types_of(
     where = where or str(config.get("_name_or_path") or "config")
     window = _optional_size(config, "sliding_window", where)
     chunk = _optional_size(config, "attention_chunk_size", where)
-    if not config.get("use_sliding_window", config.get("model_type") not in _QWEN_MODEL_TYPES):
+    if not config_value(
+        config, "use_sliding_window", config.get("model_type") not in _QWEN_MODEL_TYPES
+    ):
         window = None  # Qwen configs carry a sliding_window they do not use
     types: list[LayerType] = []
-    for i, name in enumerate(_hf_layer_names(config, num_layers, where)):
+    for i, name in enumerate(hf_layer_names(config, num_layers, where)):
         kind = _HF_LAYER_KINDS[name]
         if kind == "chunked" and chunk is None:
             raise ConfigError(
@@ -325,7 +372,11 @@ def read_model_config(config: Mapping[str, Any] | str | PathLike[str]) -> ModelG
         ``torch_dtype``, or multi-head latent attention (``kv_lora_rank``); one line naming the
         field.
     """
-    data, where = _load(config)
+    return geometry_of(*load_config(config))
+
+
+def geometry_of(data: Mapping[str, Any], where: str) -> ModelGeometry:
+    """:func:`read_model_config` of a parsed config; ``where`` labels messages."""
     outer = data
     label = str(data.get("_name_or_path") or where)
     if "num_hidden_layers" not in data and isinstance(data.get("text_config"), Mapping):
@@ -340,7 +391,7 @@ def read_model_config(config: Mapping[str, Any] | str | PathLike[str]) -> ModelG
             )
     if "num_hidden_layers" not in data:
         raise ConfigError(f"{where}: num_hidden_layers is missing (the number of layers)")
-    num_layers = _positive_int(data, "num_hidden_layers", where)
+    num_layers = positive_int(data, "num_hidden_layers", where)
 
     kv_field = "num_key_value_heads" if data.get("num_key_value_heads") is not None else None
     if kv_field is None and data.get("num_attention_heads") is not None:
@@ -349,10 +400,10 @@ def read_model_config(config: Mapping[str, Any] | str | PathLike[str]) -> ModelG
         raise ConfigError(
             f"{where}: num_key_value_heads is missing (and no num_attention_heads to fall back on)"
         )
-    num_kv_heads = _positive_int(data, kv_field, where)
+    num_kv_heads = positive_int(data, kv_field, where)
 
     if data.get("head_dim") is not None:
-        head_dim = _positive_int(data, "head_dim", where)
+        head_dim = positive_int(data, "head_dim", where)
     else:
         for field in ("hidden_size", "num_attention_heads"):
             if data.get(field) is None:
@@ -360,8 +411,8 @@ def read_model_config(config: Mapping[str, Any] | str | PathLike[str]) -> ModelG
                     f"{where}: head_dim is missing and so is {field} (head_dim defaults to "
                     "hidden_size / num_attention_heads)"
                 )
-        hidden = _positive_int(data, "hidden_size", where)
-        heads = _positive_int(data, "num_attention_heads", where)
+        hidden = positive_int(data, "hidden_size", where)
+        heads = positive_int(data, "num_attention_heads", where)
         if hidden % heads:
             raise ConfigError(
                 f"{where}: head_dim is missing and hidden_size={hidden} is not a multiple of "
@@ -369,10 +420,17 @@ def read_model_config(config: Mapping[str, Any] | str | PathLike[str]) -> ModelG
             )
         head_dim = hidden // heads
 
-    # A wrapper's text_config often leaves the dtype to the wrapper (Gemma 3, Llama 4).
-    dtype_source = data if ("torch_dtype" in data or "dtype" in data) else outer
-    dtype_field = "torch_dtype" if "torch_dtype" in dtype_source else "dtype"
-    raw_dtype = dtype_source.get(dtype_field)
+    # `dtype` (transformers >= 4.56) or `torch_dtype` (before); a wrapper's text_config often
+    # leaves the dtype to the wrapper (Gemma 3, Llama 4).
+    dtype_field, raw_dtype = next(
+        (
+            (field, source[field])
+            for source in (data, outer)
+            for field in ("dtype", "torch_dtype")
+            if source.get(field) is not None
+        ),
+        ("torch_dtype", None),
+    )
     dtype = None
     if raw_dtype is not None and raw_dtype != "auto":
         name = str(raw_dtype).removeprefix("torch.")
@@ -384,7 +442,7 @@ def read_model_config(config: Mapping[str, Any] | str | PathLike[str]) -> ModelG
 
     num_q_heads = None
     if data.get("num_attention_heads") is not None:
-        num_q_heads = _positive_int(data, "num_attention_heads", where)
+        num_q_heads = positive_int(data, "num_attention_heads", where)
     layer_types = layer_types_of(data, num_layers, where=where)
     return ModelGeometry(
         num_layers=num_layers,

@@ -155,13 +155,28 @@ def check_step(
 
     Raises:
       TypeError: ``step`` is not a StepMetadata.
-      ValueError: a geometry field differs from the cache's or from the arrays, or the token
-        axis differs; the message names the field, its value and what the cache expects.
+      ValueError: one pool's step for a cache with a page axis (the message says to use
+        :func:`stack_steps`) or a stacked one for a cache without; a geometry field differs
+        from the cache's or from the arrays, or the token axis differs; the message names the
+        field, its value and what the cache expects.
     """
     page_size, num_pages = spec.page_size, spec.num_pages
     if not isinstance(step, StepMetadata):
         raise TypeError(
             f"step must be a kvshard.StepMetadata (from build_step), got {type(step).__name__}"
+        )
+    rank = np.ndim(step.positions)
+    if rank != len(lead) + 1:
+        if lead:
+            raise ValueError(
+                f"the cache has a page axis of {lead[0]} pools but step.positions has shape "
+                f"{list(np.shape(step.positions))}, one pool's step: pass "
+                "kvshard.stack_steps([one step per pool]) (a [dp, ...] step)"
+            )
+        raise ValueError(
+            f"the cache has no page axis but step.positions has shape "
+            f"{list(np.shape(step.positions))}, a stacked [dp, ...] step: pass one pool's step "
+            "(from build_step), not stack_steps(...)"
         )
     geometry = step.geometry
     if geometry is not None:

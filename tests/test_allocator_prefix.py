@@ -151,3 +151,33 @@ def test_refused_request_after_lookup_leaves_the_eviction_order_as_vllm():
     assert hit == 2 and b.num_free_pages < -(-(hit + 5) // 2) - hit // 2  # refused
     assert b.checksum() == fresh
     assert b.allocate("n", 2).tolist() == [1]
+
+
+def test_prefix_stats_count_lookups_not_tokens_served():
+    """The documented semantics of prefix_stats (docs/concepts.md): hits are counted when a
+    lookup attaches them, and a lookup undone by free keeps its count."""
+    a = make(num_pages=13, enable_prefix_caching=True, max_pages_per_request=12)
+    prompt = list(range(37))
+    a.allocate("w", 37)  # 10 pages
+    assert a.commit_prefix("w", prompt) == 9
+    a.free("w")  # 9 cached pages evictable, 3 plain free pages
+    assert a.lookup_prefix("r", prompt) == 36  # attaches the 9 cached pages
+    a.allocate("other", 12)  # the 3 plain free pages
+    unchanged(a, OutOfPages, lambda: a.allocate("r", 5), "needs 2 pages")
+    a.free("r")  # the lookup is undone: its pages are evictable again, its count stays
+    assert a.prefix_stats == {"lookups": 1, "queries": 37, "hits": 36, "evictions": 0}
+    a.free("other")
+    assert a.lookup_prefix("r", prompt) == 36
+    a.allocate("r", 1)  # served: 36 tokens from the cache, once
+    stats = {"lookups": 2, "queries": 74, "hits": 72, "evictions": 0}
+    assert a.prefix_stats == stats and a.tier_stats["device_hits"] == 72
+    # A refused lookup and a peek count nowhere.
+    unchanged(a, ValueError, lambda: a.lookup_prefix("r", prompt), "already holds")
+    assert a.peek_prefix(prompt) == 36 and a.prefix_stats == stats
+    # evictions: cached pages dropped to satisfy an allocation, and only those.
+    a.free("r")
+    plain = a.num_free_pages - a.num_evictable_pages
+    a.allocate("big", 48)  # 12 pages: the plain free ones, then evicted cached ones
+    assert a.prefix_stats == {**stats, "evictions": 12 - plain} and 12 - plain > 0
+    a.free("big")
+    assert a.reset_prefix_cache() and a.prefix_stats["evictions"] == 12 - plain

@@ -10,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from _alloc import fresh_like, fresh_with_counters, make, unchanged
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kvshard.allocator import OutOfPages, PageAllocator
 
@@ -325,3 +327,99 @@ def test_host_hits_stop_where_the_device_pages_run_out():
     assert a.lookup_prefix("f", prompt) == 4
     assert a.take_pending_swaps()[1].shape == (1, 2)
     a.check_invariants()
+
+
+# ----------------------------------------------------- swap_out_frees: asked before doing it
+
+
+def test_swap_out_frees_counts_only_own_uncached_pages_and_changes_nothing():
+    a = tiered(enable_prefix_caching=True)
+    a.allocate("a", 12)  # pages 1, 2, 3, full
+    assert a.commit_prefix("a", list(range(12))) == 3  # all cached
+    a.allocate("a", 2)  # page 4, private
+    a.allocate("b", 6)  # pages 5 and 6, shared with b2 by the fork
+    a.fork("b", "b2")
+    before = a.checksum()
+    assert (a.swap_out_frees("a"), a.swap_out_frees("b"), a.swap_out_frees("b2")) == (1, 0, 0)
+    assert a.checksum() == before
+    free = a.num_free_pages
+    assert a.swap_out_request("a") == 1 and a.num_free_pages == free + 1
+    assert a.swap_out_request("b") == 0 and a.num_free_pages == free + 1
+    unchanged(a, ValueError, lambda: a.swap_out_frees("a"), "swap_out_frees: req_id='a' is")
+    unchanged(a, KeyError, lambda: a.swap_out_frees("zz"), "swap_out_frees")
+    plain = make()
+    plain.allocate("a", 4)
+    unchanged(plain, ValueError, lambda: plain.swap_out_frees("a"), "no host tier")
+
+
+def test_swap_out_frees_counts_what_swap_out_request_frees_even_when_it_refuses():
+    a = tiered(num_host_pages=2)  # one usable host page
+    a.allocate("a", 9)  # 3 pages
+    assert a.swap_out_frees("a") == 3 > a.num_free_host_pages
+    unchanged(a, OutOfPages, lambda: a.swap_out_request("a"), "host pages")
+
+
+@st.composite
+def traffic(draw):
+    """An allocator config and a list of operations: prefix hits, forks, truncations, frees,
+    window releases and layer groups make pages shared, cached or released."""
+    layer_types = draw(st.sampled_from([None, [("full",), ("sliding", 5)], [("sliding", 6)] * 2]))
+    ops = draw(
+        st.lists(
+            st.tuples(
+                st.sampled_from(
+                    ["grow", "grow", "lookup", "commit", "fork", "truncate", "free", "out"]
+                ),
+                st.integers(0, 3),  # request
+                st.integers(0, 3),  # another request / a token count
+                st.integers(1, 9),  # tokens
+            ),
+            min_size=5,
+            max_size=40,
+        )
+    )
+    return layer_types, ops
+
+
+@settings(max_examples=100, deadline=None)
+@given(traffic())
+def test_swap_out_frees_agrees_with_swap_out_request(case):
+    layer_types, ops = case
+    a = make(
+        16,
+        max_requests=4,
+        enable_prefix_caching=True,
+        num_host_pages=40,
+        layer_types=layer_types,
+    )
+    prompt = [7, 7, 1, 2, 3, 4, 5, 6, 8, 9, 1, 2, 3, 4, 5, 6]  # shared by every request
+    for op, r, other, n in ops:
+        try:
+            if op == "grow":
+                a.allocate(r, n)
+            elif op == "lookup":
+                a.lookup_prefix(r, prompt[: 2 + n])
+            elif op == "commit":
+                a.commit_prefix(r, prompt)
+            elif op == "fork":
+                a.fork(r, other)
+            elif op == "truncate":
+                a.truncate(r, other)
+            elif op == "free":
+                a.free(r)
+            else:
+                a.swap_out_request(r)
+        except (ValueError, KeyError, OutOfPages):
+            pass  # refused: nothing changed
+        a.take_pending_copies()
+        a.take_pending_swaps()
+    for r in [r for r in range(4) if r in a and not a.is_swapped_out(r)]:
+        before = a.checksum()
+        frees = a.swap_out_frees(r)
+        assert a.checksum() == before
+        b = fresh_like(a)
+        b.load_state_dict(a.state_dict())
+        free = b.num_free_pages
+        assert b.swap_out_request(r) == frees
+        assert b.num_free_pages - free == frees
+        b.check_invariants()

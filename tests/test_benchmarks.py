@@ -78,10 +78,45 @@ def test_cache_update_agrees_and_reports_every_row(tmp_path, capsys):
         ]
     )
     out = capsys.readouterr().out
-    assert "float32 T=32" in out and "bfloat16 T=32" in out and "vs undonated" in out
+    assert "float32 T=32" in out and "bfloat16 T=32" in out
+    # Every ratio's columns are in the table, and a line says what is good.
+    header = out[out.index("dtype T") :].splitlines()[0].split("  ")
+    columns = [c.strip() for c in header if c.strip()]
+    for ratio in ("undonated/donated", "copy/donated", "copy/in a jit"):
+        assert ratio in columns and all(name in columns for name in _ratio_columns(ratio)), out
+    assert "Good: undonated/donated well above 1" in out
     rows = json.loads((tmp_path / "cache_update.json").read_text())["rows"]
     assert [(r["dtype"], r["tokens"]) for r in rows] == [("float32", 32), ("bfloat16", 32)]
     assert (tmp_path / "cache_update.png").is_file()
+    assert f"and {tmp_path / 'cache_update.png'}" in out
+
+
+def _ratio_columns(ratio: str) -> list[str]:
+    """The timed columns a ratio column divides ("copy/in a jit" -> copy ms, in a jit ms)."""
+    return [f"{name} ms" for name in ratio.split("/")]
+
+
+def test_without_matplotlib_a_benchmark_says_plots_need_it(tmp_path, capsys, monkeypatch):
+    from kvshard.benchmarks import _common
+
+    monkeypatch.setattr(_common, "pyplot", lambda: None)  # as if matplotlib were missing
+    cache_update.main(
+        [
+            *("--dtype", "float32", "--tokens", "32", "--cache-mib", "2"),
+            *("--repeats", "1", "--out", str(tmp_path)),
+        ]
+    )
+    out = capsys.readouterr().out
+    assert f"wrote {tmp_path / 'cache_update.json'}; no plot: plots need matplotlib" in out
+    assert not (tmp_path / "cache_update.png").exists()
+    # The suite's allocator table (its plot is drawn by the suite) printed "wrote None".
+    monkeypatch.setattr(allocator_latency, "main", lambda argv: {"rows": [dict.fromkeys(ROWS, 1)]})
+    suite._allocator_latency(str(tmp_path), True)
+    out = capsys.readouterr().out
+    assert "wrote None" not in out and "plots need matplotlib (pip install matplotlib" in out
+
+
+ROWS = ("num_pages", "pages", "scenario", "allocate_p50", "allocate_p99", "free_p99")
 
 
 def test_callers_jit_eager_table_alone(capsys):

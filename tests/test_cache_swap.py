@@ -346,7 +346,13 @@ def test_bad_pairs_raise_and_change_nothing():
         (
             kvshard.swap_out,
             [[1, 5], [2, 5]],
-            r"swap_out: pairs rows 0 and 1 \(group 0\) both write host page 5",
+            r"swap_out: pairs rows 0 and 1 \(group 0\) both write host page 5$",
+        ),
+        (  # padded with (0, 0) rather than (-1, -1): said so
+            kvshard.swap_out,
+            [[3, 1], [0, 0], [0, 0]],
+            r"swap_out: pairs rows 1 and 2 \(group 0\) both write host page 0; \(0, 0\) is "
+            r"a pair, not padding: pad pairs with \(-1, -1\)$",
         ),
         (
             kvshard.swap_in,

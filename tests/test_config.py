@@ -6,7 +6,10 @@ Pure Python (no JAX): the planner's path.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
+import _hf_configs as hf_configs
 import pytest
 
 import kvshard
@@ -291,3 +294,78 @@ def test_from_config_of_a_hybrid_wrapper_config():
     assert spec == kvshard.CacheSpec(
         62, 16, 128, page_size=32, num_pages=8, dtype="bfloat16", layer_types=types
     )
+
+
+# ------------------------------------------- config.json files as transformers writes them
+
+SLIDING_8, SLIDING_4096 = ("sliding", 8), ("sliding", 4096)
+# Family -> (KV heads, head_dim, each layer's type) of the 6-layer configs of _hf_configs.
+WRITTEN = {
+    "llama3": (2, 16, (FULL,) * 6),
+    "mistral": (2, 16, (FULL,) * 6),  # head_dim and sliding_window null (4.x)
+    "mistral_7b": (8, 128, (SLIDING_4096,) * 32),
+    "qwen2": (2, 16, (FULL,) * 6),  # sliding_window null, use_sliding_window false
+    "qwen3": (2, 16, (FULL,) * 6),
+    "gemma": (2, 16, (FULL,) * 6),
+    "gemma2": (2, 16, (SLIDING_8, FULL) * 3),
+    "gemma3_text": (2, 16, (SLIDING_8,) * 5 + (FULL,)),
+    "gpt_oss": (2, 16, (SLIDING_8, FULL) * 3),
+}
+
+
+@pytest.mark.parametrize("family", hf_configs.FAMILIES)
+@pytest.mark.parametrize("version", hf_configs.VERSIONS)
+def test_configs_as_transformers_writes_them(version, family, tmp_path):
+    kv_heads, head_dim, layer_types = WRITTEN[family]
+    text = hf_configs.CONFIG_JSON[version, family]
+    (tmp_path / "config.json").write_text(text)
+    g = kvshard.read_model_config(tmp_path)
+    assert (g.num_layers, g.num_kv_heads, g.head_dim, g.dtype) == (
+        len(layer_types),
+        kv_heads,
+        head_dim,
+        "bfloat16",
+    )
+    assert g.layer_types == layer_types
+    spec = kvshard.CacheSpec.from_config(tmp_path, page_size=16, num_pages=8)
+    assert spec == kvshard.CacheSpec(
+        len(layer_types), kv_heads, head_dim, 16, 8, "bfloat16", layer_types=layer_types
+    )
+
+
+def test_explicit_nulls_are_the_config_class_defaults():
+    # transformers 4.x's MistralConfig writes "head_dim": null: hidden_size / heads.
+    mistral = hf_configs.config("4.57.6", "mistral")
+    assert mistral["head_dim"] is None and mistral["sliding_window"] is None
+    assert kvshard.read_model_config(mistral).head_dim == 64 // 4
+    nulls = {
+        "num_key_value_heads": None,  # multi-head attention
+        "max_window_layers": None,  # Qwen2Config's 28
+        "use_sliding_window": None,  # Qwen2Config's false
+        "sliding_window_pattern": None,
+        "torch_dtype": None,
+        "dtype": "float16",
+    }
+    g = kvshard.read_model_config({**LLAMA, **nulls, "model_type": "qwen2", "sliding_window": 8})
+    assert (g.num_kv_heads, g.dtype, g.layer_types) == (32, "float16", (FULL,) * 32)
+    qwen = {**LLAMA, "model_type": "qwen2", "sliding_window": 8, "use_sliding_window": True}
+    windowed = kvshard.read_model_config({**qwen, "max_window_layers": None}).layer_types
+    assert windowed == (FULL,) * 28 + (("sliding", 8),) * 4
+    gemma3 = {**LLAMA, "model_type": "gemma3_text", "sliding_window": 8, "num_hidden_layers": 6}
+    for pattern in ({"sliding_window_pattern": None}, {"_sliding_window_pattern": 3}):
+        types = kvshard.read_model_config({**gemma3, **pattern}).layer_types
+        period = pattern.get("_sliding_window_pattern") or 6
+        assert [t == FULL for t in types] == [(i + 1) % period == 0 for i in range(6)]
+    with pytest.raises(kvshard.ConfigError, match=r"num_hidden_layers=None must be a positive"):
+        kvshard.read_model_config({**LLAMA, "num_hidden_layers": None})
+
+
+def test_the_config_reader_imports_no_jax():
+    code = (
+        "import sys, kvshard._config, kvshard.cli\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'jaxlib', 'flax')))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    ).stdout
+    assert out.strip() == "[]"

@@ -207,3 +207,53 @@ def test_demo_forward_has_no_cache_collectives(kv_heads):
     # The layer loop's body holds the two projections' all-reduces; nothing else reduces.
     assert len(re.findall(r" all-reduce(?:-start)?\(", hlo)) == 2, hlo.count("all-reduce")
     del jax
+
+
+def test_demo_progress_counts_the_runs_own_tokens(monkeypatch):
+    """The demo's progress bar ends full when every request finishes: its total is the tokens
+    the run puts in the cache (prefix hits included), not --steps (which it stopped short of)."""
+    import numpy as np
+
+    from kvshard._demo import model as _model
+
+    seen = []
+
+    class Recorder(_model._Progress):
+        def __init__(self, total, desc):
+            super().__init__(total, desc)
+            seen.append(total)
+
+        def update(self, done, **info):
+            super().update(done, **info)
+            seen.append(done)
+
+    monkeypatch.setattr(_model, "_Progress", Recorder)
+    cfg = _model.ModelConfig(num_layers=1, num_kv_heads=2)
+    rng = np.random.default_rng(0)
+    requests = _model.make_requests(
+        rng,
+        3,
+        cfg.vocab,
+        system_prompt=rng.integers(1, cfg.vocab, 16),
+        suffix_len=(2, 9),
+        new_tokens=(1, 6),
+        arrivals=[0, 3, 4],
+    )
+    engine = _model.Engine(
+        cfg,
+        _model.init_params(cfg, 0),
+        _model.make_mesh(),
+        page_size=8,
+        num_pages=16,
+        max_requests=4,
+        max_context=64,
+        max_tokens_per_step=16,
+        prefix_caching=True,
+        check=False,
+    )
+    stats = engine.run(requests, max_steps=128)
+    total = _model.tokens_to_serve(requests)
+    assert all(r.finished for r in requests) and stats.steps < 128
+    assert seen[0] == total and seen[-1] == total  # the bar ends full
+    assert seen[1:] == sorted(seen[1:]) and len(seen) == stats.steps + 1
+    assert stats.prefix_stats["hits"] > 0  # hits count toward the bar, not computed tokens

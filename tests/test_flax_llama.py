@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 
+import _hf_configs as hf_configs
 import numpy as np
 from _hf_checkpoints import llama32_config, write_checkpoint
 from _scripts import ROOT, run_script, stdout_of_success
@@ -91,6 +92,28 @@ def test_checkpoint_command_line_writes_tokens_and_logits(tmp_path):
         assert tokens[: len(prompt)].tolist() == prompt
         # Greedy: every generated token is the argmax of the row that read the token before it.
         assert tokens[len(prompt) :].tolist() == logits[len(prompt) - 1 :].argmax(-1).tolist()
+
+
+def test_a_mistral_checkpoint_saved_by_transformers_4_serves(tmp_path):
+    """MistralConfig.save_pretrained in transformers 4.x writes "head_dim": null (and Mistral
+    v0.3's "sliding_window": null): the default, hidden_size / num_attention_heads."""
+    cfg = hf_configs.config("4.57.6", "mistral")
+    assert cfg["head_dim"] is None
+    write_checkpoint(tmp_path / "ckpt", cfg, dtype="bfloat16")
+    (tmp_path / "prompts.json").write_text(json.dumps([[5, 6, 7, 8, 9, 10, 11], [42]]))
+    proc = run_script(
+        ROOT / "examples" / "flax_llama.py",
+        *("--checkpoint", str(tmp_path / "ckpt"), "--prompts", str(tmp_path / "prompts.json")),
+        *("--max-new-tokens", "3", "--mesh", "1x2"),
+    )
+    out = stdout_of_success(proc)
+    assert "bfloat16, mistral, mesh 1x2" in out, out
+    assert "2 requests" in out and "window None" in out, out
+    # Progress on stderr, from the imports to the dense check: it never sits silent.
+    stages = ("importing JAX", "loading ", "serving 2 requests", "2/2 requests finished", "dense")
+    positions = [proc.stderr.find(f"flax_llama: {stage}") for stage in stages[:3]]
+    positions += [proc.stderr.find(stage) for stage in stages[3:]]
+    assert -1 not in positions and positions == sorted(positions), proc.stderr
 
 
 # Each command line below as its own "process" in ONE interpreter (the imports are most of a

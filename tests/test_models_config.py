@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import math
 
+import _hf_configs as hf_configs
 import numpy as np
 import pytest
 
-from kvshard import ConfigError
+import kvshard
+from kvshard import ConfigError, models
 from kvshard.models import read_architecture
 from kvshard.models.rope import inv_freq
 
@@ -104,7 +106,12 @@ def test_transformers_5_rope_parameters():
         ({"num_key_value_heads": 3}, "not a multiple of num_key_value_heads=3"),
         ({"torch_dtype": "int8"}, "dtype='int8'"),
         ({"hidden_act": "relu"}, "activation 'relu'"),
-        ({"layer_types": ["chunked_attention"] * 6}, "layer type 'chunked_attention'"),
+        (
+            {"layer_types": ["chunked_attention"] * 6, "attention_chunk_size": 8},
+            "layer 0 has layer type 'chunked_attention'",
+        ),
+        ({"head_dim": 0}, "head_dim=0 must be a positive integer"),
+        ({"vocab_size": None}, "vocab_size=None must be a positive integer"),
         ({"num_hidden_layers": 0}, "num_hidden_layers=0 must be a positive integer"),
     ],
 )
@@ -159,3 +166,50 @@ def test_gpt_oss_defaults_to_transformers_yarn():
     )
     assert arch.moe and arch.experts_per_token == 4 and not arch.tie_word_embeddings
     assert [layer.window for layer in arch.layers] == [None] * 6  # no sliding_window given
+
+
+@pytest.mark.parametrize("family", hf_configs.FAMILIES)
+def test_transformers_4_and_5_configs_read_alike_and_as_the_planner_reads_them(family, tmp_path):
+    """Each family's config.json as transformers 4.57 and 5.25 write it: the same model, and
+    the cache the template serves is the one CacheSpec.from_config (the planner's reader)
+    sizes."""
+    v4, v5 = (read_architecture(hf_configs.config(v, family)) for v in hf_configs.VERSIONS)
+    assert v4 == v5
+    for version in hf_configs.VERSIONS:
+        directory = tmp_path / version
+        directory.mkdir()
+        (directory / "config.json").write_text(hf_configs.CONFIG_JSON[version, family])
+        arch = read_architecture(directory)
+        assert arch == v4
+        geometry = kvshard.read_model_config(directory)
+        assert (arch.num_layers, arch.num_kv_heads, arch.head_dim, arch.dtype) == (
+            geometry.num_layers,
+            geometry.num_kv_heads,
+            geometry.head_dim,
+            geometry.dtype,
+        )
+        assert arch.layer_types == geometry.layer_types
+        spec = models.cache_spec(arch, page_size=16, longest=100, max_seqs=2, budget=32)
+        planned = kvshard.CacheSpec.from_config(directory, page_size=16, num_pages=spec.num_pages)
+        assert spec == planned
+
+
+def test_mistral_head_dim_null_and_family_specifics_of_written_configs():
+    mistral = hf_configs.config("4.57.6", "mistral")
+    assert mistral["head_dim"] is None  # what transformers 4.x writes for every MistralConfig
+    arch = read_architecture(mistral)
+    assert arch.head_dim == 16 and arch.sm_scale == 16**-0.5 and arch.uniform_window is None
+    assert read_architecture(hf_configs.config("4.57.6", "mistral_7b")).uniform_window == 4096
+    llama = read_architecture(hf_configs.config("5.25.0", "llama3"))
+    assert (llama.layers[0].rope.kind, llama.layers[0].rope.theta) == ("llama3", 500_000.0)
+    gemma3 = read_architecture(hf_configs.config("4.57.6", "gemma3_text"))
+    assert [layer.rope.theta for layer in gemma3.layers] == [1e4] * 5 + [1e6]
+    assert gemma3.attn_soft_cap is None and gemma3.final_soft_cap is None  # written null
+    gemma = read_architecture(hf_configs.config("4.57.6", "gemma"))
+    assert gemma.activation == "gelu_tanh" and gemma.tie_word_embeddings  # hidden_activation null
+    gpt_oss = read_architecture(hf_configs.config("4.57.6", "gpt_oss"))
+    assert (gpt_oss.num_experts, gpt_oss.layers[0].rope.kind, gpt_oss.swiglu_limit) == (
+        4,
+        "yarn",
+        7.0,
+    )

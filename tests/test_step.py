@@ -109,6 +109,27 @@ def test_replaced_field_of_another_shape_contradicts_the_geometry():
         kvshard.attention(cache, 0, np.zeros((16, 2, DIM), np.float32), bad, sm_scale=0.1)
 
 
+def test_one_pools_step_on_a_page_axis_says_to_stack_steps():
+    """Reproduction: one pool's step given to a cache with a page axis was refused as
+    "num_tokens_padded=16 does not match its arrays (size [])"."""
+    pooled = kvshard.init_cache(make_spec(), make_mesh((2, 1)), page_axis="data")
+    _, step = one_step()
+    before = np.asarray(pooled.kv)
+    k, v = (np.stack([x, x]) for x in kv())  # [dp, T, heads, head_dim]
+    q = np.zeros((2, 16, 2, DIM), np.float32)
+    message = r"page axis of 2 pools but step.positions has shape \[16\], one pool's step: pass "
+    message += r"kvshard.stack_steps\(\[one step per pool\]\)"
+    with pytest.raises(ValueError, match=message):
+        kvshard.update(pooled, 0, k, v, step)
+    with pytest.raises(ValueError, match=message):
+        kvshard.attention(pooled, 0, q, step, sm_scale=0.1)
+    np.testing.assert_array_equal(np.asarray(pooled.kv), before)
+    # And the other way round: a stacked step for a cache without a page axis.
+    cache = kvshard.init_cache(make_spec(), make_mesh())
+    with pytest.raises(ValueError, match=r"no page axis but step.positions has shape \[2, 16\]"):
+        kvshard.update(cache, 0, *kv(), kvshard.stack_steps([step, step]))
+
+
 @pytest.mark.parametrize(
     ("kw", "error", "match"),
     [

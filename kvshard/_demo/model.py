@@ -300,30 +300,39 @@ def make_requests(
     return out
 
 
+def tokens_to_serve(requests: Iterable[Request]) -> int:
+    """Tokens whose K/V a run puts in the cache (computed or found in the prefix cache) once
+    every request has finished: its prompt and every generated token but the last."""
+    return sum(len(r.prompt) + max(r.max_new_tokens - 1, 0) for r in requests)
+
+
 class _Progress:
-    """tqdm when it is installed (the ``examples`` extra), else a plain line per few steps."""
+    """Tokens served out of :func:`tokens_to_serve`: tqdm when it is installed (the
+    ``examples`` extra), else a plain line per 10 updates. Counting tokens, not steps, its
+    total is the run's own: the bar ends full when every request finishes (a run cut short by
+    ``max_steps`` ends short of it)."""
 
     def __init__(self, total: int, desc: str) -> None:
         try:
             from tqdm import tqdm
         except ImportError:
             tqdm = None
-        self._bar = tqdm(total=total, desc=desc, unit="step") if tqdm else None
-        self._total, self._desc, self._n = total, desc, 0
+        self._bar = tqdm(total=total, desc=desc, unit="token") if tqdm else None
+        self._total, self._desc, self._n, self._updates = total, desc, 0, 0
 
-    def update(self, **info) -> None:
-        self._n += 1
+    def update(self, done: int, **info) -> None:
+        """``done``: tokens served so far (cumulative)."""
+        self._updates += 1
         if self._bar is not None:
             self._bar.set_postfix(info, refresh=False)
-            self._bar.update()
-        elif self._n % 10 == 0 or self._n == self._total:
+            self._bar.update(done - self._n)
+        elif self._updates % 10 == 0 or done == self._total:
             fields = " ".join(f"{k}={v}" for k, v in info.items())
-            print(f"{self._desc}: step {self._n}/{self._total} {fields}", file=sys.stderr)
+            print(f"{self._desc}: {done}/{self._total} tokens {fields}", file=sys.stderr)
+        self._n = done
 
     def close(self) -> None:
         if self._bar is not None:
-            self._bar.total = self._n  # the run may stop before max_steps: show it as complete
-            self._bar.refresh()
             self._bar.close()
 
 
@@ -507,7 +516,7 @@ class Engine:
         stats = RunStats()
         waiting = sorted(requests, key=lambda r: (r.arrival, r.rid))
         running: list[Request] = []
-        progress = _Progress(max_steps, desc)
+        progress = _Progress(tokens_to_serve(requests), desc)
         start = time.perf_counter()
         try:
             for step in range(max_steps):
@@ -522,7 +531,11 @@ class Engine:
                     running.remove(req)
                 stats.steps = step + 1
                 progress.update(
-                    running=len(running), waiting=len(waiting), diff=f"{stats.max_abs_diff:.1e}"
+                    sum(r.computed for r in requests),
+                    step=step + 1,
+                    running=len(running),
+                    waiting=len(waiting),
+                    diff=f"{stats.max_abs_diff:.1e}",
                 )
         finally:
             progress.close()

@@ -15,8 +15,10 @@ Pages are logical: one page id names the same rows on every device of a head-sha
 one page table serves all tensor-parallel shards; a data-parallel deployment keeps one
 allocator per pool.
 
-The allocator is composed of parts, as vLLM composes its ``BlockPool`` into the KV-cache
-manager, each a class with a small interface and its own invariant checks:
+A :class:`PageAllocator` (``_allocator``, one class) owns its parts, as vLLM's
+``KVCacheManager`` owns its ``BlockPool`` and ``KVCacheCoordinator``: it validates each call's
+arguments, documents the contract and delegates. The parts are classes with a small interface
+and their own invariant checks:
 
 * ``_pool.PagePool``: reference counts, the free stack, the null page and the copy-on-write
   queue; every page table draws from it;
@@ -29,19 +31,17 @@ manager, each a class with a small interface and its own invariant checks:
   cached pages nobody owns;
 * ``_host.HostTier``: the host tier's pages (swapped-out requests' pages, the second-level
   prefix cache with its own LRU and capacity) and the pending (device, host) swap pairs;
+* ``_events.EventQueue``: the KV-cache events;
 * ``_state.AllocatorParts``: the parts together: ``state_dict``, validated ``load``,
   ``checksum`` and ``check_invariants`` (each part's, then those between parts).
 
 Transactions that span parts are functions of them: ``_grow.grow`` (``allocate``,
 ``allocate_batch``), ``_prefix`` (``lookup``, ``peek``, ``commit``; host hits) and ``_swap``
-(``swap_out``, ``swap_in``). ``_events`` holds the KV-cache events; ``_tier_api`` the facade's
-host-tier, reset and event methods. :class:`PageAllocator`
-(``_allocator``) is a facade: it validates arguments, documents the contract and delegates.
-With ``layer_types`` the layers form KV-cache groups (full attention, sliding window, chunked
-local; ``kvshard._layer_types.cache_groups``): one ``PageTable`` per group over the same pool
-and rows, their page needs summed before any commit, and prefix hits that every group serves.
-``_config`` validates the constructor arguments and ``_window`` holds the pure capacity
-arithmetic of sliding windows.
+(``swap_out``, ``swap_in``). With ``layer_types`` the layers form KV-cache groups (full
+attention, sliding window, chunked local; ``kvshard._layer_types.cache_groups``): one
+``PageTable`` per group over the same pool and rows, their page needs summed before any
+commit, and prefix hits that every group serves. ``_config`` validates the constructor
+arguments and ``_window`` holds the pure capacity arithmetic of sliding windows.
 """
 
 from kvshard.allocator._allocator import PageAllocator as PageAllocator

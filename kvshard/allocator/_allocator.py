@@ -1,9 +1,12 @@
-"""The public :class:`PageAllocator`: a facade over the allocator's parts.
+"""The public :class:`PageAllocator`: one class over the allocator's parts.
 
-Over 400 lines because it carries the documented contract of every public method (argument
-ranges, what is raised, what changes); the logic is in the parts it delegates to
-(see :mod:`kvshard.allocator`), and the prefix-cache, state and host-tier methods in the
-mixins ``_prefix_api``, ``_state_api`` and ``_tier_api``.
+It owns its parts (one :class:`~kvshard.allocator._state.AllocatorParts`: page pool, one page
+table per KV-cache group, request rows, prefix index, host tier, event queue), as vLLM's
+``KVCacheManager`` owns its ``BlockPool`` and ``KVCacheCoordinator``, and every public method
+validates its arguments, then delegates to the parts or to a transaction over them
+(``_grow``, ``_prefix``, ``_swap``). It holds the allocator's whole public contract in one
+place (each method's argument ranges, what it raises, what it changes); the logic is in the
+parts (see :mod:`kvshard.allocator`).
 """
 
 from __future__ import annotations
@@ -13,16 +16,14 @@ from typing import Any
 
 import numpy as np
 
-from kvshard.allocator import _grow, _swap
+from kvshard.allocator import _grow, _prefix, _swap
 from kvshard.allocator._common import is_int, readonly
 from kvshard.allocator._config import AllocatorConfig
-from kvshard.allocator._prefix_api import PrefixMethods
+from kvshard.allocator._events import KVEvent
 from kvshard.allocator._state import AllocatorParts
-from kvshard.allocator._state_api import StateMethods
-from kvshard.allocator._tier_api import TierMethods
 
 
-class PageAllocator(PrefixMethods, StateMethods, TierMethods):
+class PageAllocator:
     """Assigns KV-cache pages to requests; one page table row per live request.
 
     Page ``0`` is the **null page**: it is never free and never owned by a request. Unused
@@ -215,13 +216,19 @@ class PageAllocator(PrefixMethods, StateMethods, TierMethods):
 
     @property
     def prefix_stats(self) -> dict[str, int]:
-        """Prefix-cache counters (a copy).
+        """Prefix-cache counters (a copy), cumulative: :meth:`free`,
+        :meth:`reset_prefix_cache` and an undone lookup never lower them.
 
-        ``lookups``: :meth:`lookup_prefix` calls; ``queries``: tokens looked up; ``hits``:
-        tokens found cached, in either tier (so ``hits / queries`` is the token hit rate, as in
-        vLLM; :attr:`tier_stats` splits device and host hits);
-        ``evictions``: cached pages dropped to satisfy an allocation. :meth:`peek_prefix`
-        counts nowhere.
+        ``lookups``: :meth:`lookup_prefix` calls that returned (a refused call counts nowhere);
+        ``queries``: the tokens those calls were given (``len(token_ids)`` each, the last token
+        included though it is never a hit); ``hits``: the tokens they returned, found in either
+        tier (:attr:`tier_stats` splits device and host hits), counted when the lookup attaches
+        them: a lookup undone by :meth:`free` before any :meth:`allocate` served the request
+        (e.g. after :class:`OutOfPages`) keeps its count, so a request looked up again after
+        that counts its hits twice. ``hits / queries`` is the token hit rate of lookups, as in
+        vLLM, not the share of tokens served from the cache. ``evictions``: cached device pages
+        dropped from the prefix index to satisfy an allocation (kept in the host prefix cache
+        or not); :meth:`reset_prefix_cache` counts none. :meth:`peek_prefix` counts nowhere.
         """
         return dict(self._parts.index.stats)
 
@@ -524,3 +531,354 @@ class PageAllocator(PrefixMethods, StateMethods, TierMethods):
         pairs = self._parts.pool.pending_copies()
         self._parts.pool.pending = []
         return pairs
+
+    # -------------------------------------------------------- prefix cache
+
+    def _require_prefix_caching(self, where: str) -> None:
+        if not self.enable_prefix_caching:
+            raise ValueError(f"{where}: prefix caching is disabled (enable_prefix_caching=False)")
+
+    def peek_prefix(
+        self,
+        token_ids: Sequence[int] | np.ndarray,
+        namespace: str | bytes | None = None,
+        *,
+        extra_keys: Sequence[Any] | None = None,
+    ) -> int:
+        """Returns what :meth:`lookup_prefix` would return now, attaching and counting nothing.
+
+        The eviction order, :attr:`prefix_stats` and every request stay as they are, so a
+        scheduler can size a request before admitting it (vLLM's ``get_computed_blocks``).
+
+        Args:
+            token_ids: int[T], the prompt (any integer dtype; compared as int64).
+            namespace: str, bytes or None, as for :meth:`lookup_prefix`.
+            extra_keys: per-page extra keys, as for :meth:`lookup_prefix`.
+
+        Returns:
+            The cached prefix in tokens: a multiple of ``page_size``, at most ``T - 1``.
+
+        Raises:
+            ValueError: prefix caching is disabled; ``token_ids`` is not a 1-D integer array.
+            TypeError: ``namespace`` is not str, bytes or None.
+        """
+        self._require_prefix_caching("peek_prefix")
+        return _prefix.peek(self._parts, _prefix.PrefixQuery(token_ids, namespace, extra_keys))
+
+    def lookup_prefix(
+        self,
+        req_id: Hashable,
+        token_ids: Sequence[int] | np.ndarray,
+        namespace: str | bytes | None = None,
+        *,
+        extra_keys: Sequence[Any] | None = None,
+    ) -> int:
+        """Attaches the cached pages of the longest cached prefix of ``token_ids`` to a request.
+
+        Only pages committed under the same ``namespace`` match. Counts toward
+        :attr:`prefix_stats`. All or nothing: a call that raises changes nothing.
+
+        The hit pages are attached at once (one more owner each), so nothing between this
+        call and the request's :meth:`allocate` can evict them. The lookup is undone if the
+        request is freed before any :meth:`allocate` (or :meth:`fork`, :meth:`truncate`)
+        serves it, e.g. after :class:`OutOfPages`: its hits then return to the eviction order
+        where they were, as in vLLM, which touches hits only once their allocation succeeds
+        (O(num_pages) for that free). :meth:`peek_prefix` sizes a request without attaching.
+
+        Args:
+            req_id: a new id (it is created) or a live request holding no tokens.
+            token_ids: int[T], the prompt (any integer dtype; compared as int64).
+            namespace: str, bytes or None; None, ``""`` and ``b""`` are distinct namespaces.
+            extra_keys: None, or a sequence whose item ``i`` is page ``i``'s extra key (pages
+                past its end have none): None, int, str, bytes or a tuple of them, e.g. the
+                hash of a multimodal input whose placeholders the page holds, or a LoRA id.
+                Folded into the page's key and so into every later page's: a page matches
+                only under the same extra keys as when it was committed.
+
+        With a host tier (``host_prefix_pages > 0``), a page found only in the host prefix
+        cache is attached too: it gets a new device page (taking it may evict), its
+        (device page, host page) pair is queued for :meth:`take_pending_swaps`, and its
+        tokens count as hits (:attr:`tier_stats` splits device and host hits). The match
+        stops at the first host hit for which no device page is free or evictable, and
+        takes no host hit while a pending copy reads a page nobody owns (a swap-in could
+        overwrite it first).
+
+        Returns:
+            The number of tokens whose KV is already in the attached pages: a multiple of
+            ``page_size``, and at most ``T - 1`` so the last prompt token is always computed
+            (its logits are needed).
+
+        Raises:
+            ValueError: prefix caching is disabled; ``token_ids`` is not a 1-D integer array;
+                ``req_id`` already holds tokens or is swapped out; ``req_id`` is new and all
+                ``max_requests`` rows are in use.
+            TypeError: ``namespace`` is not str, bytes or None, or ``req_id`` is not hashable.
+        """
+        self._require_prefix_caching("lookup_prefix")
+        query = _prefix.PrefixQuery(token_ids, namespace, extra_keys)
+        return _prefix.lookup(self._parts, req_id, query)
+
+    def commit_prefix(
+        self,
+        req_id: Hashable,
+        token_ids: Sequence[int] | np.ndarray,
+        namespace: str | bytes | None = None,
+        *,
+        extra_keys: Sequence[Any] | None = None,
+    ) -> int:
+        """Registers the request's full pages in the prefix cache; returns how many were new.
+
+        Pages registered earlier for this request are not hashed again. A page whose key is
+        already cached on another page is left uncached (its twin serves lookups), and a page
+        cached already keeps its key. All or nothing: a call that raises changes nothing.
+
+        Args:
+            req_id: a live request id.
+            token_ids: int[T], the request's tokens from its first one, at least up to the
+                pages to register; only full pages within ``min(T, num_tokens(req_id))`` are
+                registered. Cover only tokens whose KV is computed.
+            namespace: str, bytes or None; must match earlier lookups/commits of this request.
+            extra_keys: per-page extra keys as for :meth:`lookup_prefix` (give the same ones
+                on every commit of the request: pages hashed earlier are not hashed again).
+
+        Returns:
+            The number of pages newly registered (an int >= 0).
+
+        Raises:
+            ValueError: prefix caching is disabled; ``token_ids`` is not a 1-D integer array;
+                ``namespace`` differs from the one this request was looked up or committed
+                with; the request is swapped out.
+            UnknownRequest: ``req_id`` is not live.
+            TypeError: ``namespace`` is not str, bytes or None, or ``req_id`` is not hashable.
+        """
+        self._require_prefix_caching("commit_prefix")
+        query = _prefix.PrefixQuery(token_ids, namespace, extra_keys)
+        return _prefix.commit(self._parts, req_id, query)
+
+    # ------------------------------------------------------ state and checks
+
+    def state_dict(self) -> dict[str, Any]:
+        """Returns a deep copy of the state: numpy arrays, ints and plain dicts/lists.
+
+        Only the live part of the stacks is kept, so equal states give equal dicts. Includes
+        the :attr:`prefix_stats` counters and the pending copy-on-write copies. Never raises.
+
+        Returns:
+            A dict for :meth:`load_state_dict`: ``"version"`` (5; version 4 states, from
+            before layer groups, still load), ``"config"``,
+            ``"free_pages"`` (int32[num_free]), ``"free_rows"`` (int32[num_free_rows]),
+            ``"rows"`` (request id -> row), ``"clock"``, ``"prefix_stats"``,
+            ``"pending_copies"`` (int32[K, 2]) and the per-page and per-row arrays, e.g.
+            ``"refcount"`` (int32[num_pages]), ``"page_table"``
+            (int32[max_requests, max_pages_per_request]), ``"row_released"``
+            (int32[max_requests], columns released by the sliding window) and
+            ``"row_tentative"`` (bool[max_requests], looked up and not served since),
+            ``"page_group"`` (int32[num_pages], the group of each cached page); with
+            ``num_groups > 1`` the tables' arrays (``page_table``, ``row_pages``,
+            ``row_released``, ``host_table``) gain a leading group axis; and the
+            host tier's: ``"host_free"``, ``"host_clock"``, ``"host_stats"``,
+            ``"pending_swap_out"`` / ``"pending_swap_in"`` (int32[K, 2]), ``"host_table"``
+            (int32[max_requests, max_pages_per_request]), ``"row_swapped"``,
+            ``"host_key"``, ``"host_cached"``, ``"host_lru"`` and ``"host_limbo"``.
+        """
+        return self._parts.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restores a :meth:`state_dict` (same configuration); validated before anything moves.
+
+        The whole state is checked first, everything :meth:`check_invariants` checks included
+        (page and row ids in range, no duplicates, each row owned once, reference counts equal
+        to owners, the prefix index consistent with the page keys, the eviction clock at most
+        ``2**62``), then swapped in, so every state it accepts serves every operation. The
+        arrays are copied in; :attr:`page_table` views taken before the call go stale.
+
+        Args:
+            state: a dict returned by :meth:`state_dict` of an allocator with the same
+                constructor arguments.
+
+        Raises:
+            TypeError: ``state`` is not a dict.
+            ValueError: an entry is missing, the version or config differs, or an entry is
+                malformed or inconsistent; the message names it. Nothing changes then.
+        """
+        self._parts = self._parts.load(state)
+
+    def checksum(self) -> str:
+        """Returns a hex blake2b digest of the whole state; equal states give equal digests.
+
+        Deterministic across processes and hosts (request ids enter through ``repr``). The
+        digest covers everything :meth:`state_dict` returns, including the cumulative
+        counters :attr:`prefix_stats` and :attr:`tier_stats` (saved as ``"host_stats"``; its
+        ``device_hits`` count lookup hits with or without a host tier), which :meth:`free`
+        never resets. With prefix caching off those counters stay 0, so freeing every request
+        restores the digest of a fresh allocator with the same arguments; with it on, the same
+        holds once nothing is cached, up to both counters.
+
+        Returns:
+            32 lowercase hex characters (a 128-bit digest). Never raises.
+        """
+        return self._parts.checksum()
+
+    def check_invariants(self) -> None:
+        """Checks every internal invariant (O(num_pages · max_pages_per_request); for tests).
+
+        Raises:
+            AssertionError: naming the first broken invariant and its field (raised
+                explicitly, so also under ``python -O``).
+        """
+        self._parts.check_invariants()
+
+    # ------------------------------------------------------------ host tier
+
+    @property
+    def num_free_host_pages(self) -> int:
+        """Host pages a :meth:`swap_out_request` can get now: free ones plus cached host
+        prefix pages (evicted for it); 0 without a host tier."""
+        return self._parts.tier.num_takeable
+
+    @property
+    def tier_stats(self) -> dict[str, int]:
+        """Host-tier counters (a copy), cumulative like :attr:`prefix_stats`.
+
+        ``device_hits`` / ``host_hits``: tokens :meth:`lookup_prefix` found in each tier (their
+        sum is ``prefix_stats["hits"]``); ``demoted_pages``: pages evicted from the device
+        prefix cache and kept in the host tier; ``host_evictions``: cached host pages dropped
+        (for a swap-out or a newer demotion); ``swapped_out_pages`` / ``swapped_in_pages``:
+        pages moved by :meth:`swap_out_request` / :meth:`swap_in_request`.
+        """
+        return dict(self._parts.tier.stats)
+
+    def is_swapped_out(self, req_id: Hashable) -> bool:
+        """Whether a live request is swapped out (not schedulable until swapped in).
+
+        Raises:
+            UnknownRequest: ``req_id`` is not live. TypeError: it is not hashable.
+        """
+        parts = self._parts
+        return bool(parts.tier.row_swapped[parts.rows.row_of(req_id, "is_swapped_out")])
+
+    def swap_out_request(self, req_id: Hashable) -> int:
+        """Preempts a request by swap: its own pages move to host pages, freeing device pages.
+
+        Moves the pages only this request owns and that are not prefix-cached; a page shared
+        with another request or cached stays on device, still owned by this request (so no
+        other request or lookup sees a change). The moved columns of its page-table row read
+        :data:`NULL_PAGE` until :meth:`swap_in_request`; :meth:`num_tokens` is unchanged. Each
+        move queues a (device page, host page) pair for :meth:`take_pending_swaps`; the device
+        pages are free at once (a later allocation in the same step may take them: the step
+        applies swap-outs first). While swapped out the request cannot be grown, forked,
+        truncated or committed (ValueError); :meth:`free` releases it. Swap out a request that
+        the current step does not schedule: the pairs move the pages as they were before the
+        step's update. Host pages come from the free host stack first, then from the host
+        prefix cache (least recently kept first). With several KV-cache groups every group's
+        own pages move, their pairs group by group. All or nothing.
+
+        Args:
+            req_id: a live request that is not swapped out.
+
+        Returns:
+            The number of pages moved, each a device page freed (0 if it owns none alone; it
+            is swapped out even then): :meth:`swap_out_frees` tells it beforehand.
+
+        Raises:
+            ValueError: there is no host tier; the request is already swapped out; one of its
+                pages is read or filled by a pending copy or swap-in of this step.
+            OutOfPages: more pages must move than host pages are free or evictable (the
+                message says "host pages"). Nothing changes then.
+            UnknownRequest: ``req_id`` is not live. TypeError: it is not hashable.
+        """
+        return _swap.swap_out(self._parts, req_id)
+
+    def swap_out_frees(self, req_id: Hashable) -> int:
+        """Returns how many device pages :meth:`swap_out_request` would free now; changes
+        nothing (a scheduler picks whom to preempt with it).
+
+        The pages the request alone owns that are not prefix-cached, in every KV-cache group:
+        what ``swap_out_request(req_id)`` returns and adds to :attr:`num_free_pages` if it is
+        called next. 0 when every page is shared (fork, prefix hit) or cached. That call may
+        still refuse: when this count exceeds :attr:`num_free_host_pages` (``OutOfPages``), or
+        while a pending copy or swap-in of this step touches one of the request's pages.
+
+        Args:
+            req_id: a live request that is not swapped out.
+
+        Returns:
+            An int in ``[0, num_groups * max_pages_per_request]``.
+
+        Raises:
+            ValueError: there is no host tier; the request is swapped out.
+            UnknownRequest: ``req_id`` is not live. TypeError: it is not hashable.
+        """
+        moving = _swap.moving_columns(self._parts, req_id, "swap_out_frees")
+        return sum(int(cols.size) for cols in moving)
+
+    def swap_in_request(self, req_id: Hashable) -> np.ndarray:
+        """Brings a swapped-out request back into NEW device pages; it is schedulable again.
+
+        The page-table row is rewritten with the new pages at the columns that moved, and
+        each (new device page, host page) pair is queued for :meth:`take_pending_swaps`. The
+        host pages are free once the pairs are taken. Taking device pages may evict cached
+        ones (and keep them in the host prefix cache). All or nothing.
+
+        Returns:
+            int32[k]: the new device pages, in row order (group by group with several
+            KV-cache groups).
+
+        Raises:
+            ValueError: there is no host tier; the request is not swapped out; a pending
+                copy-on-write reads a page nobody owns (apply the copies first).
+            OutOfPages: fewer device pages are free or evictable than it needs.
+            UnknownRequest: ``req_id`` is not live. TypeError: it is not hashable.
+        """
+        return _swap.swap_in(self._parts, req_id)
+
+    def take_pending_swaps(self) -> tuple[np.ndarray, np.ndarray]:
+        """Returns the queued swaps and clears them: ``(swap_out_pairs, swap_in_pairs)``.
+
+        Each is int32[K, 2] of (device page, host page) rows, device pages in
+        ``[1, num_pages)``, host pages in ``[1, num_host_pages)``, in the order queued
+        (int32[0, 2] when none): for ``kvshard.swap_out(cache, host, swap_out_pairs)`` and
+        ``kvshard.swap_in(cache, host, swap_in_pairs)``, as they come or padded to a fixed K
+        with ``(-1, -1)`` rows (not ``(0, 0)``: see docs/tiers.md). Apply one step as: swap-out,
+        then
+        swap-in, then ``copy_pages(take_pending_copies())``, then the KV update:
+
+        * swap-out first: it reads device pages that this step's swap-ins, copies and update
+          may hand to others and overwrite (a page freed by a swap-out or evicted into the host
+          tier is free at once);
+        * swap-in before the copies: a copy may read a page swapped in this step (a request
+          swapped in, then forked and grown), and a swap-in only writes pages that no pending
+          copy reads (refused otherwise);
+        * the copies before the update, as always.
+
+        Host pages freed this step (swapped in, hit, freed) are handed out again only after
+        this call, so no two pending pairs write one host page. Never raises.
+        """
+        pairs = self._parts.tier.take_pending()
+        self._parts.reset_order_if_empty()  # host pages freed in a step return only now
+        return pairs
+
+    # ---------------------------------------------------- reset and events
+
+    def reset_prefix_cache(self) -> bool:
+        """Drops every cached page of both tiers, as vLLM's ``reset_prefix_cache`` (e.g. after
+        a weight update); returns whether it could.
+
+        Like vLLM it refuses (returns False, changing nothing) while any page is in use:
+        owned by a request, or on the host for a swapped-out request, or while swap pairs are
+        pending. Otherwise every cached page becomes plain free, an ``AllPagesCleared`` event
+        is queued, and the allocator's page order is a fresh one's. Keeps :attr:`prefix_stats`.
+        """
+        return self._parts.reset_prefix_cache()
+
+    def take_kv_events(self) -> list[KVEvent]:
+        """Returns the queued KV-cache events, oldest first, and clears the queue.
+
+        Needs ``enable_kv_events=True`` (else always ``[]``). The events are those of vLLM's
+        KV-cache event stream, for KV-aware routers: ``PagesStored`` (pages committed to the
+        device prefix cache, promoted to it by a host hit, or kept in the host tier: its
+        ``medium``), ``PagesRemoved`` (evicted, moved to the other tier), ``AllPagesCleared``
+        (:meth:`reset_prefix_cache`, and first after :meth:`load_state_dict`, which then
+        re-announces every cached page). Not part of :meth:`state_dict`. Never raises.
+        """
+        return self._parts.events.take()

@@ -33,19 +33,36 @@ def _require_tier(parts: AllocatorParts, where: str) -> None:
         raise ValueError(f"{where}: there is no host tier (num_host_pages=0)")
 
 
-def swap_out(parts: AllocatorParts, req_id: Hashable) -> int:
-    """Moves ``req_id``'s own pages to host pages; returns how many moved."""
-    where = "swap_out_request"
+def moving_columns(parts: AllocatorParts, req_id: Hashable, where: str) -> list[np.ndarray]:
+    """Per group, the columns of ``req_id``'s row whose pages a swap-out moves (those it alone
+    owns that are not cached); changes nothing.
+
+    Raises:
+      ValueError: no host tier, or the request is already swapped out.
+      UnknownRequest: ``req_id`` is not live. TypeError: it is not hashable.
+    """
     _require_tier(parts, where)
-    rows, pool, tier = parts.rows, parts.pool, parts.tier
-    row = rows.row_of(req_id, where)
-    if tier.row_swapped[row]:
+    row = parts.rows.row_of(req_id, where)
+    if parts.tier.row_swapped[row]:
         raise ValueError(f"{where}: req_id={req_id!r} is already swapped out")
-    busy = np.concatenate([pool.pending_copies().reshape(-1), tier.swap_in_pairs()[:, 0]])
-    moving = []  # per group: the columns whose pages move
+    moving = []
     for table in parts.tables:
         start, stop = int(table.row_released[row]), int(table.row_pages[row])
         pages = table.page_table[row, start:stop]
+        own = (parts.pool.refcount[pages] == 1) & ~parts.pool.index.cached[pages]
+        moving.append(start + np.flatnonzero(own))
+    return moving
+
+
+def swap_out(parts: AllocatorParts, req_id: Hashable) -> int:
+    """Moves ``req_id``'s own pages to host pages; returns how many moved."""
+    where = "swap_out_request"
+    moving = moving_columns(parts, req_id, where)  # per group: the columns whose pages move
+    rows, pool, tier = parts.rows, parts.pool, parts.tier
+    row = rows.row_of(req_id, where)
+    busy = np.concatenate([pool.pending_copies().reshape(-1), tier.swap_in_pairs()[:, 0]])
+    for table in parts.tables:
+        pages = table.page_table[row, int(table.row_released[row]) : int(table.row_pages[row])]
         clash = pages[np.isin(pages, busy)]
         if clash.size:
             raise ValueError(
@@ -53,8 +70,6 @@ def swap_out(parts: AllocatorParts, req_id: Hashable) -> int:
                 "or swap-in of this step reads or fills; apply the step first "
                 "(take_pending_copies, take_pending_swaps)"
             )
-        own = (pool.refcount[pages] == 1) & ~pool.index.cached[pages]
-        moving.append(start + np.flatnonzero(own))
     count = sum(int(cols.size) for cols in moving)
     available = tier.num_takeable
     if count > available:

@@ -39,7 +39,7 @@ def _allocator_latency(out: str, quick: bool) -> Any:
     report = module.main((["--quick"] if quick else []) + ["--out", out])
     rows = report.get("rows", []) if isinstance(report, dict) else []
     if rows:
-        from kvshard.benchmarks._common import bar_plot
+        from kvshard.benchmarks._common import PLOTS_NEED_MATPLOTLIB, bar_plot
 
         labels = [f"{r['num_pages']} pages\n{r['pages']}/call\n{r['scenario']}" for r in rows]
         png = bar_plot(
@@ -54,7 +54,7 @@ def _allocator_latency(out: str, quick: bool) -> Any:
             },
             "µs",
         )
-        print(f"wrote {png}")
+        print(f"wrote {png}" if png else PLOTS_NEED_MATPLOTLIB)
     return report
 
 
@@ -68,12 +68,22 @@ def _cache_update(out: str, quick: bool) -> Any:
 def _compilations(out: str, quick: bool) -> Any:
     from kvshard.benchmarks.compilations import run
 
-    return run(out, steps=200 if quick else 1000)
+    return run(out, steps=100 if quick else 1000)
 
 
 def _memory(out: str, quick: bool) -> Any:
     from kvshard.benchmarks.memory import run
 
+    if quick:  # the dtypes of distinct storage (float16 and float8 as bfloat16 and int8)
+        return run(
+            out,
+            cache_mib=256,
+            tokens=4096,
+            dtypes=["float32", "bfloat16", "int8"],
+            pages=100_000,
+            requests=8192,
+            pages_per_request=512,
+        )
     return run(
         out,
         cache_mib=1024,
@@ -90,10 +100,10 @@ def _callers_jit(out: str, quick: bool) -> Any:
 
     return run(
         out,
-        dtypes=["float32", "bfloat16"],
-        cache_mib=64 if quick else 256,
+        dtypes=["bfloat16"] if quick else ["float32", "bfloat16"],
+        cache_mib=64 if quick else 256,  # 32 MiB has too few pages for 16 requests
         requests=16,
-        rounds=5 if quick else 15,
+        rounds=3 if quick else 15,
     )
 
 

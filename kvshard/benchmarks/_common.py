@@ -146,6 +146,18 @@ def pyplot():
     return plt
 
 
+PLOTS_NEED_MATPLOTLIB = (
+    "no plot: plots need matplotlib (pip install matplotlib, or kvshard's [test] or [docs] "
+    "extra; the [examples] extra does not have it)"
+)
+
+
+def wrote(json_path: str | os.PathLike, png: Path | None) -> str:
+    """The line a benchmark ends with: the files it wrote, or why it wrote no plot (``png``
+    None: :func:`pyplot` found no matplotlib)."""
+    return f"wrote {json_path}" + (f" and {png}" if png else f"; {PLOTS_NEED_MATPLOTLIB}")
+
+
 def save_figure(fig: Any, outdir: str | os.PathLike, name: str) -> Path:
     path = Path(outdir) / f"{name}.png"
     path.parent.mkdir(parents=True, exist_ok=True)

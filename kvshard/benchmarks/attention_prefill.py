@@ -236,7 +236,7 @@ def run(
 def settings(quick: bool) -> dict[str, Any]:
     """The suite's sizes: full (prompts 128..8k, timed to 1k) or quick (small, timed to 256)."""
     if quick:
-        return {"batch": 1, "prompts": [128, 256, 8192], "time_up_to": 256, "rounds": 3}
+        return {"batch": 1, "prompts": [128, 256, 8192], "time_up_to": 256, "rounds": 2}
     prompts = [128, 256, 512, 1024, 2048, 4096, 8192]
     return {"batch": 4, "prompts": prompts, "time_up_to": 1024, "rounds": 5}
 

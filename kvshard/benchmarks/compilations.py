@@ -16,7 +16,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from kvshard.benchmarks._common import jax_machine, pyplot, save_figure, table, write_json
+from kvshard.benchmarks._common import (
+    jax_machine,
+    pyplot,
+    save_figure,
+    table,
+    write_json,
+    wrote,
+)
 
 NAME = "compilations"
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
@@ -150,8 +157,8 @@ def run(outdir: str, *, steps: int, budget: int = 256, seed: int = 0) -> dict[st
         "requests": next_id,
         "per_step": per_step,
     }
-    write_json(outdir, NAME, data)
-    plt = pyplot()
+    path = write_json(outdir, NAME, data)
+    plt, png = pyplot(), None
     if plt is not None:
         fig, ax = plt.subplots(figsize=(7, 3.5), dpi=110)
         ax.plot(np.cumsum(per_step) + warm, label="compilations (cumulative)")
@@ -161,5 +168,6 @@ def run(outdir: str, *, steps: int, budget: int = 256, seed: int = 0) -> dict[st
         ax.set_ylim(0, max(14, warm + after + 2))
         ax.set_title(f"Compilations over a serving trace ({ops})", fontsize=9)
         ax.legend(fontsize=8)
-        print(f"wrote {save_figure(fig, outdir, NAME)}")
+        png = save_figure(fig, outdir, NAME)
+    print(wrote(path, png))
     return data

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from kvshard.allocator import PageAllocator
-from kvshard.benchmarks._common import machine, pyplot, save_figure, timed, write_json
+from kvshard.benchmarks._common import machine, pyplot, save_figure, timed, write_json, wrote
 from kvshard.metadata import build_update_slices, pad_slices, token_buckets
 
 # ------------------------------------------------------------------ the baseline
@@ -270,7 +270,7 @@ def sweep(
     }
     write_json(outdir, NAME, data)
     png = plot(results, args, outdir, host)
-    print(f"\nwrote {outdir}/{NAME}.json" + (f" and {png}" if png else ""))
+    print("\n" + wrote(f"{outdir}/{NAME}.json", png))
     return data
 
 

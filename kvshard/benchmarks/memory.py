@@ -24,6 +24,7 @@ from kvshard.benchmarks._common import (
     table,
     unit_scales,
     write_json,
+    wrote,
 )
 
 NAME = "memory"
@@ -253,5 +254,5 @@ def run(
         },
         "MiB",
     )
-    print(f"\nwrote {outdir}/{NAME}.json" + (f" and {png}" if png else ""))
+    print("\n" + wrote(f"{outdir}/{NAME}.json", png))
     return data

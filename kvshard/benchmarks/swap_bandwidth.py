@@ -30,6 +30,7 @@ from kvshard.benchmarks._common import (
     unit_scales,
     with_overrides,
     write_json,
+    wrote,
 )
 
 NAME = "swap_bandwidth"
@@ -215,7 +216,7 @@ def run(outdir: str, *, pages: list[int], layers: int, dtype: str, rounds: int) 
         "GB/s (median)",
         log=False,
     )
-    print(f"\nwrote {os.path.join(outdir, NAME + '.json')}" + (f" and {png}" if png else ""))
+    print("\n" + wrote(os.path.join(outdir, NAME + ".json"), png))
     return data
 
 

@@ -245,7 +245,7 @@ def settings(quick: bool) -> dict[str, Any]:
     common = {"layers": 2, "head_dim": 64, "page_size": 16, "quantum": 8}
     if quick:
         return {**common, "requests": 4, "prompt": 128, "decode": 16, "chunk": 64,
-                "prompts": 4, "visits": 2, "max_tokens": 160, "rounds": 3}  # fmt: skip
+                "prompts": 4, "visits": 2, "max_tokens": 160, "rounds": 2}  # fmt: skip
     return {**common, "requests": 6, "prompt": 256, "decode": 32, "chunk": 128,
             "prompts": 6, "visits": 3, "max_tokens": 288, "rounds": 5}  # fmt: skip
 

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from kvshard._layout import page_bytes
-from kvshard.benchmarks._common import bar_plot, machine, table, write_json
+from kvshard.benchmarks._common import bar_plot, machine, table, write_json, wrote
 from kvshard.benchmarks.update_schedules import TPU_COMMAND
 from kvshard.metadata import build_update_slices
 
@@ -148,5 +148,5 @@ def run(outdir: str) -> dict[str, Any]:
         "\nOn a TPU VM, A/B-test the two schedules on the chip (both are checked against the "
         f"oracle first):\n  {TPU_COMMAND}"
     )
-    print(f"\nwrote {outdir}/{NAME}.json" + (f" and {png}" if png else ""))
+    print("\n" + wrote(f"{outdir}/{NAME}.json", png))
     return data

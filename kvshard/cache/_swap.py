@@ -217,7 +217,9 @@ def _check_pairs(groups: np.ndarray, num_pages: int, num_host_pages: int, *, int
         if (counts > 1).any():
             page = dst[counts > 1][0]
             rows = np.flatnonzero(~padding & (pairs[:, col] == page))
+            zeros = (pairs[rows[:2]] == 0).all()
             raise ValueError(
                 f"{op}: pairs rows {rows[0]} and {rows[1]} (group {g}) both write "
                 f"{('device', 'host')[col]} page {page}"
+                + ("; (0, 0) is a pair, not padding: pad pairs with (-1, -1)" if zeros else "")
             )

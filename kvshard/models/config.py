@@ -1,22 +1,31 @@
 """A Hugging Face ``config.json`` -> :class:`Architecture`: everything the model code branches on.
 
-One place reads every architecture's config keys (and the defaults Hugging Face's config
-classes apply when a key is absent), so the model code never looks at ``model_type``: it reads
-fields such as ``norm_offset`` or ``layers[i].window``. Both config generations are read:
-``rope_theta`` + ``rope_scaling`` (transformers 4) and ``rope_parameters`` (transformers 5,
-per layer type for Gemma 3); ``torch_dtype`` or ``dtype``.
+The cache geometry (layers, heads, head_dim, dtype, each layer's attention type) is what
+:func:`kvshard.read_model_config` reads, the planner's and :meth:`kvshard.CacheSpec.from_config`'s
+reader, so the template serves exactly the cache the planner sizes; this module adds the keys
+only the model code needs (and the defaults transformers' config classes apply when a key is
+absent or ``null``, :func:`kvshard._config.config_value`), so the model code never looks at
+``model_type``: it reads fields such as ``norm_offset`` or ``layers[i].window``. Both config
+generations are read: ``rope_theta`` + ``rope_scaling`` (transformers 4) and
+``rope_parameters`` (transformers 5, per layer type for Gemma 3); ``torch_dtype`` or ``dtype``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from kvshard._config import ConfigError
+from kvshard._config import (
+    ConfigError,
+    config_value,
+    geometry_of,
+    hf_layer_names,
+    load_config,
+    positive_int,
+)
 
 __all__ = ["ARCHITECTURES", "Architecture", "LayerSpec", "RopeSpec", "read_architecture"]
 
@@ -32,7 +41,6 @@ ARCHITECTURES = (
     "gpt_oss",
 )
 _GEMMA = ("gemma", "gemma2", "gemma3_text")
-_DTYPES = {"bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}
 _ACTIVATIONS = {
     "silu": "silu",
     "swish": "silu",
@@ -167,13 +175,6 @@ class Architecture:
         return dataclasses.replace(self, layers=layers)
 
 
-def _int(cfg: Mapping[str, Any], key: str, where: str, default: int | None = None) -> int:
-    value = cfg.get(key, default)
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ConfigError(f"{where}: {key}={value!r} must be a positive integer")
-    return value
-
-
 def _rope(params: Mapping[str, Any] | None, theta: float, max_pos: int, where: str) -> RopeSpec:
     """A RopeSpec from a rope_scaling / rope_parameters dict (None: plain RoPE at ``theta``)."""
     params = dict(params or {})
@@ -211,45 +212,9 @@ def _ropes(cfg: Mapping[str, Any], model_type: str, where: str) -> dict[str, Rop
     return ropes
 
 
-def _layer_types(cfg: Mapping[str, Any], model_type: str, n: int, where: str) -> list[str]:
-    """ "sliding_attention" or "full_attention" per layer, as transformers derives them."""
-    types = cfg.get("layer_types")
-    if isinstance(types, list):
-        if len(types) != n:
-            raise ConfigError(f"{where}: layer_types has {len(types)} entries for {n} layers")
-        for t in types:
-            if t not in ("sliding_attention", "full_attention"):
-                raise ConfigError(
-                    f"{where}: layer type {t!r} is not supported (sliding_attention, "
-                    "full_attention)"
-                )
-        return list(types)
-    sliding, full = "sliding_attention", "full_attention"
-    if model_type == "mistral":
-        return [sliding] * n
-    if model_type in ("qwen2", "qwen3"):  # the first max_window_layers layers attend in full
-        first = cfg.get("max_window_layers", n)
-        return [sliding if i >= first else full for i in range(n)]
-    if model_type in ("gemma2", "gpt_oss"):  # even layers local, odd layers global
-        return [sliding if i % 2 == 0 else full for i in range(n)]
-    if model_type == "gemma3_text":
-        pattern = cfg.get("sliding_window_pattern") or cfg.get("_sliding_window_pattern") or 6
-        return [sliding if (i + 1) % pattern else full for i in range(n)]
-    return [full] * n
-
-
-def _window(cfg: Mapping[str, Any], model_type: str, where: str) -> int | None:
-    window = cfg.get("sliding_window")
-    if model_type in ("qwen2", "qwen3") and not cfg.get("use_sliding_window", False):
-        return None  # Qwen2 configs carry a sliding_window they do not use
-    if window is None:
-        return None
-    if not isinstance(window, int) or isinstance(window, bool) or window < 1:
-        raise ConfigError(f"{where}: sliding_window={window!r} must be a positive integer or null")
-    return window
-
-
 def _soft_cap(cfg: Mapping[str, Any], key: str, default: float | None) -> float | None:
+    """The cap, or None: an absent key is the config class's default, an explicit null no cap
+    (transformers' models test ``cap is not None``)."""
     value = cfg.get(key, default)
     return float(value) if value else None
 
@@ -259,23 +224,10 @@ def read_architecture(config: Mapping[str, Any] | str | Path) -> Architecture:
 
     Raises:
       kvshard.ConfigError: an unknown ``model_type``, a missing or malformed field, an unknown
-        rope type, activation or dtype; one line naming the field and the value.
+        rope type, activation or dtype, a chunked-attention layer; one line naming the field
+        and the value.
     """
-    if isinstance(config, Mapping):
-        return _architecture(config)
-    path = Path(config)
-    path = path / "config.json" if path.is_dir() else path
-    try:
-        data = json.loads(path.read_text("utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
-        raise ConfigError(f"{path}: cannot read the config ({err})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a config.json holds a JSON object, got {type(data).__name__}")
-    return _architecture(data)
-
-
-def _architecture(config: Mapping[str, Any]) -> Architecture:
-    where = str(config.get("_name_or_path") or "config.json")
+    config, where = load_config(config)
     model_type = config.get("model_type")
     if model_type == "gemma3" and isinstance(config.get("text_config"), Mapping):
         raise ConfigError(
@@ -286,21 +238,15 @@ def _architecture(config: Mapping[str, Any]) -> Architecture:
         raise ConfigError(
             f"{where}: model_type={model_type!r} is not one of {', '.join(ARCHITECTURES)}"
         )
-    n = _int(config, "num_hidden_layers", where)
-    hidden, heads = _int(config, "hidden_size", where), _int(config, "num_attention_heads", where)
-    kv_heads = _int(config, "num_key_value_heads", where, heads)
+    geometry = geometry_of(config, where)
+    hidden = positive_int(config, "hidden_size", where)
+    heads = positive_int(config, "num_attention_heads", where)
+    kv_heads, head_dim = geometry.num_kv_heads, geometry.head_dim
     if heads % kv_heads:
         raise ConfigError(
             f"{where}: num_attention_heads={heads} is not a multiple of num_key_value_heads="
             f"{kv_heads}"
         )
-    if config.get("head_dim") is None and hidden % heads:
-        raise ConfigError(f"{where}: hidden_size={hidden} is not a multiple of {heads} heads")
-    head_dim = _int(config, "head_dim", where, hidden // heads)
-    raw_dtype = config.get("dtype", config.get("torch_dtype")) or "float32"
-    dtype = _DTYPES.get(str(raw_dtype).removeprefix("torch."))
-    if dtype is None:
-        raise ConfigError(f"{where}: dtype={raw_dtype!r} is not one of {', '.join(_DTYPES)}")
     gemma, moe = model_type in _GEMMA, model_type == "gpt_oss"
     default_act = "gelu_pytorch_tanh" if gemma else "silu"
     act_name = config.get("hidden_activation") or config.get("hidden_act") or default_act
@@ -310,31 +256,41 @@ def _architecture(config: Mapping[str, Any]) -> Architecture:
         raise ConfigError(
             f"{where}: activation {act_name!r} is not one of {', '.join(_ACTIVATIONS)}"
         )
-    attention_bias = bool(config.get("attention_bias", model_type == "gpt_oss"))
-    query_scalar = config.get("query_pre_attn_scalar", 256 if model_type != "gemma" else None)
+    attention_bias = bool(config_value(config, "attention_bias", model_type == "gpt_oss"))
+    query_scalar = config_value(
+        config, "query_pre_attn_scalar", 256 if model_type != "gemma" else None
+    )
     sm_scale = float(query_scalar) ** -0.5 if gemma and query_scalar else head_dim**-0.5
     ropes = _ropes(config, model_type, where)
-    window = _window(config, model_type, where)
-    types = _layer_types(config, model_type, n, where)
-    layers = tuple(LayerSpec(window if t == "sliding_attention" else None, ropes[t]) for t in types)
+    # Each layer's window from the geometry; its rotary embedding by its Hugging Face layer
+    # type, which picks the rope even where no window applies (a Gemma config without one).
+    names = hf_layer_names(config, geometry.num_layers, where)
+    layers = []
+    for i, ((kind, *size), name) in enumerate(zip(geometry.layer_types, names, strict=True)):
+        if kind == "chunked":
+            raise ConfigError(
+                f"{where}: layer {i} has layer type 'chunked_attention' (chunk {size[0]}); "
+                "kvshard.models serves full_attention and sliding_attention layers"
+            )
+        layers.append(LayerSpec(size[0] if kind == "sliding" else None, ropes[name]))
     return Architecture(
         model_type=model_type,
-        vocab_size=_int(config, "vocab_size", where),
+        vocab_size=positive_int(config, "vocab_size", where),
         hidden_size=hidden,
-        intermediate_size=_int(config, "intermediate_size", where),
-        num_layers=n,
+        intermediate_size=positive_int(config, "intermediate_size", where),
+        num_layers=geometry.num_layers,
         num_heads=heads,
         num_kv_heads=kv_heads,
         head_dim=head_dim,
-        rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
-        dtype=dtype,
+        rms_norm_eps=float(config_value(config, "rms_norm_eps", 1e-6)),
+        dtype=geometry.dtype or "float32",
         activation=_ACTIVATIONS[act_name],
         norm_offset=1.0 if gemma else 0.0,
         embed_scale=math.sqrt(hidden) if gemma else None,
-        tie_word_embeddings=bool(config.get("tie_word_embeddings", gemma)),
+        tie_word_embeddings=bool(config_value(config, "tie_word_embeddings", gemma)),
         qkv_bias=attention_bias or model_type == "qwen2",
         o_bias=attention_bias and model_type != "qwen2",
-        mlp_bias=bool(config.get("mlp_bias", False)),
+        mlp_bias=bool(config_value(config, "mlp_bias", False)),
         qk_norm=model_type in ("qwen3", "gemma3_text"),
         sandwich_norms=model_type in ("gemma2", "gemma3_text"),
         sm_scale=sm_scale,
@@ -346,9 +302,9 @@ def _architecture(config: Mapping[str, Any]) -> Architecture:
         ),
         norm_in_float32=gemma or model_type == "gpt_oss",
         sinks=model_type == "gpt_oss",
-        num_experts=_int(config, "num_local_experts", where, 128) if moe else 0,
-        experts_per_token=_int(config, "num_experts_per_tok", where, 4) if moe else 0,
-        swiglu_alpha=float(config.get("swiglu_alpha", 1.702)),
-        swiglu_limit=float(config.get("swiglu_limit", 7.0)),
-        layers=layers,
+        num_experts=positive_int(config, "num_local_experts", where, 128) if moe else 0,
+        experts_per_token=positive_int(config, "num_experts_per_tok", where, 4) if moe else 0,
+        swiglu_alpha=float(config_value(config, "swiglu_alpha", 1.702)),
+        swiglu_limit=float(config_value(config, "swiglu_limit", 7.0)),
+        layers=tuple(layers),
     )

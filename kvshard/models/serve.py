@@ -21,6 +21,7 @@ that every served logit is right.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import jax
@@ -139,8 +140,11 @@ def serve(
     window: int | None = None,
     data_axis: str = "data",
     model_axis: str = "model",
+    progress: Callable[[int, int], None] | None = None,
 ) -> tuple[int, int]:
     """Runs every request to completion; returns (steps, most pages in use in one pool).
+
+    ``progress``: called after every step with (steps so far, requests finished so far).
 
     The allocators take ``spec.layer_types`` (:func:`cache_spec`): with layer groups each
     group has its own page table and the sliding ones release the pages that fell out of
@@ -178,7 +182,7 @@ def serve(
     waiting = [sorted(requests[g::pools], key=lambda r: r.arrival) for g in range(pools)]
     running: list[list[Request]] = [[] for _ in range(pools)]
     token_sharding = NamedSharding(mesh, P(data_axis, None))
-    steps, peak = 0, 0
+    steps, peak, finished = 0, 0, 0
     while any(waiting) or any(running):
         batches = []
         for g in range(pools):
@@ -216,6 +220,9 @@ def serve(
                 if len(r.tokens) - r.prompt_len == r.max_new and r.computed >= len(r.tokens) - 1:
                     running[g].remove(r)
                     allocators[g].free(r.id)
+                    finished += 1
+        if progress is not None:
+            progress(steps, finished)
     for r in requests:  # no logits after the last token (N = 0: the prompt's last is unused)
         del r.logits[len(r.tokens) - 1 :]
     return steps, peak
