@@ -219,14 +219,15 @@ def _check_window(sliding_window: Any) -> int | None:
     return int(sliding_window)
 
 
-def _check_sinks(sinks: Any, num_q_heads: int, backend: str) -> Any:
-    """``sinks`` as float32[Hq] (or None); refused on the pallas backend."""
+def _check_sinks(sinks: Any, num_q_heads: int, backend: str, jax_kernel: bool) -> Any:
+    """``sinks`` as float32[Hq] (or None); refused on the pallas backend with JAX's kernel."""
     if sinks is None:
         return None
-    if backend == "pallas":
+    if backend == "pallas" and jax_kernel:
         raise NotImplementedError(
-            "sinks= is not supported with backend='pallas': JAX's ragged_paged_attention has "
-            "no attention sinks; use backend='xla'"
+            "sinks= is not supported with backend='pallas' and JAX's kernel: JAX's "
+            "ragged_paged_attention has no attention sinks; use kvshard's kernel "
+            "(BackendOptions(pallas_kernel='kvshard'), the default) or backend='xla'"
         )
     host.check_shape("sinks", sinks, (num_q_heads,), "[num_q_heads] (one logit per query head)")
     if not jnp.issubdtype(host.dtype_of(sinks), jnp.floating):
@@ -360,13 +361,13 @@ def attention(
         return out
     cache = check_cache(cache)
     host.check_backend(backend)
-    resolved = resolve_attention_backend(cache, backend)
     options = host.check_options(options)
+    resolved = resolve_attention_backend(cache, backend, options)
     scale = _finite_positive("sm_scale", sm_scale, optional=False)
     cap = _finite_positive("soft_cap", soft_cap, optional=True)
     window = _check_window(sliding_window)
     layer_index = host.check_layer(cache.spec.num_layers, layer)
-    read = read_type(cache.spec, layer_index, window, layer_type, resolved)
+    read = read_type(cache.spec, layer_index, window, layer_type, resolved, options)
     statics = Statics(
         cache.spec,
         scale,  # type: ignore[arg-type]
@@ -385,7 +386,7 @@ def attention(
         check_query_heads(np.shape(q)[-2], spec.num_kv_heads, cache.tp)
     except ValueError as err:
         raise ValueError(f"q has {np.shape(q)[-2]} query heads: {err}") from None
-    sinks = _check_sinks(sinks, np.shape(q)[-2], resolved)
+    sinks = _check_sinks(sinks, np.shape(q)[-2], resolved, options.jax_attention_kernel)
     num_tokens = np.shape(q)[-3]
     check_step(step, spec, num_tokens=num_tokens, token_arg="q", lead=lead)
     assert step is not None
