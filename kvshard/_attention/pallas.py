@@ -132,7 +132,7 @@ def local_kvshard(
         page_indices,
         cu_q_lens,
         num_seqs,
-        kv_layout=spec.kv_layout,
+        kv_layout="packed" if spec.packed else "interleaved",
         page_size=spec.page_size,
         sm_scale=statics.sm_scale,
         sliding_window=statics.sliding_window,

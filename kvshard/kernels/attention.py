@@ -637,7 +637,13 @@ def ragged_paged_attention(
     q, kv_cache, layer, kv_lens, page_indices, cu_q_lens, num_seqs = args
     sinks = None if sinks is None else jnp.asarray(sinks)
     static_validate_inputs(
-        *args,
+        q,
+        kv_cache,
+        layer,
+        kv_lens,
+        page_indices,
+        cu_q_lens,
+        num_seqs,
         sinks,
         kv_layout=kv_layout,
         sm_scale=sm_scale,
@@ -655,7 +661,9 @@ def ragged_paged_attention(
             f"{kv_cache.shape[1]} slots"
         )
     if validate:
-        dynamic_validate_inputs(*args, page_size=page_size)
+        dynamic_validate_inputs(
+            q, kv_cache, layer, kv_lens, page_indices, cu_q_lens, num_seqs, page_size=page_size
+        )
     num_tokens, q_heads, head_dim = q.shape
     _, _, combined, padded = kv_cache.shape
     max_seqs, pages_per_seq = page_indices.shape
