@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from jax.experimental.pallas import tpu as pltpu
 from test_attention import (
     DIM,
     PAGE,
@@ -440,3 +441,21 @@ def test_default_blocks_shrink_to_the_budget_and_never_below_one():
     # One more page per block would not fit (the rule takes the largest power-of-two halving).
     small = budgets.default_attention_blocks(**{**big, "page_size": 4, "pages_per_seq": 6})
     assert small.kv_pages_per_block == 6 and small.queries_per_block == 16
+
+
+@pytest.mark.parametrize("dma_execution_mode", ["eager", "on_wait"])
+def test_race_detector_finds_no_race_in_the_double_buffered_blocks(dma_execution_mode):
+    """K/V blocks of one page (every item walks several double-buffered blocks, the next
+    block's DMAs in flight while the current one is read), query blocks of 2 tokens."""
+    from jax._src.pallas.mosaic.interpret import interpret_pallas_call as interpreter
+
+    args = kernel_operands("interleaved")
+    params = pltpu.InterpretParams(detect_races=True, dma_execution_mode=dma_execution_mode)
+    kw = dict(kv_layout="interleaved", page_size=4, sm_scale=0.2, soft_cap=3.0)
+    got = kernel.ragged_paged_attention(
+        *args, block_sizes=kernel.BlockSizes(2, 1), interpret=params, **kw
+    )
+    assert not interpreter.races.races_found
+    np.testing.assert_allclose(
+        np.asarray(got), np.asarray(kernel.ref_ragged_paged_attention(*args, **kw)), atol=2e-5
+    )
