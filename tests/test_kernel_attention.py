@@ -459,3 +459,44 @@ def test_race_detector_finds_no_race_in_the_double_buffered_blocks(dma_execution
     np.testing.assert_allclose(
         np.asarray(got), np.asarray(kernel.ref_ragged_paged_attention(*args, **kw)), atol=2e-5
     )
+
+
+# --------------------------------------------------------------------------------------------
+# fused_attention == update + attention
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["xla", "pallas"])
+def test_fused_attention_equals_update_then_attention(backend):
+    """Two identical caches: one takes update + attention, the other fused_attention; the
+    outputs and the caches are bit for bit equal, and the output is the oracle's."""
+    options = INTERPRET if backend == "pallas" else None
+    cases = [new_case((1, 2), 2, kv_layout="packed", seed=5) for _ in range(2)]
+    for case in cases:
+        run_step(case, [[(0, 6), (1, 2)]])
+    # The step's new tokens: both cases draw the same K/V (same seed and history).
+    steps = [run_step(case, [[(0, 1), (1, 3)]], layer=0) for case in cases]
+    q = queries(cases[0], 4)
+    kw = {"sm_scale": 0.25, "sliding_window": 5}
+    rng = np.random.default_rng(9)
+    k, v = (rng.standard_normal((16, 2, DIM)).astype(np.float32) for _ in range(2))
+    a, b = cases
+    a.cache = kvshard.update(a.cache, 1, k, v, steps[0], backend=backend, options=options)
+    want = kvshard.attention(a.cache, 1, q, steps[0], backend=backend, options=options, **kw)
+    got, b.cache = kvshard.fused_attention(
+        b.cache, 1, q, k, v, steps[1], backend=backend, options=options, **kw
+    )
+    np.testing.assert_array_equal(bits(got), bits(want))
+    np.testing.assert_array_equal(np.asarray(b.cache.kv), np.asarray(a.cache.kv))
+    # The oracle: the step's tokens now hold k/v in layer 1 (the histories were of layer 1
+    # before this step's layer-0 write, so rebuild them: last step's tokens are k/v rows).
+    hist = b.history[0]
+    for r, c, at in ((0, 1, 0), (1, 3, 1)):
+        hk, hv = hist[r]
+        hist[r] = (
+            np.concatenate([hk[:-c], k[at : at + c]]),
+            np.concatenate([hv[:-c], v[at : at + c]]),
+        )
+    np.testing.assert_allclose(np.asarray(got, np.float64), oracle(b, q, **kw), atol=2e-5)
+    with pytest.raises(TypeError, match=r"step must be a kvshard.StepMetadata, got tuple"):
+        kvshard.fused_attention(b.cache, 1, q, k, v, (), sm_scale=0.1)
