@@ -500,3 +500,45 @@ def test_fused_attention_equals_update_then_attention(backend):
     np.testing.assert_allclose(np.asarray(got, np.float64), oracle(b, q, **kw), atol=2e-5)
     with pytest.raises(TypeError, match=r"step must be a kvshard.StepMetadata, got tuple"):
         kvshard.fused_attention(b.cache, 1, q, k, v, (), sm_scale=0.1)
+
+
+def test_pages_before_a_query_blocks_window_are_never_fetched(monkeypatch):
+    """Every page DMA the kernel starts is recorded (a host callback around the kernel's one
+    page-copy helper): with a window of 3, only pages holding a key some query of the item may
+    see are fetched; the requests' first pages, wholly before every window, never are."""
+    fetched: list[int] = []
+    page_copy = kernel._page_copy
+
+    class Recorded:
+        def __init__(self, copy, page):
+            self.copy, self.page = copy, page
+
+        def start(self):
+            jax.debug.callback(lambda p: fetched.append(int(p)), self.page)
+            self.copy.start()
+
+        def wait(self):
+            self.copy.wait()
+
+    monkeypatch.setattr(
+        kernel,
+        "_page_copy",
+        lambda hbm, page, dst, sem: Recorded(page_copy(hbm, page, dst, sem), page),
+    )
+    args = kernel_operands("interleaved")
+    # sm_scale unique to this test: a fresh trace, so the recording helper is traced in.
+    kw = dict(kv_layout="interleaved", page_size=4, sm_scale=0.1234, sliding_window=3)
+    got = kernel.ragged_paged_attention(
+        *args, block_sizes=kernel.BlockSizes(2, 1), interpret=True, **kw
+    )
+    jax.block_until_ready(got)
+    np.testing.assert_allclose(
+        np.asarray(got), np.asarray(kernel.ref_ragged_paged_attention(*args, **kw)), atol=2e-5
+    )
+    # Layer 1 of 10 pages: ids + 10. Request 0 (decode at 6) sees positions 4..6 (page 1 of
+    # its row, id 1); request 1 (queries at 7..11, items of 2) sees 5..11 (ids 5, 6);
+    # request 2 (queries at 0, 1) page 0 (id 9).
+    assert set(fetched) == {11, 15, 16, 19}, fetched
+    assert 13 not in fetched and 12 not in fetched  # the first pages: before every window
+    # Per item: request 1's items [7, 8], [9, 10], [11] fetch 2, 2 and 1 pages.
+    assert sorted(fetched) == [11, 15, 15, 16, 16, 16, 19]

@@ -129,6 +129,11 @@ def _window_start(pos, sliding_window: int | None, chunk_size: int | None):
     return jnp.zeros_like(pos)
 
 
+def _page_copy(kv_hbm, page, dst, sem):
+    """The DMA of one K/V page (HBM -> a VMEM buffer slot); every page read goes through it."""
+    return pltpu.make_async_copy(kv_hbm.at[page], dst, sem)
+
+
 def _kernel(
     # Scalar prefetch (SMEM, int32).
     items_ref,  # [3, N]: (request, first token, tokens) of each work item
@@ -188,9 +193,7 @@ def _kernel(
             for j in range(kv_pages_per_block):
                 at = jnp.minimum(first_page + block * kv_pages_per_block + j, last_page)
                 copies.append(
-                    pltpu.make_async_copy(
-                        kv_hbm.at[pages_ref[row_base + at]], kv_vmem.at[slot, j], sems.at[slot]
-                    )
+                    _page_copy(kv_hbm, pages_ref[row_base + at], kv_vmem.at[slot, j], sems.at[slot])
                 )
             return copies
 
