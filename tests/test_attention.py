@@ -460,7 +460,9 @@ def poison_unseen(case: Case, visible: list[set[int]], layer=1) -> None:
 @pytest.mark.xfail(
     strict=True,
     reason="JAX's ref_ragged_paged_attention, like its TPU kernel (next test), zeroes K/V only "
-    "past kv_len: a NaN before a sliding window, inside kv_len, reaches its softmax",
+    "past kv_len: a NaN before a sliding window, inside kv_len, reaches its softmax (kvshard's "
+    "kernel, the pallas default, masks it: test_kernel_attention.py "
+    "test_nan_before_the_window_cannot_reach_the_output)",
 )
 def test_pallas_operands_with_nan_before_the_window_through_reference():
     case = new_case((1, 8), 2, kv_layout="interleaved")

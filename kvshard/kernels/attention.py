@@ -183,7 +183,8 @@ def _kernel(
         q_len = bounds_ref[seq + 1] - q_start
         first_pos = kv_lens_ref[seq] - q_len + (start - q_start)
         last_pos = first_pos + count - 1
-        first_page = _window_start(first_pos, sliding_window, chunk_size) // page_size
+        first_lo = _window_start(first_pos, sliding_window, chunk_size)
+        first_page = first_lo // page_size
         last_page = last_pos // page_size
         num_blocks = (last_page - first_page + kv_pages_per_block) // kv_pages_per_block
         row_base = seq * pages_per_seq
@@ -221,12 +222,15 @@ def _kernel(
 
             for copy in page_copies(block, slot):
                 copy.wait()
-            k_pos = (first_page + block * kv_pages_per_block) * page_size + (
-                jax.lax.broadcasted_iota(jnp.int32, (1, keys), 1)
-            )
+            first_key = (first_page + block * kv_pages_per_block) * page_size
+            k_pos = first_key + jax.lax.broadcasted_iota(jnp.int32, (1, keys), 1)
             # Duplicate (clamped) pages lie past last_pos >= q_pos: never seen.
             seen = row_ok & (k_pos <= q_pos) & (k_pos >= lo)  # [R, KB]
-            key_seen = jnp.any(seen, axis=0)[:, None]  # [KB, 1]
+            # Keys some query of the item sees: the union of its queries' windows, the
+            # contiguous [lo(first_pos), last_pos] (windows of consecutive positions overlap),
+            # built as a column so no row vector is transposed.
+            k_col = first_key + jax.lax.broadcasted_iota(jnp.int32, (keys, 1), 0)
+            key_seen = (k_col >= first_lo) & (k_col <= last_pos)  # [KB, 1]
             out = []
             for h, (m, denom, acc) in enumerate(carry):
                 if layout == "packed":
