@@ -543,3 +543,21 @@ def test_pages_before_a_query_blocks_window_are_never_fetched(monkeypatch):
     assert 13 not in fetched and 12 not in fetched  # the first pages: before every window
     # Per item: request 1's items [7, 8], [9, 10], [11] fetch 2, 2 and 1 pages.
     assert sorted(fetched) == [11, 15, 15, 16, 16, 16, 19]
+
+
+@pytest.mark.slow
+def test_attention_kernels_benchmark_checks_and_writes_its_rows(tmp_path, capsys):
+    """Off a TPU: kvshard's kernel only, in interpret mode, checked against its reference."""
+    import json
+
+    from kvshard.benchmarks import attention_kernels
+
+    assert attention_kernels.main(["--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert attention_kernels.TPU_COMMAND in out
+    rows = json.loads((tmp_path / "attention_kernels.json").read_text())["rows"]
+    assert [(r["step"], r["kernel"]) for r in rows] == [
+        ("decode", "kvshard"),
+        ("prefill", "kvshard"),
+    ]
+    assert all(r["max_abs_err"] <= 2e-2 for r in rows)
