@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _cache_helpers import run_checked
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.experimental.pallas import tpu as pltpu
@@ -197,6 +198,15 @@ def test_traced_bad_metadata_is_dropped_as_on_xla():
     np.testing.assert_array_equal(got == 0, xla == 0)
     np.testing.assert_allclose(got, xla, atol=2e-5)
     assert not run("pallas", 5, step).any(), "a layer out of range reads nothing"
+    # checks=True reports the drop, as on xla.
+    error, _ = run_checked(
+        lambda c, s: kvshard.attention(
+            c, 1, q, s, backend="pallas", options=INTERPRET, checks=True, **kw
+        ),
+        case.cache,
+        broken,
+    )
+    assert error is not None and "request 1 (group 0) is dropped with every later one" in error
 
 
 def kernel_operands(kv_layout="packed", dtype=np.float32, seed=0):
