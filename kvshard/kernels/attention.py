@@ -332,8 +332,8 @@ def static_validate_inputs(
         raise TypeError(f"q must be a floating array, got {q.dtype}")
     if np.dtype(kv_cache.dtype).name not in SUPPORTED_DTYPES:
         raise TypeError(f"kv_cache dtype {kv_cache.dtype} must be one of {SUPPORTED_DTYPES}")
-    num_tokens, q_heads, head_dim = q.shape
-    _, num_slots, combined, padded = kv_cache.shape
+    _, q_heads, head_dim = q.shape
+    _, _, combined, padded = kv_cache.shape
     per_head = 1 if kv_layout == "packed" else 2
     if combined % per_head:
         raise ValueError(
@@ -397,7 +397,6 @@ def static_validate_inputs(
         )
     if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
         raise TypeError(f"block_sizes must be a BlockSizes, got {type(block_sizes).__name__}")
-    del num_tokens, num_slots
 
 
 def dynamic_validate_inputs(
@@ -431,9 +430,10 @@ def dynamic_validate_inputs(
     )
 
 
-def _work_items(bounds, live, num_items: int, queries_per_block: int):
+def _work_items(bounds, num_items: int, queries_per_block: int):
     """int32[3, num_items] (request, first token, tokens) of every query block of the live
-    requests, in request order, then (0, 0, 0) padding; and the live item count [1]."""
+    requests (``bounds``: :func:`kvshard._drop.live_query_bounds`, so requests from the live
+    count on own no token), in request order, then (0, 0, 0) padding; and the item count [1]."""
     max_seqs = bounds.shape[0] - 1
     q_lens = bounds[1:] - bounds[:-1]  # 0 from `live` on (live_query_bounds)
     per = (q_lens + queries_per_block - 1) // queries_per_block
@@ -444,7 +444,6 @@ def _work_items(bounds, live, num_items: int, queries_per_block: int):
     used = b < ends[-1]
     count = jnp.where(used, jnp.minimum(queries_per_block, bounds[seq + 1] - start), 0)
     items = jnp.stack([jnp.where(used, seq, 0), jnp.where(used, start, 0), count])
-    del live
     return items.astype(jnp.int32), ends[-1:].astype(jnp.int32)
 
 
@@ -500,7 +499,7 @@ def _ragged_paged_attention(
     )
     bounds = live_query_bounds(cu_q_lens, live)
     num_items = max_seqs + -(-num_tokens // qb)
-    items, total = _work_items(bounds, live, num_items, qb)
+    items, total = _work_items(bounds, num_items, qb)
     layer = jnp.clip(layer, 0, num_layers - 1)
     # The layer offset in the page table: page p of `layer` is page layer·num_pages + p of
     # the block's page view. Clamped so no index leaves the layer (dropped rows are unread).
