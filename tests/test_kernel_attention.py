@@ -562,7 +562,8 @@ def test_attention_kernels_benchmark_checks_and_writes_its_rows(tmp_path, capsys
 
     from kvshard.benchmarks import attention_kernels
 
-    assert attention_kernels.main(["--out", str(tmp_path)]) == 0
+    flags = ["--batch", "1", "--context", "5", "--prefill", "4", "--page-size", "4"]
+    assert attention_kernels.main([*flags, "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert attention_kernels.TPU_COMMAND in out
     rows = json.loads((tmp_path / "attention_kernels.json").read_text())["rows"]

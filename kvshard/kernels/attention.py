@@ -730,6 +730,20 @@ def ragged_paged_attention(
     )
 
 
+@functools.partial(
+    jax.jit,
+    static_argnames=(
+        "kv_layout",
+        "page_size",
+        "sm_scale",
+        "sliding_window",
+        "chunk_size",
+        "soft_cap",
+        "k_scale",
+        "v_scale",
+        "q_scale",
+    ),
+)
 def ref_ragged_paged_attention(
     q: jax.Array,
     kv_cache: jax.Array,
