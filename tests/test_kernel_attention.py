@@ -572,3 +572,62 @@ def test_attention_kernels_benchmark_checks_and_writes_its_rows(tmp_path, capsys
         ("prefill", "kvshard"),
     ]
     assert all(r["max_abs_err"] <= 2e-2 for r in rows)
+
+
+def test_every_grid_configuration_exports_for_tpu(monkeypatch):
+    """Both layouts x every layer type x bf16/int8 (fp8: the production shapes above), sinks
+    and soft cap alternating: each
+    lowers to one Mosaic kernel per device (the grid's own shapes: pages of 4, head_dim 64)."""
+    from jax._src.pallas.mosaic import tpu_info
+
+    monkeypatch.setitem(
+        tpu_info.registry,
+        "cpu",
+        lambda: tpu_info.get_tpu_info_for_chip(tpu_info.ChipVersion.TPU_V6E, 1),
+    )
+    mesh = make_mesh((1, 2))
+    alloc = kvshard.PageAllocator(PAGES, PAGE, max_requests=4, max_pages_per_request=6)
+    alloc.allocate_batch([0, 1], [9, 2])
+    step = jax.tree.map(jnp.asarray, kvshard.build_step(alloc, [0, 1], [9, 2]))
+    q = jnp.zeros((step.num_tokens_padded, 4, DIM), jnp.bfloat16)
+    options = kvshard.BackendOptions(interpret=False)
+    n = 0
+    for kv_layout in ("interleaved", "packed"):
+        for layer_type in (("full",), ("sliding", 3), ("chunked", 4)):
+            for dtype in ("bfloat16", "int8"):
+                scales = {} if dtype == "bfloat16" else {"k_scale": 0.05, "v_scale": 0.05}
+                spec = kvshard.CacheSpec(
+                    num_layers=2,
+                    num_kv_heads=2,
+                    head_dim=DIM,
+                    page_size=PAGE,
+                    num_pages=PAGES,
+                    dtype=dtype,
+                    kv_layout=kv_layout,
+                    **scales,
+                )
+                sinks = jnp.zeros(4, jnp.float32) if n % 2 else None
+                cap = 2.0 if n % 3 else None
+                n += 1
+
+                def read(cache, q, step, sinks, layer_type=layer_type, cap=cap):
+                    return kvshard.attention(
+                        cache,
+                        1,
+                        q,
+                        step,
+                        sm_scale=0.125,
+                        layer_type=layer_type,
+                        soft_cap=cap,
+                        sinks=sinks,
+                        backend="pallas",
+                        options=options,
+                    )
+
+                cache = kvshard.abstract_cache(spec, mesh, platform="tpu")
+                exported = jax.export.export(jax.jit(read), platforms=["tpu"])(
+                    cache, q, step, sinks
+                )
+                text = exported.mlir_module()
+                assert text.count("kvshard_ragged_paged_attention") >= 1, (kv_layout, dtype)
+    assert n == 12
