@@ -576,8 +576,8 @@ def test_attention_kernels_benchmark_checks_and_writes_its_rows(tmp_path, capsys
 
 def test_every_grid_configuration_exports_for_tpu(monkeypatch):
     """Both layouts x every layer type x bf16/int8 (fp8: the production shapes above), sinks
-    and soft cap alternating: each
-    lowers to one Mosaic kernel per device (the grid's own shapes: pages of 4, head_dim 64)."""
+    and soft cap alternating: each lowers to kvshard's Mosaic kernel (the grid's own shapes:
+    pages of 4, head_dim 64)."""
     from jax._src.pallas.mosaic import tpu_info
 
     monkeypatch.setitem(
