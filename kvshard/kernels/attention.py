@@ -55,6 +55,14 @@ so Pallas TPU interpret mode runs it on CPU exactly (``interpret=True``). Every 
 (queries to ``[Hkv, T·G, D]``, the block to pages) happens on arrays in the wrapper, where it
 is free on TPU.
 
+Beside it
+---------
+:mod:`kvshard.kernels.attention_checks` (``static_validate_inputs``,
+``dynamic_validate_inputs``) and :mod:`kvshard.kernels.attention_reference`
+(``ref_ragged_paged_attention``, the jnp reference on the same operands), both re-exported
+here. Over 400 lines because the schedule documented above, the kernel and its one wrapper
+are read together.
+
 Budgets ``jax.export`` cannot check
 -----------------------------------
 The scalar-prefetch operands must fit SMEM and the scratch VMEM; both are computed on the host
@@ -71,12 +79,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from kvshard._drop import live_query_bounds, requests_on_block
-from kvshard._layout import KV_LAYOUTS, SUPPORTED_DTYPES
+from kvshard.kernels.attention_checks import dynamic_validate_inputs, static_validate_inputs
+from kvshard.kernels.attention_reference import ref_ragged_paged_attention
 from kvshard.kernels.budgets import (
     attention_smem_bytes,
     attention_vmem_budget_bytes,
@@ -290,144 +298,6 @@ def _kernel(
         )
         out_copy.start()
         out_copy.wait()
-
-
-def static_validate_inputs(
-    q,
-    kv_cache,
-    layer,
-    kv_lens,
-    page_indices,
-    cu_q_lens,
-    num_seqs,
-    sinks=None,
-    *,
-    kv_layout: str,
-    sm_scale: float,
-    sliding_window: int | None = None,
-    chunk_size: int | None = None,
-    soft_cap: float | None = None,
-    k_scale: float | None = None,
-    v_scale: float | None = None,
-    q_scale: float | None = None,
-    block_sizes: BlockSizes | None = None,
-) -> None:
-    """Shapes, dtypes and static parameters (what ``jit`` knows); raises naming the value.
-
-    Raises:
-      TypeError: q or sinks not floating, metadata not int32, a cache dtype the kernel cannot
-        read.
-      ValueError: any shape, layout or parameter out of its bound.
-    """
-    if kv_layout not in KV_LAYOUTS:
-        raise ValueError(f"kv_layout={kv_layout!r} must be one of {KV_LAYOUTS}")
-    if q.ndim != 3:
-        raise ValueError(f"q must be [num_tokens, num_q_heads, head_dim], got {list(q.shape)}")
-    if kv_cache.ndim != 4:
-        raise ValueError(
-            f"kv_cache must be [num_layers, num_slots, combined_heads, padded_head_dim], got "
-            f"{list(kv_cache.shape)}"
-        )
-    if not jnp.issubdtype(q.dtype, jnp.floating):
-        raise TypeError(f"q must be a floating array, got {q.dtype}")
-    if np.dtype(kv_cache.dtype).name not in SUPPORTED_DTYPES:
-        raise TypeError(f"kv_cache dtype {kv_cache.dtype} must be one of {SUPPORTED_DTYPES}")
-    _, q_heads, head_dim = q.shape
-    _, _, combined, padded = kv_cache.shape
-    per_head = 1 if kv_layout == "packed" else 2
-    if combined % per_head:
-        raise ValueError(
-            f"kv_cache has {combined} combined heads, not a multiple of {per_head} "
-            f"(kv_layout={kv_layout!r})"
-        )
-    kv_heads = combined // per_head
-    if kv_heads == 0 or q_heads % kv_heads:
-        raise ValueError(f"q has {q_heads} query heads, not a multiple of {kv_heads} KV heads")
-    row = 2 * head_dim if kv_layout == "packed" else head_dim
-    if row > padded:
-        raise ValueError(
-            f"head_dim={head_dim} needs {row} lanes per row (kv_layout={kv_layout!r}); the "
-            f"cache rows have {padded}"
-        )
-    if page_indices.ndim != 2:
-        raise ValueError(
-            f"page_indices must be [max_num_seqs, pages_per_seq], got {list(page_indices.shape)}"
-        )
-    max_seqs = page_indices.shape[0]
-    for name, x, shape in (
-        ("kv_lens", kv_lens, (max_seqs,)),
-        ("cu_q_lens", cu_q_lens, (max_seqs + 1,)),
-        ("num_seqs", num_seqs, (1,)),
-        ("layer", layer, ()),
-    ):
-        if tuple(x.shape) != shape:
-            raise ValueError(f"{name} must have shape {list(shape)}, got {list(x.shape)}")
-    for name, x in (
-        ("page_indices", page_indices),
-        ("kv_lens", kv_lens),
-        ("cu_q_lens", cu_q_lens),
-        ("num_seqs", num_seqs),
-        ("layer", layer),
-    ):
-        if x.dtype != jnp.int32:
-            raise TypeError(f"{name} must be int32, got {x.dtype}")
-    if sinks is not None and tuple(sinks.shape) != (q_heads,):
-        raise ValueError(
-            f"sinks must have shape [{q_heads}] (query heads), got {list(sinks.shape)}"
-        )
-    if sinks is not None and not jnp.issubdtype(sinks.dtype, jnp.floating):
-        raise TypeError(f"sinks must be a floating array, got {sinks.dtype}")
-    for name, value in (
-        ("sm_scale", sm_scale),
-        ("soft_cap", soft_cap),
-        ("k_scale", k_scale),
-        ("v_scale", v_scale),
-        ("q_scale", q_scale),
-    ):
-        if value is None and name != "sm_scale":
-            continue
-        if not (isinstance(value, float | int) and np.isfinite(value) and value > 0):
-            raise ValueError(f"{name}={value!r} must be a finite number > 0")
-    for name, value in (("sliding_window", sliding_window), ("chunk_size", chunk_size)):
-        if value is not None and (not isinstance(value, int) or value < 1):
-            raise ValueError(f"{name}={value!r} must be None or an int >= 1")
-    if sliding_window is not None and chunk_size is not None:
-        raise ValueError(
-            f"sliding_window={sliding_window} and chunk_size={chunk_size}: a layer has one type"
-        )
-    if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
-        raise TypeError(f"block_sizes must be a BlockSizes, got {type(block_sizes).__name__}")
-
-
-def dynamic_validate_inputs(
-    q, kv_cache, layer, kv_lens, page_indices, cu_q_lens, num_seqs, *, page_size: int
-) -> None:
-    """Concrete metadata on the host: the contract the drop rule enforces inside ``jit``
-    (:func:`kvshard._drop.request_in_contract`), raised naming the field and the bound.
-
-    Raises:
-      ValueError: layer out of range, num_seqs out of range, or a live request out of
-        contract; also if any argument is traced (validate before entering ``jit``).
-    """
-    from kvshard._attention.api import _check_values  # the one host check of the contract
-
-    try:
-        values = [np.asarray(x) for x in (layer, page_indices, kv_lens, cu_q_lens, num_seqs)]
-    except jax.errors.TracerArrayConversionError as err:
-        raise ValueError(
-            "dynamic_validate_inputs needs concrete metadata: validate before entering jit"
-        ) from err
-    layer_value, *fields = values
-    num_layers = kv_cache.shape[0]
-    if not 0 <= int(layer_value) < num_layers:
-        raise ValueError(f"layer={int(layer_value)} is out of range [0, {num_layers})")
-    _check_values(
-        *fields,
-        num_tokens=q.shape[0],
-        num_pages=kv_cache.shape[1] // page_size,
-        page_size=page_size,
-        where="",
-    )
 
 
 def _work_items(bounds, num_items: int, queries_per_block: int):
@@ -728,89 +598,3 @@ def ragged_paged_attention(
         block_sizes=block_sizes,
         interpret=_interpret_params(interpret),
     )
-
-
-@functools.partial(
-    jax.jit,
-    static_argnames=(
-        "kv_layout",
-        "page_size",
-        "sm_scale",
-        "sliding_window",
-        "chunk_size",
-        "soft_cap",
-        "k_scale",
-        "v_scale",
-        "q_scale",
-    ),
-)
-def ref_ragged_paged_attention(
-    q: jax.Array,
-    kv_cache: jax.Array,
-    layer: jax.Array,
-    kv_lens: jax.Array,
-    page_indices: jax.Array,
-    cu_q_lens: jax.Array,
-    num_seqs: jax.Array,
-    *,
-    kv_layout: str,
-    page_size: int,
-    sm_scale: float,
-    sliding_window: int | None = None,
-    chunk_size: int | None = None,
-    soft_cap: float | None = None,
-    sinks: jax.Array | None = None,
-    k_scale: float | None = None,
-    v_scale: float | None = None,
-    q_scale: float | None = None,
-) -> jax.Array:
-    """The kernel's reference on the same operands, in plain jnp: every token gathers its
-    request's whole page-table row and masks (score and value) what it may not see.
-
-    Same arguments and result as :func:`ragged_paged_attention` (no blocks, no interpret).
-    Memory grows as T · pages_per_seq · page_size: for tests.
-    """
-    num_layers, num_slots, combined, _ = kv_cache.shape
-    num_tokens, q_heads, head_dim = q.shape
-    num_pages = num_slots // page_size
-    kv_heads = combined // (1 if kv_layout == "packed" else 2)
-    group = q_heads // kv_heads
-    pages_per_seq = page_indices.shape[1]
-    live, seq, tok_ok = requests_on_block(
-        kv_cache, layer, page_indices, kv_lens, cu_q_lens, num_seqs, num_tokens, page_size
-    )
-    bounds = live_query_bounds(cu_q_lens, live)
-    t = jnp.arange(num_tokens)
-    pos = kv_lens[seq] - (bounds[seq + 1] - bounds[seq]) + (t - bounds[seq])  # [T]
-    k_pos = jnp.arange(pages_per_seq * page_size)  # [K]
-    table = jnp.clip(page_indices[seq], 0, num_pages - 1)  # [T, pages_per_seq]
-    slots = (table[:, :, None] * page_size + jnp.arange(page_size)).reshape(num_tokens, -1)
-    block = kv_cache[jnp.clip(layer, 0, num_layers - 1), slots]  # [T, K, C, D_pad]
-    if kv_layout == "packed":
-        k, v = block[..., :head_dim], block[..., head_dim : 2 * head_dim]
-    else:
-        k, v = block[..., 0::2, :head_dim], block[..., 1::2, :head_dim]
-    k, v = k.astype(jnp.float32), v.astype(jnp.float32)
-    k = k if k_scale is None else k * k_scale
-    v = v if v_scale is None else v * v_scale
-    seen = tok_ok[:, None] & (k_pos[None] <= pos[:, None])
-    seen &= k_pos[None] >= _window_start(pos, sliding_window, chunk_size)[:, None]  # [T, K]
-    v = jnp.where(seen[:, :, None, None], v, 0.0)
-    qf = q.astype(jnp.float32).reshape(num_tokens, kv_heads, group, head_dim)
-    qf = qf if q_scale is None else qf * q_scale
-    s = jnp.einsum("thgd,tkhd->thgk", qf, k, precision="highest") * sm_scale
-    if soft_cap is not None:
-        s = soft_cap * jnp.tanh(s / soft_cap)
-    s = jnp.where(seen[:, None, None, :], s, -jnp.inf)
-    top = s.max(axis=-1)
-    if sinks is not None:
-        top = jnp.maximum(top, sinks.astype(jnp.float32).reshape(kv_heads, group))
-    base = jnp.where(jnp.isneginf(top), 0.0, top)
-    p = jnp.exp(s - base[..., None])
-    denom = p.sum(axis=-1)
-    if sinks is not None:
-        denom = denom + jnp.exp(sinks.astype(jnp.float32).reshape(kv_heads, group) - base)
-    out = jnp.einsum("thgk,tkhd->thgd", p, v, precision="highest")
-    out = jnp.where((denom > 0)[..., None], out / jnp.where(denom > 0, denom, 1)[..., None], 0)
-    out = jnp.where(tok_ok[:, None, None, None], out, 0)
-    return out.reshape(num_tokens, q_heads, head_dim).astype(q.dtype)
