@@ -3,9 +3,9 @@
 The public API, re-exported from private modules:
 
 * cache layout and device ops: :class:`CacheSpec`, :class:`KVCache`, :func:`init_cache`,
-  :func:`update`, :func:`update_with_stats`, :func:`attention`, :func:`gather`,
-  :func:`copy_pages`, :func:`check_tensor_parallel`, :func:`abstract_cache` (ahead-of-time
-  compilation);
+  :func:`update`, :func:`update_with_stats`, :func:`attention`, :func:`fused_attention`,
+  :func:`gather`, :func:`copy_pages`, :func:`check_tensor_parallel`, :func:`abstract_cache`
+  (ahead-of-time compilation);
 * the host tier: :class:`HostCache`, :func:`init_host_cache`, :func:`swap_out`,
   :func:`swap_in`;
 * quantized caches: :func:`calibrate_scales` (scales from sample activations),
@@ -37,6 +37,7 @@ if TYPE_CHECKING:  # static typing and IDEs see ordinary imports
     from kvshard import quant as quant
     from kvshard import reference as reference
     from kvshard._attention import attention as attention
+    from kvshard._attention import fused_attention as fused_attention
     from kvshard._config import ConfigError as ConfigError
     from kvshard._config import ModelGeometry as ModelGeometry
     from kvshard._config import read_model_config as read_model_config
@@ -80,6 +81,7 @@ _EXPORTS: dict[str, str | None] = {
     "quant": None,
     "reference": None,
     "attention": "kvshard._attention",
+    "fused_attention": "kvshard._attention",
     "ConfigError": "kvshard._config",
     "KvshardError": "kvshard._errors",
     "ModelGeometry": "kvshard._config",

@@ -39,6 +39,7 @@ SECTIONS: tuple[tuple[str, str, tuple[Entry, ...]], ...] = (
             "kvshard.abstract_cache",
             "kvshard.update",
             "kvshard.attention",
+            "kvshard.fused_attention",
             "kvshard.gather",
             "kvshard.copy_pages",
         ),

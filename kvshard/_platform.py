@@ -35,18 +35,22 @@ def check_pallas_attention(spec: Any) -> None:
         raise NotImplementedError(
             f"backend='pallas' cannot read a kv_layout={spec.kv_layout!r} cache (head_dim "
             f"{spec.head_dim}: K and V of a head share one row): JAX's ragged_paged_attention "
-            "reads K and V on alternate rows only. Use backend='xla' (or 'auto'), or build the "
+            "reads K and V on alternate rows only. Use kvshard's own kernel (BackendOptions("
+            "pallas_kernel='kvshard'), the default), backend='xla' (or 'auto'), or build the "
             "cache with CacheSpec(..., kv_layout='interleaved') (twice the bytes at head_dim 64)"
         )
 
 
-def resolve_attention_backend(cache: Any, backend: str) -> str:
-    """:func:`resolve_backend` for :func:`kvshard.attention`: "auto" picks xla for a packed
-    cache, which JAX's kernel cannot read; "pallas" on one raises
-    (:func:`check_pallas_attention`)."""
-    if backend == "auto" and cache.spec.kv_layout != "interleaved":
+def resolve_attention_backend(cache: Any, backend: str, options: Any = None) -> str:
+    """:func:`resolve_backend` for :func:`kvshard.attention`. kvshard's own kernel (the
+    default, ``options.pallas_kernel="kvshard"``) reads every cache, so "auto" is pallas on
+    TPU for every layout. With JAX's kernel (``pallas_kernel="jax"`` or an
+    ``attention_kernel``) "auto" picks xla for a packed cache, which that kernel cannot read,
+    and "pallas" on one raises (:func:`check_pallas_attention`)."""
+    jax_kernel = options is not None and options.jax_attention_kernel
+    if backend == "auto" and jax_kernel and cache.spec.kv_layout != "interleaved":
         return "xla"
     resolved = resolve_backend(cache, backend)
-    if resolved == "pallas":
+    if resolved == "pallas" and jax_kernel:
         check_pallas_attention(cache.spec)
     return resolved

@@ -39,6 +39,9 @@ from kvshard._attention.params import Statics
 from kvshard._platform import resolve_attention_backend
 
 PAGE, PAGES, WIDTH, DIM = 4, 24, 6, 64
+# The pallas backend with JAX's bundled kernel (the default is kvshard's own, tested in
+# test_kernel_attention.py): interleaved caches only, no sinks, no chunked reads.
+JAX_KERNEL = kvshard.BackendOptions(pallas_kernel="jax")
 TOL = {"float32": 2e-5, "bfloat16": 3e-2, "int8": 2e-5}
 # int8 caches store round(x / scale): the oracle sees the dequantized values.
 INT8_SCALE = 0.05
@@ -457,7 +460,9 @@ def poison_unseen(case: Case, visible: list[set[int]], layer=1) -> None:
 @pytest.mark.xfail(
     strict=True,
     reason="JAX's ref_ragged_paged_attention, like its TPU kernel (next test), zeroes K/V only "
-    "past kv_len: a NaN before a sliding window, inside kv_len, reaches its softmax",
+    "past kv_len: a NaN before a sliding window, inside kv_len, reaches its softmax (kvshard's "
+    "kernel, the pallas default, masks it: test_kernel_attention.py "
+    "test_nan_before_the_window_cannot_reach_the_output)",
 )
 def test_pallas_operands_with_nan_before_the_window_through_reference():
     case = new_case((1, 8), 2, kv_layout="interleaved")
@@ -582,7 +587,7 @@ def test_traced_sinks_match_the_oracle_and_minus_inf_is_no_sink():
     np.testing.assert_array_equal(off.view(np.uint32), none.view(np.uint32))
 
 
-def test_sinks_are_refused_on_pallas_and_checked_before_anything_runs():
+def test_sinks_are_refused_on_jax_kernel_and_checked_before_anything_runs():
     case = new_case((1, 8), 2, kv_layout="interleaved")  # the layout pallas reads
     step = run_step(case, [[(0, 3)]])
     q = queries(case, 8)
@@ -594,7 +599,7 @@ def test_sinks_are_refused_on_pallas_and_checked_before_anything_runs():
             NotImplementedError,
             match=r"backend='pallas'.*ragged_paged_attention has no attention sinks.*'xla'",
         ):
-            attend(np.zeros(8, np.float32), backend="pallas")
+            attend(np.zeros(8, np.float32), backend="pallas", options=JAX_KERNEL)
         with pytest.raises(ValueError, match=r"sinks must have shape .*\[8\], got \[16\]"):
             attend(np.zeros(16, np.float32))
         with pytest.raises(ValueError, match=r"sinks must have shape"):
@@ -628,14 +633,16 @@ def test_small_head_dims_match_the_oracle_in_both_layouts(head_dim, kv_layout):
     np.testing.assert_allclose(np.asarray(got, np.float64), oracle(case, q, **kw), atol=2e-5)
 
 
-def test_pallas_refuses_a_packed_cache_naming_the_fallback_and_auto_picks_xla():
+def test_jax_kernel_refuses_a_packed_cache_naming_the_fallback_and_auto_picks_xla():
     case = new_case((1, 8), 2)
     assert case.cache.spec.kv_layout == "packed"  # the default at head_dim 64
     step = run_step(case, [[(0, 3)]])
     q = queries(case, 8)
     message = r"backend='pallas' cannot read a kv_layout='packed' cache.*kv_layout='interleaved'"
     with compile_log() as log, pytest.raises(NotImplementedError, match=message):
-        kvshard.attention(case.cache, 0, q, step, sm_scale=0.1, backend="pallas")
+        kvshard.attention(
+            case.cache, 0, q, step, sm_scale=0.1, backend="pallas", options=JAX_KERNEL
+        )
     assert log.count("_read") == 0, log.messages
     fields = [jnp.asarray(getattr(step, f)) for f in ("page_indices", "kv_lens", "cu_q_lens")]
     with pytest.raises(NotImplementedError, match=message):  # the kernel's operands too
@@ -648,7 +655,8 @@ def test_pallas_refuses_a_packed_cache_naming_the_fallback_and_auto_picks_xla():
             statics=Statics(case.cache.spec, 0.1, None, None),
         )
 
-    # "auto" on a TPU mesh: pallas for an interleaved cache, xla for a packed one.
+    # "auto" on a TPU mesh: kvshard's kernel reads both layouts; with JAX's kernel pallas for
+    # an interleaved cache, xla for a packed one.
     class Tpu:
         platform = "tpu"
 
@@ -657,10 +665,12 @@ def test_pallas_refuses_a_packed_cache_naming_the_fallback_and_auto_picks_xla():
 
     packed = case.cache.spec
     interleaved = dataclasses.replace(packed, kv_layout="interleaved")
-    assert resolve_attention_backend(on_tpu(packed), "auto") == "xla"
+    assert resolve_attention_backend(on_tpu(packed), "auto") == "pallas"
     assert resolve_attention_backend(on_tpu(interleaved), "auto") == "pallas"
+    assert resolve_attention_backend(on_tpu(packed), "auto", JAX_KERNEL) == "xla"
+    assert resolve_attention_backend(on_tpu(interleaved), "auto", JAX_KERNEL) == "pallas"
     with pytest.raises(NotImplementedError, match=message):
-        resolve_attention_backend(on_tpu(packed), "pallas")
+        resolve_attention_backend(on_tpu(packed), "pallas", JAX_KERNEL)
 
 
 def test_packed_xla_attention_exports_for_tpu():
@@ -776,7 +786,8 @@ def test_build_step_layout_and_errors():
 # --------------------------------------------------------------------------------------------
 
 
-def test_sharded_step_exports_for_tpu_without_copying_the_cache(monkeypatch):
+@pytest.mark.parametrize("kernel", ["jax", "kvshard"])
+def test_sharded_step_exports_for_tpu_without_copying_the_cache(monkeypatch, kernel):
     # JAX's kernel asks Mosaic for the TPU generation while lowering (lax.sign's rule), which
     # reads the default device's kind: on this CPU host, say it is a v6e (private JAX API,
     # test only; on a TPU host the real generation is used).
@@ -809,7 +820,15 @@ def test_sharded_step_exports_for_tpu_without_copying_the_cache(monkeypatch):
                 backend="pallas",
                 options=kvshard.BackendOptions(interpret=False),
             )
-            out = kvshard.attention(cache, i, q, step, sm_scale=0.1, backend="pallas")
+            out = kvshard.attention(
+                cache,
+                i,
+                q,
+                step,
+                sm_scale=0.1,
+                backend="pallas",
+                options=kvshard.BackendOptions(interpret=False, pallas_kernel=kernel),
+            )
             return cache, out
 
         return jax.lax.scan(layer, cache, jnp.arange(spec.num_layers))
@@ -822,6 +841,7 @@ def test_sharded_step_exports_for_tpu_without_copying_the_cache(monkeypatch):
     )
     text = exported.mlir_module()
     assert "ragged_paged_attention" in text
+    assert ("kvshard_ragged_paged_attention" in text) == (kernel == "kvshard")
     assert text.count("tpu_custom_call") >= 2  # the update kernel and the attention kernel
     # Per device the block is [3, 1024, 2, 128], its page view [192, 16, 2, 128], one layer
     # [1024, 2, 128] (or [1, 1024, 2, 128]). Only bitcast-like ops, the kernels themselves

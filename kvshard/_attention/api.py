@@ -4,12 +4,13 @@
 heads it holds, reading K/V pages of its own block of the stacked cache through the page table,
 and returns its query heads' output: nothing is gathered across devices, nothing is copied out
 of the cache (see docs/attention.md for pictures). Backends: :mod:`kvshard._attention.pallas`
-(JAX's kernel, TPU) and :mod:`kvshard._attention.xla` (jnp, elsewhere).
+(kvshard's kernel, or JAX's; TPU) and :mod:`kvshard._attention.xla` (jnp, elsewhere).
 
 Both follow ``ref_ragged_paged_attention``'s semantics: request ``i``'s queries are its last
 ``q_len`` tokens; token at position ``p`` attends positions ``k <= p`` (and ``k > p - W`` with
 a sliding window ``W``); scores ``sm_scale·q·k``, then ``soft_cap·tanh(s / soft_cap)``;
-optional attention sinks (xla only) add ``exp(sink)`` per query head to the denominator.
+optional attention sinks (not with JAX's kernel) add ``exp(sink)`` per query head to the
+denominator.
 Out-of-contract metadata inside ``jit`` is dropped identically on both backends
 (:func:`kvshard._drop.live_requests`): the first request out of contract and every request
 after it produce zeros, as does every token of a step whose traced ``layer`` is out of range;
@@ -219,14 +220,15 @@ def _check_window(sliding_window: Any) -> int | None:
     return int(sliding_window)
 
 
-def _check_sinks(sinks: Any, num_q_heads: int, backend: str) -> Any:
-    """``sinks`` as float32[Hq] (or None); refused on the pallas backend."""
+def _check_sinks(sinks: Any, num_q_heads: int, backend: str, jax_kernel: bool) -> Any:
+    """``sinks`` as float32[Hq] (or None); refused on the pallas backend with JAX's kernel."""
     if sinks is None:
         return None
-    if backend == "pallas":
+    if backend == "pallas" and jax_kernel:
         raise NotImplementedError(
-            "sinks= is not supported with backend='pallas': JAX's ragged_paged_attention has "
-            "no attention sinks; use backend='xla'"
+            "sinks= is not supported with backend='pallas' and JAX's kernel: JAX's "
+            "ragged_paged_attention has no attention sinks; use kvshard's kernel "
+            "(BackendOptions(pallas_kernel='kvshard'), the default) or backend='xla'"
         )
     host.check_shape("sinks", sinks, (num_q_heads,), "[num_q_heads] (one logit per query head)")
     if not jnp.issubdtype(host.dtype_of(sinks), jnp.floating):
@@ -285,22 +287,24 @@ def attention(
         ``jit`` a layer of another type then reads nothing (``checks=True`` reports it).
       layer_type: the attention type read, as in ``CacheSpec.layer_types``: ``("full",)``,
         ``("sliding", W)`` (the same as ``sliding_window=W``) or ``("chunked", C)`` (Llama 4's
-        chunked local attention: a query at p attends positions ``C·(p // C)`` .. p; xla
-        backend only). None: the layer's own type (full without ``layer_types``). The same
+        chunked local attention: a query at p attends positions ``C·(p // C)`` .. p; not with
+        JAX's pallas kernel). None: the layer's own type (full without ``layer_types``). The same
         rules as ``sliding_window``.
       soft_cap: logit soft cap, a finite float > 0, or None.
       sinks: attention sinks (gpt-oss), float[Hq]: a logit per query head added to that head's
         softmax denominator, ``out = Σ_j e^(s_j - m) v_j / (e^(sink - m) + Σ_j e^(s_j - m))``;
         -inf is no sink. Traced or not (not a static argument), computed in float32, sharded
         ``P(head_axis)`` like q's heads (with a page axis every pool uses the same sinks).
-        None: no sinks. xla backend only: the pallas backend refuses it.
-      backend: "pallas" (JAX's ragged paged attention kernel; TPU only; an "interleaved"
-        cache only), "xla" (jnp, either ``kv_layout``), or "auto": pallas when the mesh is
-        made of TPUs and the cache is interleaved, xla otherwise (a "packed" cache, the
-        default for head_dim <= 64: JAX's kernel cannot read it).
+        None: no sinks. Refused by JAX's pallas kernel (``pallas_kernel="jax"``).
+      backend: "pallas" (kvshard's ragged paged attention kernel,
+        :mod:`kvshard.kernels.attention`: either ``kv_layout``, every layer type, sinks;
+        Mosaic on TPU, Pallas interpret mode elsewhere; or JAX's kernel with
+        ``BackendOptions(pallas_kernel="jax")``: TPU only, interleaved caches only), "xla"
+        (jnp, either ``kv_layout``), or "auto": pallas when the mesh is made of TPUs (with
+        JAX's kernel: only for an interleaved cache), xla otherwise.
       options: :class:`~kvshard.BackendOptions` (xla reads ``keys_per_step`` and
-        ``queries_per_block``; pallas ``kv_pages_per_block``, ``queries_per_block``,
-        ``attention_kernel``).
+        ``queries_per_block``; pallas ``interpret``, ``kv_pages_per_block``,
+        ``queries_per_block``, ``pallas_kernel``, ``attention_kernel``).
       checks: with traced metadata or layer, report what the drop rule drops (a layer out of
         range, ``num_seqs`` out of range, the first request out of contract) as an error
         raised by a host callback, as :func:`kvshard.update` does. No effect when concrete.
@@ -314,9 +318,9 @@ def attention(
     Raises:
       TypeError: wrong cache or step type, q or sinks not floating, step fields not integer
         (int32 when traced), layer not an integer scalar, sm_scale or soft_cap not a float.
-      NotImplementedError: sinks or a chunked read on the pallas backend (JAX's kernel has
-        neither); the pallas backend on a ``kv_layout="packed"`` cache (JAX's kernel reads
-        interleaved rows only).
+      NotImplementedError: with JAX's pallas kernel (``pallas_kernel="jax"`` or an
+        ``attention_kernel``): sinks or a chunked read (JAX's kernel has neither), or a
+        ``kv_layout="packed"`` cache (it reads interleaved rows only).
       ValueError: wrong shapes (q's tokens other than the step's), a step built for another
         geometry, head counts that do not divide, a donated cache, concrete layer or metadata
         out of range (a request's queries past T, kv_len beyond its page-table row or below
@@ -360,13 +364,13 @@ def attention(
         return out
     cache = check_cache(cache)
     host.check_backend(backend)
-    resolved = resolve_attention_backend(cache, backend)
     options = host.check_options(options)
+    resolved = resolve_attention_backend(cache, backend, options)
     scale = _finite_positive("sm_scale", sm_scale, optional=False)
     cap = _finite_positive("soft_cap", soft_cap, optional=True)
     window = _check_window(sliding_window)
     layer_index = host.check_layer(cache.spec.num_layers, layer)
-    read = read_type(cache.spec, layer_index, window, layer_type, resolved)
+    read = read_type(cache.spec, layer_index, window, layer_type, resolved, options)
     statics = Statics(
         cache.spec,
         scale,  # type: ignore[arg-type]
@@ -385,7 +389,7 @@ def attention(
         check_query_heads(np.shape(q)[-2], spec.num_kv_heads, cache.tp)
     except ValueError as err:
         raise ValueError(f"q has {np.shape(q)[-2]} query heads: {err}") from None
-    sinks = _check_sinks(sinks, np.shape(q)[-2], resolved)
+    sinks = _check_sinks(sinks, np.shape(q)[-2], resolved, options.jax_attention_kernel)
     num_tokens = np.shape(q)[-3]
     check_step(step, spec, num_tokens=num_tokens, token_arg="q", lead=lead)
     assert step is not None

@@ -29,7 +29,7 @@ __all__ = ["eager_attention_key", "known_call", "layer_statics"]
 def layer_statics(spec, layer, window, layer_type, backend, scale, cap, options):
     """(read type, Statics) of a concrete layer: what the eager fast path re-derives per layer
     (the full path's own steps; raises as they do, storing nothing)."""
-    read = read_type(spec, layer, window, layer_type, backend)
+    read = read_type(spec, layer, window, layer_type, backend, options)
     return read, Statics(spec, scale, read.sliding_window, cap, options, read.chunk_size)
 
 

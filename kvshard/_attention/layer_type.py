@@ -72,7 +72,12 @@ def _claimed(sliding_window: int | None, layer_type: Any) -> LayerType | None:
 
 
 def read_type(
-    spec: CacheSpec, layer: Any, sliding_window: int | None, layer_type: Any, backend: str
+    spec: CacheSpec,
+    layer: Any,
+    sliding_window: int | None,
+    layer_type: Any,
+    backend: str,
+    options: Any = None,
 ) -> ReadType:
     """The attention type of ``attention(cache, layer, ...)`` (see the module docstring).
 
@@ -80,7 +85,8 @@ def read_type(
       ValueError: a stated type that is not the concrete layer's own, a traced layer over
         layers of several types with no type stated, a stated type no layer has, or a bad
         ``layer_type``.
-      NotImplementedError: a chunked read on the pallas backend.
+      NotImplementedError: a chunked read on the pallas backend with JAX's kernel
+        (``options.jax_attention_kernel``).
     """
     claimed = _claimed(sliding_window, layer_type)
     types = spec.layer_types
@@ -114,10 +120,12 @@ def read_type(
             "pass a Python int layer, or lax.scan one group's layers and say their type with "
             "layer_type=('sliding', W) / ('chunked', C) / ('full',) (or sliding_window=W)"
         )
-    if chosen[0] == "chunked" and backend == "pallas":
+    jax_kernel = options is not None and options.jax_attention_kernel
+    if chosen[0] == "chunked" and backend == "pallas" and jax_kernel:
         raise NotImplementedError(
             f"chunked local attention (layer type {chosen!r}) is not supported with "
-            "backend='pallas': JAX's ragged_paged_attention has no chunk mask; use "
+            "backend='pallas' and JAX's kernel: JAX's ragged_paged_attention has no chunk "
+            "mask; use kvshard's kernel (BackendOptions(pallas_kernel='kvshard')) or "
             "backend='xla'"
         )
     size = layer_size(chosen)

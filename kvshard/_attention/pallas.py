@@ -1,7 +1,17 @@
-"""The pallas attention backend: JAX's ``ragged_paged_attention`` on the device's own block.
+"""The pallas attention backend: a Pallas TPU kernel on the device's own block, in place.
 
-Its ``kv_pages`` operand is ``[total_pages, page_size, C, D]`` with K at even and V at odd
-combined heads: exactly one device's stacked block ``[L, num_pages·page_size, C, D_pad]``
+Two kernels (``BackendOptions.pallas_kernel``):
+
+* "kvshard" (the default): kvshard's own kernel,
+  :func:`kvshard.kernels.attention.ragged_paged_attention`, handed the device's whole stacked
+  block and the layer (it offsets the page table itself); every layout and layer type,
+  sinks; runs in Pallas TPU interpret mode off TPU (``BackendOptions.interpret``).
+  :func:`local_kvshard` below.
+* "jax": JAX's bundled ``ragged_paged_attention`` (or a kernel of its contract,
+  ``BackendOptions.attention_kernel``), described next.
+
+JAX's kernel's ``kv_pages`` operand is ``[total_pages, page_size, C, D]`` with K at even and V
+at odd combined heads: exactly one device's stacked block ``[L, num_pages·page_size, C, D_pad]``
 reshaped (a free bitcast) to ``[L·num_pages, page_size, C, D_pad]``. Page ``p`` of layer ``l``
 is page ``l·num_pages + p`` of that view, so the page table is offset by ``layer·num_pages``
 and no layer is ever sliced out. JAX's kernel zeroes K and V of every slot at or past a
@@ -26,10 +36,13 @@ from kvshard._drop import live_query_bounds, requests_on_block
 from kvshard._platform import check_pallas_attention
 from kvshard._storage import from_bits
 from kvshard._types import BackendOptions
+from kvshard.kernels import attention as kernel
+from kvshard.kernels.budgets import default_attention_blocks
 
 __all__ = [
     "CROSS_LOWERING_KV_PAGES_PER_BLOCK",
     "CROSS_LOWERING_QUERIES_PER_BLOCK",
+    "local_kvshard",
     "local_pallas",
     "pallas_operands",
     "pallas_output",
@@ -85,8 +98,64 @@ def pallas_output(out: jax.Array, tok_ok: jax.Array, head_dim: int, dtype: Any) 
     return jnp.where(tok_ok[:, None, None], out[..., :head_dim], 0).astype(dtype)
 
 
-def local_pallas(kv, layer, q, page_indices, kv_lens, cu_q_lens, num_seqs, *, statics: Statics):
-    """One device: the kernel on the [L·num_pages, P, C, D_pad] view."""
+def local_kvshard(
+    kv, layer, q, page_indices, kv_lens, cu_q_lens, num_seqs, sinks=None, *, statics: Statics
+):
+    """One device: kvshard's kernel on the stacked block [L, slots, C, D_pad] (either layout),
+    q [T, Hq_local, D], sinks float32[Hq_local] or None -> [T, Hq_local, D]."""
+    spec, options = statics.spec, statics.options
+    # A CPU cache storing bf16/fp8 bits (interpret mode, tests) is read as values; on TPU the
+    # storage is the logical dtype and this is the block itself (kvshard._storage).
+    kv = from_bits(kv, spec.np_dtype)
+    blocks = None
+    if options.queries_per_block is not None or options.kv_pages_per_block is not None:
+        default = default_attention_blocks(
+            page_size=spec.page_size,
+            combined_heads=kv.shape[2],
+            padded_head_dim=kv.shape[3],
+            dtype=kv.dtype,
+            q_heads=q.shape[1],
+            head_dim=q.shape[2],
+            pages_per_seq=page_indices.shape[1],
+            num_tokens=q.shape[0],
+            q_dtype=q.dtype,
+        )
+        blocks = kernel.BlockSizes(
+            queries_per_block=options.queries_per_block or default.queries_per_block,
+            kv_pages_per_block=options.kv_pages_per_block or default.kv_pages_per_block,
+        )
+    return kernel.ragged_paged_attention(
+        q,
+        kv,
+        layer,
+        kv_lens,
+        page_indices,
+        cu_q_lens,
+        num_seqs,
+        kv_layout="packed" if spec.packed else "interleaved",
+        page_size=spec.page_size,
+        sm_scale=statics.sm_scale,
+        sliding_window=statics.sliding_window,
+        chunk_size=statics.chunk_size,
+        soft_cap=statics.soft_cap,
+        sinks=sinks,
+        k_scale=spec_scale(spec, "k"),
+        v_scale=spec_scale(spec, "v"),
+        block_sizes=blocks,
+        interpret=options.interpret,
+    )
+
+
+def local_pallas(
+    kv, layer, q, page_indices, kv_lens, cu_q_lens, num_seqs, sinks=None, *, statics: Statics
+):
+    """One device: kvshard's kernel (:func:`local_kvshard`), or JAX's on the
+    [L·num_pages, P, C, D_pad] view (``options.pallas_kernel="jax"``, ``attention_kernel``)."""
+    if not statics.options.jax_attention_kernel:
+        return local_kvshard(
+            kv, layer, q, page_indices, kv_lens, cu_q_lens, num_seqs, sinks, statics=statics
+        )
+    assert sinks is None, "sinks are refused for JAX's kernel before tracing"
     operands, kwargs, tok_ok = pallas_operands(
         kv, layer, q, page_indices, kv_lens, cu_q_lens, num_seqs, statics=statics
     )

@@ -18,7 +18,8 @@ class Statics(NamedTuple):
     sliding_window: int | None
     soft_cap: float | None
     options: BackendOptions = BackendOptions()
-    # Chunked local attention (Llama 4): a query at p reads keys C·(p // C) .. p. xla only.
+    # Chunked local attention (Llama 4): a query at p reads keys C·(p // C) .. p (not with
+    # JAX's pallas kernel).
     chunk_size: int | None = None
 
 

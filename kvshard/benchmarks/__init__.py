@@ -18,7 +18,9 @@ installed) to the results folder; every comparison is measured side by side in o
   compiled temporaries;
 - :mod:`~kvshard.benchmarks.tpu_schedule`: the TPU kernel's DMAs and waits on paper;
 - :mod:`~kvshard.benchmarks.update_schedules`: the update kernel's two DMA schedules checked
-  against the oracle and timed (on a chip: ``kvshard bench-schedules``).
+  against the oracle and timed (on a chip: ``kvshard bench-schedules``);
+- :mod:`~kvshard.benchmarks.attention_kernels`: kvshard's Pallas attention kernel vs JAX's,
+  checked against the kernel's reference and timed (JAX's runs on a TPU only).
 
 Every benchmark calls kvshard through its public API, inside the caller's own ``jax.jit`` where
 a serving loop would jit (memory figures: ``jax.jit(...).lower(...).compile()

@@ -6,6 +6,7 @@ Usage::
     kvshard bench --out results/          # full sizes
     kvshard bench --only cache_update memory
     kvshard bench --only attention_decode attention_prefill update_schedules
+    kvshard bench --only attention_kernels  # kvshard's attention kernel vs JAX's (TPU)
     kvshard bench --only swap_bandwidth   # the host tier: swap_out/swap_in vs device_put
     kvshard bench --only tier_trace       # serving trace: recompute vs swap, host prefix hits
 
@@ -130,6 +131,15 @@ def _update_schedules(out: str, quick: bool) -> Any:
     return run(out, **settings(jax.default_backend() == "tpu"))
 
 
+def _attention_kernels(out: str, quick: bool) -> Any:
+    """kvshard's attention kernel vs JAX's: chip sizes on a TPU, interpret mode elsewhere."""
+    import jax
+
+    from kvshard.benchmarks.attention_kernels import run, settings
+
+    return run(out, **settings(jax.default_backend() == "tpu"))
+
+
 def _swap_bandwidth(out: str, quick: bool) -> Any:
     from kvshard.benchmarks.swap_bandwidth import run, settings
 
@@ -161,6 +171,7 @@ BENCHMARKS: dict[str, Callable[[str, bool], Any]] = {
     "attention_prefill": _attention_prefill,
     "tpu_schedule": _tpu_schedule,
     "update_schedules": _update_schedules,
+    "attention_kernels": _attention_kernels,
 }
 
 

@@ -112,3 +112,138 @@ def check_block(block: int, schedule: str, page: int) -> None:
             f"schedule='vmem' needs a VMEM scratch of at least one page ({page} bytes); the "
             f"budget is INFLIGHT_BUDGET_BYTES={INFLIGHT_BUDGET_BYTES}; use schedule='direct'"
         )
+
+
+# --------------------------------------------------------------------------------------------
+# The attention kernel (kvshard.kernels.attention)
+# --------------------------------------------------------------------------------------------
+
+# VMEM (vector memory) per TensorCore, by TPU generation, from JAX's public TPU hardware table
+# (`get_tpu_info_for_chip(chip, 1).vmem_capacity_bytes`, jax/_src/pallas/mosaic/tpu_info.py);
+# tests/test_kernel_attention.py checks these numbers against it.
+VMEM_BYTES_PER_CORE = {
+    "v5e": 128 * 1024 * 1024,
+    "v5p": 64 * 1024 * 1024,
+    "v6e": 128 * 1024 * 1024,
+}
+# Mosaic gives a kernel a scoped part of VMEM unless its compiler params ask for more: 16 MiB
+# by default on v5e/v5p, 32 MiB on v6e (XLA's default `xla_tpu_scoped_vmem_limit_kib`). The
+# attention kernel asks for nothing, so its scratch and temporaries must fit the scoped limit;
+# half of it is left to Mosaic's own spills and double-buffered operands.
+SCOPED_VMEM_BYTES = {
+    "v5e": 16 * 1024 * 1024,
+    "v5p": 16 * 1024 * 1024,
+    "v6e": 32 * 1024 * 1024,
+}
+ATTENTION_VMEM_FRACTION = 0.5
+# Default query tokens per work item, and the keys one K/V block aims for (whole pages).
+ATTENTION_QUERIES_PER_BLOCK = 16
+ATTENTION_KEYS_PER_BLOCK = 256
+_F32_BYTES = 4
+
+
+def attention_vmem_budget_bytes(generation: str | None = None) -> int:
+    """VMEM bytes the attention kernel's scratch and temporaries may take on ``generation``
+    (None: the smallest scoped limit of :data:`SCOPED_VMEM_BYTES`, safe for any chip).
+
+    Raises:
+      ValueError: an unknown generation.
+    """
+    if generation is None:
+        scoped = min(SCOPED_VMEM_BYTES.values())
+    elif generation in SCOPED_VMEM_BYTES:
+        scoped = SCOPED_VMEM_BYTES[generation]
+    else:
+        raise ValueError(f"generation={generation!r} must be one of {sorted(SCOPED_VMEM_BYTES)}")
+    return int(scoped * ATTENTION_VMEM_FRACTION)
+
+
+def _lane_padded(n: int) -> int:
+    return -(-n // 128) * 128
+
+
+def attention_vmem_bytes(
+    queries_per_block: int,
+    kv_pages_per_block: int,
+    *,
+    page_size: int,
+    combined_heads: int,
+    padded_head_dim: int,
+    dtype,
+    q_heads: int,
+    head_dim: int,
+    q_dtype,
+) -> int:
+    """VMEM one attention grid step holds: two K/V page blocks (double buffering), the query
+    and output rows of one item, and the float32 temporaries of one KV head (scores and
+    probabilities [R, KB], K and V [KB, D], the accumulators [R, D] of every head), lanes
+    padded to 128.
+    """
+    import numpy as np
+
+    rows = queries_per_block * q_heads  # score rows over every KV head: QB·G·H
+    keys = kv_pages_per_block * page_size
+    page = page_bytes(page_size, combined_heads, padded_head_dim, dtype)
+    kv_blocks = 2 * kv_pages_per_block * page
+    qo = 2 * rows * _lane_padded(head_dim) * np.dtype(q_dtype).itemsize
+    temps = _F32_BYTES * (
+        2 * rows * _lane_padded(keys)  # scores and probabilities (every head: an upper bound)
+        + 2 * keys * _lane_padded(head_dim)  # K and V of one head in float32
+        + rows * (_lane_padded(head_dim) + 2 * 128)  # acc, max and denominator of every head
+    )
+    return kv_blocks + qo + temps
+
+
+def attention_smem_bytes(
+    max_num_seqs: int, pages_per_seq: int, num_tokens: int, queries_per_block: int
+) -> int:
+    """SMEM of the attention kernel's scalar-prefetch operands: the page table, kv_lens, the
+    query bounds, the work items int32[3, max_num_seqs + ceil(T / QB)], plus the grid bound."""
+    items = max_num_seqs + -(-num_tokens // queries_per_block)
+    words = max_num_seqs * pages_per_seq + max_num_seqs + (max_num_seqs + 1) + 3 * items + 1
+    return words * _INT32_BYTES
+
+
+def default_attention_blocks(
+    *,
+    page_size: int,
+    combined_heads: int,
+    padded_head_dim: int,
+    dtype,
+    q_heads: int,
+    head_dim: int,
+    pages_per_seq: int,
+    num_tokens: int,
+    q_dtype="float32",
+    generation: str | None = None,
+):
+    """The attention kernel's :class:`~kvshard.kernels.attention.BlockSizes`: up to
+    :data:`ATTENTION_QUERIES_PER_BLOCK` tokens (at most the step's) and pages of about
+    :data:`ATTENTION_KEYS_PER_BLOCK` keys (at most a row's), both halved until
+    :func:`attention_vmem_bytes` fits :func:`attention_vmem_budget_bytes`."""
+    from kvshard.kernels.attention import BlockSizes
+
+    qb = max(1, min(ATTENTION_QUERIES_PER_BLOCK, num_tokens))
+    kbp = max(1, min(pages_per_seq, ATTENTION_KEYS_PER_BLOCK // page_size))
+    budget = attention_vmem_budget_bytes(generation)
+
+    def fits(qb: int, kbp: int) -> bool:
+        need = attention_vmem_bytes(
+            qb,
+            kbp,
+            page_size=page_size,
+            combined_heads=combined_heads,
+            padded_head_dim=padded_head_dim,
+            dtype=dtype,
+            q_heads=q_heads,
+            head_dim=head_dim,
+            q_dtype=q_dtype,
+        )
+        return need <= budget
+
+    while not fits(qb, kbp) and (qb > 1 or kbp > 1):
+        if kbp > 1:
+            kbp //= 2
+        else:
+            qb //= 2
+    return BlockSizes(queries_per_block=qb, kv_pages_per_block=kbp)
