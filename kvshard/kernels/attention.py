@@ -92,6 +92,7 @@ from kvshard.kernels.budgets import (
     default_attention_blocks,
     scalar_prefetch_budget_bytes,
 )
+from kvshard.kernels.checks import resolve_interpret
 
 __all__ = [
     "BlockSizes",
@@ -430,18 +431,6 @@ def _ragged_paged_attention(
     return jnp.where(tok_ok[:, None, None], out, 0).astype(q.dtype)
 
 
-def _interpret_params(interpret: Any) -> Any:
-    """``interpret`` as the update kernel maps it: None -> interpret mode unless on TPU,
-    True -> interpret mode, False -> Mosaic (lowering for TPU from any host)."""
-    if interpret is None:
-        return None if jax.default_backend() == "tpu" else pltpu.InterpretParams()
-    if interpret is True:
-        return pltpu.InterpretParams()
-    if interpret is False:
-        return None
-    return interpret
-
-
 def ragged_paged_attention(
     q: jax.Array,
     kv_cache: jax.Array,
@@ -596,5 +585,5 @@ def ragged_paged_attention(
         v_scale=None if v_scale is None else float(v_scale),
         q_scale=None if q_scale is None else float(q_scale),
         block_sizes=block_sizes,
-        interpret=_interpret_params(interpret),
+        interpret=resolve_interpret(interpret),
     )

@@ -11,11 +11,25 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kvshard._jax_compat import interpret_params
 from kvshard._layout import INT32_MAX, INT32_MIN, LANES, SUPPORTED_DTYPES
 from kvshard._memo import ContentMemo, content_key
 
 # Row names of ``slices`` in messages.
 SLICE_FIELDS = ("kv_cache_start", "new_kv_start", "slice_len")
+
+
+def resolve_interpret(interpret):
+    """A kernel's ``interpret`` argument as ``pallas_call`` takes it: None -> Pallas TPU
+    interpret mode unless JAX's default backend is a TPU, True -> interpret mode, False ->
+    Mosaic (also to lower for a TPU from any host), ``InterpretParams`` as given."""
+    if interpret is None:
+        return None if jax.default_backend() == "tpu" else interpret_params()
+    if interpret is True:
+        return interpret_params()
+    if interpret is False:
+        return None
+    return interpret
 
 
 def as_array(name, x):

@@ -68,7 +68,6 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from kvshard._drop import slice_is_writable
-from kvshard._jax_compat import interpret_params
 from kvshard._layout import page_bytes
 from kvshard.kernels.budgets import (
     INFLIGHT_BUDGET_BYTES,
@@ -84,6 +83,7 @@ from kvshard.kernels.budgets import (
 from kvshard.kernels.checks import (
     as_array,
     check_shapes,
+    resolve_interpret,
     to_int32_metadata,
     validate_slices,
 )
@@ -258,11 +258,6 @@ def _kv_cache_update(
     return kv_cache
 
 
-def _default_interpret():
-    """Interpret mode unless JAX's default backend is a TPU."""
-    return None if jax.default_backend() == "tpu" else interpret_params()
-
-
 def kv_cache_update(
     new_kv: jax.Array,
     slices: jax.Array,
@@ -350,12 +345,7 @@ def kv_cache_update(
     page = page_bytes(page_size, combined_heads, head_dim, kv_cache.dtype)
     check_block(num_slices_per_block, schedule, page)
     chunk = max_slices_per_call(num_slices_per_block, scalar_prefetch_budget_bytes())
-    if interpret is None:
-        interpret = _default_interpret()
-    elif interpret is True:
-        interpret = interpret_params()
-    elif interpret is False:
-        interpret = None
+    interpret = resolve_interpret(interpret)
     return _kv_cache_update(
         new_kv,
         jnp.asarray(slices),
