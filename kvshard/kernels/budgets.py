@@ -41,6 +41,19 @@ SCALAR_PREFETCH_SMEM_FRACTION = 0.5
 _INT32_BYTES = 4
 
 
+def _of_generation(table: dict[str, int], generation: str | None) -> int:
+    """``table[generation]``; None takes the smallest entry (safe on any chip).
+
+    Raises:
+      ValueError: an unknown generation, naming the known ones.
+    """
+    if generation is None:
+        return min(table.values())
+    if generation not in table:
+        raise ValueError(f"generation={generation!r} must be one of {sorted(table)}")
+    return table[generation]
+
+
 def scalar_prefetch_budget_bytes(generation: str | None = None) -> int:
     """SMEM bytes one call's scalar-prefetch operands may take on ``generation``.
 
@@ -50,13 +63,7 @@ def scalar_prefetch_budget_bytes(generation: str | None = None) -> int:
     Raises:
       ValueError: an unknown generation.
     """
-    if generation is None:
-        smem = min(SMEM_BYTES_PER_CORE.values())
-    elif generation in SMEM_BYTES_PER_CORE:
-        smem = SMEM_BYTES_PER_CORE[generation]
-    else:
-        raise ValueError(f"generation={generation!r} must be one of {sorted(SMEM_BYTES_PER_CORE)}")
-    return int(smem * SCALAR_PREFETCH_SMEM_FRACTION)
+    return int(_of_generation(SMEM_BYTES_PER_CORE, generation) * SCALAR_PREFETCH_SMEM_FRACTION)
 
 
 def max_slices_per_call(num_slices_per_block: int, budget_bytes: int) -> int:
@@ -149,13 +156,7 @@ def attention_vmem_budget_bytes(generation: str | None = None) -> int:
     Raises:
       ValueError: an unknown generation.
     """
-    if generation is None:
-        scoped = min(SCOPED_VMEM_BYTES.values())
-    elif generation in SCOPED_VMEM_BYTES:
-        scoped = SCOPED_VMEM_BYTES[generation]
-    else:
-        raise ValueError(f"generation={generation!r} must be one of {sorted(SCOPED_VMEM_BYTES)}")
-    return int(scoped * ATTENTION_VMEM_FRACTION)
+    return int(_of_generation(SCOPED_VMEM_BYTES, generation) * ATTENTION_VMEM_FRACTION)
 
 
 def _lane_padded(n: int) -> int:
