@@ -10,6 +10,10 @@ Every other module calls these names and never tests JAX's version itself:
   in float32 inside a caller's jit (so a donated bfloat16 cache is copied whole:
   :mod:`kvshard._storage` stores its bits instead). True on JAX 0.10; from 0.11 a natively
   stored bfloat16 cache stays in place (float8 is rewritten on every version; docs/layout.md).
+- :func:`is_deleted`: whether an array was donated or deleted. On JAX 0.11 an array that
+  NumPy has read (``np.asarray`` keeps a view of some of its shards) is donated only partly:
+  the shards without a view are gone, yet ``is_deleted()`` says False; passed again, it fails
+  in the runtime instead of being refused by name.
 - :func:`interpret_params`: Pallas TPU interpret mode's parameters. From 0.12 its race
   detector raises on a race by default (``on_race="raise"``); kvshard's tests read the
   detector's findings instead, so :func:`interpret_params` asks for the 0.11 behaviour
@@ -25,7 +29,7 @@ from typing import Any
 import jax
 from jax.experimental import compute_on as _compute_on_module
 
-__all__ = ["CPU_REWRITES_BFLOAT16", "JAX_VERSION", "interpret_params", "on_host"]
+__all__ = ["CPU_REWRITES_BFLOAT16", "JAX_VERSION", "interpret_params", "is_deleted", "on_host"]
 
 JAX_VERSION: tuple[int, ...] = tuple(int(p) for p in jax.__version__.split(".")[:3] if p.isdigit())
 
@@ -48,6 +52,16 @@ def on_host(f: Callable[..., Any]) -> Callable[..., Any]:
     return _compute_on_transform(
         jax.jit(f), compute_type="device_host", out_memory_spaces=jax.memory.Space.Host
     )
+
+
+_PARTIAL_DONATION = (0, 11) <= JAX_VERSION < (0, 12)
+
+
+def is_deleted(x: jax.Array) -> bool:
+    """Whether the concrete array ``x`` (or any shard of it) was donated or deleted."""
+    if x.is_deleted():
+        return True
+    return _PARTIAL_DONATION and any(s.data.is_deleted() for s in x.addressable_shards)
 
 
 def interpret_params(**kwargs: Any) -> Any:

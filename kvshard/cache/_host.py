@@ -31,7 +31,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from kvshard._jax_compat import on_host
+from kvshard._jax_compat import is_deleted, on_host
 from kvshard._layout import INT32_MAX, CacheSpec, check_tensor_parallel
 from kvshard._sharding import axis_size, check_mesh_axes
 from kvshard._storage import storage_dtype
@@ -94,7 +94,7 @@ def check_host(host: Any, cache: KVCache) -> HostCache:
             f"host must be a HostCache (from init_host_cache), got {type(host).__name__}"
         )
     kv = host.kv
-    if isinstance(kv, jax.Array) and not isinstance(kv, jax.core.Tracer) and kv.is_deleted():
+    if isinstance(kv, jax.Array) and not isinstance(kv, jax.core.Tracer) and is_deleted(kv):
         raise ValueError(
             "host has been donated to an earlier call (its buffer is deleted): pass the host "
             "cache that call returned"
