@@ -463,7 +463,6 @@ def _ragged_paged_attention(
         kv_cache, layer, page_indices, kv_lens, cu_q_lens, num_seqs, num_tokens, page_size
     )
     bounds = live_query_bounds(cu_q_lens, live)
-    raw_layer = layer
     num_items = max_seqs + -(-num_tokens // qb)
     items, total = _work_items(bounds, num_items, qb)
     layer = jnp.clip(layer, 0, num_layers - 1)
@@ -492,19 +491,20 @@ def _ragged_paged_attention(
     ]
     aliases = {}
     if fused:
-        new_rows, slices, num_slices = writes
+        new_rows, slices, num_slices, write_layer = writes
         # THE drop rule of update (kvshard._drop), as the update kernel's wrapper applies it:
         # a dropped slice becomes (0, 0, 0), a zero-length copy.
         valid = writable_slices(
             slices,
             num_slices,
-            raw_layer,
+            write_layer,
             num_layers=num_layers,
             num_tokens=num_tokens,
             num_slots=num_slots,
             page_size=page_size,
         )
-        written = jnp.stack([slices[0] + layer * num_slots, slices[1], slices[2]])
+        write_at = jnp.clip(write_layer, 0, num_layers - 1) * num_slots
+        written = jnp.stack([slices[0] + write_at, slices[1], slices[2]])
         prefetch.append(jnp.where(valid[None], written, 0).astype(jnp.int32))
         # Token t is merged from new_rows iff update writes it to its own position's slot
         # (a dropped slice's tokens are read from the page, which update leaves unchanged).
@@ -672,6 +672,8 @@ def fused_ragged_paged_attention(
     num_seqs: jax.Array,
     slices: jax.Array,
     num_slices: jax.Array,
+    *,
+    write_layer: jax.Array | None = None,
     **kwargs: Any,
 ) -> tuple[jax.Array, jax.Array]:
     """One kernel that writes the step's K/V rows into ``layer`` and attends (issue 29).
@@ -694,6 +696,10 @@ def fused_ragged_paged_attention(
       new_kv: dtype[T, C, D_pad]: the step's rows as the cache stores them
         (:func:`kvshard.cache._codec.encode` then ``combine``), ``kv_cache``'s dtype.
       slices: int32[3, S] ``(kv_cache_start, new_kv_start, slice_len)``; num_slices int32[1].
+      write_layer: int32[] the layer written (None: ``layer``); a layer out of range writes
+        nothing (:func:`kvshard._drop.writable_slices`). kvshard.fused_attention passes the
+        layer update would write, and ``layer`` as attention reads it (-1 when the layer's
+        type is not the one read).
       Others: as :func:`ragged_paged_attention`.
 
     Returns:
@@ -728,7 +734,7 @@ def fused_ragged_paged_attention(
         page_indices,
         cu_q_lens,
         num_seqs,
-        (new_kv, slices, num_slices),
+        (new_kv, slices, num_slices, jnp.asarray(layer if write_layer is None else write_layer)),
         **kwargs,
     )
 
