@@ -148,7 +148,7 @@ def local_kvshard(
         call: Any = kernel.fused_ragged_paged_attention
         tail: tuple[Any, ...] = (slices, num_slices)
         kwargs["write_layer"] = write_layer
-        operands = (q, combine(encode(spec, k, v)), kv)
+        operands: tuple[Any, ...] = (q, combine(encode(spec, k, v)), kv)
     else:
         call, tail, operands = kernel.ragged_paged_attention, (), (q, kv)
     result = call(

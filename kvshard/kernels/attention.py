@@ -157,7 +157,7 @@ def _kernel(
     pages_ref,  # [max_num_seqs · pages_per_seq]: page ids, offset by layer·num_pages
     kv_lens_ref,  # [max_num_seqs]
     bounds_ref,  # [max_num_seqs + 1]: live query bounds
-    *refs,
+    *operand_refs,
     layout: str,
     head_dim: int,
     group: int,
@@ -180,7 +180,7 @@ def _kernel(
     # f32[Hkv, R, 1]), (fused: new_hbm HBM dtype[T, C, D_pad] the step's encoded rows,
     # flags_hbm HBM int32[T, 1] whether token t is written at its own position), out_hbm,
     # (fused: the aliased cache output), scratch.
-    refs = list(refs)
+    refs = list(operand_refs)
     slices_ref = refs.pop(0) if fused else None
     q_hbm, kv_hbm = refs.pop(0), refs.pop(0)
     sinks_ref = refs.pop(0) if has_sinks else None
