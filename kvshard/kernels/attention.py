@@ -182,6 +182,7 @@ def _kernel(
     # (fused: the aliased cache output), scratch.
     refs = list(operand_refs)
     slices_ref = refs.pop(0) if fused else None
+    complete_ref = refs.pop(0) if fused else None  # SMEM int32[max_num_seqs]
     q_hbm, kv_hbm = refs.pop(0), refs.pop(0)
     sinks_ref = refs.pop(0) if has_sinks else None
     new_hbm, flags_hbm = (refs.pop(0), refs.pop(0)) if fused else (None, None)
@@ -223,13 +224,28 @@ def _kernel(
             copies = []
             for j in range(kv_pages_per_block):
                 at = jnp.minimum(first_page + block * kv_pages_per_block + j, last_page)
-                copies.append(
-                    _page_copy(kv_hbm, pages_ref[row_base + at], kv_vmem.at[slot, j], sems.at[slot])
-                )
-                if fused:
+                page = pages_ref[row_base + at]
+                if not fused:
+                    copies.append(_page_copy(kv_hbm, page, kv_vmem.at[slot, j], sems.at[slot]))
+                else:
                     # The step's own tokens on this page come from new_hbm (the rows being
                     # written), never from the page: the page is written after every read.
+                    # When update writes all of the request's tokens, only the page's older
+                    # slots (a prefix: positions before new_lo) are fetched; otherwise (a
+                    # dropped slice) the whole page, the flags choosing per slot.
                     page_lo = at * page_size
+                    old = jnp.where(
+                        complete_ref[seq] != 0,
+                        jnp.clip(new_lo - page_lo, 0, page_size),
+                        page_size,
+                    )
+                    copies.append(
+                        pltpu.make_async_copy(
+                            kv_hbm.at[page, pl.ds(0, old)],
+                            kv_vmem.at[slot, j, pl.ds(0, old)],
+                            sems.at[slot],
+                        )
+                    )
                     a = jnp.maximum(page_lo, new_lo)
                     n = jnp.maximum(jnp.minimum(page_lo + page_size, kv_len) - a, 0)
                     off = jnp.where(n > 0, a - page_lo, 0)
@@ -514,6 +530,9 @@ def _ragged_paged_attention(
         row = jnp.clip(pos // page_size, 0, pages_per_seq - 1)
         own = page_indices[seq, row] * page_size + pos % page_size
         flags = (tok_ok & (pos >= 0) & (landed == own)).astype(jnp.int32)[:, None]
+        # Requests all of whose tokens are written: their new slots need no page fetch.
+        flagged = jnp.zeros(max_seqs, jnp.int32).at[seq].add(flags[:, 0])
+        prefetch.append((flagged == bounds[1:] - bounds[:-1]).astype(jnp.int32))
         operands += [new_rows, flags]
         in_specs += [any_spec, any_spec]
         out_specs = (any_spec, any_spec)
@@ -832,7 +851,7 @@ def _checked_call(
         )
     smem = attention_smem_bytes(max_seqs, pages_per_seq, num_tokens, block_sizes.queries_per_block)
     if fused:
-        smem += 3 * writes[1].shape[1] * 4  # the slices
+        smem += (3 * writes[1].shape[1] + max_seqs) * 4  # the slices, the complete requests
     if smem > scalar_prefetch_budget_bytes():
         raise ValueError(
             f"page_indices [{max_seqs}, {pages_per_seq}] and the work items need {smem} bytes "
