@@ -40,6 +40,17 @@ grid's length is the live item count (a dynamic grid). Per item the kernel
 A block's last, partial, group of pages re-fetches the item's last page instead of leaving
 the row (an index always inside the request's own pages); those duplicate keys are masked.
 
+Fused write + attend
+--------------------
+:func:`fused_ragged_paged_attention` runs the same kernel in its ``fused`` mode: the step's
+encoded rows ``new_kv [T, C, D_pad]`` are an input; beside each page block the kernel DMAs the
+rows of the request's new positions ``[kv_len - q_len, kv_len)`` (and an int32 flag per token:
+update writes it at its own position) into a second VMEM block and selects them per key slot
+instead of the page's; a request all of whose tokens are written fetches only its pages' older
+slots. In the last grid step, after every read, it writes the rows into their pages HBM->HBM,
+one DMA per slice kept by :func:`kvshard._drop.writable_slices`, the block aliased to its
+second output. So it equals the update kernel followed by this kernel, bit for bit.
+
 Masking
 -------
 A key no query of the item may see contributes nothing, whatever its slot holds (NaN, inf,
