@@ -315,9 +315,14 @@ def kernel_operands(kv_layout, dtype=np.float32, seed=0):
 
 
 @pytest.mark.slow
-def test_kernel_equals_the_update_kernel_then_the_attention_kernel_with_no_race():
+@pytest.mark.parametrize("dma_execution_mode", ["eager", "on_wait"])
+def test_kernel_equals_the_update_kernel_then_the_attention_kernel_with_no_race(
+    dma_execution_mode,
+):
     """Interleaved rows here; the packed layout's bit identity with update + attention on
-    pallas is the donation test's (the schedule the race detector checks is the same)."""
+    pallas is the donation test's (the schedule the race detector checks is the same). In
+    "on_wait" mode a DMA moves its bytes only when waited for (the kernel issues no
+    zero-length DMA, which that mode's detector cannot wait on)."""
     kv_layout = "interleaved"
     from jax._src.pallas.mosaic.interpret import interpret_pallas_call as interpreter
 
@@ -332,7 +337,7 @@ def test_kernel_equals_the_update_kernel_then_the_attention_kernel_with_no_race(
     want = kernel.ragged_paged_attention(
         q, written, layer, kv_lens, pages, cu, num_seqs, block_sizes=blocks, interpret=True, **kw
     )
-    params = pltpu.InterpretParams(detect_races=True, dma_execution_mode="eager")
+    params = pltpu.InterpretParams(detect_races=True, dma_execution_mode=dma_execution_mode)
     got, cache = kernel.fused_ragged_paged_attention(
         q, new, kv, layer, kv_lens, pages, cu, num_seqs, slices, num,
         block_sizes=blocks, interpret=params, **kw,

@@ -157,6 +157,21 @@ def _window_start(pos, sliding_window: int | None, chunk_size: int | None):
     return jnp.zeros_like(pos)
 
 
+class _CopyWhen:
+    """A DMA started and waited for only when ``cond`` (a traced bool) holds: the fused mode
+    issues no zero-length descriptor (and interpret mode's race detector, in its "on_wait"
+    mode, cannot wait on a copy that moved nothing)."""
+
+    def __init__(self, copy, cond):
+        self.copy, self.cond = copy, cond
+
+    def start(self):
+        pl.when(self.cond)(self.copy.start)
+
+    def wait(self):
+        pl.when(self.cond)(self.copy.wait)
+
+
 def _page_copy(kv_hbm, page, dst, sem):
     """The DMA of one K/V page (HBM -> a VMEM buffer slot); every page read goes through it."""
     return pltpu.make_async_copy(kv_hbm.at[page], dst, sem)
@@ -251,10 +266,13 @@ def _kernel(
                         page_size,
                     )
                     copies.append(
-                        pltpu.make_async_copy(
-                            kv_hbm.at[page, pl.ds(0, old)],
-                            kv_vmem.at[slot, j, pl.ds(0, old)],
-                            sems.at[slot],
+                        _CopyWhen(
+                            pltpu.make_async_copy(
+                                kv_hbm.at[page, pl.ds(0, old)],
+                                kv_vmem.at[slot, j, pl.ds(0, old)],
+                                sems.at[slot],
+                            ),
+                            old > 0,
                         )
                     )
                     a = jnp.maximum(page_lo, new_lo)
@@ -262,18 +280,13 @@ def _kernel(
                     off = jnp.where(n > 0, a - page_lo, 0)
                     tok = jnp.where(n > 0, q_start + a - new_lo, 0)
                     new_sem = sems.at[_NEW_SEM + slot]
-                    copies.append(
-                        pltpu.make_async_copy(
-                            new_hbm.at[pl.ds(tok, n)], new_vmem.at[slot, j, pl.ds(off, n)], new_sem
-                        )
+                    rows_copy = pltpu.make_async_copy(
+                        new_hbm.at[pl.ds(tok, n)], new_vmem.at[slot, j, pl.ds(off, n)], new_sem
                     )
-                    copies.append(
-                        pltpu.make_async_copy(
-                            flags_hbm.at[pl.ds(tok, n)],
-                            flag_vmem.at[slot, j, pl.ds(off, n)],
-                            new_sem,
-                        )
+                    flags_copy = pltpu.make_async_copy(
+                        flags_hbm.at[pl.ds(tok, n)], flag_vmem.at[slot, j, pl.ds(off, n)], new_sem
                     )
+                    copies += [_CopyWhen(rows_copy, n > 0), _CopyWhen(flags_copy, n > 0)]
             return copies
 
         for copy in page_copies(0, 0):
@@ -406,11 +419,11 @@ def _kernel(
             num_slices = slices_ref.shape[1]
 
             def start(i, c):
-                copy(i).start()
+                _CopyWhen(copy(i), slices_ref[2, i] > 0).start()
                 return c
 
             def wait(i, c):
-                copy(i).wait()
+                _CopyWhen(copy(i), slices_ref[2, i] > 0).wait()
                 return c
 
             jax.lax.fori_loop(0, num_slices, start, 0)
