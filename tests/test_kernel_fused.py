@@ -267,6 +267,18 @@ def test_bad_slices_and_requests_inside_jit_are_dropped_as_update_and_attention_
     assert want_err is not None and err is not None
     assert want_err.splitlines()[0].split("ValueError:")[-1].strip() in err
 
+    def checked_attention(cache, q, k, v, step, layer):
+        return kvshard.attention(
+            cache, layer, q, step, backend="pallas", options=SMALL, checks=True, **kw
+        )
+
+    only_page = dataclasses.replace(step, page_indices=bad_pages)
+    err, _ = run_checked(checked, copy_cache(case.cache), q, k, v, only_page, jnp.int32(1))
+    want_err, _ = run_checked(checked_attention, case.cache, q, k, v, only_page, jnp.int32(1))
+    assert want_err is not None and err is not None
+    assert "attention: request 2 (group 0) is dropped" in want_err
+    assert want_err.splitlines()[0].split("ValueError:")[-1].strip() in err
+
 
 def test_bad_arguments_raise_before_anything_is_donated():
     case, step, k, v, q = small_case()
