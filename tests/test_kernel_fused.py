@@ -458,3 +458,36 @@ def test_layer_groups_write_and_read_the_layers_own_group():
     want_cache = kvshard.update(copy_cache(cache), 1, k[1], v[1], step, backend="xla")
     assert not np.asarray(got).any()
     np.testing.assert_array_equal(np.asarray(got_cache.kv), np.asarray(want_cache.kv))
+
+
+def test_fused_blocks_fit_the_vmem_budget_with_the_new_rows_beside_each_block():
+    """The fused kernel holds a second K/V block (the step's rows) and its flags: its VMEM
+    is larger than the attention kernel's for the same blocks, and the default blocks for
+    it are sized to fit the budget (Llama-3-like and gpt-oss-like shapes)."""
+    from kvshard.kernels import budgets
+
+    for dim, combined, padded, page in ((128, 2, 128, 32), (64, 1, 128, 16)):
+        shape = dict(
+            page_size=page,
+            combined_heads=combined,
+            padded_head_dim=padded,
+            dtype="bfloat16",
+            q_heads=8,
+            head_dim=dim,
+            q_dtype="bfloat16",
+        )
+        blocks = budgets.default_attention_blocks(
+            **shape, pages_per_seq=512, num_tokens=2048, fused=True
+        )
+        need = budgets.attention_vmem_bytes(
+            blocks.queries_per_block, blocks.kv_pages_per_block, **shape, fused=True
+        )
+        plain = budgets.attention_vmem_bytes(
+            blocks.queries_per_block, blocks.kv_pages_per_block, **shape
+        )
+        assert plain < need <= budgets.attention_vmem_budget_bytes()
+        # The extra is the second block (bfloat16 packs two rows per 32-bit sublane word: a
+        # single packed row takes two) and the lane-padded int32 flags of its slots.
+        keys = blocks.kv_pages_per_block * page
+        extra = 2 * keys * max(combined, 2) * padded * 2 + 2 * keys * 128 * 4
+        assert need - plain == extra
