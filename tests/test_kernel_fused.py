@@ -38,6 +38,7 @@ from test_attention import (
 )
 
 import kvshard
+from kvshard import reference
 from kvshard.kernels import attention as kernel
 from kvshard.kernels.update import kv_cache_update
 
@@ -423,7 +424,8 @@ def test_fused_attention_exports_for_tpu_as_one_kernel(monkeypatch):
 def test_layer_groups_write_and_read_the_layers_own_group():
     """gpt-oss-like alternating sliding / full layers (two groups, a page table each), on a
     head axis of 2: the fused kernel writes through the layer's group's slices and reads
-    through its page table, bit for bit update + attention on pallas; a traced layer of
+    through its page table (with attention sinks), bit for bit update + attention on pallas;
+    a traced layer of
     another type than the one read writes (as update does) and reads nothing."""
     from _groups import GPT_OSS, SCALE, SLIDING, History, grouped_spec
 
@@ -434,8 +436,9 @@ def test_layer_groups_write_and_read_the_layers_own_group():
     for layer in range(spec.num_layers):
         cache = kvshard.update(cache, layer, k[layer], v[layer], step, backend="xla")
     step, k, v, q = history.step([1, 2, 6])
-    for layer in (0, 1):  # sliding (group 0), full (group 1)
-        kw = {"sm_scale": SCALE}
+    sinks = jnp.asarray(np.random.default_rng(6).standard_normal(q.shape[2]), jnp.float32)
+    for layer in (0, 1):  # sliding (group 0), full (group 1); gpt-oss's sinks
+        kw = {"sm_scale": SCALE, "sinks": sinks}
         want, want_cache = composed(
             cache, layer, q[layer], k[layer], v[layer], step, "pallas", SMALL, **kw
         )
@@ -445,7 +448,18 @@ def test_layer_groups_write_and_read_the_layers_own_group():
         )  # fmt: skip
         np.testing.assert_array_equal(np.asarray(got_cache.kv), np.asarray(want_cache.kv))
         np.testing.assert_array_equal(bits(got), bits(want))
-        np.testing.assert_allclose(np.asarray(got), history.oracle(layer, q[layer]), atol=2e-5)
+        layer_type = spec.layer_types[layer]
+        oracle = reference.paged_attention(
+            q[layer],
+            history.k[layer],
+            history.v[layer],
+            history.q_lens,
+            sm_scale=SCALE,
+            sliding_window=layer_type[1] if layer_type[0] == "sliding" else None,
+            sinks=np.asarray(sinks, np.float64),
+        )
+        np.testing.assert_allclose(np.asarray(got)[:9], oracle[:9], atol=2e-5)  # 1 + 2 + 6
+        assert not np.asarray(got)[9:].any()  # padding tokens
 
     def fused(cache, layer, q, k, v, step):
         return kvshard.fused_attention(
