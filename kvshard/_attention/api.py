@@ -362,6 +362,43 @@ def attention(
     out = None if eager is None else known_call(_read, eager, cache, layer, q)
     if out is not None:  # this call passed every check but the layer's before
         return out
+    args, kwargs = checked_read_args(
+        cache,
+        layer,
+        q,
+        step,
+        sm_scale=sm_scale,
+        sliding_window=sliding_window,
+        layer_type=layer_type,
+        soft_cap=soft_cap,
+        sinks=sinks,
+        backend=backend,
+        options=options,
+        checks=checks,
+        eager=eager,
+    )
+    return _read(*args, **kwargs)
+
+
+def checked_read_args(
+    cache,
+    layer,
+    q,
+    step,
+    *,
+    sm_scale,
+    sliding_window,
+    layer_type,
+    soft_cap,
+    sinks,
+    backend,
+    options,
+    checks,
+    eager=None,
+):
+    """:func:`attention`'s host checks and placement: ``(args, kwargs)`` of ``_read``
+    (``(cache, layer, q, fields, sinks)``; ``backend``, ``statics``, ``checks``, ``read``).
+    Also used by :func:`kvshard.fused_attention`. Raises what :func:`attention` raises."""
     cache = check_cache(cache)
     host.check_backend(backend)
     options = host.check_options(options)
@@ -409,14 +446,5 @@ def attention(
         static = (window, layer_type, resolved, scale, cap, options)
         stored = placed_metadata(eager[1], fields)
         EAGER_CALLS.put(eager[0], (stored, None if q is eager[2] else q_spec, resolved, static))
-    return _read(
-        cache,
-        layer_index,
-        q,
-        fields,
-        None if sinks is None else placed[-1],
-        backend=resolved,
-        statics=statics,
-        checks=checks,
-        read=read,
-    )
+    args = (cache, layer_index, q, fields, None if sinks is None else placed[-1])
+    return args, {"backend": resolved, "statics": statics, "checks": checks, "read": read}

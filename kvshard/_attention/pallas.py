@@ -34,8 +34,9 @@ from jax.experimental.pallas.ops.tpu.ragged_paged_attention import ragged_paged_
 from kvshard._attention.params import Statics, spec_scale
 from kvshard._drop import live_query_bounds, requests_on_block
 from kvshard._platform import check_pallas_attention
-from kvshard._storage import from_bits
+from kvshard._storage import from_bits, to_bits
 from kvshard._types import BackendOptions
+from kvshard.cache._codec import combine, encode
 from kvshard.kernels import attention as kernel
 from kvshard.kernels.budgets import default_attention_blocks
 
@@ -99,11 +100,27 @@ def pallas_output(out: jax.Array, tok_ok: jax.Array, head_dim: int, dtype: Any) 
 
 
 def local_kvshard(
-    kv, layer, q, page_indices, kv_lens, cu_q_lens, num_seqs, sinks=None, *, statics: Statics
+    kv,
+    layer,
+    q,
+    page_indices,
+    kv_lens,
+    cu_q_lens,
+    num_seqs,
+    sinks=None,
+    *,
+    statics: Statics,
+    writes=None,
 ):
     """One device: kvshard's kernel on the stacked block [L, slots, C, D_pad] (either layout),
-    q [T, Hq_local, D], sinks float32[Hq_local] or None -> [T, Hq_local, D]."""
+    q [T, Hq_local, D], sinks float32[Hq_local] or None -> [T, Hq_local, D].
+
+    ``writes`` (fused_attention): (k, v [T, h, D] this device's heads, real values, slices
+    int32[3, S], num_slices int32[1], write_layer): the fused kernel writes them as
+    :func:`kvshard.update` does (:func:`kvshard.cache._codec.encode`, the same rows) and
+    attends; returns (out, kv) then, kv in the block's storage dtype."""
     spec, options = statics.spec, statics.options
+    stored = kv.dtype
     # A CPU cache storing bf16/fp8 bits (interpret mode, tests) is read as values; on TPU the
     # storage is the logical dtype and this is the block itself (kvshard._storage).
     kv = from_bits(kv, spec.np_dtype)
@@ -119,19 +136,30 @@ def local_kvshard(
             pages_per_seq=page_indices.shape[1],
             num_tokens=q.shape[0],
             q_dtype=q.dtype,
+            fused=writes is not None,
         )
         blocks = kernel.BlockSizes(
             queries_per_block=options.queries_per_block or default.queries_per_block,
             kv_pages_per_block=options.kv_pages_per_block or default.kv_pages_per_block,
         )
-    return kernel.ragged_paged_attention(
-        q,
-        kv,
+    kwargs: dict[str, Any] = {}
+    if writes is not None:
+        k, v, slices, num_slices, write_layer = writes
+        call: Any = kernel.fused_ragged_paged_attention
+        tail: tuple[Any, ...] = (slices, num_slices)
+        kwargs["write_layer"] = write_layer
+        operands: tuple[Any, ...] = (q, combine(encode(spec, k, v)), kv)
+    else:
+        call, tail, operands = kernel.ragged_paged_attention, (), (q, kv)
+    result = call(
+        *operands,
         layer,
         kv_lens,
         page_indices,
         cu_q_lens,
         num_seqs,
+        *tail,
+        **kwargs,
         kv_layout="packed" if spec.packed else "interleaved",
         page_size=spec.page_size,
         sm_scale=statics.sm_scale,
@@ -144,6 +172,10 @@ def local_kvshard(
         block_sizes=blocks,
         interpret=options.interpret,
     )
+    if writes is None:
+        return result
+    out, kv = result
+    return out, to_bits(kv, stored)
 
 
 def local_pallas(

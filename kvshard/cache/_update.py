@@ -269,6 +269,24 @@ def _update_call(
     if step is None:
         raise TypeError("update needs the step: a StepMetadata, or slices and num_slices")
     options = _legacy_options(options, interpret, schedule)
+    cache, placed, static, kv_spec = checked_write_args(
+        cache, layer, k, v, step, num_slices, backend, options, checks, stats
+    )
+    result = _write(cache, *placed, **static)
+    if eager is not None:  # every check passed: the next equal call is a lookup
+        moved = placed[1] is not k or placed[2] is not v  # a function of the key's shardings
+        stored = placed_metadata(eager[1], placed[3:])
+        known = (stored, kv_spec if moved else None, static)
+        EAGER_CALLS.put(eager[0], known)
+        remember(cache, k, v, step, given_num_slices, statics, known)
+    return result
+
+
+def checked_write_args(cache, layer, k, v, step, num_slices, backend, options, checks, stats):
+    """:func:`update`'s host checks and placement: ``(cache, placed, static, kv_spec)``,
+    ``placed`` = (layer, k, v, slices, num_slices) as ``_write`` takes them, ``static`` its
+    keywords. Also used by :func:`kvshard.fused_attention`. Raises what :func:`update`
+    raises; nothing is donated."""
     cache = check_cache(cache)
     check_backend(backend)
     pooled = cache.page_axis is not None
@@ -309,14 +327,7 @@ def _update_call(
         "checks": checks,
         "stats": stats,
     }
-    result = _write(cache, *placed, **static)
-    if eager is not None:  # every check passed: the next equal call is a lookup
-        moved = placed[1] is not k or placed[2] is not v  # a function of the key's shardings
-        stored = placed_metadata(eager[1], placed[3:])
-        known = (stored, kv_spec if moved else None, static)
-        EAGER_CALLS.put(eager[0], known)
-        remember(cache, k, v, step, given_num_slices, statics, known)
-    return result
+    return cache, placed, static, kv_spec
 
 
 def update(

@@ -40,6 +40,17 @@ grid's length is the live item count (a dynamic grid). Per item the kernel
 A block's last, partial, group of pages re-fetches the item's last page instead of leaving
 the row (an index always inside the request's own pages); those duplicate keys are masked.
 
+Fused write + attend
+--------------------
+:func:`fused_ragged_paged_attention` runs the same kernel in its ``fused`` mode: the step's
+encoded rows ``new_kv [T, C, D_pad]`` are an input; beside each page block the kernel DMAs the
+rows of the request's new positions ``[kv_len - q_len, kv_len)`` (and an int32 flag per token:
+update writes it at its own position) into a second VMEM block and selects them per key slot
+instead of the page's; a request all of whose tokens are written fetches only its pages' older
+slots. In the last grid step, after every read, it writes the rows into their pages HBM->HBM,
+one DMA per slice kept by :func:`kvshard._drop.writable_slices`, the block aliased to its
+second output. So it equals the update kernel followed by this kernel, bit for bit.
+
 Masking
 -------
 A key no query of the item may see contributes nothing, whatever its slot holds (NaN, inf,
@@ -82,7 +93,12 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from kvshard._drop import live_query_bounds, requests_on_block
+from kvshard._drop import (
+    live_query_bounds,
+    requests_on_block,
+    token_slots,
+    writable_slices,
+)
 from kvshard.kernels.attention_checks import dynamic_validate_inputs, static_validate_inputs
 from kvshard.kernels.attention_reference import ref_ragged_paged_attention
 from kvshard.kernels.budgets import (
@@ -97,6 +113,7 @@ from kvshard.kernels.checks import resolve_interpret
 __all__ = [
     "BlockSizes",
     "dynamic_validate_inputs",
+    "fused_ragged_paged_attention",
     "ragged_paged_attention",
     "ref_ragged_paged_attention",
     "static_validate_inputs",
@@ -106,6 +123,8 @@ __all__ = [
 _MASKED = -jnp.inf
 # DMA semaphores: one per K/V buffer slot (double buffering), one for the query/output rows.
 _KV_SEMS, _QO_SEM = 2, 2
+# Fused write + attend: the new-token rows of each buffer slot, and the page writes.
+_NEW_SEM, _WRITE_SEM = 3, 5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,6 +157,21 @@ def _window_start(pos, sliding_window: int | None, chunk_size: int | None):
     return jnp.zeros_like(pos)
 
 
+class _CopyWhen:
+    """A DMA started and waited for only when ``cond`` (a traced bool) holds: the fused mode
+    issues no zero-length descriptor (and interpret mode's race detector, in its "on_wait"
+    mode, cannot wait on a copy that moved nothing)."""
+
+    def __init__(self, copy, cond):
+        self.copy, self.cond = copy, cond
+
+    def start(self):
+        pl.when(self.cond)(self.copy.start)
+
+    def wait(self):
+        pl.when(self.cond)(self.copy.wait)
+
+
 def _page_copy(kv_hbm, page, dst, sem):
     """The DMA of one K/V page (HBM -> a VMEM buffer slot); every page read goes through it."""
     return pltpu.make_async_copy(kv_hbm.at[page], dst, sem)
@@ -149,10 +183,7 @@ def _kernel(
     pages_ref,  # [max_num_seqs · pages_per_seq]: page ids, offset by layer·num_pages
     kv_lens_ref,  # [max_num_seqs]
     bounds_ref,  # [max_num_seqs + 1]: live query bounds
-    # Inputs.
-    q_hbm,  # HBM q.dtype[Hkv, T·G, D]
-    kv_hbm,  # HBM dtype[L·num_pages, P, C, D_pad]: the device's stacked block as pages
-    *rest,
+    *operand_refs,
     layout: str,
     head_dim: int,
     group: int,
@@ -167,12 +198,26 @@ def _kernel(
     v_scale: float | None,
     q_scale: float | None,
     has_sinks: bool,
+    fused: bool = False,
 ):
-    if has_sinks:
-        sinks_ref, out_hbm, q_vmem, o_vmem, kv_vmem, sems = rest  # sinks: VMEM f32[Hkv, R, 1]
-    else:
-        sinks_ref = None
-        out_hbm, q_vmem, o_vmem, kv_vmem, sems = rest
+    # Operands, in order: (fused: slices_ref SMEM int32[3, S], the guarded writes),
+    # q_hbm HBM q.dtype[Hkv, T·G, D], kv_hbm HBM dtype[L·num_pages, P, C, D_pad] (the device's
+    # stacked block as pages; aliased to the second output when fused), (sinks: VMEM
+    # f32[Hkv, R, 1]), (fused: new_hbm HBM dtype[T, C, D_pad] the step's encoded rows,
+    # flags_hbm HBM int32[T, 1] whether token t is written at its own position), out_hbm,
+    # (fused: the aliased cache output), scratch.
+    refs = list(operand_refs)
+    slices_ref = refs.pop(0) if fused else None
+    complete_ref = refs.pop(0) if fused else None  # SMEM int32[max_num_seqs]
+    q_hbm, kv_hbm = refs.pop(0), refs.pop(0)
+    sinks_ref = refs.pop(0) if has_sinks else None
+    new_hbm, flags_hbm = (refs.pop(0), refs.pop(0)) if fused else (None, None)
+    out_hbm = refs.pop(0)
+    if fused:
+        refs.pop(0)  # the cache output: the same buffer as kv_hbm
+    q_vmem, o_vmem, kv_vmem = refs.pop(0), refs.pop(0), refs.pop(0)
+    new_vmem, flag_vmem = (refs.pop(0), refs.pop(0)) if fused else (None, None)
+    (sems,) = refs
     num_kv_heads = q_vmem.shape[0]
     page_size = kv_vmem.shape[2]
     rows = queries_per_block * group  # score rows per KV head
@@ -198,13 +243,50 @@ def _kernel(
         num_blocks = (last_page - first_page + kv_pages_per_block) // kv_pages_per_block
         row_base = seq * pages_per_seq
 
+        kv_len = kv_lens_ref[seq]
+        new_lo = kv_len - q_len  # positions [new_lo, kv_len) are this step's tokens
+
         def page_copies(block, slot):
             copies = []
             for j in range(kv_pages_per_block):
                 at = jnp.minimum(first_page + block * kv_pages_per_block + j, last_page)
-                copies.append(
-                    _page_copy(kv_hbm, pages_ref[row_base + at], kv_vmem.at[slot, j], sems.at[slot])
-                )
+                page = pages_ref[row_base + at]
+                if not fused:
+                    copies.append(_page_copy(kv_hbm, page, kv_vmem.at[slot, j], sems.at[slot]))
+                else:
+                    # The step's own tokens on this page come from new_hbm (the rows being
+                    # written), never from the page: the page is written after every read.
+                    # When update writes all of the request's tokens, only the page's older
+                    # slots (a prefix: positions before new_lo) are fetched; otherwise (a
+                    # dropped slice) the whole page, the flags choosing per slot.
+                    page_lo = at * page_size
+                    old = jnp.where(
+                        complete_ref[seq] != 0,
+                        jnp.clip(new_lo - page_lo, 0, page_size),
+                        page_size,
+                    )
+                    copies.append(
+                        _CopyWhen(
+                            pltpu.make_async_copy(
+                                kv_hbm.at[page, pl.ds(0, old)],
+                                kv_vmem.at[slot, j, pl.ds(0, old)],
+                                sems.at[slot],
+                            ),
+                            old > 0,
+                        )
+                    )
+                    a = jnp.maximum(page_lo, new_lo)
+                    n = jnp.maximum(jnp.minimum(page_lo + page_size, kv_len) - a, 0)
+                    off = jnp.where(n > 0, a - page_lo, 0)
+                    tok = jnp.where(n > 0, q_start + a - new_lo, 0)
+                    new_sem = sems.at[_NEW_SEM + slot]
+                    rows_copy = pltpu.make_async_copy(
+                        new_hbm.at[pl.ds(tok, n)], new_vmem.at[slot, j, pl.ds(off, n)], new_sem
+                    )
+                    flags_copy = pltpu.make_async_copy(
+                        flags_hbm.at[pl.ds(tok, n)], flag_vmem.at[slot, j, pl.ds(off, n)], new_sem
+                    )
+                    copies += [_CopyWhen(rows_copy, n > 0), _CopyWhen(flags_copy, n > 0)]
             return copies
 
         for copy in page_copies(0, 0):
@@ -240,6 +322,16 @@ def _kernel(
             # built as a column so no row vector is transposed.
             k_col = first_key + jax.lax.broadcasted_iota(jnp.int32, (keys, 1), 0)
             key_seen = (k_col >= first_lo) & (k_col <= last_pos)  # [KB, 1]
+            if fused:
+                # [KBP, P, 1]: slots holding this step's tokens that the update writes there
+                # (a dropped slice's tokens keep the page's old value, as update leaves it).
+                pos3 = (
+                    first_key
+                    + jax.lax.broadcasted_iota(jnp.int32, (kv_pages_per_block, page_size, 1), 0)
+                    * page_size
+                    + jax.lax.broadcasted_iota(jnp.int32, (kv_pages_per_block, page_size, 1), 1)
+                )
+                is_new3 = (pos3 >= new_lo) & (pos3 < kv_len) & (flag_vmem[slot] != 0)
             out = []
             for h, (m, denom, acc) in enumerate(carry):
                 if layout == "packed":
@@ -248,6 +340,15 @@ def _kernel(
                 else:
                     k = kv_vmem[slot, :, :, 2 * h, pl.ds(0, head_dim)]
                     v = kv_vmem[slot, :, :, 2 * h + 1, pl.ds(0, head_dim)]
+                if fused:  # this step's keys from the new rows (written, not yet in HBM)
+                    if layout == "packed":
+                        k_new = new_vmem[slot, :, :, h, pl.ds(0, head_dim)]
+                        v_new = new_vmem[slot, :, :, h, pl.ds(head_dim, head_dim)]
+                    else:
+                        k_new = new_vmem[slot, :, :, 2 * h, pl.ds(0, head_dim)]
+                        v_new = new_vmem[slot, :, :, 2 * h + 1, pl.ds(0, head_dim)]
+                    k = jnp.where(is_new3, k_new, k)
+                    v = jnp.where(is_new3, v_new, v)
                 k = k.reshape(keys, head_dim).astype(jnp.float32)  # a value, not a ref
                 v = v.reshape(keys, head_dim).astype(jnp.float32)
                 if k_scale is not None:
@@ -300,6 +401,34 @@ def _kernel(
         out_copy.start()
         out_copy.wait()
 
+    if fused:
+
+        @pl.when(item == pl.num_programs(0) - 1)
+        def _write_pages():
+            # After every read of the kernel (each item waits for its own page DMAs): the
+            # step's rows go to their pages HBM->HBM, one DMA per slice (update's "direct"
+            # schedule); dropped slices were zeroed to length 0 by the wrapper's guard.
+            def copy(i):
+                dst, src, length = slices_ref[0, i], slices_ref[1, i], slices_ref[2, i]
+                return pltpu.make_async_copy(
+                    new_hbm.at[pl.ds(src, length)],
+                    kv_hbm.at[dst // page_size, pl.ds(dst % page_size, length)],
+                    sems.at[_WRITE_SEM],
+                )
+
+            num_slices = slices_ref.shape[1]
+
+            def start(i, c):
+                _CopyWhen(copy(i), slices_ref[2, i] > 0).start()
+                return c
+
+            def wait(i, c):
+                _CopyWhen(copy(i), slices_ref[2, i] > 0).wait()
+                return c
+
+            jax.lax.fori_loop(0, num_slices, start, 0)
+            jax.lax.fori_loop(0, num_slices, wait, 0)
+
 
 def _work_items(bounds, num_items: int, queries_per_block: int):
     """int32[3, num_items] (request, first token, tokens) of every query block of the live
@@ -343,6 +472,7 @@ def _ragged_paged_attention(
     cu_q_lens,
     num_seqs,
     sinks,
+    writes=None,
     *,
     kv_layout,
     page_size,
@@ -356,6 +486,10 @@ def _ragged_paged_attention(
     block_sizes,
     interpret,
 ):
+    """The kernel's call; ``writes`` (fused): (new_rows [T, C, D_pad] in the cache dtype,
+    slices int32[3, S], num_slices int32[1]) written into ``layer`` as :func:`kvshard.update`
+    writes them; then returns (out, kv_cache)."""
+    fused = writes is not None
     num_layers, num_slots, combined, padded = kv_cache.shape
     num_tokens, q_heads, head_dim = q.shape
     num_pages = num_slots // page_size
@@ -365,7 +499,7 @@ def _ragged_paged_attention(
     qb, kbp = block_sizes.queries_per_block, block_sizes.kv_pages_per_block
     # THE drop rule (both backends): the first request out of contract and all after it,
     # and every request of a layer out of range, read nothing and give zeros.
-    live, _, tok_ok = requests_on_block(
+    live, seq, tok_ok = requests_on_block(
         kv_cache, layer, page_indices, kv_lens, cu_q_lens, num_seqs, num_tokens, page_size
     )
     bounds = live_query_bounds(cu_q_lens, live)
@@ -380,12 +514,59 @@ def _ragged_paged_attention(
     q_rows = q.reshape(num_tokens, kv_heads, group, head_dim).transpose(1, 0, 2, 3)
     q_rows = q_rows.reshape(kv_heads, num_tokens * group, head_dim)
     rows = qb * group
-    in_specs = [pl.BlockSpec(memory_space=pl.ANY), pl.BlockSpec(memory_space=pl.ANY)]
+    any_spec = pl.BlockSpec(memory_space=pl.ANY)
+    in_specs = [any_spec, any_spec]
     operands = [q_rows, kv_pages]
     if sinks is not None:
         sink_rows = jnp.repeat(sinks.astype(jnp.float32).reshape(kv_heads, 1, group), qb, axis=1)
         operands.append(sink_rows.reshape(kv_heads, rows, 1))
         in_specs.append(pl.BlockSpec((kv_heads, rows, 1), lambda i, *_: (0, 0, 0)))
+    prefetch = [items, pages, kv_lens, bounds]
+    out_specs: Any = any_spec
+    out_shape: Any = jax.ShapeDtypeStruct(q_rows.shape, q.dtype)
+    scratch = [
+        pltpu.VMEM((kv_heads, rows, head_dim), q.dtype),
+        pltpu.VMEM((kv_heads, rows, head_dim), q.dtype),
+        pltpu.VMEM((2, kbp, page_size, combined, padded), kv_pages.dtype),
+    ]
+    aliases = {}
+    if fused:
+        new_rows, slices, num_slices, write_layer = writes
+        # THE drop rule of update (kvshard._drop), as the update kernel's wrapper applies it:
+        # a dropped slice becomes (0, 0, 0), a zero-length copy.
+        valid = writable_slices(
+            slices,
+            num_slices,
+            write_layer,
+            num_layers=num_layers,
+            num_tokens=num_tokens,
+            num_slots=num_slots,
+            page_size=page_size,
+        )
+        write_at = jnp.clip(write_layer, 0, num_layers - 1) * num_slots
+        written = jnp.stack([slices[0] + write_at, slices[1], slices[2]])
+        prefetch.append(jnp.where(valid[None], written, 0).astype(jnp.int32))
+        # Token t is merged from new_rows iff update writes it to its own position's slot
+        # (a dropped slice's tokens are read from the page, which update leaves unchanged).
+        landed = token_slots(slices, valid, num_tokens, num_slots)
+        tok = jnp.arange(num_tokens, dtype=jnp.int32)
+        pos = kv_lens[seq] - (bounds[seq + 1] - bounds[seq]) + tok - bounds[seq]
+        row = jnp.clip(pos // page_size, 0, pages_per_seq - 1)
+        own = page_indices[seq, row] * page_size + pos % page_size
+        flags = (tok_ok & (pos >= 0) & (landed == own)).astype(jnp.int32)[:, None]
+        # Requests all of whose tokens are written: their new slots need no page fetch.
+        flagged = jnp.zeros(max_seqs, jnp.int32).at[seq].add(flags[:, 0])
+        prefetch.append((flagged == bounds[1:] - bounds[:-1]).astype(jnp.int32))
+        operands += [new_rows, flags]
+        in_specs += [any_spec, any_spec]
+        out_specs = (any_spec, any_spec)
+        out_shape = (out_shape, jax.ShapeDtypeStruct(kv_pages.shape, kv_pages.dtype))
+        scratch += [
+            pltpu.VMEM((2, kbp, page_size, combined, padded), kv_pages.dtype),
+            pltpu.VMEM((2, kbp, page_size, 1), jnp.int32),
+        ]
+        aliases = {len(prefetch) + 1: 1}  # kv_pages, after the prefetch operands and q_rows
+    scratch.append(pltpu.SemaphoreType.DMA((_WRITE_SEM + 1 if fused else _KV_SEMS + 1,)))
     kernel = functools.partial(
         _kernel,
         layout=kv_layout,
@@ -402,33 +583,35 @@ def _ragged_paged_attention(
         v_scale=v_scale,
         q_scale=q_scale,
         has_sinks=sinks is not None,
+        fused=fused,
     )
     call = pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=4,
+            num_scalar_prefetch=len(prefetch),
             in_specs=in_specs,
-            out_specs=pl.BlockSpec(memory_space=pl.ANY),
-            # At least one step (a kernel with no grid step is not launched on every path).
+            out_specs=out_specs,
+            # At least one step (a kernel with no grid step is not launched on every path; the
+            # fused kernel's writes run in the last step).
             grid=(jnp.maximum(total[0], 1),),
-            scratch_shapes=[
-                pltpu.VMEM((kv_heads, rows, head_dim), q.dtype),
-                pltpu.VMEM((kv_heads, rows, head_dim), q.dtype),
-                pltpu.VMEM((2, kbp, page_size, combined, padded), kv_pages.dtype),
-                pltpu.SemaphoreType.DMA((_KV_SEMS + 1,)),
-            ],
+            scratch_shapes=scratch,
         ),
-        out_shape=jax.ShapeDtypeStruct(q_rows.shape, q.dtype),
+        out_shape=out_shape,
+        input_output_aliases=aliases,
         # Items write disjoint output rows but share scratch and semaphores: in order.
         compiler_params=pltpu.CompilerParams(dimension_semantics=("arbitrary",)),
         interpret=interpret,
-        name="kvshard_ragged_paged_attention",
+        name="kvshard_fused_paged_attention" if fused else "kvshard_ragged_paged_attention",
     )
-    out = call(items, pages, kv_lens, bounds, *operands)
+    out = call(*prefetch, *operands)
+    if fused:
+        out, kv_pages = out
+        kv_cache = kv_pages.reshape(kv_cache.shape)
     out = out.reshape(kv_heads, num_tokens, group, head_dim).transpose(1, 0, 2, 3)
     out = out.reshape(num_tokens, q_heads, head_dim)
     # Tokens of no live request (padding, dropped requests) were never written.
-    return jnp.where(tok_ok[:, None, None], out, 0).astype(q.dtype)
+    out = jnp.where(tok_ok[:, None, None], out, 0).astype(q.dtype)
+    return (out, kv_cache) if fused else out
 
 
 def ragged_paged_attention(
@@ -496,6 +679,133 @@ def ragged_paged_attention(
         :func:`dynamic_validate_inputs`; a block over the VMEM budget or operands over the
         SMEM budget (ValueError naming both numbers).
     """
+    return _checked_call(
+        q,
+        kv_cache,
+        layer,
+        kv_lens,
+        page_indices,
+        cu_q_lens,
+        num_seqs,
+        None,
+        kv_layout=kv_layout,
+        page_size=page_size,
+        sm_scale=sm_scale,
+        sliding_window=sliding_window,
+        chunk_size=chunk_size,
+        soft_cap=soft_cap,
+        sinks=sinks,
+        k_scale=k_scale,
+        v_scale=v_scale,
+        q_scale=q_scale,
+        block_sizes=block_sizes,
+        interpret=interpret,
+        validate=validate,
+    )
+
+
+def fused_ragged_paged_attention(
+    q: jax.Array,
+    new_kv: jax.Array,
+    kv_cache: jax.Array,
+    layer: jax.Array,
+    kv_lens: jax.Array,
+    page_indices: jax.Array,
+    cu_q_lens: jax.Array,
+    num_seqs: jax.Array,
+    slices: jax.Array,
+    num_slices: jax.Array,
+    *,
+    write_layer: jax.Array | None = None,
+    **kwargs: Any,
+) -> tuple[jax.Array, jax.Array]:
+    """One kernel that writes the step's K/V rows into ``layer`` and attends (issue 29).
+
+    Equal to :func:`kvshard.kernels.update.kv_cache_update` of ``new_kv`` (``slices``'
+    ``kv_cache_start`` is a slot of ``layer``, ``[0, num_pages·page_size)``) followed by
+    :func:`ragged_paged_attention`: the returned cache bit for bit, the output exactly. The
+    step's own keys are read from ``new_kv`` (DMA'd into VMEM beside each page block and
+    selected per slot), never fetched back from the pages; every page is written HBM->HBM,
+    one DMA per slice, in the last grid step, after every read of the kernel (no race). The
+    cache is aliased to the second output: call it inside a ``jit`` that donates it.
+
+    The merge assumes the step's metadata agree (as :func:`kvshard.build_step` builds them):
+    a slice writes token ``t`` only at the slot of ``t``'s own position in its request, and no
+    slot read as an older key is written this step. A slice the drop rule drops
+    (:func:`kvshard._drop.writable_slices`) is written nowhere and its tokens are read from
+    the pages, as update + attention read them.
+
+    Args:
+      new_kv: dtype[T, C, D_pad]: the step's rows as the cache stores them
+        (:func:`kvshard.cache._codec.encode` then ``combine``), ``kv_cache``'s dtype.
+      slices: int32[3, S] ``(kv_cache_start, new_kv_start, slice_len)``; num_slices int32[1].
+      write_layer: int32[] the layer written (None: ``layer``); a layer out of range writes
+        nothing (:func:`kvshard._drop.writable_slices`). kvshard.fused_attention passes the
+        layer update would write, and ``layer`` as attention reads it (-1 when the layer's
+        type is not the one read).
+      Others: as :func:`ragged_paged_attention`.
+
+    Returns:
+      (out, kv_cache): the attention output and the updated block.
+
+    Raises:
+      ValueError: new_kv's shape or dtype other than [T, C, D_pad] of the cache's dtype,
+        slices not [3, S] or num_slices not [1]; and all :func:`ragged_paged_attention`
+        raises.
+    """
+    new_kv, slices, num_slices = (jnp.asarray(x) for x in (new_kv, slices, num_slices))
+    q_arr, kv_arr = jnp.asarray(q), jnp.asarray(kv_cache)
+    want = (q_arr.shape[0], *kv_arr.shape[2:])
+    if new_kv.shape != want or new_kv.dtype != kv_arr.dtype:
+        raise ValueError(
+            f"new_kv is {new_kv.dtype}{list(new_kv.shape)}; expected {kv_arr.dtype}{list(want)}"
+            " (the step's T rows as kv_cache stores them)"
+        )
+    if slices.ndim != 2 or slices.shape[0] != 3 or num_slices.shape != (1,):
+        raise ValueError(
+            f"slices {list(slices.shape)} must be [3, S] and num_slices {list(num_slices.shape)}"
+            " must be [1]"
+        )
+    for name, x in (("slices", slices), ("num_slices", num_slices)):
+        if x.dtype != jnp.int32:
+            raise TypeError(f"{name} must be int32, got {x.dtype}")
+    return _checked_call(
+        q,
+        kv_cache,
+        layer,
+        kv_lens,
+        page_indices,
+        cu_q_lens,
+        num_seqs,
+        (new_kv, slices, num_slices, jnp.asarray(layer if write_layer is None else write_layer)),
+        **kwargs,
+    )
+
+
+def _checked_call(
+    q,
+    kv_cache,
+    layer,
+    kv_lens,
+    page_indices,
+    cu_q_lens,
+    num_seqs,
+    writes,
+    *,
+    kv_layout: str,
+    page_size: int,
+    sm_scale: float,
+    sliding_window: int | None = None,
+    chunk_size: int | None = None,
+    soft_cap: float | None = None,
+    sinks: jax.Array | None = None,
+    k_scale: float | None = None,
+    v_scale: float | None = None,
+    q_scale: float | None = None,
+    block_sizes: BlockSizes | None = None,
+    interpret: bool | Any | None = None,
+    validate: bool = False,
+):
     args = [
         jnp.asarray(x) for x in (q, kv_cache, layer, kv_lens, page_indices, cu_q_lens, num_seqs)
     ]
@@ -532,8 +842,10 @@ def ragged_paged_attention(
     num_tokens, q_heads, head_dim = q.shape
     _, _, combined, padded = kv_cache.shape
     max_seqs, pages_per_seq = page_indices.shape
+    fused = writes is not None
     if block_sizes is None:
         block_sizes = default_attention_blocks(
+            fused=fused,
             page_size=page_size,
             combined_heads=combined,
             padded_head_dim=padded,
@@ -554,6 +866,7 @@ def ragged_paged_attention(
         q_heads=q_heads,
         head_dim=head_dim,
         q_dtype=q.dtype,
+        fused=fused,
     )
     if vmem > attention_vmem_budget_bytes():
         raise ValueError(
@@ -561,6 +874,8 @@ def ragged_paged_attention(
             f"{attention_vmem_budget_bytes()} (kvshard.kernels.budgets)"
         )
     smem = attention_smem_bytes(max_seqs, pages_per_seq, num_tokens, block_sizes.queries_per_block)
+    if fused:
+        smem += (3 * writes[1].shape[1] + max_seqs) * 4  # the slices, the complete requests
     if smem > scalar_prefetch_budget_bytes():
         raise ValueError(
             f"page_indices [{max_seqs}, {pages_per_seq}] and the work items need {smem} bytes "
@@ -575,6 +890,7 @@ def ragged_paged_attention(
         cu_q_lens,
         num_seqs,
         sinks,
+        writes,
         kv_layout=kv_layout,
         page_size=page_size,
         sm_scale=float(sm_scale),

@@ -174,6 +174,7 @@ def attention_vmem_bytes(
     q_heads: int,
     head_dim: int,
     q_dtype,
+    fused: bool = False,
 ) -> int:
     """VMEM one attention grid step holds: two K/V page blocks (double buffering), the query
     and output rows of one item, and the float32 temporaries of one KV head (scores and
@@ -186,6 +187,9 @@ def attention_vmem_bytes(
     keys = kv_pages_per_block * page_size
     page = page_bytes(page_size, combined_heads, padded_head_dim, dtype)
     kv_blocks = 2 * kv_pages_per_block * page
+    if fused:  # the new-token rows beside each block, and their int32 flags (lanes padded)
+        kv_blocks *= 2
+        kv_blocks += 2 * kv_pages_per_block * page_size * 128 * _INT32_BYTES
     qo = 2 * rows * _lane_padded(head_dim) * np.dtype(q_dtype).itemsize
     temps = _F32_BYTES * (
         2 * rows * _lane_padded(keys)  # scores and probabilities (every head: an upper bound)
@@ -217,6 +221,7 @@ def default_attention_blocks(
     num_tokens: int,
     q_dtype="float32",
     generation: str | None = None,
+    fused: bool = False,
 ):
     """The attention kernel's :class:`~kvshard.kernels.attention.BlockSizes`: up to
     :data:`ATTENTION_QUERIES_PER_BLOCK` tokens (at most the step's) and pages of about
@@ -239,6 +244,7 @@ def default_attention_blocks(
             q_heads=q_heads,
             head_dim=head_dim,
             q_dtype=q_dtype,
+            fused=fused,
         )
         return need <= budget
 
