@@ -70,12 +70,12 @@ if TYPE_CHECKING:  # static typing and IDEs see ordinary imports
     from kvshard.metadata import padded_num_slices as padded_num_slices
     from kvshard.metadata import padded_token_count as padded_token_count
     from kvshard.metadata import token_buckets as token_buckets
+    from kvshard.quant import calibrate_scales as calibrate_scales
     from kvshard.scheduler import FinishedRequest as FinishedRequest
     from kvshard.scheduler import GenerationRequest as GenerationRequest
     from kvshard.scheduler import Scheduler as Scheduler
     from kvshard.scheduler import SchedulerConfig as SchedulerConfig
     from kvshard.scheduler import SchedulerOutput as SchedulerOutput
-    from kvshard.quant import calibrate_scales as calibrate_scales
     from kvshard.step import StepGeometry as StepGeometry
     from kvshard.step import StepMetadata as StepMetadata
     from kvshard.step import build_step as build_step

@@ -30,6 +30,9 @@ class SchedulerConfig:
             token budget is computed in chunks over several steps; without it a sequence is
             scheduled only whole, so every request's ``prompt + max_new_tokens - 1`` must fit
             the token budget (checked when it is added).
+        long_prefill_token_threshold: None, or the most tokens one sequence's prefill chunk
+            may take in a step (vLLM's option of that name; needs chunked prefill): a long
+            prompt then leaves budget for others to be admitted and decode beside it.
         decode_first: spend the budget on decoding sequences before prefills (vLLM's v1
             scheduler serves running requests in arrival order; decode first keeps
             inter-token latency flat under long prompts). Either way, newly admitted requests
@@ -56,6 +59,7 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 2048
     max_num_seqs: int = 64
     enable_chunked_prefill: bool = True
+    long_prefill_token_threshold: int | None = None
     decode_first: bool = True
     preemption_mode: PreemptionMode = "swap"
     victim_order: VictimOrder = "latest_arrival"
@@ -68,7 +72,7 @@ class SchedulerConfig:
         _int_at_least("max_num_batched_tokens", self.max_num_batched_tokens, 1)
         _int_at_least("max_num_seqs", self.max_num_seqs, 1)
         _int_at_least("max_spec_tokens", self.max_spec_tokens, 0)
-        for name in ("max_model_len", "vocab_size"):
+        for name in ("max_model_len", "vocab_size", "long_prefill_token_threshold"):
             if getattr(self, name) is not None:
                 _int_at_least(name, getattr(self, name), 1)
         for name in ("enable_chunked_prefill", "decode_first"):
@@ -95,7 +99,7 @@ class SchedulerConfig:
                 )
             if buckets[-1] < self.max_num_batched_tokens:
                 raise ValueError(
-                    f"SchedulerConfig: token_buckets ends at {buckets[-1]}, below "
+                    f"SchedulerConfig: token_buckets={buckets} ends below "
                     f"max_num_batched_tokens={self.max_num_batched_tokens}"
                 )
             object.__setattr__(self, "token_buckets", buckets)

@@ -194,9 +194,13 @@ class Scheduler:
                 f"pool's {self.allocator.num_pages - 1}"
             )
         request = GenerationRequest(
-            req_id, prompt, int(request.max_new_tokens), tuple(int(t) for t in stops),
-            request.namespace, n,
-        )  # fmt: skip
+            req_id,
+            prompt,
+            int(request.max_new_tokens),
+            tuple(int(t) for t in stops),
+            request.namespace,
+            n,
+        )
         seq = Sequence(request, 0, prompt.tolist(), self._clock)
         self._clock += 1
         self._requests[req_id] = [seq]
@@ -285,8 +289,12 @@ class Scheduler:
         )
         drafts = np.fromiter((len(s.draft) for s in running), np.int64, len(running))
         decoding = lens - computed == 1
-        drafts = np.where(decoding, np.minimum(drafts, left - 1), 0)
+        single = np.fromiter((s.width == 1 for s in running), bool, len(running))
+        drafts = np.where(decoding & single, np.minimum(drafts, left - 1), 0)  # not pre-fork
         wants = lens - computed + drafts
+        cap = cfg.long_prefill_token_threshold
+        if cap is not None and cfg.enable_chunked_prefill:
+            wants = np.where(decoding, wants, np.minimum(wants, cap))
         order = np.argsort(~decoding, kind="stable") if cfg.decode_first else np.arange(len(lens))
         wants_ordered = wants[order]
         before = np.cumsum(wants_ordered) - wants_ordered
@@ -402,11 +410,7 @@ class Scheduler:
                         seq.seq_id, seq.tokens, seq.request.namespace
                     )
                 count = self._chunk(len(seq.tokens) - seq.computed, budget)
-                try:
-                    if not count:
-                        raise OutOfPages("no budget")
-                    alloc.allocate(seq.seq_id, count)
-                except OutOfPages:
+                if not count or not self._grow(seq, count):
                     if seq.seq_id in alloc:
                         alloc.free(seq.seq_id)  # undoes the lookup
                     seq.computed = 0
@@ -421,18 +425,24 @@ class Scheduler:
             if plan and plan[-1].seq is seq:
                 continue
             count = self._chunk(len(seq.tokens) - seq.computed, budget)  # a swapped-in one
-            if count:
-                try:
-                    alloc.allocate(seq.seq_id, count)
-                except OutOfPages:
-                    continue  # runs from the next step
+            if count and self._grow(seq, count):  # else it runs from the next step
                 plan.append(_Planned(seq, count, []))
                 budget -= count
         del self._waiting[:admitted]
         return plan
 
+    def _grow(self, seq: Sequence, count: int) -> bool:
+        try:
+            self.allocator.allocate(seq.seq_id, count)
+        except OutOfPages:
+            return False
+        return True
+
     def _chunk(self, remaining: int, budget: int) -> int:
         if self.config.enable_chunked_prefill:
+            cap = self.config.long_prefill_token_threshold
+            if cap is not None and remaining > 1:
+                budget = min(budget, cap)
             return max(0, min(remaining, budget))
         return remaining if remaining <= budget else 0
 
@@ -483,8 +493,9 @@ class Scheduler:
 
     # ----------------------------------------------------------------- update
 
-    def update(self, output: SchedulerOutput, sampled_token_ids: Iterable[int] | np.ndarray
-               ) -> list[FinishedRequest]:  # fmt: skip
+    def update(
+        self, output: SchedulerOutput, sampled_token_ids: Iterable[int] | np.ndarray
+    ) -> list[FinishedRequest]:
         """Takes the step's sampled tokens back; returns the requests that finished.
 
         Each sequence gets its sampled token; a sequence with drafts gets the token sampled
