@@ -329,6 +329,20 @@ def test_rejected_draft_tokens_are_rolled_back():
         sched.propose(("b", 0), [1, 1, 1, 1])
 
 
+def test_drafts_wait_for_the_fork_of_an_n_sample_request():
+    sched, device = make(max_num_batched_tokens=4, max_spec_tokens=2)
+    r = req("a", [1, 2, 3, 4, 5], new=3, n=2)
+    sched.add_request(r)
+    out = sched.schedule()  # 4 of 5 prompt tokens: the last one is left, as for a decode
+    sched.update(out, device.run(out))
+    sched.propose(("a", 0), [1, 1])
+    out = sched.schedule()
+    assert out.num_scheduled_tokens.tolist() == [1]  # the prompt's last token, no drafts
+    assert out.sample_seq_ids == (("a", 0), ("a", 1))
+    sched.update(out, device.run(out))
+    assert drive(sched, device)["a"].token_ids == expected(r)
+
+
 def test_stop_token_ends_a_sample_and_abort_frees_pages():
     r = req("a", [1, 2, 3], new=8)
     stop = expected(r)[0][2]
