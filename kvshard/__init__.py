@@ -17,6 +17,8 @@ The public API, re-exported from private modules:
 * step metadata: :class:`StepMetadata`, :func:`build_step`, :func:`stack_steps`,
   :func:`build_update_slices`, :func:`padded_num_slices`, :func:`pad_slices`,
   :func:`token_buckets`, :func:`padded_token_count`;
+* continuous batching: :class:`Scheduler`, :class:`SchedulerConfig`,
+  :class:`GenerationRequest`, :class:`SchedulerOutput`, :class:`FinishedRequest`;
 * submodules :mod:`kvshard.distributed` (multi-process meshes: host arrays, allocator
   agreement), :mod:`kvshard.kernels` (Pallas kernels), :mod:`kvshard.reference` (numpy oracle)
   and :mod:`kvshard.testing` (hypothesis strategies; needs the ``test`` extra, not imported here).
@@ -69,6 +71,11 @@ if TYPE_CHECKING:  # static typing and IDEs see ordinary imports
     from kvshard.metadata import padded_token_count as padded_token_count
     from kvshard.metadata import token_buckets as token_buckets
     from kvshard.quant import calibrate_scales as calibrate_scales
+    from kvshard.scheduler import FinishedRequest as FinishedRequest
+    from kvshard.scheduler import GenerationRequest as GenerationRequest
+    from kvshard.scheduler import Scheduler as Scheduler
+    from kvshard.scheduler import SchedulerConfig as SchedulerConfig
+    from kvshard.scheduler import SchedulerOutput as SchedulerOutput
     from kvshard.step import StepGeometry as StepGeometry
     from kvshard.step import StepMetadata as StepMetadata
     from kvshard.step import build_step as build_step
@@ -110,6 +117,11 @@ _EXPORTS: dict[str, str | None] = {
     "padded_num_slices": "kvshard.metadata",
     "padded_token_count": "kvshard.metadata",
     "token_buckets": "kvshard.metadata",
+    "FinishedRequest": "kvshard.scheduler",
+    "GenerationRequest": "kvshard.scheduler",
+    "Scheduler": "kvshard.scheduler",
+    "SchedulerConfig": "kvshard.scheduler",
+    "SchedulerOutput": "kvshard.scheduler",
     "Backend": "kvshard._types",
     "BackendOptions": "kvshard._types",
     "Schedule": "kvshard._types",

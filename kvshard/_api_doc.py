@@ -91,6 +91,18 @@ SECTIONS: tuple[tuple[str, str, tuple[Entry, ...]], ...] = (
             "kvshard.padded_token_count",
         ),
     ),
+    (
+        "Scheduling",
+        "Continuous batching over a `PageAllocator`; see [A serving loop with the "
+        "Scheduler](guides/scheduler.md).",
+        (
+            "kvshard.Scheduler",
+            "kvshard.SchedulerConfig",
+            "kvshard.GenerationRequest",
+            "kvshard.SchedulerOutput",
+            "kvshard.FinishedRequest",
+        ),
+    ),
     ("Several hosts", "", ("kvshard.distributed",)),
     ("Kernels", "", ("kvshard.kernels",)),
     ("Reference oracle", "", ("kvshard.reference",)),

@@ -12,8 +12,8 @@ model, oracle and engine side by side.)
   :func:`kvshard.update`, attend with :func:`kvshard.attention` (each device reads its own heads'
   pages in place), and return the logits. Tensor parallel over heads: query heads and MLP
   columns are sharded over the ``model`` mesh axis; kvshard shards the cache the same way.
-* :class:`Engine`: continuous batching on the host (admission, chunked prefill, greedy decode,
-  optional prefix caching) around :class:`kvshard.PageAllocator`.
+* :class:`Engine`: the jitted step and greedy sampling under :class:`kvshard.Scheduler`
+  (admission, chunked prefill, decode first, prefix caching, preemption by recompute).
 
 The scripts that import this module set ``XLA_FLAGS``/``JAX_PLATFORMS`` before importing it.
 """
@@ -273,7 +273,7 @@ class Request:
     generated: list[int] = dataclasses.field(default_factory=list)
     sampled_logits: list[np.ndarray] = dataclasses.field(default_factory=list)
     prefix_hit: int = 0  # prompt tokens found in the prefix cache
-    shared_pages: np.ndarray | None = None  # page ids attached by lookup_prefix
+    shared_pages: np.ndarray | None = None  # page ids of those cached tokens
     finished: bool = False
 
     def __post_init__(self) -> None:
@@ -357,10 +357,10 @@ class RunStats:
 class Engine:
     """Continuous batching over a paged, head-sharded kvshard cache.
 
-    Each step: admit arrived requests (while rows and pages allow), schedule decodes first and
-    then prefill chunks within a token budget, grow their pages with one
-    ``allocate_batch``, build and pad the update slices, run the jitted forward, sample greedily
-    from each request whose prompt is fully computed, and free finished requests. With
+    Each step: :class:`kvshard.Scheduler` admits arrived requests, schedules decodes first and
+    then prefill chunks within the token budget, grows their pages and builds the step; the
+    engine applies the copy-on-write pairs, runs the jitted forward, samples greedily at the
+    rows the scheduler names and hands the tokens back (which frees finished requests). With
     ``check=True`` every computed position's logits are compared with :func:`dense_logits`.
     """
 
@@ -409,132 +409,90 @@ class Engine:
         self.buckets = kvshard.token_buckets(min(8, max_tokens_per_step), max_tokens_per_step)
         self.budget = max_tokens_per_step
         self.forward = make_forward(cfg, self.spec, mesh)
-
-    # -- host-side scheduling ------------------------------------------------------------
-
-    def _pages_for(self, num_tokens: int) -> int:
-        return -(-num_tokens // self.page_size)
-
-    def _reserved(self, running: list[Request]) -> int:
-        """Pages running requests may still need to finish (their worst case)."""
-        return sum(
-            self._pages_for(len(r.prompt) + r.max_new_tokens)
-            - self._pages_for(self.allocator.num_tokens(r.rid) if r.rid in self.allocator else 0)
-            for r in running
+        self.scheduler = kvshard.Scheduler(
+            self.allocator,
+            kvshard.SchedulerConfig(
+                max_num_batched_tokens=max_tokens_per_step,
+                max_num_seqs=max_requests,
+                max_model_len=self.max_pages * page_size,
+                vocab_size=cfg.vocab,
+                token_buckets=tuple(self.buckets),
+                preemption_mode="recompute",
+            ),
         )
-
-    def _admit(self, waiting: list[Request], running: list[Request], step: int) -> None:
-        """FCFS admission; a request enters only if its worst case fits next to the others',
-        so a running request never meets OutOfPages (no preemption needed)."""
-        while waiting and waiting[0].arrival <= step and len(running) < self.max_requests:
-            req = waiting[0]
-            total = len(req.prompt) + req.max_new_tokens
-            if total > self.max_pages * self.page_size:
-                raise ValueError(f"request {req.rid} needs {total} tokens > max context")
-            if self._pages_for(total) + self._reserved(running) > self.allocator.num_free_pages:
-                return
-            waiting.pop(0)
-            if self.prefix_caching:
-                req.prefix_hit = self.allocator.lookup_prefix(req.rid, req.prompt)
-                req.computed = req.prefix_hit
-                req.shared_pages = self.allocator.pages(req.rid)
-            running.append(req)
-
-    def _schedule(self, running: list[Request]) -> list[tuple[Request, int]]:
-        """(request, tokens to compute this step): decodes first, then prefill chunks."""
-        budget, batch = self.budget, []
-        decodes = [r for r in running if len(r.tokens) - r.computed == 1]
-        prefills = [r for r in running if len(r.tokens) - r.computed > 1]
-        for req in decodes + prefills:
-            count = min(len(req.tokens) - req.computed, budget)
-            if count > 0:
-                batch.append((req, count))
-                budget -= count
-        return batch
 
     # -- one step ------------------------------------------------------------------------
 
-    def _step(self, batch: list[tuple[Request, int]], stats: RunStats) -> None:
-        alloc = self.allocator
-        ids = [r.rid for r, _ in batch]
-        counts = np.array([c for _, c in batch], np.int64)
-        rows = alloc.allocate_batch(ids, counts)
-        pairs = alloc.take_pending_copies()  # copy-on-write of shared partial pages
-        if len(pairs):
-            self.cache = kvshard.copy_pages(self.cache, pairs)
-        num_tokens = int(counts.sum())
-        padded = kvshard.padded_token_count(num_tokens, self.buckets)
-        step = kvshard.build_step(
-            alloc,
-            ids,
-            counts,
-            rows=rows,
-            num_tokens_padded=padded,
-            max_num_seqs=self.max_requests,
-        )
-        token_ids = np.zeros(padded, np.int32)
-        offset = 0
-        for req, count in batch:
-            token_ids[offset : offset + count] = req.tokens[req.computed : req.computed + count]
-            offset += count
-        self.cache, logits = self.forward(self.params, self.cache, token_ids, step)
+    def _step(self, out: kvshard.SchedulerOutput, by_id: dict, stats: RunStats) -> None:
+        """Runs the scheduled step, checks each computed position against the oracle, samples
+        greedily and hands the tokens back to the scheduler."""
+        if not out.seq_ids:  # nothing to run (every request waits for pages or arrival)
+            self.scheduler.update(out, [])
+            return
+        if len(out.copy_pairs):  # copy-on-write of shared partial pages
+            self.cache = kvshard.copy_pages(self.cache, out.copy_pairs)
+        step = out.step
+        self.cache, logits = self.forward(self.params, self.cache, out.token_ids, step)
         logits = np.asarray(logits)
-        stats.buckets_used.add(padded)
-        stats.tokens_computed += num_tokens
-        in_use = alloc.num_pages - 1 - alloc.num_free_pages
-        stats.peak_pages = max(stats.peak_pages, in_use)
+        stats.buckets_used.add(step.num_tokens_padded)
+        stats.tokens_computed += out.num_tokens
+        alloc = self.allocator
+        stats.peak_pages = max(stats.peak_pages, alloc.num_pages - 1 - alloc.num_free_pages)
         stats.peak_usage = max(stats.peak_usage, alloc.usage)
 
-        offset = 0
-        for req, count in batch:
-            mine = logits[offset : offset + count]
+        cu, positions = step.cu_q_lens, step.positions
+        for i, (rid, _) in enumerate(out.seq_ids):
+            req = by_id[rid]
+            first, end = int(positions[cu[i]]), int(positions[cu[i + 1] - 1]) + 1
+            if not req.computed and not req.generated:
+                req.prefix_hit = first  # the prompt tokens its first step found cached
+                req.shared_pages = alloc.pages((rid, 0))[: first // self.page_size]
             if self.check:
-                ref = dense_logits(self.params64, self.cfg, req.tokens[: req.computed + count])
-                err = np.abs(ref[req.computed :] - mine)
+                mine = logits[cu[i] : cu[i + 1]]
+                ref = dense_logits(self.params64, self.cfg, req.tokens[:end])
+                err = np.abs(ref[first:] - mine)
                 stats.max_abs_diff = max(stats.max_abs_diff, float(np.max(err)))
                 stats.sum_abs_diff += float(err.sum())
                 stats.num_logits += err.size
-                agree = ref[req.computed :].argmax(-1) == mine.argmax(-1)
-                stats.top1_agree += int(agree.sum())
-                stats.positions_checked += count
-            req.computed += count
-            offset += count
-            if req.computed == len(req.tokens):  # prompt done or decode: sample the next token
-                token = int(np.argmax(mine[-1]))
-                req.generated.append(token)
-                req.sampled_logits.append(mine[-1].copy())
-                req.tokens.append(token)
-                stats.tokens_generated += 1
-                if len(req.generated) == req.max_new_tokens:
-                    req.finished = True
-            if self.prefix_caching and not req.finished:
-                # Only tokens whose K/V is in the cache; commit hashes just the new full pages.
-                alloc.commit_prefix(req.rid, req.tokens[: req.computed])
+                stats.top1_agree += int((ref[first:].argmax(-1) == mine.argmax(-1)).sum())
+                stats.positions_checked += end - first
+            req.computed = end
+        sampled = logits[out.sample_rows]
+        greedy = sampled.argmax(-1)
+        for (rid, _), token, row in zip(out.sample_seq_ids, greedy.tolist(), sampled, strict=True):
+            req = by_id[rid]
+            req.generated.append(token)
+            req.sampled_logits.append(row.copy())
+            req.tokens.append(token)
+            stats.tokens_generated += 1
+        for done in self.scheduler.update(out, greedy):
+            by_id[done.req_id].finished = True
 
     def run(self, requests: list[Request], max_steps: int, desc: str = "decode") -> RunStats:
-        """Serves ``requests`` for at most ``max_steps`` steps (stops early when all finish)."""
+        """Serves ``requests`` for at most ``max_steps`` steps (stops early when all finish);
+        each is added to the scheduler at its arrival step."""
         stats = RunStats()
         waiting = sorted(requests, key=lambda r: (r.arrival, r.rid))
-        running: list[Request] = []
+        by_id = {r.rid: r for r in requests}
         progress = _Progress(tokens_to_serve(requests), desc)
         start = time.perf_counter()
         try:
             for step in range(max_steps):
-                if not waiting and not running:
+                if not waiting and not self.scheduler.has_unfinished_requests():
                     break
-                self._admit(waiting, running, step)
-                batch = self._schedule(running)
-                if batch:
-                    self._step(batch, stats)
-                for req in [r for r in running if r.finished]:
-                    self.allocator.free(req.rid)
-                    running.remove(req)
+                while waiting and waiting[0].arrival <= step:
+                    req = waiting.pop(0)
+                    self.scheduler.add_request(
+                        kvshard.GenerationRequest(req.rid, req.prompt, req.max_new_tokens)
+                    )
+                out = self.scheduler.schedule()
+                self._step(out, by_id, stats)
                 stats.steps = step + 1
                 progress.update(
                     sum(r.computed for r in requests),
                     step=step + 1,
-                    running=len(running),
-                    waiting=len(waiting),
+                    running=self.scheduler.num_running,
+                    waiting=self.scheduler.num_waiting + len(waiting),
                     diff=f"{stats.max_abs_diff:.1e}",
                 )
         finally:
