@@ -235,11 +235,28 @@ def _module_all(module: str) -> list[str] | None:
 # -- rendering -------------------------------------------------------------------------------
 
 
+@functools.cache
+def _encoded_lines(module: str) -> list[bytes]:
+    # ast's column offsets count UTF-8 bytes.
+    return [line.encode() for line in re.split(r"(?<=\n)", _source(module)[1])]
+
+
+def _segment(module: str, node: ast.AST) -> str:
+    """``ast.get_source_segment`` on lines split once per module (it splits the whole file on
+    every call)."""
+    lines = _encoded_lines(module)
+    first, last = node.lineno - 1, node.end_lineno - 1  # type: ignore[attr-defined]
+    start, end = node.col_offset, node.end_col_offset  # type: ignore[attr-defined]
+    if first == last:
+        return lines[first][start:end].decode()
+    return b"".join([lines[first][start:], *lines[first + 1 : last], lines[last][:end]]).decode()
+
+
 def _text(module: str, node: ast.AST | None) -> str:
     """The source text of ``node``, on one line (the author's spelling on every Python)."""
     if node is None:
         return ""
-    segment = ast.get_source_segment(_source(module)[1], node) or ast.unparse(node)
+    segment = _segment(module, node) or ast.unparse(node)
     return re.sub(r"\s*\n\s*", " ", segment).replace("( ", "(").replace(" )", ")")
 
 

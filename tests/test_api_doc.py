@@ -69,9 +69,10 @@ def test_the_generator_imports_neither_jax_nor_flax():
 
 def test_check_mode_reports_a_stale_file(tmp_path, monkeypatch, capsys):
     stale = tmp_path / "api.md"
-    stale.write_text(_api_doc.render().replace("Writes new K/V tokens", "Writes tokens"))
+    fresh = _api_doc.render()
+    stale.write_text(fresh.replace("Writes new K/V tokens", "Writes tokens"))
     monkeypatch.setattr(_api_doc, "API_MD", stale)
     assert _api_doc.main(["--check"]) == 1
     assert _api_doc.REGENERATE in capsys.readouterr().err
-    stale.write_text(_api_doc.render())
+    stale.write_text(fresh)
     assert _api_doc.main(["--check"]) == 0
