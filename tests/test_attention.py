@@ -208,7 +208,12 @@ def batches(draw, pools):
     return out
 
 
-GRID = [(layout, "float32") for layout in LAYOUTS] + [
+# The 8- and 4-way replicated float32 entries are the slowest; they run in .ci/run's extended
+# step (pytest -m extended), the others in the README's suite.
+GRID = [
+    pytest.param(layout, "float32", marks=[pytest.mark.extended] if i < 3 else [])
+    for i, layout in enumerate(LAYOUTS)
+] + [
     (LAYOUTS[3], "bfloat16"),  # two page pools
     (LAYOUTS[0], "int8"),
 ]

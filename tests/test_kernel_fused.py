@@ -224,6 +224,7 @@ def test_poisoned_unseen_and_overwritten_slots_do_not_change_the_output():
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_bad_slices_and_requests_inside_jit_are_dropped_as_update_and_attention_drop_them():
     case, step, k, v, q = small_case(kv_layout="interleaved", seed=11)
     kw = {"sm_scale": 0.25}
@@ -421,6 +422,7 @@ def test_fused_attention_exports_for_tpu_as_one_kernel(monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_layer_groups_write_and_read_the_layers_own_group():
     """gpt-oss-like alternating sliding / full layers (two groups, a page table each), on a
     head axis of 2: the fused kernel writes through the layer's group's slices and reads

@@ -433,6 +433,7 @@ MIN_RULES = 10_000
 EXAMPLES = 150  # about 70 rules each (see the rule count asserted below; derandomized)
 
 
+@pytest.mark.extended
 def test_serving_loop():
     RULES[0] = 0
     COVER.update(dict.fromkeys(COVER, 0))
