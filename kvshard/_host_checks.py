@@ -1,8 +1,9 @@
 """Host-side argument checks shared by every device operation (run before anything is donated).
 
 Every public operation checks its arguments here first, so a bad call raises an exception that
-names the argument, the value and the bound, and leaves the cache intact and readable. The
-int32 bounds of all metadata live here (:data:`INT32_MIN`, :data:`INT32_MAX`, :func:`as_int32`).
+names the argument, the value and the bound, and leaves the cache intact and readable.
+Metadata reaches the device as int32 through :func:`as_int32` (the bounds are
+:mod:`kvshard._int32`'s).
 """
 
 from __future__ import annotations
@@ -13,12 +14,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvshard._layout import INT32_MAX, INT32_MIN
+from kvshard._int32 import INT32_MAX, INT32_MIN, first_outside_int32
 from kvshard._types import BACKENDS, BackendOptions
 
 __all__ = [
-    "INT32_MAX",
-    "INT32_MIN",
     "as_int32",
     "check_backend",
     "check_layer",
@@ -88,13 +87,11 @@ def as_int32(name: str, x: Any) -> Any:
     if dtype == np.int32:
         return x  # nothing to check or cast; a device array stays where it is
     host = np.asarray(x)
-    if host.size and dtype.itemsize >= 4 and dtype != np.int32:
-        low, high = host.min(), host.max()
-        if low < INT32_MIN or high > INT32_MAX:
-            bad = low if low < INT32_MIN else high
-            raise ValueError(
-                f"{name} contains {int(bad)}, outside int32 [{INT32_MIN}, {INT32_MAX}]"
-            )
+    where = first_outside_int32(host)
+    if where is not None:
+        raise ValueError(
+            f"{name} contains {int(host[where])}, outside int32 [{INT32_MIN}, {INT32_MAX}]"
+        )
     return host.astype(np.int32, copy=False)
 
 

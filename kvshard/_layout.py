@@ -62,10 +62,6 @@ KV_LAYOUTS = ("interleaved", "packed")
 # Bits in a 32-bit TPU sublane word: sub-32-bit dtypes pack 32 // bits rows into one.
 SUBLANE_BITS = 32
 
-# Every index and count kvshard hands a device is int32 (the Pallas kernels read int32 scalars):
-# the one definition of its bounds.
-INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
-
 
 def round_up(x: int, multiple: int) -> int:
     """Returns the smallest multiple of ``multiple`` that is >= ``x`` (both positive ints)."""

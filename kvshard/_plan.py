@@ -22,9 +22,9 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
+from kvshard._int32 import INT32_MAX
 from kvshard._layer_types import LayerType, check_layer_types, group_layers, uniform_window
 from kvshard._layout import (
-    INT32_MAX,
     CacheSpec,
     check_query_heads,
     check_tensor_parallel,

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import jax
 import numpy as np
 
-from kvshard._layout import INT32_MAX
+from kvshard._int32 import INT32_MAX
 from kvshard.metadata import build_update_slices, padded_num_slices
 
 if TYPE_CHECKING:

@@ -328,9 +328,9 @@ def test_allocate_batch_huge_count_is_refusedunchanged(counts):
 def test_constructor_refuses_overflowing_request_size():
     with pytest.raises(
         ValueError,
-        match=r"max_pages_per_request\*page_size=1180591620717411303424 must be <= 2\*\*31 - 1",
+        match=rf"max_pages_per_request\*page_size={2**60} must be <= 2\*\*31 - 1",
     ):
-        PageAllocator(8, 2**40, max_requests=1, max_pages_per_request=2**30)
+        PageAllocator(8, 2**30, max_requests=1, max_pages_per_request=2**30)
 
 
 def test_copy_on_write_chain_resolves_to_original_source():
@@ -387,11 +387,15 @@ def test_truncate_shared_partial_page_is_copied_on_next_write():
 
 
 def test_request_tokens_are_capped_at_int32():
-    """Issue 19 item 5: build_step's positions and kv_lens are int32, so a request's tokens
+    """build_step's positions and kv_lens are int32, so a request's tokens
     (max_pages_per_request * page_size) stop at 2**31 - 1; the cap is refused at
     construction and reached, never passed, by grows."""
-    for pages, size in [(2**15, 2**16), (2**31, 2**31), (1, 2**31)]:
-        with pytest.raises(ValueError, match=rf"page_size={pages * size} must be <= 2\*\*31 - 1"):
+    for pages, size, named in [
+        (2**15, 2**16, f"max_pages_per_request\\*page_size={2**31}"),  # the product
+        (2**31, 1, f"max_pages_per_request={2**31}"),  # a factor past int32 itself
+        (1, 2**31, f"page_size={2**31}"),
+    ]:
+        with pytest.raises(ValueError, match=rf"{named} must be <= 2\*\*31 - 1"):
             PageAllocator(8, size, max_requests=1, max_pages_per_request=pages)
     with pytest.raises(ValueError, match=r"num_pages=2147483648 must be <= 2\*\*31 - 1"):
         PageAllocator(2**31, 1, max_requests=1, max_pages_per_request=1)

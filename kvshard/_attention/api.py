@@ -40,8 +40,9 @@ from kvshard._attention.params import Statics
 from kvshard._attention.xla import local_xla
 from kvshard._drop import route_layer
 from kvshard._eager import EAGER_CALLS, placed_metadata
+from kvshard._int32 import INT32_MAX
 from kvshard._layer_types import LayerType
-from kvshard._layout import INT32_MAX, check_query_heads
+from kvshard._layout import check_query_heads
 from kvshard._platform import resolve_attention_backend
 from kvshard._sharding import place_all, to_spec
 from kvshard._types import Backend, BackendOptions

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from kvshard._int32 import check_int32_int
 from kvshard._layer_types import (
     FULL,
     CacheGroups,
@@ -13,8 +14,7 @@ from kvshard._layer_types import (
     check_layer_types,
     uniform_window,
 )
-from kvshard._layout import INT32_MAX
-from kvshard.allocator._common import MAX_TOKENS, is_int
+from kvshard.allocator._common import MAX_TOKENS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,21 +51,15 @@ class AllocatorConfig:
         Raises:
             ValueError: naming the argument, its value and its bound.
         """
-        for name, value, low in (
-            ("num_pages", num_pages, 2),
-            ("page_size", page_size, 1),
-            ("max_requests", max_requests, 1),
-            ("max_pages_per_request", max_pages_per_request, 1),
-            ("sliding_window", 1 if sliding_window is None else sliding_window, 1),
+        device = "it is int32 on the device"
+        for name, value, low, why in (
+            ("num_pages", num_pages, 2, device),
+            ("page_size", page_size, 1, ""),
+            ("max_requests", max_requests, 1, ""),
+            ("max_pages_per_request", max_pages_per_request, 1, ""),
+            ("sliding_window", 1 if sliding_window is None else sliding_window, 1, device),
         ):
-            if not is_int(value) or value < low:
-                raise ValueError(f"PageAllocator: {name}={value!r} must be an int >= {low}")
-        for name, value in (("num_pages", num_pages), ("sliding_window", sliding_window)):
-            if value is not None and value > INT32_MAX:
-                raise ValueError(
-                    f"PageAllocator: {name}={int(value)} must be <= 2**31 - 1 (it is int32 on "
-                    "the device)"
-                )
+            check_int32_int("PageAllocator", name, value, low, why)
         tokens = int(max_pages_per_request) * int(page_size)
         if tokens > MAX_TOKENS:
             raise ValueError(
@@ -84,10 +78,7 @@ class AllocatorConfig:
             )
         host = (("num_host_pages", num_host_pages), ("host_prefix_pages", host_prefix_pages))
         for name, value in host:
-            if not is_int(value) or not 0 <= value <= INT32_MAX:
-                raise ValueError(
-                    f"PageAllocator: {name}={value!r} must be an int in [0, 2**31 - 1]"
-                )
+            check_int32_int("PageAllocator", name, value, 0)
         if num_host_pages == 1:
             raise ValueError(
                 "PageAllocator: num_host_pages=1 must be 0 (no host tier) or >= 2 (host page 0 "

@@ -31,8 +31,9 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from kvshard._int32 import INT32_MAX
 from kvshard._jax_compat import is_deleted, on_host
-from kvshard._layout import INT32_MAX, CacheSpec, check_tensor_parallel
+from kvshard._layout import CacheSpec, check_tensor_parallel
 from kvshard._sharding import axis_size, check_mesh_axes
 from kvshard._storage import storage_dtype
 from kvshard.cache._pytree import KVCache, PagedLayout

@@ -11,8 +11,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kvshard._int32 import INT32_MAX, INT32_MIN, first_outside_int32
 from kvshard._jax_compat import interpret_params
-from kvshard._layout import INT32_MAX, INT32_MIN, LANES, SUPPORTED_DTYPES
+from kvshard._layout import LANES, SUPPORTED_DTYPES
 from kvshard._memo import ContentMemo, content_key
 
 # Row names of ``slices`` in messages.
@@ -110,11 +111,10 @@ def to_int32_metadata(slices, num_kv_update_slices):
                 "range-checked before the int32 cast; cast (and check) it before entering jit"
             )
         host = np.asarray(x)
-        bad = (host < INT32_MIN) | (host > INT32_MAX)
-        if bad.any():
-            where = np.unravel_index(int(np.argmax(bad)), host.shape)
+        where = first_outside_int32(host)
+        if where is not None:
             if name == "slices":
-                row, column = (int(i) for i in where)
+                row, column = where
                 label = f"slices[:, {column}]: {SLICE_FIELDS[row]}"
             else:
                 label = "num_kv_update_slices[0]:"
