@@ -442,3 +442,23 @@ def test_fork_copy_on_write_then_attend(seed, fork_at):
     q = s.rng.standard_normal((16, 4, DIM)).astype(np.float32)
     out = attend(s.cache, 1, q, step)
     np.testing.assert_allclose(out, s.oracle(q, batches, sm_scale=0.2), atol=2e-5)
+
+
+def test_int8_latent_stores_one_scale_and_counts_saturation_once():
+    """An int8 latent cache quantizes the row with k_scale; gather reads c_kv back from the
+    same stored lanes; update_with_stats counts saturated elements once (in k)."""
+    mesh = make_mesh((1, 2))
+    spec = latent_spec("int8", k_scale=0.05)
+    lat = np.random.default_rng(7).standard_normal((8, 1, DIM)).astype(np.float32)
+    lat[0, 0, :3] = 100.0  # 100 / 0.05 saturates int8: 3 elements of one written token
+    slices, num = _slices(0)
+    cache, counts = kvshard.update_with_stats(
+        kvshard.init_cache(spec, mesh), 1, lat, None, slices, num
+    )
+    assert (int(counts.k), int(counts.v)) == (3, 0)
+    dense = Dense(1)
+    real = reference.dequantize(reference.quantize(lat, 0.05, "int8"), 0.05, np.float32)
+    dense.update(1, real, slices, num)
+    lat_out, ckv = gathered(cache, 1)
+    np.testing.assert_array_equal(lat_out[0], dense.slots[0, 1])
+    np.testing.assert_array_equal(ckv[0], dense.slots[0, 1, :, :RANK])
