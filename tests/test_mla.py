@@ -201,6 +201,7 @@ def test_update_gather_copy_swap(shape, page_axis):
     assert_cache(cache, dense)
 
 
+@pytest.mark.extended  # the traced test below runs both backends in the suite
 def test_update_pallas_matches_xla(small_kernel_blocks):
     """The Pallas update kernel writes the latent row (one "head" of 128 lanes) bit for bit
     as the xla backend does."""
@@ -462,3 +463,23 @@ def test_int8_latent_stores_one_scale_and_counts_saturation_once():
     lat_out, ckv = gathered(cache, 1)
     np.testing.assert_array_equal(lat_out[0], dense.slots[0, 1])
     np.testing.assert_array_equal(ckv[0], dense.slots[0, 1, :, :RANK])
+
+
+def test_fused_attention_of_a_latent_cache_is_update_then_attention():
+    s = Served((1, 2), None, seed=9)
+    s.step([[(0, 5)]])
+    ids, counts = [0, 1], np.array([1, 3])
+    rows = s.allocs[0].allocate_batch(ids, counts)
+    step = kvshard.build_step(
+        s.allocs[0], ids, counts, rows=rows, num_tokens_padded=16, max_num_seqs=4
+    )
+    lat = s.rng.standard_normal((16, 1, DIM)).astype(np.float32)
+    q = s.rng.standard_normal((16, 4, DIM)).astype(np.float32)
+    kv = np.asarray(s.cache.kv)
+    copy = kvshard.KVCache(
+        jax.device_put(kv, s.cache.kv.sharding), s.cache.spec, s.cache.mesh, "model", None
+    )
+    out, fused = kvshard.fused_attention(s.cache, 1, q, lat, None, step, sm_scale=0.2, options=OPTS)
+    cache = kvshard.update(copy, 1, lat, None, step)
+    np.testing.assert_array_equal(np.asarray(fused.kv), np.asarray(cache.kv))
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(attend(cache, 1, q, step)))
