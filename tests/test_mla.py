@@ -483,3 +483,34 @@ def test_fused_attention_of_a_latent_cache_is_update_then_attention():
     cache = kvshard.update(copy, 1, lat, None, step)
     np.testing.assert_array_equal(np.asarray(fused.kv), np.asarray(cache.kv))
     np.testing.assert_array_equal(np.asarray(out), np.asarray(attend(cache, 1, q, step)))
+
+
+def _report(fn, *args):
+    """The message a ``checks=True`` report raises from jit(fn)(*args), or None."""
+    try:
+        jax.block_until_ready(jax.jit(fn)(*args))
+    except jax.errors.JaxRuntimeError as err:
+        jax._src.dispatch.runtime_tokens.clear()  # as a fresh process would not have it
+        return str(err)
+    return None
+
+
+@pytest.mark.extended  # two executables with host callbacks: about 8 s on 2 cores
+def test_checks_report_what_a_latent_update_and_read_drop():
+    mesh = make_mesh((1, 2))
+    cache = kvshard.init_cache(latent_spec(), mesh)
+    lat = jnp.ones((8, 1, DIM), jnp.float32)
+    crossing = jnp.array([[3], [0], [2]], jnp.int32)  # slot 3 + 2 tokens crosses a page
+
+    def write(c, s, n):
+        return kvshard.update(c, 0, lat, None, s, n, checks=True)
+
+    report = _report(write, cache, crossing, jnp.array([1], jnp.int32))
+    assert report is not None and "is dropped: it must have 0 <= slice_len <= page_size 4" in (
+        report
+    ), report
+    s = Served((1, 2), None)
+    step = s.step([[(0, 3)]])
+    q = jnp.ones((16, 4, DIM), jnp.float32)
+    report = _report(lambda c, layer: attend(c, layer, q, step, checks=True), s.cache, 2)
+    assert report is not None and "layer=2 is out of range [0, 2)" in report, report
