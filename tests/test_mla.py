@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 
 import kvshard
 from kvshard import reference
+from kvshard.testing import update_slices
 
 RANK, ROPE = 32, 8  # kv_lora_rank, qk_rope_head_dim: a row of 40 values, 128 lanes
 DIM = RANK + ROPE
@@ -514,3 +515,56 @@ def test_checks_report_what_a_latent_update_and_read_drop():
     q = jnp.ones((16, 4, DIM), jnp.float32)
     report = _report(lambda c, layer: attend(c, layer, q, step, checks=True), s.cache, 2)
     assert report is not None and "layer=2 is out of range [0, 2)" in report, report
+
+
+@st.composite
+def _ops(draw):
+    """A short random sequence of writes, page copies and swap round trips."""
+    ops = []
+    for _ in range(draw(st.integers(1, 4))):
+        kind = draw(st.sampled_from(["update", "copy", "swap"]))
+        if kind == "update":
+            slices, num, tokens = draw(
+                update_slices(
+                    page_size=PAGE, num_pages=PAGES, max_slices=4, max_padding=2, fixed_shapes=True
+                )
+            )
+            layer, seed = draw(st.integers(0, 1)), draw(st.integers(0, 99))
+            ops.append(("update", layer, slices, num, tokens, seed))
+        elif kind == "copy":
+            dst = draw(st.permutations(range(PAGES)))[:3]
+            src = [draw(st.integers(0, PAGES - 1)) for _ in dst]
+            ops.append(("copy", np.array(list(zip(src, dst, strict=True)), np.int32)))
+        else:
+            pages = draw(st.permutations(range(PAGES)))[:4]
+            host = draw(st.permutations(range(HOST_PAGES)))[:2]
+            out = np.array([[pages[0], host[0]], [pages[1], host[1]]], np.int32)
+            back = np.array([[pages[2], host[0]], [pages[3], host[1]]], np.int32)
+            ops.append(("swap", out, back))
+    return ops
+
+
+@settings(max_examples=8)
+@given(ops=_ops())
+def test_random_writes_copies_and_swaps_match_numpy(ops):
+    mesh = make_mesh((1, 2))
+    spec = latent_spec()
+    cache = kvshard.init_cache(spec, mesh)
+    host = kvshard.init_host_cache(spec, mesh, HOST_PAGES)
+    dense = Dense(1)
+    for op in ops:
+        if op[0] == "update":
+            _, layer, slices, num, tokens, seed = op
+            lat = np.random.default_rng(seed).standard_normal((tokens, 1, DIM)).astype(np.float32)
+            cache = kvshard.update(cache, layer, lat, None, slices, num)
+            dense.update(layer, lat, slices, num)
+        elif op[0] == "copy":
+            cache = kvshard.copy_pages(cache, op[1])
+            dense.copy(op[1])
+        else:
+            _, out, back = op
+            cache, host = kvshard.swap_out(cache, host, out)
+            cache, host = kvshard.swap_in(cache, host, back)
+            moved = np.array([[out[i, 0], back[i, 0]] for i in range(2)])
+            dense.copy(moved)
+    assert_cache(cache, dense)
