@@ -15,9 +15,9 @@ rows and lanes of ``spec.kv_layout`` (interleaved: ``C = 2·H·r``, ``D_pad`` th
 padded to a multiple of 128; packed: ``C = H·r``, K and V of a head side by side in one row of
 ``round_up(2·head_dim, 128)`` lanes; latent (MLA, ``H = 1``): ``C = r``, one row of the
 latent ``[c_kv | k_pe]`` in ``round_up(head_dim, 128)`` lanes; docs/layout.md), and
-``storage`` the dtype :func:`kvshard._storage.storage_dtype` picks for the mesh's platform: the cache dtype, except
-bfloat16/float8 on CPU, stored as their bits (uint16/uint8) so that XLA's CPU float
-normalization never copies the cache. Interleaved, combined head ``2·j`` is K and ``2·j + 1``
+``storage`` the dtype :func:`kvshard._storage.storage_dtype` picks for the mesh's platform:
+the cache dtype, except bfloat16/float8 on CPU, stored as their bits (uint16/uint8) so that
+XLA's CPU float normalization never copies the cache. Interleaved, combined head ``2·j`` is K and ``2·j + 1``
 is V of replicated head ``j`` (packed: row ``j`` holds both); replicated head ``j`` is a copy of
 KV head ``j // r``. Sharding the combined axis therefore hands each device the K and V of whole
 heads: no update, copy or
