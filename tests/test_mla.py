@@ -568,3 +568,10 @@ def test_random_writes_copies_and_swaps_match_numpy(ops):
             moved = np.array([[out[i, 0], back[i, 0]] for i in range(2)])
             dense.copy(moved)
     assert_cache(cache, dense)
+
+
+def test_the_attention_kernel_refuses_a_latent_layout_by_name():
+    from kvshard.kernels.attention_checks import static_validate_inputs
+
+    with pytest.raises(ValueError, match=r"kv_layout='latent' must be one of .*xla backend"):
+        static_validate_inputs(*([None] * 7), kv_layout="latent", sm_scale=0.1)
