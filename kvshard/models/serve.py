@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -188,7 +189,7 @@ def serve(
     schedulers = [kvshard.Scheduler(alloc, config) for alloc in allocators]
     cache = kvshard.init_cache(spec, mesh, head_axis=model_axis, page_axis=data_axis)
     waiting = [sorted(requests[g::pools], key=lambda r: r.arrival) for g in range(pools)]
-    by_id = {r.id: r for r in requests}
+    by_id: dict[Any, Request] = {r.id: r for r in requests}
     token_sharding = NamedSharding(mesh, P(data_axis, None))
     steps, peak, finished = 0, 0, 0
     while any(waiting) or any(s.has_unfinished_requests() for s in schedulers):
