@@ -180,6 +180,7 @@ class Engine:
             preemption_mode="swap" if num_host_pages else "recompute",
         )
         self.schedulers = [kvshard.Scheduler(a, config) for a in self.allocators]
+        self.buckets = buckets
         self._live: dict[Hashable, _Live] = {}
         self._seeds = np.random.default_rng()
         self.stats = {
@@ -279,6 +280,33 @@ class Engine:
         self.stats["steps"] += 1
         self.stats["tokens_generated"] += sum(e.finished is None for e in events)
         return events
+
+    def warmup(self) -> None:
+        """Compiles the forward for every token bucket and the sampler, with empty steps
+        (they write nothing), so that no request waits for a compilation."""
+        S = self.max_num_seqs
+        shape = (self.pools, S)
+        for bucket in self.buckets:
+            step = kvshard.stack_steps(
+                [
+                    kvshard.build_step(
+                        a, [], np.zeros(0, np.int32), num_tokens_padded=bucket, max_num_seqs=S
+                    )
+                    for a in self.allocators
+                ]
+            )
+            tokens = np.zeros((self.pools, bucket), np.int32)
+            logits, self.cache = serve_step(self.model, self.cache, tokens, step)
+            zeros = np.zeros(shape, np.int32)
+            sample_rows(
+                logits,
+                zeros,
+                zeros.astype(np.float32),
+                zeros,
+                np.ones(shape, np.float32),
+                zeros.astype(np.uint32),
+                np.zeros((*shape, 2), np.int32),
+            ).block_until_ready()
 
     def _move_pages(self, outs: list[kvshard.SchedulerOutput]) -> None:
         """Swap-out, swap-in, then copy-on-write pairs, stacked over the pools."""

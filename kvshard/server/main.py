@@ -133,6 +133,7 @@ def build_server(args: argparse.Namespace) -> tuple[Any, Any]:
         max_n=args.max_num_seqs,
         tokenizer=tokenizer,
     )
+    engine.warmup()
     loop = EngineLoop(engine).start()
     return create_app(loop, info), loop
 
