@@ -155,7 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# serve load: {jax_machine()}", flush=True)
     print("warming up (compiling every token bucket)", flush=True)
     asyncio.run(_level(base_url, prompts[:8], 8, 4))
-    rows, report, ok = [], {"machine": jax_machine(), "args": vars(args), "levels": []}, True
+    levels: list[dict[str, Any]] = []
+    rows, ok = [], True
+    report = {"machine": jax_machine(), "args": vars(args), "levels": levels}
     base_tps = None
     for concurrency in args.concurrency:
         before = loop.metrics
@@ -190,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
             "all_completed": complete,
             "pages_leaked": leaked,
         }
-        report["levels"].append(level)
+        levels.append(level)
         rows.append(
             [
                 concurrency,
