@@ -32,6 +32,7 @@ def server(tmp_path_factory):
 
     ckpt = tmp_path_factory.mktemp("serve") / "ckpt"
     write_checkpoint(ckpt, llama32_config(max_position_embeddings=64), dtype="float32")
+    _write_tokenizer(ckpt / "tokenizer.json")
     args = parse_args(
         [
             *("--checkpoint", str(ckpt), "--mesh", "1x2", "--max-num-seqs", "4"),
@@ -45,6 +46,15 @@ def server(tmp_path_factory):
     client.close()
     uv.should_exit = True
     loop.stop()
+
+
+def _write_tokenizer(path):
+    """A word-level tokenizer.json: word ``w{i}`` is token i (256 words, the model's vocab)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tokenizer = Tokenizer(models.WordLevel({f"w{i}": i for i in range(256)}, unk_token="w0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.save(str(path))
 
 
 def _complete(client, prompt, stream=False, **fields):
@@ -119,7 +129,8 @@ def test_seeded_sampling_is_reproducible_and_n_forks(server):
     [
         ("{not json", None),
         ([1, 2], None),
-        ({"prompt": "text without a tokenizer"}, "prompt"),
+        ({"prompt": ""}, "prompt"),
+        ({"prompt": [1, 2], "stop": [""]}, "stop"),
         ({"prompt": [1, "2"]}, "prompt"),
         ({"prompt": []}, "prompt"),
         ({"prompt": [1, 2], "max_tokens": 0}, "max_tokens"),
@@ -141,6 +152,32 @@ def test_bad_requests_get_a_400_naming_the_field_and_the_server_keeps_serving(se
     error = response.json()["error"]
     assert error["param"] == param and error["type"] == "invalid_request_error"
     assert _complete(client, [1, 2, 3], max_tokens=2)[0]  # still serving
+
+
+def test_string_prompts_and_stop_strings_with_the_checkpoints_tokenizer(server):
+    client, _, _ = server
+    ids = _complete(client, PROMPTS[0])[0]
+    text = " ".join(f"w{t}" for t in PROMPTS[0])
+    response = client.post(
+        "/v1/completions", json={"prompt": text, "max_tokens": MAX_TOKENS, "temperature": 0}
+    ).json()
+    (choice,) = response["choices"]
+    assert choice["token_ids"] == ids  # the string tokenized to the same ids
+    assert choice["text"] == " ".join(f"w{t}" for t in ids)
+    assert response["usage"]["prompt_tokens"] == len(PROMPTS[0])
+    stop = f"w{ids[2]}"  # ends the text before the third generated word
+    cut = client.post(
+        "/v1/completions",
+        json={"prompt": PROMPTS[0], "max_tokens": MAX_TOKENS, "temperature": 0, "stop": stop},
+    ).json()["choices"][0]
+    first = choice["text"].find(stop)
+    assert cut["finish_reason"] == "stop" and cut["text"] == choice["text"][:first]
+    by_id = client.post(
+        "/v1/completions",
+        json={"prompt": PROMPTS[0], "max_tokens": MAX_TOKENS, "temperature": 0, "stop": [ids[1]]},
+    ).json()["choices"][0]
+    expected = ids[: ids.index(ids[1]) + 1]  # up to its first occurrence, kept
+    assert by_id["token_ids"] == expected and by_id["finish_reason"] == "stop"
 
 
 def test_n_too_large_for_the_pool_is_refused_by_the_engine(server):
