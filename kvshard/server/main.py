@@ -67,9 +67,9 @@ def _size(text: str) -> int:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="kvshard serve", description=(__doc__ or "").splitlines()[0]
-    )
+    from kvshard.cli import _Parser  # one-line errors, as every kvshard command
+
+    parser = _Parser(prog="kvshard serve", description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--checkpoint", type=Path, required=True, help="a Hugging Face folder")
     parser.add_argument("--mesh", type=_mesh, default=(1, 1), help="DxM (default 1x1)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
