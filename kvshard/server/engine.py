@@ -234,6 +234,7 @@ class Engine:
         return self.schedulers[live.pool].abort(req_id)
 
     def has_unfinished_requests(self) -> bool:
+        """Whether any request is live (queued, running or swapped out)."""
         return bool(self._live)
 
     # ------------------------------------------------------------------ one step

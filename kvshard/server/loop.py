@@ -55,10 +55,12 @@ class EngineLoop:
         self._thread = threading.Thread(target=self._run, name="kvshard-engine", daemon=True)
 
     def start(self) -> EngineLoop:
+        """Starts the engine thread; returns self."""
         self._thread.start()
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
+        """Stops the engine thread after its current step (live requests get no more events)."""
         self._stopped.set()
         self._commands.put(("wake",))
         self._thread.join(timeout)
@@ -66,9 +68,13 @@ class EngineLoop:
     def submit(
         self, req_id: Hashable, prompt: Sequence[int], params: SamplingParams, sink: Sink
     ) -> None:
+        """Queues a request; ``sink`` gets :class:`Accepted` or :class:`Failed` (the engine's
+        ValueError naming the field) first, then its events."""
         self._commands.put(("add", req_id, list(prompt), params, sink))
 
     def abort(self, req_id: Hashable) -> None:
+        """Queues an abort: the request's pages are freed before the next step; no more
+        events reach its sink."""
         self._commands.put(("abort", req_id))
 
     def call(self, fn: Callable[[Engine], Any], timeout: float = 60.0) -> Any:
