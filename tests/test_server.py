@@ -13,14 +13,10 @@ import json
 import threading
 import time
 
+import httpx  # the test extra installs it with the serve extra's packages
 import numpy as np
 import pytest
-
-pytest.importorskip("starlette")
-pytest.importorskip("uvicorn")
-httpx = pytest.importorskip("httpx")
-
-from _hf_checkpoints import llama32_config, write_checkpoint  # noqa: E402
+from _hf_checkpoints import llama32_config, write_checkpoint
 
 PROMPTS = [[5, 17, 42, 7, 99, 3], [200, 1, 1, 64], [9] * 11, [5, 17, 42, 7, 99, 3, 8, 8]]
 MAX_TOKENS = 6
