@@ -222,3 +222,18 @@ def test_health_models_and_metrics(server):
         assert f"\n{name} " in text or text.startswith(name)
     generated = float(text.split("\nkvshard_generation_tokens_total ")[1].split()[0])
     assert generated > 0 and np.isfinite(generated)
+
+
+def test_an_engine_error_fails_the_live_requests_with_a_500_and_the_server_goes_on(server):
+    client, loop, _ = server
+    real = loop.engine.step
+
+    def broken():
+        loop.engine.step = real  # once
+        raise RuntimeError("device lost")
+
+    loop.call(lambda e: setattr(e, "step", broken))
+    response = client.post("/v1/completions", json={"prompt": [1, 2], "max_tokens": 2})
+    assert response.status_code == 500 and "device lost" in response.json()["error"]["message"]
+    assert loop.call(lambda e: e.has_unfinished_requests()) is False  # aborted, pages freed
+    assert _complete(client, [1, 2, 3], max_tokens=2)[0]

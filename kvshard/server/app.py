@@ -294,6 +294,8 @@ class _Server:
         try:
             async for _ in self._events(req_id, events, choices):
                 pass
+        except RuntimeError as err:  # the engine failed: a server error, the server goes on
+            return error_response(BadRequest(str(err), None, status=500))
         finally:
             if any(c.finish_reason is None for c in choices):
                 self.loop.abort(req_id)
