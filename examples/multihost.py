@@ -9,8 +9,9 @@ collectives, 8 / N CPU devices each) that together form one (data, model) mesh o
 On a TPU pod slice, run the same file once per host with ``--pod`` (JAX finds the
 coordinator, the process count and the process id itself); see docs/guides/multihost.md.
 
-Every process runs the same scheduler on the same requests (SPMD): one PageAllocator per page
-pool (data-parallel group), the same ``StepMetadata`` every step. Each process computes k, v
+Every process runs the same scheduler on the same requests (SPMD): one
+:class:`kvshard.Scheduler` and its PageAllocator per page pool (data-parallel group), the same
+``StepMetadata`` every step. Each process computes k, v
 and q only for the groups its devices hold and hands them to JAX with
 ``jax.make_array_from_process_local_data``; replicated metadata goes in as numpy, the same on
 every host. Each step writes the new tokens (``kvshard.update``) and attends
@@ -141,7 +142,9 @@ def serve(args: argparse.Namespace) -> None:
     index = pools.addressable_devices_indices_map((args.data,))
     mine = sorted({s[0].start or 0 for s in index.values()})
 
-    # The SPMD scheduler: the same seeded requests on every host, one allocator per pool.
+    # The SPMD scheduler: the same seeded requests on every host, one kvshard.Scheduler (and
+    # its PageAllocator) per pool; the "sampled" tokens are seeded random ids, the same on
+    # every host, so every host's schedulers make the same decisions.
     rng = np.random.default_rng(1)
     allocators = [
         kvshard.PageAllocator(
@@ -149,25 +152,33 @@ def serve(args: argparse.Namespace) -> None:
         )
         for _ in range(args.data)
     ]
+    config = kvshard.SchedulerConfig(
+        max_num_batched_tokens=tokens, max_num_seqs=4, token_buckets=(tokens,)
+    )
+    schedulers = [kvshard.Scheduler(alloc, config) for alloc in allocators]
     history = [dict() for _ in range(args.data)]  # request -> its token ids so far
     next_id = [0] * args.data
     worst = 0.0
     for step in range(args.steps):
-        steps, batches = [], []
-        for g, alloc in enumerate(allocators):
-            for req in [r for r, t in history[g].items() if len(t) >= 12]:  # finished
-                alloc.free(req)
-                del history[g][req]
-            if len(history[g]) < 2:  # admit a new request with a prompt
-                history[g][next_id[g]] = []
+        steps, batches, outs = [], [], []
+        for g, scheduler in enumerate(schedulers):
+            if scheduler.num_running + scheduler.num_waiting < 2:  # admit a new request
+                prompt = rng.integers(vocab, size=int(rng.integers(3, 9))).tolist()
+                history[g][next_id[g]] = prompt
+                scheduler.add_request(
+                    kvshard.GenerationRequest(next_id[g], prompt, max_new_tokens=12 - len(prompt))
+                )
                 next_id[g] += 1
-            ids = list(history[g])
-            counts = [int(rng.integers(3, 9)) if not history[g][r] else 1 for r in ids]
-            for r, c in zip(ids, counts, strict=True):
-                history[g][r] = history[g][r] + rng.integers(vocab, size=c).tolist()
-            alloc.allocate_batch(ids, counts)
-            steps.append(kvshard.build_step(alloc, ids, counts, num_tokens_padded=tokens))
-            batches.append((ids, counts))
+            out = scheduler.schedule()
+            ids = [r for r, _ in out.seq_ids]
+            counts = out.num_scheduled_tokens.tolist()
+            # The tokens whose K/V this step writes end at position + count in each request.
+            ends = [
+                int(out.step.positions[out.step.cu_q_lens[i + 1] - 1]) + 1 for i in range(len(ids))
+            ]
+            steps.append(out.step)
+            batches.append((ids, counts, ends))
+            outs.append(out)
         meta = kvshard.stack_steps(steps)
 
         # Activations [data, T, heads, D]; each host computes only its own pools' rows and
@@ -175,8 +186,7 @@ def serve(args: argparse.Namespace) -> None:
         heads = (q_heads, spec.num_kv_heads, spec.num_kv_heads)
         act = [np.zeros((args.data, tokens, h, spec.head_dim), np.float32) for h in heads]
         for g in mine:
-            ids, counts = batches[g]
-            new = [t for r, c in zip(ids, counts, strict=True) for t in history[g][r][-c:]]
+            new = outs[g].token_ids[: sum(batches[g][1])].tolist()
             for a, rows, h in zip(act, table, heads, strict=True):
                 a[g, : len(new)] = rows[new][:, :h]
         q, k, v = (
@@ -188,11 +198,14 @@ def serve(args: argparse.Namespace) -> None:
             out = kvshard.attention(cache, layer, q, meta, sm_scale=spec.head_dim**-0.5)
         for shard in out.addressable_shards:  # check what this process holds
             g = shard.index[0].start or 0
-            ids, counts = batches[g]
-            keys = [table[1][history[g][r]][:, : spec.num_kv_heads] for r in ids]
-            vals = [table[2][history[g][r]][:, : spec.num_kv_heads] for r in ids]
+            ids, counts, ends = batches[g]
+            if not ids:
+                continue
+            seen = [history[g][r][:e] for r, e in zip(ids, ends, strict=True)]
+            keys = [table[1][s][:, : spec.num_kv_heads] for s in seen]
+            vals = [table[2][s][:, : spec.num_kv_heads] for s in seen]
             ref = kvshard.reference.paged_attention(
-                table[0][[t for r, c in zip(ids, counts, strict=True) for t in history[g][r][-c:]]],
+                table[0][outs[g].token_ids[: sum(counts)]],
                 keys,
                 vals,
                 counts,
@@ -205,10 +218,16 @@ def serve(args: argparse.Namespace) -> None:
             worst = max(worst, diff)
             if diff > 1e-4:
                 raise SystemExit(f"process {me}: step {step} pool {g}: attention differs by {diff}")
+        for g, (scheduler, out) in enumerate(zip(schedulers, outs, strict=True)):
+            sampled = rng.integers(vocab, size=len(out.sample_seq_ids)).tolist()
+            for (r, _), t in zip(out.sample_seq_ids, sampled, strict=True):
+                history[g][r].append(t)
+            for done in scheduler.update(out, sampled):
+                del history[g][done.req_id]
         if step % 4 == 3 or step == args.steps - 1:
             kvshard.distributed.check_consistent(allocators)
         say(
-            f"step {step}: {sum(sum(c) for _, c in batches)} tokens, pages used "
+            f"step {step}: {sum(sum(b[1]) for b in batches)} tokens, pages used "
             f"{[spec.num_pages - 1 - a.num_free_pages for a in allocators]}"
         )
     print(f"process {me}: {args.steps} steps, max abs diff vs reference {worst:.2e}", flush=True)

@@ -120,6 +120,18 @@ SECTIONS: tuple[tuple[str, str, tuple[Entry, ...]], ...] = (
             "kvshard.models.dense_logits",
         ),
     ),
+    (
+        "Serving over HTTP (`kvshard.server`, needs the serve extra)",
+        "See [Serving over HTTP](guides/serve.md).",
+        (
+            "kvshard.server.engine.Engine",
+            "kvshard.server.engine.SamplingParams",
+            "kvshard.server.sampling.sample_tokens",
+            "kvshard.server.sampling.sample_rows",
+            "kvshard.server.loop.EngineLoop",
+            "kvshard.server.app.create_app",
+        ),
+    ),
 )
 
 _ROLE = re.compile(r":(?:py:)?(?:class|func|meth|attr|data|mod|exc|obj):`~?([^`]+)`")

@@ -45,6 +45,11 @@ SCRIPTS: dict[str, Script] = {
         None,
         "donated cache update vs undonated vs a plain copy of the same bytes, per dtype",
     ),
+    "serve": Script(
+        "kvshard.server.main",
+        None,
+        "serve a Hugging Face checkpoint over HTTP (OpenAI completions API; needs kvshard[serve])",
+    ),
     "bench-schedules": Script(
         "kvshard.benchmarks.update_schedules",
         None,

@@ -292,8 +292,24 @@ def test_mistyped_command_suggests_the_right_one(capsys, typo, suggestion):
 
 
 def test_unrelated_command_lists_the_commands(capsys):
-    err = one_line_error(capsys, ["serve"])
-    assert "did you mean" not in err and "plan, demo, bench, bench-cache" in err
+    err = one_line_error(capsys, ["train"])
+    assert "did you mean" not in err and "plan, demo, bench, bench-cache, serve" in err
+
+
+def test_serve_refuses_bad_arguments_in_one_line(capsys, tmp_path):
+    from kvshard.server.main import main as serve_main
+
+    for argv, needle in (
+        ([], "the following arguments are required: --checkpoint"),
+        (["--checkpoint", str(tmp_path)], "config.json does not exist"),
+        (["--checkpoint", str(tmp_path), "--mesh", "2"], "expected DxM"),
+        (["--checkpoint", str(tmp_path), "--port", "70000"], "must be in [0, 65535]"),
+        (["--checkpoint", str(tmp_path), "--host-memory", "lots"], "is not a size"),
+    ):
+        with pytest.raises(SystemExit) as exit_:
+            serve_main(argv)
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and err.count("\n") == 1 and needle in err, err
 
 
 def test_mistyped_option_suggests_the_right_one(capsys):

@@ -9,6 +9,7 @@ Usage::
     kvshard bench --only attention_kernels  # kvshard's attention kernel vs JAX's (TPU)
     kvshard bench --only swap_bandwidth   # the host tier: swap_out/swap_in vs device_put
     kvshard bench --only tier_trace       # serving trace: recompute vs swap, host prefix hits
+    kvshard bench --only serve_load       # kvshard serve: 1, 4, 16 streaming clients over HTTP
 
 Benchmarks run one after another in this process; one that fails is reported and the others
 still run (the exit status is then 1).
@@ -152,6 +153,15 @@ def _tier_trace(out: str, quick: bool) -> Any:
     return run(out, **settings(quick))
 
 
+def _serve_load(out: str, quick: bool) -> Any:
+    """``kvshard serve`` under 1, 4 and 16 streaming clients (needs the serve extra + httpx)."""
+    from kvshard.benchmarks.serve_load import main
+
+    sizes = ["--requests", "16", "--max-tokens", "16"] if quick else []
+    if main([*sizes, "--out", out]):
+        raise RuntimeError("serve_load: a request did not complete or a page leaked")
+
+
 def _tpu_schedule(out: str, quick: bool) -> Any:
     from kvshard.benchmarks.tpu_schedule import run
 
@@ -168,6 +178,7 @@ BENCHMARKS: dict[str, Callable[[str, bool], Any]] = {
     "attention_decode": _attention_decode,
     "swap_bandwidth": _swap_bandwidth,
     "tier_trace": _tier_trace,
+    "serve_load": _serve_load,
     "attention_prefill": _attention_prefill,
     "tpu_schedule": _tpu_schedule,
     "update_schedules": _update_schedules,

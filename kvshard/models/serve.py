@@ -5,7 +5,9 @@ of the mesh's data axis (``init_cache(..., page_axis=...)``), each pool with its
 :class:`kvshard.PageAllocator` and its own schedule (every running request gets its next
 prompt chunk or one decode token, within a token budget). Every step builds each pool's
 :func:`kvshard.build_step` at one padded shape, stacks them (:func:`kvshard.stack_steps`) and
-runs ONE jitted forward with the cache donated (:func:`serve_step`). Greedy sampling.
+runs ONE jitted forward with the cache donated (:func:`serve_step`). Each pool's admission and
+schedule is its :class:`kvshard.Scheduler`'s. Greedy sampling (``kvshard serve``'s engine,
+:mod:`kvshard.server.engine`, adds the others).
 
 :func:`cache_spec` gives the cache the model's per-layer attention types
 (``CacheSpec(layer_types=arch.layer_types)``): a mixed model (Gemma 2/3, gpt-oss, Qwen2 with
@@ -23,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -120,15 +123,6 @@ def cache_spec(
     return dataclasses.replace(spec, num_pages=max(pages, min_pages))
 
 
-def _schedule(running: list[Request], budget: int) -> list[tuple[Request, int]]:
-    batch, left = [], budget
-    for r in running:
-        if n := min(len(r.tokens) - r.computed, left):
-            batch.append((r, n))
-            left -= n
-    return batch
-
-
 def serve(
     model,
     spec: kvshard.CacheSpec,
@@ -144,7 +138,11 @@ def serve(
 ) -> tuple[int, int]:
     """Runs every request to completion; returns (steps, most pages in use in one pool).
 
-    ``progress``: called after every step with (steps so far, requests finished so far).
+    Each pool is scheduled by its own :class:`kvshard.Scheduler` (chunked prefill within the
+    ``budget`` tokens of a step, running requests in arrival order, recompute if a pool ever
+    runs out); a request joins its pool's scheduler at its ``arrival`` step. Greedy: the
+    argmax of each sampled row. ``progress``: called after every step with (steps so far,
+    requests finished so far).
 
     The allocators take ``spec.layer_types`` (:func:`cache_spec`): with layer groups each
     group has its own page table and the sliding ones release the pages that fell out of
@@ -166,7 +164,9 @@ def serve(
             f"{model.arch.layer_types!r}"
         )
     pools = int(mesh.shape[data_axis])
-    longest = max(len(r.tokens) + r.max_new for r in requests)
+    # A request of max_new = 0 is scheduled for one token that is not kept (its prompt's
+    # logits are all it needs).
+    longest = max(len(r.tokens) + max(r.max_new, 1) for r in requests)
     allocators = [
         kvshard.PageAllocator(
             spec.num_pages,
@@ -178,49 +178,51 @@ def serve(
         )
         for _ in range(pools)
     ]
+    # Every pool padded to one shape (one bucket): one stacked step, one compilation.
+    config = kvshard.SchedulerConfig(
+        max_num_batched_tokens=budget,
+        max_num_seqs=max_seqs,
+        decode_first=False,
+        preemption_mode="recompute",
+        token_buckets=(budget,),
+    )
+    schedulers = [kvshard.Scheduler(alloc, config) for alloc in allocators]
     cache = kvshard.init_cache(spec, mesh, head_axis=model_axis, page_axis=data_axis)
     waiting = [sorted(requests[g::pools], key=lambda r: r.arrival) for g in range(pools)]
-    running: list[list[Request]] = [[] for _ in range(pools)]
+    by_id: dict[Any, Request] = {r.id: r for r in requests}
     token_sharding = NamedSharding(mesh, P(data_axis, None))
     steps, peak, finished = 0, 0, 0
-    while any(waiting) or any(running):
-        batches = []
-        for g in range(pools):
-            while waiting[g] and waiting[g][0].arrival <= steps and len(running[g]) < max_seqs:
-                running[g].append(waiting[g].pop(0))
-            batches.append(_schedule(running[g], budget))
-        steps += 1
-        if not any(batches):  # nothing has arrived yet
-            continue
-        metas, tokens = [], np.zeros((pools, budget), np.int32)
-        for g, (alloc, batch) in enumerate(zip(allocators, batches, strict=True)):
-            ids, counts = [r.id for r, _ in batch], [n for _, n in batch]
-            alloc.allocate_batch(ids, counts)  # grow (and release out-of-window pages)
-            peak = max(peak, alloc.num_pages - 1 - alloc.num_free_pages)
-            # Every pool padded to one shape: one stacked step, one compilation.
-            metas.append(
-                kvshard.build_step(
-                    alloc, ids, counts, num_tokens_padded=budget, max_num_seqs=max_seqs
+    while any(waiting) or any(s.has_unfinished_requests() for s in schedulers):
+        for g, scheduler in enumerate(schedulers):
+            while waiting[g] and waiting[g][0].arrival <= steps:
+                r = waiting[g].pop(0)
+                scheduler.add_request(
+                    kvshard.GenerationRequest(r.id, list(r.tokens), max(r.max_new, 1))
                 )
-            )
-            offset = 0
-            for r, n in batch:  # request by request, in the order given to build_step
-                tokens[g, offset : offset + n] = r.tokens[r.computed : r.computed + n]
-                offset += n
-        step = kvshard.stack_steps(metas)
-        logits, cache = serve_step(model, cache, jax.device_put(tokens, token_sharding), step)
+        outs = [s.schedule() for s in schedulers]
+        steps += 1
+        if not any(out.seq_ids for out in outs):  # nothing has arrived yet
+            for scheduler, out in zip(schedulers, outs, strict=True):
+                scheduler.update(out, [])
+            continue
+        peak = max(peak, *(a.num_pages - 1 - a.num_free_pages for a in allocators))
+        step = kvshard.stack_steps([out.step for out in outs])
+        tokens = jax.device_put(np.stack([out.token_ids for out in outs]), token_sharding)
+        logits, cache = serve_step(model, cache, tokens, step)
         logits = np.asarray(logits.astype(jnp.float32))
-        for g, batch in enumerate(batches):
-            offset = 0
-            for r, n in batch:
-                r.logits.extend(logits[g, offset : offset + n])
-                r.computed, offset = r.computed + n, offset + n
-                if r.computed == len(r.tokens) and len(r.tokens) - r.prompt_len < r.max_new:
-                    r.tokens.append(int(np.argmax(r.logits[-1])))  # greedy
-                if len(r.tokens) - r.prompt_len == r.max_new and r.computed >= len(r.tokens) - 1:
-                    running[g].remove(r)
-                    allocators[g].free(r.id)
-                    finished += 1
+        for g, (scheduler, out) in enumerate(zip(schedulers, outs, strict=True)):
+            cu, positions = out.step.cu_q_lens, out.step.positions
+            for i, (req_id, _) in enumerate(out.seq_ids):
+                r = by_id[req_id]
+                del r.logits[int(positions[cu[i]]) :]  # a recomputed request's rows again
+                r.logits.extend(logits[g, cu[i] : cu[i + 1]])
+                r.computed = len(r.logits)
+            greedy = logits[g, out.sample_rows].argmax(-1)
+            for (req_id, _), token in zip(out.sample_seq_ids, greedy.tolist(), strict=True):
+                r = by_id[req_id]
+                if len(r.tokens) - r.prompt_len < r.max_new:
+                    r.tokens.append(token)
+            finished += len(scheduler.update(out, greedy))
         if progress is not None:
             progress(steps, finished)
     for r in requests:  # no logits after the last token (N = 0: the prompt's last is unused)
