@@ -15,8 +15,8 @@ Vocabulary (the same as docs/layout.md):
   and V in ``[head_dim, 2·head_dim)``, the row padded to 128 lanes (head_dim 64: no padding).
   Either way a device's contiguous block of the head axis holds both K and V of its own heads.
 
-Over 400 lines because CacheSpec and every rule it validates (sizes, dtypes, scale bounds,
-head splits) live together: the planner and the cache read one definition of each.
+CacheSpec and every rule it validates (sizes, dtypes, scale bounds, head splits) live
+together: the planner and the cache read one definition of each.
 """
 
 from __future__ import annotations

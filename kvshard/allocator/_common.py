@@ -13,7 +13,7 @@ NULL_PAGE = 0
 """Page id reserved for padding writes; no request ever owns it."""
 
 # Tokens one request may hold (max_pages_per_request * page_size): build_step writes positions
-# and kv_lens as int32, so a larger count would wrap there (issue 19).
+# and kv_lens as int32, so a larger count would wrap there.
 MAX_TOKENS = INT32_MAX
 # load_state_dict refuses an eviction clock past this: the clock advances by at most num_pages
 # per call, so from here it cannot reach int64's end in any real run (2**62 stamps).

@@ -1,6 +1,6 @@
 """Pallas TPU kernel: ragged paged attention over one device's stacked cache block, in place.
 
-kvshard's own read kernel (issue 29), beside the update kernel. It attends the step's queries
+kvshard's own read kernel, beside the update kernel. It attends the step's queries
 over the pages of each request's page-table row, reading the device's whole stacked block
 ``[L, num_pages·page_size, C, D_pad]`` where it lies: the wrapper views it as pages
 ``[L·num_pages, page_size, C, D_pad]`` (a reshape of the array, free), offsets the page table
@@ -71,8 +71,7 @@ Beside it
 :mod:`kvshard.kernels.attention_checks` (``static_validate_inputs``,
 ``dynamic_validate_inputs``) and :mod:`kvshard.kernels.attention_reference`
 (``ref_ragged_paged_attention``, the jnp reference on the same operands), both re-exported
-here. Over 400 lines because the schedule documented above, the kernel and its one wrapper
-are read together.
+here. The schedule documented above, the kernel and its one wrapper are read together.
 
 Budgets ``jax.export`` cannot check
 -----------------------------------
@@ -719,7 +718,7 @@ def fused_ragged_paged_attention(
     write_layer: jax.Array | None = None,
     **kwargs: Any,
 ) -> tuple[jax.Array, jax.Array]:
-    """One kernel that writes the step's K/V rows into ``layer`` and attends (issue 29).
+    """One kernel that writes the step's K/V rows into ``layer`` and attends.
 
     Equal to :func:`kvshard.kernels.update.kv_cache_update` of ``new_kv`` (``slices``'
     ``kv_cache_start`` is a slot of ``layer``, ``[0, num_pages·page_size)``) followed by
