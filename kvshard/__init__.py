@@ -38,11 +38,11 @@ if TYPE_CHECKING:  # static typing and IDEs see ordinary imports
     from kvshard import kernels as kernels
     from kvshard import quant as quant
     from kvshard import reference as reference
-    from kvshard._attention import attention as attention
     from kvshard._attention import fused_attention as fused_attention
     from kvshard._config import ConfigError as ConfigError
     from kvshard._config import ModelGeometry as ModelGeometry
     from kvshard._config import read_model_config as read_model_config
+    from kvshard._eager import attention as attention
     from kvshard._errors import KvshardError as KvshardError
     from kvshard._layout import CacheSpec as CacheSpec
     from kvshard._layout import check_tensor_parallel as check_tensor_parallel
@@ -87,7 +87,7 @@ _EXPORTS: dict[str, str | None] = {
     "kernels": None,
     "quant": None,
     "reference": None,
-    "attention": "kvshard._attention",
+    "attention": "kvshard._eager",
     "fused_attention": "kvshard._attention",
     "ConfigError": "kvshard._config",
     "KvshardError": "kvshard._errors",

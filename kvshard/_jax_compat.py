@@ -33,8 +33,8 @@ __all__ = ["CPU_REWRITES_BFLOAT16", "JAX_VERSION", "interpret_params", "is_delet
 
 JAX_VERSION: tuple[int, ...] = tuple(int(p) for p in jax.__version__.split(".")[:3] if p.isdigit())
 
-# Measured (kvshard.benchmarks.callers_jit.temporaries, a natively stored 64 MiB cache in a bf16
-# model's jit): temporaries 4.0x the cache on 0.10.2, 0.05x on 0.11.2 and 0.12.1.
+# Whether XLA:CPU rewrites a natively stored bfloat16 cache through float32 temporaries (JAX
+# 0.10; docs/performance.md has the sizes, from kvshard.benchmarks.callers_jit.temporaries).
 CPU_REWRITES_BFLOAT16: bool = JAX_VERSION < (0, 11)
 
 # The function-transform form of compute_on: ``compute_on2`` where both forms exist (0.10),

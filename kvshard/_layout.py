@@ -19,8 +19,8 @@ Vocabulary (the same as docs/layout.md):
   (``head_dim - kv_lora_rank`` lanes), padded to 128 lanes once; ``num_kv_heads = 1``, so a
   ``tp``-way head axis replicates the row ``tp`` times (one copy per device).
 
-Over 400 lines because CacheSpec and every rule it validates (sizes, dtypes, scale bounds,
-head splits) live together: the planner and the cache read one definition of each.
+CacheSpec and every rule it validates (sizes, dtypes, scale bounds, head splits) live
+together: the planner and the cache read one definition of each.
 """
 
 from __future__ import annotations

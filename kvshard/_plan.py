@@ -13,7 +13,7 @@ request holds at most :func:`window_pages` pages however long it grows.
 The host tier (:func:`kvshard.init_host_cache`): a host page has the device page's bytes (the
 host cache mirrors each device's block), so host memory per device // page bytes host pages
 per device, all usable (no null page on the host), each holding ``page_size`` tokens of one
-pool. Over 400 lines: the plan's arithmetic and its one renderer stay side by side.
+pool. The plan's arithmetic and its one renderer stay side by side.
 """
 
 from __future__ import annotations

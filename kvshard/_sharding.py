@@ -75,8 +75,8 @@ def _sharding(mesh: Mesh, spec: P) -> NamedSharding:
 
 @functools.lru_cache(maxsize=256)
 def _equivalent(have: Any, want: NamedSharding, ndim: int) -> bool:
-    # Shardings are immutable and hashable; comparing them was a measurable part of an eager
-    # call (k and v arrive with their own sharding every call).
+    # Shardings are immutable and hashable: compared once per pair (k and v arrive with their
+    # own sharding on every eager call).
     return have == want or have.is_equivalent_to(want, ndim)
 
 

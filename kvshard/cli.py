@@ -1,7 +1,7 @@
 """The ``kvshard`` command: size a KV cache for a mesh, run the demo and the benchmarks.
 
-(Over 400 lines because it is one argparse front end: every subcommand's flags, help and
-error messages in one place, the arithmetic itself in :mod:`kvshard._plan`.)
+One argparse front end: every subcommand's flags, help and error messages in one place, the
+arithmetic itself in :mod:`kvshard._plan`.
 
 Usage::
 

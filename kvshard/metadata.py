@@ -13,11 +13,11 @@ on that bucket (:func:`padded_num_slices`); :func:`pad_slices` does both.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 
 import numpy as np
 
+from kvshard import _deprecated
 from kvshard._int32 import INT32_MAX
 
 
@@ -287,13 +287,7 @@ def pad_slices(
             ``S_pad`` (more requests than ``max_num_seqs``).
         IndexError: ``buckets`` is empty.
     """
-    if max_num_reqs is not None:
-        if max_num_seqs is not None:
-            raise TypeError("pass max_num_seqs only (max_num_reqs is its deprecated spelling)")
-        warnings.warn(
-            "pad_slices(max_num_reqs=) is deprecated: pass max_num_seqs", DeprecationWarning, 2
-        )
-        max_num_seqs = max_num_reqs
+    max_num_seqs = _deprecated.max_num_seqs(max_num_seqs, max_num_reqs)
     if max_num_seqs is None:
         raise TypeError("pad_slices needs max_num_seqs")
     slices = np.asarray(slices)

@@ -223,7 +223,7 @@ def test_a_known_attention_reads_each_layer_with_its_own_type():
 
 
 def test_the_key_tells_numpy_from_device_metadata_and_content_from_identity():
-    from kvshard._eager import eager_key
+    from kvshard._memo import call_key as eager_key
 
     slices = np.array([[0, 1], [0, 1], [1, 1]], np.int32)
     key = eager_key(("update",), (), (slices,))
@@ -308,3 +308,21 @@ def test_a_step_buffer_refilled_in_place_changes_no_earlier_call(mesh):
     got = np.asarray(kvshard.gather(cache, 0, slots)[0])
     np.testing.assert_array_equal(got[0], 3 * k[0])
     np.testing.assert_array_equal(got[1], 2 * k[0])
+
+
+def test_fused_attention_on_xla_checks_each_part_once(mesh):
+    """fused_attention off the fused kernel is update then attention, each checked once (its
+    own checks, not the entries': nothing of it is stored in the memo), with the entries'
+    results."""
+    step, k, v = decode_step(SPEC), tokens(SPEC, 30), tokens(SPEC, 31)
+    q = tokens(SPEC, 32, heads=4)
+    with spied(update_module) as writes, spied(attention_module) as reads:
+        out, fused = kvshard.fused_attention(
+            kvshard.init_cache(SPEC, mesh), 1, q, k, v, step, sm_scale=SCALE, backend="xla"
+        )
+    assert (writes.call_count, reads.call_count) == (1, 1)
+    assert len(EAGER_CALLS) == 0
+    cache = kvshard.update(kvshard.init_cache(SPEC, mesh), 1, k, v, step, backend="xla")
+    want = kvshard.attention(cache, 1, q, step, sm_scale=SCALE, backend="xla")
+    np.testing.assert_array_equal(np.asarray(fused.kv), np.asarray(cache.kv))
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(want))

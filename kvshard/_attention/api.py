@@ -1,6 +1,11 @@
-"""``attention``: ragged paged attention of one layer, read where the cache lives.
+"""The attention operation: ragged paged attention of one layer, read where the cache lives.
 
-:func:`attention` runs inside ``jax.shard_map``. Each device attends the query heads whose KV
+:func:`check_read` checks a call's arguments on the host and places them on the mesh;
+:func:`read` makes the one jitted, sharded call (``_read``). The public entry
+:func:`kvshard.attention` (:mod:`kvshard._eager`) calls the two in turn, or skips the checks
+for a call equal to one that passed them.
+
+``_read`` runs inside ``jax.shard_map``. Each device attends the query heads whose KV
 heads it holds, reading K/V pages of its own block of the stacked cache through the page table,
 and returns its query heads' output: nothing is gathered across devices, nothing is copied out
 of the cache (see docs/attention.md for pictures). Backends: :mod:`kvshard._attention.pallas`
@@ -15,16 +20,12 @@ Out-of-contract metadata inside ``jit`` is dropped identically on both backends
 (:func:`kvshard._drop.live_requests`): the first request out of contract and every request
 after it produce zeros, as does every token of a step whose traced ``layer`` is out of range;
 ``checks=True`` reports it.
-
-(Just over 400 lines because the public operation is read in one file: its host checks, the
-sharded call and its documented contract; the eager fast path is in ``eager.py``.)
 """
 
 from __future__ import annotations
 
 import functools
-import warnings
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -33,26 +34,31 @@ from jax.sharding import PartitionSpec as P
 
 from kvshard import _host_checks as host
 from kvshard import _reports
-from kvshard._attention.eager import eager_attention_key, known_call
 from kvshard._attention.layer_type import ReadType, read_type
 from kvshard._attention.pallas import local_pallas
 from kvshard._attention.params import Statics
 from kvshard._attention.xla import local_xla
 from kvshard._drop import route_layer
-from kvshard._eager import EAGER_CALLS, placed_metadata
 from kvshard._int32 import INT32_MAX
-from kvshard._layer_types import LayerType
 from kvshard._layout import check_query_heads
 from kvshard._platform import resolve_attention_backend
 from kvshard._sharding import place_all, to_spec
-from kvshard._types import Backend, BackendOptions
-from kvshard.cache import KVCache, check_cache
+from kvshard._types import BackendOptions
+from kvshard.cache._pytree import KVCache, check_cache
 from kvshard.step import StepMetadata, check_step
 
-__all__ = ["attention"]
+__all__ = [
+    "LayerRead",
+    "ReadCall",
+    "ReadOptions",
+    "check_layer_read",
+    "check_read",
+    "read",
+    "report_read",
+]
 
 # Field order of the attention metadata handed to the per-device body.
-_FIELDS = ("page_indices", "kv_lens", "cu_q_lens", "num_seqs")
+FIELDS = ("page_indices", "kv_lens", "cu_q_lens", "num_seqs")
 _LOCAL = {"xla": local_xla, "pallas": local_pallas}
 
 
@@ -94,17 +100,9 @@ def _read(cache, layer, q, fields, sinks, *, backend, statics, checks, read: Rea
     def body(kv, layer, q, *rest):  # layer: the cache layer (-1: none)
         sink = () if sinks is None else rest[:1]
         fields = rest[len(sink) :]
-        fields, whole = fields[: len(_FIELDS)], fields[len(_FIELDS) :]
+        fields, whole = fields[: len(FIELDS)], fields[len(FIELDS) :]
         if whole:
-            if read.readable is not None:
-                _reports.check_layer_type(whole[0], read.readable, read.layer_type)
-            _reports.check_attention(
-                *whole,
-                num_layers=spec.num_layers,
-                num_tokens=q.shape[1],
-                num_pages=spec.num_pages,
-                page_size=spec.page_size,
-            )
+            report_read(spec, read, whole, num_tokens=q.shape[1])
         return local(kv, layer, q[0], *(x[0] for x in fields), *sink)[None]
 
     out = jax.shard_map(
@@ -116,7 +114,7 @@ def _read(cache, layer, q, fields, sinks, *, backend, statics, checks, read: Rea
 def _check_fields(cache: KVCache, step: StepMetadata, num_tokens: int) -> list[Any]:
     """The attention fields of ``step``: shapes and dtypes always, values when concrete.
 
-    Returns them as int32, in :data:`_FIELDS` order.
+    Returns them as int32, in :data:`FIELDS` order.
     """
     pooled = cache.page_axis is not None
     lead: tuple[int, ...] = (cache.dp,) if pooled else ()
@@ -136,7 +134,7 @@ def _check_fields(cache: KVCache, step: StepMetadata, num_tokens: int) -> list[A
         ("num_seqs", (*lead, 1), "1]"),
     ):
         host.check_shape(f"step.{name}", getattr(step, name), expected, what + text)
-    fields = [host.as_int32(f"step.{name}", getattr(step, name)) for name in _FIELDS]
+    fields = [host.as_int32(f"step.{name}", getattr(step, name)) for name in FIELDS]
     hosts = [host.concrete(x) for x in fields]
     if all(h is not None for h in hosts):
         spec = cache.spec
@@ -245,185 +243,97 @@ def _check_sinks(sinks: Any, num_q_heads: int, backend: str, jax_kernel: bool) -
     return sinks if host.dtype_of(sinks) == np.float32 else jnp.asarray(sinks, jnp.float32)
 
 
-def attention(
-    cache: KVCache,
-    layer: int | jax.Array,
-    q: jax.Array,
-    step: StepMetadata | None = None,
-    *,
-    sm_scale: float,
-    sliding_window: int | None = None,
-    layer_type: LayerType | None = None,
-    soft_cap: float | None = None,
-    sinks: jax.Array | None = None,
-    backend: Backend = "auto",
-    options: BackendOptions | None = None,
-    checks: bool = False,
-    metadata: StepMetadata | None = None,
-) -> jax.Array:
-    """Ragged paged attention of one layer, per device on the heads it owns, in place.
+class ReadOptions(NamedTuple):
+    """The keyword arguments of one attention call, as the caller gave them."""
 
-    Called like every device operation, cache and layer first: ``attention(cache, layer, q,
-    step, sm_scale=...)``. The earlier form ``attention(q, cache, layer, metadata, ...)`` still
-    works and warns (DeprecationWarning).
+    sm_scale: Any
+    sliding_window: Any
+    layer_type: Any
+    soft_cap: Any
+    sinks: Any
+    backend: Any
+    options: Any
+    checks: Any
 
-    Args:
-      cache: not donated; read in place. A donated cache is refused (ValueError).
-      layer: int or int scalar array in [0, L); may be traced (``lax.scan`` over layers).
-        With layer groups it reads cache layer ``spec.groups.layer_slot[layer]`` through the
-        page table ``step.page_indices[(pool,) spec.groups.layer_group[layer]]``.
-      q: float[T, Hq, D] queries of the step's tokens (packed as ``step`` says; ``T`` its
-        ``num_tokens_padded``), or float[dp, T, Hq, D] with a page axis (group g's queries
-        attend its own pool). ``Hq`` a multiple of ``num_kv_heads`` and of the head-axis size
-        ``tp``; query head ``i`` attends KV head ``i // (Hq / num_kv_heads)``. Sharded (or
-        resharded) ``P(page_axis, None, head_axis, None)``: per device float[T, Hq/tp, D].
-        A ``kv_layout="latent"`` (MLA) cache takes the absorbed form: ``D = kv_lora_rank +
-        qk_rope_head_dim`` (the spec's ``head_dim``), ``q = concat([q_nope @ W_UK, q_pe],
-        -1)`` per head, scored against the latent row ``[c_kv | k_pe]`` that every query head
-        shares (docs/layout.md, "Latent caches").
-      step: the step's :class:`~kvshard.StepMetadata` (``[dp, ...]`` fields with a page axis);
-        its geometry must be the cache's. Fields may be traced (int32).
-      sm_scale: softmax scale, a float (usually ``head_dim ** -0.5``), finite and > 0.
-      sliding_window: W >= 1: token at position p attends positions (p - W, p]; None: all,
-        or, when the spec has ``layer_types``, the layer's own type. With ``layer_types`` a
-        window other than a concrete layer's own is refused (its group's page table holds
-        only the pages its own type can see), and a traced layer over layers of several types
-        needs the type stated: here (``("sliding", W)``) or with ``layer_type``; inside
-        ``jit`` a layer of another type then reads nothing (``checks=True`` reports it).
-      layer_type: the attention type read, as in ``CacheSpec.layer_types``: ``("full",)``,
-        ``("sliding", W)`` (the same as ``sliding_window=W``) or ``("chunked", C)`` (Llama 4's
-        chunked local attention: a query at p attends positions ``C·(p // C)`` .. p; not with
-        JAX's pallas kernel). None: the layer's own type (full without ``layer_types``). The same
-        rules as ``sliding_window``.
-      soft_cap: logit soft cap, a finite float > 0, or None.
-      sinks: attention sinks (gpt-oss), float[Hq]: a logit per query head added to that head's
-        softmax denominator, ``out = Σ_j e^(s_j - m) v_j / (e^(sink - m) + Σ_j e^(s_j - m))``;
-        -inf is no sink. Traced or not (not a static argument), computed in float32, sharded
-        ``P(head_axis)`` like q's heads (with a page axis every pool uses the same sinks).
-        None: no sinks. Refused by JAX's pallas kernel (``pallas_kernel="jax"``).
-      backend: "pallas" (kvshard's ragged paged attention kernel,
-        :mod:`kvshard.kernels.attention`: either ``kv_layout``, every layer type, sinks;
-        Mosaic on TPU, Pallas interpret mode elsewhere; or JAX's kernel with
-        ``BackendOptions(pallas_kernel="jax")``: TPU only, interleaved caches only), "xla"
-        (jnp, either ``kv_layout``), or "auto": pallas when the mesh is made of TPUs (with
-        JAX's kernel: only for an interleaved cache), xla otherwise (and for a latent cache).
-      options: :class:`~kvshard.BackendOptions` (xla reads ``keys_per_step`` and
-        ``queries_per_block``; pallas ``interpret``, ``kv_pages_per_block``,
-        ``queries_per_block``, ``pallas_kernel``, ``attention_kernel``).
-      checks: with traced metadata or layer, report what the drop rule drops (a layer out of
-        range, ``num_seqs`` out of range, the first request out of contract) as an error
-        raised by a host callback, as :func:`kvshard.update` does. No effect when concrete.
-      metadata: deprecated keyword spelling of ``step``.
 
-    Returns:
-      q.dtype[T, Hq, D] (or [dp, T, Hq, D]) sharded like ``q``: per device [T, Hq/tp, D].
-      A latent cache returns q.dtype[T, Hq, kv_lora_rank]: the output in latent space,
-      ``Σ w·c_kv`` (the caller applies W_UV per head).
-      Padding tokens (past ``cu_q_lens[num_seqs]``) are zero. No collective runs: the caller's
-      output projection does the usual reduction over the head axis.
+class LayerRead(NamedTuple):
+    """What a call's checked keywords fix for every layer it may read: with the layer, they
+    give its :class:`ReadType` and :class:`Statics` (:func:`check_layer_read`)."""
 
-    Raises:
-      TypeError: wrong cache or step type, q or sinks not floating, step fields not integer
-        (int32 when traced), layer not an integer scalar, sm_scale or soft_cap not a float.
-      NotImplementedError: with JAX's pallas kernel (``pallas_kernel="jax"`` or an
-        ``attention_kernel``): sinks or a chunked read (JAX's kernel has neither), or a
-        ``kv_layout="packed"`` cache (it reads interleaved rows only); ``backend="pallas"``
-        on a ``kv_layout="latent"`` cache (no kernel reads it; "auto" picks xla).
-      ValueError: wrong shapes (q's tokens other than the step's), a step built for another
-        geometry, head counts that do not divide, a donated cache, concrete layer or metadata
-        out of range (a request's queries past T, kv_len beyond its page-table row or below
-        its query count, a page id outside the pool), a bad window, scale or soft cap, sinks
-        not of shape [Hq] or holding NaN or +inf; with ``layer_types``: a window or
-        ``layer_type`` other than a concrete layer's own, none for a traced layer over
-        layers of several types (see ``sliding_window``), or a ``layer_type`` no layer has.
-    """
-    if not isinstance(cache, KVCache) and isinstance(layer, KVCache):
-        warnings.warn(
-            "attention(q, cache, layer, metadata) is deprecated: call attention(cache, layer, "
-            "q, step), cache and layer first like every kvshard operation",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        cache, layer, q = layer, q, cache  # type: ignore[assignment]
-    if metadata is not None:
-        if step is not None:
-            raise TypeError("pass the step once: step or metadata=, not both")
-        warnings.warn(
-            "attention(metadata=) is deprecated: pass step", DeprecationWarning, stacklevel=2
-        )
-        step = metadata
-    eager = eager_attention_key(
-        _FIELDS,
-        cache,
-        layer,
-        q,
-        step,
-        sm_scale,
-        sliding_window,
-        layer_type,
-        soft_cap,
-        sinks,
-        backend,
-        options,
-        checks,
+    sliding_window: int | None
+    layer_type: Any
+    backend: str  # resolved
+    sm_scale: float
+    soft_cap: float | None
+    options: BackendOptions
+
+
+class ReadCall(NamedTuple):
+    """A checked attention call: ``_read``'s arguments, placed on the mesh."""
+
+    cache: KVCache
+    layer: Any  # int32[], the checked layer
+    q: Any
+    fields: tuple[Any, ...]  # the step's attention fields, in FIELDS order
+    sinks: Any
+    statics: Statics
+    read_type: ReadType
+    checks: bool
+    layer_read: LayerRead
+    q_spec: P  # where q was placed
+
+
+def check_layer_read(spec: Any, layer: Any, given: LayerRead) -> tuple[Any, ReadType, Statics]:
+    """The one place an attention call's layer is checked and resolved: its range and type
+    (:func:`kvshard._host_checks.check_layer`), then the type it is read with
+    (:func:`kvshard._attention.layer_type.read_type`). Returns (the layer as int32, its
+    :class:`ReadType`, the call's :class:`Statics`)."""
+    index = host.check_layer(spec.num_layers, layer)
+    if host.is_traced(index):
+        return index, *_resolve(spec, index, given)
+    try:
+        return index, *_resolve_concrete(spec, int(index), given)
+    except TypeError as err:  # a layer_type the cache cannot hash (a list): checked uncached
+        if "unhashable" not in str(err):
+            raise
+        return index, *_resolve(spec, index, given)
+
+
+def _resolve(spec: Any, layer: Any, given: LayerRead) -> tuple[ReadType, Statics]:
+    window, layer_type, backend, scale, cap, options = given
+    read = read_type(spec, layer, window, layer_type, backend, options)
+    return read, Statics(spec, scale, read.sliding_window, cap, options, read.chunk_size)
+
+
+_resolve_concrete = functools.lru_cache(maxsize=1024)(_resolve)
+
+
+def report_read(spec: Any, read: ReadType, whole: Any, *, num_tokens: int) -> None:
+    """``checks=True`` inside the sharded body: every device reports what the drop rule drops
+    from the whole (layer, *fields) (:mod:`kvshard._reports`)."""
+    if read.readable is not None:
+        _reports.check_layer_type(whole[0], read.readable, read.layer_type)
+    _reports.check_attention(
+        *whole,
+        num_layers=spec.num_layers,
+        num_tokens=num_tokens,
+        num_pages=spec.num_pages,
+        page_size=spec.page_size,
     )
-    out = None if eager is None else known_call(_read, eager, cache, layer, q)
-    if out is not None:  # this call passed every check but the layer's before
-        return out
-    args, kwargs = checked_read_args(
-        cache,
-        layer,
-        q,
-        step,
-        sm_scale=sm_scale,
-        sliding_window=sliding_window,
-        layer_type=layer_type,
-        soft_cap=soft_cap,
-        sinks=sinks,
-        backend=backend,
-        options=options,
-        checks=checks,
-        eager=eager,
-    )
-    return _read(*args, **kwargs)
 
 
-def checked_read_args(
-    cache,
-    layer,
-    q,
-    step,
-    *,
-    sm_scale,
-    sliding_window,
-    layer_type,
-    soft_cap,
-    sinks,
-    backend,
-    options,
-    checks,
-    eager=None,
-):
-    """:func:`attention`'s host checks and placement: ``(args, kwargs)`` of ``_read``
-    (``(cache, layer, q, fields, sinks)``; ``backend``, ``statics``, ``checks``, ``read``).
-    Also used by :func:`kvshard.fused_attention`. Raises what :func:`attention` raises."""
+def check_read(cache, layer, q, step, given: ReadOptions) -> ReadCall:
+    """The host checks and placement of an attention call (see :func:`kvshard.attention` for
+    the arguments and what is refused). Also used by :func:`kvshard.fused_attention`."""
     cache = check_cache(cache)
-    host.check_backend(backend)
-    options = host.check_options(options)
-    resolved = resolve_attention_backend(cache, backend, options)
-    scale = _finite_positive("sm_scale", sm_scale, optional=False)
-    cap = _finite_positive("soft_cap", soft_cap, optional=True)
-    window = _check_window(sliding_window)
-    layer_index = host.check_layer(cache.spec.num_layers, layer)
-    read = read_type(cache.spec, layer_index, window, layer_type, resolved, options)
-    statics = Statics(
-        cache.spec,
-        scale,  # type: ignore[arg-type]
-        read.sliding_window,
-        cap,
-        options,
-        read.chunk_size,
-    )
+    host.check_backend(given.backend)
+    options = host.check_options(given.options)
+    resolved = resolve_attention_backend(cache, given.backend, options)
+    scale = _finite_positive("sm_scale", given.sm_scale, optional=False)
+    cap = _finite_positive("soft_cap", given.soft_cap, optional=True)
+    window = _check_window(given.sliding_window)
+    layer_read = LayerRead(window, given.layer_type, resolved, scale, cap, options)  # type: ignore[arg-type]
+    layer_index, read, statics = check_layer_read(cache.spec, layer, layer_read)
     spec, pooled = cache.spec, cache.page_axis is not None
     lead = (cache.dp,) if pooled else ()
     dim = "kv_lora_rank + qk_rope_head_dim" if spec.latent else "head_dim"
@@ -435,12 +345,12 @@ def checked_read_args(
         check_query_heads(np.shape(q)[-2], spec.num_kv_heads, cache.tp)
     except ValueError as err:
         raise ValueError(f"q has {np.shape(q)[-2]} query heads: {err}") from None
-    sinks = _check_sinks(sinks, np.shape(q)[-2], resolved, options.jax_attention_kernel)
+    sinks = _check_sinks(given.sinks, np.shape(q)[-2], resolved, options.jax_attention_kernel)
     num_tokens = np.shape(q)[-3]
     check_step(step, spec, num_tokens=num_tokens, token_arg="q", lead=lead)
     assert step is not None
     fields = _check_fields(cache, step, num_tokens)
-    checks = bool(checks) and any(map(host.is_traced, (layer, *fields)))
+    checks = bool(given.checks) and any(map(host.is_traced, (layer, *fields)))
     mesh = cache.mesh
     q_spec = _q_spec(cache) if pooled else P(*_q_spec(cache)[1:])
     fields_spec = P(cache.page_axis) if pooled else P()
@@ -450,10 +360,30 @@ def checked_read_args(
         [(layer_index, P()), (q, q_spec), *((x, fields_spec) for x in fields), *sinks_items],
         reuse=not any(map(host.is_traced, (cache.kv, q))),  # eager: a step placed once per step
     )
-    fields = placed[: len(fields)]
-    if eager is not None:  # every check passed: the next equal call is a lookup
-        static = (window, layer_type, resolved, scale, cap, options)
-        stored = placed_metadata(eager[1], fields)
-        EAGER_CALLS.put(eager[0], (stored, None if q is eager[2] else q_spec, resolved, static))
-    args = (cache, layer_index, q, fields, None if sinks is None else placed[-1])
-    return args, {"backend": resolved, "statics": statics, "checks": checks, "read": read}
+    return ReadCall(
+        cache,
+        layer_index,
+        q,
+        tuple(placed[: len(fields)]),
+        None if sinks is None else placed[-1],
+        statics,
+        read,
+        checks,
+        layer_read,
+        q_spec,
+    )
+
+
+def read(call: ReadCall) -> jax.Array:
+    """The checked call's one jitted, sharded read: q.dtype[(dp,) T, Hq, D]."""
+    return _read(
+        call.cache,
+        call.layer,
+        call.q,
+        call.fields,
+        call.sinks,
+        backend=call.layer_read.backend,
+        statics=call.statics,
+        checks=call.checks,
+        read=call.read_type,
+    )

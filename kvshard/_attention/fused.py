@@ -19,22 +19,17 @@ import jax
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from kvshard import _reports
-from kvshard._attention.api import attention, checked_read_args
+from kvshard._attention.api import FIELDS, ReadOptions, check_read, read, report_read
 from kvshard._attention.pallas import local_kvshard
 from kvshard._drop import route_layer
-from kvshard._host_checks import check_options
 from kvshard._sharding import to_spec
 from kvshard._types import Backend, BackendOptions
-from kvshard.cache import KVCache, update
 from kvshard.cache._codec import kv_in_spec, local_heads
-from kvshard.cache._pytree import with_kv
-from kvshard.cache._update import checked_write_args, latent_kv
+from kvshard.cache._pytree import KVCache, with_kv
+from kvshard.cache._update import WriteOptions, check_write, latent_kv, report_write, write
 from kvshard.step import StepMetadata
 
 __all__ = ["fused_attention"]
-
-_NUM_FIELDS = 4  # page_indices, kv_lens, cu_q_lens, num_seqs (kvshard._attention.api._FIELDS)
 
 
 @functools.partial(
@@ -102,7 +97,7 @@ def _fused(
         slices,
         num_slices,
     ]
-    # Every device checks the whole metadata and raises alike (kvshard._reports).
+    # Every device checks the whole metadata and raises alike (report_read, report_write).
     checked: list[Any] = []
     if checks_read:
         checked += [layer, *fields]
@@ -115,27 +110,13 @@ def _fused(
 
     def body(kv, read_layer, write_layer, q, *rest):
         sink, rest = (rest[:1], rest[1:]) if sinks is not None else ((), rest)
-        fields, rest = rest[:_NUM_FIELDS], rest[_NUM_FIELDS:]
+        fields, rest = rest[: len(FIELDS)], rest[len(FIELDS) :]
         k, v, sl, num, *whole = rest
         if checks_read:
-            read_whole, whole = whole[: 1 + _NUM_FIELDS], whole[1 + _NUM_FIELDS :]
-            if read.readable is not None:
-                _reports.check_layer_type(read_whole[0], read.readable, read.layer_type)
-            _reports.check_attention(
-                *read_whole,
-                num_layers=spec.num_layers,
-                num_tokens=q.shape[1],
-                num_pages=spec.num_pages,
-                page_size=spec.page_size,
-            )
+            read_whole, whole = whole[: 1 + len(FIELDS)], whole[1 + len(FIELDS) :]
+            report_read(spec, read, read_whole, num_tokens=q.shape[1])
         if checks_write:
-            _reports.check_update(
-                *whole,
-                num_layers=spec.num_layers,
-                num_tokens=k.shape[1],
-                num_rows=spec.slots_per_pool,
-                page_size=spec.page_size,
-            )
+            report_write(spec, whole, num_tokens=k.shape[1])
         k, v = local_heads(cache, k[0]), local_heads(cache, v[0])
         out, kv = local_kvshard(
             kv,
@@ -212,47 +193,42 @@ def fused_attention(
     if "sm_scale" not in attention_kwargs:
         raise TypeError("fused_attention needs sm_scale= (attention's softmax scale)")
     read_kwargs.update(attention_kwargs)
-    options = check_options(options)
     # Both parts' host checks first: nothing is donated when one raises.
-    write_cache, placed, write_static, _ = checked_write_args(
-        cache, layer, *latent_kv(cache, k, v), step, None, backend, options, checks, False
+    to_write = check_write(
+        cache,
+        layer,
+        *latent_kv(cache, k, v),
+        step,
+        None,
+        WriteOptions(backend, options, checks, False),
     )
-    read_args, read_static = checked_read_args(
-        cache, layer, q, step, backend=backend, options=options, checks=checks, **read_kwargs
-    )
-    statics = read_static["statics"]
-    fused = (
-        read_static["backend"] == "pallas"
-        and write_static["backend"] == "pallas"
-        and not statics.options.jax_attention_kernel
-    )
-    if not fused:
-        cache = update(cache, layer, k, v, step, backend=backend, options=options, checks=checks)
-        out = attention(
-            cache,
-            layer,
-            q,
-            step,
-            backend=backend,
-            options=options,
-            checks=checks,
-            **attention_kwargs,
-        )
-        return out, cache
-    _, layer_index, q, fields, sinks = read_args
-    _, k, v, slices, num_slices = placed
-    return _fused(
-        write_cache,
-        layer_index,
+    to_read = check_read(
+        cache,
+        layer,
         q,
-        fields,
-        sinks,
-        k,
-        v,
-        slices,
-        num_slices,
-        statics=statics,
-        read=read_static["read"],
-        checks_read=read_static["checks"],
-        checks_write=write_static["checks"],
+        step,
+        ReadOptions(**read_kwargs, backend=backend, options=options, checks=checks),
+    )
+    fused = (
+        to_read.layer_read.backend == "pallas"
+        and to_write.static["backend"] == "pallas"
+        and not to_read.statics.options.jax_attention_kernel
+    )
+    if not fused:  # the two jitted calls, checked once above
+        cache = write(to_write)
+        return read(to_read._replace(cache=cache)), cache
+    return _fused(
+        to_write.cache,
+        to_read.layer,
+        to_read.q,
+        to_read.fields,
+        to_read.sinks,
+        to_write.k,
+        to_write.v,
+        to_write.slices,
+        to_write.num_slices,
+        statics=to_read.statics,
+        read=to_read.read_type,
+        checks_read=to_read.checks,
+        checks_write=to_write.static["checks"],
     )

@@ -15,7 +15,7 @@ type comes from the spec, and a call that says otherwise is refused:
   ``checks=True`` reports.
 
 Without ``layer_types`` on the spec the call's own ``sliding_window`` / ``layer_type`` is the
-type, as before layer groups (None: full attention).
+type (None: full attention).
 """
 
 from __future__ import annotations

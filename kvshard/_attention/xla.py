@@ -47,8 +47,8 @@ __all__ = [
 # gathers at most about XLA_TOKEN_KEYS_PER_STEP (row, key) pairs per step.
 XLA_KEYS_PER_STEP = 128
 XLA_TOKEN_KEYS_PER_STEP = 2**15
-# Prefill: query tokens per block and keys per key block (measured on CPU: see
-# docs/performance.md, prefill). Scores per step are QB x KB per query head.
+# Prefill: query tokens per block and keys per key block (chosen on CPU: docs/performance.md,
+# prefill). Scores per step are QB x KB per query head.
 XLA_QUERIES_PER_BLOCK = 256
 XLA_PREFILL_KEYS_PER_STEP = 512
 

@@ -1,7 +1,6 @@
 """The demo's model: a small GQA transformer, a dense oracle, and a continuous-batching engine.
 
-(Over 400 lines on purpose: the demo is meant to be read top to bottom as one runnable story,
-model, oracle and engine side by side.)
+The demo is one runnable story read top to bottom: model, oracle and engine side by side.
 
 * :func:`init_params`: random (seeded) weights of a decoder-only transformer with grouped-query
   attention, RMSNorm, RoPE and a SiLU MLP.

@@ -4,7 +4,7 @@
 page pool, request rows, one page table per KV-cache group, host tier). The groups' tables are
 views into stacked arrays (``int32[G, max_requests, max_pages_per_request]`` and so on), which
 the allocator shows as its grouped ``page_table`` and a state dict saves (without the group axis
-when there is one group, as before groups existed). ``load`` builds the loaded state in fresh
+when there is one group, the ungrouped form). ``load`` builds the loaded state in fresh
 parts, runs every invariant check on them (plus the range and type checks that let those run
 on junk) and only then returns them, so a corrupt snapshot is refused with the field named
 while the caller keeps its parts.

@@ -9,6 +9,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -250,3 +251,16 @@ def with_overrides(chosen: dict[str, Any], args: Any, keys: Sequence[str]) -> di
     """``chosen`` settings with every flag of ``keys`` the command line gave replacing its
     value (a flag left unset, None, keeps the setting)."""
     return chosen | {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+
+
+def run_parsed(parser: Any, argv: list[str] | None, run: Callable[..., object]) -> int:
+    """A TPU benchmark's ``main``: ``run(out, **the other flags)`` with the flags ``parser``
+    (which has ``--out``) reads from ``argv``; 1 with the message when the run refuses
+    (RuntimeError: no TPU, or a result that disagrees with its reference), else 0."""
+    args = vars(parser.parse_args(argv))
+    try:
+        run(args.pop("out"), **args)
+    except RuntimeError as err:
+        print(f"FAILED: {err}", file=sys.stderr)
+        return 1
+    return 0

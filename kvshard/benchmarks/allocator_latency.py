@@ -11,7 +11,7 @@ see the same machine load:
   fresh tokens (``commit_prefix``, not timed) and frees the request, so its pages go back to
   the end of the eviction order and the next allocation evicts again.
 
-Issue 13's target: p99 of ``allocate`` while evicting within 2x of allocating from the free
+The target: p99 of ``allocate`` while evicting within 2x of allocating from the free
 stack, at 100k and 1M pages.
 
 Usage::

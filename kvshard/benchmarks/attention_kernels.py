@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from kvshard.benchmarks._common import jax_machine, table, timed, write_json
+from kvshard.benchmarks._common import jax_machine, run_parsed, table, timed, write_json
 
 NAME = "attention_kernels"
 TPU_COMMAND = "python -m kvshard.benchmarks.attention_kernels --batch 64 --context 2048"
@@ -171,13 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     for key, value in defaults.items():
         parser.add_argument(f"--{key.replace('_', '-')}", type=type(value), default=value)
     parser.add_argument("--out", default="bench-results", help="results folder")
-    args = vars(parser.parse_args(argv))
-    try:
-        run(args.pop("out"), **args)
-    except RuntimeError as err:
-        print(f"FAILED: {err}", file=sys.stderr)
-        return 1
-    return 0
+    return run_parsed(parser, argv, run)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from kvshard.benchmarks._common import jax_machine, table, timed, write_json
+from kvshard.benchmarks._common import jax_machine, run_parsed, table, timed, write_json
 
 NAME = "update_schedules"
 # What this benchmark (and `kvshard bench`'s tpu_schedule table) tells a TPU user to run.
@@ -180,13 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=defaults["repeats"])
     parser.add_argument("--dtype", default=defaults["dtype"])
     parser.add_argument("--out", default="bench-results", help="results folder")
-    args = vars(parser.parse_args(argv))
-    try:
-        run(args.pop("out"), **args)
-    except RuntimeError as err:
-        print(f"FAILED: {err}", file=sys.stderr)
-        return 1
-    return 0
+    return run_parsed(parser, argv, run)
 
 
 if __name__ == "__main__":

@@ -39,9 +39,9 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from kvshard._eager import is_concrete
 from kvshard._jax_compat import is_deleted
 from kvshard._layout import CacheSpec, check_tensor_parallel
+from kvshard._memo import is_concrete
 from kvshard._sharding import axis_size, check_mesh_axes
 from kvshard._storage import PLATFORMS, storage_dtype
 
@@ -137,8 +137,7 @@ def check_cache(cache: Any) -> KVCache:
     if not isinstance(cache, KVCache):
         raise TypeError(f"cache must be a KVCache (from init_cache), got {type(cache).__name__}")
     kv = cache.kv
-    # is_concrete: a type test memoized per type (isinstance(kv, jax.Array) took ~20 us on an
-    # eager decode call, right after a long device call: docs/performance.md).
+    # is_concrete: a type test memoized per type (the eager path asks it on every call).
     if is_concrete(kv) and type(kv) is not np.ndarray and is_deleted(kv):
         raise ValueError(
             "cache has been donated to an earlier call (its buffer is deleted): pass the cache "

@@ -54,18 +54,16 @@ def _write_rows(cache, layer, k, v, slices, num, *, spec, page_copies):
     encoded where they are written, inside the write's fusion.
 
     ``page_copies``: whole-page slices (a prefill's) are copied page by page with
-    ``dynamic_update_slice`` in a loop: XLA's CPU scatter moves one row at a time, several
-    times slower than these page copies. Each page is one contiguous write of [P, C, D], its
-    rows interleaved by a select fused into the copy: writing each row apart (every other
-    512 B of the page, in two passes) took 1.1-1.3x as long (docs/performance.md). The tokens
-    of the other valid slices (a decode's; all of them without ``page_copies``) are scattered
-    on the [L, slots, C/n, n, D] view (a bitcast), one scatter of [T, C/n, D] per row with
+    ``dynamic_update_slice`` in a loop (XLA's CPU scatter moves one row at a time). Each page
+    is one contiguous write of [P, C, D], its rows interleaved by a select fused into the
+    copy, rather than each row written apart. The tokens of the other valid slices (a
+    decode's; all of them without ``page_copies``) are scattered on the
+    [L, slots, C/n, n, D] view (a bitcast), one scatter of [T, C/n, D] per row with
     out-of-bounds slots dropped.
 
-    Encoding k/v whole first (a quantized cache's rounding, a cast, a packed layout's
-    padding) wrote them to a temporary buffer every call: above glibc's mmap threshold
-    (32 MiB) a fresh mapping, first-touched page by page (int8, T = 16k: 21.8 ms, 11.8 ms with
-    the threshold raised; docs/performance.md).
+    k/v are encoded slice by slice where they are written, never whole into a temporary
+    buffer (which, above glibc's mmap threshold, is a fresh mapping first-touched page by
+    page on every call).
     """
     page_size = spec.page_size
     num_layers, num_slots, combined, dim = cache.shape
@@ -149,8 +147,7 @@ def _write_rows(cache, layer, k, v, slices, num, *, spec, page_copies):
 
     # Skipped when every token went with a whole page (a prefill): on CPU the scatter's source
     # is a bitcast of all of k and v that XLA materialises first (T·C·D elements written and
-    # read again), which took as long as the page copies themselves in bfloat16; and the
-    # tokens' slots (a T-long cumulative sum) are only needed here.
+    # read again), and the tokens' slots (a T-long cumulative sum) are only needed here.
     heads = jax.lax.cond(jnp.any(partial), scatter_tokens, lambda h: h, heads)
     return heads.reshape(cache.shape)
 
@@ -160,8 +157,8 @@ def _encoded_bits(spec, stored, k, v, tokens):
     :func:`kvshard.cache._codec.encode`, then the bitcast to the storage dtype ``stored``.
 
     Values that need no conversion (the cache's own float dtype) are bitcast before the slice
-    and laid out as bits: a bf16 slice was float-normalized on CPU into its own float32 round
-    trip per page (half the speed), and padding or packing bits is exact (zero bits are 0).
+    and laid out as bits: a bf16 slice is not float-normalized on CPU through float32 per
+    page, and padding or packing bits is exact (zero bits are 0).
     """
     if not spec.quantized and k.dtype == spec.np_dtype and v.dtype == spec.np_dtype:
         return to_rows(spec, tokens(to_bits(k, stored)), tokens(to_bits(v, stored)))

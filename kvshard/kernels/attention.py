@@ -1,6 +1,6 @@
 """Pallas TPU kernel: ragged paged attention over one device's stacked cache block, in place.
 
-kvshard's own read kernel (issue 29), beside the update kernel. It attends the step's queries
+kvshard's own read kernel, beside the update kernel. It attends the step's queries
 over the pages of each request's page-table row, reading the device's whole stacked block
 ``[L, num_pages·page_size, C, D_pad]`` where it lies: the wrapper views it as pages
 ``[L·num_pages, page_size, C, D_pad]`` (a reshape of the array, free), offsets the page table
@@ -71,8 +71,7 @@ Beside it
 :mod:`kvshard.kernels.attention_checks` (``static_validate_inputs``,
 ``dynamic_validate_inputs``) and :mod:`kvshard.kernels.attention_reference`
 (``ref_ragged_paged_attention``, the jnp reference on the same operands), both re-exported
-here. Over 400 lines because the schedule documented above, the kernel and its one wrapper
-are read together.
+here. The schedule documented above, the kernel and its one wrapper are read together.
 
 Budgets ``jax.export`` cannot check
 -----------------------------------
@@ -86,7 +85,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+import inspect
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -175,6 +175,14 @@ class _CopyWhen:
 def _page_copy(kv_hbm, page, dst, sem):
     """The DMA of one K/V page (HBM -> a VMEM buffer slot); every page read goes through it."""
     return pltpu.make_async_copy(kv_hbm.at[page], dst, sem)
+
+
+def _head_kv(rows, slot, h, layout: str, head_dim: int):
+    """K and V of KV head ``h`` in a VMEM block of rows [2, KBP, P, C, D_pad] (``slot``: the
+    buffer): K|V in one row ("packed") or rows 2h, 2h+1 ("interleaved")."""
+    k_row, v_row, v_lane = (h, h, head_dim) if layout == "packed" else (2 * h, 2 * h + 1, 0)
+    k = rows[slot, :, :, k_row, pl.ds(0, head_dim)]
+    return k, rows[slot, :, :, v_row, pl.ds(v_lane, head_dim)]
 
 
 def _kernel(
@@ -334,19 +342,9 @@ def _kernel(
                 is_new3 = (pos3 >= new_lo) & (pos3 < kv_len) & (flag_vmem[slot] != 0)
             out = []
             for h, (m, denom, acc) in enumerate(carry):
-                if layout == "packed":
-                    k = kv_vmem[slot, :, :, h, pl.ds(0, head_dim)]
-                    v = kv_vmem[slot, :, :, h, pl.ds(head_dim, head_dim)]
-                else:
-                    k = kv_vmem[slot, :, :, 2 * h, pl.ds(0, head_dim)]
-                    v = kv_vmem[slot, :, :, 2 * h + 1, pl.ds(0, head_dim)]
+                k, v = _head_kv(kv_vmem, slot, h, layout, head_dim)
                 if fused:  # this step's keys from the new rows (written, not yet in HBM)
-                    if layout == "packed":
-                        k_new = new_vmem[slot, :, :, h, pl.ds(0, head_dim)]
-                        v_new = new_vmem[slot, :, :, h, pl.ds(head_dim, head_dim)]
-                    else:
-                        k_new = new_vmem[slot, :, :, 2 * h, pl.ds(0, head_dim)]
-                        v_new = new_vmem[slot, :, :, 2 * h + 1, pl.ds(0, head_dim)]
+                    k_new, v_new = _head_kv(new_vmem, slot, h, layout, head_dim)
                     k = jnp.where(is_new3, k_new, k)
                     v = jnp.where(is_new3, v_new, v)
                 k = k.reshape(keys, head_dim).astype(jnp.float32)  # a value, not a ref
@@ -447,48 +445,31 @@ def _work_items(bounds, num_items: int, queries_per_block: int):
     return items.astype(jnp.int32), ends[-1:].astype(jnp.int32)
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=(
-        "kv_layout",
-        "page_size",
-        "sm_scale",
-        "sliding_window",
-        "chunk_size",
-        "soft_cap",
-        "k_scale",
-        "v_scale",
-        "q_scale",
-        "block_sizes",
-        "interpret",
-    ),
-)
+class _Params(NamedTuple):
+    """The static keywords of one kernel call, checked (:func:`_checked_call`)."""
+
+    kv_layout: str
+    page_size: int
+    sm_scale: float
+    sliding_window: int | None
+    chunk_size: int | None
+    soft_cap: float | None
+    k_scale: float | None
+    v_scale: float | None
+    q_scale: float | None
+    block_sizes: BlockSizes
+    interpret: Any
+
+
+@functools.partial(jax.jit, static_argnames=("params",))
 def _ragged_paged_attention(
-    q,
-    kv_cache,
-    layer,
-    kv_lens,
-    page_indices,
-    cu_q_lens,
-    num_seqs,
-    sinks,
-    writes=None,
-    *,
-    kv_layout,
-    page_size,
-    sm_scale,
-    sliding_window,
-    chunk_size,
-    soft_cap,
-    k_scale,
-    v_scale,
-    q_scale,
-    block_sizes,
-    interpret,
+    q, kv_cache, layer, kv_lens, page_indices, cu_q_lens, num_seqs, sinks, writes, *, params
 ):
     """The kernel's call; ``writes`` (fused): (new_rows [T, C, D_pad] in the cache dtype,
     slices int32[3, S], num_slices int32[1]) written into ``layer`` as :func:`kvshard.update`
     writes them; then returns (out, kv_cache)."""
+    kv_layout, page_size, sm_scale, sliding_window, chunk_size, soft_cap = params[:6]
+    k_scale, v_scale, q_scale, block_sizes, interpret = params[6:]
     fused = writes is not None
     num_layers, num_slots, combined, padded = kv_cache.shape
     num_tokens, q_heads, head_dim = q.shape
@@ -679,29 +660,7 @@ def ragged_paged_attention(
         :func:`dynamic_validate_inputs`; a block over the VMEM budget or operands over the
         SMEM budget (ValueError naming both numbers).
     """
-    return _checked_call(
-        q,
-        kv_cache,
-        layer,
-        kv_lens,
-        page_indices,
-        cu_q_lens,
-        num_seqs,
-        None,
-        kv_layout=kv_layout,
-        page_size=page_size,
-        sm_scale=sm_scale,
-        sliding_window=sliding_window,
-        chunk_size=chunk_size,
-        soft_cap=soft_cap,
-        sinks=sinks,
-        k_scale=k_scale,
-        v_scale=v_scale,
-        q_scale=q_scale,
-        block_sizes=block_sizes,
-        interpret=interpret,
-        validate=validate,
-    )
+    return _checked_call(dict(locals()), writes=None)  # every argument above, by name
 
 
 def fused_ragged_paged_attention(
@@ -719,7 +678,7 @@ def fused_ragged_paged_attention(
     write_layer: jax.Array | None = None,
     **kwargs: Any,
 ) -> tuple[jax.Array, jax.Array]:
-    """One kernel that writes the step's K/V rows into ``layer`` and attends (issue 29).
+    """One kernel that writes the step's K/V rows into ``layer`` and attends.
 
     Equal to :func:`kvshard.kernels.update.kv_cache_update` of ``new_kv`` (``slices``'
     ``kv_cache_start`` is a slot of ``layer``, ``[0, num_pages·page_size)``) followed by
@@ -769,67 +728,31 @@ def fused_ragged_paged_attention(
     for name, x in (("slices", slices), ("num_slices", num_slices)):
         if x.dtype != jnp.int32:
             raise TypeError(f"{name} must be int32, got {x.dtype}")
-    return _checked_call(
-        q,
-        kv_cache,
-        layer,
-        kv_lens,
-        page_indices,
-        cu_q_lens,
-        num_seqs,
-        (new_kv, slices, num_slices, jnp.asarray(layer if write_layer is None else write_layer)),
-        **kwargs,
-    )
+    write_layer = jnp.asarray(layer if write_layer is None else write_layer)
+    operands = (q, kv_cache, layer, kv_lens, page_indices, cu_q_lens, num_seqs)
+    arguments = _SIGNATURE.bind(*operands, **kwargs)  # refuses what ragged_paged_attention does
+    arguments.apply_defaults()
+    return _checked_call(arguments.arguments, writes=(new_kv, slices, num_slices, write_layer))
 
 
-def _checked_call(
-    q,
-    kv_cache,
-    layer,
-    kv_lens,
-    page_indices,
-    cu_q_lens,
-    num_seqs,
-    writes,
-    *,
-    kv_layout: str,
-    page_size: int,
-    sm_scale: float,
-    sliding_window: int | None = None,
-    chunk_size: int | None = None,
-    soft_cap: float | None = None,
-    sinks: jax.Array | None = None,
-    k_scale: float | None = None,
-    v_scale: float | None = None,
-    q_scale: float | None = None,
-    block_sizes: BlockSizes | None = None,
-    interpret: bool | Any | None = None,
-    validate: bool = False,
-):
-    args = [
-        jnp.asarray(x) for x in (q, kv_cache, layer, kv_lens, page_indices, cu_q_lens, num_seqs)
-    ]
-    q, kv_cache, layer, kv_lens, page_indices, cu_q_lens, num_seqs = args
+_OPERANDS = ("q", "kv_cache", "layer", "kv_lens", "page_indices", "cu_q_lens", "num_seqs")
+
+
+def _checked_call(arguments: dict[str, Any], writes: Any) -> Any:
+    """:func:`ragged_paged_attention` (``writes`` None) and :func:`fused_ragged_paged_attention`:
+    the static checks, the budgets, then the one jitted call. ``arguments``: every argument of
+    :func:`ragged_paged_attention`, by name."""
+    keywords = dict(arguments)
+    operands = [jnp.asarray(keywords.pop(name)) for name in _OPERANDS]
+    q, kv_cache, layer, kv_lens, page_indices, cu_q_lens, num_seqs = operands
+    sinks = keywords.pop("sinks")
     sinks = None if sinks is None else jnp.asarray(sinks)
-    static_validate_inputs(
-        q,
-        kv_cache,
-        layer,
-        kv_lens,
-        page_indices,
-        cu_q_lens,
-        num_seqs,
-        sinks,
-        kv_layout=kv_layout,
-        sm_scale=sm_scale,
-        sliding_window=sliding_window,
-        chunk_size=chunk_size,
-        soft_cap=soft_cap,
-        k_scale=k_scale,
-        v_scale=v_scale,
-        q_scale=q_scale,
-        block_sizes=block_sizes,
+    validate, page_size = keywords.pop("validate"), keywords.pop("page_size")
+    interpret = keywords.pop("interpret")
+    static_validate_inputs(  # the other keywords, by name
+        q, kv_cache, layer, kv_lens, page_indices, cu_q_lens, num_seqs, sinks, **keywords
     )
+    block_sizes = keywords["block_sizes"]
     if not isinstance(page_size, int) or page_size < 1 or kv_cache.shape[1] % page_size:
         raise ValueError(
             f"page_size={page_size!r} must be an int >= 1 dividing kv_cache's "
@@ -881,25 +804,11 @@ def _checked_call(
             f"page_indices [{max_seqs}, {pages_per_seq}] and the work items need {smem} bytes "
             f"of SMEM; the budget is {scalar_prefetch_budget_bytes()} (kvshard.kernels.budgets)"
         )
-    return _ragged_paged_attention(
-        q,
-        kv_cache,
-        layer,
-        kv_lens,
-        page_indices,
-        cu_q_lens,
-        num_seqs,
-        sinks,
-        writes,
-        kv_layout=kv_layout,
-        page_size=page_size,
-        sm_scale=float(sm_scale),
-        sliding_window=sliding_window,
-        chunk_size=chunk_size,
-        soft_cap=None if soft_cap is None else float(soft_cap),
-        k_scale=None if k_scale is None else float(k_scale),
-        v_scale=None if v_scale is None else float(v_scale),
-        q_scale=None if q_scale is None else float(q_scale),
-        block_sizes=block_sizes,
-        interpret=resolve_interpret(interpret),
-    )
+    floats = ("sm_scale", "soft_cap", "k_scale", "v_scale", "q_scale")
+    keywords.update({k: None if keywords[k] is None else float(keywords[k]) for k in floats})
+    keywords.update(block_sizes=block_sizes, interpret=resolve_interpret(interpret))
+    params = _Params(page_size=page_size, **keywords)
+    return _ragged_paged_attention(*operands, sinks, writes, params=params)
+
+
+_SIGNATURE = inspect.signature(ragged_paged_attention)
