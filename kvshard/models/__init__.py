@@ -8,6 +8,8 @@
   tensor-parallel mesh axis like the cache;
 * :mod:`~kvshard.models.model`: :class:`CausalLM`, paged (kvshard.update + kvshard.attention
   per layer) or dense;
+* :mod:`~kvshard.models.deepseek`: DeepSeek-V3's multi-head latent attention (absorbed, in
+  latent space) and its routed mixture of experts;
 * :mod:`~kvshard.models.serve`: the cache of a model (its layer groups, the pool sized per
   group), continuous batching over data-parallel page pools, and the dense check.
 

@@ -10,7 +10,10 @@ q/k/v and gate/up by output columns (heads, hidden units), o/down by input rows,
 device computes the heads whose KV pages it holds and the projections end in one all-reduce.
 K/V projections are split only when every device gets whole KV heads (with fewer KV heads
 than devices kvshard replicates them in the cache, and here too). The untied output
-projection is split by vocabulary; embeddings and norms are replicated.
+projection is split by vocabulary; embeddings and norms are replicated. DeepSeek's latent
+attention splits ``q_b_proj`` (or ``q_proj``) and ``kv_b_proj`` by head and replicates the
+latent's ``q_a_proj`` and ``kv_a_proj_with_mqa``; its experts are split by hidden unit like
+the dense MLP, its router replicated.
 """
 
 from __future__ import annotations
@@ -60,16 +63,18 @@ def partition(
     ffn_ok = arch.intermediate_size % tp == 0
     if leaf == "sinks":  # one per query head
         return split_if(heads_ok, 0)
-    if owner == "q_proj":
+    if owner in ("q_proj", "q_b_proj", "kv_b_proj"):  # MLA: q_b / kv_b map to every head
         return split_if(heads_ok, len(shape) - 1)
     if owner in ("k_proj", "v_proj"):
         return split_if(kv_ok and heads_ok, len(shape) - 1)
     if owner == "o_proj":
         return split_if(heads_ok and leaf == "kernel", 0)
+    # A dense MLP's or an expert's hidden units (DeepSeek's experts are narrower than
+    # intermediate_size: the split is checked on the tensor's own width).
     if owner in ("gate_proj", "up_proj"):
-        return split_if(ffn_ok, len(shape) - 1)
+        return split_if(shape[-1] % tp == 0, len(shape) - 1)
     if owner == "down_proj":
-        return split_if(ffn_ok and leaf == "kernel", 0)
+        return split_if(shape[0] % tp == 0 and leaf == "kernel", 0)
     if leaf in ("gate_up_proj", "gate_up_proj_bias"):  # experts' hidden units (pairs stay whole)
         return split_if(ffn_ok, len(shape) - 1)
     if leaf == "down_proj":
