@@ -14,6 +14,10 @@ Vocabulary (the same as docs/layout.md):
   ``head_dim`` padded to 128 lanes. "packed": one row per head, K in lanes ``[0, head_dim)``
   and V in ``[head_dim, 2·head_dim)``, the row padded to 128 lanes (head_dim 64: no padding).
   Either way a device's contiguous block of the head axis holds both K and V of its own heads.
+  "latent": multi-head latent attention (DeepSeek-V2/V3, Kimi-K2): one K-only row per token,
+  the compressed latent ``c_kv`` (``kv_lora_rank`` lanes) then the decoupled rope key
+  (``head_dim - kv_lora_rank`` lanes), padded to 128 lanes once; ``num_kv_heads = 1``, so a
+  ``tp``-way head axis replicates the row ``tp`` times (one copy per device).
 
 Over 400 lines because CacheSpec and every rule it validates (sizes, dtypes, scale bounds,
 head splits) live together: the planner and the cache read one definition of each.
@@ -57,7 +61,7 @@ FLOAT8_DTYPES = ("float8_e4m3fn", "float8_e5m2")
 # The Pallas kernel DMAs whole (8, 128) tiles: head_dim is padded to the lane width.
 LANES = 128
 # How a head's K and V sit on the cache's last two axes (see CacheSpec.kv_layout).
-KV_LAYOUTS = ("interleaved", "packed")
+KV_LAYOUTS = ("interleaved", "packed", "latent")
 
 # Bits in a 32-bit TPU sublane word: sub-32-bit dtypes pack 32 // bits rows into one.
 SUBLANE_BITS = 32
@@ -295,15 +299,31 @@ class CacheSpec:
         "packed": one row per head, K in lanes ``[0, head_dim)`` and V in
         ``[head_dim, 2·head_dim)``, the row padded to a multiple of 128 lanes (tpu-inference's
         layout for head_dim 64): half the bytes of "interleaved" at head_dim 64; attention
-        reads it with the xla backend only. None (the default): "packed" when
+        reads it with the xla backend only. "latent": multi-head latent attention (MLA:
+        DeepSeek-V2/V3/R1, Kimi-K2): one K-only row per token holding the compressed latent
+        ``c_kv`` in lanes ``[0, kv_lora_rank)`` and the decoupled rope key ``k_pe`` in
+        ``[kv_lora_rank, head_dim)``, the row padded to a multiple of 128 lanes (576 -> 640);
+        needs ``num_kv_heads=1`` (the latent is shared by every query head),
+        ``head_dim = kv_lora_rank + qk_rope_head_dim`` and ``kv_lora_rank``. Its "value" is
+        ``c_kv`` itself: :func:`kvshard.update` takes the latent as ``k`` with ``v=None``
+        and :func:`kvshard.attention` returns the output in latent space
+        (docs/layout.md, "Latent caches"). None (the default): "packed" when
         ``2 * head_dim <= 128`` (so head_dim 64 spends no lane on padding), else
         "interleaved".
+      kv_lora_rank: "latent" only (None otherwise): lanes of the row that hold ``c_kv`` (the
+        config's ``kv_lora_rank``, 512 for DeepSeek-V3), ``1 <= kv_lora_rank <= head_dim``;
+        attention returns that many values per query head. A quantized latent cache uses
+        ``k_scale`` for the whole row (``v_scale`` left out, or equal: it is stored as
+        ``k_scale``).
 
     Raises:
       ValueError: a non-positive size, an unsupported dtype, int8 without both scales, a
         float8 dtype with only one, a scale on a float dtype, a scale that is not a
         positive finite number inside :func:`scale_bounds`, ``layer_types`` not one valid
-        type per layer, or an unknown ``kv_layout``.
+        type per layer, an unknown ``kv_layout``, or a "latent" cache with
+        ``num_kv_heads != 1``, without ``kv_lora_rank``, with one outside
+        ``[1, head_dim]``, or with a ``v_scale`` other than ``k_scale`` (and
+        ``kv_lora_rank`` given for another layout).
     """
 
     num_layers: int
@@ -318,6 +338,7 @@ class CacheSpec:
     # tuple[LayerType, ...] | None.
     layer_types: Any = None
     kv_layout: str | None = None
+    kv_lora_rank: int | None = None
 
     def __post_init__(self) -> None:
         for field in ("num_layers", "num_kv_heads", "head_dim", "page_size", "num_pages"):
@@ -338,6 +359,13 @@ class CacheSpec:
         elif self.kv_layout not in KV_LAYOUTS:
             raise ValueError(
                 f"CacheSpec.kv_layout={self.kv_layout!r} must be None or one of {KV_LAYOUTS}"
+            )
+        if self.latent:
+            self._check_latent()
+        elif self.kv_lora_rank is not None:
+            raise ValueError(
+                f"CacheSpec.kv_lora_rank={self.kv_lora_rank!r} is for kv_layout='latent' only "
+                f"(got kv_layout={self.kv_layout!r}); leave it None"
             )
         for field in ("k_scale", "v_scale"):
             scale = check_scale(f"CacheSpec.{field}", getattr(self, field), self.dtype)
@@ -363,6 +391,35 @@ class CacheSpec:
                 f"(got k_scale={self.k_scale!r}, v_scale={self.v_scale!r}); scales apply to "
                 f"{', '.join(QUANTIZED_DTYPES)}"
             )
+
+    def _check_latent(self) -> None:
+        """The rules of a "latent" spec (see the class docstring); a lone ``k_scale`` is
+        also stored as ``v_scale`` (the row is K and V at once)."""
+        rank = self.kv_lora_rank
+        if self.num_kv_heads != 1:
+            raise ValueError(
+                f"CacheSpec.num_kv_heads={self.num_kv_heads} must be 1 for kv_layout='latent': "
+                "the latent is one row per token shared by every query head"
+            )
+        if not isinstance(rank, int | np.integer) or isinstance(rank, bool):
+            raise ValueError(
+                f"CacheSpec.kv_lora_rank={rank!r} must be an int in [1, head_dim={self.head_dim}] "
+                "for kv_layout='latent' (the config's kv_lora_rank; head_dim is kv_lora_rank + "
+                "qk_rope_head_dim)"
+            )
+        if not 1 <= rank <= self.head_dim:
+            raise ValueError(
+                f"CacheSpec.kv_lora_rank={rank} is outside [1, head_dim={self.head_dim}]: "
+                "head_dim is the whole latent row, kv_lora_rank + qk_rope_head_dim"
+            )
+        object.__setattr__(self, "kv_lora_rank", int(rank))
+        if self.v_scale is not None and self.v_scale != self.k_scale:
+            raise ValueError(
+                f"CacheSpec.v_scale={self.v_scale!r} must be None or equal k_scale="
+                f"{self.k_scale!r} for kv_layout='latent': the value is the latent itself, "
+                "stored once with k_scale"
+            )
+        object.__setattr__(self, "v_scale", self.k_scale)
 
     # -- dtype ------------------------------------------------------------------------------
 
@@ -413,15 +470,32 @@ class CacheSpec:
         return self.kv_layout == "packed"
 
     @property
+    def latent(self) -> bool:
+        """True for the "latent" layout (MLA): one K-only row per token, no V row."""
+        return self.kv_layout == "latent"
+
+    @property
     def rows_per_head(self) -> int:
-        """Rows of the head axis one head takes: 2 (interleaved: K, V) or 1 (packed)."""
-        return 1 if self.packed else 2
+        """Rows of the head axis one head takes: 2 (interleaved: K, V) or 1 (packed, latent)."""
+        return 2 if self.kv_layout == "interleaved" else 1
 
     @property
     def row_dim(self) -> int:
-        """Lanes of a row that hold values: ``head_dim`` (interleaved), ``2 * head_dim``
-        (packed: K then V)."""
+        """Lanes of a row that hold values: ``head_dim`` (interleaved; latent: the whole
+        latent, ``kv_lora_rank + qk_rope_head_dim``), ``2 * head_dim`` (packed: K then V)."""
         return self.head_dim * (2 if self.packed else 1)
+
+    @property
+    def value_dim(self) -> int:
+        """Values per head that attention returns: ``head_dim``, or ``kv_lora_rank`` for a
+        latent cache (the output in latent space; the caller applies W_UV)."""
+        return self.kv_lora_rank if self.latent and self.kv_lora_rank else self.head_dim
+
+    @property
+    def stored_values_per_head(self) -> int:
+        """Values one head stores per token, padding aside: ``2 * head_dim`` (K and V), or
+        ``head_dim`` for a latent cache (the latent row is K and V at once)."""
+        return self.head_dim if self.latent else 2 * self.head_dim
 
     @property
     def padded_head_dim(self) -> int:
@@ -487,8 +561,10 @@ class CacheSpec:
 
     def kv_bytes_per_page(self, tp: int = 1) -> int:
         """Bytes of K and V values (every head the device holds, replicas included) in one
-        page of one layer on one device: what is stored, without padding."""
-        return self.page_size * self.heads_per_device(tp) * 2 * self.head_dim * self.bits // 8
+        page of one layer on one device: what is stored, without padding (a latent cache:
+        the latent row, once per replica)."""
+        values = self.stored_values_per_head
+        return self.page_size * self.heads_per_device(tp) * values * self.bits // 8
 
     def lane_padding_bytes_per_page(self, tp: int = 1) -> int:
         """Bytes of one page (one layer, one device) in the lanes past :attr:`row_dim`

@@ -117,10 +117,10 @@ def _spec(
 ) -> CacheSpec:
     """A :class:`CacheSpec` for sizing: a quantized dtype gets unit scales (the spec requires
     scales; they change no byte count)."""
-    scales = {"k_scale": 1.0, "v_scale": 1.0} if needs_scales(dtype) else {}
+    scale = 1.0 if needs_scales(dtype) else None
     return CacheSpec(
-        num_layers, num_kv_heads, head_dim, page_size, num_pages, dtype, **scales,
-        kv_layout=kv_layout,
+        num_layers, num_kv_heads, head_dim, page_size, num_pages, dtype, k_scale=scale,
+        v_scale=scale, kv_layout=kv_layout,
     )  # fmt: skip
 
 

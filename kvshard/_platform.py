@@ -46,7 +46,16 @@ def resolve_attention_backend(cache: Any, backend: str, options: Any = None) -> 
     default, ``options.pallas_kernel="kvshard"``) reads every cache, so "auto" is pallas on
     TPU for every layout. With JAX's kernel (``pallas_kernel="jax"`` or an
     ``attention_kernel``) "auto" picks xla for a packed cache, which that kernel cannot read,
-    and "pallas" on one raises (:func:`check_pallas_attention`)."""
+    and "pallas" on one raises (:func:`check_pallas_attention`). A "latent" (MLA) cache is
+    read by the xla backend only: "auto" picks it, "pallas" raises NotImplementedError."""
+    if cache.spec.kv_layout == "latent":
+        if backend == "pallas":
+            raise NotImplementedError(
+                "backend='pallas' cannot read a kv_layout='latent' (MLA) cache: neither "
+                "kvshard's ragged paged attention kernel nor JAX's has the absorbed latent "
+                "form; use backend='xla' (or 'auto', which picks it for a latent cache)"
+            )
+        return "xla"
     jax_kernel = options is not None and options.jax_attention_kernel
     if backend == "auto" and jax_kernel and cache.spec.kv_layout != "interleaved":
         return "xla"

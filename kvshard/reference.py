@@ -212,7 +212,7 @@ def paged_attention(
     Args:
         q: float[T, Hq, D]; rows past ``sum(q_lens)`` are padding.
         keys: per request, float[n_i, H, D].
-        values: per request, float[n_i, H, D].
+        values: per request, float[n_i, H, Dv] (Dv = D but for MLA's latent values).
         q_lens: int[B], with ``q_lens[i] <= n_i``.
         sm_scale: softmax scale.
         sliding_window: W >= 1, or None for full causal attention.
@@ -221,14 +221,15 @@ def paged_attention(
         chunk_size: C >= 1 for chunked local attention, or None.
 
     Returns:
-        float64[T, Hq, D]; padding rows are zero.
+        float64[T, Hq, Dv]; padding rows are zero.
 
     Raises:
         ValueError: ``Hq`` is not a multiple of ``H``, a request has more queries than
             tokens, ``q`` has fewer rows than ``sum(q_lens)``, or ``sinks`` is not [Hq].
     """
     q = np.asarray(q, np.float64)
-    out = np.zeros_like(q)
+    value_dim = np.shape(values[0])[-1] if len(values) else q.shape[-1]
+    out = np.zeros((*q.shape[:-1], value_dim))
     if sinks is not None:
         sinks = np.asarray(sinks, np.float64)
         if sinks.shape != (q.shape[1],):
@@ -268,3 +269,50 @@ def paged_attention(
         out[start : start + q_len] = np.einsum("hqk,khd->qhd", weights, v)
         start += q_len
     return out
+
+
+def mla_attention(
+    q_latent: np.ndarray,
+    q_rope: np.ndarray,
+    c_kv: list[np.ndarray],
+    k_pe: list[np.ndarray],
+    q_lens: np.ndarray | list[int],
+    *,
+    sm_scale: float,
+    sliding_window: int | None = None,
+    soft_cap: float | None = None,
+    sinks: np.ndarray | None = None,
+) -> np.ndarray:
+    """Multi-head latent attention (DeepSeek-V2/V3) in its absorbed form, float64.
+
+    Every query head attends the same per-token latent: score of query head ``h`` against
+    token ``k`` is ``sm_scale · (q_latent[h]·c_kv[k] + q_rope[h]·k_pe[k])`` and the output is
+    ``Σ_k w_hk c_kv[k]``, in latent space (the model applies W_UV). Masking, windows, soft
+    cap and sinks are :func:`paged_attention`'s.
+
+    Args:
+        q_latent: float[T, Hq, R] queries already multiplied by W_UK (R = kv_lora_rank).
+        q_rope: float[T, Hq, Dr] rope parts of the queries (Dr = qk_rope_head_dim).
+        c_kv: per request, float[n_i, R] compressed latents.
+        k_pe: per request, float[n_i, Dr] rope keys.
+        q_lens, sm_scale, sliding_window, soft_cap, sinks: as :func:`paged_attention`.
+
+    Returns:
+        float64[T, Hq, R]; padding rows are zero.
+    """
+    q = np.concatenate([np.asarray(q_latent, np.float64), np.asarray(q_rope, np.float64)], -1)
+    keys = [
+        np.concatenate([np.asarray(c, np.float64), np.asarray(p, np.float64)], -1)[:, None]
+        for c, p in zip(c_kv, k_pe, strict=True)
+    ]
+    values = [np.asarray(c, np.float64)[:, None] for c in c_kv]
+    return paged_attention(
+        q,
+        keys,
+        values,
+        q_lens,
+        sm_scale=sm_scale,
+        sliding_window=sliding_window,
+        soft_cap=soft_cap,
+        sinks=sinks,
+    )

@@ -276,6 +276,10 @@ def attention(
         attend its own pool). ``Hq`` a multiple of ``num_kv_heads`` and of the head-axis size
         ``tp``; query head ``i`` attends KV head ``i // (Hq / num_kv_heads)``. Sharded (or
         resharded) ``P(page_axis, None, head_axis, None)``: per device float[T, Hq/tp, D].
+        A ``kv_layout="latent"`` (MLA) cache takes the absorbed form: ``D = kv_lora_rank +
+        qk_rope_head_dim`` (the spec's ``head_dim``), ``q = concat([q_nope @ W_UK, q_pe],
+        -1)`` per head, scored against the latent row ``[c_kv | k_pe]`` that every query head
+        shares (docs/layout.md, "Latent caches").
       step: the step's :class:`~kvshard.StepMetadata` (``[dp, ...]`` fields with a page axis);
         its geometry must be the cache's. Fields may be traced (int32).
       sm_scale: softmax scale, a float (usually ``head_dim ** -0.5``), finite and > 0.
@@ -301,7 +305,7 @@ def attention(
         Mosaic on TPU, Pallas interpret mode elsewhere; or JAX's kernel with
         ``BackendOptions(pallas_kernel="jax")``: TPU only, interleaved caches only), "xla"
         (jnp, either ``kv_layout``), or "auto": pallas when the mesh is made of TPUs (with
-        JAX's kernel: only for an interleaved cache), xla otherwise.
+        JAX's kernel: only for an interleaved cache), xla otherwise (and for a latent cache).
       options: :class:`~kvshard.BackendOptions` (xla reads ``keys_per_step`` and
         ``queries_per_block``; pallas ``interpret``, ``kv_pages_per_block``,
         ``queries_per_block``, ``pallas_kernel``, ``attention_kernel``).
@@ -312,6 +316,8 @@ def attention(
 
     Returns:
       q.dtype[T, Hq, D] (or [dp, T, Hq, D]) sharded like ``q``: per device [T, Hq/tp, D].
+      A latent cache returns q.dtype[T, Hq, kv_lora_rank]: the output in latent space,
+      ``Σ w·c_kv`` (the caller applies W_UV per head).
       Padding tokens (past ``cu_q_lens[num_seqs]``) are zero. No collective runs: the caller's
       output projection does the usual reduction over the head axis.
 
@@ -320,7 +326,8 @@ def attention(
         (int32 when traced), layer not an integer scalar, sm_scale or soft_cap not a float.
       NotImplementedError: with JAX's pallas kernel (``pallas_kernel="jax"`` or an
         ``attention_kernel``): sinks or a chunked read (JAX's kernel has neither), or a
-        ``kv_layout="packed"`` cache (it reads interleaved rows only).
+        ``kv_layout="packed"`` cache (it reads interleaved rows only); ``backend="pallas"``
+        on a ``kv_layout="latent"`` cache (no kernel reads it; "auto" picks xla).
       ValueError: wrong shapes (q's tokens other than the step's), a step built for another
         geometry, head counts that do not divide, a donated cache, concrete layer or metadata
         out of range (a request's queries past T, kv_len beyond its page-table row or below

@@ -29,7 +29,7 @@ from kvshard._types import Backend, BackendOptions
 from kvshard.cache import KVCache, update
 from kvshard.cache._codec import kv_in_spec, local_heads
 from kvshard.cache._pytree import with_kv
-from kvshard.cache._update import checked_write_args
+from kvshard.cache._update import checked_write_args, latent_kv
 from kvshard.step import StepMetadata
 
 __all__ = ["fused_attention"]
@@ -214,7 +214,7 @@ def fused_attention(
     options = check_options(options)
     # Both parts' host checks first: nothing is donated when one raises.
     write_cache, placed, write_static, _ = checked_write_args(
-        cache, layer, k, v, step, None, backend, options, checks, False
+        cache, layer, *latent_kv(cache, k, v), step, None, backend, options, checks, False
     )
     read_args, read_static = checked_read_args(
         cache, layer, q, step, backend=backend, options=options, checks=checks, **read_kwargs

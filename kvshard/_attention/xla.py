@@ -19,6 +19,9 @@ query may see contributes nothing whatever its slot holds: its score is -inf AND
 zeroed before the weighted sum (0 · NaN would be NaN: a stale page may hold anything).
 Attention sinks (a logit per query head added to the softmax denominator) are folded in once,
 after the loop.
+
+A "latent" (MLA) cache is read the same way with one KV "head": K is the whole latent row and
+V its ``kv_lora_rank`` first lanes, so the output is in latent space (the absorbed form).
 """
 
 from __future__ import annotations
@@ -53,8 +56,9 @@ XLA_PREFILL_KEYS_PER_STEP = 512
 def read_kv(kv, layer, slots, statics: Statics):
     """The one read of the cache: slots int32[...] of ``layer`` -> float32 K, V [..., H, D].
 
-    Slots are clamped into the block (callers mask what they may not see). Either layout:
-    K and V are split from interleaved rows or from the lanes of packed ones."""
+    Slots are clamped into the block (callers mask what they may not see). Any layout:
+    K and V are split from interleaved rows or from the lanes of packed ones; a latent row
+    is K whole and V its first ``kv_lora_rank`` lanes (:func:`kvshard._kv_rows.from_rows`)."""
     block = kv[layer, jnp.clip(slots, 0, kv.shape[1] - 1)]  # [..., C, D_pad]
     spec = statics.spec
     block = from_bits(block, spec.np_dtype)  # only the gathered pages (kvshard._storage)
@@ -84,11 +88,11 @@ def _fold(carry, s, v, contraction: str):
     return m_new, denom, acc
 
 
-def _init(rows: int, kv_heads: int, group: int, head_dim: int):
+def _init(rows: int, kv_heads: int, group: int, value_dim: int):
     return (
         jnp.full((rows, kv_heads, group), -jnp.inf, jnp.float32),
         jnp.zeros((rows, kv_heads, group), jnp.float32),
-        jnp.zeros((rows, kv_heads, group, head_dim), jnp.float32),
+        jnp.zeros((rows, kv_heads, group, value_dim), jnp.float32),
     )
 
 
@@ -122,8 +126,9 @@ def _pages_per_step(keys: int, page_size: int, pages_per_seq: int) -> int:
 
 def _decode(kv, layer, q_rows, rows_ok, rows_seq, pos, page_indices, sinks, statics):
     """Flash decoding, one query per row: q_rows [N, H, G, D] at positions pos int32[N] of
-    requests rows_seq; rows not rows_ok read nothing. -> float32 [N, H, G, D]."""
-    num_rows, kv_heads, group, head_dim = q_rows.shape
+    requests rows_seq; rows not rows_ok read nothing. -> float32 [N, H, G, Dv] (Dv:
+    ``spec.value_dim``, D but for a latent cache)."""
+    num_rows, kv_heads, group, _ = q_rows.shape
     page_size = statics.spec.page_size
     pages_per_seq = page_indices.shape[1]
     lo = _query_window(pos, statics)
@@ -152,14 +157,14 @@ def _decode(kv, layer, q_rows, rows_ok, rows_seq, pos, page_indices, sinks, stat
         s = jnp.where(seen[:, None, None, :], s, -jnp.inf)
         return _fold(carry, s, v, "nhgk,nkhd->nhgd")
 
-    init = _init(num_rows, kv_heads, group, head_dim)
+    init = _init(num_rows, kv_heads, group, statics.spec.value_dim)
     return _finish(jax.lax.fori_loop(0, num_steps, fold_pages, init), sinks)
 
 
 def _prefill(kv, layer, q, out, bounds, is_prefill, kv_lens, page_indices, sinks, statics):
     """Blocked attention for the requests marked ``is_prefill``: writes their tokens' rows of
-    ``out`` [T, H, G, D] (q.dtype) and returns it; other rows are left as they are."""
-    num_tokens, kv_heads, group, head_dim = q.shape
+    ``out`` [T, H, G, Dv] (q.dtype) and returns it; other rows are left as they are."""
+    num_tokens, kv_heads, group, _ = q.shape
     page_size = statics.spec.page_size
     pages_per_seq = page_indices.shape[1]
     qb = min(num_tokens, statics.options.queries_per_block or XLA_QUERIES_PER_BLOCK)
@@ -210,7 +215,7 @@ def _prefill(kv, layer, q, out, bounds, is_prefill, kv_lens, page_indices, sinks
             return _fold(carry, s, v, "qhgk,khd->qhgd")
 
         num_steps = -(-(last - first + 1) // block)
-        init = _init(qb, kv_heads, group, head_dim)
+        init = _init(qb, kv_heads, group, statics.spec.value_dim)
         res = _finish(jax.lax.fori_loop(0, num_steps, key_block, init), sinks)
         old = jax.lax.dynamic_slice_in_dim(out, at, qb)
         new = jnp.where(row_ok[:, None, None, None], res.astype(out.dtype), old)
@@ -222,8 +227,9 @@ def _prefill(kv, layer, q, out, bounds, is_prefill, kv_lens, page_indices, sinks
 def local_xla(
     kv, layer, q, page_indices, kv_lens, cu_q_lens, num_seqs, sinks=None, *, statics: Statics
 ):
-    """One device: kv [L, slots, C, D_pad] (either kv_layout), q [T, Hq_local, D], sinks
-    float32[Hq_local] or None -> [T, Hq_local, D]."""
+    """One device: kv [L, slots, C, D_pad] (any kv_layout), q [T, Hq_local, D], sinks
+    float32[Hq_local] or None -> [T, Hq_local, Dv] (Dv = ``spec.value_dim``: D, or
+    kv_lora_rank for a latent cache, whose output is in latent space)."""
     num_layers, _, combined, _ = kv.shape
     num_tokens, q_heads, head_dim = q.shape
     kv_heads = combined // statics.spec.rows_per_head
@@ -238,7 +244,8 @@ def local_xla(
     layer = jnp.clip(layer, 0, num_layers - 1)
     q4 = q.reshape(num_tokens, kv_heads, group, head_dim)
 
-    out = jnp.zeros(q4.shape, q.dtype)
+    value_dim = statics.spec.value_dim
+    out = jnp.zeros((num_tokens, kv_heads, group, value_dim), q.dtype)
     out = _prefill(
         kv, layer, q4, out, bounds, is_live & (q_lens > 1), kv_lens, page_indices, sinks, statics
     )
@@ -251,4 +258,4 @@ def local_xla(
         kv, layer, q_rows, is_decode, requests, kv_lens - 1, page_indices, sinks, statics
     )
     out = out.at[jnp.where(is_decode, token, num_tokens)].set(rows.astype(q.dtype), mode="drop")
-    return out.reshape(num_tokens, q_heads, head_dim)
+    return out.reshape(num_tokens, q_heads, value_dim)

@@ -38,6 +38,7 @@ from kvshard._host_checks import (
     dtype_of,
     is_traced,
 )
+from kvshard._layout import CacheSpec
 from kvshard._platform import resolve_backend
 from kvshard._sharding import place_all, to_spec
 from kvshard._types import Backend, BackendOptions, Schedule
@@ -59,6 +60,26 @@ __all__ = ["SaturationCounts", "update", "update_with_stats"]
 # --------------------------------------------------------------------------------------------
 # Host checks (before anything is donated)
 # --------------------------------------------------------------------------------------------
+
+
+def latent_kv(cache: Any, k: Any, v: Any) -> tuple[Any, Any]:
+    """(k, v) as the backends take them: a latent cache's row is K and V at once, so its
+    ``v`` must be None and the backends get ``k`` twice (its rows ignore the second,
+    :func:`kvshard._kv_rows.to_rows`). Other caches: unchanged (their checks refuse None).
+
+    Raises:
+      ValueError: ``v`` given for a latent cache.
+    """
+    spec = getattr(cache, "spec", None)
+    if not isinstance(spec, CacheSpec) or not spec.latent:
+        return k, v
+    if v is not None:
+        raise ValueError(
+            f"v must be None for a kv_layout='latent' cache (got {type(v).__name__} of shape "
+            f"{np.shape(v)}): the latent row [c_kv | k_pe] is K and V at once; pass it as k "
+            f"[T, 1, {spec.head_dim}]"
+        )
+    return k, k
 
 
 def _check_kv(cache: KVCache, k: Any, v: Any, lead: tuple[int, ...]) -> None:
@@ -244,6 +265,7 @@ def _update_call(
     stats,
 ):
     """The host side of :func:`update` and :func:`update_with_stats`: check, place, call."""
+    k, v = latent_kv(cache, k, v)
     plain = interpret is None and schedule is None  # else a deprecation warning: the full path
     statics = (backend, options, checks, stats)
     given_num_slices = num_slices  # as the call gave it (rebound below)
@@ -372,6 +394,9 @@ def update(
         picks its own head ``i // r``; with a page axis each device sees only its group's
         [1, T, ...] slice.
       v: same shape, sharding and per-device handling as ``k``; its dtype must equal ``k``'s.
+        None for a ``kv_layout="latent"`` cache (MLA), whose ``k`` is the latent row
+        float[T, 1, kv_lora_rank + qk_rope_head_dim] = ``concat([c_kv, k_pe], -1)``, K and
+        V at once (docs/layout.md, "Latent caches"); a ``v`` there is refused (ValueError).
       step: the step's :class:`~kvshard.StepMetadata` (from :func:`kvshard.build_step`), whose
         ``slices``/``num_slices`` are written and whose geometry must be the cache's. Or, in
         vLLM's form, the slices themselves: int32[3, S] rows (kv_cache_start, new_kv_start,

@@ -70,7 +70,7 @@ def _write_rows(cache, layer, k, v, slices, num, *, spec, page_copies):
     page_size = spec.page_size
     num_layers, num_slots, combined, dim = cache.shape
     num_tokens = k.shape[0]
-    n = 1 if spec.packed else 2  # rows per head
+    n = spec.rows_per_head  # 2 interleaved, 1 packed or latent
     valid = writable_slices(
         slices,
         num,
@@ -220,7 +220,7 @@ class SaturationCounts(NamedTuple):
     Attributes:
       k: int32[] saturated elements of K, summed over every device's heads and page pools
         (each KV head counted once, however many replicas the cache holds).
-      v: int32[] the same for V.
+      v: int32[] the same for V (0 for a latent cache: its one row is counted in ``k``).
     """
 
     k: jax.Array
@@ -253,6 +253,8 @@ def count_saturated(cache, k, v, layer, slices, num, num_slots):
             for x, scale in ((k, spec.k_scale), (v, spec.v_scale))
         ]
     )
+    if spec.latent:  # v is k (the latent row is K and V at once): count it once, as K
+        counts = counts * jnp.array([1, 0], jnp.int32)
     axes = tuple(a for a in (cache.head_axis, cache.page_axis) if a is not None)
     if axes:
         counts = jax.lax.psum(counts, axes)
