@@ -14,10 +14,10 @@ and W_UV (``kv_b_proj``'s value rows) maps that average to the head's value. Per
 values are never materialised. Heads are sharded over the tensor axis (``q_b_proj``,
 ``kv_b_proj`` and ``o_proj`` split by head), the latent is replicated.
 
-:func:`latent_attention` is the one place the cache is written and read: an MQA cache of one
-"KV head" of ``kv_lora_rank + qk_rope_head_dim`` dims whose key is the latent row and whose
-value is the latent ``c`` (zero-padded to the same width), read by :func:`kvshard.attention`
-with the concatenated ``[q_lat, q_rope]`` query.
+:func:`latent_attention` is the one place the cache is written and read: a latent cache
+(``CacheSpec(kv_layout="latent")``, one K-only row ``[c, k_rope]`` per token, replicated over
+the tensor axis) written by :func:`kvshard.update` and read in the absorbed form by
+:func:`kvshard.attention` with the query ``[q_lat, q_rope]``.
 """
 
 from __future__ import annotations
@@ -62,16 +62,14 @@ def latent_attention(cache, layer: int, q_lat, q_rope, latent, k_rope, step, sm_
     """Writes this step's latent rows into ``cache`` layer ``layer`` and attends in latent space.
 
     Shapes as :func:`dense_latent_attention` with T the step's tokens; returns
-    ``(float[G, T, H, r], cache)``. The cache has one KV head of ``r + dr`` dims: key
-    ``[c, k_rope]``, value ``[c, 0]``.
+    ``(float[G, T, H, r], cache)``. ``cache`` is a latent cache (``CacheSpec(kv_layout="latent",
+    kv_lora_rank=r)``, docs/layout.md): :func:`kvshard.update` writes the K-only row
+    ``[c, k_rope]`` and :func:`kvshard.attention` takes the absorbed query ``[q_lat, q_rope]``.
     """
-    r = latent.shape[-1]
     row = jnp.concatenate([latent, k_rope], axis=-1)[:, :, None, :]  # [G, T, 1, r + dr]
-    value = jnp.concatenate([latent, jnp.zeros_like(k_rope)], axis=-1)[:, :, None, :]
-    cache = kvshard.update(cache, layer, row, value, step)
+    cache = kvshard.update(cache, layer, row, None, step)
     q = jnp.concatenate([q_lat, q_rope.astype(q_lat.dtype)], axis=-1)
-    out = kvshard.attention(cache, layer, q, step, sm_scale=sm_scale)
-    return out[..., :r], cache
+    return kvshard.attention(cache, layer, q, step, sm_scale=sm_scale), cache
 
 
 class MLAttention(nnx.Module):
