@@ -67,7 +67,8 @@ def latent_attention(cache, layer: int, q_lat, q_rope, latent, k_rope, step, sm_
     ``[c, k_rope]`` and :func:`kvshard.attention` takes the absorbed query ``[q_lat, q_rope]``.
     """
     row = jnp.concatenate([latent, k_rope], axis=-1)[:, :, None, :]  # [G, T, 1, r + dr]
-    cache = kvshard.update(cache, layer, row, None, step)
+    # v is None for a latent cache (kvshard.update types v as an array).
+    cache = kvshard.update(cache, layer, row, None, step)  # type: ignore[arg-type]
     q = jnp.concatenate([q_lat, q_rope.astype(q_lat.dtype)], axis=-1)
     return kvshard.attention(cache, layer, q, step, sm_scale=sm_scale), cache
 
