@@ -12,10 +12,14 @@ decoder config without JAX, a checkpoint or the ``transformers`` package:
 * ``torch_dtype`` (``dtype`` in newer configs) -> the cache dtype unless the caller picks one;
 * each layer's attention type (:data:`LayerType`): full, sliding window W (``sliding_window``)
   or chunked local C (``attention_chunk_size``), from whichever convention the config uses
-  (:func:`layer_types_of`); ``sliding_window`` of the geometry is W when every layer uses it.
+  (:func:`layer_types_of`); ``sliding_window`` of the geometry is W when every layer uses it;
+* multi-head latent attention (DeepSeek-V2/V3/R1, Kimi-K2: ``kv_lora_rank`` set): one latent
+  row per token, so 1 KV "head" of ``kv_lora_rank + qk_rope_head_dim`` values (the config's
+  ``num_key_value_heads`` and ``head_dim``, which transformers writes for the rope, do not
+  size that cache); ``kv_lora_rank`` of the geometry says so (a ``kv_layout="latent"`` cache).
 
 Multimodal configs that nest the language model under ``text_config`` are read there. A config
-that cannot be read (a missing or non-integer field, multi-head latent attention) raises
+that cannot be read (a missing or non-integer field) raises
 :class:`ConfigError` with one line naming the field.
 
 This is kvshard's one reader of config.json: the planner, :meth:`kvshard.CacheSpec.from_config`
@@ -87,6 +91,8 @@ PRESETS = (
     "gpt-oss-20b",
     "gpt-oss-120b",
     "llama-4-scout",
+    "deepseek-v3",
+    "kimi-k2",
 )
 
 # Hugging Face `layer_types` entries -> kinds of LayerType.
@@ -119,10 +125,6 @@ _TORCH_DTYPES = {
     "float": "float32",
 }
 
-# Fields that mark a model whose cache is not per-head K/V (DeepSeek-style multi-head latent
-# attention caches one compressed latent per token).
-_MLA_FIELDS = ("kv_lora_rank", "qk_rope_head_dim", "v_head_dim")
-
 
 class ConfigError(KvshardError, ValueError):
     """A model config that kvshard cannot size a cache for; the message names the field."""
@@ -148,6 +150,9 @@ class ModelGeometry:
       layer_types: each layer's attention type (:data:`LayerType`): ``("full",)``,
         ``("sliding", W)`` or ``("chunked", C)``. Left empty, every layer gets
         ``("sliding", sliding_window)`` or, without a window, ``("full",)``.
+      kv_lora_rank: multi-head latent attention (``kv_lora_rank`` of the config): the lanes
+        of the latent row that hold ``c_kv``; ``num_kv_heads`` is then 1 and ``head_dim``
+        ``kv_lora_rank + qk_rope_head_dim`` (a ``kv_layout="latent"`` cache). None otherwise.
 
     Raises:
       ValueError: ``layer_types`` not one valid type per layer, or disagreeing with
@@ -163,6 +168,7 @@ class ModelGeometry:
     name: str | None = None
     num_q_heads: int | None = None
     layer_types: tuple[LayerType, ...] = ()
+    kv_lora_rank: int | None = None
 
     def __post_init__(self) -> None:
         if not self.layer_types:
@@ -178,6 +184,12 @@ class ModelGeometry:
                 f"({describe_groups(group_layers(types), self.num_layers)}): it is W exactly when "
                 "every layer is ('sliding', W)"
             )
+
+    @property
+    def kv_layout(self) -> str | None:
+        """ "latent" for multi-head latent attention, else None (:class:`kvshard.CacheSpec`'s
+        automatic choice)."""
+        return None if self.kv_lora_rank is None else "latent"
 
     @property
     def layer_groups(self) -> dict[LayerType, tuple[int, ...]]:
@@ -369,8 +381,8 @@ def read_model_config(config: Mapping[str, Any] | str | PathLike[str]) -> ModelG
     Raises:
       ConfigError: unreadable, a required field missing or not a positive integer, head_dim not
         given and ``hidden_size`` not divisible by ``num_attention_heads``, an unknown
-        ``torch_dtype``, or multi-head latent attention (``kv_lora_rank``); one line naming the
-        field.
+        ``torch_dtype``, or a multi-head latent attention config (``kv_lora_rank`` set) without
+        a positive ``qk_rope_head_dim``; one line naming the field.
     """
     return geometry_of(*load_config(config))
 
@@ -382,43 +394,48 @@ def geometry_of(data: Mapping[str, Any], where: str) -> ModelGeometry:
     if "num_hidden_layers" not in data and isinstance(data.get("text_config"), Mapping):
         data = data["text_config"]  # multimodal wrappers (Llama 4, Gemma 3, Qwen2-VL, ...)
         where += " (text_config)"
-    for field in _MLA_FIELDS:
-        if data.get(field) is not None:
-            raise ConfigError(
-                f"{where}: {field}={data[field]!r}: multi-head latent attention (DeepSeek-style "
-                "MLA) caches a compressed latent, not per-head K and V; kvshard does not "
-                "support it"
-            )
     if "num_hidden_layers" not in data:
         raise ConfigError(f"{where}: num_hidden_layers is missing (the number of layers)")
     num_layers = positive_int(data, "num_hidden_layers", where)
 
-    kv_field = "num_key_value_heads" if data.get("num_key_value_heads") is not None else None
-    if kv_field is None and data.get("num_attention_heads") is not None:
-        kv_field = "num_attention_heads"  # multi-head attention: one KV head per query head
-    if kv_field is None:
-        raise ConfigError(
-            f"{where}: num_key_value_heads is missing (and no num_attention_heads to fall back on)"
-        )
-    num_kv_heads = positive_int(data, kv_field, where)
-
-    if data.get("head_dim") is not None:
-        head_dim = positive_int(data, "head_dim", where)
-    else:
-        for field in ("hidden_size", "num_attention_heads"):
-            if data.get(field) is None:
-                raise ConfigError(
-                    f"{where}: head_dim is missing and so is {field} (head_dim defaults to "
-                    "hidden_size / num_attention_heads)"
-                )
-        hidden = positive_int(data, "hidden_size", where)
-        heads = positive_int(data, "num_attention_heads", where)
-        if hidden % heads:
+    kv_lora_rank = None
+    if data.get("kv_lora_rank") is not None:  # MLA: one latent row per token, no head axis
+        kv_lora_rank = positive_int(data, "kv_lora_rank", where)
+        if data.get("qk_rope_head_dim") is None:
             raise ConfigError(
-                f"{where}: head_dim is missing and hidden_size={hidden} is not a multiple of "
-                f"num_attention_heads={heads}; add head_dim"
+                f"{where}: qk_rope_head_dim is missing (multi-head latent attention, "
+                f"kv_lora_rank={kv_lora_rank}: the latent row is kv_lora_rank + qk_rope_head_dim)"
             )
-        head_dim = hidden // heads
+        num_kv_heads = 1
+        head_dim = kv_lora_rank + positive_int(data, "qk_rope_head_dim", where)
+    else:
+        kv_field = "num_key_value_heads" if data.get("num_key_value_heads") is not None else None
+        if kv_field is None and data.get("num_attention_heads") is not None:
+            kv_field = "num_attention_heads"  # multi-head attention: one KV head per query head
+        if kv_field is None:
+            raise ConfigError(
+                f"{where}: num_key_value_heads is missing (and no num_attention_heads to fall "
+                "back on)"
+            )
+        num_kv_heads = positive_int(data, kv_field, where)
+
+        if data.get("head_dim") is not None:
+            head_dim = positive_int(data, "head_dim", where)
+        else:
+            for field in ("hidden_size", "num_attention_heads"):
+                if data.get(field) is None:
+                    raise ConfigError(
+                        f"{where}: head_dim is missing and so is {field} (head_dim defaults to "
+                        "hidden_size / num_attention_heads)"
+                    )
+            hidden = positive_int(data, "hidden_size", where)
+            heads = positive_int(data, "num_attention_heads", where)
+            if hidden % heads:
+                raise ConfigError(
+                    f"{where}: head_dim is missing and hidden_size={hidden} is not a multiple of "
+                    f"num_attention_heads={heads}; add head_dim"
+                )
+            head_dim = hidden // heads
 
     # `dtype` (transformers >= 4.56) or `torch_dtype` (before); a wrapper's text_config often
     # leaves the dtype to the wrapper (Gemma 3, Llama 4).
@@ -454,4 +471,5 @@ def geometry_of(data: Mapping[str, Any], where: str) -> ModelGeometry:
         name=str(data.get("_name_or_path") or label),
         num_q_heads=num_q_heads,
         layer_types=layer_types,
+        kv_lora_rank=kv_lora_rank,
     )

@@ -608,7 +608,9 @@ class CacheSpec:
         Reads ``num_hidden_layers``, ``num_key_value_heads`` (else ``num_attention_heads``),
         ``head_dim`` (else ``hidden_size / num_attention_heads``), ``torch_dtype`` and each
         layer's attention type (``layer_types``, from whichever convention the config uses);
-        see :func:`kvshard.read_model_config`.
+        see :func:`kvshard.read_model_config`. A multi-head latent attention config
+        (DeepSeek-V2/V3, Kimi-K2: ``kv_lora_rank`` set) gives a ``kv_layout="latent"`` cache
+        of 1 KV head and ``head_dim = kv_lora_rank + qk_rope_head_dim``.
 
         Args:
           config: a config.json path, a directory holding one, or the parsed dict.
@@ -619,9 +621,9 @@ class CacheSpec:
             (``layer_types=`` overrides the config's).
 
         Raises:
-          kvshard.ConfigError: (a ``ValueError``) the config cannot be read, lacks a field, or
-            describes multi-head latent attention; also when ``dtype`` is None and the config
-            has no ``torch_dtype``. One line naming the field.
+          kvshard.ConfigError: (a ``ValueError``) the config cannot be read or lacks a field;
+            also when ``dtype`` is None and the config has no ``torch_dtype``. One line naming
+            the field.
           ValueError: a bad ``page_size``, ``num_pages`` or ``dtype`` (as :class:`CacheSpec`).
         """
         from kvshard._config import ConfigError, read_model_config
@@ -634,6 +636,9 @@ class CacheSpec:
                 )
             dtype = geometry.dtype
         spec_fields.setdefault("layer_types", geometry.layer_types)
+        if geometry.kv_lora_rank is not None:  # MLA: the latent row (docs/layout.md)
+            spec_fields.setdefault("kv_layout", "latent")
+            spec_fields.setdefault("kv_lora_rank", geometry.kv_lora_rank)
         return cls(
             geometry.num_layers,
             geometry.num_kv_heads,

@@ -114,13 +114,16 @@ def _spec(
     num_pages: int,
     dtype: str,
     kv_layout: str | None = None,
+    kv_lora_rank: int | None = None,
 ) -> CacheSpec:
     """A :class:`CacheSpec` for sizing: a quantized dtype gets unit scales (the spec requires
-    scales; they change no byte count)."""
+    scales; they change no byte count); ``kv_lora_rank`` makes a latent (MLA) cache."""
     scale = 1.0 if needs_scales(dtype) else None
+    if kv_lora_rank is not None and kv_layout is None:
+        kv_layout = "latent"
     return CacheSpec(
         num_layers, num_kv_heads, head_dim, page_size, num_pages, dtype, k_scale=scale,
-        v_scale=scale, kv_layout=kv_layout,
+        v_scale=scale, kv_layout=kv_layout, kv_lora_rank=kv_lora_rank,
     )  # fmt: skip
 
 
@@ -148,12 +151,18 @@ def make_plan(
     host_memory: int | None = None,
     devices_per_host: int | None = None,
     kv_layout: str | None = None,
+    kv_lora_rank: int | None = None,
 ) -> dict[str, Any]:
     """Returns the plan as a JSON-ready dict (all byte counts are per device).
 
     ``kv_layout`` (None: :class:`CacheSpec`'s automatic choice, "packed" for head_dim <= 64)
     is the cache's row layout; the plan's ``interleaved`` entry compares a packed plan's
     pages with the "interleaved" layout's (each head_dim padded to 128 lanes).
+
+    ``kv_lora_rank`` (multi-head latent attention: DeepSeek-V3, Kimi-K2) plans a "latent"
+    cache: ``num_kv_heads`` 1 and ``head_dim = kv_lora_rank + qk_rope_head_dim``; its one row
+    is replicated over the ``tp``-way head axis (one copy per device), and the plan's
+    ``latent`` entry gives its bytes per token and what the copies cost.
 
     ``layer_types`` (None: every layer full, or ``sliding_window`` on every layer) gives each
     layer's attention type (:data:`kvshard._layer_types.LayerType`); for a mix of types, or
@@ -189,7 +198,7 @@ def make_plan(
         sliding_window = uniform_window(types)
         if len(group_layers(types)) == 1 and types[0][0] != "chunked":
             types = None  # uniform: the plan's own rows (and its sliding_window row) say it all
-    one = _spec(num_layers, num_kv_heads, head_dim, page_size, 1, dtype, kv_layout)
+    one = _spec(num_layers, num_kv_heads, head_dim, page_size, 1, dtype, kv_layout, kv_lora_rank)
     page_bytes_layer = one.page_bytes_per_device(tp)
     page_bytes = one.bytes_per_device(tp, dp)  # one page id, every layer
     num_pages = hbm_per_device // page_bytes
@@ -259,8 +268,9 @@ def make_plan(
 
     # Per-token bytes and the capacity of the same budget in bfloat16, the usual model dtype.
     bf16_page_bytes = _spec(
-        num_layers, num_kv_heads, head_dim, page_size, 1, "bfloat16"
-    ).bytes_per_device(tp, dp)
+        num_layers, num_kv_heads, head_dim, page_size, 1, "bfloat16",
+        "latent" if one.latent else None, kv_lora_rank,
+    ).bytes_per_device(tp, dp)  # fmt: skip
     bf16_tokens = _tokens_per_group(bf16_page_bytes, hbm_per_device, page_size)
     interleaved = None
     if spec.packed:  # what the same budget holds with each head_dim padded to 128 lanes
@@ -333,6 +343,27 @@ def make_plan(
         "capacity_vs_bfloat16": usable * page_size / bf16_tokens if bf16_tokens else None,
         "sliding_window": window,
         "host_tier": host,
+        "latent": _latent(spec, tp) if spec.latent else None,
+    }
+
+
+def _latent(spec: CacheSpec, tp: int) -> dict[str, Any]:
+    """A latent (MLA) cache's bytes per token: one copy of the row, what one device stores
+    (lane and sublane padding included), and the ``tp`` copies of a data-parallel group."""
+    rank = spec.kv_lora_rank
+    assert rank is not None
+    # Every layer, one device, padding included.
+    stored = spec.num_cache_layers * spec.page_bytes_per_device(tp) // spec.page_size
+    return {
+        "kv_lora_rank": rank,
+        "qk_rope_head_dim": spec.head_dim - rank,
+        "values_per_token_layer": spec.head_dim,
+        "bytes_per_token_layer": spec.head_dim * spec.bits // 8,
+        "bytes_per_token": spec.num_cache_layers * spec.head_dim * spec.bits // 8,
+        "stored_bytes_per_token_per_device": stored,
+        "copies_per_group": tp,
+        "stored_bytes_per_token_per_group": tp * stored,
+        "replication_bytes_per_token": (tp - 1) * stored,
     }
 
 
@@ -359,16 +390,19 @@ def format_plan(plan: dict[str, Any]) -> str:
     L, P, budget = p["num_layers"], p["page_size"], p["hbm_per_device"]
     name = p["model"] or "custom model"
     r = p["replication"]
+    latent = p.get("latent")
     head_note = (
         f"{p['heads_per_device']} of {p['num_kv_heads']} heads per device"
         if r == 1
         else f"each of {p['num_kv_heads']} heads on {r} devices, 1 per device"
     )
+    if latent:
+        head_note = f"the latent row (shared by every query head) on each of {tp} device(s)"
     sections: list[tuple[str, list[tuple[str, str, str]]]] = [
         (
             "layout (per device)",
             [
-                ("KV head replication", f"x{r}", head_note),
+                ("latent replication" if latent else "KV head replication", f"x{r}", head_note),
                 *(
                     [
                         (
@@ -382,7 +416,9 @@ def format_plan(plan: dict[str, Any]) -> str:
                     else []
                 ),
                 (
-                    f"{p.get('kv_layout', 'interleaved')} K/V rows per slot",
+                    "latent rows per slot"
+                    if latent
+                    else f"{p.get('kv_layout', 'interleaved')} K/V rows per slot",
                     f"{p['combined_heads_per_device']}",
                     f"stored as {p['packed_rows_per_device']} (packing {p['packing']} for "
                     f"{p['dtype']})",
@@ -461,23 +497,31 @@ def format_plan(plan: dict[str, Any]) -> str:
         )
     if p.get("layer_groups"):
         sections.append(format_groups(p))
+    if latent:
+        sections.append(_latent_section(p))
     padding = (
         f"row padding (K|V {p['row_dim']} -> {p['padded_head_dim']} lanes)"
         if p.get("kv_layout") == "packed"
         else f"head_dim padding ({p['head_dim']} -> {p['padded_head_dim']})"
     )
+    if latent:
+        padding = f"row padding (latent {p['row_dim']} -> {p['padded_head_dim']} lanes)"
     labels = {
         "head_dim_padding": padding,
         "dtype_packing": (
             f"dtype packing ({p['combined_heads_per_device']} -> "
             f"{p['packed_rows_per_device']} rows)"
         ),
-        "head_replication": f"head replication (x{r})",
+        "head_replication": f"{'latent' if latent else 'head'} replication (x{r})",
         "null_page": "null page 0 (reserved)",
         "budget_remainder": "remainder (< 1 page)",
     }
     budget_rows = [
-        ("K/V of distinct heads", f"{p['kv_bytes']:,}", f"{100 * p['kv_bytes'] / budget:.2f}%")
+        (
+            "latent, one copy" if latent else "K/V of distinct heads",
+            f"{p['kv_bytes']:,}",
+            f"{100 * p['kv_bytes'] / budget:.2f}%",
+        )
     ]
     for key, label in labels.items():
         budget_rows.append((label, f"{p['waste_bytes'][key]:,}", f"{p['waste_percent'][key]:.2f}%"))
@@ -487,11 +531,15 @@ def format_plan(plan: dict[str, Any]) -> str:
 
     width = max(len(label) for _, rows in sections for label, _, _ in rows)
     value_width = max(len(value) for _, rows in sections for _, value, _ in rows)
+    heads = (
+        f"MLA latent {latent['kv_lora_rank']} + rope {latent['qk_rope_head_dim']}"
+        if latent
+        else f"{p['num_kv_heads']} KV heads, head_dim {p['head_dim']}"
+    )
     lines = [
-        f"kvshard plan: {name} ({L} layers, {p['num_kv_heads']} KV heads, head_dim "
-        f"{p['head_dim']}), {p['dtype']}, page_size {P}",
+        f"kvshard plan: {name} ({L} layers, {heads}), {p['dtype']}, page_size {P}",
         f"mesh {dp}x{tp}: {_plural(dp, 'data-parallel group')} x {tp}-way tensor parallelism "
-        "over KV heads",
+        + ("over query heads, the latent replicated" if latent else "over KV heads"),
         f"budget: {budget:,} bytes ({human(budget)}) of HBM per device for the KV cache",
     ]
     for title, rows in sections:
@@ -503,8 +551,50 @@ def format_plan(plan: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _latent_section(p: dict[str, Any]) -> tuple[str, list[tuple[str, str, str]]]:
+    """A latent (MLA) cache's bytes per token: one copy, one device, the group's copies."""
+    t, L, tp = p["latent"], p["num_layers"], p["mesh"]["model"]
+    return (
+        "latent (MLA) bytes per token",
+        [
+            (
+                "latent values per token, 1 layer",
+                f"{t['values_per_token_layer']:,}",
+                f"c_kv {t['kv_lora_rank']} + k_pe {t['qk_rope_head_dim']}: "
+                f"{t['bytes_per_token_layer']:,} bytes in {p['dtype']}",
+            ),
+            (f"latent bytes per token, {L} layers", f"{t['bytes_per_token']:,}", "one copy"),
+            (
+                "stored per token per device",
+                f"{t['stored_bytes_per_token_per_device']:,}",
+                "with lane and sublane padding",
+            ),
+            (
+                "stored per token per DP group",
+                f"{t['stored_bytes_per_token_per_group']:,}",
+                f"{t['copies_per_group']} cop{'y' if tp == 1 else 'ies'} (one per device of "
+                "the head axis)",
+            ),
+            (
+                "replication cost per token",
+                f"{t['replication_bytes_per_token']:,}",
+                "the copies past the first: a page axis (--mesh DATAx1) spends those devices on "
+                "more pages instead",
+            ),
+        ],
+    )
+
+
 def _row_lanes(p: dict[str, Any]) -> tuple[str, str, str]:
     """The head_dim row: how a head's K and V sit in the lanes."""
+    if p.get("latent"):
+        t, d = p["latent"], p["head_dim"]
+        return (
+            "latent row",
+            f"{d}",
+            f"c_kv lanes 0..{t['kv_lora_rank'] - 1}, k_pe lanes {t['kv_lora_rank']}..{d - 1}, "
+            f"stored as {p['padded_head_dim']}",
+        )
     if p.get("kv_layout") == "packed":
         d = p["head_dim"]
         return (

@@ -282,6 +282,14 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         "interleaved is what the pallas attention backend reads",
     )
     plan.add_argument(
+        "--kv-lora-rank",
+        type=_arg_type(_positive_int, "int"),
+        metavar="R",
+        help="multi-head latent attention (DeepSeek-V3, Kimi-K2): lanes of the latent row "
+        "holding c_kv (default: the config's kv_lora_rank); with --kv-heads 1 and --head-dim "
+        "kv_lora_rank + qk_rope_head_dim, a kv_layout latent cache",
+    )
+    plan.add_argument(
         "--page-size",
         type=_arg_type(_positive_int, "int"),
         default=32,
@@ -476,6 +484,9 @@ def _run_plan(args: argparse.Namespace, plan_parser: argparse.ArgumentParser) ->
             host_memory=args.host_memory,
             devices_per_host=args.devices_per_host,
             kv_layout=args.kv_layout,
+            kv_lora_rank=args.kv_lora_rank
+            if args.kv_lora_rank is not None
+            else (geometry.kv_lora_rank if geometry else None),
         )
     except BudgetTooSmall as err:
         plan_parser.error(f"argument --hbm-per-device: {err}")

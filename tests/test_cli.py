@@ -130,6 +130,9 @@ def test_presets():
         "gpt-oss-20b": (24, 8, 64, "bfloat16", None, {("sliding", 128): 12, full: 12}),
         "gpt-oss-120b": (36, 8, 64, "bfloat16", None, {("sliding", 128): 18, full: 18}),
         "llama-4-scout": (48, 8, 128, "bfloat16", None, {("chunked", 8192): 36, full: 12}),
+        # MLA: one latent row of kv_lora_rank 512 + qk_rope_head_dim 64 per token.
+        "deepseek-v3": (61, 1, 576, "bfloat16", None, {full: 61}),
+        "kimi-k2": (61, 1, 576, "bfloat16", None, {full: 61}),
     }
 
 
@@ -481,7 +484,7 @@ def test_config_gives_the_preset_capacity(capsys, tmp_path):
 @pytest.mark.parametrize(
     ("change", "fragment"),
     [
-        ({"kv_lora_rank": 512}, "kv_lora_rank=512: multi-head latent attention"),
+        ({"kv_lora_rank": 512}, "qk_rope_head_dim is missing (multi-head latent attention"),
         ({"num_hidden_layers": None}, "num_hidden_layers is missing"),
         ({"num_hidden_layers": "32"}, "num_hidden_layers='32' must be a positive integer"),
         ({"num_key_value_heads": 0}, "num_key_value_heads=0 must be a positive integer"),
@@ -851,3 +854,28 @@ def test_chunked_llama4_groups(capsys):
     assert group_rows(plan)["chunked"]["pages_per_request"] == 3 * 256
     assert g["pages_per_request"] == 4_864 and g["sequences_per_group"] == 17
     assert g["all_full_sequences_per_group"] == 5
+
+
+@pytest.mark.parametrize("source", ["preset", "config"])
+def test_latent_plan_of_an_mla_model(capsys, tmp_path, source):
+    """DeepSeek-V3 by preset and by config.json: the latent's bytes per token and the cost of
+    replicating it over the 4-way head axis, against a data axis that holds no copies."""
+    flags = ["--hbm-per-device", "4GiB", "--context", "4096"]
+    where = ["--model", "deepseek-v3"]
+    if source == "config":
+        path = tmp_path / "config.json"
+        path.write_text(json.dumps(preset_config("deepseek-v3")))
+        where = ["--config", str(path)]
+    tp = plan_json(capsys, ["plan", *where, "--mesh", "1x4", *flags])
+    dp = plan_json(capsys, ["plan", *where, "--mesh", "4x1", *flags])
+    assert tp["kv_layout"] == dp["kv_layout"] == "latent"
+    # bf16 row of 640 lanes, padded to 2 sublane rows: 2,560 bytes a token and layer.
+    for p in (tp, dp):
+        assert p["latent"]["bytes_per_token"] == 61 * 576 * 2
+        assert p["latent"]["stored_bytes_per_token_per_device"] == 61 * 2560
+    assert tp["latent"]["replication_bytes_per_token"] == 3 * 61 * 2560
+    assert dp["latent"]["replication_bytes_per_token"] == 0
+    assert dp["tokens_total"] == 4 * tp["tokens_total"]
+    code, out, err = run(capsys, ["plan", *where, "--mesh", "1x4", *flags])
+    assert code == 0, err
+    assert "MLA latent 512 + rope 64" in out and "replication cost per token" in out

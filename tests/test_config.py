@@ -257,7 +257,11 @@ def test_model_geometry_fills_and_checks_layer_types():
 @pytest.mark.parametrize(
     ("config", "message"),
     [
-        ({**LLAMA, "kv_lora_rank": 512}, "config: kv_lora_rank=512: multi-head latent attention"),
+        ({**LLAMA, "kv_lora_rank": 512}, "config: qk_rope_head_dim is missing (multi-head latent"),
+        (
+            {**LLAMA, "kv_lora_rank": 0, "qk_rope_head_dim": 64},
+            "kv_lora_rank=0 must be a positive",
+        ),
         ({**LLAMA, "num_hidden_layers": True}, "num_hidden_layers=True must be a positive"),
         ({**LLAMA, "num_hidden_layers": 32.0}, "num_hidden_layers=32.0 must be a positive"),
         (
@@ -330,6 +334,39 @@ def test_configs_as_transformers_writes_them(version, family, tmp_path):
     spec = kvshard.CacheSpec.from_config(tmp_path, page_size=16, num_pages=8)
     assert spec == kvshard.CacheSpec(
         len(layer_types), kv_heads, head_dim, 16, 8, "bfloat16", layer_types=layer_types
+    )
+
+
+@pytest.mark.parametrize("family", hf_configs.MLA_FAMILIES)
+@pytest.mark.parametrize("version", hf_configs.VERSIONS)
+def test_mla_configs_as_transformers_writes_them(version, family, tmp_path):
+    """DeepSeek-V3 / Kimi-K2: one latent row of kv_lora_rank 32 + qk_rope_head_dim 8 per
+    token, whatever num_key_value_heads (2) and head_dim (8, the rope's) the file says."""
+    (tmp_path / "config.json").write_text(hf_configs.CONFIG_JSON[version, family])
+    g = kvshard.read_model_config(tmp_path)
+    assert (g.num_layers, g.num_kv_heads, g.head_dim, g.kv_lora_rank) == (6, 1, 40, 32)
+    assert (g.num_q_heads, g.dtype, g.layer_types, g.kv_layout) == (
+        4,
+        "bfloat16",
+        (FULL,) * 6,
+        "latent",
+    )
+    spec = kvshard.CacheSpec.from_config(tmp_path, page_size=16, num_pages=8)
+    assert spec == kvshard.CacheSpec(
+        6, 1, 40, 16, 8, "bfloat16", kv_layout="latent", kv_lora_rank=32
+    )
+    assert (spec.padded_head_dim, spec.value_dim) == (128, 32)
+
+
+@pytest.mark.parametrize(("name", "heads"), [("deepseek-v3", 128), ("kimi-k2", 64)])
+def test_mla_presets(name, heads):
+    g = kvshard.read_model_config(preset_config(name))
+    assert (g.num_layers, g.num_kv_heads, g.head_dim, g.kv_lora_rank, g.num_q_heads) == (
+        61,
+        1,
+        512 + 64,
+        512,
+        heads,
     )
 
 

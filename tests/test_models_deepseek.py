@@ -22,19 +22,29 @@ from kvshard.models import read_architecture
 from kvshard.models.deepseek import MLAttention, RoutedMoE, route
 from kvshard.models.rope import inv_freq
 
+NO_Q_LORA = hf_configs.MLA_NO_Q_LORA  # 8 routed experts in 4 groups, 3 layers
 
-def _arch(family: str = "deepseek_v3", **change):
+
+def _arch(family: str = NO_Q_LORA, **change):
     cfg = {**hf_configs.config("5.25.0", family), "dtype": "float32", **change}
     return read_architecture(cfg)
 
 
-@pytest.mark.parametrize("family", hf_configs.MLA_FAMILIES)
+@pytest.mark.parametrize("family", [*hf_configs.MLA_FAMILIES, NO_Q_LORA])
 def test_transformers_4_and_5_configs_read_alike(family):
     v4, v5 = (read_architecture(hf_configs.config(v, family)) for v in hf_configs.VERSIONS)
     assert v4 == v5
-    assert v5.model_type == "deepseek_v3" and v5.dtype == "bfloat16"
-    assert (v5.num_layers, v5.num_heads, v5.hidden_size, v5.vocab_size) == (3, 4, 64, 128)
-    assert v5.head_dim == 16 + 8 and not v5.tie_word_embeddings and not v5.moe
+    q_lora = family != NO_Q_LORA
+    assert v5.model_type == ("kimi_k2" if family == "kimi_k2" else "deepseek_v3")
+    assert v5.dtype == "bfloat16" and not v5.tie_word_embeddings and not v5.moe
+    assert (v5.num_layers, v5.num_heads, v5.hidden_size, v5.vocab_size) == (
+        6 if q_lora else 3,
+        4,
+        64,
+        128,
+    )
+    assert v5.num_kv_heads == 4  # every query head reads the one latent (config's KV heads unused)
+    assert v5.head_dim == 16 + 8
     mla = v5.mla
     assert mla is not None and mla.latent_dim == 32 + 8
     assert (mla.kv_lora_rank, mla.qk_nope_head_dim, mla.qk_rope_head_dim, mla.v_head_dim) == (
@@ -43,16 +53,18 @@ def test_transformers_4_and_5_configs_read_alike(family):
         8,
         16,
     )
-    assert mla.q_lora_rank == (48 if family == "deepseek_v3" else None)
+    assert mla.q_lora_rank == (48 if q_lora else None)
     assert mla.rope_interleave  # DeepseekV3Config's default, written out
     moe = v5.routed_moe
     assert moe is not None
-    assert (moe.num_experts, moe.experts_per_token, moe.num_groups, moe.topk_groups) == (8, 2, 4, 2)
-    assert (moe.intermediate_size, moe.num_shared_experts, moe.first_dense_layers) == (32, 1, 1)
-    assert moe.routed_scaling_factor == 2.5 and moe.norm_topk_prob
+    assert (moe.num_experts, moe.num_groups, moe.topk_groups) == (
+        (4, 2, 1) if q_lora else (8, 4, 2)
+    )
+    assert (moe.experts_per_token, moe.intermediate_size, moe.num_shared_experts) == (2, 32, 1)
+    assert moe.first_dense_layers == 1 and moe.routed_scaling_factor == 2.5 and moe.norm_topk_prob
     assert [moe.is_moe(i) for i in range(3)] == [False, True, True]
     rope = v5.layers[0].rope
-    if family == "deepseek_v3":  # DeepSeek-V3's yarn: mscale_all_dim scales the softmax
+    if q_lora:  # DeepSeek-V3's yarn: mscale_all_dim also scales the softmax
         assert (rope.kind, rope.theta, rope.get("factor")) == ("yarn", 10_000.0, 40.0)
         assert rope.get("original_max_position_embeddings") == 4096
         assert v5.sm_scale == pytest.approx(24**-0.5 * (0.1 * math.log(40) + 1) ** 2)
@@ -201,7 +213,7 @@ def _attend(attn, x, positions):
 
 
 @pytest.mark.extended  # builds and runs flax modules op by op: seconds on 2 cores
-@pytest.mark.parametrize("family", hf_configs.MLA_FAMILIES)
+@pytest.mark.parametrize("family", ["deepseek_v3", NO_Q_LORA])
 def test_absorbed_latent_attention_matches_expanded_keys_and_values(family):
     """MLAttention's dense path (absorbed, in latent space) against DeepseekV3Attention's
     arithmetic: per-head keys [k_nope, k_rope] and values from kv_b_proj, interleaved rope."""

@@ -229,3 +229,41 @@ def test_host_memory_below_one_page_per_device_is_refused():
         plan(host_memory=100_000, devices_per_host=2)
     with pytest.raises(ValueError, match=r"devices_per_host=0 must be a positive int"):
         plan(host_memory=100_000, devices_per_host=0)
+
+
+_LATENT = {
+    "num_layers": 61,
+    "num_kv_heads": 1,
+    "head_dim": 576,
+    "page_size": 32,
+    "dtype": "bfloat16",
+    "dp": 2,
+    "tp": 4,
+    "hbm_per_device": 2**30,
+    "context": 1024,
+    "num_q_heads": 128,
+    "kv_lora_rank": 512,
+}
+
+
+def test_latent_plan_by_hand():
+    """DeepSeek-V3's latent (61 layers, 512 + 64 values) in bfloat16 on a 2x4 mesh: the row
+    padded to 640 lanes and, one row per device, to 2 sublane rows; replicated x4."""
+    p = plan(**_LATENT)
+    page_layer = 32 * 2 * 640 * 2  # slots x packed rows x lanes x bytes
+    assert p["kv_layout"] == "latent" and p["replication"] == 4
+    assert p["page_bytes_per_layer"] == page_layer
+    assert p["pages_per_device"] == 2**30 // (61 * page_layer)
+    t = p["latent"]
+    assert (t["bytes_per_token_layer"], t["bytes_per_token"]) == (1152, 61 * 1152)
+    assert t["stored_bytes_per_token_per_device"] == 61 * 2 * 640 * 2
+    assert t["stored_bytes_per_token_per_group"] == 4 * 61 * 2 * 640 * 2
+    assert t["replication_bytes_per_token"] == 3 * 61 * 2 * 640 * 2
+    # Of the usable pages' unpadded latent (one copy per device), a quarter is distinct.
+    unpadded = 61 * (p["pages_per_device"] - 1) * 32 * 1152
+    assert p["kv_bytes"] == unpadded // 4
+    assert p["waste_bytes"]["head_replication"] == unpadded - unpadded // 4
+    text = format_plan(p)
+    assert "latent replication (x4)" in text and "replication cost per token" in text
+    assert plan(**{**_LATENT, "tp": 1})["latent"]["replication_bytes_per_token"] == 0
+    assert plan(**{**_LATENT, "kv_lora_rank": None, "num_kv_heads": 8})["latent"] is None

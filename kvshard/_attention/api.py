@@ -425,7 +425,8 @@ def checked_read_args(
     )
     spec, pooled = cache.spec, cache.page_axis is not None
     lead = (cache.dp,) if pooled else ()
-    what = "[dp, T, num_q_heads, head_dim]" if pooled else "[T, num_q_heads, head_dim]"
+    dim = "kv_lora_rank + qk_rope_head_dim" if spec.latent else "head_dim"
+    what = f"[dp, T, num_q_heads, {dim}]" if pooled else f"[T, num_q_heads, {dim}]"
     host.check_shape("q", q, (*lead, None, None, spec.head_dim), what)
     if not jnp.issubdtype(host.dtype_of(q), jnp.floating):
         raise TypeError(f"q must be a floating array, got {host.dtype_of(q)}")

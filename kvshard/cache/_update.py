@@ -85,7 +85,8 @@ def latent_kv(cache: Any, k: Any, v: Any) -> tuple[Any, Any]:
 def _check_kv(cache: KVCache, k: Any, v: Any, lead: tuple[int, ...]) -> None:
     """k/v shapes and dtypes: any floating dtype (cast to the cache dtype) or the cache dtype."""
     spec = cache.spec
-    what = "[dp, T, num_kv_heads, head_dim]" if lead else "[T, num_kv_heads, head_dim]"
+    row = "1, kv_lora_rank + qk_rope_head_dim" if spec.latent else "num_kv_heads, head_dim"
+    what = f"[dp, T, {row}]" if lead else f"[T, {row}]"
     expected = (*lead, None, spec.num_kv_heads, spec.head_dim)
     check_shape("k", k, expected, what)
     check_shape("v", v, expected, what)

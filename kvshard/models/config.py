@@ -401,11 +401,14 @@ def mla_sm_scale(qk_head_dim: int, rope: RopeSpec) -> float:
 
 def _read_deepseek(config: Mapping[str, Any], model_type: str, where: str) -> Architecture:
     """DeepSeek-V3's architecture (``DeepseekV3Config``'s fields and defaults)."""
-    from kvshard._config import _MLA_FIELDS  # the fields the cache geometry refuses
-
-    # The geometry (layers, dtype) of the config without its latent-attention fields.
-    plain = {k: v for k, v in config.items() if k not in _MLA_FIELDS}
-    geometry = geometry_of(plain, where)
+    # DeepseekV3Config's defaults of the latent's sizes, so that the cache geometry (the
+    # planner's reading: one latent row of kv_lora_rank + qk_rope_head_dim) sees them too.
+    config = {
+        **config,
+        "kv_lora_rank": config_value(config, "kv_lora_rank", 512),
+        "qk_rope_head_dim": config_value(config, "qk_rope_head_dim", 64),
+    }
+    geometry = geometry_of(config, where)
     hidden = positive_int(config, "hidden_size", where)
     heads = positive_int(config, "num_attention_heads", where)
     q_lora = config.get("q_lora_rank")
