@@ -83,11 +83,35 @@ def test_transformers_4_and_5_configs_read_alike(family):
         ({"qk_rope_head_dim": 7}, "qk_rope_head_dim=7 must be even"),
         ({"kv_lora_rank": 0}, "kv_lora_rank=0 must be a positive integer"),
         ({"q_lora_rank": 0}, "q_lora_rank=0 must be a positive integer"),
+        ({"scoring_func": "softmax"}, "scoring_func='softmax': DeepSeek-V3's architecture is"),
+        ({"topk_method": "greedy"}, "topk_method='greedy'"),
+        ({"moe_layer_freq": 2}, "moe_layer_freq=2"),
     ],
 )
 def test_bad_deepseek_configs_name_the_field(change, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
         _arch(**change)
+
+
+@pytest.mark.parametrize("preset", ["deepseek-v3", "kimi-k2"])
+def test_the_shipped_presets_read_as_the_published_models(preset):
+    from kvshard._config import preset_config, read_model_config
+
+    cfg = preset_config(preset)
+    arch = read_architecture(cfg)
+    geometry = read_model_config(cfg)
+    mla, moe = arch.mla, arch.routed_moe
+    assert mla is not None and moe is not None
+    # The template's cache row is the planner's: one latent of 512 + 64 values per token.
+    assert (geometry.num_kv_heads, geometry.head_dim) == (1, mla.latent_dim) == (1, 576)
+    assert geometry.kv_lora_rank == mla.kv_lora_rank == 512 and mla.q_lora_rank == 1536
+    assert arch.num_layers == 61 and arch.head_dim == 192 and arch.dtype == "bfloat16"
+    rope = arch.layers[0].rope
+    factor = 40 if preset == "deepseek-v3" else 32
+    assert rope.kind == "yarn" and rope.get("factor") == factor
+    assert arch.sm_scale == pytest.approx(192**-0.5 * (0.1 * math.log(factor) + 1) ** 2)
+    experts, groups, dense = (256, 8, 3) if preset == "deepseek-v3" else (384, 1, 1)
+    assert (moe.num_experts, moe.num_groups, moe.first_dense_layers) == (experts, groups, dense)
 
 
 def _reference_yarn(dim, base, factor, original, beta_fast, beta_slow, mscale, mscale_all_dim):
@@ -264,3 +288,50 @@ def test_absorbed_latent_attention_matches_expanded_keys_and_values(family):
     wrong = _build(_arch(family, rope_interleave=False))
     other = np.asarray(_attend(wrong, jnp.asarray(x), positions))
     assert np.max(np.abs(other - want)) > 1e-3
+
+
+@pytest.mark.extended  # loads and serves a checkpoint: seconds on 2 cores
+def test_a_deepseek_checkpoint_is_served_from_a_replicated_latent_cache(tmp_path):
+    """A float32 checkpoint with DeepSeek-V3's tensor names (experts one by one, a
+    multi-token-prediction layer past num_hidden_layers, which is skipped) served on a 1x2 mesh
+    through chunked prefill and decode: the cache is one latent row per token, the heads'
+    projections are split over the model axis and every served logit matches the dense run."""
+    from _hf_checkpoints import deepseek_shapes, write_checkpoint
+    from test_models_serving import check_served, make_mesh, serve
+
+    from kvshard.models import load_checkpoint
+
+    cfg = hf_configs.config("5.25.0", "deepseek_v3")
+    cfg = {**cfg, "num_hidden_layers": 2, "vocab_size": 128}
+    write_checkpoint(tmp_path, cfg, dtype="float32", shapes=deepseek_shapes(cfg, layers=3))
+    mesh = make_mesh(1, 2)
+    model = load_checkpoint(tmp_path, mesh)
+    model, requests, spec, _ = serve(tmp_path, mesh, page_size=4, budget=8, model=model)
+    assert (spec.kv_layout, spec.num_kv_heads, spec.head_dim, spec.kv_lora_rank) == (
+        "latent",
+        1,
+        40,
+        32,
+    )
+    attn, moe = model.model.layers[1].self_attn, model.model.layers[1].mlp
+    split = lambda p: (
+        tuple(p[...].sharding.spec) + (None,) * (p[...].ndim - len(p[...].sharding.spec))
+    )
+    assert split(attn.q_b_proj.kernel) == split(attn.kv_b_proj.kernel) == (None, "model")
+    assert split(attn.o_proj.kernel) == ("model", None)
+    assert attn.kv_a_proj_with_mqa.kernel[...].sharding.is_fully_replicated
+    assert split(moe.experts[0].gate_proj.kernel) == (None, "model")
+    assert moe.gate.weight[...].sharding.is_fully_replicated
+    check_served(model, requests)
+    # Reading the rope dims as halves (rope_interleave false) is another model: the dense
+    # check of the served rows must then fail against it.
+    import dataclasses
+
+    from kvshard.models import dense_logits
+
+    halves = dataclasses.replace(model.arch.mla, rope_interleave=False)
+    for layer in model.model.layers:
+        layer.self_attn.mla = halves
+    other = dense_logits(model, requests)
+    diffs = [np.abs(np.stack(r.logits) - o).max() for r, o in zip(requests, other, strict=True)]
+    assert max(diffs) > 1e-2

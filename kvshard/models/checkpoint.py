@@ -38,6 +38,19 @@ __all__ = ["hf_name", "load_checkpoint", "partition", "shard_model"]
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
+def _next_token_layer(name: str, arch: Architecture) -> bool:
+    """A tensor of DeepSeek's multi-token-prediction layers (``model.layers.{i}`` for i past
+    ``num_hidden_layers``: DeepSeek-V3's layer 61), which transformers' DeepseekV3 skips too."""
+    parts = name.split(".")
+    return (
+        arch.mla is not None
+        and parts[:2] == ["model", "layers"]
+        and len(parts) > 2
+        and parts[2].isdigit()
+        and int(parts[2]) >= arch.num_layers
+    )
+
+
 def hf_name(path: tuple[Any, ...]) -> tuple[str, bool]:
     """(Hugging Face tensor name, stored transposed) of an NNX parameter path."""
     *parents, leaf = (str(p) for p in path)
@@ -111,7 +124,9 @@ def load_checkpoint(directory: str | Path, mesh: Mesh, axis: str = "model") -> C
       NotImplementedError: the architecture needs something not implemented (see CausalLM).
       KeyError: a parameter the checkpoint lacks (all of them named).
       ValueError: a tensor of the wrong shape, or checkpoint tensors no parameter reads (they
-        would be silently ignored otherwise: e.g. biases of an unsupported variant).
+        would be silently ignored otherwise: e.g. biases of an unsupported variant); DeepSeek's
+        multi-token-prediction layers past ``num_hidden_layers`` are skipped, as transformers
+        does.
     """
     directory = Path(directory)
     config = json.loads((directory / "config.json").read_text("utf-8"))
@@ -150,6 +165,7 @@ def load_checkpoint(directory: str | Path, mesh: Mesh, axis: str = "model") -> C
         if n not in used
         and not n.endswith(IGNORED_SUFFIXES)
         and not (arch.tie_word_embeddings and n == "lm_head.weight")
+        and not _next_token_layer(n, arch)
     )
     if unused:
         raise ValueError(

@@ -424,6 +424,19 @@ def _read_deepseek(config: Mapping[str, Any], model_type: str, where: str) -> Ar
     )
     if mla.qk_rope_head_dim % 2:
         raise ConfigError(f"{where}: qk_rope_head_dim={mla.qk_rope_head_dim} must be even")
+    # What DeepSeek's own configs spell out (transformers' DeepseekV3 implements only these):
+    # sigmoid scores with the bias-corrected group-limited choice, every layer after the
+    # dense ones a MoE layer.
+    for field, served in (
+        ("scoring_func", "sigmoid"),
+        ("topk_method", "noaux_tc"),
+        ("moe_layer_freq", 1),
+    ):
+        if config.get(field, served) != served:
+            raise ConfigError(
+                f"{where}: {field}={config[field]!r}: DeepSeek-V3's architecture is served with "
+                f"{field}={served!r}"
+            )
     experts = positive_int(config, "n_routed_experts", where, 256)
     groups = positive_int(config, "n_group", where, 8)
     if experts % groups:
