@@ -22,7 +22,9 @@ from kvshard.models.config import (
     ARCHITECTURES,
     Architecture,
     LayerSpec,
+    MLASpec,
     RopeSpec,
+    RoutedMoESpec,
     read_architecture,
 )
 from kvshard.models.model import CausalLM
@@ -40,8 +42,10 @@ __all__ = [
     "Architecture",
     "CausalLM",
     "LayerSpec",
+    "MLASpec",
     "Request",
     "RopeSpec",
+    "RoutedMoESpec",
     "cache_spec",
     "dense_logits",
     "load_checkpoint",
