@@ -43,26 +43,40 @@ __all__ = [
 _LATENT_NORM_EPS = 1e-6
 
 
-def dense_latent_attention(q_lat, q_rope, latent, k_rope, sm_scale: float):
+def dense_latent_attention(
+    q_lat, q_rope, latent, k_rope, sm_scale: float, window: int | None = None
+):
     """Causal attention of whole sequences in latent space.
 
     q_lat float[G, T, H, r], q_rope float[G, T, H, dr], latent float[G, T, r], k_rope
     float[G, T, dr] -> float[G, T, H, r] (probabilities times latents). Scores and softmax in
-    float32.
+    float32; ``window``: a query at position i sees keys i - window + 1 .. i.
     """
     T = q_lat.shape[1]
     scores = jnp.einsum("gthr,gsr->ghts", q_lat, latent, preferred_element_type=jnp.float32)
     scores += jnp.einsum("gthd,gsd->ghts", q_rope, k_rope, preferred_element_type=jnp.float32)
-    causal = jnp.arange(T)[None, :] <= jnp.arange(T)[:, None]
-    probs = jax.nn.softmax(jnp.where(causal, scores * sm_scale, -jnp.inf), axis=-1)
+    i, j = jnp.arange(T)[:, None], jnp.arange(T)[None, :]
+    visible = (j <= i) & ((i - j < window) if window else True)
+    probs = jax.nn.softmax(jnp.where(visible, scores * sm_scale, -jnp.inf), axis=-1)
     return jnp.einsum("ghts,gsr->gthr", probs.astype(latent.dtype), latent)
 
 
-def latent_attention(cache, layer: int, q_lat, q_rope, latent, k_rope, step, sm_scale: float):
+def latent_attention(
+    cache,
+    layer: int,
+    q_lat,
+    q_rope,
+    latent,
+    k_rope,
+    step,
+    sm_scale: float,
+    window: int | None = None,
+):
     """Writes this step's latent rows into ``cache`` layer ``layer`` and attends in latent space.
 
     Shapes as :func:`dense_latent_attention` with T the step's tokens; returns
-    ``(float[G, T, H, r], cache)``. ``cache`` is a latent cache (``CacheSpec(kv_layout="latent",
+    ``(float[G, T, H, r], cache)``; ``window`` as :func:`dense_latent_attention`. ``cache`` is a
+    latent cache (``CacheSpec(kv_layout="latent",
     kv_lora_rank=r)``, docs/layout.md): :func:`kvshard.update` writes the K-only row
     ``[c, k_rope]`` and :func:`kvshard.attention` takes the absorbed query ``[q_lat, q_rope]``.
     """
@@ -70,7 +84,8 @@ def latent_attention(cache, layer: int, q_lat, q_rope, latent, k_rope, step, sm_
     # v is None for a latent cache (kvshard.update types v as an array).
     cache = kvshard.update(cache, layer, row, None, step)  # type: ignore[arg-type]
     q = jnp.concatenate([q_lat, q_rope.astype(q_lat.dtype)], axis=-1)
-    return kvshard.attention(cache, layer, q, step, sm_scale=sm_scale), cache
+    out = kvshard.attention(cache, layer, q, step, sm_scale=sm_scale, sliding_window=window)
+    return out, cache
 
 
 class MLAttention(nnx.Module):
@@ -119,11 +134,12 @@ class MLAttention(nnx.Module):
         w_b = self.kv_b_proj.kernel[...].reshape(r, H, nope + mla.v_head_dim)
         w_uk, w_uv = w_b[..., :nope], w_b[..., nope:]
         q_lat = jnp.einsum("gthn,rhn->gthr", q_nope, w_uk)
+        window = self.spec.window  # None for DeepSeek; the demo's --sliding-window sets one
         if cache is None:
-            out_lat = dense_latent_attention(q_lat, q_rope, latent, k_rope, arch.sm_scale)
+            out_lat = dense_latent_attention(q_lat, q_rope, latent, k_rope, arch.sm_scale, window)
         else:
             out_lat, cache = latent_attention(
-                cache, self.layer, q_lat, q_rope, latent, k_rope, step, arch.sm_scale
+                cache, self.layer, q_lat, q_rope, latent, k_rope, step, arch.sm_scale, window
             )
         out = jnp.einsum("gthr,rhv->gthv", out_lat.astype(w_uv.dtype), w_uv)
         return self.o_proj(out.reshape(G, T, H * mla.v_head_dim)), cache
