@@ -271,7 +271,8 @@ class CacheSpec:
       num_layers: transformer layers sharing the stacked cache (>= 1).
       num_kv_heads: KV heads of the model, before any replication (>= 1).
       head_dim: head dimension of K and V as the model produces them (>= 1); stored padded to
-        :attr:`padded_head_dim`.
+        :attr:`padded_head_dim`. For a "latent" cache the whole latent row,
+        ``kv_lora_rank + qk_rope_head_dim`` (576 for DeepSeek-V3).
       page_size: token slots per page (>= 1).
       num_pages: pages per page pool; with data-parallel attention each data-parallel group owns
         a pool of this many pages (>= 1).

@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 
 import kvshard
 from kvshard import reference
+from kvshard.testing import update_slices
 
 RANK, ROPE = 32, 8  # kv_lora_rank, qk_rope_head_dim: a row of 40 values, 128 lanes
 DIM = RANK + ROPE
@@ -201,6 +202,7 @@ def test_update_gather_copy_swap(shape, page_axis):
     assert_cache(cache, dense)
 
 
+@pytest.mark.extended  # the traced test below runs both backends in the suite
 def test_update_pallas_matches_xla(small_kernel_blocks):
     """The Pallas update kernel writes the latent row (one "head" of 128 lanes) bit for bit
     as the xla backend does."""
@@ -442,3 +444,175 @@ def test_fork_copy_on_write_then_attend(seed, fork_at):
     q = s.rng.standard_normal((16, 4, DIM)).astype(np.float32)
     out = attend(s.cache, 1, q, step)
     np.testing.assert_allclose(out, s.oracle(q, batches, sm_scale=0.2), atol=2e-5)
+
+
+def test_int8_latent_stores_one_scale_and_counts_saturation_once():
+    """An int8 latent cache quantizes the row with k_scale; gather reads c_kv back from the
+    same stored lanes; update_with_stats counts saturated elements once (in k)."""
+    mesh = make_mesh((1, 2))
+    spec = latent_spec("int8", k_scale=0.05)
+    lat = np.random.default_rng(7).standard_normal((8, 1, DIM)).astype(np.float32)
+    lat[0, 0, :3] = 100.0  # 100 / 0.05 saturates int8: 3 elements of one written token
+    slices, num = _slices(0)
+    cache, counts = kvshard.update_with_stats(
+        kvshard.init_cache(spec, mesh), 1, lat, None, slices, num
+    )
+    assert (int(counts.k), int(counts.v)) == (3, 0)
+    dense = Dense(1)
+    real = reference.dequantize(reference.quantize(lat, 0.05, "int8"), 0.05, np.float32)
+    dense.update(1, real, slices, num)
+    lat_out, ckv = gathered(cache, 1)
+    np.testing.assert_array_equal(lat_out[0], dense.slots[0, 1])
+    np.testing.assert_array_equal(ckv[0], dense.slots[0, 1, :, :RANK])
+
+
+def test_fused_attention_of_a_latent_cache_is_update_then_attention():
+    s = Served((1, 2), None, seed=9)
+    s.step([[(0, 5)]])
+    ids, counts = [0, 1], np.array([1, 3])
+    rows = s.allocs[0].allocate_batch(ids, counts)
+    step = kvshard.build_step(
+        s.allocs[0], ids, counts, rows=rows, num_tokens_padded=16, max_num_seqs=4
+    )
+    lat = s.rng.standard_normal((16, 1, DIM)).astype(np.float32)
+    q = s.rng.standard_normal((16, 4, DIM)).astype(np.float32)
+    kv = np.asarray(s.cache.kv)
+    copy = kvshard.KVCache(
+        jax.device_put(kv, s.cache.kv.sharding), s.cache.spec, s.cache.mesh, "model", None
+    )
+    out, fused = kvshard.fused_attention(s.cache, 1, q, lat, None, step, sm_scale=0.2, options=OPTS)
+    cache = kvshard.update(copy, 1, lat, None, step)
+    np.testing.assert_array_equal(np.asarray(fused.kv), np.asarray(cache.kv))
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(attend(cache, 1, q, step)))
+
+
+def _report(fn, *args):
+    """The message a ``checks=True`` report raises from jit(fn)(*args), or None."""
+    try:
+        jax.block_until_ready(jax.jit(fn)(*args))
+    except jax.errors.JaxRuntimeError as err:
+        jax._src.dispatch.runtime_tokens.clear()  # as a fresh process would not have it
+        return str(err)
+    return None
+
+
+@pytest.mark.extended  # two executables with host callbacks: about 8 s on 2 cores
+def test_checks_report_what_a_latent_update_and_read_drop():
+    mesh = make_mesh((1, 2))
+    cache = kvshard.init_cache(latent_spec(), mesh)
+    lat = jnp.ones((8, 1, DIM), jnp.float32)
+    crossing = jnp.array([[3], [0], [2]], jnp.int32)  # slot 3 + 2 tokens crosses a page
+
+    def write(c, s, n):
+        return kvshard.update(c, 0, lat, None, s, n, checks=True)
+
+    report = _report(write, cache, crossing, jnp.array([1], jnp.int32))
+    assert report is not None and "is dropped: it must have 0 <= slice_len <= page_size 4" in (
+        report
+    ), report
+    s = Served((1, 2), None)
+    step = s.step([[(0, 3)]])
+    q = jnp.ones((16, 4, DIM), jnp.float32)
+    report = _report(lambda c, layer: attend(c, layer, q, step, checks=True), s.cache, 2)
+    assert report is not None and "layer=2 is out of range [0, 2)" in report, report
+
+
+@st.composite
+def _ops(draw):
+    """A short random sequence of writes, page copies and swap round trips."""
+    ops = []
+    for _ in range(draw(st.integers(1, 4))):
+        kind = draw(st.sampled_from(["update", "copy", "swap"]))
+        if kind == "update":
+            slices, num, tokens = draw(
+                update_slices(
+                    page_size=PAGE, num_pages=PAGES, max_slices=4, max_padding=2, fixed_shapes=True
+                )
+            )
+            layer, seed = draw(st.integers(0, 1)), draw(st.integers(0, 99))
+            ops.append(("update", layer, slices, num, tokens, seed))
+        elif kind == "copy":
+            dst = draw(st.permutations(range(PAGES)))[:3]
+            src = [draw(st.integers(0, PAGES - 1)) for _ in dst]
+            ops.append(("copy", np.array(list(zip(src, dst, strict=True)), np.int32)))
+        else:
+            pages = draw(st.permutations(range(PAGES)))[:4]
+            host = draw(st.permutations(range(HOST_PAGES)))[:2]
+            out = np.array([[pages[0], host[0]], [pages[1], host[1]]], np.int32)
+            back = np.array([[pages[2], host[0]], [pages[3], host[1]]], np.int32)
+            ops.append(("swap", out, back))
+    return ops
+
+
+@settings(max_examples=8)
+@given(ops=_ops())
+def test_random_writes_copies_and_swaps_match_numpy(ops):
+    mesh = make_mesh((1, 2))
+    spec = latent_spec()
+    cache = kvshard.init_cache(spec, mesh)
+    host = kvshard.init_host_cache(spec, mesh, HOST_PAGES)
+    dense = Dense(1)
+    for op in ops:
+        if op[0] == "update":
+            _, layer, slices, num, tokens, seed = op
+            lat = np.random.default_rng(seed).standard_normal((tokens, 1, DIM)).astype(np.float32)
+            cache = kvshard.update(cache, layer, lat, None, slices, num)
+            dense.update(layer, lat, slices, num)
+        elif op[0] == "copy":
+            cache = kvshard.copy_pages(cache, op[1])
+            dense.copy(op[1])
+        else:
+            _, out, back = op
+            cache, host = kvshard.swap_out(cache, host, out)
+            cache, host = kvshard.swap_in(cache, host, back)
+            moved = np.array([[out[i, 0], back[i, 0]] for i in range(2)])
+            dense.copy(moved)
+    assert_cache(cache, dense)
+
+
+def test_the_attention_kernel_refuses_a_latent_layout_by_name():
+    from kvshard.kernels.attention_checks import static_validate_inputs
+
+    with pytest.raises(ValueError, match=r"kv_layout='latent' must be one of .*xla backend"):
+        static_validate_inputs(*([None] * 7), kv_layout="latent", sm_scale=0.1)
+
+
+def test_latent_step_exports_for_tpu():
+    """A DeepSeek-shaped latent layer (576 values in 640 lanes, bf16) lowers for TPU: the
+    Pallas update kernel writes the one row (a Mosaic custom call), the xla read gathers
+    pages, and nothing but the kernel, reshapes and the loop touches the donated block."""
+    mesh = make_mesh((1, 4))
+    spec = kvshard.CacheSpec(3, 1, 576, 16, 64, "bfloat16", kv_layout="latent", kv_lora_rank=512)
+    cache = kvshard.abstract_cache(spec, mesh, platform="tpu")
+    alloc = kvshard.PageAllocator(64, 16, max_requests=8, max_pages_per_request=8)
+    alloc.allocate_batch([0, 1], [20, 3])
+    step = jax.tree.map(jnp.asarray, kvshard.build_step(alloc, [0, 1], [20, 3]))
+    tokens = step.num_tokens_padded
+
+    def serve(cache, q, latent, step):
+        def layer(cache, i):
+            options = kvshard.BackendOptions(interpret=False)
+            cache = kvshard.update(cache, i, latent, None, step, backend="pallas", options=options)
+            return cache, kvshard.attention(cache, i, q, step, sm_scale=0.1)
+
+        return jax.lax.scan(layer, cache, jnp.arange(spec.num_layers))
+
+    q = jnp.zeros((tokens, 8, 576), jnp.bfloat16)
+    latent = jnp.zeros((tokens, 1, 576), jnp.bfloat16)
+    exported = jax.export.export(jax.jit(serve, donate_argnums=0), platforms=["tpu"])(
+        cache, q, latent, step
+    )
+    assert exported.out_avals[1].shape == (spec.num_layers, tokens, 8, 512)
+    text = exported.mlir_module()
+    assert "tpu_custom_call" in text and "tf.aliasing_output = 0" in text
+    block = "tensor<3x1024x1x640xbf16>"  # per device: one latent row of 640 lanes a slot
+    assert block in text
+    ops = set()
+    for line in text.splitlines():
+        result = line.split("->")[-1] if "->" in line else ""
+        if block in result:
+            match = re.search(r"=\s*\"?([\w.]+)", line)
+            if match:
+                ops.add(match.group(1))
+    allowed = ("stablehlo.reshape", "stablehlo.custom_call", "stablehlo.while", "func.call")
+    assert ops and all(op.startswith(allowed) for op in ops), ops

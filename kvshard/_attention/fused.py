@@ -163,7 +163,7 @@ def fused_attention(
     layer: int | jax.Array,
     q: jax.Array,
     k: jax.Array,
-    v: jax.Array,
+    v: jax.Array | None,
     step: StepMetadata,
     *,
     backend: Backend = "auto",
@@ -184,7 +184,8 @@ def fused_attention(
       layer, step, backend, options, checks: as :func:`kvshard.update` and
         :func:`kvshard.attention` take them (the same drop rule and reports for both parts).
       q: the step's queries, as :func:`kvshard.attention` takes them.
-      k, v: the step's new keys and values, as :func:`kvshard.update` takes them.
+      k, v: the step's new keys and values, as :func:`kvshard.update` takes them (a latent
+        cache: the latent row as ``k``, ``v`` None; the composition, xla).
       **attention_kwargs: :func:`kvshard.attention`'s keywords (``sm_scale`` required;
         ``sliding_window``, ``layer_type``, ``soft_cap``, ``sinks``).
 

@@ -106,7 +106,9 @@ def gather(
       sharded over heads like the cache, so each device holds out-dtype[N, H/tp, D] (or
       [1, N, H/tp, D]); when r > 1 the heads are all-gathered and every device holds the
       whole replicated out-dtype[N, H, D] (or [1, N, H, D]). Traced out-of-range slots, and
-      every slot of a traced out-of-range layer, read zeros.
+      every slot of a traced out-of-range layer, read zeros. A ``kv_layout="latent"`` cache
+      returns (latent out-dtype[N, 1, head_dim], its ``c_kv`` lanes out-dtype[N, 1,
+      kv_lora_rank]): the row, and the part of it attention uses as the value.
 
     Raises:
       TypeError: ``slots`` not an integer array (or traced and not int32), ``layer`` not an

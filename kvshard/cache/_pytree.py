@@ -7,20 +7,20 @@ The cache of every layer lives in ONE stacked array (see docs/layout.md for pict
         sharded NamedSharding(mesh, P(None, page_axis, head_axis, None))
     per device: dtype[L, num_pages·page_size, C / tp, D_pad]
 
-with ``L`` cache layers (:attr:`CacheSpec.num_cache_layers`: the model's layers, or with
-layer groups the group size, layer ``l`` living in cache layer ``spec.groups.layer_slot[l]``),
-``H`` KV heads, replication ``r`` (:func:`kvshard.check_tensor_parallel`), ``tp``/``G``
-the sizes of the head and page mesh axes (1 when the axis is None), ``C`` and ``D_pad`` the
-rows and lanes of ``spec.kv_layout`` (interleaved: ``C = 2·H·r``, ``D_pad`` the head dimension
-padded to a multiple of 128; packed: ``C = H·r``, K and V of a head side by side in one row of
-``round_up(2·head_dim, 128)`` lanes; docs/layout.md), and ``storage`` the dtype
-:func:`kvshard._storage.storage_dtype` picks for the mesh's platform: the cache dtype, except
-bfloat16/float8 on CPU, stored as their bits (uint16/uint8) so that XLA's CPU float
+with ``L`` cache layers (:attr:`CacheSpec.num_cache_layers`: the model's layers, or with layer
+groups the group size, layer ``l`` living in cache layer ``spec.groups.layer_slot[l]``), ``H``
+KV heads, replication ``r`` (:func:`kvshard.check_tensor_parallel`), ``tp``/``G`` the sizes of
+the head and page mesh axes (1 when the axis is None), ``C`` and ``D_pad`` the rows and lanes
+of ``spec.kv_layout`` (interleaved: ``C = 2·H·r``, ``D_pad`` the head dimension padded to a
+multiple of 128; packed: ``C = H·r``, K and V of a head side by side in one row of
+``round_up(2·head_dim, 128)`` lanes; latent (MLA, ``H = 1``): ``C = r``, one row of the latent
+``[c_kv | k_pe]`` in ``round_up(head_dim, 128)`` lanes; docs/layout.md), and ``storage`` the
+dtype :func:`kvshard._storage.storage_dtype` picks for the mesh's platform: the cache dtype,
+except bfloat16/float8 on CPU, stored as their bits (uint16/uint8) so that XLA's CPU float
 normalization never copies the cache. Interleaved, combined head ``2·j`` is K and ``2·j + 1``
-is V of replicated head ``j`` (packed: row ``j`` holds both); replicated head ``j`` is a copy of
-KV head ``j // r``. Sharding the combined axis therefore hands each device the K and V of whole
-heads: no update, copy or
-:func:`kvshard.attention` read communicates between devices.
+is V of replicated head ``j`` (packed: row ``j`` holds both); replicated head ``j`` is a copy
+of KV head ``j // r``. Sharding the combined axis therefore hands each device the K and V of
+whole heads: no update, copy or :func:`kvshard.attention` read communicates between devices.
 
 Why one stacked array rather than a list of per-layer arrays: ``layer`` can be a traced integer
 (a ``lax.scan`` over layers, or a model that passes the layer index as data), one compiled

@@ -357,7 +357,7 @@ def update(
     cache: KVCache,
     layer: int | jax.Array,
     k: jax.Array,
-    v: jax.Array,
+    v: jax.Array | None,
     step: StepMetadata | jax.Array | np.ndarray | None = None,
     num_slices: jax.Array | np.ndarray | None = None,
     *,

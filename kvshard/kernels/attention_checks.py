@@ -45,8 +45,16 @@ def static_validate_inputs(
         read.
       ValueError: any shape, layout or parameter out of its bound.
     """
-    if kv_layout not in KV_LAYOUTS:
-        raise ValueError(f"kv_layout={kv_layout!r} must be one of {KV_LAYOUTS}")
+    kernel_layouts = tuple(x for x in KV_LAYOUTS if x != "latent")  # MLA: the xla backend
+    if kv_layout not in kernel_layouts:
+        raise ValueError(
+            f"kv_layout={kv_layout!r} must be one of {kernel_layouts}"
+            + (
+                " (a latent cache is read by kvshard.attention's xla backend)"
+                if kv_layout == "latent"
+                else ""
+            )
+        )
     if q.ndim != 3:
         raise ValueError(f"q must be [num_tokens, num_q_heads, head_dim], got {list(q.shape)}")
     if kv_cache.ndim != 4:
