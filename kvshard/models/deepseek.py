@@ -81,8 +81,7 @@ def latent_attention(
     ``[c, k_rope]`` and :func:`kvshard.attention` takes the absorbed query ``[q_lat, q_rope]``.
     """
     row = jnp.concatenate([latent, k_rope], axis=-1)[:, :, None, :]  # [G, T, 1, r + dr]
-    # v is None for a latent cache (kvshard.update types v as an array).
-    cache = kvshard.update(cache, layer, row, None, step)  # type: ignore[arg-type]
+    cache = kvshard.update(cache, layer, row, None, step)  # no v: the row is K-only
     q = jnp.concatenate([q_lat, q_rope.astype(q_lat.dtype)], axis=-1)
     out = kvshard.attention(cache, layer, q, step, sm_scale=sm_scale, sliding_window=window)
     return out, cache
