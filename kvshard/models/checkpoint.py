@@ -116,8 +116,8 @@ def load_checkpoint(directory: str | Path, mesh: Mesh, axis: str = "model") -> C
     """Builds the model of ``directory/config.json`` and loads its safetensors weights.
 
     Each tensor is read from its memory-mapped file, transposed where needed, cast to the
-    config's dtype and put on ``mesh`` in its shard (:func:`partition`); nothing is
-    initialised randomly.
+    config's dtype (float32 for DeepSeek's router, as transformers keeps it) and put on
+    ``mesh`` in its shard (:func:`partition`); nothing is initialised randomly.
 
     Raises:
       kvshard.ConfigError: the config cannot be read (:func:`read_architecture`).
@@ -153,9 +153,10 @@ def load_checkpoint(directory: str | Path, mesh: Mesh, axis: str = "model") -> C
                 f"{list(expected[::-1] if transposed else expected)}"
             )
         # One tensor at a time: host memory holds one converted tensor, never the model.
-        flat.append(
-            (path, var.replace(_put(path, np.asarray(array, arch.dtype), arch, mesh, axis)))
-        )
+        # The parameter's own dtype: the model's, but float32 where transformers keeps a
+        # module in float32 (DeepSeek's router).
+        dtype = var.get_value().dtype
+        flat.append((path, var.replace(_put(path, np.asarray(array, dtype), arch, mesh, axis))))
         used.add(name)
     if missing:
         raise KeyError(f"{directory}: the checkpoint lacks {', '.join(missing)}")

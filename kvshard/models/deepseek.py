@@ -167,12 +167,14 @@ def route(scores, bias, spec: RoutedMoESpec):
 
 
 class Gate(nnx.Module):
+    """The router's weight float32[E, d] and bias float32[E], float32 whatever the model's
+    dtype, as transformers keeps them (``_keep_in_fp32_modules_strict``)."""
+
     def __init__(self, arch: Architecture, spec: RoutedMoESpec, rngs: nnx.Rngs):
         E, d = spec.num_experts, arch.hidden_size
-        self.weight = nnx.Param(jax.random.normal(rngs.params(), (E, d), arch.dtype) * d**-0.5)
-        self.e_score_correction_bias = nnx.Param(
-            0.1 * jax.random.normal(rngs.params(), (E,), arch.dtype)
-        )
+        normal = lambda *shape: jax.random.normal(rngs.params(), shape, jnp.float32)
+        self.weight = nnx.Param(normal(E, d) * d**-0.5)
+        self.e_score_correction_bias = nnx.Param(0.1 * normal(E))
 
 
 class RoutedMoE(nnx.Module):
@@ -196,10 +198,8 @@ class RoutedMoE(nnx.Module):
         self.shared_experts = MLP(arch, rngs, spec.intermediate_size * spec.num_shared_experts)
 
     def __call__(self, x):
-        logits = jnp.einsum(
-            "gtd,ed->gte", x.astype(jnp.float32), self.gate.weight[...].astype(jnp.float32)
-        )
-        bias = self.gate.e_score_correction_bias[...].astype(jnp.float32)
+        logits = jnp.einsum("gtd,ed->gte", x.astype(jnp.float32), self.gate.weight[...])
+        bias = self.gate.e_score_correction_bias[...]
         weights = route(jax.nn.sigmoid(logits), bias, self.spec)  # [G, T, E]
         stack = lambda name: jnp.stack([getattr(e, name).kernel[...] for e in self.experts])
         gate = jnp.einsum("gtd,edf->gtef", x, stack("gate_proj"))
