@@ -97,6 +97,36 @@ CASES = {
         },
     ),
 }
+# DeepSeek-V3's architecture: latent attention with a query LoRA, DeepSeek-V3's yarn (its
+# mscale_all_dim in the softmax scale; a small original context so the prompts reach the
+# scaled bands), 8 routed experts in 4 groups (2 eligible, 2 per token) and a shared expert
+# after one dense layer; and DeepSeek-V2-Lite's query without a LoRA.
+DEEPSEEK = {
+    "num_key_value_heads": 4,
+    "kv_lora_rank": 32,
+    "q_lora_rank": 48,
+    "qk_nope_head_dim": 16,
+    "qk_rope_head_dim": 8,
+    "v_head_dim": 16,
+    "moe_intermediate_size": 32,
+    "n_routed_experts": 8,
+    "num_experts_per_tok": 2,
+    "n_group": 4,
+    "topk_group": 2,
+    "first_k_dense_replace": 1,
+    "rope_parameters": {
+        "rope_type": "yarn",
+        "rope_theta": 10000.0,
+        "factor": 40.0,
+        "beta_fast": 32.0,
+        "beta_slow": 1.0,
+        "mscale": 1.0,
+        "mscale_all_dim": 1.0,
+        "original_max_position_embeddings": 16,
+    },
+}
+CASES["deepseek_v3"] = (tf.DeepseekV3Config, DEEPSEEK)
+CASES["deepseek_v3_no_q_lora"] = (tf.DeepseekV3Config, {**DEEPSEEK, "q_lora_rank": None})
 PROMPTS = [list(range(1, 14)), [7, 8, 9], list(range(30, 60)), [200]]
 # gpt-oss runs densely only (serving needs kvshard.attention(..., sinks=)): its logits over
 # each prompt, from the project's interpreter.
@@ -186,12 +216,15 @@ def main() -> None:
             if args.only and name not in args.only.split(","):
                 continue
             torch.manual_seed(0)
-            cfg = config_class(**COMMON, **extra, initializer_range=args.init)
+            cfg = config_class(**{**COMMON, **extra}, initializer_range=args.init)
             model = tf.AutoModelForCausalLM.from_config(cfg)
             with torch.no_grad():
                 for param_name, p in model.named_parameters():
                     if "norm" in param_name or param_name.endswith("bias"):
                         p.add_(0.1 * torch.randn_like(p))
+                for buffer_name, b in model.named_buffers():  # DeepSeek's routing bias
+                    if buffer_name.endswith("e_score_correction_bias"):
+                        b.add_(0.1 * torch.randn_like(b))
             model = model.to(getattr(torch, args.dtype)).eval()
             ckpt, out = tmp / name, tmp / f"{name}.npz"
             model.save_pretrained(ckpt, max_shard_size="200KB" if name == "llama32" else "1GB")

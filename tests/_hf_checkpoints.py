@@ -38,9 +38,52 @@ def write_safetensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
     path.write_bytes(struct.pack("<Q", len(raw)) + raw + b"".join(blobs))
 
 
+def deepseek_shapes(cfg: dict, layers: int | None = None) -> dict[str, tuple[int, ...]]:
+    """DeepseekV3ForCausalLM's tensors as save_pretrained names them (experts one by one);
+    ``layers`` more than the config's: the extra ones as a multi-token-prediction layer
+    (DeepSeek-V3's layer 61) would add them."""
+    d, f, vocab = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    H, E, fe = cfg["num_attention_heads"], cfg["n_routed_experts"], cfg["moe_intermediate_size"]
+    nope, rope, v = cfg["qk_nope_head_dim"], cfg["qk_rope_head_dim"], cfg["v_head_dim"]
+    r, q_lora = cfg["kv_lora_rank"], cfg.get("q_lora_rank")
+    shapes = {
+        "model.embed_tokens.weight": (vocab, d),
+        "model.norm.weight": (d,),
+        "lm_head.weight": (vocab, d),
+    }
+    for i in range(layers or cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        shapes[p + "input_layernorm.weight"] = (d,)
+        shapes[p + "post_attention_layernorm.weight"] = (d,)
+        a = p + "self_attn."
+        if q_lora is None:
+            shapes[a + "q_proj.weight"] = (H * (nope + rope), d)
+        else:
+            shapes[a + "q_a_proj.weight"] = (q_lora, d)
+            shapes[a + "q_a_layernorm.weight"] = (q_lora,)
+            shapes[a + "q_b_proj.weight"] = (H * (nope + rope), q_lora)
+        shapes[a + "kv_a_proj_with_mqa.weight"] = (r + rope, d)
+        shapes[a + "kv_a_layernorm.weight"] = (r,)
+        shapes[a + "kv_b_proj.weight"] = (H * (nope + v), r)
+        shapes[a + "o_proj.weight"] = (d, H * v)
+        mlps = {p + "mlp.": f}
+        if i >= cfg["first_k_dense_replace"]:
+            shapes[p + "mlp.gate.weight"] = (E, d)
+            shapes[p + "mlp.gate.e_score_correction_bias"] = (E,)
+            mlps = {p + f"mlp.experts.{e}.": fe for e in range(E)}
+            mlps[p + "mlp.shared_experts."] = fe * cfg["n_shared_experts"]
+        for m, width in mlps.items():
+            shapes[m + "gate_proj.weight"] = (width, d)
+            shapes[m + "up_proj.weight"] = (width, d)
+            shapes[m + "down_proj.weight"] = (d, width)
+    return shapes
+
+
 def tensor_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
     """Hugging Face tensor names -> shapes ([out, in] for linear layers) of a config."""
     t = cfg["model_type"]
+    if "kv_lora_rank" in cfg:
+        return deepseek_shapes(cfg)
     d, f, vocab = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
     H, Hkv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     D = cfg.get("head_dim") or d // H
@@ -82,10 +125,16 @@ def tensor_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
 
 
 def write_checkpoint(
-    directory: Path, cfg: dict, *, seed: int = 0, shards: int = 1, dtype: str = "bfloat16"
+    directory: Path,
+    cfg: dict,
+    *,
+    seed: int = 0,
+    shards: int = 1,
+    dtype: str = "bfloat16",
+    shapes: dict[str, tuple[int, ...]] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Writes config.json and random weights (``shards`` > 1: an index and that many files);
-    returns the tensors as written."""
+    """Writes config.json and random weights (``shards`` > 1: an index and that many files) of
+    ``shapes`` (default: :func:`tensor_shapes` of the config); returns the tensors as written."""
     directory.mkdir(parents=True, exist_ok=True)
     cfg = {**cfg, "torch_dtype": dtype}
     (directory / "config.json").write_text(json.dumps(cfg, indent=2))
@@ -93,12 +142,12 @@ def write_checkpoint(
     np_dtype = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
     gemma = cfg["model_type"].startswith("gemma")
     tensors = {}
-    for name, shape in tensor_shapes(cfg).items():
+    for name, shape in (shapes or tensor_shapes(cfg)).items():
         if name.endswith("norm.weight"):  # gains near 1 (Gemma stores them minus 1)
             value = (0.0 if gemma else 1.0) + 0.1 * rng.standard_normal(shape)
         elif name.endswith("embed_tokens.weight"):
             value = rng.standard_normal(shape) * cfg["hidden_size"] ** -0.5
-        elif name.endswith((".bias", "_bias", ".sinks")):
+        elif name.endswith((".bias", "_bias", ".sinks", "e_score_correction_bias")):
             value = 0.1 * rng.standard_normal(shape) * (10 if name.endswith("sinks") else 1)
         else:
             value = rng.standard_normal(shape) / np.sqrt(shape[-1])

@@ -19,6 +19,13 @@ n_group=2, topk_group=1, max_position_embeddings=163840)`` with DeepSeek-V3's Ya
 ``rope_scaling`` in 4.x, ``rope_parameters`` with rope_theta 10000.0 in 5.x); kimi_k2 the
 same through ``class KimiK2Config(DeepseekV3Config): model_type = "kimi_k2"``. Both write
 ``head_dim`` = qk_rope_head_dim and ``num_key_value_heads`` 2, which a latent cache ignores.
+
+``deepseek_v3_no_q_lora`` (DeepSeek-V2-Lite's query: ``q_proj``, no LoRA):
+``DeepseekV3Config(dtype="bfloat16", q_lora_rank=None, hidden_size=64, intermediate_size=128,
+moe_intermediate_size=32, num_attention_heads=4, num_key_value_heads=4, num_hidden_layers=3,
+vocab_size=128, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+n_routed_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2, n_shared_experts=1,
+first_k_dense_replace=1, max_position_embeddings=163840)`` and no rope scaling.
 """
 
 from __future__ import annotations
@@ -41,6 +48,8 @@ FAMILIES = (
 # Multi-head latent attention (latent caches): DeepseekV3Config, and Kimi-K2's config (the
 # same class with model_type "kimi_k2", as Kimi's remote code declares it).
 MLA_FAMILIES = ("deepseek_v3", "kimi_k2")
+# DeepSeek-V3's architecture without a query LoRA (read by kvshard.models, not the planner).
+MLA_NO_Q_LORA = "deepseek_v3_no_q_lora"
 
 
 def config(version: str, family: str) -> dict[str, Any]:
@@ -854,6 +863,93 @@ CONFIG_JSON: dict[tuple[str, str], str] = {
   "routed_scaling_factor": 2.5,
   "tie_word_embeddings": false,
   "topk_group": 1,
+  "transformers_version": "5.25.0",
+  "use_cache": true,
+  "v_head_dim": 16,
+  "vocab_size": 128
+}""",
+    ("4.57.6", "deepseek_v3_no_q_lora"): """{
+  "attention_bias": false,
+  "attention_dropout": 0.0,
+  "bos_token_id": 0,
+  "dtype": "bfloat16",
+  "eos_token_id": 1,
+  "first_k_dense_replace": 1,
+  "head_dim": 8,
+  "hidden_act": "silu",
+  "hidden_size": 64,
+  "initializer_range": 0.02,
+  "intermediate_size": 128,
+  "kv_lora_rank": 32,
+  "max_position_embeddings": 163840,
+  "model_type": "deepseek_v3",
+  "moe_intermediate_size": 32,
+  "n_group": 4,
+  "n_routed_experts": 8,
+  "n_shared_experts": 1,
+  "norm_topk_prob": true,
+  "num_attention_heads": 4,
+  "num_experts_per_tok": 2,
+  "num_hidden_layers": 3,
+  "num_key_value_heads": 4,
+  "pretraining_tp": 1,
+  "q_lora_rank": null,
+  "qk_head_dim": 24,
+  "qk_nope_head_dim": 16,
+  "qk_rope_head_dim": 8,
+  "rms_norm_eps": 1e-06,
+  "rope_interleave": true,
+  "rope_scaling": null,
+  "rope_theta": 10000.0,
+  "routed_scaling_factor": 2.5,
+  "tie_word_embeddings": false,
+  "topk_group": 2,
+  "transformers_version": "4.57.6",
+  "use_cache": true,
+  "v_head_dim": 16,
+  "vocab_size": 128
+}""",
+    ("5.25.0", "deepseek_v3_no_q_lora"): """{
+  "attention_bias": false,
+  "attention_dropout": 0.0,
+  "bos_token_id": 0,
+  "dtype": "bfloat16",
+  "eos_token_id": 1,
+  "first_k_dense_replace": 1,
+  "head_dim": 8,
+  "hidden_act": "silu",
+  "hidden_size": 64,
+  "initializer_range": 0.02,
+  "intermediate_size": 128,
+  "kv_lora_rank": 32,
+  "max_position_embeddings": 163840,
+  "model_type": "deepseek_v3",
+  "moe_intermediate_size": 32,
+  "n_group": 4,
+  "n_routed_experts": 8,
+  "n_shared_experts": 1,
+  "norm_topk_prob": true,
+  "num_attention_heads": 4,
+  "num_experts_per_tok": 2,
+  "num_hidden_layers": 3,
+  "num_key_value_heads": 4,
+  "num_nextn_predict_layers": 1,
+  "output_router_logits": false,
+  "pad_token_id": null,
+  "pretraining_tp": 1,
+  "q_lora_rank": null,
+  "qk_head_dim": 24,
+  "qk_nope_head_dim": 16,
+  "qk_rope_head_dim": 8,
+  "rms_norm_eps": 1e-06,
+  "rope_interleave": true,
+  "rope_parameters": {
+    "rope_theta": 10000.0,
+    "rope_type": "default"
+  },
+  "routed_scaling_factor": 2.5,
+  "tie_word_embeddings": false,
+  "topk_group": 2,
   "transformers_version": "5.25.0",
   "use_cache": true,
   "v_head_dim": 16,

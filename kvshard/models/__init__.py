@@ -8,6 +8,8 @@
   tensor-parallel mesh axis like the cache;
 * :mod:`~kvshard.models.model`: :class:`CausalLM`, paged (kvshard.update + kvshard.attention
   per layer) or dense;
+* :mod:`~kvshard.models.deepseek`: DeepSeek-V3's multi-head latent attention (absorbed, in
+  latent space) and its routed mixture of experts;
 * :mod:`~kvshard.models.serve`: the cache of a model (its layer groups, the pool sized per
   group), continuous batching over data-parallel page pools, and the dense check.
 
@@ -20,7 +22,9 @@ from kvshard.models.config import (
     ARCHITECTURES,
     Architecture,
     LayerSpec,
+    MLASpec,
     RopeSpec,
+    RoutedMoESpec,
     read_architecture,
 )
 from kvshard.models.model import CausalLM
@@ -38,8 +42,10 @@ __all__ = [
     "Architecture",
     "CausalLM",
     "LayerSpec",
+    "MLASpec",
     "Request",
     "RopeSpec",
+    "RoutedMoESpec",
     "cache_spec",
     "dense_logits",
     "load_checkpoint",

@@ -10,7 +10,10 @@ q/k/v and gate/up by output columns (heads, hidden units), o/down by input rows,
 device computes the heads whose KV pages it holds and the projections end in one all-reduce.
 K/V projections are split only when every device gets whole KV heads (with fewer KV heads
 than devices kvshard replicates them in the cache, and here too). The untied output
-projection is split by vocabulary; embeddings and norms are replicated.
+projection is split by vocabulary; embeddings and norms are replicated. DeepSeek's latent
+attention splits ``q_b_proj`` (or ``q_proj``) and ``kv_b_proj`` by head and replicates the
+latent's ``q_a_proj`` and ``kv_a_proj_with_mqa``; its experts are split by hidden unit like
+the dense MLP, its router replicated.
 """
 
 from __future__ import annotations
@@ -33,6 +36,19 @@ __all__ = ["hf_name", "load_checkpoint", "partition", "shard_model"]
 
 # Checkpoint tensors that are not parameters (rotary tables some exports save).
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def _next_token_layer(name: str, arch: Architecture) -> bool:
+    """A tensor of DeepSeek's multi-token-prediction layers (``model.layers.{i}`` for i past
+    ``num_hidden_layers``: DeepSeek-V3's layer 61), which transformers' DeepseekV3 skips too."""
+    parts = name.split(".")
+    return (
+        arch.mla is not None
+        and parts[:2] == ["model", "layers"]
+        and len(parts) > 2
+        and parts[2].isdigit()
+        and int(parts[2]) >= arch.num_layers
+    )
 
 
 def hf_name(path: tuple[Any, ...]) -> tuple[str, bool]:
@@ -60,16 +76,18 @@ def partition(
     ffn_ok = arch.intermediate_size % tp == 0
     if leaf == "sinks":  # one per query head
         return split_if(heads_ok, 0)
-    if owner == "q_proj":
+    if owner in ("q_proj", "q_b_proj", "kv_b_proj"):  # MLA: q_b / kv_b map to every head
         return split_if(heads_ok, len(shape) - 1)
     if owner in ("k_proj", "v_proj"):
         return split_if(kv_ok and heads_ok, len(shape) - 1)
     if owner == "o_proj":
         return split_if(heads_ok and leaf == "kernel", 0)
+    # A dense MLP's or an expert's hidden units (DeepSeek's experts are narrower than
+    # intermediate_size: the split is checked on the tensor's own width).
     if owner in ("gate_proj", "up_proj"):
-        return split_if(ffn_ok, len(shape) - 1)
+        return split_if(shape[-1] % tp == 0, len(shape) - 1)
     if owner == "down_proj":
-        return split_if(ffn_ok and leaf == "kernel", 0)
+        return split_if(shape[0] % tp == 0 and leaf == "kernel", 0)
     if leaf in ("gate_up_proj", "gate_up_proj_bias"):  # experts' hidden units (pairs stay whole)
         return split_if(ffn_ok, len(shape) - 1)
     if leaf == "down_proj":
@@ -98,15 +116,17 @@ def load_checkpoint(directory: str | Path, mesh: Mesh, axis: str = "model") -> C
     """Builds the model of ``directory/config.json`` and loads its safetensors weights.
 
     Each tensor is read from its memory-mapped file, transposed where needed, cast to the
-    config's dtype and put on ``mesh`` in its shard (:func:`partition`); nothing is
-    initialised randomly.
+    config's dtype (float32 for DeepSeek's router, as transformers keeps it) and put on
+    ``mesh`` in its shard (:func:`partition`); nothing is initialised randomly.
 
     Raises:
       kvshard.ConfigError: the config cannot be read (:func:`read_architecture`).
       NotImplementedError: the architecture needs something not implemented (see CausalLM).
       KeyError: a parameter the checkpoint lacks (all of them named).
       ValueError: a tensor of the wrong shape, or checkpoint tensors no parameter reads (they
-        would be silently ignored otherwise: e.g. biases of an unsupported variant).
+        would be silently ignored otherwise: e.g. biases of an unsupported variant); DeepSeek's
+        multi-token-prediction layers past ``num_hidden_layers`` are skipped, as transformers
+        does.
     """
     directory = Path(directory)
     config = json.loads((directory / "config.json").read_text("utf-8"))
@@ -133,9 +153,10 @@ def load_checkpoint(directory: str | Path, mesh: Mesh, axis: str = "model") -> C
                 f"{list(expected[::-1] if transposed else expected)}"
             )
         # One tensor at a time: host memory holds one converted tensor, never the model.
-        flat.append(
-            (path, var.replace(_put(path, np.asarray(array, arch.dtype), arch, mesh, axis)))
-        )
+        # The parameter's own dtype: the model's, but float32 where transformers keeps a
+        # module in float32 (DeepSeek's router).
+        dtype = var.get_value().dtype
+        flat.append((path, var.replace(_put(path, np.asarray(array, dtype), arch, mesh, axis))))
         used.add(name)
     if missing:
         raise KeyError(f"{directory}: the checkpoint lacks {', '.join(missing)}")
@@ -145,6 +166,7 @@ def load_checkpoint(directory: str | Path, mesh: Mesh, axis: str = "model") -> C
         if n not in used
         and not n.endswith(IGNORED_SUFFIXES)
         and not (arch.tie_word_embeddings and n == "lm_head.weight")
+        and not _next_token_layer(n, arch)
     )
     if unused:
         raise ValueError(

@@ -27,7 +27,15 @@ from kvshard._config import (
     positive_int,
 )
 
-__all__ = ["ARCHITECTURES", "Architecture", "LayerSpec", "RopeSpec", "read_architecture"]
+__all__ = [
+    "ARCHITECTURES",
+    "Architecture",
+    "LayerSpec",
+    "MLASpec",
+    "RopeSpec",
+    "RoutedMoESpec",
+    "read_architecture",
+]
 
 # model_type values read here (Gemma 3 checkpoints of the text model say "gemma3_text").
 ARCHITECTURES = (
@@ -39,7 +47,12 @@ ARCHITECTURES = (
     "gemma2",
     "gemma3_text",
     "gpt_oss",
+    "deepseek_v3",
+    "kimi_k2",
 )
+# DeepSeek-V3's architecture (Kimi-K2 checkpoints reuse it under their own model_type):
+# multi-head latent attention and a mixture of experts with shared experts.
+DEEPSEEK = ("deepseek_v3", "kimi_k2")
 _GEMMA = ("gemma", "gemma2", "gemma3_text")
 _ACTIVATIONS = {
     "silu": "silu",
@@ -92,6 +105,58 @@ class LayerSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class MLASpec:
+    """DeepSeek's multi-head latent attention (``DeepseekV3Attention``).
+
+    q: ``q_proj`` (``q_lora_rank`` None, DeepSeek-V2-Lite) or ``q_b_proj(q_a_layernorm(
+    q_a_proj(x)))``, ``qk_nope_head_dim + qk_rope_head_dim`` per head. Per token one latent
+    ``kv_a_proj_with_mqa(x)`` = [``kv_lora_rank`` values, normed by ``kv_a_layernorm``;
+    ``qk_rope_head_dim`` values of a key rotated once for every head]; ``kv_b_proj`` maps the
+    latent to each head's no-rope key (W_UK) and value (``v_head_dim``, W_UV).
+    ``rope_interleave``: the rotary dims pair (x0, x1), (x2, x3), ... (DeepSeek's layout)
+    instead of the two halves.
+    """
+
+    kv_lora_rank: int
+    q_lora_rank: int | None
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    rope_interleave: bool
+
+    @property
+    def latent_dim(self) -> int:
+        """Values cached per token: ``kv_lora_rank + qk_rope_head_dim`` (576 for DeepSeek-V3)."""
+        return self.kv_lora_rank + self.qk_rope_head_dim
+
+
+@dataclasses.dataclass(frozen=True)
+class RoutedMoESpec:
+    """DeepSeek-V3's feed-forward (``DeepseekV3MoE``) on layers ``>= first_dense_layers``.
+
+    Router: ``sigmoid(gate.weight @ x)`` scores; choosing (not weighting) adds
+    ``e_score_correction_bias``; experts split into ``num_groups`` groups, a group scored by the
+    sum of its 2 best biased scores, only the best ``topk_groups`` groups eligible; the
+    ``experts_per_token`` best eligible experts weighted by their unbiased scores (normalised to
+    sum 1 if ``norm_topk_prob``) times ``routed_scaling_factor``. Each expert and the shared
+    expert (``num_shared_experts * intermediate_size`` wide) is a SiLU-gated MLP.
+    """
+
+    num_experts: int
+    experts_per_token: int
+    intermediate_size: int
+    num_shared_experts: int
+    num_groups: int
+    topk_groups: int
+    routed_scaling_factor: float
+    norm_topk_prob: bool
+    first_dense_layers: int
+
+    def is_moe(self, layer: int) -> bool:
+        return layer >= self.first_dense_layers
+
+
+@dataclasses.dataclass(frozen=True)
 class Architecture:
     """A decoder's shapes and every behaviour switch the model code reads.
 
@@ -119,6 +184,10 @@ class Architecture:
         0 experts: a dense gated MLP.
       swiglu_alpha, swiglu_limit: gpt-oss's expert activation.
       layers: one :class:`LayerSpec` per layer.
+      mla: DeepSeek's multi-head latent attention (:class:`MLASpec`; then ``head_dim`` is the
+        query/key head dim ``qk_nope_head_dim + qk_rope_head_dim`` and ``sm_scale`` includes
+        YaRN's ``mscale_all_dim`` factor), else None.
+      routed_moe: DeepSeek-V3's mixture of experts (:class:`RoutedMoESpec`), else None.
     """
 
     model_type: str
@@ -150,6 +219,8 @@ class Architecture:
     swiglu_alpha: float
     swiglu_limit: float
     layers: tuple[LayerSpec, ...]
+    mla: MLASpec | None = None
+    routed_moe: RoutedMoESpec | None = None
 
     @property
     def moe(self) -> bool:
@@ -238,6 +309,8 @@ def read_architecture(config: Mapping[str, Any] | str | Path) -> Architecture:
         raise ConfigError(
             f"{where}: model_type={model_type!r} is not one of {', '.join(ARCHITECTURES)}"
         )
+    if model_type in DEEPSEEK:
+        return _read_deepseek(config, model_type, where)
     geometry = geometry_of(config, where)
     hidden = positive_int(config, "hidden_size", where)
     heads = positive_int(config, "num_attention_heads", where)
@@ -307,4 +380,131 @@ def read_architecture(config: Mapping[str, Any] | str | Path) -> Architecture:
         swiglu_alpha=float(config_value(config, "swiglu_alpha", 1.702)),
         swiglu_limit=float(config_value(config, "swiglu_limit", 7.0)),
         layers=tuple(layers),
+    )
+
+
+def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    """YaRN's ``0.1 * mscale * ln(scale) + 1`` (1 for ``scale <= 1``)."""
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def mla_sm_scale(qk_head_dim: int, rope: RopeSpec) -> float:
+    """DeepSeek's softmax scale: ``qk_head_dim ** -0.5``, times ``yarn_mscale(factor,
+    mscale_all_dim) ** 2`` for a scaled rope with ``mscale_all_dim`` (transformers'
+    ``yarn_apply_mscale``)."""
+    scale = qk_head_dim**-0.5
+    m_all = rope.get("mscale_all_dim")
+    if rope.kind != "default" and m_all:
+        scale *= yarn_mscale(float(rope.get("factor")), float(m_all)) ** 2
+    return scale
+
+
+def _read_deepseek(config: Mapping[str, Any], model_type: str, where: str) -> Architecture:
+    """DeepSeek-V3's architecture (``DeepseekV3Config``'s fields and defaults)."""
+    # DeepseekV3Config's defaults of the latent's sizes, so that the cache geometry (the
+    # planner's reading: one latent row of kv_lora_rank + qk_rope_head_dim) sees them too.
+    config = {
+        **config,
+        "kv_lora_rank": config_value(config, "kv_lora_rank", 512),
+        "qk_rope_head_dim": config_value(config, "qk_rope_head_dim", 64),
+    }
+    geometry = geometry_of(config, where)
+    hidden = positive_int(config, "hidden_size", where)
+    heads = positive_int(config, "num_attention_heads", where)
+    q_lora = config.get("q_lora_rank")
+    if q_lora is not None:
+        q_lora = positive_int(config, "q_lora_rank", where)
+    mla = MLASpec(
+        kv_lora_rank=positive_int(config, "kv_lora_rank", where, 512),
+        q_lora_rank=q_lora,
+        qk_nope_head_dim=positive_int(config, "qk_nope_head_dim", where, 128),
+        qk_rope_head_dim=positive_int(config, "qk_rope_head_dim", where, 64),
+        v_head_dim=positive_int(config, "v_head_dim", where, 128),
+        rope_interleave=bool(config_value(config, "rope_interleave", True)),
+    )
+    if mla.qk_rope_head_dim % 2:
+        raise ConfigError(f"{where}: qk_rope_head_dim={mla.qk_rope_head_dim} must be even")
+    # What DeepSeek's own configs spell out (transformers' DeepseekV3 implements only these):
+    # sigmoid scores with the bias-corrected group-limited choice, every layer after the
+    # dense ones a MoE layer.
+    for field, served in (
+        ("scoring_func", "sigmoid"),
+        ("topk_method", "noaux_tc"),
+        ("moe_layer_freq", 1),
+    ):
+        if config.get(field, served) != served:
+            raise ConfigError(
+                f"{where}: {field}={config[field]!r}: DeepSeek-V3's architecture is served with "
+                f"{field}={served!r}"
+            )
+    experts = positive_int(config, "n_routed_experts", where, 256)
+    groups = positive_int(config, "n_group", where, 8)
+    if experts % groups:
+        raise ConfigError(
+            f"{where}: n_routed_experts={experts} is not a multiple of n_group={groups}"
+        )
+    topk_groups = positive_int(config, "topk_group", where, 4)
+    if topk_groups > groups:
+        raise ConfigError(f"{where}: topk_group={topk_groups} exceeds n_group={groups}")
+    per_token = positive_int(config, "num_experts_per_tok", where, 8)
+    eligible = topk_groups * (experts // groups)
+    if per_token > eligible:
+        raise ConfigError(
+            f"{where}: num_experts_per_tok={per_token} exceeds the {eligible} experts of "
+            f"topk_group={topk_groups} groups"
+        )
+    first_dense = config_value(config, "first_k_dense_replace", 3)
+    if not isinstance(first_dense, int) or isinstance(first_dense, bool) or first_dense < 0:
+        raise ConfigError(f"{where}: first_k_dense_replace={first_dense!r} must be an integer >= 0")
+    routed = RoutedMoESpec(
+        num_experts=experts,
+        experts_per_token=per_token,
+        intermediate_size=positive_int(config, "moe_intermediate_size", where, 2048),
+        num_shared_experts=int(config_value(config, "n_shared_experts", 1)),
+        num_groups=groups,
+        topk_groups=topk_groups,
+        routed_scaling_factor=float(config_value(config, "routed_scaling_factor", 2.5)),
+        norm_topk_prob=bool(config_value(config, "norm_topk_prob", True)),
+        first_dense_layers=first_dense,
+    )
+    act_name = config_value(config, "hidden_act", "silu")
+    if _ACTIVATIONS.get(act_name) != "silu":
+        raise ConfigError(f"{where}: hidden_act={act_name!r}: DeepSeek-V3 layers use silu")
+    # The rotary embedding rotates only the qk_rope_head_dim dims (DeepseekV3Config sets
+    # head_dim to it); DeepSeek-V3 spells its rope_scaling type "yarn" under "type".
+    rope = _ropes(config, model_type, where)["full_attention"]
+    qk_head_dim = mla.qk_nope_head_dim + mla.qk_rope_head_dim
+    bias = bool(config_value(config, "attention_bias", False))
+    return Architecture(
+        model_type=model_type,
+        vocab_size=positive_int(config, "vocab_size", where),
+        hidden_size=hidden,
+        intermediate_size=positive_int(config, "intermediate_size", where),
+        num_layers=geometry.num_layers,
+        num_heads=heads,
+        num_kv_heads=heads,
+        head_dim=qk_head_dim,
+        rms_norm_eps=float(config_value(config, "rms_norm_eps", 1e-6)),
+        dtype=geometry.dtype or "float32",
+        activation="silu",
+        norm_offset=0.0,
+        embed_scale=None,
+        tie_word_embeddings=bool(config_value(config, "tie_word_embeddings", False)),
+        qkv_bias=bias,
+        o_bias=bias,
+        mlp_bias=False,
+        qk_norm=False,
+        sandwich_norms=False,
+        sm_scale=mla_sm_scale(qk_head_dim, rope),
+        attn_soft_cap=None,
+        final_soft_cap=None,
+        norm_in_float32=False,
+        sinks=False,
+        num_experts=0,
+        experts_per_token=0,
+        swiglu_alpha=1.702,
+        swiglu_limit=7.0,
+        layers=tuple(LayerSpec(None, rope) for _ in range(geometry.num_layers)),
+        mla=mla,
+        routed_moe=routed,
     )

@@ -27,6 +27,7 @@ from flax import nnx
 
 import kvshard
 from kvshard.models.config import Architecture, LayerSpec
+from kvshard.models.deepseek import MLAttention, RoutedMoE
 from kvshard.models.rope import apply_rope
 
 __all__ = ["ATTENTION_TAKES_SINKS", "CausalLM", "check_servable", "dense_attention"]
@@ -49,11 +50,12 @@ class RMSNorm(nnx.Module):
     """x / rms(x) * (offset + scale), normalised in float32: Llama casts to the input dtype
     before the scale, Gemma (offset 1) and gpt-oss scale in float32, as transformers does."""
 
-    def __init__(self, dim: int, arch: Architecture, rngs: nnx.Rngs):
+    def __init__(self, dim: int, arch: Architecture, rngs: nnx.Rngs, eps: float | None = None):
         init = jnp.zeros if arch.norm_offset else jnp.ones
         noise = 0.1 * jax.random.normal(rngs.params(), (dim,), arch.dtype)
         self.scale = nnx.Param(init((dim,), arch.dtype) + noise)
-        self.eps, self.offset = arch.rms_norm_eps, arch.norm_offset
+        self.eps = arch.rms_norm_eps if eps is None else eps
+        self.offset = arch.norm_offset
         self.in_float32 = arch.norm_in_float32
 
     def __call__(self, x):
@@ -144,8 +146,8 @@ _ACT = {
 
 
 class MLP(nnx.Module):
-    def __init__(self, arch: Architecture, rngs: nnx.Rngs):
-        d, f = arch.hidden_size, arch.intermediate_size
+    def __init__(self, arch: Architecture, rngs: nnx.Rngs, intermediate_size: int | None = None):
+        d, f = arch.hidden_size, intermediate_size or arch.intermediate_size
         self.gate_proj = _linear(d, f, arch.mlp_bias, arch, rngs)
         self.up_proj = _linear(d, f, arch.mlp_bias, arch, rngs)
         self.down_proj = _linear(f, d, arch.mlp_bias, arch, rngs)
@@ -204,13 +206,21 @@ class DecoderLayer(nnx.Module):
     def __init__(self, arch: Architecture, layer: int, rngs: nnx.Rngs):
         norm = lambda: RMSNorm(arch.hidden_size, arch, rngs)
         self.input_layernorm = norm()
-        self.self_attn = Attention(arch, layer, rngs)
+        self.self_attn: nnx.Module
+        if arch.mla is not None:  # DeepSeek-V3's latent attention
+            self.self_attn = MLAttention(arch, layer, rngs)
+        else:
+            self.self_attn = Attention(arch, layer, rngs)
         # Llama's post_attention_layernorm is the pre-MLP norm; Gemma 2/3's follows attention.
         self.post_attention_layernorm = norm()
         if arch.sandwich_norms:
             self.pre_feedforward_layernorm = norm()
             self.post_feedforward_layernorm = norm()
-        self.mlp = MoE(arch, rngs) if arch.moe else MLP(arch, rngs)
+        self.mlp: nnx.Module
+        if arch.routed_moe is not None and arch.routed_moe.is_moe(layer):
+            self.mlp = RoutedMoE(arch, rngs)
+        else:
+            self.mlp = MoE(arch, rngs) if arch.moe else MLP(arch, rngs)
         self.sandwich = arch.sandwich_norms
 
     def __call__(self, x, positions, cache, step):

@@ -110,10 +110,15 @@ def cache_spec(
     the baseline the groups save memory against. ``num_pages`` is the null page plus
     ``max_seqs`` times :func:`pages_per_request`, at least ``min_pages``.
     """
+    # DeepSeek's latent attention caches one K-only row per token shared by every head (a
+    # latent cache: kvshard.models.deepseek.latent_attention), else K/V per KV head.
+    heads, dim = (1, arch.mla.latent_dim) if arch.mla else (arch.num_kv_heads, arch.head_dim)
+    latent = {"kv_layout": "latent", "kv_lora_rank": arch.mla.kv_lora_rank} if arch.mla else {}
     spec = kvshard.CacheSpec(
         arch.num_layers,
-        arch.num_kv_heads,
-        arch.head_dim,
+        heads,
+        dim,
+        **latent,
         page_size=page_size,
         num_pages=2,  # replaced below, once the groups are known
         dtype=arch.dtype,
