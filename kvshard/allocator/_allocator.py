@@ -166,6 +166,53 @@ class PageAllocator:
     # ------------------------------------------------------------- queries
 
     @property
+    def state_groups(self) -> tuple[int, ...]:
+        """Indices (into :attr:`group_types`) of the state groups: ``("mamba",)`` or
+        ``("linear_attention",)`` layers, one state page per request each; they follow the
+        attention groups. Empty without state layers."""
+        return tuple(g for g, t in enumerate(self._parts.tables) if t.is_state)
+
+    def state_pages(self, rows: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Returns each row's state page in each state group: what a state layer reads and
+        writes in place this step.
+
+        The page of row ``r`` in state group ``state_groups[s]`` is
+        ``page_table[state_groups[s], r, 0]``; this gathers them for a step's rows (the
+        ``rows`` :meth:`allocate_batch` returns). Call it after the step's allocations (a
+        growth may have moved the state to a private copy: apply
+        :meth:`take_pending_copies` before the update). A page handed out fresh holds junk:
+        the model treats a request with no computed tokens before the step as zero state.
+
+        Args:
+            rows: int[B] page-table rows in ``[0, max_requests)``.
+
+        Returns:
+            int32[len(state_groups), B]: page ids; :data:`NULL_PAGE` for a row that holds no
+            tokens (a free row, or one only looked up with no hit) or whose state is on the
+            host (swapped out).
+
+        Raises:
+            ValueError: ``rows`` is not a 1-D integer array of rows in range; nothing changes.
+        """
+        array = np.asarray(rows)
+        if array.ndim != 1 or (array.size and not np.issubdtype(array.dtype, np.integer)):
+            raise ValueError(
+                f"state_pages: rows must be a 1-D integer array, got shape {array.shape} "
+                f"dtype {array.dtype}"
+            )
+        bad = np.flatnonzero((array < 0) | (array >= self.max_requests))
+        if bad.size:
+            raise ValueError(
+                f"state_pages: rows[{int(bad[0])}]={int(array[bad[0]])} must be in "
+                f"[0, max_requests={self.max_requests})"
+            )
+        tables = self._parts.tables
+        out = np.zeros((len(self.state_groups), array.size), np.int32)
+        for s, g in enumerate(self.state_groups):
+            out[s] = tables[g].page_table[array, 0]
+        return out
+
+    @property
     def num_groups(self) -> int:
         """KV-cache groups, each with its own page table over the one pool (1 without
         ``layer_types`` or with one type)."""
@@ -275,7 +322,8 @@ class PageAllocator:
         row = self._parts.rows.row_of(req_id, "pages")
         if self.num_groups == 1:
             return self._parts.table.pages(row)
-        return np.stack([table.pages(row) for table in self._parts.tables])
+        held = int(self._parts.table.row_pages[row])  # a state group's page is in column 0
+        return np.stack([table.page_table[row, :held].copy() for table in self._parts.tables])
 
     def num_tokens(self, req_id: Hashable) -> int:
         """Returns the number of tokens the request holds (released ones included).
@@ -453,6 +501,12 @@ class PageAllocator:
         tokens = int(num_tokens)
         if parts.tier.row_swapped[row]:
             raise ValueError(f"{where}: req_id={req_id!r} is swapped out; swap it in first")
+        if 0 < tokens < held and self.state_groups:
+            raise ValueError(
+                f"{where}: num_tokens={tokens} for req_id={req_id!r} must be 0 or {held} (the "
+                f"tokens it holds): state groups {self.state_groups} keep one state per request, "
+                "overwritten in place, which cannot be rolled back to an earlier token"
+            )
         for g, table in enumerate(parts.tables):
             released = int(table.row_released[row]) * self.page_size
             start = int(table.window_start(np.array(tokens, np.int64)))

@@ -112,6 +112,12 @@ def _match_groups(
     valid = np.ones(limit + 1, bool)
     firsts = []
     for g, table in enumerate(tables):
+        if table.is_state:  # vLLM's MambaManager: the state cached at the hit's last block
+            first = np.maximum(hits - 1, 0)
+            if limit:
+                valid &= (hits == 0) | (found[g, np.minimum(first, limit - 1)] != NULL_PAGE)
+            firsts.append(first)
+            continue
         first = table.window_start(hits * size) // size  # first block the next query reads
         valid &= counts[g, hits] - counts[g, first] == hits - first
         firsts.append(first)
@@ -157,6 +163,10 @@ def lookup(parts: AllocatorParts, req_id: Hashable, query: PrefixQuery) -> int:
         assert row is not None
         for t, found, first in zip(parts.tables, found_g, firsts, strict=True):
             pool.share(found[first:h])
+            if t.is_state:  # the state after the hit's last block, in column 0
+                t.page_table[row, 0] = found[h - 1] if h else NULL_PAGE
+                t.row_pages[row] = 1 if h else 0
+                continue
             t.page_table[row, first:h] = found[first:h]
             t.row_pages[row] = h
             t.row_released[row] = first
@@ -232,7 +242,11 @@ def commit(parts: AllocatorParts, req_id: Hashable, query: PrefixQuery) -> int:
     # keeps its key: a page has one key, and a forked request may commit under a different
     # namespace. A window group's released pages (null) are not cached.
     fresh_of = []
+    tokens = int(rows.row_tokens[row])
     for g, t in enumerate(parts.tables):
+        if t.is_state:
+            fresh_of.append(_state_commit(parts, t, g, row, tokens, full, done, keys, prev))
+            continue
         pages = t.page_table[row, done:full].tolist() if keys else []
         fresh_of.append(
             [
@@ -246,7 +260,10 @@ def commit(parts: AllocatorParts, req_id: Hashable, query: PrefixQuery) -> int:
     for g, fresh in enumerate(fresh_of):
         index.register(fresh, g)
         if parts.events.enabled and fresh:
-            _announce(parts, keys, prev, fresh, data, done, g)
+            if parts.tables[g].is_state:  # one page: the state after block full - 1
+                _announce_state(parts, fresh[0][0], keys, prev, data, full, g)
+            else:
+                _announce(parts, keys, prev, fresh, data, done, g)
     if keys:
         rows.row_committed[row] = full
         rows.row_last_key[row] = np.frombuffer(keys[-1], np.uint8)
@@ -283,3 +300,46 @@ def _announce(
                 group=group,
             )
             run = []
+
+
+def _state_commit(
+    parts: AllocatorParts,
+    table: PageTable,
+    group: int,
+    row: int,
+    tokens: int,
+    full: int,
+    done: int,
+    keys: list[bytes],
+    prev: bytes,
+) -> list[tuple[bytes, int]]:
+    """The state page to register for a state group: [(key of block ``full - 1``, page)] when
+    the request holds exactly ``full`` whole pages' tokens (its state is the state after
+    them, vLLM caches states only at block boundaries), the page is not cached yet and no
+    twin holds the key; else []. Reads only."""
+    size = parts.table.page_size
+    if not full or tokens != full * size:
+        return []
+    key = keys[-1] if keys else (prev if done == full else None)
+    page = int(table.page_table[row, 0])
+    index = parts.index
+    if key is None or page == NULL_PAGE or index.cached[page] or index.find(key, group):
+        return []
+    return [(key, page)]
+
+
+def _announce_state(
+    parts: AllocatorParts,
+    key: bytes,
+    keys: list[bytes],
+    prev: bytes,
+    data: bytes,
+    full: int,
+    group: int,
+) -> None:
+    """Queues the PagesStored event of a state page cached under block ``full - 1``'s key."""
+    size = parts.table.page_size
+    chain = [prev, *keys]  # chain[i] is the key of block (full - len(keys) - 1 + i)
+    parent = chain[-2] if keys and full >= 2 else None  # unknown when no key was new
+    tokens = np.frombuffer(data, "<i8")[(full - 1) * size : full * size]
+    parts.events.stored([key], parent, tuple(int(t) for t in tokens), group=group)

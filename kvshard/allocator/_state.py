@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from kvshard._layer_types import is_state
 from kvshard.allocator._common import MAX_CLOCK, check, is_int
 from kvshard.allocator._config import AllocatorConfig
 from kvshard.allocator._events import DEVICE, HOST, EventQueue
@@ -26,6 +27,7 @@ from kvshard.allocator._host import HOST_STATS, HostTier
 from kvshard.allocator._pool import PagePool
 from kvshard.allocator._prefix_index import STATS, PrefixIndex
 from kvshard.allocator._rows import RequestRows
+from kvshard.allocator._state_table import StateTable
 from kvshard.allocator._table import PageTable
 
 # 2: sliding_window in the config, row_released; 3: row_tentative; 4: the host tier;
@@ -95,7 +97,7 @@ class AllocatorParts:
             "host_table": tier.host_tables,
         }
         tables = [
-            PageTable(
+            (StateTable if is_state(layer_type) else PageTable)(
                 pool,
                 r,
                 m,
