@@ -225,12 +225,22 @@ class AllocatorParts:
         new.events = self.events  # not state: the queue carries on, announcing the new cache
         new.index.events = new.tier.events = self.events
         self.events.cleared()
-        for g in range(new.num_groups):
-            mine = new.index.page_key[new.index.cached & (new.index.page_group == g)]
-            self.events.stored([key.tobytes() for key in mine], None, None, DEVICE, g)
-        cached = [key.tobytes() for key in new.tier.host_key if key.any()]
-        self.events.stored(cached, None, None, HOST)
+        new.announce_cached()
         return new
+
+    def announce_cached(self) -> int:
+        """Queues PagesStored for every cached page (per device group, then the host);
+        returns how many (0 with events off)."""
+        if not self.events.enabled:
+            return 0
+        count = 0
+        for g in range(self.num_groups):
+            mine = self.index.page_key[self.index.cached & (self.index.page_group == g)]
+            self.events.stored([key.tobytes() for key in mine], None, None, DEVICE, g)
+            count += len(mine)
+        cached = [key.tobytes() for key in self.tier.host_key if key.any()]
+        self.events.stored(cached, None, None, HOST)
+        return count + len(cached)
 
     def checksum(self) -> str:
         """See :meth:`kvshard.PageAllocator.checksum`."""
