@@ -67,7 +67,10 @@ def test_prefix_hits_only_where_the_state_was_cached():
     assert a.commit_prefix("a", TOKENS[:14]) == 1  # the attention page [4, 8) -> 3 pages
     # Attention holds 3 pages of the prompt, the states only the one at 8 tokens: vLLM's rule.
     assert a.peek_prefix(TOKENS[:20]) == 8
-    assert a.peek_prefix(TOKENS[:20], eagle=True) == 0  # below 8 no state is cached
+    # EAGLE (vLLM's rule): attention matches 3 pages and drops one; the states serve 2.
+    assert a.peek_prefix(TOKENS[:20], eagle=True) == 8
+    assert a.peek_prefix(TOKENS[:12]) == 8
+    assert a.peek_prefix(TOKENS[:12], eagle=True) == 0  # 2 matched, 1 kept: no state at 4
     assert a.lookup_prefix("b", TOKENS[:20]) == 8
     row_a, row_b = a.row("a"), a.row("b")
     cached_states = a.state_pages([row_b])[:, 0]

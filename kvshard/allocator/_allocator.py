@@ -678,8 +678,9 @@ class PageAllocator:
                 only under the same extra keys as when it was committed.
             eagle: vLLM's EAGLE rule: drop the last page of the hit (an EAGLE drafter must
                 recompute that page's hidden states), so a hit of ``h`` pages returns
-                ``h - 1`` (with several groups, the longest hit every group serves below
-                ``h``).
+                ``h - 1``. With several groups, an attention group serves ``h`` pages only if
+                it also holds block ``h`` (vLLM matches it and drops it), a state group as
+                without EAGLE; the longest ``h`` every group serves.
 
         With a host tier (``host_prefix_pages > 0``), a page found only in the host prefix
         cache is attached too: it gets a new device page (taking it may evict), its

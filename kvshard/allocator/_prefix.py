@@ -105,7 +105,9 @@ def _match_groups(
 ) -> tuple[int, list[bytes], np.ndarray, list[int]]:
     """Returns (h: the most pages every group can serve, the keys of blocks ``[0, h)``,
     int32[G, limit] each group's cached page of each block or NULL_PAGE, per group the first
-    block its next query reads). Reads only."""
+    block its next query reads). With ``eagle``, vLLM's EAGLE rule: an attention group serves
+    ``h`` only if it also holds block ``h`` (the block vLLM matches and then drops); a state
+    group as without it (vLLM's MambaManager drops nothing). Reads only."""
     index, tables = parts.index, parts.tables
     keys = list(index.page_keys(data, ROOT_KEY, ns, 0, limit, extras))
     found = np.zeros((len(tables), limit), np.int32)
@@ -125,11 +127,15 @@ def _match_groups(
             firsts.append(first)
             continue
         first = table.window_start(hits * size) // size  # first block the next query reads
-        valid &= counts[g, hits] - counts[g, first] == hits - first
+        # EAGLE (vLLM): a hit of h blocks needs block h cached as well (full attention drops
+        # the last matched block, a window group matches one block more, then drops it).
+        stop = np.minimum(hits + 1, limit) if eagle else hits
+        valid &= counts[g, stop] - counts[g, first] == stop - first
         firsts.append(first)
+    if eagle:
+        valid[limit] = False  # block `limit` is never matched: no hit of `limit` blocks
+        valid[0] = True
     h = int(np.flatnonzero(valid)[-1])  # h = 0 is always valid
-    if eagle and h:  # vLLM's EAGLE rule: the longest hit every group serves below h
-        h = int(np.flatnonzero(valid[:h])[-1])
     return h, keys[:h], found, [int(first[h]) for first in firsts]
 
 
