@@ -235,3 +235,23 @@ def test_plan_of_a_hybrid_config(tmp_path, capsys):
     assert plan["page_size"] == 528
     assert plan["page_bytes"] == 528 * 3072
     assert len(plan["kv_cache_groups"]) == 1 + 10
+
+
+def test_announce_prefix_reports_a_reused_prefix_and_changes_nothing():
+    a = PageAllocator(
+        9, 4, max_requests=2, max_pages_per_request=4,
+        enable_prefix_caching=True, enable_kv_events=True,
+    )  # fmt: skip
+    a.allocate("a", 16)
+    a.commit_prefix("a", TOKENS[:16])
+    (first,) = a.take_kv_events()
+    assert a.lookup_prefix("b", TOKENS[:13]) == 12
+    before = a.checksum()
+    assert a.announce_prefix("b", TOKENS[:13], lora_id=7) == 3
+    assert a.checksum() == before
+    (event,) = a.take_kv_events()
+    assert event.page_hashes == first.page_hashes[:3] and event.parent_hash is None
+    assert event.token_ids == tuple(int(t) for t in TOKENS[:12]) and event.lora_id == 7
+    with pytest.raises(ValueError, match="token_ids has 8 tokens"):
+        a.announce_prefix("b", TOKENS[:8])
+    assert a.checksum() == before

@@ -977,6 +977,48 @@ class PageAllocator:
         """
         return self._parts.announce_cached()
 
+    def announce_prefix(
+        self,
+        req_id: Hashable,
+        token_ids: Sequence[int] | np.ndarray,
+        namespace: str | bytes | None = None,
+        *,
+        extra_keys: Sequence[Any] | None = None,
+        lora_id: int | None = None,
+    ) -> int:
+        """Queues ``PagesStored`` events for the cached prefix a request reuses (vLLM's
+        ``emit_cached_block_events``): after a :meth:`lookup_prefix` hit, a KV-aware router
+        learns that those pages are cached here, as when they were first stored.
+
+        One event per KV-cache group naming the keys of the request's first ``n`` pages,
+        ``n`` the pages it holds hashed (its hit, and the pages it committed since), with
+        their tokens, ``parent_hash`` None (the prefix starts at page 0), the group, and
+        ``lora_id``. Changes no state (the cache, the eviction order and the counters stay).
+
+        Args:
+            req_id: a live request.
+            token_ids: int[T], its tokens from the first, covering at least its ``n`` hashed
+                pages (as given to :meth:`lookup_prefix` / :meth:`commit_prefix`).
+            namespace, extra_keys: as given to its lookup and commits.
+            lora_id: None or an int, reported on the events.
+
+        Returns:
+            The number of pages announced per group (``n``; 0 queues nothing), also without
+            ``enable_kv_events`` (then nothing is queued).
+
+        Raises:
+            ValueError: prefix caching is disabled; ``token_ids`` is not a 1-D integer array
+                or covers fewer than ``n`` pages; ``namespace`` differs from the request's;
+                ``lora_id`` is not None or an int.
+            UnknownRequest: ``req_id`` is not live. TypeError: it is not hashable.
+        """
+        self._require_prefix_caching("announce_prefix")
+        if lora_id is not None and not is_int(lora_id):
+            raise ValueError(f"announce_prefix: lora_id={lora_id!r} must be None or an int")
+        query = _prefix.PrefixQuery(token_ids, namespace, extra_keys)
+        lora = None if lora_id is None else int(lora_id)
+        return _prefix.announce(self._parts, req_id, query, lora)
+
     def take_kv_events(self) -> list[KVEvent]:
         """Returns the queued KV-cache events, oldest first, and clears the queue.
 

@@ -16,7 +16,8 @@ hash without the group id).
 Against vLLM's stream: ``PagesStored`` carries ``lora_id`` and ``medium`` as ``BlockStored``
 does; ``PagesRemoved`` names a whole eviction's pages per group unless
 ``kv_events_per_page=True`` (then one event per page, as vLLM); and
-:meth:`kvshard.PageAllocator.announce_cached_pages` queues ``PagesStored`` events for every page
+:meth:`kvshard.PageAllocator.announce_prefix` re-announces the prefix a request reuses (vLLM's
+``emit_cached_block_events``) and :meth:`kvshard.PageAllocator.announce_cached_pages` every page
 cached now (for a router that connects late).
 """
 

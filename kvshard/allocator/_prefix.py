@@ -367,3 +367,31 @@ def _announce_state(
     parent = chain[-2] if keys and full >= 2 else None  # unknown when no key was new
     tokens = np.frombuffer(data, "<i8")[(full - 1) * size : full * size]
     parts.events.stored([key], parent, tuple(int(t) for t in tokens), group=group, lora_id=lora_id)
+
+
+def announce(
+    parts: AllocatorParts, req_id: Hashable, query: PrefixQuery, lora_id: int | None
+) -> int:
+    """Queues PagesStored for the request's hashed prefix in every group; returns its pages."""
+    where = "announce_prefix"
+    rows = parts.rows
+    row = rows.row_of(req_id, where)
+    data, length, extras, ns = query.encode(where)
+    if rows.row_has_ns[row] and rows.row_ns[row].tobytes() != ns:
+        raise ValueError(
+            f"{where}: namespace={query.namespace!r} differs from the namespace req_id={req_id!r} "
+            "was looked up or committed with"
+        )
+    n = int(rows.row_committed[row])
+    size = parts.table.page_size
+    if length < n * size:
+        raise ValueError(
+            f"{where}: token_ids has {length} tokens; req_id={req_id!r} has {n} hashed pages "
+            f"({n * size} tokens) to announce"
+        )
+    if n and parts.events.enabled:
+        keys = list(parts.index.page_keys(data, ROOT_KEY, ns, 0, n, extras))
+        tokens = tuple(int(t) for t in np.frombuffer(data, "<i8")[: n * size])
+        for g in range(parts.num_groups):
+            parts.events.stored(keys, None, tokens, group=g, lora_id=lora_id)
+    return n
