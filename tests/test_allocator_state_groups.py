@@ -255,3 +255,44 @@ def test_announce_prefix_reports_a_reused_prefix_and_changes_nothing():
     with pytest.raises(ValueError, match="token_ids has 8 tokens"):
         a.announce_prefix("b", TOKENS[:8])
     assert a.checksum() == before
+
+
+def test_group_page_sizes_align_hits_and_key_pages_by_their_last_block():
+    S = ("sliding", 8)
+    a = PageAllocator(
+        64, 4, max_requests=4, max_pages_per_request=16, layer_types=[F, S],
+        group_page_sizes=[8, 4], enable_prefix_caching=True, enable_kv_events=True,
+    )  # fmt: skip
+    assert a.page_sizes == (8, 4)
+    a.allocate("a", 20)
+    pages = a.pages("a")
+    assert np.count_nonzero(pages[0]) == 3 and np.count_nonzero(pages[1]) == 5  # 8 vs 4 tokens
+    assert a.commit_prefix("a", TOKENS[:20]) == 2 + 5  # whole pages only: 16 of 20 in group 0
+    full, sliding = a.take_kv_events()
+    assert full.page_size == 8 and len(full.page_hashes) == 2 and len(full.token_ids) == 16
+    assert sliding.page_size == 4 and sliding.page_hashes[1::2] == full.page_hashes
+    # 20 tokens are cached in the sliding group but hits align to 8 (the lcm): 16.
+    assert a.peek_prefix(TOKENS[:30]) == 16
+    assert a.peek_prefix(TOKENS[:30], eagle=True) == 8  # group 0 needs its page after the hit
+    assert a.lookup_prefix("b", TOKENS[:30]) == 16
+    assert np.array_equal(a.pages("b")[0, :2], pages[0, :2])
+    a.allocate("b", 10)
+    a.check_invariants()
+    b = PageAllocator(
+        64, 4, max_requests=4, max_pages_per_request=16, layer_types=[F, S],
+        group_page_sizes=[8, 4], enable_prefix_caching=True, enable_kv_events=True,
+    )  # fmt: skip
+    b.load_state_dict(a.state_dict())
+    assert b.checksum() == a.checksum()
+
+
+def test_group_page_sizes_refusals_name_the_entry():
+    kw = dict(max_requests=1, max_pages_per_request=4, layer_types=[F, ("sliding", 4)])
+    with pytest.raises(ValueError, match=r"group_page_sizes\[0\]=6 must be a positive multiple"):
+        PageAllocator(8, 4, group_page_sizes=[6, 4], **kw)
+    with pytest.raises(ValueError, match="one page size per KV-cache group"):
+        PageAllocator(8, 4, group_page_sizes=[8], **kw)
+    with pytest.raises(ValueError, match="state group's"):
+        PageAllocator(8, 4, group_page_sizes=[4, 8], **(kw | {"layer_types": [F, M]}))
+    with pytest.raises(ValueError, match="needs layer_types"):
+        PageAllocator(8, 4, max_requests=1, max_pages_per_request=4, group_page_sizes=[8])

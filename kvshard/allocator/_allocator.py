@@ -122,6 +122,15 @@ class PageAllocator:
             cache (a second-level prefix cache); int in ``[0, num_host_pages - 1]``, > 0 only
             with prefix caching.
         enable_kv_events: queue KV-cache events for :meth:`take_kv_events`.
+        group_page_sizes: None, or one page size in tokens per KV-cache group (in
+            :attr:`group_types` order), each a multiple of ``page_size`` (a state group's
+            equal to it): vLLM's per-group block sizes. ``page_size`` is then the hash block:
+            prefix keys chain per ``page_size`` tokens, a group's page is keyed by the key of
+            its last hash block, ``max_pages_per_request`` counts hash blocks, and a prefix
+            hit is a multiple of every group's page size (vLLM's alignment to the lcm). A
+            group of ``k * page_size`` tokens per page holds ``ceil(tokens / (k *
+            page_size))`` columns. Allocator-side only: ``build_step`` and the cache take one
+            page size.
         kv_events_per_page: emit one ``PagesRemoved`` per removed page, as vLLM emits one
             ``BlockRemoved`` per block, instead of one per eviction and group (the default,
             fewer events; the same hashes in the same order either way). Not part of
@@ -156,6 +165,7 @@ class PageAllocator:
         enable_kv_events: bool = False,
         layer_types: Sequence[Sequence[Any]] | None = None,
         kv_events_per_page: bool = False,
+        group_page_sizes: Sequence[int] | None = None,
     ) -> None:
         config = AllocatorConfig.validated(
             num_pages,
@@ -168,6 +178,7 @@ class PageAllocator:
             host_prefix_pages,
             enable_kv_events,
             layer_types,
+            group_page_sizes,
         )
         self.num_pages = config.num_pages
         self.page_size = config.page_size
@@ -179,6 +190,10 @@ class PageAllocator:
         self.host_prefix_pages = config.host_prefix_pages
         self.enable_kv_events = config.enable_kv_events
         self.layer_types = config.layer_types  # validated: a tuple of tuples, or None
+        self.group_page_sizes = config.group_page_sizes  # None when every group has page_size
+        self.page_sizes = config.page_sizes
+        """Tokens per page of each KV-cache group (``page_size`` each without
+        ``group_page_sizes``)."""
         self.groups = config.groups
         """:class:`kvshard._layer_types.CacheGroups` of ``layer_types`` (None without)."""
         self.group_types = config.group_types
@@ -346,7 +361,8 @@ class PageAllocator:
         row = self._parts.rows.row_of(req_id, "pages")
         if self.num_groups == 1:
             return self._parts.table.pages(row)
-        held = int(self._parts.table.row_pages[row])  # a state group's page is in column 0
+        # Groups of different page sizes hold different column counts: pad with the null page.
+        held = max(int(table.row_pages[row]) for table in self._parts.tables)
         return np.stack([table.page_table[row, :held].copy() for table in self._parts.tables])
 
     def num_tokens(self, req_id: Hashable) -> int:
@@ -532,7 +548,7 @@ class PageAllocator:
                 "overwritten in place, which cannot be rolled back to an earlier token"
             )
         for g, table in enumerate(parts.tables):
-            released = int(table.row_released[row]) * self.page_size
+            released = int(table.row_released[row]) * table.page_size
             start = int(table.window_start(np.array(tokens, np.int64)))
             if released > start:
                 group = f"group {g}, " if self.num_groups > 1 else ""
