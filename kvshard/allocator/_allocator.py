@@ -273,8 +273,11 @@ class PageAllocator:
     def row_num_pages(self) -> np.ndarray:
         """int32[max_requests], read-only view: page-table columns in use in each row.
 
-        ``ceil(tokens / page_size)``, the same in every group; with a window the leading ones
-        may hold :data:`NULL_PAGE` (released; :attr:`row_num_released`).
+        ``ceil(tokens / page_size)`` (group 0's, an attention group: the same in every
+        attention group of one page size; a state group holds one column, a group of
+        ``group_page_sizes[g]`` tokens per page ``ceil(tokens / group_page_sizes[g])``); with
+        a window the leading ones may hold :data:`NULL_PAGE` (released;
+        :attr:`row_num_released`).
         """
         return readonly(self._parts.table.row_pages)
 
@@ -350,9 +353,11 @@ class PageAllocator:
 
         Returns:
             int32[ceil(num_tokens / page_size)] (``int32[num_groups, n]`` with several
-            groups, a row per group): page ids in ``[1, num_pages)``, except that pages
-            released by a window read :data:`NULL_PAGE` (they lead the row), and so do the
-            pages of a swapped-out request that are on the host.
+            groups, a row per group, ``n`` the most columns any group holds, shorter rows
+            padded with :data:`NULL_PAGE`; a state group's row holds its state page in
+            column 0): page ids in ``[1, num_pages)``, except that pages released by a
+            window read :data:`NULL_PAGE` (they lead the row), and so do the pages of a
+            swapped-out request that are on the host.
 
         Raises:
             UnknownRequest: ``req_id`` is not live (never allocated, or freed).
