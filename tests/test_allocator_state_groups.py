@@ -300,3 +300,14 @@ def test_group_page_sizes_refusals_name_the_entry():
         PageAllocator(8, 4, group_page_sizes=[4, 8], **(kw | {"layer_types": [F, M]}))
     with pytest.raises(ValueError, match="needs layer_types"):
         PageAllocator(8, 4, max_requests=1, max_pages_per_request=4, group_page_sizes=[8])
+
+
+def test_plan_refuses_a_mamba1_config_by_name(tmp_path, capsys):
+    from kvshard.cli import main
+
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"model_type": "jamba", "num_hidden_layers": 4}))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["plan", "--config", str(path), "--hbm-per-device", "1GiB"])
+    assert exit_info.value.code == 2
+    assert "Mamba-1" in capsys.readouterr().err
