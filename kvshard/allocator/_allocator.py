@@ -78,6 +78,20 @@ class PageAllocator:
     (a full group needs the hit's pages from the first, a window group only those its next
     query reads; the others are not attached and read :data:`NULL_PAGE`).
 
+    State groups (``layer_types`` with ``("mamba",)`` or ``("linear_attention",)`` layers,
+    grouped after the attention groups, :attr:`state_groups`): a request holding tokens owns
+    exactly one page in each state group, column 0 of its row there (:meth:`state_pages`),
+    which the model reads and writes in place; every page of the pool has the same bytes
+    (the planner sizes ``page_size`` so, vLLM's unification rule). Every growth writes the
+    state, so a state page shared after :meth:`fork` or cached by :meth:`commit_prefix` is
+    copied on the next growth (a pair for :meth:`take_pending_copies`: the device copies the
+    state before the update). :meth:`commit_prefix` caches a request's state page only when
+    it holds exactly the committed whole pages' tokens (the state at a page boundary), and a
+    hit counts only where every state group has the state cached at the hit's last page
+    (vLLM's ``MambaManager``); the hit's state page is attached, and copied on first write.
+    :meth:`truncate` to fewer tokens is refused (a state cannot be rolled back) except to 0.
+    Swap-out moves a state page like any page the request alone owns.
+
     Host tier (``num_host_pages=H``): :meth:`swap_out_request` preempts a request by moving
     the pages it alone owns to host pages, :meth:`swap_in_request` brings them back into new
     device pages; with ``host_prefix_pages > 0`` pages evicted from the prefix cache are kept
@@ -108,10 +122,26 @@ class PageAllocator:
             cache (a second-level prefix cache); int in ``[0, num_host_pages - 1]``, > 0 only
             with prefix caching.
         enable_kv_events: queue KV-cache events for :meth:`take_kv_events`.
+        group_page_sizes: None, or one page size in tokens per KV-cache group (in
+            :attr:`group_types` order), each a multiple of ``page_size`` (a state group's
+            equal to it): vLLM's per-group block sizes. ``page_size`` is then the hash block:
+            prefix keys chain per ``page_size`` tokens, a group's page is keyed by the key of
+            its last hash block, ``max_pages_per_request`` counts hash blocks, and a prefix
+            hit is a multiple of every group's page size (vLLM's alignment to the lcm). A
+            group of ``k * page_size`` tokens per page holds ``ceil(tokens / (k *
+            page_size))`` columns. Allocator-side only: ``build_step`` and the cache take one
+            page size.
+        kv_events_per_page: emit one ``PagesRemoved`` per removed page, as vLLM emits one
+            ``BlockRemoved`` per block, instead of one per eviction and group (the default,
+            fewer events; the same hashes in the same order either way). Not part of
+            :meth:`state_dict` (events are not state).
         layer_types: None, or one attention type per model layer: ``("full",)``,
             ``("sliding", W)`` or ``("chunked", C)`` (tuples or lists). ``sliding_window``
             may be given with it only if every layer is ``("sliding", sliding_window)``;
             layer types of one ``("sliding", W)`` set :attr:`sliding_window` to ``W``.
+            State layers, ``("mamba",)`` (Mamba-2) and ``("linear_attention",)`` (gated
+            DeltaNet), form state groups (:attr:`state_groups`; at least one attention
+            layer is needed): see "State groups" above.
 
     Raises:
         ValueError: an argument is not an int (bools rejected), is below its minimum or past
@@ -134,6 +164,8 @@ class PageAllocator:
         host_prefix_pages: int = 0,
         enable_kv_events: bool = False,
         layer_types: Sequence[Sequence[Any]] | None = None,
+        kv_events_per_page: bool = False,
+        group_page_sizes: Sequence[int] | None = None,
     ) -> None:
         config = AllocatorConfig.validated(
             num_pages,
@@ -146,6 +178,7 @@ class PageAllocator:
             host_prefix_pages,
             enable_kv_events,
             layer_types,
+            group_page_sizes,
         )
         self.num_pages = config.num_pages
         self.page_size = config.page_size
@@ -157,13 +190,66 @@ class PageAllocator:
         self.host_prefix_pages = config.host_prefix_pages
         self.enable_kv_events = config.enable_kv_events
         self.layer_types = config.layer_types  # validated: a tuple of tuples, or None
+        self.group_page_sizes = config.group_page_sizes  # None when every group has page_size
+        self.page_sizes = config.page_sizes
+        """Tokens per page of each KV-cache group (``page_size`` each without
+        ``group_page_sizes``)."""
         self.groups = config.groups
         """:class:`kvshard._layer_types.CacheGroups` of ``layer_types`` (None without)."""
         self.group_types = config.group_types
         """The attention type of each KV-cache group (one entry without ``layer_types``)."""
         self._parts = AllocatorParts.fresh(config)
+        self.kv_events_per_page = bool(kv_events_per_page)
+        self._parts.events.per_page = self.kv_events_per_page
 
     # ------------------------------------------------------------- queries
+
+    @property
+    def state_groups(self) -> tuple[int, ...]:
+        """Indices (into :attr:`group_types`) of the state groups: ``("mamba",)`` or
+        ``("linear_attention",)`` layers, one state page per request each; they follow the
+        attention groups. Empty without state layers."""
+        return tuple(g for g, t in enumerate(self._parts.tables) if t.is_state)
+
+    def state_pages(self, rows: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Returns each row's state page in each state group: what a state layer reads and
+        writes in place this step.
+
+        The page of row ``r`` in state group ``state_groups[s]`` is
+        ``page_table[state_groups[s], r, 0]``; this gathers them for a step's rows (the
+        ``rows`` :meth:`allocate_batch` returns). Call it after the step's allocations (a
+        growth may have moved the state to a private copy: apply
+        :meth:`take_pending_copies` before the update). A page handed out fresh holds junk:
+        the model treats a request with no computed tokens before the step as zero state.
+
+        Args:
+            rows: int[B] page-table rows in ``[0, max_requests)``.
+
+        Returns:
+            int32[len(state_groups), B]: page ids; :data:`NULL_PAGE` for a row that holds no
+            tokens (a free row, or one only looked up with no hit) or whose state is on the
+            host (swapped out).
+
+        Raises:
+            ValueError: ``rows`` is not a 1-D integer array of rows in range; nothing changes.
+        """
+        array = np.asarray(rows)
+        if array.ndim != 1 or (array.size and not np.issubdtype(array.dtype, np.integer)):
+            raise ValueError(
+                f"state_pages: rows must be a 1-D integer array, got shape {array.shape} "
+                f"dtype {array.dtype}"
+            )
+        bad = np.flatnonzero((array < 0) | (array >= self.max_requests))
+        if bad.size:
+            raise ValueError(
+                f"state_pages: rows[{int(bad[0])}]={int(array[bad[0]])} must be in "
+                f"[0, max_requests={self.max_requests})"
+            )
+        tables = self._parts.tables
+        out = np.zeros((len(self.state_groups), array.size), np.int32)
+        for s, g in enumerate(self.state_groups):
+            out[s] = tables[g].page_table[array, 0]
+        return out
 
     @property
     def num_groups(self) -> int:
@@ -187,8 +273,11 @@ class PageAllocator:
     def row_num_pages(self) -> np.ndarray:
         """int32[max_requests], read-only view: page-table columns in use in each row.
 
-        ``ceil(tokens / page_size)``, the same in every group; with a window the leading ones
-        may hold :data:`NULL_PAGE` (released; :attr:`row_num_released`).
+        ``ceil(tokens / page_size)`` (group 0's, an attention group: the same in every
+        attention group of one page size; a state group holds one column, a group of
+        ``group_page_sizes[g]`` tokens per page ``ceil(tokens / group_page_sizes[g])``); with
+        a window the leading ones may hold :data:`NULL_PAGE` (released;
+        :attr:`row_num_released`).
         """
         return readonly(self._parts.table.row_pages)
 
@@ -264,9 +353,11 @@ class PageAllocator:
 
         Returns:
             int32[ceil(num_tokens / page_size)] (``int32[num_groups, n]`` with several
-            groups, a row per group): page ids in ``[1, num_pages)``, except that pages
-            released by a window read :data:`NULL_PAGE` (they lead the row), and so do the
-            pages of a swapped-out request that are on the host.
+            groups, a row per group, ``n`` the most columns any group holds, shorter rows
+            padded with :data:`NULL_PAGE`; a state group's row holds its state page in
+            column 0): page ids in ``[1, num_pages)``, except that pages released by a
+            window read :data:`NULL_PAGE` (they lead the row), and so do the pages of a
+            swapped-out request that are on the host.
 
         Raises:
             UnknownRequest: ``req_id`` is not live (never allocated, or freed).
@@ -275,7 +366,9 @@ class PageAllocator:
         row = self._parts.rows.row_of(req_id, "pages")
         if self.num_groups == 1:
             return self._parts.table.pages(row)
-        return np.stack([table.pages(row) for table in self._parts.tables])
+        # Groups of different page sizes hold different column counts: pad with the null page.
+        held = max(int(table.row_pages[row]) for table in self._parts.tables)
+        return np.stack([table.page_table[row, :held].copy() for table in self._parts.tables])
 
     def num_tokens(self, req_id: Hashable) -> int:
         """Returns the number of tokens the request holds (released ones included).
@@ -453,8 +546,14 @@ class PageAllocator:
         tokens = int(num_tokens)
         if parts.tier.row_swapped[row]:
             raise ValueError(f"{where}: req_id={req_id!r} is swapped out; swap it in first")
+        if 0 < tokens < held and self.state_groups:
+            raise ValueError(
+                f"{where}: num_tokens={tokens} for req_id={req_id!r} must be 0 or {held} (the "
+                f"tokens it holds): state groups {self.state_groups} keep one state per request, "
+                "overwritten in place, which cannot be rolled back to an earlier token"
+            )
         for g, table in enumerate(parts.tables):
-            released = int(table.row_released[row]) * self.page_size
+            released = int(table.row_released[row]) * table.page_size
             start = int(table.window_start(np.array(tokens, np.int64)))
             if released > start:
                 group = f"group {g}, " if self.num_groups > 1 else ""
@@ -544,6 +643,7 @@ class PageAllocator:
         namespace: str | bytes | None = None,
         *,
         extra_keys: Sequence[Any] | None = None,
+        eagle: bool = False,
     ) -> int:
         """Returns what :meth:`lookup_prefix` would return now, attaching and counting nothing.
 
@@ -554,6 +654,7 @@ class PageAllocator:
             token_ids: int[T], the prompt (any integer dtype; compared as int64).
             namespace: str, bytes or None, as for :meth:`lookup_prefix`.
             extra_keys: per-page extra keys, as for :meth:`lookup_prefix`.
+            eagle: as for :meth:`lookup_prefix`.
 
         Returns:
             The cached prefix in tokens: a multiple of ``page_size``, at most ``T - 1``.
@@ -563,7 +664,8 @@ class PageAllocator:
             TypeError: ``namespace`` is not str, bytes or None.
         """
         self._require_prefix_caching("peek_prefix")
-        return _prefix.peek(self._parts, _prefix.PrefixQuery(token_ids, namespace, extra_keys))
+        query = _prefix.PrefixQuery(token_ids, namespace, extra_keys, bool(eagle))
+        return _prefix.peek(self._parts, query)
 
     def lookup_prefix(
         self,
@@ -572,6 +674,7 @@ class PageAllocator:
         namespace: str | bytes | None = None,
         *,
         extra_keys: Sequence[Any] | None = None,
+        eagle: bool = False,
     ) -> int:
         """Attaches the cached pages of the longest cached prefix of ``token_ids`` to a request.
 
@@ -594,6 +697,11 @@ class PageAllocator:
                 hash of a multimodal input whose placeholders the page holds, or a LoRA id.
                 Folded into the page's key and so into every later page's: a page matches
                 only under the same extra keys as when it was committed.
+            eagle: vLLM's EAGLE rule: drop the last page of the hit (an EAGLE drafter must
+                recompute that page's hidden states), so a hit of ``h`` pages returns
+                ``h - 1``. With several groups, an attention group serves ``h`` pages only if
+                it also holds block ``h`` (vLLM matches it and drops it), a state group as
+                without EAGLE; the longest ``h`` every group serves.
 
         With a host tier (``host_prefix_pages > 0``), a page found only in the host prefix
         cache is attached too: it gets a new device page (taking it may evict), its
@@ -615,7 +723,7 @@ class PageAllocator:
             TypeError: ``namespace`` is not str, bytes or None, or ``req_id`` is not hashable.
         """
         self._require_prefix_caching("lookup_prefix")
-        query = _prefix.PrefixQuery(token_ids, namespace, extra_keys)
+        query = _prefix.PrefixQuery(token_ids, namespace, extra_keys, bool(eagle))
         return _prefix.lookup(self._parts, req_id, query)
 
     def commit_prefix(
@@ -625,6 +733,7 @@ class PageAllocator:
         namespace: str | bytes | None = None,
         *,
         extra_keys: Sequence[Any] | None = None,
+        lora_id: int | None = None,
     ) -> int:
         """Registers the request's full pages in the prefix cache; returns how many were new.
 
@@ -640,6 +749,9 @@ class PageAllocator:
             namespace: str, bytes or None; must match earlier lookups/commits of this request.
             extra_keys: per-page extra keys as for :meth:`lookup_prefix` (give the same ones
                 on every commit of the request: pages hashed earlier are not hashed again).
+            lora_id: None or an int: the LoRA adapter, reported on the ``PagesStored``
+                events of this commit (vLLM's ``lora_id``); it does not enter the keys
+                (give the adapter in ``extra_keys`` or ``namespace`` for that).
 
         Returns:
             The number of pages newly registered (an int >= 0).
@@ -652,8 +764,11 @@ class PageAllocator:
             TypeError: ``namespace`` is not str, bytes or None, or ``req_id`` is not hashable.
         """
         self._require_prefix_caching("commit_prefix")
+        if lora_id is not None and not is_int(lora_id):
+            raise ValueError(f"commit_prefix: lora_id={lora_id!r} must be None or an int")
         query = _prefix.PrefixQuery(token_ids, namespace, extra_keys)
-        return _prefix.commit(self._parts, req_id, query)
+        lora = None if lora_id is None else int(lora_id)
+        return _prefix.commit(self._parts, req_id, query, lora)
 
     # ------------------------------------------------------ state and checks
 
@@ -870,6 +985,60 @@ class PageAllocator:
         is queued, and the allocator's page order is a fresh one's. Keeps :attr:`prefix_stats`.
         """
         return self._parts.reset_prefix_cache()
+
+    def announce_cached_pages(self) -> int:
+        """Queues a ``PagesStored`` event for every page cached now, in either tier (vLLM's
+        cached-block events on demand: a KV-aware router that connects late learns the
+        cache); returns how many pages it announced.
+
+        One event per group of device pages and one of host pages, in page-id order, with
+        ``parent_hash`` and ``token_ids`` None (the allocator keeps keys, not tokens).
+        Needs ``enable_kv_events=True`` (else it queues nothing and returns 0). Changes no
+        state; never raises.
+        """
+        return self._parts.announce_cached()
+
+    def announce_prefix(
+        self,
+        req_id: Hashable,
+        token_ids: Sequence[int] | np.ndarray,
+        namespace: str | bytes | None = None,
+        *,
+        extra_keys: Sequence[Any] | None = None,
+        lora_id: int | None = None,
+    ) -> int:
+        """Queues ``PagesStored`` events for the cached prefix a request reuses (vLLM's
+        ``emit_cached_block_events``): after a :meth:`lookup_prefix` hit, a KV-aware router
+        learns that those pages are cached here, as when they were first stored.
+
+        One event per KV-cache group naming the keys of the request's first ``n`` pages,
+        ``n`` the pages it holds hashed (its hit, and the pages it committed since), with
+        their tokens, ``parent_hash`` None (the prefix starts at page 0), the group, and
+        ``lora_id``. Changes no state (the cache, the eviction order and the counters stay).
+
+        Args:
+            req_id: a live request.
+            token_ids: int[T], its tokens from the first, covering at least its ``n`` hashed
+                pages (as given to :meth:`lookup_prefix` / :meth:`commit_prefix`).
+            namespace, extra_keys: as given to its lookup and commits.
+            lora_id: None or an int, reported on the events.
+
+        Returns:
+            The number of pages announced per group (``n``; 0 queues nothing), also without
+            ``enable_kv_events`` (then nothing is queued).
+
+        Raises:
+            ValueError: prefix caching is disabled; ``token_ids`` is not a 1-D integer array
+                or covers fewer than ``n`` pages; ``namespace`` differs from the request's;
+                ``lora_id`` is not None or an int.
+            UnknownRequest: ``req_id`` is not live. TypeError: it is not hashable.
+        """
+        self._require_prefix_caching("announce_prefix")
+        if lora_id is not None and not is_int(lora_id):
+            raise ValueError(f"announce_prefix: lora_id={lora_id!r} must be None or an int")
+        query = _prefix.PrefixQuery(token_ids, namespace, extra_keys)
+        lora = None if lora_id is None else int(lora_id)
+        return _prefix.announce(self._parts, req_id, query, lora)
 
     def take_kv_events(self) -> list[KVEvent]:
         """Returns the queued KV-cache events, oldest first, and clears the queue.

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from kvshard._layer_types import is_state
 from kvshard.allocator._common import MAX_CLOCK, check, is_int
 from kvshard.allocator._config import AllocatorConfig
 from kvshard.allocator._events import DEVICE, HOST, EventQueue
@@ -26,6 +27,7 @@ from kvshard.allocator._host import HOST_STATS, HostTier
 from kvshard.allocator._pool import PagePool
 from kvshard.allocator._prefix_index import STATS, PrefixIndex
 from kvshard.allocator._rows import RequestRows
+from kvshard.allocator._state_table import StateTable
 from kvshard.allocator._table import PageTable
 
 # 2: sliding_window in the config, row_released; 3: row_tentative; 4: the host tier;
@@ -95,7 +97,7 @@ class AllocatorParts:
             "host_table": tier.host_tables,
         }
         tables = [
-            PageTable(
+            (StateTable if is_state(layer_type) else PageTable)(
                 pool,
                 r,
                 m,
@@ -105,6 +107,8 @@ class AllocatorParts:
             )
             for i, layer_type in enumerate(types)
         ]
+        for table, size in zip(tables, config.page_sizes, strict=True):
+            table.page_size = size  # a group's tokens per page
         return cls(config, index, pool, rows, tables, tier, events, stacks)
 
     def _arrays(self) -> dict[str, tuple[Any, str]]:
@@ -175,6 +179,8 @@ class AllocatorParts:
         if missing:
             raise ValueError(f"{where}: state lacks {', '.join(map(repr, missing))}")
         config = state["config"]
+        if isinstance(config, dict) and "group_page_sizes" not in config:
+            config = {**config, "group_page_sizes": None}  # saved before per-group sizes
         if not isinstance(config, dict) or config != self.config.as_dict():
             raise ValueError(f"{where}: config {config!r} does not match {self.config.as_dict()!r}")
         new = AllocatorParts.fresh(self.config)
@@ -223,12 +229,23 @@ class AllocatorParts:
         new.events = self.events  # not state: the queue carries on, announcing the new cache
         new.index.events = new.tier.events = self.events
         self.events.cleared()
-        for g in range(new.num_groups):
-            mine = new.index.page_key[new.index.cached & (new.index.page_group == g)]
-            self.events.stored([key.tobytes() for key in mine], None, None, DEVICE, g)
-        cached = [key.tobytes() for key in new.tier.host_key if key.any()]
-        self.events.stored(cached, None, None, HOST)
+        new.announce_cached()
         return new
+
+    def announce_cached(self) -> int:
+        """Queues PagesStored for every cached page (per device group, then the host);
+        returns how many (0 with events off)."""
+        if not self.events.enabled:
+            return 0
+        count = 0
+        for g in range(self.num_groups):
+            mine = self.index.page_key[self.index.cached & (self.index.page_group == g)]
+            size = self.tables[g].page_size
+            self.events.stored([key.tobytes() for key in mine], None, None, DEVICE, g, None, size)
+            count += len(mine)
+        cached = [key.tobytes() for key in self.tier.host_key if key.any()]
+        self.events.stored(cached, None, None, HOST)
+        return count + len(cached)
 
     def checksum(self) -> str:
         """See :meth:`kvshard.PageAllocator.checksum`."""
@@ -247,7 +264,7 @@ class AllocatorParts:
 
     def check_invariants(self) -> None:
         """Each part's own invariants, then those between parts (owners = table entries)."""
-        config, rows, table, pool = self.config, self.rows, self.table, self.pool
+        config, rows, pool = self.config, self.rows, self.pool
         rows.check(config.max_tokens, config.page_size)
         live = rows.live_rows()
         swapped = self.tier.host_tables != 0
@@ -281,7 +298,7 @@ class AllocatorParts:
             "lru: a page only looked-up requests hold has a stamp in use or past the clock",
         )
         tier = self.tier
-        tier.check(live, table.row_pages, self.stacks["page_table"])
+        tier.check(live, self.stacks["row_pages"], self.stacks["page_table"])
         check(not rows.row_tentative[tier.row_swapped].any(), "row_swapped: a tentative row")
         check(
             config.enable_prefix_caching or not tier.host_cached.any(),
