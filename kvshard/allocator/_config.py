@@ -15,7 +15,7 @@ from kvshard._layer_types import (
     is_state,
     uniform_window,
 )
-from kvshard.allocator._common import MAX_TOKENS
+from kvshard.allocator._common import MAX_TOKENS, is_int
 
 
 @dataclasses.dataclass(frozen=True)
