@@ -27,7 +27,14 @@ from kvshard._config import (
     positive_int,
 )
 
-__all__ = ["ARCHITECTURES", "Architecture", "LayerSpec", "RopeSpec", "read_architecture"]
+__all__ = [
+    "ARCHITECTURES",
+    "Architecture",
+    "LayerSpec",
+    "MambaSpec",
+    "RopeSpec",
+    "read_architecture",
+]
 
 # model_type values read here (Gemma 3 checkpoints of the text model say "gemma3_text").
 ARCHITECTURES = (
@@ -39,6 +46,7 @@ ARCHITECTURES = (
     "gemma2",
     "gemma3_text",
     "gpt_oss",
+    "bamba",
 )
 _GEMMA = ("gemma", "gemma2", "gemma3_text")
 _ACTIVATIONS = {
@@ -78,11 +86,43 @@ class RopeSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class MambaSpec:
+    """A Mamba-2 mixer's shapes (Bamba's ``mamba_*`` config keys).
+
+    ``num_heads`` heads of ``head_dim`` channels, ``num_groups`` groups of B/C of
+    ``state_size`` each, a depthwise causal conv of ``conv_kernel`` taps over
+    ``conv_dim = num_heads * head_dim + 2 * num_groups * state_size`` channels, the SSD scan in
+    chunks of ``chunk_size`` (dense path), dt clamped to ``time_step_limit`` after softplus.
+    """
+
+    num_heads: int
+    head_dim: int
+    num_groups: int
+    state_size: int
+    conv_kernel: int
+    chunk_size: int
+    conv_bias: bool
+    proj_bias: bool
+    time_step_limit: tuple[float, float]
+
+    @property
+    def intermediate_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def conv_dim(self) -> int:
+        return self.intermediate_size + 2 * self.num_groups * self.state_size
+
+
+@dataclasses.dataclass(frozen=True)
 class LayerSpec:
-    """Per-layer attention: the sliding window (None: full attention) and the rotary embedding."""
+    """Per-layer mixer: attention with its sliding window (None: full attention) and rotary
+    embedding, or (``mixer="mamba"``) a Mamba-2 layer, which keeps per-request state instead
+    of K/V (the window and rope are then unused)."""
 
     window: int | None
     rope: RopeSpec
+    mixer: str = "attention"
 
     @property
     def layer_type(self) -> tuple[str] | tuple[str, int]:
@@ -119,6 +159,7 @@ class Architecture:
         0 experts: a dense gated MLP.
       swiglu_alpha, swiglu_limit: gpt-oss's expert activation.
       layers: one :class:`LayerSpec` per layer.
+      mamba: the Mamba-2 mixers' shapes of a hybrid (Bamba), else None.
     """
 
     model_type: str
@@ -150,6 +191,17 @@ class Architecture:
     swiglu_alpha: float
     swiglu_limit: float
     layers: tuple[LayerSpec, ...]
+    mamba: MambaSpec | None = None
+
+    @property
+    def attention_layers(self) -> tuple[int, ...]:
+        """Indices of the attention layers (every layer but a hybrid's Mamba layers)."""
+        return tuple(i for i, layer in enumerate(self.layers) if layer.mixer == "attention")
+
+    @property
+    def mamba_layers(self) -> tuple[int, ...]:
+        """Indices of the Mamba-2 layers (none but in a hybrid)."""
+        return tuple(i for i, layer in enumerate(self.layers) if layer.mixer == "mamba")
 
     @property
     def moe(self) -> bool:
@@ -158,15 +210,17 @@ class Architecture:
 
     @property
     def layer_types(self) -> tuple[tuple[str] | tuple[str, int], ...]:
-        """One attention type per layer (:attr:`LayerSpec.layer_type`): what the cache's
-        layer groups are built from, so a mixed model's local layers hold only their window."""
-        return tuple(layer.layer_type for layer in self.layers)
+        """One attention type per attention layer (:attr:`LayerSpec.layer_type`), in order:
+        what the KV cache's layer groups are built from, so a mixed model's local layers hold
+        only their window. A hybrid's Mamba layers hold no K/V (their state is in
+        :mod:`kvshard.models.state_cache`), so KV-cache layer j is attention layer j."""
+        return tuple(self.layers[i].layer_type for i in self.attention_layers)
 
     @property
     def uniform_window(self) -> int | None:
-        """The window when every layer has the same one (a page allocator can then release
-        out-of-window pages), else None."""
-        windows = {layer.window for layer in self.layers}
+        """The window when every attention layer has the same one (a page allocator can then
+        release out-of-window pages), else None."""
+        windows = {self.layers[i].window for i in self.attention_layers}
         return windows.pop() if len(windows) == 1 else None
 
     def with_window(self, window: int | None) -> Architecture:
@@ -262,6 +316,10 @@ def read_architecture(config: Mapping[str, Any] | str | Path) -> Architecture:
     )
     sm_scale = float(query_scalar) ** -0.5 if gemma and query_scalar else head_dim**-0.5
     ropes = _ropes(config, model_type, where)
+    mamba, mixers = None, ["attention"] * geometry.num_layers
+    if model_type == "bamba":
+        mamba, mixers = _bamba(config, hidden, geometry.num_layers, where)
+        ropes = {k: _partial_rope(config, v) for k, v in ropes.items()}
     # Each layer's window from the geometry; its rotary embedding by its Hugging Face layer
     # type, which picks the rope even where no window applies (a Gemma config without one).
     names = hf_layer_names(config, geometry.num_layers, where)
@@ -272,7 +330,8 @@ def read_architecture(config: Mapping[str, Any] | str | Path) -> Architecture:
                 f"{where}: layer {i} has layer type 'chunked_attention' (chunk {size[0]}); "
                 "kvshard.models serves full_attention and sliding_attention layers"
             )
-        layers.append(LayerSpec(size[0] if kind == "sliding" else None, ropes[name]))
+        window = size[0] if kind == "sliding" else None
+        layers.append(LayerSpec(window, ropes[name], mixers[i]))
     return Architecture(
         model_type=model_type,
         vocab_size=positive_int(config, "vocab_size", where),
@@ -282,7 +341,9 @@ def read_architecture(config: Mapping[str, Any] | str | Path) -> Architecture:
         num_heads=heads,
         num_kv_heads=kv_heads,
         head_dim=head_dim,
-        rms_norm_eps=float(config_value(config, "rms_norm_eps", 1e-6)),
+        rms_norm_eps=float(
+            config_value(config, "rms_norm_eps", 1e-5 if model_type == "bamba" else 1e-6)
+        ),
         dtype=geometry.dtype or "float32",
         activation=_ACTIVATIONS[act_name],
         norm_offset=1.0 if gemma else 0.0,
@@ -307,4 +368,78 @@ def read_architecture(config: Mapping[str, Any] | str | Path) -> Architecture:
         swiglu_alpha=float(config_value(config, "swiglu_alpha", 1.702)),
         swiglu_limit=float(config_value(config, "swiglu_limit", 7.0)),
         layers=tuple(layers),
+        mamba=mamba,
     )
+
+
+def _partial_rope(config: Mapping[str, Any], rope: RopeSpec) -> RopeSpec:
+    """Bamba rotates the first half of each head (``partial_rotary_factor`` 0.5: transformers'
+    BambaConfig sets it whatever the config says; a config that names it is read)."""
+    if rope.get("partial_rotary_factor") is not None:
+        return rope
+    factor = float(config_value(config, "partial_rotary_factor", 0.5))
+    params = tuple(sorted({**dict(rope.params), "partial_rotary_factor": factor}.items()))
+    return dataclasses.replace(rope, params=params)
+
+
+def _float(value: Any, field: str, where: str) -> float:
+    """A JSON number, or transformers 5's ``{"__float__": "Infinity"}`` spelling of one."""
+    if isinstance(value, Mapping) and set(value) == {"__float__"}:
+        value = value["__float__"]
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: {field} entry {value!r} is not a number") from None
+
+
+def _bamba(
+    config: Mapping[str, Any], hidden: int, num_layers: int, where: str
+) -> tuple[MambaSpec, list[str]]:
+    """Bamba's Mamba-2 shapes and each layer's mixer: attention at ``attn_layer_indices``,
+    Mamba-2 elsewhere (transformers' ``BambaConfig.layers_block_type``)."""
+    indices = config_value(config, "attn_layer_indices", [])
+    if not isinstance(indices, list) or not all(
+        isinstance(i, int) and 0 <= i < num_layers for i in indices
+    ):
+        raise ConfigError(
+            f"{where}: attn_layer_indices={indices!r:.80} must list layer indices in "
+            f"[0, {num_layers})"
+        )
+    if not indices:
+        raise ConfigError(
+            f"{where}: attn_layer_indices={indices!r}: kvshard.models serves hybrids with at "
+            "least one attention layer"
+        )
+    heads = positive_int(config, "mamba_n_heads", where, 128)
+    expand = positive_int(config, "mamba_expand", where, 2)
+    head_dim = config_value(config, "mamba_d_head", "auto")
+    if head_dim == "auto":
+        head_dim = expand * hidden // heads
+    if not isinstance(head_dim, int) or head_dim < 1 or head_dim * heads != expand * hidden:
+        raise ConfigError(
+            f"{where}: mamba_d_head={head_dim!r} x mamba_n_heads={heads} must equal "
+            f"mamba_expand x hidden_size = {expand * hidden}"
+        )
+    groups = positive_int(config, "mamba_n_groups", where, 1)
+    if heads % groups:
+        raise ConfigError(
+            f"{where}: mamba_n_heads={heads} is not a multiple of mamba_n_groups={groups}"
+        )
+    limit = config_value(config, "time_step_limit", [0.0, math.inf])
+    if not isinstance(limit, list | tuple) or len(limit) != 2:
+        raise ConfigError(f"{where}: time_step_limit={limit!r} must be [low, high]")
+    spec = MambaSpec(
+        num_heads=heads,
+        head_dim=head_dim,
+        num_groups=groups,
+        state_size=positive_int(config, "mamba_d_state", where, 256),
+        conv_kernel=positive_int(config, "mamba_d_conv", where, 4),
+        chunk_size=positive_int(config, "mamba_chunk_size", where, 256),
+        conv_bias=bool(config_value(config, "mamba_conv_bias", True)),
+        proj_bias=bool(config_value(config, "mamba_proj_bias", False)),
+        time_step_limit=(
+            _float(limit[0], "time_step_limit", where),
+            _float(limit[1], "time_step_limit", where),
+        ),
+    )
+    return spec, ["attention" if i in indices else "mamba" for i in range(num_layers)]

@@ -12,7 +12,9 @@ runs ONE jitted forward with the cache donated (:func:`serve_step`). Greedy samp
 ``max_window_layers``) is served from KV-cache groups in one pool, each group with its own
 page table, so its local layers hold only their window's pages and a page id costs
 ``spec.num_cache_layers`` layers, not ``num_layers``. The pool is sized per group
-(:func:`pages_per_request`).
+(:func:`pages_per_request`). A Mamba-2 hybrid (Bamba) keeps its attention layers' K/V in
+that cache and its Mamba layers' per-request state in state slots beside it
+(:mod:`kvshard.models.state_cache`): one slot per running request per pool.
 
 :func:`dense_logits` runs the same weights with no cache over each whole sequence: the check
 that every served logit is right.
@@ -23,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +37,7 @@ from jax.sharding import PartitionSpec as P
 import kvshard
 from kvshard.allocator import sliding_window_pages
 from kvshard.models.model import check_servable
+from kvshard.models.state_cache import HybridCache, StateSlots, StateSpec, init_state
 
 __all__ = [
     "Request",
@@ -60,11 +64,15 @@ class Request:
 
 
 @nnx.jit(donate_argnums=1)
-def serve_step(model, cache, tokens, step):
+def serve_step(model, cache, tokens, step, slots=None):
     """``(logits, cache)`` of one step: tokens int32[G, T] packed as ``step`` (a stacked
     :class:`kvshard.StepMetadata`) says. One jit per step shape; the cache is donated (its
-    buffers are consumed: rebind the returned one) so every layer's update writes in place."""
-    return model(tokens, step.positions, cache, step)
+    buffers are consumed: rebind the returned one) so every layer's update writes in place.
+    A hybrid's cache is a :class:`~kvshard.models.state_cache.HybridCache` (its Mamba state
+    written in place too) and ``slots`` int32[G, R] the state slot of each request row."""
+    if slots is None:
+        return model(tokens, step.positions, cache, step)
+    return model(tokens, step.positions, cache, step, slots)
 
 
 def pages_per_request(spec: kvshard.CacheSpec, longest: int, max_new_tokens: int) -> int:
@@ -108,7 +116,7 @@ def cache_spec(
     ``max_seqs`` times :func:`pages_per_request`, at least ``min_pages``.
     """
     spec = kvshard.CacheSpec(
-        arch.num_layers,
+        len(arch.layer_types),  # attention layers (a hybrid's Mamba layers keep no K/V)
         arch.num_kv_heads,
         arch.head_dim,
         page_size=page_size,
@@ -178,7 +186,13 @@ def serve(
         )
         for _ in range(pools)
     ]
-    cache = kvshard.init_cache(spec, mesh, head_axis=model_axis, page_axis=data_axis)
+    cache: Any = kvshard.init_cache(spec, mesh, head_axis=model_axis, page_axis=data_axis)
+    slots: list[StateSlots] | None = None
+    if model.arch.mamba is not None:  # a hybrid: Mamba state slots beside the KV pages
+        state = StateSpec.from_arch(model.arch, max_seqs)
+        mamba = init_state(state, mesh, head_axis=model_axis, page_axis=data_axis)
+        cache = HybridCache(cache, mamba)
+        slots = [StateSlots(max_seqs) for _ in range(pools)]
     waiting = [sorted(requests[g::pools], key=lambda r: r.arrival) for g in range(pools)]
     running: list[list[Request]] = [[] for _ in range(pools)]
     token_sharding = NamedSharding(mesh, P(data_axis, None))
@@ -193,6 +207,7 @@ def serve(
         if not any(batches):  # nothing has arrived yet
             continue
         metas, tokens = [], np.zeros((pools, budget), np.int32)
+        rows = np.zeros((pools, max_seqs), np.int32)
         for g, (alloc, batch) in enumerate(zip(allocators, batches, strict=True)):
             ids, counts = [r.id for r, _ in batch], [n for _, n in batch]
             alloc.allocate_batch(ids, counts)  # grow (and release out-of-window pages)
@@ -203,12 +218,19 @@ def serve(
                     alloc, ids, counts, num_tokens_padded=budget, max_num_seqs=max_seqs
                 )
             )
+            if slots is not None:
+                rows[g] = slots[g].rows(ids, max_seqs)
             offset = 0
             for r, n in batch:  # request by request, in the order given to build_step
                 tokens[g, offset : offset + n] = r.tokens[r.computed : r.computed + n]
                 offset += n
         step = kvshard.stack_steps(metas)
-        logits, cache = serve_step(model, cache, jax.device_put(tokens, token_sharding), step)
+        tokens_on_mesh = jax.device_put(tokens, token_sharding)
+        if slots is None:
+            logits, cache = serve_step(model, cache, tokens_on_mesh, step)
+        else:
+            rows_on_mesh = jax.device_put(rows, token_sharding)
+            logits, cache = serve_step(model, cache, tokens_on_mesh, step, rows_on_mesh)
         logits = np.asarray(logits.astype(jnp.float32))
         for g, batch in enumerate(batches):
             offset = 0
@@ -220,6 +242,8 @@ def serve(
                 if len(r.tokens) - r.prompt_len == r.max_new and r.computed >= len(r.tokens) - 1:
                     running[g].remove(r)
                     allocators[g].free(r.id)
+                    if slots is not None:
+                        slots[g].free(r.id)
                     finished += 1
         if progress is not None:
             progress(steps, finished)
