@@ -1,4 +1,8 @@
-"""Per-layer attention types of a model: full, sliding window W, chunked local C.
+"""Per-layer cache types of a model: full, sliding window W, chunked local C, state layers.
+
+State layers (``("mamba",)``: Mamba-2; ``("linear_attention",)``: gated DeltaNet) keep a
+fixed-size state per request instead of per-token K/V; only the allocator and the planner take
+them (``check_layer_types(..., allow_state=True)``), a cache of per-token pages refuses them.
 
 Pure Python (no JAX, no config reading): :mod:`kvshard._config` derives the types from a
 Hugging Face config, the planner groups layers by them, and a cache that gives each group its
@@ -12,6 +16,7 @@ from typing import Any, NamedTuple
 
 __all__ = [
     "FULL",
+    "STATE_KINDS",
     "CacheGroups",
     "LayerType",
     "cache_groups",
@@ -19,6 +24,7 @@ __all__ = [
     "describe_groups",
     "group_layers",
     "is_positive_int",
+    "is_state",
     "layer_size",
     "mix_note",
     "uniform_window",
@@ -30,6 +36,14 @@ __all__ = [
 LayerType = tuple[str] | tuple[str, int]
 FULL: LayerType = ("full",)
 _SIZED_KINDS = ("sliding", "chunked")
+# Layers whose cache is one fixed-size state per request (conv + SSM state of Mamba-2, conv +
+# recurrent state of gated DeltaNet), not per-token K/V: vLLM's MambaSpec.
+STATE_KINDS = ("mamba", "linear_attention")
+
+
+def is_state(layer_type: LayerType) -> bool:
+    """Whether ``layer_type`` keeps a per-request state (:data:`STATE_KINDS`), not K/V."""
+    return layer_type[0] in STATE_KINDS
 
 
 def is_positive_int(value: Any) -> bool:
@@ -41,14 +55,17 @@ def layer_size(layer_type: LayerType) -> int | None:
     return int(layer_type[1]) if len(layer_type) == 2 else None
 
 
-def check_layer_types(layer_types: Any, num_layers: int) -> tuple[LayerType, ...]:
+def check_layer_types(
+    layer_types: Any, num_layers: int, *, allow_state: bool = False
+) -> tuple[LayerType, ...]:
     """Returns ``layer_types`` as a tuple of :data:`LayerType` tuples (lists, as JSON gives
-    them, are accepted).
+    them, are accepted); with ``allow_state`` also ``("mamba",)`` and
+    ``("linear_attention",)`` (:data:`STATE_KINDS`).
 
     Raises:
       ValueError: not one type per layer, or an entry that is not ``("full",)``,
-        ``("sliding", W)`` or ``("chunked", C)`` with W, C positive ints; the message names
-        the entry.
+        ``("sliding", W)`` or ``("chunked", C)`` with W, C positive ints (or a state kind
+        with ``allow_state``); the message names the entry.
     """
     if isinstance(layer_types, str) or not hasattr(layer_types, "__len__"):
         raise ValueError(f"layer_types={layer_types!r} must be a sequence of layer types")
@@ -61,18 +78,23 @@ def check_layer_types(layer_types: Any, num_layers: int) -> tuple[LayerType, ...
         t = tuple(entry) if isinstance(entry, list | tuple) else (entry,)
         if t == FULL:
             out.append(FULL)
+        elif allow_state and len(t) == 1 and t[0] in STATE_KINDS:
+            out.append((str(t[0]),))
         elif len(t) == 2 and t[0] in _SIZED_KINDS and is_positive_int(t[1]):
             out.append((str(t[0]), int(t[1])))
         else:
+            state = ", ('mamba',), ('linear_attention',)" if allow_state else ""
             raise ValueError(
                 f"layer_types[{i}]={entry!r} must be ('full',), ('sliding', W) or "
-                "('chunked', C) with W, C positive ints"
+                f"('chunked', C) with W, C positive ints{state}"
             )
     return tuple(out)
 
 
 def group_layers(layer_types: tuple[LayerType, ...]) -> dict[LayerType, tuple[int, ...]]:
-    """Layer indices of each attention type, types in order of first appearance.
+    """Layer indices of each type, attention types in order of first appearance, then state
+    types (:data:`STATE_KINDS`) in order of first appearance, so that a hybrid model's first
+    group is an attention group.
 
     ``group_layers((FULL, ("sliding", 4), FULL))`` is
     ``{("full",): (0, 2), ("sliding", 4): (1,)}``.
@@ -80,7 +102,8 @@ def group_layers(layer_types: tuple[LayerType, ...]) -> dict[LayerType, tuple[in
     groups: dict[LayerType, list[int]] = {}
     for i, t in enumerate(layer_types):
         groups.setdefault(t, []).append(i)
-    return {t: tuple(layers) for t, layers in groups.items()}
+    ordered = sorted(groups.items(), key=lambda item: is_state(item[0]))  # stable
+    return {t: tuple(layers) for t, layers in ordered}
 
 
 # vLLM's rule: use the largest type's layer count as the group size when no type has this
@@ -166,11 +189,15 @@ def uniform_window(layer_types: tuple[LayerType, ...]) -> int | None:
 def describe_groups(groups: Mapping[LayerType, tuple[int, ...]], num_layers: int) -> str:
     """'sliding_window 1024 on 52 of 62 layers, full attention on 10' (windowed types first)."""
     parts = []
-    for t, layers in sorted(groups.items(), key=lambda item: item[0] == FULL):
+    for t, layers in sorted(groups.items(), key=lambda item: (is_state(item[0]), item[0] == FULL)):
         if t[0] == "sliding":
             parts.append(f"sliding_window {layer_size(t)} on {len(layers)}")
         elif t[0] == "chunked":
             parts.append(f"attention_chunk_size {layer_size(t)} on {len(layers)}")
+        elif t[0] == "mamba":
+            parts.append(f"Mamba-2 state on {len(layers)}")
+        elif t[0] == "linear_attention":
+            parts.append(f"gated DeltaNet state on {len(layers)}")
         else:
             parts.append(f"full attention on {len(layers)}")
     parts[0] += f" of {num_layers} layers"

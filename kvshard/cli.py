@@ -405,9 +405,46 @@ def _layer_types(
     return None, [f"{geometry.window_note}; layer types not used: {reason}"]
 
 
+def _run_hybrid_plan(
+    args: argparse.Namespace, plan_parser: argparse.ArgumentParser, data: dict, label: str
+) -> int:
+    """``kvshard plan --config`` of a hybrid family with state layers (:mod:`_plan_state`)."""
+    from kvshard._plan_state import format_state_plan, state_plan
+
+    dp, tp = args.mesh
+    text = data.get("text_config") if "num_hidden_layers" not in data else None
+    inner = text if isinstance(text, dict) else data
+    dtype = args.dtype or str(inner.get("torch_dtype") or inner.get("dtype") or "bfloat16")
+    try:
+        plan = state_plan(
+            data,
+            dtype=dtype.removeprefix("torch."),
+            page_alignment=args.page_size,
+            dp=dp,
+            tp=tp,
+            hbm_per_device=args.hbm_per_device,
+            context=args.context,
+            model=label,
+        )
+    except (ValueError, KeyError, TypeError) as err:
+        plan_parser.error(f"argument --config: {err}")
+    print(json.dumps(plan, indent=2) if args.json else format_state_plan(plan))
+    return 0
+
+
 def _run_plan(args: argparse.Namespace, plan_parser: argparse.ArgumentParser) -> int:
     geometry: ModelGeometry | None = None
     label = args.model
+    if args.config:
+        from kvshard._config import load_config
+        from kvshard._state_layers import is_hybrid_config
+
+        try:
+            data, _ = load_config(args.config)
+        except ConfigError as err:
+            plan_parser.error(f"argument --config: {err}")
+        if is_hybrid_config(data):
+            return _run_hybrid_plan(args, plan_parser, dict(data), args.config)
     try:
         if args.model:
             geometry = read_model_config(preset_config(args.model))

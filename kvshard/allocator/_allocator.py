@@ -78,6 +78,20 @@ class PageAllocator:
     (a full group needs the hit's pages from the first, a window group only those its next
     query reads; the others are not attached and read :data:`NULL_PAGE`).
 
+    State groups (``layer_types`` with ``("mamba",)`` or ``("linear_attention",)`` layers,
+    grouped after the attention groups, :attr:`state_groups`): a request holding tokens owns
+    exactly one page in each state group, column 0 of its row there (:meth:`state_pages`),
+    which the model reads and writes in place; every page of the pool has the same bytes
+    (the planner sizes ``page_size`` so, vLLM's unification rule). Every growth writes the
+    state, so a state page shared after :meth:`fork` or cached by :meth:`commit_prefix` is
+    copied on the next growth (a pair for :meth:`take_pending_copies`: the device copies the
+    state before the update). :meth:`commit_prefix` caches a request's state page only when
+    it holds exactly the committed whole pages' tokens (the state at a page boundary), and a
+    hit counts only where every state group has the state cached at the hit's last page
+    (vLLM's ``MambaManager``); the hit's state page is attached, and copied on first write.
+    :meth:`truncate` to fewer tokens is refused (a state cannot be rolled back) except to 0.
+    Swap-out moves a state page like any page the request alone owns.
+
     Host tier (``num_host_pages=H``): :meth:`swap_out_request` preempts a request by moving
     the pages it alone owns to host pages, :meth:`swap_in_request` brings them back into new
     device pages; with ``host_prefix_pages > 0`` pages evicted from the prefix cache are kept
@@ -108,10 +122,17 @@ class PageAllocator:
             cache (a second-level prefix cache); int in ``[0, num_host_pages - 1]``, > 0 only
             with prefix caching.
         enable_kv_events: queue KV-cache events for :meth:`take_kv_events`.
+        kv_events_per_page: emit one ``PagesRemoved`` per removed page, as vLLM emits one
+            ``BlockRemoved`` per block, instead of one per eviction and group (the default,
+            fewer events; the same hashes in the same order either way). Not part of
+            :meth:`state_dict` (events are not state).
         layer_types: None, or one attention type per model layer: ``("full",)``,
             ``("sliding", W)`` or ``("chunked", C)`` (tuples or lists). ``sliding_window``
             may be given with it only if every layer is ``("sliding", sliding_window)``;
             layer types of one ``("sliding", W)`` set :attr:`sliding_window` to ``W``.
+            State layers, ``("mamba",)`` (Mamba-2) and ``("linear_attention",)`` (gated
+            DeltaNet), form state groups (:attr:`state_groups`; at least one attention
+            layer is needed): see "State groups" above.
 
     Raises:
         ValueError: an argument is not an int (bools rejected), is below its minimum or past
@@ -134,6 +155,7 @@ class PageAllocator:
         host_prefix_pages: int = 0,
         enable_kv_events: bool = False,
         layer_types: Sequence[Sequence[Any]] | None = None,
+        kv_events_per_page: bool = False,
     ) -> None:
         config = AllocatorConfig.validated(
             num_pages,
@@ -162,8 +184,57 @@ class PageAllocator:
         self.group_types = config.group_types
         """The attention type of each KV-cache group (one entry without ``layer_types``)."""
         self._parts = AllocatorParts.fresh(config)
+        self.kv_events_per_page = bool(kv_events_per_page)
+        self._parts.events.per_page = self.kv_events_per_page
 
     # ------------------------------------------------------------- queries
+
+    @property
+    def state_groups(self) -> tuple[int, ...]:
+        """Indices (into :attr:`group_types`) of the state groups: ``("mamba",)`` or
+        ``("linear_attention",)`` layers, one state page per request each; they follow the
+        attention groups. Empty without state layers."""
+        return tuple(g for g, t in enumerate(self._parts.tables) if t.is_state)
+
+    def state_pages(self, rows: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Returns each row's state page in each state group: what a state layer reads and
+        writes in place this step.
+
+        The page of row ``r`` in state group ``state_groups[s]`` is
+        ``page_table[state_groups[s], r, 0]``; this gathers them for a step's rows (the
+        ``rows`` :meth:`allocate_batch` returns). Call it after the step's allocations (a
+        growth may have moved the state to a private copy: apply
+        :meth:`take_pending_copies` before the update). A page handed out fresh holds junk:
+        the model treats a request with no computed tokens before the step as zero state.
+
+        Args:
+            rows: int[B] page-table rows in ``[0, max_requests)``.
+
+        Returns:
+            int32[len(state_groups), B]: page ids; :data:`NULL_PAGE` for a row that holds no
+            tokens (a free row, or one only looked up with no hit) or whose state is on the
+            host (swapped out).
+
+        Raises:
+            ValueError: ``rows`` is not a 1-D integer array of rows in range; nothing changes.
+        """
+        array = np.asarray(rows)
+        if array.ndim != 1 or (array.size and not np.issubdtype(array.dtype, np.integer)):
+            raise ValueError(
+                f"state_pages: rows must be a 1-D integer array, got shape {array.shape} "
+                f"dtype {array.dtype}"
+            )
+        bad = np.flatnonzero((array < 0) | (array >= self.max_requests))
+        if bad.size:
+            raise ValueError(
+                f"state_pages: rows[{int(bad[0])}]={int(array[bad[0]])} must be in "
+                f"[0, max_requests={self.max_requests})"
+            )
+        tables = self._parts.tables
+        out = np.zeros((len(self.state_groups), array.size), np.int32)
+        for s, g in enumerate(self.state_groups):
+            out[s] = tables[g].page_table[array, 0]
+        return out
 
     @property
     def num_groups(self) -> int:
@@ -275,7 +346,8 @@ class PageAllocator:
         row = self._parts.rows.row_of(req_id, "pages")
         if self.num_groups == 1:
             return self._parts.table.pages(row)
-        return np.stack([table.pages(row) for table in self._parts.tables])
+        held = int(self._parts.table.row_pages[row])  # a state group's page is in column 0
+        return np.stack([table.page_table[row, :held].copy() for table in self._parts.tables])
 
     def num_tokens(self, req_id: Hashable) -> int:
         """Returns the number of tokens the request holds (released ones included).
@@ -453,6 +525,12 @@ class PageAllocator:
         tokens = int(num_tokens)
         if parts.tier.row_swapped[row]:
             raise ValueError(f"{where}: req_id={req_id!r} is swapped out; swap it in first")
+        if 0 < tokens < held and self.state_groups:
+            raise ValueError(
+                f"{where}: num_tokens={tokens} for req_id={req_id!r} must be 0 or {held} (the "
+                f"tokens it holds): state groups {self.state_groups} keep one state per request, "
+                "overwritten in place, which cannot be rolled back to an earlier token"
+            )
         for g, table in enumerate(parts.tables):
             released = int(table.row_released[row]) * self.page_size
             start = int(table.window_start(np.array(tokens, np.int64)))
@@ -544,6 +622,7 @@ class PageAllocator:
         namespace: str | bytes | None = None,
         *,
         extra_keys: Sequence[Any] | None = None,
+        eagle: bool = False,
     ) -> int:
         """Returns what :meth:`lookup_prefix` would return now, attaching and counting nothing.
 
@@ -554,6 +633,7 @@ class PageAllocator:
             token_ids: int[T], the prompt (any integer dtype; compared as int64).
             namespace: str, bytes or None, as for :meth:`lookup_prefix`.
             extra_keys: per-page extra keys, as for :meth:`lookup_prefix`.
+            eagle: as for :meth:`lookup_prefix`.
 
         Returns:
             The cached prefix in tokens: a multiple of ``page_size``, at most ``T - 1``.
@@ -563,7 +643,8 @@ class PageAllocator:
             TypeError: ``namespace`` is not str, bytes or None.
         """
         self._require_prefix_caching("peek_prefix")
-        return _prefix.peek(self._parts, _prefix.PrefixQuery(token_ids, namespace, extra_keys))
+        query = _prefix.PrefixQuery(token_ids, namespace, extra_keys, bool(eagle))
+        return _prefix.peek(self._parts, query)
 
     def lookup_prefix(
         self,
@@ -572,6 +653,7 @@ class PageAllocator:
         namespace: str | bytes | None = None,
         *,
         extra_keys: Sequence[Any] | None = None,
+        eagle: bool = False,
     ) -> int:
         """Attaches the cached pages of the longest cached prefix of ``token_ids`` to a request.
 
@@ -594,6 +676,10 @@ class PageAllocator:
                 hash of a multimodal input whose placeholders the page holds, or a LoRA id.
                 Folded into the page's key and so into every later page's: a page matches
                 only under the same extra keys as when it was committed.
+            eagle: vLLM's EAGLE rule: drop the last page of the hit (an EAGLE drafter must
+                recompute that page's hidden states), so a hit of ``h`` pages returns
+                ``h - 1`` (with several groups, the longest hit every group serves below
+                ``h``).
 
         With a host tier (``host_prefix_pages > 0``), a page found only in the host prefix
         cache is attached too: it gets a new device page (taking it may evict), its
@@ -615,7 +701,7 @@ class PageAllocator:
             TypeError: ``namespace`` is not str, bytes or None, or ``req_id`` is not hashable.
         """
         self._require_prefix_caching("lookup_prefix")
-        query = _prefix.PrefixQuery(token_ids, namespace, extra_keys)
+        query = _prefix.PrefixQuery(token_ids, namespace, extra_keys, bool(eagle))
         return _prefix.lookup(self._parts, req_id, query)
 
     def commit_prefix(
@@ -625,6 +711,7 @@ class PageAllocator:
         namespace: str | bytes | None = None,
         *,
         extra_keys: Sequence[Any] | None = None,
+        lora_id: int | None = None,
     ) -> int:
         """Registers the request's full pages in the prefix cache; returns how many were new.
 
@@ -640,6 +727,9 @@ class PageAllocator:
             namespace: str, bytes or None; must match earlier lookups/commits of this request.
             extra_keys: per-page extra keys as for :meth:`lookup_prefix` (give the same ones
                 on every commit of the request: pages hashed earlier are not hashed again).
+            lora_id: None or an int: the LoRA adapter, reported on the ``PagesStored``
+                events of this commit (vLLM's ``lora_id``); it does not enter the keys
+                (give the adapter in ``extra_keys`` or ``namespace`` for that).
 
         Returns:
             The number of pages newly registered (an int >= 0).
@@ -652,8 +742,11 @@ class PageAllocator:
             TypeError: ``namespace`` is not str, bytes or None, or ``req_id`` is not hashable.
         """
         self._require_prefix_caching("commit_prefix")
+        if lora_id is not None and not is_int(lora_id):
+            raise ValueError(f"commit_prefix: lora_id={lora_id!r} must be None or an int")
         query = _prefix.PrefixQuery(token_ids, namespace, extra_keys)
-        return _prefix.commit(self._parts, req_id, query)
+        lora = None if lora_id is None else int(lora_id)
+        return _prefix.commit(self._parts, req_id, query, lora)
 
     # ------------------------------------------------------ state and checks
 
@@ -870,6 +963,18 @@ class PageAllocator:
         is queued, and the allocator's page order is a fresh one's. Keeps :attr:`prefix_stats`.
         """
         return self._parts.reset_prefix_cache()
+
+    def announce_cached_pages(self) -> int:
+        """Queues a ``PagesStored`` event for every page cached now, in either tier (vLLM's
+        cached-block events on demand: a KV-aware router that connects late learns the
+        cache); returns how many pages it announced.
+
+        One event per group of device pages and one of host pages, in page-id order, with
+        ``parent_hash`` and ``token_ids`` None (the allocator keeps keys, not tokens).
+        Needs ``enable_kv_events=True`` (else it queues nothing and returns 0). Changes no
+        state; never raises.
+        """
+        return self._parts.announce_cached()
 
     def take_kv_events(self) -> list[KVEvent]:
         """Returns the queued KV-cache events, oldest first, and clears the queue.

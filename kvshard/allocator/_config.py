@@ -11,6 +11,7 @@ from kvshard._layer_types import (
     LayerType,
     cache_groups,
     check_layer_types,
+    is_state,
     uniform_window,
 )
 from kvshard._layout import INT32_MAX
@@ -154,9 +155,14 @@ def _layer_types(layer_types: Any, sliding_window: Any) -> tuple[LayerType, ...]
             "of layer types"
         )
     try:
-        types = check_layer_types(layer_types, len(layer_types))
+        types = check_layer_types(layer_types, len(layer_types), allow_state=True)
     except ValueError as err:
         raise ValueError(f"PageAllocator: {err}") from None
+    if all(is_state(t) for t in types):
+        raise ValueError(
+            f"PageAllocator: layer_types={layer_types!r:.80} has no attention layer; the "
+            "allocator needs one (its page_size counts an attention group's tokens)"
+        )
     if sliding_window is not None and uniform_window(types) != sliding_window:
         raise ValueError(
             f"PageAllocator: sliding_window={sliding_window!r} disagrees with layer_types (not "

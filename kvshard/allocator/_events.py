@@ -12,6 +12,12 @@ page of a block under the block's key: an event names the pages of one ``group``
 into ``PageAllocator.group_types``), and its ``page_hashes`` keep vLLM's meaning, the chained
 key of the block's prefix, which is the same in every group (vLLM likewise reports the block
 hash without the group id).
+
+Against vLLM's stream: ``PagesStored`` carries ``lora_id`` and ``medium`` as ``BlockStored``
+does; ``PagesRemoved`` names a whole eviction's pages per group unless
+``kv_events_per_page=True`` (then one event per page, as vLLM); and
+:meth:`kvshard.PageAllocator.announce_cached_pages` queues ``PagesStored`` events for every page
+cached now (for a router that connects late).
 """
 
 from __future__ import annotations
@@ -35,6 +41,9 @@ class PagesStored:
         page_size: tokens per page.
         medium: ``"device"`` or ``"host"``.
         group: the KV-cache group whose pages these are (0 with one group).
+        lora_id: the LoRA adapter the pages were computed with (vLLM's ``lora_id``), as
+            given to :meth:`kvshard.PageAllocator.commit_prefix`; None for the base model or
+            where unknown (a page moved between tiers, or re-announced).
     """
 
     page_hashes: tuple[bytes, ...]
@@ -43,12 +52,19 @@ class PagesStored:
     page_size: int
     medium: str = DEVICE
     group: int = 0
+    lora_id: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
 class PagesRemoved:
     """Pages left a tier's prefix cache (evicted, moved to the other tier, or reset;
-    vLLM's ``BlockRemoved``); ``group`` as in :class:`PagesStored`."""
+    vLLM's ``BlockRemoved``); ``group`` as in :class:`PagesStored`.
+
+    Granularity: by default one event names every page one eviction (or move) removed from
+    one group, in eviction order; with ``PageAllocator(kv_events_per_page=True)`` each page
+    gets its own event, as vLLM emits one ``BlockRemoved`` per block (a router that counts
+    events, not hashes, then sees vLLM's stream). Both name the same hashes in the same order.
+    """
 
     page_hashes: tuple[bytes, ...]
     medium: str = DEVICE
@@ -66,9 +82,10 @@ KVEvent = PagesStored | PagesRemoved | AllPagesCleared
 class EventQueue:
     """A list of events, appended to only when enabled."""
 
-    def __init__(self, enabled: bool, page_size: int) -> None:
+    def __init__(self, enabled: bool, page_size: int, per_page: bool = False) -> None:
         self.enabled = enabled
         self.page_size = page_size
+        self.per_page = per_page  # one PagesRemoved per page (vLLM's granularity)
         self.events: list[KVEvent] = []
 
     def stored(
@@ -78,14 +95,19 @@ class EventQueue:
         tokens: tuple[int, ...] | None,
         medium: str = DEVICE,
         group: int = 0,
+        lora_id: int | None = None,
     ) -> None:
         if self.enabled and keys:
             self.events.append(
-                PagesStored(tuple(keys), parent, tokens, self.page_size, medium, group)
+                PagesStored(tuple(keys), parent, tokens, self.page_size, medium, group, lora_id)
             )
 
     def removed(self, keys: list[bytes], medium: str = DEVICE, group: int = 0) -> None:
-        if self.enabled and keys:
+        if not (self.enabled and keys):
+            return
+        if self.per_page:
+            self.events.extend(PagesRemoved((key,), medium, group) for key in keys)
+        else:
             self.events.append(PagesRemoved(tuple(keys), medium, group))
 
     def cleared(self) -> None:

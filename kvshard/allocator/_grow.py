@@ -66,16 +66,19 @@ def grow(
             f"{where}: req_id={req_ids[i]!r} would hold {int(total[i])} tokens in "
             f"{int(need[i])} pages, more than max_pages_per_request={table.width}"
         )
-    cols = need - old_pages  # new page-table columns per request (the same in every group)
+    # Per group: columns held before, new columns (an attention group's are the same in every
+    # attention group; a state group holds one column once the request holds tokens).
+    olds = [old_pages if not t.is_state else t.row_pages[row_idx] for t in tables]
+    colss = [t.columns(total) - old for t, old in zip(tables, olds, strict=True)]
     # Each group plans its own window release and copy-on-write; their pages are summed.
     releases = [t.plan_release(row_idx, old_tokens) for t in tables]
     cows = [
-        t.plan_copy_on_write(row_idx, old_tokens, old_pages, counts, dropped)
-        for t, (_, dropped) in zip(tables, releases, strict=True)
+        t.plan_copy_on_write(row_idx, old_tokens, old, counts, dropped)
+        for t, old, (_, dropped) in zip(tables, olds, releases, strict=True)
     ]
     dropped = np.concatenate([d for _, d in releases]) if len(tables) > 1 else releases[0][1]
     # A request's pages are taken as one run: group 0's (its copy first), group 1's, ...
-    demand = [cols.copy() if pos.size else cols for pos, _ in cows]
+    demand = [c.copy() if pos.size else c for c, (pos, _) in zip(colss, cows, strict=True)]
     for d, (pos, _) in zip(demand, cows, strict=True):
         d[pos] += 1
     per_req = demand[0] if len(tables) == 1 else np.sum(demand, axis=0)
@@ -101,12 +104,13 @@ def grow(
     if new_ids:
         rows.add(new_ids, row_idx[new_pos].tolist())
     pages = _take_in_segments(pool, per_req, ends, cow_pos, cow_src, cow_dst)
-    for t, (pos, _), start, d in zip(tables, cows, group_first, demand, strict=True):
+    grouped = zip(tables, cows, group_first, demand, olds, colss, strict=True)
+    for t, (pos, _), start, d, old, cols in grouped:
         if pages.size:
             if pos.size:
-                t.page_table[row_idx[pos], old_pages[pos] - 1] = pages[start[pos]]
-            t.place(row_idx, old_pages, cols, start + (d - cols), pages)
-        t.row_pages[row_idx] = need
+                t.page_table[row_idx[pos], old[pos] - 1] = pages[start[pos]]
+            t.place(row_idx, old, cols, start + (d - cols), pages)
+        t.row_pages[row_idx] = old + cols
     rows.row_tokens[row_idx] = total
     rows.row_tentative[row_idx] = False  # served: its hits are touched, as vLLM does now
     return row_idx.astype(np.int32), pages

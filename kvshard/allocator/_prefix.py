@@ -80,6 +80,7 @@ class PrefixQuery(NamedTuple):
     token_ids: Sequence[int] | np.ndarray
     namespace: str | bytes | None
     extra_keys: object = None
+    eagle: bool = False  # drop the hit's last page (vLLM's EAGLE rule)
 
     def encode(self, where: str) -> tuple[bytes, int, Any, bytes]:
         """(token bytes, token count, extra-key bytes, namespace digest); raises naming
@@ -95,7 +96,12 @@ def _grouped(parts: AllocatorParts) -> bool:
 
 
 def _match_groups(
-    parts: AllocatorParts, data: bytes, ns: bytes, limit: int, extras: list[bytes]
+    parts: AllocatorParts,
+    data: bytes,
+    ns: bytes,
+    limit: int,
+    extras: list[bytes],
+    eagle: bool = False,
 ) -> tuple[int, list[bytes], np.ndarray, list[int]]:
     """Returns (h: the most pages every group can serve, the keys of blocks ``[0, h)``,
     int32[G, limit] each group's cached page of each block or NULL_PAGE, per group the first
@@ -112,10 +118,18 @@ def _match_groups(
     valid = np.ones(limit + 1, bool)
     firsts = []
     for g, table in enumerate(tables):
+        if table.is_state:  # vLLM's MambaManager: the state cached at the hit's last block
+            first = np.maximum(hits - 1, 0)
+            if limit:
+                valid &= (hits == 0) | (found[g, np.minimum(first, limit - 1)] != NULL_PAGE)
+            firsts.append(first)
+            continue
         first = table.window_start(hits * size) // size  # first block the next query reads
         valid &= counts[g, hits] - counts[g, first] == hits - first
         firsts.append(first)
     h = int(np.flatnonzero(valid)[-1])  # h = 0 is always valid
+    if eagle and h:  # vLLM's EAGLE rule: the longest hit every group serves below h
+        h = int(np.flatnonzero(valid[:h])[-1])
     return h, keys[:h], found, [int(first[h]) for first in firsts]
 
 
@@ -124,7 +138,10 @@ def peek(parts: AllocatorParts, query: PrefixQuery) -> int:
     data, length, extras, ns = query.encode("peek_prefix")
     limit = _hit_limit(length, parts.table)
     if _grouped(parts):
-        return _match_groups(parts, data, ns, limit, extras)[0] * parts.table.page_size
+        hit = _match_groups(parts, data, ns, limit, extras, query.eagle)[0]
+        return hit * parts.table.page_size
+    if query.eagle:
+        limit = max(len(_match(parts, data, ns, limit, extras)[0]) - 1, 0)
     device, _, _ = _match(parts, data, ns, limit, extras)
     return len(device) * parts.table.page_size
 
@@ -149,7 +166,7 @@ def lookup(parts: AllocatorParts, req_id: Hashable, query: PrefixQuery) -> int:
     new_row = rows.reserve(req_id, where) if row is None else None
     limit = _hit_limit(length, table)
     if _grouped(parts):
-        h, keys, found_g, firsts = _match_groups(parts, data, ns, limit, extras)
+        h, keys, found_g, firsts = _match_groups(parts, data, ns, limit, extras, query.eagle)
         # ---- commit
         if new_row is not None:
             rows.add([req_id], [new_row])
@@ -157,12 +174,18 @@ def lookup(parts: AllocatorParts, req_id: Hashable, query: PrefixQuery) -> int:
         assert row is not None
         for t, found, first in zip(parts.tables, found_g, firsts, strict=True):
             pool.share(found[first:h])
+            if t.is_state:  # the state after the hit's last block, in column 0
+                t.page_table[row, 0] = found[h - 1] if h else NULL_PAGE
+                t.row_pages[row] = 1 if h else 0
+                continue
             t.page_table[row, first:h] = found[first:h]
             t.row_pages[row] = h
             t.row_released[row] = first
         tier.stats["device_hits"] += h * table.page_size
         _record_hits(parts, row, h, keys[-1] if keys else ROOT_KEY, ns, length)
         return h * table.page_size
+    if query.eagle:  # the longest match, less its last page (vLLM's EAGLE rule)
+        limit = max(len(_match(parts, data, ns, limit, extras)[0]) - 1, 0)
     device, host, last_key = _match(parts, data, ns, limit, extras)
 
     # ---- commit
@@ -208,7 +231,9 @@ def _record_hits(
     stats["hits"] += hits * size
 
 
-def commit(parts: AllocatorParts, req_id: Hashable, query: PrefixQuery) -> int:
+def commit(
+    parts: AllocatorParts, req_id: Hashable, query: PrefixQuery, lora_id: int | None = None
+) -> int:
     """Registers the request's full, not yet hashed pages; returns how many were new."""
     where = "commit_prefix"
     rows, table, pool = parts.rows, parts.table, parts.pool
@@ -232,7 +257,11 @@ def commit(parts: AllocatorParts, req_id: Hashable, query: PrefixQuery) -> int:
     # keeps its key: a page has one key, and a forked request may commit under a different
     # namespace. A window group's released pages (null) are not cached.
     fresh_of = []
+    tokens = int(rows.row_tokens[row])
     for g, t in enumerate(parts.tables):
+        if t.is_state:
+            fresh_of.append(_state_commit(parts, t, g, row, tokens, full, done, keys, prev))
+            continue
         pages = t.page_table[row, done:full].tolist() if keys else []
         fresh_of.append(
             [
@@ -246,7 +275,10 @@ def commit(parts: AllocatorParts, req_id: Hashable, query: PrefixQuery) -> int:
     for g, fresh in enumerate(fresh_of):
         index.register(fresh, g)
         if parts.events.enabled and fresh:
-            _announce(parts, keys, prev, fresh, data, done, g)
+            if parts.tables[g].is_state:  # one page: the state after block full - 1
+                _announce_state(parts, fresh[0][0], keys, prev, data, full, g, lora_id)
+            else:
+                _announce(parts, keys, prev, fresh, data, done, g, lora_id)
     if keys:
         rows.row_committed[row] = full
         rows.row_last_key[row] = np.frombuffer(keys[-1], np.uint8)
@@ -263,6 +295,7 @@ def _announce(
     data: bytes,
     first: int,
     group: int,
+    lora_id: int | None = None,
 ) -> None:
     """Queues one PagesStored event per run of consecutive newly stored pages of a group."""
     stored = {key for key, _ in fresh}
@@ -281,5 +314,50 @@ def _announce(
                 parent,
                 tuple(int(t) for t in tokens[lo:hi]),
                 group=group,
+                lora_id=lora_id,
             )
             run = []
+
+
+def _state_commit(
+    parts: AllocatorParts,
+    table: PageTable,
+    group: int,
+    row: int,
+    tokens: int,
+    full: int,
+    done: int,
+    keys: list[bytes],
+    prev: bytes,
+) -> list[tuple[bytes, int]]:
+    """The state page to register for a state group: [(key of block ``full - 1``, page)] when
+    the request holds exactly ``full`` whole pages' tokens (its state is the state after
+    them, vLLM caches states only at block boundaries), the page is not cached yet and no
+    twin holds the key; else []. Reads only."""
+    size = parts.table.page_size
+    if not full or tokens != full * size:
+        return []
+    key = keys[-1] if keys else (prev if done == full else None)
+    page = int(table.page_table[row, 0])
+    index = parts.index
+    if key is None or page == NULL_PAGE or index.cached[page] or index.find(key, group):
+        return []
+    return [(key, page)]
+
+
+def _announce_state(
+    parts: AllocatorParts,
+    key: bytes,
+    keys: list[bytes],
+    prev: bytes,
+    data: bytes,
+    full: int,
+    group: int,
+    lora_id: int | None = None,
+) -> None:
+    """Queues the PagesStored event of a state page cached under block ``full - 1``'s key."""
+    size = parts.table.page_size
+    chain = [prev, *keys]  # chain[i] is the key of block (full - len(keys) - 1 + i)
+    parent = chain[-2] if keys and full >= 2 else None  # unknown when no key was new
+    tokens = np.frombuffer(data, "<i8")[(full - 1) * size : full * size]
+    parts.events.stored([key], parent, tuple(int(t) for t in tokens), group=group, lora_id=lora_id)

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from kvshard._layer_types import is_state
 from kvshard.allocator._common import MAX_CLOCK, check, is_int
 from kvshard.allocator._config import AllocatorConfig
 from kvshard.allocator._events import DEVICE, HOST, EventQueue
@@ -26,6 +27,7 @@ from kvshard.allocator._host import HOST_STATS, HostTier
 from kvshard.allocator._pool import PagePool
 from kvshard.allocator._prefix_index import STATS, PrefixIndex
 from kvshard.allocator._rows import RequestRows
+from kvshard.allocator._state_table import StateTable
 from kvshard.allocator._table import PageTable
 
 # 2: sliding_window in the config, row_released; 3: row_tentative; 4: the host tier;
@@ -95,7 +97,7 @@ class AllocatorParts:
             "host_table": tier.host_tables,
         }
         tables = [
-            PageTable(
+            (StateTable if is_state(layer_type) else PageTable)(
                 pool,
                 r,
                 m,
@@ -223,12 +225,22 @@ class AllocatorParts:
         new.events = self.events  # not state: the queue carries on, announcing the new cache
         new.index.events = new.tier.events = self.events
         self.events.cleared()
-        for g in range(new.num_groups):
-            mine = new.index.page_key[new.index.cached & (new.index.page_group == g)]
-            self.events.stored([key.tobytes() for key in mine], None, None, DEVICE, g)
-        cached = [key.tobytes() for key in new.tier.host_key if key.any()]
-        self.events.stored(cached, None, None, HOST)
+        new.announce_cached()
         return new
+
+    def announce_cached(self) -> int:
+        """Queues PagesStored for every cached page (per device group, then the host);
+        returns how many (0 with events off)."""
+        if not self.events.enabled:
+            return 0
+        count = 0
+        for g in range(self.num_groups):
+            mine = self.index.page_key[self.index.cached & (self.index.page_group == g)]
+            self.events.stored([key.tobytes() for key in mine], None, None, DEVICE, g)
+            count += len(mine)
+        cached = [key.tobytes() for key in self.tier.host_key if key.any()]
+        self.events.stored(cached, None, None, HOST)
+        return count + len(cached)
 
     def checksum(self) -> str:
         """See :meth:`kvshard.PageAllocator.checksum`."""

@@ -48,6 +48,17 @@ class PageTable:
         # int32[max_requests]: leading columns released by the window (now NULL_PAGE).
         self.row_released = arrays[2]
 
+    is_state = False  # a state group's table (``_state_table.StateTable``) says True
+
+    def columns(self, tokens: np.ndarray) -> np.ndarray:
+        """Page-table columns a request holding ``tokens`` uses: ``ceil(tokens / page_size)``."""
+        return (tokens + (self.page_size - 1)) // self.page_size
+
+    def written(self, old_tokens: np.ndarray) -> np.ndarray:
+        """Whether a request holding ``old_tokens`` that grows writes into its last held page
+        (a partly filled one), which must then be private (copy-on-write)."""
+        return old_tokens % self.page_size != 0
+
     def pages(self, row: int) -> np.ndarray:
         """Returns a copy of the row's used columns (released ones read NULL_PAGE)."""
         return self.page_table[row, : self.row_pages[row]].copy()
@@ -118,7 +129,7 @@ class PageTable:
         ``owners - 1`` writers (batch order) copy and the last keeps the page, unless it is
         cached: then every writer copies.
         """
-        pos = np.flatnonzero((old_tokens % self.page_size != 0) & (counts > 0))
+        pos = np.flatnonzero(self.written(old_tokens) & (counts > 0))
         if pos.size == 0:
             return pos, np.zeros(0, np.int32)
         last = self.page_table.reshape(-1)[rows[pos] * self.width + old_pages[pos] - 1]
