@@ -26,6 +26,8 @@ from kvshard._config import (
     load_config,
     positive_int,
 )
+from kvshard._layer_types import FULL, LayerType
+from kvshard._state_layers import MAMBA, hybrid_layers
 
 __all__ = [
     "ARCHITECTURES",
@@ -93,6 +95,8 @@ class MambaSpec:
     ``state_size`` each, a depthwise causal conv of ``conv_kernel`` taps over
     ``conv_dim = num_heads * head_dim + 2 * num_groups * state_size`` channels, the SSD scan in
     chunks of ``chunk_size`` (dense path), dt clamped to ``time_step_limit`` after softplus.
+    ``ssm_dtype``: the stored SSM state's dtype (the model's, or ``mamba_ssm_cache_dtype``;
+    the scan itself runs in float32).
     """
 
     num_heads: int
@@ -104,6 +108,7 @@ class MambaSpec:
     conv_bias: bool
     proj_bias: bool
     time_step_limit: tuple[float, float]
+    ssm_dtype: str = "float32"
 
     @property
     def intermediate_size(self) -> int:
@@ -202,6 +207,13 @@ class Architecture:
     def mamba_layers(self) -> tuple[int, ...]:
         """Indices of the Mamba-2 layers (none but in a hybrid)."""
         return tuple(i for i, layer in enumerate(self.layers) if layer.mixer == "mamba")
+
+    @property
+    def cache_layer_types(self) -> tuple[LayerType, ...]:
+        """Every layer's cache type, for :class:`kvshard.PageAllocator` ``layer_types``:
+        ``("mamba",)`` for a Mamba-2 layer (one state page per request, a state group),
+        else the attention type. Equal to :attr:`layer_types` without Mamba layers."""
+        return tuple(MAMBA if layer.mixer == "mamba" else layer.layer_type for layer in self.layers)
 
     @property
     def moe(self) -> bool:
@@ -395,32 +407,31 @@ def _float(value: Any, field: str, where: str) -> float:
 def _bamba(
     config: Mapping[str, Any], hidden: int, num_layers: int, where: str
 ) -> tuple[MambaSpec, list[str]]:
-    """Bamba's Mamba-2 shapes and each layer's mixer: attention at ``attn_layer_indices``,
-    Mamba-2 elsewhere (transformers' ``BambaConfig.layers_block_type``)."""
-    indices = config_value(config, "attn_layer_indices", [])
-    if not isinstance(indices, list) or not all(
-        isinstance(i, int) and 0 <= i < num_layers for i in indices
-    ):
+    """Bamba's Mamba-2 shapes and each layer's mixer, its layers and state shape as
+    :func:`kvshard._state_layers.hybrid_layers` reads them (attention at
+    ``attn_layer_indices``, or a saved ``layers_block_type``); the keys only the model reads
+    (chunk size, biases, dt limits) here."""
+    try:
+        hybrid = hybrid_layers(config, where=where)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if len(hybrid.layer_types) != num_layers:
+        raise ConfigError(f"{where}: {len(hybrid.layer_types)} cache layers for {num_layers}")
+    if MAMBA not in hybrid.layer_types or FULL not in hybrid.layer_types:
         raise ConfigError(
-            f"{where}: attn_layer_indices={indices!r:.80} must list layer indices in "
-            f"[0, {num_layers})"
+            f"{where}: attn_layer_indices={config.get('attn_layer_indices')!r}: kvshard.models "
+            "serves hybrids with at least one attention and one Mamba-2 layer"
         )
-    if not indices:
-        raise ConfigError(
-            f"{where}: attn_layer_indices={indices!r}: kvshard.models serves hybrids with at "
-            "least one attention layer"
-        )
-    heads = positive_int(config, "mamba_n_heads", where, 128)
+    state = hybrid.state
+    heads, head_dim, state_size = state.ssm
+    kernel, conv_dim = state.conv[0] + 1, state.conv[1]
+    groups = (conv_dim - heads * head_dim) // (2 * state_size)
     expand = positive_int(config, "mamba_expand", where, 2)
-    head_dim = config_value(config, "mamba_d_head", "auto")
-    if head_dim == "auto":
-        head_dim = expand * hidden // heads
-    if not isinstance(head_dim, int) or head_dim < 1 or head_dim * heads != expand * hidden:
+    if heads * head_dim != expand * hidden:
         raise ConfigError(
-            f"{where}: mamba_d_head={head_dim!r} x mamba_n_heads={heads} must equal "
+            f"{where}: mamba_d_head={head_dim} x mamba_n_heads={heads} must equal "
             f"mamba_expand x hidden_size = {expand * hidden}"
         )
-    groups = positive_int(config, "mamba_n_groups", where, 1)
     if heads % groups:
         raise ConfigError(
             f"{where}: mamba_n_heads={heads} is not a multiple of mamba_n_groups={groups}"
@@ -432,8 +443,8 @@ def _bamba(
         num_heads=heads,
         head_dim=head_dim,
         num_groups=groups,
-        state_size=positive_int(config, "mamba_d_state", where, 256),
-        conv_kernel=positive_int(config, "mamba_d_conv", where, 4),
+        state_size=state_size,
+        conv_kernel=kernel,
         chunk_size=positive_int(config, "mamba_chunk_size", where, 256),
         conv_bias=bool(config_value(config, "mamba_conv_bias", True)),
         proj_bias=bool(config_value(config, "mamba_proj_bias", False)),
@@ -441,5 +452,6 @@ def _bamba(
             _float(limit[0], "time_step_limit", where),
             _float(limit[1], "time_step_limit", where),
         ),
+        ssm_dtype=state.ssm_dtype,
     )
-    return spec, ["attention" if i in indices else "mamba" for i in range(num_layers)]
+    return spec, ["mamba" if t == MAMBA else "attention" for t in hybrid.layer_types]

@@ -3,7 +3,8 @@
 Layer i is attention (``arch.layers[i].mixer == "attention"``, the same :class:`Attention` as
 the other families, its K/V in KV-cache layer ``arch.attention_layers.index(i)``) or a
 :class:`~kvshard.models.mamba2.Mamba2Mixer` whose per-request state is in
-:mod:`kvshard.models.state_cache` (Mamba layer ``arch.mamba_layers.index(i)``). Names are
+:mod:`kvshard.models.state_cache` (its state group and cache layer from
+:func:`~kvshard.models.state_cache.state_layout`). Names are
 transformers' Bamba names: ``layers[i].mamba`` / ``layers[i].self_attn``,
 ``input_layernorm``, ``pre_ff_layernorm``, ``feed_forward``, ``final_layernorm``.
 """
@@ -15,7 +16,7 @@ from flax import nnx
 from kvshard.models.config import Architecture
 from kvshard.models.mamba2 import Mamba2Mixer
 from kvshard.models.model import MLP, Attention, RMSNorm
-from kvshard.models.state_cache import HybridCache, MambaState, token_rows
+from kvshard.models.state_cache import HybridCache, MambaState, state_layout, token_rows
 
 __all__ = ["HybridDecoder", "HybridDecoderLayer"]
 
@@ -28,7 +29,9 @@ class HybridDecoderLayer(nnx.Module):
         self.is_mamba = arch.layers[layer].mixer == "mamba"
         if self.is_mamba:
             self.mamba = Mamba2Mixer(arch, rngs)
-            self.mamba_index = arch.mamba_layers.index(layer)
+            place = state_layout(arch).mamba[layer]
+            assert place is not None
+            self.state_group, self.cache_layer = place  # static
         else:
             self.self_attn = Attention(arch, layer, rngs)
 
@@ -41,9 +44,11 @@ class HybridDecoderLayer(nnx.Module):
         elif cache is None:
             h = self.mamba(h)[0]
         else:
-            m, state = self.mamba_index, cache.state
-            h, conv, ssm = self.mamba(h, state.conv[:, m], state.ssm[:, m], token_info)
-            state = MambaState(state.conv.at[:, m].set(conv), state.ssm.at[:, m].set(ssm))
+            j, state = self.cache_layer, cache.state
+            row, pages, fresh, valid = token_info
+            info = (row, pages[:, self.state_group], fresh, valid)
+            h, conv, ssm = self.mamba(h, state.conv[:, j], state.ssm[:, j], info)
+            state = MambaState(state.conv.at[:, j].set(conv), state.ssm.at[:, j].set(ssm))
             cache = cache._replace(state=state)
         x = x + h
         return x + self.feed_forward(self.pre_ff_layernorm(x)), cache
@@ -57,14 +62,15 @@ class HybridDecoder(nnx.Module):
         self.layers = nnx.List([HybridDecoderLayer(arch, i, rngs) for i in range(arch.num_layers)])
         self.final_layernorm = RMSNorm(arch.hidden_size, arch, rngs)
 
-    def __call__(self, tokens, positions, cache: HybridCache | None, step, slots=None):
-        """cache None: dense; else ``slots`` int32[G, R] the state slot of each request row."""
+    def __call__(self, tokens, positions, cache: HybridCache | None, step, pages=None):
+        """cache None: dense; else ``pages`` int32[G, num_state_groups, R] each request row's
+        state page in each state group (``allocator.state_pages(rows)`` per pool)."""
         x, token_info = self.embed_tokens(tokens), None
         if cache is not None:
-            if slots is None:
-                raise ValueError("a hybrid model served from a cache needs slots= (state slots)")
+            if pages is None:
+                raise ValueError("a hybrid model served from a cache needs its state pages")
             row, fresh, valid = token_rows(step)
-            token_info = (row, slots, fresh, valid)
+            token_info = (row, pages, fresh, valid)
         for layer in self.layers:
             x, cache = layer(x, positions, cache, step, token_info)
         return self.final_layernorm(x), cache

@@ -16,8 +16,8 @@ Two forms of the scan, checked against each other (and a float64 recurrence) in 
 
 Paged, each Mamba layer reads and writes its state in place in the state cache
 (:mod:`kvshard.models.state_cache`): token t of the step belongs to request row r (from
-``step.cu_q_lens``), whose state sits in slot ``slots[r]``; a token at position 0 starts
-from the zero state.
+``step.cu_q_lens``), whose state sits in state page ``pages[r]``; a token at position 0
+starts from the zero state.
 """
 
 from __future__ import annotations
@@ -139,11 +139,12 @@ class Conv1d(nnx.Module):
 def scan_tokens(conv, ssm, xbc, dt, row, slots, fresh, valid, mixer: Mamba2Mixer):
     """One pool's step through the state, token by token (the exact recurrence).
 
-    conv [S, C, K - 1] and ssm float32[S, H, P, N]: the layer's state slots; xbc [T, C] the
-    conv inputs, dt [T, H] (raw); row int32[T] each token's request row, slots int32[R] each
-    row's slot, fresh bool[T] (position 0: start from zeros), valid bool[T] (not padding).
-    Returns (y float32[T, H, P] with the D skip, conv, ssm) with every valid token's request
-    state advanced in its slot; padding tokens change nothing.
+    conv [S, C, K - 1] and ssm [S, H, P, N]: the layer's states, one per state page; xbc
+    [T, C] the conv inputs, dt [T, H] (raw); row int32[T] each token's request row, slots
+    int32[R] each row's state page, fresh bool[T] (position 0: start from zeros), valid
+    bool[T] (not padding). Returns (y float32[T, H, P] with the D skip, conv, ssm) with every
+    valid token's request state advanced in its page (computed in float32, stored in the
+    arrays' dtypes); padding tokens change nothing.
     """
     spec = mixer.spec
     H, P, N, G = spec.num_heads, spec.head_dim, spec.state_size, spec.num_groups
@@ -163,10 +164,10 @@ def scan_tokens(conv, ssm, xbc, dt, row, slots, fresh, valid, mixer: Mamba2Mixer
         b = jnp.repeat(b.reshape(G, N), H // G, axis=0)
         c = jnp.repeat(c.reshape(G, N), H // G, axis=0)
         x = x.reshape(H, P)
-        state = jnp.where(new, jnp.zeros_like(ssm[s]), ssm[s])
+        state = jnp.where(new, 0.0, ssm[s].astype(jnp.float32))
         y, state = ssd_step(state, x, _discretize(dt_t.astype(jnp.float32), dt_bias, spec), A, b, c)
         conv = conv.at[s].set(jnp.where(ok, taps[:, 1:], conv[s]))
-        ssm = ssm.at[s].set(jnp.where(ok, state, ssm[s]))
+        ssm = ssm.at[s].set(jnp.where(ok, state.astype(ssm.dtype), ssm[s]))
         return (conv, ssm), y + D[:, None] * x
 
     (conv, ssm), y = jax.lax.scan(body, (conv, ssm), (xbc, dt, slot, fresh, valid))
@@ -177,9 +178,9 @@ class Mamba2Mixer(nnx.Module):
     """``mixer(x, conv=None, ssm=None, token_info=None)`` (transformers' ``BambaMixer``).
 
     Dense (no state): x [G, T, d] whole sequences from zero state, the chunked SSD scan.
-    Paged: ``conv`` [G, S, C, K - 1], ``ssm`` float32[G, S, H, P, N] this layer's state slots
-    per pool and ``token_info`` = (row int32[G, T], slots int32[G, R], fresh bool[G, T],
-    valid bool[G, T]); returns (out, conv, ssm) with the state advanced.
+    Paged: ``conv`` [G, S, C, K - 1], ``ssm`` [G, S, H, P, N] this layer's states (one per
+    state page) per pool and ``token_info`` = (row int32[G, T], pages int32[G, R], fresh
+    bool[G, T], valid bool[G, T]); returns (out, conv, ssm) with the state advanced.
     """
 
     def __init__(self, arch: Architecture, rngs: nnx.Rngs):

@@ -243,14 +243,14 @@ class Decoder(nnx.Module):
 
 
 class CausalLM(nnx.Module):
-    """``model(tokens, positions, cache=None, step=None, slots=None) -> (logits, cache)``.
+    """``model(tokens, positions, cache=None, step=None, pages=None) -> (logits, cache)``.
 
     tokens, positions: int32[G, T]; logits: arch.dtype[G, T, vocab]. A model with attention
     sinks (gpt-oss) runs densely; paged, it raises NotImplementedError until
     :func:`kvshard.attention` takes ``sinks`` (:func:`check_servable`). A Mamba-2 hybrid
     (``arch.mamba``) has a :class:`~kvshard.models.hybrid.HybridDecoder`; paged, its cache is
-    a :class:`~kvshard.models.state_cache.HybridCache` and ``slots`` int32[G, R] gives each
-    request row's state slot.
+    a :class:`~kvshard.models.state_cache.HybridCache` and ``pages`` int32[G, S, R] gives each
+    request row's state page in each of the S state groups.
     """
 
     def __init__(self, arch: Architecture, rngs: nnx.Rngs):
@@ -265,9 +265,9 @@ class CausalLM(nnx.Module):
         if not arch.tie_word_embeddings:
             self.lm_head = _linear(arch.hidden_size, arch.vocab_size, False, arch, rngs)
 
-    def __call__(self, tokens, positions, cache=None, step=None, slots=None):
+    def __call__(self, tokens, positions, cache=None, step=None, pages=None):
         if self.arch.mamba is not None:
-            h, cache = self.model(tokens, positions, cache, step, slots)
+            h, cache = self.model(tokens, positions, cache, step, pages)
         else:
             h, cache = self.model(tokens, positions, cache, step)
         if self.arch.tie_word_embeddings:

@@ -13,8 +13,9 @@ runs ONE jitted forward with the cache donated (:func:`serve_step`). Greedy samp
 page table, so its local layers hold only their window's pages and a page id costs
 ``spec.num_cache_layers`` layers, not ``num_layers``. The pool is sized per group
 (:func:`pages_per_request`). A Mamba-2 hybrid (Bamba) keeps its attention layers' K/V in
-that cache and its Mamba layers' per-request state in state slots beside it
-(:mod:`kvshard.models.state_cache`): one slot per running request per pool.
+that cache and its Mamba layers' per-request state in the same pool's state groups: the
+allocator takes ``arch.cache_layer_types`` and gives each request one state page per state
+group, which the model reads and writes in place (:mod:`kvshard.models.state_cache`).
 
 :func:`dense_logits` runs the same weights with no cache over each whole sequence: the check
 that every served logit is right.
@@ -35,9 +36,17 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import kvshard
+from kvshard._layer_types import cache_groups, is_state
 from kvshard.allocator import sliding_window_pages
 from kvshard.models.model import check_servable
-from kvshard.models.state_cache import HybridCache, StateSlots, StateSpec, init_state
+from kvshard.models.state_cache import (
+    HybridCache,
+    StateSpec,
+    copy_state_pages,
+    init_state,
+    kv_step,
+    state_layout,
+)
 
 __all__ = [
     "Request",
@@ -64,15 +73,16 @@ class Request:
 
 
 @nnx.jit(donate_argnums=1)
-def serve_step(model, cache, tokens, step, slots=None):
+def serve_step(model, cache, tokens, step, pages=None):
     """``(logits, cache)`` of one step: tokens int32[G, T] packed as ``step`` (a stacked
     :class:`kvshard.StepMetadata`) says. One jit per step shape; the cache is donated (its
     buffers are consumed: rebind the returned one) so every layer's update writes in place.
     A hybrid's cache is a :class:`~kvshard.models.state_cache.HybridCache` (its Mamba state
-    written in place too) and ``slots`` int32[G, R] the state slot of each request row."""
-    if slots is None:
+    written in place too) and ``pages`` int32[G, S, R] each request row's state page in each
+    of the S state groups."""
+    if pages is None:
         return model(tokens, step.positions, cache, step)
-    return model(tokens, step.positions, cache, step, slots)
+    return model(tokens, step.positions, cache, step, pages)
 
 
 def pages_per_request(spec: kvshard.CacheSpec, longest: int, max_new_tokens: int) -> int:
@@ -113,7 +123,8 @@ def cache_spec(
     type (or several of equal size, vLLM's split); False: every layer stored as full
     attention (one group of all layers, each layer still attending through its own window):
     the baseline the groups save memory against. ``num_pages`` is the null page plus
-    ``max_seqs`` times :func:`pages_per_request`, at least ``min_pages``.
+    ``max_seqs`` times :func:`pages_per_request` (plus, for a hybrid, its state groups: one
+    state page per request each), at least ``min_pages``.
     """
     spec = kvshard.CacheSpec(
         len(arch.layer_types),  # attention layers (a hybrid's Mamba layers keep no K/V)
@@ -124,7 +135,10 @@ def cache_spec(
         dtype=arch.dtype,
         layer_types=arch.layer_types if grouped else None,
     )
-    pages = 1 + max_seqs * pages_per_request(spec, longest, budget)
+    per_request = pages_per_request(spec, longest, budget)
+    if arch.mamba is not None:  # one state page per request per state group, same pool
+        per_request += state_layout(arch).num_state_groups
+    pages = 1 + max_seqs * per_request
     return dataclasses.replace(spec, num_pages=max(pages, min_pages))
 
 
@@ -175,6 +189,9 @@ def serve(
         )
     pools = int(mesh.shape[data_axis])
     longest = max(len(r.tokens) + r.max_new for r in requests)
+    layer_types, layout = spec.layer_types, None
+    if model.arch.mamba is not None:  # a hybrid: state groups in the same pool
+        layer_types, layout = _hybrid_layer_types(model.arch, spec), state_layout(model.arch)
     allocators = [
         kvshard.PageAllocator(
             spec.num_pages,
@@ -182,17 +199,15 @@ def serve(
             max_requests=max_seqs,
             max_pages_per_request=-(-longest // spec.page_size),
             sliding_window=window,
-            layer_types=spec.layer_types,
+            layer_types=layer_types,
         )
         for _ in range(pools)
     ]
     cache: Any = kvshard.init_cache(spec, mesh, head_axis=model_axis, page_axis=data_axis)
-    slots: list[StateSlots] | None = None
-    if model.arch.mamba is not None:  # a hybrid: Mamba state slots beside the KV pages
-        state = StateSpec.from_arch(model.arch, max_seqs)
+    if layout is not None:
+        state = StateSpec.from_arch(model.arch, spec.num_pages)
         mamba = init_state(state, mesh, head_axis=model_axis, page_axis=data_axis)
         cache = HybridCache(cache, mamba)
-        slots = [StateSlots(max_seqs) for _ in range(pools)]
     waiting = [sorted(requests[g::pools], key=lambda r: r.arrival) for g in range(pools)]
     running: list[list[Request]] = [[] for _ in range(pools)]
     token_sharding = NamedSharding(mesh, P(data_axis, None))
@@ -207,10 +222,15 @@ def serve(
         if not any(batches):  # nothing has arrived yet
             continue
         metas, tokens = [], np.zeros((pools, budget), np.int32)
-        rows = np.zeros((pools, max_seqs), np.int32)
+        num_state = layout.num_state_groups if layout else 0
+        state_pages = np.zeros((pools, num_state, max_seqs), np.int32)
+        copies = []
         for g, (alloc, batch) in enumerate(zip(allocators, batches, strict=True)):
             ids, counts = [r.id for r, _ in batch], [n for _, n in batch]
-            alloc.allocate_batch(ids, counts)  # grow (and release out-of-window pages)
+            rows = alloc.allocate_batch(ids, counts)  # grow (and release out-of-window pages)
+            copies.append(alloc.take_pending_copies())  # copy-on-write (none without forks)
+            if layout is not None:  # each request's page in each state group
+                state_pages[g, :, : len(ids)] = alloc.state_pages(rows)
             peak = max(peak, alloc.num_pages - 1 - alloc.num_free_pages)
             # Every pool padded to one shape: one stacked step, one compilation.
             metas.append(
@@ -218,19 +238,20 @@ def serve(
                     alloc, ids, counts, num_tokens_padded=budget, max_num_seqs=max_seqs
                 )
             )
-            if slots is not None:
-                rows[g] = slots[g].rows(ids, max_seqs)
             offset = 0
             for r, n in batch:  # request by request, in the order given to build_step
                 tokens[g, offset : offset + n] = r.tokens[r.computed : r.computed + n]
                 offset += n
         step = kvshard.stack_steps(metas)
         tokens_on_mesh = jax.device_put(tokens, token_sharding)
-        if slots is None:
+        if any(len(c) for c in copies):
+            cache = _copy_pages(cache, copies)
+        if layout is None:
             logits, cache = serve_step(model, cache, tokens_on_mesh, step)
         else:
-            rows_on_mesh = jax.device_put(rows, token_sharding)
-            logits, cache = serve_step(model, cache, tokens_on_mesh, step, rows_on_mesh)
+            pages_on_mesh = jax.device_put(state_pages, NamedSharding(mesh, P(data_axis)))
+            step = kv_step(step, layout.num_kv_groups)  # the KV cache's groups only
+            logits, cache = serve_step(model, cache, tokens_on_mesh, step, pages_on_mesh)
         logits = np.asarray(logits.astype(jnp.float32))
         for g, batch in enumerate(batches):
             offset = 0
@@ -242,14 +263,53 @@ def serve(
                 if len(r.tokens) - r.prompt_len == r.max_new and r.computed >= len(r.tokens) - 1:
                     running[g].remove(r)
                     allocators[g].free(r.id)
-                    if slots is not None:
-                        slots[g].free(r.id)
                     finished += 1
         if progress is not None:
             progress(steps, finished)
     for r in requests:  # no logits after the last token (N = 0: the prompt's last is unused)
         del r.logits[len(r.tokens) - 1 :]
     return steps, peak
+
+
+def _hybrid_layer_types(arch, spec: kvshard.CacheSpec) -> tuple:
+    """The allocator's layer types of a hybrid: ``("mamba",)`` for its Mamba layers, the KV
+    cache's type for its attention layers.
+
+    Raises:
+      NotImplementedError: vLLM's grouping of all the layers splits the attention layers
+        otherwise than the KV cache's grouping of them alone (more attention than Mamba layers
+        by 1.25 times or more): the cache would need the allocator's groups.
+    """
+    kv_types = spec.layer_types or [("full",)] * len(arch.attention_layers)
+    types, attention = list(arch.cache_layer_types), arch.attention_layers
+    for k, layer in enumerate(attention):
+        types[layer] = tuple(kv_types[k])
+    every = cache_groups(tuple(types))
+    mine = [
+        (t, tuple(attention.index(i) for i in layers))
+        for t, layers in zip(every.group_types, every.group_layers, strict=True)
+        if not is_state(t)
+    ]
+    theirs = list(zip(spec.groups.group_types, spec.groups.group_layers, strict=True))
+    if mine != theirs:
+        raise NotImplementedError(
+            f"{arch.model_type}: the pool's attention groups {mine} differ from the KV cache's "
+            f"{theirs}; serving needs a KV cache built on the allocator's groups"
+        )
+    return tuple(types)
+
+
+def _copy_pages(cache, copies: list[np.ndarray]):
+    """The allocators' copy-on-write pairs applied to the KV pages and the state pages (one
+    list per pool, padded with no-op rows to one length)."""
+    width = max(len(c) for c in copies)
+    pairs = np.zeros((len(copies), width, 2), np.int32)
+    for g, c in enumerate(copies):
+        pairs[g, : len(c)] = c
+    if isinstance(cache, HybridCache):
+        kv = kvshard.copy_pages(cache.kv, pairs)
+        return HybridCache(kv, copy_state_pages(cache.state, pairs))
+    return kvshard.copy_pages(cache, pairs)
 
 
 def dense_logits(model, requests: list[Request]) -> list[np.ndarray]:
