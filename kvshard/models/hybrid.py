@@ -16,7 +16,7 @@ from flax import nnx
 from kvshard.models.config import Architecture
 from kvshard.models.mamba2 import Mamba2Mixer
 from kvshard.models.model import MLP, Attention, RMSNorm
-from kvshard.models.state_cache import HybridCache, MambaState, state_layout, token_rows
+from kvshard.models.state_cache import HybridCache, state_layout, token_rows
 
 __all__ = ["HybridDecoder", "HybridDecoderLayer"]
 
@@ -48,7 +48,7 @@ class HybridDecoderLayer(nnx.Module):
             row, pages, fresh, valid = token_info
             info = (row, pages[:, self.state_group], fresh, valid)
             h, conv, ssm = self.mamba(h, state.conv[:, j], state.ssm[:, j], info)
-            state = MambaState(state.conv.at[:, j].set(conv), state.ssm.at[:, j].set(ssm))
+            state = state.replace(state.conv.at[:, j].set(conv), state.ssm.at[:, j].set(ssm))
             cache = cache._replace(state=state)
         x = x + h
         return x + self.feed_forward(self.pre_ff_layernorm(x)), cache

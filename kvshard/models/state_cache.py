@@ -31,6 +31,7 @@ A token at position 0 starts from the zero state (a freshly allocated state page
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -129,11 +130,24 @@ class StateSpec:
         return self.group_size * self.bytes_per_layer
 
 
-class MambaState(NamedTuple):
-    """conv dtype[G, L, num_pages, conv_dim, K - 1] and ssm [G, L, num_pages, H, P, N]."""
+@functools.partial(
+    jax.tree_util.register_dataclass, data_fields=["conv", "ssm"], meta_fields=["shardings"]
+)
+@dataclasses.dataclass(frozen=True)
+class MambaState:
+    """conv dtype[G, L, num_pages, conv_dim, K - 1] and ssm [G, L, num_pages, H, P, N], and
+    their shardings (static): :meth:`replace` keeps every update in them, so the jitted step's
+    outputs alias its donated inputs (written in place, never resharded into a copy)."""
 
     conv: Any
     ssm: Any
+    shardings: tuple[Any, Any] | None = None
+
+    def replace(self, conv: Any, ssm: Any) -> MambaState:
+        if self.shardings is not None:
+            conv = jax.lax.with_sharding_constraint(conv, self.shardings[0])
+            ssm = jax.lax.with_sharding_constraint(ssm, self.shardings[1])
+        return MambaState(conv, ssm, self.shardings)
 
 
 class HybridCache(NamedTuple):
@@ -151,15 +165,18 @@ def init_state(
     pools, tp = int(mesh.shape[page_axis]), int(mesh.shape[head_axis])
     heads = head_axis if spec.num_heads % tp == 0 else None
     lead = (pools, spec.group_size, spec.num_pages)
-    conv = jax.device_put(
-        jnp.zeros((*lead, spec.conv_dim, spec.conv_kernel - 1), spec.conv_dtype),
+    shardings = (
         NamedSharding(mesh, P(page_axis, None, None, None, None)),
+        NamedSharding(mesh, P(page_axis, None, None, heads, None, None)),
+    )
+    conv = jax.device_put(
+        jnp.zeros((*lead, spec.conv_dim, spec.conv_kernel - 1), spec.conv_dtype), shardings[0]
     )
     ssm = jax.device_put(
         jnp.zeros((*lead, spec.num_heads, spec.head_dim, spec.state_size), spec.ssm_dtype),
-        NamedSharding(mesh, P(page_axis, None, None, heads, None, None)),
+        shardings[1],
     )
-    return MambaState(conv, ssm)
+    return MambaState(conv, ssm, shardings)
 
 
 @jax.jit
@@ -173,7 +190,7 @@ def copy_state_pages(state: MambaState, pairs) -> MambaState:
         return array.at[:, dst].set(array[:, src])
 
     src, dst = pairs[..., 0], pairs[..., 1]
-    return MambaState(*(jax.vmap(one)(a, src, dst) for a in state))
+    return state.replace(*(jax.vmap(one)(a, src, dst) for a in (state.conv, state.ssm)))
 
 
 def kv_step(step: Any, num_kv_groups: int) -> Any:
