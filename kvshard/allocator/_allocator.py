@@ -122,6 +122,15 @@ class PageAllocator:
             cache (a second-level prefix cache); int in ``[0, num_host_pages - 1]``, > 0 only
             with prefix caching.
         enable_kv_events: queue KV-cache events for :meth:`take_kv_events`.
+        group_page_sizes: None, or one page size in tokens per KV-cache group (in
+            :attr:`group_types` order), each a multiple of ``page_size`` (a state group's
+            equal to it): vLLM's per-group block sizes. ``page_size`` is then the hash block:
+            prefix keys chain per ``page_size`` tokens, a group's page is keyed by the key of
+            its last hash block, ``max_pages_per_request`` counts hash blocks, and a prefix
+            hit is a multiple of every group's page size (vLLM's alignment to the lcm). A
+            group of ``k * page_size`` tokens per page holds ``ceil(tokens / (k *
+            page_size))`` columns. Allocator-side only: ``build_step`` and the cache take one
+            page size.
         kv_events_per_page: emit one ``PagesRemoved`` per removed page, as vLLM emits one
             ``BlockRemoved`` per block, instead of one per eviction and group (the default,
             fewer events; the same hashes in the same order either way). Not part of
@@ -156,6 +165,7 @@ class PageAllocator:
         enable_kv_events: bool = False,
         layer_types: Sequence[Sequence[Any]] | None = None,
         kv_events_per_page: bool = False,
+        group_page_sizes: Sequence[int] | None = None,
     ) -> None:
         config = AllocatorConfig.validated(
             num_pages,
@@ -168,6 +178,7 @@ class PageAllocator:
             host_prefix_pages,
             enable_kv_events,
             layer_types,
+            group_page_sizes,
         )
         self.num_pages = config.num_pages
         self.page_size = config.page_size
@@ -179,6 +190,10 @@ class PageAllocator:
         self.host_prefix_pages = config.host_prefix_pages
         self.enable_kv_events = config.enable_kv_events
         self.layer_types = config.layer_types  # validated: a tuple of tuples, or None
+        self.group_page_sizes = config.group_page_sizes  # None when every group has page_size
+        self.page_sizes = config.page_sizes
+        """Tokens per page of each KV-cache group (``page_size`` each without
+        ``group_page_sizes``)."""
         self.groups = config.groups
         """:class:`kvshard._layer_types.CacheGroups` of ``layer_types`` (None without)."""
         self.group_types = config.group_types
@@ -346,7 +361,8 @@ class PageAllocator:
         row = self._parts.rows.row_of(req_id, "pages")
         if self.num_groups == 1:
             return self._parts.table.pages(row)
-        held = int(self._parts.table.row_pages[row])  # a state group's page is in column 0
+        # Groups of different page sizes hold different column counts: pad with the null page.
+        held = max(int(table.row_pages[row]) for table in self._parts.tables)
         return np.stack([table.page_table[row, :held].copy() for table in self._parts.tables])
 
     def num_tokens(self, req_id: Hashable) -> int:
@@ -532,7 +548,7 @@ class PageAllocator:
                 "overwritten in place, which cannot be rolled back to an earlier token"
             )
         for g, table in enumerate(parts.tables):
-            released = int(table.row_released[row]) * self.page_size
+            released = int(table.row_released[row]) * table.page_size
             start = int(table.window_start(np.array(tokens, np.int64)))
             if released > start:
                 group = f"group {g}, " if self.num_groups > 1 else ""
@@ -678,8 +694,9 @@ class PageAllocator:
                 only under the same extra keys as when it was committed.
             eagle: vLLM's EAGLE rule: drop the last page of the hit (an EAGLE drafter must
                 recompute that page's hidden states), so a hit of ``h`` pages returns
-                ``h - 1`` (with several groups, the longest hit every group serves below
-                ``h``).
+                ``h - 1``. With several groups, an attention group serves ``h`` pages only if
+                it also holds block ``h`` (vLLM matches it and drops it), a state group as
+                without EAGLE; the longest ``h`` every group serves.
 
         With a host tier (``host_prefix_pages > 0``), a page found only in the host prefix
         cache is attached too: it gets a new device page (taking it may evict), its
@@ -975,6 +992,48 @@ class PageAllocator:
         state; never raises.
         """
         return self._parts.announce_cached()
+
+    def announce_prefix(
+        self,
+        req_id: Hashable,
+        token_ids: Sequence[int] | np.ndarray,
+        namespace: str | bytes | None = None,
+        *,
+        extra_keys: Sequence[Any] | None = None,
+        lora_id: int | None = None,
+    ) -> int:
+        """Queues ``PagesStored`` events for the cached prefix a request reuses (vLLM's
+        ``emit_cached_block_events``): after a :meth:`lookup_prefix` hit, a KV-aware router
+        learns that those pages are cached here, as when they were first stored.
+
+        One event per KV-cache group naming the keys of the request's first ``n`` pages,
+        ``n`` the pages it holds hashed (its hit, and the pages it committed since), with
+        their tokens, ``parent_hash`` None (the prefix starts at page 0), the group, and
+        ``lora_id``. Changes no state (the cache, the eviction order and the counters stay).
+
+        Args:
+            req_id: a live request.
+            token_ids: int[T], its tokens from the first, covering at least its ``n`` hashed
+                pages (as given to :meth:`lookup_prefix` / :meth:`commit_prefix`).
+            namespace, extra_keys: as given to its lookup and commits.
+            lora_id: None or an int, reported on the events.
+
+        Returns:
+            The number of pages announced per group (``n``; 0 queues nothing), also without
+            ``enable_kv_events`` (then nothing is queued).
+
+        Raises:
+            ValueError: prefix caching is disabled; ``token_ids`` is not a 1-D integer array
+                or covers fewer than ``n`` pages; ``namespace`` differs from the request's;
+                ``lora_id`` is not None or an int.
+            UnknownRequest: ``req_id`` is not live. TypeError: it is not hashable.
+        """
+        self._require_prefix_caching("announce_prefix")
+        if lora_id is not None and not is_int(lora_id):
+            raise ValueError(f"announce_prefix: lora_id={lora_id!r} must be None or an int")
+        query = _prefix.PrefixQuery(token_ids, namespace, extra_keys)
+        lora = None if lora_id is None else int(lora_id)
+        return _prefix.announce(self._parts, req_id, query, lora)
 
     def take_kv_events(self) -> list[KVEvent]:
         """Returns the queued KV-cache events, oldest first, and clears the queue.

@@ -32,6 +32,7 @@ class AllocatorConfig:
     host_prefix_pages: int = 0
     enable_kv_events: bool = False
     layer_types: tuple[LayerType, ...] | None = None
+    group_page_sizes: tuple[int, ...] | None = None
 
     @classmethod
     def validated(
@@ -46,6 +47,7 @@ class AllocatorConfig:
         host_prefix_pages: Any = 0,
         enable_kv_events: Any = False,
         layer_types: Any = None,
+        group_page_sizes: Any = None,
     ) -> AllocatorConfig:
         """Checks the arguments and returns them as Python ints.
 
@@ -83,6 +85,12 @@ class AllocatorConfig:
                 f"PageAllocator: host_prefix_pages={host_prefix_pages!r} needs full attention "
                 "on every layer (the host prefix cache serves whole prefixes)"
             )
+        sizes = _group_page_sizes(group_page_sizes, types, int(page_size))
+        if host_prefix_pages and sizes is not None:
+            raise ValueError(
+                f"PageAllocator: host_prefix_pages={host_prefix_pages!r} needs one page size "
+                f"(group_page_sizes={group_page_sizes!r} differ)"
+            )
         host = (("num_host_pages", num_host_pages), ("host_prefix_pages", host_prefix_pages))
         for name, value in host:
             if not is_int(value) or not 0 <= value <= INT32_MAX:
@@ -115,6 +123,7 @@ class AllocatorConfig:
             int(host_prefix_pages),
             bool(enable_kv_events),
             types,
+            sizes,
         )
 
     @property
@@ -129,6 +138,14 @@ class AllocatorConfig:
         if groups is not None:
             return groups.group_types
         return (FULL,) if self.sliding_window is None else (("sliding", self.sliding_window),)
+
+    @property
+    def page_sizes(self) -> tuple[int, ...]:
+        """Tokens per page of each KV-cache group (``page_size`` for every group without
+        ``group_page_sizes``)."""
+        if self.group_page_sizes is not None:
+            return self.group_page_sizes
+        return (self.page_size,) * len(self.group_types)
 
     @property
     def max_tokens(self) -> int:
@@ -169,3 +186,43 @@ def _layer_types(layer_types: Any, sliding_window: Any) -> tuple[LayerType, ...]
             f"every layer is ('sliding', {sliding_window!r})); give the window in layer_types only"
         )
     return types
+
+
+def _group_page_sizes(
+    sizes: Any, types: tuple[LayerType, ...] | None, page_size: int
+) -> tuple[int, ...] | None:
+    """Validated ``group_page_sizes`` (None, or all equal to ``page_size``, gives None).
+
+    Raises:
+        ValueError: given without ``layer_types``, not one int per KV-cache group, or an
+            entry that is not a positive multiple of ``page_size`` (a state group's must be
+            ``page_size``).
+    """
+    if sizes is None:
+        return None
+    if types is None:
+        raise ValueError(
+            f"PageAllocator: group_page_sizes={sizes!r} needs layer_types (one size per group)"
+        )
+    group_types = cache_groups(types).group_types
+    if isinstance(sizes, str) or not hasattr(sizes, "__len__") or len(sizes) != len(group_types):
+        raise ValueError(
+            f"PageAllocator: group_page_sizes={sizes!r} must list one page size per KV-cache "
+            f"group ({len(group_types)}: {group_types})"
+        )
+    out = []
+    for g, (size, t) in enumerate(zip(sizes, group_types, strict=True)):
+        if not is_int(size) or size < 1 or size % page_size:
+            raise ValueError(
+                f"PageAllocator: group_page_sizes[{g}]={size!r} must be a positive multiple of "
+                f"page_size={page_size} (page_size is the hash block: every group's pages "
+                "are whole hash blocks)"
+            )
+        if is_state(t) and size != page_size:
+            raise ValueError(
+                f"PageAllocator: group_page_sizes[{g}]={size!r} is a state group's; it must be "
+                f"page_size={page_size} (one state page per request, cached at page_size "
+                "boundaries)"
+            )
+        out.append(int(size))
+    return None if set(out) == {page_size} else tuple(out)

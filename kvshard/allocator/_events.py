@@ -16,7 +16,8 @@ hash without the group id).
 Against vLLM's stream: ``PagesStored`` carries ``lora_id`` and ``medium`` as ``BlockStored``
 does; ``PagesRemoved`` names a whole eviction's pages per group unless
 ``kv_events_per_page=True`` (then one event per page, as vLLM); and
-:meth:`kvshard.PageAllocator.announce_cached_pages` queues ``PagesStored`` events for every page
+:meth:`kvshard.PageAllocator.announce_prefix` re-announces the prefix a request reuses (vLLM's
+``emit_cached_block_events``) and :meth:`kvshard.PageAllocator.announce_cached_pages` every page
 cached now (for a router that connects late).
 """
 
@@ -38,7 +39,7 @@ class PagesStored:
             page (or when unknown: a page moved between tiers, or after a load).
         token_ids: the tokens of those pages, or None where the allocator no longer has them
             (a page moved between tiers, or re-announced after ``load_state_dict``).
-        page_size: tokens per page.
+        page_size: tokens per page (of this group, with per-group page sizes).
         medium: ``"device"`` or ``"host"``.
         group: the KV-cache group whose pages these are (0 with one group).
         lora_id: the LoRA adapter the pages were computed with (vLLM's ``lora_id``), as
@@ -96,10 +97,12 @@ class EventQueue:
         medium: str = DEVICE,
         group: int = 0,
         lora_id: int | None = None,
+        page_size: int | None = None,
     ) -> None:
         if self.enabled and keys:
+            size = self.page_size if page_size is None else page_size
             self.events.append(
-                PagesStored(tuple(keys), parent, tokens, self.page_size, medium, group, lora_id)
+                PagesStored(tuple(keys), parent, tokens, size, medium, group, lora_id)
             )
 
     def removed(self, keys: list[bytes], medium: str = DEVICE, group: int = 0) -> None:

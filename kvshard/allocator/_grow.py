@@ -54,9 +54,8 @@ def grow(
             f"{where}: req_id={req_ids[int(out[0])]!r} is swapped out to the host tier; "
             "swap_in_request it before allocating"
         )
-    size = table.page_size
+    size = parts.config.page_size  # the hash block: max_pages_per_request counts these
     old_tokens = rows.row_tokens[row_idx]
-    old_pages = table.row_pages[row_idx]
     total = old_tokens + counts
     need = (total + (size - 1)) // size
     over = np.flatnonzero(need > table.width)
@@ -68,7 +67,7 @@ def grow(
         )
     # Per group: columns held before, new columns (an attention group's are the same in every
     # attention group; a state group holds one column once the request holds tokens).
-    olds = [old_pages if not t.is_state else t.row_pages[row_idx] for t in tables]
+    olds = [t.row_pages[row_idx] for t in tables]
     colss = [t.columns(total) - old for t, old in zip(tables, olds, strict=True)]
     # Each group plans its own window release and copy-on-write; their pages are summed.
     releases = [t.plan_release(row_idx, old_tokens) for t in tables]

@@ -252,7 +252,8 @@ class HostTier:
 
     def check(self, live: np.ndarray, row_pages: np.ndarray, page_tables: np.ndarray) -> None:
         """Checks the host tier's invariants against the rows' device pages (``page_tables``:
-        int32[G, max_requests, max_pages_per_request], every group's)."""
+        int32[G, max_requests, max_pages_per_request], and ``row_pages``: int32[G,
+        max_requests], every group's)."""
         h = self.num_host_pages
         idle = np.ones(self.row_swapped.size, bool)
         idle[live] = False
@@ -262,7 +263,7 @@ class HostTier:
             "host_table: a row that is not swapped out holds host pages",
         )
         cols = np.arange(self.host_tables.shape[2])
-        beyond = cols[None, None, :] >= row_pages[None, :, None]
+        beyond = cols[None, None, :] >= row_pages[:, :, None]
         held = self.host_tables != NULL_PAGE
         check(not (held & beyond).any(), "host_table: a host page past the row's pages")
         check(not page_tables[held].any(), "host_table: a swapped column still holds a page")

@@ -33,9 +33,11 @@ if TYPE_CHECKING:
     from kvshard.allocator._state import AllocatorParts
 
 
-def _hit_limit(length: int, table: PageTable) -> int:
-    """Full pages a lookup may match: the last prompt token is always computed (its logits)."""
-    return min(max(length - 1, 0) // table.page_size, table.width)
+def _hit_limit(length: int, parts: AllocatorParts) -> int:
+    """Full hash blocks (``page_size`` tokens) a lookup may match: the last prompt token is
+    always computed (its logits)."""
+    config = parts.config
+    return min(max(length - 1, 0) // config.page_size, config.max_pages_per_request)
 
 
 def _match(
@@ -91,8 +93,9 @@ class PrefixQuery(NamedTuple):
 
 
 def _grouped(parts: AllocatorParts) -> bool:
-    """Whether hits are matched group by group (several groups, or a window group)."""
-    return parts.num_groups > 1 or parts.table.releases
+    """Whether hits are matched group by group (several groups, a window group, or a group
+    whose pages are several hash blocks)."""
+    return parts.num_groups > 1 or parts.table.releases or parts.config.group_page_sizes is not None
 
 
 def _match_groups(
@@ -102,44 +105,58 @@ def _match_groups(
     limit: int,
     extras: list[bytes],
     eagle: bool = False,
-) -> tuple[int, list[bytes], np.ndarray, list[int]]:
-    """Returns (h: the most pages every group can serve, the keys of blocks ``[0, h)``,
-    int32[G, limit] each group's cached page of each block or NULL_PAGE, per group the first
-    block its next query reads). Reads only."""
+) -> tuple[int, list[bytes], list[np.ndarray], list[int]]:
+    """Returns (h: the most hash blocks every group can serve, the keys of blocks ``[0, h)``,
+    per group int32[limit // k] its cached page of each of its pages (``k`` hash blocks each,
+    keyed by the last one's key) or NULL_PAGE, per group the first of its pages the next query
+    reads). ``h`` is a multiple of every group's ``k`` (vLLM aligns hits to the lcm of the
+    block sizes). With ``eagle``, vLLM's EAGLE rule: an attention group serves ``h`` only if
+    it also holds its page after the hit (the block vLLM matches and then drops); a state
+    group as without it (vLLM's MambaManager drops nothing). Reads only."""
     index, tables = parts.index, parts.tables
     keys = list(index.page_keys(data, ROOT_KEY, ns, 0, limit, extras))
-    found = np.zeros((len(tables), limit), np.int32)
-    for g in range(len(tables)):
-        found[g] = [index.find(key, g) or NULL_PAGE for key in keys]
-    counts = np.zeros((len(tables), limit + 1), np.int64)
-    np.cumsum(found != NULL_PAGE, axis=1, out=counts[:, 1:])
-    hits = np.arange(limit + 1)  # every candidate h
-    size = parts.table.page_size
+    size = parts.config.page_size
+    hits = np.arange(limit + 1)  # every candidate h, in hash blocks
     valid = np.ones(limit + 1, bool)
-    firsts = []
+    founds, firsts = [], []
     for g, table in enumerate(tables):
+        k = table.page_size // size
+        n = limit // k
+        found = np.array(
+            [index.find(keys[(j + 1) * k - 1], g) or NULL_PAGE for j in range(n)], np.int32
+        )
+        founds.append(found)
+        valid &= hits % k == 0
+        pages = hits // k  # the hit in this group's pages
         if table.is_state:  # vLLM's MambaManager: the state cached at the hit's last block
-            first = np.maximum(hits - 1, 0)
-            if limit:
-                valid &= (hits == 0) | (found[g, np.minimum(first, limit - 1)] != NULL_PAGE)
+            first = np.maximum(pages - 1, 0)
+            if n:
+                valid &= (pages == 0) | (found[np.minimum(first, n - 1)] != NULL_PAGE)
             firsts.append(first)
             continue
-        first = table.window_start(hits * size) // size  # first block the next query reads
-        valid &= counts[g, hits] - counts[g, first] == hits - first
+        counts = np.zeros(n + 1, np.int64)
+        np.cumsum(found != NULL_PAGE, out=counts[1:])
+        first = table.window_start(hits * size) // table.page_size  # first page it reads
+        # EAGLE (vLLM): a hit of h pages needs page h cached as well (full attention drops
+        # the last matched block, a window group matches one block more, then drops it).
+        stop = np.minimum(pages + 1, n) if eagle else pages
+        valid &= counts[stop] - counts[first] == stop - first
+        if eagle:
+            valid &= pages < n  # its page after the hit must be matchable
         firsts.append(first)
+    if eagle:
+        valid[0] = True
     h = int(np.flatnonzero(valid)[-1])  # h = 0 is always valid
-    if eagle and h:  # vLLM's EAGLE rule: the longest hit every group serves below h
-        h = int(np.flatnonzero(valid[:h])[-1])
-    return h, keys[:h], found, [int(first[h]) for first in firsts]
+    return h, keys[:h], founds, [int(first[h]) for first in firsts]
 
 
 def peek(parts: AllocatorParts, query: PrefixQuery) -> int:
     """Returns the tokens a lookup would find cached now (either tier); reads only."""
     data, length, extras, ns = query.encode("peek_prefix")
-    limit = _hit_limit(length, parts.table)
+    limit = _hit_limit(length, parts)
     if _grouped(parts):
         hit = _match_groups(parts, data, ns, limit, extras, query.eagle)[0]
-        return hit * parts.table.page_size
+        return hit * parts.config.page_size
     if query.eagle:
         limit = max(len(_match(parts, data, ns, limit, extras)[0]) - 1, 0)
     device, _, _ = _match(parts, data, ns, limit, extras)
@@ -164,7 +181,7 @@ def lookup(parts: AllocatorParts, req_id: Hashable, query: PrefixQuery) -> int:
     if row is not None and tier.row_swapped[row]:
         raise ValueError(f"{where}: req_id={req_id!r} is swapped out; swap it in first")
     new_row = rows.reserve(req_id, where) if row is None else None
-    limit = _hit_limit(length, table)
+    limit = _hit_limit(length, parts)
     if _grouped(parts):
         h, keys, found_g, firsts = _match_groups(parts, data, ns, limit, extras, query.eagle)
         # ---- commit
@@ -172,18 +189,20 @@ def lookup(parts: AllocatorParts, req_id: Hashable, query: PrefixQuery) -> int:
             rows.add([req_id], [new_row])
             row = new_row
         assert row is not None
+        size = parts.config.page_size
         for t, found, first in zip(parts.tables, found_g, firsts, strict=True):
-            pool.share(found[first:h])
+            hp = h * size // t.page_size  # the hit in this group's pages
+            pool.share(found[first:hp])
             if t.is_state:  # the state after the hit's last block, in column 0
-                t.page_table[row, 0] = found[h - 1] if h else NULL_PAGE
-                t.row_pages[row] = 1 if h else 0
+                t.page_table[row, 0] = found[hp - 1] if hp else NULL_PAGE
+                t.row_pages[row] = 1 if hp else 0
                 continue
-            t.page_table[row, first:h] = found[first:h]
-            t.row_pages[row] = h
+            t.page_table[row, first:hp] = found[first:hp]
+            t.row_pages[row] = hp
             t.row_released[row] = first
-        tier.stats["device_hits"] += h * table.page_size
+        tier.stats["device_hits"] += h * size
         _record_hits(parts, row, h, keys[-1] if keys else ROOT_KEY, ns, length)
-        return h * table.page_size
+        return h * size
     if query.eagle:  # the longest match, less its last page (vLLM's EAGLE rule)
         limit = max(len(_match(parts, data, ns, limit, extras)[0]) - 1, 0)
     device, host, last_key = _match(parts, data, ns, limit, extras)
@@ -218,7 +237,7 @@ def _record_hits(
     parts: AllocatorParts, row: int, hits: int, last_key: bytes, ns: bytes, length: int
 ) -> None:
     """A lookup's commit on the row and the counters, once its pages are attached."""
-    rows, size = parts.rows, parts.table.page_size
+    rows, size = parts.rows, parts.config.page_size
     rows.row_tokens[row] = hits * size
     rows.row_committed[row] = hits
     rows.row_last_key[row] = np.frombuffer(last_key, np.uint8)
@@ -236,7 +255,7 @@ def commit(
 ) -> int:
     """Registers the request's full, not yet hashed pages; returns how many were new."""
     where = "commit_prefix"
-    rows, table, pool = parts.rows, parts.table, parts.pool
+    rows, pool = parts.rows, parts.pool
     row = rows.row_of(req_id, where)
     data, length, extras, ns = query.encode(where)
     if rows.row_has_ns[row] and rows.row_ns[row].tobytes() != ns:
@@ -249,7 +268,7 @@ def commit(
             f"{where}: req_id={req_id!r} is swapped out; swap_in_request it before committing"
         )
     index = pool.index
-    full = min(length, int(rows.row_tokens[row])) // table.page_size
+    full = min(length, int(rows.row_tokens[row])) // parts.config.page_size
     done = int(rows.row_committed[row])
     prev = rows.row_last_key[row].tobytes() if done else ROOT_KEY
     keys = list(index.page_keys(data, prev, ns, done, full, extras)) if full > done else []
@@ -262,12 +281,17 @@ def commit(
         if t.is_state:
             fresh_of.append(_state_commit(parts, t, g, row, tokens, full, done, keys, prev))
             continue
-        pages = t.page_table[row, done:full].tolist() if keys else []
+        k = t.page_size // parts.config.page_size
+        # This group's pages wholly within [0, full) not hashed before: page j is keyed by
+        # its last hash block's key, keys[(j + 1) * k - 1 - done].
+        cols = range(done // k, full // k) if keys else range(0)
         fresh_of.append(
             [
-                (key, page)
-                for key, page in zip(keys, pages, strict=True)
-                if page != NULL_PAGE and not index.cached[page] and index.find(key, g) is None
+                (keys[(j + 1) * k - 1 - done], int(t.page_table[row, j]))
+                for j in cols
+                if t.page_table[row, j] != NULL_PAGE
+                and not index.cached[t.page_table[row, j]]
+                and index.find(keys[(j + 1) * k - 1 - done], g) is None
             ]
         )
 
@@ -297,26 +321,36 @@ def _announce(
     group: int,
     lora_id: int | None = None,
 ) -> None:
-    """Queues one PagesStored event per run of consecutive newly stored pages of a group."""
-    stored = {key for key, _ in fresh}
-    size = parts.table.page_size
+    """Queues one PagesStored event per run of consecutive newly stored pages of a group
+    (``keys``: the hash blocks ``first ..`` hashed by this commit; a group page of ``k`` hash
+    blocks is keyed by its last one's key)."""
+    size = parts.tables[group].page_size
+    k = size // parts.config.page_size
+    at = {key: i for i, key in enumerate(keys)}
+    cols = sorted((first + at[key] + 1) // k - 1 for key, _ in fresh)  # the group's pages
     tokens = np.frombuffer(data, "<i8")
-    run: list[int] = []
-    for i, key in enumerate([*keys, None]):
-        if key is not None and key in stored:
-            run.append(i)
-            continue
-        if run:
-            parent = keys[run[0] - 1] if run[0] else (prev if first else None)
-            lo, hi = (first + run[0]) * size, (first + run[-1] + 1) * size
-            parts.events.stored(
-                [keys[j] for j in run],
-                parent,
-                tuple(int(t) for t in tokens[lo:hi]),
-                group=group,
-                lora_id=lora_id,
-            )
-            run = []
+    runs: list[list[int]] = []
+    for j in cols:
+        if runs and runs[-1][-1] == j - 1:
+            runs[-1].append(j)
+        else:
+            runs.append([j])
+    for run in runs:
+        before = run[0] * k - 1  # the hash block before the run
+        if before < 0:
+            parent = None
+        elif before >= first:
+            parent = keys[before - first]
+        else:
+            parent = prev if before == first - 1 else None
+        parts.events.stored(
+            [keys[(j + 1) * k - 1 - first] for j in run],
+            parent,
+            tuple(int(t) for t in tokens[run[0] * size : (run[-1] + 1) * size]),
+            group=group,
+            lora_id=lora_id,
+            page_size=size,
+        )
 
 
 def _state_commit(
@@ -334,7 +368,7 @@ def _state_commit(
     the request holds exactly ``full`` whole pages' tokens (its state is the state after
     them, vLLM caches states only at block boundaries), the page is not cached yet and no
     twin holds the key; else []. Reads only."""
-    size = parts.table.page_size
+    size = parts.config.page_size
     if not full or tokens != full * size:
         return []
     key = keys[-1] if keys else (prev if done == full else None)
@@ -356,8 +390,41 @@ def _announce_state(
     lora_id: int | None = None,
 ) -> None:
     """Queues the PagesStored event of a state page cached under block ``full - 1``'s key."""
-    size = parts.table.page_size
+    size = parts.config.page_size
     chain = [prev, *keys]  # chain[i] is the key of block (full - len(keys) - 1 + i)
     parent = chain[-2] if keys and full >= 2 else None  # unknown when no key was new
     tokens = np.frombuffer(data, "<i8")[(full - 1) * size : full * size]
     parts.events.stored([key], parent, tuple(int(t) for t in tokens), group=group, lora_id=lora_id)
+
+
+def announce(
+    parts: AllocatorParts, req_id: Hashable, query: PrefixQuery, lora_id: int | None
+) -> int:
+    """Queues PagesStored for the request's hashed prefix in every group; returns its pages."""
+    where = "announce_prefix"
+    rows = parts.rows
+    row = rows.row_of(req_id, where)
+    data, length, extras, ns = query.encode(where)
+    if rows.row_has_ns[row] and rows.row_ns[row].tobytes() != ns:
+        raise ValueError(
+            f"{where}: namespace={query.namespace!r} differs from the namespace req_id={req_id!r} "
+            "was looked up or committed with"
+        )
+    n = int(rows.row_committed[row])
+    size = parts.config.page_size
+    if length < n * size:
+        raise ValueError(
+            f"{where}: token_ids has {length} tokens; req_id={req_id!r} has {n} hashed pages "
+            f"({n * size} tokens) to announce"
+        )
+    if n and parts.events.enabled:
+        keys = list(parts.index.page_keys(data, ROOT_KEY, ns, 0, n, extras))
+        every = np.frombuffer(data, "<i8")
+        for g, table in enumerate(parts.tables):
+            k = table.page_size // size  # a group page: k hash blocks, its last one's key
+            mine = keys[k - 1 :: k]
+            tokens = tuple(int(t) for t in every[: len(mine) * table.page_size])
+            parts.events.stored(
+                mine, None, tokens, group=g, lora_id=lora_id, page_size=table.page_size
+            )
+    return n

@@ -107,6 +107,8 @@ class AllocatorParts:
             )
             for i, layer_type in enumerate(types)
         ]
+        for table, size in zip(tables, config.page_sizes, strict=True):
+            table.page_size = size  # a group's tokens per page
         return cls(config, index, pool, rows, tables, tier, events, stacks)
 
     def _arrays(self) -> dict[str, tuple[Any, str]]:
@@ -177,6 +179,8 @@ class AllocatorParts:
         if missing:
             raise ValueError(f"{where}: state lacks {', '.join(map(repr, missing))}")
         config = state["config"]
+        if isinstance(config, dict) and "group_page_sizes" not in config:
+            config = {**config, "group_page_sizes": None}  # saved before per-group sizes
         if not isinstance(config, dict) or config != self.config.as_dict():
             raise ValueError(f"{where}: config {config!r} does not match {self.config.as_dict()!r}")
         new = AllocatorParts.fresh(self.config)
@@ -236,7 +240,8 @@ class AllocatorParts:
         count = 0
         for g in range(self.num_groups):
             mine = self.index.page_key[self.index.cached & (self.index.page_group == g)]
-            self.events.stored([key.tobytes() for key in mine], None, None, DEVICE, g)
+            size = self.tables[g].page_size
+            self.events.stored([key.tobytes() for key in mine], None, None, DEVICE, g, None, size)
             count += len(mine)
         cached = [key.tobytes() for key in self.tier.host_key if key.any()]
         self.events.stored(cached, None, None, HOST)
@@ -259,7 +264,7 @@ class AllocatorParts:
 
     def check_invariants(self) -> None:
         """Each part's own invariants, then those between parts (owners = table entries)."""
-        config, rows, table, pool = self.config, self.rows, self.table, self.pool
+        config, rows, pool = self.config, self.rows, self.pool
         rows.check(config.max_tokens, config.page_size)
         live = rows.live_rows()
         swapped = self.tier.host_tables != 0
@@ -293,7 +298,7 @@ class AllocatorParts:
             "lru: a page only looked-up requests hold has a stamp in use or past the clock",
         )
         tier = self.tier
-        tier.check(live, table.row_pages, self.stacks["page_table"])
+        tier.check(live, self.stacks["row_pages"], self.stacks["page_table"])
         check(not rows.row_tentative[tier.row_swapped].any(), "row_swapped: a tentative row")
         check(
             config.enable_prefix_caching or not tier.host_cached.any(),
