@@ -61,7 +61,9 @@ def test_bamba_configs_of_transformers_4_and_5_read_alike():
     m = arch.mamba
     assert (m.num_heads, m.head_dim, m.num_groups, m.state_size, m.conv_kernel) == (8, 16, 2, 16, 4)
     assert (m.chunk_size, m.conv_bias, m.proj_bias) == (8, True, False)
-    assert m.time_step_limit == (0.0, math.inf) and m.ssm_dtype == "bfloat16"
+    assert m.time_step_limit == (0.0, math.inf) and m.ssm_dtype == "float32"  # transformers'
+    cached = {**hf_configs.config("5.25.0", "bamba"), "mamba_ssm_cache_dtype": "bfloat16"}
+    assert models.read_architecture(cached).mamba.ssm_dtype == "bfloat16"  # vLLM's setting
     assert m.conv_dim == 8 * 16 + 2 * 2 * 16
     assert arch.layers[2].rope.get("partial_rotary_factor") == 0.5
     assert arch.rms_norm_eps == 1e-5 and not arch.tie_word_embeddings
@@ -70,9 +72,9 @@ def test_bamba_configs_of_transformers_4_and_5_read_alike():
     assert (layout.num_kv_groups, layout.num_state_groups, layout.group_size) == (1, 2, 2)
     assert sorted(p for p in layout.mamba if p) == [(0, 0), (0, 1), (1, 0), (1, 1)]
     state = StateSpec.from_arch(arch, num_pages=10)
-    conv_bytes, ssm_bytes = 3 * (128 + 64) * 2, 8 * 16 * 16 * 2  # bfloat16 conv + SSM state
-    assert state.bytes_per_layer == conv_bytes + ssm_bytes == 5248
-    assert state.bytes_per_page == 2 * 5248
+    conv_bytes, ssm_bytes = 3 * (128 + 64) * 2, 8 * 16 * 16 * 4  # bfloat16 conv, float32 SSM
+    assert state.bytes_per_layer == conv_bytes + ssm_bytes == 9344
+    assert state.bytes_per_page == 2 * 9344
 
 
 @pytest.mark.parametrize(

@@ -95,8 +95,8 @@ class MambaSpec:
     ``state_size`` each, a depthwise causal conv of ``conv_kernel`` taps over
     ``conv_dim = num_heads * head_dim + 2 * num_groups * state_size`` channels, the SSD scan in
     chunks of ``chunk_size`` (dense path), dt clamped to ``time_step_limit`` after softplus.
-    ``ssm_dtype``: the stored SSM state's dtype (the model's, or ``mamba_ssm_cache_dtype``;
-    the scan itself runs in float32).
+    ``ssm_dtype``: the stored SSM state's dtype: float32 (what transformers keeps: its scan
+    runs in float32), or the config's ``mamba_ssm_cache_dtype``.
     """
 
     num_heads: int
@@ -452,6 +452,8 @@ def _bamba(
             _float(limit[0], "time_step_limit", where),
             _float(limit[1], "time_step_limit", where),
         ),
-        ssm_dtype=state.ssm_dtype,
+        # transformers keeps the SSM state its float32 scan returns; a config's
+        # mamba_ssm_cache_dtype (vLLM's setting) overrides it.
+        ssm_dtype=state.ssm_dtype if config.get("mamba_ssm_cache_dtype") else "float32",
     )
     return spec, ["mamba" if t == MAMBA else "attention" for t in hybrid.layer_types]

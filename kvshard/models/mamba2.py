@@ -92,16 +92,18 @@ def ssd_step(state, x, dt, A, B, C):
 def causal_conv(xbc, weight, bias, window=None):
     """Depthwise causal conv of whole sequences: xbc [b, T, C], weight [C, K], bias [C] or
     None; ``window`` [b, C, K - 1] the K - 1 inputs before token 0 (None: zeros). Returns
-    (out [b, T, C] before the activation, the last K - 1 inputs [b, C, K - 1])."""
+    (out [b, T, C] before the activation, accumulated in float32 and cast to xbc's dtype as
+    PyTorch's conv1d does, the last K - 1 inputs [b, C, K - 1])."""
     K = weight.shape[-1]
     if window is None:
         window = jnp.zeros((xbc.shape[0], xbc.shape[2], K - 1), xbc.dtype)
     padded = jnp.concatenate([jnp.swapaxes(window, 1, 2).astype(xbc.dtype), xbc], axis=1)
     T = xbc.shape[1]
-    out = sum(padded[:, k : k + T] * weight[:, k] for k in range(K))
+    f32 = padded.astype(jnp.float32)
+    out = sum(f32[:, k : k + T] * weight[:, k].astype(jnp.float32) for k in range(K))
     if bias is not None:
-        out = out + bias
-    return out, jnp.swapaxes(padded[:, T:], 1, 2)
+        out = out + bias.astype(jnp.float32)
+    return out.astype(xbc.dtype), jnp.swapaxes(padded[:, T:], 1, 2)
 
 
 class GatedRMSNorm(nnx.Module):
@@ -158,7 +160,8 @@ def scan_tokens(conv, ssm, xbc, dt, row, slots, fresh, valid, mixer: Mamba2Mixer
         x_t, dt_t, s, new, ok = token
         window = jnp.where(new, jnp.zeros_like(conv[s]), conv[s])
         taps = jnp.concatenate([window, x_t[:, None].astype(window.dtype)], axis=1)  # [C, K]
-        out = jnp.sum(taps * weight, axis=1) + (0 if bias is None else bias)
+        out = jnp.sum(taps.astype(jnp.float32) * weight.astype(jnp.float32), axis=1)
+        out = (out + (0 if bias is None else bias.astype(jnp.float32))).astype(x_t.dtype)
         out = jax.nn.silu(out).astype(jnp.float32)
         x, b, c = jnp.split(out, [H * P, H * P + G * N])
         b = jnp.repeat(b.reshape(G, N), H // G, axis=0)
