@@ -341,3 +341,24 @@ def test_bamba_serves_from_state_pages_in_place_and_matches_its_dense_run():
     assert state.ssm.is_deleted() and state.conv.is_deleted()
     written = np.asarray(out.state.ssm)[:, :, pages[0, :, 0]]
     assert np.abs(written).max() > 0 and not np.asarray(out.state.ssm)[:, :, 0].any()
+
+
+def test_serving_refuses_a_hybrid_whose_pool_splits_its_attention_layers():
+    """4 attention layers and 1 Mamba layer: vLLM's grouping of the pool makes 4 attention
+    groups of 1 layer, the KV cache's own grouping 1 group of 4: refused before anything is
+    allocated, naming both."""
+    arch = models.read_architecture(
+        {**TINY, "num_hidden_layers": 5, "attn_layer_indices": [0, 1, 2, 3]}
+    )
+
+    class Stub:  # serve reads the architecture before it builds anything
+        pass
+
+    stub = Stub()
+    stub.arch = arch
+    spec = models.cache_spec(arch, page_size=4, longest=16, max_seqs=2, budget=8)
+    mesh = jax.make_mesh((1, 1), ("data", "model"), devices=jax.devices()[:1])
+    requests = [models.Request(0, [1, 2, 3], 2)]
+    with pytest.raises(NotImplementedError, match=r"attention groups .* differ from the KV"):
+        models.serve(stub, spec, mesh, requests, max_seqs=2, budget=8)
+    assert requests[0].computed == 0 and not requests[0].logits
