@@ -72,8 +72,10 @@ class StateShape(NamedTuple):
       conv: shape of the convolution state, ``(conv_kernel - 1, conv_dim)``.
       ssm: shape of the SSM state ``(heads, head_dim, state_size)`` (Mamba-2), or the recurrent
         state ``(value_heads, key_head_dim, value_head_dim)`` (gated DeltaNet).
-      conv_dtype / ssm_dtype: their dtypes (the model's; the SSM state's is
-        ``mamba_ssm_cache_dtype`` where the config sets one, as vLLM reads it).
+      conv_dtype / ssm_dtype: their dtypes: the convolution state in the model's dtype; a
+        Mamba-2 SSM state in float32 (transformers keeps its scan's float32 result, and
+        kvshard.models caches that) unless the config sets ``mamba_ssm_cache_dtype`` (vLLM's
+        setting); gated DeltaNet's recurrent state in the model's dtype.
       heads: the heads the state splits into (tensor parallelism shards them).
     """
 
@@ -221,7 +223,9 @@ def _blocks(config: Mapping[str, Any], model_type: str, where: str) -> list[list
 
 def _mamba2_state(config: Mapping[str, Any], model_type: str, where: str) -> StateShape:
     dtype = _dtype(config, "torch_dtype", _dtype(config, "dtype", "bfloat16", where), where)
-    ssm_dtype = _dtype(config, "mamba_ssm_cache_dtype", dtype, where)
+    # The SSM state stays float32, as transformers keeps the float32 result of its scan and
+    # kvshard.models caches it; a config's mamba_ssm_cache_dtype (vLLM's setting) overrides.
+    ssm_dtype = _dtype(config, "mamba_ssm_cache_dtype", "float32", where)
     if model_type == "nemotron_h":
         heads = _int(config, "mamba_num_heads", 128, where)
         head_dim = _int(config, "mamba_head_dim", 64, where)

@@ -176,13 +176,17 @@ def test_hybrid_layers_of_each_family():
     assert nemo.layer_types == (M, M, F, M) and nemo.model_layer == (0, 2, 3, 6)
     conv_dim = 128 * 64 + 2 * 8 * 128  # heads * head_dim + 2 * groups * state (defaults)
     assert nemo.state.conv == (3, conv_dim) and nemo.state.ssm == (128, 64, 128)
-    bamba = hybrid_layers(
-        {"model_type": "bamba", "num_hidden_layers": 4, "attn_layer_indices": [1]}
-        | {"hidden_size": 64, "mamba_n_heads": 4, "mamba_d_state": 8, "mamba_n_groups": 2}
-    )
+    bamba_config = {"model_type": "bamba", "num_hidden_layers": 4, "attn_layer_indices": [1]}
+    bamba_config |= {"hidden_size": 64, "mamba_n_heads": 4, "mamba_d_state": 8, "mamba_n_groups": 2}
+    bamba = hybrid_layers(bamba_config)
     assert bamba.layer_types == (M, F, M, M)
     assert bamba.state.ssm == (4, 32, 8)  # head_dim = 2 * 64 / 4
-    assert bamba.state.nbytes == (3 * (128 + 2 * 2 * 8) + 4 * 32 * 8) * 2  # bfloat16
+    # conv in the model's dtype (bfloat16 by default), the SSM state in float32
+    assert bamba.state.nbytes == 3 * (128 + 2 * 2 * 8) * 2 + 4 * 32 * 8 * 4
+    assert (
+        hybrid_layers({**bamba_config, "mamba_ssm_cache_dtype": "bfloat16"}).state.nbytes
+        == (3 * (128 + 2 * 2 * 8) + 4 * 32 * 8) * 2
+    )
     granite = {"model_type": "granitemoehybrid", "num_hidden_layers": 2, "hidden_size": 64}
     granite["layer_types"] = ["mamba", "attention"]
     assert hybrid_layers(granite).layer_types == (M, F)
@@ -228,12 +232,12 @@ def test_plan_of_a_hybrid_config(tmp_path, capsys):
     assert main([*argv, "--page-size", "16", "--context", "32768", "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)
     # 3 attention + 29 mamba layers: groups of 3. State per layer: conv 3 x (8192 + 2 * 128)
-    # + ssm 128 x 64 x 128, bfloat16 = 2,147,840 bytes; per device (tp 4) 536,960; a state
-    # page of 3 layers 1,610,880. An attention token: 3 layers x K,V x 2 heads x 128 x 2 bytes
-    # = 3,072 bytes; 1,610,880 / (16 x 3,072) = 32.8 -> 33 blocks of 16 = 528 tokens.
-    assert plan["state"]["bytes_per_layer"] == 2_147_840
-    assert plan["page_size"] == 528
-    assert plan["page_bytes"] == 528 * 3072
+    # bfloat16 + ssm 128 x 64 x 128 float32 = 4,244,992 bytes; per device (tp 4) 1,061,248;
+    # a state page of 3 layers 3,183,744. An attention token: 3 layers x K,V x 2 heads x 128
+    # x 2 bytes = 3,072; 3,183,744 / (16 x 3,072) = 64.8 -> 65 blocks of 16 = 1,040 tokens.
+    assert plan["state"]["bytes_per_layer"] == 4_244_992
+    assert plan["page_size"] == 1040
+    assert plan["page_bytes"] == 1040 * 3072
     assert len(plan["kv_cache_groups"]) == 1 + 10
 
 
