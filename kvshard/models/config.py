@@ -452,8 +452,6 @@ def _bamba(
             _float(limit[0], "time_step_limit", where),
             _float(limit[1], "time_step_limit", where),
         ),
-        # transformers keeps the SSM state its float32 scan returns; a config's
-        # mamba_ssm_cache_dtype (vLLM's setting) overrides it.
-        ssm_dtype=state.ssm_dtype if config.get("mamba_ssm_cache_dtype") else "float32",
+        ssm_dtype=state.ssm_dtype,  # float32 unless mamba_ssm_cache_dtype (hybrid_layers)
     )
     return spec, ["mamba" if t == MAMBA else "attention" for t in hybrid.layer_types]
