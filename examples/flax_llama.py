@@ -5,7 +5,8 @@ Two modes:
 
 * ``--checkpoint DIR``: a Hugging Face checkpoint from a local folder (config.json and one or
   sharded safetensors files; Llama, Mistral, Qwen2/3, Gemma 1/2/3, gpt-oss with its attention
-  sinks, DeepSeek-V3 with its latent attention and routed experts; see docs/models.md),
+  sinks, DeepSeek-V3 with its latent attention and routed experts, Bamba's Mamba-2 /
+  attention hybrid with its per-request state in the pool's state pages; see docs/models.md),
   weights in the checkpoint's dtype, sharded over the tensor-parallel mesh axis like the
   cache. Serves every prompt of ``--prompts`` (a JSON list of token-id lists) greedily for
   ``--max-new-tokens`` tokens and writes ``--logits-out`` (npz: ``tokens_i`` int32

@@ -8,8 +8,11 @@ rope_theta=500000.0, rope_scaling llama3 (factor 32, low 1, high 4, original 819
 sliding_window=None (Mistral v0.3); mistral_7b no argument at all (MistralConfig's defaults:
 Mistral 7B v0.1); qwen2 tie_word_embeddings=True; qwen3, gemma head_dim=16; gemma2,
 gemma3_text head_dim=16, sliding_window=8; gpt_oss head_dim=16, num_local_experts=4,
-sliding_window=8. transformers 4.x writes MistralConfig's ``"head_dim": null``; 5.x writes
-``rope_parameters`` instead of ``rope_theta`` + ``rope_scaling``.
+sliding_window=8; bamba (HYBRID_FAMILIES: BambaConfig, dtype bfloat16) vocab 128, hidden 64,
+intermediate 128, 6 layers, 4 heads, 2 KV heads, attn_layer_indices=[2, 5], mamba_n_heads=8,
+mamba_d_state=16, mamba_n_groups=2, mamba_chunk_size=8. transformers 4.x writes
+MistralConfig's ``"head_dim": null``; 5.x writes ``rope_parameters`` instead of
+``rope_theta`` + ``rope_scaling``.
 
 The MLA families (:data:`MLA_FAMILIES`): ``DeepseekV3Config(**SMALL, dtype="bfloat16",
 kv_lora_rank=32, q_lora_rank=48, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
@@ -50,6 +53,9 @@ FAMILIES = (
 MLA_FAMILIES = ("deepseek_v3", "kimi_k2")
 # DeepSeek-V3's architecture without a query LoRA (read by kvshard.models, not the planner).
 MLA_NO_Q_LORA = "deepseek_v3_no_q_lora"
+
+# Mamba-2 hybrids, read by kvshard.models (their state layers are not in FAMILIES' KV checks).
+HYBRID_FAMILIES = ("bamba",)
 
 
 def config(version: str, family: str) -> dict[str, Any]:
@@ -954,5 +960,95 @@ CONFIG_JSON: dict[tuple[str, str], str] = {
   "use_cache": true,
   "v_head_dim": 16,
   "vocab_size": 128
+}""",
+    ("4.57.6", "bamba"): """{
+  "attention_bias": false,
+  "attention_dropout": 0.0,
+  "attn_layer_indices": [
+    2,
+    5
+  ],
+  "bos_token_id": 1,
+  "dtype": "bfloat16",
+  "eos_token_id": 2,
+  "hidden_act": "silu",
+  "hidden_size": 64,
+  "initializer_range": 0.02,
+  "intermediate_size": 128,
+  "mamba_chunk_size": 8,
+  "mamba_conv_bias": true,
+  "mamba_d_conv": 4,
+  "mamba_d_head": 16,
+  "mamba_d_state": 16,
+  "mamba_expand": 2,
+  "mamba_n_groups": 2,
+  "mamba_n_heads": 8,
+  "mamba_proj_bias": false,
+  "max_position_embeddings": 262144,
+  "mlp_bias": false,
+  "model_type": "bamba",
+  "num_attention_heads": 4,
+  "num_hidden_layers": 6,
+  "num_key_value_heads": 2,
+  "num_logits_to_keep": 1,
+  "pad_token_id": 0,
+  "partial_rotary_factor": 0.5,
+  "rms_norm_eps": 1e-05,
+  "rope_scaling": null,
+  "rope_theta": 10000.0,
+  "tie_word_embeddings": false,
+  "transformers_version": "4.57.6",
+  "use_cache": true,
+  "vocab_size": 128,
+  "z_loss_coefficient": 0.0
+}""",
+    ("5.25.0", "bamba"): """{
+  "attention_bias": false,
+  "attention_dropout": 0.0,
+  "attn_layer_indices": [
+    2,
+    5
+  ],
+  "bos_token_id": 1,
+  "dtype": "bfloat16",
+  "eos_token_id": 2,
+  "hidden_act": "silu",
+  "hidden_size": 64,
+  "initializer_range": 0.02,
+  "intermediate_size": 128,
+  "mamba_chunk_size": 8,
+  "mamba_conv_bias": true,
+  "mamba_d_conv": 4,
+  "mamba_d_head": 16,
+  "mamba_d_state": 16,
+  "mamba_expand": 2,
+  "mamba_n_groups": 2,
+  "mamba_n_heads": 8,
+  "mamba_proj_bias": false,
+  "max_position_embeddings": 262144,
+  "mlp_bias": false,
+  "model_type": "bamba",
+  "num_attention_heads": 4,
+  "num_hidden_layers": 6,
+  "num_key_value_heads": 2,
+  "num_logits_to_keep": 1,
+  "pad_token_id": 0,
+  "rms_norm_eps": 1e-05,
+  "rope_parameters": {
+    "partial_rotary_factor": 0.5,
+    "rope_theta": 10000.0,
+    "rope_type": "default"
+  },
+  "tie_word_embeddings": false,
+  "time_step_limit": [
+    0.0,
+    {
+      "__float__": "Infinity"
+    }
+  ],
+  "transformers_version": "5.25.0",
+  "use_cache": true,
+  "vocab_size": 128,
+  "z_loss_coefficient": 0.0
 }""",
 }

@@ -26,12 +26,15 @@ from kvshard._config import (
     load_config,
     positive_int,
 )
+from kvshard._layer_types import FULL, LayerType
+from kvshard._state_layers import MAMBA, hybrid_layers
 
 __all__ = [
     "ARCHITECTURES",
     "Architecture",
     "LayerSpec",
     "MLASpec",
+    "MambaSpec",
     "RopeSpec",
     "RoutedMoESpec",
     "read_architecture",
@@ -49,6 +52,7 @@ ARCHITECTURES = (
     "gpt_oss",
     "deepseek_v3",
     "kimi_k2",
+    "bamba",
 )
 # DeepSeek-V3's architecture (Kimi-K2 checkpoints reuse it under their own model_type):
 # multi-head latent attention and a mixture of experts with shared experts.
@@ -91,11 +95,46 @@ class RopeSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class MambaSpec:
+    """A Mamba-2 mixer's shapes (Bamba's ``mamba_*`` config keys).
+
+    ``num_heads`` heads of ``head_dim`` channels, ``num_groups`` groups of B/C of
+    ``state_size`` each, a depthwise causal conv of ``conv_kernel`` taps over
+    ``conv_dim = num_heads * head_dim + 2 * num_groups * state_size`` channels, the SSD scan in
+    chunks of ``chunk_size`` (dense path), dt clamped to ``time_step_limit`` after softplus.
+    ``ssm_dtype``: the stored SSM state's dtype: float32 (what transformers keeps: its scan
+    runs in float32), or the config's ``mamba_ssm_cache_dtype``.
+    """
+
+    num_heads: int
+    head_dim: int
+    num_groups: int
+    state_size: int
+    conv_kernel: int
+    chunk_size: int
+    conv_bias: bool
+    proj_bias: bool
+    time_step_limit: tuple[float, float]
+    ssm_dtype: str = "float32"
+
+    @property
+    def intermediate_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def conv_dim(self) -> int:
+        return self.intermediate_size + 2 * self.num_groups * self.state_size
+
+
+@dataclasses.dataclass(frozen=True)
 class LayerSpec:
-    """Per-layer attention: the sliding window (None: full attention) and the rotary embedding."""
+    """Per-layer mixer: attention with its sliding window (None: full attention) and rotary
+    embedding, or (``mixer="mamba"``) a Mamba-2 layer, which keeps per-request state instead
+    of K/V (the window and rope are then unused)."""
 
     window: int | None
     rope: RopeSpec
+    mixer: str = "attention"
 
     @property
     def layer_type(self) -> tuple[str] | tuple[str, int]:
@@ -188,6 +227,7 @@ class Architecture:
         query/key head dim ``qk_nope_head_dim + qk_rope_head_dim`` and ``sm_scale`` includes
         YaRN's ``mscale_all_dim`` factor), else None.
       routed_moe: DeepSeek-V3's mixture of experts (:class:`RoutedMoESpec`), else None.
+      mamba: the Mamba-2 mixers' shapes of a hybrid (Bamba), else None.
     """
 
     model_type: str
@@ -221,6 +261,24 @@ class Architecture:
     layers: tuple[LayerSpec, ...]
     mla: MLASpec | None = None
     routed_moe: RoutedMoESpec | None = None
+    mamba: MambaSpec | None = None
+
+    @property
+    def attention_layers(self) -> tuple[int, ...]:
+        """Indices of the attention layers (every layer but a hybrid's Mamba layers)."""
+        return tuple(i for i, layer in enumerate(self.layers) if layer.mixer == "attention")
+
+    @property
+    def mamba_layers(self) -> tuple[int, ...]:
+        """Indices of the Mamba-2 layers (none but in a hybrid)."""
+        return tuple(i for i, layer in enumerate(self.layers) if layer.mixer == "mamba")
+
+    @property
+    def cache_layer_types(self) -> tuple[LayerType, ...]:
+        """Every layer's cache type, for :class:`kvshard.PageAllocator` ``layer_types``:
+        ``("mamba",)`` for a Mamba-2 layer (one state page per request, a state group),
+        else the attention type. Equal to :attr:`layer_types` without Mamba layers."""
+        return tuple(MAMBA if layer.mixer == "mamba" else layer.layer_type for layer in self.layers)
 
     @property
     def moe(self) -> bool:
@@ -229,15 +287,17 @@ class Architecture:
 
     @property
     def layer_types(self) -> tuple[tuple[str] | tuple[str, int], ...]:
-        """One attention type per layer (:attr:`LayerSpec.layer_type`): what the cache's
-        layer groups are built from, so a mixed model's local layers hold only their window."""
-        return tuple(layer.layer_type for layer in self.layers)
+        """One attention type per attention layer (:attr:`LayerSpec.layer_type`), in order:
+        what the KV cache's layer groups are built from, so a mixed model's local layers hold
+        only their window. A hybrid's Mamba layers hold no K/V (their state is in
+        :mod:`kvshard.models.state_cache`), so KV-cache layer j is attention layer j."""
+        return tuple(self.layers[i].layer_type for i in self.attention_layers)
 
     @property
     def uniform_window(self) -> int | None:
-        """The window when every layer has the same one (a page allocator can then release
-        out-of-window pages), else None."""
-        windows = {layer.window for layer in self.layers}
+        """The window when every attention layer has the same one (a page allocator can then
+        release out-of-window pages), else None."""
+        windows = {self.layers[i].window for i in self.attention_layers}
         return windows.pop() if len(windows) == 1 else None
 
     def with_window(self, window: int | None) -> Architecture:
@@ -335,6 +395,10 @@ def read_architecture(config: Mapping[str, Any] | str | Path) -> Architecture:
     )
     sm_scale = float(query_scalar) ** -0.5 if gemma and query_scalar else head_dim**-0.5
     ropes = _ropes(config, model_type, where)
+    mamba, mixers = None, ["attention"] * geometry.num_layers
+    if model_type == "bamba":
+        mamba, mixers = _bamba(config, hidden, geometry.num_layers, where)
+        ropes = {k: _partial_rope(config, v) for k, v in ropes.items()}
     # Each layer's window from the geometry; its rotary embedding by its Hugging Face layer
     # type, which picks the rope even where no window applies (a Gemma config without one).
     names = hf_layer_names(config, geometry.num_layers, where)
@@ -345,7 +409,8 @@ def read_architecture(config: Mapping[str, Any] | str | Path) -> Architecture:
                 f"{where}: layer {i} has layer type 'chunked_attention' (chunk {size[0]}); "
                 "kvshard.models serves full_attention and sliding_attention layers"
             )
-        layers.append(LayerSpec(size[0] if kind == "sliding" else None, ropes[name]))
+        window = size[0] if kind == "sliding" else None
+        layers.append(LayerSpec(window, ropes[name], mixers[i]))
     return Architecture(
         model_type=model_type,
         vocab_size=positive_int(config, "vocab_size", where),
@@ -355,7 +420,9 @@ def read_architecture(config: Mapping[str, Any] | str | Path) -> Architecture:
         num_heads=heads,
         num_kv_heads=kv_heads,
         head_dim=head_dim,
-        rms_norm_eps=float(config_value(config, "rms_norm_eps", 1e-6)),
+        rms_norm_eps=float(
+            config_value(config, "rms_norm_eps", 1e-5 if model_type == "bamba" else 1e-6)
+        ),
         dtype=geometry.dtype or "float32",
         activation=_ACTIVATIONS[act_name],
         norm_offset=1.0 if gemma else 0.0,
@@ -380,6 +447,7 @@ def read_architecture(config: Mapping[str, Any] | str | Path) -> Architecture:
         swiglu_alpha=float(config_value(config, "swiglu_alpha", 1.702)),
         swiglu_limit=float(config_value(config, "swiglu_limit", 7.0)),
         layers=tuple(layers),
+        mamba=mamba,
     )
 
 
@@ -508,3 +576,76 @@ def _read_deepseek(config: Mapping[str, Any], model_type: str, where: str) -> Ar
         mla=mla,
         routed_moe=routed,
     )
+
+
+def _partial_rope(config: Mapping[str, Any], rope: RopeSpec) -> RopeSpec:
+    """Bamba rotates the first half of each head (``partial_rotary_factor`` 0.5: transformers'
+    BambaConfig sets it whatever the config says; a config that names it is read)."""
+    if rope.get("partial_rotary_factor") is not None:
+        return rope
+    factor = float(config_value(config, "partial_rotary_factor", 0.5))
+    params = tuple(sorted({**dict(rope.params), "partial_rotary_factor": factor}.items()))
+    return dataclasses.replace(rope, params=params)
+
+
+def _float(value: Any, field: str, where: str) -> float:
+    """A JSON number, or transformers 5's ``{"__float__": "Infinity"}`` spelling of one."""
+    if isinstance(value, Mapping) and set(value) == {"__float__"}:
+        value = value["__float__"]
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: {field} entry {value!r} is not a number") from None
+
+
+def _bamba(
+    config: Mapping[str, Any], hidden: int, num_layers: int, where: str
+) -> tuple[MambaSpec, list[str]]:
+    """Bamba's Mamba-2 shapes and each layer's mixer, its layers and state shape as
+    :func:`kvshard._state_layers.hybrid_layers` reads them (attention at
+    ``attn_layer_indices``, or a saved ``layers_block_type``); the keys only the model reads
+    (chunk size, biases, dt limits) here."""
+    try:
+        hybrid = hybrid_layers(config, where=where)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if len(hybrid.layer_types) != num_layers:
+        raise ConfigError(f"{where}: {len(hybrid.layer_types)} cache layers for {num_layers}")
+    if MAMBA not in hybrid.layer_types or FULL not in hybrid.layer_types:
+        raise ConfigError(
+            f"{where}: attn_layer_indices={config.get('attn_layer_indices')!r}: kvshard.models "
+            "serves hybrids with at least one attention and one Mamba-2 layer"
+        )
+    state = hybrid.state
+    heads, head_dim, state_size = state.ssm
+    kernel, conv_dim = state.conv[0] + 1, state.conv[1]
+    groups = (conv_dim - heads * head_dim) // (2 * state_size)
+    expand = positive_int(config, "mamba_expand", where, 2)
+    if heads * head_dim != expand * hidden:
+        raise ConfigError(
+            f"{where}: mamba_d_head={head_dim} x mamba_n_heads={heads} must equal "
+            f"mamba_expand x hidden_size = {expand * hidden}"
+        )
+    if heads % groups:
+        raise ConfigError(
+            f"{where}: mamba_n_heads={heads} is not a multiple of mamba_n_groups={groups}"
+        )
+    limit = config_value(config, "time_step_limit", [0.0, math.inf])
+    if not isinstance(limit, list | tuple) or len(limit) != 2:
+        raise ConfigError(f"{where}: time_step_limit={limit!r} must be [low, high]")
+    spec = MambaSpec(
+        num_heads=heads,
+        head_dim=head_dim,
+        num_groups=groups,
+        state_size=state_size,
+        conv_kernel=kernel,
+        chunk_size=positive_int(config, "mamba_chunk_size", where, 256),
+        conv_bias=bool(config_value(config, "mamba_conv_bias", True)),
+        proj_bias=bool(config_value(config, "mamba_proj_bias", False)),
+        time_step_limit=(
+            _float(limit[0], "time_step_limit", where),
+            _float(limit[1], "time_step_limit", where),
+        ),
+        ssm_dtype=state.ssm_dtype,  # float32 unless mamba_ssm_cache_dtype (hybrid_layers)
+    )
+    return spec, ["mamba" if t == MAMBA else "attention" for t in hybrid.layer_types]

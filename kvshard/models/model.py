@@ -100,6 +100,7 @@ class Attention(nnx.Module):
     def __init__(self, arch: Architecture, layer: int, rngs: nnx.Rngs):
         d, H, Hkv, D = arch.hidden_size, arch.num_heads, arch.num_kv_heads, arch.head_dim
         self.arch, self.layer, self.spec = arch, layer, arch.layers[layer]  # static
+        self.cache_layer = arch.attention_layers.index(layer)  # a hybrid's Mamba layers: no K/V
         self.q_proj = _linear(d, H * D, arch.qkv_bias, arch, rngs)
         self.k_proj = _linear(d, Hkv * D, arch.qkv_bias, arch, rngs)
         self.v_proj = _linear(d, Hkv * D, arch.qkv_bias, arch, rngs)
@@ -123,11 +124,11 @@ class Attention(nnx.Module):
             out = dense_attention(q, k, v, self.spec, arch, sinks)
         else:  # write this step's K/V first, so new tokens also attend to themselves
             check_servable(arch)
-            cache = kvshard.update(cache, self.layer, k, v, step)
+            cache = kvshard.update(cache, self.cache_layer, k, v, step)
             extra = {} if sinks is None else {"sinks": sinks.astype(jnp.float32)}
             out = kvshard.attention(
                 cache,
-                self.layer,
+                self.cache_layer,
                 q,
                 step,
                 sm_scale=arch.sm_scale,
@@ -252,21 +253,33 @@ class Decoder(nnx.Module):
 
 
 class CausalLM(nnx.Module):
-    """``model(tokens, positions, cache=None, step=None) -> (logits, cache)``.
+    """``model(tokens, positions, cache=None, step=None, pages=None) -> (logits, cache)``.
 
     tokens, positions: int32[G, T]; logits: arch.dtype[G, T, vocab]. A model with attention
     sinks (gpt-oss) runs densely; paged, it raises NotImplementedError until
-    :func:`kvshard.attention` takes ``sinks`` (:func:`check_servable`).
+    :func:`kvshard.attention` takes ``sinks`` (:func:`check_servable`). A Mamba-2 hybrid
+    (``arch.mamba``) has a :class:`~kvshard.models.hybrid.HybridDecoder`; paged, its cache is
+    a :class:`~kvshard.models.state_cache.HybridCache` and ``pages`` int32[G, S, R] gives each
+    request row's state page in each of the S state groups.
     """
 
     def __init__(self, arch: Architecture, rngs: nnx.Rngs):
         self.arch = arch
-        self.model = Decoder(arch, rngs)
+        self.model: nnx.Module
+        if arch.mamba is not None:
+            from kvshard.models.hybrid import HybridDecoder  # imports this module
+
+            self.model = HybridDecoder(arch, rngs)
+        else:
+            self.model = Decoder(arch, rngs)
         if not arch.tie_word_embeddings:
             self.lm_head = _linear(arch.hidden_size, arch.vocab_size, False, arch, rngs)
 
-    def __call__(self, tokens, positions, cache=None, step=None):
-        h, cache = self.model(tokens, positions, cache, step)
+    def __call__(self, tokens, positions, cache=None, step=None, pages=None):
+        if self.arch.mamba is not None:
+            h, cache = self.model(tokens, positions, cache, step, pages)
+        else:
+            h, cache = self.model(tokens, positions, cache, step)
         if self.arch.tie_word_embeddings:
             logits = self.model.embed_tokens.attend(h)
         else:

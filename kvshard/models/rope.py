@@ -12,11 +12,14 @@ float64 NumPy once per layer kind, following transformers' ``modeling_rope_utils
   correction range, plus the mscale attention factor.
 
 :func:`apply_rope` rotates the two halves of the head dimension (the layout of every Hugging
-Face checkpoint here), with cos/sin cast to the activations' dtype as transformers does.
+Face checkpoint here), with cos/sin cast to the activations' dtype as transformers does; with
+a ``partial_rotary_factor`` f (Bamba: 0.5) only the first ``int(f * head_dim)`` dimensions
+rotate (the frequencies are those of that many dimensions) and the rest pass through.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -92,6 +95,11 @@ def inv_freq(rope: RopeSpec, head_dim: int) -> tuple[np.ndarray, float]:
 
 def apply_rope(x, positions, rope: RopeSpec):
     """x: [..., T, H, D] rotated at int32 positions [..., T] (rotate-half convention)."""
+    factor = rope.get("partial_rotary_factor")
+    if factor is not None and int(x.shape[-1] * float(factor)) < x.shape[-1]:
+        rotary = int(x.shape[-1] * float(factor))
+        rotated = apply_rope(x[..., :rotary], positions, _whole(rope))
+        return jnp.concatenate([rotated, x[..., rotary:]], axis=-1)
     freq, scale = inv_freq(rope, x.shape[-1])
     angles = positions[..., None].astype(jnp.float32) * freq  # [..., T, D/2]
     angles = jnp.concatenate([angles, angles], axis=-1)[..., None, :]  # [..., T, 1, D]
@@ -99,3 +107,10 @@ def apply_rope(x, positions, rope: RopeSpec):
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
     return x * cos + rotated * sin
+
+
+def _whole(rope: RopeSpec) -> RopeSpec:
+    """The same rope without its partial_rotary_factor (applied to the rotary dims alone)."""
+    return dataclasses.replace(
+        rope, params=tuple((k, v) for k, v in rope.params if k != "partial_rotary_factor")
+    )

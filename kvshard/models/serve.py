@@ -14,7 +14,10 @@ schedule is its :class:`kvshard.Scheduler`'s. Greedy sampling (``kvshard serve``
 ``max_window_layers``) is served from KV-cache groups in one pool, each group with its own
 page table, so its local layers hold only their window's pages and a page id costs
 ``spec.num_cache_layers`` layers, not ``num_layers``. The pool is sized per group
-(:func:`pages_per_request`).
+(:func:`pages_per_request`). A Mamba-2 hybrid (Bamba) keeps its attention layers' K/V in
+that cache and its Mamba layers' per-request state in the same pool's state groups: the
+allocator takes ``arch.cache_layer_types`` and gives each request one state page per state
+group, which the model reads and writes in place (:mod:`kvshard.models.state_cache`).
 
 :func:`dense_logits` runs the same weights with no cache over each whole sequence: the check
 that every served logit is right.
@@ -35,8 +38,17 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import kvshard
+from kvshard._layer_types import cache_groups, is_state
 from kvshard.allocator import sliding_window_pages
 from kvshard.models.model import check_servable
+from kvshard.models.state_cache import (
+    HybridCache,
+    StateSpec,
+    copy_state_pages,
+    init_state,
+    kv_step,
+    state_layout,
+)
 
 __all__ = [
     "Request",
@@ -63,11 +75,16 @@ class Request:
 
 
 @nnx.jit(donate_argnums=1)
-def serve_step(model, cache, tokens, step):
+def serve_step(model, cache, tokens, step, pages=None):
     """``(logits, cache)`` of one step: tokens int32[G, T] packed as ``step`` (a stacked
     :class:`kvshard.StepMetadata`) says. One jit per step shape; the cache is donated (its
-    buffers are consumed: rebind the returned one) so every layer's update writes in place."""
-    return model(tokens, step.positions, cache, step)
+    buffers are consumed: rebind the returned one) so every layer's update writes in place.
+    A hybrid's cache is a :class:`~kvshard.models.state_cache.HybridCache` (its Mamba state
+    written in place too) and ``pages`` int32[G, S, R] each request row's state page in each
+    of the S state groups."""
+    if pages is None:
+        return model(tokens, step.positions, cache, step)
+    return model(tokens, step.positions, cache, step, pages)
 
 
 def pages_per_request(spec: kvshard.CacheSpec, longest: int, max_new_tokens: int) -> int:
@@ -108,14 +125,15 @@ def cache_spec(
     type (or several of equal size, vLLM's split); False: every layer stored as full
     attention (one group of all layers, each layer still attending through its own window):
     the baseline the groups save memory against. ``num_pages`` is the null page plus
-    ``max_seqs`` times :func:`pages_per_request`, at least ``min_pages``.
+    ``max_seqs`` times :func:`pages_per_request` (plus, for a hybrid, its state groups: one
+    state page per request each), at least ``min_pages``.
     """
     # DeepSeek's latent attention caches one K-only row per token shared by every head (a
     # latent cache: kvshard.models.deepseek.latent_attention), else K/V per KV head.
     heads, dim = (1, arch.mla.latent_dim) if arch.mla else (arch.num_kv_heads, arch.head_dim)
     latent = {"kv_layout": "latent", "kv_lora_rank": arch.mla.kv_lora_rank} if arch.mla else {}
     spec = kvshard.CacheSpec(
-        arch.num_layers,
+        len(arch.layer_types),  # attention layers (a hybrid's Mamba layers keep no K/V)
         heads,
         dim,
         **latent,
@@ -124,7 +142,10 @@ def cache_spec(
         dtype=arch.dtype,
         layer_types=arch.layer_types if grouped else None,
     )
-    pages = 1 + max_seqs * pages_per_request(spec, longest, budget)
+    per_request = pages_per_request(spec, longest, budget)
+    if arch.mamba is not None:  # one state page per request per state group, same pool
+        per_request += state_layout(arch).num_state_groups
+    pages = 1 + max_seqs * per_request
     return dataclasses.replace(spec, num_pages=max(pages, min_pages))
 
 
@@ -172,6 +193,9 @@ def serve(
     # A request of max_new = 0 is scheduled for one token that is not kept (its prompt's
     # logits are all it needs).
     longest = max(len(r.tokens) + max(r.max_new, 1) for r in requests)
+    layer_types, layout = spec.layer_types, None
+    if model.arch.mamba is not None:  # a hybrid: state groups in the same pool
+        layer_types, layout = _hybrid_layer_types(model.arch, spec), state_layout(model.arch)
     allocators = [
         kvshard.PageAllocator(
             spec.num_pages,
@@ -179,7 +203,7 @@ def serve(
             max_requests=max_seqs,
             max_pages_per_request=-(-longest // spec.page_size),
             sliding_window=window,
-            layer_types=spec.layer_types,
+            layer_types=layer_types,
         )
         for _ in range(pools)
     ]
@@ -192,7 +216,11 @@ def serve(
         token_buckets=(budget,),
     )
     schedulers = [kvshard.Scheduler(alloc, config) for alloc in allocators]
-    cache = kvshard.init_cache(spec, mesh, head_axis=model_axis, page_axis=data_axis)
+    cache: Any = kvshard.init_cache(spec, mesh, head_axis=model_axis, page_axis=data_axis)
+    if layout is not None:
+        state = StateSpec.from_arch(model.arch, spec.num_pages)
+        mamba = init_state(state, mesh, head_axis=model_axis, page_axis=data_axis)
+        cache = HybridCache(cache, mamba)
     waiting = [sorted(requests[g::pools], key=lambda r: r.arrival) for g in range(pools)]
     by_id: dict[Any, Request] = {r.id: r for r in requests}
     token_sharding = NamedSharding(mesh, P(data_axis, None))
@@ -213,7 +241,19 @@ def serve(
         peak = max(peak, *(a.num_pages - 1 - a.num_free_pages for a in allocators))
         step = kvshard.stack_steps([out.step for out in outs])
         tokens = jax.device_put(np.stack([out.token_ids for out in outs]), token_sharding)
-        logits, cache = serve_step(model, cache, tokens, step)
+        copies = [out.copy_pairs for out in outs]  # copy-on-write (none without forks)
+        if any(len(c) for c in copies):
+            cache = _copy_pages(cache, copies)
+        if layout is None:
+            logits, cache = serve_step(model, cache, tokens, step)
+        else:  # each scheduled sequence's page in each state group
+            state_pages = np.zeros((pools, layout.num_state_groups, max_seqs), np.int32)
+            for g, (alloc, out) in enumerate(zip(allocators, outs, strict=True)):
+                rows = [alloc.row(seq_id) for seq_id in out.seq_ids]
+                state_pages[g, :, : len(rows)] = alloc.state_pages(rows)
+            pages_on_mesh = jax.device_put(state_pages, NamedSharding(mesh, P(data_axis)))
+            step = kv_step(step, layout.num_kv_groups)  # the KV cache's groups only
+            logits, cache = serve_step(model, cache, tokens, step, pages_on_mesh)
         logits = np.asarray(logits.astype(jnp.float32))
         for g, (scheduler, out) in enumerate(zip(schedulers, outs, strict=True)):
             cu, positions = out.step.cu_q_lens, out.step.positions
@@ -233,6 +273,47 @@ def serve(
     for r in requests:  # no logits after the last token (N = 0: the prompt's last is unused)
         del r.logits[len(r.tokens) - 1 :]
     return steps, peak
+
+
+def _hybrid_layer_types(arch, spec: kvshard.CacheSpec) -> tuple:
+    """The allocator's layer types of a hybrid: ``("mamba",)`` for its Mamba layers, the KV
+    cache's type for its attention layers.
+
+    Raises:
+      NotImplementedError: vLLM's grouping of all the layers splits the attention layers
+        otherwise than the KV cache's grouping of them alone (more attention than Mamba layers
+        by 1.25 times or more): the cache would need the allocator's groups.
+    """
+    kv_types = spec.layer_types or [("full",)] * len(arch.attention_layers)
+    types, attention = list(arch.cache_layer_types), arch.attention_layers
+    for k, layer in enumerate(attention):
+        types[layer] = tuple(kv_types[k])
+    every = cache_groups(tuple(types))
+    mine = [
+        (t, tuple(attention.index(i) for i in layers))
+        for t, layers in zip(every.group_types, every.group_layers, strict=True)
+        if not is_state(t)
+    ]
+    theirs = list(zip(spec.groups.group_types, spec.groups.group_layers, strict=True))
+    if mine != theirs:
+        raise NotImplementedError(
+            f"{arch.model_type}: the pool's attention groups {mine} differ from the KV cache's "
+            f"{theirs}; serving needs a KV cache built on the allocator's groups"
+        )
+    return tuple(types)
+
+
+def _copy_pages(cache, copies: list[np.ndarray]):
+    """The allocators' copy-on-write pairs applied to the KV pages and the state pages (one
+    list per pool, padded with no-op rows to one length)."""
+    width = max(len(c) for c in copies)
+    pairs = np.zeros((len(copies), width, 2), np.int32)
+    for g, c in enumerate(copies):
+        pairs[g, : len(c)] = c
+    if isinstance(cache, HybridCache):
+        kv = kvshard.copy_pages(cache.kv, pairs)
+        return HybridCache(kv, copy_state_pages(cache.state, pairs))
+    return kvshard.copy_pages(cache, pairs)
 
 
 def dense_logits(model, requests: list[Request]) -> list[np.ndarray]:
