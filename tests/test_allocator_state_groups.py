@@ -37,6 +37,7 @@ def test_groups_put_attention_first_and_one_state_page_per_request():
     a.allocate("r", 20)  # growth adds attention pages only
     assert np.array_equal(a.state_pages([row]), states)
     a.check_invariants()
+    assert a.state_pages([]).shape == (2, 0)  # a pool with nothing scheduled this step
 
 
 def test_fork_copies_the_state_on_write():

@@ -245,6 +245,7 @@ class PageAllocator:
                 f"state_pages: rows[{int(bad[0])}]={int(array[bad[0]])} must be in "
                 f"[0, max_requests={self.max_requests})"
             )
+        array = array.astype(np.intp, copy=False)  # an empty list arrives as float64
         tables = self._parts.tables
         out = np.zeros((len(self.state_groups), array.size), np.int32)
         for s, g in enumerate(self.state_groups):
