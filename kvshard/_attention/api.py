@@ -41,7 +41,13 @@ from kvshard._attention.xla import local_xla
 from kvshard._drop import route_layer
 from kvshard._eager import EAGER_CALLS, placed_metadata
 from kvshard._layer_types import LayerType
-from kvshard._layout import INT32_MAX, check_query_heads
+from kvshard._layout import (
+    INT32_MAX,
+    QUANTIZED_DTYPES,
+    check_query_heads,
+    check_scale,
+    needs_scales,
+)
 from kvshard._platform import resolve_attention_backend
 from kvshard._sharding import place_all, to_spec
 from kvshard._types import Backend, BackendOptions
@@ -244,6 +250,26 @@ def _check_sinks(sinks: Any, num_q_heads: int, backend: str, jax_kernel: bool) -
     return sinks if host.dtype_of(sinks) == np.float32 else jnp.asarray(sinks, jnp.float32)
 
 
+def _check_q_scale(q_scale: Any, dtype: str, backend: str, jax_kernel: bool) -> float | None:
+    """``q_scale`` as a float (or None): a quantized cache's scale rule (``check_scale``);
+    refused on an unquantized cache and by JAX's pallas kernel (it has no q scale)."""
+    if q_scale is None:
+        return None
+    scale = check_scale("q_scale", q_scale, dtype)
+    if not needs_scales(dtype):
+        raise ValueError(
+            f"q_scale={q_scale!r} needs a quantized cache ({', '.join(QUANTIZED_DTYPES)}): "
+            f"this one stores {dtype}, which q is used in as is (pass q_scale=None)"
+        )
+    if backend == "pallas" and jax_kernel:
+        raise NotImplementedError(
+            "q_scale= is not supported with backend='pallas' and JAX's kernel: JAX's "
+            "ragged_paged_attention has no q scale; use kvshard's kernel "
+            "(BackendOptions(pallas_kernel='kvshard'), the default) or backend='xla'"
+        )
+    return scale
+
+
 def attention(
     cache: KVCache,
     layer: int | jax.Array,
@@ -259,6 +285,7 @@ def attention(
     options: BackendOptions | None = None,
     checks: bool = False,
     metadata: StepMetadata | None = None,
+    q_scale: float | None = None,
 ) -> jax.Array:
     """Ragged paged attention of one layer, per device on the heads it owns, in place.
 
@@ -309,6 +336,14 @@ def attention(
         range, ``num_seqs`` out of range, the first request out of contract) as an error
         raised by a host callback, as :func:`kvshard.update` does. No effect when concrete.
       metadata: deprecated keyword spelling of ``step``.
+      q_scale: per-tensor q scale of a quantized cache (int8 or float8), the ``q_scale`` of
+        tpu-inference's ragged paged attention v3: q holds real values and is quantized to
+        the cache's storage dtype as K/V are, ``stored_q = quantize(q, q_scale, dtype)``
+        (q / q_scale, saturated to the dtype's finite range; :func:`kvshard.quant.quantize`),
+        and the scores are ``sm_scale · q_scale · k_scale · (stored_q · stored_k)``, i.e. those
+        of the dequantized ``stored_q · q_scale``. A Python float within the
+        scale bounds of the cache's dtype (the rule of ``CacheSpec.k_scale``/``v_scale``);
+        refused on an unquantized cache and with JAX's pallas kernel. None: q is used as is.
 
     Returns:
       q.dtype[T, Hq, D] (or [dp, T, Hq, D]) sharded like ``q``: per device [T, Hq/tp, D].
@@ -319,7 +354,7 @@ def attention(
       TypeError: wrong cache or step type, q or sinks not floating, step fields not integer
         (int32 when traced), layer not an integer scalar, sm_scale or soft_cap not a float.
       NotImplementedError: with JAX's pallas kernel (``pallas_kernel="jax"`` or an
-        ``attention_kernel``): sinks or a chunked read (JAX's kernel has neither), or a
+        ``attention_kernel``): sinks, q_scale or a chunked read (JAX's kernel has neither), or a
         ``kv_layout="packed"`` cache (it reads interleaved rows only).
       ValueError: wrong shapes (q's tokens other than the step's), a step built for another
         geometry, head counts that do not divide, a donated cache, concrete layer or metadata
@@ -327,7 +362,8 @@ def attention(
         its query count, a page id outside the pool), a bad window, scale or soft cap, sinks
         not of shape [Hq] or holding NaN or +inf; with ``layer_types``: a window or
         ``layer_type`` other than a concrete layer's own, none for a traced layer over
-        layers of several types (see ``sliding_window``), or a ``layer_type`` no layer has.
+        layers of several types (see ``sliding_window``), or a ``layer_type`` no layer has;
+        q_scale on an unquantized cache, or not a positive finite float within its bounds.
     """
     if not isinstance(cache, KVCache) and isinstance(layer, KVCache):
         warnings.warn(
@@ -344,20 +380,24 @@ def attention(
             "attention(metadata=) is deprecated: pass step", DeprecationWarning, stacklevel=2
         )
         step = metadata
-    eager = eager_attention_key(
-        _FIELDS,
-        cache,
-        layer,
-        q,
-        step,
-        sm_scale,
-        sliding_window,
-        layer_type,
-        soft_cap,
-        sinks,
-        backend,
-        options,
-        checks,
+    eager = (
+        None
+        if q_scale is not None
+        else eager_attention_key(
+            _FIELDS,
+            cache,
+            layer,
+            q,
+            step,
+            sm_scale,
+            sliding_window,
+            layer_type,
+            soft_cap,
+            sinks,
+            backend,
+            options,
+            checks,
+        )
     )
     out = None if eager is None else known_call(_read, eager, cache, layer, q)
     if out is not None:  # this call passed every check but the layer's before
@@ -376,6 +416,7 @@ def attention(
         options=options,
         checks=checks,
         eager=eager,
+        q_scale=q_scale,
     )
     return _read(*args, **kwargs)
 
@@ -395,6 +436,7 @@ def checked_read_args(
     options,
     checks,
     eager=None,
+    q_scale=None,
 ):
     """:func:`attention`'s host checks and placement: ``(args, kwargs)`` of ``_read``
     (``(cache, layer, q, fields, sinks)``; ``backend``, ``statics``, ``checks``, ``read``).
@@ -415,6 +457,7 @@ def checked_read_args(
         cap,
         options,
         read.chunk_size,
+        _check_q_scale(q_scale, cache.spec.dtype, resolved, options.jax_attention_kernel),
     )
     spec, pooled = cache.spec, cache.page_axis is not None
     lead = (cache.dp,) if pooled else ()
