@@ -123,6 +123,7 @@ def _attention_key(cache, layer, q, step, given: attention_op.ReadOptions):
         or given.sinks is not None
         or type(given.sm_scale) is not float
         or not (given.soft_cap is None or type(given.soft_cap) is float)
+        or not (given.q_scale is None or type(given.q_scale) is float)
         or not (given.sliding_window is None or type(given.sliding_window) is int)
         or not (given.layer_type is None or _plain_tuple(given.layer_type))
         or not _plain_statics(given.backend, given.options, given.checks)
@@ -479,6 +480,7 @@ def attention(
     options: BackendOptions | None = None,
     checks: bool = False,
     metadata: StepMetadata | None = None,
+    q_scale: float | None = None,
 ) -> jax.Array:
     """Ragged paged attention of one layer, per device on the heads it owns, in place.
 
@@ -533,6 +535,14 @@ def attention(
         range, ``num_seqs`` out of range, the first request out of contract) as an error
         raised by a host callback, as :func:`kvshard.update` does. No effect when concrete.
       metadata: deprecated keyword spelling of ``step``.
+      q_scale: per-tensor q scale of a quantized cache (int8 or float8), the ``q_scale`` of
+        tpu-inference's ragged paged attention v3: q holds real values and is quantized to
+        the cache's storage dtype as K/V are, ``stored_q = quantize(q, q_scale, dtype)``
+        (q / q_scale, saturated to the dtype's finite range; :func:`kvshard.quant.quantize`),
+        and the scores are ``sm_scale · q_scale · k_scale · (stored_q · stored_k)``, i.e. those
+        of the dequantized ``stored_q · q_scale``. A Python float within the
+        scale bounds of the cache's dtype (the rule of ``CacheSpec.k_scale``/``v_scale``);
+        refused on an unquantized cache and with JAX's pallas kernel. None: q is used as is.
 
     Returns:
       q.dtype[T, Hq, D] (or [dp, T, Hq, D]) sharded like ``q``: per device [T, Hq/tp, D].
@@ -545,7 +555,7 @@ def attention(
       TypeError: wrong cache or step type, q or sinks not floating, step fields not integer
         (int32 when traced), layer not an integer scalar, sm_scale or soft_cap not a float.
       NotImplementedError: with JAX's pallas kernel (``pallas_kernel="jax"`` or an
-        ``attention_kernel``): sinks or a chunked read (JAX's kernel has neither), or a
+        ``attention_kernel``): sinks, q_scale or a chunked read (JAX's kernel has neither), or a
         ``kv_layout="packed"`` cache (it reads interleaved rows only); ``backend="pallas"``
         on a ``kv_layout="latent"`` cache (no kernel reads it; "auto" picks xla).
       ValueError: wrong shapes (q's tokens other than the step's), a step built for another
@@ -554,11 +564,12 @@ def attention(
         its query count, a page id outside the pool), a bad window, scale or soft cap, sinks
         not of shape [Hq] or holding NaN or +inf; with ``layer_types``: a window or
         ``layer_type`` other than a concrete layer's own, none for a traced layer over
-        layers of several types (see ``sliding_window``), or a ``layer_type`` no layer has.
+        layers of several types (see ``sliding_window``), or a ``layer_type`` no layer has;
+        q_scale on an unquantized cache, or not a positive finite float within its bounds.
     """
     cache, layer, q, step = _deprecated.attention_arguments(cache, layer, q, step, metadata)
     given = attention_op.ReadOptions(
-        sm_scale, sliding_window, layer_type, soft_cap, sinks, backend, options, checks
+        sm_scale, sliding_window, layer_type, soft_cap, sinks, backend, options, checks, q_scale
     )
     eager = _attention_key(cache, layer, q, step, given)
     known = None if eager is None else EAGER_CALLS.get(eager[0])

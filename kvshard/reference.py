@@ -195,6 +195,8 @@ def paged_attention(
     soft_cap: float | None = None,
     sinks: np.ndarray | None = None,
     chunk_size: int | None = None,
+    q_scale: float | None = None,
+    q_dtype: str | None = None,
 ) -> np.ndarray:
     """Ragged causal attention in float64 from each request's dense K/V history.
 
@@ -208,6 +210,9 @@ def paged_attention(
     attends KV head ``h // (Hq // H)``. With attention sinks (gpt-oss), query head ``h`` adds
     ``exp(sinks[h])`` to its softmax denominator: weights ``exp(s_j) / (exp(sinks[h]) +
     Σ_k exp(s_k))``, computed with every exponent shifted by ``max(max_k s_k, sinks[h])``.
+    With a q scale (tpu-inference's RPA v3 ``q_scale``), q is first stored as a quantized
+    cache stores a value, ``quantize(q, q_scale, q_dtype)``, and read back as ``stored ·
+    q_scale`` (in float64), so the scores are ``sm_scale · q_scale · stored·k``.
 
     Args:
         q: float[T, Hq, D]; rows past ``sum(q_lens)`` are padding.
@@ -219,6 +224,8 @@ def paged_attention(
         soft_cap: logit soft cap (non-zero), or None.
         sinks: float[Hq] attention-sink logits (-inf: none for that head), or None.
         chunk_size: C >= 1 for chunked local attention, or None.
+        q_scale: per-tensor q scale, or None (q used as is); needs ``q_dtype``.
+        q_dtype: the quantized dtype q is stored in with ``q_scale`` (the cache's dtype).
 
     Returns:
         float64[T, Hq, Dv]; padding rows are zero.
@@ -227,6 +234,8 @@ def paged_attention(
         ValueError: ``Hq`` is not a multiple of ``H``, a request has more queries than
             tokens, ``q`` has fewer rows than ``sum(q_lens)``, or ``sinks`` is not [Hq].
     """
+    if q_scale is not None:
+        q = quantize(q, q_scale, q_dtype).astype(np.float64) * q_scale  # type: ignore[arg-type]
     q = np.asarray(q, np.float64)
     value_dim = np.shape(values[0])[-1] if len(values) else q.shape[-1]
     out = np.zeros((*q.shape[:-1], value_dim))

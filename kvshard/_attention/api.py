@@ -40,7 +40,7 @@ from kvshard._attention.params import Statics
 from kvshard._attention.xla import local_xla
 from kvshard._drop import route_layer
 from kvshard._int32 import INT32_MAX
-from kvshard._layout import check_query_heads
+from kvshard._layout import QUANTIZED_DTYPES, check_query_heads, check_scale, needs_scales
 from kvshard._platform import resolve_attention_backend
 from kvshard._sharding import place_all, to_spec
 from kvshard._types import BackendOptions
@@ -243,6 +243,26 @@ def _check_sinks(sinks: Any, num_q_heads: int, backend: str, jax_kernel: bool) -
     return sinks if host.dtype_of(sinks) == np.float32 else jnp.asarray(sinks, jnp.float32)
 
 
+def _check_q_scale(q_scale: Any, dtype: str, backend: str, jax_kernel: bool) -> float | None:
+    """``q_scale`` as a float (or None): a quantized cache's scale rule (``check_scale``);
+    refused on an unquantized cache and by JAX's pallas kernel (it has no q scale)."""
+    if q_scale is None:
+        return None
+    scale = check_scale("q_scale", q_scale, dtype)
+    if not needs_scales(dtype):
+        raise ValueError(
+            f"q_scale={q_scale!r} needs a quantized cache ({', '.join(QUANTIZED_DTYPES)}): "
+            f"this one stores {dtype}, which q is used in as is (pass q_scale=None)"
+        )
+    if backend == "pallas" and jax_kernel:
+        raise NotImplementedError(
+            "q_scale= is not supported with backend='pallas' and JAX's kernel: JAX's "
+            "ragged_paged_attention has no q scale; use kvshard's kernel "
+            "(BackendOptions(pallas_kernel='kvshard'), the default) or backend='xla'"
+        )
+    return scale
+
+
 class ReadOptions(NamedTuple):
     """The keyword arguments of one attention call, as the caller gave them."""
 
@@ -254,6 +274,7 @@ class ReadOptions(NamedTuple):
     backend: Any
     options: Any
     checks: Any
+    q_scale: Any = None
 
 
 class LayerRead(NamedTuple):
@@ -266,6 +287,7 @@ class LayerRead(NamedTuple):
     sm_scale: float
     soft_cap: float | None
     options: BackendOptions
+    q_scale: float | None  # checked (_check_q_scale)
 
 
 class ReadCall(NamedTuple):
@@ -300,9 +322,10 @@ def check_layer_read(spec: Any, layer: Any, given: LayerRead) -> tuple[Any, Read
 
 
 def _resolve(spec: Any, layer: Any, given: LayerRead) -> tuple[ReadType, Statics]:
-    window, layer_type, backend, scale, cap, options = given
+    window, layer_type, backend, scale, cap, options, q_scale = given
     read = read_type(spec, layer, window, layer_type, backend, options)
-    return read, Statics(spec, scale, read.sliding_window, cap, options, read.chunk_size)
+    statics = Statics(spec, scale, read.sliding_window, cap, options, read.chunk_size, q_scale)
+    return read, statics
 
 
 _resolve_concrete = functools.lru_cache(maxsize=1024)(_resolve)
@@ -332,7 +355,10 @@ def check_read(cache, layer, q, step, given: ReadOptions) -> ReadCall:
     scale = _finite_positive("sm_scale", given.sm_scale, optional=False)
     cap = _finite_positive("soft_cap", given.soft_cap, optional=True)
     window = _check_window(given.sliding_window)
-    layer_read = LayerRead(window, given.layer_type, resolved, scale, cap, options)  # type: ignore[arg-type]
+    q_scale = _check_q_scale(
+        given.q_scale, cache.spec.dtype, resolved, options.jax_attention_kernel
+    )
+    layer_read = LayerRead(window, given.layer_type, resolved, scale, cap, options, q_scale)  # type: ignore[arg-type]
     layer_index, read, statics = check_layer_read(cache.spec, layer, layer_read)
     spec, pooled = cache.spec, cache.page_axis is not None
     lead = (cache.dp,) if pooled else ()

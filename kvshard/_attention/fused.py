@@ -168,7 +168,7 @@ def fused_attention(
       k, v: the step's new keys and values, as :func:`kvshard.update` takes them (a latent
         cache: the latent row as ``k``, ``v`` None; the composition, xla).
       **attention_kwargs: :func:`kvshard.attention`'s keywords (``sm_scale`` required;
-        ``sliding_window``, ``layer_type``, ``soft_cap``, ``sinks``).
+        ``sliding_window``, ``layer_type``, ``soft_cap``, ``sinks``, ``q_scale``).
 
     Returns:
       (out, cache): attention's output and the updated cache, equal to the two calls'.
@@ -186,6 +186,7 @@ def fused_attention(
         "layer_type": None,
         "soft_cap": None,
         "sinks": None,
+        "q_scale": None,
     }
     unknown = set(attention_kwargs) - set(read_kwargs)
     if unknown:

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu.ragged_paged_attention import ragged_paged_attention
 
-from kvshard._attention.params import Statics, spec_scale
+from kvshard._attention.params import Statics, spec_scale, stored_query
 from kvshard._drop import live_query_bounds, requests_on_block
 from kvshard._platform import check_pallas_attention
 from kvshard._storage import from_bits, to_bits
@@ -148,9 +148,9 @@ def local_kvshard(
         call: Any = kernel.fused_ragged_paged_attention
         tail: tuple[Any, ...] = (slices, num_slices)
         kwargs["write_layer"] = write_layer
-        operands: tuple[Any, ...] = (q, combine(encode(spec, k, v)), kv)
+        operands: tuple[Any, ...] = (stored_query(q, statics), combine(encode(spec, k, v)), kv)
     else:
-        call, tail, operands = kernel.ragged_paged_attention, (), (q, kv)
+        call, tail, operands = kernel.ragged_paged_attention, (), (stored_query(q, statics), kv)
     result = call(
         *operands,
         layer,
@@ -169,6 +169,7 @@ def local_kvshard(
         sinks=sinks,
         k_scale=spec_scale(spec, "k"),
         v_scale=spec_scale(spec, "v"),
+        q_scale=statics.q_scale,
         block_sizes=blocks,
         interpret=options.interpret,
     )
@@ -188,6 +189,7 @@ def local_pallas(
             kv, layer, q, page_indices, kv_lens, cu_q_lens, num_seqs, sinks, statics=statics
         )
     assert sinks is None, "sinks are refused for JAX's kernel before tracing"
+    assert statics.q_scale is None, "q_scale is refused for JAX's kernel before tracing"
     operands, kwargs, tok_ok = pallas_operands(
         kv, layer, q, page_indices, kv_lens, cu_q_lens, num_seqs, statics=statics
     )

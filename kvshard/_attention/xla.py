@@ -29,7 +29,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from kvshard._attention.params import Statics, spec_scale
+from kvshard._attention.params import Statics, spec_scale, stored_query
 from kvshard._drop import live_query_bounds, requests_on_block
 from kvshard._kv_rows import from_rows
 from kvshard._storage import from_bits
@@ -69,8 +69,11 @@ def read_kv(kv, layer, slots, statics: Statics):
 
 
 def _scores(q, k, contraction: str, statics: Statics):
-    """sm_scale · q·k, soft-capped."""
+    """sm_scale · q·k (times q_scale: q holds stored values, :func:`stored_query`),
+    soft-capped."""
     s = jnp.einsum(contraction, q, k) * statics.sm_scale
+    if statics.q_scale is not None:
+        s = s * statics.q_scale
     if statics.soft_cap is not None:
         s = statics.soft_cap * jnp.tanh(s / statics.soft_cap)
     return s
@@ -242,6 +245,7 @@ def local_xla(
     requests = jnp.arange(q_lens.shape[0], dtype=jnp.int32)
     is_live = requests < live
     layer = jnp.clip(layer, 0, num_layers - 1)
+    q = stored_query(q, statics)
     q4 = q.reshape(num_tokens, kv_heads, group, head_dim)
 
     value_dim = statics.spec.value_dim
