@@ -39,16 +39,16 @@ if TYPE_CHECKING:  # static typing and IDEs see ordinary imports
     from kvshard import quant as quant
     from kvshard import reference as reference
     from kvshard._attention import fused_attention as fused_attention
-    from kvshard._config import ConfigError as ConfigError
-    from kvshard._config import ModelGeometry as ModelGeometry
-    from kvshard._config import read_model_config as read_model_config
+    from kvshard._device.options import Backend as Backend
+    from kvshard._device.options import BackendOptions as BackendOptions
+    from kvshard._device.options import Schedule as Schedule
     from kvshard._eager import attention as attention
     from kvshard._errors import KvshardError as KvshardError
-    from kvshard._layout import CacheSpec as CacheSpec
-    from kvshard._layout import check_tensor_parallel as check_tensor_parallel
-    from kvshard._types import Backend as Backend
-    from kvshard._types import BackendOptions as BackendOptions
-    from kvshard._types import Schedule as Schedule
+    from kvshard._geometry.hf_config import ConfigError as ConfigError
+    from kvshard._geometry.hf_config import ModelGeometry as ModelGeometry
+    from kvshard._geometry.hf_config import read_model_config as read_model_config
+    from kvshard._geometry.layout import CacheSpec as CacheSpec
+    from kvshard._geometry.layout import check_tensor_parallel as check_tensor_parallel
     from kvshard.allocator import NULL_PAGE as NULL_PAGE
     from kvshard.allocator import OutOfPages as OutOfPages
     from kvshard.allocator import PageAllocator as PageAllocator
@@ -89,12 +89,12 @@ _EXPORTS: dict[str, str | None] = {
     "reference": None,
     "attention": "kvshard._eager",
     "fused_attention": "kvshard._attention",
-    "ConfigError": "kvshard._config",
+    "ConfigError": "kvshard._geometry.hf_config",
     "KvshardError": "kvshard._errors",
-    "ModelGeometry": "kvshard._config",
-    "read_model_config": "kvshard._config",
-    "CacheSpec": "kvshard._layout",
-    "check_tensor_parallel": "kvshard._layout",
+    "ModelGeometry": "kvshard._geometry.hf_config",
+    "read_model_config": "kvshard._geometry.hf_config",
+    "CacheSpec": "kvshard._geometry.layout",
+    "check_tensor_parallel": "kvshard._geometry.layout",
     "NULL_PAGE": "kvshard.allocator",
     "OutOfPages": "kvshard.allocator",
     "PageAllocator": "kvshard.allocator",
@@ -122,9 +122,9 @@ _EXPORTS: dict[str, str | None] = {
     "Scheduler": "kvshard.scheduler",
     "SchedulerConfig": "kvshard.scheduler",
     "SchedulerOutput": "kvshard.scheduler",
-    "Backend": "kvshard._types",
-    "BackendOptions": "kvshard._types",
-    "Schedule": "kvshard._types",
+    "Backend": "kvshard._device.options",
+    "BackendOptions": "kvshard._device.options",
+    "Schedule": "kvshard._device.options",
     "StepGeometry": "kvshard.step",
     "StepMetadata": "kvshard.step",
     "build_step": "kvshard.step",

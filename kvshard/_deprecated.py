@@ -35,8 +35,8 @@ def update_options(options: Any, interpret: Any, schedule: Any, *, stacklevel: i
     legacy = {k: v for k, v in (("interpret", interpret), ("schedule", schedule)) if v is not None}
     if not legacy:
         return options
-    from kvshard._host_checks import check_options
-    from kvshard._types import BackendOptions
+    from kvshard._device.arg_checks import check_options
+    from kvshard._device.options import BackendOptions
 
     options = check_options(options)
     warnings.warn(

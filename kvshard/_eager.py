@@ -10,7 +10,7 @@ and placement, then its one jitted call (:func:`kvshard.cache._update.check_writ
 - its **signature**: the cache's layout, every array's type, shape, dtype and sharding, the
   step's geometry, the static arguments (backend, options);
 - the **content** of its small integer metadata (slices, page tables), read as
-  :func:`kvshard._memo.content_key` reads it (dtype, shape and bytes, never identity).
+  :func:`kvshard._device.memo.content_key` reads it (dtype, shape and bytes, never identity).
 
 The key of a call holds both, and not the layer (an eager decode loop makes one call per
 layer with the same step). Once every check of a call has passed, the entry stores under its
@@ -39,9 +39,8 @@ import numpy as np
 
 from kvshard import _deprecated
 from kvshard._attention import api as attention_op
-from kvshard._host_checks import check_layer
-from kvshard._layer_types import LayerType
-from kvshard._memo import (
+from kvshard._device.arg_checks import check_layer
+from kvshard._device.memo import (
     MAX_KEY_BYTES,
     ContentMemo,
     array_signature,
@@ -52,8 +51,9 @@ from kvshard._memo import (
     shape_of,
     stored_metadata,
 )
-from kvshard._sharding import place_all
-from kvshard._types import Backend, BackendOptions, Schedule
+from kvshard._device.options import Backend, BackendOptions, Schedule
+from kvshard._device.sharding import place_all
+from kvshard._geometry.layer_types import LayerType
 from kvshard.cache import _update as update_op
 from kvshard.cache._pytree import KVCache, check_cache
 from kvshard.cache._update_local import SaturationCounts
@@ -63,7 +63,7 @@ __all__ = ["EAGER_CALLS", "attention", "update", "update_with_stats"]
 
 # Keys of calls that passed, with what their checks derived. A decode loop needs one entry per
 # step and operation (the layer is not in the key), so a larger memo would only hold older
-# steps; a key holds at most a few arrays of MAX_KEY_BYTES (kvshard._memo).
+# steps; a key holds at most a few arrays of MAX_KEY_BYTES (kvshard._device.memo).
 EAGER_CALLS = ContentMemo(maxsize=64)
 
 
@@ -383,7 +383,7 @@ def update(
     the pool; no two slices overlap in slots or in tokens. Traced: a layer outside [0, L)
     writes nothing, and a live slice that is empty, longer than a page, crosses a page or
     leaves the tokens or the pool writes nothing, identically on both backends (the drop
-    rule, :mod:`kvshard._drop`). Overlapping traced slices are outside the contract.
+    rule, :mod:`kvshard._device.drop`). Overlapping traced slices are outside the contract.
 
     Raises:
       TypeError: wrong cache or step type or dtypes (slices/num_slices not integer arrays, or

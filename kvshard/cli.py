@@ -1,7 +1,7 @@
 """The ``kvshard`` command: size a KV cache for a mesh, run the demo and the benchmarks.
 
 One argparse front end: every subcommand's flags, help and error messages in one place, the
-arithmetic itself in :mod:`kvshard._plan`.
+arithmetic itself in :mod:`kvshard._geometry.plan`.
 
 Usage::
 
@@ -19,7 +19,7 @@ one line on stderr naming the argument, the value and the bound; for ``demo`` an
 script's own status (``bench-cache`` and ``bench-schedules`` too).
 
 ``plan`` imports no JAX (``import kvshard`` is lazy) and takes its arithmetic from
-:mod:`kvshard._plan`; ``--model NAME`` reads a Hugging Face config.json shipped in
+:mod:`kvshard._geometry.plan`; ``--model NAME`` reads a Hugging Face config.json shipped in
 ``kvshard/configs/``, ``--config PATH`` reads yours (:func:`kvshard.read_model_config`).
 """
 
@@ -34,16 +34,22 @@ import sys
 from decimal import Decimal, InvalidOperation
 from typing import NoReturn
 
-from kvshard._config import PRESETS, ConfigError, ModelGeometry, preset_config, read_model_config
-from kvshard._layer_types import LayerType
-from kvshard._layout import (
+from kvshard._geometry.hf_config import (
+    PRESETS,
+    ConfigError,
+    ModelGeometry,
+    preset_config,
+    read_model_config,
+)
+from kvshard._geometry.layer_types import LayerType
+from kvshard._geometry.layout import (
     KV_LAYOUTS,
     SUPPORTED_DTYPES,
     canonical_dtype,
     check_query_heads,
     check_tensor_parallel,
 )
-from kvshard._plan import (
+from kvshard._geometry.plan import (
     BudgetTooSmall,
     ContextTooLong,
     HostMemoryTooSmall,
@@ -51,7 +57,7 @@ from kvshard._plan import (
     make_plan,
     window_pages,
 )
-from kvshard._run import SCRIPTS, Script, run_script
+from kvshard._launch import SCRIPTS, Script, run_script
 
 __all__ = [
     "SCRIPTS",
@@ -417,7 +423,7 @@ def _run_hybrid_plan(
     args: argparse.Namespace, plan_parser: argparse.ArgumentParser, data: dict, label: str
 ) -> int:
     """``kvshard plan --config`` of a hybrid family with state layers (:mod:`_plan_state`)."""
-    from kvshard._plan_state import format_state_plan, state_plan
+    from kvshard._geometry.plan_state import format_state_plan, state_plan
 
     dp, tp = args.mesh
     text = data.get("text_config") if "num_hidden_layers" not in data else None
@@ -444,8 +450,8 @@ def _run_plan(args: argparse.Namespace, plan_parser: argparse.ArgumentParser) ->
     geometry: ModelGeometry | None = None
     label = args.model
     if args.config:
-        from kvshard._config import load_config
-        from kvshard._state_layers import is_hybrid_config
+        from kvshard._geometry.hf_config import load_config
+        from kvshard._geometry.state_layers import is_hybrid_config
 
         try:
             data, _ = load_config(args.config)

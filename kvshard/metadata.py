@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from kvshard import _deprecated
-from kvshard._int32 import INT32_MAX
+from kvshard._geometry.int32 import INT32_MAX
 
 
 def _counts(value: Sequence[int] | np.ndarray, name: str) -> np.ndarray:

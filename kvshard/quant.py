@@ -1,7 +1,7 @@
 """Per-tensor quantization of cache values: the one place a real K/V value becomes a stored one.
 
 A cache of a quantized dtype (int8, float8_e4m3fn, float8_e5m2; see
-:data:`kvshard._layout.QUANTIZED_DTYPES`) stores ``real / scale`` with one scale per tensor
+:data:`kvshard._geometry.layout.QUANTIZED_DTYPES`) stores ``real / scale`` with one scale per tensor
 (``CacheSpec.k_scale`` for K, ``CacheSpec.v_scale`` for V), the convention of vLLM and JAX's
 ragged paged attention. The exact arithmetic, shared by both update backends and modelled bit
 for bit by :func:`kvshard.reference.quantize`:
@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvshard._layout import QUANTIZED_DTYPES, canonical_dtype, check_scale, scale_bounds
+from kvshard._geometry.layout import QUANTIZED_DTYPES, canonical_dtype, check_scale, scale_bounds
 
 __all__ = ["calibrate_scales", "dequantize", "finite_range", "quantize", "saturated"]
 

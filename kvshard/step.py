@@ -28,11 +28,11 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import jax
 import numpy as np
 
-from kvshard._int32 import INT32_MAX
+from kvshard._geometry.int32 import INT32_MAX
 from kvshard.metadata import build_update_slices, padded_num_slices
 
 if TYPE_CHECKING:
-    from kvshard._layout import CacheSpec
+    from kvshard._geometry.layout import CacheSpec
     from kvshard.allocator import PageAllocator
 
 __all__ = ["StepGeometry", "StepMetadata", "build_step", "check_step", "next_bucket", "stack_steps"]
@@ -51,7 +51,7 @@ class StepGeometry(NamedTuple):
       pages_per_seq: columns of ``page_indices`` (the allocator's ``max_pages_per_request``).
       num_tokens_padded: T, the token axis of k, v and q.
       max_num_seqs: rows of ``page_indices``, ``kv_lens``; ``cu_q_lens`` has one more.
-      num_groups: KV-cache groups of the pool (:class:`kvshard._layer_types.CacheGroups`):
+      num_groups: KV-cache groups of the pool (:class:`kvshard._geometry.layer_types.CacheGroups`):
         1 for a pool whose layers share one page table; above 1, ``page_indices`` and
         ``slices`` gain a leading ``[num_groups]`` axis (after any ``[dp]`` axis), one page
         table per group.

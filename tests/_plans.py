@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kvshard._plan import make_plan
+from kvshard._geometry.plan import make_plan
 
 
 def plan(**overrides):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from _alloc import unchanged
 
-from kvshard._plan_groups import pages_per_request
+from kvshard._geometry.plan_groups import pages_per_request
 from kvshard.allocator import NULL_PAGE, OutOfPages, PageAllocator, PagesRemoved, PagesStored
 
 S8 = ("sliding", 8)

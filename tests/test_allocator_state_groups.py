@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 
-from kvshard._state_layers import hybrid_layers, unified_page_size
+from kvshard._geometry.state_layers import hybrid_layers, unified_page_size
 from kvshard.allocator import PageAllocator, PagesRemoved, PagesStored
 
 M, F, G = ("mamba",), ("full",), ("linear_attention",)

@@ -36,7 +36,7 @@ from kvshard import reference
 # The documented test hook of the pallas backend: the operands it hands JAX's kernel.
 from kvshard._attention.pallas import pallas_operands, pallas_output
 from kvshard._attention.params import Statics
-from kvshard._platform import resolve_attention_backend
+from kvshard._device.backend import resolve_attention_backend
 
 PAGE, PAGES, WIDTH, DIM = 4, 24, 6, 64
 # The pallas backend with JAX's bundled kernel (the default is kvshard's own, tested in

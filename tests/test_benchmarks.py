@@ -330,7 +330,7 @@ def test_host_only_benchmark_sizes_bfloat16_pages_without_jax():
     import sys
 
     code = (
-        "import sys; from kvshard._layout import page_bytes\n"
+        "import sys; from kvshard._geometry.layout import page_bytes\n"
         "print(page_bytes(16, 16, 128, 'bfloat16'), 'jax' in sys.modules)\n"
     )
     proc = subprocess.run(

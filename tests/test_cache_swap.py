@@ -4,7 +4,7 @@ The oracle is numpy on the raw stacked arrays viewed as pages [L, G, pages, page
 (G page pools): a swap copies whole pages of every layer and head between the device cache and
 the host cache. The drop rule of traced pairs is written out again here, from the docstring
 ("performed iff both ids in range and no other pair writes the same destination"), not taken
-from kvshard._drop. Runs on the 8 simulated CPU devices of conftest.py. Over 400 lines: the
+from kvshard._device.drop. Runs on the 8 simulated CPU devices of conftest.py. Over 400 lines: the
 host tier's whole contract (layout, round trips, ordering, in place, refusals) in one file.
 """
 
@@ -300,7 +300,7 @@ def test_swaps_are_in_place(swap, dtype):
     host = kvshard.init_host_cache(spec, mesh, 128)
     pairs = jax.device_put(np.array([[1, 3], [2, 100]], np.int32), NamedSharding(mesh, P()))
     # The caller's own jit, no compiler option: bf16 is stored as its bits on CPU
-    # (kvshard/_storage.py), so XLA's float normalization has nothing to rewrite.
+    # (kvshard/_device/storage.py), so XLA's float normalization has nothing to rewrite.
     jitted = jax.jit(swap, donate_argnums=(0, 1))
     compiled = jitted.lower(cache, host, pairs).compile()
     # Both donated arrays are outputs: the device cache is output 0, the host cache output 1.

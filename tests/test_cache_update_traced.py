@@ -1,7 +1,7 @@
 """Tests of kvshard.cache.update with traced arguments: the drop rule inside jit, checks=True.
 
 Inside jit nothing can raise, so a slice or layer out of contract writes nothing, identically
-on the xla and pallas backends (the drop rule, kvshard/_drop.py; its functions on hand-made
+on the xla and pallas backends (the drop rule, kvshard/_device/drop.py; its functions on hand-made
 arrays are test_drop.py's); traced metadata must be int32; and ``checks=True`` reports the row
 it drops instead. Expected values are written out by hand on the page-marked cache of
 _cache_helpers (page p holds p + 1), or come from a hand-written oracle of the drop rule,

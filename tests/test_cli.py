@@ -10,9 +10,9 @@ import sys
 
 import pytest
 
-import kvshard._run
+import kvshard._launch
 from kvshard import cli
-from kvshard._config import PRESETS, preset_config, read_model_config
+from kvshard._geometry.hf_config import PRESETS, preset_config, read_model_config
 
 GiB = 2**30
 LLAMA_70B_1X8 = ["plan", "--model", "llama-3-70b", "--mesh", "1x8", "--hbm-per-device", "16GiB"]
@@ -648,7 +648,7 @@ def test_benchmark_commands_run_the_package_modules(capfd):
 )
 def test_missing_script_is_a_clear_error(tmp_path, capsys, monkeypatch, source, where):
     monkeypatch.setitem(cli.SCRIPTS, "bench", cli.Script("kvshard.no_such_module", source, ""))
-    monkeypatch.setattr(kvshard._run, "_source_root", lambda: tmp_path)
+    monkeypatch.setattr(kvshard._launch, "_source_root", lambda: tmp_path)
     assert cli.main(["bench", "--help"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1

@@ -1,6 +1,7 @@
-"""Tests of kvshard._drop, the drop rule, on hand-made arrays.
+"""Tests of kvshard._device.drop, the drop rule, on hand-made arrays.
 
-kvshard._drop is package-internal; importing its public (non-underscore) functions here is the
+kvshard._device.drop is package-internal; importing its public (non-underscore) functions here is
+the
 documented internal test hook for this file, so the rule both backends and ``checks=True``
 share is tested once, directly, without a cache or a mesh. What the operations do with it is
 tested through the public API in test_cache_update_traced.py, test_cache_copy.py,
@@ -14,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kvshard._drop import (
+from kvshard._device.drop import (
     copy_pair_mask,
     layer_in_range,
     live_requests,

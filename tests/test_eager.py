@@ -5,7 +5,7 @@ Each test compares the fast path against the full path (the memo cleared): the s
 the same exception with the same message on bad input, and nothing changed (the cache not
 donated, its contents as before). The fast path is detected by ``check_step`` not being called
 (spied on as the public name the operation modules import); kvshard._eager's public names
-are this file's internal test hook, as kvshard._memo's are test_memo.py's.
+are this file's internal test hook, as kvshard._device.memo's are test_memo.py's.
 """
 
 from __future__ import annotations
@@ -223,7 +223,7 @@ def test_a_known_attention_reads_each_layer_with_its_own_type():
 
 
 def test_the_key_tells_numpy_from_device_metadata_and_content_from_identity():
-    from kvshard._memo import call_key as eager_key
+    from kvshard._device.memo import call_key as eager_key
 
     slices = np.array([[0, 1], [0, 1], [1, 1]], np.int32)
     key = eager_key(("update",), (), (slices,))

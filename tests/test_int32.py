@@ -1,11 +1,11 @@
-"""kvshard/_int32.py: the int32 bounds and the two host checks every layer uses."""
+"""kvshard/_geometry/int32.py: the int32 bounds and the two host checks every layer uses."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from kvshard._int32 import INT32_MAX, INT32_MIN, check_int32_int, first_outside_int32
+from kvshard._geometry.int32 import INT32_MAX, INT32_MIN, check_int32_int, first_outside_int32
 
 
 def test_bounds_are_int32s():

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvshard import reference
-from kvshard._jax_compat import interpret_params
+from kvshard._device.jax_compat import interpret_params
 from kvshard.kernels import kv_cache_update
 from kvshard.kernels.update import default_num_slices_per_block, page_bytes
 from kvshard.testing import random_values, update_batches

@@ -20,7 +20,7 @@ from jax.experimental.pallas import tpu as pltpu
 from test_kernel import assert_bits_equal, peer_case, run_kernel
 
 from kvshard import BackendOptions, reference
-from kvshard._jax_compat import interpret_params
+from kvshard._device.jax_compat import interpret_params
 from kvshard.kernels import budgets
 from kvshard.kernels import update as kernel_module
 from kvshard.kernels.budgets import (

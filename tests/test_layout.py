@@ -1,4 +1,4 @@
-"""Tests of kvshard._layout through its public names: :class:`kvshard.CacheSpec` and
+"""Tests of kvshard._geometry.layout through its public names: :class:`kvshard.CacheSpec` and
 :func:`kvshard.check_tensor_parallel` (pure Python geometry, no devices)."""
 
 from __future__ import annotations

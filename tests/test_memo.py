@@ -1,10 +1,10 @@
-"""Tests of the eager path's content-keyed memo (kvshard/_memo.py) and of its two users: the
+"""Tests of the eager path's content-keyed memo (kvshard/_device/memo.py) and of its two users: the
 slice checks (kvshard.kernels.checks.validate_slices) and eager placement
-(kvshard._sharding.place_all with reuse=True).
+(kvshard._device.sharding.place_all with reuse=True).
 
 The memo must never change what a call does, only what it costs: a step mutated in place, or
 another step, is checked again and written where it now says; a failed check stores nothing;
-nothing is reused under a caller's trace. kvshard._memo and kvshard._sharding are
+nothing is reused under a caller's trace. kvshard._device.memo and kvshard._device.sharding are
 package-internal; their public names are this file's internal test hook.
 """
 
@@ -17,9 +17,9 @@ import pytest
 from _cache_helpers import make_mesh, page_marked_cache, page_values
 from jax.sharding import PartitionSpec as P
 
+from kvshard._device.memo import MAX_KEY_BYTES, ContentMemo, content_key
+from kvshard._device.sharding import place_all
 from kvshard._eager import EAGER_CALLS
-from kvshard._memo import MAX_KEY_BYTES, ContentMemo, content_key
-from kvshard._sharding import place_all
 from kvshard.cache import update
 from kvshard.kernels.checks import validate_slices
 
@@ -158,7 +158,7 @@ def test_update_refuses_a_step_mutated_into_a_bad_one_and_nothing_changes(mesh):
 
 
 def test_update_under_a_callers_jit_reuses_nothing(mesh, monkeypatch):
-    from kvshard import _sharding
+    from kvshard._device import sharding as _sharding
 
     k = np.full((2, 2, 8), 7.0, np.float32)
     cache = page_marked_cache(mesh)

@@ -95,7 +95,7 @@ def test_bad_deepseek_configs_name_the_field(change, message):
 
 @pytest.mark.parametrize("preset", ["deepseek-v3", "kimi-k2"])
 def test_the_shipped_presets_read_as_the_published_models(preset):
-    from kvshard._config import preset_config, read_model_config
+    from kvshard._geometry.hf_config import preset_config, read_model_config
 
     cfg = preset_config(preset)
     arch = read_architecture(cfg)

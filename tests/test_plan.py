@@ -1,4 +1,5 @@
-"""kvshard/_plan.py: the planner's arithmetic (pages, tokens, sequences, where the bytes go),
+"""kvshard/_geometry/plan.py: the planner's arithmetic (pages, tokens, sequences, where the bytes
+go),
 and the query-head rule it shares with kvshard.attention.
 
 Every expected number is worked out by hand in the test from the layout rules: a device's
@@ -12,8 +13,8 @@ from __future__ import annotations
 import pytest
 from _plans import plan
 
-from kvshard._layout import check_query_heads, padded_query_heads
-from kvshard._plan import (
+from kvshard._geometry.layout import check_query_heads, padded_query_heads
+from kvshard._geometry.plan import (
     BudgetTooSmall,
     ContextTooLong,
     HostMemoryTooSmall,

@@ -1,4 +1,4 @@
-"""kvshard/_plan_groups.py: the planner's arithmetic for models that mix attention types
+"""kvshard/_geometry/plan_groups.py: the planner's arithmetic for models that mix attention types
 (issue 21): vLLM's split of the layers into KV-cache groups, pages per request of each type,
 the capacity of one shared pool against every layer full, and the lane padding of head_dim 64.
 
@@ -12,8 +12,8 @@ from __future__ import annotations
 import pytest
 from _plans import plan
 
-from kvshard._plan import ContextTooLong, format_plan
-from kvshard._plan_groups import chunk_pages, kv_cache_groups, pages_per_request
+from kvshard._geometry.plan import ContextTooLong, format_plan
+from kvshard._geometry.plan_groups import chunk_pages, kv_cache_groups, pages_per_request
 
 FULL = ("full",)
 

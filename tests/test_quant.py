@@ -23,7 +23,7 @@ from hypothesis.extra import numpy as hnp
 
 import kvshard
 from kvshard import quant, reference
-from kvshard._layout import QUANTIZED_DTYPES
+from kvshard._geometry.layout import QUANTIZED_DTYPES
 
 QDTYPES = list(QUANTIZED_DTYPES)  # int8, float8_e4m3fn, float8_e5m2
 FLOAT8 = ["float8_e4m3fn", "float8_e5m2"]

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 import kvshard
 from kvshard import quant, reference
-from kvshard._layout import QUANTIZED_DTYPES, scale_bounds
+from kvshard._geometry.layout import QUANTIZED_DTYPES, scale_bounds
 
 QDTYPES = list(QUANTIZED_DTYPES)  # int8, float8_e4m3fn, float8_e5m2
 FLOAT8 = ["float8_e4m3fn", "float8_e5m2"]

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import kvshard
-from kvshard._layout import SUPPORTED_DTYPES
+from kvshard._geometry.layout import SUPPORTED_DTYPES
 from kvshard.benchmarks.callers_jit import sized_spec, temporaries
 from kvshard.benchmarks.memory import attention_memory, update_memory
 
@@ -68,7 +68,7 @@ def test_native_storage_on_cpu_copies_the_cache_where_kvshard_stores_bits(dtype)
     # The control: the same forward on a cache stored natively (the GPU/TPU storage). XLA's
     # CPU compiler rewrites float8 ops in float32 on every JAX version kvshard supports, and
     # bfloat16 ones up to JAX 0.10 (0.11 computes on a bfloat16 cache in place): a copy of
-    # the cache exactly where kvshard stores the bits instead (kvshard._storage).
+    # the cache exactly where kvshard stores the bits instead (kvshard._device.storage).
     copies = dtype != "bfloat16" or jax.__version_info__ < (0, 11)
     m = temporaries(dtype, cache_mib=64, platform="gpu")
     assert (m["temp_bytes"] > m["cache_bytes"]) == copies, m

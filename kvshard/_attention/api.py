@@ -17,7 +17,7 @@ a sliding window ``W``); scores ``sm_scale·q·k``, then ``soft_cap·tanh(s / so
 optional attention sinks (not with JAX's kernel) add ``exp(sink)`` per query head to the
 denominator.
 Out-of-contract metadata inside ``jit`` is dropped identically on both backends
-(:func:`kvshard._drop.live_requests`): the first request out of contract and every request
+(:func:`kvshard._device.drop.live_requests`): the first request out of contract and every request
 after it produce zeros, as does every token of a step whose traced ``layer`` is out of range;
 ``checks=True`` reports it.
 """
@@ -32,18 +32,18 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from kvshard import _host_checks as host
-from kvshard import _reports
 from kvshard._attention.layer_type import ReadType, read_type
 from kvshard._attention.pallas import local_pallas
 from kvshard._attention.params import Statics
 from kvshard._attention.xla import local_xla
-from kvshard._drop import route_layer
-from kvshard._int32 import INT32_MAX
-from kvshard._layout import QUANTIZED_DTYPES, check_query_heads, check_scale, needs_scales
-from kvshard._platform import resolve_attention_backend
-from kvshard._sharding import place_all, to_spec
-from kvshard._types import BackendOptions
+from kvshard._device import arg_checks as host
+from kvshard._device import reports as _reports
+from kvshard._device.backend import resolve_attention_backend
+from kvshard._device.drop import route_layer
+from kvshard._device.options import BackendOptions
+from kvshard._device.sharding import place_all, to_spec
+from kvshard._geometry.int32 import INT32_MAX
+from kvshard._geometry.layout import QUANTIZED_DTYPES, check_query_heads, check_scale, needs_scales
 from kvshard.cache._pytree import KVCache, check_cache
 from kvshard.step import StepMetadata, check_step
 
@@ -156,7 +156,7 @@ def _check_fields(cache: KVCache, step: StepMetadata, num_tokens: int) -> list[A
 def _check_values(
     page_indices, kv_lens, cu_q_lens, num_seqs, *, num_tokens, num_pages, page_size, where
 ):
-    """The contract of :func:`kvshard._drop.request_in_contract`, vectorized, raised on the
+    """The contract of :func:`kvshard._device.drop.request_in_contract`, vectorized, raised on the
     host with the field and the bound."""
     max_seqs, pages_per_seq = page_indices.shape
     n = int(num_seqs[0])
@@ -307,7 +307,7 @@ class ReadCall(NamedTuple):
 
 def check_layer_read(spec: Any, layer: Any, given: LayerRead) -> tuple[Any, ReadType, Statics]:
     """The one place an attention call's layer is checked and resolved: its range and type
-    (:func:`kvshard._host_checks.check_layer`), then the type it is read with
+    (:func:`kvshard._device.arg_checks.check_layer`), then the type it is read with
     (:func:`kvshard._attention.layer_type.read_type`). Returns (the layer as int32, its
     :class:`ReadType`, the call's :class:`Statics`)."""
     index = host.check_layer(spec.num_layers, layer)
@@ -333,7 +333,7 @@ _resolve_concrete = functools.lru_cache(maxsize=1024)(_resolve)
 
 def report_read(spec: Any, read: ReadType, whole: Any, *, num_tokens: int) -> None:
     """``checks=True`` inside the sharded body: every device reports what the drop rule drops
-    from the whole (layer, *fields) (:mod:`kvshard._reports`)."""
+    from the whole (layer, *fields) (:mod:`kvshard._device.reports`)."""
     if read.readable is not None:
         _reports.check_layer_type(whole[0], read.readable, read.layer_type)
     _reports.check_attention(

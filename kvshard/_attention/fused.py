@@ -7,7 +7,7 @@ attention from VMEM (never fetched back from the pages) and written into their p
 after every read of the kernel, the cache aliased in place and donated like ``update``'s.
 Elsewhere (xla, or JAX's pallas kernel) it is the composition :func:`kvshard.update` then
 :func:`kvshard.attention`. Both give the same cache bit for bit and the same output, with the
-same drop rule (:mod:`kvshard._drop`) and the same ``checks=True`` reports.
+same drop rule (:mod:`kvshard._device.drop`) and the same ``checks=True`` reports.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from jax.sharding import PartitionSpec as P
 
 from kvshard._attention.api import FIELDS, ReadOptions, check_read, read, report_read
 from kvshard._attention.pallas import local_kvshard
-from kvshard._drop import route_layer
-from kvshard._sharding import to_spec
-from kvshard._types import Backend, BackendOptions
+from kvshard._device.drop import route_layer
+from kvshard._device.options import Backend, BackendOptions
+from kvshard._device.sharding import to_spec
 from kvshard.cache._codec import kv_in_spec, local_heads
 from kvshard.cache._pytree import KVCache, with_kv
 from kvshard.cache._update import WriteOptions, check_write, latent_kv, report_write, write

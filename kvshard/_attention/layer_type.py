@@ -11,7 +11,7 @@ type comes from the spec, and a call that says otherwise is refused:
 * a traced layer over layers of one type: that type;
 * a traced layer over layers of several types (``lax.scan`` over one group's layers): the call
   must say the type (``layer_type=``, or ``sliding_window=W``), and inside ``jit`` a layer of
-  another type reads nothing (the drop rule, :func:`kvshard._drop.route_layer`), which
+  another type reads nothing (the drop rule, :func:`kvshard._device.drop.route_layer`), which
   ``checks=True`` reports.
 
 Without ``layer_types`` on the spec the call's own ``sliding_window`` / ``layer_type`` is the
@@ -22,8 +22,8 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from kvshard._host_checks import concrete
-from kvshard._layer_types import (
+from kvshard._device.arg_checks import concrete
+from kvshard._geometry.layer_types import (
     FULL,
     LayerType,
     check_layer_types,
@@ -31,7 +31,7 @@ from kvshard._layer_types import (
     group_layers,
     layer_size,
 )
-from kvshard._layout import CacheSpec
+from kvshard._geometry.layout import CacheSpec
 
 __all__ = ["ReadType", "read_type"]
 

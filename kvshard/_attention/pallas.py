@@ -32,10 +32,10 @@ import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu.ragged_paged_attention import ragged_paged_attention
 
 from kvshard._attention.params import Statics, spec_scale, stored_query
-from kvshard._drop import live_query_bounds, requests_on_block
-from kvshard._platform import check_pallas_attention
-from kvshard._storage import from_bits, to_bits
-from kvshard._types import BackendOptions
+from kvshard._device.backend import check_pallas_attention
+from kvshard._device.drop import live_query_bounds, requests_on_block
+from kvshard._device.options import BackendOptions
+from kvshard._device.storage import from_bits, to_bits
 from kvshard.cache._codec import combine, encode
 from kvshard.kernels import attention as kernel
 from kvshard.kernels.budgets import default_attention_blocks
@@ -80,7 +80,7 @@ def pallas_operands(kv, layer, q, page_indices, kv_lens, cu_q_lens, num_seqs, *,
     pages = jnp.clip(page_indices, 0, num_pages - 1) + layer * num_pages
     kv_pages = kv.reshape(num_layers * num_pages, page_size, combined, padded_dim)  # bitcast
     # A CPU cache storing bf16/fp8 bits (interpret mode, tests): the kernel reads values. On
-    # TPU the storage is the logical dtype and this is the block itself (kvshard._storage).
+    # TPU the storage is the logical dtype and this is the block itself (kvshard._device.storage).
     kv_pages = from_bits(kv_pages, spec.np_dtype)
     q_pad = jnp.pad(q, [(0, 0), (0, 0), (0, padded_dim - head_dim)])
     operands = (q_pad, kv_pages, kv_lens, pages, cu_q_lens, live[None])
@@ -122,7 +122,7 @@ def local_kvshard(
     spec, options = statics.spec, statics.options
     stored = kv.dtype
     # A CPU cache storing bf16/fp8 bits (interpret mode, tests) is read as values; on TPU the
-    # storage is the logical dtype and this is the block itself (kvshard._storage).
+    # storage is the logical dtype and this is the block itself (kvshard._device.storage).
     kv = from_bits(kv, spec.np_dtype)
     blocks = None
     if options.queries_per_block is not None or options.kv_pages_per_block is not None:

@@ -6,8 +6,8 @@ from typing import Any, NamedTuple
 
 import jax
 
-from kvshard._layout import CacheSpec
-from kvshard._types import BackendOptions
+from kvshard._device.options import BackendOptions
+from kvshard._geometry.layout import CacheSpec
 from kvshard.quant import quantize
 
 __all__ = ["Statics", "spec_scale", "stored_query"]

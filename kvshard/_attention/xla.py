@@ -30,9 +30,9 @@ import jax
 import jax.numpy as jnp
 
 from kvshard._attention.params import Statics, spec_scale, stored_query
-from kvshard._drop import live_query_bounds, requests_on_block
-from kvshard._kv_rows import from_rows
-from kvshard._storage import from_bits
+from kvshard._device.drop import live_query_bounds, requests_on_block
+from kvshard._device.kv_rows import from_rows
+from kvshard._device.storage import from_bits
 from kvshard.quant import dequantize
 
 __all__ = [
@@ -58,10 +58,11 @@ def read_kv(kv, layer, slots, statics: Statics):
 
     Slots are clamped into the block (callers mask what they may not see). Any layout:
     K and V are split from interleaved rows or from the lanes of packed ones; a latent row
-    is K whole and V its first ``kv_lora_rank`` lanes (:func:`kvshard._kv_rows.from_rows`)."""
+    is K whole and V its first ``kv_lora_rank`` lanes
+    (:func:`kvshard._device.kv_rows.from_rows`)."""
     block = kv[layer, jnp.clip(slots, 0, kv.shape[1] - 1)]  # [..., C, D_pad]
     spec = statics.spec
-    block = from_bits(block, spec.np_dtype)  # only the gathered pages (kvshard._storage)
+    block = from_bits(block, spec.np_dtype)  # only the gathered pages (kvshard._device.storage)
     k, v = from_rows(spec, block)
     k = dequantize(k, spec_scale(spec, "k"), jnp.float32)
     v = dequantize(v, spec_scale(spec, "v"), jnp.float32)

@@ -38,7 +38,7 @@ and their own invariant checks:
 Transactions that span parts are functions of them: ``_grow.grow`` (``allocate``,
 ``allocate_batch``), ``_prefix`` (``lookup``, ``peek``, ``commit``; host hits) and ``_swap``
 (``swap_out``, ``swap_in``). With ``layer_types`` the layers form KV-cache groups (full
-attention, sliding window, chunked local; ``kvshard._layer_types.cache_groups``): one
+attention, sliding window, chunked local; ``kvshard._geometry.layer_types.cache_groups``): one
 ``PageTable`` per group over the same pool and rows, their page needs summed before any
 commit, and prefix hits that every group serves. ``_config`` validates the constructor
 arguments and ``_window`` holds the pure capacity arithmetic of sliding windows.

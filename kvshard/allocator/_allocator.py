@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from kvshard.allocator import _grow, _prefix, _swap
+from kvshard.allocator import _grow, _preempt, _prefix
 from kvshard.allocator._common import is_int, readonly
 from kvshard.allocator._config import AllocatorConfig
 from kvshard.allocator._events import KVEvent
@@ -65,7 +65,8 @@ class PageAllocator:
 
     Layer groups (``layer_types``: one attention type per model layer, ``("full",)``,
     ``("sliding", W)`` or ``("chunked", C)``): the layers form KV-cache groups by
-    :func:`kvshard._layer_types.cache_groups` (vLLM's equal-size groups; :attr:`groups`), and
+    :func:`kvshard._geometry.layer_types.cache_groups` (vLLM's equal-size groups; :attr:`groups`),
+    and
     each request has one page-table row per group, every group drawing from this one pool of
     page ids. A sliding group releases as ``sliding_window`` does; a chunked group of chunk
     ``C`` releases the pages wholly before ``C * (num_tokens // C)``, the start of the chunk
@@ -195,7 +196,7 @@ class PageAllocator:
         """Tokens per page of each KV-cache group (``page_size`` each without
         ``group_page_sizes``)."""
         self.groups = config.groups
-        """:class:`kvshard._layer_types.CacheGroups` of ``layer_types`` (None without)."""
+        """:class:`kvshard._geometry.layer_types.CacheGroups` of ``layer_types`` (None without)."""
         self.group_types = config.group_types
         """The attention type of each KV-cache group (one entry without ``layer_types``)."""
         self._parts = AllocatorParts.fresh(config)
@@ -505,7 +506,7 @@ class PageAllocator:
         row = parts.rows.row_of(req_id, "free")
         for table in parts.tables:
             table.free(row, undo=bool(parts.rows.row_tentative[row]))
-        _swap.release_host(parts, row)
+        _preempt.release_host(parts, row)
         parts.rows.remove(req_id, row)
         parts.reset_order_if_empty()
 
@@ -903,7 +904,7 @@ class PageAllocator:
                 message says "host pages"). Nothing changes then.
             UnknownRequest: ``req_id`` is not live. TypeError: it is not hashable.
         """
-        return _swap.swap_out(self._parts, req_id)
+        return _preempt.swap_out(self._parts, req_id)
 
     def swap_out_frees(self, req_id: Hashable) -> int:
         """Returns how many device pages :meth:`swap_out_request` would free now; changes
@@ -925,7 +926,7 @@ class PageAllocator:
             ValueError: there is no host tier; the request is swapped out.
             UnknownRequest: ``req_id`` is not live. TypeError: it is not hashable.
         """
-        moving = _swap.moving_columns(self._parts, req_id, "swap_out_frees")
+        moving = _preempt.moving_columns(self._parts, req_id, "swap_out_frees")
         return sum(int(cols.size) for cols in moving)
 
     def swap_in_request(self, req_id: Hashable) -> np.ndarray:
@@ -946,7 +947,7 @@ class PageAllocator:
             OutOfPages: fewer device pages are free or evictable than it needs.
             UnknownRequest: ``req_id`` is not live. TypeError: it is not hashable.
         """
-        return _swap.swap_in(self._parts, req_id)
+        return _preempt.swap_in(self._parts, req_id)
 
     def take_pending_swaps(self) -> tuple[np.ndarray, np.ndarray]:
         """Returns the queued swaps and clears them: ``(swap_out_pairs, swap_in_pairs)``.

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from kvshard._errors import KvshardError
-from kvshard._int32 import INT32_MAX
+from kvshard._geometry.int32 import INT32_MAX
 
 NULL_PAGE = 0
 """Page id reserved for padding writes; no request ever owns it."""

@@ -5,8 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from kvshard._int32 import check_int32_int
-from kvshard._layer_types import (
+from kvshard._geometry.int32 import check_int32_int
+from kvshard._geometry.layer_types import (
     FULL,
     CacheGroups,
     LayerType,

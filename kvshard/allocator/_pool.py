@@ -17,8 +17,8 @@ from __future__ import annotations
 import numpy as np
 
 from kvshard.allocator._common import NULL_PAGE, check
-from kvshard.allocator._host import HostTier
 from kvshard.allocator._prefix_index import PrefixIndex
+from kvshard.allocator._tier import HostTier
 
 
 class PagePool:

@@ -19,16 +19,16 @@ from typing import Any
 
 import numpy as np
 
-from kvshard._layer_types import is_state
+from kvshard._geometry.layer_types import is_state
 from kvshard.allocator._common import MAX_CLOCK, check, is_int
 from kvshard.allocator._config import AllocatorConfig
 from kvshard.allocator._events import DEVICE, HOST, EventQueue
-from kvshard.allocator._host import HOST_STATS, HostTier
 from kvshard.allocator._pool import PagePool
 from kvshard.allocator._prefix_index import STATS, PrefixIndex
 from kvshard.allocator._rows import RequestRows
 from kvshard.allocator._state_table import StateTable
 from kvshard.allocator._table import PageTable
+from kvshard.allocator._tier import HOST_STATS, HostTier
 
 # 2: sliding_window in the config, row_released; 3: row_tentative; 4: the host tier;
 # 5: layer_types in the config, page_group, a group axis on the tables' arrays with G > 1.

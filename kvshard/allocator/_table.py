@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from kvshard._layer_types import FULL, LayerType, layer_size
+from kvshard._geometry.layer_types import FULL, LayerType, layer_size
 from kvshard.allocator._common import NULL_PAGE, check
 from kvshard.allocator._pool import PagePool
 

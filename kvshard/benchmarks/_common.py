@@ -210,7 +210,7 @@ def compiled_memory(compiled: Any) -> Any:
 def unit_scales(dtype: Any) -> dict[str, Any]:
     """``k_scale``/``v_scale`` of 1 for a quantized cache dtype (a CacheSpec needs them; the
     benchmarks' byte counts and timings do not depend on them), else nothing."""
-    from kvshard._layout import needs_scales
+    from kvshard._geometry.layout import needs_scales
 
     return {"k_scale": 1.0, "v_scale": 1.0} if needs_scales(dtype) else {}
 

@@ -6,7 +6,7 @@ normalization stays on, as it must for a model computing in bf16), then calls
 ``kvshard.update`` and ``kvshard.attention`` on the layer. Rows, per cache dtype:
 
 - **kvshard**: the cache as :func:`kvshard.init_cache` builds it (on CPU a bfloat16/float8
-  cache stores its bits as uint16/uint8: :mod:`kvshard._storage`);
+  cache stores its bits as uint16/uint8: :mod:`kvshard._device.storage`);
 - **native**: the same cache stored in its own dtype (``init_cache(..., platform="gpu")``, the
   storage GPUs and TPUs use): what a bf16 cache costs on CPU without the storage trick.
 

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from kvshard._layout import page_bytes
+from kvshard._geometry.layout import page_bytes
 from kvshard.benchmarks._common import bar_plot, machine, table, write_json, wrote
 from kvshard.benchmarks.update_schedules import TPU_COMMAND
 from kvshard.metadata import build_update_slices

@@ -8,12 +8,13 @@ One module per operation, each readable on its own:
   entries, with their eager memo, are in :mod:`kvshard._eager`);
 * :mod:`kvshard.cache._gather`: :func:`gather`;
 * :mod:`kvshard.cache._copy`: :func:`copy_pages`;
-* :mod:`kvshard.cache._host`: :class:`HostCache`, :func:`init_host_cache` (the host tier);
+* :mod:`kvshard.cache._host_cache`: :class:`HostCache`, :func:`init_host_cache` (the host tier);
 * :mod:`kvshard.cache._swap`: :func:`swap_out`, :func:`swap_in`.
 
 Every operation checks its arguments on the host before anything is donated
-(:mod:`kvshard._host_checks`), places them on the mesh (:mod:`kvshard._sharding`) and drops
-out-of-contract traced rows by the one drop rule (:mod:`kvshard._drop`). Attention, the read
+(:mod:`kvshard._device.arg_checks`), places them on the mesh (:mod:`kvshard._device.sharding`) and
+drops
+out-of-contract traced rows by the one drop rule (:mod:`kvshard._device.drop`). Attention, the read
 of the serving loop, lives in :mod:`kvshard._attention`.
 """
 
@@ -22,13 +23,13 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from kvshard._layout import CacheSpec as CacheSpec
-from kvshard._layout import check_tensor_parallel as check_tensor_parallel
-from kvshard._types import Backend as Backend
+from kvshard._device.options import Backend as Backend
+from kvshard._geometry.layout import CacheSpec as CacheSpec
+from kvshard._geometry.layout import check_tensor_parallel as check_tensor_parallel
 from kvshard.cache._copy import copy_pages as copy_pages
 from kvshard.cache._gather import gather as gather
-from kvshard.cache._host import HostCache as HostCache
-from kvshard.cache._host import init_host_cache as init_host_cache
+from kvshard.cache._host_cache import HostCache as HostCache
+from kvshard.cache._host_cache import init_host_cache as init_host_cache
 from kvshard.cache._pytree import KVCache as KVCache
 from kvshard.cache._pytree import abstract_cache as abstract_cache
 from kvshard.cache._pytree import check_cache as check_cache

@@ -1,8 +1,8 @@
 """How values are stored: the dtype conversions and the head rows, in one place.
 
 Writes convert real values to stored values and lay them out as the rows of the cache's
-``kv_layout`` (:func:`encode`; the rows themselves are :mod:`kvshard._kv_rows`'s, the bits of
-the storage dtype :mod:`kvshard._storage`'s), and the pallas backend joins a head's rows into
+``kv_layout`` (:func:`encode`; the rows themselves are :mod:`kvshard._device.kv_rows`'s, the bits of
+the storage dtype :mod:`kvshard._device.storage`'s), and the pallas backend joins a head's rows into
 the head axis (:func:`combine`; the xla backend writes each row straight into its place);
 reads undo both (:func:`split`, :func:`to_real`). Each device picks its own heads of
 the step's k/v (:func:`local_heads`). Every backend calls these, which is what makes Pallas and
@@ -20,9 +20,9 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from kvshard import quant
-from kvshard._kv_rows import from_rows, join_rows, to_rows
-from kvshard._layout import CacheSpec
-from kvshard._storage import from_bits
+from kvshard._device.kv_rows import from_rows, join_rows, to_rows
+from kvshard._device.storage import from_bits
+from kvshard._geometry.layout import CacheSpec
 from kvshard.cache._pytree import KVCache
 
 __all__ = [
@@ -50,9 +50,9 @@ def to_storage(spec: CacheSpec, x: jax.Array, scale: float | None) -> jax.Array:
 
 def encode(spec: CacheSpec, k: jax.Array, v: jax.Array) -> tuple[jax.Array, ...]:
     """k, v [T, h, D] real values -> the rows of each head, each [T, h, D_pad]: (K, V)
-    interleaved, (K|V,) packed (:func:`kvshard._kv_rows.to_rows`), stored values in the
+    interleaved, (K|V,) packed (:func:`kvshard._device.kv_rows.to_rows`), stored values in the
     cache's logical dtype; a backend bitcasts them to the array's storage dtype
-    (:func:`kvshard._storage.to_bits`) where it writes them."""
+    (:func:`kvshard._device.storage.to_bits`) where it writes them."""
     return to_rows(spec, to_storage(spec, k, spec.k_scale), to_storage(spec, v, spec.v_scale))
 
 

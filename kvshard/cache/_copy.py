@@ -1,7 +1,7 @@
 """``copy_pages``: copy whole pages (every layer, every head): the allocator's copy-on-write.
 
 Every device copies the pages of its own block; all copies read the contents from before the
-call. Pairs the drop rule refuses (:func:`kvshard._drop.copy_pair_mask`) write nothing.
+call. Pairs the drop rule refuses (:func:`kvshard._device.drop.copy_pair_mask`) write nothing.
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from kvshard import _reports
-from kvshard._drop import copy_pair_mask
-from kvshard._host_checks import check_page_pairs, is_traced
-from kvshard._sharding import place, to_spec
+from kvshard._device import reports as _reports
+from kvshard._device.arg_checks import check_page_pairs, is_traced
+from kvshard._device.drop import copy_pair_mask
+from kvshard._device.sharding import place, to_spec
 from kvshard.cache._pytree import KVCache, check_cache, with_kv
 
 __all__ = ["copy_pages"]

@@ -14,16 +14,16 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from kvshard import _reports
-from kvshard._drop import layer_in_range, route_layer
-from kvshard._host_checks import (
+from kvshard._device import reports as _reports
+from kvshard._device.arg_checks import (
     as_int32,
     check_layer,
     check_shape,
     concrete,
     is_traced,
 )
-from kvshard._sharding import place, to_spec
+from kvshard._device.drop import layer_in_range, route_layer
+from kvshard._device.sharding import place, to_spec
 from kvshard.cache._codec import read_dtype, split, to_real
 from kvshard.cache._pytree import KVCache, check_cache
 

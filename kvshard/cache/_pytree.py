@@ -15,7 +15,7 @@ of ``spec.kv_layout`` (interleaved: ``C = 2·H·r``, ``D_pad`` the head dimensio
 multiple of 128; packed: ``C = H·r``, K and V of a head side by side in one row of
 ``round_up(2·head_dim, 128)`` lanes; latent (MLA, ``H = 1``): ``C = r``, one row of the latent
 ``[c_kv | k_pe]`` in ``round_up(head_dim, 128)`` lanes; docs/layout.md), and ``storage`` the
-dtype :func:`kvshard._storage.storage_dtype` picks for the mesh's platform: the cache dtype,
+dtype :func:`kvshard._device.storage.storage_dtype` picks for the mesh's platform: the cache dtype,
 except bfloat16/float8 on CPU, stored as their bits (uint16/uint8) so that XLA's CPU float
 normalization never copies the cache. Interleaved, combined head ``2·j`` is K and ``2·j + 1``
 is V of replicated head ``j`` (packed: row ``j`` holds both); replicated head ``j`` is a copy
@@ -39,11 +39,11 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from kvshard._jax_compat import is_deleted
-from kvshard._layout import CacheSpec, check_tensor_parallel
-from kvshard._memo import is_concrete
-from kvshard._sharding import axis_size, check_mesh_axes
-from kvshard._storage import PLATFORMS, storage_dtype
+from kvshard._device.jax_compat import is_deleted
+from kvshard._device.memo import is_concrete
+from kvshard._device.sharding import axis_size, check_mesh_axes
+from kvshard._device.storage import PLATFORMS, storage_dtype
+from kvshard._geometry.layout import CacheSpec, check_tensor_parallel
 
 __all__ = ["KVCache", "PagedLayout", "abstract_cache", "check_cache", "init_cache", "with_kv"]
 

@@ -1,5 +1,5 @@
 """``swap_out`` / ``swap_in``: move whole pages (every layer, every head) between the device
-cache and its host tier (:class:`~kvshard.cache._host.HostCache`).
+cache and its host tier (:class:`~kvshard.cache._host_cache.HostCache`).
 
 Every device moves the pages of its own block between its device memory and its own host
 memory; nothing crosses devices. Each op is three steps inside one executable, per device:
@@ -8,7 +8,7 @@ memory; nothing crosses devices. Each op is three steps inside one executable, p
 2. one transfer of that buffer to the other memory (``jax.device_put`` to a memory space
    inside jit: XLA emits the copy of exactly K pages, nothing else crosses the link);
 3. scatter it into the destination pages, on the side that holds them (the host-side gather
-   and scatter run on the host, :func:`kvshard._jax_compat.on_host`).
+   and scatter run on the host, :func:`kvshard._device.jax_compat.on_host`).
 
 Both caches are donated, so XLA writes both in place (tests/test_cache_swap.py checks the
 compiled module's input/output aliasing and the buffer addresses). The call returns once
@@ -17,7 +17,7 @@ dispatch order, and a later step that reads the cache takes the swap's output bu
 so it cannot start before the swap wrote it (docs/tiers.md).
 
 Pairs are rows ``(device page, host page)``; which rows are performed is the drop rule's
-(:func:`kvshard._drop.swap_pair_mask`). Concrete pairs are checked first (nothing is donated
+(:func:`kvshard._device.drop.swap_pair_mask`). Concrete pairs are checked first (nothing is donated
 when they are refused).
 """
 
@@ -30,12 +30,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from kvshard import _reports
-from kvshard._drop import SWAP_PAD, swap_pair_mask
-from kvshard._host_checks import check_page_pairs, is_traced
-from kvshard._jax_compat import on_host
-from kvshard._sharding import place, to_spec
-from kvshard.cache._host import HostCache, check_host, with_host_kv
+from kvshard._device import reports as _reports
+from kvshard._device.arg_checks import check_page_pairs, is_traced
+from kvshard._device.drop import SWAP_PAD, swap_pair_mask
+from kvshard._device.jax_compat import on_host
+from kvshard._device.sharding import place, to_spec
+from kvshard.cache._host_cache import HostCache, check_host, with_host_kv
 from kvshard.cache._pytree import KVCache, check_cache, with_kv
 
 __all__ = ["swap_in", "swap_out"]
@@ -64,7 +64,7 @@ def _swap_jit(cache, host, pairs, *, into_host, checks=False):
         pairs = pairs[None]
 
     def body(kv, host_kv, pairs, *whole):
-        if whole:  # every device checks all pairs (see kvshard._reports)
+        if whole:  # every device checks all pairs (see kvshard._device.reports)
             _reports.check_swap_pairs(
                 "swap_out" if into_host else "swap_in",
                 whole[0][..., 0],
@@ -199,7 +199,8 @@ def _swap(cache, host, pairs, *, into_host: bool, checks: bool):
 
 
 def _check_pairs(groups: np.ndarray, num_pages: int, num_host_pages: int, *, into_host: bool):
-    """The eager form of :func:`kvshard._drop.swap_pair_mask`: raises on the first row it would
+    """The eager form of :func:`kvshard._device.drop.swap_pair_mask`: raises on the first row it
+    would
     drop, padding rows excepted."""
     op = "swap_out" if into_host else "swap_in"
     for g, pairs in enumerate(groups):

@@ -10,7 +10,7 @@ Inside ``shard_map`` the local block [L, slots, C, D] is reshaped (a free bitcas
 writes the right layer of the aliased buffer; the XLA backend views the block as
 [L, slots, C/n, n, D] (also free; n rows per head: 2 interleaved, 1 packed) and scatters each
 row at ``[layer, slot, :, i]``, with no combined [T, C, D] copy of the new tokens.
-Both backends write exactly the slices :func:`kvshard._drop.writable_slices` keeps. The
+Both backends write exactly the slices :func:`kvshard._device.drop.writable_slices` keeps. The
 per-device bodies of both backends and the saturation count are in
 :mod:`kvshard.cache._update_local`.
 """
@@ -25,9 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from kvshard import _reports
-from kvshard._drop import route_layer
-from kvshard._host_checks import (
+from kvshard._device import reports as _reports
+from kvshard._device.arg_checks import (
     as_int32,
     check_backend,
     check_layer,
@@ -37,9 +36,10 @@ from kvshard._host_checks import (
     dtype_of,
     is_traced,
 )
-from kvshard._layout import CacheSpec
-from kvshard._platform import resolve_backend
-from kvshard._sharding import place_all, to_spec
+from kvshard._device.backend import resolve_backend
+from kvshard._device.drop import route_layer
+from kvshard._device.sharding import place_all, to_spec
+from kvshard._geometry.layout import CacheSpec
 from kvshard.cache._codec import kv_in_spec, local_heads
 from kvshard.cache._pytree import KVCache, check_cache, with_kv
 from kvshard.cache._update_local import LOCAL_UPDATES, SaturationCounts, count_saturated
@@ -57,7 +57,7 @@ __all__ = ["SaturationCounts", "WriteCall", "WriteOptions", "check_write", "repo
 def latent_kv(cache: Any, k: Any, v: Any) -> tuple[Any, Any]:
     """(k, v) as the backends take them: a latent cache's row is K and V at once, so its
     ``v`` must be None and the backends get ``k`` twice (its rows ignore the second,
-    :func:`kvshard._kv_rows.to_rows`). Other caches: unchanged (their checks refuse None).
+    :func:`kvshard._device.kv_rows.to_rows`). Other caches: unchanged (their checks refuse None).
 
     Raises:
       ValueError: ``v`` given for a latent cache.
@@ -112,7 +112,7 @@ def _check_slices(cache: KVCache, slices: Any, num_slices: Any, num_tokens: int)
     slices, num_slices = as_int32("slices", slices), as_int32("num_slices", num_slices)
     slices_np, num_np = concrete(slices), concrete(num_slices)
     if slices_np is None or num_np is None:
-        return slices, num_slices  # traced: bad rows are dropped (kvshard._drop)
+        return slices, num_slices  # traced: bad rows are dropped (kvshard._device.drop)
     pool = cache.spec.slots_per_pool
     hint = (
         f"; slices for another data-parallel pool? kv_cache_start addresses the group's own "
@@ -222,7 +222,7 @@ def _without_group_axis(*specs: P) -> tuple[P, ...]:
 
 def report_write(spec: Any, whole: Any, *, num_tokens: int) -> None:
     """``checks=True`` inside the sharded body: every device reports the rows the drop rule
-    drops from the whole (layer, slices, num_slices) (:mod:`kvshard._reports`)."""
+    drops from the whole (layer, slices, num_slices) (:mod:`kvshard._device.reports`)."""
     _reports.check_update(
         *whole,
         num_layers=spec.num_layers,

@@ -6,7 +6,7 @@ way; on GPUs no loop), and the other tokens scattered into the block viewed as
 [L, slots, C/n, n, D] (a free bitcast; n rows per head: 2 interleaved, 1 packed), each row
 apart: no combined [T, C, D] copy. pallas: the kernel on the [L·slots, C, D] view, with
 ``kv_cache_start`` offset by ``layer · slots``. Both write exactly the slices
-:func:`kvshard._drop.writable_slices` keeps.
+:func:`kvshard._device.drop.writable_slices` keeps.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ import jax
 import jax.numpy as jnp
 
 from kvshard import quant
-from kvshard._drop import layer_in_range, token_slots, writable_slices
-from kvshard._kv_rows import to_rows
-from kvshard._layout import CacheSpec
-from kvshard._storage import from_bits, to_bits
+from kvshard._device.drop import layer_in_range, token_slots, writable_slices
+from kvshard._device.kv_rows import to_rows
+from kvshard._device.storage import from_bits, to_bits
+from kvshard._geometry.layout import CacheSpec
 from kvshard.cache._codec import combine, encode
 from kvshard.kernels.update import kv_cache_update
 

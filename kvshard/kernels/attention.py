@@ -48,7 +48,7 @@ rows of the request's new positions ``[kv_len - q_len, kv_len)`` (and an int32 f
 update writes it at its own position) into a second VMEM block and selects them per key slot
 instead of the page's; a request all of whose tokens are written fetches only its pages' older
 slots. In the last grid step, after every read, it writes the rows into their pages HBM->HBM,
-one DMA per slice kept by :func:`kvshard._drop.writable_slices`, the block aliased to its
+one DMA per slice kept by :func:`kvshard._device.drop.writable_slices`, the block aliased to its
 second output. So it equals the update kernel followed by this kernel, bit for bit.
 
 Masking
@@ -93,7 +93,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from kvshard._drop import (
+from kvshard._device.drop import (
     live_query_bounds,
     requests_on_block,
     token_slots,
@@ -430,7 +430,7 @@ def _kernel(
 
 def _work_items(bounds, num_items: int, queries_per_block: int):
     """int32[3, num_items] (request, first token, tokens) of every query block of the live
-    requests (``bounds``: :func:`kvshard._drop.live_query_bounds`, so requests from the live
+    requests (``bounds``: :func:`kvshard._device.drop.live_query_bounds`, so requests from the live
     count on own no token), in request order, then (0, 0, 0) padding; and the item count [1]."""
     max_seqs = bounds.shape[0] - 1
     q_lens = bounds[1:] - bounds[:-1]  # 0 from `live` on (live_query_bounds)
@@ -513,7 +513,7 @@ def _ragged_paged_attention(
     aliases = {}
     if fused:
         new_rows, slices, num_slices, write_layer = writes
-        # THE drop rule of update (kvshard._drop), as the update kernel's wrapper applies it:
+        # THE drop rule of update (kvshard._device.drop), as the update kernel's wrapper applies it:
         # a dropped slice becomes (0, 0, 0), a zero-length copy.
         valid = writable_slices(
             slices,
@@ -653,7 +653,7 @@ def ragged_paged_attention(
 
     Returns:
       q.dtype[T, Hq, D]; tokens of no live request are zero. Out-of-contract metadata inside
-      ``jit`` is dropped by kvshard's drop rule (:func:`kvshard._drop.live_requests`).
+      ``jit`` is dropped by kvshard's drop rule (:func:`kvshard._device.drop.live_requests`).
 
     Raises:
       TypeError, ValueError: see :func:`static_validate_inputs` and (with ``validate``)
@@ -691,7 +691,7 @@ def fused_ragged_paged_attention(
     The merge assumes the step's metadata agree (as :func:`kvshard.build_step` builds them):
     a slice writes token ``t`` only at the slot of ``t``'s own position in its request, and no
     slot read as an older key is written this step. A slice the drop rule drops
-    (:func:`kvshard._drop.writable_slices`) is written nowhere and its tokens are read from
+    (:func:`kvshard._device.drop.writable_slices`) is written nowhere and its tokens are read from
     the pages, as update + attention read them.
 
     Args:
@@ -699,7 +699,7 @@ def fused_ragged_paged_attention(
         (:func:`kvshard.cache._codec.encode` then ``combine``), ``kv_cache``'s dtype.
       slices: int32[3, S] ``(kv_cache_start, new_kv_start, slice_len)``; num_slices int32[1].
       write_layer: int32[] the layer written (None: ``layer``); a layer out of range writes
-        nothing (:func:`kvshard._drop.writable_slices`). kvshard.fused_attention passes the
+        nothing (:func:`kvshard._device.drop.writable_slices`). kvshard.fused_attention passes the
         layer update would write, and ``layer`` as attention reads it (-1 when the layer's
         type is not the one read).
       Others: as :func:`ragged_paged_attention`.

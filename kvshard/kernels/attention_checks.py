@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvshard._layout import KV_LAYOUTS, SUPPORTED_DTYPES
+from kvshard._geometry.layout import KV_LAYOUTS, SUPPORTED_DTYPES
 
 __all__ = ["dynamic_validate_inputs", "static_validate_inputs"]
 
@@ -137,7 +137,7 @@ def dynamic_validate_inputs(
     q, kv_cache, layer, kv_lens, page_indices, cu_q_lens, num_seqs, *, page_size: int
 ) -> None:
     """Concrete metadata on the host: the contract the drop rule enforces inside ``jit``
-    (:func:`kvshard._drop.request_in_contract`), raised naming the field and the bound.
+    (:func:`kvshard._device.drop.request_in_contract`), raised naming the field and the bound.
 
     Raises:
       ValueError: layer out of range, num_seqs out of range, or a live request out of

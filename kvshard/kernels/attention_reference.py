@@ -2,7 +2,7 @@
 
 Plain jnp and deliberately naive: every token gathers its request's whole page-table row and
 masks, on the score and on the value, every key it may not see. It shares no code with the
-kernel but the drop rule (:mod:`kvshard._drop`, THE rule both backends apply), so a test can
+kernel but the drop rule (:mod:`kvshard._device.drop`, THE rule both backends apply), so a test can
 hold the kernel to it; kvshard's float64 oracle (:func:`kvshard.reference.paged_attention`)
 checks both from dense histories.
 """
@@ -14,7 +14,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from kvshard._drop import live_query_bounds, requests_on_block
+from kvshard._device.drop import live_query_bounds, requests_on_block
 
 __all__ = ["ref_ragged_paged_attention"]
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from kvshard._layout import page_bytes
+from kvshard._geometry.layout import page_bytes
 
 Schedule = Literal["direct", "vmem"]
 SCHEDULES: tuple[str, ...] = ("direct", "vmem")

@@ -11,10 +11,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvshard._int32 import INT32_MAX, INT32_MIN, first_outside_int32
-from kvshard._jax_compat import interpret_params
-from kvshard._layout import LANES, SUPPORTED_DTYPES
-from kvshard._memo import ContentMemo, content_key
+from kvshard._device.jax_compat import interpret_params
+from kvshard._device.memo import ContentMemo, content_key
+from kvshard._geometry.int32 import INT32_MAX, INT32_MIN, first_outside_int32
+from kvshard._geometry.layout import LANES, SUPPORTED_DTYPES
 
 # Row names of ``slices`` in messages.
 SLICE_FIELDS = ("kv_cache_start", "new_kv_start", "slice_len")
@@ -149,7 +149,7 @@ def validate_slices(
     appended to the cache-overrun message (e.g. to point at another data-parallel pool).
 
     Slices that passed once with the same bounds are not checked again: an eager loop hands
-    every layer the same step. The memo is keyed by their content (:mod:`kvshard._memo`), so
+    every layer the same step. The memo is keyed by their content (:mod:`kvshard._device.memo`), so
     a step mutated in place, or another step, is checked as if new; a failure stores nothing.
     """
     bounds = (num_tokens, num_rows, page_size, name, count_name, allow_empty, contiguous_sources)

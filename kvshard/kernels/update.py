@@ -67,8 +67,8 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from kvshard._drop import slice_is_writable
-from kvshard._layout import page_bytes
+from kvshard._device.drop import slice_is_writable
+from kvshard._geometry.layout import page_bytes
 from kvshard.kernels.budgets import (
     INFLIGHT_BUDGET_BYTES,
     MAX_SLICES_PER_BLOCK,

@@ -4,7 +4,8 @@ The cache geometry (layers, heads, head_dim, dtype, each layer's attention type)
 :func:`kvshard.read_model_config` reads, the planner's and :meth:`kvshard.CacheSpec.from_config`'s
 reader, so the template serves exactly the cache the planner sizes; this module adds the keys
 only the model code needs (and the defaults transformers' config classes apply when a key is
-absent or ``null``, :func:`kvshard._config.config_value`), so the model code never looks at
+absent or ``null``, :func:`kvshard._geometry.hf_config.config_value`), so the model code never
+looks at
 ``model_type``: it reads fields such as ``norm_offset`` or ``layers[i].window``. Both config
 generations are read: ``rope_theta`` + ``rope_scaling`` (transformers 4) and
 ``rope_parameters`` (transformers 5, per layer type for Gemma 3); ``torch_dtype`` or ``dtype``.
@@ -18,7 +19,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from kvshard._config import (
+from kvshard._geometry.hf_config import (
     ConfigError,
     config_value,
     geometry_of,
@@ -26,8 +27,8 @@ from kvshard._config import (
     load_config,
     positive_int,
 )
-from kvshard._layer_types import FULL, LayerType
-from kvshard._state_layers import MAMBA, hybrid_layers
+from kvshard._geometry.layer_types import FULL, LayerType
+from kvshard._geometry.state_layers import MAMBA, hybrid_layers
 
 __all__ = [
     "ARCHITECTURES",
@@ -602,7 +603,7 @@ def _bamba(
     config: Mapping[str, Any], hidden: int, num_layers: int, where: str
 ) -> tuple[MambaSpec, list[str]]:
     """Bamba's Mamba-2 shapes and each layer's mixer, its layers and state shape as
-    :func:`kvshard._state_layers.hybrid_layers` reads them (attention at
+    :func:`kvshard._geometry.state_layers.hybrid_layers` reads them (attention at
     ``attn_layer_indices``, or a saved ``layers_block_type``); the keys only the model reads
     (chunk size, biases, dt limits) here."""
     try:

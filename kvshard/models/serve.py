@@ -38,7 +38,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import kvshard
-from kvshard._layer_types import cache_groups, is_state
+from kvshard._geometry.layer_types import cache_groups, is_state
 from kvshard.allocator import sliding_window_pages
 from kvshard.models.model import check_servable
 from kvshard.models.state_cache import (

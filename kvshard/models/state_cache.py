@@ -4,7 +4,7 @@ A Mamba-2 layer keeps, per request, a fixed-size state instead of per-token K/V:
 window (the last ``conv_kernel - 1`` conv inputs, ``[conv_dim, conv_kernel - 1]``) and the SSM
 state (``[num_heads, head_dim, state_size]``). :class:`kvshard.PageAllocator` with the model's
 :attr:`~kvshard.models.Architecture.cache_layer_types` puts the Mamba layers in state groups
-of the shared pool (vLLM's equal-size groups, :func:`kvshard._layer_types.cache_groups`): a
+of the shared pool (vLLM's equal-size groups, :func:`kvshard._geometry.layer_types.cache_groups`): a
 request owns one page id per state group (``allocator.state_pages(rows)``), and a page id
 names one state in each of the group's ``group_size`` cache layers, exactly as an attention
 page id names token slots in each of its group's cache layers. The device arrays are laid out
@@ -40,7 +40,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from kvshard._layer_types import cache_groups, is_state
+from kvshard._geometry.layer_types import cache_groups, is_state
 from kvshard.models.config import Architecture
 
 __all__ = [

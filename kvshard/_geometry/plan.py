@@ -22,16 +22,16 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
-from kvshard._int32 import INT32_MAX
-from kvshard._layer_types import LayerType, check_layer_types, group_layers, uniform_window
-from kvshard._layout import (
+from kvshard._geometry.int32 import INT32_MAX
+from kvshard._geometry.layer_types import LayerType, check_layer_types, group_layers, uniform_window
+from kvshard._geometry.layout import (
     CacheSpec,
     check_query_heads,
     check_tensor_parallel,
     needs_scales,
     round_up,
 )
-from kvshard._plan_groups import format_groups, hybrid_capacity, window_pages
+from kvshard._geometry.plan_groups import format_groups, hybrid_capacity, window_pages
 
 __all__ = [
     "BudgetTooSmall",
@@ -165,12 +165,13 @@ def make_plan(
     ``latent`` entry gives its bytes per token and what the copies cost.
 
     ``layer_types`` (None: every layer full, or ``sliding_window`` on every layer) gives each
-    layer's attention type (:data:`kvshard._layer_types.LayerType`); for a mix of types, or
+    layer's attention type (:data:`kvshard._geometry.layer_types.LayerType`); for a mix of types, or
     chunked layers, the plan's ``layer_groups`` counts vLLM's hybrid layout against every
-    layer full (:func:`kvshard._plan_groups.hybrid_capacity`). A uniform sliding window in it
+    layer full (:func:`kvshard._geometry.plan_groups.hybrid_capacity`). A uniform sliding window in
+    it
     is the same as ``sliding_window``.
     ``num_q_heads`` (None: unknown, not checked) must split over the head axis as
-    :func:`kvshard.attention` needs (:func:`~kvshard._layout.check_query_heads`).
+    :func:`kvshard.attention` needs (:func:`~kvshard._geometry.layout.check_query_heads`).
     ``host_memory`` (bytes per host for the host tier; None: no tier) is shared by
     ``devices_per_host`` devices (default: the whole ``dp x tp`` mesh on one host); see
     :func:`host_tier`.

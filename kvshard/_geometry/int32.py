@@ -7,7 +7,7 @@ definition of the bounds and of the two checks that enforce them on the host:
 * :func:`check_int32_int`: one Python/NumPy integer argument (a pool size, a window) in
   ``[low, INT32_MAX]``;
 * :func:`first_outside_int32`: where a concrete integer array first leaves int32, the test
-  behind every metadata cast (:func:`kvshard._host_checks.as_int32`, the update kernel's
+  behind every metadata cast (:func:`kvshard._device.arg_checks.as_int32`, the update kernel's
   ``to_int32_metadata``).
 
 Pure NumPy: the planner and the allocator use it without JAX.

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from kvshard._layer_types import FULL, LayerType, cache_groups, group_layers, layer_size
+from kvshard._geometry.layer_types import FULL, LayerType, cache_groups, group_layers, layer_size
 from kvshard.allocator import sliding_window_pages
 
 __all__ = [
@@ -103,7 +103,8 @@ def pages_per_request(layer_type: LayerType, page_size: int, context: int) -> in
 def kv_cache_groups(
     layer_types: tuple[LayerType, ...],
 ) -> tuple[int, list[tuple[LayerType, tuple[int, ...]]]]:
-    """Returns ``(group_size, [(type, layers), ...])``: :func:`kvshard._layer_types.cache_groups`
+    """Returns ``(group_size, [(type, layers), ...])``:
+    :func:`kvshard._geometry.layer_types.cache_groups`
     (vLLM's split of the layers into KV-cache groups) as the planner prints it.
 
     ``kv_cache_groups((FULL, FULL, S, S, S))`` with ``S = ("sliding", 8)`` is

@@ -10,7 +10,7 @@ caller's own ``jax.jit`` (where a serving loop traces kvshard), and a caller who
 bf16 dots cannot set it (the dot emitter needs them).
 
 So on CPU a float8 cache (and, on JAX 0.10, a bfloat16 one:
-:data:`kvshard._jax_compat.CPU_REWRITES_BFLOAT16`) stores its values' bits as the unsigned
+:data:`kvshard._device.jax_compat.CPU_REWRITES_BFLOAT16`) stores its values' bits as the unsigned
 integer of the same width (integer scatters and gathers are never normalized), and only the
 small arrays that cross the boundary are bitcast: the new tokens on the way in, the gathered
 pages on the way out. Every other dtype is stored natively, as is everything on GPU and TPU
@@ -25,7 +25,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from kvshard._jax_compat import CPU_REWRITES_BFLOAT16
+from kvshard._device.jax_compat import CPU_REWRITES_BFLOAT16
 
 __all__ = ["PLATFORMS", "from_bits", "storage_dtype", "to_bits"]
 

@@ -1,12 +1,12 @@
 """The opt-in ``checks=True`` reports: what a device operation drops, raised from inside jit.
 
-With traced metadata nothing can raise, so a bad row is dropped (:mod:`kvshard._drop`). A
+With traced metadata nothing can raise, so a bad row is dropped (:mod:`kvshard._device.drop`). A
 caller debugging a serving loop passes ``checks=True`` to :func:`kvshard.update`,
 :func:`kvshard.gather`, :func:`kvshard.copy_pages`, :func:`kvshard.swap_out`,
 :func:`kvshard.swap_in` or :func:`kvshard.attention`: a host
 callback then raises ``ValueError`` naming the bad row, which the runtime re-raises as a
 ``JaxRuntimeError`` carrying that message when the result is used. Each report tests exactly
-the rule in :mod:`kvshard._drop` that the backends apply.
+the rule in :mod:`kvshard._device.drop` that the backends apply.
 
 Why a host callback rather than :mod:`jax.experimental.checkify`: checkify threads its error
 through ``shard_map`` as a per-device array, and a later check with the same payload types
@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvshard._drop import (
+from kvshard._device.drop import (
     copy_pair_mask,
     layer_in_range,
     request_in_contract,
@@ -102,7 +102,7 @@ def check_layer(where: str, layer: jax.Array, num_layers: int) -> jax.Array:
 def check_layer_type(layer: jax.Array, readable: tuple[bool, ...], read: tuple) -> jax.Array:
     """Reports a layer in range that ``readable`` marks False: attention of a traced layer
     over layers of several types reads ``read`` layers only, and drops the others
-    (:func:`kvshard._drop.route_layer`). A layer out of range is :func:`check_layer`'s."""
+    (:func:`kvshard._device.drop.route_layer`). A layer out of range is :func:`check_layer`'s."""
     index = jnp.clip(layer, 0, len(readable) - 1)
     ok = ~layer_in_range(layer, len(readable)) | jnp.asarray(readable, bool)[index]
     return _check(

@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from kvshard._errors import KvshardError
-from kvshard._layer_types import (
+from kvshard._geometry.layer_types import (
     FULL,
     LayerType,
     check_layer_types,

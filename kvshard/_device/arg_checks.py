@@ -3,7 +3,7 @@
 Every public operation checks its arguments here first, so a bad call raises an exception that
 names the argument, the value and the bound, and leaves the cache intact and readable.
 Metadata reaches the device as int32 through :func:`as_int32` (the bounds are
-:mod:`kvshard._int32`'s).
+:mod:`kvshard._geometry.int32`'s).
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvshard._int32 import INT32_MAX, INT32_MIN, first_outside_int32
-from kvshard._types import BACKENDS, BackendOptions
+from kvshard._device.options import BACKENDS, BackendOptions
+from kvshard._geometry.int32 import INT32_MAX, INT32_MIN, first_outside_int32
 
 __all__ = [
     "as_int32",

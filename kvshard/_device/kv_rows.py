@@ -20,7 +20,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from kvshard._layout import CacheSpec
+from kvshard._geometry.layout import CacheSpec
 
 __all__ = ["from_rows", "join_rows", "to_rows"]
 

@@ -1,6 +1,7 @@
-"""Tests of kvshard._host_checks, the host-side argument checks every device operation runs first.
+"""Tests of kvshard._device.arg_checks, the host-side argument checks every device operation runs
+first.
 
-kvshard._host_checks is package-internal; importing its public (non-underscore) functions here
+kvshard._device.arg_checks is package-internal; importing its public (non-underscore) functions here
 is the documented internal test hook for this file, so the int32 bounds and the shape, layer
 and options checks are tested once, directly, on hand-made values. That each operation calls
 them, and leaves the cache untouched when they raise, is tested through the public API in
@@ -17,7 +18,7 @@ import numpy as np
 import pytest
 
 from kvshard import BackendOptions
-from kvshard._host_checks import (
+from kvshard._device.arg_checks import (
     INT32_MAX,
     INT32_MIN,
     as_int32,

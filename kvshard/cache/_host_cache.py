@@ -31,11 +31,11 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from kvshard._int32 import INT32_MAX
-from kvshard._jax_compat import is_deleted, on_host
-from kvshard._layout import CacheSpec, check_tensor_parallel
-from kvshard._sharding import axis_size, check_mesh_axes
-from kvshard._storage import storage_dtype
+from kvshard._device.jax_compat import is_deleted, on_host
+from kvshard._device.sharding import axis_size, check_mesh_axes
+from kvshard._device.storage import storage_dtype
+from kvshard._geometry.int32 import INT32_MAX
+from kvshard._geometry.layout import CacheSpec, check_tensor_parallel
 from kvshard.cache._pytree import KVCache, PagedLayout
 
 __all__ = ["HOST_MEMORY_KIND", "HostCache", "check_host", "init_host_cache", "with_host_kv"]
@@ -169,7 +169,7 @@ def init_host_cache(
         mesh, P(None, page_axis, head_axis, None), memory_kind=HOST_MEMORY_KIND
     )
     shape = (spec.num_cache_layers, slots, spec.combined_heads(tp), spec.padded_head_dim)
-    # The device cache's storage dtype (bf16/fp8 bits on CPU, kvshard._storage): a swap moves
+    # The device cache's storage dtype (bf16/fp8 bits on CPU, kvshard._device.storage): a swap moves
     # stored bytes, never converts.
     stored = storage_dtype(spec.dtype, str(mesh.devices.flat[0].platform)).name
     kv = _zeros_fn(shape, stored, sharding)()

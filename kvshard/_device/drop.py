@@ -15,7 +15,7 @@ place that says which rows those are, one function per kind of row:
 * an attention request: :func:`live_requests`, :func:`live_query_bounds` and
   :func:`token_requests`.
 
-Both backends and the opt-in ``checks=True`` reports (:mod:`kvshard._reports`) call these, so
+Both backends and the opt-in ``checks=True`` reports (:mod:`kvshard._device.reports`) call these, so
 what a report names is exactly what a backend drops, with one deliberate exception: a live
 count past its maximum (``num_slices > S``, ``num_seqs > max_num_seqs``) is clamped to the
 maximum by the backends (every row is then live and judged on its own), while ``checks=True``

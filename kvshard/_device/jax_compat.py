@@ -8,7 +8,7 @@ Every other module calls these names and never tests JAX's version itself:
   the function transform and the context manager is gone.
 - :data:`CPU_REWRITES_BFLOAT16`: whether XLA's CPU compiler rewrites ops on a bfloat16 array
   in float32 inside a caller's jit (so a donated bfloat16 cache is copied whole:
-  :mod:`kvshard._storage` stores its bits instead). True on JAX 0.10; from 0.11 a natively
+  :mod:`kvshard._device.storage` stores its bits instead). True on JAX 0.10; from 0.11 a natively
   stored bfloat16 cache stays in place (float8 is rewritten on every version; docs/layout.md).
 - :func:`is_deleted`: whether an array was donated or deleted. On JAX 0.11 an array that
   NumPy has read (``np.asarray`` keeps a view of some of its shards) is donated only partly:

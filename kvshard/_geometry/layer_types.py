@@ -4,7 +4,7 @@ State layers (``("mamba",)``: Mamba-2; ``("linear_attention",)``: gated DeltaNet
 fixed-size state per request instead of per-token K/V; only the allocator and the planner take
 them (``check_layer_types(..., allow_state=True)``), a cache of per-token pages refuses them.
 
-Pure Python (no JAX, no config reading): :mod:`kvshard._config` derives the types from a
+Pure Python (no JAX, no config reading): :mod:`kvshard._geometry.hf_config` derives the types from a
 Hugging Face config, the planner groups layers by them, and a cache that gives each group its
 own page table can key its groups by them.
 """

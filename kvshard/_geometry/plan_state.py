@@ -1,8 +1,10 @@
 """The plan of a hybrid model with state layers (Mamba-2, gated DeltaNet): one page pool for
 attention K/V and per-request states, with vLLM's unified page size.
 
-``kvshard plan --config`` of a hybrid family's config.json (see :mod:`kvshard._state_layers`)
-prints this plan: the layers are grouped by :func:`kvshard._layer_types.cache_groups` (vLLM's
+``kvshard plan --config`` of a hybrid family's config.json (see
+:mod:`kvshard._geometry.state_layers`)
+prints this plan: the layers are grouped by :func:`kvshard._geometry.layer_types.cache_groups`
+(vLLM's
 equal-size KV-cache groups, attention groups first), a state group's page holds one request's
 state of its layers, and the attention page size in tokens is the least multiple of
 ``--page-size`` whose page is at least a state page (vLLM's
@@ -17,8 +19,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from kvshard._layer_types import cache_groups, describe_groups, group_layers, is_state
-from kvshard._state_layers import hybrid_layers, unified_page_size
+from kvshard._geometry.layer_types import cache_groups, describe_groups, group_layers, is_state
+from kvshard._geometry.state_layers import hybrid_layers, unified_page_size
 
 _DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "int8": 1, "float8_e4m3fn": 1}
 
@@ -37,7 +39,7 @@ def state_plan(
     """Returns the plan (a JSON-able dict) of a hybrid config on a ``dp x tp`` mesh.
 
     Raises:
-      ValueError: the config is not a hybrid family read by :mod:`kvshard._state_layers`
+      ValueError: the config is not a hybrid family read by :mod:`kvshard._geometry.state_layers`
         (or is Mamba-1), ``tp`` does not divide the K/V heads or the state heads, or the
         budget holds no request; the message names the value and the bound.
     """

@@ -15,7 +15,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from kvshard._memo import ContentMemo, content_key
+from kvshard._device.memo import ContentMemo, content_key
 from kvshard.distributed import global_array
 
 __all__ = [
@@ -90,7 +90,7 @@ def place_all(mesh: Mesh, items: list[tuple[Any, P]], *, reuse: bool = False) ->
     stay as they are.
 
     ``reuse``: a small integer host array (metadata) equal in content to one placed before
-    with the same sharding gets that (immutable) device copy again (:mod:`kvshard._memo`), so
+    with the same sharding gets that (immutable) device copy again (:mod:`kvshard._device.memo`), so
     an eager loop copies a step to the devices once, not once per layer. Only for calls
     outside any trace (the caller checks that its cache and k/v are concrete): under a
     caller's trace a reused concrete array would become a hoisted argument of its program."""
@@ -136,6 +136,6 @@ def _private(x: Any) -> Any:
 
 def reuse_key(mesh: Mesh, x: Any, spec: P) -> tuple[Any, ...] | None:
     """The key ``place_all(..., reuse=True)`` files the device copy of ``x`` under (None: not
-    memoizable, see :func:`kvshard._memo.content_key`)."""
+    memoizable, see :func:`kvshard._device.memo.content_key`)."""
     content = content_key(x)
     return None if content is None else (_sharding(mesh, spec), content)

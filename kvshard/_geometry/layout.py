@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from kvshard._layer_types import FULL, CacheGroups, cache_groups, check_layer_types
+from kvshard._geometry.layer_types import FULL, CacheGroups, cache_groups, check_layer_types
 
 __all__ = [
     "KV_LAYOUTS",
@@ -444,7 +444,7 @@ class CacheSpec:
 
     @functools.cached_property  # once per spec: every eager operation asks for it
     def groups(self) -> CacheGroups:
-        """The KV-cache groups of the layers (:func:`kvshard._layer_types.cache_groups` of
+        """The KV-cache groups of the layers (:func:`kvshard._geometry.layer_types.cache_groups` of
         :attr:`layer_types`; one group of every layer, cache layer = layer, when None)."""
         return cache_groups(self.layer_types or (FULL,) * self.num_layers)
 
@@ -623,7 +623,7 @@ class CacheSpec:
             the field.
           ValueError: a bad ``page_size``, ``num_pages`` or ``dtype`` (as :class:`CacheSpec`).
         """
-        from kvshard._config import ConfigError, read_model_config
+        from kvshard._geometry.hf_config import ConfigError, read_model_config
 
         geometry = read_model_config(config)
         if dtype is None:

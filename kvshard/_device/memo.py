@@ -6,7 +6,7 @@ mutated in place, or a new array equal to an old one, is looked up by what it ho
 changed value is always checked again and never meets a stale device copy. Only results that
 are pure functions of the key are stored: that a check passed (a check that raises stores
 nothing) and the device copy of an array (immutable, never donated). Users: the eager entries
-(:mod:`kvshard._eager`), the placement of metadata (:mod:`kvshard._sharding`) and the slices
+(:mod:`kvshard._eager`), the placement of metadata (:mod:`kvshard._device.sharding`) and the slices
 check (:func:`kvshard.kernels.checks.validate_slices`).
 """
 

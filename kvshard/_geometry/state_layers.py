@@ -33,7 +33,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
-from kvshard._layer_types import FULL, LayerType, is_positive_int
+from kvshard._geometry.layer_types import FULL, LayerType, is_positive_int
 
 __all__ = [
     "GDN",

@@ -13,7 +13,7 @@ import _hf_configs as hf_configs
 import pytest
 
 import kvshard
-from kvshard._config import PRESETS, preset_config
+from kvshard._geometry.hf_config import PRESETS, preset_config
 
 LLAMA = {
     "hidden_size": 4096,
@@ -399,7 +399,7 @@ def test_explicit_nulls_are_the_config_class_defaults():
 
 def test_the_config_reader_imports_no_jax():
     code = (
-        "import sys, kvshard._config, kvshard.cli\n"
+        "import sys, kvshard._geometry.hf_config, kvshard.cli\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'jaxlib', 'flax')))"
     )
     out = subprocess.run(
