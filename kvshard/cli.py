@@ -422,7 +422,8 @@ def _layer_types(
 def _run_hybrid_plan(
     args: argparse.Namespace, plan_parser: argparse.ArgumentParser, data: dict, label: str
 ) -> int:
-    """``kvshard plan --config`` of a hybrid family with state layers (:mod:`_plan_state`)."""
+    """``kvshard plan --config`` of a hybrid family with state layers
+    (:mod:`kvshard._geometry.plan_state`)."""
     from kvshard._geometry.plan_state import format_state_plan, state_plan
 
     dp, tp = args.mesh
