@@ -120,6 +120,24 @@ def table(header: Sequence[str], rows: Sequence[Sequence[Any]], first_width: int
     return "\n".join(out)
 
 
+def step_times_table(rows: Sequence[dict[str, Any]], column: str, count: str) -> str:
+    """The :func:`table` of a kernel benchmark's per-step times: a row per (step, ``column``)
+    with its ``count``, ``min_ms`` and ``median_ms``."""
+    return table(
+        (f"step / {column}", count, "min ms", "median ms"),
+        [
+            (
+                f"{r['step']:<8} {r[column]}",
+                r[count],
+                f"{r['min_ms']:.3f}",
+                f"{r['median_ms']:.3f}",
+            )
+            for r in rows
+        ],
+        first_width=18,
+    )
+
+
 def write_json(outdir: str | os.PathLike, name: str, data: dict[str, Any]) -> Path:
     path = Path(outdir) / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
