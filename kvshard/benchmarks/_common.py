@@ -145,6 +145,14 @@ def write_json(outdir: str | os.PathLike, name: str, data: dict[str, Any]) -> Pa
     return path
 
 
+def write_report(outdir: str | os.PathLike, name: str, data: dict[str, Any]) -> dict[str, Any]:
+    """Writes ``data`` to ``outdir/name.json`` (:func:`write_json`), prints the ``wrote`` line
+    of a benchmark without plots and returns ``data``."""
+    write_json(outdir, name, data)
+    print(f"wrote {os.path.join(outdir, name + '.json')}")
+    return data
+
+
 def _jsonable(x: Any) -> Any:
     if isinstance(x, np.generic):
         return x.item()

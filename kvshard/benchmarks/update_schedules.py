@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
 import sys
 from typing import Any
 
@@ -32,7 +31,7 @@ from kvshard.benchmarks._common import (
     run_parsed,
     step_times_table,
     timed,
-    write_json,
+    write_report,
 )
 
 NAME = "update_schedules"
@@ -151,9 +150,7 @@ def run(
     if not on_tpu:
         print(f"on a TPU VM, A/B test the schedules with:\n  {TPU_COMMAND}")
     data = {"machine": machine, "on_tpu": on_tpu, "shape": list(shape), "rows": rows}
-    write_json(outdir, NAME, data)
-    print(f"wrote {os.path.join(outdir, NAME + '.json')}")
-    return data
+    return write_report(outdir, NAME, data)
 
 
 def main(argv: list[str] | None = None) -> int:
