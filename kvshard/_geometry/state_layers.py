@@ -33,7 +33,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
-from kvshard._geometry.layer_types import FULL, LayerType, is_positive_int
+from kvshard._geometry.layer_types import FULL, LayerType, check_positive_ints, is_positive_int
 
 __all__ = [
     "GDN",
@@ -335,12 +335,8 @@ def unified_page_size(state_bytes: int, token_bytes: int, alignment: int = 16) -
     Raises:
       ValueError: an argument is not an int >= 1.
     """
-    for name, value in (
-        ("state_bytes", state_bytes),
-        ("token_bytes", token_bytes),
-        ("alignment", alignment),
-    ):
-        if not is_positive_int(value):
-            raise ValueError(f"unified_page_size: {name}={value!r} must be an int >= 1")
+    check_positive_ints(
+        "unified_page_size", state_bytes=state_bytes, token_bytes=token_bytes, alignment=alignment
+    )
     blocks = -(-state_bytes // (alignment * token_bytes))
     return alignment * blocks
