@@ -1,5 +1,5 @@
-"""Tests of kvshard._device.arg_checks, the host-side argument checks every device operation runs
-first.
+"""Tests of kvshard._device.arg_checks: the host-side argument checks that every device
+operation runs first.
 
 kvshard._device.arg_checks is package-internal; importing its public (non-underscore) functions here
 is the documented internal test hook for this file, so the int32 bounds and the shape, layer

@@ -1,11 +1,10 @@
 """Tests of kvshard._device.drop, the drop rule, on hand-made arrays.
 
 kvshard._device.drop is package-internal; importing its public (non-underscore) functions here is
-the
-documented internal test hook for this file, so the rule both backends and ``checks=True``
-share is tested once, directly, without a cache or a mesh. What the operations do with it is
-tested through the public API in test_cache_update_traced.py, test_cache_copy.py,
-test_cache_gather.py and test_attention.py. Every expected value is written out by hand.
+the documented internal test hook for this file, so the rule both backends and ``checks=True`` share
+is tested once, directly, without a cache or a mesh. What the operations do with it is tested
+through the public API in test_cache_update_traced.py, test_cache_copy.py, test_cache_gather.py and
+test_attention.py. Every expected value is written out by hand.
 """
 
 from __future__ import annotations

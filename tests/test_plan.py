@@ -1,6 +1,5 @@
 """kvshard/_geometry/plan.py: the planner's arithmetic (pages, tokens, sequences, where the bytes
-go),
-and the query-head rule it shares with kvshard.attention.
+go), and the query-head rule it shares with kvshard.attention.
 
 Every expected number is worked out by hand in the test from the layout rules: a device's
 combined K/V rows (2 per head it holds) are padded to the dtype's packing (32-bit words: 1 row

@@ -56,10 +56,9 @@ XLA_PREFILL_KEYS_PER_STEP = 512
 def read_kv(kv, layer, slots, statics: Statics):
     """The one read of the cache: slots int32[...] of ``layer`` -> float32 K, V [..., H, D].
 
-    Slots are clamped into the block (callers mask what they may not see). Any layout:
-    K and V are split from interleaved rows or from the lanes of packed ones; a latent row
-    is K whole and V its first ``kv_lora_rank`` lanes
-    (:func:`kvshard._device.kv_rows.from_rows`)."""
+    Slots are clamped into the block (callers mask what they may not see). Any layout: K and V are
+    split from interleaved rows or from the lanes of packed ones; a latent row is K whole and V its
+    first ``kv_lora_rank`` lanes (:func:`kvshard._device.kv_rows.from_rows`)."""
     block = kv[layer, jnp.clip(slots, 0, kv.shape[1] - 1)]  # [..., C, D_pad]
     spec = statics.spec
     block = from_bits(block, spec.np_dtype)  # only the gathered pages (kvshard._device.storage)

@@ -1,9 +1,8 @@
 """Picking a device operation's backend from the platform of the cache's devices.
 
-(kvshard's executables need no per-platform compiler options: a bfloat16/float8 cache on CPU
-stays in place by its storage dtype, :mod:`kvshard._device.storage`, in kvshard's own executables
-and
-in a caller's jit alike.)
+(kvshard's executables need no per-platform compiler options: a bfloat16/float8 cache on CPU stays
+in place by its storage dtype, :mod:`kvshard._device.storage`, in kvshard's own executables and in a
+caller's jit alike.)
 """
 
 from __future__ import annotations

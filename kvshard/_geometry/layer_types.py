@@ -50,6 +50,14 @@ def is_positive_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
+def check_positive_ints(where: str, **values: Any) -> None:
+    """Raises ValueError ``"{where}: name=value must be an int >= 1"`` for the first of
+    ``values`` (name=value, in order) that is not an int >= 1 (:func:`is_positive_int`)."""
+    for name, value in values.items():
+        if not is_positive_int(value):
+            raise ValueError(f"{where}: {name}={value!r} must be an int >= 1")
+
+
 def layer_size(layer_type: LayerType) -> int | None:
     """W of ``("sliding", W)``, C of ``("chunked", C)``, None for ``("full",)``."""
     return int(layer_type[1]) if len(layer_type) == 2 else None

@@ -166,10 +166,9 @@ def make_plan(
 
     ``layer_types`` (None: every layer full, or ``sliding_window`` on every layer) gives each
     layer's attention type (:data:`kvshard._geometry.layer_types.LayerType`); for a mix of types, or
-    chunked layers, the plan's ``layer_groups`` counts vLLM's hybrid layout against every
-    layer full (:func:`kvshard._geometry.plan_groups.hybrid_capacity`). A uniform sliding window in
-    it
-    is the same as ``sliding_window``.
+    chunked layers, the plan's ``layer_groups`` counts vLLM's hybrid layout against every layer full
+    (:func:`kvshard._geometry.plan_groups.hybrid_capacity`). A uniform sliding window in it is the
+    same as ``sliding_window``.
     ``num_q_heads`` (None: unknown, not checked) must split over the head axis as
     :func:`kvshard.attention` needs (:func:`~kvshard._geometry.layout.check_query_heads`).
     ``host_memory`` (bytes per host for the host tier; None: no tier) is shared by

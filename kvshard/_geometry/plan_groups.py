@@ -104,8 +104,8 @@ def kv_cache_groups(
     layer_types: tuple[LayerType, ...],
 ) -> tuple[int, list[tuple[LayerType, tuple[int, ...]]]]:
     """Returns ``(group_size, [(type, layers), ...])``:
-    :func:`kvshard._geometry.layer_types.cache_groups`
-    (vLLM's split of the layers into KV-cache groups) as the planner prints it.
+    :func:`kvshard._geometry.layer_types.cache_groups` (vLLM's split of the layers into KV-cache
+    groups) as the planner prints it.
 
     ``kv_cache_groups((FULL, FULL, S, S, S))`` with ``S = ("sliding", 8)`` is
     ``(2, [(FULL, (0, 1)), (S, (2, 4)), (S, (3,))])``: the last group has one padding slot.

@@ -2,16 +2,14 @@
 attention K/V and per-request states, with vLLM's unified page size.
 
 ``kvshard plan --config`` of a hybrid family's config.json (see
-:mod:`kvshard._geometry.state_layers`)
-prints this plan: the layers are grouped by :func:`kvshard._geometry.layer_types.cache_groups`
-(vLLM's
-equal-size KV-cache groups, attention groups first), a state group's page holds one request's
-state of its layers, and the attention page size in tokens is the least multiple of
-``--page-size`` whose page is at least a state page (vLLM's
-``HybridAttentionMambaModelConfig``); the state page is padded to it, so every page of the pool
-has the same bytes. A request of ``context`` tokens holds ``ceil(context / page_size)`` pages
-in each attention group and one page in each state group. Bytes are per device: K/V heads and
-state heads are split over the tensor axis.
+:mod:`kvshard._geometry.state_layers`) prints this plan: the layers are grouped by
+:func:`kvshard._geometry.layer_types.cache_groups` (vLLM's equal-size KV-cache groups, attention
+groups first), a state group's page holds one request's state of its layers, and the attention page
+size in tokens is the least multiple of ``--page-size`` whose page is at least a state page (vLLM's
+``HybridAttentionMambaModelConfig``); the state page is padded to it, so every page of the pool has
+the same bytes. A request of ``context`` tokens holds ``ceil(context / page_size)`` pages in each
+attention group and one page in each state group. Bytes are per device: K/V heads and state heads
+are split over the tensor axis.
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
-from kvshard._geometry.layer_types import FULL, LayerType, is_positive_int
+from kvshard._geometry.layer_types import FULL, LayerType, check_positive_ints, is_positive_int
 
 __all__ = [
     "GDN",
@@ -221,23 +221,31 @@ def _blocks(config: Mapping[str, Any], model_type: str, where: str) -> list[list
     return [[t] for t in listed if t is not None]
 
 
+# The keys of the Mamba-2 shape (heads, head_dim, groups, state size, conv kernel) in the
+# configs that name it without the mamba_ prefix of the hybrids, and their shared defaults.
+_MAMBA2_KEYS = {
+    "nemotron_h": (
+        "mamba_num_heads",
+        "mamba_head_dim",
+        "n_groups",
+        "ssm_state_size",
+        "conv_kernel",
+    ),
+    "mamba2": ("num_heads", "head_dim", "n_groups", "state_size", "conv_kernel"),
+}
+_MAMBA2_DEFAULTS = (128, 64, 8, 128, 4)
+
+
 def _mamba2_state(config: Mapping[str, Any], model_type: str, where: str) -> StateShape:
     dtype = _dtype(config, "torch_dtype", _dtype(config, "dtype", "bfloat16", where), where)
     # The SSM state stays float32, as transformers keeps the float32 result of its scan and
     # kvshard.models caches it; a config's mamba_ssm_cache_dtype (vLLM's setting) overrides.
     ssm_dtype = _dtype(config, "mamba_ssm_cache_dtype", "float32", where)
-    if model_type == "nemotron_h":
-        heads = _int(config, "mamba_num_heads", 128, where)
-        head_dim = _int(config, "mamba_head_dim", 64, where)
-        groups = _int(config, "n_groups", 8, where)
-        state = _int(config, "ssm_state_size", 128, where)
-        kernel = _int(config, "conv_kernel", 4, where)
-    elif model_type == "mamba2":
-        heads = _int(config, "num_heads", 128, where)
-        head_dim = _int(config, "head_dim", 64, where)
-        groups = _int(config, "n_groups", 8, where)
-        state = _int(config, "state_size", 128, where)
-        kernel = _int(config, "conv_kernel", 4, where)
+    if model_type in _MAMBA2_KEYS:
+        heads, head_dim, groups, state, kernel = (
+            _int(config, key, default, where)
+            for key, default in zip(_MAMBA2_KEYS[model_type], _MAMBA2_DEFAULTS, strict=True)
+        )
     else:  # bamba, granitemoehybrid, falcon_h1: mamba_* fields
         hidden = _int(config, "hidden_size", None, where)
         expand = _int(config, "mamba_expand", 2, where)
@@ -327,12 +335,8 @@ def unified_page_size(state_bytes: int, token_bytes: int, alignment: int = 16) -
     Raises:
       ValueError: an argument is not an int >= 1.
     """
-    for name, value in (
-        ("state_bytes", state_bytes),
-        ("token_bytes", token_bytes),
-        ("alignment", alignment),
-    ):
-        if not is_positive_int(value):
-            raise ValueError(f"unified_page_size: {name}={value!r} must be an int >= 1")
+    check_positive_ints(
+        "unified_page_size", state_bytes=state_bytes, token_bytes=token_bytes, alignment=alignment
+    )
     blocks = -(-state_bytes // (alignment * token_bytes))
     return alignment * blocks

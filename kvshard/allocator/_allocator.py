@@ -66,18 +66,16 @@ class PageAllocator:
     Layer groups (``layer_types``: one attention type per model layer, ``("full",)``,
     ``("sliding", W)`` or ``("chunked", C)``): the layers form KV-cache groups by
     :func:`kvshard._geometry.layer_types.cache_groups` (vLLM's equal-size groups; :attr:`groups`),
-    and
-    each request has one page-table row per group, every group drawing from this one pool of
-    page ids. A sliding group releases as ``sliding_window`` does; a chunked group of chunk
-    ``C`` releases the pages wholly before ``C * (num_tokens // C)``, the start of the chunk
-    of the next token (Llama 4's chunked local attention). Every growth sums all groups' page
-    needs before it commits anything, so a refused call changes nothing. With one group
-    (``layer_types`` None or of one type) shapes are as without groups; with
-    :attr:`num_groups` ``G > 1``, :attr:`page_table` is ``int32[G, max_requests,
-    max_pages_per_request]`` and :meth:`pages` ``int32[G, n]``. Prefix caching: each group
-    caches its own page of each block, and a hit counts only where every group can serve it
-    (a full group needs the hit's pages from the first, a window group only those its next
-    query reads; the others are not attached and read :data:`NULL_PAGE`).
+    and each request has one page-table row per group, every group drawing from this one pool of
+    page ids. A sliding group releases as ``sliding_window`` does; a chunked group of chunk ``C``
+    releases the pages wholly before ``C * (num_tokens // C)``, the start of the chunk of the next
+    token (Llama 4's chunked local attention). Every growth sums all groups' page needs before it
+    commits anything, so a refused call changes nothing. With one group (``layer_types`` None or of
+    one type) shapes are as without groups; with :attr:`num_groups` ``G > 1``, :attr:`page_table` is
+    ``int32[G, max_requests, max_pages_per_request]`` and :meth:`pages` ``int32[G, n]``. Prefix
+    caching: each group caches its own page of each block, and a hit counts only where every group
+    can serve it (a full group needs the hit's pages from the first, a window group only those its
+    next query reads; the others are not attached and read :data:`NULL_PAGE`).
 
     State groups (``layer_types`` with ``("mamba",)`` or ``("linear_attention",)`` layers,
     grouped after the attention groups, :attr:`state_groups`): a request holding tokens owns
@@ -639,6 +637,21 @@ class PageAllocator:
         if not self.enable_prefix_caching:
             raise ValueError(f"{where}: prefix caching is disabled (enable_prefix_caching=False)")
 
+    def _lora_query(
+        self,
+        where: str,
+        token_ids: Sequence[int] | np.ndarray,
+        namespace: str | bytes | None,
+        extra_keys: Sequence[Any] | None,
+        lora_id: int | None,
+    ) -> tuple[_prefix.PrefixQuery, int | None]:
+        """The checks and query of :meth:`commit_prefix` and :meth:`announce_prefix`."""
+        self._require_prefix_caching(where)
+        if lora_id is not None and not is_int(lora_id):
+            raise ValueError(f"{where}: lora_id={lora_id!r} must be None or an int")
+        query = _prefix.PrefixQuery(token_ids, namespace, extra_keys)
+        return query, None if lora_id is None else int(lora_id)
+
     def peek_prefix(
         self,
         token_ids: Sequence[int] | np.ndarray,
@@ -765,11 +778,7 @@ class PageAllocator:
             UnknownRequest: ``req_id`` is not live.
             TypeError: ``namespace`` is not str, bytes or None, or ``req_id`` is not hashable.
         """
-        self._require_prefix_caching("commit_prefix")
-        if lora_id is not None and not is_int(lora_id):
-            raise ValueError(f"commit_prefix: lora_id={lora_id!r} must be None or an int")
-        query = _prefix.PrefixQuery(token_ids, namespace, extra_keys)
-        lora = None if lora_id is None else int(lora_id)
+        query, lora = self._lora_query("commit_prefix", token_ids, namespace, extra_keys, lora_id)
         return _prefix.commit(self._parts, req_id, query, lora)
 
     # ------------------------------------------------------ state and checks
@@ -1035,11 +1044,7 @@ class PageAllocator:
                 ``lora_id`` is not None or an int.
             UnknownRequest: ``req_id`` is not live. TypeError: it is not hashable.
         """
-        self._require_prefix_caching("announce_prefix")
-        if lora_id is not None and not is_int(lora_id):
-            raise ValueError(f"announce_prefix: lora_id={lora_id!r} must be None or an int")
-        query = _prefix.PrefixQuery(token_ids, namespace, extra_keys)
-        lora = None if lora_id is None else int(lora_id)
+        query, lora = self._lora_query("announce_prefix", token_ids, namespace, extra_keys, lora_id)
         return _prefix.announce(self._parts, req_id, query, lora)
 
     def take_kv_events(self) -> list[KVEvent]:

@@ -62,6 +62,20 @@ def readonly(array: np.ndarray) -> np.ndarray:
     return view
 
 
+def pop_free(free: np.ndarray, num_free: int, count: int) -> tuple[np.ndarray, int]:
+    """Pops up to ``count`` ids off the free stack ``free[:num_free]`` (top at ``num_free - 1``):
+    returns int32[min(count, num_free)], in pop order, and the stack's new size."""
+    plain = min(count, num_free)
+    return free[num_free - plain : num_free][::-1].copy(), num_free - plain
+
+
+def push_free(free: np.ndarray, num_free: int, ids: np.ndarray) -> int:
+    """Pushes int32[k] ids onto the free stack ``free[:num_free]``, in order; returns its new
+    size."""
+    free[num_free : num_free + ids.size] = ids
+    return num_free + int(ids.size)
+
+
 def is_int(value: object) -> bool:
     """True for a Python or numpy integer that is not a bool."""
     return isinstance(value, int | np.integer) and not isinstance(value, bool)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from kvshard.allocator._common import NULL_PAGE, check
+from kvshard.allocator._common import NULL_PAGE, check, pop_free, push_free
 from kvshard.allocator._prefix_index import PrefixIndex
 from kvshard.allocator._tier import HostTier
 
@@ -46,12 +46,9 @@ class PagePool:
 
         The caller checked ``count <= num_available``.
         """
-        plain = min(count, self.num_free)
-        top = self.num_free
-        taken = self.free[top - plain : top][::-1].copy()
-        self.num_free = top - plain
-        if count > plain:
-            victims, keys = self.index.evict(count - plain)
+        taken, self.num_free = pop_free(self.free, self.num_free, count)
+        if count > taken.size:
+            victims, keys = self.index.evict(count - taken.size)
             if self.tier.enabled:
                 # Pages a pending copy or swap-in has yet to fill hold no data to keep.
                 unfilled = set(self.pending_copies()[:, 1].tolist())
@@ -139,8 +136,7 @@ class PagePool:
 
     def _push(self, plain: np.ndarray) -> None:
         """Pushes int32[k] distinct unowned, uncached pages onto the free stack, in order."""
-        self.free[self.num_free : self.num_free + plain.size] = plain
-        self.num_free += int(plain.size)
+        self.num_free = push_free(self.free, self.num_free, plain)
 
     def queue_copies(self, src: np.ndarray, dst: np.ndarray) -> None:
         """Queues copies ``src[i] -> dst[i]``, each source resolved to its original page.

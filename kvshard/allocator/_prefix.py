@@ -250,19 +250,29 @@ def _record_hits(
     stats["hits"] += hits * size
 
 
+def _encode_for_row(
+    parts: AllocatorParts, req_id: Hashable, query: PrefixQuery, where: str
+) -> tuple[int, tuple[bytes, int, Any, bytes]]:
+    """The live request's row and ``query.encode(where)``, its namespace checked against the one
+    the request was looked up or committed with."""
+    rows = parts.rows
+    row = rows.row_of(req_id, where)
+    encoded = query.encode(where)
+    if rows.row_has_ns[row] and rows.row_ns[row].tobytes() != encoded[3]:
+        raise ValueError(
+            f"{where}: namespace={query.namespace!r} differs from the namespace req_id={req_id!r} "
+            "was looked up or committed with"
+        )
+    return row, encoded
+
+
 def commit(
     parts: AllocatorParts, req_id: Hashable, query: PrefixQuery, lora_id: int | None = None
 ) -> int:
     """Registers the request's full, not yet hashed pages; returns how many were new."""
     where = "commit_prefix"
     rows, pool = parts.rows, parts.pool
-    row = rows.row_of(req_id, where)
-    data, length, extras, ns = query.encode(where)
-    if rows.row_has_ns[row] and rows.row_ns[row].tobytes() != ns:
-        raise ValueError(
-            f"{where}: namespace={query.namespace!r} differs from the namespace req_id={req_id!r} "
-            "was looked up or committed with"
-        )
+    row, (data, length, extras, ns) = _encode_for_row(parts, req_id, query, where)
     if parts.tier.row_swapped[row]:
         raise ValueError(
             f"{where}: req_id={req_id!r} is swapped out; swap_in_request it before committing"
@@ -403,13 +413,7 @@ def announce(
     """Queues PagesStored for the request's hashed prefix in every group; returns its pages."""
     where = "announce_prefix"
     rows = parts.rows
-    row = rows.row_of(req_id, where)
-    data, length, extras, ns = query.encode(where)
-    if rows.row_has_ns[row] and rows.row_ns[row].tobytes() != ns:
-        raise ValueError(
-            f"{where}: namespace={query.namespace!r} differs from the namespace req_id={req_id!r} "
-            "was looked up or committed with"
-        )
+    row, (data, length, extras, ns) = _encode_for_row(parts, req_id, query, where)
     n = int(rows.row_committed[row])
     size = parts.config.page_size
     if length < n * size:

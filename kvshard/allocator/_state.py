@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from kvshard._geometry.layer_types import is_state
-from kvshard.allocator._common import MAX_CLOCK, check, is_int
+from kvshard.allocator._common import MAX_CLOCK, check, is_int, push_free
 from kvshard.allocator._config import AllocatorConfig
 from kvshard.allocator._events import DEVICE, HOST, EventQueue
 from kvshard.allocator._pool import PagePool
@@ -202,24 +202,14 @@ class AllocatorParts:
                 raise ValueError(f"{where}: rows maps {req_id!r} to {row!r}, not a row < {r}")
         if free_pages.size > n - 1 or free_rows.size > r:
             raise ValueError(f"{where}: free_pages/free_rows are too long")
-        clock = state["clock"]
-        if not is_int(clock) or not 0 <= clock <= MAX_CLOCK:
-            raise ValueError(f"{where}: clock={clock!r} must be an int in [0, 2**62]")
-        stats = state["prefix_stats"]
-        if (
-            not isinstance(stats, dict)
-            or set(stats) != set(STATS)
-            or not all(is_int(v) and v >= 0 for v in stats.values())
-        ):
-            raise ValueError(f"{where}: prefix_stats={stats!r} must map {STATS} to ints >= 0")
+        clock, stats = _clock_and_stats(state, "clock", "prefix_stats", STATS)
         new.pool.free[: free_pages.size] = free_pages
         new.pool.num_free = int(free_pages.size)
         new.pool.pending = [pending.astype(np.int32)] if pending.size else []
         new.rows.free_rows[: free_rows.size] = free_rows
         new.rows.num_free_rows = int(free_rows.size)
         new.rows.rows = {k: int(v) for k, v in rows.items()}
-        new.index.clock = int(clock)
-        new.index.stats = {k: int(stats[k]) for k in STATS}
+        new.index.clock, new.index.stats = clock, stats
         new.index.rebuild()
         _load_tier(new.tier, state, n)
         try:
@@ -323,8 +313,7 @@ class AllocatorParts:
         if self.pool.refcount.any() or tier.row_swapped.any() or busy:
             return False
         pages = self.index.clear_evictable()
-        self.pool.free[self.pool.num_free : self.pool.num_free + pages.size] = pages
-        self.pool.num_free += int(pages.size)
+        self.pool.num_free = push_free(self.pool.free, self.pool.num_free, pages)
         tier.clear_cache()
         self.events.cleared()
         self.reset_order_if_empty()
@@ -369,22 +358,31 @@ def _load_tier(tier: HostTier, state: dict[str, Any], num_pages: int) -> None:
         if value.size and ((value[:, 0] >= num_pages).any() or (value[:, 1] >= h).any()):
             raise ValueError(f"{where}: {name} names a page past num_pages or num_host_pages")
         pairs.append([value.astype(np.int32)] if value.size else [])
-    clock = state["host_clock"]
-    if not is_int(clock) or not 0 <= clock <= MAX_CLOCK:
-        raise ValueError(f"{where}: host_clock={clock!r} must be an int in [0, 2**62]")
-    stats = state["host_stats"]
-    if (
-        not isinstance(stats, dict)
-        or set(stats) != set(HOST_STATS)
-        or not all(is_int(v) and v >= 0 for v in stats.values())
-    ):
-        raise ValueError(f"{where}: host_stats={stats!r} must map {HOST_STATS} to ints >= 0")
+    clock, stats = _clock_and_stats(state, "host_clock", "host_stats", HOST_STATS)
     tier.free[: free.size] = free
     tier.num_free = int(free.size)
     tier.pending_out, tier.pending_in = pairs
-    tier.clock = int(clock)
-    tier.stats = {k: int(stats[k]) for k in HOST_STATS}
+    tier.clock, tier.stats = clock, stats
     tier.rebuild()
+
+
+def _clock_and_stats(
+    state: dict[str, Any], clock_key: str, stats_key: str, names: tuple[str, ...]
+) -> tuple[int, dict[str, int]]:
+    """``state[clock_key]`` (an eviction clock in ``[0, MAX_CLOCK]``) and ``state[stats_key]``
+    (a dict of exactly ``names`` to ints >= 0), checked; raises ValueError naming the key."""
+    where = "load_state_dict"
+    clock = state[clock_key]
+    if not is_int(clock) or not 0 <= clock <= MAX_CLOCK:
+        raise ValueError(f"{where}: {clock_key}={clock!r} must be an int in [0, 2**62]")
+    stats = state[stats_key]
+    if (
+        not isinstance(stats, dict)
+        or set(stats) != set(names)
+        or not all(is_int(v) and v >= 0 for v in stats.values())
+    ):
+        raise ValueError(f"{where}: {stats_key}={stats!r} must map {names} to ints >= 0")
+    return int(clock), {k: int(stats[k]) for k in names}
 
 
 def _same_shape(value: Any, mine: np.ndarray, name: str) -> np.ndarray:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from kvshard.allocator._common import NULL_PAGE, check
+from kvshard.allocator._common import NULL_PAGE, check, pop_free, push_free
 from kvshard.allocator._events import HOST, EventQueue
 from kvshard.allocator._prefix_index import KEY_BYTES
 
@@ -137,12 +137,9 @@ class HostTier:
 
         The caller checked ``count <= num_takeable``.
         """
-        plain = min(count, self.num_free)
-        top = self.num_free
-        taken = self.free[top - plain : top][::-1].copy()
-        self.num_free = top - plain
-        if count > plain:
-            taken = np.concatenate([taken, self._evict(count - plain)])
+        taken, self.num_free = pop_free(self.free, self.num_free, count)
+        if count > taken.size:
+            taken = np.concatenate([taken, self._evict(count - taken.size)])
         return taken
 
     def to_limbo(self, pages: np.ndarray) -> None:
@@ -174,8 +171,7 @@ class HostTier:
         self.pending_out, self.pending_in = [], []
         limbo = np.flatnonzero(self.host_limbo).astype(np.int32)
         self.host_limbo[:] = False
-        self.free[self.num_free : self.num_free + limbo.size] = limbo
-        self.num_free += int(limbo.size)
+        self.num_free = push_free(self.free, self.num_free, limbo)
         return out, into
 
     # ----------------------------------------------------- host prefix cache
@@ -238,8 +234,7 @@ class HostTier:
         self.key_to_page = {}
         self.host_key[:] = 0
         self.host_cached[:] = False
-        self.free[self.num_free : self.num_free + cached.size] = cached
-        self.num_free += int(cached.size)
+        self.num_free = push_free(self.free, self.num_free, cached)
         self.clock = 0
         self.host_lru[:] = 0
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from kvshard._geometry.layer_types import check_positive_ints
+
 
 def sliding_window_pages(sliding_window: int, page_size: int, max_new_tokens: int = 1) -> int:
     """Returns the most pages a request holds under ``PageAllocator(sliding_window=W)``.
@@ -26,12 +28,11 @@ def sliding_window_pages(sliding_window: int, page_size: int, max_new_tokens: in
     Raises:
         ValueError: an argument is not an int >= 1.
     """
-    for name, value in (
-        ("sliding_window", sliding_window),
-        ("page_size", page_size),
-        ("max_new_tokens", max_new_tokens),
-    ):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"sliding_window_pages: {name}={value!r} must be an int >= 1")
+    check_positive_ints(
+        "sliding_window_pages",
+        sliding_window=sliding_window,
+        page_size=page_size,
+        max_new_tokens=max_new_tokens,
+    )
     span = sliding_window + max_new_tokens - 1
     return (span + page_size - 2) // page_size + 1

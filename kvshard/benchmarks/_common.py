@@ -120,11 +120,37 @@ def table(header: Sequence[str], rows: Sequence[Sequence[Any]], first_width: int
     return "\n".join(out)
 
 
+def step_times_table(rows: Sequence[dict[str, Any]], column: str, count: str) -> str:
+    """The :func:`table` of a kernel benchmark's per-step times: a row per (step, ``column``)
+    with its ``count``, ``min_ms`` and ``median_ms``."""
+    return table(
+        (f"step / {column}", count, "min ms", "median ms"),
+        [
+            (
+                f"{r['step']:<8} {r[column]}",
+                r[count],
+                f"{r['min_ms']:.3f}",
+                f"{r['median_ms']:.3f}",
+            )
+            for r in rows
+        ],
+        first_width=18,
+    )
+
+
 def write_json(outdir: str | os.PathLike, name: str, data: dict[str, Any]) -> Path:
     path = Path(outdir) / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2, default=_jsonable) + "\n")
     return path
+
+
+def write_report(outdir: str | os.PathLike, name: str, data: dict[str, Any]) -> dict[str, Any]:
+    """Writes ``data`` to ``outdir/name.json`` (:func:`write_json`), prints the ``wrote`` line
+    of a benchmark without plots and returns ``data``."""
+    write_json(outdir, name, data)
+    print(f"wrote {os.path.join(outdir, name + '.json')}")
+    return data
 
 
 def _jsonable(x: Any) -> Any:

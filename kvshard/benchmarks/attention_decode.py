@@ -22,7 +22,6 @@ agree first. Writes ``attention_decode.json`` to ``--out``.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import Any
 
@@ -33,7 +32,7 @@ from kvshard.benchmarks._common import (
     simulate_cpu_devices,
     table,
     timed,
-    write_json,
+    write_report,
 )
 
 NAME = "attention_decode"
@@ -140,9 +139,7 @@ def run(
     print(f"max abs diff between the two: {diff:.2e}")
     if not diff < TOLERANCE:
         raise RuntimeError(f"kvshard.attention and gather + dense differ by {diff:.2e}")
-    write_json(outdir, NAME, row)
-    print(f"wrote {os.path.join(outdir, NAME + '.json')}")
-    return row
+    return write_report(outdir, NAME, row)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,13 +19,18 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
 import sys
 from typing import Any
 
 import numpy as np
 
-from kvshard.benchmarks._common import jax_machine, run_parsed, table, timed, write_json
+from kvshard.benchmarks._common import (
+    jax_machine,
+    run_parsed,
+    step_times_table,
+    timed,
+    write_report,
+)
 
 NAME = "attention_kernels"
 TPU_COMMAND = "python -m kvshard.benchmarks.attention_kernels --batch 64 --context 2048"
@@ -140,27 +145,11 @@ def run(
                     "median_ms": median * 1e3,
                 }
             )
-    print(
-        table(
-            ("step / kernel", "tokens", "min ms", "median ms"),
-            [
-                (
-                    f"{r['step']:<8} {r['kernel']}",
-                    r["tokens"],
-                    f"{r['min_ms']:.3f}",
-                    f"{r['median_ms']:.3f}",
-                )
-                for r in rows
-            ],
-            first_width=18,
-        )
-    )
+    print(step_times_table(rows, "kernel", "tokens"))
     if not on_tpu:
         print(f"on a TPU VM, compare the kernels with:\n  {TPU_COMMAND}")
     data = {"machine": machine, "on_tpu": on_tpu, "rows": rows}
-    write_json(outdir, NAME, data)
-    print(f"wrote {os.path.join(outdir, NAME + '.json')}")
-    return data
+    return write_report(outdir, NAME, data)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -38,7 +38,7 @@ from kvshard.benchmarks._common import (
     simulate_cpu_devices,
     table,
     with_overrides,
-    write_json,
+    write_report,
 )
 
 NAME = "attention_prefill"
@@ -228,9 +228,7 @@ def run(
         "load_after": load_after,
         "machine": jax_machine(),
     }
-    write_json(outdir, NAME, data)
-    print(f"wrote {os.path.join(outdir, NAME + '.json')}")
-    return data
+    return write_report(outdir, NAME, data)
 
 
 def settings(quick: bool) -> dict[str, Any]:

@@ -121,10 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     from kvshard import models
     from kvshard.benchmarks._common import jax_machine, table, write_json
     from kvshard.cli import parse_bytes
-    from kvshard.server.app import ServerInfo, create_app
-    from kvshard.server.engine import Engine, make_mesh
-    from kvshard.server.loop import EngineLoop
-    from kvshard.server.main import serve_in_thread
+    from kvshard.server.engine import make_mesh
+    from kvshard.server.main import serve_in_thread, start_app
 
     mesh = make_mesh(dp, tp)
     if args.checkpoint:
@@ -132,19 +130,18 @@ def main(argv: list[str] | None = None) -> int:
     else:
         arch = models.read_architecture(CONFIG)
         model = models.shard_model(models.CausalLM(arch, nnx.Rngs(args.seed)), mesh)
-    engine = Engine(
+    app, loop = start_app(
         model,
         mesh,
+        "bench",
+        None,
         max_num_seqs=args.max_num_seqs,
         page_size=args.page_size,
         num_pages=args.num_pages,
         max_num_batched_tokens=args.max_num_batched_tokens,
         host_memory=parse_bytes(args.host_memory) if args.host_memory else 0,
     )
-    engine.warmup()
-    loop = EngineLoop(engine).start()
-    info = ServerInfo("bench", model.arch.vocab_size, engine.max_model_len, args.max_num_seqs)
-    server, port = serve_in_thread(create_app(loop, info))
+    server, port = serve_in_thread(app)
     base_url = f"http://127.0.0.1:{port}"
     rng = np.random.default_rng(args.seed)
     vocab = model.arch.vocab_size

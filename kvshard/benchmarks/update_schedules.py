@@ -21,13 +21,18 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
 import sys
 from typing import Any
 
 import numpy as np
 
-from kvshard.benchmarks._common import jax_machine, run_parsed, table, timed, write_json
+from kvshard.benchmarks._common import (
+    jax_machine,
+    run_parsed,
+    step_times_table,
+    timed,
+    write_report,
+)
 
 NAME = "update_schedules"
 # What this benchmark (and `kvshard bench`'s tpu_schedule table) tells a TPU user to run.
@@ -140,28 +145,12 @@ def run(
                     "median_ms": median * 1e3,
                 }
             )
-    print(
-        table(
-            ("step / schedule", "slices", "min ms", "median ms"),
-            [
-                (
-                    f"{r['step']:<8} {r['schedule']}",
-                    r["slices"],
-                    f"{r['min_ms']:.3f}",
-                    f"{r['median_ms']:.3f}",
-                )
-                for r in rows
-            ],
-            first_width=18,
-        )
-    )
+    print(step_times_table(rows, "schedule", "slices"))
     print("both schedules match the oracle")
     if not on_tpu:
         print(f"on a TPU VM, A/B test the schedules with:\n  {TPU_COMMAND}")
     data = {"machine": machine, "on_tpu": on_tpu, "shape": list(shape), "rows": rows}
-    write_json(outdir, NAME, data)
-    print(f"wrote {os.path.join(outdir, NAME + '.json')}")
-    return data
+    return write_report(outdir, NAME, data)
 
 
 def main(argv: list[str] | None = None) -> int:

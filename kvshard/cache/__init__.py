@@ -13,9 +13,8 @@ One module per operation, each readable on its own:
 
 Every operation checks its arguments on the host before anything is donated
 (:mod:`kvshard._device.arg_checks`), places them on the mesh (:mod:`kvshard._device.sharding`) and
-drops
-out-of-contract traced rows by the one drop rule (:mod:`kvshard._device.drop`). Attention, the read
-of the serving loop, lives in :mod:`kvshard._attention`.
+drops out-of-contract traced rows by the one drop rule (:mod:`kvshard._device.drop`). Attention, the
+read of the serving loop, lives in :mod:`kvshard._attention`.
 """
 
 from __future__ import annotations

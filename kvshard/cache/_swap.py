@@ -200,8 +200,7 @@ def _swap(cache, host, pairs, *, into_host: bool, checks: bool):
 
 def _check_pairs(groups: np.ndarray, num_pages: int, num_host_pages: int, *, into_host: bool):
     """The eager form of :func:`kvshard._device.drop.swap_pair_mask`: raises on the first row it
-    would
-    drop, padding rows excepted."""
+    would drop, padding rows excepted."""
     op = "swap_out" if into_host else "swap_in"
     for g, pairs in enumerate(groups):
         padding = (pairs[:, 0] == SWAP_PAD) & (pairs[:, 1] == SWAP_PAD)

@@ -2,13 +2,12 @@
 
 The cache geometry (layers, heads, head_dim, dtype, each layer's attention type) is what
 :func:`kvshard.read_model_config` reads, the planner's and :meth:`kvshard.CacheSpec.from_config`'s
-reader, so the template serves exactly the cache the planner sizes; this module adds the keys
-only the model code needs (and the defaults transformers' config classes apply when a key is
-absent or ``null``, :func:`kvshard._geometry.hf_config.config_value`), so the model code never
-looks at
+reader, so the template serves exactly the cache the planner sizes; this module adds the keys only
+the model code needs (and the defaults transformers' config classes apply when a key is absent or
+``null``, :func:`kvshard._geometry.hf_config.config_value`), so the model code never looks at
 ``model_type``: it reads fields such as ``norm_offset`` or ``layers[i].window``. Both config
-generations are read: ``rope_theta`` + ``rope_scaling`` (transformers 4) and
-``rope_parameters`` (transformers 5, per layer type for Gemma 3); ``torch_dtype`` or ``dtype``.
+generations are read: ``rope_theta`` + ``rope_scaling`` (transformers 4) and ``rope_parameters``
+(transformers 5, per layer type for Gemma 3); ``torch_dtype`` or ``dtype``.
 """
 
 from __future__ import annotations
@@ -21,6 +20,7 @@ from typing import Any
 
 from kvshard._geometry.hf_config import (
     ConfigError,
+    ModelGeometry,
     config_value,
     geometry_of,
     hf_layer_names,
@@ -351,6 +351,21 @@ def _soft_cap(cfg: Mapping[str, Any], key: str, default: float | None) -> float 
     return float(value) if value else None
 
 
+def _common_fields(
+    config: Mapping[str, Any], model_type: str, geometry: ModelGeometry, hidden: int, where: str
+) -> dict[str, Any]:
+    """The :class:`Architecture` fields every model type reads alike: its type, the vocabulary,
+    hidden and MLP sizes, the layer count and the dtype (float32 if the config has none)."""
+    return {
+        "model_type": model_type,
+        "vocab_size": positive_int(config, "vocab_size", where),
+        "hidden_size": hidden,
+        "intermediate_size": positive_int(config, "intermediate_size", where),
+        "num_layers": geometry.num_layers,
+        "dtype": geometry.dtype or "float32",
+    }
+
+
 def read_architecture(config: Mapping[str, Any] | str | Path) -> Architecture:
     """Reads a Hugging Face config (a dict, a config.json path or its directory).
 
@@ -413,18 +428,13 @@ def read_architecture(config: Mapping[str, Any] | str | Path) -> Architecture:
         window = size[0] if kind == "sliding" else None
         layers.append(LayerSpec(window, ropes[name], mixers[i]))
     return Architecture(
-        model_type=model_type,
-        vocab_size=positive_int(config, "vocab_size", where),
-        hidden_size=hidden,
-        intermediate_size=positive_int(config, "intermediate_size", where),
-        num_layers=geometry.num_layers,
+        **_common_fields(config, model_type, geometry, hidden, where),
         num_heads=heads,
         num_kv_heads=kv_heads,
         head_dim=head_dim,
         rms_norm_eps=float(
             config_value(config, "rms_norm_eps", 1e-5 if model_type == "bamba" else 1e-6)
         ),
-        dtype=geometry.dtype or "float32",
         activation=_ACTIVATIONS[act_name],
         norm_offset=1.0 if gemma else 0.0,
         embed_scale=math.sqrt(hidden) if gemma else None,
@@ -545,16 +555,11 @@ def _read_deepseek(config: Mapping[str, Any], model_type: str, where: str) -> Ar
     qk_head_dim = mla.qk_nope_head_dim + mla.qk_rope_head_dim
     bias = bool(config_value(config, "attention_bias", False))
     return Architecture(
-        model_type=model_type,
-        vocab_size=positive_int(config, "vocab_size", where),
-        hidden_size=hidden,
-        intermediate_size=positive_int(config, "intermediate_size", where),
-        num_layers=geometry.num_layers,
+        **_common_fields(config, model_type, geometry, hidden, where),
         num_heads=heads,
         num_kv_heads=heads,
         head_dim=qk_head_dim,
         rms_norm_eps=float(config_value(config, "rms_norm_eps", 1e-6)),
-        dtype=geometry.dtype or "float32",
         activation="silu",
         norm_offset=0.0,
         embed_scale=None,

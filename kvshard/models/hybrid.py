@@ -15,7 +15,7 @@ from flax import nnx
 
 from kvshard.models.config import Architecture
 from kvshard.models.mamba2 import Mamba2Mixer
-from kvshard.models.model import MLP, Attention, RMSNorm
+from kvshard.models.model import MLP, Attention, RMSNorm, embedding
 from kvshard.models.state_cache import HybridCache, state_layout, token_rows
 
 __all__ = ["HybridDecoder", "HybridDecoderLayer"]
@@ -56,9 +56,7 @@ class HybridDecoderLayer(nnx.Module):
 
 class HybridDecoder(nnx.Module):
     def __init__(self, arch: Architecture, rngs: nnx.Rngs):
-        self.embed_tokens = nnx.Embed(
-            arch.vocab_size, arch.hidden_size, dtype=arch.dtype, param_dtype=arch.dtype, rngs=rngs
-        )
+        self.embed_tokens = embedding(arch, rngs)
         self.layers = nnx.List([HybridDecoderLayer(arch, i, rngs) for i in range(arch.num_layers)])
         self.final_layernorm = RMSNorm(arch.hidden_size, arch, rngs)
 

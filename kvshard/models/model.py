@@ -66,6 +66,13 @@ class RMSNorm(nnx.Module):
         return (self.offset + self.scale[...]) * normed.astype(x.dtype)
 
 
+def embedding(arch: Architecture, rngs: nnx.Rngs) -> nnx.Embed:
+    """The token embedding of a decoder: float[vocab_size, hidden_size] in the model dtype."""
+    return nnx.Embed(
+        arch.vocab_size, arch.hidden_size, dtype=arch.dtype, param_dtype=arch.dtype, rngs=rngs
+    )
+
+
 def _linear(fan_in: int, fan_out: int, bias: bool, arch: Architecture, rngs: nnx.Rngs):
     return nnx.Linear(
         fan_in, fan_out, use_bias=bias, dtype=arch.dtype, param_dtype=arch.dtype, rngs=rngs
@@ -236,9 +243,7 @@ class DecoderLayer(nnx.Module):
 
 class Decoder(nnx.Module):
     def __init__(self, arch: Architecture, rngs: nnx.Rngs):
-        self.embed_tokens = nnx.Embed(
-            arch.vocab_size, arch.hidden_size, dtype=arch.dtype, param_dtype=arch.dtype, rngs=rngs
-        )
+        self.embed_tokens = embedding(arch, rngs)
         self.layers = nnx.List([DecoderLayer(arch, i, rngs) for i in range(arch.num_layers)])
         self.norm = RMSNorm(arch.hidden_size, arch, rngs)
         self.embed_scale = arch.embed_scale

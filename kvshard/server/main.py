@@ -25,7 +25,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-__all__ = ["build_server", "main", "parse_args", "serve_in_thread"]
+__all__ = ["build_server", "main", "parse_args", "serve_in_thread", "start_app"]
 
 KV_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -101,9 +101,7 @@ def _eos_ids(directory: Path) -> list[int]:
 def build_server(args: argparse.Namespace) -> tuple[Any, Any]:
     """(Starlette app, started EngineLoop) for parsed ``args``; JAX must see enough devices."""
     from kvshard.models import load_checkpoint
-    from kvshard.server.app import ServerInfo, create_app
-    from kvshard.server.engine import Engine, make_mesh
-    from kvshard.server.loop import EngineLoop
+    from kvshard.server.engine import make_mesh
 
     dp, tp = args.mesh
     mesh = make_mesh(dp, tp)
@@ -114,9 +112,11 @@ def build_server(args: argparse.Namespace) -> tuple[Any, Any]:
 
         tokenizer = Tokenizer.from_file(str(args.checkpoint / "tokenizer.json"))
     kv_dtype = None if args.kv_dtype == "auto" else args.kv_dtype
-    engine = Engine(
+    return start_app(
         model,
         mesh,
+        args.served_model_name or args.checkpoint.resolve().name,
+        tokenizer,
         max_num_seqs=args.max_num_seqs,
         max_model_len=args.max_model_len,
         page_size=args.page_size,
@@ -126,11 +126,24 @@ def build_server(args: argparse.Namespace) -> tuple[Any, Any]:
         host_memory=args.host_memory or 0,
         eos_token_ids=_eos_ids(args.checkpoint),
     )
+
+
+def start_app(
+    model: Any, mesh: Any, name: str, tokenizer: Any, **engine_options: Any
+) -> tuple[Any, Any]:
+    """(Starlette app, started EngineLoop) serving ``model`` on ``mesh`` as ``name``: an
+    :class:`~kvshard.server.engine.Engine` of ``engine_options`` (``max_num_seqs`` among
+    them), warmed up (every token bucket compiled) before its loop starts."""
+    from kvshard.server.app import ServerInfo, create_app
+    from kvshard.server.engine import Engine
+    from kvshard.server.loop import EngineLoop
+
+    engine = Engine(model, mesh, **engine_options)
     info = ServerInfo(
-        model_name=args.served_model_name or args.checkpoint.resolve().name,
+        model_name=name,
         vocab_size=model.arch.vocab_size,
         max_model_len=engine.max_model_len,
-        max_n=args.max_num_seqs,
+        max_n=engine_options["max_num_seqs"],
         tokenizer=tokenizer,
     )
     engine.warmup()
