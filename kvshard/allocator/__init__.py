@@ -44,6 +44,7 @@ commit, and prefix hits that every group serves. ``_config`` validates the const
 arguments and ``_window`` holds the pure capacity arithmetic of sliding windows.
 """
 
+from kvshard._geometry.state_layers import unified_group_page_sizes as unified_group_page_sizes
 from kvshard.allocator._allocator import PageAllocator as PageAllocator
 from kvshard.allocator._common import NULL_PAGE as NULL_PAGE
 from kvshard.allocator._common import OutOfPages as OutOfPages
@@ -62,4 +63,5 @@ __all__ = [
     "PagesStored",
     "UnknownRequest",
     "sliding_window_pages",
+    "unified_group_page_sizes",
 ]
