@@ -113,6 +113,9 @@ def test_disable_hybrid_makes_full_and_windows_one_full_group():
         (dict(layer_types=[S4, S8]), r"disable_hybrid=True cannot make layer_types"),
         (dict(layer_types=None), r"disable_hybrid=True needs layer_types"),
         (dict(disable_hybrid=1), r"disable_hybrid=1 must be a bool"),
+        # a malformed entry is refused as without disable_hybrid, not converted to full
+        (dict(layer_types=[F, ("sliding", -1)]), r"sliding.*-1"),
+        (dict(layer_types="full"), r"layer_types='full' must be None or a non-empty sequence"),
     ],
 )
 def test_disable_hybrid_refusals_name_the_argument(kw, match):

@@ -10,6 +10,7 @@ from typing import Any
 
 from kvshard._geometry.layer_types import FULL, LayerType, cache_groups, is_state
 from kvshard.allocator._common import is_int
+from kvshard.allocator._config import _layer_types
 
 
 def hybrid_disabled(layer_types: Any, disable_hybrid: Any) -> Any:
@@ -20,8 +21,9 @@ def hybrid_disabled(layer_types: Any, disable_hybrid: Any) -> Any:
     argument is returned untouched (checked later with the rest).
 
     Raises:
-        ValueError: ``disable_hybrid`` is not a bool, is given without ``layer_types``, or
-            the layer types mix state layers with attention, or windows without full attention.
+        ValueError: ``disable_hybrid`` is not a bool, is given without ``layer_types``, a
+            ``layer_types`` entry is malformed (its own message), or the layer types mix state
+            layers with attention, or windows without full attention.
     """
     if not isinstance(disable_hybrid, bool):
         raise ValueError(f"PageAllocator: disable_hybrid={disable_hybrid!r} must be a bool")
@@ -32,14 +34,13 @@ def hybrid_disabled(layer_types: Any, disable_hybrid: Any) -> Any:
             "PageAllocator: disable_hybrid=True needs layer_types (without them there is one "
             "group already)"
         )
-    try:
-        kinds = {tuple(t) for t in layer_types}
-    except TypeError:
-        return layer_types  # malformed: the layer_types check names it
+    types = _layer_types(layer_types, None)  # a malformed entry is refused by its own name
+    assert types is not None
+    kinds = set(types)
     if len(kinds) == 1:
         return layer_types
     if FULL in kinds and all(t == FULL or t[0] in ("sliding", "chunked") for t in kinds):
-        return [FULL] * len(layer_types)
+        return [FULL] * len(types)
     raise ValueError(
         f"PageAllocator: disable_hybrid=True cannot make layer_types={sorted(kinds)!r} one "
         "type: only full attention mixed with sliding or chunked layers becomes all full "
