@@ -162,8 +162,9 @@ class PageAllocator:
         ValueError: an argument is not an int (bools rejected), is below its minimum or past
             its bound above, ``num_host_pages`` is 1, ``host_prefix_pages`` is set without
             prefix caching or with a window on some layer, a ``layer_types`` entry is
-            malformed or contradicts ``sliding_window``; the message names the argument, its
-            value and the bound.
+            malformed or contradicts ``sliding_window``, an ``eagle_layers`` entry is not an
+            attention layer of ``layer_types``, ``disable_hybrid`` meets layer types it cannot
+            make one type; the message names the argument, its value and the bound.
     """
 
     def __init__(
