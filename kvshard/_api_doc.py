@@ -68,6 +68,7 @@ SECTIONS: tuple[tuple[str, str, tuple[Entry, ...]], ...] = (
         (
             "kvshard.PageAllocator",
             "kvshard.allocator.sliding_window_pages",
+            "kvshard.allocator.unified_group_page_sizes",
             "kvshard.allocator.PagesStored",
             "kvshard.allocator.PagesRemoved",
             "kvshard.allocator.AllPagesCleared",

@@ -42,6 +42,7 @@ __all__ = [
     "StateShape",
     "hybrid_layers",
     "is_hybrid_config",
+    "unified_group_page_sizes",
     "unified_page_size",
 ]
 
@@ -340,3 +341,37 @@ def unified_page_size(state_bytes: int, token_bytes: int, alignment: int = 16) -
     )
     blocks = -(-state_bytes // (alignment * token_bytes))
     return alignment * blocks
+
+
+def unified_group_page_sizes(token_bytes: Any, page_size: Any) -> tuple[int, ...]:
+    """Tokens per page of each attention group so that every page has the same bytes:
+    vLLM's ``unify_kv_cache_spec_page_size`` for layers of different head sizes (or KV heads,
+    or dtypes). The group with the largest page at ``page_size`` tokens keeps ``page_size``;
+    a group whose page is ``r`` times smaller takes ``r * page_size`` tokens per page. The
+    result is ``PageAllocator(group_page_sizes=...)`` (``page_size`` is the hash block).
+
+    Args:
+      token_bytes: one int >= 1 per attention group (in ``group_types`` order): the bytes one
+        token takes in one layer of the group (K and V, every KV head).
+      page_size: tokens per page of the largest page, int >= 1.
+
+    Raises:
+      ValueError: an argument is not as above, or a group's page does not divide the largest
+        page (vLLM raises NotImplementedError there: block sizes alone cannot unify them).
+    """
+    where = "unified_group_page_sizes"
+    if not is_positive_int(page_size):
+        raise ValueError(f"{where}: page_size={page_size!r} must be an int >= 1")
+    if isinstance(token_bytes, str) or not hasattr(token_bytes, "__len__") or not token_bytes:
+        raise ValueError(f"{where}: token_bytes={token_bytes!r} must be a non-empty sequence")
+    for g, value in enumerate(token_bytes):
+        if not is_positive_int(value):
+            raise ValueError(f"{where}: token_bytes[{g}]={value!r} must be an int >= 1")
+    largest = max(token_bytes)
+    for g, value in enumerate(token_bytes):
+        if largest % value:
+            raise ValueError(
+                f"{where}: token_bytes[{g}]={value} does not divide the largest, {largest}: "
+                "no page size gives its page the same bytes (vLLM refuses the same)"
+            )
+    return tuple(page_size * (largest // value) for value in token_bytes)

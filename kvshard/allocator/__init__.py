@@ -41,9 +41,11 @@ Transactions that span parts are functions of them: ``_grow.grow`` (``allocate``
 attention, sliding window, chunked local; ``kvshard._geometry.layer_types.cache_groups``): one
 ``PageTable`` per group over the same pool and rows, their page needs summed before any
 commit, and prefix hits that every group serves. ``_config`` validates the constructor
-arguments and ``_window`` holds the pure capacity arithmetic of sliding windows.
+arguments, ``_vllm_options`` checks vLLM's ``eagle_layers`` and ``disable_hybrid`` switches,
+and ``_window`` holds the pure capacity arithmetic of sliding windows.
 """
 
+from kvshard._geometry.state_layers import unified_group_page_sizes as unified_group_page_sizes
 from kvshard.allocator._allocator import PageAllocator as PageAllocator
 from kvshard.allocator._common import NULL_PAGE as NULL_PAGE
 from kvshard.allocator._common import OutOfPages as OutOfPages
@@ -62,4 +64,5 @@ __all__ = [
     "PagesStored",
     "UnknownRequest",
     "sliding_window_pages",
+    "unified_group_page_sizes",
 ]

@@ -21,6 +21,7 @@ from kvshard.allocator._common import is_int, readonly
 from kvshard.allocator._config import AllocatorConfig
 from kvshard.allocator._events import KVEvent
 from kvshard.allocator._state import AllocatorParts
+from kvshard.allocator._vllm_options import eagle_groups, hybrid_disabled
 
 
 class PageAllocator:
@@ -141,13 +142,27 @@ class PageAllocator:
             State layers, ``("mamba",)`` (Mamba-2) and ``("linear_attention",)`` (gated
             DeltaNet), form state groups (:attr:`state_groups`; at least one attention
             layer is needed): see "State groups" above.
+        eagle_layers: None, or the indices (into ``layer_types``) of an EAGLE / MTP
+            drafter's attention layers: vLLM's ``is_eagle_group``. An ``eagle=True``
+            :meth:`lookup_prefix` then drops the last matched block only in the groups
+            holding those layers and in every other group of their layer type (vLLM looks
+            up groups of one spec together); the other groups match as without EAGLE. None
+            (the default): every group drops it (vLLM's fallback when no group is flagged).
+            Not part of :meth:`state_dict` (a lookup rule, not state).
+        disable_hybrid: vLLM's ``disable_hybrid_kv_cache_manager``: full attention mixed
+            with sliding or chunked layers is treated as full attention on every layer (one
+            group, no page released; :attr:`layer_types` then reads all ``("full",)``); one
+            layer type is left as it is; any other mix (state layers with attention, windows
+            without full attention) is refused, as vLLM refuses it. Allocator-side only: the
+            model still attends over its windows.
 
     Raises:
         ValueError: an argument is not an int (bools rejected), is below its minimum or past
             its bound above, ``num_host_pages`` is 1, ``host_prefix_pages`` is set without
             prefix caching or with a window on some layer, a ``layer_types`` entry is
-            malformed or contradicts ``sliding_window``; the message names the argument, its
-            value and the bound.
+            malformed or contradicts ``sliding_window``, an ``eagle_layers`` entry is not an
+            attention layer of ``layer_types``, ``disable_hybrid`` meets layer types it cannot
+            make one type; the message names the argument, its value and the bound.
     """
 
     def __init__(
@@ -165,7 +180,10 @@ class PageAllocator:
         layer_types: Sequence[Sequence[Any]] | None = None,
         kv_events_per_page: bool = False,
         group_page_sizes: Sequence[int] | None = None,
+        eagle_layers: Sequence[int] | None = None,
+        disable_hybrid: bool = False,
     ) -> None:
+        layer_types = hybrid_disabled(layer_types, disable_hybrid)
         config = AllocatorConfig.validated(
             num_pages,
             page_size,
@@ -197,6 +215,10 @@ class PageAllocator:
         """:class:`kvshard._geometry.layer_types.CacheGroups` of ``layer_types`` (None without)."""
         self.group_types = config.group_types
         """The attention type of each KV-cache group (one entry without ``layer_types``)."""
+        self.eagle_groups = eagle_groups(eagle_layers, config.layer_types)
+        """The groups an ``eagle=True`` lookup drops a block in (None: every group)."""
+        self.eagle_layers = None if eagle_layers is None else tuple(int(i) for i in eagle_layers)
+        self.disable_hybrid = disable_hybrid
         self._parts = AllocatorParts.fresh(config)
         self.kv_events_per_page = bool(kv_events_per_page)
         self._parts.events.per_page = self.kv_events_per_page
@@ -679,7 +701,9 @@ class PageAllocator:
             TypeError: ``namespace`` is not str, bytes or None.
         """
         self._require_prefix_caching("peek_prefix")
-        query = _prefix.PrefixQuery(token_ids, namespace, extra_keys, bool(eagle))
+        query = _prefix.PrefixQuery(
+            token_ids, namespace, extra_keys, bool(eagle), self.eagle_groups
+        )
         return _prefix.peek(self._parts, query)
 
     def lookup_prefix(
@@ -738,7 +762,9 @@ class PageAllocator:
             TypeError: ``namespace`` is not str, bytes or None, or ``req_id`` is not hashable.
         """
         self._require_prefix_caching("lookup_prefix")
-        query = _prefix.PrefixQuery(token_ids, namespace, extra_keys, bool(eagle))
+        query = _prefix.PrefixQuery(
+            token_ids, namespace, extra_keys, bool(eagle), self.eagle_groups
+        )
         return _prefix.lookup(self._parts, req_id, query)
 
     def commit_prefix(

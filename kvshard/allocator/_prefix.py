@@ -83,6 +83,7 @@ class PrefixQuery(NamedTuple):
     namespace: str | bytes | None
     extra_keys: object = None
     eagle: bool = False  # drop the hit's last page (vLLM's EAGLE rule)
+    eagle_groups: tuple[int, ...] | None = None  # the groups that drop it (None: every group)
 
     def encode(self, where: str) -> tuple[bytes, int, Any, bytes]:
         """(token bytes, token count, extra-key bytes, namespace digest); raises naming
@@ -105,6 +106,7 @@ def _match_groups(
     limit: int,
     extras: list[bytes],
     eagle: bool = False,
+    eagle_groups: tuple[int, ...] | None = None,
 ) -> tuple[int, list[bytes], list[np.ndarray], list[int]]:
     """Returns (h: the most hash blocks every group can serve, the keys of blocks ``[0, h)``,
     per group int32[limit // k] its cached page of each of its pages (``k`` hash blocks each,
@@ -112,7 +114,8 @@ def _match_groups(
     reads). ``h`` is a multiple of every group's ``k`` (vLLM aligns hits to the lcm of the
     block sizes). With ``eagle``, vLLM's EAGLE rule: an attention group serves ``h`` only if
     it also holds its page after the hit (the block vLLM matches and then drops); a state
-    group as without it (vLLM's MambaManager drops nothing). Reads only."""
+    group as without it (vLLM's MambaManager drops nothing); with ``eagle_groups``, only
+    those groups (vLLM's ``is_eagle_group``), the others match as without EAGLE. Reads only."""
     index, tables = parts.index, parts.tables
     keys = list(index.page_keys(data, ROOT_KEY, ns, 0, limit, extras))
     size = parts.config.page_size
@@ -139,9 +142,10 @@ def _match_groups(
         first = table.window_start(hits * size) // table.page_size  # first page it reads
         # EAGLE (vLLM): a hit of h pages needs page h cached as well (full attention drops
         # the last matched block, a window group matches one block more, then drops it).
-        stop = np.minimum(pages + 1, n) if eagle else pages
+        drops = eagle and (eagle_groups is None or g in eagle_groups)
+        stop = np.minimum(pages + 1, n) if drops else pages
         valid &= counts[stop] - counts[first] == stop - first
-        if eagle:
+        if drops:
             valid &= pages < n  # its page after the hit must be matchable
         firsts.append(first)
     if eagle:
@@ -155,7 +159,7 @@ def peek(parts: AllocatorParts, query: PrefixQuery) -> int:
     data, length, extras, ns = query.encode("peek_prefix")
     limit = _hit_limit(length, parts)
     if _grouped(parts):
-        hit = _match_groups(parts, data, ns, limit, extras, query.eagle)[0]
+        hit = _match_groups(parts, data, ns, limit, extras, query.eagle, query.eagle_groups)[0]
         return hit * parts.config.page_size
     if query.eagle:
         limit = max(len(_match(parts, data, ns, limit, extras)[0]) - 1, 0)
@@ -183,7 +187,9 @@ def lookup(parts: AllocatorParts, req_id: Hashable, query: PrefixQuery) -> int:
     new_row = rows.reserve(req_id, where) if row is None else None
     limit = _hit_limit(length, parts)
     if _grouped(parts):
-        h, keys, found_g, firsts = _match_groups(parts, data, ns, limit, extras, query.eagle)
+        h, keys, found_g, firsts = _match_groups(
+            parts, data, ns, limit, extras, query.eagle, query.eagle_groups
+        )
         # ---- commit
         if new_row is not None:
             rows.add([req_id], [new_row])
