@@ -1,18 +1,22 @@
 """A complete data-parallel x tensor-parallel serving loop on a 2 x 4 mesh, checked densely.
 
-The loop of docs/guides/serving-loop.md, runnable: two page pools (the mesh's "data" axis),
-each with its own :class:`kvshard.PageAllocator`; KV heads sharded over "model". Every step
+The loop of docs/guides/serving-loop.md, runnable: a hybrid model (sliding-window and full
+attention layers: two KV-cache groups) served on two page pools (the mesh's "data" axis), KV
+heads sharded over "model". Each pool has its own :class:`kvshard.PageAllocator` (prefix
+caching, a host tier) and its own :class:`kvshard.Scheduler`, which does admission, prefix
+hits, chunked prefill, forks (``n = 2``) and preemption by swap to the host tier. The code
+below is only what an integrator writes. Every step
 
-    allocate_batch -> take_pending_copies -> build_step   (per pool, on the host)
-    stack_steps, pad the copy pairs to one length         (one [dp, ...] step)
-    forward(params, cache, tokens, step, pairs)           (ONE jit, cache donated):
-        copy_pages, then per layer update -> attention -> row-parallel output projection
+    out = scheduler.schedule()                       (per pool, on the host)
+    stack_steps, pad the pairs to one length         (one [dp, ...] step)
+    forward(params, cache, host, pairs, tokens, step)  (ONE jit, cache and host donated):
+        swap_out, swap_in, copy_pages (in that order), then per layer update -> attention
+    greedy tokens at out.sample_rows -> scheduler.update(out, tokens)
 
-Pool 1 is idle on the step where pool 0 forks a request (its step holds no request; its
-copy list is all no-op padding), and the fork makes both children write into a shared
-partial page, so the step carries copy-on-write pairs. The served logits of every request are
-compared with the same model run densely on its whole sequence (float64 numpy); the script
-exits 1 past 1e-4.
+Pool 1 is idle on the first step (its requests arrive later). In pool 0, request "a" (n = 2)
+is forked when its prompt is done and "c" hits the system prompt "a" committed; pool 1 runs out
+of pages and preempts by swap. The served logits of every request are compared with the same
+model run densely on its whole sequence (float64 numpy); the script exits 1 past 1e-4.
 
     python examples/serving_loop.py
 """
@@ -35,8 +39,11 @@ from jax.sharding import PartitionSpec as P
 
 import kvshard
 
-VOCAB, D_MODEL, LAYERS, Q_HEADS, KV_HEADS, HEAD_DIM = 128, 64, 2, 8, 4, 32
-PAGE, PAGES, TOKENS, SEQS = 4, 32, 16, 8
+VOCAB, D_MODEL, Q_HEADS, KV_HEADS, HEAD_DIM = 128, 64, 8, 4, 32
+WINDOW = 8  # layer 0 attends to its last 8 tokens, layer 1 to all of them
+LAYER_TYPES = [("sliding", WINDOW), ("full",)]
+PAGE, PAGES, HOST_PAGES, TOKENS, SEQS = 4, 16, 16, 16, 4
+K = PAGES  # swap and copy pairs per pool and step, padded: a device page moves once a step
 TOLERANCE = 1e-4
 
 # Auto axes: with jax.make_mesh's default on jax 0.10 (Explicit axes), contracting the
@@ -59,7 +66,7 @@ def init_params(seed: int = 0) -> dict:
             "wv": jax.device_put(normal(D_MODEL, KV_HEADS, HEAD_DIM), heads),
             "wo": jax.device_put(normal(Q_HEADS, HEAD_DIM, D_MODEL), rows),
         }
-        for _ in range(LAYERS)
+        for _ in LAYER_TYPES
     ]
     return {
         "embed": normal(VOCAB, D_MODEL) * 2,
@@ -78,18 +85,23 @@ def rope(x, positions):
     return xp.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1).reshape(x.shape)
 
 
-def forward(params, cache, tokens, step, pairs):
-    """One step of every pool: tokens int32[dp, T] -> (cache, logits float32[dp, T, VOCAB])."""
-    cache = kvshard.copy_pages(cache, pairs)  # copy-on-write before this step's writes
+def forward(params, cache, host, swap_out, swap_in, copies, tokens, step):
+    """One step of every pool: tokens int32[dp, T] -> (cache, host, logits float32[dp, T, V]).
+
+    The pairs are int32[dp, K, 2], applied in the documented order before this step's writes:
+    preempted pages leave for the host, resumed ones come back, then copy-on-write."""
+    cache, host = kvshard.swap_out(cache, host, swap_out)
+    cache, host = kvshard.swap_in(cache, host, swap_in)
+    cache = kvshard.copy_pages(cache, copies)
     x = params["embed"][tokens]
-    for layer, w in enumerate(params["layers"]):
+    for layer, w in enumerate(params["layers"]):  # Python ints: each layer reads its own type
         q = rope(jnp.einsum("gtd,dhk->gthk", x, w["wq"]), step.positions)
         k = rope(jnp.einsum("gtd,dhk->gthk", x, w["wk"]), step.positions)
         v = jnp.einsum("gtd,dhk->gthk", x, w["wv"])
         cache = kvshard.update(cache, layer, k, v, step)
         out = kvshard.attention(cache, layer, q, step, sm_scale=HEAD_DIM**-0.5)
         x = x + jnp.einsum("gthk,hkd->gtd", out, w["wo"])  # row-parallel: psum over "model"
-    return cache, x @ params["unembed"]
+    return cache, host, x @ params["unembed"]
 
 
 def dense_logits(params, tokens: list[int]) -> np.ndarray:
@@ -97,86 +109,134 @@ def dense_logits(params, tokens: list[int]) -> np.ndarray:
     p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
     x = p["embed"][tokens]
     pos = np.arange(len(tokens))
-    causal = np.tril(np.ones((len(tokens), len(tokens)), bool))
     group = Q_HEADS // KV_HEADS
-    for w in p["layers"]:
+    for w, layer_type in zip(p["layers"], LAYER_TYPES, strict=True):
+        seen = pos[None, :] <= pos[:, None]
+        if layer_type[0] == "sliding":
+            seen &= pos[None, :] > pos[:, None] - layer_type[1]
         q = rope(np.einsum("td,dhk->thk", x, w["wq"]), pos)
         k = np.repeat(rope(np.einsum("td,dhk->thk", x, w["wk"]), pos), group, axis=1)
         v = np.repeat(np.einsum("td,dhk->thk", x, w["wv"]), group, axis=1)
-        s = np.where(causal[None], np.einsum("qhk,shk->hqs", q, k) * HEAD_DIM**-0.5, -np.inf)
+        s = np.where(seen[None], np.einsum("qhk,shk->hqs", q, k) * HEAD_DIM**-0.5, -np.inf)
         prob = np.exp(s - s.max(-1, keepdims=True))
         prob /= prob.sum(-1, keepdims=True)
         x = x + np.einsum("hqs,shk,hkd->qd", prob, v, w["wo"])
     return x @ p["unembed"]
 
 
-def pad_pairs(per_pool: list[np.ndarray]) -> np.ndarray:
-    """Each pool's copy pairs padded to one length with no-op rows (src == dst): [dp, K, 2]."""
-    width = max(1, *(len(p) for p in per_pool))
+def pad_pairs(per_pool: list[np.ndarray], fill: int) -> np.ndarray:
+    """Each pool's pairs padded to K rows with no-op rows: int32[dp, K, 2]. Swaps pad with
+    (-1, -1), copies with (0, 0) (src == dst)."""
     return np.stack(
-        [np.concatenate([p, np.zeros((width - len(p), 2), np.int32)]) for p in per_pool]
+        [np.concatenate([p, np.full((K - len(p), 2), fill, np.int32)]) for p in per_pool]
     )
 
 
 def main() -> int:
     params = init_params()
     spec = kvshard.CacheSpec(
-        num_layers=LAYERS,
+        num_layers=len(LAYER_TYPES),
         num_kv_heads=KV_HEADS,
         head_dim=HEAD_DIM,
         page_size=PAGE,
         num_pages=PAGES,
         dtype="float32",
+        layer_types=LAYER_TYPES,
     )
     cache = kvshard.init_cache(spec, mesh, head_axis="model", page_axis="data")
+    host = kvshard.init_host_cache(spec, mesh, HOST_PAGES, head_axis="model", page_axis="data")
     allocs = [
-        kvshard.PageAllocator(PAGES, PAGE, max_requests=SEQS, max_pages_per_request=8)
+        kvshard.PageAllocator(
+            PAGES,
+            PAGE,
+            max_requests=SEQS,
+            max_pages_per_request=8,
+            layer_types=LAYER_TYPES,
+            enable_prefix_caching=True,
+            num_host_pages=HOST_PAGES,
+        )
         for _ in range(cache.dp)
     ]
-    step_fn = jax.jit(forward, donate_argnums=1)
+    # One bucket: every pool's step has TOKENS tokens, so the steps stack and the forward
+    # compiles once.
+    config = kvshard.SchedulerConfig(
+        max_num_batched_tokens=TOKENS,
+        max_num_seqs=SEQS,
+        vocab_size=VOCAB,
+        preemption_mode="swap",
+        token_buckets=(TOKENS,),
+    )
+    schedulers = [kvshard.Scheduler(alloc, config) for alloc in allocs]
+    step_fn = jax.jit(forward, donate_argnums=(1, 2))
+
     rng = np.random.default_rng(1)
-    # Per pool: request id -> its tokens so far (prompt, then generated).
-    seqs: list[dict[str, list[int]]] = [
-        {"a": list(rng.integers(0, VOCAB, 10))},
-        {"c": list(rng.integers(0, VOCAB, 7))},
+    ids = lambda n: rng.integers(0, VOCAB, n).tolist()
+    system = ids(2 * PAGE)  # pool 0's system prompt: 2 full pages
+    # (arrival step, pool, request): pool 0 forks "a" and hits the system prompt with "c";
+    # pool 1's three requests outgrow its pages.
+    arrivals = [
+        (0, 0, kvshard.GenerationRequest("a", system + ids(3), max_new_tokens=6, n=2)),
+        (1, 1, kvshard.GenerationRequest("d", ids(9), max_new_tokens=10)),
+        (1, 1, kvshard.GenerationRequest("e", ids(7), max_new_tokens=10)),
+        (2, 1, kvshard.GenerationRequest("f", ids(6), max_new_tokens=8)),
+        (3, 0, kvshard.GenerationRequest("c", system + ids(4), max_new_tokens=5)),
     ]
-    computed: list[dict[str, int]] = [{"a": 0}, {"c": 0}]
-    worst = 0.0
-    for i in range(6):
-        if i == 1:  # pool 0 forks "a" after its prefill; pool 1 sits this step out
-            allocs[0].fork("a", "b")
-            seqs[0]["b"], computed[0]["b"] = list(seqs[0]["a"]), computed[0]["a"]
-        idle = {1} if i == 1 else set()
-        steps, pairs, batches = [], [], []
-        for g, alloc in enumerate(allocs):
-            ids = [] if g in idle else list(seqs[g])
-            counts = [len(seqs[g][r]) - computed[g][r] for r in ids]
-            rows = alloc.allocate_batch(ids, counts)
-            pairs.append(alloc.take_pending_copies())
-            steps.append(
-                kvshard.build_step(
-                    alloc, ids, counts, rows=rows, num_tokens_padded=TOKENS, max_num_seqs=SEQS
-                )
-            )
-            batches.append((ids, counts))
-        step = kvshard.stack_steps(steps)
-        tokens = np.zeros((cache.dp, TOKENS), np.int32)
-        for g, (ids, counts) in enumerate(batches):
-            packed = [t for r, n in zip(ids, counts, strict=True) for t in seqs[g][r][-n:]]
-            tokens[g, : len(packed)] = packed
-        cache, logits = step_fn(params, cache, tokens, step, pad_pairs(pairs))
+    prompts = {r.req_id: list(r.prompt_token_ids) for _, _, r in arrivals}
+    rows: dict[tuple, dict[int, np.ndarray]] = {}  # seq_id -> position -> served logits
+    done: dict = {}
+    moved = {"swap-out": 0, "swap-in": 0, "copy-on-write": 0}  # pairs applied
+    released = 0  # most pages the sliding group had released at once, one pool
+    i = 0
+    while arrivals or any(s.has_unfinished_requests() for s in schedulers):
+        while arrivals and arrivals[0][0] <= i:
+            _, g, request = arrivals.pop(0)
+            schedulers[g].add_request(request)
+        outs = [s.schedule() for s in schedulers]
+        step = kvshard.stack_steps([out.step for out in outs])
+        pairs = {
+            "swap-out": [out.swap_out_pairs for out in outs],
+            "swap-in": [out.swap_in_pairs for out in outs],
+            "copy-on-write": [out.copy_pairs for out in outs],
+        }
+        tokens = np.stack([out.token_ids for out in outs])
+        cache, host, logits = step_fn(
+            params, cache, host, pad_pairs(pairs["swap-out"], -1),
+            pad_pairs(pairs["swap-in"], -1), pad_pairs(pairs["copy-on-write"], 0), tokens, step,
+        )  # fmt: skip
         logits = np.asarray(logits)
-        for g, (ids, counts) in enumerate(batches):
-            for j, (r, n) in enumerate(zip(ids, counts, strict=True)):
-                end = int(step.cu_q_lens[g, j + 1])
-                want = dense_logits(params, seqs[g][r])[-n:]
-                worst = max(worst, float(np.abs(logits[g, end - n : end] - want).max()))
-                computed[g][r] = len(seqs[g][r])
-                seqs[g][r].append(int(logits[g, end - 1].argmax()))
-        copies = sum(len(p) for p in pairs)
-        print(f"step {i}: pools {[b[0] for b in batches]}, copy-on-write pairs {copies}")
+        for g, (scheduler, out) in enumerate(zip(schedulers, outs, strict=True)):
+            cu, positions = out.step.cu_q_lens, out.step.positions
+            for j, seq_id in enumerate(out.seq_ids):  # kept for the dense check
+                for t in range(cu[j], cu[j + 1]):
+                    rows.setdefault(seq_id, {})[int(positions[t])] = logits[g, t]
+            greedy = logits[g, out.sample_rows].argmax(-1)
+            for finished in scheduler.update(out, greedy):
+                done[finished.req_id] = finished.token_ids
+        for name, per_pool in pairs.items():
+            moved[name] += sum(len(p) for p in per_pool)
+        released = max(released, *(int(a.row_num_released[0].sum()) for a in allocs))
+        print(
+            f"step {i}: pools {[[f'{r}{s}' for r, s in out.seq_ids] for out in outs]}, "
+            + ", ".join(f"{name} {[len(p) for p in pp]}" for name, pp in pairs.items())
+        )
+        i += 1
+
+    worst = 0.0
+    for (req_id, sample), served in rows.items():
+        want = dense_logits(params, prompts[req_id] + list(done[req_id][sample]))
+        for position, got in served.items():
+            worst = max(worst, float(np.abs(got - want[position]).max()))
     for alloc in allocs:
         alloc.check_invariants()
+        assert alloc.usage == 0, alloc.usage  # every page came back
+    hits = [alloc.prefix_stats["hits"] for alloc in allocs]
+    swapped = [s.stats["preempted_swap"] for s in schedulers]
+    recomputed = [s.stats["preempted_recompute"] for s in schedulers]
+    print(f"requests finished: {sorted(done)}, samples of 'a': {len(done['a'])}")
+    print(f"sliding group: up to {released} pages released (window {WINDOW} tokens)")
+    print(f"prefix cache hits per pool: {hits} tokens")
+    print(f"preempted per pool: by swap {swapped}, by recompute {recomputed}")
+    print("pairs applied: " + ", ".join(f"{name} {n}" for name, n in moved.items()))
     print(f"max abs diff against the dense model: {worst:.2e} (tolerance {TOLERANCE:.0e})")
     return 0 if worst <= TOLERANCE else 1
 

@@ -220,8 +220,9 @@ def test_swap_bandwidth_checks_and_reports_every_op(tmp_path, capsys):
 
 
 def test_tier_trace_reports_both_parts(tmp_path, capsys):
-    """Tiny trace: 3 requests of 12 tokens (9 pages) on 7 device pages; 3 prompts of 2 pages
-    on 7 device pages, each visited twice."""
+    """Tiny trace under kvshard.Scheduler: 3 requests of 12 tokens (9 pages) on 6 device
+    pages, preempted when the pool runs out; 3 prompts of 2 pages on 7 device pages, each
+    visited twice."""
     data = tier_trace.main(["--tiny", "--out", str(tmp_path)])
     out = capsys.readouterr().out
     assert "load average" in out and "recompute" in out and "prefix cache" in out
@@ -229,7 +230,9 @@ def test_tier_trace_reports_both_parts(tmp_path, capsys):
     recompute, swap = rows["recompute"], rows["swap"]
     assert recompute["context_pages"] > recompute["device_pages"] - 1
     assert recompute["recomputed_tokens"] > 0 and recompute["swapped_pages"] == 0
+    assert recompute["preempted_recompute"] > 0 and recompute["preempted_swap"] == 0
     assert swap["recomputed_tokens"] == 0 and swap["swapped_pages"] > 0
+    assert swap["preempted_swap"] > 0 and swap["preempted_recompute"] == 0
     none, host = rows["no host tier"], rows["host prefix cache"]
     # Round robin over more prompts than the device keeps: every return misses on the device.
     assert none["hit_tokens"] == 0 and host["host_hit_tokens"] > 0

@@ -128,7 +128,8 @@ def test_prefix_sharing_kernel_demo_serving_loop_and_packed_layout(tmp_path):
     """Four examples, tiny, in one process (each exits non-zero on a mismatch):
     prefix_sharing (cached prefix pages vs no sharing), kernel_demo (the Pallas kernel under
     shard_map on 8 devices, in interpret mode, vs the numpy oracle), serving_loop (the
-    serving-loop guide's 2x4 loop: stack_steps, an idle pool, padded copy pairs) and
+    serving-loop guide's 2x4 loop under kvshard.Scheduler: a hybrid model, stack_steps, an
+    idle pool, a fork, a prefix hit and swaps in the jitted step, padded pairs) and
     packed_layout (the script behind docs/layout.md's measurement: it exits 1 when the arrays'
     bytes disagree with the spec's or the two layouts' attention outputs differ)."""
     runs = run_examples(
@@ -160,7 +161,21 @@ def test_prefix_sharing_kernel_demo_serving_loop_and_packed_layout(tmp_path):
     assert "per device (91, 2, 128)" in out
 
     out = runs["serving_loop"][1]
-    assert "step 1: pools [['a', 'b'], []], copy-on-write pairs 1" in out, out
+    # Pool 1 idle on step 0; "a" (n = 2) forked after its prompt: one copy-on-write pair per
+    # layer group (its partial prompt page in the sliding and the full group).
+    assert "step 0: pools [['a0'], []], swap-out [0, 0], swap-in [0, 0]" in out, out
+    assert (
+        "step 1: pools [['a0', 'a1'], ['d0', 'e0']], swap-out [0, 0], swap-in [0, 0], "
+        "copy-on-write [2, 0]" in out
+    ), out
+    assert "requests finished: ['a', 'c', 'd', 'e', 'f'], samples of 'a': 2" in out, out
+    released = re.search(r"sliding group: up to (\d+) pages released", out)
+    assert released and int(released.group(1)) > 0, out
+    assert "prefix cache hits per pool: [8, 0] tokens" in out, out  # "c" hits the system prompt
+    swaps = re.search(r"preempted per pool: by swap \[0, (\d+)\]", out)
+    assert swaps and int(swaps.group(1)) > 0, out
+    moved = re.search(r"pairs applied: swap-out (\d+), swap-in (\d+), copy-on-write (\d+)", out)
+    assert moved and all(int(n) > 0 for n in moved.groups()), out
     diff = float(re.search(r"dense model: (\S+)", out).group(1))
     assert diff <= 1e-4, out
 

@@ -1,18 +1,25 @@
 """A serving trace on a device pool too small for it: what the host tier buys.
 
-(a) **Preemption.** R requests (a prompt of P tokens, then D decode tokens each) share a pool
-that holds only two of them; they run two at a time, and every Q steps the one that ran
-longest is preempted and the one that waited longest resumes. *recompute*: a preempted
-request is freed and, when it resumes, recomputes every token it held (chunked prefill);
-*swap*: it is swapped out (``swap_out_request`` -> ``kvshard.swap_out``) and back in
-(``swap_in_request`` -> ``kvshard.swap_in``) into new device pages. Every step runs the
-cache's work for its tokens: ``kvshard.update`` and ``kvshard.attention`` of every layer (the
-model's matmuls are not run, so the recompute side is a lower bound on its real cost).
+Every trace is driven by :class:`kvshard.Scheduler` over a :class:`kvshard.PageAllocator`; each
+step applies the :class:`kvshard.SchedulerOutput`'s pairs in the documented order
+(``kvshard.swap_out``, ``kvshard.swap_in``, ``kvshard.copy_pages``, padded to a fixed count)
+and runs the cache's work for its tokens: ``kvshard.update`` and ``kvshard.attention`` of
+every layer (the model's matmuls are not run, so the recompute side is a lower bound on its
+real cost). Every request generates its tokens greedily from random "logits" (seeded), so
+both sides of a comparison schedule the same work.
+
+(a) **Preemption.** R requests (a prompt of P tokens, then D decode tokens each), all queued
+at once, on a pool one page short of two whole requests: as the running requests grow, the
+pool runs out and the scheduler preempts the latest arrival
+(``SchedulerConfig.preemption_mode``). *recompute*: the victim is freed and recomputes every
+token it held when re-admitted (chunked prefill); *swap*: it is swapped out to the host tier
+and back in into new device pages.
 
 (b) **Prefix hits.** S system prompts of P tokens, each request one of them (round robin)
-plus its own suffix, on a pool that holds fewer pages than the S prompts: the device prefix
-cache evicts each prompt before it returns. With ``host_prefix_pages=0`` the evicted pages are
-gone; with a host prefix cache they are kept in host memory and a later hit swaps them in.
+plus its own suffix, served one at a time (``max_num_seqs=1``) on a pool that holds fewer
+pages than the S prompts: the device prefix cache evicts each prompt before it returns. With
+``host_prefix_pages=0`` the evicted pages are gone; with a host prefix cache they are kept in
+host memory and a later hit swaps them in.
 
 Both run interleaved round after round (the first round is a warm-up and compiles), and report
 the median and spread (min - max) of a whole trace's time; tokens recomputed, hit and swapped
@@ -31,6 +38,7 @@ from kvshard.benchmarks._common import jax_machine, table, write_json
 
 NAME = "tier_trace"
 HEADS, Q_HEADS = 4, 8
+VOCAB = 1000  # prompt ids and the random "sampled" ids
 
 
 def _load() -> str:
@@ -41,10 +49,12 @@ def _load() -> str:
 
 
 class _Engine:
-    """A cache, its host tier and an allocator; ``step`` runs one step in the documented order
-    (swap-outs, swap-ins, copies, update, attention)."""
+    """A cache, its host tier, an allocator and its :class:`kvshard.Scheduler`; ``run`` serves
+    every queued request to the end, one step at a time."""
 
-    def __init__(self, cfg: dict[str, Any], num_pages: int, host_pages: int, **alloc_kw):
+    def __init__(
+        self, cfg: dict[str, Any], num_pages: int, host_pages: int, sched: dict, **alloc_kw
+    ):
         import jax
         import numpy as np
 
@@ -64,84 +74,72 @@ class _Engine:
             max_pages_per_request=-(-cfg["max_tokens"] // page),
             num_host_pages=host_pages, **alloc_kw,
         )  # fmt: skip
+        config = kvshard.SchedulerConfig(
+            max_num_batched_tokens=cfg["chunk"], vocab_size=VOCAB, **sched
+        )
+        self.scheduler = kvshard.Scheduler(self.alloc, config)
         self.k_pad = num_pages  # a device page moves at most once a step
         self.rng = np.random.default_rng(0)
-        self.swapped_pages = 0
+        self.swapped_pages = self.computed_tokens = self.steps = 0
 
     def _pad(self, pairs, value):
         np = self.np
         return np.concatenate([pairs, np.full((self.k_pad - len(pairs), 2), value, np.int32)])
 
-    def step(self, reqs: list, counts: list[int]) -> None:
+    def step(self) -> None:
+        """One scheduled step: the output's pairs in order, then every layer's update and
+        attention; greedy tokens from random logits back to the scheduler."""
         kvshard, np = self.kvshard, self.np
-        rows = self.alloc.allocate_batch(reqs, counts)
-        out, into = self.alloc.take_pending_swaps()
-        self.swapped_pages += len(out) + len(into)
-        self.cache, self.host = kvshard.swap_out(self.cache, self.host, self._pad(out, -1))
-        self.cache, self.host = kvshard.swap_in(self.cache, self.host, self._pad(into, -1))
-        self.cache = kvshard.copy_pages(self.cache, self._pad(self.alloc.take_pending_copies(), 0))
-        step = kvshard.build_step(self.alloc, reqs, counts, rows=rows, max_num_seqs=4)
-        tokens, dim = step.geometry.num_tokens_padded, self.cfg["head_dim"]
+        out = self.scheduler.schedule()
+        self.swapped_pages += len(out.swap_out_pairs) + len(out.swap_in_pairs)
+        self.computed_tokens += out.num_tokens
+        self.steps += 1
+        self.cache, self.host = kvshard.swap_out(
+            self.cache, self.host, self._pad(out.swap_out_pairs, -1)
+        )
+        self.cache, self.host = kvshard.swap_in(
+            self.cache, self.host, self._pad(out.swap_in_pairs, -1)
+        )
+        self.cache = kvshard.copy_pages(self.cache, self._pad(out.copy_pairs, 0))
+        step, tokens, dim = out.step, len(out.token_ids), self.cfg["head_dim"]
         kv = self.rng.standard_normal((2, tokens, HEADS, dim), dtype=np.float32)
         q = self.rng.standard_normal((tokens, Q_HEADS, dim), dtype=np.float32)
         for layer in range(self.cfg["layers"]):
             self.cache = kvshard.update(self.cache, layer, kv[0], kv[1], step)
             out_q = kvshard.attention(self.cache, layer, q, step, sm_scale=dim**-0.5)
         self.jax.block_until_ready(out_q)
+        self.scheduler.update(out, self.rng.integers(0, VOCAB, len(out.sample_rows)))
 
-    def prefill(self, reqs: list, held: dict, target: dict) -> None:
-        """Steps until each of ``reqs`` holds ``target`` tokens, ``chunk`` tokens a step."""
-        while any(held[r] < target[r] for r in reqs):
-            todo = [r for r in reqs if held[r] < target[r]]
-            counts = [min(self.cfg["chunk"], target[r] - held[r]) for r in todo]
-            self.step(todo, counts)
-            for r, n in zip(todo, counts, strict=True):
-                held[r] += n
+    def run(self) -> None:
+        while self.scheduler.has_unfinished_requests():
+            self.step()
 
 
 def preemption_trace(cfg: dict[str, Any], mode: str) -> dict[str, Any]:
     """Part (a), one whole trace; returns its time and counters."""
+    import kvshard
+
     page, total = cfg["page_size"], cfg["prompt"] + cfg["decode"]
     per_request = -(-total // page)
-    engine = _Engine(cfg, 2 * per_request + 1, cfg["requests"] * per_request + 1)
-    alloc = engine.alloc
-    waiting, running = list(range(cfg["requests"])), list[int]()
-    held: dict[int, int] = {}
-    recomputed = ticks = 0
+    sched = {"max_num_seqs": 4, "preemption_mode": mode}
+    engine = _Engine(cfg, 2 * per_request, cfg["requests"] * per_request + 1, sched)
+    rng = __import__("numpy").random.default_rng(2)
+    for r in range(cfg["requests"]):
+        prompt = rng.integers(0, VOCAB, cfg["prompt"]).tolist()
+        engine.scheduler.add_request(kvshard.GenerationRequest(r, prompt, cfg["decode"]))
     start = time.perf_counter()
-    while waiting or running:
-        if ticks % cfg["quantum"] == 0 and waiting:
-            if len(running) == 2:  # preempt the one that ran longest
-                victim = running.pop(0)
-                if mode == "swap":
-                    alloc.swap_out_request(victim)
-                else:
-                    alloc.free(victim)
-                waiting.append(victim)
-            while len(running) < 2 and waiting:
-                nxt = waiting.pop(0)
-                if nxt in held and mode == "swap":
-                    alloc.swap_in_request(nxt)
-                elif nxt in held:  # recompute what it held
-                    recomputed += held[nxt]
-                    lost = {nxt: 0}
-                    engine.prefill([nxt], lost, dict(held))
-                else:
-                    held[nxt] = 0
-                    engine.prefill([nxt], held, {nxt: cfg["prompt"]})
-                running.append(nxt)
-        engine.step(running, [1] * len(running))
-        ticks += 1
-        for r in list(running):
-            held[r] += 1
-            if held[r] >= total:
-                running.remove(r)
-                alloc.free(r)
+    engine.run()
+    seconds = time.perf_counter() - start
+    engine.alloc.check_invariants()
+    stats = engine.scheduler.stats
     return {
-        "seconds": time.perf_counter() - start,
-        "recomputed_tokens": recomputed,
+        "seconds": seconds,
+        # Every request computes its prompt and all but its last token once; the rest again.
+        "recomputed_tokens": engine.computed_tokens - cfg["requests"] * (total - 1),
         "swapped_pages": engine.swapped_pages,
-        "decode_steps": ticks,
+        "preempted_swap": stats["preempted_swap"],
+        "preempted_recompute": stats["preempted_recompute"],
+        "steps": engine.steps,
         "device_pages": engine.alloc.num_pages,
         "context_pages": cfg["requests"] * per_request,
     }
@@ -149,31 +147,30 @@ def preemption_trace(cfg: dict[str, Any], mode: str) -> dict[str, Any]:
 
 def prefix_trace(cfg: dict[str, Any], host_prefix_pages: int) -> dict[str, Any]:
     """Part (b), one whole trace with the given host prefix capacity."""
+    import kvshard
+
     np, page = __import__("numpy"), cfg["page_size"]
     rng = np.random.default_rng(1)
-    prompts = [rng.integers(0, 1000, cfg["prompt"]).tolist() for _ in range(cfg["prompts"])]
+    prompts = [rng.integers(0, VOCAB, cfg["prompt"]).tolist() for _ in range(cfg["prompts"])]
     prompt_pages = cfg["prompt"] // page
     num_pages = prompt_pages * (cfg["prompts"] - 1) // 2 + 2 * prompt_pages + 1
     engine = _Engine(
-        cfg, num_pages, host_prefix_pages + 1 if host_prefix_pages else 0,
+        cfg, num_pages, host_prefix_pages + 1 if host_prefix_pages else 0, {"max_num_seqs": 1},
         enable_prefix_caching=True, host_prefix_pages=host_prefix_pages,
     )  # fmt: skip
-    alloc, computed = engine.alloc, 0
+    for i in range(cfg["prompts"] * cfg["visits"]):  # served one at a time, in this order
+        ids = prompts[i % cfg["prompts"]] + rng.integers(0, VOCAB, page).tolist()
+        engine.scheduler.add_request(kvshard.GenerationRequest(i, ids, max_new_tokens=1))
     start = time.perf_counter()
-    for i in range(cfg["prompts"] * cfg["visits"]):
-        ids = prompts[i % cfg["prompts"]] + rng.integers(1000, 2000, page).tolist()
-        hit = alloc.lookup_prefix(i, ids)
-        held = {i: hit}
-        engine.prefill([i], held, {i: len(ids)})  # the hit pages swap in with the first step
-        computed += len(ids) - hit
-        alloc.commit_prefix(i, ids)
-        alloc.free(i)
-    stats = alloc.tier_stats
+    engine.run()  # each request's prompt, then its one sampled token
+    seconds = time.perf_counter() - start
+    engine.alloc.check_invariants()
+    stats = engine.alloc.tier_stats
     return {
-        "seconds": time.perf_counter() - start,
-        "hit_tokens": alloc.prefix_stats["hits"],
+        "seconds": seconds,
+        "hit_tokens": engine.alloc.prefix_stats["hits"],
         "host_hit_tokens": stats["host_hits"],
-        "computed_tokens": computed,
+        "computed_tokens": engine.computed_tokens,
         "swapped_pages": engine.swapped_pages,
         "device_pages": num_pages,
         "prompt_pages": cfg["prompts"] * prompt_pages,
@@ -218,12 +215,17 @@ def run(outdir: str, *, rounds: int, **cfg: Any) -> dict[str, Any]:
     a = [rows["recompute"], rows["swap"]]
     print(
         f"(a) {cfg['requests']} requests of {cfg['prompt']} + {cfg['decode']} tokens "
-        f"({a[0]['context_pages']} pages) on {a[0]['device_pages']} device pages, 2 running, "
-        f"preempted every {cfg['quantum']} steps"
+        f"({a[0]['context_pages']} pages) on {a[0]['device_pages']} device pages, "
+        f"kvshard.Scheduler, {cfg['chunk']} tokens a step"
     )
-    header_a = ("policy", "trace ms median [min-max]", "tokens recomputed", "pages swapped")
-    print(table(header_a, [(n, _cell(r), r["recomputed_tokens"], r["swapped_pages"])
-                         for n, r in zip(("recompute", "swap"), a, strict=True)], 12))  # fmt: skip
+    header_a = ("policy", "trace ms median [min-max]", "preempted swap/recompute",
+                "tokens recomputed", "pages swapped", "steps")  # fmt: skip
+    rows_a = [
+        (n, _cell(r), f"{r['preempted_swap']}/{r['preempted_recompute']}",
+         r["recomputed_tokens"], r["swapped_pages"], r["steps"])
+        for n, r in zip(("recompute", "swap"), a, strict=True)
+    ]  # fmt: skip
+    print(table(header_a, rows_a, 12))
     b = [rows["no host tier"], rows["host prefix cache"]]
     print(
         f"\n(b) {cfg['prompts']} system prompts of {cfg['prompt']} tokens "
@@ -242,7 +244,7 @@ def run(outdir: str, *, rounds: int, **cfg: Any) -> dict[str, Any]:
 
 
 def settings(quick: bool) -> dict[str, Any]:
-    common = {"layers": 2, "head_dim": 64, "page_size": 16, "quantum": 8}
+    common = {"layers": 2, "head_dim": 64, "page_size": 16}
     if quick:
         return {**common, "requests": 4, "prompt": 128, "decode": 16, "chunk": 64,
                 "prompts": 4, "visits": 2, "max_tokens": 160, "rounds": 2}  # fmt: skip
@@ -261,7 +263,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     chosen = settings(args.quick or args.tiny)
     if args.tiny:
         chosen.update(head_dim=16, page_size=4, requests=3, prompt=8, decode=4, chunk=8,
-                      prompts=3, visits=2, max_tokens=12, quantum=2, rounds=1)  # fmt: skip
+                      prompts=3, visits=2, max_tokens=16, rounds=1)  # fmt: skip
     if args.rounds is not None:
         if args.rounds < 1:
             parser.error(f"--rounds {args.rounds} must be positive")
