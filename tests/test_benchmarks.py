@@ -70,6 +70,7 @@ def test_allocator_latency_runs_and_evicts(tmp_path, capsys):
     }
 
 
+@pytest.mark.extended  # slow: .ci/run's extended step
 def test_cache_update_agrees_and_reports_every_row(tmp_path, capsys):
     cache_update.main(
         [
@@ -119,6 +120,7 @@ def test_without_matplotlib_a_benchmark_says_plots_need_it(tmp_path, capsys, mon
 ROWS = ("num_pages", "pages", "scenario", "allocate_p50", "allocate_p99", "free_p99")
 
 
+@pytest.mark.extended  # slow: .ci/run's extended step
 def test_callers_jit_eager_table_alone(capsys):
     callers_jit.main(["--eager-only", "--rounds", "2", "--dtype", "float32"])
     out = capsys.readouterr().out
@@ -146,6 +148,7 @@ def test_cache_update_rejects_tokens_off_the_page_grid(capsys):
     assert "--tokens 20 must be a positive multiple" in capsys.readouterr().err
 
 
+@pytest.mark.extended  # slow: .ci/run's extended step
 def test_compilations_bounded_and_none_after_warmup(tmp_path, capsys):
     # Token budget 32: buckets 16 and 32. Warm-up compiles the cache's zeros and one update and
     # one attention executable per bucket (docs/performance.md): at most 5.
@@ -219,6 +222,7 @@ def test_swap_bandwidth_checks_and_reports_every_op(tmp_path, capsys):
     assert saved["rounds"] == 2 and saved["rows"][0]["pages"] == 2
 
 
+@pytest.mark.extended  # slow: .ci/run's extended step
 def test_tier_trace_reports_both_parts(tmp_path, capsys):
     """Tiny trace under kvshard.Scheduler: 3 requests of 12 tokens (9 pages) on 6 device
     pages, preempted when the pool runs out; 3 prompts of 2 pages on 7 device pages, each
@@ -241,6 +245,7 @@ def test_tier_trace_reports_both_parts(tmp_path, capsys):
     assert saved["rounds"] == 1 and saved["rows"]["swap"]["median_s"] > 0
 
 
+@pytest.mark.extended  # slow: .ci/run's extended step
 def test_attention_prefill_agrees_and_reports_temporaries(tmp_path, capsys):
     """Tiny prompts: 32 timed (the three sides checked equal first), 64 compiled only."""
     flags = ["--batch", "2", "--prompts", "32", "64", "--time-up-to", "32", "--rounds", "2"]

@@ -124,6 +124,7 @@ def test_tp_decode(tmp_path):
     assert "FAILED" in out
 
 
+@pytest.mark.extended  # slow: .ci/run's extended step
 def test_prefix_sharing_kernel_demo_serving_loop_and_packed_layout(tmp_path):
     """Four examples, tiny, in one process (each exits non-zero on a mismatch):
     prefix_sharing (cached prefix pages vs no sharing), kernel_demo (the Pallas kernel under

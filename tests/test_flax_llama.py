@@ -12,6 +12,7 @@ import re
 
 import _hf_configs as hf_configs
 import numpy as np
+import pytest
 from _hf_checkpoints import llama32_config, write_checkpoint
 from _scripts import ROOT, run_script, stdout_of_success
 
@@ -62,6 +63,7 @@ def test_flax_llama_matches_dense_with_and_without_a_window_and_catches_a_wrong_
     assert wrong[0] == 3 and wrong[3] == "6" and wrong[5] > 1e-2
 
 
+@pytest.mark.extended  # slow: .ci/run's extended step
 def test_checkpoint_command_line_writes_tokens_and_logits(tmp_path):
     """The acceptance command line on a Llama-3.2-shaped bf16 checkpoint across a 1x4 mesh."""
     write_checkpoint(tmp_path / "ckpt", llama32_config(), dtype="bfloat16", shards=2)

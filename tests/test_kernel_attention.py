@@ -171,6 +171,7 @@ def test_nan_before_the_window_cannot_reach_the_output():
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.extended  # slow: .ci/run's extended step
 def test_traced_bad_metadata_is_dropped_as_on_xla():
     case = new_case((1, 1), 2, kv_layout="packed")
     run_step(case, [[(0, 6), (1, 5), (2, 3)]])
@@ -477,6 +478,7 @@ def test_race_detector_finds_no_race_in_the_double_buffered_blocks(dma_execution
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.extended  # slow: .ci/run's extended step
 @pytest.mark.parametrize("backend", ["xla", "pallas"])
 def test_fused_attention_equals_update_then_attention(backend):
     """Two identical caches: one takes update + attention, the other fused_attention; the

@@ -162,6 +162,7 @@ def small_case(kv_layout="packed", dtype="float32", mesh=(1, 2), seed=3):
     return case, step, k, v, queries(case, 4)
 
 
+@pytest.mark.extended  # slow: .ci/run's extended step
 @pytest.mark.slow
 def test_fused_is_one_kernel_that_writes_in_place_and_the_input_cache_is_donated():
     case, step, k, v, q = small_case()

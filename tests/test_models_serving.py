@@ -318,6 +318,7 @@ def served_grouped_and_all_full(directory, mesh):
     return grouped, grouped_peak, full, full_peak
 
 
+@pytest.mark.extended  # slow: .ci/run's extended step
 def test_gemma3_shaped_checkpoint_is_served_from_layer_groups(tmp_path):
     """5 local : 1 global layers: six groups of one cache layer; the local groups release
     out-of-window pages, so the peak holds far fewer layer-pages than every layer full."""

@@ -21,6 +21,7 @@ from _scripts import ROOT, run_script, stdout_of_success
 WORKER = Path(__file__).with_name("_multihost_worker.py")
 
 
+@pytest.mark.extended  # slow: .ci/run's extended step
 @pytest.mark.parametrize(
     ("num_processes", "backends", "cases"),
     [
@@ -38,6 +39,7 @@ def test_serving_steps_on_a_mesh_spanning_processes(num_processes, backends, cas
         assert f"process {r.process_id}: OK" in r.output, r.output
 
 
+@pytest.mark.extended  # slow: .ci/run's extended step
 def test_multihost_example_runs_as_two_local_processes():
     """examples/multihost.py: one command, 2 processes, attention checked on every process."""
     out = stdout_of_success(run_script(ROOT / "examples" / "multihost.py", "--steps", "4"))

@@ -34,6 +34,7 @@ def test_every_data_file_is_package_data():
         assert any(fnmatch.fnmatch(name, g) for g in globs), f"{name} is not in {globs}"
 
 
+@pytest.mark.extended  # slow: .ci/run's extended step
 @pytest.mark.wheel
 def test_wheel_runs_plan_and_demo_outside_the_source_tree(tmp_path):
     src = tmp_path / "src"

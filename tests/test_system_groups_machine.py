@@ -224,6 +224,7 @@ class SystemGroups(RuleBasedStateMachine):
                         )
 
 
+@pytest.mark.extended  # slow: .ci/run's extended step
 def test_gemma3_groups_serve_with_prefix_caching_and_fork():
     """The acceptance of issue 21's item 1: run the machine; every path was taken."""
     run_state_machine_as_test(
