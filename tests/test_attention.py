@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _compiles import compile_log
+from _compiles import compile_log, export_update_attention_scan, ops_writing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.experimental.pallas.ops.tpu.ragged_paged_attention import kernel as jax_rpa
@@ -683,38 +683,14 @@ def test_packed_xla_attention_exports_for_tpu():
         num_layers=3, num_kv_heads=8, head_dim=64, page_size=16, num_pages=64, dtype="bfloat16"
     )
     assert spec.kv_layout == "packed"
-    cache = kvshard.abstract_cache(spec, mesh, platform="tpu")
-    alloc = kvshard.PageAllocator(64, 16, max_requests=8, max_pages_per_request=8)
-    alloc.allocate_batch([0, 1], [20, 3])
-    step = jax.tree.map(jnp.asarray, kvshard.build_step(alloc, [0, 1], [20, 3]))
-    tokens = step.num_tokens_padded
-
-    def serve(cache, q, k, step):
-        def layer(cache, i):
-            options = kvshard.BackendOptions(interpret=False)
-            cache = kvshard.update(cache, i, k, k, step, backend="pallas", options=options)
-            return cache, kvshard.attention(cache, i, q, step, sm_scale=0.1)
-
-        return jax.lax.scan(layer, cache, jnp.arange(spec.num_layers))
-
-    q = jnp.zeros((tokens, 16, 64), jnp.bfloat16)
-    k = jnp.zeros((tokens, 8, 64), jnp.bfloat16)
-    exported = jax.export.export(jax.jit(serve, donate_argnums=0), platforms=["tpu"])(
-        cache, q, k, step
-    )
+    exported, _ = export_update_attention_scan(spec, mesh, (16, 64), (8, 64))
     text = exported.mlir_module()
     assert "ragged_paged_attention" not in text and "tpu_custom_call" in text  # the update
     assert "tf.aliasing_output = 0" in text
     # Per device the block is [3, 1024, 1, 128]: K|V of one head in one 128-lane row.
     block = "tensor<3x1024x1x128xbf16>"
     assert block in text
-    ops = set()
-    for line in text.splitlines():
-        result = line.split("->")[-1] if "->" in line else ""
-        if block in result:
-            match = re.search(r"=\s*\"?([\w.]+)", line)
-            if match:
-                ops.add(match.group(1))
+    ops = ops_writing(text, block)
     allowed = ("stablehlo.reshape", "stablehlo.custom_call", "stablehlo.while", "func.call")
     assert ops and all(op.startswith(allowed) for op in ops), ops
 

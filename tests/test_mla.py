@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _compiles import export_update_attention_scan, ops_writing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -583,36 +584,12 @@ def test_latent_step_exports_for_tpu():
     pages, and nothing but the kernel, reshapes and the loop touches the donated block."""
     mesh = make_mesh((1, 4))
     spec = kvshard.CacheSpec(3, 1, 576, 16, 64, "bfloat16", kv_layout="latent", kv_lora_rank=512)
-    cache = kvshard.abstract_cache(spec, mesh, platform="tpu")
-    alloc = kvshard.PageAllocator(64, 16, max_requests=8, max_pages_per_request=8)
-    alloc.allocate_batch([0, 1], [20, 3])
-    step = jax.tree.map(jnp.asarray, kvshard.build_step(alloc, [0, 1], [20, 3]))
-    tokens = step.num_tokens_padded
-
-    def serve(cache, q, latent, step):
-        def layer(cache, i):
-            options = kvshard.BackendOptions(interpret=False)
-            cache = kvshard.update(cache, i, latent, None, step, backend="pallas", options=options)
-            return cache, kvshard.attention(cache, i, q, step, sm_scale=0.1)
-
-        return jax.lax.scan(layer, cache, jnp.arange(spec.num_layers))
-
-    q = jnp.zeros((tokens, 8, 576), jnp.bfloat16)
-    latent = jnp.zeros((tokens, 1, 576), jnp.bfloat16)
-    exported = jax.export.export(jax.jit(serve, donate_argnums=0), platforms=["tpu"])(
-        cache, q, latent, step
-    )
+    exported, tokens = export_update_attention_scan(spec, mesh, (8, 576), (1, 576), latent=True)
     assert exported.out_avals[1].shape == (spec.num_layers, tokens, 8, 512)
     text = exported.mlir_module()
     assert "tpu_custom_call" in text and "tf.aliasing_output = 0" in text
     block = "tensor<3x1024x1x640xbf16>"  # per device: one latent row of 640 lanes a slot
     assert block in text
-    ops = set()
-    for line in text.splitlines():
-        result = line.split("->")[-1] if "->" in line else ""
-        if block in result:
-            match = re.search(r"=\s*\"?([\w.]+)", line)
-            if match:
-                ops.add(match.group(1))
+    ops = ops_writing(text, block)
     allowed = ("stablehlo.reshape", "stablehlo.custom_call", "stablehlo.while", "func.call")
     assert ops and all(op.startswith(allowed) for op in ops), ops
